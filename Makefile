@@ -1,0 +1,50 @@
+# Quick start on a fresh Debian 12 with Python 3.11:  make demo   and   make test
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test unit integration lint protos protos-check bench-quick system-deps clean
+
+# Debian packages the tests need (installed only when missing, and only as root).
+system-deps:
+	@missing=""; \
+	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	  else echo "missing Debian packages:$$missing (run: sudo apt-get install -y$$missing)" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m relay_demo
+
+test: $(STAMP) system-deps protos-check lint
+	$(PY) -m pytest tests
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+integration: $(STAMP) system-deps
+	$(PY) -m pytest tests/integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+protos: $(STAMP)
+	PYTHON=$(PY) scripts/gen_protos.sh
+
+protos-check: $(STAMP)
+	PYTHON=$(PY) scripts/gen_protos.sh --check
+
+bench-quick: $(STAMP) system-deps
+	$(PY) -m benchmarks.loopback
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,216 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RouterMessage(_message.Message):
+    __slots__ = ("sign_on", "heartbeat", "publish")
+    SIGN_ON_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    sign_on: SignOn
+    heartbeat: Heartbeat
+    publish: PublishDevices
+    def __init__(self, sign_on: _Optional[_Union[SignOn, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., publish: _Optional[_Union[PublishDevices, _Mapping]] = ...) -> None: ...
+
+class BridgeMessage(_message.Message):
+    __slots__ = ("sign_on_result", "heartbeat", "directory", "incoming")
+    SIGN_ON_RESULT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
+    sign_on_result: SignOnResult
+    heartbeat: Heartbeat
+    directory: Directory
+    incoming: IncomingAssociation
+    def __init__(self, sign_on_result: _Optional[_Union[SignOnResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., directory: _Optional[_Union[Directory, _Mapping]] = ..., incoming: _Optional[_Union[IncomingAssociation, _Mapping]] = ...) -> None: ...
+
+class SignOn(_message.Message):
+    __slots__ = ("account", "password", "software_version", "protocols", "devices")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOLS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    password: str
+    software_version: str
+    protocols: _containers.RepeatedScalarFieldContainer[str]
+    devices: _containers.RepeatedCompositeFieldContainer[SharedDevice]
+    def __init__(self, account: _Optional[str] = ..., password: _Optional[str] = ..., software_version: _Optional[str] = ..., protocols: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[SharedDevice, _Mapping]]] = ...) -> None: ...
+
+class SignOnResult(_message.Message):
+    __slots__ = ("ok", "error", "session", "site", "heartbeat_interval_s")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    error: str
+    session: str
+    site: str
+    heartbeat_interval_s: int
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., session: _Optional[str] = ..., site: _Optional[str] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_unix_ms",)
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    sent_unix_ms: int
+    def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
+
+class PublishDevices(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[SharedDevice]
+    def __init__(self, devices: _Optional[_Iterable[_Union[SharedDevice, _Mapping]]] = ...) -> None: ...
+
+class SharedDevice(_message.Message):
+    __slots__ = ("ae_title", "description", "share_with")
+    AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SHARE_WITH_FIELD_NUMBER: _ClassVar[int]
+    ae_title: str
+    description: str
+    share_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ae_title: _Optional[str] = ..., description: _Optional[str] = ..., share_with: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Directory(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[RemoteDevice]
+    def __init__(self, devices: _Optional[_Iterable[_Union[RemoteDevice, _Mapping]]] = ...) -> None: ...
+
+class RemoteDevice(_message.Message):
+    __slots__ = ("site", "ae_title", "description", "online")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    ae_title: str
+    description: str
+    online: bool
+    def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
+
+class IncomingAssociation(_message.Message):
+    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame")
+    ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SITE_FIELD_NUMBER: _ClassVar[int]
+    CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
+    association_id: str
+    from_site: str
+    called_ae_title: str
+    first_frame: Frame
+    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("open", "join", "accepted", "refused", "data", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    JOIN_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: Open
+    join: Join
+    accepted: Accepted
+    refused: Refused
+    data: Data
+    close: Close
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., join: _Optional[_Union[Join, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+
+class Open(_message.Message):
+    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data")
+    ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_SITE_FIELD_NUMBER: _ClassVar[int]
+    CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    CALLING_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DATA_FIELD_NUMBER: _ClassVar[int]
+    association_id: str
+    to_site: str
+    called_ae_title: str
+    calling_ae_title: str
+    first_data: Data
+    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ...) -> None: ...
+
+class Join(_message.Message):
+    __slots__ = ("association_id",)
+    ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
+    association_id: str
+    def __init__(self, association_id: _Optional[str] = ...) -> None: ...
+
+class Accepted(_message.Message):
+    __slots__ = ("association_id",)
+    ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
+    association_id: str
+    def __init__(self, association_id: _Optional[str] = ...) -> None: ...
+
+class Refused(_message.Message):
+    __slots__ = ("reason", "detail")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[Refused.Reason]
+        UNKNOWN_DEVICE: _ClassVar[Refused.Reason]
+        NOT_PERMITTED: _ClassVar[Refused.Reason]
+        SITE_OFFLINE: _ClassVar[Refused.Reason]
+        DEVICE_UNREACHABLE: _ClassVar[Refused.Reason]
+        TIMEOUT: _ClassVar[Refused.Reason]
+        OVERLOADED: _ClassVar[Refused.Reason]
+    REASON_UNSPECIFIED: Refused.Reason
+    UNKNOWN_DEVICE: Refused.Reason
+    NOT_PERMITTED: Refused.Reason
+    SITE_OFFLINE: Refused.Reason
+    DEVICE_UNREACHABLE: Refused.Reason
+    TIMEOUT: Refused.Reason
+    OVERLOADED: Refused.Reason
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: Refused.Reason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[Refused.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class Data(_message.Message):
+    __slots__ = ("payload", "seq", "flags", "blob")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    seq: int
+    flags: int
+    blob: BlobRef
+    def __init__(self, payload: _Optional[bytes] = ..., seq: _Optional[int] = ..., flags: _Optional[int] = ..., blob: _Optional[_Union[BlobRef, _Mapping]] = ...) -> None: ...
+
+class BlobRef(_message.Message):
+    __slots__ = ("blob_id", "size", "digest")
+    BLOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    blob_id: str
+    size: int
+    digest: bytes
+    def __init__(self, blob_id: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class Close(_message.Message):
+    __slots__ = ("reason", "detail")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[Close.Reason]
+        PEER_CLOSED: _ClassVar[Close.Reason]
+        ABORTED: _ClassVar[Close.Reason]
+        SHUTDOWN: _ClassVar[Close.Reason]
+    REASON_UNSPECIFIED: Close.Reason
+    PEER_CLOSED: Close.Reason
+    ABORTED: Close.Reason
+    SHUTDOWN: Close.Reason
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: Close.Reason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[Close.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...

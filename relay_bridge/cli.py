@@ -1,0 +1,184 @@
+"""relay-bridge: run and administer the bridge."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+from pathlib import Path
+
+from relay_bridge import config as bridge_config
+from relay_bridge.directory import Directory, DirectoryError
+from relay_bridge.pki import make_dev_pki
+from relay_common.config import ConfigError
+from relay_common.daemon import announce_ready, run_until_signalled
+from relay_common.logs import setup_logging
+
+log = logging.getLogger("relay_bridge")
+
+CONFIG_TEMPLATE = """\
+# dicom-relay bridge configuration (see deploy/bridge.example.toml for every key)
+[server]
+listen = "{listen}"
+tls_cert = "server.pem"
+tls_key = "server.key"
+
+[storage]
+database = "bridge.sqlite3"
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay-bridge", description="The dicom-relay bridge.")
+    parser.add_argument(
+        "--config", "-c", type=Path, default=Path("bridge.toml"), help="bridge.toml (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a development CA, a server certificate and bridge.toml")
+    init.add_argument("--dir", type=Path, default=Path("."), help="where to write the files")
+    init.add_argument("--hostname", action="append", default=[], help="DNS name in the certificate (repeatable)")
+    init.add_argument("--ip", action="append", default=[], help="IP address in the certificate (repeatable)")
+    init.add_argument("--listen", default="0.0.0.0:443", help="listen address written to bridge.toml")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    serve = sub.add_parser("serve", help="run the bridge")
+    serve.add_argument("--listen", help="override server.listen (HOST:PORT; port 0 picks one)")
+    serve.add_argument("--insecure", action="store_true", help="plain-text gRPC (needs insecure = true too)")
+    serve.add_argument("--ready-file", type=Path, help="write {'port': N} here once serving")
+
+    sub.add_parser("check-config", help="validate bridge.toml and exit")
+
+    router = sub.add_parser("router", help="manage router accounts")
+    rsub = router.add_subparsers(dest="action", required=True)
+    add = rsub.add_parser("add", help="create an account and print its password")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    rsub.add_parser("list", help="list accounts").add_argument("--json", action="store_true")
+    for action in ("disable", "enable", "remove"):
+        rsub.add_parser(action, help=f"{action} an account").add_argument("name")
+    pw = rsub.add_parser("passwd", help="set a new password (printed when generated)")
+    pw.add_argument("name")
+    pw.add_argument("--password-stdin", action="store_true")
+
+    share = sub.add_parser("share", help="inspect shared devices")
+    ssub = share.add_subparsers(dest="action", required=True)
+    ssub.add_parser("list", help="devices and who may reach them").add_argument("--json", action="store_true")
+    return parser
+
+
+def _read_password(from_stdin: bool) -> str | None:
+    if not from_stdin:
+        return None
+    return sys.stdin.readline().strip() if not sys.stdin.isatty() else getpass.getpass("password: ")
+
+
+def _init(args: argparse.Namespace) -> int:
+    directory: Path = args.dir
+    target = directory / "bridge.toml"
+    if target.exists() and not args.force:
+        print(f"{target} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    files = make_dev_pki(directory, hostnames=args.hostname or ["localhost"], ips=args.ip or ["127.0.0.1"])
+    target.write_text(CONFIG_TEMPLATE.format(listen=args.listen))
+    print(f"wrote {files.ca_cert} (give this to every router), {files.server_cert}, {files.server_key}, {target}")
+    return 0
+
+
+async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> None:
+    from relay_bridge.server import start  # grpc is only needed to serve
+
+    holder: dict[str, object] = {}
+
+    async def begin() -> None:
+        server, port, _ = await start(cfg, insecure=args.insecure)
+        holder["server"] = server
+        log.info("bridge serving on %s (port %d, %s)", cfg.server.listen, port, "INSECURE" if args.insecure else "TLS")
+        announce_ready(args.ready_file, port=port)
+
+    async def end() -> None:
+        server = holder.get("server")
+        if server is not None:
+            await server.stop(10.0)  # type: ignore[attr-defined]
+
+    await run_until_signalled(begin, end)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "init":
+        return _init(args)
+    try:
+        cfg = bridge_config.load(args.config)
+        if getattr(args, "listen", None):
+            from dataclasses import replace
+
+            cfg = replace(cfg, server=replace(cfg.server, listen=args.listen))
+        if getattr(args, "insecure", False) and not cfg.server.insecure:
+            raise ConfigError(str(args.config), "server.insecure", "--insecure needs insecure = true in the file too")
+        if not cfg.server.insecure:
+            for key, path in (("server.tls_cert", cfg.server.tls_cert), ("server.tls_key", cfg.server.tls_key)):
+                if path is not None and not path.is_file():
+                    raise ConfigError(str(args.config), key, f"cannot read {path}")
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    if args.command == "check-config":
+        print(f"{args.config}: OK")
+        return 0
+    if args.command == "serve":
+        asyncio.run(_serve(cfg, args))
+        return 0
+    db = Directory(cfg.storage.database)
+    try:
+        return _admin(args, db)
+    except DirectoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+
+
+def _admin(args: argparse.Namespace, db: Directory) -> int:
+    if args.command == "router":
+        if args.action == "add":
+            password = db.add_router(args.name, _read_password(args.password_stdin))
+            if not args.password_stdin:
+                print(password)
+            print(f"router {args.name!r} added", file=sys.stderr)
+        elif args.action == "passwd":
+            password = _read_password(args.password_stdin) or __import__("secrets").token_urlsafe(18)
+            db.set_password(args.name, password)
+            if not args.password_stdin:
+                print(password)
+        elif args.action in ("disable", "enable"):
+            db.set_enabled(args.name, args.action == "enable")
+            print(f"router {args.name!r} {args.action}d")
+        elif args.action == "remove":
+            db.remove_router(args.name)
+            print(f"router {args.name!r} removed")
+        elif args.action == "list":
+            rows = [r.__dict__ for r in db.routers()]
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                for r in rows:
+                    print(f"{r['name']:<24} {'enabled' if r['enabled'] else 'DISABLED'}")
+        return 0
+    if args.command == "share":
+        devices = db.devices()
+        if args.json:
+            print(json.dumps([d.__dict__ for d in devices]))
+        else:
+            for d in devices:
+                print(f"{d.router:<20} {d.ae_title:<16} shared with: {', '.join(d.share_with) or 'nobody'}")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

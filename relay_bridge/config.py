@@ -1,0 +1,70 @@
+"""bridge.toml: the bridge's configuration (documented key by key in deploy/bridge.example.toml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from relay_common.config import InvalidValue, load_config, parse_host_port
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    listen: str = "0.0.0.0:443"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Plain-text gRPC, for local experiments only (also needs --insecure on the command line).
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            parse_host_port(self.listen)
+        except ValueError as exc:
+            raise InvalidValue("listen", str(exc)) from None
+        if not self.insecure and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("tls_cert and tls_key are required unless insecure = true")
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    database: Path = Path("bridge.sqlite3")
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_associations: int = 2000
+    max_associations_per_router: int = 500
+    # Seconds the destination router has to join an association.
+    join_timeout_s: float = 10.0
+    max_frame_bytes: int = 16 * 1024 * 1024
+    # Frames buffered per association and direction (memory bound = 2 x depth x frame size).
+    frame_queue_depth: int = 4
+    # Failed sign-ons allowed per account and per source address in `login_window_s`.
+    login_failures: int = 5
+    login_window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_associations", "max_associations_per_router", "frame_queue_depth", "login_failures"):
+            if getattr(self, name) < 1:
+                raise InvalidValue(name, "must be at least 1")
+        if self.max_frame_bytes < 64 * 1024:
+            raise InvalidValue("max_frame_bytes", "must be at least 65536")
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    server: ServerSection = field(default_factory=ServerSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def load(path: str | Path) -> BridgeConfig:
+    return load_config(path, BridgeConfig)

@@ -1,0 +1,204 @@
+"""The bridge's directory: router accounts, shared devices and who may reach them.
+
+SQLite is the embedded default (one file, easy to back up with `.backup`).
+Passwords are stored as scrypt hashes (RFC 7914, via `cryptography`), never in
+clear. The directory knows AE titles and share lists only: device addresses
+stay inside each hospital.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+# scrypt cost: 2^15 x 8 x 1 takes ~50 ms and 32 MiB here; stored per hash so it can grow.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+ROUTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS routers (
+    name TEXT PRIMARY KEY,
+    password_hash BLOB NOT NULL,
+    salt BLOB NOT NULL,
+    scrypt_n INTEGER NOT NULL, scrypt_r INTEGER NOT NULL, scrypt_p INTEGER NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL,
+    last_seen REAL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
+    ae_title TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (router, ae_title)
+);
+CREATE TABLE IF NOT EXISTS shares (
+    router TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    peer TEXT NOT NULL,                 -- a router name, or '*' for every router
+    PRIMARY KEY (router, ae_title, peer),
+    FOREIGN KEY (router, ae_title) REFERENCES devices(router, ae_title) ON DELETE CASCADE
+);
+"""
+
+
+class DirectoryError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Router:
+    name: str
+    enabled: bool
+    created: float
+    last_seen: float | None
+
+
+@dataclass(frozen=True)
+class Device:
+    router: str
+    ae_title: str
+    description: str
+    share_with: tuple[str, ...]
+
+    def shared_with(self, peer: str) -> bool:
+        return peer != self.router and ("*" in self.share_with or peer in self.share_with)
+
+
+def _hash(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))
+
+
+class Directory:
+    """Thread-safe access to the bridge database (one connection, one lock)."""
+
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        if str(path) != ":memory:":
+            os.chmod(path, 0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- accounts --------------------------------------------------------
+    def add_router(self, name: str, password: str | None = None) -> str:
+        """Create an account; returns its password (generated when not given)."""
+        if not ROUTER_NAME.match(name):
+            raise DirectoryError(f"router name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' or '-'")
+        password = password or secrets.token_urlsafe(18)
+        if len(password) < 12:
+            raise DirectoryError("passwords must have at least 12 characters")
+        salt = os.urandom(16)
+        digest = _hash(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO routers(name, password_hash, salt, scrypt_n, scrypt_r, scrypt_p, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, digest, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, time.time()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DirectoryError(f"router {name!r} already exists") from exc
+        return password
+
+    def set_password(self, name: str, password: str) -> None:
+        salt = os.urandom(16)
+        digest = _hash(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE routers SET password_hash=?, salt=?, scrypt_n=?, scrypt_r=?, scrypt_p=? WHERE name=?",
+                (digest, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, name),
+            )
+        if cur.rowcount == 0:
+            raise DirectoryError(f"no router named {name!r}")
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        with self._lock:
+            cur = self._db.execute("UPDATE routers SET enabled=? WHERE name=?", (int(enabled), name))
+        if cur.rowcount == 0:
+            raise DirectoryError(f"no router named {name!r}")
+
+    def remove_router(self, name: str) -> None:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM routers WHERE name=?", (name,))
+        if cur.rowcount == 0:
+            raise DirectoryError(f"no router named {name!r}")
+
+    def verify_password(self, name: str, password: str) -> str | None:
+        """None when the credentials are good, else the reason (for logs and audit)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT password_hash, salt, scrypt_n, scrypt_r, scrypt_p, enabled FROM routers WHERE name=?",
+                (name,),
+            ).fetchone()
+        if row is None:
+            # Spend the same time as a real check so account names cannot be probed by timing.
+            _hash(password, b"\0" * 16, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+            return "unknown account"
+        digest, salt, n, r, p, enabled = row
+        if not hmac.compare_digest(_hash(password, salt, n, r, p), digest):
+            return "wrong password"
+        if not enabled:
+            return "account disabled"
+        return None
+
+    def routers(self) -> list[Router]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, enabled, created, last_seen FROM routers ORDER BY name").fetchall()
+        return [Router(n, bool(e), c, s) for n, e, c, s in rows]
+
+    def router(self, name: str) -> Router | None:
+        return next((r for r in self.routers() if r.name == name), None)
+
+    def touch(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE routers SET last_seen=? WHERE name=?", (time.time(), name))
+
+    # -- devices ---------------------------------------------------------
+    def publish(self, router: str, devices: list[Device]) -> None:
+        """Replace the devices `router` shares (what its configuration says now)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute("DELETE FROM devices WHERE router=?", (router,))
+                for d in devices:
+                    self._db.execute(
+                        "INSERT INTO devices(router, ae_title, description) VALUES (?, ?, ?)",
+                        (router, d.ae_title, d.description),
+                    )
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO shares(router, ae_title, peer) VALUES (?, ?, ?)",
+                        [(router, d.ae_title, peer) for peer in d.share_with],
+                    )
+                self._db.execute("COMMIT")
+            except Exception:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def devices(self) -> list[Device]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT d.router, d.ae_title, d.description, group_concat(s.peer, char(31))"
+                " FROM devices d LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
+                " GROUP BY d.router, d.ae_title ORDER BY d.router, d.ae_title"
+            ).fetchall()
+        return [Device(r, a, desc, tuple(peers.split("\x1f")) if peers else ()) for r, a, desc, peers in rows]
+
+    def device(self, router: str, ae_title: str) -> Device | None:
+        return next((d for d in self.devices() if d.router == router and d.ae_title == ae_title), None)
+
+    def reachable_by(self, peer: str) -> list[Device]:
+        return [d for d in self.devices() if d.shared_with(peer)]

@@ -1,0 +1,379 @@
+"""The bridge's gRPC services: router sign-on, the directory, association splicing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos.relay.v1 import relay_pb2 as pb
+from protos.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay_bridge.config import BridgeConfig
+from relay_bridge.directory import Device, Directory
+from relay_bridge.splice import Splice, close_frame
+from relay_common.config import parse_host_port
+
+log = logging.getLogger("relay_bridge")
+ASSOCIATION_ID = re.compile(r"^[0-9a-f]{32}$")
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
+HEARTBEAT_S = 15
+DISABLED_POLL_S = 2.0
+
+
+@dataclass
+class RouterSession:
+    """A signed-on router: its control stream's outbound queue and its session token."""
+
+    name: str
+    token: str
+    peer: str
+    since: float = field(default_factory=time.time)
+    outbox: asyncio.Queue[pb.BridgeMessage] = field(default_factory=lambda: asyncio.Queue(1024))
+    associations: set[str] = field(default_factory=set)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def send(self, message: pb.BridgeMessage) -> bool:
+        try:
+            self.outbox.put_nowait(message)
+            return True
+        except asyncio.QueueFull:
+            log.warning("control queue of %s is full; dropping a message", self.name)
+            return False
+
+
+class LoginThrottle:
+    """Counts failed sign-ons per account and per source address in a sliding window."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window = limit, window_s
+        self._failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+
+    def _recent(self, key: str) -> collections.deque[float]:
+        q, cutoff = self._failures[key], time.monotonic() - self.window
+        while q and q[0] < cutoff:
+            q.popleft()
+        return q
+
+    def blocked(self, *keys: str) -> bool:
+        return any(len(self._recent(k)) >= self.limit for k in keys)
+
+    def failed(self, *keys: str) -> None:
+        for k in keys:
+            self._recent(k).append(time.monotonic())
+
+
+class RelayServicer(pb_grpc.RelayServicer):
+    def __init__(self, config: BridgeConfig, directory: Directory) -> None:
+        self.config = config
+        self.directory = directory
+        self.sessions: dict[str, RouterSession] = {}
+        self.splices: dict[str, Splice] = {}
+        self.throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window_s)
+
+    # -- directory ---------------------------------------------------------
+    def directory_for(self, site: str) -> pb.Directory:
+        return pb.Directory(
+            devices=[
+                pb.RemoteDevice(
+                    site=d.router, ae_title=d.ae_title, description=d.description, online=d.router in self.sessions
+                )
+                for d in self.directory.reachable_by(site)
+            ]
+        )
+
+    def broadcast_directory(self) -> None:
+        for session in list(self.sessions.values()):
+            session.send(pb.BridgeMessage(directory=self.directory_for(session.name)))
+
+    # -- control stream ----------------------------------------------------
+    async def Control(  # type: ignore[override]  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF or not first.HasField("sign_on"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first control message must be SignOn")
+        sign_on = first.sign_on
+        source = _source_address(context.peer())
+        error = await self._authenticate(sign_on.account, sign_on.password, source)
+        if error is None:
+            error = _check_devices(sign_on.devices)
+        if error is not None:
+            await context.write(pb.BridgeMessage(sign_on_result=pb.SignOnResult(ok=False, error=error)))
+            return
+        session = RouterSession(sign_on.account, secrets.token_urlsafe(32), source)
+        previous = self.sessions.get(session.name)
+        if previous is not None:
+            log.warning("router %s signed on again from %s; closing its previous session", session.name, source)
+            previous.ended.set()
+        self.sessions[session.name] = session
+        self.directory.publish(session.name, _devices(session.name, sign_on.devices))
+        self.directory.touch(session.name)
+        log.info("router %s signed on from %s (%d shared devices)", session.name, source, len(sign_on.devices))
+        await context.write(
+            pb.BridgeMessage(
+                sign_on_result=pb.SignOnResult(
+                    ok=True, session=session.token, site=session.name, heartbeat_interval_s=HEARTBEAT_S
+                )
+            )
+        )
+        self.broadcast_directory()
+        reader = asyncio.create_task(self._read_control(session, context))
+        watchdog = asyncio.create_task(self._watch_enabled(session))
+        try:
+            while not session.ended.is_set():
+                get = asyncio.create_task(session.outbox.get())
+                ended = asyncio.create_task(session.ended.wait())
+                done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                if get in done:
+                    await context.write(get.result())
+                else:
+                    get.cancel()
+        finally:
+            reader.cancel()
+            watchdog.cancel()
+            if self.sessions.get(session.name) is session:
+                del self.sessions[session.name]
+                log.info("router %s signed off", session.name)
+                self.broadcast_directory()
+            for assoc_id in list(session.associations):
+                splice = self.splices.get(assoc_id)
+                if splice is not None and not splice.joined.done():
+                    splice.joined.cancel()
+
+    async def _authenticate(self, account: str, password: str, source: str) -> str | None:
+        keys = (f"account:{account}", f"source:{source}")
+        if self.throttle.blocked(*keys):
+            log.warning("sign-on for %r from %s refused: too many failed attempts", account, source)
+            return "too many failed sign-on attempts; try again later"
+        problem = await asyncio.to_thread(self.directory.verify_password, account, password)
+        if problem is None:
+            return None
+        self.throttle.failed(*keys)
+        log.warning("sign-on for %r from %s failed: %s", account, source, problem)
+        # Do not tell a stranger whether the account exists.
+        return "account disabled" if problem == "account disabled" else "wrong account name or password"
+
+    async def _read_control(self, session: RouterSession, context: grpc.aio.ServicerContext) -> None:
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    break
+                if message.HasField("heartbeat"):
+                    session.send(pb.BridgeMessage(heartbeat=pb.Heartbeat(sent_unix_ms=message.heartbeat.sent_unix_ms)))
+                elif message.HasField("publish"):
+                    problem = _check_devices(message.publish.devices)
+                    if problem:
+                        log.warning("router %s published invalid devices: %s", session.name, problem)
+                        continue
+                    self.directory.publish(session.name, _devices(session.name, message.publish.devices))
+                    self.broadcast_directory()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            session.ended.set()
+
+    async def _watch_enabled(self, session: RouterSession) -> None:
+        """Cut a router's streams within seconds of `relay-bridge router disable`."""
+        while not session.ended.is_set():
+            await asyncio.sleep(DISABLED_POLL_S)
+            router = await asyncio.to_thread(self.directory.router, session.name)
+            if router is None or not router.enabled:
+                log.warning("router %s was disabled or removed; cutting its streams", session.name)
+                session.ended.set()
+                for assoc_id in list(session.associations):
+                    splice = self.splices.get(assoc_id)
+                    if splice is not None:
+                        await splice.to_initiator.close(close_frame(pb.Close.ABORTED, "router disabled"))
+                        await splice.to_destination.close(close_frame(pb.Close.ABORTED, "router disabled"))
+
+    # -- association streams ---------------------------------------------
+    async def Associate(  # type: ignore[override]  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
+    ) -> None:
+        token = dict(context.invocation_metadata() or ()).get("relay-session", "")
+        session = next((s for s in self.sessions.values() if secrets.compare_digest(s.token, token)), None)
+        if session is None or session.ended.is_set():
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: sign on first")
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.HasField("open"):
+            await self._initiate(session, first.open, context)
+        elif first.HasField("join"):
+            await self._join(session, first.join, context)
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Open or Join")
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, reason: int, detail: str, assoc: str) -> None:
+        log.info("association refused: %s", detail, extra={"assoc": assoc})
+        await context.write(pb.Frame(refused=pb.Refused(reason=reason, detail=detail)))
+
+    async def _initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
+        aid = op.association_id
+        limits = self.config.limits
+        if not ASSOCIATION_ID.match(aid) or aid in self.splices:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+        device = self.directory.device(op.to_site, op.called_ae_title)
+        if device is None:
+            return await self._refuse(
+                context, pb.Refused.UNKNOWN_DEVICE, f"no device {op.called_ae_title!r} at site {op.to_site!r}", aid
+            )
+        if not device.shared_with(session.name):
+            log.warning(
+                "router %s asked for %s/%s, which is not shared with it",
+                session.name,
+                op.to_site,
+                op.called_ae_title,
+                extra={"assoc": aid},
+            )
+            return await self._refuse(
+                context,
+                pb.Refused.NOT_PERMITTED,
+                f"{op.to_site}/{op.called_ae_title} is not shared with {session.name}",
+                aid,
+            )
+        destination = self.sessions.get(op.to_site)
+        if destination is None:
+            return await self._refuse(context, pb.Refused.SITE_OFFLINE, f"site {op.to_site!r} is offline", aid)
+        busy = len(self.splices) >= limits.max_associations
+        if busy or len(session.associations) >= limits.max_associations_per_router:
+            return await self._refuse(context, pb.Refused.OVERLOADED, "the bridge's association limit is reached", aid)
+
+        splice = Splice(
+            aid, session.name, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
+        )
+        self.splices[aid] = splice
+        session.associations.add(aid)
+        destination.associations.add(aid)
+        try:
+            notice = pb.IncomingAssociation(
+                association_id=aid,
+                from_site=session.name,
+                called_ae_title=op.called_ae_title,
+                first_frame=pb.Frame(data=op.first_data),
+            )
+            if not destination.send(pb.BridgeMessage(incoming=notice)):
+                return await self._refuse(context, pb.Refused.OVERLOADED, f"site {op.to_site!r} is overloaded", aid)
+            try:
+                await asyncio.wait_for(asyncio.shield(splice.joined), limits.join_timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                if not splice.joined.done():
+                    splice.joined.cancel()
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+                return await self._refuse(
+                    context, pb.Refused.TIMEOUT, f"site {op.to_site!r} did not answer in time", aid
+                )
+            log.info(
+                "association %s -> %s/%s spliced", session.name, op.to_site, op.called_ae_title, extra={"assoc": aid}
+            )
+            await context.write(pb.Frame(accepted=pb.Accepted(association_id=aid)))
+            pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
+            try:
+                await splice.drain(splice.to_initiator, context.write)
+            finally:
+                await splice.to_initiator.close()  # unblock the partner if we are gone
+                await _finish(pump)
+        finally:
+            self.splices.pop(aid, None)
+            session.associations.discard(aid)
+            destination.associations.discard(aid)
+            log.info(
+                "association closed: %d bytes from %s, %d bytes from %s, %.1f s",
+                splice.bytes_from_initiator,
+                splice.from_site,
+                splice.bytes_from_destination,
+                splice.to_site,
+                time.time() - splice.opened,
+                extra={"assoc": aid},
+            )
+
+    async def _join(self, session: RouterSession, join: pb.Join, context: grpc.aio.ServicerContext) -> None:
+        splice = self.splices.get(join.association_id)
+        if splice is None or splice.to_site != session.name or splice.joined.done():
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
+        splice.joined.set_result(None)
+        pump = asyncio.create_task(splice.pump(context.read, splice.to_initiator, from_initiator=False))
+        try:
+            await splice.drain(splice.to_destination, context.write)
+        finally:
+            await splice.to_destination.close()
+            await _finish(pump)
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    """Give a pump a moment to see its stream's end, then stop it."""
+    try:
+        await asyncio.wait_for(task, 1.0)
+    except (TimeoutError, asyncio.CancelledError):
+        pass
+
+
+def _check_devices(devices: list[pb.SharedDevice]) -> str | None:
+    seen = set()
+    for d in devices:
+        if not AE_TITLE.match(d.ae_title) or d.ae_title.strip() != d.ae_title:
+            return f"invalid AE title {d.ae_title!r} (1-16 characters, no backslash or control characters)"
+        if d.ae_title in seen:
+            return f"AE title {d.ae_title!r} is published twice"
+        seen.add(d.ae_title)
+    return None
+
+
+def _devices(router: str, devices: list[pb.SharedDevice]) -> list[Device]:
+    return [Device(router, d.ae_title, d.description, tuple(d.share_with)) for d in devices]
+
+
+def _source_address(peer: str) -> str:
+    # "ipv4:127.0.0.1:5555" -> "127.0.0.1"
+    kind, _, rest = peer.partition(":")
+    return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
+
+
+def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
+    size = config.limits.max_frame_bytes + 64 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        # Routers ping every 20 s to keep idle streams alive through load balancers.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def start(config: BridgeConfig, *, insecure: bool = False) -> tuple[grpc.aio.Server, int, RelayServicer]:
+    """Build and start the server; returns it, the bound port and the servicer."""
+    directory = Directory(config.storage.database)
+    servicer = RelayServicer(config, directory)
+    server = grpc.aio.server(options=server_options(config))
+    pb_grpc.add_RelayServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host, port = parse_host_port(config.server.listen)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if insecure:
+        bound = server.add_insecure_port(address)
+    else:
+        assert config.server.tls_cert and config.server.tls_key
+        credentials = grpc.ssl_server_credentials(
+            [(config.server.tls_key.read_bytes(), config.server.tls_cert.read_bytes())]
+        )
+        bound = server.add_secure_port(address, credentials)
+    await server.start()
+    await health_servicer.set("relay.v1.Relay", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, servicer

@@ -1,0 +1,171 @@
+"""Typed TOML configuration shared by both daemons.
+
+Each daemon describes its configuration as frozen dataclasses; `load_config`
+maps a TOML document onto them and validates it, so that every mistake is
+reported with the file, the dotted key and what is wrong ("router.toml:
+dicom.listen_port: expected an integer, got 'abc'"). Unknown keys are errors:
+a misspelt key silently ignored is how a hospital ends up sharing the wrong
+archive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class InvalidValue(ValueError):
+    """Raised by a schema's __post_init__ to say which of its keys is wrong."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who edits the file."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + problem)
+
+
+def load_config(path: str | Path, schema: type[T]) -> T:
+    """Read `path` (TOML) into an instance of the dataclass `schema`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read the file: {exc.strerror}") from exc
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from exc
+    return parse_config(document, schema, source=str(path), base_dir=path.parent)
+
+
+def parse_config(
+    document: dict[str, Any], schema: type[T], *, source: str = "<config>", base_dir: Path | None = None
+) -> T:
+    """Validate an already-parsed mapping against `schema` (see load_config)."""
+    return _build(schema, document, source, "", base_dir or Path.cwd())
+
+
+def _build(cls: type[T], value: Any, source: str, key: str, base_dir: Path) -> T:
+    if not isinstance(value, dict):
+        raise ConfigError(source, key or "(top level)", f"expected a table, got {_describe(value)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in value:
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(source, _join(key, name), f"unknown key (known keys here: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        dotted = _join(key, name)
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], source, dotted, base_dir, field)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, source, dotted, base_dir)
+            else:
+                raise ConfigError(source, dotted, "required key is missing")
+    try:
+        instance = cls(**kwargs)
+    except InvalidValue as exc:
+        raise ConfigError(source, _join(key, exc.key), exc.problem) from exc
+    except ValueError as exc:  # __post_init__ checks that span several keys
+        raise ConfigError(source, key or "(top level)", str(exc)) from exc
+    return instance
+
+
+def _convert(hint: Any, value: Any, source: str, key: str, base_dir: Path, field: dataclasses.Field[Any] | None) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"unsupported union in schema at {key}")
+        return _convert(options[0], value, source, key, base_dir, field)
+    if origin in (list, tuple):
+        (item,) = get_args(hint)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list, got {_describe(value)}")
+        items = [_convert(item, v, source, f"{key}[{i}]", base_dir, None) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is typing.Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(source, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key, base_dir)  # type: ignore[arg-type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, key, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {_describe(value)}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(source, key, f"expected a file path, got {_describe(value)}")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (base_dir / p)
+    raise TypeError(f"unsupported type {hint!r} in schema at {key}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(value: Any) -> str:
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, dict | list) else kind
+
+
+def parse_host_port(text: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Parse "host:port", "[v6]:port" or ":port" into (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {text!r}")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def secret_from(value: str | None, file: Path | None, env: str, *, what: str) -> str:
+    """Resolve a secret: environment variable `env` first, then the file, then the value."""
+    from_env = os.environ.get(env)
+    if from_env:
+        return from_env
+    if file is not None:
+        try:
+            return file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read {what} file {file}: {exc.strerror}") from exc
+    if value:
+        return value
+    raise ValueError(f"no {what}: set it in the file, in a file named by the *_file key, or in ${env}")

@@ -1,0 +1,258 @@
+"""A whole relay network on this machine: one bridge and several routers as real processes.
+
+Used by `make demo`, the integration tests and the benchmarks, so that all of
+them exercise the same command-line entry points a hospital runs. Everything
+listens on 127.0.0.1 with ephemeral ports; TLS uses a fresh development CA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Shared:
+    ae_title: str
+    host: str
+    port: int
+    share_with: list[str] = field(default_factory=lambda: ["*"])
+
+
+@dataclass
+class Remote:
+    ae_title: str
+    site: str
+    remote_ae_title: str | None = None
+
+
+@dataclass
+class Site:
+    name: str
+    shared: list[Shared] = field(default_factory=list)
+    remote: list[Remote] = field(default_factory=list)
+    password: str = ""
+    port: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+    extra_dicom: dict[str, object] = field(default_factory=dict)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _wait_ready(ready: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return int(json.loads(ready.read_text())["port"])
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{proc.args} was not ready within {timeout} s; log:\n{log.read_text()[-3000:]}")
+
+
+class LocalRelayNetwork:
+    """Start with `start()`, add sites with `add_site()`, stop with `stop()` (or use as a context manager)."""
+
+    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.sites: dict[str, Site] = {}
+        self.bridge: subprocess.Popen[bytes] | None = None
+        self.bridge_port: int | None = None
+        self.env = {**os.environ, **(env or {})}
+        self.python = sys.executable
+
+    # -- bridge --------------------------------------------------------------
+    def _bridge_cmd(self, *args: str) -> list[str]:
+        return [self.python, "-m", "relay_bridge.cli", "--config", str(self.workdir / "bridge.toml"), *args]
+
+    def start(self) -> LocalRelayNetwork:
+        if not (self.workdir / "bridge.toml").exists():
+            subprocess.run(
+                [self.python, "-m", "relay_bridge.cli", "init", "--dir", str(self.workdir), "--listen", "127.0.0.1:0"],
+                check=True,
+                capture_output=True,
+                env=self.env,
+            )
+        self.start_bridge()
+        return self
+
+    def start_bridge(self) -> None:
+        ready = self.workdir / "bridge.ready"
+        ready.unlink(missing_ok=True)
+        listen = f"127.0.0.1:{self.bridge_port or 0}"
+        log = self.workdir / "bridge.log"
+        self.bridge = subprocess.Popen(
+            self._bridge_cmd("serve", "--listen", listen, "--ready-file", str(ready)),
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+            env=self.env,
+        )
+        self.bridge_port = _wait_ready(ready, self.bridge, log)
+
+    def bridge_admin(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self._bridge_cmd(*args), input=stdin, capture_output=True, text=True, env=self.env, timeout=60
+        )
+
+    # -- routers -------------------------------------------------------------
+    def add_site(
+        self,
+        name: str,
+        *,
+        shared: list[Shared] = (),
+        remote: list[Remote] = (),  # type: ignore[assignment]
+        start: bool = True,
+        **dicom: object,
+    ) -> Site:
+        result = self.bridge_admin("router", "add", name)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr)
+        site = Site(name, list(shared), list(remote), password=result.stdout.strip(), extra_dicom=dict(dicom))
+        self.sites[name] = site
+        self.write_router_config(site)
+        if start:
+            self.start_router(name)
+        return site
+
+    def router_config_path(self, name: str) -> Path:
+        return self.workdir / f"router-{name}.toml"
+
+    def write_router_config(self, site: Site) -> Path:
+        lines = [
+            "[router]",
+            f"name = {_toml_value(site.name)}",
+            "",
+            "[bridge]",
+            f'address = "127.0.0.1:{self.bridge_port}"',
+            'ca_file = "ca.pem"',
+            'server_name = "localhost"',
+            f"password = {_toml_value(site.password)}",
+            "reconnect_min_s = 0.2",
+            "reconnect_max_s = 2.0",
+            "",
+            "[dicom]",
+            f'listen = "127.0.0.1:{site.port or 0}"',
+        ]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in site.extra_dicom.items()]
+        for d in site.shared:
+            lines += [
+                "",
+                "[[shared]]",
+                f"ae_title = {_toml_value(d.ae_title)}",
+                f"host = {_toml_value(d.host)}",
+                f"port = {d.port}",
+                f"share_with = {_toml_value(d.share_with)}",
+            ]
+        for r in site.remote:
+            lines += ["", "[[remote]]", f"ae_title = {_toml_value(r.ae_title)}", f"site = {_toml_value(r.site)}"]
+            if r.remote_ae_title:
+                lines.append(f"remote_ae_title = {_toml_value(r.remote_ae_title)}")
+        path = self.router_config_path(site.name)
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start_router(self, name: str) -> int:
+        site = self.sites[name]
+        ready = self.workdir / f"router-{name}.ready"
+        ready.unlink(missing_ok=True)
+        log = self.workdir / f"router-{name}.log"
+        site.process = subprocess.Popen(
+            [
+                self.python,
+                "-m",
+                "relay_router.cli",
+                "--config",
+                str(self.router_config_path(name)),
+                "serve",
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+            env=self.env,
+        )
+        site.port = _wait_ready(ready, site.process, log)
+        # Keep the port across restarts: local archives are configured with it.
+        self.write_router_config(site)
+        return site.port
+
+    def status_path(self, name: str) -> Path:
+        return self.workdir / f"router-{name}.status.json"
+
+    def status(self, name: str) -> dict[str, object]:
+        try:
+            return json.loads(self.status_path(name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        """Wait until every running router is signed on and sees every route it is configured with online."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._site_ready(n) for n, s in self.sites.items() if s.process and s.process.poll() is None):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(
+            "routers did not come up:\n"
+            + "\n".join(f"{n}: {self.status(n)}\n{self.log(n)[-1500:]}" for n in self.sites)
+        )
+
+    def _site_ready(self, name: str) -> bool:
+        status = self.status(name)
+        if not status.get("connected"):
+            return False
+        online = {(d["site"], d["ae_title"]) for d in status.get("directory", []) if d["online"]}  # type: ignore[union-attr, index]
+        wanted = {
+            (r.site, r.remote_ae_title or r.ae_title)
+            for r in self.sites[name].remote
+            if r.site in self.sites and self.sites[r.site].process and self.sites[r.site].process.poll() is None
+        }  # type: ignore[union-attr]
+        return wanted <= online
+
+    def log(self, name: str) -> str:
+        path = self.workdir / (f"router-{name}.log" if name != "bridge" else "bridge.log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- stopping ------------------------------------------------------------
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes] | None, *, kill: bool = False, timeout: float = 15.0) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop_router(self, name: str, *, kill: bool = False) -> None:
+        self._stop(self.sites[name].process, kill=kill)
+
+    def stop_bridge(self, *, kill: bool = False) -> None:
+        self._stop(self.bridge, kill=kill)
+
+    def stop(self) -> None:
+        for name in self.sites:
+            self.stop_router(name)
+        self.stop_bridge()
+
+    def __enter__(self) -> LocalRelayNetwork:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,290 @@
+"""Drives one relayed association: a local DICOM socket on one side, an association stream on the other.
+
+The protocol decisions live in the sans-IO `RelayConnection` (relay_router.ul);
+this module only moves bytes and carries out the actions it returns. Two
+tasks pump the two directions; a watchdog aborts an association that has been
+silent for longer than the idle timeout. Writes wait for the socket to drain
+and frames wait for gRPC flow control, so a slow peer slows its sender instead
+of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_router.tunnel import AssociationStream
+from relay_router.ul import (
+    Aborted,
+    Action,
+    Established,
+    PduType,
+    ProtocolViolation,
+    Rejected,
+    RejectResult,
+    RejectSource,
+    RelayConnection,
+    Released,
+    Send,
+    Side,
+    a_abort,
+    a_associate_rj,
+)
+from relay_router.ul.connection import Phase
+
+log = logging.getLogger("relay_router.association")
+CLOSE_GRACE_S = 5.0
+
+# How a bridge refusal is told to the local device (PS3.8 Table 9-21).
+PERMANENT_REFUSALS = {pb.Refused.UNKNOWN_DEVICE, pb.Refused.NOT_PERMITTED}
+
+
+def rejection_for(reason: int) -> bytes:
+    if reason in PERMANENT_REFUSALS:
+        return a_associate_rj(RejectResult.PERMANENT, RejectSource.SERVICE_USER, 7)  # called AE not recognised
+    if reason == pb.Refused.OVERLOADED:
+        return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 2)
+    return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1)
+
+
+@dataclass
+class Outcome:
+    """What happened to an association, for logs, audit and the status command."""
+
+    association_id: str
+    direction: str  # "outbound" (local device called out) or "inbound"
+    site: str
+    calling_ae: str = ""
+    called_ae: str = ""
+    result: str = "pending"  # established, released, rejected, refused, aborted
+    detail: str = ""
+    bytes_to_remote: int = 0
+    bytes_to_local: int = 0
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    abstract_syntaxes: tuple[str, ...] = ()
+
+
+class RelayedAssociation:
+    def __init__(
+        self,
+        connection: RelayConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stream: AssociationStream,
+        outcome: Outcome,
+        *,
+        frame_bytes: int,
+        idle_timeout_s: float,
+        send_seq: int,
+        receive_seq: int,
+    ) -> None:
+        self.conn = connection
+        self.reader, self.writer, self.stream = reader, writer, stream
+        self.outcome = outcome
+        self.frame_bytes = frame_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self._send_seq = send_seq
+        self._receive_seq = receive_seq
+        self._send_lock = asyncio.Lock()
+        self._closed = asyncio.Event()
+        self._last_activity = time.monotonic()
+        self._extra = {"assoc": outcome.association_id}
+
+    # -- carrying out actions ---------------------------------------------
+    async def apply(self, actions: list[Action]) -> None:
+        to_local: list[bytes] = []
+        to_remote: list[bytes] = []
+        for action in actions:
+            if isinstance(action, Send):
+                (to_local if action.to is Side.LOCAL else to_remote).append(action.data)
+            else:
+                self._note(action)
+        if to_local:
+            payload = to_local[0] if len(to_local) == 1 else b"".join(to_local)
+            self.outcome.bytes_to_local += len(payload)
+            self.writer.write(payload)
+        if to_remote:
+            await self.send_data(to_remote[0] if len(to_remote) == 1 else b"".join(to_remote))
+        if to_local:
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+        if self.conn.phase is Phase.CLOSED:
+            self._closed.set()
+
+    def _note(self, action: Action) -> None:
+        out = self.outcome
+        if isinstance(action, Established):
+            out.result = "established"
+            log.info("association %s -> %s established", out.calling_ae, out.called_ae, extra=self._extra)
+        elif isinstance(action, Released):
+            out.result = "released"
+        elif isinstance(action, Rejected):
+            out.result, out.detail = (
+                "rejected",
+                f"result {action.result}, source {action.source}, reason {action.reason}",
+            )
+            log.info("association rejected by the called device: %s", out.detail, extra=self._extra)
+        elif isinstance(action, Aborted):
+            if out.result != "aborted":
+                out.result = "aborted"
+                out.detail = (
+                    out.detail
+                    or f"A-ABORT from the {action.by.name.lower()} side "
+                    f"(source {action.source}, reason {action.reason})"
+                )
+            log.info("association aborted: %s", out.detail, extra=self._extra)
+        elif isinstance(action, ProtocolViolation):
+            out.result, out.detail = (
+                "aborted",
+                f"protocol error from the {action.side.name.lower()} side: {action.detail}",
+            )
+            log.warning("%s; sent A-ABORT", out.detail, extra=self._extra)
+
+    async def send_data(self, payload: bytes) -> None:
+        async with self._send_lock:
+            frame = pb.Frame(data=pb.Data(payload=payload, seq=self._send_seq))
+            self._send_seq += 1
+            self.outcome.bytes_to_remote += len(payload)
+            try:
+                await self.stream.send(frame)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
+                log.debug("could not send a frame: %s", exc, extra=self._extra)
+
+    # -- pumps ---------------------------------------------------------------
+    async def _pump_local(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = await self.reader.read(self.frame_bytes)
+            except ConnectionError:
+                data = b""
+            self._last_activity = time.monotonic()
+            if not data:
+                await self.apply(self.conn.peer_closed(Side.LOCAL))
+                return
+            await self.apply(self.conn.receive(Side.LOCAL, data))
+
+    async def _pump_remote(self) -> None:
+        while not self._closed.is_set():
+            try:
+                frame = await self.stream.receive()
+            except grpc.aio.AioRpcError as exc:
+                self.outcome.detail = self.outcome.detail or f"link to the bridge lost ({exc.code().name})"
+                frame = None
+            self._last_activity = time.monotonic()
+            if frame is None:
+                self.outcome.detail = self.outcome.detail or "the bridge ended the association stream"
+                await self.apply(self.conn.peer_closed(Side.REMOTE))
+                return
+            kind = frame.WhichOneof("kind")
+            if kind == "data":
+                problem = self._check_data(frame.data)
+                if problem:
+                    await self.abort(problem)
+                    return
+                await self.apply(self.conn.receive(Side.REMOTE, frame.data.payload))
+            elif kind == "close":
+                if self.conn.phase is not Phase.CLOSED:
+                    self.outcome.detail = (
+                        self.outcome.detail
+                        or f"remote router: {frame.close.detail or pb.Close.Reason.Name(frame.close.reason)}"
+                    )
+                await self.apply(self.conn.peer_closed(Side.REMOTE))
+                return
+            elif kind == "refused":
+                await self.refuse(frame.refused)
+                return
+            else:
+                await self.abort(f"unexpected {kind} frame in an established association stream")
+                return
+
+    def _check_data(self, data: pb.Data) -> str | None:
+        if data.seq != self._receive_seq:
+            return f"frame sequence {data.seq} where {self._receive_seq} was expected (lost, replayed or reordered)"
+        self._receive_seq += 1
+        if data.flags:
+            return f"frame flags {data.flags:#x} are not supported by this router"
+        if data.HasField("blob"):
+            return "blob references are not supported by this router"
+        return None
+
+    async def abort(self, reason: str) -> None:
+        """Abort both ways for a reason found by this router (not a DICOM peer)."""
+        self.outcome.result, self.outcome.detail = "aborted", reason
+        log.warning("aborting association: %s", reason, extra=self._extra)
+        if self.conn.phase is Phase.AWAIT_AC:
+            self.writer.write(a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1))
+        elif self.conn.phase is not Phase.CLOSED:
+            self.writer.write(a_abort(2, 0))
+            await self.send_data(a_abort(2, 0))
+        self._closed.set()
+
+    async def refuse(self, refused: pb.Refused) -> None:
+        """The destination router refused after the bridge had accepted (e.g. device unreachable)."""
+        self.outcome.result = "refused"
+        self.outcome.detail = refused.detail or pb.Refused.Reason.Name(refused.reason)
+        log.info("association refused: %s", self.outcome.detail, extra=self._extra)
+        if self.conn.phase is Phase.AWAIT_AC:
+            self.writer.write(rejection_for(refused.reason))
+        elif self.conn.phase is not Phase.CLOSED:
+            self.writer.write(a_abort(2, 0))
+        self._closed.set()
+
+    async def _watch_idle(self) -> None:
+        while not self._closed.is_set():
+            await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
+            if time.monotonic() - self._last_activity > self.idle_timeout_s:
+                await self.abort(f"no traffic for {self.idle_timeout_s:.0f} s (idle timeout)")
+
+    async def run(self, initial: list[Action] | None = None) -> Outcome:
+        if initial:
+            await self.apply(initial)
+        tasks = [
+            asyncio.create_task(self._pump_local()),
+            asyncio.create_task(self._pump_remote()),
+            asyncio.create_task(self._watch_idle()),
+        ]
+        try:
+            await self._closed.wait()
+        finally:
+            await self._shut(tasks)
+        return self.outcome
+
+    async def _shut(self, tasks: list[asyncio.Task[None]]) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await asyncio.wait_for(self.writer.drain(), CLOSE_GRACE_S)
+        self.writer.close()
+        reason = pb.Close.PEER_CLOSED if self.outcome.result in ("released", "established") else pb.Close.ABORTED
+        async with self._send_lock:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                await self.stream.send(pb.Frame(close=pb.Close(reason=reason, detail=self.outcome.detail)))
+        await self.stream.finish()
+        # Let the remote pump see the partner's close, then stop whatever is left.
+        _, pending = await asyncio.wait(tasks[1:2], timeout=CLOSE_GRACE_S)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.stream.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        self.outcome.ended = time.time()
+        if self.outcome.result == "established":
+            self.outcome.result = "closed"
+        log.info(
+            "association %s: %s; %d bytes out, %d bytes in, %.2f s",
+            self.outcome.result,
+            self.outcome.detail or "ok",
+            self.outcome.bytes_to_remote,
+            self.outcome.bytes_to_local,
+            self.outcome.ended - self.outcome.started,
+            extra=self._extra,
+        )
+
+
+__all__ = ["Outcome", "RelayedAssociation", "rejection_for", "PduType"]

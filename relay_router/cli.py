@@ -1,0 +1,100 @@
+"""relay-router: run the router and inspect its configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from relay_common.config import ConfigError
+from relay_common.daemon import announce_ready, run_until_signalled
+from relay_common.logs import setup_logging
+from relay_router import config as router_config
+
+log = logging.getLogger("relay_router")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay-router", description="The dicom-relay router (one per hospital).")
+    parser.add_argument(
+        "--config", "-c", type=Path, default=Path("router.toml"), help="router.toml (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the router")
+    serve.add_argument("--listen", help="override dicom.listen (HOST:PORT; port 0 picks one)")
+    serve.add_argument("--ready-file", type=Path, help="write {'port': N} here once listening")
+    serve.add_argument("--status-file", type=Path, help="keep the router's state here as JSON")
+    sub.add_parser("check-config", help="validate router.toml and exit")
+    pacs = sub.add_parser("pacs-config", help="print the entries local archives need to reach remote devices")
+    pacs.add_argument("--format", choices=["table", "orthanc", "json"], default="table")
+    pacs.add_argument("--host", help="the router's address as the archive sees it (default: from dicom.listen)")
+    return parser
+
+
+def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) -> str:
+    from relay_common.config import parse_host_port
+
+    listen_host, port = parse_host_port(cfg.dicom.listen)
+    if host is None:
+        host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
+    entries = sorted((r.ae_title, r.site, r.target) for r in cfg.remote)
+    if fmt == "orthanc":
+        modalities = {title: [title, host, port] for title, _, _ in entries}
+        return json.dumps({"DicomModalities": modalities}, indent=2)
+    if fmt == "json":
+        return json.dumps(
+            [{"ae_title": t, "host": host, "port": port, "site": s, "remote_ae_title": r} for t, s, r in entries],
+            indent=2,
+        )
+    lines = [f"{'AE title':<17} {'host':<16} {'port':>5}  reaches", "-" * 60]
+    lines += [f"{t:<17} {host:<16} {port:>5}  {r} at {s}" for t, s, r in entries]
+    if cfg.dicom.expose_all:
+        lines.append("(expose_all = true: more titles appear as the directory grows; see the router log)")
+    return "\n".join(lines)
+
+
+async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, status_file: Path | None) -> None:
+    from relay_router.service import RouterService
+
+    service = RouterService(cfg, status_file=status_file)
+
+    async def begin() -> None:
+        await service.start()
+        announce_ready(ready_file, port=service.port)
+
+    await run_until_signalled(begin, service.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = router_config.load(args.config)
+        if getattr(args, "listen", None):
+            from dataclasses import replace
+
+            cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
+        if cfg.bridge.ca_file is not None and not cfg.bridge.ca_file.is_file():
+            raise ConfigError(str(args.config), "bridge.ca_file", f"cannot read {cfg.bridge.ca_file}")
+        cfg.bridge.resolve_password()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"configuration error: {args.config}: bridge.password: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    if args.command == "check-config":
+        print(f"{args.config}: OK ({len(cfg.shared)} shared devices, {len(cfg.remote)} remote devices)")
+        return 0
+    if args.command == "pacs-config":
+        print(_pacs_config(cfg, args.format, args.host))
+        return 0
+    asyncio.run(_serve(cfg, args.ready_file, args.status_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

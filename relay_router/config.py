@@ -1,0 +1,166 @@
+"""router.toml: the router's configuration (documented key by key in deploy/router.example.toml)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from relay_common.config import InvalidValue, load_config, parse_host_port, secret_from
+
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def _check_ae(title: str, what: str) -> None:
+    if not AE_TITLE.match(title) or title.strip() != title or not title.strip():
+        raise InvalidValue(
+            what,
+            f"{title!r} is not a valid AE title (1-16 characters, no backslash, "
+            "no control characters, no leading or trailing spaces)",
+        )
+
+
+@dataclass(frozen=True)
+class RouterSection:
+    # The account name on the bridge; also this site's name in the directory.
+    name: str
+
+    def __post_init__(self) -> None:
+        if not SITE.match(self.name):
+            raise InvalidValue("name", f"{self.name!r} must be 1-63 characters of a-z, 0-9, '.', '_' or '-'")
+
+
+@dataclass(frozen=True)
+class BridgeSection:
+    # host:port of the bridge (outbound connection; 443 in production).
+    address: str
+    # CA certificate (PEM) that signed the bridge's certificate.
+    ca_file: Path | None = None
+    # TLS name to verify when `address` is an IP or differs from the certificate.
+    server_name: str | None = None
+    # The account password; prefer password_file or $RELAY_ROUTER_PASSWORD.
+    password: str | None = None
+    password_file: Path | None = None
+    insecure: bool = False
+    # Seconds to wait for the bridge to accept an association stream.
+    open_timeout_s: float = 15.0
+    # Reconnect backoff: first delay and cap, in seconds (with jitter).
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    # HTTP/2 keepalive pings, so idle streams survive load balancers.
+    keepalive_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        try:
+            parse_host_port(self.address, default_host="")
+        except ValueError as exc:
+            raise InvalidValue("address", str(exc)) from None
+        if not self.insecure and self.ca_file is None:
+            raise ValueError("ca_file is required unless insecure = true")
+
+    def resolve_password(self) -> str:
+        return secret_from(self.password, self.password_file, "RELAY_ROUTER_PASSWORD", what="bridge password")
+
+
+@dataclass(frozen=True)
+class DicomSection:
+    # Where local devices reach the router (its DICOM port on the hospital LAN).
+    listen: str = "0.0.0.0:11112"
+    # Expose every remote device this router may reach under its own AE title
+    # (in addition to the [[remote]] entries), unless two sites share a title.
+    expose_all: bool = False
+    # Seconds a local device has to send its A-ASSOCIATE-RQ (PS3.8 ARTIM).
+    artim_timeout_s: float = 30.0
+    # Seconds to connect to a shared local device.
+    connect_timeout_s: float = 10.0
+    # Seconds an association may sit with no traffic either way before it is aborted.
+    idle_timeout_s: float = 3600.0
+    max_associations: int = 200
+    # Bytes read from a socket at once, and so the largest frame sent to the bridge.
+    frame_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        try:
+            parse_host_port(self.listen)
+        except ValueError as exc:
+            raise InvalidValue("listen", str(exc)) from None
+        if not 4096 <= self.frame_bytes <= 4 * 1024 * 1024:
+            raise InvalidValue("frame_bytes", "must be between 4096 and 4194304")
+
+
+@dataclass(frozen=True)
+class SharedDevice:
+    """A device on this hospital's LAN that other sites may reach."""
+
+    ae_title: str
+    host: str
+    port: int
+    # Sites (router names) allowed to open associations to it; "*" for all. Default: nobody.
+    share_with: list[str] = field(default_factory=list)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_ae(self.ae_title, "ae_title")
+        if not 0 < self.port < 65536:
+            raise InvalidValue("port", f"{self.port} is not between 1 and 65535")
+        for site in self.share_with:
+            if site != "*" and not SITE.match(site):
+                raise InvalidValue("share_with", f"{site!r} is not a router name or '*'")
+
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    """A device at another site, exposed here under a local AE title."""
+
+    ae_title: str
+    site: str
+    # The device's title at its own site; defaults to ae_title.
+    remote_ae_title: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_ae(self.ae_title, "ae_title")
+        if self.remote_ae_title is not None:
+            _check_ae(self.remote_ae_title, "remote_ae_title")
+        if not SITE.match(self.site):
+            raise InvalidValue("site", f"{self.site!r} is not a router name")
+
+    @property
+    def target(self) -> str:
+        return self.remote_ae_title or self.ae_title
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    router: RouterSection
+    bridge: BridgeSection
+    dicom: DicomSection = field(default_factory=DicomSection)
+    shared: list[SharedDevice] = field(default_factory=list)
+    remote: list[RemoteDevice] = field(default_factory=list)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for kind, title in [("shared", d.ae_title) for d in self.shared] + [
+            ("remote", r.ae_title) for r in self.remote
+        ]:
+            if title in seen:
+                raise ValueError(
+                    f"AE title {title!r} appears twice ({seen[title]} and {kind}); "
+                    "local titles must be unique on this router"
+                )
+            seen[title] = kind
+        for r in self.remote:
+            if r.site == self.router.name:
+                raise ValueError(f"remote device {r.ae_title!r} names this router's own site")
+
+
+def load(path: str | Path) -> RouterConfig:
+    return load_config(path, RouterConfig)

@@ -1,0 +1,241 @@
+"""The router's outbound link to the bridge: one control stream, one stream per association.
+
+`BridgeLink.run()` keeps the control stream up for the router's whole life:
+sign on, publish the shared devices, follow the directory, hand incoming
+association notices to the router, and reconnect with capped exponential
+backoff and jitter whenever the bridge goes away. Association streams ride on
+the same HTTP/2 connection (one gRPC channel), each with its own flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from protos.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay_router.config import RouterConfig
+
+log = logging.getLogger("relay_router.tunnel")
+SOFTWARE_VERSION = "dicom-relay/0.1.0"
+MAX_MESSAGE = 20 * 1024 * 1024
+
+
+class LinkDown(Exception):
+    """The bridge cannot be reached right now (a transient condition)."""
+
+
+@dataclass(frozen=True)
+class DirectoryEntry:
+    site: str
+    ae_title: str
+    description: str
+    online: bool
+
+
+class AssociationStream:
+    """One Associate call: send and receive frames; `seq` numbering is the caller's."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._call = call
+
+    async def send(self, frame: pb.Frame) -> None:
+        await self._call.write(frame)
+
+    async def receive(self) -> pb.Frame | None:
+        """The next frame, or None when the bridge ended the stream."""
+        frame = await self._call.read()
+        return None if frame is grpc.aio.EOF else frame
+
+    async def finish(self) -> None:
+        """Half-close our direction (the bridge then ends the partner's stream)."""
+        try:
+            await self._call.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+            pass
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+IncomingHandler = Callable[[pb.IncomingAssociation], Awaitable[None]]
+
+
+class BridgeLink:
+    def __init__(self, config: RouterConfig, on_incoming: IncomingHandler) -> None:
+        self.config = config
+        self._on_incoming = on_incoming
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.RelayStub | None = None
+        self._session: str | None = None
+        self.site = config.router.name
+        self.directory: list[DirectoryEntry] = []
+        self.connected_since: float | None = None
+        self.last_error: str | None = None
+        self.reconnects = 0
+        self.directory_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    def _make_channel(self) -> grpc.aio.Channel:
+        bridge = self.config.bridge
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", int(bridge.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Our own reconnect loop paces retries; keep gRPC's short so a restarted bridge is found quickly.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", int(bridge.reconnect_max_s * 1000)),
+        ]
+        if bridge.insecure:
+            return grpc.aio.insecure_channel(bridge.address, options=options)
+        if bridge.server_name:
+            options.append(("grpc.ssl_target_name_override", bridge.server_name))
+        assert bridge.ca_file is not None
+        credentials = grpc.ssl_channel_credentials(root_certificates=bridge.ca_file.read_bytes())
+        return grpc.aio.secure_channel(bridge.address, credentials, options=options)
+
+    def shared_devices(self) -> list[pb.SharedDevice]:
+        return [
+            pb.SharedDevice(ae_title=d.ae_title, description=d.description, share_with=d.share_with)
+            for d in self.config.shared
+        ]
+
+    async def run(self) -> None:
+        """Keep the control stream up until `stop()`."""
+        password = self.config.bridge.resolve_password()
+        self._channel = self._make_channel()
+        self._stub = pb_grpc.RelayStub(self._channel)
+        delay = self.config.bridge.reconnect_min_s
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._control_session(password)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:  # noqa: BLE001 - keep reconnecting whatever went wrong
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("control stream failed")
+            finally:
+                if self._session is not None and not self._stopping:
+                    log.warning("lost the bridge: %s", self.last_error)
+                self._session = None
+                self.connected_since = None
+            if self._stopping:
+                break
+            if time.monotonic() - started > 60:
+                delay = self.config.bridge.reconnect_min_s  # the last session was healthy
+            wait = random.uniform(delay / 2, delay)
+            log.info("reconnecting to the bridge in %.1f s (%s)", wait, self.last_error)
+            await asyncio.sleep(wait)
+            self.reconnects += 1
+            delay = min(delay * 2, self.config.bridge.reconnect_max_s)
+
+    async def _control_session(self, password: str) -> None:
+        assert self._stub is not None
+        call = self._stub.Control()
+        try:
+            await call.write(
+                pb.RouterMessage(
+                    sign_on=pb.SignOn(
+                        account=self.site,
+                        password=password,
+                        software_version=SOFTWARE_VERSION,
+                        protocols=["relay.v1"],
+                        devices=self.shared_devices(),
+                    )
+                )
+            )
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("sign_on_result"):
+                raise ConnectionError("the bridge closed the control stream during sign-on")
+            result = first.sign_on_result
+            if not result.ok:
+                self.last_error = f"sign-on refused: {result.error}"
+                log.error("the bridge refused sign-on for %r: %s", self.site, result.error)
+                return
+            self._session = result.session
+            self.connected_since = time.time()
+            self.last_error = None
+            log.info("signed on to the bridge at %s as %s", self.config.bridge.address, result.site)
+            heartbeat = asyncio.create_task(self._heartbeats(call, max(result.heartbeat_interval_s, 1)))
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        self.last_error = "the bridge ended the control stream"
+                        return
+                    await self._handle(message)
+            finally:
+                heartbeat.cancel()
+        finally:
+            call.cancel()
+
+    async def _heartbeats(self, call: grpc.aio.StreamStreamCall, interval: int) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await call.write(pb.RouterMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+
+    async def _handle(self, message: pb.BridgeMessage) -> None:
+        if message.HasField("directory"):
+            self.directory = [
+                DirectoryEntry(d.site, d.ae_title, d.description, d.online) for d in message.directory.devices
+            ]
+            self.directory_changed.set()
+            self.directory_changed = asyncio.Event()
+            log.info("directory: %d remote devices reachable", len(self.directory))
+        elif message.HasField("incoming"):
+            task = asyncio.create_task(self._on_incoming(message.incoming))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._session is None or self._stub is None:
+            raise LinkDown(self.last_error or "not signed on to the bridge")
+        return (("relay-session", self._session),)
+
+    async def open(self, request: pb.Open) -> tuple[AssociationStream, pb.Frame]:
+        """Open an association stream; returns it with the bridge's answer (Accepted or Refused)."""
+        assert self._stub is not None
+        call = self._stub.Associate(metadata=self._metadata())
+        stream = AssociationStream(call)
+        try:
+            await stream.send(pb.Frame(open=request))
+            answer = await asyncio.wait_for(stream.receive(), self.config.bridge.open_timeout_s)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            call.cancel()
+            raise LinkDown(f"the bridge did not accept the association stream: {exc}") from exc
+        if answer is None:
+            call.cancel()
+            raise LinkDown("the bridge closed the association stream")
+        return stream, answer
+
+    async def join(self, association_id: str) -> AssociationStream:
+        assert self._stub is not None
+        call = self._stub.Associate(metadata=self._metadata())
+        stream = AssociationStream(call)
+        await stream.send(pb.Frame(join=pb.Join(association_id=association_id)))
+        return stream
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._channel is not None:
+            await self._channel.close(grace=1.0)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.relay.v1 import relay_pb2 as pb
-from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_bridge.config import BridgeConfig
 from relay_bridge.directory import Device, Directory
 from relay_bridge.splice import Splice, close_frame
@@ -71,7 +71,7 @@ class LoginThrottle:
             self._recent(k).append(time.monotonic())
 
 
-class RelayServicer(pb_grpc.RelayServicer):
+class RelayServicer:
     def __init__(self, config: BridgeConfig, directory: Directory) -> None:
         self.config = config
         self.directory = directory
@@ -205,9 +205,13 @@ class RelayServicer(pb_grpc.RelayServicer):
         session = next((s for s in self.sessions.values() if secrets.compare_digest(s.token, token)), None)
         if session is None or session.ended.is_set():
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: sign on first")
-        first = await context.read()
-        if first is grpc.aio.EOF:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
             return
+        try:
+            first = pb.Frame.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame is not a relay.v1.Frame")
         if first.HasField("open"):
             await self._initiate(session, first.open, context)
         elif first.HasField("join"):
@@ -217,7 +221,7 @@ class RelayServicer(pb_grpc.RelayServicer):
 
     async def _refuse(self, context: grpc.aio.ServicerContext, reason: int, detail: str, assoc: str) -> None:
         log.info("association refused: %s", detail, extra={"assoc": assoc})
-        await context.write(pb.Frame(refused=pb.Refused(reason=reason, detail=detail)))
+        await context.write(_frame(refused=pb.Refused(reason=reason, detail=detail)))
 
     async def _initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
         aid = op.association_id
@@ -278,7 +282,7 @@ class RelayServicer(pb_grpc.RelayServicer):
             log.info(
                 "association %s -> %s/%s spliced", session.name, op.to_site, op.called_ae_title, extra={"assoc": aid}
             )
-            await context.write(pb.Frame(accepted=pb.Accepted(association_id=aid)))
+            await context.write(_frame(accepted=pb.Accepted(association_id=aid)))
             pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
             try:
                 await splice.drain(splice.to_initiator, context.write)
@@ -290,11 +294,12 @@ class RelayServicer(pb_grpc.RelayServicer):
             session.associations.discard(aid)
             destination.associations.discard(aid)
             log.info(
-                "association closed: %d bytes from %s, %d bytes from %s, %.1f s",
+                "association closed: %d bytes from %s, %d bytes from %s, %d frames, %.1f s",
                 splice.bytes_from_initiator,
                 splice.from_site,
                 splice.bytes_from_destination,
                 splice.to_site,
+                splice.frames,
                 time.time() - splice.opened,
                 extra={"assoc": aid},
             )
@@ -310,6 +315,10 @@ class RelayServicer(pb_grpc.RelayServicer):
         finally:
             await splice.to_destination.close()
             await _finish(pump)
+
+
+def _frame(**kind: object) -> bytes:
+    return pb.Frame(**kind).SerializeToString()  # type: ignore[arg-type]
 
 
 async def _finish(task: asyncio.Task[None]) -> None:
@@ -341,6 +350,22 @@ def _source_address(peer: str) -> str:
     return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
 
 
+def _handlers(servicer: RelayServicer) -> grpc.GenericRpcHandler:
+    """relay.v1.Relay, with Associate frames left serialized (the bridge forwards bytes)."""
+    return grpc.method_handlers_generic_handler(
+        "relay.v1.Relay",
+        {
+            "Control": grpc.stream_stream_rpc_method_handler(
+                servicer.Control,
+                request_deserializer=pb.RouterMessage.FromString,
+                response_serializer=pb.BridgeMessage.SerializeToString,
+            ),
+            # No (de)serializers: requests arrive and responses leave as bytes.
+            "Associate": grpc.stream_stream_rpc_method_handler(servicer.Associate),
+        },
+    )
+
+
 def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
     size = config.limits.max_frame_bytes + 64 * 1024
     return [
@@ -352,6 +377,8 @@ def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.so_reuseport", 0),
+        # Start every stream with a large flow-control window; BDP probing still tunes it.
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
     ]
 
 
@@ -360,7 +387,7 @@ async def start(config: BridgeConfig, *, insecure: bool = False) -> tuple[grpc.a
     directory = Directory(config.storage.database)
     servicer = RelayServicer(config, directory)
     server = grpc.aio.server(options=server_options(config))
-    pb_grpc.add_RelayServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers([_handlers(servicer)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = parse_host_port(config.server.listen)

@@ -1,7 +1,9 @@
 """Pairs the two Associate streams of one association and pumps frames between them.
 
-The bridge never parses DICOM: a frame from one router is handed, unchanged,
-to the other. Each stream handler writes only to its own gRPC call (grpc.aio
+The bridge never parses DICOM, nor even the frames after the first: the
+Associate method is registered with identity (de)serializers, so a frame from
+one router is handed to the other as the serialized bytes it arrived as.
+Each stream handler writes only to its own gRPC call (grpc.aio
 contexts are not shared between tasks); frames cross between the two handlers
 through a `Channel` per direction that holds at most a few frames, so a slow
 receiver stops the sender's reads and HTTP/2 flow control pushes back all the
@@ -34,7 +36,7 @@ class Channel:
     """
 
     def __init__(self, depth: int) -> None:
-        self._items: collections.deque[pb.Frame] = collections.deque()
+        self._items: collections.deque[bytes] = collections.deque()
         self._depth = depth
         self._closed = False
         self._changed = asyncio.Condition()
@@ -43,7 +45,7 @@ class Channel:
     def closed(self) -> bool:
         return self._closed
 
-    async def put(self, frame: pb.Frame) -> bool:
+    async def put(self, frame: bytes) -> bool:
         """Queue a frame; False if the channel was closed (the frame is dropped)."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._closed or len(self._items) < self._depth)
@@ -53,7 +55,7 @@ class Channel:
             self._changed.notify_all()
             return True
 
-    async def get(self) -> pb.Frame | None:
+    async def get(self) -> bytes | None:
         async with self._changed:
             await self._changed.wait_for(lambda: self._closed or bool(self._items))
             if self._items:
@@ -62,7 +64,7 @@ class Channel:
                 return frame
             return None
 
-    async def close(self, last: pb.Frame | None = None) -> None:
+    async def close(self, last: bytes | None = None) -> None:
         async with self._changed:
             if not self._closed:
                 if last is not None:
@@ -71,8 +73,8 @@ class Channel:
             self._changed.notify_all()
 
 
-def close_frame(reason: int, detail: str) -> pb.Frame:
-    return pb.Frame(close=pb.Close(reason=reason, detail=detail))
+def close_frame(reason: int, detail: str) -> bytes:
+    return pb.Frame(close=pb.Close(reason=reason, detail=detail)).SerializeToString()
 
 
 @dataclass
@@ -106,12 +108,11 @@ class Splice:
                 if frame is None or frame is grpc.aio.EOF:
                     await outbound.close()
                     return
-                if frame.HasField("data"):
-                    size = len(frame.data.payload)
-                    if from_initiator:
-                        self.bytes_from_initiator += size
-                    else:
-                        self.bytes_from_destination += size
+                # Serialized frames: payload plus a few bytes of protobuf framing.
+                if from_initiator:
+                    self.bytes_from_initiator += len(frame)
+                else:
+                    self.bytes_from_destination += len(frame)
                 self.frames += 1
                 if not await outbound.put(frame):
                     return  # partner gone; its own handler reports why

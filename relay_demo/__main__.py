@@ -38,7 +38,7 @@ from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, sample_files, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 @dataclass

@@ -181,6 +181,8 @@ class LocalRelayNetwork:
                 "serve",
                 "--ready-file",
                 str(ready),
+                "--status-file",
+                str(self.status_path(name)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=log.open("ab"),

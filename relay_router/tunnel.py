@@ -97,6 +97,8 @@ class BridgeLink:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # Start every stream with a large flow-control window; BDP probing still tunes it.
+            ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
             # Our own reconnect loop paces retries; keep gRPC's short so a restarted bridge is found quickly.
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", int(bridge.reconnect_max_s * 1000)),

@@ -219,12 +219,19 @@ class LocalRelayNetwork:
         if not status.get("connected"):
             return False
         online = {(d["site"], d["ae_title"]) for d in status.get("directory", []) if d["online"]}  # type: ignore[union-attr, index]
-        wanted = {
-            (r.site, r.remote_ae_title or r.ae_title)
-            for r in self.sites[name].remote
-            if r.site in self.sites and self.sites[r.site].process and self.sites[r.site].process.poll() is None
-        }  # type: ignore[union-attr]
-        return wanted <= online
+        return self._expected_online(name) <= online
+
+    def _expected_online(self, name: str) -> set[tuple[str, str]]:
+        """Remote devices `name` is configured for that their running site really shares with it."""
+        expected = set()
+        for remote in self.sites[name].remote:
+            owner = self.sites.get(remote.site)
+            if owner is None or owner.process is None or owner.process.poll() is not None:
+                continue
+            title = remote.remote_ae_title or remote.ae_title
+            if any(d.ae_title == title and ("*" in d.share_with or name in d.share_with) for d in owner.shared):
+                expected.add((remote.site, title))
+        return expected
 
     def log(self, name: str) -> str:
         path = self.workdir / (f"router-{name}.log" if name != "bridge" else "bridge.log")

@@ -27,6 +27,8 @@ from relay_router.config import RouterConfig, SharedDevice
 from relay_router.tunnel import BridgeLink, LinkDown
 from relay_router.ul import (
     AssociateRequested,
+    Phase,
+    ProtocolViolation,
     RejectResult,
     RejectSource,
     RelayConnection,
@@ -176,9 +178,10 @@ class RouterService:
                     writer.write(action.data)
                 elif isinstance(action, AssociateRequested):
                     return action.info
-                elif not isinstance(action, Send):
-                    log.warning("local device %s: %s", writer.get_extra_info("peername"), action)
-            if not data or conn.phase.name == "CLOSED":
+                elif isinstance(action, ProtocolViolation):
+                    host, port = writer.get_extra_info("peername")[:2]
+                    log.warning("protocol error from local device %s:%s: %s; sent A-ABORT", host, port, action.detail)
+            if not data or conn.phase is Phase.CLOSED:
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
                 return None

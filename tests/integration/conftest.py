@@ -20,6 +20,7 @@ import pytest
 
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, sample_files, write_series
+from relay_demo.network import LocalRelayNetwork
 from tests.support.dcmtk import StorescpProcess, missing_tools
 from tests.support.orthanc import OrthancProcess, orthanc_binary
 
@@ -126,3 +127,11 @@ def ct_fingerprints(ct_series: list[Path]) -> dict[str, str]:
 def sample_dicom_files() -> list[Path]:
     """pydicom's bundled files: uncompressed CT and MR, JPEG 2000, RLE."""
     return sample_files()
+
+
+@pytest.fixture
+def relay_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRelayNetwork]:
+    """A started bridge (TLS, development CA) with no routers yet; add sites with ``add_site``."""
+    network = LocalRelayNetwork(tmp_path_factory.mktemp("relay")).start()
+    yield network
+    network.stop()

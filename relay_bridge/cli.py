@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     rsub.add_parser("list", help="list accounts").add_argument("--json", action="store_true")
-    for action in ("disable", "enable", "remove"):
+    for action in ("disable", "enable", "remove", "reset-identity"):
         rsub.add_parser(action, help=f"{action} an account").add_argument("name")
     pw = rsub.add_parser("passwd", help="set a new password (printed when generated)")
     pw.add_argument("name")
@@ -158,6 +158,9 @@ def _admin(args: argparse.Namespace, db: Directory) -> int:
         elif args.action in ("disable", "enable"):
             db.set_enabled(args.name, args.action == "enable")
             print(f"router {args.name!r} {args.action}d")
+        elif args.action == "reset-identity":
+            db.reset_identity(args.name)
+            print(f"router {args.name!r}: identity forgotten; the next sign-on records a new one")
         elif args.action == "remove":
             db.remove_router(args.name)
             print(f"router {args.name!r} removed")

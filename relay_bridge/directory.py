@@ -31,7 +31,9 @@ CREATE TABLE IF NOT EXISTS routers (
     scrypt_n INTEGER NOT NULL, scrypt_r INTEGER NOT NULL, scrypt_p INTEGER NOT NULL,
     enabled INTEGER NOT NULL DEFAULT 1,
     created REAL NOT NULL,
-    last_seen REAL
+    last_seen REAL,
+    sign_key BLOB,                      -- identity public keys, recorded at first sign-on
+    kem_key BLOB
 );
 CREATE TABLE IF NOT EXISTS devices (
     router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
@@ -86,6 +88,10 @@ class Directory:
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(routers)")}
+        for column in ("sign_key", "kem_key"):  # databases created before identities existed
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE routers ADD COLUMN {column} BLOB")
         self._lock = threading.Lock()
         if str(path) != ":memory:":
             os.chmod(path, 0o600)
@@ -154,6 +160,33 @@ class Directory:
         if not enabled:
             return "account disabled"
         return None
+
+    def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> str | None:
+        """Record a router's identity on first sign-on; None if it matches, else the reason to refuse."""
+        with self._lock:
+            row = self._db.execute("SELECT sign_key, kem_key FROM routers WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return "unknown account"
+            if row[0] is None:
+                self._db.execute("UPDATE routers SET sign_key=?, kem_key=? WHERE name=?", (sign_key, kem_key, name))
+                return None
+        if (bytes(row[0]), bytes(row[1])) != (sign_key, kem_key):
+            return (
+                "this router's identity key differs from the one the bridge recorded; if the router was "
+                f"reinstalled, an operator must run: relay-bridge router reset-identity {name}"
+            )
+        return None
+
+    def reset_identity(self, name: str) -> None:
+        with self._lock:
+            cur = self._db.execute("UPDATE routers SET sign_key=NULL, kem_key=NULL WHERE name=?", (name,))
+        if cur.rowcount == 0:
+            raise DirectoryError(f"no router named {name!r}")
+
+    def identities(self) -> dict[str, tuple[bytes, bytes]]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, sign_key, kem_key FROM routers WHERE sign_key IS NOT NULL").fetchall()
+        return {n: (bytes(s), bytes(k)) for n, s, k in rows}
 
     def routers(self) -> list[Router]:
         with self._lock:

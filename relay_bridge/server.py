@@ -81,13 +81,28 @@ class RelayServicer:
 
     # -- directory ---------------------------------------------------------
     def directory_for(self, site: str) -> pb.Directory:
+        devices = self.directory.reachable_by(site)
+        identities = self.directory.identities()
+        # Keys of the sites we may call, and of the sites that may call us (to verify them).
+        owners = {d.router for d in devices}
+        callers = {peer for d in self.directory.devices() if d.router == site for peer in d.share_with}
+        owners |= set(identities) if "*" in callers else callers
+        owners.discard(site)
         return pb.Directory(
+            identities=[
+                pb.SiteIdentity(
+                    site=o,
+                    identity=pb.Identity(sign_key=identities[o][0], kem_key=identities[o][1], kem="MLKEM768-X25519"),
+                )
+                for o in sorted(owners)
+                if o in identities
+            ],
             devices=[
                 pb.RemoteDevice(
                     site=d.router, ae_title=d.ae_title, description=d.description, online=d.router in self.sessions
                 )
-                for d in self.directory.reachable_by(site)
-            ]
+                for d in devices
+            ],
         )
 
     def broadcast_directory(self) -> None:
@@ -106,6 +121,14 @@ class RelayServicer:
         error = await self._authenticate(sign_on.account, sign_on.password, source)
         if error is None:
             error = _check_devices(sign_on.devices)
+        if error is None:
+            identity = sign_on.identity
+            if len(identity.sign_key) != 32 or not identity.kem_key:
+                error = "sign-on carries no identity keys (upgrade the router)"
+            else:
+                error = self.directory.check_identity(sign_on.account, identity.sign_key, identity.kem_key)
+                if error:
+                    log.warning("router %s refused from %s: identity key changed", sign_on.account, source)
         if error is not None:
             await context.write(pb.BridgeMessage(sign_on_result=pb.SignOnResult(ok=False, error=error)))
             return
@@ -266,6 +289,7 @@ class RelayServicer:
                 from_site=session.name,
                 called_ae_title=op.called_ae_title,
                 first_frame=pb.Frame(data=op.first_data),
+                handshake=op.handshake,
             )
             if not destination.send(pb.BridgeMessage(incoming=notice)):
                 return await self._refuse(context, pb.Refused.OVERLOADED, f"site {op.to_site!r} is overloaded", aid)

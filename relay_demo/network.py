@@ -136,6 +136,7 @@ class LocalRelayNetwork:
         lines = [
             "[router]",
             f"name = {_toml_value(site.name)}",
+            f"state_dir = {_toml_value('state-' + site.name)}",
             "",
             "[bridge]",
             f'address = "127.0.0.1:{self.bridge_port}"',

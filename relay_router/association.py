@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_router.seal import FLAG_SEALED, FrameSealer, HandshakeError, PublicIdentity, TamperError, verify_confirmation
 from relay_router.tunnel import AssociationStream
 from relay_router.ul import (
     Aborted,
@@ -84,6 +85,8 @@ class RelayedAssociation:
         idle_timeout_s: float,
         send_seq: int,
         receive_seq: int,
+        sealer: FrameSealer,
+        confirm_from: tuple[PublicIdentity, str] | None = None,
     ) -> None:
         self.conn = connection
         self.reader, self.writer, self.stream = reader, writer, stream
@@ -92,6 +95,9 @@ class RelayedAssociation:
         self.idle_timeout_s = idle_timeout_s
         self._send_seq = send_seq
         self._receive_seq = receive_seq
+        self.sealer = sealer
+        # Initiator side: (responder identity, site) whose Confirm must verify before any data is accepted.
+        self._confirm_from = confirm_from
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._last_activity = time.monotonic()
@@ -149,7 +155,8 @@ class RelayedAssociation:
 
     async def send_data(self, payload: bytes) -> None:
         async with self._send_lock:
-            frame = pb.Frame(data=pb.Data(payload=payload, seq=self._send_seq))
+            sealed = self.sealer.seal(payload, self._send_seq)
+            frame = pb.Frame(data=pb.Data(payload=sealed, seq=self._send_seq, flags=FLAG_SEALED))
             self._send_seq += 1
             self.outcome.bytes_to_remote += len(payload)
             try:
@@ -183,12 +190,23 @@ class RelayedAssociation:
                 await self.apply(self.conn.peer_closed(Side.REMOTE))
                 return
             kind = frame.WhichOneof("kind")
-            if kind == "data":
-                problem = self._check_data(frame.data)
+            if kind == "confirm" and self._confirm_from is not None:
+                identity, site = self._confirm_from
+                try:
+                    verify_confirmation(identity, self.sealer, frame.confirm.signature, site)
+                except HandshakeError as exc:
+                    await self.abort(f"SECURITY: {exc}")
+                    return
+                self._confirm_from = None
+            elif kind == "data":
+                if self._confirm_from is not None:
+                    await self.abort("SECURITY: data arrived before the destination confirmed the handshake")
+                    return
+                payload, problem = self._open_data(frame.data)
                 if problem:
                     await self.abort(problem)
                     return
-                await self.apply(self.conn.receive(Side.REMOTE, frame.data.payload))
+                await self.apply(self.conn.receive(Side.REMOTE, payload))
             elif kind == "close":
                 if self.conn.phase is not Phase.CLOSED:
                     self.outcome.detail = (
@@ -204,15 +222,22 @@ class RelayedAssociation:
                 await self.abort(f"unexpected {kind} frame in an established association stream")
                 return
 
-    def _check_data(self, data: pb.Data) -> str | None:
+    def _open_data(self, data: pb.Data) -> tuple[bytes, str | None]:
+        """The plaintext of a Data frame, or the reason to abort (a security alert)."""
         if data.seq != self._receive_seq:
-            return f"frame sequence {data.seq} where {self._receive_seq} was expected (lost, replayed or reordered)"
+            return (
+                b"",
+                f"SECURITY: frame {data.seq} where {self._receive_seq} was expected (lost, replayed or reordered)",
+            )
         self._receive_seq += 1
-        if data.flags:
-            return f"frame flags {data.flags:#x} are not supported by this router"
+        if data.flags != FLAG_SEALED:
+            return b"", f"SECURITY: frame flags {data.flags:#x}; only sealed frames are accepted"
         if data.HasField("blob"):
-            return "blob references are not supported by this router"
-        return None
+            return b"", "blob references are not supported by this router"
+        try:
+            return self.sealer.open(data.payload, data.seq), None
+        except TamperError as exc:
+            return b"", f"SECURITY: {exc}"
 
     async def abort(self, reason: str) -> None:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""

@@ -26,6 +26,10 @@ def _check_ae(title: str, what: str) -> None:
 class RouterSection:
     # The account name on the bridge; also this site's name in the directory.
     name: str
+    # Where the router keeps its identity keys (identity.key, mode 0600) and the
+    # fingerprints of peer sites it has seen (known_sites.json). Relative paths
+    # are relative to this file.
+    state_dir: Path = Path("state")
 
     def __post_init__(self) -> None:
         if not SITE.match(self.name):
@@ -132,6 +136,20 @@ class RemoteDevice:
 
 
 @dataclass(frozen=True)
+class Pin:
+    """The identity fingerprint a peer site must have (`relay-router fingerprint` prints it there)."""
+
+    site: str
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        if not SITE.match(self.site):
+            raise InvalidValue("site", f"{self.site!r} is not a router name")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.fingerprint):
+            raise InvalidValue("fingerprint", "must be 64 lowercase hex digits (SHA-256)")
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -144,6 +162,7 @@ class RouterConfig:
     dicom: DicomSection = field(default_factory=DicomSection)
     shared: list[SharedDevice] = field(default_factory=list)
     remote: list[RemoteDevice] = field(default_factory=list)
+    pin: list[Pin] = field(default_factory=list)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:

@@ -24,7 +24,19 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.config import parse_host_port
 from relay_router.association import Outcome, RelayedAssociation, rejection_for
 from relay_router.config import RouterConfig, SharedDevice
-from relay_router.tunnel import BridgeLink, LinkDown
+from relay_router.seal import (
+    FLAG_SEALED,
+    SUITE_NAME,
+    AssociationContext,
+    FrameSealer,
+    Handshake,
+    HandshakeError,
+    TamperError,
+    UnknownPeer,
+    initiate,
+    respond,
+)
+from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
 from relay_router.ul import (
     AssociateRequested,
     Phase,
@@ -35,6 +47,7 @@ from relay_router.ul import (
     Send,
     Side,
     a_associate_rj,
+    parse_reject,
 )
 
 log = logging.getLogger("relay_router")
@@ -232,13 +245,34 @@ class RouterService:
                 REJECT_CONGESTION,
                 f"the bridge is not reachable ({self.link.last_error or 'connecting'})",
             )
+        try:
+            peer = self.link.peers.identity(route.site)
+        except UnknownPeer:
+            # Let the bridge decide and record the refusal (typically: not shared with us). Nothing of the
+            # association is sent: no handshake, no A-ASSOCIATE-RQ.
+            return await self._open_without_key(conn, writer, outcome, route, request.calling_ae)
+        except HandshakeError as exc:
+            log.error(
+                "SECURITY: refusing %s -> %s/%s: %s",
+                request.calling_ae,
+                route.site,
+                route.ae_title,
+                exc,
+                extra={"assoc": outcome.association_id, "security_alert": "handshake"},
+            )
+            return await self._reject(conn, writer, outcome, REJECT_UNKNOWN_CALLED, str(exc))
+        context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
+        handshake, sealer = initiate(self.link.identity, peer, context)
         (forward,) = [a for a in conn.accept_request(called=route.ae_title) if isinstance(a, Send)]
         opening = pb.Open(
             association_id=outcome.association_id,
             to_site=route.site,
             called_ae_title=route.ae_title,
             calling_ae_title=request.calling_ae,
-            first_data=pb.Data(payload=forward.data, seq=0),
+            first_data=pb.Data(payload=sealer.seal(forward.data, 0), seq=0, flags=FLAG_SEALED),
+            handshake=pb.Handshake(
+                kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
+            ),
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -267,9 +301,38 @@ class RouterService:
             idle_timeout_s=self.config.dicom.idle_timeout_s,
             send_seq=1,
             receive_seq=0,
+            sealer=sealer,
+            confirm_from=(peer, route.site),
         )
         outcome.bytes_to_remote += len(forward.data)
         await relay.run()
+
+    async def _open_without_key(
+        self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, route: Route, calling_ae: str
+    ) -> None:
+        opening = pb.Open(
+            association_id=outcome.association_id,
+            to_site=route.site,
+            called_ae_title=route.ae_title,
+            calling_ae_title=calling_ae,
+        )
+        detail = f"no identity key is known for site {route.site}"
+        try:
+            stream, answer = await self.link.open(opening)
+            stream.cancel()
+            if answer.HasField("refused"):
+                detail = answer.refused.detail or detail
+                rj = rejection_for(answer.refused.reason)
+                outcome.result, outcome.detail = "rejected", detail
+                log.info("A-ASSOCIATE-RJ: %s", detail, extra={"assoc": outcome.association_id})
+                for action in conn.reject_request(*parse_reject(rj)):
+                    if isinstance(action, Send):
+                        writer.write(action.data)
+                writer.close()
+                return
+        except LinkDown as exc:
+            detail = str(exc)
+        await self._reject(conn, writer, outcome, REJECT_UNKNOWN_CALLED, detail)
 
     # -- inbound: a remote device calls one of ours --------------------------
     async def _incoming(self, notice: pb.IncomingAssociation) -> None:
@@ -285,36 +348,64 @@ class RouterService:
         finally:
             self._finished(outcome)
 
+    async def _refuse_inbound(
+        self, stream: AssociationStream, outcome: Outcome, reason: int, detail: str, public_detail: str | None = None
+    ) -> None:
+        outcome.result, outcome.detail = "refused", detail
+        await stream.send(pb.Frame(refused=pb.Refused(reason=reason, detail=public_detail or detail)))
+        await stream.finish()
+
+    def _verify_incoming(self, notice: pb.IncomingAssociation) -> tuple[bytes, FrameSealer, bytes]:
+        """Authenticate the initiating router; returns (confirmation, sealer, A-ASSOCIATE-RQ bytes)."""
+        initiator = self.link.peers.identity(notice.from_site)
+        context = AssociationContext(notice.association_id, notice.from_site, self.link.site, notice.called_ae_title)
+        handshake = Handshake(notice.handshake.kem_ciphertext, notice.handshake.signature)
+        confirmation, sealer = respond(self.link.identity, initiator, handshake, context)
+        first = notice.first_frame.data
+        if first.seq != 0 or first.flags != FLAG_SEALED:
+            raise HandshakeError("the first frame of the association is not sealed")
+        try:
+            return confirmation, sealer, sealer.open(first.payload, 0)
+        except TamperError as exc:
+            raise HandshakeError(str(exc)) from exc
+
     async def _relay_inbound(self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str]) -> None:
         device = self.shared.get(notice.called_ae_title)
         stream = await self.link.join(notice.association_id)
         if device is None:
-            outcome.result, outcome.detail = "refused", f"no shared device {notice.called_ae_title!r}"
-            await stream.send(pb.Frame(refused=pb.Refused(reason=pb.Refused.UNKNOWN_DEVICE, detail=outcome.detail)))
-            await stream.finish()
-            return
+            return await self._refuse_inbound(
+                stream, outcome, pb.Refused.UNKNOWN_DEVICE, f"no shared device {notice.called_ae_title!r}"
+            )
+        try:
+            confirmation, sealer, request_pdu = self._verify_incoming(notice)
+        except HandshakeError as exc:
+            log.error(
+                "SECURITY: refused an association claiming to come from %s: %s",
+                notice.from_site,
+                exc,
+                extra={**extra, "security_alert": "handshake"},
+            )
+            return await self._refuse_inbound(
+                stream, outcome, pb.Refused.NOT_PERMITTED, f"SECURITY: {exc}", "end-to-end authentication failed"
+            )
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(device.host, device.port, limit=1 << 20), self.config.dicom.connect_timeout_s
             )
         except (OSError, TimeoutError) as exc:
-            outcome.result = "refused"
             where = f"{device.host}:{device.port}"
-            outcome.detail = f"{notice.from_site} -> {device.ae_title}: cannot connect to {where} ({exc or 'timeout'})"
-            log.warning("%s", outcome.detail, extra=extra)
-            await stream.send(
-                pb.Frame(
-                    refused=pb.Refused(
-                        reason=pb.Refused.DEVICE_UNREACHABLE,
-                        detail=f"device {device.ae_title} at site {self.link.site} is not reachable",
-                    )
-                )
+            detail = f"{notice.from_site} -> {device.ae_title}: cannot connect to {where} ({exc or 'timeout'})"
+            log.warning("%s", detail, extra=extra)
+            return await self._refuse_inbound(
+                stream,
+                outcome,
+                pb.Refused.DEVICE_UNREACHABLE,
+                detail,
+                f"device {device.ae_title} at site {self.link.site} is not reachable",
             )
-            await stream.finish()
-            return
         tune_socket(writer)
+        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation)))
         conn = RelayConnection(Side.REMOTE)
-        first = notice.first_frame.data
         relay = RelayedAssociation(
             conn,
             reader,
@@ -325,12 +416,9 @@ class RouterService:
             idle_timeout_s=self.config.dicom.idle_timeout_s,
             send_seq=0,
             receive_seq=1,
+            sealer=sealer,
         )
-        if first.seq != 0 or first.flags:
-            await relay.abort("the first frame of the association is malformed")
-            await relay.run()
-            return
-        actions = conn.receive(Side.REMOTE, first.payload)
+        actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
         if request is None:
             await relay.run(actions)  # the connection has produced the abort

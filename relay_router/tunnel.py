@@ -22,6 +22,8 @@ import grpc.aio
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_router.config import RouterConfig
+from relay_router.peers import PeerKeys
+from relay_router.seal import KEM_NAME, Identity, PublicIdentity
 
 log = logging.getLogger("relay_router.tunnel")
 SOFTWARE_VERSION = "dicom-relay/0.1.0"
@@ -71,6 +73,9 @@ IncomingHandler = Callable[[pb.IncomingAssociation], Awaitable[None]]
 class BridgeLink:
     def __init__(self, config: RouterConfig, on_incoming: IncomingHandler) -> None:
         self.config = config
+        state = config.router.state_dir
+        self.identity = Identity.load_or_create(state / "identity.key")
+        self.peers = PeerKeys(state / "known_sites.json", {p.site: p.fingerprint for p in config.pin})
         self._on_incoming = on_incoming
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RelayStub | None = None
@@ -161,6 +166,11 @@ class BridgeLink:
                         software_version=SOFTWARE_VERSION,
                         protocols=["relay.v1"],
                         devices=self.shared_devices(),
+                        identity=pb.Identity(
+                            sign_key=self.identity.public.sign_key,
+                            kem_key=self.identity.public.kem_key,
+                            kem=KEM_NAME,
+                        ),
                     )
                 )
             )
@@ -196,6 +206,9 @@ class BridgeLink:
 
     async def _handle(self, message: pb.BridgeMessage) -> None:
         if message.HasField("directory"):
+            self.peers.update(
+                {i.site: PublicIdentity(i.identity.sign_key, i.identity.kem_key) for i in message.directory.identities}
+            )
             self.directory = [
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online) for d in message.directory.devices
             ]

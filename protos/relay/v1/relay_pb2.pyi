@@ -30,18 +30,30 @@ class BridgeMessage(_message.Message):
     def __init__(self, sign_on_result: _Optional[_Union[SignOnResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., directory: _Optional[_Union[Directory, _Mapping]] = ..., incoming: _Optional[_Union[IncomingAssociation, _Mapping]] = ...) -> None: ...
 
 class SignOn(_message.Message):
-    __slots__ = ("account", "password", "software_version", "protocols", "devices")
+    __slots__ = ("account", "password", "software_version", "protocols", "devices", "identity")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOLS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     account: str
     password: str
     software_version: str
     protocols: _containers.RepeatedScalarFieldContainer[str]
     devices: _containers.RepeatedCompositeFieldContainer[SharedDevice]
-    def __init__(self, account: _Optional[str] = ..., password: _Optional[str] = ..., software_version: _Optional[str] = ..., protocols: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[SharedDevice, _Mapping]]] = ...) -> None: ...
+    identity: Identity
+    def __init__(self, account: _Optional[str] = ..., password: _Optional[str] = ..., software_version: _Optional[str] = ..., protocols: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[SharedDevice, _Mapping]]] = ..., identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+
+class Identity(_message.Message):
+    __slots__ = ("sign_key", "kem_key", "kem")
+    SIGN_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEM_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEM_FIELD_NUMBER: _ClassVar[int]
+    sign_key: bytes
+    kem_key: bytes
+    kem: str
+    def __init__(self, sign_key: _Optional[bytes] = ..., kem_key: _Optional[bytes] = ..., kem: _Optional[str] = ...) -> None: ...
 
 class SignOnResult(_message.Message):
     __slots__ = ("ok", "error", "session", "site", "heartbeat_interval_s")
@@ -80,10 +92,20 @@ class SharedDevice(_message.Message):
     def __init__(self, ae_title: _Optional[str] = ..., description: _Optional[str] = ..., share_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Directory(_message.Message):
-    __slots__ = ("devices",)
+    __slots__ = ("devices", "identities")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    IDENTITIES_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[RemoteDevice]
-    def __init__(self, devices: _Optional[_Iterable[_Union[RemoteDevice, _Mapping]]] = ...) -> None: ...
+    identities: _containers.RepeatedCompositeFieldContainer[SiteIdentity]
+    def __init__(self, devices: _Optional[_Iterable[_Union[RemoteDevice, _Mapping]]] = ..., identities: _Optional[_Iterable[_Union[SiteIdentity, _Mapping]]] = ...) -> None: ...
+
+class SiteIdentity(_message.Message):
+    __slots__ = ("site", "identity")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    identity: Identity
+    def __init__(self, site: _Optional[str] = ..., identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
 
 class RemoteDevice(_message.Message):
     __slots__ = ("site", "ae_title", "description", "online")
@@ -98,46 +120,68 @@ class RemoteDevice(_message.Message):
     def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
 
 class IncomingAssociation(_message.Message):
-    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame")
+    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     from_site: str
     called_ae_title: str
     first_frame: Frame
-    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
+    handshake: Handshake
+    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("open", "join", "accepted", "refused", "data", "close")
+    __slots__ = ("open", "join", "accepted", "refused", "data", "close", "confirm")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     JOIN_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
     open: Open
     join: Join
     accepted: Accepted
     refused: Refused
     data: Data
     close: Close
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., join: _Optional[_Union[Join, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    confirm: Confirm
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., join: _Optional[_Union[Join, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., confirm: _Optional[_Union[Confirm, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data")
+    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data", "handshake")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     TO_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     CALLING_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_DATA_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     to_site: str
     called_ae_title: str
     calling_ae_title: str
     first_data: Data
-    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ...) -> None: ...
+    handshake: Handshake
+    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ...) -> None: ...
+
+class Handshake(_message.Message):
+    __slots__ = ("kem_ciphertext", "signature", "suite")
+    KEM_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    kem_ciphertext: bytes
+    signature: bytes
+    suite: str
+    def __init__(self, kem_ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., suite: _Optional[str] = ...) -> None: ...
+
+class Confirm(_message.Message):
+    __slots__ = ("signature",)
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class Join(_message.Message):
     __slots__ = ("association_id",)

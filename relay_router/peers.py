@@ -1,0 +1,84 @@
+"""Which identity key each peer site must have: configured pins, then trust on first use.
+
+The bridge distributes identities, but it is not trusted: a key it offers for a
+site is accepted only if it matches the pin in router.toml or, for a site with
+no configured pin, the fingerprint recorded the first time the site was seen
+(state_dir/known_sites.json). A changed key is refused loudly until an operator
+has checked the new fingerprint with the other site and re-pinned it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from relay_router.seal import HandshakeError, PublicIdentity, UnknownPeer
+
+log = logging.getLogger("relay_router.peers")
+
+
+class PeerKeys:
+    def __init__(self, known_file: Path, pins: dict[str, str]) -> None:
+        self._known_file = known_file
+        self._pins = dict(pins)
+        self._offered: dict[str, PublicIdentity] = {}
+        self._mismatch: dict[str, str] = {}
+        try:
+            self._known: dict[str, str] = json.loads(known_file.read_text())
+        except FileNotFoundError:
+            self._known = {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {known_file}: {exc}") from exc
+
+    def expected(self, site: str) -> str | None:
+        return self._pins.get(site) or self._known.get(site)
+
+    def update(self, offered: dict[str, PublicIdentity]) -> None:
+        """Take the identities from a directory message; record first sightings."""
+        changed = False
+        self._offered = dict(offered)
+        self._mismatch.clear()
+        for site, identity in offered.items():
+            fingerprint = identity.fingerprint
+            expected = self.expected(site)
+            if expected is None:
+                self._known[site] = fingerprint
+                changed = True
+                log.info("first contact with site %s: pinned identity %s", site, fingerprint)
+            elif expected != fingerprint:
+                self._mismatch[site] = fingerprint
+                log.error(
+                    "SECURITY: the bridge offers identity %s for site %s, but %s is pinned; refusing every "
+                    "association with %s. If %s was reinstalled, confirm the new fingerprint with its "
+                    "administrator and pin it in router.toml ([[pin]]).",
+                    fingerprint,
+                    site,
+                    expected,
+                    site,
+                    site,
+                    extra={"security_alert": "identity_mismatch", "site": site},
+                )
+        if changed:
+            self._save()
+
+    def identity(self, site: str) -> PublicIdentity:
+        """The verified identity of `site`, or HandshakeError saying why there is none."""
+        if site in self._mismatch:
+            raise HandshakeError(
+                f"site {site}'s identity key changed (offered {self._mismatch[site][:16]}..., "
+                f"pinned {(self.expected(site) or '')[:16]}...)"
+            )
+        identity = self._offered.get(site)
+        if identity is None:
+            raise UnknownPeer(f"the bridge has not provided an identity for site {site}")
+        return identity
+
+    def _save(self) -> None:
+        self._known_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._known_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(self._known, out, indent=2, sort_keys=True)
+        tmp.replace(self._known_file)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 # scrypt cost: 2^15 x 8 x 1 takes ~50 ms and 32 MiB here; stored per hash so it can grow.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
-ROUTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ROUTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS routers (
     name TEXT PRIMARY KEY,
@@ -84,6 +84,9 @@ class Directory:
     def __init__(self, path: Path | str) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Create the file owner-only first: SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o600)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -93,8 +96,6 @@ class Directory:
             if column not in columns:
                 self._db.execute(f"ALTER TABLE routers ADD COLUMN {column} BLOB")
         self._lock = threading.Lock()
-        if str(path) != ":memory:":
-            os.chmod(path, 0o600)
 
     def close(self) -> None:
         self._db.close()
@@ -121,6 +122,8 @@ class Directory:
         return password
 
     def set_password(self, name: str, password: str) -> None:
+        if len(password) < 12:
+            raise DirectoryError("passwords must have at least 12 characters")
         salt = os.urandom(16)
         digest = _hash(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
         with self._lock:

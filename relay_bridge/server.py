@@ -8,6 +8,7 @@ import logging
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -23,8 +24,8 @@ from relay_bridge.splice import Splice, close_frame
 from relay_common.config import parse_host_port
 
 log = logging.getLogger("relay_bridge")
-ASSOCIATION_ID = re.compile(r"^[0-9a-f]{32}$")
-AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
+ASSOCIATION_ID = re.compile(r"^[0-9a-f]{32}\Z")
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")  # PS3.5 AE: no backslash, no control chars
 HEARTBEAT_S = 15
 DISABLED_POLL_S = 2.0
 
@@ -371,6 +372,7 @@ def _devices(router: str, devices: list[pb.SharedDevice]) -> list[Device]:
 def _source_address(peer: str) -> str:
     # "ipv4:127.0.0.1:5555" -> "127.0.0.1"
     kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)  # grpc percent-encodes IPv6 brackets
     return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
 
 

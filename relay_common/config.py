@@ -73,11 +73,13 @@ def _build(cls: type[T], value: Any, source: str, key: str, base_dir: Path) -> T
         dotted = _join(key, name)
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], source, dotted, base_dir, field)
+        elif dataclasses.is_dataclass(hints[name]):
+            # A missing section is validated like an empty one, so errors name the section.
+            kwargs[name] = _build(hints[name], {}, source, dotted, base_dir)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            if dataclasses.is_dataclass(hints[name]):
-                kwargs[name] = _build(hints[name], {}, source, dotted, base_dir)
-            else:
-                raise ConfigError(source, dotted, "required key is missing")
+            raise ConfigError(source, dotted, "required key is missing")
+        elif isinstance(field.default, Path) and not field.default.is_absolute():
+            kwargs[name] = base_dir / field.default  # default paths are relative to the file, like set ones
     try:
         instance = cls(**kwargs)
     except InvalidValue as exc:
@@ -126,6 +128,8 @@ def _convert(hint: Any, value: Any, source: str, key: str, base_dir: Path, field
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(source, key, f"expected a file path, got {_describe(value)}")
+        if "\0" in value:
+            raise ConfigError(source, key, "a file path cannot contain a NUL character")
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (base_dir / p)
     raise TypeError(f"unsupported type {hint!r} in schema at {key}")
@@ -150,7 +154,7 @@ def _describe(value: Any) -> str:
 def parse_host_port(text: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
     """Parse "host:port", "[v6]:port" or ":port" into (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {text!r}")
     host = host.strip("[]") or default_host
     return host, int(port)

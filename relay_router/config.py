@@ -9,8 +9,8 @@ from typing import Literal
 
 from relay_common.config import InvalidValue, load_config, parse_host_port, secret_from
 
-AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")
+SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 def _check_ae(title: str, what: str) -> None:

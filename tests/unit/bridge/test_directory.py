@@ -1,0 +1,295 @@
+"""relay_bridge.directory: router accounts, shared devices and who may reach them."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay_bridge import directory as directory_module
+from relay_bridge.directory import Device, Directory, DirectoryError
+
+CHEAP_N = 2**10  # the stored cost is per hash, so tests may use a cheap one
+
+
+@pytest.fixture
+def cheap_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(directory_module, "SCRYPT_N", CHEAP_N)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "bridge.sqlite3"
+
+
+@pytest.fixture
+def directory(db_path: Path, cheap_scrypt: None) -> Iterator[Directory]:
+    d = Directory(db_path)
+    yield d
+    d.close()
+
+
+def rows(db_path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db_path) as other:
+        return other.execute(sql).fetchall()
+
+
+def dev(router: str, title: str, *share_with: str, description: str = "") -> Device:
+    return Device(router, title, description, tuple(share_with))
+
+
+# -- accounts --------------------------------------------------------------------
+
+
+def test_generated_password_verifies(directory: Directory) -> None:
+    password = directory.add_router("hospital-a")
+    assert len(password) >= 12
+    assert directory.verify_password("hospital-a", password) is None
+
+
+def test_generated_passwords_differ(directory: Directory) -> None:
+    assert directory.add_router("a") != directory.add_router("b")
+
+
+def test_given_password_is_used(directory: Directory) -> None:
+    assert directory.add_router("a", "correct horse battery") == "correct horse battery"
+    assert directory.verify_password("a", "correct horse battery") is None
+
+
+def test_short_password_is_refused(directory: Directory) -> None:
+    with pytest.raises(DirectoryError, match="^passwords must have at least 12 characters$"):
+        directory.add_router("a", "short")
+    assert directory.routers() == []
+
+
+def test_refusal_reasons(directory: Directory) -> None:
+    password = directory.add_router("a")
+    assert directory.verify_password("a", password + "x") == "wrong password"
+    assert directory.verify_password("a", "") == "wrong password"
+    assert directory.verify_password("nobody", password) == "unknown account"
+    directory.set_enabled("a", False)
+    assert directory.verify_password("a", password) == "account disabled"
+    directory.set_enabled("a", True)
+    assert directory.verify_password("a", password) is None
+
+
+def test_disabled_account_with_wrong_password_is_a_wrong_password(directory: Directory) -> None:
+    directory.add_router("a")
+    directory.set_enabled("a", False)
+    assert directory.verify_password("a", "not the password") == "wrong password"
+
+
+def test_set_password_replaces_the_old_one(directory: Directory) -> None:
+    old = directory.add_router("a")
+    directory.set_password("a", "a brand new password")
+    assert directory.verify_password("a", old) == "wrong password"
+    assert directory.verify_password("a", "a brand new password") is None
+
+
+def test_duplicate_router(directory: Directory) -> None:
+    directory.add_router("a")
+    with pytest.raises(DirectoryError, match="^router 'a' already exists$"):
+        directory.add_router("a")
+
+
+@pytest.mark.parametrize("name", ["", "Hospital", "-a", ".a", "a b", "a/b", "h\u00f4pital", "a" * 64])
+def test_invalid_router_names(directory: Directory, name: str) -> None:
+    with pytest.raises(DirectoryError) as info:
+        directory.add_router(name, "long enough password")
+    assert str(info.value) == f"router name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' or '-'"
+
+
+def test_longest_valid_router_name(directory: Directory) -> None:
+    directory.add_router("a" * 63, "long enough password")
+    assert [r.name for r in directory.routers()] == ["a" * 63]
+
+
+def test_router_name_with_trailing_newline_is_refused(directory: Directory) -> None:
+    with pytest.raises(DirectoryError):
+        directory.add_router("lab\n", "long enough password")
+
+
+@pytest.mark.parametrize("action", ["set_enabled", "remove_router", "set_password"])
+def test_unknown_router_in_admin_actions(directory: Directory, action: str) -> None:
+    args = {"set_enabled": (False,), "remove_router": (), "set_password": ("long enough password",)}[action]
+    with pytest.raises(DirectoryError, match="^no router named 'ghost'$"):
+        getattr(directory, action)("ghost", *args)
+
+
+def test_routers_lists_accounts_by_name(directory: Directory) -> None:
+    directory.add_router("b")
+    directory.add_router("a")
+    directory.set_enabled("b", False)
+    listed = directory.routers()
+    assert [(r.name, r.enabled, r.last_seen) for r in listed] == [("a", True, None), ("b", False, None)]
+    directory.touch("a")
+    seen = directory.router("a")
+    assert seen is not None and seen.last_seen is not None and seen.last_seen >= seen.created
+    assert directory.router("nobody") is None
+
+
+# -- storage -------------------------------------------------------------------------
+
+
+def test_passwords_are_stored_as_salted_hashes(directory: Directory, db_path: Path) -> None:
+    password = "the same password for both"
+    directory.add_router("a", password)
+    directory.add_router("b", password)
+    stored = rows(db_path, "SELECT name, password_hash, salt, scrypt_n, scrypt_r, scrypt_p FROM routers ORDER BY name")
+    assert [r[0] for r in stored] == ["a", "b"]
+    for _, digest, salt, n, r, p in stored:
+        assert isinstance(digest, bytes) and len(digest) == 32 and password.encode() not in digest
+        assert isinstance(salt, bytes) and len(salt) == 16
+        assert (n, r, p) == (CHEAP_N, 8, 1)
+    assert stored[0][1] != stored[1][1], "same password, different salts, different hashes"
+    assert stored[0][2] != stored[1][2]
+
+
+def test_no_plaintext_password_anywhere_on_disk(directory: Directory, db_path: Path) -> None:
+    password = directory.add_router("a")
+    directory.set_password("a", "second password in clear?")
+    for f in db_path.parent.iterdir():
+        data = f.read_bytes()
+        assert password.encode() not in data, f.name
+        assert b"second password in clear?" not in data, f.name
+    for row in rows(db_path, "SELECT * FROM routers"):
+        assert password not in map(str, row)
+
+
+def test_default_cost_is_stored_with_each_hash(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Directory(db_path)
+    try:
+        password = d.add_router("a")  # the real cost, once
+        assert rows(db_path, "SELECT scrypt_n, scrypt_r, scrypt_p FROM routers") == [(2**15, 8, 1)]
+        # A hash keeps verifying with its own parameters after the default cost changes.
+        monkeypatch.setattr(directory_module, "SCRYPT_N", CHEAP_N)
+        assert d.verify_password("a", password) is None
+    finally:
+        d.close()
+
+
+def test_database_file_is_owner_only(db_path: Path, cheap_scrypt: None) -> None:
+    old = os.umask(0o022)
+    try:
+        d = Directory(db_path)
+    finally:
+        os.umask(old)
+    d.add_router("a")
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    d.close()
+
+
+def test_wal_files_are_owner_only(db_path: Path, cheap_scrypt: None) -> None:
+    old = os.umask(0o022)
+    try:
+        d = Directory(db_path)
+    finally:
+        os.umask(old)
+    try:
+        d.add_router("a")
+        sidecars = sorted(p for p in db_path.parent.iterdir() if p != db_path)
+        assert [p.name for p in sidecars] == ["bridge.sqlite3-shm", "bridge.sqlite3-wal"]
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in sidecars} == {p.name: 0o600 for p in sidecars}
+    finally:
+        d.close()
+
+
+def test_reopened_directory_keeps_accounts(db_path: Path, cheap_scrypt: None) -> None:
+    d = Directory(db_path)
+    password = d.add_router("a")
+    d.publish("a", [dev("a", "PACS", "*")])
+    d.close()
+    again = Directory(db_path)
+    try:
+        assert again.verify_password("a", password) is None
+        assert again.devices() == [dev("a", "PACS", "*")]
+    finally:
+        again.close()
+
+
+def test_in_memory_directory(cheap_scrypt: None) -> None:
+    d = Directory(":memory:")
+    password = d.add_router("a")
+    assert d.verify_password("a", password) is None
+    d.close()
+
+
+# -- devices -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def three(directory: Directory) -> Directory:
+    for name in ("a", "b", "c"):
+        directory.add_router(name, "long enough password")
+    return directory
+
+
+def test_publish_and_list(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS", "b", "c", description="archive"), dev("a", "CT", description="scanner")])
+    assert three.devices() == [dev("a", "CT", description="scanner"), dev("a", "PACS", "b", "c", description="archive")]
+    assert three.device("a", "PACS") == dev("a", "PACS", "b", "c", description="archive")
+    assert three.device("a", "MR") is None
+    assert three.device("b", "PACS") is None
+
+
+def test_publish_replaces_devices_and_share_lists(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS", "b", "c"), dev("a", "CT", "b")])
+    three.publish("b", [dev("b", "RIS", "a")])
+    three.publish("a", [dev("a", "PACS", "c")])
+    assert three.devices() == [dev("a", "PACS", "c"), dev("b", "RIS", "a")]
+    three.publish("a", [])
+    assert three.devices() == [dev("b", "RIS", "a")]
+
+
+def test_publish_of_duplicate_titles_keeps_the_previous_devices(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS", "b")])
+    with pytest.raises(sqlite3.IntegrityError):
+        three.publish("a", [dev("a", "CT"), dev("a", "CT")])
+    assert three.devices() == [dev("a", "PACS", "b")]
+
+
+def test_duplicate_peers_in_a_share_list_collapse(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS", "b", "b")])
+    assert three.devices() == [dev("a", "PACS", "b")]
+
+
+def test_reachable_by_honours_share_lists(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS", "b"), dev("a", "CT"), dev("a", "MR", "*")])
+    three.publish("b", [dev("b", "RIS", "a", "c")])
+    three.publish("c", [dev("c", "US", "*", "a")])
+    assert three.reachable_by("a") == [dev("b", "RIS", "a", "c"), dev("c", "US", "*", "a")]
+    assert three.reachable_by("b") == [dev("a", "MR", "*"), dev("a", "PACS", "b"), dev("c", "US", "*", "a")]
+    assert three.reachable_by("c") == [dev("a", "MR", "*"), dev("b", "RIS", "a", "c")]
+    assert three.reachable_by("stranger") == [dev("a", "MR", "*"), dev("c", "US", "*", "a")]
+
+
+def test_own_devices_are_never_reachable(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS", "*"), dev("a", "CT", "a")])
+    assert three.reachable_by("a") == []
+    assert not dev("a", "PACS", "*").shared_with("a")
+
+
+def test_unshared_device_is_listed_but_reachable_by_nobody(three: Directory) -> None:
+    three.publish("a", [dev("a", "PACS")])
+    assert three.devices() == [dev("a", "PACS")]
+    assert three.reachable_by("b") == three.reachable_by("c") == []
+
+
+def test_remove_router_cascades_devices_and_shares(three: Directory, db_path: Path) -> None:
+    three.publish("a", [dev("a", "PACS", "b", "c"), dev("a", "CT", "*")])
+    three.publish("b", [dev("b", "RIS", "a")])
+    three.remove_router("a")
+    assert [r.name for r in three.routers()] == ["b", "c"]
+    assert three.devices() == [dev("b", "RIS", "a")]
+    assert rows(db_path, "SELECT router, ae_title, peer FROM shares") == [("b", "RIS", "a")]
+    assert three.verify_password("a", "long enough password") == "unknown account"
+
+
+def test_devices_of_an_unknown_router_are_refused(three: Directory) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        three.publish("ghost", [dev("ghost", "PACS", "*")])
+    assert three.devices() == []

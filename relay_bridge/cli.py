@@ -82,9 +82,15 @@ def _init(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         print(f"{target} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    files = make_dev_pki(directory, hostnames=args.hostname or ["localhost"], ips=args.ip or ["127.0.0.1"])
+    named = bool(args.hostname or args.ip)
+    files = make_dev_pki(
+        directory,
+        hostnames=args.hostname if named else ["localhost"],
+        ips=args.ip if named else ["127.0.0.1"],
+    )
     target.write_text(CONFIG_TEMPLATE.format(listen=args.listen))
     print(f"wrote {files.ca_cert} (give this to every router), {files.server_cert}, {files.server_key}, {target}")
+    print(f"keep {files.ca_key} off the bridge host once certificates are issued", file=sys.stderr)
     return 0
 
 
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = replace(cfg, server=replace(cfg.server, listen=args.listen))
         if getattr(args, "insecure", False) and not cfg.server.insecure:
             raise ConfigError(str(args.config), "server.insecure", "--insecure needs insecure = true in the file too")
+        if args.command == "serve" and cfg.server.insecure and not args.insecure:
+            raise ConfigError(
+                str(args.config), "server.insecure", "insecure = true also needs --insecure on the command line"
+            )
         if not cfg.server.insecure:
             for key, path in (("server.tls_cert", cfg.server.tls_cert), ("server.tls_key", cfg.server.tls_key)):
                 if path is not None and not path.is_file():

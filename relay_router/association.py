@@ -100,6 +100,7 @@ class RelayedAssociation:
         self._confirm_from = confirm_from
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
+        self._close_reason: int | None = None
         self._last_activity = time.monotonic()
         self._extra = {"assoc": outcome.association_id}
 
@@ -239,15 +240,16 @@ class RelayedAssociation:
         except TamperError as exc:
             return b"", f"SECURITY: {exc}"
 
-    async def abort(self, reason: str) -> None:
+    async def abort(self, reason: str, *, close_reason: int = pb.Close.ABORTED) -> None:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""
         self.outcome.result, self.outcome.detail = "aborted", reason
+        self._close_reason = close_reason
         log.warning("aborting association: %s", reason, extra=self._extra)
-        if self.conn.phase is Phase.AWAIT_AC:
+        if self.conn.phase is Phase.AWAIT_AC and self.conn.requestor is Side.LOCAL:
+            # Our device is still waiting for its answer: a transient refusal tells it to retry.
             self.writer.write(a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1))
-        elif self.conn.phase is not Phase.CLOSED:
-            self.writer.write(a_abort(2, 0))
-            await self.send_data(a_abort(2, 0))
+        else:
+            await self.apply(self.conn.abort())  # A-ABORT to every side already involved
         self._closed.set()
 
     async def refuse(self, refused: pb.Refused) -> None:
@@ -285,7 +287,9 @@ class RelayedAssociation:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await asyncio.wait_for(self.writer.drain(), CLOSE_GRACE_S)
         self.writer.close()
-        reason = pb.Close.PEER_CLOSED if self.outcome.result in ("released", "established") else pb.Close.ABORTED
+        reason = self._close_reason or (
+            pb.Close.PEER_CLOSED if self.outcome.result in ("released", "established") else pb.Close.ABORTED
+        )
         async with self._send_lock:
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
                 await self.stream.send(pb.Frame(close=pb.Close(reason=reason, detail=self.outcome.detail)))

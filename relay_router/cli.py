@@ -37,9 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) -> str:
     from relay_common.config import parse_host_port
 
-    listen_host, port = parse_host_port(cfg.dicom.listen)
-    if host is None:
-        host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
+    _, port = parse_host_port(cfg.dicom.listen)
+    host = host or router_config.advertised_host(cfg)  # on 0.0.0.0: this machine's name; --host overrides
     entries = sorted((r.ae_title, r.site, r.target) for r in cfg.remote)
     if fmt == "orthanc":
         modalities = {title: [title, host, port] for title, _, _ in entries}
@@ -76,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import replace
 
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
-        if cfg.bridge.ca_file is not None and not cfg.bridge.ca_file.is_file():
-            raise ConfigError(str(args.config), "bridge.ca_file", f"cannot read {cfg.bridge.ca_file}")
-        cfg.bridge.resolve_password()
+        if args.command in ("serve", "check-config"):  # pacs-config needs no secrets
+            if cfg.bridge.ca_file is not None and not cfg.bridge.ca_file.is_file():
+                raise ConfigError(str(args.config), "bridge.ca_file", f"cannot read {cfg.bridge.ca_file}")
+            cfg.bridge.resolve_password()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -179,6 +180,12 @@ class RouterConfig:
         for r in self.remote:
             if r.site == self.router.name:
                 raise ValueError(f"remote device {r.ae_title!r} names this router's own site")
+
+
+def advertised_host(config: RouterConfig) -> str:
+    """The router's DICOM address as local archives should be told it."""
+    host, _ = parse_host_port(config.dicom.listen)
+    return socket.getfqdn() if host in ("0.0.0.0", "::") else host
 
 
 def load(path: str | Path) -> RouterConfig:

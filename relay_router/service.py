@@ -38,6 +38,7 @@ from relay_router.seal import (
 )
 from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
 from relay_router.ul import (
+    Action,
     AssociateRequested,
     Phase,
     ProtocolViolation,
@@ -79,6 +80,7 @@ class RouterService:
         self.link = BridgeLink(config, self._incoming)
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
+        self.relays: set[RelayedAssociation] = set()
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
@@ -128,6 +130,10 @@ class RouterService:
         if self._tasks:
             log.info("waiting up to %.0f s for %d associations", grace_s, len(self._tasks))
             _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
+            for relay in list(self.relays):  # still running after the grace period: abort, never just drop
+                await relay.abort("the router is shutting down", close_reason=pb.Close.SHUTDOWN)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=5.0)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -136,6 +142,13 @@ class RouterService:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self, relay: RelayedAssociation, initial: list[Action] | None = None) -> None:
+        self.relays.add(relay)
+        try:
+            await relay.run(initial)
+        finally:
+            self.relays.discard(relay)
 
     def _track(self, coro: object) -> None:
         task = asyncio.current_task()
@@ -235,7 +248,7 @@ class RouterService:
                 f"called AE title {request.called_ae!r} is not a remote device on this router",
             )
         outcome.site = route.site
-        if len(self.active) > self.config.dicom.max_associations:
+        if len(self.active) > self.config.dicom.max_associations:  # this one is already counted
             return await self._reject(conn, writer, outcome, REJECT_LIMIT, "too many associations on this router")
         if not self.link.connected:
             return await self._reject(
@@ -305,7 +318,7 @@ class RouterService:
             confirm_from=(peer, route.site),
         )
         outcome.bytes_to_remote += len(forward.data)
-        await relay.run()
+        await self._run(relay)
 
     async def _open_without_key(
         self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, route: Route, calling_ae: str
@@ -340,8 +353,14 @@ class RouterService:
         aid = notice.association_id
         extra = {"assoc": aid}
         outcome = Outcome(aid, "inbound", notice.from_site, called_ae=notice.called_ae_title)
+        overloaded = len(self.active) >= self.config.dicom.max_associations
         self.active[aid] = outcome
         try:
+            if overloaded:
+                stream = await self.link.join(aid)
+                detail = f"site {self.link.site} has reached its association limit"
+                log.warning("refusing an association from %s: %s", notice.from_site, detail, extra=extra)
+                return await self._refuse_inbound(stream, outcome, pb.Refused.OVERLOADED, detail)
             await self._relay_inbound(notice, outcome, extra)
         except LinkDown as exc:
             log.warning("could not join association: %s", exc, extra=extra)
@@ -421,12 +440,12 @@ class RouterService:
         actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
         if request is None:
-            await relay.run(actions)  # the connection has produced the abort
+            await self._run(relay, actions)  # the connection has produced the abort
             return
         outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
         outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
         alias = self.local_alias(notice.from_site, request.calling_ae)
-        await relay.run(conn.accept_request(calling=alias))
+        await self._run(relay, conn.accept_request(calling=alias))
 
     # -- reporting -----------------------------------------------------------
     def status(self) -> dict[str, object]:
@@ -454,10 +473,3 @@ class RouterService:
                 tmp.replace(self.status_file)
                 previous = text
             await asyncio.sleep(0.2)
-
-    def pacs_entries(self) -> list[tuple[str, str, int]]:
-        """(AE title, host, port) that local archives must know to reach remote devices."""
-        host, port = parse_host_port(self.config.dicom.listen)
-        if host in ("0.0.0.0", "::"):
-            host = socket.gethostname()
-        return [(title, host, port) for title in sorted(self.routes())]

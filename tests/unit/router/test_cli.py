@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from relay_router.cli import main
+
+# A router listening on 0.0.0.0 tells archives this machine's name (override with --host).
+HOST = socket.getfqdn()
 
 ROUTER_TOML = """\
 [router]
@@ -147,8 +151,8 @@ def test_pacs_config_orthanc(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rc == 0
     assert json.loads(out) == {
         "DicomModalities": {
-            "B_PACS": ["B_PACS", "127.0.0.1", 11112],
-            "C_CT": ["C_CT", "127.0.0.1", 11112],
+            "B_PACS": ["B_PACS", HOST, 11112],
+            "C_CT": ["C_CT", HOST, 11112],
         }
     }
 
@@ -166,8 +170,8 @@ def test_pacs_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     rc, out, _ = run(capsys, "--config", str(path), "pacs-config", "--format", "json")
     assert rc == 0
     assert json.loads(out) == [
-        {"ae_title": "B_PACS", "host": "127.0.0.1", "port": 11112, "site": "hospital-b", "remote_ae_title": "PACS"},
-        {"ae_title": "C_CT", "host": "127.0.0.1", "port": 11112, "site": "hospital-c", "remote_ae_title": "C_CT"},
+        {"ae_title": "B_PACS", "host": HOST, "port": 11112, "site": "hospital-b", "remote_ae_title": "PACS"},
+        {"ae_title": "C_CT", "host": HOST, "port": 11112, "site": "hospital-c", "remote_ae_title": "C_CT"},
     ]
 
 
@@ -177,8 +181,8 @@ def test_pacs_config_table_is_the_default(tmp_path: Path, capsys: pytest.Capture
     assert rc == 0
     lines = out.splitlines()
     assert lines[0].split() == ["AE", "title", "host", "port", "reaches"]
-    assert lines[2].split() == ["B_PACS", "127.0.0.1", "11112", "PACS", "at", "hospital-b"]
-    assert lines[3].split() == ["C_CT", "127.0.0.1", "11112", "C_CT", "at", "hospital-c"]
+    assert lines[2].split() == ["B_PACS", HOST, "11112", "PACS", "at", "hospital-b"]
+    assert lines[3].split() == ["C_CT", HOST, "11112", "C_CT", "at", "hospital-c"]
     assert len(lines) == 4
     _, table, _ = run(capsys, "--config", str(path), "pacs-config", "--format", "table")
     assert table == out

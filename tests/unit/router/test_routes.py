@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -128,26 +127,6 @@ def test_local_alias(tmp_path: Path) -> None:
     assert service.local_alias("hospital-c", "MR") == "MR"
     assert service.local_alias("hospital-c", "PACS") is None
     assert service.local_alias("hospital-z", "MR") is None
-
-
-def test_pacs_entries(tmp_path: Path) -> None:
-    service = make_service(
-        tmp_path,
-        expose_all=True,
-        remote=[{"ae_title": "B_PACS", "site": "hospital-b", "remote_ae_title": "PACS"}],
-        listen="192.168.1.5:4242",
-    )
-    service.link.directory = entries(("hospital-c", "MR"), ("hospital-c", "CT"))
-    assert service.pacs_entries() == [
-        ("B_PACS", "192.168.1.5", 4242),
-        ("CT", "192.168.1.5", 4242),
-        ("MR", "192.168.1.5", 4242),
-    ]
-
-
-def test_pacs_entries_on_a_wildcard_listen_use_the_host_name(tmp_path: Path) -> None:
-    service = make_service(tmp_path, remote=[{"ae_title": "X", "site": "b"}], listen="0.0.0.0:11112")
-    assert service.pacs_entries() == [("X", socket.gethostname(), 11112)]
 
 
 SITES = st.sampled_from(["hospital-b", "hospital-c", "hospital-d"])

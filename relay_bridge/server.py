@@ -38,11 +38,23 @@ class RouterSession:
     token: str
     peer: str
     since: float = field(default_factory=time.time)
-    outbox: asyncio.Queue[pb.BridgeMessage] = field(default_factory=lambda: asyncio.Queue(1024))
+    # None is the end-of-session sentinel; the queue is bounded, the sentinel always fits (see end()).
+    outbox: asyncio.Queue[pb.BridgeMessage | None] = field(default_factory=lambda: asyncio.Queue(1024))
     associations: set[str] = field(default_factory=set)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def end(self) -> None:
+        """Stop this session's control stream (idempotent)."""
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        if self.outbox.full():
+            self.outbox.get_nowait()  # the session is over: what it had not sent is moot
+        self.outbox.put_nowait(None)
+
     def send(self, message: pb.BridgeMessage) -> bool:
+        if self.ended.is_set():
+            return False
         try:
             self.outbox.put_nowait(message)
             return True
@@ -73,6 +85,8 @@ class LoginThrottle:
 
 
 class RelayServicer:
+    # The class that pumps one association (a seam for tests that play a malicious bridge).
+    splice_class: type[Splice] = Splice
     def __init__(self, config: BridgeConfig, directory: Directory) -> None:
         self.config = config
         self.directory = directory
@@ -137,7 +151,7 @@ class RelayServicer:
         previous = self.sessions.get(session.name)
         if previous is not None:
             log.warning("router %s signed on again from %s; closing its previous session", session.name, source)
-            previous.ended.set()
+            previous.end()
         self.sessions[session.name] = session
         self.directory.publish(session.name, _devices(session.name, sign_on.devices))
         self.directory.touch(session.name)
@@ -153,16 +167,10 @@ class RelayServicer:
         reader = asyncio.create_task(self._read_control(session, context))
         watchdog = asyncio.create_task(self._watch_enabled(session))
         try:
-            while not session.ended.is_set():
-                get = asyncio.create_task(session.outbox.get())
-                ended = asyncio.create_task(session.ended.wait())
-                done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
-                ended.cancel()
-                if get in done:
-                    await context.write(get.result())
-                else:
-                    get.cancel()
+            while (message := await session.outbox.get()) is not None:
+                await context.write(message)
         finally:
+            session.end()
             reader.cancel()
             watchdog.cancel()
             if self.sessions.get(session.name) is session:
@@ -205,7 +213,7 @@ class RelayServicer:
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
-            session.ended.set()
+            session.end()
 
     async def _watch_enabled(self, session: RouterSession) -> None:
         """Cut a router's streams within seconds of `relay-bridge router disable`."""
@@ -214,7 +222,7 @@ class RelayServicer:
             router = await asyncio.to_thread(self.directory.router, session.name)
             if router is None or not router.enabled:
                 log.warning("router %s was disabled or removed; cutting its streams", session.name)
-                session.ended.set()
+                session.end()
                 for assoc_id in list(session.associations):
                     splice = self.splices.get(assoc_id)
                     if splice is not None:
@@ -278,7 +286,7 @@ class RelayServicer:
         if busy or len(session.associations) >= limits.max_associations_per_router:
             return await self._refuse(context, pb.Refused.OVERLOADED, "the bridge's association limit is reached", aid)
 
-        splice = Splice(
+        splice = self.splice_class(
             aid, session.name, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
         )
         self.splices[aid] = splice
@@ -408,10 +416,12 @@ def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def start(config: BridgeConfig, *, insecure: bool = False) -> tuple[grpc.aio.Server, int, RelayServicer]:
+async def start(
+    config: BridgeConfig, *, insecure: bool = False, servicer_class: type[RelayServicer] = RelayServicer
+) -> tuple[grpc.aio.Server, int, RelayServicer]:
     """Build and start the server; returns it, the bound port and the servicer."""
     directory = Directory(config.storage.database)
-    servicer = RelayServicer(config, directory)
+    servicer = servicer_class(config, directory)
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers([_handlers(servicer)])
     health_servicer = health.aio.HealthServicer()

@@ -80,7 +80,8 @@ class LocalRelayNetwork:
     def _bridge_cmd(self, *args: str) -> list[str]:
         return [self.python, "-m", "relay_bridge.cli", "--config", str(self.workdir / "bridge.toml"), *args]
 
-    def start(self) -> LocalRelayNetwork:
+    def start(self, *, bridge: bool = True) -> LocalRelayNetwork:
+        """Create the CA and bridge.toml, then start the bridge (unless the caller runs its own)."""
         if not (self.workdir / "bridge.toml").exists():
             subprocess.run(
                 [self.python, "-m", "relay_bridge.cli", "init", "--dir", str(self.workdir), "--listen", "127.0.0.1:0"],
@@ -88,7 +89,8 @@ class LocalRelayNetwork:
                 capture_output=True,
                 env=self.env,
             )
-        self.start_bridge()
+        if bridge:
+            self.start_bridge()
         return self
 
     def start_bridge(self) -> None:

@@ -54,9 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
     router = sub.add_parser("router", help="manage router accounts")
     rsub = router.add_subparsers(dest="action", required=True)
-    add = rsub.add_parser("add", help="create an account and print its password")
+    add = rsub.add_parser("add", help="create an account; print its password and a one-time enrollment token")
     add.add_argument("name")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument("--json", action="store_true", help="print {name, password, enrollment_token} as JSON")
+    token = rsub.add_parser("enroll-token", help="issue a new one-time enrollment token (e.g. after reset-identity)")
+    token.add_argument("name")
     rsub.add_parser("list", help="list accounts").add_argument("--json", action="store_true")
     for action in ("disable", "enable", "remove", "reset-identity"):
         rsub.add_parser(action, help=f"{action} an account").add_argument("name")
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     db = Directory(cfg.storage.database)
     try:
-        return _admin(args, db)
+        return _admin(args, db, cfg)
     except DirectoryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -153,13 +156,26 @@ def main(argv: list[str] | None = None) -> int:
         db.close()
 
 
-def _admin(args: argparse.Namespace, db: Directory) -> int:
+def _admin(args: argparse.Namespace, db: Directory, cfg: bridge_config.BridgeConfig) -> int:
     if args.command == "router":
+        ttl_s = cfg.enrollment.token_ttl_h * 3600
         if args.action == "add":
             password = db.add_router(args.name, _read_password(args.password_stdin))
-            if not args.password_stdin:
-                print(password)
-            print(f"router {args.name!r} added", file=sys.stderr)
+            token = db.issue_enrollment_token(args.name, ttl_s)
+            if args.json:
+                shown = None if args.password_stdin else password
+                print(json.dumps({"name": args.name, "password": shown, "enrollment_token": token}))
+            else:
+                if not args.password_stdin:
+                    print(f"password:         {password}")
+                print(f"enrollment token: {token}")
+                print(
+                    f"router {args.name!r} added; the token is valid {cfg.enrollment.token_ttl_h:g} h, once "
+                    "(relay-router enroll --token ...)",
+                    file=sys.stderr,
+                )
+        elif args.action == "enroll-token":
+            print(db.issue_enrollment_token(args.name, ttl_s))
         elif args.action == "passwd":
             password = _read_password(args.password_stdin) or __import__("secrets").token_urlsafe(18)
             db.set_password(args.name, password)

@@ -16,6 +16,13 @@ class ServerSection:
     tls_key: Path | None = None
     # Plain-text gRPC, for local experiments only (also needs --insecure on the command line).
     insecure: bool = False
+    # Mutual TLS: routers must present a client certificate issued at enrollment.
+    require_client_cert: bool = False
+    # CA that client certificates must chain to (required with require_client_cert).
+    client_ca: Path | None = None
+    # HOST:PORT of a second, server-authenticated-only port for `relay-router enroll` when
+    # require_client_cert is on (only enrollment is served there). Empty: none.
+    enroll_listen: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -24,6 +31,15 @@ class ServerSection:
             raise InvalidValue("listen", str(exc)) from None
         if not self.insecure and (self.tls_cert is None or self.tls_key is None):
             raise ValueError("tls_cert and tls_key are required unless insecure = true")
+        if self.require_client_cert and self.client_ca is None:
+            raise InvalidValue("client_ca", "is required when require_client_cert = true")
+        if self.require_client_cert and self.insecure:
+            raise InvalidValue("require_client_cert", "needs TLS (insecure = false)")
+        if self.enroll_listen:
+            try:
+                parse_host_port(self.enroll_listen)
+            except ValueError as exc:
+                raise InvalidValue("enroll_listen", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,30 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class EnrollmentSection:
+    # CA certificate and key that sign routers' client certificates at enrollment.
+    # Leave empty to enroll identities without issuing certificates.
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    # Hours an enrollment token printed by `relay-bridge router add` stays valid (single use).
+    token_ttl_h: float = 168.0
+    certificate_days: int = 825
+
+    def __post_init__(self) -> None:
+        if (self.ca_cert is None) != (self.ca_key is None):
+            raise InvalidValue("ca_key" if self.ca_key is None else "ca_cert", "ca_cert and ca_key go together")
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    enabled: bool = True
+    # JSON-lines audit trail (mode 0600); relative paths are relative to this file.
+    file: Path = Path("audit.jsonl")
+    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
+    syslog: str = ""
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -63,6 +103,8 @@ class BridgeConfig:
     server: ServerSection = field(default_factory=ServerSection)
     storage: StorageSection = field(default_factory=StorageSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 

@@ -8,6 +8,7 @@ stay inside each hospital.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import re
@@ -34,6 +35,12 @@ CREATE TABLE IF NOT EXISTS routers (
     last_seen REAL,
     sign_key BLOB,                      -- identity public keys, recorded at first sign-on
     kem_key BLOB
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
+    token_sha256 BLOB PRIMARY KEY,      -- tokens are 256-bit random: a plain hash suffices
+    expires REAL NOT NULL,
+    used REAL
 );
 CREATE TABLE IF NOT EXISTS devices (
     router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
@@ -179,6 +186,39 @@ class Directory:
                 f"reinstalled, an operator must run: relay-bridge router reset-identity {name}"
             )
         return None
+
+    def issue_enrollment_token(self, name: str, ttl_s: float) -> str:
+        """A new single-use token for `relay-router enroll` (earlier unused tokens stay valid until they expire)."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM routers WHERE name=?", (name,)).fetchone() is None:
+                raise DirectoryError(f"no router named {name!r}")
+            self._db.execute(
+                "INSERT INTO enrollment_tokens(router, token_sha256, expires) VALUES (?, ?, ?)",
+                (name, hashlib.sha256(token.encode()).digest(), time.time() + ttl_s),
+            )
+        return token
+
+    def redeem_enrollment_token(self, name: str, token: str) -> str | None:
+        """Mark the token used; None if it was valid for `name`, else why not."""
+        digest = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT router, expires, used FROM enrollment_tokens WHERE token_sha256=?", (digest,)
+            ).fetchone()
+            if row is None or row[0] != name:
+                return "unknown enrollment token"
+            if row[2] is not None:
+                return "enrollment token already used"
+            if row[1] < time.time():
+                return "enrollment token expired"
+            self._db.execute("UPDATE enrollment_tokens SET used=? WHERE token_sha256=?", (time.time(), digest))
+        return None
+
+    def set_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> None:
+        """Record identity keys presented at enrollment (authoritative, replaces any earlier ones)."""
+        with self._lock:
+            self._db.execute("UPDATE routers SET sign_key=?, kem_key=? WHERE name=?", (sign_key, kem_key, name))
 
     def reset_identity(self, name: str) -> None:
         with self._lock:

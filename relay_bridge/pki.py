@@ -43,6 +43,51 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+class CsrError(ValueError):
+    pass
+
+
+def issue_client_certificate(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, name: str, *, days: int) -> bytes:
+    """Sign a router's CSR (CN must be its account name) as a TLS client certificate."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CsrError("the certificate request is not a PEM PKCS#10 CSR") from exc
+    if not csr.is_signature_valid:
+        raise CsrError("the certificate request's signature does not verify")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [name]:
+        raise CsrError(f"the certificate request must have CN={name}")
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_csr(name: str) -> tuple[bytes, bytes]:
+    """(private key PEM, CSR PEM) for a router's client certificate; P-256."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
 def make_dev_pki(directory: Path, *, hostnames: list[str], ips: list[str], days: int = 825) -> IssuedFiles:
     """Create ca.pem/ca.key and server.pem/server.key in `directory`."""
     now = dt.datetime.now(dt.UTC)

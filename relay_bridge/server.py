@@ -20,7 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.config import BridgeConfig
 from relay_bridge.directory import Device, Directory
+from relay_bridge.pki import CsrError, issue_client_certificate
 from relay_bridge.splice import Splice, close_frame
+from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 
 log = logging.getLogger("relay_bridge")
@@ -87,9 +89,12 @@ class LoginThrottle:
 class RelayServicer:
     # The class that pumps one association (a seam for tests that play a malicious bridge).
     splice_class: type[Splice] = Splice
-    def __init__(self, config: BridgeConfig, directory: Directory) -> None:
+    enroll_port: int | None = None
+
+    def __init__(self, config: BridgeConfig, directory: Directory, audit: AuditLog | None = None) -> None:
         self.config = config
         self.directory = directory
+        self.audit = audit or AuditLog(None, app="relay-bridge")
         self.sessions: dict[str, RouterSession] = {}
         self.splices: dict[str, Splice] = {}
         self.throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window_s)
@@ -133,7 +138,9 @@ class RelayServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first control message must be SignOn")
         sign_on = first.sign_on
         source = _source_address(context.peer())
-        error = await self._authenticate(sign_on.account, sign_on.password, source)
+        error = self._certificate_problem(context, sign_on.account)
+        if error is None:
+            error = await self._authenticate(sign_on.account, sign_on.password, source)
         if error is None:
             error = _check_devices(sign_on.devices)
         if error is None:
@@ -145,6 +152,13 @@ class RelayServicer:
                 if error:
                     log.warning("router %s refused from %s: identity key changed", sign_on.account, source)
         if error is not None:
+            self.audit.event(
+                "sign_on",
+                "alert" if "too many" in error or "identity" in error else "failure",
+                router=sign_on.account,
+                source=source,
+                detail=error,
+            )
             await context.write(pb.BridgeMessage(sign_on_result=pb.SignOnResult(ok=False, error=error)))
             return
         session = RouterSession(sign_on.account, secrets.token_urlsafe(32), source)
@@ -155,6 +169,13 @@ class RelayServicer:
         self.sessions[session.name] = session
         self.directory.publish(session.name, _devices(session.name, sign_on.devices))
         self.directory.touch(session.name)
+        self.audit.event(
+            "sign_on",
+            "success",
+            router=session.name,
+            source=source,
+            shared_devices=[d.ae_title for d in sign_on.devices],
+        )
         log.info("router %s signed on from %s (%d shared devices)", session.name, source, len(sign_on.devices))
         await context.write(
             pb.BridgeMessage(
@@ -181,6 +202,17 @@ class RelayServicer:
                 splice = self.splices.get(assoc_id)
                 if splice is not None and not splice.joined.done():
                     splice.joined.cancel()
+
+    def _certificate_problem(self, context: grpc.aio.ServicerContext, account: str | None) -> str | None:
+        """With mutual TLS on: the peer must present a certificate, for this account when one is named."""
+        if not self.config.server.require_client_cert:
+            return None
+        names = context.auth_context().get("x509_common_name") or []
+        if not names:
+            return "a client certificate is required: enroll this router (relay-router enroll)"
+        if account is not None and names[0].decode() != account:
+            return f"the client certificate belongs to {names[0].decode()!r}, not {account!r}"
+        return None
 
     async def _authenticate(self, account: str, password: str, source: str) -> str | None:
         keys = (f"account:{account}", f"source:{source}")
@@ -229,6 +261,41 @@ class RelayServicer:
                         await splice.to_initiator.close(close_frame(pb.Close.ABORTED, "router disabled"))
                         await splice.to_destination.close(close_frame(pb.Close.ABORTED, "router disabled"))
 
+    # -- enrollment --------------------------------------------------------
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
+        source = _source_address(context.peer())
+        account = request.account
+
+        async def refuse(why: str) -> None:
+            self.audit.event("enroll", "failure", router=account, source=source, detail=why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+        problem = await self._authenticate(account, request.password, source)
+        if problem:
+            await refuse(problem)
+        identity = request.identity
+        if len(identity.sign_key) != 32 or not identity.kem_key:
+            await refuse("the request carries no identity keys")
+        problem = self.directory.redeem_enrollment_token(account, request.enrollment_token)
+        if problem:
+            self.throttle.failed(f"account:{account}", f"source:{source}")
+            await refuse(problem)
+        certificate, ca_pem = b"", b""
+        enrollment = self.config.enrollment
+        if enrollment.ca_cert is not None and enrollment.ca_key is not None:
+            ca_pem = enrollment.ca_cert.read_bytes()
+            try:
+                certificate = issue_client_certificate(
+                    ca_pem, enrollment.ca_key.read_bytes(), request.csr_pem, account, days=enrollment.certificate_days
+                )
+            except CsrError as exc:
+                await refuse(str(exc))
+        self.directory.set_identity(account, identity.sign_key, identity.kem_key)
+        self.audit.event("enroll", "success", router=account, source=source, certificate_issued=bool(certificate))
+        log.info("router %s enrolled from %s", account, source)
+        self.broadcast_directory()
+        return pb.EnrollResponse(certificate_pem=certificate, ca_pem=ca_pem)
+
     # -- association streams ---------------------------------------------
     async def Associate(  # type: ignore[override]  # noqa: N802
         self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
@@ -237,6 +304,9 @@ class RelayServicer:
         session = next((s for s in self.sessions.values() if secrets.compare_digest(s.token, token)), None)
         if session is None or session.ended.is_set():
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: sign on first")
+        problem = self._certificate_problem(context, session.name)
+        if problem:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
         raw = await context.read()
         if raw is grpc.aio.EOF:
             return
@@ -266,6 +336,27 @@ class RelayServicer:
                 context, pb.Refused.UNKNOWN_DEVICE, f"no device {op.called_ae_title!r} at site {op.to_site!r}", aid
             )
         if not device.shared_with(session.name):
+            self.audit.event(
+                "access_refused",
+                "alert",
+                router=session.name,
+                to_site=op.to_site,
+                called_ae=op.called_ae_title,
+                calling_ae=op.calling_ae_title,
+                association=aid,
+            )
+            owner = self.sessions.get(op.to_site)
+            if owner is not None:
+                owner.send(
+                    pb.BridgeMessage(
+                        audit=pb.AuditNotice(
+                            event="access_refused",
+                            peer_site=session.name,
+                            ae_title=op.called_ae_title,
+                            detail=f"{session.name} asked for {op.called_ae_title}, which is not shared with it",
+                        )
+                    )
+                )
             log.warning(
                 "router %s asked for %s/%s, which is not shared with it",
                 session.name,
@@ -326,6 +417,18 @@ class RelayServicer:
             self.splices.pop(aid, None)
             session.associations.discard(aid)
             destination.associations.discard(aid)
+            self.audit.event(
+                "association",
+                "success" if splice.joined.done() and not splice.joined.cancelled() else "failure",
+                association=aid,
+                from_site=splice.from_site,
+                to_site=splice.to_site,
+                called_ae=splice.called_ae_title,
+                calling_ae=splice.calling_ae_title,
+                bytes_from_initiator=splice.bytes_from_initiator,
+                bytes_from_destination=splice.bytes_from_destination,
+                seconds=round(time.time() - splice.opened, 3),
+            )
             log.info(
                 "association closed: %d bytes from %s, %d bytes from %s, %d frames, %.1f s",
                 splice.bytes_from_initiator,
@@ -396,6 +499,11 @@ def _handlers(servicer: RelayServicer) -> grpc.GenericRpcHandler:
             ),
             # No (de)serializers: requests arrive and responses leave as bytes.
             "Associate": grpc.stream_stream_rpc_method_handler(servicer.Associate),
+            "Enroll": grpc.unary_unary_rpc_method_handler(
+                servicer.Enroll,
+                request_deserializer=pb.EnrollRequest.FromString,
+                response_serializer=pb.EnrollResponse.SerializeToString,
+            ),
         },
     )
 
@@ -421,7 +529,10 @@ async def start(
 ) -> tuple[grpc.aio.Server, int, RelayServicer]:
     """Build and start the server; returns it, the bound port and the servicer."""
     directory = Directory(config.storage.database)
-    servicer = servicer_class(config, directory)
+    audit = AuditLog(
+        config.audit.file if config.audit.enabled else None, app="relay-bridge", syslog=config.audit.syslog
+    )
+    servicer = servicer_class(config, directory, audit)
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers([_handlers(servicer)])
     health_servicer = health.aio.HealthServicer()
@@ -432,10 +543,21 @@ async def start(
         bound = server.add_insecure_port(address)
     else:
         assert config.server.tls_cert and config.server.tls_key
-        credentials = grpc.ssl_server_credentials(
-            [(config.server.tls_key.read_bytes(), config.server.tls_cert.read_bytes())]
-        )
+        pair = [(config.server.tls_key.read_bytes(), config.server.tls_cert.read_bytes())]
+        if config.server.require_client_cert:
+            assert config.server.client_ca is not None
+            credentials = grpc.ssl_server_credentials(
+                pair, root_certificates=config.server.client_ca.read_bytes(), require_client_auth=True
+            )
+        else:
+            credentials = grpc.ssl_server_credentials(pair)
         bound = server.add_secure_port(address, credentials)
+        if config.server.enroll_listen:
+            # Server-authenticated only; Control and Associate refuse callers without a client certificate.
+            enroll_host, enroll_port = parse_host_port(config.server.enroll_listen)
+            servicer.enroll_port = server.add_secure_port(
+                f"{enroll_host}:{enroll_port}", grpc.ssl_server_credentials(pair)
+            )
     await server.start()
     await health_servicer.set("relay.v1.Relay", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

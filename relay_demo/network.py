@@ -38,9 +38,11 @@ class Site:
     shared: list[Shared] = field(default_factory=list)
     remote: list[Remote] = field(default_factory=list)
     password: str = ""
+    enrollment_token: str = ""
     port: int | None = None
     process: subprocess.Popen[bytes] | None = None
     extra_dicom: dict[str, object] = field(default_factory=dict)
+    extra_bridge: dict[str, object] = field(default_factory=dict)
 
 
 def _toml_value(value: object) -> str:
@@ -121,10 +123,12 @@ class LocalRelayNetwork:
         start: bool = True,
         **dicom: object,
     ) -> Site:
-        result = self.bridge_admin("router", "add", name)
+        result = self.bridge_admin("router", "add", name, "--json")
         if result.returncode != 0:
             raise RuntimeError(result.stderr)
-        site = Site(name, list(shared), list(remote), password=result.stdout.strip(), extra_dicom=dict(dicom))
+        account = json.loads(result.stdout)
+        site = Site(name, list(shared), list(remote), password=account["password"], extra_dicom=dict(dicom))
+        site.enrollment_token = account["enrollment_token"]
         self.sites[name] = site
         self.write_router_config(site)
         if start:
@@ -140,6 +144,9 @@ class LocalRelayNetwork:
             f"name = {_toml_value(site.name)}",
             f"state_dir = {_toml_value('state-' + site.name)}",
             "",
+            "[audit]",
+            f"file = {_toml_value('audit-' + site.name + '.jsonl')}",
+            "",
             "[bridge]",
             f'address = "127.0.0.1:{self.bridge_port}"',
             'ca_file = "ca.pem"',
@@ -147,6 +154,7 @@ class LocalRelayNetwork:
             f"password = {_toml_value(site.password)}",
             "reconnect_min_s = 0.2",
             "reconnect_max_s = 2.0",
+            *(f"{k} = {_toml_value(v)}" for k, v in site.extra_bridge.items()),
             "",
             "[dicom]",
             f'listen = "127.0.0.1:{site.port or 0}"',

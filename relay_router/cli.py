@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="write {'port': N} here once listening")
     serve.add_argument("--status-file", type=Path, help="keep the router's state here as JSON")
     sub.add_parser("check-config", help="validate router.toml and exit")
+    enroll = sub.add_parser("enroll", help="register this router's identity with the bridge (one-time token)")
+    enroll.add_argument("--token", required=True, help="the enrollment token `relay-bridge router add` printed")
+    sub.add_parser("fingerprint", help="print this router's identity fingerprint (for peers to pin)")
     pacs = sub.add_parser("pacs-config", help="print the entries local archives need to reach remote devices")
     pacs.add_argument("--format", choices=["table", "orthanc", "json"], default="table")
     pacs.add_argument("--host", help="the router's address as the archive sees it (default: from dicom.listen)")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import replace
 
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
-        if args.command in ("serve", "check-config"):  # pacs-config needs no secrets
+        if args.command in ("serve", "check-config", "enroll"):  # pacs-config needs no secrets
             if cfg.bridge.ca_file is not None and not cfg.bridge.ca_file.is_file():
                 raise ConfigError(str(args.config), "bridge.ca_file", f"cannot read {cfg.bridge.ca_file}")
             cfg.bridge.resolve_password()
@@ -88,6 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.logging.level, cfg.logging.format)
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(cfg.shared)} shared devices, {len(cfg.remote)} remote devices)")
+        return 0
+    if args.command == "enroll":
+        from relay_router.enroll import EnrollError, enroll
+
+        try:
+            identity, certified = enroll(cfg, args.token)
+        except (EnrollError, ValueError) as exc:
+            print(f"enrollment failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"enrolled {cfg.router.name}; identity fingerprint {identity.public.fingerprint}")
+        if certified:
+            print(f"client certificate written to {cfg.router.state_dir / 'client.pem'}")
+        return 0
+    if args.command == "fingerprint":
+        from relay_router.seal import Identity
+
+        print(Identity.load_or_create(cfg.router.state_dir / "identity.key").public.fingerprint)
         return 0
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host))

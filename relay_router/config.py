@@ -49,6 +49,8 @@ class BridgeSection:
     password: str | None = None
     password_file: Path | None = None
     insecure: bool = False
+    # host:port for `relay-router enroll` when the bridge serves enrollment on its own port.
+    enroll_address: str = ""
     # Seconds to wait for the bridge to accept an association stream.
     open_timeout_s: float = 15.0
     # Reconnect backoff: first delay and cap, in seconds (with jitter).
@@ -151,6 +153,15 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    enabled: bool = True
+    # JSON-lines audit trail (mode 0600); relative paths are relative to this file.
+    file: Path = Path("audit.jsonl")
+    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
+    syslog: str = ""
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -164,6 +175,7 @@ class RouterConfig:
     shared: list[SharedDevice] = field(default_factory=list)
     remote: list[RemoteDevice] = field(default_factory=list)
     pin: list[Pin] = field(default_factory=list)
+    audit: AuditSection = field(default_factory=AuditSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:

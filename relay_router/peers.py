@@ -35,8 +35,9 @@ class PeerKeys:
     def expected(self, site: str) -> str | None:
         return self._pins.get(site) or self._known.get(site)
 
-    def update(self, offered: dict[str, PublicIdentity]) -> None:
-        """Take the identities from a directory message; record first sightings."""
+    def update(self, offered: dict[str, PublicIdentity]) -> dict[str, str]:
+        """Take the identities from a directory message; record first sightings; return new mismatches."""
+        before = dict(self._mismatch)
         changed = False
         self._offered = dict(offered)
         self._mismatch.clear()
@@ -62,6 +63,7 @@ class PeerKeys:
                 )
         if changed:
             self._save()
+        return {site: fp for site, fp in self._mismatch.items() if before.get(site) != fp}
 
     def identity(self, site: str) -> PublicIdentity:
         """The verified identity of `site`, or HandshakeError saying why there is none."""

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_router.association import Outcome, RelayedAssociation, rejection_for
 from relay_router.config import RouterConfig, SharedDevice
@@ -77,7 +78,9 @@ class RouterService:
     def __init__(self, config: RouterConfig, *, status_file: Path | None = None) -> None:
         self.config = config
         self.status_file = status_file
-        self.link = BridgeLink(config, self._incoming)
+        audit_path = config.audit.file if config.audit.enabled else None
+        self.audit = AuditLog(audit_path, app="relay-router", syslog=config.audit.syslog)
+        self.link = BridgeLink(config, self._incoming, self.audit)
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
         self.relays: set[RelayedAssociation] = set()
@@ -160,6 +163,25 @@ class RouterService:
         self.active.pop(outcome.association_id, None)
         outcome.ended = outcome.ended or time.time()
         self.history.append(outcome)
+        if outcome.detail.startswith("SECURITY"):
+            result = "alert"
+        else:
+            result = "success" if outcome.result in ("released", "closed") else "failure"
+        self.audit.event(
+            "association",
+            result,
+            association=outcome.association_id,
+            direction=outcome.direction,
+            site=outcome.site,
+            calling_ae=outcome.calling_ae,
+            called_ae=outcome.called_ae,
+            result=outcome.result,
+            detail=outcome.detail,
+            abstract_syntaxes=list(outcome.abstract_syntaxes),
+            bytes_out=outcome.bytes_to_remote,
+            bytes_in=outcome.bytes_to_local,
+            seconds=round(outcome.ended - outcome.started, 3),
+        )
 
     # -- outbound: a local device calls a remote one -------------------------
     async def _local_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -273,7 +295,7 @@ class RouterService:
                 exc,
                 extra={"assoc": outcome.association_id, "security_alert": "handshake"},
             )
-            return await self._reject(conn, writer, outcome, REJECT_UNKNOWN_CALLED, str(exc))
+            return await self._reject(conn, writer, outcome, REJECT_UNKNOWN_CALLED, f"SECURITY: {exc}")
         context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
         handshake, sealer = initiate(self.link.identity, peer, context)
         (forward,) = [a for a in conn.accept_request(called=route.ae_title) if isinstance(a, Send)]

@@ -21,6 +21,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay_common.audit import AuditLog
 from relay_router.config import RouterConfig
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
@@ -71,8 +72,9 @@ IncomingHandler = Callable[[pb.IncomingAssociation], Awaitable[None]]
 
 
 class BridgeLink:
-    def __init__(self, config: RouterConfig, on_incoming: IncomingHandler) -> None:
+    def __init__(self, config: RouterConfig, on_incoming: IncomingHandler, audit: AuditLog | None = None) -> None:
         self.config = config
+        self.audit = audit or AuditLog(None, app="relay-router")
         state = config.router.state_dir
         self.identity = Identity.load_or_create(state / "identity.key")
         self.peers = PeerKeys(state / "known_sites.json", {p.site: p.fingerprint for p in config.pin})
@@ -113,7 +115,16 @@ class BridgeLink:
         if bridge.server_name:
             options.append(("grpc.ssl_target_name_override", bridge.server_name))
         assert bridge.ca_file is not None
-        credentials = grpc.ssl_channel_credentials(root_certificates=bridge.ca_file.read_bytes())
+        state = self.config.router.state_dir
+        cert, key = state / "client.pem", state / "client.key"  # issued by `relay-router enroll`
+        if cert.exists() and key.exists():
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=bridge.ca_file.read_bytes(),
+                private_key=key.read_bytes(),
+                certificate_chain=cert.read_bytes(),
+            )
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=bridge.ca_file.read_bytes())
         return grpc.aio.secure_channel(bridge.address, credentials, options=options)
 
     def shared_devices(self) -> list[pb.SharedDevice]:
@@ -180,6 +191,9 @@ class BridgeLink:
             result = first.sign_on_result
             if not result.ok:
                 self.last_error = f"sign-on refused: {result.error}"
+                self.audit.event(
+                    "sign_on", "failure", site=self.site, bridge=self.config.bridge.address, detail=result.error
+                )
                 log.error("the bridge refused sign-on for %r: %s", self.site, result.error)
                 return
             self._session = result.session
@@ -206,15 +220,29 @@ class BridgeLink:
 
     async def _handle(self, message: pb.BridgeMessage) -> None:
         if message.HasField("directory"):
-            self.peers.update(
+            mismatched = self.peers.update(
                 {i.site: PublicIdentity(i.identity.sign_key, i.identity.kem_key) for i in message.directory.identities}
             )
+            for site, offered in mismatched.items():
+                self.audit.event(
+                    "identity_mismatch", "alert", site=site, offered=offered, pinned=self.peers.expected(site)
+                )
             self.directory = [
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online) for d in message.directory.devices
             ]
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
+        elif message.HasField("audit"):
+            notice = message.audit
+            self.audit.event(
+                notice.event,
+                "alert",
+                peer_site=notice.peer_site,
+                ae_title=notice.ae_title,
+                detail=notice.detail,
+                reported_by="bridge",
+            )
         elif message.HasField("incoming"):
             task = asyncio.create_task(self._on_incoming(message.incoming))
             self._tasks.add(task)

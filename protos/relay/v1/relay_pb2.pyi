@@ -7,6 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EnrollRequest(_message.Message):
+    __slots__ = ("account", "password", "enrollment_token", "identity", "csr_pem")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    password: str
+    enrollment_token: str
+    identity: Identity
+    csr_pem: bytes
+    def __init__(self, account: _Optional[str] = ..., password: _Optional[str] = ..., enrollment_token: _Optional[str] = ..., identity: _Optional[_Union[Identity, _Mapping]] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("certificate_pem", "ca_pem")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_pem: bytes
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ...) -> None: ...
+
 class RouterMessage(_message.Message):
     __slots__ = ("sign_on", "heartbeat", "publish")
     SIGN_ON_FIELD_NUMBER: _ClassVar[int]
@@ -18,16 +40,30 @@ class RouterMessage(_message.Message):
     def __init__(self, sign_on: _Optional[_Union[SignOn, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., publish: _Optional[_Union[PublishDevices, _Mapping]] = ...) -> None: ...
 
 class BridgeMessage(_message.Message):
-    __slots__ = ("sign_on_result", "heartbeat", "directory", "incoming")
+    __slots__ = ("sign_on_result", "heartbeat", "directory", "incoming", "audit")
     SIGN_ON_RESULT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     INCOMING_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     sign_on_result: SignOnResult
     heartbeat: Heartbeat
     directory: Directory
     incoming: IncomingAssociation
-    def __init__(self, sign_on_result: _Optional[_Union[SignOnResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., directory: _Optional[_Union[Directory, _Mapping]] = ..., incoming: _Optional[_Union[IncomingAssociation, _Mapping]] = ...) -> None: ...
+    audit: AuditNotice
+    def __init__(self, sign_on_result: _Optional[_Union[SignOnResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., directory: _Optional[_Union[Directory, _Mapping]] = ..., incoming: _Optional[_Union[IncomingAssociation, _Mapping]] = ..., audit: _Optional[_Union[AuditNotice, _Mapping]] = ...) -> None: ...
+
+class AuditNotice(_message.Message):
+    __slots__ = ("event", "peer_site", "ae_title", "detail")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    PEER_SITE_FIELD_NUMBER: _ClassVar[int]
+    AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    event: str
+    peer_site: str
+    ae_title: str
+    detail: str
+    def __init__(self, event: _Optional[str] = ..., peer_site: _Optional[str] = ..., ae_title: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class SignOn(_message.Message):
     __slots__ = ("account", "password", "software_version", "protocols", "devices", "identity")

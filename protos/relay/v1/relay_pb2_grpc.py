@@ -44,6 +44,11 @@ class RelayStub:
                 request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.Frame.SerializeToString,
                 response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.Frame.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/relay.v1.Relay/Enroll',
+                request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollResponse.FromString,
+                _registered_method=True)
 
 
 class RelayServicer:
@@ -69,6 +74,17 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """One-time enrollment: registers the router's identity keys with the bridge
+        and returns a client certificate for its CSR (the private key never leaves
+        the router). Needs the account password and the enrollment token that
+        `relay-bridge router add` printed. With mutual TLS required, the bridge
+        serves this RPC on a separate, server-authenticated port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +97,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Associate,
                     request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.Frame.FromString,
                     response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.Frame.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollRequest.FromString,
+                    response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +158,33 @@ class Relay:
             '/relay.v1.Relay/Associate',
             protos_dot_relay_dot_v1_dot_relay__pb2.Frame.SerializeToString,
             protos_dot_relay_dot_v1_dot_relay__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relay.v1.Relay/Enroll',
+            protos_dot_relay_dot_v1_dot_relay__pb2.EnrollRequest.SerializeToString,
+            protos_dot_relay_dot_v1_dot_relay__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,

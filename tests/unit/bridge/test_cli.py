@@ -120,13 +120,19 @@ def test_serve_insecure_needs_the_file_to_agree(site: Path, capsys: pytest.Captu
 # -- router accounts ---------------------------------------------------------------------
 
 
+def printed(out: str, label: str) -> str:
+    """The value of a `label: value` line that `router add` printed."""
+    (value,) = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith(label + ":")]
+    return value
+
+
 def test_router_add_prints_a_password_that_signs_on(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(site / "bridge.toml")
     rc, out, err = run(capsys, "--config", config, "router", "add", "hospital-a")
     assert rc == 0
-    password = out.strip()
-    assert out == password + "\n" and len(password) >= 12
-    assert err.strip() == "router 'hospital-a' added"
+    password = printed(out, "password")
+    assert len(password) >= 12 and len(printed(out, "enrollment token")) >= 40
+    assert err.startswith("router 'hospital-a' added; the token is valid 168 h, once")
     # The database is next to bridge.toml (relative to it, not to the working directory).
     assert not (Path.cwd() / "bridge.sqlite3").exists()
     d = Directory(site / "bridge.sqlite3")
@@ -141,7 +147,7 @@ def test_router_add_with_password_on_stdin_prints_nothing(
 ) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("a chosen password\n"))
     rc, out, _ = run(capsys, "--config", str(site / "bridge.toml"), "router", "add", "b", "--password-stdin")
-    assert (rc, out) == (0, "")
+    assert rc == 0 and "password" not in out and printed(out, "enrollment token")
     d = Directory(site / "bridge.sqlite3")
     try:
         assert d.verify_password("b", "a chosen password") is None
@@ -189,7 +195,7 @@ def test_router_list_disable_enable_remove(site: Path, capsys: pytest.CaptureFix
 
 def test_disabled_router_cannot_sign_on(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(site / "bridge.toml")
-    password = run(capsys, "--config", config, "router", "add", "a")[1].strip()
+    password = printed(run(capsys, "--config", config, "router", "add", "a")[1], "password")
     run(capsys, "--config", config, "router", "disable", "a")
     d = Directory(site / "bridge.sqlite3")
     try:
@@ -200,7 +206,7 @@ def test_disabled_router_cannot_sign_on(site: Path, capsys: pytest.CaptureFixtur
 
 def test_router_passwd(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(site / "bridge.toml")
-    old = run(capsys, "--config", config, "router", "add", "a")[1].strip()
+    old = printed(run(capsys, "--config", config, "router", "add", "a")[1], "password")
     rc, out, _ = run(capsys, "--config", config, "router", "passwd", "a")
     new = out.strip()
     assert rc == 0 and new and new != old

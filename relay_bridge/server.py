@@ -390,6 +390,7 @@ class RelayServicer:
                 called_ae_title=op.called_ae_title,
                 first_frame=pb.Frame(data=op.first_data),
                 handshake=op.handshake,
+                features=op.features,
             )
             if not destination.send(pb.BridgeMessage(incoming=notice)):
                 return await self._refuse(context, pb.Refused.OVERLOADED, f"site {op.to_site!r} is overloaded", aid)

@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_router.seal import FLAG_SEALED, FrameSealer, HandshakeError, PublicIdentity, TamperError, verify_confirmation
+from relay_router.compress import FEATURE as COMPRESSION
+from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
+from relay_router.seal import (
+    FLAG_COMPRESSED,
+    FLAG_SEALED,
+    FrameSealer,
+    HandshakeError,
+    PublicIdentity,
+    TamperError,
+    verify_confirmation,
+)
 from relay_router.tunnel import AssociationStream
 from relay_router.ul import (
     Aborted,
@@ -87,6 +97,8 @@ class RelayedAssociation:
         receive_seq: int,
         sealer: FrameSealer,
         confirm_from: tuple[PublicIdentity, str] | None = None,
+        compression_level: int | None = None,
+        compression_agreed: bool = False,
     ) -> None:
         self.conn = connection
         self.reader, self.writer, self.stream = reader, writer, stream
@@ -98,6 +110,10 @@ class RelayedAssociation:
         self.sealer = sealer
         # Initiator side: (responder identity, site) whose Confirm must verify before any data is accepted.
         self._confirm_from = confirm_from
+        # Compression: the initiator learns from the Confirm whether the destination accepted it.
+        self._compression_level = compression_level
+        self._compressor = FrameCompressor(compression_level) if compression_agreed and compression_level else None
+        self._decompressor = FrameDecompressor() if self._compressor else None
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_reason: int | None = None
@@ -156,8 +172,14 @@ class RelayedAssociation:
 
     async def send_data(self, payload: bytes) -> None:
         async with self._send_lock:
-            sealed = self.sealer.seal(payload, self._send_seq)
-            frame = pb.Frame(data=pb.Data(payload=sealed, seq=self._send_seq, flags=FLAG_SEALED))
+            flags = FLAG_SEALED
+            data = payload
+            if self._compressor is not None:
+                data, packed = self._compressor.compress(payload)
+                if packed:
+                    flags |= FLAG_COMPRESSED
+            sealed = self.sealer.seal(data, self._send_seq, flags)
+            frame = pb.Frame(data=pb.Data(payload=sealed, seq=self._send_seq, flags=flags))
             self._send_seq += 1
             self.outcome.bytes_to_remote += len(payload)
             try:
@@ -199,6 +221,9 @@ class RelayedAssociation:
                     await self.abort(f"SECURITY: {exc}")
                     return
                 self._confirm_from = None
+                if COMPRESSION in frame.confirm.features and self._compression_level:
+                    self._compressor = FrameCompressor(self._compression_level)
+                    self._decompressor = FrameDecompressor()
             elif kind == "data":
                 if self._confirm_from is not None:
                     await self.abort("SECURITY: data arrived before the destination confirmed the handshake")
@@ -231,14 +256,22 @@ class RelayedAssociation:
                 f"SECURITY: frame {data.seq} where {self._receive_seq} was expected (lost, replayed or reordered)",
             )
         self._receive_seq += 1
-        if data.flags != FLAG_SEALED:
-            return b"", f"SECURITY: frame flags {data.flags:#x}; only sealed frames are accepted"
+        allowed = FLAG_SEALED | (FLAG_COMPRESSED if self._decompressor is not None else 0)
+        if not data.flags & FLAG_SEALED or data.flags & ~allowed:
+            return b"", f"SECURITY: frame flags {data.flags:#x}; only sealed frames (and agreed compression) accepted"
         if data.HasField("blob"):
             return b"", "blob references are not supported by this router"
         try:
-            return self.sealer.open(data.payload, data.seq), None
+            plain = self.sealer.open(data.payload, data.seq, data.flags)
         except TamperError as exc:
             return b"", f"SECURITY: {exc}"
+        if data.flags & FLAG_COMPRESSED:
+            assert self._decompressor is not None
+            try:
+                plain = self._decompressor.decompress(plain)
+            except DecompressionError as exc:
+                return b"", f"the destination router sent a bad compressed frame: {exc}"
+        return plain, None
 
     async def abort(self, reason: str, *, close_reason: int = pb.Close.ABORTED) -> None:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""

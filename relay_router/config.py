@@ -85,6 +85,9 @@ class DicomSection:
     # Seconds an association may sit with no traffic either way before it is aborted.
     idle_timeout_s: float = 3600.0
     max_associations: int = 200
+    # Compress frames with zstd when the other router agrees (pays on WAN links; costs CPU on a LAN).
+    compression: bool = True
+    compression_level: int = 3
     # Bytes read from a socket at once, and so the largest frame sent to the bridge.
     frame_bytes: int = 256 * 1024
 
@@ -95,6 +98,8 @@ class DicomSection:
             raise InvalidValue("listen", str(exc)) from None
         if not 4096 <= self.frame_bytes <= 4 * 1024 * 1024:
             raise InvalidValue("frame_bytes", "must be between 4096 and 4194304")
+        if not 1 <= self.compression_level <= 19:
+            raise InvalidValue("compression_level", "must be between 1 and 19")
 
 
 @dataclass(frozen=True)

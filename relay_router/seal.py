@@ -18,8 +18,9 @@ association in a router's name. Built only from vetted constructions in
 - Keys: HKDF-SHA256 over the secret, salted with T, gives one AES-256-GCM key
   per direction. Nonce = 4 zero bytes || 64-bit frame sequence number (one key
   per direction, sequence never repeats); associated data = association id,
-  direction and sequence, so a replayed, reordered, truncated-then-spliced or
-  cross-association frame fails authentication.
+  direction, sequence and frame flags, so a replayed, reordered,
+  truncated-then-spliced, re-flagged or cross-association frame fails
+  authentication.
 """
 
 from __future__ import annotations
@@ -210,15 +211,16 @@ class FrameSealer:
         self._recv = key(self._recv_dir)
         self.transcript = transcript
 
-    def _aad(self, direction: int, seq: int) -> bytes:
-        return self._aid + struct.pack(">BQ", direction, seq)
+    def _aad(self, direction: int, seq: int, flags: int) -> bytes:
+        return self._aid + struct.pack(">BQI", direction, seq, flags)
 
-    def seal(self, payload: bytes, seq: int) -> bytes:
-        return self._send.encrypt(struct.pack(">IQ", 0, seq), payload, self._aad(self._send_dir, seq))
+    def seal(self, payload: bytes, seq: int, flags: int = FLAG_SEALED) -> bytes:
+        """Encrypt one frame payload; `flags` (as sent in the frame) are authenticated too."""
+        return self._send.encrypt(struct.pack(">IQ", 0, seq), payload, self._aad(self._send_dir, seq, flags))
 
-    def open(self, sealed: bytes, seq: int) -> bytes:
+    def open(self, sealed: bytes, seq: int, flags: int = FLAG_SEALED) -> bytes:
         try:
-            return self._recv.decrypt(struct.pack(">IQ", 0, seq), sealed, self._aad(self._recv_dir, seq))
+            return self._recv.decrypt(struct.pack(">IQ", 0, seq), sealed, self._aad(self._recv_dir, seq, flags))
         except InvalidTag as exc:
             raise TamperError(
                 f"frame {seq} failed authentication (altered, replayed, reordered or from another association)"

@@ -24,6 +24,7 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_router.association import Outcome, RelayedAssociation, rejection_for
+from relay_router.compress import FEATURE as COMPRESSION
 from relay_router.config import RouterConfig, SharedDevice
 from relay_router.seal import (
     FLAG_SEALED,
@@ -308,6 +309,7 @@ class RouterService:
             handshake=pb.Handshake(
                 kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
             ),
+            features=[COMPRESSION] if self.config.dicom.compression else [],
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -338,6 +340,7 @@ class RouterService:
             receive_seq=0,
             sealer=sealer,
             confirm_from=(peer, route.site),
+            compression_level=self.config.dicom.compression_level if self.config.dicom.compression else None,
         )
         outcome.bytes_to_remote += len(forward.data)
         await self._run(relay)
@@ -445,7 +448,9 @@ class RouterService:
                 f"device {device.ae_title} at site {self.link.site} is not reachable",
             )
         tune_socket(writer)
-        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation)))
+        compress = self.config.dicom.compression and COMPRESSION in notice.features
+        features = [COMPRESSION] if compress else []
+        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features)))
         conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(
             conn,
@@ -458,6 +463,8 @@ class RouterService:
             send_seq=0,
             receive_seq=1,
             sealer=sealer,
+            compression_level=self.config.dicom.compression_level,
+            compression_agreed=compress,
         )
         actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)

@@ -35,7 +35,7 @@ from relay_bridge.splice import Splice
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
-from relay_router.seal import FLAG_SEALED, AssociationContext, Identity, initiate
+from relay_router.seal import FLAG_COMPRESSED, FLAG_SEALED, AssociationContext, Identity, initiate
 from relay_router.ul import PduType, parse_reject
 from tests.integration.test_relay_refusals import exchange, wait_until
 from tests.unit.ul.builders import associate_rq
@@ -82,6 +82,9 @@ class EvilSplice(Splice):
                 payload = bytearray(parsed.data.payload)
                 payload[len(payload) // 2] ^= 0x01
                 parsed.data.payload = bytes(payload)
+                return parsed.SerializeToString()
+            if ATTACK.mode == "reflag":  # claim the frame is compressed (flags are authenticated)
+                parsed.data.flags ^= FLAG_COMPRESSED
                 return parsed.SerializeToString()
             if ATTACK.mode == "replay":
                 pending.append(frame)
@@ -205,6 +208,15 @@ def test_tampered_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
     assoc.send_c_echo()
     wait_until(lambda: assoc.is_aborted, timeout=10, what="A-ABORT after a tampered frame")
     wait_until(lambda: "SECURITY: frame 1 failed authentication" in net.log("site-b"), what="the tamper alert")
+
+
+def test_reflagged_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
+    net, *_ = evil
+    ATTACK.mode = "reflag"
+    assoc = _echo_association(net)
+    assoc.send_c_echo()
+    wait_until(lambda: assoc.is_aborted, timeout=10, what="A-ABORT after a re-flagged frame")
+    assert "SECURITY: frame 1 failed authentication" in net.log("site-b")
 
 
 def test_replayed_frame_aborts_the_association(evil) -> None:  # noqa: ANN001

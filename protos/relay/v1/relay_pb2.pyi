@@ -156,18 +156,20 @@ class RemoteDevice(_message.Message):
     def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
 
 class IncomingAssociation(_message.Message):
-    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake")
+    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     from_site: str
     called_ae_title: str
     first_frame: Frame
     handshake: Handshake
-    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("open", "join", "accepted", "refused", "data", "close", "confirm")
@@ -188,20 +190,22 @@ class Frame(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., join: _Optional[_Union[Join, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., confirm: _Optional[_Union[Confirm, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data", "handshake")
+    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data", "handshake", "features")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     TO_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     CALLING_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_DATA_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     to_site: str
     called_ae_title: str
     calling_ae_title: str
     first_data: Data
     handshake: Handshake
-    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Handshake(_message.Message):
     __slots__ = ("kem_ciphertext", "signature", "suite")
@@ -214,10 +218,12 @@ class Handshake(_message.Message):
     def __init__(self, kem_ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., suite: _Optional[str] = ...) -> None: ...
 
 class Confirm(_message.Message):
-    __slots__ = ("signature",)
+    __slots__ = ("signature", "features")
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     signature: bytes
-    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, signature: _Optional[bytes] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Join(_message.Message):
     __slots__ = ("association_id",)

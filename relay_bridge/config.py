@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from relay_common.config import InvalidValue, load_config, parse_host_port
+from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port
 
 
 @dataclass(frozen=True)
@@ -81,21 +80,6 @@ class EnrollmentSection:
     def __post_init__(self) -> None:
         if (self.ca_cert is None) != (self.ca_key is None):
             raise InvalidValue("ca_key" if self.ca_key is None else "ca_cert", "ca_cert and ca_key go together")
-
-
-@dataclass(frozen=True)
-class AuditSection:
-    enabled: bool = True
-    # JSON-lines audit trail (mode 0600); relative paths are relative to this file.
-    file: Path = Path("audit.jsonl")
-    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
-    syslog: str = ""
-
-
-@dataclass(frozen=True)
-class LoggingSection:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "text"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,25 @@ class ConfigError(Exception):
         super().__init__(where + problem)
 
 
+@dataclasses.dataclass(frozen=True)
+class AuditSection:
+    """[audit], the same on both daemons."""
+
+    enabled: bool = True
+    # JSON-lines audit trail (mode 0600); relative paths are relative to the config file.
+    file: Path = Path("audit.jsonl")
+    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
+    syslog: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """[logging], the same on both daemons."""
+
+    level: typing.Literal["debug", "info", "warning", "error"] = "info"
+    format: typing.Literal["auto", "json", "text"] = "auto"
+
+
 def load_config(path: str | Path, schema: type[T]) -> T:
     """Read `path` (TOML) into an instance of the dataclass `schema`."""
     path = Path(path)

@@ -21,6 +21,7 @@ import grpc.aio
 from protos.relay.v1 import relay_pb2 as pb
 from relay_router.compress import FEATURE as COMPRESSION
 from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
+from relay_router.config import DicomSection
 from relay_router.seal import (
     FLAG_COMPRESSED,
     FLAG_SEALED,
@@ -91,28 +92,26 @@ class RelayedAssociation:
         stream: AssociationStream,
         outcome: Outcome,
         *,
-        frame_bytes: int,
-        idle_timeout_s: float,
-        send_seq: int,
-        receive_seq: int,
+        dicom: DicomSection,
         sealer: FrameSealer,
+        initiator: bool,
         confirm_from: tuple[PublicIdentity, str] | None = None,
-        compression_level: int | None = None,
         compression_agreed: bool = False,
     ) -> None:
         self.conn = connection
         self.reader, self.writer, self.stream = reader, writer, stream
         self.outcome = outcome
-        self.frame_bytes = frame_bytes
-        self.idle_timeout_s = idle_timeout_s
-        self._send_seq = send_seq
-        self._receive_seq = receive_seq
+        self.frame_bytes = dicom.frame_bytes
+        self.idle_timeout_s = dicom.idle_timeout_s
+        # Frame 0 of the initiator's direction (the A-ASSOCIATE-RQ) travels inside Open.
+        self._send_seq = 1 if initiator else 0
+        self._receive_seq = 0 if initiator else 1
         self.sealer = sealer
         # Initiator side: (responder identity, site) whose Confirm must verify before any data is accepted.
         self._confirm_from = confirm_from
         # Compression: the initiator learns from the Confirm whether the destination accepted it.
-        self._compression_level = compression_level
-        self._compressor = FrameCompressor(compression_level) if compression_agreed and compression_level else None
+        self._compression_level = dicom.compression_level if dicom.compression else None
+        self._compressor = FrameCompressor(dicom.compression_level) if compression_agreed else None
         self._decompressor = FrameDecompressor() if self._compressor else None
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()

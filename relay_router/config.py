@@ -6,9 +6,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from relay_common.config import InvalidValue, load_config, parse_host_port, secret_from
+from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port, secret_from
 
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")
 SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -155,21 +154,6 @@ class Pin:
             raise InvalidValue("site", f"{self.site!r} is not a router name")
         if not re.fullmatch(r"[0-9a-f]{64}", self.fingerprint):
             raise InvalidValue("fingerprint", "must be 64 lowercase hex digits (SHA-256)")
-
-
-@dataclass(frozen=True)
-class AuditSection:
-    enabled: bool = True
-    # JSON-lines audit trail (mode 0600); relative paths are relative to this file.
-    file: Path = Path("audit.jsonl")
-    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
-    syslog: str = ""
-
-
-@dataclass(frozen=True)
-class LoggingSection:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "text"] = "auto"
 
 
 @dataclass(frozen=True)

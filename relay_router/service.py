@@ -334,13 +334,10 @@ class RouterService:
             writer,
             stream,
             outcome,
-            frame_bytes=self.config.dicom.frame_bytes,
-            idle_timeout_s=self.config.dicom.idle_timeout_s,
-            send_seq=1,
-            receive_seq=0,
+            dicom=self.config.dicom,
             sealer=sealer,
+            initiator=True,
             confirm_from=(peer, route.site),
-            compression_level=self.config.dicom.compression_level if self.config.dicom.compression else None,
         )
         outcome.bytes_to_remote += len(forward.data)
         await self._run(relay)
@@ -458,12 +455,9 @@ class RouterService:
             writer,
             stream,
             outcome,
-            frame_bytes=self.config.dicom.frame_bytes,
-            idle_timeout_s=self.config.dicom.idle_timeout_s,
-            send_seq=0,
-            receive_seq=1,
+            dicom=self.config.dicom,
             sealer=sealer,
-            compression_level=self.config.dicom.compression_level,
+            initiator=False,
             compression_agreed=compress,
         )
         actions = conn.receive(Side.REMOTE, request_pdu)

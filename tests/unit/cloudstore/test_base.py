@@ -19,7 +19,8 @@ def test_valid_keys(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["", "/a", "a/", "a//b", ".", "..", "a/./b", "a/../b", "a\\b", "a\x00b", "tab\t", "del\x7f", "x" * 1025]
+    "key",
+    ["", "/a", "a/", "a//b", ".", "..", "a/./b", "a/../b", "a\\b", "a\x00b", "tab\t", "del\x7f", "x" * 1025, "\ud800"],
 )
 def test_invalid_keys(key: str) -> None:
     with pytest.raises(ValueError):
@@ -121,3 +122,16 @@ async def test_sweep_arguments(tmp_path: Path) -> None:
         await sweep(store, "/abs", 60)
     with pytest.raises(ValueError):
         await sweep(store, "spill/", -1)
+
+
+@pytest.mark.parametrize("expires", [0, 0.0, -1, 7 * 24 * 3600 + 1, float("inf"), float("nan")])
+async def test_bad_expiries(tmp_path: Path, expires: float) -> None:
+    with pytest.raises(ValueError):
+        await FileBlobStore(tmp_path).presign_get("k", expires)
+
+
+async def test_fractional_expiry_rounds_up(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    assert store.verify_presigned(await store.presign_get("k", 0.5), "GET") == "k"
+    with pytest.raises(TypeError):
+        await store.presign_get("k", "60")  # type: ignore[arg-type]

@@ -11,7 +11,16 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
 
-from cloudstore import BlobStore, PresignedURLError, PresignedURLExpired, PresignedURLInvalid, open_store, sweep
+from cloudstore import (
+    BlobNotFound,
+    BlobStore,
+    BlobStoreError,
+    PresignedURLError,
+    PresignedURLExpired,
+    PresignedURLInvalid,
+    open_store,
+    sweep,
+)
 from cloudstore.base import MiB
 from cloudstore.file import INCOMING, FileBlobStore
 from tests.integration.cloudstore.contract import BlobStoreContract, empty_and_close
@@ -205,10 +214,11 @@ async def test_delete_prunes_empty_directories(store: FileBlobStore) -> None:
 async def test_directories_are_not_blobs(store: FileBlobStore) -> None:
     await store.put_bytes("dir/file", b"x")
     assert not await store.exists("dir")
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(BlobNotFound):
         await store.get_bytes("dir")
-    assert type(caught.value).__name__ == "BlobNotFound"
-    with pytest.raises(Exception, match="no such blob"):
+    with pytest.raises(BlobNotFound):
+        await store.stat("dir")
+    with pytest.raises(BlobNotFound, match="no such blob"):
         await store.get_bytes("dir/file/below")
 
 
@@ -246,3 +256,15 @@ async def test_sweep_by_real_age(store: FileBlobStore) -> None:
     report = await sweep(store, "spill/", older_than_s=3600)
     assert report.deleted == ["spill/old"]
     assert [info.key for info in await store.list()] == ["spill/new"]
+
+
+async def test_a_blob_cannot_also_be_a_directory(store: FileBlobStore) -> None:
+    await store.put_bytes("a", b"blob")
+    with pytest.raises(BlobStoreError, match="put 'a/b' on"):
+        await store.put_bytes("a/b", b"below a blob")
+    await store.put_bytes("c/d", b"x")
+    with pytest.raises(BlobStoreError, match="put 'c' on"):
+        await store.put_bytes("c", b"over a directory")
+    await store.delete("c")  # a directory is not a blob: nothing to delete
+    assert [info.key for info in await store.list()] == ["a", "c/d"]
+    assert list((store.root / INCOMING).iterdir()) == []

@@ -116,7 +116,10 @@ class RelayedAssociation:
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_reason: int | None = None
-        self._last_activity = time.monotonic()
+        now = time.monotonic()
+        self._last_activity = now
+        self._last_from = {Side.LOCAL: now, Side.REMOTE: now}
+        self.dimse_timeout_s = dicom.dimse_timeout_s
         self._extra = {"assoc": outcome.association_id}
 
     # -- carrying out actions ---------------------------------------------
@@ -193,7 +196,7 @@ class RelayedAssociation:
                 data = await self.reader.read(self.frame_bytes)
             except ConnectionError:
                 data = b""
-            self._last_activity = time.monotonic()
+            self._stamp(Side.LOCAL)
             if not data:
                 await self.apply(self.conn.peer_closed(Side.LOCAL))
                 return
@@ -206,7 +209,7 @@ class RelayedAssociation:
             except grpc.aio.AioRpcError as exc:
                 self.outcome.detail = self.outcome.detail or f"link to the bridge lost ({exc.code().name})"
                 frame = None
-            self._last_activity = time.monotonic()
+            self._stamp(Side.REMOTE)
             if frame is None:
                 self.outcome.detail = self.outcome.detail or "the bridge ended the association stream"
                 await self.apply(self.conn.peer_closed(Side.REMOTE))
@@ -295,11 +298,22 @@ class RelayedAssociation:
             self.writer.write(a_abort(2, 0))
         self._closed.set()
 
+    def _stamp(self, side: Side) -> None:
+        self._last_activity = self._last_from[side] = time.monotonic()
+
     async def _watch_idle(self) -> None:
-        while not self._closed.is_set():
-            await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
-            if time.monotonic() - self._last_activity > self.idle_timeout_s:
-                await self.abort(f"no traffic for {self.idle_timeout_s:.0f} s (idle timeout)")
+        """Abort a silent association (idle timeout) or one whose acceptor stopped answering (DIMSE timeout)."""
+        limits = [t for t in (self.idle_timeout_s, self.dimse_timeout_s) if t > 0]
+        while limits and not self._closed.is_set():
+            await asyncio.sleep(min(5.0, min(limits) / 2))
+            now = time.monotonic()
+            if self.idle_timeout_s and now - self._last_activity > self.idle_timeout_s:
+                await self.abort(f"no traffic for {self.idle_timeout_s:g} s (idle timeout)")
+            asked, answered = self._last_from[self.conn.requestor], self._last_from[self.conn.requestor.other]
+            if self.dimse_timeout_s and asked > answered and now - asked > self.dimse_timeout_s:
+                await self.abort(
+                    f"the called device sent nothing for {self.dimse_timeout_s:g} s after a request (DIMSE timeout)"
+                )
 
     async def run(self, initial: list[Action] | None = None) -> Outcome:
         if initial:

@@ -81,8 +81,11 @@ class DicomSection:
     artim_timeout_s: float = 30.0
     # Seconds to connect to a shared local device.
     connect_timeout_s: float = 10.0
-    # Seconds an association may sit with no traffic either way before it is aborted.
+    # Seconds an association may sit with no traffic either way before it is aborted (0: never).
     idle_timeout_s: float = 3600.0
+    # Seconds the called device may stay silent after the calling device sent something (0: never).
+    # Long C-MOVEs send pending responses; a device that answers nothing this long is considered stuck.
+    dimse_timeout_s: float = 600.0
     max_associations: int = 200
     # Compress frames with zstd when the other router agrees (pays on WAN links; costs CPU on a LAN).
     compression: bool = True

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint protos protos-check bench-quick system-deps clean
+.PHONY: demo test unit integration lint protos protos-check bench-quick bench bench-deps system-deps clean
 
 # Debian packages the tests need (installed only when missing, and only as root).
 system-deps:
@@ -48,6 +48,24 @@ protos-check: $(STAMP)
 
 bench-quick: $(STAMP) system-deps
 	$(PY) -m benchmarks.loopback
+
+# WAN benchmark (root): sites A and B and a hub in network namespaces on 127/8 addresses, links shaped
+# with tbf and delayed by a TUN delay stage; raw path vs OpenVPN vs relay. BENCH_ARGS passes options,
+# e.g. make bench BENCH_ARGS="--quick"  or  BENCH_ARGS="--rtt-ms 100 --repeats 5".
+BENCH_ARGS ?=
+bench-deps: $(STAMP)
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces, tc, TUN)" >&2; exit 1; fi
+	@missing=""; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null 2>&1 || missing="$$missing iptables"; \
+	command -v openvpn >/dev/null 2>&1 || missing="$$missing openvpn"; \
+	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+
+bench: bench-deps
+	$(PY) -m benchmarks.wan $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help="write {'port': N} here once serving")
 
     sub.add_parser("check-config", help="validate bridge.toml and exit")
+    status = sub.add_parser("status", help="routers signed on, devices and links, recent associations (a map)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     router = sub.add_parser("router", help="manage router accounts")
     rsub = router.add_subparsers(dest="action", required=True)
@@ -99,19 +101,27 @@ def _init(args: argparse.Namespace) -> int:
 
 async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> None:
     from relay_bridge.server import start  # grpc is only needed to serve
+    from relay_bridge.status import StatusWriter, status_path
 
     holder: dict[str, object] = {}
 
     async def begin() -> None:
-        server, port, _ = await start(cfg, insecure=args.insecure)
+        server, port, servicer = await start(cfg, insecure=args.insecure)
         holder["server"] = server
         log.info("bridge serving on %s (port %d, %s)", cfg.server.listen, port, "INSECURE" if args.insecure else "TLS")
-        announce_ready(args.ready_file, port=port)
+        await servicer.metrics.start(cfg.metrics.listen)
+        holder["metrics"] = servicer.metrics
+        holder["status"] = writer = StatusWriter(servicer, status_path(cfg), port=port)
+        await writer.start()
+        announce_ready(args.ready_file, port=port, metrics_port=servicer.metrics.server.port)
 
     async def end() -> None:
         server = holder.get("server")
         if server is not None:
             await server.stop(10.0)  # type: ignore[attr-defined]
+        for part in ("status", "metrics"):
+            if part in holder:
+                await holder[part].stop()  # type: ignore[attr-defined]
 
     await run_until_signalled(begin, end)
 
@@ -146,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         asyncio.run(_serve(cfg, args))
         return 0
+    if args.command == "status":
+        from relay_bridge.status import status_command
+
+        return status_command(cfg, args.json, color=sys.stdout.isatty())
     db = Directory(cfg.storage.database)
     try:
         return _admin(args, db, cfg)

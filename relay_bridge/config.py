@@ -83,12 +83,49 @@ class EnrollmentSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    # HOST:PORT of the Prometheus endpoint (http://HOST:PORT/metrics); "" disables it.
+    listen: str = "127.0.0.1:9465"
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                parse_host_port(self.listen)
+            except ValueError as exc:
+                raise InvalidValue("listen", f'{exc} (or "" to disable metrics)') from None
+
+
+@dataclass(frozen=True)
+class SpillSection:
+    # Blob store for spilled datasets (docs/cloudstore.md): "file:///var/lib/dicom-relay/blobs",
+    # "s3://bucket/prefix", "gs://bucket/prefix"; "" = a "blobs" directory next to the database;
+    # "off" = no spill (routers send everything inline).
+    store: str = ""
+    # S3-compatible endpoint and region (credentials come from the usual boto3 chain, on the bridge only).
+    endpoint_url: str = ""
+    region: str = ""
+    # Seconds a presigned URL handed to a router stays valid.
+    url_ttl_s: float = 900.0
+    # Blobs older than this are deleted by the orphan sweep (every sweep_interval_s).
+    ttl_s: float = 86400.0
+    sweep_interval_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.url_ttl_s <= 7 * 24 * 3600:
+            raise InvalidValue("url_ttl_s", "must be between 1 and 604800")
+        if self.ttl_s <= 0 or self.sweep_interval_s <= 0:
+            raise InvalidValue("ttl_s", "ttl_s and sweep_interval_s must be positive")
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     server: ServerSection = field(default_factory=ServerSection)
     storage: StorageSection = field(default_factory=StorageSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    spill: SpillSection = field(default_factory=SpillSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 

@@ -189,7 +189,7 @@ class Directory:
 
     def issue_enrollment_token(self, name: str, ttl_s: float) -> str:
         """A new single-use token for `relay-router enroll` (earlier unused tokens stay valid until they expire)."""
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_hex(32)  # hex: never starts with "-", which a command line would take for an option
         with self._lock:
             if self._db.execute("SELECT 1 FROM routers WHERE name=?", (name,)).fetchone() is None:
                 raise DirectoryError(f"no router named {name!r}")

@@ -18,8 +18,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge.blobs import BlobBroker, BlobRefused
 from relay_bridge.config import BridgeConfig
 from relay_bridge.directory import Device, Directory
+from relay_bridge.metrics import BridgeMetrics
 from relay_bridge.pki import CsrError, issue_client_certificate
 from relay_bridge.splice import Splice, close_frame
 from relay_common.audit import AuditLog
@@ -98,6 +100,9 @@ class RelayServicer:
         self.sessions: dict[str, RouterSession] = {}
         self.splices: dict[str, Splice] = {}
         self.throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window_s)
+        self.metrics = BridgeMetrics(self)
+        self.blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
+        self._blob_tasks: set[asyncio.Task[int]] = set()
 
     # -- directory ---------------------------------------------------------
     def directory_for(self, site: str) -> pb.Directory:
@@ -152,6 +157,7 @@ class RelayServicer:
                 if error:
                     log.warning("router %s refused from %s: identity key changed", sign_on.account, source)
         if error is not None:
+            self.metrics.sign_on_failed(error)
             self.audit.event(
                 "sign_on",
                 "alert" if "too many" in error or "identity" in error else "failure",
@@ -176,6 +182,7 @@ class RelayServicer:
             source=source,
             shared_devices=[d.ae_title for d in sign_on.devices],
         )
+        self.metrics.signed_on()
         log.info("router %s signed on from %s (%d shared devices)", session.name, source, len(sign_on.devices))
         await context.write(
             pb.BridgeMessage(
@@ -296,6 +303,67 @@ class RelayServicer:
         self.broadcast_directory()
         return pb.EnrollResponse(certificate_pem=certificate, ca_pem=ca_pem)
 
+    # -- cloud spill (relay_bridge.blobs) --------------------------------
+    async def _blob_caller(self, context: grpc.aio.ServicerContext, association_id: str = "") -> RouterSession:
+        token = dict(context.invocation_metadata() or ()).get("relay-session", "")
+        session = next((s for s in self.sessions.values() if secrets.compare_digest(s.token, token)), None)
+        if session is None or session.ended.is_set():
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: sign on first")
+        problem = self._certificate_problem(context, session.name)
+        if problem:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        if self.blobs is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this bridge has no spill blob store")
+        if association_id and association_id not in session.associations:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an association of this router")
+        return session
+
+    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:  # noqa: N802
+        await self._blob_caller(context, request.association_id)
+        assert self.blobs is not None
+        try:
+            blob_id, url, expires = await self.blobs.slot(
+                request.association_id, request.blob_id, request.part, download=request.download
+            )
+        except BlobRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a store failure: the router falls back to inline frames
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+        return pb.BlobSlotResponse(blob_id=blob_id, url=url, expires_unix=expires)
+
+    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+        session = await self._blob_caller(context)
+        assert self.blobs is not None
+        try:
+            await self.blobs.put_part(request.url, request.data, session.associations)
+        except BlobRefused as exc:
+            self.audit.event("blob_refused", "alert", router=session.name, detail=str(exc))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+        return pb.BlobPartAck()
+
+    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:  # noqa: N802
+        session = await self._blob_caller(context)
+        assert self.blobs is not None
+        try:
+            data = await self.blobs.get_part(request.url, session.associations)
+        except BlobRefused as exc:
+            self.audit.event("blob_refused", "alert", router=session.name, detail=str(exc))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+        return pb.BlobPart(data=data)
+
+    async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+        await self._blob_caller(context, request.association_id)
+        assert self.blobs is not None
+        try:
+            await self.blobs.release(request.association_id, request.blob_id)
+        except BlobRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return pb.BlobPartAck()
+
     # -- association streams ---------------------------------------------
     async def Associate(  # type: ignore[override]  # noqa: N802
         self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
@@ -323,6 +391,7 @@ class RelayServicer:
 
     async def _refuse(self, context: grpc.aio.ServicerContext, reason: int, detail: str, assoc: str) -> None:
         log.info("association refused: %s", detail, extra={"assoc": assoc})
+        self.metrics.refused(reason, assoc, detail)
         await context.write(_frame(refused=pb.Refused(reason=reason, detail=detail)))
 
     async def _initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
@@ -407,6 +476,7 @@ class RelayServicer:
             log.info(
                 "association %s -> %s/%s spliced", session.name, op.to_site, op.called_ae_title, extra={"assoc": aid}
             )
+            self.metrics.spliced(splice)
             await context.write(_frame(accepted=pb.Accepted(association_id=aid)))
             pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
             try:
@@ -418,6 +488,10 @@ class RelayServicer:
             self.splices.pop(aid, None)
             session.associations.discard(aid)
             destination.associations.discard(aid)
+            if self.blobs is not None:  # whatever the routers did not release
+                task = asyncio.get_running_loop().create_task(self.blobs.release(aid))
+                self._blob_tasks.add(task)
+                task.add_done_callback(self._blob_tasks.discard)
             self.audit.event(
                 "association",
                 "success" if splice.joined.done() and not splice.joined.cancelled() else "failure",
@@ -440,6 +514,7 @@ class RelayServicer:
                 time.time() - splice.opened,
                 extra={"assoc": aid},
             )
+            self.metrics.closed(splice)
 
     async def _join(self, session: RouterSession, join: pb.Join, context: grpc.aio.ServicerContext) -> None:
         splice = self.splices.get(join.association_id)
@@ -505,6 +580,19 @@ def _handlers(servicer: RelayServicer) -> grpc.GenericRpcHandler:
                 request_deserializer=pb.EnrollRequest.FromString,
                 response_serializer=pb.EnrollResponse.SerializeToString,
             ),
+            **{
+                name: grpc.unary_unary_rpc_method_handler(
+                    getattr(servicer, name),
+                    request_deserializer=req.FromString,
+                    response_serializer=res.SerializeToString,
+                )
+                for name, req, res in (
+                    ("BlobSlot", pb.BlobSlotRequest, pb.BlobSlotResponse),
+                    ("PutBlobPart", pb.BlobPart, pb.BlobPartAck),
+                    ("GetBlobPart", pb.BlobPart, pb.BlobPart),
+                    ("ReleaseBlob", pb.BlobSlotRequest, pb.BlobPartAck),
+                )
+            },
         },
     )
 
@@ -519,6 +607,7 @@ def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.ping_timeout_ms", 10_000),  # what grpcio really uses to time a keepalive ping out
         ("grpc.so_reuseport", 0),
         # Start every stream with a large flow-control window; BDP probing still tunes it.
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
@@ -534,6 +623,9 @@ async def start(
         config.audit.file if config.audit.enabled else None, app="relay-bridge", syslog=config.audit.syslog
     )
     servicer = servicer_class(config, directory, audit)
+    servicer.blobs = BlobBroker.from_config(config)
+    if servicer.blobs is not None:
+        servicer.blobs.start()
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers([_handlers(servicer)])
     health_servicer = health.aio.HealthServicer()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Site:
     process: subprocess.Popen[bytes] | None = None
     extra_dicom: dict[str, object] = field(default_factory=dict)
     extra_bridge: dict[str, object] = field(default_factory=dict)
+    # [metrics] listen for this router ("127.0.0.1:0" picks a free port); None: the router's default.
+    metrics_listen: str | None = None
 
 
 def _toml_value(value: object) -> str:
@@ -69,7 +72,15 @@ def _wait_ready(ready: Path, proc: subprocess.Popen[bytes], log: Path, timeout: 
 class LocalRelayNetwork:
     """Start with `start()`, add sites with `add_site()`, stop with `stop()` (or use as a context manager)."""
 
-    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        bridge_spill: dict[str, object] | None = None,
+        bridge_host: str = "127.0.0.1",
+        command_prefix: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sites: dict[str, Site] = {}
@@ -77,6 +88,12 @@ class LocalRelayNetwork:
         self.bridge_port: int | None = None
         self.env = {**os.environ, **(env or {})}
         self.python = sys.executable
+        # Keys of the bridge's [spill] section (cloud spill store), written into bridge.toml by start().
+        self.bridge_spill = bridge_spill
+        # Where the bridge listens and the routers reach it (the WAN benchmark puts it in another namespace).
+        self.bridge_host = bridge_host
+        # Per process ("bridge" or a site name): words put before its command, e.g. ["ip", "netns", "exec", "ns"].
+        self.command_prefix = {k: list(v) for k, v in (command_prefix or {}).items()}
 
     # -- bridge --------------------------------------------------------------
     def _bridge_cmd(self, *args: str) -> list[str]:
@@ -91,6 +108,11 @@ class LocalRelayNetwork:
                 capture_output=True,
                 env=self.env,
             )
+            if self.bridge_spill:
+                with (self.workdir / "bridge.toml").open("a") as toml:
+                    toml.write(
+                        "\n[spill]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.bridge_spill.items())
+                    )
         if bridge:
             self.start_bridge()
         return self
@@ -98,10 +120,11 @@ class LocalRelayNetwork:
     def start_bridge(self) -> None:
         ready = self.workdir / "bridge.ready"
         ready.unlink(missing_ok=True)
-        listen = f"127.0.0.1:{self.bridge_port or 0}"
+        listen = f"{self.bridge_host}:{self.bridge_port or 0}"
         log = self.workdir / "bridge.log"
         self.bridge = subprocess.Popen(
-            self._bridge_cmd("serve", "--listen", listen, "--ready-file", str(ready)),
+            self.command_prefix.get("bridge", [])
+            + self._bridge_cmd("serve", "--listen", listen, "--ready-file", str(ready)),
             stdout=subprocess.DEVNULL,
             stderr=log.open("ab"),
             env=self.env,
@@ -121,6 +144,7 @@ class LocalRelayNetwork:
         shared: list[Shared] = (),
         remote: list[Remote] = (),  # type: ignore[assignment]
         start: bool = True,
+        metrics_listen: str | None = None,
         **dicom: object,
     ) -> Site:
         result = self.bridge_admin("router", "add", name, "--json")
@@ -129,6 +153,7 @@ class LocalRelayNetwork:
         account = json.loads(result.stdout)
         site = Site(name, list(shared), list(remote), password=account["password"], extra_dicom=dict(dicom))
         site.enrollment_token = account["enrollment_token"]
+        site.metrics_listen = metrics_listen
         self.sites[name] = site
         self.write_router_config(site)
         if start:
@@ -147,8 +172,9 @@ class LocalRelayNetwork:
             "[audit]",
             f"file = {_toml_value('audit-' + site.name + '.jsonl')}",
             "",
+            *([] if site.metrics_listen is None else ["[metrics]", f"listen = {_toml_value(site.metrics_listen)}", ""]),
             "[bridge]",
-            f'address = "127.0.0.1:{self.bridge_port}"',
+            f'address = "{self.bridge_host}:{self.bridge_port}"',
             'ca_file = "ca.pem"',
             'server_name = "localhost"',
             f"password = {_toml_value(site.password)}",
@@ -184,6 +210,7 @@ class LocalRelayNetwork:
         log = self.workdir / f"router-{name}.log"
         site.process = subprocess.Popen(
             [
+                *self.command_prefix.get(name, []),
                 self.python,
                 "-m",
                 "relay_router.cli",

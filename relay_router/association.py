@@ -31,6 +31,8 @@ from relay_router.seal import (
     TamperError,
     verify_confirmation,
 )
+from relay_router.spill import FEATURE as SPILL
+from relay_router.spill import FLAG_BLOB, BlobTransport, SpillFailed, SpillReceiver, SpillSender
 from relay_router.tunnel import AssociationStream
 from relay_router.ul import (
     Aborted,
@@ -81,6 +83,7 @@ class Outcome:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     abstract_syntaxes: tuple[str, ...] = ()
+    established: float | None = None  # when the A-ASSOCIATE-AC passed (setup latency metric)
 
 
 class RelayedAssociation:
@@ -97,6 +100,8 @@ class RelayedAssociation:
         initiator: bool,
         confirm_from: tuple[PublicIdentity, str] | None = None,
         compression_agreed: bool = False,
+        blobs: BlobTransport | None = None,
+        spill_agreed: bool = False,
     ) -> None:
         self.conn = connection
         self.reader, self.writer, self.stream = reader, writer, stream
@@ -121,6 +126,25 @@ class RelayedAssociation:
         self._last_from = {Side.LOCAL: now, Side.REMOTE: now}
         self.dimse_timeout_s = dicom.dimse_timeout_s
         self._extra = {"assoc": outcome.association_id}
+        # Cloud spill (relay_router.spill): receiving always works with a bridge link; sending once agreed.
+        self._spill_in = (
+            SpillReceiver(blobs, outcome.association_id, sealer, parallel=dicom.spill_parallel) if blobs else None
+        )
+        self._spill_out = (
+            SpillSender(
+                blobs,
+                outcome.association_id,
+                sealer,
+                connection.framer(Side.LOCAL),
+                threshold=dicom.spill_threshold_bytes,
+                part_bytes=dicom.spill_part_bytes,
+                parallel=dicom.spill_parallel,
+                compression_level=lambda: self._compression_level if self._compressor else None,
+            )
+            if blobs and dicom.spill_threshold_bytes
+            else None
+        )
+        self._spill_agreed = spill_agreed
 
     # -- carrying out actions ---------------------------------------------
     async def apply(self, actions: list[Action]) -> None:
@@ -147,6 +171,7 @@ class RelayedAssociation:
         out = self.outcome
         if isinstance(action, Established):
             out.result = "established"
+            out.established = time.time()
             log.info("association %s -> %s established", out.calling_ae, out.called_ae, extra=self._extra)
         elif isinstance(action, Released):
             out.result = "released"
@@ -174,20 +199,40 @@ class RelayedAssociation:
 
     async def send_data(self, payload: bytes) -> None:
         async with self._send_lock:
-            flags = FLAG_SEALED
-            data = payload
-            if self._compressor is not None:
-                data, packed = self._compressor.compress(payload)
-                if packed:
-                    flags |= FLAG_COMPRESSED
-            sealed = self.sealer.seal(data, self._send_seq, flags)
-            frame = pb.Frame(data=pb.Data(payload=sealed, seq=self._send_seq, flags=flags))
-            self._send_seq += 1
-            self.outcome.bytes_to_remote += len(payload)
+            spill = self._spill_out
+            if spill is None or not self._spill_agreed or spill.disabled and not spill.active:
+                return await self._send_inline(payload)
+            self.outcome.bytes_to_remote += len(payload)  # counted here, whichever way the bytes go
             try:
-                await self.stream.send(frame)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
-                log.debug("could not send a frame: %s", exc, extra=self._extra)
+                inline, ref = await spill.offer(payload, self._send_seq, self.conn.phase is Phase.ESTABLISHED)
+            except SpillFailed as exc:
+                spill.disabled = True
+                self._spill_abort = asyncio.get_running_loop().create_task(self.abort(str(exc)))
+                return None
+            for start in range(0, len(inline), self.frame_bytes):
+                await self._send_inline(inline[start : start + self.frame_bytes], counted=True)
+            if ref is not None:
+                self._send_seq += 1
+                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                    await self.stream.send(pb.Frame(data=ref))
+            return None
+
+    async def _send_inline(self, payload: bytes, *, counted: bool = False) -> None:
+        flags = FLAG_SEALED
+        data = payload
+        if self._compressor is not None:
+            data, packed = self._compressor.compress(payload)
+            if packed:
+                flags |= FLAG_COMPRESSED
+        sealed = self.sealer.seal(data, self._send_seq, flags)
+        frame = pb.Frame(data=pb.Data(payload=sealed, seq=self._send_seq, flags=flags))
+        self._send_seq += 1
+        if not counted:
+            self.outcome.bytes_to_remote += len(payload)
+        try:
+            await self.stream.send(frame)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
+            log.debug("could not send a frame: %s", exc, extra=self._extra)
 
     # -- pumps ---------------------------------------------------------------
     async def _pump_local(self) -> None:
@@ -226,6 +271,7 @@ class RelayedAssociation:
                 if COMPRESSION in frame.confirm.features and self._compression_level:
                     self._compressor = FrameCompressor(self._compression_level)
                     self._decompressor = FrameDecompressor()
+                self._spill_agreed = SPILL in frame.confirm.features
             elif kind == "data":
                 if self._confirm_from is not None:
                     await self.abort("SECURITY: data arrived before the destination confirmed the handshake")
@@ -234,6 +280,12 @@ class RelayedAssociation:
                 if problem:
                     await self.abort(problem)
                     return
+                if frame.data.HasField("blob"):
+                    problem = await self._receive_blob(frame.data, payload)
+                    if problem:
+                        await self.abort(problem)
+                        return
+                    continue
                 await self.apply(self.conn.receive(Side.REMOTE, payload))
             elif kind == "close":
                 if self.conn.phase is not Phase.CLOSED:
@@ -259,10 +311,12 @@ class RelayedAssociation:
             )
         self._receive_seq += 1
         allowed = FLAG_SEALED | (FLAG_COMPRESSED if self._decompressor is not None else 0)
+        if data.HasField("blob") and self._spill_in is not None and data.flags == FLAG_SEALED | FLAG_BLOB:
+            allowed = data.flags
+        elif data.HasField("blob") or data.flags & FLAG_BLOB:
+            return b"", "SECURITY: a blob reference this router did not agree to or cannot fetch"
         if not data.flags & FLAG_SEALED or data.flags & ~allowed:
             return b"", f"SECURITY: frame flags {data.flags:#x}; only sealed frames (and agreed compression) accepted"
-        if data.HasField("blob"):
-            return b"", "blob references are not supported by this router"
         try:
             plain = self.sealer.open(data.payload, data.seq, data.flags)
         except TamperError as exc:
@@ -274,6 +328,19 @@ class RelayedAssociation:
             except DecompressionError as exc:
                 return b"", f"the destination router sent a bad compressed frame: {exc}"
         return plain, None
+
+    async def _receive_blob(self, data: pb.Data, manifest: bytes) -> str | None:
+        """Feed a spilled blob to the connection as if it had arrived inline; the reason to abort, if any."""
+        assert self._spill_in is not None
+        try:
+            async for plain in self._spill_in.fetch(data, manifest):
+                self._stamp(Side.REMOTE)
+                await self.apply(self.conn.receive(Side.REMOTE, plain))
+                if self._closed.is_set():
+                    return None
+        except SpillFailed as exc:
+            return str(exc)
+        return None
 
     async def abort(self, reason: str, *, close_reason: int = pb.Close.ABORTED) -> None:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""
@@ -330,6 +397,8 @@ class RelayedAssociation:
         return self.outcome
 
     async def _shut(self, tasks: list[asyncio.Task[None]]) -> None:
+        if self._spill_out is not None and self._spill_out.active:
+            await self._spill_out.discard()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await asyncio.wait_for(self.writer.drain(), CLOSE_GRACE_S)
         self.writer.close()

@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the router")
     serve.add_argument("--listen", help="override dicom.listen (HOST:PORT; port 0 picks one)")
     serve.add_argument("--ready-file", type=Path, help="write {'port': N} here once listening")
-    serve.add_argument("--status-file", type=Path, help="keep the router's state here as JSON")
+    serve.add_argument(
+        "--status-file", type=Path, help="keep the router's state here as JSON (default: STATE_DIR/status.json)"
+    )
     sub.add_parser("check-config", help="validate router.toml and exit")
     enroll = sub.add_parser("enroll", help="register this router's identity with the bridge (one-time token)")
     enroll.add_argument("--token", required=True, help="the enrollment token `relay-bridge router add` printed")
@@ -34,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     pacs = sub.add_parser("pacs-config", help="print the entries local archives need to reach remote devices")
     pacs.add_argument("--format", choices=["table", "orthanc", "json"], default="table")
     pacs.add_argument("--host", help="the router's address as the archive sees it (default: from dicom.listen)")
+    for name, text in (
+        ("status", "is the router running and signed on; devices; recent associations"),
+        ("devices", "the routing table: local AE title -> site/title, online or not"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+        command.add_argument(
+            "--status-file", type=Path, help="the serving router's --status-file (default: STATE_DIR/status.json)"
+        )
     return parser
 
 
@@ -60,14 +71,22 @@ def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) ->
 
 async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, status_file: Path | None) -> None:
     from relay_router.service import RouterService
+    from relay_router.status import default_status_file, write_now, write_stopped
 
-    service = RouterService(cfg, status_file=status_file)
+    service = RouterService(cfg, status_file=status_file or default_status_file(cfg))
 
     async def begin() -> None:
+        await service.metrics.start(cfg.metrics.listen)
         await service.start()
-        announce_ready(ready_file, port=service.port)
+        write_now(service)
+        announce_ready(ready_file, port=service.port, metrics_port=service.metrics.server.port)
 
-    await run_until_signalled(begin, service.stop)
+    async def end() -> None:
+        await service.stop()
+        await service.metrics.stop()
+        write_stopped(service)
+
+    await run_until_signalled(begin, end)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fingerprint":
         from relay_router.seal import Identity
 
-        print(Identity.load_or_create(cfg.router.state_dir / "identity.key").public.fingerprint)
+        key = cfg.router.state_dir / "identity.key"
+        if not key.exists():  # never create it here: run as another user, it would be unreadable by the service
+            print(f"no identity yet at {key}: it is created by `serve` or `enroll`", file=sys.stderr)
+            return 1
+        print(Identity.load_or_create(key).public.fingerprint)
         return 0
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host))
         return 0
+    if args.command in ("status", "devices"):
+        from relay_router import status as router_status
+
+        run = router_status.status_command if args.command == "status" else router_status.devices_command
+        return run(cfg, args.status_file, args.json)
     asyncio.run(_serve(cfg, args.ready_file, args.status_file))
     return 0
 

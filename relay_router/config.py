@@ -92,6 +92,12 @@ class DicomSection:
     compression_level: int = 3
     # Bytes read from a socket at once, and so the largest frame sent to the bridge.
     frame_bytes: int = 256 * 1024
+    # Cloud spill (docs/cloudstore.md): a data set larger than this travels through the bridge's blob
+    # store by reference instead of inline frames (0: never). Parts of spill_part_bytes, spill_parallel
+    # of them in flight each way.
+    spill_threshold_bytes: int = 8 * 1024 * 1024
+    spill_part_bytes: int = 4 * 1024 * 1024
+    spill_parallel: int = 4
 
     def __post_init__(self) -> None:
         try:
@@ -102,6 +108,12 @@ class DicomSection:
             raise InvalidValue("frame_bytes", "must be between 4096 and 4194304")
         if not 1 <= self.compression_level <= 19:
             raise InvalidValue("compression_level", "must be between 1 and 19")
+        if self.spill_threshold_bytes < 0:
+            raise InvalidValue("spill_threshold_bytes", "must be 0 (off) or positive")
+        if not 64 * 1024 <= self.spill_part_bytes <= 8 * 1024 * 1024:
+            raise InvalidValue("spill_part_bytes", "must be between 65536 and 8388608")
+        if not 1 <= self.spill_parallel <= 64:
+            raise InvalidValue("spill_parallel", "must be between 1 and 64")
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,19 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    # HOST:PORT of the Prometheus endpoint (http://HOST:PORT/metrics); "" disables it.
+    listen: str = "127.0.0.1:9464"
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                parse_host_port(self.listen)
+            except ValueError as exc:
+                raise InvalidValue("listen", f'{exc} (or "" to disable metrics)') from None
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     router: RouterSection
     bridge: BridgeSection
@@ -168,6 +193,7 @@ class RouterConfig:
     remote: list[RemoteDevice] = field(default_factory=list)
     pin: list[Pin] = field(default_factory=list)
     audit: AuditSection = field(default_factory=AuditSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from relay_common.config import parse_host_port
 from relay_router.association import Outcome, RelayedAssociation, rejection_for
 from relay_router.compress import FEATURE as COMPRESSION
 from relay_router.config import RouterConfig, SharedDevice
+from relay_router.metrics import RouterMetrics
 from relay_router.seal import (
     FLAG_SEALED,
     SUITE_NAME,
@@ -38,6 +39,9 @@ from relay_router.seal import (
     initiate,
     respond,
 )
+from relay_router.spill import FEATURE as SPILL
+from relay_router.spill import BlobTransport
+from relay_router.status import status_extra
 from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
 from relay_router.ul import (
     Action,
@@ -82,6 +86,7 @@ class RouterService:
         audit_path = config.audit.file if config.audit.enabled else None
         self.audit = AuditLog(audit_path, app="relay-router", syslog=config.audit.syslog)
         self.link = BridgeLink(config, self._incoming, self.audit)
+        self.blobs = BlobTransport(self.link)  # cloud spill: blob parts via URLs the bridge signs
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
         self.relays: set[RelayedAssociation] = set()
@@ -91,6 +96,7 @@ class RouterService:
         self._status_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.port: int | None = None
+        self.metrics = RouterMetrics(self)
 
     # -- routing table -------------------------------------------------------
     def routes(self) -> dict[str, Route]:
@@ -153,6 +159,7 @@ class RouterService:
             await relay.run(initial)
         finally:
             self.relays.discard(relay)
+            self.metrics.relay_finished(relay)
 
     def _track(self, coro: object) -> None:
         task = asyncio.current_task()
@@ -164,6 +171,7 @@ class RouterService:
         self.active.pop(outcome.association_id, None)
         outcome.ended = outcome.ended or time.time()
         self.history.append(outcome)
+        self.metrics.finished(outcome)
         if outcome.detail.startswith("SECURITY"):
             result = "alert"
         else:
@@ -222,14 +230,18 @@ class RouterService:
         while True:
             data = await reader.read(65536)
             actions = conn.receive(Side.LOCAL, data) if data else conn.peer_closed(Side.LOCAL)
+            request = None
+            # Look at every action: the same read may hold the request and a violation right behind it.
             for action in actions:
                 if isinstance(action, Send) and action.to is Side.LOCAL:
                     writer.write(action.data)
                 elif isinstance(action, AssociateRequested):
-                    return action.info
+                    request = action.info
                 elif isinstance(action, ProtocolViolation):
                     host, port = writer.get_extra_info("peername")[:2]
                     log.warning("protocol error from local device %s:%s: %s; sent A-ABORT", host, port, action.detail)
+            if request is not None and conn.phase is not Phase.CLOSED:
+                return request
             if not data or conn.phase is Phase.CLOSED:
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
@@ -309,7 +321,7 @@ class RouterService:
             handshake=pb.Handshake(
                 kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
             ),
-            features=[COMPRESSION] if self.config.dicom.compression else [],
+            features=[COMPRESSION, SPILL] if self.config.dicom.compression else [SPILL],
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -338,6 +350,7 @@ class RouterService:
             sealer=sealer,
             initiator=True,
             confirm_from=(peer, route.site),
+            blobs=self.blobs,
         )
         outcome.bytes_to_remote += len(forward.data)
         await self._run(relay)
@@ -447,6 +460,9 @@ class RouterService:
         tune_socket(writer)
         compress = self.config.dicom.compression and COMPRESSION in notice.features
         features = [COMPRESSION] if compress else []
+        spill = SPILL in notice.features
+        if spill:
+            features.append(SPILL)
         await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features)))
         conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(
@@ -459,6 +475,8 @@ class RouterService:
             sealer=sealer,
             initiator=False,
             compression_agreed=compress,
+            blobs=self.blobs,
+            spill_agreed=spill,
         )
         actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
@@ -482,6 +500,7 @@ class RouterService:
             "directory": [asdict(e) for e in self.link.directory],
             "routes": {title: asdict(route) for title, route in sorted(self.routes().items())},
             "active_associations": len(self.active),
+            **status_extra(self),
         }
 
     async def _write_status(self) -> None:

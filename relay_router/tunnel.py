@@ -102,6 +102,8 @@ class BridgeLink:
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.keepalive_time_ms", int(bridge.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # grpcio times keepalive pings out after this (default 60 s), not after keepalive_timeout_ms.
+            ("grpc.http2.ping_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # Start every stream with a large flow-control window; BDP probing still tunes it.

@@ -7,6 +7,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class BlobSlotRequest(_message.Message):
+    __slots__ = ("association_id", "blob_id", "part", "download")
+    ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
+    association_id: str
+    blob_id: str
+    part: int
+    download: bool
+    def __init__(self, association_id: _Optional[str] = ..., blob_id: _Optional[str] = ..., part: _Optional[int] = ..., download: _Optional[bool] = ...) -> None: ...
+
+class BlobSlotResponse(_message.Message):
+    __slots__ = ("blob_id", "url", "expires_unix")
+    BLOB_ID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    blob_id: str
+    url: str
+    expires_unix: int
+    def __init__(self, blob_id: _Optional[str] = ..., url: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+
+class BlobPart(_message.Message):
+    __slots__ = ("url", "data")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    data: bytes
+    def __init__(self, url: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BlobPartAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class EnrollRequest(_message.Message):
     __slots__ = ("account", "password", "enrollment_token", "identity", "csr_pem")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]

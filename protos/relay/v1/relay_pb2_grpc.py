@@ -49,6 +49,26 @@ class RelayStub:
                 request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.BlobSlot = channel.unary_unary(
+                '/relay.v1.Relay/BlobSlot',
+                request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotRequest.SerializeToString,
+                response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotResponse.FromString,
+                _registered_method=True)
+        self.PutBlobPart = channel.unary_unary(
+                '/relay.v1.Relay/PutBlobPart',
+                request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.SerializeToString,
+                response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPartAck.FromString,
+                _registered_method=True)
+        self.GetBlobPart = channel.unary_unary(
+                '/relay.v1.Relay/GetBlobPart',
+                request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.SerializeToString,
+                response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.FromString,
+                _registered_method=True)
+        self.ReleaseBlob = channel.unary_unary(
+                '/relay.v1.Relay/ReleaseBlob',
+                request_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotRequest.SerializeToString,
+                response_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPartAck.FromString,
+                _registered_method=True)
 
 
 class RelayServicer:
@@ -85,6 +105,36 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlobSlot(self, request, context):
+        """Cloud spill (session token as metadata "relay-session", like Associate).
+        A presigned URL for one part of a blob of one of the caller's associations:
+        the bridge holds the store's credentials, routers only ever get these URLs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutBlobPart(self, request, context):
+        """For stores the routers cannot reach themselves (file://): the bridge moves
+        one part, authorised by a presigned URL it issued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBlobPart(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseBlob(self, request, context):
+        """The receiver has opened every part: the bridge deletes the blob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +152,26 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollRequest.FromString,
                     response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.EnrollResponse.SerializeToString,
+            ),
+            'BlobSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlobSlot,
+                    request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotRequest.FromString,
+                    response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotResponse.SerializeToString,
+            ),
+            'PutBlobPart': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBlobPart,
+                    request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.FromString,
+                    response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPartAck.SerializeToString,
+            ),
+            'GetBlobPart': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlobPart,
+                    request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.FromString,
+                    response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.SerializeToString,
+            ),
+            'ReleaseBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseBlob,
+                    request_deserializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotRequest.FromString,
+                    response_serializer=protos_dot_relay_dot_v1_dot_relay__pb2.BlobPartAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +255,114 @@ class Relay:
             '/relay.v1.Relay/Enroll',
             protos_dot_relay_dot_v1_dot_relay__pb2.EnrollRequest.SerializeToString,
             protos_dot_relay_dot_v1_dot_relay__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlobSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relay.v1.Relay/BlobSlot',
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotRequest.SerializeToString,
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlobPart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relay.v1.Relay/PutBlobPart',
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.SerializeToString,
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobPartAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlobPart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relay.v1.Relay/GetBlobPart',
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.SerializeToString,
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relay.v1.Relay/ReleaseBlob',
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobSlotRequest.SerializeToString,
+            protos_dot_relay_dot_v1_dot_relay__pb2.BlobPartAck.FromString,
             options,
             channel_credentials,
             insecure,

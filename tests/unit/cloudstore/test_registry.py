@@ -69,6 +69,10 @@ def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_google_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "cloudstore.gcs", raising=False)
     monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
+    # An earlier test (the GCS contract) may have imported it: `from google.cloud import storage`
+    # would then find the package attribute and never look at sys.modules.
+    if "google.cloud" in sys.modules:
+        monkeypatch.delattr(sys.modules["google.cloud"], "storage", raising=False)
     with pytest.raises(MissingDependency, match=r"pip install 'dicom-relay\[gcs\]'"):
         open_store("gs://bucket/prefix")
 

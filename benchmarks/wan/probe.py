@@ -1,0 +1,193 @@
+"""Small measuring tools run inside the namespaces (one process each, bounded in time).
+
+    probe.py ping  --to ADDR [--count N] [--interval S]     ICMP echo round trips (raw socket, root)
+    probe.py sink  --listen ADDR:PORT --seconds S           receive one TCP connection, report goodput
+    probe.py send  --to ADDR:PORT --seconds S               send zeros for S seconds
+    probe.py echo  --to ADDR:PORT --aec TITLE [--count N]   DICOM association + C-ECHO + release, timed
+
+Each prints one JSON object on stdout. Only the standard library, except
+`echo`, which uses pynetdicom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import sys
+import time
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(to: str, count: int, interval: float, timeout: float = 2.0) -> dict[str, object]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    rtts: list[float] = []
+    lost = 0
+    for seq in range(count):
+        payload = struct.pack("!d", time.perf_counter()) + b"drwan" * 8
+        header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+        packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, seq) + payload
+        sent = time.perf_counter()
+        sock.sendto(packet, (to, 0))
+        deadline = sent + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                lost += 1
+                break
+            sock.settimeout(left)
+            try:
+                data, _ = sock.recvfrom(2048)
+            except TimeoutError:
+                lost += 1
+                break
+            ihl = (data[0] & 0x0F) * 4
+            kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl : ihl + 8])
+            if kind == 0 and rid == ident and rseq == seq:
+                rtts.append((time.perf_counter() - sent) * 1000.0)
+                break
+        time.sleep(interval)
+    return {
+        "to": to,
+        "sent": count,
+        "lost": lost,
+        "rtt_ms": {
+            "median": statistics.median(rtts) if rtts else None,
+            "min": min(rtts, default=None),
+            "max": max(rtts, default=None),
+            "mean": statistics.fmean(rtts) if rtts else None,
+        },
+    }
+
+
+def sink(listen: str, seconds: float) -> dict[str, object]:
+    host, port = listen.rsplit(":", 1)
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, int(port)))
+    server.listen(1)
+    server.settimeout(seconds + 30)
+    conn, _ = server.accept()
+    conn.settimeout(seconds + 30)
+    cc = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+    total = 0
+    first = last = None
+    marks: list[tuple[float, int]] = []
+    while True:
+        data = conn.recv(1 << 20)
+        now = time.perf_counter()
+        if not data:
+            break
+        if first is None:
+            first = now
+        total += len(data)
+        last = now
+        marks.append((now, total))
+    conn.close()
+    server.close()
+    if first is None or last is None or last <= first:
+        return {"bytes": total, "mbit_s": None}
+    # Steady state: the second half of the transfer, past slow start.
+    mid = first + (last - first) / 2
+    mid_bytes = next(b for t, b in marks if t >= mid)
+    return {
+        "bytes": total,
+        "seconds": last - first,
+        "mbit_s": total * 8 / (last - first) / 1e6,
+        "steady_mbit_s": (total - mid_bytes) * 8 / (last - mid) / 1e6 if last > mid else None,
+        "congestion_control": cc,
+    }
+
+
+def send(to: str, seconds: float) -> dict[str, object]:
+    host, port = to.rsplit(":", 1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    chunk = b"\0" * 65536
+    sent = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sent += sock.send(chunk)
+    sock.shutdown(socket.SHUT_WR)
+    sock.recv(1)  # wait for the receiver to close: everything was delivered
+    sock.close()
+    return {"bytes": sent}
+
+
+def echo(to: str, called: str, count: int, interval: float) -> dict[str, object]:
+    from pynetdicom import AE
+
+    host, port = to.rsplit(":", 1)
+    ae = AE(ae_title="BENCH_SCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        assoc = ae.associate(host, int(port), ae_title=called)
+        t1 = time.perf_counter()
+        if not assoc.is_established:
+            raise RuntimeError(f"association to {called} at {to} failed")
+        status = assoc.send_c_echo()
+        t2 = time.perf_counter()
+        if status is None or status.Status != 0:
+            raise RuntimeError(f"C-ECHO to {called} at {to} failed")
+        assoc.release()
+        t3 = time.perf_counter()
+        samples.append({"associate_s": t1 - t0, "echo_s": t2 - t1, "release_s": t3 - t2, "total_s": t3 - t0})
+        time.sleep(interval)
+    return {"samples": samples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ping")
+    p.add_argument("--to", required=True)
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--interval", type=float, default=0.05)
+    p = sub.add_parser("sink")
+    p.add_argument("--listen", required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p = sub.add_parser("send")
+    p.add_argument("--to", required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p = sub.add_parser("echo")
+    p.add_argument("--to", required=True)
+    p.add_argument("--aec", required=True)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--interval", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    if args.cmd == "ping":
+        result = ping(args.to, args.count, args.interval)
+    elif args.cmd == "sink":
+        result = sink(args.listen, args.seconds)
+    elif args.cmd == "send":
+        result = send(args.to, args.seconds)
+    else:
+        result = echo(args.to, args.aec, args.count, args.interval)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

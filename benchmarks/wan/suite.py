@@ -1,0 +1,560 @@
+"""WAN benchmark: raw path vs OpenVPN vs relay between two emulated hospital sites (root only).
+
+    make bench                                   # full run, 24 Mbit/s, 40 ms RTT
+    make bench BENCH_ARGS="--quick"              # development: smaller workloads, 1 repeat
+    python -m benchmarks.wan --rtt-ms 100        # another RTT
+    python -m benchmarks.wan --cleanup           # remove namespaces left by an interrupted run
+
+Topology (benchmarks/wan/topology.py): namespaces for site A, site B and a hub
+joined by veths; every link shaped with tbf and delayed by a TUN delay stage in
+the hub. Modes:
+
+    raw    storescu in A -> storescp in B, plain TCP through the hub
+    vpn    the same through a site-to-site OpenVPN 2.6 tunnel (UDP through the hub)
+    relay  storescu in A -> router A -> bridge (in the hub) -> router B -> storescp in B
+
+Writes benchmarks/results/<date>-wan.json (plus .md and .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.common import RESULTS, dcmtk, machine
+from benchmarks.wan import report, workloads
+from benchmarks.wan.topology import (
+    A_ADDR,
+    B_ADDR,
+    HUB_ADDR,
+    NS_A,
+    NS_B,
+    NS_HUB,
+    VPN_B_ADDR,
+    LinkSpec,
+    WanLab,
+    cleanup,
+)
+from benchmarks.wan.vpn import Vpn
+from relay_demo.datasets import fingerprints
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
+
+HERE = Path(__file__).resolve().parent
+PROBE = str(HERE / "probe.py")
+SCP_PORT = 11112
+# Debian's DCMTK (and Orthanc) leave Nagle on; every DICOM process here runs with TCP_NODELAY=1.
+DICOM_ENV = {**os.environ, "TCP_NODELAY": "1"}
+WORKLOADS = ("echo", "ct", "mr", "compressed", "small")
+FULL_SIZES = {"ct": 100, "mr": 200, "compressed": 100, "small": 200}
+QUICK_SIZES = {"ct": 20, "mr": 40, "compressed": 20, "small": 50}
+
+
+class Deadline(Exception):
+    pass
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages: other work on this machine skews every number."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class Measurements:
+    samples: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    echo_parts: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    cpu: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
+    errors: list[dict[str, object]] = field(default_factory=list)
+    failed: set[tuple[str, str]] = field(default_factory=set)
+    late: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.spec = LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, congestion_control=args.cc)
+        self.work = Path(tempfile.mkdtemp(prefix="drwan-"))
+        self.rx = Path(tempfile.mkdtemp(prefix="drwan-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.lab = WanLab(self.spec, self.work / "lab", nice=args.nice)
+        self.vpn: Vpn | None = None
+        self.net: LocalRelayNetwork | None = None
+        self.scp: subprocess.Popen[bytes] | None = None
+        self.relay_port: int | None = None
+        self.deadline = time.monotonic() + args.max_minutes * 60
+        self.cpu_pids: dict[str, int] = {}
+
+    # -- infrastructure ------------------------------------------------------
+    def start(self) -> None:
+        log(
+            f"building the WAN: {self.spec.rate_mbit:g} Mbit/s, {self.spec.rtt_ms:g} ms RTT, "
+            f"{self.spec.congestion_control}"
+        )
+        self.lab.up()
+        self.cpu_pids["delay"] = self.lab.delay_proc.pid  # type: ignore[union-attr]
+        self.scp = self.lab.popen(
+            NS_B,
+            [dcmtk("storescp"), "--disable-host-lookup", "+xa", "-aet", "STORE", "-od", str(self.rx),
+             "-fe", ".dcm", str(SCP_PORT)],
+            env=DICOM_ENV, stdout=subprocess.DEVNULL, stderr=(self.work / "storescp.log").open("ab"),
+        )  # fmt: skip
+        self.cpu_pids["storescp"] = self.scp.pid
+        if "vpn" in self.args.modes:
+            log("starting OpenVPN (site A <-> site B, UDP through the hub)")
+            self.vpn = Vpn(self.lab, self.work / "vpn").start()
+            for site, proc in self.vpn.procs.items():
+                self.cpu_pids[f"openvpn-{site}"] = proc.pid
+        if "relay" in self.args.modes:
+            log("starting the relay: bridge in the hub, routers in A and B")
+            self.net = LocalRelayNetwork(
+                self.work / "relay",
+                bridge_host=HUB_ADDR,
+                command_prefix={
+                    "bridge": self.lab.prefix(NS_HUB),
+                    "site-a": self.lab.prefix(NS_A),
+                    "site-b": self.lab.prefix(NS_B),
+                },
+            ).start()
+            inline: dict[str, object] = {"compression": False, "spill_threshold_bytes": 0, **self.args.relay_dicom}
+            self.net.add_site("site-b", shared=[Shared("STORE", "127.0.0.1", SCP_PORT, ["site-a"])], **inline)
+            site_a = self.net.add_site("site-a", remote=[Remote("STORE_B", "site-b", "STORE")], **inline)
+            self.net.wait_connected(60)
+            self.relay_port = site_a.port
+            assert self.net.bridge is not None and site_a.process is not None
+            self.cpu_pids["bridge"] = self.net.bridge.pid
+            self.cpu_pids["router-a"] = site_a.process.pid
+            self.cpu_pids["router-b"] = self.net.sites["site-b"].process.pid  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        for step in (
+            lambda: self.net.stop() if self.net else None,
+            lambda: self.vpn.stop() if self.vpn else None,
+            lambda: (self.scp.terminate(), self.scp.wait(10)) if self.scp and self.scp.poll() is None else None,
+            self.lab.teardown,
+        ):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - tear everything down whatever fails
+                log(f"teardown step failed: {exc}")
+        if not self.args.keep_workdir:
+            shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.rx, ignore_errors=True)
+
+    def target(self, mode: str) -> tuple[str, int, str]:
+        if mode == "raw":
+            return B_ADDR, SCP_PORT, "STORE"
+        if mode == "vpn":
+            return VPN_B_ADDR, SCP_PORT, "STORE"
+        assert self.relay_port is not None
+        return "127.0.0.1", self.relay_port, "STORE_B"
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Deadline()
+        return left
+
+    # -- emulation check -----------------------------------------------------
+    def _ping(self, ns: str, to: str, count: int = 20) -> dict[str, object]:
+        r = self.lab.run(ns, [sys.executable, PROBE, "ping", "--to", to, "--count", str(count)], timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"ping {to} from {ns} failed: {r.stderr[-1500:]}")
+        return json.loads(r.stdout)
+
+    def _tcp(self, src: str, dst: str, addr: str, seconds: float) -> dict[str, object]:
+        sink = self.lab.popen(
+            dst,
+            [sys.executable, PROBE, "sink", "--listen", f"{addr}:5201", "--seconds", str(seconds)],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            time.sleep(0.3)
+            r = self.lab.run(src, [sys.executable, PROBE, "send", "--to", f"{addr}:5201", "--seconds", str(seconds)],
+                             timeout=seconds + 60)  # fmt: skip
+            if r.returncode != 0:
+                raise RuntimeError(f"TCP probe {src} -> {addr} failed: {r.stderr[-1500:]}")
+            out, _ = sink.communicate(timeout=60)
+            return json.loads(out)
+        finally:
+            if sink.poll() is None:
+                sink.kill()
+                sink.wait()
+
+    def check(self) -> dict[str, object]:
+        secs = self.args.check_seconds
+        log(f"emulation check: ping and {secs:g} s of raw TCP through the emulated links")
+        check: dict[str, object] = {
+            "ping_a_to_b": self._ping(NS_A, B_ADDR),
+            "ping_a_to_hub": self._ping(NS_A, HUB_ADDR),
+            "tcp_a_to_b": self._tcp(NS_A, NS_B, B_ADDR, secs),
+            "tcp_b_to_a": self._tcp(NS_B, NS_A, A_ADDR, secs),
+            "tcp_a_to_hub": self._tcp(NS_A, NS_HUB, HUB_ADDR, secs),
+        }
+        if self.vpn is not None:
+            check["ping_vpn"] = self._ping(NS_A, VPN_B_ADDR)
+            check["tcp_vpn"] = self._tcp(NS_A, NS_B, VPN_B_ADDR, secs)
+        exp = (self.spec.rate_mbit * 1448 / 1514) * 0.97, self.spec.rate_mbit * 1448 / 1514 * 1.005
+        for key in ("tcp_a_to_b", "tcp_b_to_a", "tcp_a_to_hub", "tcp_vpn"):
+            if key in check:
+                c = check[key]
+                log(
+                    f"  {key:<13} {c['mbit_s']:6.2f} Mbit/s "
+                    f"(steady {c['steady_mbit_s']:.2f}; {c['congestion_control']})"
+                )  # type: ignore[index]
+        for key in ("ping_a_to_b", "ping_a_to_hub", "ping_vpn"):
+            if key in check:
+                c = check[key]["rtt_ms"]  # type: ignore[index]
+                log(f"  {key:<13} {c['median']:6.2f} ms median (min {c['min']:.2f}, max {c['max']:.2f})")
+        steady = check["tcp_a_to_b"]["steady_mbit_s"]  # type: ignore[index]
+        rtt = check["ping_a_to_b"]["rtt_ms"]["median"]  # type: ignore[index]
+        check["expected"] = {
+            "tcp_mbit_s": [round(exp[0], 2), round(exp[1], 2)],
+            "rtt_ms": [self.spec.rtt_ms, self.spec.rtt_ms + 2.0],
+        }
+        check["ok"] = bool(exp[0] <= steady <= exp[1] and self.spec.rtt_ms <= rtt <= self.spec.rtt_ms + 2.0)
+        if not check["ok"]:
+            log("  WARNING: the emulation is outside the expected range; numbers below are suspect")
+        return check
+
+    # -- measurements --------------------------------------------------------
+    def _cpu_snapshot(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.cpu_pids.items()}
+
+    def _late(self) -> dict[str, float]:
+        tuns = self.lab.delay_counters(fresh=True).get("tuns", {})
+        keys = ("packets", "late_over_1ms", "late_over_5ms", "late_over_20ms")
+        return {k: sum(t.get(k, 0) for t in tuns.values()) for k in keys}  # type: ignore[union-attr]
+
+    @contextlib.contextmanager
+    def emulator_window(self) -> Iterator[dict[str, float]]:
+        """Counts the packets the delay stage released late during a run (a starved CPU)."""
+        before = self._late()
+        delta: dict[str, float] = {}
+        yield delta
+        after = self._late()
+        delta.update({k: after[k] - before.get(k, 0) for k in after})
+
+    def store(
+        self, mode: str, files: tuple[Path, ...], verify: bool, extra: list[str] | None = None
+    ) -> tuple[float, dict[str, float]]:
+        extra = extra or []
+        host, port, called = self.target(mode)
+        shutil.rmtree(self.rx, ignore_errors=True)
+        self.rx.mkdir()
+        # -R: propose only the files' own transfer syntaxes (else storescp may pick an uncompressed one
+        # for JPEG 2000 files, which storescu cannot convert to).
+        cmd = [dcmtk("storescu"), "-R", *extra, "-aet", "BENCH_SCU", "-aec", called, host, str(port), *map(str, files)]
+        cpu0 = self._cpu_snapshot()
+        t0 = time.perf_counter()
+        r = self.lab.run(NS_A, cmd, timeout=min(590.0, self._left()), env=DICOM_ENV)
+        elapsed = time.perf_counter() - t0
+        cpu1 = self._cpu_snapshot()
+        if r.returncode != 0:
+            raise RuntimeError(f"storescu ({mode}) failed ({r.returncode}): {r.stderr[-2000:]}")
+        got = sorted(self.rx.glob("*.dcm"))
+        if len(got) != len(files):
+            raise RuntimeError(f"{mode}: storescp received {len(got)} of {len(files)} files")
+        if verify and fingerprints(got) != fingerprints(files):
+            raise RuntimeError(f"{mode}: what arrived differs from what was sent")
+        return elapsed, {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
+
+    def echo(self, mode: str, count: int) -> list[dict[str, float]]:
+        host, port, called = self.target(mode)
+        r = self.lab.run(
+            NS_A,
+            [sys.executable, PROBE, "echo", "--to", f"{host}:{port}", "--aec", called, "--count", str(count)],
+            timeout=min(300.0, self._left()),
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"echo ({mode}) failed: {r.stderr[-2000:]}")
+        return json.loads(r.stdout)["samples"]
+
+    def run(self) -> dict[str, object]:
+        args = self.args
+        sizes = dict(QUICK_SIZES if args.quick else FULL_SIZES)
+        for name in sizes:
+            if getattr(args, f"{name}_images") is not None:
+                sizes[name] = getattr(args, f"{name}_images")
+        cache = Path(args.cache)
+        loads: dict[str, workloads.Workload] = {}
+        for name in args.workloads:
+            if name == "echo":
+                continue
+            log(f"preparing workload {name} ({sizes[name]} files) in {cache}")
+            loads[name] = workloads.build(name, sizes[name], cache)
+            log(f"  {loads[name].description}: {loads[name].bytes / 1e6:.1f} MB")
+        load = [loadavg()]
+        self.start()
+        check = self.check()
+        link = {"rate_mbit": self.spec.rate_mbit, "rtt_ms": self.spec.rtt_ms}
+        modes = list(args.modes)
+        log("warming up every path (2 files and one C-ECHO each)")
+        warm = next(iter(loads.values())).files[:2] if loads else ()
+        for mode in modes:
+            if warm:
+                self.store(mode, warm, verify=True)
+            self.echo(mode, 1)
+
+        m = Measurements()
+        total = args.repeats * len(args.workloads) * len(modes)
+        done = 0
+        started = time.monotonic()
+        complete = True
+        try:
+            for rep in range(args.repeats):
+                order = modes[rep % len(modes) :] + modes[: rep % len(modes)]  # rotate: no mode always goes first
+                for name in args.workloads:
+                    for mode in order:
+                        self._left()
+                        done += 1
+                        if (name, mode) in m.failed:
+                            continue
+                        try:
+                            shown = self._measure(name, mode, rep, loads, m)
+                        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                            m.failed.add((name, mode))
+                            m.errors.append({"workload": name, "mode": mode, "repeat": rep + 1, "error": str(exc)})
+                            log(f"[{done}/{total}] {name} {mode} FAILED (not repeated): {str(exc)[-600:]}")
+                            continue
+                        eta = (time.monotonic() - started) / done * (total - done)
+                        log(
+                            f"[{done}/{total}] repeat {rep + 1}/{args.repeats} {name:<10} {mode:<5} {shown}"
+                            f"  (ETA {eta / 60:.1f} min)"
+                        )
+                load.append(loadavg())
+        except Deadline:
+            complete = False
+            log(f"time limit of {args.max_minutes:g} min reached: writing what was measured")
+        return self._payload(check, link, loads, m, complete, load)
+
+    def _measure(self, name: str, mode: str, rep: int, loads: dict[str, workloads.Workload], m: Measurements) -> str:
+        with self.emulator_window() as late:
+            shown = self._measure_one(name, mode, rep, loads, m)
+        m.late.setdefault((name, mode), []).append(late)
+        if late.get("late_over_5ms"):
+            shown += f"  [emulator: {late['late_over_5ms']:.0f} of {late['packets']:.0f} packets >5 ms late]"
+        return shown
+
+    def _measure_one(
+        self, name: str, mode: str, rep: int, loads: dict[str, workloads.Workload], m: Measurements
+    ) -> str:
+        if name == "echo":
+            parts = self.echo(mode, self.args.echo_count)
+            m.echo_parts.setdefault(mode, []).extend(parts)
+            m.samples.setdefault((name, mode), []).extend(p["total_s"] for p in parts)
+            mid = report.summary([p["total_s"] for p in parts])["median"]
+            return f"{mid * 1000:.0f} ms median of {len(parts)}"
+        seconds, used = self.store(mode, loads[name].files, verify=rep == 0, extra=loads[name].storescu_args)
+        m.samples.setdefault((name, mode), []).append(seconds)
+        m.cpu.setdefault((name, mode), []).append({k: v for k, v in used.items() if v > 0.005})
+        cpu = ", ".join(f"{k} {v / seconds:.0%}" for k, v in sorted(used.items()) if v / seconds >= 0.05)
+        return f"{seconds:.2f} s, {loads[name].bytes / seconds / 1e6:.2f} MB/s  [CPU: {cpu}]"
+
+    def _payload(
+        self,
+        check: dict[str, object],
+        link: dict[str, float],
+        loads: dict[str, workloads.Workload],
+        m: Measurements,
+        complete: bool,
+        load: list[list[float]],
+    ) -> dict[str, object]:
+        args = self.args
+        samples, echo_parts, cpu = m.samples, m.echo_parts, m.cpu
+        results = []
+        for (name, mode), values in samples.items():
+            files = len(loads[name].files) if name in loads else 0
+            nbytes = loads[name].bytes if name in loads else 0
+            rec = report.record(name, mode, link, files, nbytes, values)
+            if name == "echo":
+                parts = echo_parts[mode]
+                rec["echo_breakdown_ms"] = {
+                    k: round(report.summary([p[k] for p in parts])["median"] * 1000, 2)
+                    for k in ("associate_s", "echo_s", "release_s")
+                }
+            if (name, mode) in cpu:
+                runs = cpu[(name, mode)]
+                rec["cpu_s_median"] = {
+                    k: round(report.summary([r.get(k, 0.0) for r in runs])["median"], 2)
+                    for k in sorted({k for r in runs for k in r})
+                }
+            if (name, mode) in m.late:
+                runs = m.late[(name, mode)]
+                rec["emulator"] = {
+                    "packets": sum(r.get("packets", 0) for r in runs),
+                    "late_over_5ms": sum(r.get("late_over_5ms", 0) for r in runs),
+                    "late_over_20ms": sum(r.get("late_over_20ms", 0) for r in runs),
+                }
+            results.append(rec)
+        order_key = {w: i for i, w in enumerate(WORKLOADS)}
+        results.sort(key=lambda r: (order_key.get(r["workload"], 99), report.MODES.index(r["mode"])))  # type: ignore[arg-type]
+        report.add_ratios(results)
+        payload: dict[str, object] = {
+            "link": {**link, **self.spec.as_dict()},
+            "repeats": args.repeats,
+            "complete": complete,
+            "emulation_check": check,
+            "topology": {
+                "site_a": A_ADDR,
+                "site_b": B_ADDR,
+                "hub": HUB_ADDR,
+                "vpn": "127.20.0.1 <-> 127.20.0.2",
+                "delay": "TUN delay stage in the hub, RTT/2 per packet entering the hub (A<->hub RTT = RTT/2)",
+                "shaping": "tbf per site uplink (hub TUN egress) and downlink (hub veth egress)",
+            },  # fmt: skip
+            "vpn": self.vpn.describe() if self.vpn else None,
+            "relay": {
+                "mode": "inline (no compression, no spill)",
+                "router_dicom_settings": {"compression": False, "spill_threshold_bytes": 0, **args.relay_dicom},
+                "path": "storescu -> router A -> bridge (hub) -> router B -> storescp; gRPC over TLS, sealed frames",
+            },
+            "workloads": {
+                n: {"files": len(w.files), "bytes": w.bytes, "description": w.description} for n, w in loads.items()
+            }
+            | (
+                {"echo": {"description": f"pynetdicom association + C-ECHO + release, {args.echo_count} per repeat"}}
+                if "echo" in args.workloads
+                else {}
+            ),  # fmt: skip
+            "results": results,
+            "errors": m.errors,
+            "loadavg": load,
+            "niceness": args.nice,
+            "delay_stage": self.lab.delay_counters(),
+            "qdiscs": self.lab.qdisc_stats(),
+            "command": args.command,
+        }
+        payload["goals"] = report.goals(results)
+        return payload
+
+
+def write(payload: dict[str, object], name: str) -> list[Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    payload = {"name": name, "date": stamp, "machine": machine(), **payload}
+    base = RESULTS / f"{stamp}-{name}"
+    paths = [base.with_suffix(".json"), base.with_suffix(".md")]
+    paths[0].write_text(json.dumps(payload, indent=2) + "\n")
+    table = report.markdown(payload)
+    png = report.plot(payload, base.with_suffix(".png"))
+    if png is not None:
+        table += f"\n![time per workload and mode]({png.name})\n"
+        paths.append(png)
+    paths[1].write_text(table)
+    print("\n" + table, flush=True)
+    return paths
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small workloads, 1 repeat (development)")
+    p.add_argument("--cleanup", action="store_true", help="remove what an interrupted run left, then exit")
+    p.add_argument("--rtt-ms", type=float, default=40.0, help="round trip time site A <-> site B (default 40)")
+    p.add_argument("--rate-mbit", type=float, default=24.0, help="rate of every link, each way (default 24)")
+    p.add_argument("--cc", choices=("bbr", "reno"), default="bbr", help="TCP congestion control in the namespaces")
+    p.add_argument("--repeats", type=int, help="runs per (workload, mode) (default 3; 1 with --quick)")
+    p.add_argument("--modes", default="raw,vpn,relay")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--ct-images", type=int, help=f"CT slices of 0.5 MB (default {FULL_SIZES['ct']}; ~380 = 200 MB)")
+    p.add_argument("--mr-images", type=int, help=f"MR slices of 0.13 MB (default {FULL_SIZES['mr']})")
+    p.add_argument("--compressed-images", type=int, help=f"JPEG 2000 CT slices (default {FULL_SIZES['compressed']})")
+    p.add_argument("--small-images", type=int, help=f"small objects of ~51 KB (default {FULL_SIZES['small']})")
+    p.add_argument("--echo-count", type=int, help="associations per echo repeat (default 10; 5 with --quick)")
+    p.add_argument("--check-seconds", type=float, help="seconds of each raw TCP check (default 8; 4 with --quick)")
+    p.add_argument("--max-minutes", type=float, default=90.0, help="stop measuring after this long (default 90)")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "drwan-data"), help="generated DICOM files")
+    p.add_argument("--name", help="results file name after the date (default wan, wan-quick, wan-rtt100ms, ...)")
+    p.add_argument(
+        "--relay-dicom",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra [dicom] setting for both routers, e.g. frame_bytes=32768 (repeatable; integers only)",
+    )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="niceness of every measured process, all modes alike (default -10; the delay stage runs SCHED_FIFO)",
+    )
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs and configs (printed at the end)")
+    args = p.parse_args(argv)
+    args.command = "python -m benchmarks.wan " + shlex.join(argv if argv is not None else sys.argv[1:])
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.echo_count = args.echo_count or (5 if args.quick else 10)
+    args.check_seconds = args.check_seconds or (4.0 if args.quick else 8.0)
+    try:
+        args.relay_dicom = {k: int(v) for k, v in (item.split("=", 1) for item in args.relay_dicom)}
+    except ValueError:
+        p.error("--relay-dicom takes KEY=INTEGER")
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for m in args.modes:
+        if m not in report.MODES:
+            p.error(f"unknown mode {m}")
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w}")
+    if args.name is None:
+        suffix = "-quick" if args.quick else ""
+        if args.rtt_ms != 40 or args.rate_mbit != 24 or args.cc != "bbr":
+            suffix += f"-{args.rate_mbit:g}mbit-rtt{args.rtt_ms:g}ms-{args.cc}"
+        if args.relay_dicom:
+            suffix += "-" + "-".join(f"{k}{v}" for k, v in args.relay_dicom.items())
+        args.name = "wan" + suffix
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if os.geteuid() != 0:
+        print("the WAN benchmark needs root (network namespaces, tc, TUN); try: sudo make bench", file=sys.stderr)
+        return 2
+    if args.cleanup:
+        removed = cleanup()
+        print(f"removed {len(removed)} namespaces" if removed else "nothing to clean up")
+        return 0
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    atexit.register(cleanup, False)  # last resort, also after an unexpected exception
+    bench = Bench(args)
+    try:
+        payload = bench.run()
+    except KeyboardInterrupt:
+        log("interrupted: tearing down")
+        return 130
+    finally:
+        if args.keep_workdir:
+            log(f"logs and configs kept in {bench.work}")
+        bench.stop()
+    for path in write(payload, args.name):
+        log(f"wrote {path}")
+    return 0

@@ -1,0 +1,154 @@
+"""The bridge's side of the cloud spill: presigned URLs per blob part, and the file:// store served over gRPC.
+
+The bridge holds the blob store (and its credentials); routers get short-lived
+presigned URLs for the parts of blobs that belong to their own associations,
+and nothing else. Keys are ``spill/<association id>/<blob id>/<part>``, so an
+association's blobs can be authorised, listed and deleted by prefix.
+
+For the file:// store, which routers cannot reach, the URLs the store signs
+(``file+presigned:///...``) are capabilities for the bridge's PutBlobPart and
+GetBlobPart RPCs: the bridge verifies the signature and expiry, then that the
+key lies under an association of the calling router. The blob bytes still
+never pass through the association's splice (nor its byte counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from pathlib import Path
+
+from cloudstore import BlobStore, BlobStoreError, open_store
+from cloudstore.base import PresignedURLError
+from cloudstore.lifecycle import sweep
+from relay_bridge.config import BridgeConfig
+
+log = logging.getLogger("relay_bridge.blobs")
+PREFIX = "spill/"
+BLOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
+MAX_PARTS = 100_000
+
+
+class BlobRefused(Exception):
+    """The request is not allowed (wrong association, forged or expired URL, bad id)."""
+
+
+def key_for(association_id: str, blob_id: str, part: int) -> str:
+    return f"{PREFIX}{association_id}/{blob_id}/{part:06d}"
+
+
+def association_of(key: str) -> str:
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] + "/" != PREFIX:
+        raise BlobRefused(f"key {key!r} is not a spill blob")
+    return parts[1]
+
+
+class BlobBroker:
+    """Issues presigned URLs and serves the file:// store; one per bridge."""
+
+    def __init__(self, store: BlobStore, *, url_ttl_s: float, ttl_s: float, sweep_interval_s: float) -> None:
+        self.store = store
+        self.url_ttl_s = url_ttl_s
+        self.ttl_s = ttl_s
+        self.sweep_interval_s = sweep_interval_s
+        self.served_bytes = 0  # bytes moved by PutBlobPart/GetBlobPart (file:// only)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, config: BridgeConfig) -> BlobBroker | None:
+        spill = config.spill
+        if spill.store == "off":
+            return None
+        url = spill.store or (Path(config.storage.database).absolute().parent / "blobs").as_uri()
+        options: dict[str, object] = {}
+        if url.startswith("s3://"):
+            if spill.endpoint_url:
+                options["endpoint_url"] = spill.endpoint_url
+            if spill.region:
+                options["region"] = spill.region
+        elif url.startswith("file:"):
+            options["fsync"] = False  # spill blobs are transient; the sender re-sends nothing anyway
+        try:
+            store = open_store(url, **options)
+        except (BlobStoreError, ValueError, ImportError, OSError) as exc:
+            log.error("spill disabled: cannot open the blob store %s: %s", url, exc)
+            return None
+        log.info("spill blob store: %s", store.url)
+        return cls(store, url_ttl_s=spill.url_ttl_s, ttl_s=spill.ttl_s, sweep_interval_s=spill.sweep_interval_s)
+
+    @property
+    def served_by_bridge(self) -> bool:
+        return self.store.scheme == "file"
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.store.close()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            report = await sweep(self.store, PREFIX, self.ttl_s)
+            if report.errors:
+                log.warning("orphan sweep: %s", report.errors[0])
+            await asyncio.sleep(self.sweep_interval_s)
+
+    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str, int]:
+        """(blob id, presigned URL, expiry) for one part; the caller checked association membership."""
+        if not blob_id:
+            if download:
+                raise BlobRefused("a download needs a blob id")
+            blob_id = secrets.token_hex(16)
+        if not BLOB_ID.match(blob_id) or not 0 <= part < MAX_PARTS:
+            raise BlobRefused("bad blob id or part number")
+        key = key_for(association_id, blob_id, part)
+        ttl = int(self.url_ttl_s)
+        if download:
+            url = await self.store.presign_get(key, ttl)
+        else:
+            url = await self.store.presign_put(key, ttl)
+        return blob_id, url, int(time.time()) + ttl
+
+    def _verified_key(self, url: str, method: str, associations: set[str]) -> str:
+        if not self.served_by_bridge:
+            raise BlobRefused("this bridge's blob store is reached directly, not through the bridge")
+        try:
+            key = self.store.verify_presigned(url, method)  # type: ignore[attr-defined]
+        except PresignedURLError as exc:
+            raise BlobRefused(str(exc)) from None
+        if association_of(key) not in associations:
+            raise BlobRefused("the blob belongs to another association")
+        return key
+
+    async def put_part(self, url: str, data: bytes, associations: set[str]) -> None:
+        key = self._verified_key(url, "PUT", associations)
+        await self.store.put_bytes(key, data)
+        self.served_bytes += len(data)
+
+    async def get_part(self, url: str, associations: set[str]) -> bytes:
+        key = self._verified_key(url, "GET", associations)
+        data = await self.store.get_bytes(key)
+        self.served_bytes += len(data)
+        return data
+
+    async def release(self, association_id: str, blob_id: str = "") -> int:
+        """Delete one blob (or, without blob id, every blob of the association); returns parts deleted."""
+        if blob_id and not BLOB_ID.match(blob_id):
+            raise BlobRefused("bad blob id")
+        prefix = f"{PREFIX}{association_id}/" + (f"{blob_id}/" if blob_id else "")
+        try:
+            infos = await self.store.list(prefix)
+            await asyncio.gather(*(self.store.delete(info.key) for info in infos))
+        except BlobStoreError as exc:
+            log.warning("could not delete blobs under %s (the sweep will): %s", prefix, exc)
+            return 0
+        return len(infos)

@@ -1,0 +1,268 @@
+"""The router's Prometheus metrics and its recent-activity summary.
+
+`RouterService` creates one `RouterMetrics` and calls `finished(outcome)` for
+every association it ends (both directions, including refusals) and
+`relay_finished(relay)` when a relayed association's driver returns. Bytes and
+frames of associations still running are brought up to date before every
+scrape, so a long transfer shows up while it runs; counters only ever grow.
+
+Labels use fixed vocabularies only (direction, result, reason) and, for the
+route gauge, the AE titles configured in [[remote]] and their site names:
+never a title a remote party chose, never patient data.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
+
+if TYPE_CHECKING:
+    from relay_router.association import Outcome, RelayedAssociation
+    from relay_router.service import RouterService
+
+DIRECTIONS = ("outbound", "inbound")
+RESULTS = ("released", "closed", "aborted", "rejected", "refused")
+BYTE_DIRECTIONS = ("to_remote", "to_local")
+
+# Why the relay (not the called device) refused an association, from the detail the router records.
+# Checked in order; the first pattern found in the detail wins.
+REFUSAL_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("SECURITY", "security"),
+    ("is not a remote device on this router", "unknown_called_ae"),
+    ("too many associations on this router", "router_limit"),
+    ("has reached its association limit", "router_limit"),
+    ("the bridge is not reachable", "bridge_unreachable"),
+    ("did not accept the association stream", "bridge_unreachable"),
+    ("the bridge closed the association stream", "bridge_unreachable"),
+    ("no identity key is known for site", "unknown_identity"),
+    ("no shared device", "unknown_device"),
+    ("no device ", "unknown_device"),
+    ("is not shared with", "not_permitted"),
+    ("end-to-end authentication failed", "security"),
+    ("is offline", "site_offline"),
+    ("did not answer in time", "timeout"),
+    ("association limit is reached", "overloaded"),
+    ("is overloaded", "overloaded"),
+    ("cannot connect to", "device_unreachable"),
+    ("is not reachable", "device_unreachable"),
+)
+# Refused.Reason names, when a refusal carried no detail.
+REASON_NAMES = {
+    "UNKNOWN_DEVICE": "unknown_device",
+    "NOT_PERMITTED": "not_permitted",
+    "SITE_OFFLINE": "site_offline",
+    "DEVICE_UNREACHABLE": "device_unreachable",
+    "TIMEOUT": "timeout",
+    "OVERLOADED": "overloaded",
+}
+DEVICE_REJECTION = re.compile(r"^result \d+, source \d+, reason \d+$")
+REFUSAL_REASONS = tuple(dict.fromkeys([r for _, r in REFUSAL_PATTERNS] + ["device_rejected", "other"]))
+
+
+def refusal_reason(outcome: Outcome) -> str | None:
+    """A bounded label for why an association was refused or rejected; None if it was not."""
+    if outcome.result not in ("rejected", "refused"):
+        return None
+    detail = outcome.detail or ""
+    if DEVICE_REJECTION.match(detail):
+        return "device_rejected"  # the called device itself answered A-ASSOCIATE-RJ
+    for needle, reason in REFUSAL_PATTERNS:
+        if needle in detail:
+            return reason
+    return REASON_NAMES.get(detail, "other")
+
+
+class _LinkCollector(Collector):
+    """State read from the service at scrape time: the bridge link and the configured routes."""
+
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        link = self.service.link
+        yield GaugeMetricFamily(
+            "relay_router_bridge_connected", "1 while the router is signed on to the bridge", value=int(link.connected)
+        )
+        since = GaugeMetricFamily(
+            "relay_router_bridge_connected_since_seconds",
+            "Unix time of the current sign-on to the bridge (absent while not signed on)",
+        )
+        if link.connected_since is not None:
+            since.add_metric([], link.connected_since)
+        yield since
+        yield CounterMetricFamily(
+            "relay_router_bridge_reconnects",
+            "Attempts to reconnect to the bridge after the control stream ended or failed",
+            value=link.reconnects,
+        )
+        online = {(e.site, e.ae_title) for e in link.directory if e.online}
+        known = {(e.site, e.ae_title) for e in link.directory}
+        route = GaugeMetricFamily(
+            "relay_router_remote_device_online",
+            "1 if the [[remote]] device behind this local AE title is online at its site, 0 if not "
+            "(or not in this router's directory)",
+            labels=["ae_title", "site"],
+        )
+        for remote in self.service.config.remote:
+            key = (remote.site, remote.target)
+            route.add_metric([remote.ae_title, remote.site], float(key in online and key in known))
+        yield route
+
+
+class RouterMetrics:
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+        self.registry = registry = new_registry()
+        self.associations = Counter(
+            "relay_router_associations",
+            "Associations ended, by direction (outbound: a local device called out; inbound: another site "
+            "called a shared device) and result",
+            ["direction", "result"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "relay_router_relayed_bytes",
+            "DICOM Upper Layer bytes relayed: to_remote (read from local devices, sent towards the other site) "
+            "and to_local (written to local devices)",
+            ["direction"],
+            registry=registry,
+        )
+        self.frames = Counter(
+            "relay_router_frames",
+            "Data frames exchanged with the bridge: to_remote (sent) and to_local (received)",
+            ["direction"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "relay_router_refusals",
+            "Associations refused or rejected, by reason (device_rejected: the called device answered A-ASSOCIATE-RJ)",
+            ["reason"],
+            registry=registry,
+        )
+        self.setup = Histogram(
+            "relay_router_association_setup_seconds",
+            "Time from the start of an association (local TCP connection, or the bridge's notice for inbound) "
+            "to the called device's A-ASSOCIATE-AC",
+            ["direction"],
+            buckets=SETUP_BUCKETS,
+            registry=registry,
+        )
+        active = Gauge("relay_router_active_associations", "Associations in progress", registry=registry)
+        active.set_function(lambda: len(service.active))
+        Info("relay_router", "This router", registry=registry).info(
+            {"site": service.config.router.name, "version": package_version()}
+        )
+        registry.register(_LinkCollector(service))
+        for direction in DIRECTIONS:
+            for result in RESULTS:
+                self.associations.labels(direction, result)
+            self.setup.labels(direction)
+        for direction in BYTE_DIRECTIONS:
+            self.bytes.labels(direction)
+            self.frames.labels(direction)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
+        # Bytes, frames and setups already counted for associations still running.
+        self._bytes_seen: dict[str, tuple[int, int]] = {}
+        self._frames_seen: dict[str, tuple[int, int]] = {}
+        self._setup_seen: set[str] = set()
+        self.recent = RecentWindow()
+        self.server = MetricsServer(registry, before_scrape=self.refresh)
+
+    # -- hooks called by RouterService ----------------------------------------------
+    @never_raises
+    def finished(self, outcome: Outcome) -> None:
+        """An association ended (called after it left `service.active`)."""
+        self._count_bytes(outcome)
+        self._bytes_seen.pop(outcome.association_id, None)
+        self._count_setup(outcome)
+        self._setup_seen.discard(outcome.association_id)
+        direction = outcome.direction if outcome.direction in DIRECTIONS else "outbound"
+        self.associations.labels(direction, outcome.result).inc()
+        reason = refusal_reason(outcome)
+        if reason is not None:
+            self.refusals.labels(reason).inc()
+        ended = outcome.ended or time.time()
+        self.recent.add(
+            outcome.result,
+            {
+                "time": round(ended, 3),
+                "association": outcome.association_id,
+                "direction": outcome.direction,
+                "site": outcome.site,
+                "calling_ae": outcome.calling_ae,
+                "called_ae": outcome.called_ae,
+                "result": outcome.result,
+                "reason": reason,
+                "bytes_to_remote": outcome.bytes_to_remote,
+                "bytes_to_local": outcome.bytes_to_local,
+                "seconds": round(ended - outcome.started, 3),
+                "detail": outcome.detail,
+            },
+            at=ended,
+        )
+
+    @never_raises
+    def relay_finished(self, relay: RelayedAssociation) -> None:
+        """A relayed association's driver returned: count its last frames."""
+        self._count_frames(relay)
+        self._frames_seen.pop(relay.outcome.association_id, None)
+
+    # -- scrape-time refresh -------------------------------------------------------
+    def refresh(self) -> None:
+        """Count the bytes, frames and setups of associations still in progress."""
+        for outcome in list(self.service.active.values()):
+            self._count_bytes(outcome)
+            self._count_setup(outcome)
+        for relay in list(self.service.relays):
+            self._count_frames(relay)
+
+    def _count_bytes(self, outcome: Outcome) -> None:
+        aid = outcome.association_id
+        before_remote, before_local = self._bytes_seen.get(aid, (0, 0))
+        now_remote, now_local = outcome.bytes_to_remote, outcome.bytes_to_local
+        if now_remote > before_remote:
+            self.bytes.labels("to_remote").inc(now_remote - before_remote)
+        if now_local > before_local:
+            self.bytes.labels("to_local").inc(now_local - before_local)
+        self._bytes_seen[aid] = (max(now_remote, before_remote), max(now_local, before_local))
+
+    def _count_frames(self, relay: RelayedAssociation) -> None:
+        # The sequence numbers are the frame counts: each direction numbers its Data frames from 0.
+        aid = relay.outcome.association_id
+        sent, received = int(getattr(relay, "_send_seq", 0)), int(getattr(relay, "_receive_seq", 0))
+        before_sent, before_received = self._frames_seen.get(aid, (0, 0))
+        if sent > before_sent:
+            self.frames.labels("to_remote").inc(sent - before_sent)
+        if received > before_received:
+            self.frames.labels("to_local").inc(received - before_received)
+        self._frames_seen[aid] = (max(sent, before_sent), max(received, before_received))
+
+    def _count_setup(self, outcome: Outcome) -> None:
+        established = getattr(outcome, "established", None)
+        if established is None or outcome.association_id in self._setup_seen:
+            return
+        self._setup_seen.add(outcome.association_id)
+        direction = outcome.direction if outcome.direction in DIRECTIONS else "outbound"
+        self.setup.labels(direction).observe(max(0.0, established - outcome.started))
+
+    # -- serving and status ----------------------------------------------------------
+    async def start(self, listen: str) -> None:
+        await self.server.start(listen)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "recent": self.recent.summary(),
+            "metrics": {"listen": self.server.address, "error": self.server.error},
+        }

@@ -1,0 +1,404 @@
+"""Cloud spill, router side: large data sets travel through the bridge's blob store by reference.
+
+Spill works at the frame level and leaves the Upper Layer untouched. Once the
+data set arriving from the local device passes ``spill_threshold_bytes``
+(PduFramer.dataset_bytes), the raw P-DATA bytes that follow, up to the end of
+the frame that completes the data set, go into a blob instead of Data frames:
+cut into parts of ``spill_part_bytes``, each compressed (when agreed and it
+pays) and sealed with the association key under its own nonce, uploaded
+through a presigned URL the bridge hands out (``parallel`` parts in flight)
+while the data set is still arriving. Then ONE Data frame goes in the stream,
+at the sequence number the blob's bytes would have started at: ``blob`` set,
+and its payload the sealed manifest (blob id, part count, plaintext length,
+SHA-256 over the stored parts).
+
+The receiving router downloads the parts (``parallel`` in flight), checks
+each one's AEAD tag (nonce and associated data bind the association,
+direction, frame sequence, part number and a last-part flag, so a part that is
+altered, swapped, replayed or missing fails), and feeds the plaintext to its
+RelayConnection exactly as if it had arrived inline: the bytes ARE the
+original P-DATA PDUs, so the negotiated maximum PDU length holds by
+construction. A blob that fails to open aborts the association; no
+unauthenticated byte ever reaches the local device.
+
+Routers hold no cloud credentials: the bridge signs one URL per part, only for
+blobs of the caller's own associations. For the file:// store, the URLs are
+capabilities for the bridge's PutBlobPart/GetBlobPart RPCs.
+
+If the store cannot be reached, the bytes go inline (logged and counted;
+spill then pauses for ``BACKOFF_S`` in this process). If it fails after a part
+was stored, the association is aborted cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import struct
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
+from relay_router.seal import FLAG_COMPRESSED, FLAG_SEALED, FrameSealer, TamperError
+from relay_router.ul.framer import PduFramer
+
+log = logging.getLogger("relay_router.spill")
+
+FEATURE = "spill"
+FLAG_BLOB = 0x4  # a Data frame whose payload is a sealed blob manifest
+FLAG_PART = 0x8  # a sealed part of a blob
+FLAG_LAST = 0x10  # ... the last one
+PART_SEQ_BASE = 1 << 63  # part nonces never meet frame nonces (frame sequence numbers stay far below)
+MAX_PART_INDEX = 1 << 20
+BACKOFF_S = 60.0
+HTTP_TIMEOUT_S = 60.0
+_MANIFEST = struct.Struct(">32sIQ32s")
+
+
+class SpillUnavailable(Exception):
+    """The blob store (or the bridge's broker) cannot be used now: send inline."""
+
+
+class SpillFailed(Exception):
+    """A blob could not be completed after parts were stored, or a received blob is bad: abort."""
+
+
+@dataclass
+class SpillStats:
+    blobs_sent: int = 0
+    bytes_spilled: int = 0
+    blobs_received: int = 0
+    fallbacks: int = 0
+
+
+STATS = SpillStats()
+_down_until = 0.0
+
+
+def part_seq(ref_seq: int, part: int) -> int:
+    if ref_seq >= 1 << 42 or part >= MAX_PART_INDEX:
+        raise SpillFailed("blob too large or frame sequence too high for part nonces")
+    return PART_SEQ_BASE | (ref_seq << 20) | part
+
+
+class BlobTransport:
+    """Moves blob parts for one router: URLs from the bridge, bytes by HTTP or through the bridge."""
+
+    def __init__(self, link: object) -> None:
+        self.link = link  # relay_router.tunnel.BridgeLink: its gRPC stub and session token
+
+    def _call(self, name: str) -> tuple[Callable[..., object], tuple[tuple[str, str], ...]]:
+        stub = self.link._stub  # type: ignore[attr-defined]  # noqa: SLF001 - one channel per router
+        if stub is None:
+            raise SpillUnavailable("not connected to the bridge")
+        return getattr(stub, name), self.link._metadata()  # type: ignore[attr-defined]  # noqa: SLF001
+
+    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
+        try:
+            method, metadata = self._call("BlobSlot")
+            request = pb.BlobSlotRequest(association_id=association_id, blob_id=blob_id, part=part, download=download)
+            answer = await method(request, metadata=metadata, timeout=HTTP_TIMEOUT_S)  # type: ignore[misc]
+        except grpc.aio.AioRpcError as exc:
+            raise SpillUnavailable(f"the bridge gave no blob URL: {exc.code().name} {exc.details()}") from None
+        except Exception as exc:  # noqa: BLE001 - LinkDown and the like
+            raise SpillUnavailable(f"the bridge gave no blob URL: {exc}") from None
+        return answer.blob_id, answer.url
+
+    async def put(self, url: str, data: bytes) -> None:
+        if url.startswith(("http://", "https://")):
+            await asyncio.to_thread(_http, "PUT", url, data)
+            return
+        method, metadata = self._call("PutBlobPart")
+        try:
+            await method(pb.BlobPart(url=url, data=data), metadata=metadata, timeout=HTTP_TIMEOUT_S)  # type: ignore[misc]
+        except grpc.aio.AioRpcError as exc:
+            raise SpillUnavailable(f"storing a part failed: {exc.code().name} {exc.details()}") from None
+
+    async def get(self, url: str) -> bytes:
+        if url.startswith(("http://", "https://")):
+            return await asyncio.to_thread(_http, "GET", url, None)
+        method, metadata = self._call("GetBlobPart")
+        try:
+            answer = await method(pb.BlobPart(url=url), metadata=metadata, timeout=HTTP_TIMEOUT_S)  # type: ignore[misc]
+        except grpc.aio.AioRpcError as exc:
+            raise SpillUnavailable(f"fetching a part failed: {exc.code().name} {exc.details()}") from None
+        return answer.data  # type: ignore[attr-defined,no-any-return]
+
+    async def release(self, association_id: str, blob_id: str) -> None:
+        with contextlib.suppress(Exception):  # the bridge deletes the rest at the end, the sweep after a TTL
+            method, metadata = self._call("ReleaseBlob")
+            request = pb.BlobSlotRequest(association_id=association_id, blob_id=blob_id)
+            await method(request, metadata=metadata, timeout=HTTP_TIMEOUT_S)  # type: ignore[misc]
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http(method: str, url: str, data: bytes | None) -> bytes:
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/octet-stream")
+    try:
+        with _OPENER.open(request, timeout=HTTP_TIMEOUT_S) as response:
+            return response.read()  # type: ignore[no-any-return]
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SpillUnavailable(f"{method} of a blob part failed: {exc}") from None
+
+
+class SpillSender:
+    """One direction's outgoing spill for one association; driven by RelayedAssociation.send_data."""
+
+    def __init__(
+        self,
+        transport: BlobTransport,
+        association_id: str,
+        sealer: FrameSealer,
+        framer: PduFramer,
+        *,
+        threshold: int,
+        part_bytes: int,
+        parallel: int,
+        compression_level: Callable[[], int | None],
+    ) -> None:
+        self.transport, self.association_id, self.sealer, self.framer = transport, association_id, sealer, framer
+        self.threshold, self.part_bytes, self.parallel = threshold, part_bytes, max(1, parallel)
+        self._level = compression_level
+        self.active = False
+        self.disabled = False
+        self._head = bytearray()  # the data set so far, held back until it passes the threshold or ends
+        self._head_count = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.active = False
+        self._blob_id = ""
+        self._first_url = ""
+        self._ref_seq = 0
+        self._buffer = bytearray()
+        self._parts = 0
+        self._plain_len = 0
+        self._stored_len = 0
+        self._digest = hashlib.sha256()
+        self._start_count = 0
+        self._held: dict[int, bytes] = {}  # plaintext of parts not yet stored (inline fallback)
+        self._stored: dict[int, bytes] = {}  # stored bytes of uploaded parts waiting for the digest, in order
+        self._next_digest = 0
+        self._tasks: dict[int, asyncio.Task[bytes]] = {}
+        self._any_stored = False
+        self._compressor: FrameCompressor | None = None
+
+    async def offer(self, payload: bytes, next_seq: int, established: bool) -> tuple[bytes, pb.Data | None]:
+        """(bytes to send inline now, a finished blob reference to send after them)."""
+        if not self.active:
+            # Hold back a data set in progress (at most `threshold` bytes), so that one that turns out
+            # big travels through the store whole and one that stays small goes inline at its end.
+            if not self._head:
+                self._head_count = self.framer.datasets_completed
+            self._head += payload
+            if (
+                self.disabled
+                or not established
+                or time.monotonic() < _down_until
+                or self.framer.datasets_completed != self._head_count
+                or not self.framer.dataset_bytes
+            ):
+                return self._flush_head(), None
+            if self.framer.dataset_bytes <= self.threshold:
+                return b"", None
+            try:
+                self._blob_id, self._first_url = await self.transport.slot(self.association_id, "", 0, download=False)
+            except SpillUnavailable as exc:
+                return self._fall_back(str(exc), self._flush_head()), None
+            payload = self._flush_head()
+            self.active = True
+            self._ref_seq = next_seq
+            self._start_count = self.framer.datasets_completed
+            level = self._level()
+            self._compressor = FrameCompressor(level) if level else None
+        self._buffer += payload
+        try:
+            while len(self._buffer) >= self.part_bytes:
+                chunk = bytes(self._buffer[: self.part_bytes])
+                del self._buffer[: self.part_bytes]
+                await self._emit(chunk, last=False)
+            if self.framer.datasets_completed == self._start_count and established:
+                return b"", None
+            tail = bytes(self._buffer)
+            self._buffer.clear()
+            await self._emit(tail, last=True)
+            await self._wait_all()
+        except SpillUnavailable as exc:
+            if self._any_stored:
+                await self.discard()
+                raise SpillFailed(f"the blob store failed in the middle of a blob: {exc}") from None
+            inline = b"".join(self._held[i] for i in sorted(self._held)) + bytes(self._buffer)
+            await self._cancel()
+            self._reset()
+            return self._fall_back(str(exc), inline), None
+        ref = self._reference()
+        STATS.blobs_sent += 1
+        STATS.bytes_spilled += self._plain_len
+        log.info(
+            "spilled %d bytes in %d parts to blob %s",
+            self._plain_len,
+            self._parts,
+            self._blob_id,
+            extra={"assoc": self.association_id},
+        )
+        self._reset()
+        return b"", ref
+
+    def _flush_head(self) -> bytes:
+        head = bytes(self._head)
+        self._head.clear()
+        return head
+
+    def _fall_back(self, why: str, inline: bytes) -> bytes:
+        global _down_until
+        STATS.fallbacks += 1
+        self.disabled = True
+        _down_until = time.monotonic() + BACKOFF_S
+        log.warning(
+            "blob store unavailable, sending %d bytes inline (spill paused for %g s): %s",
+            len(inline),
+            BACKOFF_S,
+            why,
+            extra={"assoc": self.association_id},
+        )
+        return inline
+
+    async def _emit(self, plain: bytes, *, last: bool) -> None:
+        index = self._parts
+        self._parts += 1
+        self._plain_len += len(plain)
+        flags = FLAG_SEALED | FLAG_PART | (FLAG_LAST if last else 0)
+        data = plain
+        if self._compressor is not None:
+            data, packed = self._compressor.compress(plain)
+            if packed:
+                flags |= FLAG_COMPRESSED
+        stored = bytes([flags]) + self.sealer.seal(data, part_seq(self._ref_seq, index), flags)
+        self._stored_len += len(stored)
+        self._held[index] = plain
+        # Bounded memory: at most `parallel` parts in flight.
+        while len(self._tasks) >= self.parallel:
+            await self._collect(min(self._tasks))
+        self._tasks[index] = asyncio.create_task(self._upload(index, stored))
+
+    async def _upload(self, index: int, stored: bytes) -> bytes:
+        url = (
+            self._first_url
+            if index == 0
+            else (await self.transport.slot(self.association_id, self._blob_id, index, download=False))[1]
+        )
+        await self.transport.put(url, stored)
+        return stored
+
+    async def _collect(self, index: int) -> None:
+        task = self._tasks.pop(index)
+        stored = await task  # raises SpillUnavailable
+        self._any_stored = True
+        self._held.pop(index, None)
+        self._stored[index] = stored
+        while self._next_digest in self._stored:
+            self._digest.update(self._stored.pop(self._next_digest))
+            self._next_digest += 1
+
+    async def _wait_all(self) -> None:
+        while self._tasks:
+            await self._collect(min(self._tasks))
+
+    async def _cancel(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    async def discard(self) -> None:
+        """Drop a blob in progress (the association is ending); the bridge deletes what was stored."""
+        await self._cancel()
+        self._reset()
+
+    def _reference(self) -> pb.Data:
+        digest = self._digest.digest()
+        manifest = _MANIFEST.pack(self._blob_id.encode(), self._parts, self._plain_len, digest)
+        flags = FLAG_SEALED | FLAG_BLOB
+        return pb.Data(
+            payload=self.sealer.seal(manifest, self._ref_seq, flags),
+            seq=self._ref_seq,
+            flags=flags,
+            blob=pb.BlobRef(blob_id=self._blob_id, size=self._stored_len, digest=digest),
+        )
+
+
+class SpillReceiver:
+    """Fetches, verifies and opens the blobs referenced in one direction of an association."""
+
+    def __init__(self, transport: BlobTransport, association_id: str, sealer: FrameSealer, *, parallel: int) -> None:
+        self.transport, self.association_id, self.sealer = transport, association_id, sealer
+        self.parallel = max(1, parallel)
+        self._decompressor = FrameDecompressor()
+
+    async def fetch(self, data: pb.Data, manifest: bytes) -> AsyncIterator[bytes]:
+        """The plaintext of the blob, part by part, each authenticated before it is yielded."""
+        try:
+            raw_id, parts, plain_len, digest = _MANIFEST.unpack(manifest)
+        except struct.error:
+            raise SpillFailed("SECURITY: malformed blob manifest") from None
+        blob_id = raw_id.decode("ascii", "replace")
+        if blob_id != data.blob.blob_id or not 1 <= parts < MAX_PART_INDEX:
+            raise SpillFailed("SECURITY: the blob reference does not match its sealed manifest")
+        tasks: dict[int, asyncio.Task[bytes]] = {}
+
+        async def download(index: int) -> bytes:
+            _, url = await self.transport.slot(self.association_id, blob_id, index, download=True)
+            return await self.transport.get(url)
+
+        hasher = hashlib.sha256()
+        total = 0
+        try:
+            for index in range(min(self.parallel, parts)):
+                tasks[index] = asyncio.create_task(download(index))
+            for index in range(parts):
+                try:
+                    stored = await tasks.pop(index)
+                except SpillUnavailable as exc:
+                    raise SpillFailed(f"blob {blob_id} part {index} could not be fetched: {exc}") from None
+                if index + self.parallel < parts:
+                    tasks[index + self.parallel] = asyncio.create_task(download(index + self.parallel))
+                hasher.update(stored)
+                if not stored:
+                    raise SpillFailed(f"SECURITY: blob {blob_id} part {index} is empty (truncated)")
+                flags = stored[0]
+                expected = FLAG_SEALED | FLAG_PART | (FLAG_LAST if index == parts - 1 else 0)
+                if flags & ~FLAG_COMPRESSED != expected:
+                    raise SpillFailed(f"SECURITY: blob {blob_id} part {index} has flags {flags:#x}")
+                try:
+                    plain = self.sealer.open(stored[1:], part_seq(data.seq, index), flags)
+                except TamperError:
+                    raise SpillFailed(
+                        f"SECURITY: blob {blob_id} part {index} failed authentication (corrupt, truncated or swapped)"
+                    ) from None
+                if flags & FLAG_COMPRESSED:
+                    try:
+                        plain = self._decompressor.decompress(plain)
+                    except DecompressionError as exc:
+                        raise SpillFailed(f"blob {blob_id} part {index}: {exc}") from None
+                total += len(plain)
+                yield plain
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if total != plain_len or hasher.digest() != digest:
+            raise SpillFailed(f"SECURITY: blob {blob_id} does not match its manifest")
+        STATS.blobs_received += 1
+        await self.transport.release(self.association_id, blob_id)

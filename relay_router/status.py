@@ -1,0 +1,288 @@
+"""`relay-router status` and `relay-router devices`: read the status file a running router keeps.
+
+The router rewrites its status file (default `<state_dir>/status.json`) about
+once a second while it runs, and a last time when it stops. These commands
+only read that file, so they answer at once and need neither the bridge
+password nor the network. Exit codes: 0 running and signed on to the bridge;
+1 running but not signed on; 3 not running (no status file, stopped, or the
+file has gone stale); 2 is a configuration error, as for every command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from relay_common.metrics import (
+    format_age,
+    format_bytes,
+    format_time,
+    liveness,
+    process_facts,
+    write_json_atomically,
+)
+
+if TYPE_CHECKING:
+    from relay_router.config import RouterConfig
+    from relay_router.service import RouterService
+
+log = logging.getLogger("relay_router.status")
+EXIT_OK, EXIT_DISCONNECTED, EXIT_NOT_RUNNING = 0, 1, 3
+SHOW_RECENT = 10
+
+
+def default_status_file(config: RouterConfig) -> Path:
+    return config.router.state_dir / "status.json"
+
+
+def status_extra(service: RouterService) -> dict[str, object]:
+    """What the router adds to its status file for these commands (merged into RouterService.status)."""
+    try:
+        return _status_extra(service)
+    except Exception:  # noqa: BLE001 - the status file must keep being written
+        log.exception("cannot build the status details")
+        return {**process_facts(), "running": True}
+
+
+def _status_extra(service: RouterService) -> dict[str, object]:
+    config = service.config
+    facts = process_facts()
+    facts["updated"] = int(time.time())  # whole seconds: the file is rewritten about once a second
+    metrics = getattr(service, "metrics", None)
+    return {
+        **facts,
+        "running": True,
+        "bridge": config.bridge.address,
+        "shared": [
+            {
+                "ae_title": d.ae_title,
+                "host": d.host,
+                "port": d.port,
+                "share_with": list(d.share_with),
+                "description": d.description,
+            }
+            for d in config.shared
+        ],
+        "configured_remote": sorted(r.ae_title for r in config.remote),
+        **(metrics.status() if metrics is not None else {}),
+    }
+
+
+def stopped_status(status: dict[str, object]) -> dict[str, object]:
+    """The last status, marked as stopped (written when the router shuts down cleanly)."""
+    return {**status, "running": False, "stopped": round(time.time(), 3), "connected": False, "active_associations": 0}
+
+
+def write_now(service: RouterService) -> None:
+    """Write the status file at once (before readiness is announced; the service then keeps it current)."""
+    if service.status_file is None:
+        return
+    try:
+        write_json_atomically(service.status_file, json.dumps(service.status(), sort_keys=True), 0o644)
+    except OSError:
+        pass
+
+
+def write_stopped(service: RouterService) -> None:
+    """Leave the status file saying the router stopped (so `status` need not wait for it to go stale)."""
+    if service.status_file is None:
+        return
+    try:
+        write_json_atomically(service.status_file, json.dumps(stopped_status(service.status()), sort_keys=True), 0o644)
+    except OSError:
+        pass
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def read_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(status, None) or (None, why it cannot be read)."""
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, f"no status file at {path} (the router is not running, or runs with another --status-file)"
+    except PermissionError:
+        return None, f"cannot read {path}: permission denied (run as the router's user, e.g. sudo -u dicom-relay)"
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {path}: {exc}"
+
+
+def remote_devices(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routing table with each device's state in the directory."""
+    directory = {(d["site"], d["ae_title"]): d for d in status.get("directory", [])}
+    configured = set(status.get("configured_remote", [])) if "configured_remote" in status else None
+    rows = []
+    for title, route in sorted(status.get("routes", {}).items()):
+        entry = directory.get((route["site"], route["ae_title"]))
+        rows.append(
+            {
+                "ae_title": title,
+                "site": route["site"],
+                "remote_ae_title": route["ae_title"],
+                "source": "remote" if configured is None or title in configured else "expose_all",
+                "in_directory": entry is not None,
+                "online": bool(entry and entry.get("online")),
+                "description": entry.get("description", "") if entry else "",
+            }
+        )
+    return rows
+
+
+def evaluate(status: dict[str, Any] | None, problem: str | None, now: float | None = None) -> dict[str, Any]:
+    """The status as the commands report it: the file's content plus running/problem/exit code."""
+    if status is None:
+        return {"running": False, "problem": problem, "exit_code": EXIT_NOT_RUNNING}
+    dead = liveness(status, now=now)
+    running = dead is None
+    if not running:
+        code = EXIT_NOT_RUNNING
+    elif status.get("connected"):
+        code = EXIT_OK
+    else:
+        code = EXIT_DISCONNECTED
+    return {
+        **status,
+        "running": running,
+        "problem": dead,
+        "exit_code": code,
+        "remote_devices": remote_devices(status),
+    }
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def _device_state(row: dict[str, Any]) -> str:
+    if row["online"]:
+        return "online"
+    if row["in_directory"]:
+        return "OFFLINE (its site is not signed on to the bridge)"
+    return f"UNKNOWN (not in the directory: {row['site']} does not share it with this site, or is unknown)"
+
+
+def render_status(report: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    site = report.get("site", "?")
+    if "site" not in report:
+        return f"relay-router: NOT RUNNING: {report.get('problem')}"
+    lines: list[str] = []
+    if not report["running"]:
+        lines.append(f"relay-router {site}: NOT RUNNING: {report['problem']}")
+        lines.append(f"  (what follows is the last state it recorded, at {format_time(report.get('updated'))})")
+    elif report.get("connected"):
+        since = report.get("connected_since")
+        lines.append(
+            f"relay-router {site}: running (pid {report.get('pid')}), signed on to the bridge at "
+            f"{report.get('bridge')} since {format_time(since)} ({format_age(now - since) if since else '?'})"
+        )
+    else:
+        lines.append(
+            f"relay-router {site}: running (pid {report.get('pid')}), NOT signed on to the bridge at "
+            f"{report.get('bridge')}"
+        )
+    lines.append(
+        f"  last error: {report.get('last_error') or 'none'}; reconnect attempts since start: "
+        f"{report.get('reconnects', 0)}"
+    )
+    metrics = report.get("metrics") or {}
+    where = (
+        f"http://{metrics['listen']}/metrics"
+        if metrics.get("listen")
+        else (metrics.get("error") or 'disabled ([metrics] listen = "")')
+    )
+    if report["running"]:
+        lines.append(f"  DICOM port {report.get('dicom_port')}; metrics: {where}")
+
+    lines.append("")
+    shared = report.get("shared", [])
+    lines.append(f"Shared devices ({len(shared)}): other sites reach these through this router")
+    for d in shared:
+        who = ", ".join(d["share_with"]) or "nobody"
+        lines.append(f"  {d['ae_title']:<16}  {d['host']}:{d['port']:<6}  shared with {who}")
+    rows = report.get("remote_devices", [])
+    online = sum(1 for r in rows if r["online"])
+    lines.append("")
+    lines.append(f"Remote devices ({online} of {len(rows)} online): local devices call these AE titles here")
+    for r in rows:
+        lines.append(f"  {r['ae_title']:<16}  -> {r['remote_ae_title']} at {r['site']:<20} {_device_state(r)}")
+
+    recent = report.get("recent") or {}
+    counts = recent.get("counts", {})
+    lines.append("")
+    breakdown = ", ".join(f"{k} {v}" for k, v in counts.items())
+    lines.append(
+        f"Associations in the last hour: {recent.get('total', 0)}"
+        + (f" ({breakdown})" if breakdown else "")
+        + f"; {report.get('active_associations', 0)} active now"
+    )
+    last = recent.get("last", [])[-SHOW_RECENT:]
+    if last:
+        lines.append(f"Last {len(last)} (newest last):")
+        for a in last:
+            arrow = "out" if a["direction"] == "outbound" else "in "
+            detail = a.get("detail") or ""
+            if a.get("reason"):
+                detail = f"{a['reason']}: {detail}" if detail else a["reason"]
+            titles = f"{a['calling_ae'] or '?'} -> {a['called_ae'] or '?'}"
+            lines.append(
+                f"  {time.strftime('%H:%M:%S', time.localtime(a['time']))}  {a['association'][:12]}  {arrow}  "
+                f"{a['site'] or '-':<14} "
+                f"{titles:<36} {a['result']:<8} "
+                f"{format_bytes(a['bytes_to_remote'])} out, {format_bytes(a['bytes_to_local'])} in, "
+                f"{a['seconds']:.1f} s" + (f"  {detail}" if detail and a["result"] not in ("released",) else "")
+            )
+    return "\n".join(lines)
+
+
+def render_devices(report: dict[str, Any]) -> str:
+    rows = report.get("remote_devices", [])
+    lines = [f"{'local AE title':<16}  {'site':<20} {'remote AE title':<16}  state", "-" * 72]
+    for r in rows:
+        state = "online" if r["online"] else ("offline" if r["in_directory"] else "not in directory")
+        if r["source"] == "expose_all":
+            state += " (expose_all)"
+        lines.append(f"{r['ae_title']:<16}  {r['site']:<20} {r['remote_ae_title']:<16}  {state}")
+    if not report.get("running"):
+        lines.append(f"(router not running: {report.get('problem')}; online states are unknown)")
+    return "\n".join(lines)
+
+
+def devices_from_config(config: RouterConfig, problem: str | None) -> dict[str, Any]:
+    """The routing table from router.toml alone, for when the router is not running."""
+    rows = [
+        {
+            "ae_title": r.ae_title,
+            "site": r.site,
+            "remote_ae_title": r.target,
+            "source": "remote",
+            "in_directory": False,
+            "online": False,
+            "description": "",
+        }
+        for r in sorted(config.remote, key=lambda r: r.ae_title)
+    ]
+    return {"running": False, "problem": problem, "remote_devices": rows, "exit_code": EXIT_NOT_RUNNING}
+
+
+def status_command(config: RouterConfig, status_file: Path | None, as_json: bool) -> int:
+    path = status_file or default_status_file(config)
+    report = evaluate(*read_status(path))
+    report["status_file"] = str(path)
+    print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    return int(report["exit_code"])
+
+
+def devices_command(config: RouterConfig, status_file: Path | None, as_json: bool) -> int:
+    path = status_file or default_status_file(config)
+    report = evaluate(*read_status(path))
+    if not report["running"]:
+        report = devices_from_config(config, report["problem"])
+    if as_json:
+        print(json.dumps(report["remote_devices"], indent=2))
+    else:
+        print(render_devices(report))
+    return int(report["exit_code"])

@@ -1,0 +1,243 @@
+"""Cloud spill end to end: storescu -> router -> blob store (by reference) -> router -> DemoArchive.
+
+Big data sets travel through the bridge's blob store (the file:// default served by the
+bridge, or S3 on moto reached by the routers through presigned URLs); small ones inline.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import pydicom
+import pytest
+
+from relay_common.audit import read_events
+from relay_demo.archive import DemoArchive
+from relay_demo.datasets import fingerprints, generate_ct_series, write_series
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
+from tests.integration.cloudstore.conftest import S3_BUCKET, ServerProcess
+from tests.integration.conftest import require_dcmtk
+from tests.support import dcmtk
+from tests.support.ports import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+HOST = "127.0.0.1"
+# Small numbers so a test study needs little memory and time; the defaults are 8 MiB / 4 MiB.
+ROUTER = {
+    "spill_threshold_bytes": 256 << 10,
+    "spill_part_bytes": 1 << 20,
+    "frame_bytes": 64 << 10,
+    "compression": False,
+}
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two 8 MiB slices (spilled) and three 128 KiB slices (inline)."""
+    directory = tmp_path_factory.mktemp("spill-study")
+    big = write_series(generate_ct_series(2, rows=2048, cols=2048, seed=11), directory / "big")
+    small = write_series(generate_ct_series(3, rows=256, cols=256, seed=12), directory / "small")
+    return big + small
+
+
+def pixel_bytes(files: list[Path]) -> int:
+    return sum(len(pydicom.dcmread(f).PixelData) for f in files)
+
+
+def make_network(tmp_path: Path, spill: dict[str, object], env: dict[str, str] | None = None) -> LocalRelayNetwork:
+    return LocalRelayNetwork(tmp_path / "relay", env=env, bridge_spill=spill).start()
+
+
+@pytest.fixture
+def network_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRelayNetwork]]:
+    started: list[LocalRelayNetwork] = []
+
+    def make(spill: dict[str, object], env: dict[str, str] | None = None) -> LocalRelayNetwork:
+        net = make_network(tmp_path, spill, env)
+        started.append(net)
+        return net
+
+    yield make
+    for net in started:
+        net.stop()
+
+
+def store_study(net: LocalRelayNetwork, archive: DemoArchive, files: list[Path]) -> dcmtk.Result:
+    net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])], **ROUTER)
+    a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], **ROUTER)
+    net.wait_connected()
+    assert a.port
+    return dcmtk.storescu(HOST, a.port, "ARCHIVE_B", "WS", files)
+
+
+def bridge_bytes(net: LocalRelayNetwork) -> int:
+    net.stop_router("site-a")
+    net.stop_router("site-b")
+    events = [e for e in read_events(net.workdir / "audit.jsonl") if e["event"] == "association"]
+    return sum(int(e["bytes_from_initiator"]) for e in events)
+
+
+def test_spill_through_the_bridge_file_store(
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    tmp_path: Path,
+) -> None:
+    require_dcmtk("storescu")
+    blobs = tmp_path / "blobs"
+    net = network_factory({"store": blobs.as_uri()})
+    archive = archive_factory("ARCHIVE_B")
+    store_study(net, archive, study).check()
+    assert archive.fingerprints() == fingerprints(study)
+    assert "spilled" in net.log("site-a")
+    carried = bridge_bytes(net)
+    big, small = pixel_bytes(study[:2]), pixel_bytes(study[2:])
+    assert carried - 1.1 * small < 0.05 * big, f"the splice carried {carried} bytes; {big} bytes were to spill"
+    assert not [p for p in blobs.rglob("*") if p.is_file()], "blobs remain after delivery"
+
+
+@pytest.fixture
+def moto_env(moto_server: ServerProcess, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS, AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    return env
+
+
+def bucket_keys(server: ServerProcess, prefix: str) -> list[str]:
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    return [o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def test_spill_through_s3_bypasses_the_bridge(
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    moto_server: ServerProcess,
+    moto_env: dict[str, str],
+) -> None:
+    require_dcmtk("storescu")
+    prefix = f"relay-{os.getpid()}-{free_port()}/"
+    net = network_factory(
+        {"store": f"s3://{S3_BUCKET}/{prefix}", "endpoint_url": moto_server.url, "region": "us-east-1"}, moto_env
+    )
+    archive = archive_factory("ARCHIVE_B")
+    store_study(net, archive, study).check()
+    assert archive.fingerprints() == fingerprints(study)
+    carried = bridge_bytes(net)
+    big, small = pixel_bytes(study[:2]), pixel_bytes(study[2:])
+    # Only the small (inline) slices, commands and reference frames cross it.
+    assert carried < 0.05 * (big + small), f"the bridge carried {carried} of {big + small} bytes"
+    assert bucket_keys(moto_server, prefix) == [], "blobs remain in the bucket after delivery"
+
+
+def test_store_down_falls_back_to_inline(
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    moto_env: dict[str, str],
+) -> None:
+    """An S3 endpoint nobody listens on: presigning works, every PUT fails, the bytes go inline."""
+    require_dcmtk("storescu")
+    dead = f"http://127.0.0.1:{free_port()}"
+    net = network_factory({"store": f"s3://{S3_BUCKET}/down/", "endpoint_url": dead, "region": "us-east-1"}, moto_env)
+    archive = archive_factory("ARCHIVE_B")
+    store_study(net, archive, study).check()
+    assert archive.fingerprints() == fingerprints(study)
+    assert "sending" in net.log("site-a") and "inline" in net.log("site-a")
+    assert bridge_bytes(net) >= pixel_bytes(study)
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of moto that the bridge signs URLs for: it can corrupt GETs or fail PUTs."""
+
+    def __init__(self, upstream: str, *, corrupt_gets: bool = False, fail_puts_after: int | None = None) -> None:
+        proxy = self
+        self.corrupt_gets, self.fail_puts_after, self.puts = corrupt_gets, fail_puts_after, 0
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "PUT" else None
+                if method == "PUT":
+                    proxy.puts += 1
+                    if proxy.fail_puts_after is not None and proxy.puts > proxy.fail_puts_after:
+                        self.send_error(503, "store stopped")
+                        return
+                request = urllib.request.Request(upstream + self.path, data=body, method=method)
+                request.add_header("Host", self.headers["Host"])
+                request.add_header("Content-Type", self.headers.get("Content-Type") or "application/octet-stream")
+                try:
+                    with opener.open(request, timeout=30) as response:
+                        status, data = response.status, response.read()
+                except urllib.error.HTTPError as exc:
+                    status, data = exc.code, exc.read()
+                if method == "GET" and proxy.corrupt_gets and len(data) > 100:
+                    data = data[:50] + bytes([data[50] ^ 1]) + data[51:]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._forward("GET")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._forward("PUT")
+
+        self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self.url = f"http://{HOST}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "store_stops_mid_blob"])
+def test_faults_abort_and_deliver_nothing_wrong(
+    fault: str,
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    moto_server: ServerProcess,
+    moto_env: dict[str, str],
+) -> None:
+    require_dcmtk("storescu")
+
+    proxy = FaultyS3Proxy(
+        moto_server.url, corrupt_gets=fault == "corrupt", fail_puts_after=2 if fault != "corrupt" else None
+    )
+    try:
+        prefix = f"fault-{fault}-{free_port()}/"
+        net = network_factory(
+            {"store": f"s3://{S3_BUCKET}/{prefix}", "endpoint_url": proxy.url, "region": "us-east-1"}, moto_env
+        )
+        archive = archive_factory("ARCHIVE_B")
+        small_first = study[2:] + study[:2]
+        result = store_study(net, archive, small_first)
+        assert not result.ok, "storescu must see the association fail"
+        received = archive.fingerprints()
+        expected = fingerprints(small_first)
+        assert received.items() <= expected.items(), "a wrong image was delivered"
+        assert not set(received) & set(fingerprints(study[:2])), "a spilled data set arrived despite the fault"
+        logs = net.log("site-a") + net.log("site-b")
+        assert ("SECURITY" in logs) if fault == "corrupt" else ("middle of a blob" in logs)
+    finally:
+        proxy.close()

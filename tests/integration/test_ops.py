@@ -1,0 +1,368 @@
+"""Operations against a live network: status commands, metrics, health check, readiness, default paths.
+
+Everything a hospital engineer would run is run here as a subprocess: `relay-router status|devices`,
+`relay-bridge status`, a Prometheus scrape over HTTP, a gRPC health check over TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pydicom
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from relay_demo.archive import DemoArchive
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
+from tests.integration.test_relay_refusals import wait_until
+
+pytestmark = pytest.mark.integration
+HOST = "127.0.0.1"
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def router_cli(net: LocalRelayNetwork, site: str, *args: str) -> subprocess.CompletedProcess[str]:
+    config = str(net.router_config_path(site))
+    return run(
+        [sys.executable, "-m", "relay_router.cli", "-c", config, *args, "--status-file", str(net.status_path(site))]
+    )
+
+
+def router_status(net: LocalRelayNetwork, site: str) -> tuple[int, dict]:
+    result = router_cli(net, site, "status", "--json")
+    return result.returncode, json.loads(result.stdout)
+
+
+def bridge_status(net: LocalRelayNetwork) -> tuple[int, dict]:
+    result = run([sys.executable, "-m", "relay_bridge.cli", "-c", str(net.workdir / "bridge.toml"), "status", "--json"])
+    return result.returncode, json.loads(result.stdout)
+
+
+def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def device(report: dict, title: str) -> dict:
+    return next(r for r in report["remote_devices"] if r["ae_title"] == title)
+
+
+def router_named(report: dict, name: str) -> dict:
+    return next(r for r in report["routers"] if r["name"] == name)
+
+
+@pytest.fixture
+def ops_net(
+    tmp_path_factory: pytest.TempPathFactory, archive_factory: Callable[..., DemoArchive]
+) -> Iterator[LocalRelayNetwork]:
+    """A bridge and two routers, each with metrics on an ephemeral port; site-b shares ARCHIVE_B with site-a."""
+    net = LocalRelayNetwork(tmp_path_factory.mktemp("ops")).start(bridge=False)
+    with (net.workdir / "bridge.toml").open("a") as out:
+        out.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    net.start_bridge()
+    archive = archive_factory("ARCHIVE_B")
+    try:
+        net.add_site(
+            "site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])], metrics_listen="127.0.0.1:0"
+        )
+        net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], metrics_listen="127.0.0.1:0")
+        net.wait_connected()
+        yield net
+    finally:
+        net.stop()
+
+
+def test_status_commands_follow_a_router_going_down_and_up(ops_net: LocalRelayNetwork) -> None:
+    net = ops_net
+    code, a = router_status(net, "site-a")
+    assert code == 0 and a["running"] and a["connected"], a
+    assert device(a, "ARCHIVE_B")["online"]
+    code, bridge = bridge_status(net)
+    assert code == 0 and bridge["running"]
+    wait_until(lambda: bridge_status(net)[1]["signed_on"] == 2, what="both routers in the bridge status")
+    links = bridge_status(net)[1]["links"]
+    assert {"from": "site-a", "to": "site-b", "devices": ["ARCHIVE_B"], "up": True, "down_sites": []} in links
+
+    # An unknown title and an offline site: both end up in `status` and in the refusal metrics.
+    a_metrics = a["metrics"]["listen"]
+    before = scrape(a_metrics)
+    ae = AE(ae_title="WS_A")
+    ae.add_requested_context(Verification)
+    assert not ae.associate(HOST, net.sites["site-a"].port, ae_title="NOPE").is_established
+
+    net.stop_router("site-b")
+    code, b = router_status(net, "site-b")
+    assert code == 3 and not b["running"] and b["problem"].startswith("stopped at"), b
+    text = router_cli(net, "site-b", "status")
+    assert text.returncode == 3 and "relay-router site-b: NOT RUNNING: stopped at" in text.stdout
+    wait_until(lambda: not device(router_status(net, "site-a")[1], "ARCHIVE_B")["online"], what="ARCHIVE_B offline")
+    wait_until(lambda: not router_named(bridge_status(net)[1], "site-b")["signed_on"], what="site-b signed off")
+    code, a = router_status(net, "site-a")
+    assert code == 0 and device(a, "ARCHIVE_B")["in_directory"]  # known, but its site is offline
+    devices = router_cli(net, "site-a", "devices")
+    assert devices.returncode == 0
+    assert "ARCHIVE_B         site-b               ARCHIVE_B         offline" in devices.stdout
+    bridge_text = run([sys.executable, "-m", "relay_bridge.cli", "-c", str(net.workdir / "bridge.toml"), "status"])
+    assert bridge_text.returncode == 0 and "○ site-b  down since" in bridge_text.stdout, bridge_text.stdout
+    assert "down (site-b offline)" in bridge_text.stdout
+    assert not ae.associate(HOST, net.sites["site-a"].port, ae_title="ARCHIVE_B").is_established
+
+    def refusals_counted() -> bool:
+        after = scrape(a_metrics)
+        return (
+            metric(after, "relay_router_refusals_total", reason="unknown_called_ae")
+            == metric(before, "relay_router_refusals_total", reason="unknown_called_ae") + 1
+            and metric(after, "relay_router_refusals_total", reason="site_offline")
+            == metric(before, "relay_router_refusals_total", reason="site_offline") + 1
+        )
+
+    wait_until(refusals_counted, what="both refusals in the router's metrics")
+    wait_until(
+        lambda: (
+            [r["reason"] for r in router_status(net, "site-a")[1]["recent"]["last"][-2:]]
+            == ["unknown_called_ae", "site_offline"]
+        ),
+        what="both refusals in the router's status file",
+    )
+    assert router_status(net, "site-a")[1]["recent"]["total"] == 2
+    wait_until(
+        lambda: [r["reason"] for r in bridge_status(net)[1]["recent"]["last"]] == ["site_offline"],
+        what="the refusal in the bridge's status file (the unknown title never reached the bridge)",
+    )
+
+    net.start_router("site-b")
+    net.wait_connected()
+    code, b = router_status(net, "site-b")
+    assert code == 0 and b["running"] and b["connected"]
+    wait_until(lambda: router_named(bridge_status(net)[1], "site-b")["signed_on"], what="site-b signed on again")
+    wait_until(lambda: device(router_status(net, "site-a")[1], "ARCHIVE_B")["online"], what="ARCHIVE_B online")
+
+    # A crash (no chance to mark the file stopped) is noticed from the process id at once.
+    net.stop_router("site-a", kill=True)
+    code, a = router_status(net, "site-a")
+    assert code == 3 and "is gone" in a["problem"], a
+
+
+def test_metrics_are_scraped_during_a_transfer(ops_net: LocalRelayNetwork, ct_series: list[Path]) -> None:
+    net = ops_net
+    a_address = router_status(net, "site-a")[1]["metrics"]["listen"]
+    b_address = router_status(net, "site-b")[1]["metrics"]["listen"]
+    bridge_address = bridge_status(net)[1]["metrics"]["listen"]
+    assert a_address and b_address and bridge_address
+    before = {
+        name: scrape(address) for name, address in (("a", a_address), ("b", b_address), ("bridge", bridge_address))
+    }
+    datasets = [pydicom.dcmread(path) for path in ct_series]
+    pixel_bytes = sum(len(ds.PixelData) for ds in datasets)
+
+    ae = AE(ae_title="WS_A")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(HOST, net.sites["site-a"].port, ae_title="ARCHIVE_B")
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0
+        # Still established: the counters already show what was sent.
+        during = scrape(a_address)
+        sent = metric(during, "relay_router_relayed_bytes_total", direction="to_remote") - metric(
+            before["a"], "relay_router_relayed_bytes_total", direction="to_remote"
+        )
+        assert sent >= pixel_bytes, (sent, pixel_bytes)
+        assert metric(during, "relay_router_active_associations") == 1
+        assert metric(during, "relay_router_frames_total", direction="to_remote") > metric(
+            before["a"], "relay_router_frames_total", direction="to_remote"
+        )
+        assert metric(during, "relay_router_association_setup_seconds_count", direction="outbound") == 1 + metric(
+            before["a"], "relay_router_association_setup_seconds_count", direction="outbound"
+        )
+        b_during = scrape(b_address)
+        received = metric(b_during, "relay_router_relayed_bytes_total", direction="to_local") - metric(
+            before["b"], "relay_router_relayed_bytes_total", direction="to_local"
+        )
+        assert received >= pixel_bytes
+        bridge_during = scrape(bridge_address)
+        assert metric(bridge_during, "relay_bridge_active_associations") == 1
+        assert metric(bridge_during, "relay_bridge_relayed_bytes_total", direction="from_initiator") > metric(
+            before["bridge"], "relay_bridge_relayed_bytes_total", direction="from_initiator"
+        )
+    finally:
+        assoc.release()
+
+    def settled() -> bool:
+        a, b, bridge = scrape(a_address), scrape(b_address), scrape(bridge_address)
+        return (
+            metric(a, "relay_router_associations_total", direction="outbound", result="released")
+            == metric(before["a"], "relay_router_associations_total", direction="outbound", result="released") + 1
+            and metric(b, "relay_router_associations_total", direction="inbound", result="released")
+            == metric(before["b"], "relay_router_associations_total", direction="inbound", result="released") + 1
+            and metric(bridge, "relay_bridge_associations_total", outcome="relayed")
+            == metric(before["bridge"], "relay_bridge_associations_total", outcome="relayed") + 1
+            and metric(a, "relay_router_active_associations") == 0
+        )
+
+    wait_until(settled, what="the association counted as released everywhere")
+    after = scrape(a_address)
+    assert metric(after, "relay_router_relayed_bytes_total", direction="to_remote") >= metric(
+        during, "relay_router_relayed_bytes_total", direction="to_remote"
+    )  # counters never go back
+    assert metric(scrape(bridge_address), "relay_bridge_association_setup_seconds_count") >= 1
+    assert metric(scrape(bridge_address), "relay_bridge_router_signed_on", site="site-a") == 1
+    wait_until(lambda: router_status(net, "site-a")[1]["recent"]["last"], what="the association in the status file")
+    last = router_status(net, "site-a")[1]["recent"]["last"][-1]
+    assert last["result"] == "released" and last["called_ae"] == "ARCHIVE_B" and last["bytes_to_remote"] >= pixel_bytes
+    # Labels carry no AE title that a device chose: the calling title WS_A appears nowhere.
+    for address in (a_address, b_address, bridge_address):
+        assert not any("WS_A" in v for (_, labels) in scrape(address) for _, v in labels)
+
+
+def test_bridge_health_check_over_tls(ops_net: LocalRelayNetwork) -> None:
+    ca = (ops_net.workdir / "ca.pem").read_bytes()
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    with grpc.secure_channel(f"{HOST}:{ops_net.bridge_port}", credentials, options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "relay.v1.Relay"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # A client that does not trust the bridge's CA gets nowhere.
+    from relay_bridge.pki import make_dev_pki
+
+    other = make_dev_pki(ops_net.workdir / "other-ca", hostnames=["localhost"], ips=["127.0.0.1"])
+    wrong = grpc.ssl_channel_credentials(root_certificates=other.ca_cert.read_bytes())
+    with grpc.secure_channel(f"{HOST}:{ops_net.bridge_port}", wrong, options=options) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_readiness_reaches_systemd_after_status_and_metrics_are_up(tmp_path: Path) -> None:
+    """Type=notify: READY=1 arrives once the status file exists and the metrics port answers."""
+    notify = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        sock.settimeout(30)
+        net = LocalRelayNetwork(tmp_path / "net", env={"NOTIFY_SOCKET": str(notify)}).start(bridge=False)
+        with (net.workdir / "bridge.toml").open("a") as out:
+            out.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
+        try:
+            net.start_bridge()
+            assert sock.recv(64) == b"READY=1"
+            bridge = json.loads((net.workdir / "bridge.sqlite3.status.json").read_text())
+            assert bridge["running"] and scrape(bridge["metrics"]["listen"])
+            net.add_site("site-a", metrics_listen="127.0.0.1:0")
+            assert sock.recv(64) == b"READY=1"
+            status = net.status("site-a")
+            assert status["running"] and status["dicom_port"] == net.sites["site-a"].port
+            assert scrape(status["metrics"]["listen"])
+        finally:
+            net.stop()
+
+
+def test_router_keeps_its_status_in_state_dir_by_default(ops_net: LocalRelayNetwork) -> None:
+    """Without --status-file (as under systemd), `serve` and `status` agree on STATE_DIR/status.json."""
+    net = ops_net
+    net.add_site("site-c", remote=[Remote("ARCHIVE_B", "site-b")], start=False, metrics_listen="")
+    config = str(net.router_config_path("site-c"))
+    ready = net.workdir / "site-c.ready"
+    log = (net.workdir / "router-site-c.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay_router.cli", "-c", config, "serve", "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        wait_until(ready.exists, what="site-c ready")
+        default = net.workdir / "state-site-c" / "status.json"
+        assert default.exists()
+        cli = [sys.executable, "-m", "relay_router.cli", "-c", config]
+        wait_until(lambda: run([*cli, "status"]).returncode == 0, what="site-c signed on")
+        report = json.loads(run([*cli, "status", "--json"]).stdout)
+        assert report["status_file"] == str(default) and report["metrics"] == {"listen": None, "error": None}
+        # ARCHIVE_B is shared with site-a only: site-c's route is not in its directory.
+        devices = json.loads(run([*cli, "devices", "--json"]).stdout)
+        assert devices == [
+            {
+                "ae_title": "ARCHIVE_B",
+                "site": "site-b",
+                "remote_ae_title": "ARCHIVE_B",
+                "source": "remote",
+                "in_directory": False,
+                "online": False,
+                "description": "",
+            }
+        ]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        stopped = run([*cli, "status"])
+        assert stopped.returncode == 3 and "NOT RUNNING: stopped at" in stopped.stdout
+        assert json.loads(default.read_text())["running"] is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_default_metrics_port_clash_is_logged_not_fatal(ops_net: LocalRelayNetwork) -> None:
+    """Two routers on one host with the default port: the second serves DICOM without metrics."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        net = ops_net
+        net.add_site("site-d", metrics_listen=f"{HOST}:{port}")
+        net.wait_connected()
+        status = net.status("site-d")
+        assert status["connected"] and status["metrics"]["listen"] is None
+        assert f"cannot listen on {HOST}:{port}" in status["metrics"]["error"]
+        assert "metrics disabled" in net.log("site-d")
+        text = router_cli(net, "site-d", "status").stdout
+        assert f"metrics: cannot listen on {HOST}:{port}" in text
+    assert os.path.exists(net.status_path("site-d"))
+
+
+def test_bridge_database_backup_while_running(ops_net: LocalRelayNetwork, tmp_path: Path) -> None:
+    """docs/operations.md: sqlite3 .backup of the live database gives a consistent, usable copy."""
+    sqlite3 = shutil.which("sqlite3")
+    if sqlite3 is None:
+        pytest.skip("sqlite3 is not installed (apt-get install sqlite3)")
+    backup = tmp_path / "bridge-backup.sqlite3"
+    result = run([sqlite3, str(ops_net.workdir / "bridge.sqlite3"), f".backup '{backup}'"])
+    assert result.returncode == 0, result.stderr
+    assert run([sqlite3, str(backup), "PRAGMA integrity_check"]).stdout.strip() == "ok"
+    config = tmp_path / "bridge.toml"
+    config.write_text(f'[server]\ninsecure = true\n[storage]\ndatabase = "{backup.name}"\n')
+    bridge_cli = [sys.executable, "-m", "relay_bridge.cli", "-c", str(config)]
+    routers = json.loads(run([*bridge_cli, "router", "list", "--json"]).stdout)
+    assert {r["name"] for r in routers} == {"site-a", "site-b"}
+    shares = json.loads(run([*bridge_cli, "share", "list", "--json"]).stdout)
+    assert [(d["router"], d["ae_title"]) for d in shares] == [("site-b", "ARCHIVE_B")]
+    assert router_status(ops_net, "site-a")[1]["connected"]  # the running bridge did not notice

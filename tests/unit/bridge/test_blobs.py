@@ -1,0 +1,90 @@
+"""relay_bridge.blobs: presigned part URLs only for the caller's associations; forged or expired ones refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloudstore.file import FileBlobStore
+from relay_bridge.blobs import BlobBroker, BlobRefused, key_for
+from relay_bridge.config import BridgeConfig, ServerSection, SpillSection, StorageSection
+
+AID = "a" * 32
+OTHER = "b" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def broker(tmp_path: Path, clock: Clock) -> BlobBroker:
+    store = FileBlobStore(tmp_path / "blobs", fsync=False, clock=clock)
+    return BlobBroker(store, url_ttl_s=60, ttl_s=3600, sweep_interval_s=3600)
+
+
+async def test_put_get_release(broker: BlobBroker) -> None:
+    blob_id, put_url, _ = await broker.slot(AID, "", 0, download=False)
+    await broker.put_part(put_url, b"sealed part", {AID})
+    _, get_url, _ = await broker.slot(AID, blob_id, 0, download=True)
+    assert await broker.get_part(get_url, {AID}) == b"sealed part"
+    assert await broker.release(AID, blob_id) == 1
+    assert not await broker.store.exists(key_for(AID, blob_id, 0))
+
+
+async def test_other_association_refused(broker: BlobBroker) -> None:
+    blob_id, put_url, _ = await broker.slot(AID, "", 0, download=False)
+    with pytest.raises(BlobRefused, match="another association"):
+        await broker.put_part(put_url, b"x", {OTHER})
+    await broker.put_part(put_url, b"x", {AID})
+    _, get_url, _ = await broker.slot(AID, blob_id, 0, download=True)
+    with pytest.raises(BlobRefused, match="another association"):
+        await broker.get_part(get_url, {OTHER})
+
+
+async def test_forged_altered_and_wrong_method_refused(broker: BlobBroker) -> None:
+    blob_id, put_url, _ = await broker.slot(AID, "", 0, download=False)
+    await broker.put_part(put_url, b"x", {AID})
+    forged = put_url.replace(f"{AID}/{blob_id}/000000", f"{AID}/{blob_id}/000001")
+    with pytest.raises(BlobRefused, match="forged or altered"):
+        await broker.put_part(forged, b"x", {AID})
+    with pytest.raises(BlobRefused, match="signed for PUT"):
+        await broker.get_part(put_url, {AID})
+    other_key = FileBlobStore(broker.store.root, fsync=False)  # type: ignore[attr-defined]
+    foreign = await other_key.presign_get(key_for(AID, blob_id, 0), 60)
+    with pytest.raises(BlobRefused, match="forged"):
+        await broker.get_part(foreign, {AID})
+
+
+async def test_expired_refused(broker: BlobBroker, clock: Clock) -> None:
+    blob_id, put_url, _ = await broker.slot(AID, "", 0, download=False)
+    await broker.put_part(put_url, b"x", {AID})
+    _, get_url, _ = await broker.slot(AID, blob_id, 0, download=True)
+    clock.now += 61
+    with pytest.raises(BlobRefused, match="expired"):
+        await broker.get_part(get_url, {AID})
+
+
+async def test_bad_ids_refused(broker: BlobBroker) -> None:
+    with pytest.raises(BlobRefused):
+        await broker.slot(AID, "../../etc", 0, download=True)
+    with pytest.raises(BlobRefused):
+        await broker.slot(AID, "", 0, download=True)
+
+
+def test_default_store_next_to_database(tmp_path: Path) -> None:
+    server = ServerSection(insecure=True)
+    config = BridgeConfig(server=server, storage=StorageSection(database=tmp_path / "db.sqlite3"))
+    broker = BlobBroker.from_config(config)
+    assert broker is not None and broker.store.root == tmp_path / "blobs"  # type: ignore[attr-defined]
+    assert BlobBroker.from_config(BridgeConfig(server=server, spill=SpillSection(store="off"))) is None

@@ -90,6 +90,8 @@ class RouterService:
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
         self.relays: set[RelayedAssociation] = set()
+        # Association ids accepted since start (insertion-ordered, bounded): refuses replays of a recorded one.
+        self._seen_associations: dict[str, None] = {}
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
@@ -430,6 +432,24 @@ class RouterService:
             return await self._refuse_inbound(
                 stream, outcome, pb.Refused.UNKNOWN_DEVICE, f"no shared device {notice.called_ae_title!r}"
             )
+        # Enforce our own sharing rules: the bridge is not trusted to (it could invent a calling site).
+        if notice.from_site not in device.share_with and "*" not in device.share_with:
+            detail = f"SECURITY: {device.ae_title} is not shared with {notice.from_site!r}"
+            log.error(
+                "%s; refused (the bridge should have refused it)", detail, extra={**extra, "security_alert": "access"}
+            )
+            return await self._refuse_inbound(
+                stream, outcome, pb.Refused.NOT_PERMITTED, detail, "end-to-end authentication failed"
+            )
+        if notice.association_id in self._seen_associations:
+            detail = f"SECURITY: association {notice.association_id} was already seen (replayed by the bridge?)"
+            log.error("%s; refused", detail, extra={**extra, "security_alert": "replay"})
+            return await self._refuse_inbound(
+                stream, outcome, pb.Refused.NOT_PERMITTED, detail, "end-to-end authentication failed"
+            )
+        self._seen_associations[notice.association_id] = None
+        while len(self._seen_associations) > 100_000:  # bounded memory: forget the oldest
+            del self._seen_associations[next(iter(self._seen_associations))]
         try:
             confirmation, sealer, request_pdu = self._verify_incoming(notice)
         except HandshakeError as exc:

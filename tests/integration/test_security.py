@@ -105,16 +105,24 @@ class EvilServicer(RelayServicer):
 
     def directory_for(self, site: str) -> pb.Directory:
         directory = super().directory_for(site)
+        for name, identity in self.invented.items():  # a site that does not exist, with the bridge's own key
+            directory.identities.add(
+                site=name, identity=pb.Identity(sign_key=identity.public.sign_key, kem_key=identity.public.kem_key)
+            )
         for entry in directory.identities:
             if entry.site == self.swap_identity_of:
                 impostor = Identity.generate().public
                 entry.identity.sign_key, entry.identity.kem_key = impostor.sign_key, impostor.kem_key
         return directory
 
-    async def forge_association(self, from_site: str, to_site: str, called: str) -> pb.Frame | None:
+    invented: dict[str, Identity] = {}
+
+    async def forge_association(
+        self, from_site: str, to_site: str, called: str, impostor: Identity | None = None
+    ) -> pb.Frame | None:
         """Originate an association in `from_site`'s name, as a bridge operator could try to."""
         aid = uuid.uuid4().hex
-        impostor = Identity.generate()  # the bridge does not have from_site's private key
+        impostor = impostor or Identity.generate()  # the bridge does not have from_site's private key
         victim = self.directory.identities()[to_site]
         from relay_router.seal import PublicIdentity
 
@@ -256,6 +264,18 @@ def test_bridge_cannot_originate_an_association_in_a_routers_name(evil) -> None:
     assert "not signed by site-a's pinned key" in net.log("site-b")
 
 
+def test_invented_site_cannot_reach_a_device_shared_with_others(evil) -> None:  # noqa: ANN001
+    """The bridge invents site-x and hands out its own key for it: site-b still enforces its share list."""
+    net, bridge, *_ = evil
+    impostor = Identity.generate()
+    bridge.servicer.invented["site-x"] = impostor
+    bridge.call(bridge.servicer.broadcast_directory)
+    wait_until(lambda: "site-x" in net.log("site-b"), what="site-b to see the invented site")
+    answer = bridge.run(bridge.servicer.forge_association("site-x", "site-b", "ARCHIVE_B", impostor))
+    assert answer is not None and answer.refused.reason == pb.Refused.NOT_PERMITTED
+    assert "SECURITY: ARCHIVE_B is not shared with 'site-x'" in net.log("site-b")
+
+
 def test_swapped_key_for_a_pinned_peer_is_refused_loudly(evil) -> None:  # noqa: ANN001
     net, bridge, *_ = evil
     bridge.servicer.swap_identity_of = "site-b"
@@ -338,5 +358,5 @@ def test_canary_never_reaches_the_bridge(evil, tmp_path: Path) -> None:  # noqa:
     for text in (raw_marker, marker[::-1].encode(), f"CANARY^{marker}".encode()):
         assert text not in crossed, "patient data crossed the bridge in clear"
         for path in net.workdir.iterdir():
-            if path.is_file() and path.name.startswith("bridge"):
+            if path.is_file() and (path.name.startswith("bridge") or path.name == "audit.jsonl"):
                 assert text not in path.read_bytes(), f"patient data in the bridge's {path.name}"

@@ -30,6 +30,9 @@ class RouterSection:
     # fingerprints of peer sites it has seen (known_sites.json). Relative paths
     # are relative to this file.
     state_dir: Path = Path("state")
+    # Trust only the peer sites pinned with [[pin]] (no trust on first use): a bridge cannot then
+    # introduce a site of its own, even to devices shared with "*".
+    require_pin: bool = False
 
     def __post_init__(self) -> None:
         if not SITE.match(self.name):

@@ -20,9 +20,11 @@ log = logging.getLogger("relay_router.peers")
 
 
 class PeerKeys:
-    def __init__(self, known_file: Path, pins: dict[str, str]) -> None:
+    def __init__(self, known_file: Path, pins: dict[str, str], *, require_pin: bool = False) -> None:
         self._known_file = known_file
         self._pins = dict(pins)
+        # With require_pin, only sites pinned in router.toml are trusted: no trust on first use.
+        self._require_pin = require_pin
         self._offered: dict[str, PublicIdentity] = {}
         self._mismatch: dict[str, str] = {}
         try:
@@ -44,6 +46,8 @@ class PeerKeys:
         for site, identity in offered.items():
             fingerprint = identity.fingerprint
             expected = self.expected(site)
+            if expected is None and self._require_pin:
+                continue  # identity() refuses it: not pinned
             if expected is None:
                 self._known[site] = fingerprint
                 changed = True
@@ -72,6 +76,8 @@ class PeerKeys:
                 f"site {site}'s identity key changed (offered {self._mismatch[site][:16]}..., "
                 f"pinned {(self.expected(site) or '')[:16]}...)"
             )
+        if self._require_pin and site not in self._pins:
+            raise HandshakeError(f"site {site} has no [[pin]] in router.toml and require_pin is on")
         identity = self._offered.get(site)
         if identity is None:
             raise UnknownPeer(f"the bridge has not provided an identity for site {site}")

@@ -77,7 +77,11 @@ class BridgeLink:
         self.audit = audit or AuditLog(None, app="relay-router")
         state = config.router.state_dir
         self.identity = Identity.load_or_create(state / "identity.key")
-        self.peers = PeerKeys(state / "known_sites.json", {p.site: p.fingerprint for p in config.pin})
+        self.peers = PeerKeys(
+            state / "known_sites.json",
+            {p.site: p.fingerprint for p in config.pin},
+            require_pin=config.router.require_pin,
+        )
         self._on_incoming = on_incoming
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RelayStub | None = None

@@ -1,0 +1,37 @@
+"""Pinning: configured pins, trust on first use, and require_pin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay_router.peers import PeerKeys
+from relay_router.seal import HandshakeError, Identity, UnknownPeer
+
+
+def test_first_contact_is_pinned_and_a_changed_key_refused(tmp_path: Path) -> None:
+    peers = PeerKeys(tmp_path / "known.json", {})
+    first, second = Identity.generate().public, Identity.generate().public
+    assert peers.update({"site-b": first}) == {}
+    assert peers.identity("site-b") == first
+    assert peers.update({"site-b": second}) == {"site-b": second.fingerprint}
+    with pytest.raises(HandshakeError, match="identity key changed"):
+        peers.identity("site-b")
+    # The pin survives a restart.
+    assert PeerKeys(tmp_path / "known.json", {}).expected("site-b") == first.fingerprint
+
+
+def test_require_pin_refuses_sites_without_a_configured_pin(tmp_path: Path) -> None:
+    pinned, stranger = Identity.generate().public, Identity.generate().public
+    peers = PeerKeys(tmp_path / "known.json", {"site-b": pinned.fingerprint}, require_pin=True)
+    peers.update({"site-b": pinned, "site-x": stranger})
+    assert peers.identity("site-b") == pinned
+    with pytest.raises(HandshakeError, match="no \\[\\[pin\\]\\]"):
+        peers.identity("site-x")
+    assert not (tmp_path / "known.json").exists()  # nothing trusted on first use
+
+
+def test_unknown_site_is_distinguished(tmp_path: Path) -> None:
+    with pytest.raises(UnknownPeer):
+        PeerKeys(tmp_path / "known.json", {}).identity("nowhere")

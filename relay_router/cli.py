@@ -82,7 +82,7 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
         announce_ready(ready_file, port=service.port, metrics_port=service.metrics.server.port)
 
     async def end() -> None:
-        await service.stop()
+        await service.stop(cfg.dicom.shutdown_grace_s)
         await service.metrics.stop()
         write_stopped(service)
 

@@ -89,6 +89,8 @@ class DicomSection:
     # Seconds the called device may stay silent after the calling device sent something (0: never).
     # Long C-MOVEs send pending responses; a device that answers nothing this long is considered stuck.
     dimse_timeout_s: float = 600.0
+    # On SIGTERM: seconds running associations may go on before they are aborted.
+    shutdown_grace_s: float = 10.0
     max_associations: int = 200
     # Compress frames with zstd when the other router agrees (pays on WAN links; costs CPU on a LAN).
     compression: bool = True

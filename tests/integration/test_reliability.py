@@ -55,11 +55,12 @@ HOST = "127.0.0.1"
 TRANSIENT = 2  # A-ASSOCIATE-RJ result "rejected-transient" (PS3.8 Table 9-21)
 TRANSIENT_CONGESTION = (2, 3, 1)
 
-# How long the uplink cut of test_uplink_cut_* lasts at least (seconds). The issue asks for "a minute";
-# 20 s keeps the suite short and is already longer than the routers' keepalive detection window
-# (keepalive_s = 20 s ping interval + 10 s ping timeout), so the cut lasts until the routers have
-# noticed it, however long that takes (bounded by UPLINK_DETECTION_LIMIT_S). Override with
-# RELAY_UPLINK_CUT_S=60 for the full drill.
+# How long the silent cut of test_uplink_cut_refuses_new_associations_transiently_and_heals lasts (s).
+# The issue asks for "a minute"; 20 s keeps the suite short. With the default keepalive (keepalive_s 20 s
+# + 10 s ping timeout) a router notices a silent uplink within 10-30 s, so a 20 s cut may end before or
+# after the routers notice it: the test accepts both outcomes for an open association (aborted at
+# detection, or alive after the cut). RELAY_UPLINK_CUT_S=60 runs the full drill, and from
+# UPLINK_DETECTION_LIMIT_S on the test also requires both routers to have noticed.
 UPLINK_CUT_S = float(os.environ.get("RELAY_UPLINK_CUT_S", "20"))
 # A router must notice a silent uplink within this (keepalive 20 s + ping timeout 10 s + slack).
 UPLINK_DETECTION_LIMIT_S = 40.0
@@ -650,6 +651,9 @@ def test_uplink_cut_refuses_new_associations_transiently_and_heals(uplink: Calla
         if probe.at + probe.answer.seconds < cut.restored_at:
             assert probe.answer.kind == "RJ", "nothing can be accepted while the bridge is unreachable"
     assert cut.held == "survived" or cut.held.startswith("A-ABORT"), cut.held
+    if UPLINK_CUT_S >= UPLINK_DETECTION_LIMIT_S:
+        assert set(cut.detected) == {"site-a", "site-b"}, "a router never noticed the cut"
+        assert max(cut.detected.values()) < UPLINK_DETECTION_LIMIT_S
     assert cut.reconnected_at - cut.restored_at < 30, "the routers did not reconnect on their own"
     wait_until(lambda: echo(port_a, "ARCHIVE_B"), timeout=20, step=0.5, what="an echo after the cut")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port
 
 
@@ -83,16 +84,8 @@ class EnrollmentSection:
 
 
 @dataclass(frozen=True)
-class MetricsSection:
-    # HOST:PORT of the Prometheus endpoint (http://HOST:PORT/metrics); "" disables it.
+class MetricsSection(common_config.MetricsSection):
     listen: str = "127.0.0.1:9465"
-
-    def __post_init__(self) -> None:
-        if self.listen:
-            try:
-                parse_host_port(self.listen)
-            except ValueError as exc:
-                raise InvalidValue("listen", f'{exc} (or "" to disable metrics)') from None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,21 @@ class LoggingSection:
     format: typing.Literal["auto", "json", "text"] = "auto"
 
 
+@dataclasses.dataclass(frozen=True)
+class MetricsSection:
+    """[metrics]; each daemon subclasses it for its own default port."""
+
+    # HOST:PORT of the Prometheus endpoint (http://HOST:PORT/metrics); "" disables it.
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                parse_host_port(self.listen)
+            except ValueError as exc:
+                raise InvalidValue("listen", f'{exc} (or "" to disable metrics)') from None
+
+
 def load_config(path: str | Path, schema: type[T]) -> T:
     """Read `path` (TOML) into an instance of the dataclass `schema`."""
     path = Path(path)

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port, secret_from
 
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")
@@ -177,16 +178,8 @@ class Pin:
 
 
 @dataclass(frozen=True)
-class MetricsSection:
-    # HOST:PORT of the Prometheus endpoint (http://HOST:PORT/metrics); "" disables it.
+class MetricsSection(common_config.MetricsSection):
     listen: str = "127.0.0.1:9464"
-
-    def __post_init__(self) -> None:
-        if self.listen:
-            try:
-                parse_host_port(self.listen)
-            except ValueError as exc:
-                raise InvalidValue("listen", f'{exc} (or "" to disable metrics)') from None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ class Stats:
     stored: dict[str, tuple[str, str]] = field(default_factory=dict)  # SOP UID -> (site, pixel sha256)
     moved: set[tuple[str, str]] = field(default_factory=set)  # (destination site, source site)
     in_window: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))  # done by the deadline
+    in_window_bytes: int = 0
     open_now: int = 0
     open_max: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -125,7 +126,7 @@ class Client(threading.Thread):
             there = self.rng.choice([s for s in SITES if s != here])
             started = time.perf_counter()
             try:
-                getattr(self, service)(here, there)
+                moved = getattr(self, service)(here, there)
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                 when = time.strftime("%H:%M:%S")
                 with self.stats.lock:
@@ -133,8 +134,10 @@ class Client(threading.Thread):
                 continue
             with self.stats.lock:
                 self.stats.latencies[service].append(time.perf_counter() - started)
+                self.stats.bytes[service] += moved
                 if time.monotonic() <= self.deadline:
                     self.stats.in_window[service] += 1
+                    self.stats.in_window_bytes += moved
 
     # -- one operation each: associate, do it, release ------------------------------------------------
 
@@ -157,7 +160,7 @@ class Client(threading.Thread):
         finally:
             self.stats.closed()
 
-    def echo(self, here: str, there: str) -> None:
+    def echo(self, here: str, there: str) -> int:
         assoc = self._associate(here, there, Verification)
         try:
             status = assoc.send_c_echo()
@@ -165,6 +168,7 @@ class Client(threading.Thread):
             self._release(assoc)
         if not status or status.Status != 0:
             raise RuntimeError(f"C-ECHO status {status}")
+        return 0
 
     def _study_query(self, there: str) -> Dataset:
         query = Dataset()
@@ -172,7 +176,7 @@ class Client(threading.Thread):
         query.StudyInstanceUID = self.world.studies[there][0]
         return query
 
-    def find(self, here: str, there: str) -> None:
+    def find(self, here: str, there: str) -> int:
         assoc = self._associate(here, there, StudyRootQueryRetrieveInformationModelFind)
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
@@ -188,8 +192,9 @@ class Client(threading.Thread):
             self._release(assoc)
         if [str(ds.StudyInstanceUID) for ds in answers] != [self.world.studies[there][0]]:
             raise RuntimeError(f"C-FIND answers {answers!r}")
+        return 0
 
-    def get(self, here: str, there: str) -> None:
+    def get(self, here: str, there: str) -> int:
         got: dict[str, str] = {}
 
         def on_store(event: evt.Event) -> int:
@@ -217,10 +222,10 @@ class Client(threading.Thread):
         if not statuses or statuses[-1].Status != 0 or got != originals:
             raise RuntimeError(f"C-GET: status {statuses[-1] if statuses else None}, {len(got)}/{len(originals)} ok")
         with self.stats.lock:
-            self.stats.bytes["get"] += size
             self.stats.instances["get"] += len(got)
+        return size
 
-    def move(self, here: str, there: str) -> None:
+    def move(self, here: str, there: str) -> int:
         assoc = self._associate(here, there, StudyRootQueryRetrieveInformationModelMove)
         try:
             responses = [
@@ -237,10 +242,10 @@ class Client(threading.Thread):
             raise RuntimeError(f"C-MOVE final status {final}")
         with self.stats.lock:
             self.stats.moved.add((here, there))
-            self.stats.bytes["move"] += size
             self.stats.instances["move"] += len(originals)
+        return size
 
-    def store(self, here: str, there: str) -> None:
+    def store(self, here: str, there: str) -> int:
         batch = [self.rng.choice(self.world.store_pool) for _ in range(STORE_BATCH)]
         assoc = self._associate(here, there, CTImageStorage)
         try:
@@ -253,8 +258,8 @@ class Client(threading.Thread):
             for ds in batch:
                 uid, digest = fingerprint(ds)
                 self.stats.stored[uid] = (there, digest)
-                self.stats.bytes["store"] += self.world.store_sizes[uid]
             self.stats.instances["store"] += len(batch)
+        return sum(self.world.store_sizes[str(ds.SOPInstanceUID)] for ds in batch)
 
 
 def build_world(
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ok": total_ok,
                 "failed": total_failed,
                 "ops_per_s": sum(stats.in_window.values()) / args.duration,
-                "mb_per_s": total_mb / elapsed,
+                "mb_per_s": stats.in_window_bytes / 1e6 / args.duration,
                 "last_client_done_s": elapsed,
                 "max_open_associations": stats.open_max,
             },
@@ -417,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['instances']} | {s['mb']:.1f} |"
             for name, s in per_service.items()
         ]
+        mb_per_s = stats.in_window_bytes / 1e6 / args.duration
         table = "\n".join(
             [
                 f"# Load: 3 sites, {args.concurrency} concurrent clients, {args.duration:.0f} s, mixed services "
@@ -428,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"| **all** | {total_ok} | {total_failed} | | | {sum(stats.in_window.values()) / args.duration:.1f} | "
                 f"{sum(s['instances'] for s in per_service.values())} | {total_mb:.1f} |",
                 "",
-                f"Most associations open at once: **{stats.open_max}**. Throughput {total_mb / elapsed:.1f} MB/s of "
-                f"DICOM payload (ops/s: operations finished within the {args.duration:.0f} s; the last client "
+                f"Most associations open at once: **{stats.open_max}**. Throughput {mb_per_s:.1f} MB/s of DICOM "
+                f"payload (ops/s and MB/s: operations finished within the {args.duration:.0f} s; the last client "
                 f"finished after {elapsed:.0f} s). Verified at the destination: "
                 f"**{checked['verified']}** instances, {checked['missing']} missing, {checked['mismatched']} "
                 "different.",
@@ -438,6 +444,19 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{name} {mb:.0f} MB ({after[name]:.0f} MB)" for name, mb in peak.items())
                 + ".",
                 "",
+                *(
+                    [
+                        "Failures (first of each): "
+                        + "; ".join(f"{k}: {v[0]}".replace("\n", " ") for k, v in stats.failures.items())
+                        + ". A C-STORE with statuses `[0, 0, None, ...]` is pynetdicom 3.0.4's requestor race "
+                        "(its reactor thread can take the C-STORE-RSP off the queue before `send_c_store` waits "
+                        "for it; the archive then times the association out after 30 s): the relay delivered "
+                        "the response (traced), the client lost it.",
+                        "",
+                    ]
+                    if stats.failures
+                    else []
+                ),
                 "Latency is association open to release as the client sees it (C-GET/C-MOVE: a whole "
                 f"{args.instances}-image study). One 2-core machine runs everything: the bridge, 3 routers, "
                 "3 Orthancs and the Python clients.",

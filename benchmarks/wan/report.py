@@ -136,7 +136,7 @@ def plot(payload: dict[str, object], path: Path) -> Path | None:
     transfers = [w for w in dict.fromkeys(r["workload"] for r in results) if w != "echo"]
     has_echo = any(r["workload"] == "echo" for r in results)
     fig, axes = plt.subplots(
-        1, 2 if has_echo else 1, figsize=(11, 4.5), gridspec_kw={"width_ratios": [4, 1]} if has_echo else None
+        1, 2 if has_echo else 1, figsize=(11, 5), gridspec_kw={"width_ratios": [4, 1]} if has_echo else None
     )
     axes = list(axes) if has_echo else [axes]
     colors = {"raw": "#9e9e9e", "vpn": "#1f77b4", "relay": "#d62728"}
@@ -167,15 +167,16 @@ def plot(payload: dict[str, object], path: Path) -> Path | None:
             else workloads
         )
         ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the ratio labels
 
     bars(axes[0], transfers, 1.0)
     axes[0].set_ylabel("seconds (median; bars: min-max)")
     axes[0].set_title("C-STORE with DCMTK storescu -> storescp")
-    axes[0].legend(loc="upper left", fontsize=8)
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(modes), fontsize=9, frameon=False)
     if has_echo:
         bars(axes[1], ["echo"], 1000.0)
         axes[1].set_ylabel("milliseconds")
-        axes[1].set_title("association + C-ECHO + release")
+        axes[1].set_title("C-ECHO\n(associate, echo, release)", fontsize=10)
     fig.suptitle(
         f"dicom-relay WAN benchmark: {link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms RTT "  # type: ignore[index]
         f"(relay/VPN time ratio above the red bars)"

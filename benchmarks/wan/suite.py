@@ -104,7 +104,7 @@ class Bench:
         self.spec = LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, congestion_control=args.cc)
         self.work = Path(tempfile.mkdtemp(prefix="drwan-"))
         self.rx = Path(tempfile.mkdtemp(prefix="drwan-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-        self.lab = WanLab(self.spec, self.work / "lab", nice=args.nice)
+        self.lab = WanLab(self.spec, self.work / "lab", priority=args.priority)
         self.vpn: Vpn | None = None
         self.net: LocalRelayNetwork | None = None
         self.scp: subprocess.Popen[bytes] | None = None
@@ -447,7 +447,7 @@ class Bench:
             "results": results,
             "errors": m.errors,
             "loadavg": load,
-            "niceness": args.nice,
+            "priority": args.priority,
             "delay_stage": self.lab.delay_counters(),
             "qdiscs": self.lab.qdisc_stats(),
             "command": args.command,
@@ -490,7 +490,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--echo-count", type=int, help="associations per echo repeat (default 10; 5 with --quick)")
     p.add_argument("--check-seconds", type=float, help="seconds of each raw TCP check (default 8; 4 with --quick)")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop measuring after this long (default 90)")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "drwan-data"), help="generated DICOM files")
+    p.add_argument(
+        "--cache",
+        default="/dev/shm/drwan-data"
+        if Path("/dev/shm").is_dir()
+        else os.path.join(tempfile.gettempdir(), "drwan-data"),
+        help="generated DICOM files (in memory by default: no disk reads while measuring; removed afterwards)",
+    )
+    p.add_argument("--keep-data", action="store_true", help="keep the generated files for the next run")
     p.add_argument("--name", help="results file name after the date (default wan, wan-quick, wan-rtt100ms, ...)")
     p.add_argument(
         "--relay-dicom",
@@ -500,14 +507,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="extra [dicom] setting for both routers, e.g. frame_bytes=32768 (repeatable; integers only)",
     )
     p.add_argument(
-        "--nice",
-        type=int,
-        default=-10,
-        help="niceness of every measured process, all modes alike (default -10; the delay stage runs SCHED_FIFO)",
+        "--priority",
+        choices=("rt", "nice", "none"),
+        default="rt",
+        help="scheduling of every measured process, all modes alike: rt = SCHED_FIFO 5 (default; the delay "
+        "stage runs at SCHED_FIFO 10), nice = nice -10, none; other work on a shared machine skews the rest",
     )
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and configs (printed at the end)")
     args = p.parse_args(argv)
-    args.command = "python -m benchmarks.wan " + shlex.join(argv if argv is not None else sys.argv[1:])
+    given = shlex.join(argv if argv is not None else sys.argv[1:])
+    if os.environ.get("MAKELEVEL"):  # started by `make bench`
+        args.command = "make bench" + (f" BENCH_ARGS={shlex.quote(given)}" if given else "")
+    else:
+        args.command = ("python -m benchmarks.wan " + given).strip()
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.echo_count = args.echo_count or (5 if args.quick else 10)
     args.check_seconds = args.check_seconds or (4.0 if args.quick else 8.0)
@@ -540,7 +552,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cleanup:
         removed = cleanup()
-        print(f"removed {len(removed)} namespaces" if removed else "nothing to clean up")
+        leftovers = [Path(args.cache), *Path(tempfile.gettempdir()).glob("drwan-*")]
+        if Path("/dev/shm").is_dir():
+            leftovers += Path("/dev/shm").glob("drwan-rx-*")
+        for path in leftovers:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                print(f"  removed {path}")
+        print(f"removed {len(removed)} namespaces" if removed else "no namespaces to remove")
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
@@ -555,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_workdir:
             log(f"logs and configs kept in {bench.work}")
         bench.stop()
+        if not args.keep_data:
+            shutil.rmtree(args.cache, ignore_errors=True)
     for path in write(payload, args.name):
         log(f"wrote {path}")
     return 0

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint protos protos-check bench-quick bench bench-deps system-deps clean
+.PHONY: demo test unit integration lint protos protos-check bench-quick bench system-deps clean
 
 # Debian packages the tests need (installed only when missing, and only as root).
 system-deps:
@@ -53,7 +53,7 @@ bench-quick: $(STAMP) system-deps
 # with tbf and delayed by a TUN delay stage; raw path vs OpenVPN vs relay. BENCH_ARGS passes options,
 # e.g. make bench BENCH_ARGS="--quick"  or  BENCH_ARGS="--rtt-ms 100 --repeats 5".
 BENCH_ARGS ?=
-bench-deps: $(STAMP)
+bench: $(STAMP)
 	@if [ "$$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces, tc, TUN)" >&2; exit 1; fi
 	@missing=""; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
@@ -63,8 +63,6 @@ bench-deps: $(STAMP)
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
-
-bench: bench-deps
 	$(PY) -m benchmarks.wan $(BENCH_ARGS)
 
 clean:

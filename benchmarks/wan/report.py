@@ -155,10 +155,10 @@ def plot(payload: dict[str, object], path: Path) -> Path | None:
                 lo.append((s["median"] - s["min"]) * scale)
                 hi.append((s["max"] - s["median"]) * scale)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors[m], label=MODE_LABELS[m])
-            for x, y, w in zip(xs, ys, [w for w in workloads if (w, m) in by], strict=True):
+            for x, y, up, w in zip(xs, ys, hi, [w for w in workloads if (w, m) in by], strict=True):
                 ratio = by[(w, m)]["ratio_to_vpn"]
                 if m == "relay" and ratio:
-                    ax.annotate(f"{ratio:.2f}x", (x, y), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                    ax.annotate(f"{ratio:.2f}x", (x, y + up), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
                                 textcoords="offset points")  # fmt: skip
         ax.set_xticks(range(len(workloads)))
         ax.set_xticklabels(

@@ -22,6 +22,7 @@ import argparse
 import atexit
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import shlex
@@ -58,6 +59,7 @@ PROBE = str(HERE / "probe.py")
 SCP_PORT = 11112
 # Debian's DCMTK (and Orthanc) leave Nagle on; every DICOM process here runs with TCP_NODELAY=1.
 DICOM_ENV = {**os.environ, "TCP_NODELAY": "1"}
+LOCK = "/run/lock/drwan-bench.lock" if Path("/run/lock").is_dir() else "/tmp/drwan-bench.lock"
 WORKLOADS = ("echo", "ct", "mr", "compressed", "small")
 FULL_SIZES = {"ct": 100, "mr": 200, "compressed": 100, "small": 200}
 QUICK_SIZES = {"ct": 20, "mr": 40, "compressed": 20, "small": 50}
@@ -456,11 +458,13 @@ class Bench:
         return payload
 
 
-def write(payload: dict[str, object], name: str) -> list[Path]:
+def write(payload: dict[str, object], name: str, base: Path | None = None) -> list[Path]:
+    """Write DATE-NAME.json, .md and .png into benchmarks/results (or next to `base`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.date.today().isoformat()
-    payload = {"name": name, "date": stamp, "machine": machine(), **payload}
-    base = RESULTS / f"{stamp}-{name}"
+    if base is None:
+        stamp = dt.date.today().isoformat()
+        payload = {"name": name, "date": stamp, "machine": machine(), **payload}
+        base = RESULTS / f"{stamp}-{name}"
     paths = [base.with_suffix(".json"), base.with_suffix(".md")]
     paths[0].write_text(json.dumps(payload, indent=2) + "\n")
     table = report.markdown(payload)
@@ -477,6 +481,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small workloads, 1 repeat (development)")
     p.add_argument("--cleanup", action="store_true", help="remove what an interrupted run left, then exit")
+    p.add_argument("--report", metavar="JSON", help="rewrite the table and plot of an earlier results file, then exit")
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round trip time site A <-> site B (default 40)")
     p.add_argument("--rate-mbit", type=float, default=24.0, help="rate of every link, each way (default 24)")
     p.add_argument("--cc", choices=("bbr", "reno"), default="bbr", help="TCP congestion control in the namespaces")
@@ -547,9 +552,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.report:
+        path = Path(args.report)
+        payload = json.loads(path.read_text())
+        payload["goals"] = report.goals(payload["results"])
+        for written in write(payload, payload["name"], base=path.with_suffix("")):
+            log(f"wrote {written}")
+        return 0
     if os.geteuid() != 0:
         print("the WAN benchmark needs root (network namespaces, tc, TUN); try: sudo make bench", file=sys.stderr)
         return 2
+    # One run at a time: namespaces, addresses and ports are fixed, and a second run would tear down the first.
+    lock = open(LOCK, "w")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another WAN benchmark is running (lock {LOCK}); wait for it or stop it first", file=sys.stderr)
+        return 3
     if args.cleanup:
         removed = cleanup()
         leftovers = [Path(args.cache), *Path(tempfile.gettempdir()).glob("drwan-*")]

@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         if Path("/dev/shm").is_dir():
             leftovers += Path("/dev/shm").glob("drwan-rx-*")
         for path in leftovers:
-            if path.exists():
+            if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 print(f"  removed {path}")
         print(f"removed {len(removed)} namespaces" if removed else "no namespaces to remove")

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from relay_demo.archive import DemoArchive
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
-from tests.integration.test_relay_refusals import wait_until
+from tests.support.wire import wait_until
 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"

@@ -20,37 +20,13 @@ from relay_demo.archive import DemoArchive
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.ul import PduType, parse_abort, parse_reject
 from tests.support import dcmtk
+from tests.support.wire import exchange, read_pdu, wait_until
 from tests.unit.ul.builders import associate_rq
 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
 PERMANENT_CALLED_AE_UNKNOWN = (1, 1, 7)
 TRANSIENT_CONGESTION = (2, 3, 1)
-
-
-def read_pdu(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """One whole PDU, or b"" if the router closed the connection."""
-    sock.settimeout(timeout)
-    header = b""
-    while len(header) < 6:
-        chunk = sock.recv(6 - len(header))
-        if not chunk:
-            return header
-        header += chunk
-    length = int.from_bytes(header[2:6], "big")
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return header + body
-
-
-def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(data)
-        return read_pdu(sock, timeout)
 
 
 def echo_ok(port: int, called: str = "ARCHIVE_B") -> bool:
@@ -62,13 +38,6 @@ def echo_ok(port: int, called: str = "ARCHIVE_B") -> bool:
     status = assoc.send_c_echo()
     assoc.release()
     return bool(status) and status.Status == 0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.support import dcmtk
 from tests.support.dcmtk import StorescpProcess
 from tests.support.ports import free_port
+from tests.support.wire import read_pdu, wait_until
 from tests.unit.ul.builders import associate_rq, echo_rq
 
 pytestmark = pytest.mark.integration
@@ -67,17 +68,6 @@ UPLINK_DETECTION_LIMIT_S = 40.0
 
 
 # ----------------------------------------------------------------------------- generic helpers
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition", step: float = 0.05):  # noqa: ANN201
-    """Poll `predicate` until it returns something truthy; that value, or AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(step)
 
 
 def rss_mb(pid: int) -> float:
@@ -126,25 +116,6 @@ def relay_pids(net: LocalRelayNetwork) -> dict[str, int]:
     pids = {"bridge": net.bridge.pid} if net.bridge else {}
     pids.update({name: site.process.pid for name, site in net.sites.items() if site.process})
     return pids
-
-
-def read_pdu(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """One whole PDU, or what arrived before the peer closed (b"" for a plain close)."""
-    sock.settimeout(timeout)
-    header = b""
-    while len(header) < 6:
-        chunk = sock.recv(6 - len(header))
-        if not chunk:
-            return header
-        header += chunk
-    length = int.from_bytes(header[2:6], "big")
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(min(length - len(body), 1 << 20))
-        if not chunk:
-            break
-        body += chunk
-    return header + body
 
 
 @dataclass

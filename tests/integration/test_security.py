@@ -37,7 +37,7 @@ from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.seal import FLAG_COMPRESSED, FLAG_SEALED, AssociationContext, Identity, initiate
 from relay_router.ul import PduType, parse_reject
-from tests.integration.test_relay_refusals import exchange, wait_until
+from tests.support.wire import exchange, wait_until
 from tests.unit.ul.builders import associate_rq
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from relay_common.audit import read_events
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
-from tests.integration.test_relay_refusals import exchange, wait_until
+from tests.support.wire import exchange, wait_until
 from tests.unit.ul.builders import associate_rq
 
 pytestmark = pytest.mark.integration

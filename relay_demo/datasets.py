@@ -195,6 +195,55 @@ def _pixels(rows: int, cols: int, z: float, rng: np.random.Generator, noise: flo
     return np.clip(values, 0, 4095).astype("<u2").tobytes()
 
 
+def _generate_series(
+    n: int,
+    *,
+    modality: str,
+    sop_class: str,
+    rows: int,
+    cols: int,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str | None,
+    seed: int,
+    spacing: float,
+    thickness: float,
+    attributes: dict[str, object],
+    rng_tag: int,
+    noise: float,
+    scale: float,
+) -> list[Dataset]:
+    """The series both generators share: deterministic UIDs, one phantom slice per instance."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    study = study_uid or _uid("study", modality, patient_id, seed)
+    series = _uid("series", modality, study, seed)
+    frame = _uid("frame", modality, study, seed)
+    result: list[Dataset] = []
+    for i in range(n):
+        ds = _base_dataset(
+            sop_class=sop_class,
+            sop_instance=_uid("instance", series, i),
+            study_uid=study,
+            series_uid=series,
+            frame_uid=frame,
+            patient_id=patient_id,
+            patient_name=patient_name,
+            modality=modality,
+            index=i,
+            rows=rows,
+            cols=cols,
+            spacing=spacing,
+            thickness=thickness,
+        )
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        rng = np.random.default_rng([seed, i, rng_tag])
+        ds.PixelData = _pixels(rows, cols, i / max(n - 1, 1), rng, noise=noise, scale=scale)
+        result.append(ds)
+    return result
+
+
 def generate_ct_series(
     n: int,
     *,
@@ -211,40 +260,32 @@ def generate_ct_series(
     with the same arguments returns identical data; pass a different ``seed``
     for a different series (in the same study when ``study_uid`` is given).
     """
-    if n < 0:
-        raise ValueError("n must be >= 0")
-    study = study_uid or _uid("study", "CT", patient_id, seed)
-    series = _uid("series", "CT", study, seed)
-    frame = _uid("frame", "CT", study, seed)
-    result: list[Dataset] = []
-    for i in range(n):
-        sop = _uid("instance", series, i)
-        ds = _base_dataset(
-            sop_class=CTImageStorage,
-            sop_instance=sop,
-            study_uid=study,
-            series_uid=series,
-            frame_uid=frame,
-            patient_id=patient_id,
-            patient_name=patient_name,
-            modality="CT",
-            index=i,
-            rows=rows,
-            cols=cols,
-            spacing=0.7,
-            thickness=1.25,
-        )
-        ds.KVP = "120"
-        ds.ConvolutionKernel = "STANDARD"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        rng = np.random.default_rng([seed, i, 1])
-        ds.PixelData = _pixels(rows, cols, i / max(n - 1, 1), rng, noise=12.0, scale=1.0)
-        result.append(ds)
-    return result
+    attributes = {
+        "KVP": "120",
+        "ConvolutionKernel": "STANDARD",
+        "RescaleIntercept": "-1024",
+        "RescaleSlope": "1",
+        "RescaleType": "HU",
+        "WindowCenter": "40",
+        "WindowWidth": "400",
+    }
+    return _generate_series(
+        n,
+        modality="CT",
+        sop_class=CTImageStorage,
+        rows=rows,
+        cols=cols,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_uid=study_uid,
+        seed=seed,
+        spacing=0.7,
+        thickness=1.25,
+        attributes=attributes,
+        rng_tag=1,
+        noise=12.0,
+        scale=1.0,
+    )
 
 
 def generate_mr_series(
@@ -262,44 +303,36 @@ def generate_mr_series(
     Same determinism rules as :func:`generate_ct_series`; the intensities are
     MR-like (no Hounsfield rescale, dark air, noisy background).
     """
-    if n < 0:
-        raise ValueError("n must be >= 0")
-    study = study_uid or _uid("study", "MR", patient_id, seed)
-    series = _uid("series", "MR", study, seed)
-    frame = _uid("frame", "MR", study, seed)
-    result: list[Dataset] = []
-    for i in range(n):
-        sop = _uid("instance", series, i)
-        ds = _base_dataset(
-            sop_class=MRImageStorage,
-            sop_instance=sop,
-            study_uid=study,
-            series_uid=series,
-            frame_uid=frame,
-            patient_id=patient_id,
-            patient_name=patient_name,
-            modality="MR",
-            index=i,
-            rows=rows,
-            cols=cols,
-            spacing=0.9,
-            thickness=5.0,
-        )
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = "NONE"
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = "2D"
-        ds.RepetitionTime = "500"
-        ds.EchoTime = "15"
-        ds.EchoTrainLength = 1
-        ds.MagneticFieldStrength = "1.5"
-        ds.ImagingFrequency = "63.87"
-        ds.WindowCenter = "600"
-        ds.WindowWidth = "1200"
-        rng = np.random.default_rng([seed, i, 2])
-        ds.PixelData = _pixels(rows, cols, i / max(n - 1, 1), rng, noise=20.0, scale=0.5)
-        result.append(ds)
-    return result
+    attributes = {
+        "ScanningSequence": "SE",
+        "SequenceVariant": "NONE",
+        "ScanOptions": "",
+        "MRAcquisitionType": "2D",
+        "RepetitionTime": "500",
+        "EchoTime": "15",
+        "EchoTrainLength": 1,
+        "MagneticFieldStrength": "1.5",
+        "ImagingFrequency": "63.87",
+        "WindowCenter": "600",
+        "WindowWidth": "1200",
+    }
+    return _generate_series(
+        n,
+        modality="MR",
+        sop_class=MRImageStorage,
+        rows=rows,
+        cols=cols,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_uid=study_uid,
+        seed=seed,
+        spacing=0.9,
+        thickness=5.0,
+        attributes=attributes,
+        rng_tag=2,
+        noise=20.0,
+        scale=0.5,
+    )
 
 
 def write_series(datasets: Iterable[Dataset], directory: str | os.PathLike[str]) -> list[Path]:

@@ -22,6 +22,8 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_router.compress import FEATURE as COMPRESSION
 from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
 from relay_router.config import DicomSection
+from relay_router.pace import FEATURE as PACE
+from relay_router.pace import FLAG_BURST, FLAG_PACE, ArrivalMeter, PaceError, PathPace, decode_report, encode_report
 from relay_router.seal import (
     FLAG_COMPRESSED,
     FLAG_SEALED,
@@ -102,6 +104,8 @@ class RelayedAssociation:
         compression_agreed: bool = False,
         blobs: BlobTransport | None = None,
         spill_agreed: bool = False,
+        pace: PathPace | None = None,
+        pace_agreed: bool = False,
     ) -> None:
         self.conn = connection
         self.reader, self.writer, self.stream = reader, writer, stream
@@ -145,6 +149,14 @@ class RelayedAssociation:
             else None
         )
         self._spill_agreed = spill_agreed
+        # Frame pacing (relay_router.pace): frames sized to the path, from the receiver's rate reports.
+        self._pace = pace or PathPace()
+        self._pace_agreed = pace_agreed
+        self._frame_time_s = dicom.frame_time_ms / 1000
+        self._meter = ArrivalMeter()
+        self._read_was_full = False  # the last read from the device filled its frame: more data is waiting
+        self._burst = False  # the frame being sent was already waiting when the previous one was sent
+        self._pace_report: asyncio.Task[None] | None = None
 
     # -- carrying out actions ---------------------------------------------
     async def apply(self, actions: list[Action]) -> None:
@@ -209,8 +221,10 @@ class RelayedAssociation:
                 spill.disabled = True
                 self._spill_abort = asyncio.get_running_loop().create_task(self.abort(str(exc)))
                 return None
-            for start in range(0, len(inline), self.frame_bytes):
-                await self._send_inline(inline[start : start + self.frame_bytes], counted=True)
+            step = self._frame_limit()
+            for start in range(0, len(inline), step):
+                await self._send_inline(inline[start : start + step], counted=True)
+                self._burst = True  # the rest of what was held back follows at once
             if ref is not None:
                 self._send_seq += 1
                 with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
@@ -218,7 +232,7 @@ class RelayedAssociation:
             return None
 
     async def _send_inline(self, payload: bytes, *, counted: bool = False) -> None:
-        flags = FLAG_SEALED
+        flags = FLAG_SEALED | (FLAG_BURST if self._burst and self._pace_agreed else 0)
         data = payload
         if self._compressor is not None:
             data, packed = self._compressor.compress(payload)
@@ -234,14 +248,38 @@ class RelayedAssociation:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
             log.debug("could not send a frame: %s", exc, extra=self._extra)
 
+    def _frame_limit(self) -> int:
+        if not self._pace_agreed:
+            return self.frame_bytes
+        packer = self._compressor
+        expansion = packer.bytes_in / packer.bytes_out if packer is not None and packer.bytes_out else 1.0
+        return self._pace.frame_bytes(self.frame_bytes, self._frame_time_s, expansion)
+
+    async def _send_pace_report(self, rate: int) -> None:
+        async with self._send_lock:
+            flags, seq = FLAG_SEALED | FLAG_PACE, self._send_seq
+            sealed = self.sealer.seal(encode_report(rate), seq, flags)
+            frame = pb.Frame(data=pb.Data(payload=sealed, seq=seq, flags=flags))
+            self._send_seq += 1
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                await self.stream.send(frame)
+        log.debug("told the sending router: %.0f bytes/s arrive", rate, extra=self._extra)
+
+    def _measure_arrival(self, data: pb.Data) -> None:
+        rate = self._meter.observe(len(data.payload), bool(data.flags & FLAG_BURST))
+        if rate is not None and (self._pace_report is None or self._pace_report.done()):
+            self._pace_report = asyncio.get_running_loop().create_task(self._send_pace_report(rate))
+
     # -- pumps ---------------------------------------------------------------
     async def _pump_local(self) -> None:
         while not self._closed.is_set():
+            limit = self._frame_limit()
             try:
-                data = await self.reader.read(self.frame_bytes)
+                data = await self.reader.read(limit)
             except ConnectionError:
                 data = b""
             self._stamp(Side.LOCAL)
+            self._burst, self._read_was_full = self._read_was_full, len(data) >= limit
             if not data:
                 await self.apply(self.conn.peer_closed(Side.LOCAL))
                 return
@@ -272,14 +310,24 @@ class RelayedAssociation:
                     self._compressor = FrameCompressor(self._compression_level)
                     self._decompressor = FrameDecompressor()
                 self._spill_agreed = SPILL in frame.confirm.features
+                self._pace_agreed = PACE in frame.confirm.features
             elif kind == "data":
                 if self._confirm_from is not None:
                     await self.abort("SECURITY: data arrived before the destination confirmed the handshake")
                     return
+                if self._pace_agreed and not frame.data.flags & FLAG_PACE:
+                    self._measure_arrival(frame.data)
                 payload, problem = self._open_data(frame.data)
                 if problem:
                     await self.abort(problem)
                     return
+                if frame.data.flags & FLAG_PACE:
+                    try:
+                        self._pace.update(decode_report(payload))
+                    except PaceError as exc:
+                        await self.abort(f"the other router sent a bad pace report: {exc}")
+                        return
+                    continue
                 if frame.data.HasField("blob"):
                     problem = await self._receive_blob(frame.data, payload)
                     if problem:
@@ -311,6 +359,10 @@ class RelayedAssociation:
             )
         self._receive_seq += 1
         allowed = FLAG_SEALED | (FLAG_COMPRESSED if self._decompressor is not None else 0)
+        if self._pace_agreed:
+            allowed |= FLAG_BURST
+            if data.flags & FLAG_PACE:
+                allowed = FLAG_SEALED | FLAG_PACE  # a pace report is neither compressed nor part of a burst
         if data.HasField("blob") and self._spill_in is not None and data.flags == FLAG_SEALED | FLAG_BLOB:
             allowed = data.flags
         elif data.HasField("blob") or data.flags & FLAG_BLOB:

@@ -98,6 +98,10 @@ class DicomSection:
     compression_level: int = 3
     # Bytes read from a socket at once, and so the largest frame sent to the bridge.
     frame_bytes: int = 256 * 1024
+    # Target time on the wire per frame: on a slow path frames shrink (to 16 KiB at least) so the
+    # bridge's store-and-forward of whole frames costs little per DICOM message (relay_router.pace).
+    # 0: always frame_bytes.
+    frame_time_ms: float = 5.0
     # Cloud spill (docs/cloudstore.md): a data set larger than this travels through the bridge's blob
     # store by reference instead of inline frames (0: never). Parts of spill_part_bytes, spill_parallel
     # of them in flight each way.
@@ -112,6 +116,8 @@ class DicomSection:
             raise InvalidValue("listen", str(exc)) from None
         if not 4096 <= self.frame_bytes <= 4 * 1024 * 1024:
             raise InvalidValue("frame_bytes", "must be between 4096 and 4194304")
+        if not 0 <= self.frame_time_ms <= 1000:
+            raise InvalidValue("frame_time_ms", "must be between 0 (off) and 1000")
         if not 1 <= self.compression_level <= 19:
             raise InvalidValue("compression_level", "must be between 1 and 19")
         if self.spill_threshold_bytes < 0:

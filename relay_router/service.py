@@ -27,6 +27,8 @@ from relay_router.association import Outcome, RelayedAssociation, rejection_for
 from relay_router.compress import FEATURE as COMPRESSION
 from relay_router.config import RouterConfig, SharedDevice
 from relay_router.metrics import RouterMetrics
+from relay_router.pace import FEATURE as PACE
+from relay_router.pace import PathPace
 from relay_router.seal import (
     FLAG_SEALED,
     SUITE_NAME,
@@ -87,6 +89,7 @@ class RouterService:
         self.audit = AuditLog(audit_path, app="relay-router", syslog=config.audit.syslog)
         self.link = BridgeLink(config, self._incoming, self.audit)
         self.blobs = BlobTransport(self.link)  # cloud spill: blob parts via URLs the bridge signs
+        self.paces: dict[str, PathPace] = {}  # the speed of the path to each remote site (relay_router.pace)
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
         self.relays: set[RelayedAssociation] = set()
@@ -323,7 +326,7 @@ class RouterService:
             handshake=pb.Handshake(
                 kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
             ),
-            features=[COMPRESSION, SPILL] if self.config.dicom.compression else [SPILL],
+            features=[COMPRESSION, SPILL, PACE] if self.config.dicom.compression else [SPILL, PACE],
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -353,6 +356,7 @@ class RouterService:
             initiator=True,
             confirm_from=(peer, route.site),
             blobs=self.blobs,
+            pace=self.paces.setdefault(route.site, PathPace()),
         )
         outcome.bytes_to_remote += len(forward.data)
         await self._run(relay)
@@ -483,6 +487,9 @@ class RouterService:
         spill = SPILL in notice.features
         if spill:
             features.append(SPILL)
+        pace = PACE in notice.features
+        if pace:
+            features.append(PACE)
         await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features)))
         conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(
@@ -497,6 +504,8 @@ class RouterService:
             compression_agreed=compress,
             blobs=self.blobs,
             spill_agreed=spill,
+            pace=self.paces.setdefault(notice.from_site, PathPace()),
+            pace_agreed=pace,
         )
         actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,14 +28,14 @@ from pynetdicom.sop_class import (
 )
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_bridge import config as bridge_config
-from relay_bridge.server import RelayServicer, RouterSession, start
+from relay_bridge.server import RelayServicer, RouterSession
 from relay_bridge.splice import Splice
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.seal import FLAG_COMPRESSED, FLAG_SEALED, AssociationContext, Identity, initiate
 from relay_router.ul import PduType, parse_reject
+from tests.support.inprocess_bridge import InProcessBridge
 from tests.support.wire import exchange, wait_until
 from tests.unit.ul.builders import associate_rq
 
@@ -145,39 +144,12 @@ class EvilServicer(RelayServicer):
         return pb.Frame.FromString(raw) if raw else None
 
 
-class InProcessBridge:
-    def __init__(self, net: LocalRelayNetwork) -> None:
-        cfg = bridge_config.load(net.workdir / "bridge.toml")
-        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, listen="127.0.0.1:0"))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, port, servicer = self.run(start(cfg, servicer_class=EvilServicer))
-        assert isinstance(servicer, EvilServicer)
-        self.servicer = servicer
-        net.bridge_port = port
-
-    def run(self, coro):  # noqa: ANN001, ANN201
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def call(self, fn: Callable[[], object]) -> None:
-        async def invoke() -> None:
-            fn()
-
-        self.run(invoke())
-
-    def stop(self) -> None:
-        self.run(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def evil(tmp_path_factory: pytest.TempPathFactory, archive_factory: Callable[..., DemoArchive]):  # noqa: ANN201
     global ATTACK
     ATTACK = Attack()
     net = LocalRelayNetwork(tmp_path_factory.mktemp("evil")).start(bridge=False)
-    bridge = InProcessBridge(net)
+    bridge = InProcessBridge(net, EvilServicer)
     archive = archive_factory("ARCHIVE_B")
     workstation = archive_factory("WS_A")
     site_b = net.add_site(

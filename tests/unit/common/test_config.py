@@ -155,7 +155,7 @@ def test_unknown_top_level_key_lists_the_known_ones(tmp_path: Path) -> None:
 def test_misspelt_nested_key_is_an_error_not_ignored(tmp_path: Path) -> None:
     path, msg = router_error(tmp_path, ROUTER_HEAD + '[dicom]\nlistn = "0.0.0.0:104"\n')
     assert msg == f"{path}: dicom.listn: unknown key (known keys here: {known(DicomSection)})"
-    assert "expose_all, frame_bytes, idle_timeout_s, listen, max_associations" in msg
+    assert "expose_all, frame_bytes, frame_time_ms, idle_timeout_s, listen, max_associations" in msg
 
 
 def test_unknown_key_in_a_list_item(tmp_path: Path) -> None:

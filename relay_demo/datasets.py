@@ -34,6 +34,7 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     MRImageStorage,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "fingerprint",
     "fingerprints",
     "generate_ct_series",
+    "generate_dx_series",
     "generate_mr_series",
     "sample_files",
     "write_series",
@@ -332,6 +334,52 @@ def generate_mr_series(
         rng_tag=2,
         noise=20.0,
         scale=0.5,
+    )
+
+
+def generate_dx_series(
+    n: int,
+    *,
+    rows: int = 3400,
+    cols: int = 2800,
+    patient_id: str = "RELAY-DX-0001",
+    patient_name: str = "Demo^Dx",
+    study_uid: str | None = None,
+    seed: int = 0,
+) -> list[Dataset]:
+    """``n`` large projection images of a synthetic CR/DX study (Digital X-Ray, For Presentation, 16 bit).
+
+    The default 3400x2800 is a typical 35x43 cm flat-panel detector at 0.139 mm, 19 MB per image
+    uncompressed: big enough to cross the routers' default spill threshold (8 MiB). Same determinism
+    rules as :func:`generate_ct_series`; the noise is a little stronger than CT's (quantum noise of
+    a radiograph), so zstd gets a realistic ratio (about 2x, like the CT series), not a drawing's.
+    """
+    attributes = {
+        "ImageType": ["ORIGINAL", "PRIMARY"],
+        "PresentationIntentType": "FOR PRESENTATION",
+        "BodyPartExamined": "CHEST",
+        "ViewPosition": "PA",
+        "KVP": "125",
+        "ImagerPixelSpacing": ["0.139", "0.139"],
+        "WindowCenter": "1024",
+        "WindowWidth": "2048",
+    }
+    return _generate_series(
+        n,
+        modality="DX",
+        sop_class=DigitalXRayImageStorageForPresentation,
+        rows=rows,
+        cols=cols,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_uid=study_uid,
+        seed=seed,
+        spacing=0.139,
+        thickness=1.0,
+        attributes=attributes,
+        rng_tag=3,
+        noise=16.0,
+        scale=1.0,
     )
 
 

@@ -4,9 +4,11 @@
     probe.py sink  --listen ADDR:PORT --seconds S           receive one TCP connection, report goodput
     probe.py send  --to ADDR:PORT --seconds S               send zeros for S seconds
     probe.py echo  --to ADDR:PORT --aec TITLE [--count N]   DICOM association + C-ECHO + release, timed
+    probe.py find  --to ADDR:PORT --aec TITLE [--count N]   association + study-level C-FIND + release, timed
+    probe.py http  --method M --url URL [--data S]          one HTTP(S) request (REST of Orthanc, moto), timed
 
 Each prints one JSON object on stdout. Only the standard library, except
-`echo`, which uses pynetdicom.
+`echo` and `find`, which use pynetdicom.
 """
 
 from __future__ import annotations
@@ -158,6 +160,40 @@ def echo(to: str, called: str, count: int, interval: float) -> dict[str, object]
     return {"samples": samples}
 
 
+def http(
+    method: str, url: str, data: str | None, content_type: str, cafile: str | None, timeout: float, retry_s: float
+) -> dict[str, object]:
+    """One request; an HTTP error status is a result, not a failure. Connection errors are retried for retry_s."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if url.startswith("https://"):
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+    opener = urllib.request.build_opener(*handlers)
+    body = data.encode() if data is not None else None
+    deadline = time.monotonic() + retry_s
+    while True:
+        request = urllib.request.Request(url, data=body, method=method)
+        if body is not None:
+            request.add_header("Content-Type", content_type)
+        t0 = time.perf_counter()
+        try:
+            with opener.open(request, timeout=timeout) as rsp:
+                raw, status = rsp.read(), rsp.status
+            break
+        except urllib.error.HTTPError as exc:
+            raw, status = exc.read(), exc.code
+            break
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    seconds = time.perf_counter() - t0
+    return {"status": status, "seconds": seconds, "bytes": len(raw), "body": raw.decode(errors="replace")[:200_000]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -176,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aec", required=True)
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--interval", type=float, default=0.05)
+    p = sub.add_parser("http")
+    p.add_argument("--method", default="GET")
+    p.add_argument("--url", required=True)
+    p.add_argument("--data")
+    p.add_argument("--content-type", default="application/json")
+    p.add_argument("--cafile")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--retry-s", type=float, default=0.0, help="retry connection errors for this long")
     args = parser.parse_args(argv)
     if args.cmd == "ping":
         result = ping(args.to, args.count, args.interval)
@@ -183,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         result = sink(args.listen, args.seconds)
     elif args.cmd == "send":
         result = send(args.to, args.seconds)
+    elif args.cmd == "http":
+        result = http(args.method, args.url, args.data, args.content_type, args.cafile, args.timeout, args.retry_s)
     else:
         result = echo(args.to, args.aec, args.count, args.interval)
     print(json.dumps(result), flush=True)

@@ -9,9 +9,11 @@ Topology (benchmarks/wan/topology.py): namespaces for site A, site B and a hub
 joined by veths; every link shaped with tbf and delayed by a TUN delay stage in
 the hub. Modes:
 
-    raw    storescu in A -> storescp in B, plain TCP through the hub
-    vpn    the same through a site-to-site OpenVPN 2.6 tunnel (UDP through the hub)
-    relay  storescu in A -> router A -> bridge (in the hub) -> router B -> storescp in B
+    raw          storescu in A -> storescp in B, plain TCP through the hub
+    vpn          the same through a site-to-site OpenVPN 2.6 tunnel (UDP through the hub)
+    relay        storescu in A -> router A -> bridge (in the hub) -> router B -> storescp in B, routers
+                 with their default [dicom] settings (zstd on, spill above 8 MiB through S3 in the hub)
+    relay-plain  the same through a second router pair with compression and spill off (benchmarks/wan/relay.py)
 
 Writes benchmarks/results/<date>-wan.json (plus .md and .png).
 """
@@ -38,9 +40,11 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, dcmtk, machine
 from benchmarks.wan import report, workloads
+from benchmarks.wan.relay import RelayModes
 from benchmarks.wan.topology import (
     A_ADDR,
     B_ADDR,
+    BLOB_ADDR,
     HUB_ADDR,
     NS_A,
     NS_B,
@@ -52,7 +56,6 @@ from benchmarks.wan.topology import (
 )
 from benchmarks.wan.vpn import Vpn
 from relay_demo.datasets import fingerprints
-from relay_demo.network import LocalRelayNetwork, Remote, Shared
 
 HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")
@@ -60,13 +63,34 @@ SCP_PORT = 11112
 # Debian's DCMTK (and Orthanc) leave Nagle on; every DICOM process here runs with TCP_NODELAY=1.
 DICOM_ENV = {**os.environ, "TCP_NODELAY": "1"}
 LOCK = "/run/lock/drwan-bench.lock" if Path("/run/lock").is_dir() else "/tmp/drwan-bench.lock"
-WORKLOADS = ("echo", "ct", "mr", "compressed", "small")
-FULL_SIZES = {"ct": 100, "mr": 200, "compressed": 100, "small": 200}
-QUICK_SIZES = {"ct": 20, "mr": 40, "compressed": 20, "small": 50}
+WORKLOADS = ("echo", "ct", "mr", "compressed", "small", "crdx")
+RELAY_MODES = ("relay", "relay-plain")
+DEFAULT_MODES = ("raw", "vpn", "relay", "relay-plain")
+# ct 380 x 0.5 MB = 200 MB (the issue's CT study); crdx 4 x 19 MB DX images (each above the spill threshold).
+FULL_SIZES = {"ct": 380, "mr": 200, "compressed": 100, "small": 200, "crdx": 4}
+QUICK_SIZES = {"ct": 20, "mr": 40, "compressed": 20, "small": 50, "crdx": 2}
 
 
 class Deadline(Exception):
     pass
+
+
+def estimate_minutes(args: argparse.Namespace, loads: dict[str, workloads.Workload], spec: LinkSpec) -> float:
+    """A rough duration of the measurements: bytes at the link's goodput plus one RTT per file (C-STORE-RSP),
+    half the bytes through `relay` for uncompressed data (zstd ~2x), echo ~0.2 s per association."""
+    goodput = spec.rate_mbit * 1e6 / 8 * 1448 / 1514 * 0.97
+    rtt = spec.rtt_ms / 1000
+    per_repeat = 0.0
+    for name in args.workloads:
+        for mode in args.modes:
+            if name == "echo":
+                per_repeat += args.echo_count * (2.5 * rtt + 0.05) + 2
+            elif name in loads:
+                w = loads[name]
+                shrink = 2.0 if mode == "relay" and name != "compressed" else 1.0
+                per_repeat += w.bytes / shrink / goodput + len(w.files) * (rtt + 0.003) + 2
+    setup = 1.5 + 3 * args.check_seconds / 60 + 0.5
+    return setup + per_repeat * args.repeats / 60
 
 
 def loadavg() -> list[float]:
@@ -98,6 +122,7 @@ class Measurements:
     errors: list[dict[str, object]] = field(default_factory=list)
     failed: set[tuple[str, str]] = field(default_factory=set)
     late: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
+    wire: dict[tuple[str, str], list[dict[str, int]]] = field(default_factory=dict)
 
 
 class Bench:
@@ -108,9 +133,8 @@ class Bench:
         self.rx = Path(tempfile.mkdtemp(prefix="drwan-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         self.lab = WanLab(self.spec, self.work / "lab", priority=args.priority)
         self.vpn: Vpn | None = None
-        self.net: LocalRelayNetwork | None = None
+        self.relay = RelayModes(self.lab, self.work / "relay", args.modes, args.relay_dicom, os.environ)
         self.scp: subprocess.Popen[bytes] | None = None
-        self.relay_port: int | None = None
         self.deadline = time.monotonic() + args.max_minutes * 60
         self.cpu_pids: dict[str, int] = {}
 
@@ -134,30 +158,17 @@ class Bench:
             self.vpn = Vpn(self.lab, self.work / "vpn").start()
             for site, proc in self.vpn.procs.items():
                 self.cpu_pids[f"openvpn-{site}"] = proc.pid
-        if "relay" in self.args.modes:
-            log("starting the relay: bridge in the hub, routers in A and B")
-            self.net = LocalRelayNetwork(
-                self.work / "relay",
-                bridge_host=HUB_ADDR,
-                command_prefix={
-                    "bridge": self.lab.prefix(NS_HUB),
-                    "site-a": self.lab.prefix(NS_A),
-                    "site-b": self.lab.prefix(NS_B),
-                },
-            ).start()
-            inline: dict[str, object] = {"compression": False, "spill_threshold_bytes": 0, **self.args.relay_dicom}
-            self.net.add_site("site-b", shared=[Shared("STORE", "127.0.0.1", SCP_PORT, ["site-a"])], **inline)
-            site_a = self.net.add_site("site-a", remote=[Remote("STORE_B", "site-b", "STORE")], **inline)
-            self.net.wait_connected(60)
-            self.relay_port = site_a.port
-            assert self.net.bridge is not None and site_a.process is not None
-            self.cpu_pids["bridge"] = self.net.bridge.pid
-            self.cpu_pids["router-a"] = site_a.process.pid
-            self.cpu_pids["router-b"] = self.net.sites["site-b"].process.pid  # type: ignore[union-attr]
+        if self.relay.modes:
+            log(
+                f"starting the relay ({', '.join(self.relay.modes)}): bridge in the hub, a router pair per mode"
+                + (", S3 blob store (moto) in the hub" if "relay" in self.relay.modes else "")
+            )
+            self.relay.start({"STORE": SCP_PORT}, {})
+            self.cpu_pids.update(self.relay.pids)
 
     def stop(self) -> None:
         for step in (
-            lambda: self.net.stop() if self.net else None,
+            self.relay.stop,
             lambda: self.vpn.stop() if self.vpn else None,
             lambda: (self.scp.terminate(), self.scp.wait(10)) if self.scp and self.scp.poll() is None else None,
             self.lab.teardown,
@@ -175,8 +186,7 @@ class Bench:
             return B_ADDR, SCP_PORT, "STORE"
         if mode == "vpn":
             return VPN_B_ADDR, SCP_PORT, "STORE"
-        assert self.relay_port is not None
-        return "127.0.0.1", self.relay_port, "STORE_B"
+        return "127.0.0.1", self.relay.ports[mode], "STORE_B"
 
     def _left(self) -> float:
         left = self.deadline - time.monotonic()
@@ -264,6 +274,18 @@ class Bench:
         after = self._late()
         delta.update({k: after[k] - before.get(k, 0) for k in after})
 
+    @contextlib.contextmanager
+    def wire_window(self) -> Iterator[dict[str, int]]:
+        """Bytes sent on A's uplink and B's downlink (tbf counters) and carried by the bridge during a run."""
+        sent0, bridge0 = self.lab.sent_bytes(), self.relay.bridge_bytes()
+        delta: dict[str, int] = {}
+        yield delta
+        sent1, bridge1 = self.lab.sent_bytes(), self.relay.bridge_bytes()
+        delta["a_uplink"] = sent1["tunA"] - sent0["tunA"]
+        delta["b_downlink"] = sent1["hb0"] - sent0["hb0"]
+        for mode, value in bridge1.items():
+            delta[f"bridge_{mode}"] = value - bridge0.get(mode, 0)
+
     def store(
         self, mode: str, files: tuple[Path, ...], verify: bool, extra: list[str] | None = None
     ) -> tuple[float, dict[str, float]]:
@@ -314,6 +336,8 @@ class Bench:
             loads[name] = workloads.build(name, sizes[name], cache)
             log(f"  {loads[name].description}: {loads[name].bytes / 1e6:.1f} MB")
         load = [loadavg()]
+        minutes = estimate_minutes(args, loads, self.spec)
+        log(f"estimated duration: {minutes:.0f} min (stops measuring after --max-minutes {args.max_minutes:g})")
         self.start()
         check = self.check()
         link = {"rate_mbit": self.spec.rate_mbit, "rtt_ms": self.spec.rtt_ms}
@@ -374,11 +398,17 @@ class Bench:
             m.samples.setdefault((name, mode), []).extend(p["total_s"] for p in parts)
             mid = report.summary([p["total_s"] for p in parts])["median"]
             return f"{mid * 1000:.0f} ms median of {len(parts)}"
-        seconds, used = self.store(mode, loads[name].files, verify=rep == 0, extra=loads[name].storescu_args)
+        with self.wire_window() as wire:
+            seconds, used = self.store(mode, loads[name].files, verify=rep == 0, extra=loads[name].storescu_args)
+        wire = {k: v for k, v in wire.items() if not k.startswith("bridge_") or k == f"bridge_{mode}"}
+        m.wire.setdefault((name, mode), []).append(wire)
         m.samples.setdefault((name, mode), []).append(seconds)
         m.cpu.setdefault((name, mode), []).append({k: v for k, v in used.items() if v > 0.005})
         cpu = ", ".join(f"{k} {v / seconds:.0%}" for k, v in sorted(used.items()) if v / seconds >= 0.05)
-        return f"{seconds:.2f} s, {loads[name].bytes / seconds / 1e6:.2f} MB/s  [CPU: {cpu}]"
+        sent = f"A uplink {wire['a_uplink'] / 1e6:.1f} MB" + (
+            f", bridge {wire[f'bridge_{mode}'] / 1e6:.1f} MB" if f"bridge_{mode}" in wire else ""
+        )
+        return f"{seconds:.2f} s, {loads[name].bytes / seconds / 1e6:.2f} MB/s  [{sent}; CPU: {cpu}]"
 
     def _payload(
         self,
@@ -408,6 +438,11 @@ class Bench:
                     k: round(report.summary([r.get(k, 0.0) for r in runs])["median"], 2)
                     for k in sorted({k for r in runs for k in r})
                 }
+            if (name, mode) in m.wire:
+                runs = m.wire[(name, mode)]
+                rec["wire_bytes_median"] = {
+                    k: int(report.summary([r.get(k, 0) for r in runs])["median"]) for k in sorted(runs[0])
+                }
             if (name, mode) in m.late:
                 runs = m.late[(name, mode)]
                 rec["emulator"] = {
@@ -428,16 +463,13 @@ class Bench:
                 "site_a": A_ADDR,
                 "site_b": B_ADDR,
                 "hub": HUB_ADDR,
+                "blob_store": BLOB_ADDR,
                 "vpn": "127.20.0.1 <-> 127.20.0.2",
                 "delay": "TUN delay stage in the hub, RTT/2 per packet entering the hub (A<->hub RTT = RTT/2)",
                 "shaping": "tbf per site uplink (hub TUN egress) and downlink (hub veth egress)",
             },  # fmt: skip
             "vpn": self.vpn.describe() if self.vpn else None,
-            "relay": {
-                "mode": "inline (no compression, no spill)",
-                "router_dicom_settings": {"compression": False, "spill_threshold_bytes": 0, **args.relay_dicom},
-                "path": "storescu -> router A -> bridge (hub) -> router B -> storescp; gRPC over TLS, sealed frames",
-            },
+            "relay": self.relay.describe() if self.relay.modes else None,
             "workloads": {
                 n: {"files": len(w.files), "bytes": w.bytes, "description": w.description} for n, w in loads.items()
             }
@@ -477,6 +509,15 @@ def write(payload: dict[str, object], name: str, base: Path | None = None) -> li
     return paths
 
 
+def _setting(text: str) -> int | float | bool:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small workloads, 1 repeat (development)")
@@ -486,12 +527,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-mbit", type=float, default=24.0, help="rate of every link, each way (default 24)")
     p.add_argument("--cc", choices=("bbr", "reno"), default="bbr", help="TCP congestion control in the namespaces")
     p.add_argument("--repeats", type=int, help="runs per (workload, mode) (default 3; 1 with --quick)")
-    p.add_argument("--modes", default="raw,vpn,relay")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {', '.join(report.MODES)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
-    p.add_argument("--ct-images", type=int, help=f"CT slices of 0.5 MB (default {FULL_SIZES['ct']}; ~380 = 200 MB)")
+    p.add_argument("--ct-images", type=int, help=f"CT slices of 0.5 MB (default {FULL_SIZES['ct']} = 200 MB)")
     p.add_argument("--mr-images", type=int, help=f"MR slices of 0.13 MB (default {FULL_SIZES['mr']})")
     p.add_argument("--compressed-images", type=int, help=f"JPEG 2000 CT slices (default {FULL_SIZES['compressed']})")
     p.add_argument("--small-images", type=int, help=f"small objects of ~51 KB (default {FULL_SIZES['small']})")
+    p.add_argument("--crdx-images", type=int, help=f"DX images of 19 MB (default {FULL_SIZES['crdx']})")
     p.add_argument("--echo-count", type=int, help="associations per echo repeat (default 10; 5 with --quick)")
     p.add_argument("--check-seconds", type=float, help="seconds of each raw TCP check (default 8; 4 with --quick)")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop measuring after this long (default 90)")
@@ -509,7 +551,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra [dicom] setting for both routers, e.g. frame_bytes=32768 (repeatable; integers only)",
+        help="extra [dicom] setting for the routers of both relay modes, e.g. frame_bytes=32768 (repeatable; "
+        "integer, decimal, true or false; relay-plain keeps compression and spill off)",
     )
     p.add_argument(
         "--priority",
@@ -529,9 +572,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.echo_count = args.echo_count or (5 if args.quick else 10)
     args.check_seconds = args.check_seconds or (4.0 if args.quick else 8.0)
     try:
-        args.relay_dicom = {k: int(v) for k, v in (item.split("=", 1) for item in args.relay_dicom)}
+        args.relay_dicom = {k: _setting(v) for k, v in (item.split("=", 1) for item in args.relay_dicom)}
     except ValueError:
-        p.error("--relay-dicom takes KEY=INTEGER")
+        p.error("--relay-dicom takes KEY=VALUE (integer, decimal, true or false)")
     args.modes = [m for m in args.modes.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
     for m in args.modes:

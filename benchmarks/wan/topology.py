@@ -3,6 +3,7 @@
     ns drwan-a                       ns drwan-hub                         ns drwan-b
     wa0 127.10.1.2 ---veth--- ha0 127.10.1.1     127.10.2.1 hb0 ---veth--- wb0 127.10.2.2
                                   |  lo 127.10.0.1 (bridge)  |
+                                  |  lo 127.10.0.2 (S3 blob store, moto)
                        iif ha0 -> tunA --[delay.py: FIFO, one-way delay]--> tunA -> route on
                        iif hb0 -> tunB --[delay.py: FIFO, one-way delay]--> tunB -> route on
 
@@ -43,13 +44,14 @@ NAMESPACES = (NS_A, NS_B, NS_HUB)
 A_ADDR, HUB_A_ADDR = "127.10.1.2", "127.10.1.1"
 B_ADDR, HUB_B_ADDR = "127.10.2.2", "127.10.2.1"
 HUB_ADDR = "127.10.0.1"  # the hub's service address (the bridge listens here), on its lo
+BLOB_ADDR = "127.10.0.2"  # the cloud blob store (S3 on moto's server), also on the hub's lo
 VPN_A_ADDR, VPN_B_ADDR = "127.20.0.1", "127.20.0.2"
 # Fixed MACs so that neighbours are static: with the hub's policy routing, ARP for the hub's own
 # veth address would resolve to the TUN and never be answered.
 MACS = {"wa0": "02:dc:00:00:01:02", "ha0": "02:dc:00:00:01:01", "wb0": "02:dc:00:00:02:02", "hb0": "02:dc:00:00:02:01"}
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
-for _addr in (A_ADDR, HUB_A_ADDR, B_ADDR, HUB_B_ADDR, HUB_ADDR, VPN_A_ADDR, VPN_B_ADDR):
+for _addr in (A_ADDR, HUB_A_ADDR, B_ADDR, HUB_B_ADDR, HUB_ADDR, BLOB_ADDR, VPN_A_ADDR, VPN_B_ADDR):
     assert ipaddress.ip_address(_addr) in LOOPBACK, _addr  # the hard rule: nothing outside 127/8
 
 HERE = Path(__file__).resolve().parent
@@ -218,6 +220,7 @@ class WanLab:
     def _hub(self) -> None:
         ns = NS_HUB
         nsh(ns, f"ip addr add {HUB_ADDR}/32 dev lo")
+        nsh(ns, f"ip addr add {BLOB_ADDR}/32 dev lo")
         links = (("ha0", HUB_A_ADDR, A_ADDR, MACS["wa0"]), ("hb0", HUB_B_ADDR, B_ADDR, MACS["wb0"]))
         for dev, addr, peer, peer_mac in links:
             self._dev_sysctls(ns, dev)
@@ -274,6 +277,15 @@ class WanLab:
         out = {}
         for dev in ("ha0", "hb0", "tunA", "tunB"):
             out[dev] = nsh(NS_HUB, f"tc -s qdisc show dev {dev}", check=False).stdout.strip()
+        return out
+
+    def sent_bytes(self) -> dict[str, int]:
+        """Bytes each shaper has sent so far: tunA = A's uplink, ha0 = A's downlink, tunB/hb0 likewise for B."""
+        out = {}
+        for dev in ("tunA", "ha0", "tunB", "hb0"):
+            text = nsh(NS_HUB, f"tc -s qdisc show dev {dev}", check=False).stdout
+            words = text.split()
+            out[dev] = int(words[words.index("Sent") + 1]) if "Sent" in words else 0
         return out
 
     def delay_counters(self, fresh: bool = False) -> dict[str, object]:

@@ -6,6 +6,8 @@
                 encoder); where Pillow cannot write JPEG 2000, pydicom's JPEG 2000 sample file
                 replicated with new UIDs
     small       N x 160x160 16-bit CT slices, ~51 KB each (small objects: key images, reports, SR-sized)
+    crdx        N x 3400x2800 16-bit DX images, uncompressed, 19 MB each (a CR/DX study: few, large images,
+                each above the routers' default 8 MiB spill threshold)
 
 Files are written once per parameter set into a cache directory and reused.
 """
@@ -21,7 +23,7 @@ import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from relay_demo.datasets import _uid, generate_ct_series, generate_mr_series, write_series
+from relay_demo.datasets import _uid, generate_ct_series, generate_dx_series, generate_mr_series, write_series
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ def build(name: str, n: int, cache: Path) -> Workload:
             series = generate_ct_series(n, rows=160, cols=160, patient_id="RELAY-SMALL-0001", seed=3)
             write_series(series, directory)
             text = f"{n} x 160x160 16-bit CT (small objects, < 64 KB each), uncompressed"
+        elif name == "crdx":
+            write_series(generate_dx_series(n), directory)
+            text = f"{n} x 3400x2800 16-bit DX (chest PA), uncompressed, 19 MB each (above the 8 MiB spill threshold)"
         elif name == "compressed":
             text = _compressed(n, directory)
         else:

@@ -101,6 +101,18 @@ class GCSBlobStore(BlobStore):
             raise ValueError("give at most one of credentials_file, credentials and anonymous")
         if download_window < 1:
             raise ValueError(f"download_window must be positive, not {download_window}")
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+        if emulator and endpoint_url is None and credentials_file is None and credentials is None:
+            # The SDK's emulator convention: anonymous requests to the emulator; URLs signed with the
+            # service account key named by GOOGLE_APPLICATION_CREDENTIALS, if any (an emulator accepts
+            # any signature, so the key only has to be well formed).
+            endpoint_url, anonymous = emulator, True
+            key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
+            if signing_credentials is None and key_file:
+                try:
+                    signing_credentials = service_account.Credentials.from_service_account_file(key_file)
+                except (OSError, ValueError) as exc:
+                    raise BlobStoreError(f"opening gs://{bucket}/{prefix} failed: {exc}", store=self.url) from exc
         self.endpoint_url = endpoint_url
         self._timeout = timeout
         self._window = download_window

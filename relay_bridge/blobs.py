@@ -71,6 +71,9 @@ class BlobBroker:
                 options["endpoint_url"] = spill.endpoint_url
             if spill.region:
                 options["region"] = spill.region
+        elif url.startswith("gs://"):
+            if spill.endpoint_url:  # a private or emulated JSON API endpoint; credentials: ADC, on the bridge
+                options["endpoint_url"] = spill.endpoint_url
         elif url.startswith("file:"):
             options["fsync"] = False  # spill blobs are transient; the sender re-sends nothing anyway
         try:

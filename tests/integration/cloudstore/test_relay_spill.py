@@ -1,7 +1,8 @@
 """Cloud spill end to end: storescu -> router -> blob store (by reference) -> router -> DemoArchive.
 
 Big data sets travel through the bridge's blob store (the file:// default served by the
-bridge, or S3 on moto reached by the routers through presigned URLs); small ones inline.
+bridge, S3 on moto or GCS on gcp-storage-emulator, reached by the routers through presigned
+URLs); small ones inline.
 """
 
 from __future__ import annotations
@@ -11,32 +12,28 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import boto3
-import pydicom
 import pytest
 
-from relay_common.audit import read_events
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
-from relay_demo.network import LocalRelayNetwork, Remote, Shared
-from tests.integration.cloudstore.conftest import S3_BUCKET, ServerProcess
-from tests.integration.conftest import require_dcmtk
-from tests.support import dcmtk
+from relay_demo.network import LocalRelayNetwork
+from tests.integration.cloudstore.conftest import GCS_BUCKET, S3_BUCKET, ServerProcess
+from tests.integration.cloudstore.spill_support import (
+    HOST,
+    bridge_bytes,
+    bucket_keys,
+    gcs_names,
+    pixel_bytes,
+    require_dcmtk,
+    service_account_file,
+    store_study,
+)
 from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-HOST = "127.0.0.1"
-# Small numbers so a test study needs little memory and time; the defaults are 8 MiB / 4 MiB.
-ROUTER = {
-    "spill_threshold_bytes": 256 << 10,
-    "spill_part_bytes": 1 << 20,
-    "frame_bytes": 64 << 10,
-    "compression": False,
-}
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -46,43 +43,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     big = write_series(generate_ct_series(2, rows=2048, cols=2048, seed=11), directory / "big")
     small = write_series(generate_ct_series(3, rows=256, cols=256, seed=12), directory / "small")
     return big + small
-
-
-def pixel_bytes(files: list[Path]) -> int:
-    return sum(len(pydicom.dcmread(f).PixelData) for f in files)
-
-
-def make_network(tmp_path: Path, spill: dict[str, object], env: dict[str, str] | None = None) -> LocalRelayNetwork:
-    return LocalRelayNetwork(tmp_path / "relay", env=env, bridge_spill=spill).start()
-
-
-@pytest.fixture
-def network_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRelayNetwork]]:
-    started: list[LocalRelayNetwork] = []
-
-    def make(spill: dict[str, object], env: dict[str, str] | None = None) -> LocalRelayNetwork:
-        net = make_network(tmp_path, spill, env)
-        started.append(net)
-        return net
-
-    yield make
-    for net in started:
-        net.stop()
-
-
-def store_study(net: LocalRelayNetwork, archive: DemoArchive, files: list[Path]) -> dcmtk.Result:
-    net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])], **ROUTER)
-    a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], **ROUTER)
-    net.wait_connected()
-    assert a.port
-    return dcmtk.storescu(HOST, a.port, "ARCHIVE_B", "WS", files)
-
-
-def bridge_bytes(net: LocalRelayNetwork) -> int:
-    net.stop_router("site-a")
-    net.stop_router("site-b")
-    events = [e for e in read_events(net.workdir / "audit.jsonl") if e["event"] == "association"]
-    return sum(int(e["bytes_from_initiator"]) for e in events)
 
 
 def test_spill_through_the_bridge_file_store(
@@ -102,24 +62,6 @@ def test_spill_through_the_bridge_file_store(
     big, small = pixel_bytes(study[:2]), pixel_bytes(study[2:])
     assert carried - 1.1 * small < 0.05 * big, f"the splice carried {carried} bytes; {big} bytes were to spill"
     assert not [p for p in blobs.rglob("*") if p.is_file()], "blobs remain after delivery"
-
-
-@pytest.fixture
-def moto_env(moto_server: ServerProcess, tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS, AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
-    return env
-
-
-def bucket_keys(server: ServerProcess, prefix: str) -> list[str]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    return [o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix).get("Contents", [])]
 
 
 def test_spill_through_s3_bypasses_the_bridge(
@@ -142,6 +84,33 @@ def test_spill_through_s3_bypasses_the_bridge(
     # Only the small (inline) slices, commands and reference frames cross it.
     assert carried < 0.05 * (big + small), f"the bridge carried {carried} of {big + small} bytes"
     assert bucket_keys(moto_server, prefix) == [], "blobs remain in the bucket after delivery"
+
+
+def test_spill_through_gcs_bypasses_the_bridge(
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    gcs_emulator: ServerProcess,
+    tmp_path: Path,
+) -> None:
+    """The bridge holds the GCS store (the SDK's emulator variable, a local signing key); routers get V4 URLs."""
+    require_dcmtk("storescu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "STORAGE_EMULATOR"))}
+    env.update(
+        STORAGE_EMULATOR_HOST=gcs_emulator.url,
+        GOOGLE_APPLICATION_CREDENTIALS=str(service_account_file(tmp_path / "sa.json")),
+    )
+    prefix = f"relay-{os.getpid()}-{free_port()}/"
+    net = network_factory({"store": f"gs://{GCS_BUCKET}/{prefix}"}, env)
+    archive = archive_factory("ARCHIVE_B")
+    store_study(net, archive, study).check()
+    assert archive.fingerprints() == fingerprints(study)
+    assert "spilled" in net.log("site-a")
+    assert f"spill blob store: gs://{GCS_BUCKET}/{prefix}" in net.log("bridge")
+    carried = bridge_bytes(net)
+    big, small = pixel_bytes(study[:2]), pixel_bytes(study[2:])
+    assert carried < 0.05 * (big + small), f"the bridge carried {carried} of {big + small} bytes"
+    assert gcs_names(gcs_emulator, prefix) == [], "blobs remain in the bucket after delivery"
 
 
 def test_store_down_falls_back_to_inline(

@@ -20,7 +20,8 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_router.compress import FEATURE as COMPRESSION
-from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
+from relay_router.compress import FLAG_SHUFFLED, DecompressionError, FrameCompressor, FrameDecompressor
+from relay_router.compress import SHUFFLE_FEATURE as SHUFFLE
 from relay_router.config import DicomSection
 from relay_router.pace import FEATURE as PACE
 from relay_router.pace import FLAG_BURST, FLAG_PACE, ArrivalMeter, PaceError, PathPace, decode_report, encode_report
@@ -102,6 +103,7 @@ class RelayedAssociation:
         initiator: bool,
         confirm_from: tuple[PublicIdentity, str] | None = None,
         compression_agreed: bool = False,
+        shuffle_agreed: bool = False,
         blobs: BlobTransport | None = None,
         spill_agreed: bool = False,
         pace: PathPace | None = None,
@@ -120,7 +122,10 @@ class RelayedAssociation:
         self._confirm_from = confirm_from
         # Compression: the initiator learns from the Confirm whether the destination accepted it.
         self._compression_level = dicom.compression_level if dicom.compression else None
-        self._compressor = FrameCompressor(dicom.compression_level) if compression_agreed else None
+        self._compressor = (
+            FrameCompressor(dicom.compression_level, shuffle=shuffle_agreed) if compression_agreed else None
+        )
+        self._shuffle_agreed = shuffle_agreed and compression_agreed
         self._decompressor = FrameDecompressor() if self._compressor else None
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
@@ -235,9 +240,8 @@ class RelayedAssociation:
         flags = FLAG_SEALED | (FLAG_BURST if self._burst and self._pace_agreed else 0)
         data = payload
         if self._compressor is not None:
-            data, packed = self._compressor.compress(payload)
-            if packed:
-                flags |= FLAG_COMPRESSED
+            data, packed = self._compressor.pack(payload)
+            flags |= packed
         sealed = self.sealer.seal(data, self._send_seq, flags)
         frame = pb.Frame(data=pb.Data(payload=sealed, seq=self._send_seq, flags=flags))
         self._send_seq += 1
@@ -307,7 +311,8 @@ class RelayedAssociation:
                     return
                 self._confirm_from = None
                 if COMPRESSION in frame.confirm.features and self._compression_level:
-                    self._compressor = FrameCompressor(self._compression_level)
+                    self._shuffle_agreed = SHUFFLE in frame.confirm.features
+                    self._compressor = FrameCompressor(self._compression_level, shuffle=self._shuffle_agreed)
                     self._decompressor = FrameDecompressor()
                 self._spill_agreed = SPILL in frame.confirm.features
                 self._pace_agreed = PACE in frame.confirm.features
@@ -359,6 +364,8 @@ class RelayedAssociation:
             )
         self._receive_seq += 1
         allowed = FLAG_SEALED | (FLAG_COMPRESSED if self._decompressor is not None else 0)
+        if self._shuffle_agreed:
+            allowed |= FLAG_SHUFFLED
         if self._pace_agreed:
             allowed |= FLAG_BURST
             if data.flags & FLAG_PACE:
@@ -376,9 +383,9 @@ class RelayedAssociation:
         if data.flags & FLAG_COMPRESSED:
             assert self._decompressor is not None
             try:
-                plain = self._decompressor.decompress(plain)
+                plain = self._decompressor.unpack(plain, data.flags)
             except DecompressionError as exc:
-                return b"", f"the destination router sent a bad compressed frame: {exc}"
+                return b"", f"the other router sent a bad compressed frame: {exc}"
         return plain, None
 
     async def _receive_blob(self, data: pb.Data, manifest: bytes) -> str | None:

@@ -25,6 +25,7 @@ from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_router.association import Outcome, RelayedAssociation, rejection_for
 from relay_router.compress import FEATURE as COMPRESSION
+from relay_router.compress import SHUFFLE_FEATURE as SHUFFLE
 from relay_router.config import RouterConfig, SharedDevice
 from relay_router.metrics import RouterMetrics
 from relay_router.pace import FEATURE as PACE
@@ -326,7 +327,7 @@ class RouterService:
             handshake=pb.Handshake(
                 kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
             ),
-            features=[COMPRESSION, SPILL, PACE] if self.config.dicom.compression else [SPILL, PACE],
+            features=[COMPRESSION, SHUFFLE, SPILL, PACE] if self.config.dicom.compression else [SPILL, PACE],
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -484,6 +485,9 @@ class RouterService:
         tune_socket(writer)
         compress = self.config.dicom.compression and COMPRESSION in notice.features
         features = [COMPRESSION] if compress else []
+        shuffle = compress and SHUFFLE in notice.features
+        if shuffle:
+            features.append(SHUFFLE)
         spill = SPILL in notice.features
         if spill:
             features.append(SPILL)
@@ -502,6 +506,7 @@ class RouterService:
             sealer=sealer,
             initiator=False,
             compression_agreed=compress,
+            shuffle_agreed=shuffle,
             blobs=self.blobs,
             spill_agreed=spill,
             pace=self.paces.setdefault(notice.from_site, PathPace()),

@@ -90,7 +90,7 @@ def test_frames_shrink_to_the_reported_rate(
     reports = [d for d in SEEN[False] if d.flags & FLAG_PACE]
     assert reports, "the receiving router sent no pace report"
     sent = sizes(SEEN[True])
-    assert max(sent[:8]) > 128 * 1024, f"frames start at frame_bytes (256 KiB) before any report: {sent[:8]}"
+    assert max(sent[:8]) > 80 * 1024, f"frames start at frame_bytes (256 KiB, ~110 KB zstd) before a report: {sent[:8]}"
     # 4 MB/s x 5 ms = 20 KB on the wire per frame (at least 16 KiB of plaintext, which zstd then shrinks).
     late = sent[len(sent) // 2 :]
     assert max(late) <= 2 * max(MIN_FRAME_BYTES, RATE * 5 // 1000), f"paced frames on the wire: {sorted(late)[-5:]}"

@@ -29,6 +29,11 @@ tls_key = "server.key"
 [storage]
 database = "bridge.sqlite3"
 """
+METRICS_TEMPLATE = """
+[metrics]
+# Prometheus metrics at http://HOST:PORT/metrics ("" turns them off)
+listen = "{listen}"
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--hostname", action="append", default=[], help="DNS name in the certificate (repeatable)")
     init.add_argument("--ip", action="append", default=[], help="IP address in the certificate (repeatable)")
     init.add_argument("--listen", default="0.0.0.0:443", help="listen address written to bridge.toml")
+    init.add_argument(
+        "--metrics-listen",
+        help='Prometheus endpoint written to bridge.toml ("" = off; default: none written, 127.0.0.1:9465 applies)',
+    )
     init.add_argument("--force", action="store_true", help="overwrite existing files")
 
     serve = sub.add_parser("serve", help="run the bridge")
@@ -93,7 +102,10 @@ def _init(args: argparse.Namespace) -> int:
         hostnames=args.hostname if named else ["localhost"],
         ips=args.ip if named else ["127.0.0.1"],
     )
-    target.write_text(CONFIG_TEMPLATE.format(listen=args.listen))
+    config = CONFIG_TEMPLATE.format(listen=args.listen)
+    if args.metrics_listen is not None:
+        config += METRICS_TEMPLATE.format(listen=args.metrics_listen)
+    target.write_text(config)
     print(f"wrote {files.ca_cert} (give this to every router), {files.server_cert}, {files.server_key}, {target}")
     print(f"keep {files.ca_key} off the bridge host once certificates are issued", file=sys.stderr)
     return 0

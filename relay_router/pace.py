@@ -35,6 +35,9 @@ FLAG_PACE = 0x100  # the payload is a pace report: the rate this router receives
 FLAG_BURST = 0x200  # the sender had this frame's data waiting when it sent the previous frame
 
 MIN_FRAME_BYTES = 16 * 1024
+# Before the first report: small enough that a typical image (0.1-0.5 MB) still goes in several frames,
+# which is what the receiver needs to measure anything; a fast path grows past it within a few frames.
+INITIAL_FRAME_BYTES = 64 * 1024
 MIN_SAMPLES = 6  # back-to-back frames needed before a rate is reported
 WINDOW = 32  # ... and the most that count (about the last 32 frames)
 REPORT_EVERY_S = 0.25  # at most this often
@@ -76,8 +79,10 @@ class PathPace:
         `expansion` is plaintext per wire byte (the compression ratio): a frame that compresses 2x may
         carry twice the plaintext for the same time on the wire.
         """
-        if self.rate is None or frame_time_s <= 0:
+        if frame_time_s <= 0:
             return largest
+        if self.rate is None:
+            return min(INITIAL_FRAME_BYTES, largest)
         wanted = int(self.rate * frame_time_s * max(expansion, 1.0))
         return max(min(MIN_FRAME_BYTES, largest), min(wanted, largest))
 

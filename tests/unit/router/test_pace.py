@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay_router.pace import (
+    INITIAL_FRAME_BYTES,
     MIN_FRAME_BYTES,
     REPORT_EVERY_S,
     ArrivalMeter,
@@ -72,7 +73,7 @@ def test_no_report_more_often_than_every_quarter_second() -> None:
 
 def test_sender_frame_size_follows_the_rate() -> None:
     pace = PathPace()
-    assert pace.frame_bytes(262144, 0.005) == 262144, "no report yet: frame_bytes"
+    assert pace.frame_bytes(262144, 0.005) == INITIAL_FRAME_BYTES, "no report yet: small enough to measure"
     pace.update(3_000_000)  # 24 Mbit/s
     assert pace.frame_bytes(262144, 0.005) == MIN_FRAME_BYTES  # 15 KB wanted, 16 KiB minimum
     assert pace.frame_bytes(262144, 0.005, expansion=2.0) == 30000, "compressed frames carry more plaintext"

@@ -67,6 +67,10 @@ class SpillUnavailable(Exception):
     """The blob store (or the bridge's broker) cannot be used now: send inline."""
 
 
+class BlobGone(SpillUnavailable):
+    """A part that was stored is not in the store any more (deleted early, or expired by the store)."""
+
+
 class SpillFailed(Exception):
     """A blob could not be completed after parts were stored, or a received blob is bad: abort."""
 
@@ -129,7 +133,10 @@ class BlobTransport:
         try:
             answer = await method(pb.BlobPart(url=url), metadata=metadata, timeout=HTTP_TIMEOUT_S)  # type: ignore[misc]
         except grpc.aio.AioRpcError as exc:
-            raise SpillUnavailable(f"fetching a part failed: {exc.code().name} {exc.details()}") from None
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.NOT_FOUND or "no such blob" in details:
+                raise BlobGone(f"the bridge's store has no such part ({details})") from None
+            raise SpillUnavailable(f"fetching a part failed: {exc.code().name} {details}") from None
         return answer.data  # type: ignore[attr-defined,no-any-return]
 
     async def release(self, association_id: str, blob_id: str) -> None:
@@ -149,6 +156,10 @@ def _http(method: str, url: str, data: bytes | None) -> bytes:
     try:
         with _OPENER.open(request, timeout=HTTP_TIMEOUT_S) as response:
             return response.read()  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:
+        if method == "GET" and exc.code == 404:
+            raise BlobGone(f"the store has no such part (HTTP 404 {exc.reason})") from None
+        raise SpillUnavailable(f"{method} of a blob part failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise SpillUnavailable(f"{method} of a blob part failed: {exc}") from None
 
@@ -370,6 +381,10 @@ class SpillReceiver:
             for index in range(parts):
                 try:
                     stored = await tasks.pop(index)
+                except BlobGone as exc:
+                    raise SpillFailed(
+                        f"blob {blob_id} part {index} is gone from the store (deleted before it was fetched): {exc}"
+                    ) from None
                 except SpillUnavailable as exc:
                     raise SpillFailed(f"blob {blob_id} part {index} could not be fetched: {exc}") from None
                 if index + self.parallel < parts:

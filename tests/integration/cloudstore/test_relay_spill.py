@@ -11,10 +11,12 @@ import http.server
 import os
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import boto3
 import pytest
 
 from relay_demo.archive import DemoArchive
@@ -31,6 +33,7 @@ from tests.integration.cloudstore.spill_support import (
     service_account_file,
     store_study,
 )
+from tests.support import dcmtk
 from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -133,9 +136,27 @@ def test_store_down_falls_back_to_inline(
 class FaultyS3Proxy:
     """An HTTP proxy in front of moto that the bridge signs URLs for: it can corrupt GETs or fail PUTs."""
 
-    def __init__(self, upstream: str, *, corrupt_gets: bool = False, fail_puts_after: int | None = None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        corrupt_gets: bool = False,
+        fail_puts_after: int | None = None,
+        delete_part: str | None = None,
+    ) -> None:
         proxy = self
         self.corrupt_gets, self.fail_puts_after, self.puts = corrupt_gets, fail_puts_after, 0
+        # delete_part="000001": the first such part is stored, then deleted from the store before the PUT is answered.
+        self.delete_part = delete_part
+        self.lock = threading.Lock()
+        self.deleted: list[str] = []
+        admin = boto3.client(
+            "s3",
+            endpoint_url=upstream,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -144,19 +165,32 @@ class FaultyS3Proxy:
 
             def _forward(self, method: str) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "PUT" else None
+                number = 0
                 if method == "PUT":
-                    proxy.puts += 1
-                    if proxy.fail_puts_after is not None and proxy.puts > proxy.fail_puts_after:
+                    with proxy.lock:
+                        proxy.puts += 1
+                        number = proxy.puts
+                    if proxy.fail_puts_after is not None and number > proxy.fail_puts_after:
                         self.send_error(503, "store stopped")
                         return
                 request = urllib.request.Request(upstream + self.path, data=body, method=method)
-                request.add_header("Host", self.headers["Host"])
+                for name, value in self.headers.items():  # the bridge's own requests are signed with their headers
+                    if name.lower() not in ("connection", "content-length", "content-type"):
+                        request.add_header(name, value)
                 request.add_header("Content-Type", self.headers.get("Content-Type") or "application/octet-stream")
                 try:
                     with opener.open(request, timeout=30) as response:
                         status, data = response.status, response.read()
                 except urllib.error.HTTPError as exc:
                     status, data = exc.code, exc.read()
+                bucket, _, key = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/").partition("/")
+                if method == "PUT" and status == 200 and key.endswith(f"/{proxy.delete_part}"):
+                    with proxy.lock:
+                        first = not proxy.deleted
+                        if first:
+                            proxy.deleted.append(key)
+                    if first:
+                        admin.delete_object(Bucket=bucket, Key=key)
                 if method == "GET" and proxy.corrupt_gets and len(data) > 100:
                     data = data[:50] + bytes([data[50] ^ 1]) + data[51:]
                 self.send_response(status)
@@ -169,6 +203,9 @@ class FaultyS3Proxy:
 
             def do_PUT(self) -> None:  # noqa: N802
                 self._forward("PUT")
+
+            def do_DELETE(self) -> None:  # noqa: N802 - the bridge deletes blobs through the same endpoint
+                self._forward("DELETE")
 
         self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
         self.url = f"http://{HOST}:{self.server.server_address[1]}"
@@ -208,5 +245,47 @@ def test_faults_abort_and_deliver_nothing_wrong(
         assert not set(received) & set(fingerprints(study[:2])), "a spilled data set arrived despite the fault"
         logs = net.log("site-a") + net.log("site-b")
         assert ("SECURITY" in logs) if fault == "corrupt" else ("middle of a blob" in logs)
+    finally:
+        proxy.close()
+
+
+def test_blob_deleted_early_aborts_cleanly_and_the_router_goes_on(
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    moto_server: ServerProcess,
+    moto_env: dict[str, str],
+) -> None:
+    """Part 1 of the first blob is deleted from the store right after it was stored: A-ABORT, nothing wrong arrives."""
+    require_dcmtk("storescu")
+    proxy = FaultyS3Proxy(moto_server.url, delete_part="000001")
+    try:
+        prefix = f"deleted-{free_port()}/"
+        net = network_factory(
+            {"store": f"s3://{S3_BUCKET}/{prefix}", "endpoint_url": proxy.url, "region": "us-east-1"}, moto_env
+        )
+        archive = archive_factory("ARCHIVE_B")
+        small_first = study[2:] + study[:2]
+        result = store_study(net, archive, small_first)
+        assert not result.ok, f"storescu must see the association fail; deleted {proxy.deleted}"
+        assert len(proxy.deleted) == 1 and proxy.deleted[0].endswith("/000001"), proxy.deleted
+        blob_id = proxy.deleted[0].split("/")[-2]
+        received = archive.fingerprints()
+        assert received == fingerprints(study[2:]), "only the small slices sent before the fault may arrive"
+        log_b = net.log("site-b")
+        assert (
+            f"aborting association: blob {blob_id} part 1 is gone from the store (deleted before it was fetched): "
+            "the store has no such part (HTTP 404 Not Found)" in log_b
+        ), log_b[-3000:]
+        assert "aborted" in net.log("site-a")
+        # The same routers go on serving: the whole study again, spilled, byte-identical.
+        archive.clear()
+        spilled_before = net.log("site-a").count("spilled ")
+        again = dcmtk.storescu(HOST, net.sites["site-a"].port, "ARCHIVE_B", "WS", study)
+        again.check()
+        assert archive.fingerprints() == fingerprints(study)
+        assert net.log("site-a").count("spilled ") == spilled_before + len(study[:2])
+        bridge_bytes(net)  # stops the routers: their associations end, the bridge deletes what is left
+        assert bucket_keys(moto_server, prefix) == [], "blobs remain in the bucket"
     finally:
         proxy.close()

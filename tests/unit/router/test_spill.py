@@ -206,3 +206,31 @@ def test_part_nonces_never_meet_frame_nonces() -> None:
     assert spill.part_seq(5, 1) != spill.part_seq(6, 1) != spill.part_seq(5, 2)
     with pytest.raises(SpillFailed):
         spill.part_seq(1 << 42, 0)
+
+
+async def test_a_part_deleted_before_it_was_fetched_fails_with_a_clear_message() -> None:
+    tx, rx = sealers()
+    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
+    chunks = [os.urandom(60_000) for _ in range(4)]
+    _, ref = await send_dataset(sender(transport, tx, framer), framer, chunks)
+    assert ref is not None
+    gone = f"{AID}/{ref.blob.blob_id}/1"
+    del transport.blobs[gone]
+
+    async def get(url: str) -> bytes:
+        if url == gone:
+            raise spill.BlobGone("the store has no such part (HTTP 404 Not Found)")
+        return transport.blobs[url]
+
+    transport.get = get  # type: ignore[method-assign]
+    delivered: list[bytes] = []
+    with pytest.raises(SpillFailed) as failure:
+        manifest = rx.open(ref.payload, ref.seq, ref.flags)
+        async for part in SpillReceiver(transport, AID, rx, parallel=2).fetch(ref, manifest):  # type: ignore[arg-type]
+            delivered.append(part)
+    assert str(failure.value) == (
+        f"blob {ref.blob.blob_id} part 1 is gone from the store (deleted before it was fetched): "
+        "the store has no such part (HTTP 404 Not Found)"
+    )
+    assert b"".join(delivered) == b"".join(chunks)[: 64 * 1024], "only part 0, authenticated, came out"
+    assert transport.released == []

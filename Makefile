@@ -50,8 +50,9 @@ bench-quick: $(STAMP) system-deps
 	$(PY) -m benchmarks.loopback
 
 # WAN benchmark (root): sites A and B and a hub in network namespaces on 127/8 addresses, links shaped
-# with tbf and delayed by a TUN delay stage; raw path vs OpenVPN vs relay. BENCH_ARGS passes options,
-# e.g. make bench BENCH_ARGS="--quick"  or  BENCH_ARGS="--rtt-ms 100 --repeats 5".
+# with tbf and delayed by a TUN delay stage; raw path vs OpenVPN vs relay (defaults, with S3 spill on
+# moto's server in the hub) vs relay-plain vs DICOMweb (Orthanc + DICOMweb plugin). BENCH_ARGS passes
+# options, e.g. make bench BENCH_ARGS="--quick"  or  BENCH_ARGS="--rtt-ms 100 --repeats 5".
 BENCH_ARGS ?=
 bench: $(STAMP)
 	@if [ "$$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces, tc, TUN)" >&2; exit 1; fi
@@ -60,9 +61,11 @@ bench: $(STAMP)
 	command -v iptables >/dev/null 2>&1 || missing="$$missing iptables"; \
 	command -v openvpn >/dev/null 2>&1 || missing="$$missing openvpn"; \
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	@$(PY) -c "import moto.server, boto3" 2>/dev/null || $(PY) -m pip install -q 'moto[server]>=5' 'boto3>=1.34'
 	$(PY) -m benchmarks.wan $(BENCH_ARGS)
 
 clean:

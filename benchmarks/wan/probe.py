@@ -135,9 +135,26 @@ def send(to: str, seconds: float) -> dict[str, object]:
     return {"bytes": sent}
 
 
+def _nodelay() -> None:
+    """TCP_NODELAY on pynetdicom's sockets, like every DICOM process of the suite (DCMTK and Orthanc get
+    TCP_NODELAY=1). Without it a C-FIND request (command and identifier: two PDUs, two writes) waits for the
+    peer's delayed ACK of the first before the second leaves: ~80 ms more per query across the WAN."""
+    from pynetdicom.transport import AssociationSocket
+
+    create = AssociationSocket._create_socket
+
+    def create_nodelay(self: AssociationSocket, address: object) -> socket.socket:
+        sock = create(self, address)  # type: ignore[arg-type]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    AssociationSocket._create_socket = create_nodelay  # type: ignore[method-assign]
+
+
 def echo(to: str, called: str, count: int, interval: float) -> dict[str, object]:
     from pynetdicom import AE
 
+    _nodelay()
     host, port = to.rsplit(":", 1)
     ae = AE(ae_title="BENCH_SCU")
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -156,6 +173,50 @@ def echo(to: str, called: str, count: int, interval: float) -> dict[str, object]
         assoc.release()
         t3 = time.perf_counter()
         samples.append({"associate_s": t1 - t0, "echo_s": t2 - t1, "release_s": t3 - t2, "total_s": t3 - t0})
+        time.sleep(interval)
+    return {"samples": samples}
+
+
+def find(to: str, called: str, count: int, interval: float) -> dict[str, object]:
+    """Study-level C-FIND (Study Root) for every study (no matching keys), timed like `echo`."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    _nodelay()
+    host, port = to.rsplit(":", 1)
+    ae = AE(ae_title="BENCH_SCU")
+    ae.add_requested_context(FIND)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyDescription",
+                    "AccessionNumber", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"):  # fmt: skip
+        setattr(query, keyword, "")
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        assoc = ae.associate(host, int(port), ae_title=called)
+        t1 = time.perf_counter()
+        if not assoc.is_established:
+            raise RuntimeError(f"association to {called} at {to} failed")
+        matches, final = 0, None
+        for status, identifier in assoc.send_c_find(query, FIND):
+            if status is None:
+                break
+            if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                matches += 1
+            else:
+                final = status.Status
+        t2 = time.perf_counter()
+        if final != 0:
+            assoc.abort()
+            raise RuntimeError(f"C-FIND to {called} at {to} ended with status {final}")
+        assoc.release()
+        t3 = time.perf_counter()
+        samples.append(
+            {"associate_s": t1 - t0, "find_s": t2 - t1, "release_s": t3 - t2, "total_s": t3 - t0, "matches": matches}
+        )
         time.sleep(interval)
     return {"samples": samples}
 
@@ -212,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aec", required=True)
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--interval", type=float, default=0.05)
+    p = sub.add_parser("find")
+    p.add_argument("--to", required=True)
+    p.add_argument("--aec", required=True)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--interval", type=float, default=0.05)
     p = sub.add_parser("http")
     p.add_argument("--method", default="GET")
     p.add_argument("--url", required=True)
@@ -227,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         result = sink(args.listen, args.seconds)
     elif args.cmd == "send":
         result = send(args.to, args.seconds)
+    elif args.cmd == "find":
+        result = find(args.to, args.aec, args.count, args.interval)
     elif args.cmd == "http":
         result = http(args.method, args.url, args.data, args.content_type, args.cafile, args.timeout, args.retry_s)
     else:

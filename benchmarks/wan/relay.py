@@ -133,7 +133,7 @@ class RelayModes:
         return self
 
     def bridge_bytes(self) -> dict[str, int]:
-        """Bytes the bridge has carried so far from each router A (its audit's association events)."""
+        """Bytes the bridge has carried so far, both ways, per relay mode (its audit's association events)."""
         if self.net is None:
             return {}
         try:
@@ -142,8 +142,11 @@ class RelayModes:
             return {}
         out = {}
         for mode in self.modes:
-            a = PAIRS[mode][0]
-            out[mode] = sum(int(e.get("bytes_from_initiator", 0)) for e in events if e.get("from_site") == a)
+            out[mode] = sum(
+                int(e.get("bytes_from_initiator", 0)) + int(e.get("bytes_from_destination", 0))
+                for e in events
+                if e.get("from_site") in PAIRS[mode]
+            )
         return out
 
     def describe(self) -> dict[str, object]:

@@ -144,8 +144,9 @@ def markdown(payload: dict[str, object]) -> str:
     if wire:
         lines += [
             "",
-            "Bytes on the wire (median per run): site A's uplink in MB (and / data set bytes); through the relay "
-            "also the bytes the bridge carried (the rest of the uplink went to the blob store).",
+            "Bytes on the wire (median per run): the sending site's uplink (A; B for move) in MB and as a fraction "
+            "of the data set's bytes; through the relay also the bytes the bridge carried (the rest of the uplink "
+            "went to the blob store).",
             "",
             "| workload | " + " | ".join(modes) + " |",
             "|---|" + "---:|" * len(modes),
@@ -158,7 +159,7 @@ def markdown(payload: dict[str, object]) -> str:
                 if not wb or not r["bytes"]:  # type: ignore[index]
                     cells.append("-")
                     continue
-                up = wb.get("a_uplink", 0)  # type: ignore[union-attr]
+                up = wb.get("b_uplink" if w == "move" else "a_uplink", 0)  # type: ignore[union-attr]
                 cell = f"{up / 1e6:.1f} ({up / r['bytes']:.2f})"  # type: ignore[operator]
                 if f"bridge_{m}" in wb:  # type: ignore[operator]
                     cell += f", bridge {wb[f'bridge_{m}'] / 1e6:.1f}"  # type: ignore[index]

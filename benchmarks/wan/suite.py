@@ -14,6 +14,11 @@ the hub. Modes:
     relay        storescu in A -> router A -> bridge (in the hub) -> router B -> storescp in B, routers
                  with their default [dicom] settings (zstd on, spill above 8 MiB through S3 in the hub)
     relay-plain  the same through a second router pair with compression and spill off (benchmarks/wan/relay.py)
+    dicomweb     transfers only: STOW-RS from Orthanc in A to Orthanc in B over HTTPS (benchmarks/wan/dicomweb.py)
+
+Workloads: echo (C-ECHO), find (study-level C-FIND to an Orthanc archive in B), ct, mr, compressed,
+small, crdx (C-STORE of generated studies, benchmarks/wan/workloads.py), move (C-MOVE of the CT study
+from the archive in B to a storescp in A; --move-modes, default vpn and relay: benchmarks/wan/archive.py).
 
 Writes benchmarks/results/<date>-wan.json (plus .md and .png).
 """
@@ -40,6 +45,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, dcmtk, machine
 from benchmarks.wan import report, workloads
+from benchmarks.wan.archive import ARCHIVE_PORT, MOVE_AET, MOVE_PORT, Archive, extra_studies
+from benchmarks.wan.dicomweb import DicomWeb
 from benchmarks.wan.relay import RelayModes
 from benchmarks.wan.topology import (
     A_ADDR,
@@ -63,9 +70,12 @@ SCP_PORT = 11112
 # Debian's DCMTK (and Orthanc) leave Nagle on; every DICOM process here runs with TCP_NODELAY=1.
 DICOM_ENV = {**os.environ, "TCP_NODELAY": "1"}
 LOCK = "/run/lock/drwan-bench.lock" if Path("/run/lock").is_dir() else "/tmp/drwan-bench.lock"
-WORKLOADS = ("echo", "ct", "mr", "compressed", "small", "crdx")
+WORKLOADS = ("echo", "find", "ct", "mr", "compressed", "small", "crdx", "move")
+LATENCY = ("echo", "find")  # many short associations per repeat, timed in-process
+TRANSFERS = ("ct", "mr", "compressed", "small", "crdx")  # storescu -> storescp (dicomweb: STOW-RS)
 RELAY_MODES = ("relay", "relay-plain")
-DEFAULT_MODES = ("raw", "vpn", "relay", "relay-plain")
+DIMSE_MODES = ("raw", "vpn", *RELAY_MODES)
+DEFAULT_MODES = (*DIMSE_MODES, "dicomweb")
 # ct 380 x 0.5 MB = 200 MB (the issue's CT study); crdx 4 x 19 MB DX images (each above the spill threshold).
 FULL_SIZES = {"ct": 380, "mr": 200, "compressed": 100, "small": 200, "crdx": 4}
 QUICK_SIZES = {"ct": 20, "mr": 40, "compressed": 20, "small": 50, "crdx": 2}
@@ -83,14 +93,27 @@ def estimate_minutes(args: argparse.Namespace, loads: dict[str, workloads.Worklo
     per_repeat = 0.0
     for name in args.workloads:
         for mode in args.modes:
-            if name == "echo":
-                per_repeat += args.echo_count * (2.5 * rtt + 0.05) + 2
+            if not applies(args, name, mode):
+                continue
+            if name in LATENCY:
+                per_repeat += args.echo_count * (3 * rtt + 0.06) + 2
             elif name in loads:
                 w = loads[name]
                 shrink = 2.0 if mode == "relay" and name != "compressed" else 1.0
-                per_repeat += w.bytes / shrink / goodput + len(w.files) * (rtt + 0.003) + 2
-    setup = 1.5 + 3 * args.check_seconds / 60 + 0.5
+                extra = 3 if mode == "dicomweb" else 2  # emptying Orthanc B, a process start, the verify
+                per_repeat += w.bytes / shrink / goodput + len(w.files) * (rtt + 0.003) + extra
+    # Network, VPN, relay, Orthancs and loading them (~25 MB/s locally), the emulation check, warm-ups.
+    loading = sum(w.bytes for n, w in loads.items() if n in TRANSFERS) if "dicomweb" in args.modes else 0
+    loading += loads["move"].bytes if "move" in loads else 0
+    setup = 1.0 + 3 * args.check_seconds / 60 + 0.5 + loading / 25e6 / 60 + 0.1 * len(args.modes)
     return setup + per_repeat * args.repeats / 60
+
+
+def applies(args: argparse.Namespace, name: str, mode: str) -> bool:
+    """Which (workload, mode) pairs exist: DICOMweb only moves studies; C-MOVE runs in --move-modes."""
+    if name == "move":
+        return mode in args.move_modes
+    return mode != "dicomweb" or name in TRANSFERS
 
 
 def loadavg() -> list[float]:
@@ -117,7 +140,7 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class Measurements:
     samples: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    echo_parts: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    echo_parts: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
     cpu: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
     errors: list[dict[str, object]] = field(default_factory=list)
     failed: set[tuple[str, str]] = field(default_factory=set)
@@ -135,6 +158,15 @@ class Bench:
         self.vpn: Vpn | None = None
         self.relay = RelayModes(self.lab, self.work / "relay", args.modes, args.relay_dicom, os.environ)
         self.scp: subprocess.Popen[bytes] | None = None
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        self.orthancs = Path(tempfile.mkdtemp(prefix="drwan-orthanc-", dir=shm))  # Orthanc storage in memory
+        self.archive: Archive | None = None
+        if {"find", "move"} & set(args.workloads) and set(args.modes) & set(DIMSE_MODES):
+            self.archive = Archive(self.lab, self.orthancs / "archive", self.rx.with_name(self.rx.name + "-move"),
+                                   self.work)  # fmt: skip
+        self.dicomweb: DicomWeb | None = None
+        if "dicomweb" in args.modes and set(args.workloads) & set(TRANSFERS):
+            self.dicomweb = DicomWeb(self.lab, self.orthancs / "dicomweb", self.work)
         self.deadline = time.monotonic() + args.max_minutes * 60
         self.cpu_pids: dict[str, int] = {}
 
@@ -163,11 +195,23 @@ class Bench:
                 f"starting the relay ({', '.join(self.relay.modes)}): bridge in the hub, a router pair per mode"
                 + (", S3 blob store (moto) in the hub" if "relay" in self.relay.modes else "")
             )
-            self.relay.start({"STORE": SCP_PORT}, {})
+            b_devices = {"STORE": SCP_PORT} | ({"ARCHIVE": ARCHIVE_PORT} if self.archive else {})
+            a_devices = {MOVE_AET: MOVE_PORT} if self.archive and "move" in self.args.workloads else {}
+            self.relay.start(b_devices, a_devices)
             self.cpu_pids.update(self.relay.pids)
+        if self.archive is not None:
+            log("starting the archive: Orthanc ARCHIVE in B (C-FIND, C-MOVE), storescp MOVE in A")
+            self.archive.start(self.relay.ports_b)
+            self.cpu_pids.update(self.archive.pids)
+        if self.dicomweb is not None:
+            log("starting DICOMweb: Orthanc + DICOMweb plugin in A and in B, HTTPS endpoint in B")
+            self.dicomweb.start()
+            self.cpu_pids.update(self.dicomweb.pids)
 
     def stop(self) -> None:
         for step in (
+            lambda: self.archive.stop() if self.archive else None,
+            lambda: self.dicomweb.stop() if self.dicomweb else None,
             self.relay.stop,
             lambda: self.vpn.stop() if self.vpn else None,
             lambda: (self.scp.terminate(), self.scp.wait(10)) if self.scp and self.scp.poll() is None else None,
@@ -179,7 +223,8 @@ class Bench:
                 log(f"teardown step failed: {exc}")
         if not self.args.keep_workdir:
             shutil.rmtree(self.work, ignore_errors=True)
-        shutil.rmtree(self.rx, ignore_errors=True)
+        for path in (self.rx, self.rx.with_name(self.rx.name + "-move"), self.orthancs):
+            shutil.rmtree(path, ignore_errors=True)
 
     def target(self, mode: str) -> tuple[str, int, str]:
         if mode == "raw":
@@ -276,13 +321,13 @@ class Bench:
 
     @contextlib.contextmanager
     def wire_window(self) -> Iterator[dict[str, int]]:
-        """Bytes sent on A's uplink and B's downlink (tbf counters) and carried by the bridge during a run."""
+        """Bytes sent on each site's uplink and downlink (tbf counters) and carried by the bridge during a run."""
         sent0, bridge0 = self.lab.sent_bytes(), self.relay.bridge_bytes()
         delta: dict[str, int] = {}
         yield delta
         sent1, bridge1 = self.lab.sent_bytes(), self.relay.bridge_bytes()
-        delta["a_uplink"] = sent1["tunA"] - sent0["tunA"]
-        delta["b_downlink"] = sent1["hb0"] - sent0["hb0"]
+        for key, dev in (("a_uplink", "tunA"), ("a_downlink", "ha0"), ("b_uplink", "tunB"), ("b_downlink", "hb0")):
+            delta[key] = sent1[dev] - sent0[dev]
         for mode, value in bridge1.items():
             delta[f"bridge_{mode}"] = value - bridge0.get(mode, 0)
 
@@ -330,7 +375,11 @@ class Bench:
         cache = Path(args.cache)
         loads: dict[str, workloads.Workload] = {}
         for name in args.workloads:
-            if name == "echo":
+            if name in LATENCY:
+                continue
+            if name == "move":  # the archive holds the CT study; C-MOVE brings it to site A
+                ct = workloads.build("ct", sizes["ct"], cache)
+                loads[name] = workloads.Workload("move", ct.files, f"C-MOVE of the CT study: {ct.description}")
                 continue
             log(f"preparing workload {name} ({sizes[name]} files) in {cache}")
             loads[name] = workloads.build(name, sizes[name], cache)
@@ -339,18 +388,14 @@ class Bench:
         minutes = estimate_minutes(args, loads, self.spec)
         log(f"estimated duration: {minutes:.0f} min (stops measuring after --max-minutes {args.max_minutes:g})")
         self.start()
+        self._load_orthancs(loads, Path(args.cache))
         check = self.check()
         link = {"rate_mbit": self.spec.rate_mbit, "rtt_ms": self.spec.rtt_ms}
         modes = list(args.modes)
-        log("warming up every path (2 files and one C-ECHO each)")
-        warm = next(iter(loads.values())).files[:2] if loads else ()
-        for mode in modes:
-            if warm:
-                self.store(mode, warm, verify=True)
-            self.echo(mode, 1)
+        self._warm_up(modes, loads)
 
         m = Measurements()
-        total = args.repeats * len(args.workloads) * len(modes)
+        total = args.repeats * sum(applies(args, n, md) for n in args.workloads for md in modes)
         done = 0
         started = time.monotonic()
         complete = True
@@ -359,6 +404,8 @@ class Bench:
                 order = modes[rep % len(modes) :] + modes[: rep % len(modes)]  # rotate: no mode always goes first
                 for name in args.workloads:
                     for mode in order:
+                        if not applies(args, name, mode):
+                            continue
                         self._left()
                         done += 1
                         if (name, mode) in m.failed:
@@ -381,6 +428,35 @@ class Bench:
             log(f"time limit of {args.max_minutes:g} min reached: writing what was measured")
         return self._payload(check, link, loads, m, complete, load)
 
+    def _load_orthancs(self, loads: dict[str, workloads.Workload], cache: Path) -> None:
+        """Untimed: the archive gets a few small studies (and the CT study for C-MOVE); Orthanc A every study
+        that DICOMweb will send."""
+        if self.archive is not None:
+            studies = [tuple(extra_studies(cache))] + ([loads["move"].files] if "move" in loads else [])
+            log(f"loading the archive in B: {sum(len(s) for s in studies)} instances")
+            self.archive.load(studies)
+            log(f"  the archive holds {self.archive.studies} studies")
+        if self.dicomweb is not None:
+            for name in TRANSFERS:
+                if name in loads:
+                    log(f"loading {name} into Orthanc A (for STOW-RS)")
+                    self.dicomweb.load(name, loads[name].files, loads[name].storescu_args)
+
+    def _warm_up(self, modes: list[str], loads: dict[str, workloads.Workload]) -> None:
+        log("warming up every path (2 files, one C-ECHO, one C-FIND each; STOW-RS of 2 files)")
+        transfers = [loads[n] for n in TRANSFERS if n in loads]
+        warm = transfers[0].files[:2] if transfers else ()
+        for mode in modes:
+            if mode == "dicomweb":
+                if warm and self.dicomweb is not None:
+                    self.dicomweb.warm(warm)
+                continue
+            if warm:
+                self.store(mode, warm, verify=True)
+            self.echo(mode, 1)
+            if self.archive is not None:
+                self.archive.find(mode, self.relay.ports, 1, timeout=60)
+
     def _measure(self, name: str, mode: str, rep: int, loads: dict[str, workloads.Workload], m: Measurements) -> str:
         with self.emulator_window() as late:
             shown = self._measure_one(name, mode, rep, loads, m)
@@ -392,20 +468,39 @@ class Bench:
     def _measure_one(
         self, name: str, mode: str, rep: int, loads: dict[str, workloads.Workload], m: Measurements
     ) -> str:
-        if name == "echo":
-            parts = self.echo(mode, self.args.echo_count)
-            m.echo_parts.setdefault(mode, []).extend(parts)
+        if name in LATENCY:
+            if name == "echo":
+                parts = self.echo(mode, self.args.echo_count)
+            else:
+                assert self.archive is not None
+                parts = self.archive.find(mode, self.relay.ports, self.args.echo_count, min(300.0, self._left()))
+            m.echo_parts.setdefault((name, mode), []).extend(parts)
             m.samples.setdefault((name, mode), []).extend(p["total_s"] for p in parts)
             mid = report.summary([p["total_s"] for p in parts])["median"]
             return f"{mid * 1000:.0f} ms median of {len(parts)}"
+        files, verify = loads[name].files, rep == 0
         with self.wire_window() as wire:
-            seconds, used = self.store(mode, loads[name].files, verify=rep == 0, extra=loads[name].storescu_args)
+            if name == "move":
+                assert self.archive is not None
+                cpu0 = self._cpu_snapshot()
+                seconds = self.archive.move(mode, self.relay.ports, files, verify, min(590.0, self._left()))
+                cpu1 = self._cpu_snapshot()
+                used = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
+            elif mode == "dicomweb":
+                assert self.dicomweb is not None
+                cpu0 = self._cpu_snapshot()
+                seconds = self.dicomweb.stow(name, files, verify, min(590.0, self._left()))
+                cpu1 = self._cpu_snapshot()
+                used = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
+            else:
+                seconds, used = self.store(mode, files, verify=verify, extra=loads[name].storescu_args)
         wire = {k: v for k, v in wire.items() if not k.startswith("bridge_") or k == f"bridge_{mode}"}
         m.wire.setdefault((name, mode), []).append(wire)
         m.samples.setdefault((name, mode), []).append(seconds)
         m.cpu.setdefault((name, mode), []).append({k: v for k, v in used.items() if v > 0.005})
         cpu = ", ".join(f"{k} {v / seconds:.0%}" for k, v in sorted(used.items()) if v / seconds >= 0.05)
-        sent = f"A uplink {wire['a_uplink'] / 1e6:.1f} MB" + (
+        up = "b_uplink" if name == "move" else "a_uplink"
+        sent = f"{up[0].upper()} uplink {wire[up] / 1e6:.1f} MB" + (
             f", bridge {wire[f'bridge_{mode}'] / 1e6:.1f} MB" if f"bridge_{mode}" in wire else ""
         )
         return f"{seconds:.2f} s, {loads[name].bytes / seconds / 1e6:.2f} MB/s  [{sent}; CPU: {cpu}]"
@@ -426,11 +521,11 @@ class Bench:
             files = len(loads[name].files) if name in loads else 0
             nbytes = loads[name].bytes if name in loads else 0
             rec = report.record(name, mode, link, files, nbytes, values)
-            if name == "echo":
-                parts = echo_parts[mode]
-                rec["echo_breakdown_ms"] = {
+            if name in LATENCY:
+                parts = echo_parts[(name, mode)]
+                rec[f"{name}_breakdown_ms"] = {
                     k: round(report.summary([p[k] for p in parts])["median"] * 1000, 2)
-                    for k in ("associate_s", "echo_s", "release_s")
+                    for k in ("associate_s", f"{name}_s", "release_s")
                 }
             if (name, mode) in cpu:
                 runs = cpu[(name, mode)]
@@ -470,6 +565,16 @@ class Bench:
             },  # fmt: skip
             "vpn": self.vpn.describe() if self.vpn else None,
             "relay": self.relay.describe() if self.relay.modes else None,
+            "archive": {
+                "software": "Orthanc 1.10 (Debian), AE ARCHIVE in site B, port 4242",
+                "studies": self.archive.studies,
+                "find": "pynetdicom: associate, study-level C-FIND (Study Root, every study), release",
+                "move": "DCMTK movescu in A; the archive sends the CT study to storescp MOVE in A",
+                "move_modes": args.move_modes,
+            }
+            if self.archive
+            else None,
+            "dicomweb": self.dicomweb.describe() if self.dicomweb else None,
             "workloads": {
                 n: {"files": len(w.files), "bytes": w.bytes, "description": w.description} for n, w in loads.items()
             }
@@ -528,13 +633,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cc", choices=("bbr", "reno"), default="bbr", help="TCP congestion control in the namespaces")
     p.add_argument("--repeats", type=int, help="runs per (workload, mode) (default 3; 1 with --quick)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {', '.join(report.MODES)}")
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"any of {', '.join(WORKLOADS)}")
+    p.add_argument("--move-modes", default="vpn,relay", help="modes the C-MOVE workload runs in (default vpn,relay)")
     p.add_argument("--ct-images", type=int, help=f"CT slices of 0.5 MB (default {FULL_SIZES['ct']} = 200 MB)")
     p.add_argument("--mr-images", type=int, help=f"MR slices of 0.13 MB (default {FULL_SIZES['mr']})")
     p.add_argument("--compressed-images", type=int, help=f"JPEG 2000 CT slices (default {FULL_SIZES['compressed']})")
     p.add_argument("--small-images", type=int, help=f"small objects of ~51 KB (default {FULL_SIZES['small']})")
     p.add_argument("--crdx-images", type=int, help=f"DX images of 19 MB (default {FULL_SIZES['crdx']})")
-    p.add_argument("--echo-count", type=int, help="associations per echo repeat (default 10; 5 with --quick)")
+    p.add_argument(
+        "--echo-count", type=int, help="associations per echo (and find) repeat (default 10; 5 with --quick)"
+    )
     p.add_argument("--check-seconds", type=float, help="seconds of each raw TCP check (default 8; 4 with --quick)")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop measuring after this long (default 90)")
     p.add_argument(
@@ -576,6 +684,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         p.error("--relay-dicom takes KEY=VALUE (integer, decimal, true or false)")
     args.modes = [m for m in args.modes.split(",") if m]
+    args.move_modes = [m for m in args.move_modes.split(",") if m in args.modes]
+    for m in args.move_modes:
+        if m not in DIMSE_MODES:
+            p.error(f"C-MOVE cannot run in mode {m}")
     args.workloads = [w for w in args.workloads.split(",") if w]
     for m in args.modes:
         if m not in report.MODES:
@@ -616,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         removed = cleanup()
         leftovers = [Path(args.cache), *Path(tempfile.gettempdir()).glob("drwan-*")]
         if Path("/dev/shm").is_dir():
-            leftovers += Path("/dev/shm").glob("drwan-rx-*")
+            leftovers += [*Path("/dev/shm").glob("drwan-rx-*"), *Path("/dev/shm").glob("drwan-orthanc-*")]
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

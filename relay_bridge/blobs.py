@@ -56,7 +56,9 @@ class BlobBroker:
         self.url_ttl_s = url_ttl_s
         self.ttl_s = ttl_s
         self.sweep_interval_s = sweep_interval_s
-        self.served_bytes = 0  # bytes moved by PutBlobPart/GetBlobPart (file:// only)
+        # Counters for relay_bridge.metrics (they only grow).
+        self.slots = {"put": 0, "get": 0}  # presigned URLs issued, by method
+        self.served = {"stored": 0, "fetched": 0}  # bytes moved by PutBlobPart / GetBlobPart (file:// only)
         self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -83,6 +85,10 @@ class BlobBroker:
             return None
         log.info("spill blob store: %s", store.url)
         return cls(store, url_ttl_s=spill.url_ttl_s, ttl_s=spill.ttl_s, sweep_interval_s=spill.sweep_interval_s)
+
+    @property
+    def served_bytes(self) -> int:
+        return sum(self.served.values())
 
     @property
     def served_by_bridge(self) -> bool:
@@ -119,6 +125,7 @@ class BlobBroker:
             url = await self.store.presign_get(key, ttl)
         else:
             url = await self.store.presign_put(key, ttl)
+        self.slots["get" if download else "put"] += 1
         return blob_id, url, int(time.time()) + ttl
 
     def _verified_key(self, url: str, method: str, associations: set[str]) -> str:
@@ -135,12 +142,12 @@ class BlobBroker:
     async def put_part(self, url: str, data: bytes, associations: set[str]) -> None:
         key = self._verified_key(url, "PUT", associations)
         await self.store.put_bytes(key, data)
-        self.served_bytes += len(data)
+        self.served["stored"] += len(data)
 
     async def get_part(self, url: str, associations: set[str]) -> bytes:
         key = self._verified_key(url, "GET", associations)
         data = await self.store.get_bytes(key)
-        self.served_bytes += len(data)
+        self.served["fetched"] += len(data)
         return data
 
     async def release(self, association_id: str, blob_id: str = "") -> int:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protos.relay.v1 import relay_pb2 as pb
@@ -90,6 +90,33 @@ class _SessionCollector(Collector):
         yield active
 
 
+class _SpillCollector(Collector):
+    """The cloud spill's broker counters (relay_bridge.blobs.BlobBroker), read at scrape time."""
+
+    def __init__(self, servicer: RelayServicer) -> None:
+        self.servicer = servicer
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        broker = getattr(self.servicer, "blobs", None)  # set after the metrics (and None when spill is off)
+        slots = CounterMetricFamily(
+            "relay_bridge_spill_blob_slots",
+            "Presigned blob-part URLs issued to routers, by method (put: upload, get: download)",
+            labels=["method"],
+        )
+        served = CounterMetricFamily(
+            "relay_bridge_spill_served_bytes",
+            "Blob-part bytes the bridge itself stored (PutBlobPart) or fetched (GetBlobPart) for routers; "
+            "only a file:// store is served by the bridge (S3 and GCS are reached directly)",
+            labels=["direction"],
+        )
+        for method in ("put", "get"):
+            slots.add_metric([method], broker.slots[method] if broker is not None else 0)
+        for direction in ("stored", "fetched"):
+            served.add_metric([direction], broker.served[direction] if broker is not None else 0)
+        yield slots
+        yield served
+
+
 class BridgeMetrics:
     def __init__(self, servicer: RelayServicer) -> None:
         self.servicer = servicer
@@ -129,6 +156,7 @@ class BridgeMetrics:
         )
         Info("relay_bridge", "This bridge", registry=registry).info({"version": package_version()})
         registry.register(_SessionCollector(servicer))
+        registry.register(_SpillCollector(servicer))
         for outcome in OUTCOMES:
             self.associations.labels(outcome)
         for reason in REFUSAL_REASONS:

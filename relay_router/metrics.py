@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
+from relay_router.spill import STATS
 
 if TYPE_CHECKING:
     from relay_router.association import Outcome, RelayedAssociation
@@ -117,6 +118,56 @@ class _LinkCollector(Collector):
         yield route
 
 
+class _SpillCollector(Collector):
+    """The cloud spill's counters (relay_router.spill.STATS, one per router process), read at scrape time."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        def by_direction(name: str, documentation: str, sent: int, received: int) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, documentation, labels=["direction"])
+            family.add_metric(["sent"], sent)
+            family.add_metric(["received"], received)
+            return family
+
+        yield by_direction(
+            "relay_router_spill_datasets",
+            "Data sets that travelled through the blob store: sent (spilled by this router) and received "
+            "(fetched, verified and delivered to a local device)",
+            STATS.blobs_sent,
+            STATS.blobs_received,
+        )
+        yield by_direction(
+            "relay_router_spill_bytes",
+            "DICOM Upper Layer bytes that travelled through the blob store instead of the bridge "
+            "(sent: spilled from local devices; received: delivered to local devices from blobs)",
+            STATS.bytes_spilled,
+            STATS.bytes_received,
+        )
+        yield by_direction(
+            "relay_router_spill_store_bytes",
+            "Bytes uploaded to (sent) and downloaded from (received) the blob store: sealed, maybe compressed parts",
+            STATS.stored_bytes_sent,
+            STATS.stored_bytes_received,
+        )
+        yield by_direction(
+            "relay_router_spill_parts",
+            "Blob parts stored (sent) and fetched and verified (received)",
+            STATS.parts_sent,
+            STATS.parts_received,
+        )
+        yield CounterMetricFamily(
+            "relay_router_spill_fallbacks",
+            "Data sets above the spill threshold sent inline because the blob store could not be used",
+            value=STATS.fallbacks,
+        )
+        yield by_direction(
+            "relay_router_spill_failures",
+            "Blobs that failed after the spill began, each aborting its association (sent: the store failed "
+            "after parts were stored; received: a part could not be fetched or did not verify)",
+            STATS.send_failures,
+            STATS.receive_failures,
+        )
+
+
 class RouterMetrics:
     def __init__(self, service: RouterService) -> None:
         self.service = service
@@ -161,6 +212,7 @@ class RouterMetrics:
             {"site": service.config.router.name, "version": package_version()}
         )
         registry.register(_LinkCollector(service))
+        registry.register(_SpillCollector())
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

@@ -77,10 +77,19 @@ class SpillFailed(Exception):
 
 @dataclass
 class SpillStats:
-    blobs_sent: int = 0
-    bytes_spilled: int = 0
-    blobs_received: int = 0
-    fallbacks: int = 0
+    """This router process's spill counters (exported by relay_router.metrics); they only grow."""
+
+    blobs_sent: int = 0  # data sets spilled (blob complete, reference sent)
+    bytes_spilled: int = 0  # plaintext bytes of those blobs
+    parts_sent: int = 0  # parts stored
+    stored_bytes_sent: int = 0  # bytes uploaded (sealed, maybe compressed)
+    blobs_received: int = 0  # blobs fetched, verified and delivered
+    bytes_received: int = 0  # plaintext bytes delivered from blobs
+    parts_received: int = 0  # parts fetched and verified
+    stored_bytes_received: int = 0  # bytes downloaded
+    fallbacks: int = 0  # data sets sent inline because the store could not be used
+    send_failures: int = 0  # blobs abandoned after parts were stored (association aborted)
+    receive_failures: int = 0  # blobs that could not be fetched or verified (association aborted)
 
 
 STATS = SpillStats()
@@ -248,6 +257,7 @@ class SpillSender:
             await self._wait_all()
         except SpillUnavailable as exc:
             if self._any_stored:
+                STATS.send_failures += 1
                 await self.discard()
                 raise SpillFailed(f"the blob store failed in the middle of a blob: {exc}") from None
             inline = b"".join(self._held[i] for i in sorted(self._held)) + bytes(self._buffer)
@@ -317,6 +327,8 @@ class SpillSender:
         task = self._tasks.pop(index)
         stored = await task  # raises SpillUnavailable
         self._any_stored = True
+        STATS.parts_sent += 1
+        STATS.stored_bytes_sent += len(stored)
         self._held.pop(index, None)
         self._stored[index] = stored
         while self._next_digest in self._stored:
@@ -360,6 +372,14 @@ class SpillReceiver:
 
     async def fetch(self, data: pb.Data, manifest: bytes) -> AsyncIterator[bytes]:
         """The plaintext of the blob, part by part, each authenticated before it is yielded."""
+        try:
+            async for plain in self._fetch(data, manifest):
+                yield plain
+        except SpillFailed:
+            STATS.receive_failures += 1
+            raise
+
+    async def _fetch(self, data: pb.Data, manifest: bytes) -> AsyncIterator[bytes]:
         try:
             raw_id, parts, plain_len, digest = _MANIFEST.unpack(manifest)
         except struct.error:
@@ -408,6 +428,9 @@ class SpillReceiver:
                     except DecompressionError as exc:
                         raise SpillFailed(f"blob {blob_id} part {index}: {exc}") from None
                 total += len(plain)
+                STATS.parts_received += 1
+                STATS.stored_bytes_received += len(stored)
+                STATS.bytes_received += len(plain)
                 yield plain
         finally:
             for task in tasks.values():

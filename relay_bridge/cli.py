@@ -14,7 +14,15 @@ from relay_bridge import config as bridge_config
 from relay_bridge.directory import Directory, DirectoryError
 from relay_bridge.pki import make_dev_pki
 from relay_common.config import ConfigError
-from relay_common.daemon import announce_ready, run_until_signalled
+from relay_common.daemon import (
+    OwnershipError,
+    announce_ready,
+    become_state_owner,
+    interactive,
+    refuse_serve_as_root,
+    run_until_signalled,
+    spinner,
+)
 from relay_common.logs import setup_logging
 
 log = logging.getLogger("relay_bridge")
@@ -96,12 +104,16 @@ def _init(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         print(f"{target} exists; use --force to overwrite", file=sys.stderr)
         return 1
+    notice = become_state_owner(directory)  # as root in a directory of the service user: its files
+    if notice:
+        print(notice, file=sys.stderr)
     named = bool(args.hostname or args.ip)
-    files = make_dev_pki(
-        directory,
-        hostnames=args.hostname if named else ["localhost"],
-        ips=args.ip if named else ["127.0.0.1"],
-    )
+    with spinner("generating the CA and the server certificate", enabled=interactive()):
+        files = make_dev_pki(
+            directory,
+            hostnames=args.hostname if named else ["localhost"],
+            ips=args.ip if named else ["127.0.0.1"],
+        )
     config = CONFIG_TEMPLATE.format(listen=args.listen)
     if args.metrics_listen is not None:
         config += METRICS_TEMPLATE.format(listen=args.metrics_listen)
@@ -166,12 +178,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK")
         return 0
     if args.command == "serve":
+        try:
+            refuse_serve_as_root(cfg.storage.database.parent, "relay-bridge")
+        except OwnershipError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         asyncio.run(_serve(cfg, args))
         return 0
     if args.command == "status":
         from relay_bridge.status import status_command
 
         return status_command(cfg, args.json, color=sys.stdout.isatty())
+    try:  # as root: become the owner of the state directory, so the database stays the service's
+        notice = become_state_owner(cfg.storage.database.parent, files=_database_files(cfg.storage.database))
+    except OwnershipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if notice:
+        print(notice, file=sys.stderr)
     db = Directory(cfg.storage.database)
     try:
         return _admin(args, db, cfg)
@@ -180,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         db.close()
+
+
+def _database_files(database: Path) -> tuple[Path, ...]:
+    return tuple(Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm", "-journal"))
 
 
 def _admin(args: argparse.Namespace, db: Directory, cfg: bridge_config.BridgeConfig) -> int:

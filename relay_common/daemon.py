@@ -1,14 +1,18 @@
-"""Running a daemon's asyncio main: signals, readiness, exit codes."""
+"""Running a daemon's asyncio main (signals, readiness), and what its command-line tools share:
+switching to the state owner when run as root, progress on a terminal."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import pwd
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("relay_common.daemon")
@@ -37,3 +41,103 @@ async def run_until_signalled(start: Callable[[], Awaitable[object]], stop: Call
     await stopping.wait()
     log.info("shutting down")
     await stop()
+
+
+# -- administrative commands run as root ---------------------------------------------------
+#
+# On an installed system the state directory (/var/lib/dicom-relay) belongs to the service user.
+# An administrator who runs `sudo relay-bridge router add ...` would otherwise create the database,
+# its -wal/-shm files or a router's identity key as root, and the service could no longer open
+# them. Administrative commands therefore become the owner of the state directory before they touch
+# it (as `sudo -u dicom-relay ...` would); `serve` refuses instead, because a daemon belongs under
+# systemd (and the bridge may need root for port 443 before it could switch).
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def state_owner(state_dir: Path) -> tuple[int, int, str] | None:
+    """(uid, gid, name) of the user owning `state_dir` (or its nearest existing parent) if we run
+    as root and that user is not root; None otherwise. The gid is the user's primary group."""
+    if os.geteuid() != 0:
+        return None
+    st = _nearest_existing(state_dir).stat()
+    if st.st_uid == 0:
+        return None
+    try:
+        entry = pwd.getpwuid(st.st_uid)
+    except KeyError:
+        return st.st_uid, st.st_gid, f"uid {st.st_uid}"
+    return st.st_uid, entry.pw_gid, entry.pw_name
+
+
+class OwnershipError(Exception):
+    """Running as root would leave files the service user cannot read."""
+
+
+def _mismatch(state_dir: Path, files: tuple[Path, ...], uid: int, name: str) -> None:
+    for path in files:
+        try:
+            owner = path.stat().st_uid
+        except FileNotFoundError:
+            continue
+        if owner != uid:
+            raise OwnershipError(
+                f"{path} belongs to uid {owner} but its state directory {state_dir} to {name}: the service "
+                f"cannot use it. Fix the owner first: chown {name if not name.startswith('uid ') else uid} {path}"
+            )
+
+
+def become_state_owner(state_dir: Path, *, files: tuple[Path, ...] = ()) -> str | None:
+    """As root, switch to the user owning `state_dir` (supplementary groups included) so that every
+    file this command creates is theirs; returns a notice for stderr, or None if nothing changed.
+    `files` are existing state files that must already belong to that user."""
+    owner = state_owner(state_dir)
+    if owner is None:
+        return None
+    uid, gid, name = owner
+    _mismatch(state_dir, files, uid, name)
+    groups = [gid] if name.startswith("uid ") else os.getgrouplist(name, gid)
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+    where = _nearest_existing(state_dir)
+    return f"running as {name} (the owner of {where}), so that the service can read what this creates"
+
+
+def refuse_serve_as_root(state_dir: Path, program: str) -> None:
+    """Raise OwnershipError when root is about to serve with a state directory that belongs to the service user."""
+    owner = state_owner(state_dir)
+    if owner is None:
+        return
+    name = owner[2]
+    sudo = f"sudo -u {name} " if not name.startswith("uid ") else ""
+    raise OwnershipError(
+        f"refusing to serve as root: {_nearest_existing(state_dir)} belongs to {name}, and files created now "
+        f"(database, keys, status, audit) would belong to root, which the service cannot read. Start the service "
+        f"(systemctl start {program}), or run it as that user ({sudo}{program} ... serve)."
+    )
+
+
+# -- progress on a terminal ------------------------------------------------------------------
+
+
+def interactive(as_json: bool = False) -> bool:
+    """Progress is drawn only for a person at a terminal: never with --json, never into a pipe or file."""
+    return not as_json and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def spinner(text: str, *, enabled: bool) -> Iterator[None]:
+    """A rich spinner on stderr while the block runs (nothing at all when not `enabled`)."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield

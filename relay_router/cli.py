@@ -7,10 +7,19 @@ import asyncio
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from relay_common.config import ConfigError
-from relay_common.daemon import announce_ready, run_until_signalled
+from relay_common.daemon import (
+    OwnershipError,
+    announce_ready,
+    become_state_owner,
+    interactive,
+    refuse_serve_as_root,
+    run_until_signalled,
+    spinner,
+)
 from relay_common.logs import setup_logging
 from relay_router import config as router_config
 
@@ -45,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--status-file", type=Path, help="the serving router's --status-file (default: STATE_DIR/status.json)"
         )
+    devices = sub.choices["devices"]
+    devices.add_argument(
+        "--echo", action="store_true", help="C-ECHO each remote device through the running router (exit 4 if one fails)"
+    )
+    devices.add_argument("--calling-ae", default="ECHOSCU", help="calling AE title for --echo (default: %(default)s)")
+    devices.add_argument("--timeout", type=float, default=20.0, help="seconds per C-ECHO (default: %(default)s)")
     return parser
 
 
@@ -94,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = router_config.load(args.config)
         if getattr(args, "listen", None):
-            from dataclasses import replace
-
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
         if args.command in ("serve", "check-config", "enroll"):  # pacs-config needs no secrets
             if cfg.bridge.ca_file is not None and not cfg.bridge.ca_file.is_file():
@@ -112,10 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({len(cfg.shared)} shared devices, {len(cfg.remote)} remote devices)")
         return 0
     if args.command == "enroll":
-        from relay_router.enroll import EnrollError, enroll
+        from relay_router.enroll import CLIENT_CERT, CLIENT_KEY, EnrollError, enroll
 
+        state = cfg.router.state_dir
         try:
-            identity, certified = enroll(cfg, args.token)
+            # Read the password while we may (a root-only file), then, as root, become the owner of
+            # the state directory: the identity key and client key must be the service's.
+            cfg = replace(cfg, bridge=replace(cfg.bridge, password=cfg.bridge.resolve_password(), password_file=None))
+            keys = tuple(state / name for name in ("identity.key", CLIENT_KEY, CLIENT_CERT))
+            notice = become_state_owner(state, files=keys)
+        except OwnershipError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if notice:
+            print(notice, file=sys.stderr)
+        address = cfg.bridge.enroll_address or cfg.bridge.address
+        try:
+            with spinner(f"enrolling {cfg.router.name} with the bridge at {address}", enabled=interactive()):
+                identity, certified = enroll(cfg, args.token)
         except (EnrollError, ValueError) as exc:
             print(f"enrollment failed: {exc}", file=sys.stderr)
             return 1
@@ -138,8 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "devices"):
         from relay_router import status as router_status
 
-        run = router_status.status_command if args.command == "status" else router_status.devices_command
-        return run(cfg, args.status_file, args.json)
+        if args.command == "status":
+            return router_status.status_command(cfg, args.status_file, args.json)
+        return router_status.devices_command(
+            cfg,
+            args.status_file,
+            args.json,
+            echo=args.echo,
+            calling=args.calling_ae,
+            timeout_s=args.timeout,
+            show_progress=interactive(args.json),
+        )
+    try:
+        refuse_serve_as_root(cfg.router.state_dir, "relay-router")
+    except OwnershipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     asyncio.run(_serve(cfg, args.ready_file, args.status_file))
     return 0
 

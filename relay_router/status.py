@@ -5,7 +5,8 @@ once a second while it runs, and a last time when it stops. These commands
 only read that file, so they answer at once and need neither the bridge
 password nor the network. Exit codes: 0 running and signed on to the bridge;
 1 running but not signed on; 3 not running (no status file, stopped, or the
-file has gone stale); 2 is a configuration error, as for every command.
+file has gone stale); 2 is a configuration error, as for every command;
+`devices --echo` exits 4 when a device did not answer its C-ECHO through the relay.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from relay_router.service import RouterService
 
 log = logging.getLogger("relay_router.status")
-EXIT_OK, EXIT_DISCONNECTED, EXIT_NOT_RUNNING = 0, 1, 3
+EXIT_OK, EXIT_DISCONNECTED, EXIT_NOT_RUNNING, EXIT_ECHO_FAILED = 0, 1, 3, 4
 SHOW_RECENT = 10
 
 
@@ -240,12 +241,20 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
 
 def render_devices(report: dict[str, Any]) -> str:
     rows = report.get("remote_devices", [])
-    lines = [f"{'local AE title':<16}  {'site':<20} {'remote AE title':<16}  state", "-" * 72]
+    echoed = any("echo" in r for r in rows)
+    header = f"{'local AE title':<16}  {'site':<20} {'remote AE title':<16}  {'state':<26}" + (
+        "C-ECHO" if echoed else ""
+    )
+    lines = [header.rstrip(), "-" * (100 if echoed else 72)]
     for r in rows:
         state = "online" if r["online"] else ("offline" if r["in_directory"] else "not in directory")
         if r["source"] == "expose_all":
             state += " (expose_all)"
-        lines.append(f"{r['ae_title']:<16}  {r['site']:<20} {r['remote_ae_title']:<16}  {state}")
+        line = f"{r['ae_title']:<16}  {r['site']:<20} {r['remote_ae_title']:<16}  {state}"
+        if "echo" in r:
+            echo = r["echo"]
+            line = f"{line:<84}" + (f"ok, {echo['ms']:.0f} ms" if echo["ok"] else f"FAILED: {echo['detail']}")
+        lines.append(line.rstrip())
     if not report.get("running"):
         lines.append(f"(router not running: {report.get('problem')}; online states are unknown)")
     return "\n".join(lines)
@@ -276,11 +285,96 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     return int(report["exit_code"])
 
 
-def devices_command(config: RouterConfig, status_file: Path | None, as_json: bool) -> int:
+def echo_device(host: str, port: int, called: str, calling: str, timeout_s: float) -> dict[str, Any]:
+    """One C-ECHO through this router to a remote device: {"ok", "ms", "detail"}."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    rejection: list[str] = []
+
+    def on_acse(event: Any) -> None:
+        primitive = event.primitive
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            rejection.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    started = time.monotonic()
+    assoc = ae.associate(host, port, ae_title=called, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    try:
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            ms = (time.monotonic() - started) * 1000
+            code = getattr(status, "Status", None)
+            if code == 0:
+                return {"ok": True, "ms": round(ms, 1), "detail": "Success"}
+            return {"ok": False, "ms": round(ms, 1), "detail": "no C-ECHO response" if code is None else f"{code:#06x}"}
+        if rejection:
+            detail = f"rejected ({rejection[0]})"
+        elif assoc.is_aborted:
+            detail = "aborted"
+        else:
+            detail = f"no answer from the router at {host}:{port}"
+        return {"ok": False, "ms": round((time.monotonic() - started) * 1000, 1), "detail": detail}
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def echo_all(
+    config: RouterConfig, report: dict[str, Any], *, calling: str, timeout_s: float, show_progress: bool
+) -> None:
+    """C-ECHO every remote device through the running router; adds an "echo" entry to each row."""
+    from relay_common.config import parse_host_port
+
+    host, _ = parse_host_port(config.dicom.listen)
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    port = int(report["dicom_port"])
+    rows = report["remote_devices"]
+    quiet = logging.getLogger("pynetdicom")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the result goes in the table; pynetdicom's own errors would repeat it
+    try:
+        if not show_progress:
+            for row in rows:
+                row["echo"] = echo_device(host, port, row["ae_title"], calling, timeout_s)
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("C-ECHO", total=len(rows))
+            for row in rows:
+                progress.update(
+                    task, description=f"C-ECHO {row['ae_title']} ({row['remote_ae_title']} at {row['site']})"
+                )
+                row["echo"] = echo_device(host, port, row["ae_title"], calling, timeout_s)
+                progress.advance(task)
+    finally:
+        quiet.setLevel(level)
+
+
+def devices_command(
+    config: RouterConfig,
+    status_file: Path | None,
+    as_json: bool,
+    *,
+    echo: bool = False,
+    calling: str = "ECHOSCU",
+    timeout_s: float = 20.0,
+    show_progress: bool = False,
+) -> int:
     path = status_file or default_status_file(config)
     report = evaluate(*read_status(path))
     if not report["running"]:
         report = devices_from_config(config, report["problem"])
+    elif echo:
+        echo_all(config, report, calling=calling, timeout_s=timeout_s, show_progress=show_progress)
+        if not all(r["echo"]["ok"] for r in report["remote_devices"]):
+            report["exit_code"] = EXIT_ECHO_FAILED
     if as_json:
         print(json.dumps(report["remote_devices"], indent=2))
     else:

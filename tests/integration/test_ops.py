@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -366,3 +367,145 @@ def test_bridge_database_backup_while_running(ops_net: LocalRelayNetwork, tmp_pa
     shares = json.loads(run([*bridge_cli, "share", "list", "--json"]).stdout)
     assert [(d["router"], d["ae_title"]) for d in shares] == [("site-b", "ARCHIVE_B")]
     assert router_status(ops_net, "site-a")[1]["connected"]  # the running bridge did not notice
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+def test_enroll_as_root_writes_the_keys_as_the_state_owner(ops_net: LocalRelayNetwork) -> None:
+    """`sudo relay-router enroll` on an installed router: the keys must stay readable by the service user.
+
+    The password file is root's (0600) and is read before the switch; the identity and client keys
+    are then created by the owner of the state directory.
+    """
+    import tempfile
+
+    token = json.loads(ops_net.bridge_admin("router", "add", "site-x", "--json", stdin=None).stdout)
+    site = Path(tempfile.mkdtemp(prefix="relay-enroll-"))
+    try:
+        site.chmod(0o755)
+        state = site / "state"
+        state.mkdir(mode=0o750)
+        os.chown(state, 54321, 54321)
+        shutil.copy(ops_net.workdir / "ca.pem", site / "ca.pem")
+        (site / "bridge-password").write_text(token["password"] + "\n")
+        (site / "bridge-password").chmod(0o600)
+        (site / "router.toml").write_text(
+            '[router]\nname = "site-x"\nstate_dir = "state"\n'
+            f'[bridge]\naddress = "{HOST}:{ops_net.bridge_port}"\nca_file = "ca.pem"\nserver_name = "localhost"\n'
+            'password_file = "bridge-password"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RELAY_ROUTER_PASSWORD"}
+        cli = [sys.executable, "-m", "relay_router.cli", "-c", str(site / "router.toml")]
+        result = run([*cli, "enroll", "--token", token["enrollment_token"]], env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("enrolled site-x; identity fingerprint ")
+        assert "running as uid 54321" in result.stderr
+        created = {p.name: p.stat().st_uid for p in state.iterdir()}
+        assert "identity.key" in created and set(created.values()) == {54321}, created
+        assert (state / "identity.key").stat().st_mode & 0o777 == 0o600
+        fingerprint = run([*cli, "fingerprint"], env=env)
+        assert fingerprint.returncode == 0 and fingerprint.stdout.strip() in result.stdout
+    finally:
+        shutil.rmtree(site)
+
+
+# -- progress on a terminal, clean output everywhere else ---------------------------------------
+
+ANSI = "\x1b["
+
+
+def run_in_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` with stdin, stdout and stderr on a pseudo-terminal, as at an administrator's shell."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(60), b"".join(chunks).decode(errors="replace")
+
+
+def test_devices_echo_checks_each_route_through_the_relay(ops_net: LocalRelayNetwork) -> None:
+    net = ops_net
+    result = router_cli(net, "site-a", "devices", "--echo", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(result.stdout)  # a pipe: pure JSON, no progress anywhere
+    assert ANSI not in result.stdout and ANSI not in result.stderr and "C-ECHO" not in result.stderr
+    assert [(r["ae_title"], r["echo"]["ok"], r["echo"]["detail"]) for r in rows] == [("ARCHIVE_B", True, "Success")]
+    text = router_cli(net, "site-a", "devices", "--echo")
+    assert text.returncode == 0 and ANSI not in text.stdout + text.stderr
+    assert re.search(r"ARCHIVE_B +site-b +ARCHIVE_B +online +ok, \d+ ms", text.stdout), text.stdout
+    wait_until(lambda: router_status(net, "site-a")[1]["recent"]["last"], what="the C-ECHO in the status file")
+    assert router_status(net, "site-a")[1]["recent"]["last"][-1]["calling_ae"] == "ECHOSCU"
+
+    # On a terminal: a progress display on stderr, then the same table.
+    config = str(net.router_config_path("site-a"))
+    cli = [sys.executable, "-m", "relay_router.cli", "-c", config]
+    code, screen = run_in_terminal([*cli, "devices", "--echo", "--status-file", str(net.status_path("site-a"))])
+    assert code == 0 and "C-ECHO ARCHIVE_B (ARCHIVE_B at site-b)" in screen and ANSI in screen, screen
+    assert re.search(r"ARCHIVE_B +site-b +ARCHIVE_B +online +ok, \d+ ms", screen)
+    # --json on a terminal: nothing but the JSON document.
+    code, screen = run_in_terminal(
+        [*cli, "devices", "--echo", "--json", "--status-file", str(net.status_path("site-a"))]
+    )
+    assert code == 0 and ANSI not in screen and json.loads(screen)[0]["echo"]["ok"], screen
+
+    net.stop_router("site-b")
+    wait_until(lambda: not device(router_status(net, "site-a")[1], "ARCHIVE_B")["online"], what="ARCHIVE_B offline")
+    failed = router_cli(net, "site-a", "devices", "--echo", "--json")
+    assert failed.returncode == 4, failed.stdout + failed.stderr
+    echo = json.loads(failed.stdout)[0]["echo"]
+    assert not echo["ok"] and echo["detail"].startswith("rejected (Rejected Transient"), echo
+
+
+def test_status_json_on_a_terminal_is_plain_json(ops_net: LocalRelayNetwork) -> None:
+    net = ops_net
+    code, screen = run_in_terminal(
+        [sys.executable, "-m", "relay_bridge.cli", "-c", str(net.workdir / "bridge.toml"), "status", "--json"]
+    )
+    assert code == 0 and ANSI not in screen and json.loads(screen)["running"], screen
+    code, screen = run_in_terminal(
+        [sys.executable, "-m", "relay_bridge.cli", "-c", str(net.workdir / "bridge.toml"), "status"]
+    )
+    assert code == 0 and ANSI in screen and "site-a -> site-b" in screen  # the colored map, for a person
+    plain = run([sys.executable, "-m", "relay_bridge.cli", "-c", str(net.workdir / "bridge.toml"), "status"])
+    assert plain.returncode == 0 and ANSI not in plain.stdout and "site-a -> site-b" in plain.stdout
+
+
+def test_enroll_shows_a_spinner_on_a_terminal_only(ops_net: LocalRelayNetwork, tmp_path: Path) -> None:
+    net = ops_net
+    accounts = {
+        name: json.loads(net.bridge_admin("router", "add", name, "--json").stdout) for name in ("site-t", "site-p")
+    }
+    shutil.copy(net.workdir / "ca.pem", tmp_path / "ca.pem")
+
+    def config(name: str) -> str:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'[router]\nname = "{name}"\nstate_dir = "state-{name}"\n'
+            f'[bridge]\naddress = "{HOST}:{net.bridge_port}"\nca_file = "ca.pem"\nserver_name = "localhost"\n'
+            f'password = "{accounts[name]["password"]}"\n'
+        )
+        return str(path)
+
+    def token(name: str) -> str:
+        return str(accounts[name]["enrollment_token"])
+
+    code, screen = run_in_terminal(
+        [sys.executable, "-m", "relay_router.cli", "-c", config("site-t"), "enroll", "--token", token("site-t")]
+    )
+    assert code == 0 and f"enrolling site-t with the bridge at {HOST}:{net.bridge_port}" in screen, screen
+    assert "enrolled site-t; identity fingerprint" in screen
+    piped = run(
+        [sys.executable, "-m", "relay_router.cli", "-c", config("site-p"), "enroll", "--token", token("site-p")]
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith("enrolled site-p; identity fingerprint ") and piped.stderr == ""

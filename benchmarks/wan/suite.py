@@ -86,8 +86,9 @@ class Deadline(Exception):
 
 
 def estimate_minutes(args: argparse.Namespace, loads: dict[str, workloads.Workload], spec: LinkSpec) -> float:
-    """A rough duration of the measurements: bytes at the link's goodput plus one RTT per file (C-STORE-RSP),
-    half the bytes through `relay` for uncompressed data (zstd ~2x), echo ~0.2 s per association."""
+    """A rough duration: bytes at the link's goodput plus one RTT per file (C-STORE-RSP), half the bytes
+    through `relay` for uncompressed images below the spill threshold (zstd ~2x; a spilled image crosses
+    both links one after the other), ~3 RTTs per echo/find association; plus setup and the emulation check."""
     goodput = spec.rate_mbit * 1e6 / 8 * 1448 / 1514 * 0.97
     rtt = spec.rtt_ms / 1000
     per_repeat = 0.0
@@ -96,16 +97,17 @@ def estimate_minutes(args: argparse.Namespace, loads: dict[str, workloads.Worklo
             if not applies(args, name, mode):
                 continue
             if name in LATENCY:
-                per_repeat += args.echo_count * (3 * rtt + 0.06) + 2
+                per_repeat += args.echo_count * (3 * rtt + 0.05) + 0.7
             elif name in loads:
                 w = loads[name]
-                shrink = 2.0 if mode == "relay" and name != "compressed" else 1.0
-                extra = 3 if mode == "dicomweb" else 2  # emptying Orthanc B, a process start, the verify
+                small = w.bytes / max(len(w.files), 1) < 8 << 20
+                shrink = 2.0 if mode == "relay" and name != "compressed" and small else 1.0
+                extra = 1.5 if mode == "dicomweb" else 0.7  # emptying Orthanc B, process starts
                 per_repeat += w.bytes / shrink / goodput + len(w.files) * (rtt + 0.003) + extra
     # Network, VPN, relay, Orthancs and loading them (~25 MB/s locally), the emulation check, warm-ups.
     loading = sum(w.bytes for n, w in loads.items() if n in TRANSFERS) if "dicomweb" in args.modes else 0
     loading += loads["move"].bytes if "move" in loads else 0
-    setup = 1.0 + 3 * args.check_seconds / 60 + 0.5 + loading / 25e6 / 60 + 0.1 * len(args.modes)
+    setup = 0.5 + 4 * args.check_seconds / 60 + loading / 40e6 / 60 + 0.05 * len(args.modes)
     return setup + per_repeat * args.repeats / 60
 
 

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from relay_bridge.pki import make_dev_pki
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
+    StartupError,
     announce_ready,
     become_state_owner,
     interactive,
+    listen_error,
     refuse_serve_as_root,
     run_until_signalled,
     spinner,
+    unreadable_pem,
 )
 from relay_common.logs import setup_logging
 
@@ -130,7 +134,13 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
     holder: dict[str, object] = {}
 
     async def begin() -> None:
-        server, port, servicer = await start(cfg, insecure=args.insecure)
+        try:
+            server, port, servicer = await start(cfg, insecure=args.insecure)
+        except (OSError, RuntimeError) as exc:
+            bound = re.search(r"Failed to bind to address (\S+?);", str(exc))
+            if bound is None and not isinstance(exc, OSError):
+                raise
+            raise listen_error(bound[1] if bound else cfg.server.listen, exc) from exc
         holder["server"] = server
         log.info("bridge serving on %s (port %d, %s)", cfg.server.listen, port, "INSECURE" if args.insecure else "TLS")
         await servicer.metrics.start(cfg.metrics.listen)
@@ -167,9 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.config), "server.insecure", "insecure = true also needs --insecure on the command line"
             )
         if not cfg.server.insecure:
-            for key, path in (("server.tls_cert", cfg.server.tls_cert), ("server.tls_key", cfg.server.tls_key)):
-                if path is not None and not path.is_file():
-                    raise ConfigError(str(args.config), key, f"cannot read {path}")
+            for key, path, kind in (
+                ("server.tls_cert", cfg.server.tls_cert, "certificate"),
+                ("server.tls_key", cfg.server.tls_key, "private key"),
+            ):
+                problem = unreadable_pem(path, kind) if path is not None else None
+                if problem:
+                    raise ConfigError(str(args.config), key, problem)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -183,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         except OwnershipError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        asyncio.run(_serve(cfg, args))
+        try:
+            asyncio.run(_serve(cfg, args))
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "status":
         from relay_bridge.status import status_command

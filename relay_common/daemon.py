@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -141,3 +142,56 @@ def spinner(text: str, *, enabled: bool) -> Iterator[None]:
 
     with Console(stderr=True).status(text):
         yield
+
+
+# -- startup checks shared by check-config and serve ------------------------------------------
+
+
+class StartupError(Exception):
+    """The daemon cannot start (for example its port is taken); the message says why and what to do."""
+
+
+def unreadable_pem(path: Path, kind: str) -> str | None:
+    """Why `path` cannot serve as a PEM `kind` ("certificate" or "private key") for this user, or None.
+
+    `check-config` runs as the service user under systemd (ExecStartPre), so a key left 0600 root
+    is reported there, before the daemon starts, rather than as a TLS failure later.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"cannot read {path}"  # (no such file)
+    except PermissionError:
+        try:
+            st = path.stat()
+            owner = f"owner uid {st.st_uid}, group gid {st.st_gid}, mode {st.st_mode & 0o777:04o}"
+        except OSError:
+            owner = "its directory is not accessible"
+        user = pwd.getpwuid(os.geteuid()).pw_name if _has_passwd_entry(os.geteuid()) else f"uid {os.geteuid()}"
+        return f"cannot read {path}: permission denied for {user} ({owner}); make it readable by the service's group"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    marker = b"-----BEGIN CERTIFICATE-----" if kind == "certificate" else b"PRIVATE KEY-----"
+    if marker not in data:
+        return f"{path} is not a PEM {kind} (expected a '{marker.decode().strip('-')}' block)"
+    return None
+
+
+def _has_passwd_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def listen_error(address: str, exc: BaseException) -> StartupError:
+    """A clear message for a port that cannot be bound (grpc raises RuntimeError, asyncio OSError)."""
+    port = address.rpartition(":")[2]
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        why = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    elif isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        why = "this host has no such address"
+    else:
+        why = f"the address is in use or not available (see what listens there: ss -ltnp 'sport = :{port}')"
+    return StartupError(f"cannot listen on {address}: {why}")

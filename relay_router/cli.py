@@ -13,12 +13,15 @@ from pathlib import Path
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
+    StartupError,
     announce_ready,
     become_state_owner,
     interactive,
+    listen_error,
     refuse_serve_as_root,
     run_until_signalled,
     spinner,
+    unreadable_pem,
 )
 from relay_common.logs import setup_logging
 from relay_router import config as router_config
@@ -92,7 +95,10 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
 
     async def begin() -> None:
         await service.metrics.start(cfg.metrics.listen)
-        await service.start()
+        try:
+            await service.start()
+        except OSError as exc:
+            raise listen_error(cfg.dicom.listen, exc) from exc
         write_now(service)
         announce_ready(ready_file, port=service.port, metrics_port=service.metrics.server.port)
 
@@ -111,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "listen", None):
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
         if args.command in ("serve", "check-config", "enroll"):  # pacs-config needs no secrets
-            if cfg.bridge.ca_file is not None and not cfg.bridge.ca_file.is_file():
-                raise ConfigError(str(args.config), "bridge.ca_file", f"cannot read {cfg.bridge.ca_file}")
+            problem = unreadable_pem(cfg.bridge.ca_file, "certificate") if cfg.bridge.ca_file is not None else None
+            if problem:
+                raise ConfigError(str(args.config), "bridge.ca_file", problem)
             cfg.bridge.resolve_password()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -181,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     except OwnershipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(_serve(cfg, args.ready_file, args.status_file))
+    try:
+        asyncio.run(_serve(cfg, args.ready_file, args.status_file))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -509,3 +509,70 @@ def test_enroll_shows_a_spinner_on_a_terminal_only(ops_net: LocalRelayNetwork, t
     )
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.startswith("enrolled site-p; identity fingerprint ") and piped.stderr == ""
+
+
+def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    bridge_cli = [sys.executable, "-m", "relay_bridge.cli", "-c", str(tmp_path / "bridge.toml")]
+    assert run([sys.executable, "-m", "relay_bridge.cli", "init", "--dir", str(tmp_path)]).returncode == 0
+    (tmp_path / "router.toml").write_text(
+        '[router]\nname = "hospital-a"\n[bridge]\naddress = "127.0.0.1:9"\ninsecure = true\npassword = "x"\n'
+        '[metrics]\nlisten = ""\n'
+    )
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        address = f"{HOST}:{taken.getsockname()[1]}"
+        bridge = run([*bridge_cli, "serve", "--listen", address])
+        router = run(
+            [
+                sys.executable,
+                "-m",
+                "relay_router.cli",
+                "-c",
+                str(tmp_path / "router.toml"),
+                "serve",
+                "--listen",
+                address,
+            ]
+        )
+    for result in (bridge, router):
+        assert result.returncode == 1, result.stderr
+        assert f"error: cannot listen on {address}: the address is in use" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_sign_on_failures_read_as_the_troubleshooting_guide_says(ops_net: LocalRelayNetwork, tmp_path: Path) -> None:
+    """docs/operations.md, "The router does not sign on": the `last error` texts it lists are the real ones."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = guide[guide.index("### The router does not sign on") : guide.index("### The service does not start")]
+    net = ops_net
+    from relay_bridge.pki import make_dev_pki
+
+    other = make_dev_pki(tmp_path / "other-ca", hostnames=["localhost"], ips=["127.0.0.1"])
+    cases = {
+        "wrong-password": (net.workdir / "ca.pem", "not-the-password", "wrong account name or password"),
+        "wrong-ca": (other.ca_cert, "whatever-password", "CERTIFICATE_VERIFY_FAILED"),
+    }
+    for name, (ca, password, expected) in cases.items():
+        assert expected in section, expected
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            f'[router]\nname = "site-a"\nstate_dir = "state-{name}"\n'
+            f'[bridge]\naddress = "{HOST}:{net.bridge_port}"\nca_file = "{ca}"\nserver_name = "localhost"\n'
+            f'password = "{password}"\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n'
+            '[metrics]\nlisten = ""\n[dicom]\nlisten = "127.0.0.1:0"\n'
+        )
+        cli = [sys.executable, "-m", "relay_router.cli", "-c", str(config)]
+        proc = subprocess.Popen([*cli, "serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(
+                lambda cli=cli, expected=expected: (
+                    expected in (json.loads(run([*cli, "status", "--json"]).stdout).get("last_error") or "")
+                ),
+                what=f"{expected!r} as the last error",
+            )
+            text = run([*cli, "status"])
+            assert text.returncode == 1 and "NOT signed on to the bridge" in text.stdout
+        finally:
+            proc.terminate()
+            proc.wait(30)

@@ -10,6 +10,7 @@ stands in for the service user (and `nobody` for one that has an entry).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,16 @@ from relay_common import daemon
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
 SERVICE_UID = 54321  # no passwd entry
 NOBODY = 65534
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """main() installs a root log handler for check-config: put the old ones back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -156,3 +167,24 @@ def test_state_owner_is_none_unless_root(monkeypatch: pytest.MonkeyPatch, site: 
     assert daemon.state_owner(site) is None  # root's own
     monkeypatch.setattr(daemon.os, "geteuid", lambda: 1000)
     assert daemon.state_owner(state) is None
+
+
+def test_check_config_as_the_service_user_reports_an_unreadable_key(site: Path, capsys: pytest.CaptureFixture) -> None:
+    """ExecStartPre runs check-config as the service user: a key left 0600 root must fail there, by name."""
+    from relay_bridge.cli import main
+
+    assert main(["init", "--dir", str(site), "--listen", "127.0.0.1:0"]) == 0
+    for name in ("bridge.toml", "server.pem", "ca.pem"):
+        (site / name).chmod(0o644)
+    assert (site / "server.key").stat().st_mode & 0o777 == 0o600
+    capsys.readouterr()
+    os.seteuid(NOBODY)
+    try:
+        code = main(["-c", str(site / "bridge.toml"), "check-config"])
+    finally:
+        os.seteuid(0)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"server.tls_key: cannot read {site / 'server.key'}: permission denied for nobody" in err, err
+    assert "owner uid 0" in err and "mode 0600" in err
+    assert main(["-c", str(site / "bridge.toml"), "check-config"]) == 0  # root may read it

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc.aio
@@ -35,7 +36,7 @@ from relay_router.seal import (
     verify_confirmation,
 )
 from relay_router.spill import FEATURE as SPILL
-from relay_router.spill import FLAG_BLOB, BlobTransport, SpillFailed, SpillReceiver, SpillSender
+from relay_router.spill import FLAG_BLOB, BlobTransport, IncomingBlob, SpillFailed, SpillReceiver, SpillSender
 from relay_router.tunnel import AssociationStream
 from relay_router.ul import (
     Aborted,
@@ -149,11 +150,13 @@ class RelayedAssociation:
                 part_bytes=dicom.spill_part_bytes,
                 parallel=dicom.spill_parallel,
                 compression_level=lambda: self._compression_level if self._compressor else None,
+                announce=self._announce_blob,
             )
             if blobs and dicom.spill_threshold_bytes
             else None
         )
         self._spill_agreed = spill_agreed
+        self._blob_task: asyncio.Task[str | None] | None = None  # fetching the blob being received
         # Frame pacing (relay_router.pace): frames sized to the path, from the receiver's rate reports.
         self._pace = pace or PathPace()
         self._pace_agreed = pace_agreed
@@ -221,7 +224,7 @@ class RelayedAssociation:
                 return await self._send_inline(payload)
             self.outcome.bytes_to_remote += len(payload)  # counted here, whichever way the bytes go
             try:
-                inline, ref = await spill.offer(payload, self._send_seq, self.conn.phase is Phase.ESTABLISHED)
+                inline = await spill.offer(payload, self.conn.phase is Phase.ESTABLISHED)
             except SpillFailed as exc:
                 spill.disabled = True
                 self._spill_abort = asyncio.get_running_loop().create_task(self.abort(str(exc)))
@@ -230,11 +233,14 @@ class RelayedAssociation:
             for start in range(0, len(inline), step):
                 await self._send_inline(inline[start : start + step], counted=True)
                 self._burst = True  # the rest of what was held back follows at once
-            if ref is not None:
-                self._send_seq += 1
-                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
-                    await self.stream.send(pb.Frame(data=ref))
             return None
+
+    async def _announce_blob(self, build: Callable[[int], pb.Data]) -> None:
+        """Send a blob notice of the spill (called by SpillSender.offer, under the send lock)."""
+        frame = build(self._send_seq)
+        self._send_seq += 1
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+            await self.stream.send(pb.Frame(data=frame))
 
     async def _send_inline(self, payload: bytes, *, counted: bool = False) -> None:
         flags = FLAG_SEALED | (FLAG_BURST if self._burst and self._pace_agreed else 0)
@@ -388,17 +394,48 @@ class RelayedAssociation:
                 return b"", f"the other router sent a bad compressed frame: {exc}"
         return plain, None
 
-    async def _receive_blob(self, data: pb.Data, manifest: bytes) -> str | None:
-        """Feed a spilled blob to the connection as if it had arrived inline; the reason to abort, if any."""
+    async def _receive_blob(self, data: pb.Data, notice: bytes) -> str | None:
+        """A blob notice: begin fetching the blob, or wait for its end; the reason to abort, if any.
+
+        The blob's parts are fetched and fed to the connection by a task while its notices keep
+        arriving (pipelined with the sender's uploads); the END notice waits for that task, so no
+        later frame overtakes the blob's bytes. Each part is authenticated before its bytes are
+        fed, so the device sees an authentic prefix of the sender's bytes, then A-ABORT if a
+        later part fails: the same as an inline association whose link breaks (docs/cloudstore.md).
+        """
         assert self._spill_in is not None
         try:
-            async for plain in self._spill_in.fetch(data, manifest):
-                self._stamp(Side.REMOTE)
-                await self.apply(self.conn.receive(Side.REMOTE, plain))
-                if self._closed.is_set():
-                    return None
+            blob, began, ended = self._spill_in.accept(data, notice)
         except SpillFailed as exc:
             return str(exc)
+        if began:
+            self._blob_task = asyncio.get_running_loop().create_task(self._deliver_blob(blob))
+        if ended and self._blob_task is not None:
+            task, self._blob_task = self._blob_task, None
+            return await task
+        return None
+
+    async def _deliver_blob(self, blob: IncomingBlob) -> str | None:
+        """Fetch a blob and feed it to the connection; aborts the association itself if the blob fails."""
+        assert self._spill_in is not None
+
+        async def sink(plain: bytes) -> bool:
+            self._stamp(Side.REMOTE)
+            await self.apply(self.conn.receive(Side.REMOTE, plain))
+            return not self._closed.is_set()
+
+        delivery = asyncio.ensure_future(self._spill_in.deliver(blob, sink))
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({delivery, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (delivery, closed):
+                task.cancel()
+            results = await asyncio.gather(delivery, closed, return_exceptions=True)
+        if isinstance(results[0], SpillFailed):
+            if not self._closed.is_set():
+                await self.abort(str(results[0]))
+            return str(results[0])
         return None
 
     async def abort(self, reason: str, *, close_reason: int = pb.Close.ABORTED) -> None:

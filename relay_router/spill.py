@@ -40,7 +40,7 @@ import struct
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc.aio
@@ -52,15 +52,23 @@ from relay_router.ul.framer import PduFramer
 
 log = logging.getLogger("relay_router.spill")
 
-FEATURE = "spill"
+FEATURE = "spill/2"  # pipelined blobs (PARTS notices); routers that offer the older "spill" send inline to this one
 FLAG_BLOB = 0x4  # a Data frame whose payload is a sealed blob manifest
 FLAG_PART = 0x8  # a sealed part of a blob
 FLAG_LAST = 0x10  # ... the last one
 PART_SEQ_BASE = 1 << 63  # part nonces never meet frame nonces (frame sequence numbers stay far below)
 MAX_PART_INDEX = 1 << 20
+MAX_BLOBS = 1 << 42  # blobs per direction of one association
+KIND_PARTS = 1  # notice: parts 0 .. count-1 of the blob are stored
+KIND_END = 2  # notice: the blob is complete (its manifest)
 BACKOFF_S = 60.0
 HTTP_TIMEOUT_S = 60.0
-_MANIFEST = struct.Struct(">32sIQ32s")
+_PARTS = struct.Struct(">B32sQI")  # kind, blob id, blob ordinal, parts stored
+_END = struct.Struct(">B32sQIQ32s")  # kind, blob id, blob ordinal, parts, plaintext length, SHA-256 of the parts
+
+
+# Sends one blob notice: called with a function that builds the frame at the sequence number it is given.
+Announce = Callable[[Callable[[int], pb.Data]], Awaitable[None]]
 
 
 class SpillUnavailable(Exception):
@@ -96,10 +104,11 @@ STATS = SpillStats()
 _down_until = 0.0
 
 
-def part_seq(ref_seq: int, part: int) -> int:
-    if ref_seq >= 1 << 42 or part >= MAX_PART_INDEX:
-        raise SpillFailed("blob too large or frame sequence too high for part nonces")
-    return PART_SEQ_BASE | (ref_seq << 20) | part
+def part_seq(ordinal: int, part: int) -> int:
+    """The nonce sequence of part ``part`` of the ``ordinal``-th blob of a direction (never a frame's)."""
+    if ordinal >= MAX_BLOBS or part >= MAX_PART_INDEX:
+        raise SpillFailed("blob too large, or too many blobs in one association, for part nonces")
+    return PART_SEQ_BASE | (ordinal << 20) | part
 
 
 class BlobTransport:
@@ -174,7 +183,12 @@ def _http(method: str, url: str, data: bytes | None) -> bytes:
 
 
 class SpillSender:
-    """One direction's outgoing spill for one association; driven by RelayedAssociation.send_data."""
+    """One direction's outgoing spill for one association; driven by RelayedAssociation.send_data.
+
+    Pipelined: as soon as the parts of a blob are stored (in order from part 0), a sealed
+    ``PARTS`` notice goes in the stream (``announce``), so the receiving router downloads part k
+    while this router still uploads part k+1. ``END`` follows the last part, with the manifest.
+    """
 
     def __init__(
         self,
@@ -187,21 +201,23 @@ class SpillSender:
         part_bytes: int,
         parallel: int,
         compression_level: Callable[[], int | None],
+        announce: Announce,
     ) -> None:
         self.transport, self.association_id, self.sealer, self.framer = transport, association_id, sealer, framer
         self.threshold, self.part_bytes, self.parallel = threshold, part_bytes, max(1, parallel)
         self._level = compression_level
+        self._announce = announce
         self.active = False
         self.disabled = False
         self._head = bytearray()  # the data set so far, held back until it passes the threshold or ends
         self._head_count = 0
+        self._ordinal = 0  # blobs begun in this direction: part nonces are unique per (ordinal, part)
         self._reset()
 
     def _reset(self) -> None:
         self.active = False
         self._blob_id = ""
         self._first_url = ""
-        self._ref_seq = 0
         self._buffer = bytearray()
         self._parts = 0
         self._plain_len = 0
@@ -210,13 +226,14 @@ class SpillSender:
         self._start_count = 0
         self._held: dict[int, bytes] = {}  # plaintext of parts not yet stored (inline fallback)
         self._stored: dict[int, bytes] = {}  # stored bytes of uploaded parts waiting for the digest, in order
-        self._next_digest = 0
+        self._next_digest = 0  # parts 0 .. _next_digest-1 are stored
+        self._announced = 0  # ... and announced to the receiving router
         self._tasks: dict[int, asyncio.Task[bytes]] = {}
         self._any_stored = False
         self._compressor: FrameCompressor | None = None
 
-    async def offer(self, payload: bytes, next_seq: int, established: bool) -> tuple[bytes, pb.Data | None]:
-        """(bytes to send inline now, a finished blob reference to send after them)."""
+    async def offer(self, payload: bytes, established: bool) -> bytes:
+        """The bytes to send inline now; blob notices go out through ``announce`` meanwhile."""
         if not self.active:
             # Hold back a data set in progress (at most `threshold` bytes), so that one that turns out
             # big travels through the store whole and one that stays small goes inline at its end.
@@ -230,27 +247,27 @@ class SpillSender:
                 or self.framer.datasets_completed != self._head_count
                 or not self.framer.dataset_bytes
             ):
-                return self._flush_head(), None
+                return self._flush_head()
             if self.framer.dataset_bytes <= self.threshold:
-                return b"", None
+                return b""
             try:
                 self._blob_id, self._first_url = await self.transport.slot(self.association_id, "", 0, download=False)
             except SpillUnavailable as exc:
-                return self._fall_back(str(exc), self._flush_head()), None
+                return self._fall_back(str(exc), self._flush_head())
             payload = self._flush_head()
             self.active = True
-            self._ref_seq = next_seq
             self._start_count = self.framer.datasets_completed
             level = self._level()
             self._compressor = FrameCompressor(level) if level else None
         self._buffer += payload
         try:
+            await self._harvest()
             while len(self._buffer) >= self.part_bytes:
                 chunk = bytes(self._buffer[: self.part_bytes])
                 del self._buffer[: self.part_bytes]
                 await self._emit(chunk, last=False)
             if self.framer.datasets_completed == self._start_count and established:
-                return b"", None
+                return b""
             tail = bytes(self._buffer)
             self._buffer.clear()
             await self._emit(tail, last=True)
@@ -263,8 +280,8 @@ class SpillSender:
             inline = b"".join(self._held[i] for i in sorted(self._held)) + bytes(self._buffer)
             await self._cancel()
             self._reset()
-            return self._fall_back(str(exc), inline), None
-        ref = self._reference()
+            return self._fall_back(str(exc), inline)
+        await self._announce(self._end_frame)
         STATS.blobs_sent += 1
         STATS.bytes_spilled += self._plain_len
         log.info(
@@ -274,8 +291,9 @@ class SpillSender:
             self._blob_id,
             extra={"assoc": self.association_id},
         )
+        self._ordinal += 1
         self._reset()
-        return b"", ref
+        return b""
 
     def _flush_head(self) -> bytes:
         head = bytes(self._head)
@@ -306,7 +324,7 @@ class SpillSender:
             data, packed = self._compressor.compress(plain)
             if packed:
                 flags |= FLAG_COMPRESSED
-        stored = bytes([flags]) + self.sealer.seal(data, part_seq(self._ref_seq, index), flags)
+        stored = bytes([flags]) + self.sealer.seal(data, part_seq(self._ordinal, index), flags)
         self._stored_len += len(stored)
         self._held[index] = plain
         # Bounded memory: at most `parallel` parts in flight.
@@ -323,6 +341,11 @@ class SpillSender:
         await self.transport.put(url, stored)
         return stored
 
+    async def _harvest(self) -> None:
+        """Collect (and announce) the uploads that finished since the last call, in order, without waiting."""
+        while self._tasks and self._tasks[min(self._tasks)].done():
+            await self._collect(min(self._tasks))
+
     async def _collect(self, index: int) -> None:
         task = self._tasks.pop(index)
         stored = await task  # raises SpillUnavailable
@@ -334,6 +357,9 @@ class SpillSender:
         while self._next_digest in self._stored:
             self._digest.update(self._stored.pop(self._next_digest))
             self._next_digest += 1
+        if self._next_digest > self._announced:
+            self._announced = self._next_digest
+            await self._announce(self._parts_frame)
 
     async def _wait_all(self) -> None:
         while self._tasks:
@@ -350,55 +376,71 @@ class SpillSender:
         await self._cancel()
         self._reset()
 
-    def _reference(self) -> pb.Data:
-        digest = self._digest.digest()
-        manifest = _MANIFEST.pack(self._blob_id.encode(), self._parts, self._plain_len, digest)
+    def _frame(self, seq: int, notice: bytes, digest: bytes = b"") -> pb.Data:
         flags = FLAG_SEALED | FLAG_BLOB
         return pb.Data(
-            payload=self.sealer.seal(manifest, self._ref_seq, flags),
-            seq=self._ref_seq,
+            payload=self.sealer.seal(notice, seq, flags),
+            seq=seq,
             flags=flags,
             blob=pb.BlobRef(blob_id=self._blob_id, size=self._stored_len, digest=digest),
         )
 
+    def _parts_frame(self, seq: int) -> pb.Data:
+        return self._frame(seq, _PARTS.pack(KIND_PARTS, self._blob_id.encode(), self._ordinal, self._announced))
 
-class SpillReceiver:
-    """Fetches, verifies and opens the blobs referenced in one direction of an association."""
+    def _end_frame(self, seq: int) -> pb.Data:
+        digest = self._digest.digest()
+        notice = _END.pack(KIND_END, self._blob_id.encode(), self._ordinal, self._parts, self._plain_len, digest)
+        return self._frame(seq, notice, digest)
 
-    def __init__(self, transport: BlobTransport, association_id: str, sealer: FrameSealer, *, parallel: int) -> None:
-        self.transport, self.association_id, self.sealer = transport, association_id, sealer
-        self.parallel = max(1, parallel)
-        self._decompressor = FrameDecompressor()
 
-    async def fetch(self, data: pb.Data, manifest: bytes) -> AsyncIterator[bytes]:
-        """The plaintext of the blob, part by part, each authenticated before it is yielded."""
-        try:
-            async for plain in self._fetch(data, manifest):
-                yield plain
-        except SpillFailed:
-            STATS.receive_failures += 1
-            raise
+class IncomingBlob:
+    """A blob being received: parts fetched in order as they are announced, ``parallel`` in flight."""
 
-    async def _fetch(self, data: pb.Data, manifest: bytes) -> AsyncIterator[bytes]:
-        try:
-            raw_id, parts, plain_len, digest = _MANIFEST.unpack(manifest)
-        except struct.error:
-            raise SpillFailed("SECURITY: malformed blob manifest") from None
-        blob_id = raw_id.decode("ascii", "replace")
-        if blob_id != data.blob.blob_id or not 1 <= parts < MAX_PART_INDEX:
-            raise SpillFailed("SECURITY: the blob reference does not match its sealed manifest")
+    def __init__(self, receiver: SpillReceiver, blob_id: str, ordinal: int) -> None:
+        self.receiver, self.blob_id, self.ordinal = receiver, blob_id, ordinal
+        self.announced = 0
+        self.end: tuple[int, int, bytes] | None = None  # (parts, plaintext length, digest) once END arrived
+        self._changed = asyncio.Event()
+
+    def announce(self, count: int) -> None:
+        if count < self.announced or count >= MAX_PART_INDEX or self.end is not None:
+            raise SpillFailed(f"SECURITY: blob {self.blob_id}: parts notice out of order")
+        self.announced = count
+        self._changed.set()
+
+    def finish(self, parts: int, plain_len: int, digest: bytes) -> None:
+        if parts < self.announced or not 1 <= parts < MAX_PART_INDEX or self.end is not None:
+            raise SpillFailed(f"SECURITY: blob {self.blob_id}: its manifest contradicts its notices")
+        self.end = (parts, plain_len, digest)
+        self._changed.set()
+
+    async def plaintext(self) -> AsyncIterator[bytes]:
+        """The blob's plaintext part by part, each authenticated before it is yielded."""
+        receiver, blob_id = self.receiver, self.blob_id
         tasks: dict[int, asyncio.Task[bytes]] = {}
-
-        async def download(index: int) -> bytes:
-            _, url = await self.transport.slot(self.association_id, blob_id, index, download=True)
-            return await self.transport.get(url)
-
         hasher = hashlib.sha256()
-        total = 0
+        total = fetched = index = 0
+        last_seen = False
+
+        async def download(part: int) -> bytes:
+            _, url = await receiver.transport.slot(receiver.association_id, blob_id, part, download=True)
+            return await receiver.transport.get(url)
+
         try:
-            for index in range(min(self.parallel, parts)):
-                tasks[index] = asyncio.create_task(download(index))
-            for index in range(parts):
+            while True:
+                available = self.end[0] if self.end is not None else self.announced
+                while fetched < available and len(tasks) < receiver.parallel:
+                    tasks[fetched] = asyncio.create_task(download(fetched))
+                    fetched += 1
+                if index not in tasks:
+                    if self.end is not None and index >= self.end[0]:
+                        break
+                    await self._changed.wait()
+                    self._changed.clear()
+                    continue
+                if last_seen:
+                    raise SpillFailed(f"SECURITY: blob {blob_id} has parts after its last part")
                 try:
                     stored = await tasks.pop(index)
                 except BlobGone as exc:
@@ -407,36 +449,97 @@ class SpillReceiver:
                     ) from None
                 except SpillUnavailable as exc:
                     raise SpillFailed(f"blob {blob_id} part {index} could not be fetched: {exc}") from None
-                if index + self.parallel < parts:
-                    tasks[index + self.parallel] = asyncio.create_task(download(index + self.parallel))
+                plain, last_seen = receiver.open_part(blob_id, self.ordinal, index, stored)
+                if last_seen and self.end is not None and index != self.end[0] - 1:
+                    raise SpillFailed(f"SECURITY: blob {blob_id} part {index} is marked last too early")
                 hasher.update(stored)
-                if not stored:
-                    raise SpillFailed(f"SECURITY: blob {blob_id} part {index} is empty (truncated)")
-                flags = stored[0]
-                expected = FLAG_SEALED | FLAG_PART | (FLAG_LAST if index == parts - 1 else 0)
-                if flags & ~FLAG_COMPRESSED != expected:
-                    raise SpillFailed(f"SECURITY: blob {blob_id} part {index} has flags {flags:#x}")
-                try:
-                    plain = self.sealer.open(stored[1:], part_seq(data.seq, index), flags)
-                except TamperError:
-                    raise SpillFailed(
-                        f"SECURITY: blob {blob_id} part {index} failed authentication (corrupt, truncated or swapped)"
-                    ) from None
-                if flags & FLAG_COMPRESSED:
-                    try:
-                        plain = self._decompressor.decompress(plain)
-                    except DecompressionError as exc:
-                        raise SpillFailed(f"blob {blob_id} part {index}: {exc}") from None
                 total += len(plain)
                 STATS.parts_received += 1
                 STATS.stored_bytes_received += len(stored)
                 STATS.bytes_received += len(plain)
+                index += 1
                 yield plain
         finally:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert self.end is not None
+        parts, plain_len, digest = self.end
+        if not last_seen:
+            raise SpillFailed(f"SECURITY: blob {blob_id} ends without its last part (truncated)")
         if total != plain_len or hasher.digest() != digest:
             raise SpillFailed(f"SECURITY: blob {blob_id} does not match its manifest")
         STATS.blobs_received += 1
-        await self.transport.release(self.association_id, blob_id)
+        await receiver.transport.release(receiver.association_id, blob_id)
+
+
+class SpillReceiver:
+    """Checks the blob notices of one direction of an association and opens the parts they announce."""
+
+    def __init__(self, transport: BlobTransport, association_id: str, sealer: FrameSealer, *, parallel: int) -> None:
+        self.transport, self.association_id, self.sealer = transport, association_id, sealer
+        self.parallel = max(1, parallel)
+        self._decompressor = FrameDecompressor()
+        self._ordinal = 0  # the next blob this direction may begin
+        self.current: IncomingBlob | None = None
+
+    def accept(self, data: pb.Data, notice: bytes) -> tuple[IncomingBlob, bool, bool]:
+        """(the blob, whether this notice began it, whether it ended it) for an opened blob notice."""
+        kind = notice[:1]
+        if kind == bytes([KIND_PARTS]) and len(notice) == _PARTS.size:
+            _, raw_id, ordinal, count = _PARTS.unpack(notice)
+            end = None
+        elif kind == bytes([KIND_END]) and len(notice) == _END.size:
+            _, raw_id, ordinal, count, plain_len, digest = _END.unpack(notice)
+            end = (count, plain_len, digest)
+        else:
+            raise SpillFailed("SECURITY: malformed blob notice")
+        blob_id = raw_id.decode("ascii", "replace")
+        if blob_id != data.blob.blob_id:
+            raise SpillFailed("SECURITY: the blob reference does not match its sealed notice")
+        began = False
+        blob = self.current
+        if blob is None:
+            if ordinal != self._ordinal:
+                raise SpillFailed(f"SECURITY: blob {blob_id} is number {ordinal}, {self._ordinal} was expected")
+            blob = self.current = IncomingBlob(self, blob_id, ordinal)
+            self._ordinal += 1
+            began = True
+        elif (blob.blob_id, blob.ordinal) != (blob_id, ordinal):
+            raise SpillFailed(f"SECURITY: blob {blob_id} begins before blob {blob.blob_id} ended")
+        if end is None:
+            blob.announce(count)
+        else:
+            blob.finish(*end)
+            self.current = None
+        return blob, began, end is not None
+
+    def open_part(self, blob_id: str, ordinal: int, index: int, stored: bytes) -> tuple[bytes, bool]:
+        """(plaintext, is the last part) of a stored part, or SpillFailed."""
+        if not stored:
+            raise SpillFailed(f"SECURITY: blob {blob_id} part {index} is empty (truncated)")
+        flags = stored[0]
+        if flags & ~(FLAG_COMPRESSED | FLAG_LAST) != FLAG_SEALED | FLAG_PART:
+            raise SpillFailed(f"SECURITY: blob {blob_id} part {index} has flags {flags:#x}")
+        try:
+            plain = self.sealer.open(stored[1:], part_seq(ordinal, index), flags)
+        except TamperError:
+            raise SpillFailed(
+                f"SECURITY: blob {blob_id} part {index} failed authentication (corrupt, truncated or swapped)"
+            ) from None
+        if flags & FLAG_COMPRESSED:
+            try:
+                plain = self._decompressor.decompress(plain)
+            except DecompressionError as exc:
+                raise SpillFailed(f"blob {blob_id} part {index}: {exc}") from None
+        return plain, bool(flags & FLAG_LAST)
+
+    async def deliver(self, blob: IncomingBlob, sink: Callable[[bytes], Awaitable[bool]]) -> None:
+        """Feed the blob's plaintext to ``sink`` (which returns False to stop); SpillFailed on a bad blob."""
+        try:
+            async for plain in blob.plaintext():
+                if not await sink(plain):
+                    return
+        except SpillFailed:
+            STATS.receive_failures += 1
+            raise

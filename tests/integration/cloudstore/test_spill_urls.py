@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import grpc.aio
 import pytest
 
+from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_bridge.config import BridgeConfig, ServerSection, SpillSection, StorageSection
 from relay_bridge.server import RelayServicer, RouterSession, start
@@ -85,19 +86,32 @@ def sealers() -> tuple[FrameSealer, FrameSealer]:
     return FrameSealer(secret, transcript, AID, initiator=True), FrameSealer(secret, transcript, AID, initiator=False)
 
 
-async def spill_one(transport: BlobTransport, sealer: FrameSealer, data: list[bytes]) -> tuple[bytes, object]:
+async def spill_one(transport: BlobTransport, sealer: FrameSealer, data: list[bytes]) -> tuple[bytes, list[pb.Data]]:
+    """(inline bytes, blob notices) for one data set offered in ``data``."""
     framer = Framer(dataset_bytes=1)
+    frames: list[pb.Data] = []
+
+    async def announce(build: Callable[[int], pb.Data]) -> None:
+        frames.append(build(7 + len(frames)))
+
     sender = SpillSender(
-        transport, AID, sealer, framer, threshold=1000, part_bytes=64 * 1024, parallel=2, compression_level=lambda: None
+        transport,
+        AID,
+        sealer,
+        framer,  # type: ignore[arg-type]
+        threshold=1000,
+        part_bytes=64 * 1024,
+        parallel=2,
+        compression_level=lambda: None,
+        announce=announce,
     )
-    inline, ref = b"", None
+    inline = b""
     for i, chunk in enumerate(data):
         framer.dataset_bytes += len(chunk)
         if i == len(data) - 1:
             framer.datasets_completed, framer.dataset_bytes = 1, 0
-        sent, ref = await sender.offer(chunk, 7, True)
-        inline += sent
-    return inline, ref
+        inline += await sender.offer(chunk, True)
+    return inline, frames
 
 
 def refusals(bridge: Bridge) -> list[str]:
@@ -107,8 +121,8 @@ def refusals(bridge: Bridge) -> list[str]:
 async def test_an_expired_download_url_aborts_before_any_byte_is_delivered(bridge: Bridge) -> None:
     tx, rx = sealers()
     data = [os.urandom(50_000) for _ in range(4)]
-    inline, ref = await spill_one(bridge.transport("site-a"), tx, data)
-    assert inline == b"" and ref is not None
+    inline, frames = await spill_one(bridge.transport("site-a"), tx, data)
+    assert inline == b"" and frames
 
     class Stalled(BlobTransport):
         async def get(self, url: str) -> bytes:
@@ -116,14 +130,18 @@ async def test_an_expired_download_url_aborts_before_any_byte_is_delivered(bridg
             return await super().get(url)
 
     receiver = SpillReceiver(bridge.transport("site-b", Stalled), AID, rx, parallel=1)
-    manifest = rx.open(ref.payload, ref.seq, ref.flags)  # type: ignore[attr-defined]
+    blobs = [receiver.accept(f, rx.open(f.payload, f.seq, f.flags))[0] for f in frames]
     delivered: list[bytes] = []
+
+    async def sink(plain: bytes) -> bool:
+        delivered.append(plain)
+        return True
+
     with pytest.raises(SpillFailed) as failure:
-        async for plain in receiver.fetch(ref, manifest):  # type: ignore[arg-type]
-            delivered.append(plain)
+        await receiver.deliver(blobs[0], sink)
     assert delivered == []
     message = str(failure.value)
-    blob = ref.blob.blob_id  # type: ignore[attr-defined]
+    blob = frames[0].blob.blob_id
     assert message.startswith(f"blob {blob} part 0 could not be fetched: fetching a part failed: PERMISSION_DENIED ")
     assert re.search(rf"GET 'spill/{AID}/{blob}/000000' expired 35[34]\d s ago$", message), message
     assert any("expired" in detail for detail in refusals(bridge))
@@ -140,8 +158,8 @@ async def test_an_expired_upload_url_sends_the_data_set_inline(
             await super().put(url, data)
 
     data = [os.urandom(50_000) for _ in range(4)]
-    inline, ref = await spill_one(bridge.transport("site-a", Stalled), tx, data)
-    assert ref is None and inline == b"".join(data), "nothing was stored: every byte goes inline"
+    inline, frames = await spill_one(bridge.transport("site-a", Stalled), tx, data)
+    assert not frames and inline == b"".join(data), "nothing was stored: every byte goes inline"
     warning = next(r.getMessage() for r in caplog.records if r.name == "relay_router.spill")
     assert warning.startswith("blob store unavailable, sending 200000 bytes inline (spill paused for 60 s): ")
     assert "PERMISSION_DENIED" in warning and "expired" in warning

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -62,39 +64,73 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spill, "_down_until", 0.0)
 
 
+class Wire:
+    """The association stream as seen by SpillSender: blob notices get consecutive sequence numbers."""
+
+    def __init__(self, seq: int = 5) -> None:
+        self.seq = seq
+        self.frames: list[pb.Data] = []
+
+    async def announce(self, build: Callable[[int], pb.Data]) -> None:
+        self.frames.append(build(self.seq))
+        self.seq += 1
+
+
 def sender(
-    transport: MemoryTransport, sealer: FrameSealer, framer: FakeFramer, level: int | None = None
+    transport: MemoryTransport,
+    sealer: FrameSealer,
+    framer: FakeFramer,
+    level: int | None = None,
+    wire: Wire | None = None,
 ) -> SpillSender:
-    return SpillSender(
-        transport,
+    out = SpillSender(
+        transport,  # type: ignore[arg-type]
         AID,
         sealer,
-        framer,
+        framer,  # type: ignore[arg-type]
         threshold=1000,
         part_bytes=64 * 1024,
-        parallel=3,  # type: ignore[arg-type]
+        parallel=3,
         compression_level=lambda: level,
+        announce=(wire or Wire()).announce,
     )
+    return out
 
 
-async def send_dataset(
-    out: SpillSender, framer: FakeFramer, chunks: list[bytes], seq: int = 5
-) -> tuple[bytes, pb.Data | None]:
+async def send_dataset(out: SpillSender, framer: FakeFramer, chunks: list[bytes]) -> tuple[bytes, list[pb.Data]]:
+    """(bytes sent inline, blob notices sent) for one data set offered in ``chunks``."""
+    wire = Wire()
+    out._announce = wire.announce  # noqa: SLF001 - one wire per data set in these tests
     inline = bytearray()
-    ref = None
     for i, chunk in enumerate(chunks):
         framer.dataset_bytes += len(chunk)
         if i == len(chunks) - 1:
             framer.datasets_completed += 1
             framer.dataset_bytes = 0
-        sent, ref = await out.offer(chunk, seq, True)
-        inline += sent
-    return bytes(inline), ref
+        inline += await out.offer(chunk, True)
+    return bytes(inline), wire.frames
 
 
-async def receive(receiver: SpillReceiver, tx_sealer: FrameSealer, rx_sealer: FrameSealer, ref: pb.Data) -> bytes:
-    manifest = rx_sealer.open(ref.payload, ref.seq, ref.flags)
-    return b"".join([part async for part in receiver.fetch(ref, manifest)])
+async def deliver(receiver: SpillReceiver, rx: FrameSealer, frames: list[pb.Data], out: list[bytes]) -> None:
+    """What RelayedAssociation does with the notices (all arrived): accept each, deliver the blob they open."""
+    blobs = []
+    for frame in frames:
+        blob, began, _ = receiver.accept(frame, rx.open(frame.payload, frame.seq, frame.flags))
+        if began:
+            blobs.append(blob)
+
+    async def sink(plain: bytes) -> bool:
+        out.append(plain)
+        return True
+
+    for blob in blobs:
+        await receiver.deliver(blob, sink)
+
+
+async def receive(receiver: SpillReceiver, rx: FrameSealer, frames: list[pb.Data]) -> bytes:
+    out: list[bytes] = []
+    await deliver(receiver, rx, frames, out)
+    return b"".join(out)
 
 
 @pytest.mark.parametrize("level", [None, 3])
@@ -102,12 +138,50 @@ async def test_round_trip(level: int | None) -> None:
     tx, rx = sealers()
     transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
     chunks = [os.urandom(1000) + bytes(50_000) for _ in range(7)]
-    inline, ref = await send_dataset(sender(transport, tx, framer, level), framer, chunks)
-    assert inline == b"" and ref is not None and ref.seq == 5
+    inline, frames = await send_dataset(sender(transport, tx, framer, level), framer, chunks)
+    assert inline == b"" and frames and [f.seq for f in frames] == list(range(5, 5 + len(frames)))
+    assert all(f.flags == spill.FLAG_BLOB | 0x2 and f.blob.blob_id == "ab" * 16 for f in frames)
     assert len(transport.blobs) == 6  # 357 kB in 64 KiB parts
-    got = await receive(SpillReceiver(transport, AID, rx, parallel=2), tx, rx, ref)  # type: ignore[arg-type]
+    got = await receive(SpillReceiver(transport, AID, rx, parallel=2), rx, frames)  # type: ignore[arg-type]
     assert got == b"".join(chunks)
-    assert transport.released == [ref.blob.blob_id]
+    assert transport.released == ["ab" * 16]
+
+
+async def test_parts_are_announced_while_the_data_set_still_arrives() -> None:
+    """Pipelining: PARTS notices go out before the data set ends; the receiver delivers announced parts at once."""
+    tx, rx = sealers()
+    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
+    wire = Wire()
+    out = sender(transport, tx, framer, wire=wire)
+    chunks = [os.urandom(64 * 1024) for _ in range(6)]
+    for chunk in chunks[:5]:
+        framer.dataset_bytes += len(chunk)
+        assert await out.offer(chunk, True) == b""
+        await asyncio.sleep(0)  # let the uploads finish, as the next read from the device would
+    early = list(wire.frames)
+    assert early, "no notice before the end of the data set"
+    receiver = SpillReceiver(transport, AID, rx, parallel=2)  # type: ignore[arg-type]
+    blob, began, ended = receiver.accept(early[0], rx.open(early[0].payload, early[0].seq, early[0].flags))
+    assert began and not ended
+    for frame in early[1:]:
+        receiver.accept(frame, rx.open(frame.payload, frame.seq, frame.flags))
+    got: list[bytes] = []
+
+    async def sink(plain: bytes) -> bool:
+        got.append(plain)
+        return True
+
+    delivery = asyncio.create_task(receiver.deliver(blob, sink))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert 1 <= len(got) <= blob.announced < 6, "announced parts are delivered before the blob ends"
+    assert b"".join(got) == b"".join(chunks)[: len(got) * 64 * 1024]
+    framer.dataset_bytes, framer.datasets_completed = 0, 1
+    assert await out.offer(chunks[5], True) == b""
+    for frame in wire.frames[len(early) :]:
+        receiver.accept(frame, rx.open(frame.payload, frame.seq, frame.flags))
+    await delivery
+    assert b"".join(got) == b"".join(chunks) and transport.released == ["ab" * 16]
 
 
 async def test_below_threshold_stays_inline() -> None:
@@ -115,18 +189,18 @@ async def test_below_threshold_stays_inline() -> None:
     transport, framer = MemoryTransport(), FakeFramer()
     out = sender(transport, tx, framer)
     framer.dataset_bytes = 400
-    assert await out.offer(b"x" * 400, 5, True) == (b"", None)  # held back while the data set may grow
-    inline, ref = await send_dataset(out, framer, [b"y" * 500])
-    assert inline == b"x" * 400 + b"y" * 500 and ref is None and not transport.blobs
+    assert await out.offer(b"x" * 400, True) == b""  # held back while the data set may grow
+    inline, frames = await send_dataset(out, framer, [b"y" * 500])
+    assert inline == b"x" * 400 + b"y" * 500 and not frames and not transport.blobs
 
 
 async def test_head_of_a_big_data_set_goes_into_the_blob() -> None:
     tx, rx = sealers()
     transport, framer = MemoryTransport(), FakeFramer()
     chunks = [os.urandom(300) for _ in range(3)] + [os.urandom(70_000), os.urandom(100)]
-    inline, ref = await send_dataset(sender(transport, tx, framer), framer, chunks)
-    assert inline == b"" and ref is not None
-    assert await receive(SpillReceiver(transport, AID, rx, parallel=2), tx, rx, ref) == b"".join(chunks)  # type: ignore[arg-type]
+    inline, frames = await send_dataset(sender(transport, tx, framer), framer, chunks)
+    assert inline == b"" and frames
+    assert await receive(SpillReceiver(transport, AID, rx, parallel=2), rx, frames) == b"".join(chunks)  # type: ignore[arg-type]
 
 
 async def test_store_down_falls_back_inline() -> None:
@@ -135,8 +209,8 @@ async def test_store_down_falls_back_inline() -> None:
     transport.fail_slot = True
     out = sender(transport, tx, framer)
     chunks = [os.urandom(40_000) for _ in range(4)]
-    inline, ref = await send_dataset(out, framer, chunks)
-    assert inline == b"".join(chunks) and ref is None and out.disabled
+    inline, frames = await send_dataset(out, framer, chunks)
+    assert inline == b"".join(chunks) and not frames and out.disabled
     assert spill.STATS.fallbacks >= 1
 
 
@@ -145,8 +219,8 @@ async def test_store_fails_before_any_part_is_stored_falls_back_inline() -> None
     transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
     transport.fail_put_after = 0
     chunks = [os.urandom(40_000) for _ in range(5)]
-    inline, ref = await send_dataset(sender(transport, tx, framer), framer, chunks)
-    assert inline == b"".join(chunks) and ref is None
+    inline, frames = await send_dataset(sender(transport, tx, framer), framer, chunks)
+    assert inline == b"".join(chunks) and not frames
 
 
 async def test_store_fails_mid_blob_aborts() -> None:
@@ -157,17 +231,18 @@ async def test_store_fails_mid_blob_aborts() -> None:
         await send_dataset(sender(transport, tx, framer), framer, [os.urandom(60_000) for _ in range(10)])
 
 
-async def sent_blob() -> tuple[MemoryTransport, FrameSealer, FrameSealer, pb.Data]:
+async def sent_blob(chunks: list[bytes] | None = None) -> tuple[MemoryTransport, FrameSealer, list[pb.Data]]:
     tx, rx = sealers()
     transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
-    _, ref = await send_dataset(sender(transport, tx, framer), framer, [os.urandom(60_000) for _ in range(4)])
-    assert ref is not None
-    return transport, tx, rx, ref
+    chunks = chunks or [os.urandom(60_000) for _ in range(4)]
+    _, frames = await send_dataset(sender(transport, tx, framer), framer, chunks)
+    assert frames
+    return transport, rx, frames
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate_part", "drop_last", "swap", "flags"])
 async def test_damaged_blob_is_refused_before_the_damaged_bytes(damage: str) -> None:
-    transport, tx, rx, ref = await sent_blob()
+    transport, rx, frames = await sent_blob()
     keys = sorted(transport.blobs)
     if damage == "flip":
         data = bytearray(transport.blobs[keys[1]])
@@ -181,24 +256,27 @@ async def test_damaged_blob_is_refused_before_the_damaged_bytes(damage: str) -> 
         transport.blobs[keys[0]], transport.blobs[keys[1]] = transport.blobs[keys[1]], transport.blobs[keys[0]]
     else:
         transport.blobs[keys[1]] = bytes([transport.blobs[keys[1]][0] | spill.FLAG_LAST]) + transport.blobs[keys[1]][1:]
-    receiver = SpillReceiver(transport, AID, rx, parallel=2)  # type: ignore[arg-type]
-    manifest = rx.open(ref.payload, ref.seq, ref.flags)
-    delivered = []
+    delivered: list[bytes] = []
     with pytest.raises(SpillFailed):
-        async for part in receiver.fetch(ref, manifest):
-            delivered.append(part)
+        await deliver(SpillReceiver(transport, AID, rx, parallel=2), rx, frames, delivered)  # type: ignore[arg-type]
     good = 0 if damage == "swap" else 1
     assert len(delivered) <= (3 if damage == "drop_last" else good)
     assert not transport.released
 
 
-async def test_reference_must_match_manifest() -> None:
-    transport, _, rx, ref = await sent_blob()
-    manifest = rx.open(ref.payload, ref.seq, ref.flags)
-    ref.blob.blob_id = "cd" * 16
+async def test_reference_must_match_notice() -> None:
+    transport, rx, frames = await sent_blob()
+    frames[0].blob.blob_id = "cd" * 16
     with pytest.raises(SpillFailed, match="does not match"):
-        async for _ in SpillReceiver(transport, AID, rx, parallel=2).fetch(ref, manifest):  # type: ignore[arg-type]
-            pass
+        await receive(SpillReceiver(transport, AID, rx, parallel=2), rx, frames)  # type: ignore[arg-type]
+
+
+async def test_a_replayed_or_reordered_notice_is_refused() -> None:
+    transport, rx, frames = await sent_blob()
+    receiver = SpillReceiver(transport, AID, rx, parallel=2)  # type: ignore[arg-type]
+    await receive(receiver, rx, frames)
+    with pytest.raises(SpillFailed, match="is number 0, 1 was expected"):  # the same blob again
+        receiver.accept(frames[0], rx.open(frames[0].payload, frames[0].seq, frames[0].flags))
 
 
 def test_part_nonces_never_meet_frame_nonces() -> None:
@@ -209,12 +287,10 @@ def test_part_nonces_never_meet_frame_nonces() -> None:
 
 
 async def test_a_part_deleted_before_it_was_fetched_fails_with_a_clear_message() -> None:
-    tx, rx = sealers()
-    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
     chunks = [os.urandom(60_000) for _ in range(4)]
-    _, ref = await send_dataset(sender(transport, tx, framer), framer, chunks)
-    assert ref is not None
-    gone = f"{AID}/{ref.blob.blob_id}/1"
+    transport, rx, frames = await sent_blob(chunks)
+    blob_id = frames[0].blob.blob_id
+    gone = f"{AID}/{blob_id}/1"
     del transport.blobs[gone]
 
     async def get(url: str) -> bytes:
@@ -225,11 +301,9 @@ async def test_a_part_deleted_before_it_was_fetched_fails_with_a_clear_message()
     transport.get = get  # type: ignore[method-assign]
     delivered: list[bytes] = []
     with pytest.raises(SpillFailed) as failure:
-        manifest = rx.open(ref.payload, ref.seq, ref.flags)
-        async for part in SpillReceiver(transport, AID, rx, parallel=2).fetch(ref, manifest):  # type: ignore[arg-type]
-            delivered.append(part)
+        await deliver(SpillReceiver(transport, AID, rx, parallel=2), rx, frames, delivered)  # type: ignore[arg-type]
     assert str(failure.value) == (
-        f"blob {ref.blob.blob_id} part 1 is gone from the store (deleted before it was fetched): "
+        f"blob {blob_id} part 1 is gone from the store (deleted before it was fetched): "
         "the store has no such part (HTTP 404 Not Found)"
     )
     assert b"".join(delivered) == b"".join(chunks)[: 64 * 1024], "only part 0, authenticated, came out"

@@ -350,7 +350,15 @@ def test_the_readme_tutorial_connects_two_sites(tutorial: Tutorial, tmp_path: Pa
     )
     links = re.compile(r"hospital-a -> hospital-b +ORTHANC +up\s.*hospital-b -> hospital-a +WS_A +up", re.S)
     wait_until(lambda: links.search(tutorial.rerun("bridge", statuses["bridge"])), what="both links up on the map")
+    echoed = next(out for host, cmd, out, _ in tutorial.outputs if cmd.endswith("devices --echo"))
+    assert re.search(r"PACS_B +hospital-b +ORTHANC +online +ok, \d+ ms", echoed), echoed
     assert "Received Echo Response (Success)" in by_command[("ws-a", "echoscu")]
+    # What the README states in prose after step 9: an unknown title is rejected at once; share list.
+    echo = next(cmd for host, cmd, _, _ in tutorial.outputs if cmd.startswith("echoscu"))
+    nope = tutorial.shell("ws-a", tutorial.localize(echo.replace("-aec PACS_B", "-aec NOPE"), "ws-a"))
+    assert nope.returncode != 0 and "Called AE Title Not Recognized" in nope.stdout + nope.stderr, nope.stderr
+    shares = tutorial.rerun("bridge", "relay-bridge -c /etc/dicom-relay/bridge.toml share list")
+    assert re.search(r"hospital-b +ORTHANC +shared with: hospital-a", shares), shares
     assert tutorial.study_uid == expected_study
     assert "Received Final Move Response (Success)" in by_command[("ws-a", "movescu")], by_command[("ws-a", "movescu")]
     received = sorted((tutorial.home("ws-a") / "received").iterdir())

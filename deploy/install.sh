@@ -11,6 +11,8 @@
 #   - router: creates /etc/dicom-relay/router.env for RELAY_ROUTER_PASSWORD (root:root, 0600);
 #   - tightens what is already in /etc/dicom-relay: keys and password files 0640 root:dicom-relay,
 #     router.env 0600 root:root; warns about ca.key (keep it off service hosts);
+#   - gives back to dicom-relay any file below /var/lib/dicom-relay that another user owns (left by
+#     a command run as root with an older version);
 #   - on the live system (no --root): systemctl daemon-reload, and `enable` with --enable.
 #
 # --root DIR    install below DIR instead of / (staging, images, tests); no systemctl.
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
         --prefix=*) PREFIX=${1#--prefix=}; PREFIX=${PREFIX%/}; shift ;;
         --enable) ENABLE=1; shift ;;
         router|bridge) ROLES="$ROLES $1"; shift ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (try --help)" ;;
     esac
 done
@@ -129,6 +131,15 @@ for secret in "$ROOT"/etc/dicom-relay/*.key "$ROOT"/etc/dicom-relay/*password*; 
         *) own "0:$GID_N" 0640 "$secret" ;;
     esac
 done
+
+# -- state files left by root (a command run as root by an older version) --------------
+# The service must own everything below its state directory, or it cannot open its database or keys.
+if [ "$IS_ROOT" = 1 ]; then
+    find "$ROOT/var/lib/dicom-relay" -xdev ! -user "$UID_N" -print | while IFS= read -r stray; do
+        chown -h "$UID_N:$GID_N" "$stray"
+        say "gave $stray back to $USER_NAME (it belonged to another user)"
+    done
+fi
 
 # -- the live system -------------------------------------------------------------------
 if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then

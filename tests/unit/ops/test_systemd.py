@@ -248,3 +248,30 @@ def test_systemd_analyze_security_rates_the_sandbox_ok(installed: Path, role: st
     line = next(line for line in result.stdout.splitlines() if "Overall exposure level" in line)
     score = float(line.split(":")[1].split()[0])
     assert score <= 2.0, line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is only set when the script runs as root")
+def test_install_again_gives_root_owned_state_back_to_the_service(installed: Path) -> None:
+    state = installed / "var/lib/dicom-relay"
+    (state / "bridge.sqlite3").write_bytes(b"")  # created by root by hand, or by an older version
+    (state / "state").mkdir(exist_ok=True)
+    (state / "state" / "identity.key").write_bytes(b"")
+    service_uid = state.stat().st_uid
+    assert service_uid != 0
+    result = subprocess.run(
+        ["sh", str(INSTALL), "--root", str(installed), "--prefix", str(BIN.parent), "router", "bridge"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for path in (state / "bridge.sqlite3", state / "state", state / "state" / "identity.key"):
+        assert path.stat().st_uid == service_uid, path
+    assert f"gave {state / 'bridge.sqlite3'} back to dicom-relay" in result.stdout
+    again = subprocess.run(
+        ["sh", str(INSTALL), "--root", str(installed), "--prefix", str(BIN.parent), "router", "bridge"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "back to dicom-relay" not in again.stdout  # nothing left to repair

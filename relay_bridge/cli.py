@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from relay_bridge import config as bridge_config
@@ -103,7 +104,7 @@ def _read_password(from_stdin: bool) -> str | None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    directory: Path = args.dir
+    directory: Path = args.dir.resolve()
     target = directory / "bridge.toml"
     if target.exists() and not args.force:
         print(f"{target} exists; use --force to overwrite", file=sys.stderr)
@@ -167,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = bridge_config.load(args.config)
         if getattr(args, "listen", None):
-            from dataclasses import replace
-
             cfg = replace(cfg, server=replace(cfg.server, listen=args.listen))
         if getattr(args, "insecure", False) and not cfg.server.insecure:
             raise ConfigError(str(args.config), "server.insecure", "--insecure needs insecure = true in the file too")
@@ -207,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         from relay_bridge.status import status_command
 
         return status_command(cfg, args.json, color=sys.stdout.isatty())
-    try:  # as root: become the owner of the state directory, so the database stays the service's
+    # As root: become the owner of the state directory, so the database stays the service's. The path is
+    # made absolute first: the current directory may be one the service user cannot enter.
+    cfg = replace(cfg, storage=replace(cfg.storage, database=cfg.storage.database.resolve()))
+    try:
         notice = become_state_owner(cfg.storage.database.parent, files=_database_files(cfg.storage.database))
     except OwnershipError as exc:
         print(f"error: {exc}", file=sys.stderr)

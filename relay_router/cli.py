@@ -134,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "enroll":
         from relay_router.enroll import CLIENT_CERT, CLIENT_KEY, EnrollError, enroll
 
-        state = cfg.router.state_dir
+        state = cfg.router.state_dir.resolve()
         try:
             # Read the password while we may (a root-only file), then, as root, become the owner of
-            # the state directory: the identity key and client key must be the service's.
-            cfg = replace(cfg, bridge=replace(cfg.bridge, password=cfg.bridge.resolve_password(), password_file=None))
+            # the state directory: the identity key and client key must be the service's. Paths are
+            # made absolute first: the current directory may be one the service user cannot enter.
+            ca_file = cfg.bridge.ca_file.resolve() if cfg.bridge.ca_file is not None else None
+            password = cfg.bridge.resolve_password()
+            bridge = replace(cfg.bridge, password=password, password_file=None, ca_file=ca_file)
+            cfg = replace(cfg, bridge=bridge, router=replace(cfg.router, state_dir=state))
             keys = tuple(state / name for name in ("identity.key", CLIENT_KEY, CLIENT_CERT))
             notice = become_state_owner(state, files=keys)
         except OwnershipError as exc:

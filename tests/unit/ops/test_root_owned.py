@@ -188,3 +188,20 @@ def test_check_config_as_the_service_user_reports_an_unreadable_key(site: Path, 
     assert f"server.tls_key: cannot read {site / 'server.key'}: permission denied for nobody" in err, err
     assert "owner uid 0" in err and "mode 0600" in err
     assert main(["-c", str(site / "bridge.toml"), "check-config"]) == 0  # root may read it
+
+
+def test_relative_paths_from_a_directory_the_service_user_cannot_enter(site: Path) -> None:
+    """`cd /root && sudo relay-bridge -c ../etc/...`: paths are made absolute before the switch."""
+    state = state_dir(site)
+    write_bridge_config(site)
+    private = site / "private"
+    private.mkdir(mode=0o700)
+    added = subprocess.run(
+        [sys.executable, "-m", "relay_bridge.cli", "-c", "../bridge.toml", "router", "add", "hospital-a"],
+        cwd=private,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    assert set(owners(state).values()) == {SERVICE_UID} and "bridge.sqlite3" in owners(state)

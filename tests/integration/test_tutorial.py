@@ -36,8 +36,11 @@ hospital B), merging `pacs-config`'s output into Orthanc's configuration and res
 Hospital B's archive holds a five-image CT study before the tutorial starts.
 
 The test then checks what the tutorial promises: C-ECHO succeeds across sites, C-FIND lists the
-study, C-MOVE delivers every image to the workstation with identical content, and the audit trails
-exist next to the configuration files.
+study, C-MOVE delivers every image to the workstation with identical content, the status commands
+show the sites signed on and the links up, the audit trails exist next to the configuration files,
+and what the prose says commands print (`enroll`, `pacs-config`, `router add`, an unknown title's
+rejection, `share list`) is what they print. A README command that is wrong fails the test: every
+line really runs and must exit 0.
 """
 
 from __future__ import annotations
@@ -350,6 +353,15 @@ def test_the_readme_tutorial_connects_two_sites(tutorial: Tutorial, tmp_path: Pa
     )
     links = re.compile(r"hospital-a -> hospital-b +ORTHANC +up\s.*hospital-b -> hospital-a +WS_A +up", re.S)
     wait_until(lambda: links.search(tutorial.rerun("bridge", statuses["bridge"])), what="both links up on the map")
+    # What the README says these commands print.
+    prose = tutorial_text()
+    for host, cmd, out, _ in tutorial.outputs:
+        if " enroll " in cmd:
+            assert out.startswith(f"enrolled {host}; identity fingerprint {tutorial.fingerprints[host]}"), out
+            assert "`enrolled hospital-a; identity fingerprint " in prose
+        if "pacs-config" in cmd:
+            claimed = re.search(r"This prints `(\{.*?\})`", prose)
+            assert claimed and json.loads(out) == json.loads(tutorial.localize(claimed[1], host)), out
     echoed = next(out for host, cmd, out, _ in tutorial.outputs if cmd.endswith("devices --echo"))
     assert re.search(r"PACS_B +hospital-b +ORTHANC +online +ok, \d+ ms", echoed), echoed
     assert "Received Echo Response (Success)" in by_command[("ws-a", "echoscu")]

@@ -189,6 +189,8 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
         f"  last error: {report.get('last_error') or 'none'}; reconnect attempts since start: "
         f"{report.get('reconnects', 0)}"
     )
+    if report["running"] and not report.get("connected"):
+        lines.append('  (each last error and its fix: docs/operations.md, "The router does not sign on")')
     metrics = report.get("metrics") or {}
     where = (
         f"http://{metrics['listen']}/metrics"

@@ -100,6 +100,9 @@ def test_disconnected_router_exits_1(tmp_path: Path) -> None:
     text = router_status.render_status(report)
     assert "NOT signed on to the bridge at bridge.example.org:443" in text
     assert "last error: UNAVAILABLE: refused" in text
+    assert 'docs/operations.md, "The router does not sign on"' in text
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
+    assert "### The router does not sign on" in guide
 
 
 def test_stale_stopped_and_missing_files_exit_3(tmp_path: Path) -> None:

@@ -388,3 +388,14 @@ def test_the_readme_tutorial_connects_two_sites(tutorial: Tutorial, tmp_path: Pa
     for host in ("bridge", *SITES):
         events = [json.loads(line) for line in (tutorial.tree(host) / "audit.jsonl").read_text().splitlines()]
         assert events, host
+
+
+def test_a_wrong_command_in_the_tutorial_fails_the_run(tutorial: Tutorial) -> None:
+    """The runner is not lenient: a mistyped option, or a daemon that cannot start, fails it."""
+    bridge_block = next(b for b in tutorial_blocks() if b.kind == "run" and b.hosts == ["bridge"])
+    typo = Block("run", {"on": "bridge"}, "sh", bridge_block.body.replace("--listen", "--lisen", 1))
+    with pytest.raises(AssertionError, match="unrecognized arguments"):
+        tutorial.run(typo)
+    broken = Block("run", {"on": "bridge"}, "sh", "relay-bridge -c /etc/dicom-relay/missing.toml serve\n")
+    with pytest.raises(AssertionError, match="exited with 2"):
+        tutorial.run(broken)

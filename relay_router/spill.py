@@ -420,7 +420,7 @@ class IncomingBlob:
         receiver, blob_id = self.receiver, self.blob_id
         tasks: dict[int, asyncio.Task[bytes]] = {}
         hasher = hashlib.sha256()
-        total = fetched = index = 0
+        total = fetched = index = early = 0
         last_seen = False
 
         async def download(part: int) -> bytes:
@@ -457,6 +457,8 @@ class IncomingBlob:
                 STATS.parts_received += 1
                 STATS.stored_bytes_received += len(stored)
                 STATS.bytes_received += len(plain)
+                if self.end is None:
+                    early += 1
                 index += 1
                 yield plain
         finally:
@@ -470,6 +472,14 @@ class IncomingBlob:
         if total != plain_len or hasher.digest() != digest:
             raise SpillFailed(f"SECURITY: blob {blob_id} does not match its manifest")
         STATS.blobs_received += 1
+        log.info(
+            "received %d bytes in %d parts from blob %s (%d parts delivered before its END notice)",
+            total,
+            parts,
+            blob_id,
+            early,
+            extra={"assoc": receiver.association_id},
+        )
         await receiver.transport.release(receiver.association_id, blob_id)
 
 

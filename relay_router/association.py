@@ -151,6 +151,7 @@ class RelayedAssociation:
                 parallel=dicom.spill_parallel,
                 compression_level=lambda: self._compression_level if self._compressor else None,
                 announce=self._announce_blob,
+                shuffle=lambda: self._shuffle_agreed,
             )
             if blobs and dicom.spill_threshold_bytes
             else None

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
+from relay_router.compress import FLAG_SHUFFLED, DecompressionError, FrameCompressor, FrameDecompressor, unshuffle2
 from relay_router.seal import FLAG_COMPRESSED, FLAG_SEALED, FrameSealer, TamperError
 from relay_router.ul.framer import PduFramer
 
@@ -56,6 +56,7 @@ FEATURE = "spill/2"  # pipelined blobs (PARTS notices); routers that offer the o
 FLAG_BLOB = 0x4  # a Data frame whose payload is a sealed blob manifest
 FLAG_PART = 0x8  # a sealed part of a blob
 FLAG_LAST = 0x10  # ... the last one
+FLAG_PART_SHUFFLED = 0x20  # with FLAG_COMPRESSED: byte planes to interleave after zstd (relay_router.compress)
 PART_SEQ_BASE = 1 << 63  # part nonces never meet frame nonces (frame sequence numbers stay far below)
 MAX_PART_INDEX = 1 << 20
 MAX_BLOBS = 1 << 42  # blobs per direction of one association
@@ -202,10 +203,12 @@ class SpillSender:
         parallel: int,
         compression_level: Callable[[], int | None],
         announce: Announce,
+        shuffle: Callable[[], bool] = lambda: False,
     ) -> None:
         self.transport, self.association_id, self.sealer, self.framer = transport, association_id, sealer, framer
         self.threshold, self.part_bytes, self.parallel = threshold, part_bytes, max(1, parallel)
         self._level = compression_level
+        self._shuffle = shuffle
         self._announce = announce
         self.active = False
         self.disabled = False
@@ -258,7 +261,7 @@ class SpillSender:
             self.active = True
             self._start_count = self.framer.datasets_completed
             level = self._level()
-            self._compressor = FrameCompressor(level) if level else None
+            self._compressor = FrameCompressor(level, shuffle=self._shuffle()) if level else None
         self._buffer += payload
         try:
             await self._harvest()
@@ -321,9 +324,8 @@ class SpillSender:
         flags = FLAG_SEALED | FLAG_PART | (FLAG_LAST if last else 0)
         data = plain
         if self._compressor is not None:
-            data, packed = self._compressor.compress(plain)
-            if packed:
-                flags |= FLAG_COMPRESSED
+            data, packed = self._compressor.pack(plain)
+            flags |= (packed & FLAG_COMPRESSED) | (FLAG_PART_SHUFFLED if packed & FLAG_SHUFFLED else 0)
         stored = bytes([flags]) + self.sealer.seal(data, part_seq(self._ordinal, index), flags)
         self._stored_len += len(stored)
         self._held[index] = plain
@@ -529,7 +531,9 @@ class SpillReceiver:
         if not stored:
             raise SpillFailed(f"SECURITY: blob {blob_id} part {index} is empty (truncated)")
         flags = stored[0]
-        if flags & ~(FLAG_COMPRESSED | FLAG_LAST) != FLAG_SEALED | FLAG_PART:
+        if flags & ~(FLAG_COMPRESSED | FLAG_LAST | FLAG_PART_SHUFFLED) != FLAG_SEALED | FLAG_PART or (
+            flags & FLAG_PART_SHUFFLED and not flags & FLAG_COMPRESSED
+        ):
             raise SpillFailed(f"SECURITY: blob {blob_id} part {index} has flags {flags:#x}")
         try:
             plain = self.sealer.open(stored[1:], part_seq(ordinal, index), flags)
@@ -542,6 +546,8 @@ class SpillReceiver:
                 plain = self._decompressor.decompress(plain)
             except DecompressionError as exc:
                 raise SpillFailed(f"blob {blob_id} part {index}: {exc}") from None
+            if flags & FLAG_PART_SHUFFLED:
+                plain = unshuffle2(plain)
         return plain, bool(flags & FLAG_LAST)
 
     async def deliver(self, blob: IncomingBlob, sink: Callable[[bytes], Awaitable[bool]]) -> None:

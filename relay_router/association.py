@@ -346,6 +346,10 @@ class RelayedAssociation:
                         await self.abort(problem)
                         return
                     continue
+                if self._blob_task is not None:
+                    # Bytes of a blob are still being fetched; inline bytes now would overtake them.
+                    await self.abort("the other router sent inline data in the middle of a spilled data set")
+                    return
                 await self.apply(self.conn.receive(Side.REMOTE, payload))
             elif kind == "close":
                 if self.conn.phase is not Phase.CLOSED:

@@ -94,7 +94,8 @@ class SpillSection:
     # "s3://bucket/prefix", "gs://bucket/prefix"; "" = a "blobs" directory next to the database;
     # "off" = no spill (routers send everything inline).
     store: str = ""
-    # S3-compatible endpoint and region (credentials come from the usual boto3 chain, on the bridge only).
+    # Endpoint of an S3-compatible store (MinIO) or of a GCS emulator, and the S3 region. Credentials come
+    # from the usual boto3 or google-auth chain, on the bridge only.
     endpoint_url: str = ""
     region: str = ""
     # Seconds a presigned URL handed to a router stays valid.

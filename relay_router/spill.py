@@ -53,7 +53,7 @@ from relay_router.ul.framer import PduFramer
 log = logging.getLogger("relay_router.spill")
 
 FEATURE = "spill/2"  # pipelined blobs (PARTS notices); routers that offer the older "spill" send inline to this one
-FLAG_BLOB = 0x4  # a Data frame whose payload is a sealed blob manifest
+FLAG_BLOB = 0x4  # a Data frame whose payload is a sealed blob notice (PARTS or END, with the manifest)
 FLAG_PART = 0x8  # a sealed part of a blob
 FLAG_LAST = 0x10  # ... the last one
 FLAG_PART_SHUFFLED = 0x20  # with FLAG_COMPRESSED: byte planes to interleave after zstd (relay_router.compress)

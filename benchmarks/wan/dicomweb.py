@@ -14,6 +14,11 @@ the study as multipart/related application/dicom to Orthanc B across the emulate
 the same shaped path as the raw mode). Before each run Orthanc B is emptied (untimed); after it the
 suite checks the instance count, and on the first repeat the SOP Instance UID and pixel SHA-256 of every
 stored file against what was sent. Both Orthancs run with TCP_NODELAY=1 in their environment.
+
+The `move` workload in this mode is the DICOMweb counterpart of a C-MOVE, a WADO-RS retrieve: Orthanc B
+holds the CT study (stored into it untimed), Orthanc A's copy is deleted (untimed), then, timed:
+
+    POST /dicom-web/servers/B/retrieve  {"Resources": [{"Study": <StudyInstanceUID>}], "Synchronous": true}
 """
 
 from __future__ import annotations
@@ -83,11 +88,7 @@ class DicomWeb:
     def load(self, name: str, files: tuple[Path, ...], storescu_args: list[str]) -> None:
         """Store a workload's study into Orthanc A (inside site A, untimed)."""
         assert self.a is not None
-        cmd = [dcmtk("storescu"), "-R", *storescu_args, "-aet", "LOADER", "-aec", "WEB_A", "127.0.0.1",
-               str(WEB_DICOM_PORT), *map(str, files)]  # fmt: skip
-        r = self.lab.run(NS_A, cmd, timeout=590, env=DICOM_ENV)
-        if r.returncode != 0:
-            raise RuntimeError(f"loading {name} into Orthanc A failed: {r.stderr[-1500:]}")
+        self._load(self.a, NS_A, files, storescu_args)
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         self.studies[name] = self.a.lookup(study)
 
@@ -120,10 +121,45 @@ class DicomWeb:
             raise RuntimeError(f"dicomweb {name}: what Orthanc B stored differs from what was sent")
         return seconds
 
+    def _load(self, orthanc: NsOrthanc, ns: str, files: tuple[Path, ...], storescu_args: list[str]) -> None:
+        cmd = [dcmtk("storescu"), "-R", *storescu_args, "-aet", "LOADER", "-aec", orthanc.aet, "127.0.0.1",
+               str(WEB_DICOM_PORT), *map(str, files)]  # fmt: skip
+        r = self.lab.run(ns, cmd, timeout=590, env=DICOM_ENV)
+        if r.returncode != 0:
+            raise RuntimeError(f"loading Orthanc {orthanc.aet} failed: {r.stderr[-1500:]}")
+
+    def retrieve(self, files: tuple[Path, ...], storescu_args: list[str], verify: bool, timeout: float) -> float:
+        """WADO-RS retrieve of a study from Orthanc B into Orthanc A (timed); B is filled and A's copy deleted
+        beforehand (untimed)."""
+        assert self.a is not None and self.b is not None
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        held = self.b.rest("POST", "/tools/lookup", study)
+        if not held or len(self.b.rest("GET", f"/studies/{held[0]['ID']}/instances")) != len(files):
+            self.b.delete_all()
+            self._load(self.b, NS_B, files, storescu_args)
+        sid = self.b.lookup(study)  # Orthanc IDs derive from the UIDs: the same in A and B
+        if self.a.rest("POST", "/tools/lookup", study):
+            self.a.rest("DELETE", f"/studies/{sid}")
+        body = {"Resources": [{"Study": study}], "Synchronous": True}
+        try:
+            seconds = float(self.a.request("POST", "/dicom-web/servers/B/retrieve", body, timeout=timeout)["seconds"])
+            got = len(self.a.rest("GET", f"/studies/{sid}/instances"))
+        except OrthancError as exc:
+            raise RuntimeError(f"dicomweb retrieve: {exc}") from None
+        if got != len(files):
+            raise RuntimeError(f"dicomweb retrieve: Orthanc A holds {got} of {len(files)} instances")
+        if verify:
+            stored = fingerprints(self.a.stored_files())
+            if any(stored.get(uid) != digest for uid, digest in fingerprints(files).items()):
+                raise RuntimeError("dicomweb retrieve: what Orthanc A stored differs from what B held")
+        return seconds
+
     def describe(self) -> dict[str, object]:
         return {
             "path": "Orthanc A (site A) -> HTTPS -> TLS terminator (site B) -> Orthanc B, over the raw path (no VPN)",
             "request": "POST /dicom-web/servers/B/stow {Resources: [study], Synchronous: true} on Orthanc A",
+            "move": "WADO-RS retrieve: POST /dicom-web/servers/B/retrieve {Resources: [{Study: uid}], Synchronous: "
+            "true} on Orthanc A (Orthanc B holds the study)",
             "software": "Orthanc 1.10 + DICOMweb plugin (Debian orthanc-dicomweb), libcurl client",
             "tls": "P-256 certificate from a throwaway CA, checked by Orthanc A; terminator: Python ssl (TLS >= 1.2)",
         }

@@ -137,7 +137,8 @@ def markdown(payload: dict[str, object]) -> str:
     ]
     goal_text: dict[str, dict[str, object]] = {}
     for g in payload.get("goals", []):  # type: ignore[union-attr]
-        if "VPN time" in g["goal"] or "over VPN" in g["goal"]:  # the time goal of each workload goes in its row; the rest are listed below
+        # The time goal of each workload goes in its row; the rest are listed below the table.
+        if "VPN time" in g["goal"] or "over VPN" in g["goal"]:
             goal_text.setdefault(g["goal"].split(":")[0], g)
     for w in workloads:
         first = next(r for r in results if r["workload"] == w)

@@ -4,7 +4,8 @@
 
 Stands in for Orthanc's own HTTPS server, which crashes on Debian 12 (see orthanc.py). A stream
 proxy: no request buffering, each chunk forwarded as soon as it is read, TCP_NODELAY on both
-sockets. TLS 1.2 minimum (TLS 1.3 negotiated with current clients). Only the standard library.
+sockets; the connection ends when the server closes its side. TLS 1.2 minimum (TLS 1.3 negotiated
+with current clients). Only the standard library.
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ async def _serve(args: argparse.Namespace) -> None:
             client_w.close()
             return
         _nodelay(server_w)
-        await asyncio.gather(_pump(client_r, server_w), _pump(server_r, client_w))
+        upstream = asyncio.create_task(_pump(client_r, server_w))
+        # The server's end of the response ends the connection: a TLS stream has no half-close, and a
+        # response delimited by the close (no Content-Length, "Connection: close") must reach the client.
+        await _pump(server_r, client_w)
+        upstream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upstream
         for w in (client_w, server_w):
             with contextlib.suppress(Exception):
                 w.close()

@@ -134,7 +134,7 @@ class DicomWeb:
         assert self.a is not None and self.b is not None
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         held = self.b.rest("POST", "/tools/lookup", study)
-        if not held or len(self.b.rest("GET", f"/studies/{held[0]['ID']}/instances")) != len(files):
+        if not held or int(self.b.rest("GET", f"/studies/{held[0]['ID']}/statistics")["CountInstances"]) != len(files):
             self.b.delete_all()
             self._load(self.b, NS_B, files, storescu_args)
         sid = self.b.lookup(study)  # Orthanc IDs derive from the UIDs: the same in A and B
@@ -143,7 +143,7 @@ class DicomWeb:
         body = {"Resources": [{"Study": study}], "Synchronous": True}
         try:
             seconds = float(self.a.request("POST", "/dicom-web/servers/B/retrieve", body, timeout=timeout)["seconds"])
-            got = len(self.a.rest("GET", f"/studies/{sid}/instances"))
+            got = int(self.a.rest("GET", f"/studies/{sid}/statistics")["CountInstances"])
         except OrthancError as exc:
             raise RuntimeError(f"dicomweb retrieve: {exc}") from None
         if got != len(files):

@@ -252,7 +252,7 @@ def http(
                 raise
             time.sleep(0.2)
     seconds = time.perf_counter() - t0
-    return {"status": status, "seconds": seconds, "bytes": len(raw), "body": raw.decode(errors="replace")[:200_000]}
+    return {"status": status, "seconds": seconds, "bytes": len(raw), "body": raw.decode(errors="replace")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -414,7 +414,7 @@ class Bench:
                             continue
                         try:
                             shown = self._measure(name, mode, rep, loads, m)
-                        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:  # only this mode stops
                             m.failed.add((name, mode))
                             m.errors.append({"workload": name, "mode": mode, "repeat": rep + 1, "error": str(exc)})
                             log(f"[{done}/{total}] {name} {mode} FAILED (not repeated): {str(exc)[-600:]}")

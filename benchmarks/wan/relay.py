@@ -132,6 +132,16 @@ class RelayModes:
         self.pids["bridge"] = self.net.bridge.pid
         return self
 
+    def association_events(self, mode: str) -> int:
+        """Associations of `mode` the bridge has audited (it writes the event when the association ends)."""
+        if self.net is None or mode not in PAIRS:
+            return 0
+        try:
+            events = read_events(self.net.workdir / "audit.jsonl")
+        except (OSError, ValueError):
+            return 0
+        return sum(1 for e in events if e.get("event") == "association" and e.get("from_site") in PAIRS[mode])
+
     def bridge_bytes(self) -> dict[str, int]:
         """Bytes the bridge has carried so far, both ways, per relay mode (its audit's association events)."""
         if self.net is None:

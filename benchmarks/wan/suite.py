@@ -322,11 +322,20 @@ class Bench:
         delta.update({k: after[k] - before.get(k, 0) for k in after})
 
     @contextlib.contextmanager
-    def wire_window(self) -> Iterator[dict[str, int]]:
+    def wire_window(self, mode: str) -> Iterator[dict[str, int]]:
         """Bytes sent on each site's uplink and downlink (tbf counters) and carried by the bridge during a run."""
         sent0, bridge0 = self.lab.sent_bytes(), self.relay.bridge_bytes()
+        audited = self.relay.association_events(mode)
         delta: dict[str, int] = {}
         yield delta
+        # The bridge audits an association (with its byte counts) when it ends, a moment after the client
+        # has exited: wait for that event, or its bytes land in the next run's window.
+        deadline = time.monotonic() + 10
+        while mode in self.relay.modes and self.relay.association_events(mode) <= audited:
+            if time.monotonic() > deadline:
+                log(f"  the bridge did not audit the {mode} association within 10 s; its bridge bytes are missing")
+                break
+            time.sleep(0.1)
         sent1, bridge1 = self.lab.sent_bytes(), self.relay.bridge_bytes()
         for key, dev in (("a_uplink", "tunA"), ("a_downlink", "ha0"), ("b_uplink", "tunB"), ("b_downlink", "hb0")):
             delta[key] = sent1[dev] - sent0[dev]
@@ -482,7 +491,7 @@ class Bench:
             mid = report.summary([p["total_s"] for p in parts])["median"]
             return f"{mid * 1000:.0f} ms median of {len(parts)}"
         files, verify = loads[name].files, rep == 0
-        with self.wire_window() as wire:
+        with self.wire_window(mode) as wire:
             if name == "move" and mode == "dicomweb":
                 assert self.dicomweb is not None
                 cpu0 = self._cpu_snapshot()

@@ -17,8 +17,6 @@ run). Things the WAN suite relies on (see also tests/support/orthanc.py):
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import shutil
@@ -29,12 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from benchmarks.wan.topology import WanLab
+from relay_bridge.pki import make_dev_pki
 
 PROBE = str(Path(__file__).resolve().parent / "probe.py")
 PLUGINS = Path("/usr/share/orthanc/plugins")
@@ -55,48 +49,12 @@ def dicomweb_plugin() -> Path:
 
 
 def make_tls(directory: Path, ips: Sequence[str]) -> tuple[Path, Path]:
-    """A throwaway CA and one server certificate for `ips`: (ca.pem, server.pem holding certificate + key)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("drwan DICOMweb CA"))
-        .issuer_name(name("drwan DICOMweb CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("drwan orthanc"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(i)) for i in ips]), False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, server_path = directory / "ca.pem", directory / "server.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    server_path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    server_path.chmod(0o600)
-    return ca_path, server_path
+    """A throwaway CA and one server certificate for `ips`: (ca.pem, server-with-key.pem for the TLS terminator)."""
+    files = make_dev_pki(directory, hostnames=[], ips=list(ips), days=2)
+    combined = directory / "server-with-key.pem"
+    combined.write_bytes(files.server_cert.read_bytes() + files.server_key.read_bytes())
+    combined.chmod(0o600)
+    return files.ca_cert, combined
 
 
 class OrthancError(RuntimeError):

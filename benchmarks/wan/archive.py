@@ -33,7 +33,8 @@ from benchmarks.wan.orthanc import NsOrthanc
 from benchmarks.wan.relay import MODES as RELAY_MODES
 from benchmarks.wan.relay import dest_title
 from benchmarks.wan.topology import A_ADDR, B_ADDR, NS_A, NS_B, VPN_A_ADDR, VPN_B_ADDR, WanLab
-from relay_demo.datasets import fingerprints, generate_ct_series, write_series
+from benchmarks.wan.workloads import check_arrival
+from relay_demo.datasets import generate_ct_series, write_series
 
 PROBE = str(Path(__file__).resolve().parent / "probe.py")
 ARCHIVE_AET = "ARCHIVE"
@@ -147,11 +148,7 @@ class Archive:
         elapsed = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(f"movescu ({mode}) failed ({r.returncode}): {r.stderr[-2000:]}")
-        got = sorted(self.rx.glob("*.dcm"))
-        if len(got) != len(files):
-            raise RuntimeError(f"move ({mode}): storescp MOVE received {len(got)} of {len(files)} files")
-        if verify and fingerprints(got) != fingerprints(files):
-            raise RuntimeError(f"move ({mode}): what arrived differs from what the archive was given")
+        check_arrival(f"move ({mode})", self.rx, files, verify)
         return elapsed
 
     def stop(self) -> None:

@@ -62,7 +62,6 @@ from benchmarks.wan.topology import (
     cleanup,
 )
 from benchmarks.wan.vpn import Vpn
-from relay_demo.datasets import fingerprints
 
 HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")
@@ -359,11 +358,7 @@ class Bench:
         cpu1 = self._cpu_snapshot()
         if r.returncode != 0:
             raise RuntimeError(f"storescu ({mode}) failed ({r.returncode}): {r.stderr[-2000:]}")
-        got = sorted(self.rx.glob("*.dcm"))
-        if len(got) != len(files):
-            raise RuntimeError(f"{mode}: storescp received {len(got)} of {len(files)} files")
-        if verify and fingerprints(got) != fingerprints(files):
-            raise RuntimeError(f"{mode}: what arrived differs from what was sent")
+        workloads.check_arrival(mode, self.rx, files, verify)
         return elapsed, {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
 
     def echo(self, mode: str, count: int) -> list[dict[str, float]]:

@@ -23,7 +23,14 @@ import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from relay_demo.datasets import _uid, generate_ct_series, generate_dx_series, generate_mr_series, write_series
+from relay_demo.datasets import (
+    _uid,
+    fingerprints,
+    generate_ct_series,
+    generate_dx_series,
+    generate_mr_series,
+    write_series,
+)
 
 
 @dataclass(frozen=True)
@@ -110,3 +117,12 @@ def build(name: str, n: int, cache: Path) -> Workload:
         marker.write_text(text)
     files = tuple(sorted(p for p in directory.glob("*.dcm")))
     return Workload(name, files, marker.read_text())
+
+
+def check_arrival(what: str, received: Path, sent: tuple[Path, ...], verify: bool) -> None:
+    """Every file of `sent` arrived in `received` (and, with `verify`, with the same pixels); else RuntimeError."""
+    got = sorted(received.glob("*.dcm"))
+    if len(got) != len(sent):
+        raise RuntimeError(f"{what}: the receiver got {len(got)} of {len(sent)} files")
+    if verify and fingerprints(got) != fingerprints(sent):
+        raise RuntimeError(f"{what}: what arrived differs from what was sent")

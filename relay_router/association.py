@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import grpc.aio
 
@@ -24,6 +23,7 @@ from relay_router.compress import FEATURE as COMPRESSION
 from relay_router.compress import FLAG_SHUFFLED, DecompressionError, FrameCompressor, FrameDecompressor
 from relay_router.compress import SHUFFLE_FEATURE as SHUFFLE
 from relay_router.config import DicomSection
+from relay_router.outcome import Outcome
 from relay_router.pace import FEATURE as PACE
 from relay_router.pace import FLAG_BURST, FLAG_PACE, ArrivalMeter, PaceError, PathPace, decode_report, encode_report
 from relay_router.seal import (
@@ -70,25 +70,6 @@ def rejection_for(reason: int) -> bytes:
     if reason == pb.Refused.OVERLOADED:
         return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 2)
     return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1)
-
-
-@dataclass
-class Outcome:
-    """What happened to an association, for logs, audit and the status command."""
-
-    association_id: str
-    direction: str  # "outbound" (local device called out) or "inbound"
-    site: str
-    calling_ae: str = ""
-    called_ae: str = ""
-    result: str = "pending"  # established, released, rejected, refused, aborted
-    detail: str = ""
-    bytes_to_remote: int = 0
-    bytes_to_local: int = 0
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-    abstract_syntaxes: tuple[str, ...] = ()
-    established: float | None = None  # when the A-ASSOCIATE-AC passed (setup latency metric)
 
 
 class RelayedAssociation:

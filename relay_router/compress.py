@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import zstandard
 
-from relay_router.seal import FLAG_COMPRESSED
+from relay_router.wire.features import COMPRESSION, SHUFFLE
+from relay_router.wire.flags import FrameFlag
 
-FEATURE = "zstd"
-SHUFFLE_FEATURE = "zstd-shuffle2"
-FLAG_SHUFFLED = 0x400  # with FLAG_COMPRESSED: unshuffle the decompressed bytes (2-byte planes)
+FEATURE, SHUFFLE_FEATURE = COMPRESSION, SHUFFLE  # feature names (relay_router.wire.features)
+
+# Registered in relay_router.wire.flags (every frame flag is there); these names stay for existing callers.
+FLAG_COMPRESSED = FrameFlag.COMPRESSED
+FLAG_SHUFFLED = FrameFlag.SHUFFLED  # with FLAG_COMPRESSED: unshuffle the decompressed bytes (2-byte planes)
 TRIAL_EVERY = 32  # frames between comparisons of the shuffled and the plain form
 MAX_FRAME_PLAINTEXT = 8 * 1024 * 1024
 MIN_SIZE = 1024  # smaller payloads (command sets, echo) are not worth a compressor call
@@ -62,13 +65,13 @@ class FrameCompressor:
         self._shuffled = shuffle  # the form that won the last trial
         self._until_trial = 0
 
-    def pack(self, payload: bytes) -> tuple[bytes, int]:
+    def pack(self, payload: bytes) -> tuple[bytes, FrameFlag]:
         """(data, flags) for one frame: 0, FLAG_COMPRESSED, or FLAG_COMPRESSED | FLAG_SHUFFLED."""
         if not self._shuffle:
             data, packed = self.compress(payload)
-            return data, FLAG_COMPRESSED if packed else 0
+            return data, FLAG_COMPRESSED if packed else FrameFlag(0)
         if len(payload) < MIN_SIZE or self._skip:
-            return self.compress(payload)[0], 0  # counts the skip
+            return self.compress(payload)[0], FrameFlag(0)  # counts the skip
         if self._until_trial <= 0:
             self._until_trial = TRIAL_EVERY
             plain = self._compressor.compress(payload)
@@ -79,8 +82,8 @@ class FrameCompressor:
             self._until_trial -= 1
             packed = self._compressor.compress(shuffle2(payload) if self._shuffled else payload)
         if not self._paid(len(payload), len(packed)):
-            return payload, 0
-        return packed, FLAG_COMPRESSED | (FLAG_SHUFFLED if self._shuffled else 0)
+            return payload, FrameFlag(0)
+        return packed, FLAG_COMPRESSED | (FLAG_SHUFFLED if self._shuffled else FrameFlag(0))
 
     def _paid(self, size: int, packed: int) -> bool:
         if packed < size * WORTH:

@@ -23,7 +23,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
-from relay_router.spill import STATS
 
 if TYPE_CHECKING:
     from relay_router.association import Outcome, RelayedAssociation
@@ -119,9 +118,14 @@ class _LinkCollector(Collector):
 
 
 class _SpillCollector(Collector):
-    """The cloud spill's counters (relay_router.spill.STATS, one per router process), read at scrape time."""
+    """The cloud spill's counters (the RouterService's SpillState), read at scrape time."""
+
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.service.spill.stats
+
         def by_direction(name: str, documentation: str, sent: int, received: int) -> CounterMetricFamily:
             family = CounterMetricFamily(name, documentation, labels=["direction"])
             family.add_metric(["sent"], sent)
@@ -132,39 +136,39 @@ class _SpillCollector(Collector):
             "relay_router_spill_datasets",
             "Data sets that travelled through the blob store: sent (spilled by this router) and received "
             "(fetched, verified and delivered to a local device)",
-            STATS.blobs_sent,
-            STATS.blobs_received,
+            stats.blobs_sent,
+            stats.blobs_received,
         )
         yield by_direction(
             "relay_router_spill_bytes",
             "DICOM Upper Layer bytes that travelled through the blob store instead of the bridge "
             "(sent: spilled from local devices; received: delivered to local devices from blobs)",
-            STATS.bytes_spilled,
-            STATS.bytes_received,
+            stats.bytes_spilled,
+            stats.bytes_received,
         )
         yield by_direction(
             "relay_router_spill_store_bytes",
             "Bytes uploaded to (sent) and downloaded from (received) the blob store: sealed, maybe compressed parts",
-            STATS.stored_bytes_sent,
-            STATS.stored_bytes_received,
+            stats.stored_bytes_sent,
+            stats.stored_bytes_received,
         )
         yield by_direction(
             "relay_router_spill_parts",
             "Blob parts stored (sent) and fetched and verified (received)",
-            STATS.parts_sent,
-            STATS.parts_received,
+            stats.parts_sent,
+            stats.parts_received,
         )
         yield CounterMetricFamily(
             "relay_router_spill_fallbacks",
             "Data sets above the spill threshold sent inline because the blob store could not be used",
-            value=STATS.fallbacks,
+            value=stats.fallbacks,
         )
         yield by_direction(
             "relay_router_spill_failures",
             "Blobs that failed after the spill began, each aborting its association (sent: the store failed "
             "after parts were stored; received: a part could not be fetched or did not verify)",
-            STATS.send_failures,
-            STATS.receive_failures,
+            stats.send_failures,
+            stats.receive_failures,
         )
 
 
@@ -212,7 +216,7 @@ class RouterMetrics:
             {"site": service.config.router.name, "version": package_version()}
         )
         registry.register(_LinkCollector(service))
-        registry.register(_SpillCollector())
+        registry.register(_SpillCollector(service))
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

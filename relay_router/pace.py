@@ -28,11 +28,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-FEATURE = "pace"
-# Data frame flags (carried in the AEAD's associated data). 0x1 compressed and 0x2 sealed are in
-# relay_router.seal, 0x4 blob reference in relay_router.spill; these stay clear of them.
-FLAG_PACE = 0x100  # the payload is a pace report: the rate this router receives at, bytes per second
-FLAG_BURST = 0x200  # the sender had this frame's data waiting when it sent the previous frame
+from relay_router.wire.features import PACE
+from relay_router.wire.flags import FrameFlag
+
+FEATURE = PACE  # the feature name (relay_router.wire.features)
+
+# Registered in relay_router.wire.flags (every frame flag is there); these names stay for existing callers.
+FLAG_PACE = FrameFlag.PACE  # the payload is a pace report: the rate this router receives at, bytes per second
+FLAG_BURST = FrameFlag.BURST  # the sender had this frame's data waiting when it sent the previous frame
 
 MIN_FRAME_BYTES = 16 * 1024
 # Before the first report: small enough that a typical image (0.1-0.5 MB) still goes in several frames,

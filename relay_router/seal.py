@@ -38,27 +38,37 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from relay_common.errors import Reason, SecurityError
+from relay_router.wire.flags import FrameFlag
+
 PROTOCOL = b"dicom-relay relay.v1 e2e"
 KEM_NAME = "MLKEM768-X25519"
 SUITE_NAME = "relay.v1/MLKEM768-X25519/HKDF-SHA256/AES-256-GCM"
 SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 MLKEM768_PUBLIC_LENGTH = 1184
 X25519_LENGTH = 32
-FLAG_COMPRESSED = 0x1
-FLAG_SEALED = 0x2
+# The flag bits are registered in relay_router.wire.flags; these names stay for existing callers.
+FLAG_COMPRESSED = FrameFlag.COMPRESSED
+FLAG_SEALED = FrameFlag.SEALED
 INITIATOR_TO_RESPONDER = 0
 RESPONDER_TO_INITIATOR = 1
 
 
-class HandshakeError(Exception):
+class HandshakeError(SecurityError):
     """The peer could not be authenticated; the association must be refused."""
 
 
 class UnknownPeer(HandshakeError):
-    """No identity is known for the site (the bridge offered none: usually nothing is shared with us)."""
+    """No identity is known for the site (the bridge offered none: usually nothing is shared with us).
+
+    Not an attack: the bridge is then asked only for its refusal reason.
+    """
+
+    reason = Reason.UNKNOWN_IDENTITY
+    security = False
 
 
-class TamperError(Exception):
+class TamperError(SecurityError):
     """A frame failed authentication: altered, replayed, reordered or from another association."""
 
 

@@ -24,26 +24,20 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_router.association import Outcome, RelayedAssociation, rejection_for
-from relay_router.compress import FEATURE as COMPRESSION
-from relay_router.compress import SHUFFLE_FEATURE as SHUFFLE
 from relay_router.config import RouterConfig, SharedDevice
 from relay_router.metrics import RouterMetrics
-from relay_router.pace import FEATURE as PACE
 from relay_router.pace import PathPace
 from relay_router.seal import (
-    FLAG_SEALED,
     SUITE_NAME,
     AssociationContext,
     FrameSealer,
     Handshake,
     HandshakeError,
-    TamperError,
     UnknownPeer,
     initiate,
     respond,
 )
-from relay_router.spill import FEATURE as SPILL
-from relay_router.spill import BlobTransport
+from relay_router.spill import BridgeBlobTransport, SpillState
 from relay_router.status import status_extra
 from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
 from relay_router.ul import (
@@ -59,6 +53,8 @@ from relay_router.ul import (
     a_associate_rj,
     parse_reject,
 )
+from relay_router.wire.codec import FrameRejected, first_frame, open_first_frame
+from relay_router.wire.features import Features
 
 log = logging.getLogger("relay_router")
 REJECT_UNKNOWN_CALLED = (RejectResult.PERMANENT, RejectSource.SERVICE_USER, 7)
@@ -89,7 +85,8 @@ class RouterService:
         audit_path = config.audit.file if config.audit.enabled else None
         self.audit = AuditLog(audit_path, app="relay-router", syslog=config.audit.syslog)
         self.link = BridgeLink(config, self._incoming, self.audit)
-        self.blobs = BlobTransport(self.link)  # cloud spill: blob parts via URLs the bridge signs
+        self.blobs = BridgeBlobTransport(self.link)  # cloud spill: blob parts via URLs the bridge signs
+        self.spill = SpillState()  # ... its counters (relay_router.metrics) and pause after a store failure
         self.paces: dict[str, PathPace] = {}  # the speed of the path to each remote site (relay_router.pace)
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
@@ -323,11 +320,11 @@ class RouterService:
             to_site=route.site,
             called_ae_title=route.ae_title,
             calling_ae_title=request.calling_ae,
-            first_data=pb.Data(payload=sealer.seal(forward.data, 0), seq=0, flags=FLAG_SEALED),
+            first_data=first_frame(sealer, forward.data),
             handshake=pb.Handshake(
                 kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
             ),
-            features=[COMPRESSION, SHUFFLE, SPILL, PACE] if self.config.dicom.compression else [SPILL, PACE],
+            features=Features.offer(compression=self.config.dicom.compression).names(),
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -355,8 +352,10 @@ class RouterService:
             dicom=self.config.dicom,
             sealer=sealer,
             initiator=True,
+            features=Features.offer(compression=self.config.dicom.compression),
             confirm_from=(peer, route.site),
             blobs=self.blobs,
+            spill=self.spill,
             pace=self.paces.setdefault(route.site, PathPace()),
         )
         outcome.bytes_to_remote += len(forward.data)
@@ -422,13 +421,10 @@ class RouterService:
         context = AssociationContext(notice.association_id, notice.from_site, self.link.site, notice.called_ae_title)
         handshake = Handshake(notice.handshake.kem_ciphertext, notice.handshake.signature)
         confirmation, sealer = respond(self.link.identity, initiator, handshake, context)
-        first = notice.first_frame.data
-        if first.seq != 0 or first.flags != FLAG_SEALED:
-            raise HandshakeError("the first frame of the association is not sealed")
         try:
-            return confirmation, sealer, sealer.open(first.payload, 0)
-        except TamperError as exc:
-            raise HandshakeError(str(exc)) from exc
+            return confirmation, sealer, open_first_frame(sealer, notice.first_frame.data)
+        except FrameRejected as exc:
+            raise HandshakeError(exc.detail) from exc
 
     async def _relay_inbound(self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str]) -> None:
         device = self.shared.get(notice.called_ae_title)
@@ -483,18 +479,8 @@ class RouterService:
                 f"device {device.ae_title} at site {self.link.site} is not reachable",
             )
         tune_socket(writer)
-        compress = self.config.dicom.compression and COMPRESSION in notice.features
-        features = [COMPRESSION] if compress else []
-        shuffle = compress and SHUFFLE in notice.features
-        if shuffle:
-            features.append(SHUFFLE)
-        spill = SPILL in notice.features
-        if spill:
-            features.append(SPILL)
-        pace = PACE in notice.features
-        if pace:
-            features.append(PACE)
-        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features)))
+        features = Features.answer(notice.features, compression=self.config.dicom.compression)
+        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features.names())))
         conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(
             conn,
@@ -505,12 +491,10 @@ class RouterService:
             dicom=self.config.dicom,
             sealer=sealer,
             initiator=False,
-            compression_agreed=compress,
-            shuffle_agreed=shuffle,
+            features=features,
             blobs=self.blobs,
-            spill_agreed=spill,
+            spill=self.spill,
             pace=self.paces.setdefault(notice.from_site, PathPace()),
-            pace_agreed=pace,
         )
         actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)

@@ -275,6 +275,32 @@ class BridgeLink:
             raise LinkDown("the bridge closed the association stream")
         return stream, answer
 
+    # -- blob RPCs (cloud spill: relay_router.spill_store.BridgeBlobTransport) ------------------
+    def _blob_stub(self) -> tuple[pb_grpc.RelayStub, tuple[tuple[str, str], ...]]:
+        """The stub and session metadata for a blob RPC; LinkDown when not signed on."""
+        metadata = self._metadata()
+        assert self._stub is not None
+        return self._stub, metadata
+
+    async def blob_slot(self, request: pb.BlobSlotRequest, *, timeout_s: float) -> pb.BlobSlotResponse:
+        """A presigned URL for one part of a blob of one of our associations (gRPC errors pass through)."""
+        stub, metadata = self._blob_stub()
+        return await stub.BlobSlot(request, metadata=metadata, timeout=timeout_s)  # type: ignore[no-any-return]
+
+    async def put_blob_part(self, part: pb.BlobPart, *, timeout_s: float) -> None:
+        """Store a part through the bridge (its file:// store, whose URLs are capabilities for this RPC)."""
+        stub, metadata = self._blob_stub()
+        await stub.PutBlobPart(part, metadata=metadata, timeout=timeout_s)
+
+    async def get_blob_part(self, part: pb.BlobPart, *, timeout_s: float) -> pb.BlobPart:
+        stub, metadata = self._blob_stub()
+        return await stub.GetBlobPart(part, metadata=metadata, timeout=timeout_s)  # type: ignore[no-any-return]
+
+    async def release_blob(self, request: pb.BlobSlotRequest, *, timeout_s: float) -> None:
+        """The blob was delivered: the bridge may delete it now."""
+        stub, metadata = self._blob_stub()
+        await stub.ReleaseBlob(request, metadata=metadata, timeout=timeout_s)
+
     async def join(self, association_id: str) -> AssociationStream:
         assert self._stub is not None
         call = self._stub.Associate(metadata=self._metadata())

@@ -25,9 +25,8 @@ from relay_bridge.config import BridgeConfig, ServerSection, SpillSection, Stora
 from relay_bridge.server import RelayServicer, RouterSession, start
 from relay_common.audit import read_events
 from relay_common.config import AuditSection
-from relay_router import spill
 from relay_router.seal import FrameSealer
-from relay_router.spill import BlobTransport, SpillFailed, SpillReceiver, SpillSender
+from relay_router.spill import BlobTransport, BridgeBlobTransport, SpillFailed, SpillReceiver, SpillSender
 
 pytestmark = pytest.mark.timeout(60)
 AID = os.urandom(16).hex()
@@ -46,10 +45,17 @@ class Bridge:
     blobs: Path
     audit: Path
 
-    def transport(self, name: str, cls: type[BlobTransport] = BlobTransport) -> BlobTransport:
+    def transport(self, name: str, cls: type[BridgeBlobTransport] = BridgeBlobTransport) -> BridgeBlobTransport:
         session = RouterSession(name, f"token-{name}", "127.0.0.1", associations={AID})
         self.servicer.sessions[name] = session
-        link = SimpleNamespace(_stub=self.stub, _metadata=lambda: (("relay-session", session.token),))
+        md = (("relay-session", session.token),)
+        # The blob API of relay_router.tunnel.BridgeLink, on this test's channel and session.
+        link = SimpleNamespace(
+            blob_slot=lambda request, timeout_s: self.stub.BlobSlot(request, metadata=md, timeout=timeout_s),
+            put_blob_part=lambda part, timeout_s: self.stub.PutBlobPart(part, metadata=md, timeout=timeout_s),
+            get_blob_part=lambda part, timeout_s: self.stub.GetBlobPart(part, metadata=md, timeout=timeout_s),
+            release_blob=lambda request, timeout_s: self.stub.ReleaseBlob(request, metadata=md, timeout=timeout_s),
+        )
         return cls(link)
 
     def expire_urls(self) -> None:
@@ -74,11 +80,6 @@ async def bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
         await server.stop(None)
         assert servicer.blobs is not None
         await servicer.blobs.close()
-
-
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spill, "_down_until", 0.0)
 
 
 def sealers() -> tuple[FrameSealer, FrameSealer]:
@@ -124,7 +125,7 @@ async def test_an_expired_download_url_aborts_before_any_byte_is_delivered(bridg
     inline, frames = await spill_one(bridge.transport("site-a"), tx, data)
     assert inline == b"" and frames
 
-    class Stalled(BlobTransport):
+    class Stalled(BridgeBlobTransport):
         async def get(self, url: str) -> bytes:
             bridge.expire_urls()  # the receiver stalled past url_ttl_s after the bridge signed the URL
             return await super().get(url)
@@ -152,7 +153,7 @@ async def test_an_expired_upload_url_sends_the_data_set_inline(
 ) -> None:
     tx, _ = sealers()
 
-    class Stalled(BlobTransport):
+    class Stalled(BridgeBlobTransport):
         async def put(self, url: str, data: bytes) -> None:
             bridge.expire_urls()
             await super().put(url, data)

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay_common.config import parse_config
 from relay_router.config import RouterConfig
 from relay_router.metrics import RouterMetrics
+from relay_router.spill import SpillState
 from relay_router.tunnel import DirectoryEntry
 
 ROUTER = {
@@ -45,6 +46,7 @@ class FakeService:
         self.active: dict[str, object] = {}
         self.relays: set[object] = set()
         self.status_file: Path | None = None
+        self.spill = SpillState()
         self.metrics = RouterMetrics(self)  # type: ignore[arg-type]
 
 

@@ -13,7 +13,7 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_demo.datasets import generate_ct_series
 from relay_router import spill
 from relay_router.seal import FrameSealer
-from relay_router.spill import SpillFailed, SpillReceiver, SpillSender, SpillUnavailable
+from relay_router.spill import SpillFailed, SpillReceiver, SpillSender, SpillState, SpillUnavailable
 
 AID = os.urandom(16).hex()
 
@@ -60,11 +60,6 @@ def sealers() -> tuple[FrameSealer, FrameSealer]:
     return FrameSealer(secret, transcript, AID, initiator=True), FrameSealer(secret, transcript, AID, initiator=False)
 
 
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spill, "_down_until", 0.0)
-
-
 class Wire:
     """The association stream as seen by SpillSender: blob notices get consecutive sequence numbers."""
 
@@ -84,6 +79,7 @@ def sender(
     level: int | None = None,
     wire: Wire | None = None,
     shuffle: bool = False,
+    state: SpillState | None = None,
 ) -> SpillSender:
     out = SpillSender(
         transport,  # type: ignore[arg-type]
@@ -96,6 +92,7 @@ def sender(
         compression_level=lambda: level,
         announce=(wire or Wire()).announce,
         shuffle=lambda: shuffle,
+        state=state,
     )
     return out
 
@@ -225,11 +222,41 @@ async def test_store_down_falls_back_inline() -> None:
     tx, _ = sealers()
     transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
     transport.fail_slot = True
-    out = sender(transport, tx, framer)
+    state = SpillState()
+    out = sender(transport, tx, framer, state=state)
     chunks = [os.urandom(40_000) for _ in range(4)]
     inline, frames = await send_dataset(out, framer, chunks)
     assert inline == b"".join(chunks) and not frames and out.disabled
-    assert spill.STATS.fallbacks >= 1
+    assert state.stats.fallbacks == 1 and state.paused
+
+
+async def test_a_paused_router_sends_inline_without_asking_the_store() -> None:
+    """The pause after a store failure holds for every association of the router that shares the state."""
+    tx, _ = sealers()
+    state = SpillState()
+    state.pause()
+    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
+    chunks = [os.urandom(40_000) for _ in range(4)]
+    inline, frames = await send_dataset(sender(transport, tx, framer, state=state), framer, chunks)
+    assert inline == b"".join(chunks) and not frames and not transport.blobs
+    other = SpillState()  # another router process (or a test) is not paused
+    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
+    _, frames = await send_dataset(sender(transport, tx, framer, state=other), framer, chunks)
+    assert frames and other.stats.blobs_sent == 1 and state.stats.blobs_sent == 0
+
+
+async def test_counters_follow_a_blob_through_sender_and_receiver() -> None:
+    tx, rx = sealers()
+    state, received = SpillState(), SpillState()
+    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
+    chunks = [os.urandom(60_000) for _ in range(4)]
+    _, frames = await send_dataset(sender(transport, tx, framer, state=state), framer, chunks)
+    receiver = SpillReceiver(transport, AID, rx, parallel=2, stats=received.stats)  # type: ignore[arg-type]
+    assert await receive(receiver, rx, frames) == b"".join(chunks)
+    assert state.stats.blobs_sent == received.stats.blobs_received == 1
+    assert state.stats.bytes_spilled == received.stats.bytes_received == 240_000
+    assert state.stats.parts_sent == received.stats.parts_received == 4
+    assert state.stats.stored_bytes_sent == received.stats.stored_bytes_received > 240_000
 
 
 async def test_store_fails_before_any_part_is_stored_falls_back_inline() -> None:

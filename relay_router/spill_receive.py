@@ -1,0 +1,208 @@
+"""Cloud spill, receiving side: blob notices checked, parts fetched, authenticated and delivered in order.
+
+See relay_router.spill for the design; a blob that fails to open aborts the association, and no
+unauthenticated byte ever reaches the local device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_router.compress import DecompressionError, FrameDecompressor, unshuffle2
+from relay_router.seal import FrameSealer, TamperError
+from relay_router.spill_store import (
+    END_NOTICE,
+    KIND_END,
+    KIND_PARTS,
+    MAX_PART_INDEX,
+    PARTS_NOTICE,
+    BlobGone,
+    BlobTransport,
+    SpillFailed,
+    SpillStats,
+    SpillUnavailable,
+    blob_alert,
+    part_seq,
+)
+from relay_router.wire.flags import PartFlag
+
+log = logging.getLogger("relay_router.spill")
+
+
+class IncomingBlob:
+    """A blob being received: parts fetched in order as they are announced, ``parallel`` in flight."""
+
+    def __init__(self, receiver: SpillReceiver, blob_id: str, ordinal: int) -> None:
+        self.receiver, self.blob_id, self.ordinal = receiver, blob_id, ordinal
+        self.announced = 0
+        self.end: tuple[int, int, bytes] | None = None  # (parts, plaintext length, digest) once END arrived
+        self._changed = asyncio.Event()
+
+    def announce(self, count: int) -> None:
+        if count < self.announced or count >= MAX_PART_INDEX or self.end is not None:
+            raise blob_alert(f"blob {self.blob_id}: parts notice out of order")
+        self.announced = count
+        self._changed.set()
+
+    def finish(self, parts: int, plain_len: int, digest: bytes) -> None:
+        if parts < self.announced or not 1 <= parts < MAX_PART_INDEX or self.end is not None:
+            raise blob_alert(f"blob {self.blob_id}: its manifest contradicts its notices")
+        self.end = (parts, plain_len, digest)
+        self._changed.set()
+
+    async def plaintext(self) -> AsyncIterator[bytes]:
+        """The blob's plaintext part by part, each authenticated before it is yielded."""
+        receiver, blob_id = self.receiver, self.blob_id
+        tasks: dict[int, asyncio.Task[bytes]] = {}
+        hasher = hashlib.sha256()
+        total = fetched = index = early = 0
+        last_seen = False
+
+        async def download(part: int) -> bytes:
+            _, url = await receiver.transport.slot(receiver.association_id, blob_id, part, download=True)
+            return await receiver.transport.get(url)
+
+        try:
+            while True:
+                available = self.end[0] if self.end is not None else self.announced
+                while fetched < available and len(tasks) < receiver.parallel:
+                    tasks[fetched] = asyncio.create_task(download(fetched))
+                    fetched += 1
+                if index not in tasks:
+                    if self.end is not None and index >= self.end[0]:
+                        break
+                    await self._changed.wait()
+                    self._changed.clear()
+                    continue
+                if last_seen:
+                    raise blob_alert(f"blob {blob_id} has parts after its last part")
+                try:
+                    stored = await tasks.pop(index)
+                except BlobGone as exc:
+                    raise SpillFailed(
+                        f"blob {blob_id} part {index} is gone from the store (deleted before it was fetched): {exc}"
+                    ) from None
+                except SpillUnavailable as exc:
+                    raise SpillFailed(f"blob {blob_id} part {index} could not be fetched: {exc}") from None
+                plain, last_seen = receiver.open_part(blob_id, self.ordinal, index, stored)
+                if last_seen and self.end is not None and index != self.end[0] - 1:
+                    raise blob_alert(f"blob {blob_id} part {index} is marked last too early")
+                hasher.update(stored)
+                total += len(plain)
+                receiver.stats.parts_received += 1
+                receiver.stats.stored_bytes_received += len(stored)
+                receiver.stats.bytes_received += len(plain)
+                if self.end is None:
+                    early += 1
+                index += 1
+                yield plain
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert self.end is not None
+        parts, plain_len, digest = self.end
+        if not last_seen:
+            raise blob_alert(f"blob {blob_id} ends without its last part (truncated)")
+        if total != plain_len or hasher.digest() != digest:
+            raise blob_alert(f"blob {blob_id} does not match its manifest")
+        receiver.stats.blobs_received += 1
+        log.info(
+            "received %d bytes in %d parts from blob %s (%d parts delivered before its END notice)",
+            total,
+            parts,
+            blob_id,
+            early,
+            extra={"assoc": receiver.association_id},
+        )
+        await receiver.transport.release(receiver.association_id, blob_id)
+
+
+class SpillReceiver:
+    """Checks the blob notices of one direction of an association and opens the parts they announce."""
+
+    def __init__(
+        self,
+        transport: BlobTransport,
+        association_id: str,
+        sealer: FrameSealer,
+        *,
+        parallel: int,
+        stats: SpillStats | None = None,
+    ) -> None:
+        self.transport, self.association_id, self.sealer = transport, association_id, sealer
+        self.stats = stats or SpillStats()
+        self.parallel = max(1, parallel)
+        self._decompressor = FrameDecompressor()
+        self._ordinal = 0  # the next blob this direction may begin
+        self.current: IncomingBlob | None = None
+
+    def accept(self, data: pb.Data, notice: bytes) -> tuple[IncomingBlob, bool, bool]:
+        """(the blob, whether this notice began it, whether it ended it) for an opened blob notice."""
+        kind = notice[:1]
+        if kind == bytes([KIND_PARTS]) and len(notice) == PARTS_NOTICE.size:
+            _, raw_id, ordinal, count = PARTS_NOTICE.unpack(notice)
+            end = None
+        elif kind == bytes([KIND_END]) and len(notice) == END_NOTICE.size:
+            _, raw_id, ordinal, count, plain_len, digest = END_NOTICE.unpack(notice)
+            end = (count, plain_len, digest)
+        else:
+            raise blob_alert("malformed blob notice")
+        blob_id = raw_id.decode("ascii", "replace")
+        if blob_id != data.blob.blob_id:
+            raise blob_alert("the blob reference does not match its sealed notice")
+        began = False
+        blob = self.current
+        if blob is None:
+            if ordinal != self._ordinal:
+                raise blob_alert(f"blob {blob_id} is number {ordinal}, {self._ordinal} was expected")
+            blob = self.current = IncomingBlob(self, blob_id, ordinal)
+            self._ordinal += 1
+            began = True
+        elif (blob.blob_id, blob.ordinal) != (blob_id, ordinal):
+            raise blob_alert(f"blob {blob_id} begins before blob {blob.blob_id} ended")
+        if end is None:
+            blob.announce(count)
+        else:
+            blob.finish(*end)
+            self.current = None
+        return blob, began, end is not None
+
+    def open_part(self, blob_id: str, ordinal: int, index: int, stored: bytes) -> tuple[bytes, bool]:
+        """(plaintext, is the last part) of a stored part, or SpillFailed."""
+        if not stored:
+            raise blob_alert(f"blob {blob_id} part {index} is empty (truncated)")
+        flags = stored[0]
+        optional = int(PartFlag.COMPRESSED | PartFlag.LAST | PartFlag.SHUFFLED)  # int: IntFlag's ~ drops unknown bits
+        if flags & ~optional != PartFlag.SEALED | PartFlag.PART or (
+            flags & PartFlag.SHUFFLED and not flags & PartFlag.COMPRESSED
+        ):
+            raise blob_alert(f"blob {blob_id} part {index} has flags {flags:#x}")
+        try:
+            plain = self.sealer.open(stored[1:], part_seq(ordinal, index), flags)
+        except TamperError:
+            raise blob_alert(
+                f"blob {blob_id} part {index} failed authentication (corrupt, truncated or swapped)"
+            ) from None
+        if flags & PartFlag.COMPRESSED:
+            try:
+                plain = self._decompressor.decompress(plain)
+            except DecompressionError as exc:
+                raise SpillFailed(f"blob {blob_id} part {index}: {exc}") from None
+            if flags & PartFlag.SHUFFLED:
+                plain = unshuffle2(plain)
+        return plain, bool(flags & PartFlag.LAST)
+
+    async def deliver(self, blob: IncomingBlob, sink: Callable[[bytes], Awaitable[bool]]) -> None:
+        """Feed the blob's plaintext to ``sink`` (which returns False to stop); SpillFailed on a bad blob."""
+        try:
+            async for plain in blob.plaintext():
+                if not await sink(plain):
+                    return
+        except SpillFailed:
+            self.stats.receive_failures += 1
+            raise

@@ -38,7 +38,7 @@ class FrameRejected(RelayError):
 
 
 def _alert(detail: str) -> FrameRejected:
-    return FrameRejected(f"SECURITY: {detail}", security=True)
+    return FrameRejected(f"SECURITY: {detail}", reason=Reason.SECURITY, security=True)
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,11 @@ def first_frame(sealer: FrameSealer, request_pdu: bytes) -> pb.Data:
 def open_first_frame(sealer: FrameSealer, data: pb.Data) -> bytes:
     """The A-ASSOCIATE-RQ from frame 0 (the responder's side of `first_frame`)."""
     if data.seq != 0 or data.flags != FrameFlag.SEALED:
-        raise FrameRejected("the first frame of the association is not sealed", security=True)
+        raise FrameRejected("the first frame of the association is not sealed", reason=Reason.SECURITY, security=True)
     try:
         return sealer.open(data.payload, 0, FrameFlag.SEALED)
     except TamperError as exc:
-        raise FrameRejected(str(exc), security=True) from exc
+        raise FrameRejected(str(exc), reason=Reason.SECURITY, security=True) from exc
 
 
 def blob_notice_frame(sealer: FrameSealer, seq: int, notice: bytes, ref: pb.BlobRef) -> pb.Data:

@@ -156,10 +156,7 @@ class RelayedAssociation:
         return self.codec.receive_seq
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
-        """Start a task owned by this association's TaskGroup (cancelled when the association ends).
-
-        None, and the work dropped, once run() has returned: nothing may outlive the association.
-        """
+        """A task in this association's TaskGroup; None (work dropped) once run() returned: none outlives it."""
         if self._group is None:
             work.close()
             return None
@@ -389,22 +386,11 @@ class RelayedAssociation:
             await self.apply(self.conn.receive(Side.REMOTE, plain))
             return not self._closed.is_set()
 
-        # Both helpers live only inside this call: cancelled and awaited before it returns.
-        delivery = asyncio.ensure_future(self._spill_in.deliver(blob, sink))
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({delivery, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (delivery, closed):
-                task.cancel()
-            results = await asyncio.gather(delivery, closed, return_exceptions=True)
-        if isinstance(results[0], SpillFailed):
-            if not self._closed.is_set():
-                await self.abort(results[0])
-            return results[0]
-        return None
+        failure = await self._spill_in.deliver_until(blob, sink, self._closed)
+        if failure is not None and not self._closed.is_set():
+            await self.abort(failure)
+        return failure
 
-    # -- ending ----------------------------------------------------------------
     async def abort(self, error: RelayError | str, *, close_reason: int = pb.Close.ABORTED) -> None:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""
         if isinstance(error, str):  # the service's shutdown

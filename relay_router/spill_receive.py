@@ -197,6 +197,21 @@ class SpillReceiver:
                 plain = unshuffle2(plain)
         return plain, bool(flags & PartFlag.LAST)
 
+    async def deliver_until(
+        self, blob: IncomingBlob, sink: Callable[[bytes], Awaitable[bool]], closed: asyncio.Event
+    ) -> SpillFailed | None:
+        """`deliver`, stopped once `closed` is set (the association ended); the blob's failure, if any."""
+        # Both helpers live only inside this call: cancelled and awaited before it returns.
+        delivery = asyncio.ensure_future(self.deliver(blob, sink))
+        ended = asyncio.ensure_future(closed.wait())
+        try:
+            await asyncio.wait({delivery, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (delivery, ended):
+                task.cancel()
+            results = await asyncio.gather(delivery, ended, return_exceptions=True)
+        return results[0] if isinstance(results[0], SpillFailed) else None
+
     async def deliver(self, blob: IncomingBlob, sink: Callable[[bytes], Awaitable[bool]]) -> None:
         """Feed the blob's plaintext to ``sink`` (which returns False to stop); SpillFailed on a bad blob."""
         try:

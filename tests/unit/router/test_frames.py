@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -313,3 +315,10 @@ def test_a_blob_notice_must_be_built_at_the_sequence_number_it_is_given() -> Non
     with pytest.raises(ValueError, match="sequence number"):
         p.a.encode_blob_notice(lambda seq: blob_notice_frame(p.sealers[0], seq + 1, b"n", ref))
     assert p.a.send_seq == 1
+
+
+def test_the_codec_does_no_io() -> None:
+    """Sans-IO like relay_router.ul: importing the codec loads no asyncio, grpc or socket."""
+    code = "import sys, relay_router.wire.codec; print(sorted({'asyncio', 'grpc', 'socket'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -8,12 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_common.errors import Reason, RelayError
 from relay_demo.datasets import generate_ct_series
 from relay_router import spill
 from relay_router.seal import FrameSealer
 from relay_router.spill import SpillFailed, SpillReceiver, SpillSender, SpillState, SpillUnavailable
+from relay_router.wire.flags import PartFlag
 
 AID = os.urandom(16).hex()
 
@@ -302,8 +306,10 @@ async def test_damaged_blob_is_refused_before_the_damaged_bytes(damage: str) -> 
     else:
         transport.blobs[keys[1]] = bytes([transport.blobs[keys[1]][0] | spill.FLAG_LAST]) + transport.blobs[keys[1]][1:]
     delivered: list[bytes] = []
-    with pytest.raises(SpillFailed):
+    with pytest.raises(SpillFailed) as failed:
         await deliver(SpillReceiver(transport, AID, rx, parallel=2), rx, frames, delivered)  # type: ignore[arg-type]
+    # Typed: callers read `security` and `reason`, not the text. A missing part is the store's failure.
+    assert failed.value.security is (damage != "drop_last") and failed.value.reason is Reason.SPILL
     good = 0 if damage == "swap" else 1
     assert len(delivered) <= (3 if damage == "drop_last" else good)
     assert not transport.released
@@ -353,3 +359,24 @@ async def test_a_part_deleted_before_it_was_fetched_fails_with_a_clear_message()
     )
     assert b"".join(delivered) == b"".join(chunks)[: 64 * 1024], "only part 0, authenticated, came out"
     assert transport.released == []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=st.integers(0, 255))
+def test_a_part_with_any_other_header_is_refused_as_an_alert(header: int) -> None:
+    """The part header (relay_router.wire.flags.PartFlag) is authenticated: any change is refused."""
+    tx, rx = sealers()
+    receiver = SpillReceiver(MemoryTransport(), AID, rx, parallel=1)  # type: ignore[arg-type]
+    flags = PartFlag.SEALED | PartFlag.PART | PartFlag.LAST
+    stored = bytes([flags]) + tx.seal(b"pixels", spill.part_seq(0, 0), flags)
+    assert receiver.open_part("b", 0, 0, stored) == (b"pixels", True)
+    if header == flags:
+        return
+    with pytest.raises(SpillFailed) as refused:
+        receiver.open_part("b", 0, 0, bytes([header]) + stored[1:])
+    assert refused.value.security and isinstance(refused.value, RelayError)
+
+
+def test_store_errors_are_typed() -> None:
+    assert issubclass(spill.BlobGone, SpillUnavailable) and issubclass(SpillUnavailable, RelayError)
+    assert SpillUnavailable("down").reason is Reason.SPILL and not SpillUnavailable("down").security

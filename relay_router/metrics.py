@@ -13,7 +13,6 @@ never a title a remote party chose, never patient data.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -22,62 +21,55 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from relay_common.errors import Reason
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
+from relay_router.outcome import Result
 
 if TYPE_CHECKING:
-    from relay_router.association import Outcome, RelayedAssociation
+    from relay_router.association import RelayedAssociation
+    from relay_router.outcome import Outcome
     from relay_router.service import RouterService
 
 DIRECTIONS = ("outbound", "inbound")
 RESULTS = ("released", "closed", "aborted", "rejected", "refused")
 BYTE_DIRECTIONS = ("to_remote", "to_local")
 
-# Why the relay (not the called device) refused an association, from the detail the router records.
-# Checked in order; the first pattern found in the detail wins.
-REFUSAL_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("SECURITY", "security"),
-    ("is not a remote device on this router", "unknown_called_ae"),
-    ("too many associations on this router", "router_limit"),
-    ("has reached its association limit", "router_limit"),
-    ("the bridge is not reachable", "bridge_unreachable"),
-    ("did not accept the association stream", "bridge_unreachable"),
-    ("the bridge closed the association stream", "bridge_unreachable"),
-    ("no identity key is known for site", "unknown_identity"),
-    ("no shared device", "unknown_device"),
-    ("no device ", "unknown_device"),
-    ("is not shared with", "not_permitted"),
-    ("end-to-end authentication failed", "security"),
-    ("is offline", "site_offline"),
-    ("did not answer in time", "timeout"),
-    ("association limit is reached", "overloaded"),
-    ("is overloaded", "overloaded"),
-    ("cannot connect to", "device_unreachable"),
-    ("is not reachable", "device_unreachable"),
+# The refusal reasons a label may carry (relay_common.errors.Reason values), all exported from the start.
+REFUSAL_REASONS: tuple[str, ...] = tuple(
+    str(r)
+    for r in (
+        Reason.SECURITY,
+        Reason.UNKNOWN_CALLED_AE,
+        Reason.ROUTER_LIMIT,
+        Reason.BRIDGE_UNREACHABLE,
+        Reason.UNKNOWN_IDENTITY,
+        Reason.UNKNOWN_DEVICE,
+        Reason.NOT_PERMITTED,
+        Reason.SITE_OFFLINE,
+        Reason.TIMEOUT,
+        Reason.OVERLOADED,
+        Reason.DEVICE_UNREACHABLE,
+        Reason.DEVICE_REJECTED,
+        Reason.OTHER,
+    )
 )
-# Refused.Reason names, when a refusal carried no detail.
-REASON_NAMES = {
-    "UNKNOWN_DEVICE": "unknown_device",
-    "NOT_PERMITTED": "not_permitted",
-    "SITE_OFFLINE": "site_offline",
-    "DEVICE_UNREACHABLE": "device_unreachable",
-    "TIMEOUT": "timeout",
-    "OVERLOADED": "overloaded",
-}
-DEVICE_REJECTION = re.compile(r"^result \d+, source \d+, reason \d+$")
-REFUSAL_REASONS = tuple(dict.fromkeys([r for _, r in REFUSAL_PATTERNS] + ["device_rejected", "other"]))
+REFUSAL_RESULTS = (Result.REJECTED, Result.REFUSED)
 
 
 def refusal_reason(outcome: Outcome) -> str | None:
-    """A bounded label for why an association was refused or rejected; None if it was not."""
-    if outcome.result not in ("rejected", "refused"):
+    """A bounded label for why an association was refused or rejected; None if it was not.
+
+    Read from the typed outcome, never from its detail: a security event is
+    "security" whatever its reason; a rejection the relay did not decide (no
+    reason) is the called device's own A-ASSOCIATE-RJ.
+    """
+    if outcome.result not in REFUSAL_RESULTS:
         return None
-    detail = outcome.detail or ""
-    if DEVICE_REJECTION.match(detail):
-        return "device_rejected"  # the called device itself answered A-ASSOCIATE-RJ
-    for needle, reason in REFUSAL_PATTERNS:
-        if needle in detail:
-            return reason
-    return REASON_NAMES.get(detail, "other")
+    if outcome.security:
+        return str(Reason.SECURITY)
+    if outcome.reason is None:
+        return str(Reason.DEVICE_REJECTED if outcome.result == Result.REJECTED else Reason.OTHER)
+    return str(outcome.reason) if outcome.reason in REFUSAL_REASONS else str(Reason.OTHER)
 
 
 class _LinkCollector(Collector):

@@ -14,9 +14,25 @@ import logging
 import os
 from pathlib import Path
 
+from relay_common.errors import Reason, RelayError, SecurityError
 from relay_router.seal import HandshakeError, PublicIdentity, UnknownPeer
 
 log = logging.getLogger("relay_router.peers")
+
+
+class PeerKeyRejected(HandshakeError, SecurityError):
+    """The key the bridge offers for a site is not the pinned one, or the site has no required pin.
+
+    Still a `HandshakeError` (callers refuse the association), and a `SecurityError`
+    (reason "security", an alert) for code that branches on the typed root.
+    """
+
+
+class NoPeerKey(UnknownPeer, RelayError):
+    """The bridge offered no identity for the site (usually: nothing is shared between us). Not an attack."""
+
+    reason = Reason.UNKNOWN_IDENTITY
+    security = False
 
 
 class PeerKeys:
@@ -70,17 +86,17 @@ class PeerKeys:
         return {site: fp for site, fp in self._mismatch.items() if before.get(site) != fp}
 
     def identity(self, site: str) -> PublicIdentity:
-        """The verified identity of `site`, or HandshakeError saying why there is none."""
+        """The verified identity of `site`; `PeerKeyRejected` (security) or `NoPeerKey` saying why there is none."""
         if site in self._mismatch:
-            raise HandshakeError(
+            raise PeerKeyRejected(
                 f"site {site}'s identity key changed (offered {self._mismatch[site][:16]}..., "
                 f"pinned {(self.expected(site) or '')[:16]}...)"
             )
         if self._require_pin and site not in self._pins:
-            raise HandshakeError(f"site {site} has no [[pin]] in router.toml and require_pin is on")
+            raise PeerKeyRejected(f"site {site} has no [[pin]] in router.toml and require_pin is on")
         identity = self._offered.get(site)
         if identity is None:
-            raise UnknownPeer(f"the bridge has not provided an identity for site {site}")
+            raise NoPeerKey(f"the bridge has not provided an identity for site {site}")
         return identity
 
     def _save(self) -> None:

@@ -17,16 +17,30 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
-from relay_router.association import Outcome, RelayedAssociation, rejection_for
+from relay_common.errors import REFUSED_REASON_NAMES, Reason
+from relay_router.association import RelayedAssociation, rejection_for
 from relay_router.config import RouterConfig, SharedDevice
 from relay_router.metrics import RouterMetrics
+from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
+from relay_router.routing import (
+    AUTHENTICATION_FAILED,
+    REJECT_CONGESTION,
+    REJECT_UNKNOWN_CALLED,
+    Reject,
+    Route,
+    RouteCache,
+    RouteTable,
+    SeenAssociations,
+    admit_inbound,
+    admit_outbound,
+)
 from relay_router.seal import (
     SUITE_NAME,
     AssociationContext,
@@ -45,8 +59,6 @@ from relay_router.ul import (
     AssociateRequested,
     Phase,
     ProtocolViolation,
-    RejectResult,
-    RejectSource,
     RelayConnection,
     Send,
     Side,
@@ -57,17 +69,7 @@ from relay_router.wire.codec import FrameRejected, first_frame, open_first_frame
 from relay_router.wire.features import Features
 
 log = logging.getLogger("relay_router")
-REJECT_UNKNOWN_CALLED = (RejectResult.PERMANENT, RejectSource.SERVICE_USER, 7)
-REJECT_CONGESTION = (RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1)
-REJECT_LIMIT = (RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 2)
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a local AE title leads: a device at another site."""
-
-    site: str
-    ae_title: str
+__all__ = ["Route", "RouterService", "tune_socket"]  # Route lives in relay_router.routing
 
 
 def tune_socket(writer: asyncio.StreamWriter) -> None:
@@ -91,8 +93,9 @@ class RouterService:
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
         self.relays: set[RelayedAssociation] = set()
-        # Association ids accepted since start (insertion-ordered, bounded): refuses replays of a recorded one.
-        self._seen_associations: dict[str, None] = {}
+        # Association ids accepted since start (bounded): refuses replays of a recorded one.
+        self._seen_associations = SeenAssociations()
+        self._routes = RouteCache(config.remote, self.shared, expose_all=config.dicom.expose_all)
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
@@ -102,23 +105,17 @@ class RouterService:
         self.metrics = RouterMetrics(self)
 
     # -- routing table -------------------------------------------------------
+    def route_table(self) -> RouteTable:
+        """The table of the current directory (relay_router.routing; rebuilt only when the directory changes)."""
+        return self._routes.table(self.link.directory)
+
     def routes(self) -> dict[str, Route]:
         """Local AE title -> remote device, from [[remote]] and (with expose_all) the directory."""
-        table = {r.ae_title: Route(r.site, r.target) for r in self.config.remote}
-        if self.config.dicom.expose_all:
-            counts = collections.Counter(e.ae_title for e in self.link.directory)
-            for entry in self.link.directory:
-                title = entry.ae_title
-                if counts[title] == 1 and title not in table and title not in self.shared:
-                    table[title] = Route(entry.site, title)
-        return table
+        return dict(self.route_table().routes)
 
     def local_alias(self, site: str, ae_title: str) -> str | None:
         """The local title under which a remote device is exposed here, if any."""
-        for title, route in self.routes().items():
-            if route.site == site and route.ae_title == ae_title:
-                return title
-        return None
+        return self.route_table().local_alias(site, ae_title)
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -175,13 +172,9 @@ class RouterService:
         outcome.ended = outcome.ended or time.time()
         self.history.append(outcome)
         self.metrics.finished(outcome)
-        if outcome.detail.startswith("SECURITY"):
-            result = "alert"
-        else:
-            result = "success" if outcome.result in ("released", "closed") else "failure"
         self.audit.event(
             "association",
-            result,
+            outcome.audit_outcome,
             association=outcome.association_id,
             direction=outcome.direction,
             site=outcome.site,
@@ -250,18 +243,18 @@ class RouterService:
                     await writer.drain()
                 return None
 
-    async def _reject(
-        self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, rj: tuple[int, int, int], why: str
-    ) -> None:
-        outcome.result, outcome.detail = "rejected", why
+    async def _reject(self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, why: Reject) -> None:
+        """Answer the local device's A-ASSOCIATE-RJ as `why` says, and record it."""
+        assert why.rj is not None
+        outcome.refuse(Result.REJECTED, why.reason, why.detail, security=why.security)
         log.info(
             "A-ASSOCIATE-RJ to %s -> %s: %s",
             outcome.calling_ae,
             outcome.called_ae,
-            why,
+            why.detail,
             extra={"assoc": outcome.association_id},
         )
-        for action in conn.reject_request(*rj):
+        for action in conn.reject_request(*why.rj):
             if isinstance(action, Send):
                 writer.write(action.data)
         with contextlib.suppress(ConnectionError):
@@ -276,26 +269,20 @@ class RouterService:
         writer: asyncio.StreamWriter,
         outcome: Outcome,
     ) -> None:
-        route = self.routes().get(request.called_ae)
-        if route is None:
-            return await self._reject(
-                conn,
-                writer,
-                outcome,
-                REJECT_UNKNOWN_CALLED,
-                f"called AE title {request.called_ae!r} is not a remote device on this router",
-            )
+        decision = admit_outbound(
+            self.route_table(),
+            request.called_ae,
+            running=len(self.active),  # this one is already counted
+            limit=self.config.dicom.max_associations,
+            link_up=self.link.connected,
+            link_error=self.link.last_error,
+        )
+        if isinstance(decision, Reject):
+            outcome.site = decision.route.site if decision.route is not None else outcome.site
+            return await self._reject(conn, writer, outcome, decision)
+        route = decision.route
+        assert route is not None
         outcome.site = route.site
-        if len(self.active) > self.config.dicom.max_associations:  # this one is already counted
-            return await self._reject(conn, writer, outcome, REJECT_LIMIT, "too many associations on this router")
-        if not self.link.connected:
-            return await self._reject(
-                conn,
-                writer,
-                outcome,
-                REJECT_CONGESTION,
-                f"the bridge is not reachable ({self.link.last_error or 'connecting'})",
-            )
         try:
             peer = self.link.peers.identity(route.site)
         except UnknownPeer:
@@ -311,7 +298,8 @@ class RouterService:
                 exc,
                 extra={"assoc": outcome.association_id, "security_alert": "handshake"},
             )
-            return await self._reject(conn, writer, outcome, REJECT_UNKNOWN_CALLED, f"SECURITY: {exc}")
+            why = Reject(Reason.SECURITY, f"SECURITY: {exc}", rj=REJECT_UNKNOWN_CALLED, security=True)
+            return await self._reject(conn, writer, outcome, why)
         context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
         handshake, sealer = initiate(self.link.identity, peer, context)
         (forward,) = [a for a in conn.accept_request(called=route.ae_title) if isinstance(a, Send)]
@@ -329,13 +317,12 @@ class RouterService:
         try:
             stream, answer = await self.link.open(opening)
         except LinkDown as exc:
-            outcome.result, outcome.detail = "refused", str(exc)
+            outcome.refuse(Result.REFUSED, Reason.BRIDGE_UNREACHABLE, str(exc))
             writer.write(a_associate_rj(*REJECT_CONGESTION))
             writer.close()
             return
         if answer.HasField("refused"):
-            outcome.result = "refused"
-            outcome.detail = answer.refused.detail or pb.Refused.Reason.Name(answer.refused.reason)
+            outcome.refuse(Result.REFUSED, *self._bridge_refusal(answer.refused))
             log.info("bridge refused the association: %s", outcome.detail, extra={"assoc": outcome.association_id})
             writer.write(rejection_for(answer.refused.reason))
             with contextlib.suppress(ConnectionError):
@@ -371,13 +358,14 @@ class RouterService:
             calling_ae_title=calling_ae,
         )
         detail = f"no identity key is known for site {route.site}"
+        why = Reject(Reason.UNKNOWN_IDENTITY, detail, rj=REJECT_UNKNOWN_CALLED)
         try:
             stream, answer = await self.link.open(opening)
             stream.cancel()
             if answer.HasField("refused"):
-                detail = answer.refused.detail or detail
+                reason, detail = self._bridge_refusal(answer.refused, why.detail)
                 rj = rejection_for(answer.refused.reason)
-                outcome.result, outcome.detail = "rejected", detail
+                outcome.refuse(Result.REJECTED, reason, detail)
                 log.info("A-ASSOCIATE-RJ: %s", detail, extra={"assoc": outcome.association_id})
                 for action in conn.reject_request(*parse_reject(rj)):
                     if isinstance(action, Send):
@@ -385,8 +373,16 @@ class RouterService:
                 writer.close()
                 return
         except LinkDown as exc:
-            detail = str(exc)
-        await self._reject(conn, writer, outcome, REJECT_UNKNOWN_CALLED, detail)
+            why = Reject(Reason.BRIDGE_UNREACHABLE, str(exc), rj=REJECT_UNKNOWN_CALLED)
+        await self._reject(conn, writer, outcome, why)
+
+    @staticmethod
+    def _bridge_refusal(refused: pb.Refused, default_detail: str | None = None) -> tuple[Reason, str]:
+        """The reason and the local detail of a `Refused` answer (the reason comes from its code, never its text)."""
+        # A code this version does not know (or a hostile bridge's) is "other", not a crash.
+        known = refused.reason in pb.Refused.Reason.values()
+        name = pb.Refused.Reason.Name(refused.reason) if known else str(refused.reason)
+        return REFUSED_REASON_NAMES.get(name, Reason.OTHER), refused.detail or default_detail or name
 
     # -- inbound: a remote device calls one of ours --------------------------
     async def _incoming(self, notice: pb.IncomingAssociation) -> None:
@@ -394,25 +390,21 @@ class RouterService:
         aid = notice.association_id
         extra = {"assoc": aid}
         outcome = Outcome(aid, "inbound", notice.from_site, called_ae=notice.called_ae_title)
-        overloaded = len(self.active) >= self.config.dicom.max_associations
+        running = len(self.active)  # before this one
         self.active[aid] = outcome
         try:
-            if overloaded:
-                stream = await self.link.join(aid)
-                detail = f"site {self.link.site} has reached its association limit"
-                log.warning("refusing an association from %s: %s", notice.from_site, detail, extra=extra)
-                return await self._refuse_inbound(stream, outcome, pb.Refused.OVERLOADED, detail)
-            await self._relay_inbound(notice, outcome, extra)
+            await self._relay_inbound(notice, outcome, extra, running)
         except LinkDown as exc:
             log.warning("could not join association: %s", exc, extra=extra)
         finally:
             self._finished(outcome)
 
-    async def _refuse_inbound(
-        self, stream: AssociationStream, outcome: Outcome, reason: int, detail: str, public_detail: str | None = None
-    ) -> None:
-        outcome.result, outcome.detail = "refused", detail
-        await stream.send(pb.Frame(refused=pb.Refused(reason=reason, detail=public_detail or detail)))
+    async def _refuse_inbound(self, stream: AssociationStream, outcome: Outcome, why: Reject) -> None:
+        """Answer the calling router `Refused` as `why` says, and record it."""
+        assert why.refused is not None
+        outcome.refuse(Result.REFUSED, why.reason, why.detail, security=why.security)
+        public = why.public_detail or why.detail
+        await stream.send(pb.Frame(refused=pb.Refused(reason=why.refused, detail=public)))
         await stream.finish()
 
     def _verify_incoming(self, notice: pb.IncomingAssociation) -> tuple[bytes, FrameSealer, bytes]:
@@ -426,31 +418,30 @@ class RouterService:
         except FrameRejected as exc:
             raise HandshakeError(exc.detail) from exc
 
-    async def _relay_inbound(self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str]) -> None:
-        device = self.shared.get(notice.called_ae_title)
+    async def _relay_inbound(
+        self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str], running: int
+    ) -> None:
         stream = await self.link.join(notice.association_id)
-        if device is None:
-            return await self._refuse_inbound(
-                stream, outcome, pb.Refused.UNKNOWN_DEVICE, f"no shared device {notice.called_ae_title!r}"
-            )
-        # Enforce our own sharing rules: the bridge is not trusted to (it could invent a calling site).
-        if notice.from_site not in device.share_with and "*" not in device.share_with:
-            detail = f"SECURITY: {device.ae_title} is not shared with {notice.from_site!r}"
-            log.error(
-                "%s; refused (the bridge should have refused it)", detail, extra={**extra, "security_alert": "access"}
-            )
-            return await self._refuse_inbound(
-                stream, outcome, pb.Refused.NOT_PERMITTED, detail, "end-to-end authentication failed"
-            )
-        if notice.association_id in self._seen_associations:
-            detail = f"SECURITY: association {notice.association_id} was already seen (replayed by the bridge?)"
-            log.error("%s; refused", detail, extra={**extra, "security_alert": "replay"})
-            return await self._refuse_inbound(
-                stream, outcome, pb.Refused.NOT_PERMITTED, detail, "end-to-end authentication failed"
-            )
-        self._seen_associations[notice.association_id] = None
-        while len(self._seen_associations) > 100_000:  # bounded memory: forget the oldest
-            del self._seen_associations[next(iter(self._seen_associations))]
+        # Our own limit, device and sharing rules: the bridge is not trusted to enforce them (it could invent
+        # a calling site, or announce an association twice).
+        decision = admit_inbound(
+            self.shared,
+            from_site=notice.from_site,
+            called_ae=notice.called_ae_title,
+            association_id=notice.association_id,
+            seen=self._seen_associations,
+            running=running,
+            limit=self.config.dicom.max_associations,
+            our_site=self.link.site,
+        )
+        if isinstance(decision, Reject):
+            if decision.log is not None and decision.security:
+                log.error("%s", decision.log, extra={**extra, "security_alert": decision.alert or "access"})
+            elif decision.log is not None:
+                log.warning("%s", decision.log, extra=extra)
+            return await self._refuse_inbound(stream, outcome, decision)
+        self._seen_associations.add(notice.association_id)
+        device = self.shared[notice.called_ae_title]
         try:
             confirmation, sealer, request_pdu = self._verify_incoming(notice)
         except HandshakeError as exc:
@@ -460,9 +451,14 @@ class RouterService:
                 exc,
                 extra={**extra, "security_alert": "handshake"},
             )
-            return await self._refuse_inbound(
-                stream, outcome, pb.Refused.NOT_PERMITTED, f"SECURITY: {exc}", "end-to-end authentication failed"
+            why = Reject(
+                Reason.SECURITY,
+                f"SECURITY: {exc}",
+                refused=pb.Refused.NOT_PERMITTED,
+                public_detail=AUTHENTICATION_FAILED,
+                security=True,
             )
+            return await self._refuse_inbound(stream, outcome, why)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(device.host, device.port, limit=1 << 20), self.config.dicom.connect_timeout_s
@@ -471,13 +467,13 @@ class RouterService:
             where = f"{device.host}:{device.port}"
             detail = f"{notice.from_site} -> {device.ae_title}: cannot connect to {where} ({exc or 'timeout'})"
             log.warning("%s", detail, extra=extra)
-            return await self._refuse_inbound(
-                stream,
-                outcome,
-                pb.Refused.DEVICE_UNREACHABLE,
+            why = Reject(
+                Reason.DEVICE_UNREACHABLE,
                 detail,
-                f"device {device.ae_title} at site {self.link.site} is not reachable",
+                refused=pb.Refused.DEVICE_UNREACHABLE,
+                public_detail=f"device {device.ae_title} at site {self.link.site} is not reachable",
             )
+            return await self._refuse_inbound(stream, outcome, why)
         tune_socket(writer)
         features = Features.answer(notice.features, compression=self.config.dicom.compression)
         await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features.names())))

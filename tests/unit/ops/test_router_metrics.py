@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from relay_router.association import Outcome
+from relay_common.errors import REFUSED_REASON_NAMES, Reason
 from relay_router.metrics import REFUSAL_REASONS, refusal_reason
+from relay_router.outcome import Outcome, Result
 from tests.unit.ops.helpers import FakeService, router_config, samples
 
 
@@ -142,7 +143,8 @@ def test_labels_never_carry_titles_chosen_by_devices_or_patient_data(service: Fa
                 calling_ae=text,
                 called_ae=text,
                 site="hospital-b",
-                result="rejected",
+                result=Result.REJECTED,
+                reason=Reason.UNKNOWN_CALLED_AE,
                 detail=f"called AE title {text!r} is not a remote device on this router",
             )
         )
@@ -157,36 +159,72 @@ def test_labels_never_carry_titles_chosen_by_devices_or_patient_data(service: Fa
 
 
 @pytest.mark.parametrize(
-    ("result", "detail", "reason"),
+    ("result", "typed", "detail", "label"),
     [
-        ("rejected", "called AE title 'NOPE' is not a remote device on this router", "unknown_called_ae"),
-        ("rejected", "too many associations on this router", "router_limit"),
-        ("refused", "site hospital-a has reached its association limit", "router_limit"),
-        ("rejected", "the bridge is not reachable (connecting)", "bridge_unreachable"),
-        ("refused", "the bridge did not accept the association stream: timeout", "bridge_unreachable"),
-        ("refused", "the bridge closed the association stream", "bridge_unreachable"),
-        ("refused", "no device 'GHOST' at site 'hospital-b'", "unknown_device"),
-        ("refused", "no shared device 'X'", "unknown_device"),
-        ("rejected", "hospital-b/PACS is not shared with hospital-a", "not_permitted"),
-        ("refused", "site 'hospital-b' is offline", "site_offline"),
-        ("refused", "site 'hospital-b' did not answer in time", "timeout"),
-        ("refused", "the bridge's association limit is reached", "overloaded"),
-        ("refused", "site 'hospital-b' is overloaded", "overloaded"),
-        ("refused", "device PACS at site hospital-b is not reachable", "device_unreachable"),
-        ("refused", "hospital-a -> PACS: cannot connect to 10.0.0.5:104 (refused)", "device_unreachable"),
-        ("refused", "SECURITY: end-to-end authentication failed", "security"),
-        ("rejected", "SECURITY: site hospital-b's identity key changed", "security"),
-        ("rejected", "no identity key is known for site hospital-b", "unknown_identity"),
-        ("rejected", "result 1, source 1, reason 3", "device_rejected"),
-        ("refused", "SITE_OFFLINE", "site_offline"),
-        ("refused", "something new", "other"),
+        ("rejected", Reason.UNKNOWN_CALLED_AE, "'NOPE' is not a remote device here", "unknown_called_ae"),
+        ("rejected", Reason.ROUTER_LIMIT, "too many associations on this router", "router_limit"),
+        ("refused", Reason.ROUTER_LIMIT, "site hospital-a has reached its association limit", "router_limit"),
+        ("rejected", Reason.BRIDGE_UNREACHABLE, "the bridge is not reachable (connecting)", "bridge_unreachable"),
+        ("refused", Reason.BRIDGE_UNREACHABLE, "the bridge did not accept the stream: timeout", "bridge_unreachable"),
+        ("refused", Reason.BRIDGE_UNREACHABLE, "the bridge closed the association stream", "bridge_unreachable"),
+        ("refused", Reason.UNKNOWN_DEVICE, "no device 'GHOST' at site 'hospital-b'", "unknown_device"),
+        ("refused", Reason.UNKNOWN_DEVICE, "no shared device 'X'", "unknown_device"),
+        ("rejected", Reason.NOT_PERMITTED, "hospital-b/PACS is not shared with hospital-a", "not_permitted"),
+        ("refused", Reason.SITE_OFFLINE, "site 'hospital-b' is offline", "site_offline"),
+        ("refused", Reason.TIMEOUT, "site 'hospital-b' did not answer in time", "timeout"),
+        ("refused", Reason.OVERLOADED, "the bridge's association limit is reached", "overloaded"),
+        ("refused", Reason.OVERLOADED, "site 'hospital-b' is overloaded", "overloaded"),
+        ("refused", Reason.DEVICE_UNREACHABLE, "device PACS at site hospital-b is not reachable", "device_unreachable"),
+        ("refused", Reason.DEVICE_UNREACHABLE, "PACS: cannot connect to 10.0.0.5:104", "device_unreachable"),
+        ("refused", Reason.SECURITY, "SECURITY: end-to-end authentication failed", "security"),
+        ("rejected", Reason.SECURITY, "SECURITY: site hospital-b's identity key changed", "security"),
+        ("rejected", Reason.UNKNOWN_IDENTITY, "no identity key is known for site hospital-b", "unknown_identity"),
+        ("rejected", Reason.DEVICE_REJECTED, "result 1, source 1, reason 3", "device_rejected"),
+        ("refused", REFUSED_REASON_NAMES["SITE_OFFLINE"], "SITE_OFFLINE", "site_offline"),
+        ("refused", Reason.OTHER, "something new", "other"),
+    ],
+)  # fmt: skip
+def test_refusal_labels_come_from_the_typed_reason(result: str, typed: Reason, detail: str, label: str) -> None:
+    o = outcome()
+    o.refuse(Result(result), typed, detail)
+    assert refusal_reason(o) == label
+    assert label in REFUSAL_REASONS
+    # The label does not depend on the wording: the same reason with another text gives the same label.
+    reworded = outcome()
+    reworded.refuse(Result(result), typed, "reworded")
+    assert refusal_reason(reworded) == label
+
+
+@pytest.mark.parametrize(
+    ("result", "detail", "label"),
+    [
+        ("rejected", "result 1, source 1, reason 3", "device_rejected"),  # no relay reason: the device said no
+        ("refused", "SITE_OFFLINE", "other"),  # no relay reason and no code: not guessed from the text
         ("released", "", None),
+        ("closed", "", None),
         ("aborted", "is offline", None),
+        ("aborted", "SECURITY: frame 3 failed authentication", None),
     ],
 )
-def test_refusal_reasons_are_a_closed_vocabulary(result: str, detail: str, reason: str | None) -> None:
-    assert refusal_reason(outcome(result=result, detail=detail)) == reason
-    assert reason is None or reason in REFUSAL_REASONS
+def test_untyped_outcomes_are_never_classified_by_their_text(result: str, detail: str, label: str | None) -> None:
+    assert refusal_reason(outcome(result=result, detail=detail)) == label
+
+
+def test_a_security_refusal_is_labelled_security_whatever_its_reason(service: FakeService) -> None:
+    o = outcome()
+    o.refuse(Result.REFUSED, Reason.NOT_PERMITTED, "WS_A is not shared with 'hospital-x'", security=True)
+    assert refusal_reason(o) == "security"
+    assert o.audit_outcome == "alert"
+    service.metrics.finished(o)
+    assert value(service, "relay_router_refusals_total", reason="security") == 1
+    assert value(service, "relay_router_refusals_total", reason="not_permitted") == 0
+    assert value(service, "relay_router_associations_total", direction="outbound", result="refused") == 1
+
+
+def test_an_unexpected_reason_on_a_refusal_is_other() -> None:
+    o = outcome()
+    o.refuse(Result.REJECTED, Reason.PROTOCOL, "odd")
+    assert refusal_reason(o) == "other"
 
 
 def test_recent_activity_for_the_status_command(service: FakeService) -> None:

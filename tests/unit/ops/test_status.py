@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from relay_bridge import status as bridge_status
+from relay_common.errors import Reason
 from relay_router import status as router_status
-from relay_router.association import Outcome
 from relay_router.cli import main as router_main
+from relay_router.outcome import Outcome, Result
 from tests.unit.ops.helpers import FakeService, router_config
 
 
@@ -32,8 +33,8 @@ def router_status_dict(tmp_path: Path, **changes: object) -> dict[str, object]:
     service = FakeService(router_config(tmp_path))
     o = Outcome("f" * 32, "outbound", "hospital-b", "WS_A", "PACS_B", result="released", bytes_to_remote=2_000_000)
     service.metrics.finished(o)
-    r = Outcome("e" * 32, "outbound", "", "WS_A", "NOPE", result="rejected")
-    r.detail = "called AE title 'NOPE' is not a remote device on this router"
+    r = Outcome("e" * 32, "outbound", "", "WS_A", "NOPE")
+    r.refuse(Result.REJECTED, Reason.UNKNOWN_CALLED_AE, "called AE title 'NOPE' is not a remote device on this router")
     service.metrics.finished(r)
     status = {
         "site": "hospital-a",

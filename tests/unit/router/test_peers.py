@@ -35,3 +35,22 @@ def test_require_pin_refuses_sites_without_a_configured_pin(tmp_path: Path) -> N
 def test_unknown_site_is_distinguished(tmp_path: Path) -> None:
     with pytest.raises(UnknownPeer):
         PeerKeys(tmp_path / "known.json", {}).identity("nowhere")
+
+
+def test_refusals_are_typed_relay_errors(tmp_path: Path) -> None:
+    """Callers branch on the type and its attributes, never on the message text."""
+    from relay_common.errors import Reason, RelayError
+    from relay_router.peers import NoPeerKey, PeerKeyRejected
+
+    peers = PeerKeys(tmp_path / "known.json", {})
+    peers.update({"site-b": Identity.generate().public})
+    peers.update({"site-b": Identity.generate().public})
+    with pytest.raises(PeerKeyRejected) as changed:
+        peers.identity("site-b")
+    assert isinstance(changed.value, RelayError) and changed.value.security
+    assert changed.value.reason is Reason.SECURITY
+    with pytest.raises(NoPeerKey) as unknown:
+        peers.identity("nowhere")
+    assert isinstance(unknown.value, UnknownPeer) and not unknown.value.security
+    assert unknown.value.reason is Reason.UNKNOWN_IDENTITY
+    assert "nowhere" in unknown.value.detail

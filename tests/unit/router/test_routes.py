@@ -160,3 +160,16 @@ def test_routing_invariants(tmp_path: Path) -> None:
                 assert service.local_alias(site, title) is not None
 
     check()
+
+
+def test_the_table_is_built_once_per_directory(tmp_path: Path) -> None:
+    """Associations and aliases read the cached table; a new directory list (as the link sets it) rebuilds it."""
+    service = make_service(tmp_path, expose_all=True)
+    service.link.directory = entries(("hospital-b", "PACS"))
+    for _ in range(3):
+        assert service.routes() == {"PACS": Route("hospital-b", "PACS")}
+        assert service.local_alias("hospital-b", "PACS") == "PACS"
+    assert service._routes.builds == 1
+    service.link.directory = entries(("hospital-b", "PACS"), ("hospital-c", "MR"))
+    assert service.local_alias("hospital-c", "MR") == "MR"
+    assert service._routes.builds == 2

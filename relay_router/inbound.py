@@ -1,0 +1,155 @@
+"""Inbound: the bridge announces an association for one of this router's shared devices.
+
+The router joins the association stream, admits or refuses it by its own rules
+(relay_router.routing: the bridge is trusted neither to enforce sharing nor to
+announce an association once), authenticates the calling router, connects to
+the device and relays. Every refusal is a `Refused` frame with a reason code
+and a typed `Outcome` (relay_router.outcome).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_common.errors import Reason
+from relay_router.association import RelayedAssociation
+from relay_router.host import AssociationHost, tune_socket
+from relay_router.outcome import Outcome, Result
+from relay_router.pace import PathPace
+from relay_router.routing import AUTHENTICATION_FAILED, Reject, admit_inbound
+from relay_router.seal import (
+    AssociationContext,
+    FrameSealer,
+    Handshake,
+    HandshakeError,
+    respond,
+)
+from relay_router.tunnel import AssociationStream, LinkDown
+from relay_router.ul import AssociateRequested, RelayConnection, Side
+from relay_router.wire.codec import FrameRejected, open_first_frame
+from relay_router.wire.features import Features
+
+log = logging.getLogger("relay_router")
+
+
+class InboundCalls(AssociationHost):
+    """The part of `RouterService` that serves other sites calling our shared devices (the link's notice handler)."""
+
+    async def _incoming(self, notice: pb.IncomingAssociation) -> None:
+        self._track(None)
+        aid = notice.association_id
+        extra = {"assoc": aid}
+        outcome = Outcome(aid, "inbound", notice.from_site, called_ae=notice.called_ae_title)
+        running = len(self.active)  # before this one
+        self.active[aid] = outcome
+        try:
+            await self._relay_inbound(notice, outcome, extra, running)
+        except LinkDown as exc:
+            log.warning("could not join association: %s", exc, extra=extra)
+        finally:
+            self._finished(outcome)
+
+    async def _refuse_inbound(self, stream: AssociationStream, outcome: Outcome, why: Reject) -> None:
+        """Answer the calling router `Refused` as `why` says, and record it."""
+        assert why.refused is not None
+        outcome.refuse(Result.REFUSED, why.reason, why.detail, security=why.security)
+        public = why.public_detail or why.detail
+        await stream.send(pb.Frame(refused=pb.Refused(reason=why.refused, detail=public)))
+        await stream.finish()
+
+    def _verify_incoming(self, notice: pb.IncomingAssociation) -> tuple[bytes, FrameSealer, bytes]:
+        """Authenticate the initiating router; returns (confirmation, sealer, A-ASSOCIATE-RQ bytes)."""
+        initiator = self.link.peers.identity(notice.from_site)
+        context = AssociationContext(notice.association_id, notice.from_site, self.link.site, notice.called_ae_title)
+        handshake = Handshake(notice.handshake.kem_ciphertext, notice.handshake.signature)
+        confirmation, sealer = respond(self.link.identity, initiator, handshake, context)
+        try:
+            return confirmation, sealer, open_first_frame(sealer, notice.first_frame.data)
+        except FrameRejected as exc:
+            raise HandshakeError(exc.detail) from exc
+
+    async def _relay_inbound(
+        self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str], running: int
+    ) -> None:
+        stream = await self.link.join(notice.association_id)
+        # Our own limit, device and sharing rules: the bridge is not trusted to enforce them (it could invent
+        # a calling site, or announce an association twice).
+        decision = admit_inbound(
+            self.shared,
+            from_site=notice.from_site,
+            called_ae=notice.called_ae_title,
+            association_id=notice.association_id,
+            seen=self._seen_associations,
+            running=running,
+            limit=self.config.dicom.max_associations,
+            our_site=self.link.site,
+        )
+        if isinstance(decision, Reject):
+            if decision.log is not None and decision.security:
+                log.error("%s", decision.log, extra={**extra, "security_alert": decision.alert or "access"})
+            elif decision.log is not None:
+                log.warning("%s", decision.log, extra=extra)
+            return await self._refuse_inbound(stream, outcome, decision)
+        self._seen_associations.add(notice.association_id)
+        device = self.shared[notice.called_ae_title]
+        try:
+            confirmation, sealer, request_pdu = self._verify_incoming(notice)
+        except HandshakeError as exc:
+            log.error(
+                "SECURITY: refused an association claiming to come from %s: %s",
+                notice.from_site,
+                exc,
+                extra={**extra, "security_alert": "handshake"},
+            )
+            why = Reject(
+                Reason.SECURITY,
+                f"SECURITY: {exc}",
+                refused=pb.Refused.NOT_PERMITTED,
+                public_detail=AUTHENTICATION_FAILED,
+                security=True,
+            )
+            return await self._refuse_inbound(stream, outcome, why)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(device.host, device.port, limit=1 << 20), self.config.dicom.connect_timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            where = f"{device.host}:{device.port}"
+            detail = f"{notice.from_site} -> {device.ae_title}: cannot connect to {where} ({exc or 'timeout'})"
+            log.warning("%s", detail, extra=extra)
+            why = Reject(
+                Reason.DEVICE_UNREACHABLE,
+                detail,
+                refused=pb.Refused.DEVICE_UNREACHABLE,
+                public_detail=f"device {device.ae_title} at site {self.link.site} is not reachable",
+            )
+            return await self._refuse_inbound(stream, outcome, why)
+        tune_socket(writer)
+        features = Features.answer(notice.features, compression=self.config.dicom.compression)
+        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features.names())))
+        conn = RelayConnection(Side.REMOTE)
+        relay = RelayedAssociation(
+            conn,
+            reader,
+            writer,
+            stream,
+            outcome,
+            dicom=self.config.dicom,
+            sealer=sealer,
+            initiator=False,
+            features=features,
+            blobs=self.blobs,
+            spill=self.spill,
+            pace=self.paces.setdefault(notice.from_site, PathPace()),
+        )
+        actions = conn.receive(Side.REMOTE, request_pdu)
+        request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
+        if request is None:
+            await self._run(relay, actions)  # the connection has produced the abort
+            return
+        outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
+        outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
+        alias = self.local_alias(notice.from_site, request.calling_ae)
+        await self._run(relay, conn.accept_request(calling=alias))

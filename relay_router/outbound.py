@@ -1,0 +1,238 @@
+"""Outbound: a local device calls a remote one through the bridge.
+
+The router reads the device's A-ASSOCIATE-RQ, asks relay_router.routing where
+the Called AE Title leads and whether to admit it, authenticates the
+destination router's identity, opens an association stream through the bridge
+and relays. Every refusal is a DICOM answer (A-ASSOCIATE-RJ) and a typed
+`Outcome` (relay_router.outcome).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_common.errors import REFUSED_REASON_NAMES, Reason
+from relay_router.association import RelayedAssociation, rejection_for
+from relay_router.host import AssociationHost, tune_socket
+from relay_router.outcome import Outcome, Result
+from relay_router.pace import PathPace
+from relay_router.routing import REJECT_CONGESTION, REJECT_UNKNOWN_CALLED, Reject, Route, admit_outbound
+from relay_router.seal import SUITE_NAME, AssociationContext, HandshakeError, UnknownPeer, initiate
+from relay_router.tunnel import LinkDown
+from relay_router.ul import (
+    AssociateRequested,
+    Phase,
+    ProtocolViolation,
+    RelayConnection,
+    Send,
+    Side,
+    a_associate_rj,
+    parse_reject,
+)
+from relay_router.wire.codec import first_frame
+from relay_router.wire.features import Features
+
+log = logging.getLogger("relay_router")
+
+
+class OutboundCalls(AssociationHost):
+    """The part of `RouterService` that serves local devices calling out (the DICOM listener's handler)."""
+
+    async def _local_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track(None)
+        tune_socket(writer)
+        peer = writer.get_extra_info("peername")
+        aid = uuid.uuid4().hex
+        extra = {"assoc": aid}
+        outcome = Outcome(aid, "outbound", "")
+        conn = RelayConnection(Side.LOCAL)
+        try:
+            request = await asyncio.wait_for(
+                self._read_request(conn, reader, writer), self.config.dicom.artim_timeout_s
+            )
+        except TimeoutError:
+            log.warning(
+                "no A-ASSOCIATE-RQ from %s within %.0f s (ARTIM); closing",
+                peer,
+                self.config.dicom.artim_timeout_s,
+                extra=extra,
+            )
+            writer.close()
+            return
+        if request is None:
+            writer.close()
+            return
+        outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
+        outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
+        self.active[aid] = outcome
+        try:
+            await self._relay_outbound(conn, request, reader, writer, outcome)
+        finally:
+            self._finished(outcome)
+
+    async def _read_request(self, conn: RelayConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):  # noqa: ANN202
+        """Read until the A-ASSOCIATE-RQ is complete; None if the peer misbehaved or left."""
+        while True:
+            data = await reader.read(65536)
+            actions = conn.receive(Side.LOCAL, data) if data else conn.peer_closed(Side.LOCAL)
+            request = None
+            # Look at every action: the same read may hold the request and a violation right behind it.
+            for action in actions:
+                if isinstance(action, Send) and action.to is Side.LOCAL:
+                    writer.write(action.data)
+                elif isinstance(action, AssociateRequested):
+                    request = action.info
+                elif isinstance(action, ProtocolViolation):
+                    host, port = writer.get_extra_info("peername")[:2]
+                    log.warning("protocol error from local device %s:%s: %s; sent A-ABORT", host, port, action.detail)
+            if request is not None and conn.phase is not Phase.CLOSED:
+                return request
+            if not data or conn.phase is Phase.CLOSED:
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                return None
+
+    async def _reject(self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, why: Reject) -> None:
+        """Answer the local device's A-ASSOCIATE-RJ as `why` says, and record it."""
+        assert why.rj is not None
+        outcome.refuse(Result.REJECTED, why.reason, why.detail, security=why.security)
+        log.info(
+            "A-ASSOCIATE-RJ to %s -> %s: %s",
+            outcome.calling_ae,
+            outcome.called_ae,
+            why.detail,
+            extra={"assoc": outcome.association_id},
+        )
+        for action in conn.reject_request(*why.rj):
+            if isinstance(action, Send):
+                writer.write(action.data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    async def _relay_outbound(
+        self,
+        conn: RelayConnection,
+        request,
+        reader: asyncio.StreamReader,  # noqa: ANN001
+        writer: asyncio.StreamWriter,
+        outcome: Outcome,
+    ) -> None:
+        decision = admit_outbound(
+            self.route_table(),
+            request.called_ae,
+            running=len(self.active),  # this one is already counted
+            limit=self.config.dicom.max_associations,
+            link_up=self.link.connected,
+            link_error=self.link.last_error,
+        )
+        if isinstance(decision, Reject):
+            outcome.site = decision.route.site if decision.route is not None else outcome.site
+            return await self._reject(conn, writer, outcome, decision)
+        route = decision.route
+        assert route is not None
+        outcome.site = route.site
+        try:
+            peer = self.link.peers.identity(route.site)
+        except UnknownPeer:
+            # Let the bridge decide and record the refusal (typically: not shared with us). Nothing of the
+            # association is sent: no handshake, no A-ASSOCIATE-RQ.
+            return await self._open_without_key(conn, writer, outcome, route, request.calling_ae)
+        except HandshakeError as exc:
+            log.error(
+                "SECURITY: refusing %s -> %s/%s: %s",
+                request.calling_ae,
+                route.site,
+                route.ae_title,
+                exc,
+                extra={"assoc": outcome.association_id, "security_alert": "handshake"},
+            )
+            why = Reject(Reason.SECURITY, f"SECURITY: {exc}", rj=REJECT_UNKNOWN_CALLED, security=True)
+            return await self._reject(conn, writer, outcome, why)
+        context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
+        handshake, sealer = initiate(self.link.identity, peer, context)
+        (forward,) = [a for a in conn.accept_request(called=route.ae_title) if isinstance(a, Send)]
+        opening = pb.Open(
+            association_id=outcome.association_id,
+            to_site=route.site,
+            called_ae_title=route.ae_title,
+            calling_ae_title=request.calling_ae,
+            first_data=first_frame(sealer, forward.data),
+            handshake=pb.Handshake(
+                kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
+            ),
+            features=Features.offer(compression=self.config.dicom.compression).names(),
+        )
+        try:
+            stream, answer = await self.link.open(opening)
+        except LinkDown as exc:
+            outcome.refuse(Result.REFUSED, Reason.BRIDGE_UNREACHABLE, str(exc))
+            writer.write(a_associate_rj(*REJECT_CONGESTION))
+            writer.close()
+            return
+        if answer.HasField("refused"):
+            outcome.refuse(Result.REFUSED, *self._bridge_refusal(answer.refused))
+            log.info("bridge refused the association: %s", outcome.detail, extra={"assoc": outcome.association_id})
+            writer.write(rejection_for(answer.refused.reason))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+            stream.cancel()
+            return
+        relay = RelayedAssociation(
+            conn,
+            reader,
+            writer,
+            stream,
+            outcome,
+            dicom=self.config.dicom,
+            sealer=sealer,
+            initiator=True,
+            features=Features.offer(compression=self.config.dicom.compression),
+            confirm_from=(peer, route.site),
+            blobs=self.blobs,
+            spill=self.spill,
+            pace=self.paces.setdefault(route.site, PathPace()),
+        )
+        outcome.bytes_to_remote += len(forward.data)
+        await self._run(relay)
+
+    async def _open_without_key(
+        self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, route: Route, calling_ae: str
+    ) -> None:
+        opening = pb.Open(
+            association_id=outcome.association_id,
+            to_site=route.site,
+            called_ae_title=route.ae_title,
+            calling_ae_title=calling_ae,
+        )
+        detail = f"no identity key is known for site {route.site}"
+        why = Reject(Reason.UNKNOWN_IDENTITY, detail, rj=REJECT_UNKNOWN_CALLED)
+        try:
+            stream, answer = await self.link.open(opening)
+            stream.cancel()
+            if answer.HasField("refused"):
+                reason, detail = self._bridge_refusal(answer.refused, why.detail)
+                rj = rejection_for(answer.refused.reason)
+                outcome.refuse(Result.REJECTED, reason, detail)
+                log.info("A-ASSOCIATE-RJ: %s", detail, extra={"assoc": outcome.association_id})
+                for action in conn.reject_request(*parse_reject(rj)):
+                    if isinstance(action, Send):
+                        writer.write(action.data)
+                writer.close()
+                return
+        except LinkDown as exc:
+            why = Reject(Reason.BRIDGE_UNREACHABLE, str(exc), rj=REJECT_UNKNOWN_CALLED)
+        await self._reject(conn, writer, outcome, why)
+
+    @staticmethod
+    def _bridge_refusal(refused: pb.Refused, default_detail: str | None = None) -> tuple[Reason, str]:
+        """The reason and the local detail of a `Refused` answer (the reason comes from its code, never its text)."""
+        # A code this version does not know (or a hostile bridge's) is "other", not a crash.
+        known = refused.reason in pb.Refused.Reason.values()
+        name = pb.Refused.Reason.Name(refused.reason) if known else str(refused.reason)
+        return REFUSED_REASON_NAMES.get(name, Reason.OTHER), refused.detail or default_detail or name

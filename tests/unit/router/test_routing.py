@@ -275,3 +275,17 @@ def test_seen_associations_are_bounded_and_forget_the_oldest() -> None:
         seen.add(aid)
     assert len(seen) == 3
     assert "a" not in seen and all(aid in seen for aid in "bcd")
+
+
+def test_routing_is_pure_code() -> None:
+    """No asyncio, gRPC or router service behind the decisions (a fresh interpreter imports only the module)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, relay_router.routing; "
+        "banned = ('asyncio', 'grpc', 'relay_router.service', 'relay_router.tunnel'); "
+        "print(sorted(m for m in banned if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

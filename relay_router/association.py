@@ -146,13 +146,13 @@ class RelayedAssociation:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._remote: asyncio.Task[None] | None = None  # the remote pump, which _shut lets see the partner's close
 
-    # Frames sent and received so far: relay_router.metrics reads self._send_seq and self._receive_seq.
+    # Frames sent and received so far (the codec's sequence numbers): relay_router.metrics reads them.
     @property
-    def _send_seq(self) -> int:
+    def frames_sent(self) -> int:
         return self.codec.send_seq
 
     @property
-    def _receive_seq(self) -> int:
+    def frames_received(self) -> int:
         return self.codec.receive_seq
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:

@@ -286,7 +286,7 @@ class RouterMetrics:
     def _count_frames(self, relay: RelayedAssociation) -> None:
         # The sequence numbers are the frame counts: each direction numbers its Data frames from 0.
         aid = relay.outcome.association_id
-        sent, received = int(getattr(relay, "_send_seq", 0)), int(getattr(relay, "_receive_seq", 0))
+        sent, received = relay.frames_sent, relay.frames_received
         before_sent, before_received = self._frames_seen.get(aid, (0, 0))
         if sent > before_sent:
             self.frames.labels("to_remote").inc(sent - before_sent)

@@ -4,51 +4,25 @@ installed programs run: --version, `relay-bridge init`, `check-config`."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from tests.support.release import CONSTRAINTS, REPO, VERSION, build_wheelhouse, run
+
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 PREFIX = "/opt/dicom-relay"
 
 
-def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kwargs)  # type: ignore[call-overload]
-    assert result.returncode == 0, f"{cmd} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def pins() -> dict[str, str]:
-    lines = (REPO / "requirements" / "constraints.txt").read_text().splitlines()
+    lines = CONSTRAINTS.read_text().splitlines()
     return dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
 
 
 def test_wheel_installs_offline_from_a_wheelhouse_and_runs(tmp_path: Path) -> None:
-    # Build from a copy of the source tree (as a release job would from a clean checkout).
-    source = tmp_path / "src"
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(".venv", ".git", "dist", "build", "*.egg-info", "__pycache__", ".*cache"),
-    )
-    dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)])
-    wheel = dist / f"dicom_relay-{VERSION}-py3-none-any.whl"
-    assert wheel.is_file(), sorted(p.name for p in dist.iterdir())
-
-    # The wheelhouse `make wheelhouse` makes: the wheel, its pinned dependencies, constraints.txt.
-    house = tmp_path / "wheelhouse"
-    constraints = REPO / "requirements" / "constraints.txt"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "-c", str(constraints), "-w", str(house), str(wheel)])
-    shutil.copy(constraints, house / "constraints.txt")
+    # A wheel built from a copy of the source tree (as a release job would from a clean checkout),
+    # and the wheelhouse `make wheelhouse` makes: the wheel, its pinned dependencies, constraints.txt.
+    house = build_wheelhouse(tmp_path)
 
     root = tmp_path / "root"
     result = run(

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint protos protos-check bench-quick bench system-deps clean wheel wheelhouse constraints
+.PHONY: demo test unit integration lint protos protos-check bench-quick bench system-deps clean wheel wheelhouse constraints image
 
 # Debian packages the tests need (installed only when missing, and only as root).
 system-deps:
@@ -12,6 +12,7 @@ system-deps:
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v podman >/dev/null 2>&1 || missing="$$missing podman buildah runc debootstrap"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install -y$$missing)" >&2; exit 1; fi; \
@@ -89,6 +90,10 @@ wheelhouse: wheel
 
 constraints: $(STAMP)
 	$(PY) scripts/lock_constraints.py
+
+# The bridge container image (root; podman, buildah, debootstrap): localhost/dicom-relay-bridge:VERSION.
+image: wheelhouse
+	WHEELHOUSE=$(WHEELHOUSE) deploy/container/build.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -63,8 +63,9 @@ class ServiceNotifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)  # called on the event loop: a full queue drops the datagram, never waits
                 sock.sendto("\n".join(fields).encode(), self.address)
-        except OSError as exc:  # the manager went away: the service keeps serving
+        except OSError as exc:  # the manager went away or is not reading: the service keeps serving
             log.debug("sd_notify to %s failed: %s", self.address, exc)
             return False
         return True

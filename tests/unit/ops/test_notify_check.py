@@ -170,3 +170,10 @@ def test_expiry_metric_and_unreadable_files(tmp_path: Path) -> None:
     assert got[("relay_bridge_certificate_read_errors", ())] == 1
     state, text = certificate_state(*certificate_expiries({"bridge_ca": tmp_path / "broken.pem"}))
     assert state == UNKNOWN and "broken.pem" in text
+
+
+def test_a_manager_that_does_not_read_never_blocks_the_loop(notify_socket) -> None:
+    sock, path = notify_socket
+    notifier = ServiceNotifier({"NOTIFY_SOCKET": path})
+    results = [notifier.send("WATCHDOG=1") for _ in range(5000)]  # far more than a datagram queue holds
+    assert results[0] and not all(results)

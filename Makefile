@@ -4,13 +4,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint protos protos-check bench-quick bench system-deps clean
+.PHONY: demo test unit integration lint protos protos-check bench-quick bench system-deps clean wheel wheelhouse constraints image
 
 # Debian packages the tests need (installed only when missing, and only as root).
 system-deps:
 	@missing=""; \
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v podman >/dev/null 2>&1 || missing="$$missing podman buildah runc debootstrap"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install -y$$missing)" >&2; exit 1; fi; \
@@ -68,5 +70,30 @@ bench: $(STAMP)
 	@$(PY) -c "import moto.server, boto3" 2>/dev/null || $(PY) -m pip install -q 'moto[server]>=5' 'boto3>=1.34'
 	$(PY) -m benchmarks.wan $(BENCH_ARGS)
 
+# -- release -------------------------------------------------------------------------------
+# wheel: dist/dicom_relay-VERSION-py3-none-any.whl.  wheelhouse: that wheel, the wheels of every pinned
+# dependency and constraints.txt in dist/wheelhouse, for deploy/install.sh --wheelhouse on hosts without
+# a package index (build it on the same Debian release and architecture). WHEELHOUSE_EXTRAS=s3 or gcs
+# adds a cloud spill backend. constraints: re-pin requirements/constraints.txt after a dependency change.
+WHEELHOUSE ?= dist/wheelhouse
+VERSION = $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+WHEELHOUSE_EXTRAS ?=
+wheel: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
+wheelhouse: wheel
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip wheel -q -c requirements/constraints.txt -w $(WHEELHOUSE) \
+	  "dist/dicom_relay-$(VERSION)-py3-none-any.whl$(if $(WHEELHOUSE_EXTRAS),[$(WHEELHOUSE_EXTRAS)])"
+	cp requirements/constraints.txt $(WHEELHOUSE)/constraints.txt
+	@echo "offline install: deploy/install.sh --wheelhouse $(WHEELHOUSE) bridge|router"
+
+constraints: $(STAMP)
+	$(PY) scripts/lock_constraints.py
+
+# The bridge container image (root; podman, buildah, debootstrap): localhost/dicom-relay-bridge:VERSION.
+image: wheelhouse
+	WHEELHOUSE=$(WHEELHOUSE) deploy/container/build.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,9 +1,11 @@
 #!/bin/sh
 # Install the dicom-relay systemd services (see docs/operations.md, "Install as a service").
 #
-#   deploy/install.sh [--root DIR] [--prefix DIR] [--enable] router|bridge ...
+#   deploy/install.sh [--root DIR] [--prefix DIR] [--enable] [--package SPEC | --wheelhouse DIR] router|bridge ...
 #
 # What it does, each step idempotent (run it again after `relay-bridge init` or an upgrade):
+#   - with --package or --wheelhouse: installs (or upgrades) dicom-relay into the Python environment
+#     PREFIX (created with python3 -m venv if missing), dependencies pinned by constraints.txt;
 #   - creates the system user and group dicom-relay (systemd-sysusers; useradd as a fallback);
 #   - creates /etc/dicom-relay (root:dicom-relay, 0750) and /var/lib/dicom-relay (dicom-relay, 0750);
 #   - installs relay-router.service / relay-bridge.service into /etc/systemd/system (0644);
@@ -19,6 +21,11 @@
 # --prefix DIR  the Python environment holding relay-router and relay-bridge (default /opt/dicom-relay);
 #               ExecStart lines are rewritten to DIR/bin when it differs.
 # --enable      systemctl enable the installed services (live system only; start them yourself).
+# --package SPEC    install SPEC (a dicom-relay wheel file, a source directory) from the package index,
+#                   pinned by requirements/constraints.txt of this checkout.
+# --wheelhouse DIR  install offline (pip --no-index --find-links DIR) from a directory made by
+#                   `make wheelhouse`: dicom-relay's wheel, its dependencies' wheels and constraints.txt.
+#                   With --root, the environment is built in DIR/PREFIX (to test or stage it).
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +34,9 @@ PREFIX=/opt/dicom-relay
 ENABLE=0
 ROLES=""
 USER_NAME=dicom-relay
+PACKAGE=""
+WHEELHOUSE=""
+PYTHON=${PYTHON:-python3}
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
@@ -38,12 +48,21 @@ while [ $# -gt 0 ]; do
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=${2%/}; shift 2 ;;
         --prefix=*) PREFIX=${1#--prefix=}; PREFIX=${PREFIX%/}; shift ;;
         --enable) ENABLE=1; shift ;;
+        --package) [ $# -ge 2 ] || die "--package needs a wheel file or a directory"; PACKAGE=$2; shift 2 ;;
+        --package=*) PACKAGE=${1#--package=}; shift ;;
+        --wheelhouse) [ $# -ge 2 ] || die "--wheelhouse needs a directory"; WHEELHOUSE=${2%/}; shift 2 ;;
+        --wheelhouse=*) WHEELHOUSE=${1#--wheelhouse=}; WHEELHOUSE=${WHEELHOUSE%/}; shift ;;
         router|bridge) ROLES="$ROLES $1"; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (try --help)" ;;
     esac
 done
 [ -n "$ROLES" ] || die "name what to install: router, bridge, or both"
+[ -z "$PACKAGE" ] || [ -z "$WHEELHOUSE" ] || die "give --package or --wheelhouse, not both"
+if [ -n "$WHEELHOUSE" ]; then
+    [ -d "$WHEELHOUSE" ] || die "--wheelhouse $WHEELHOUSE is not a directory"
+    ls "$WHEELHOUSE"/dicom_relay-*.whl >/dev/null 2>&1 || die "no dicom_relay-*.whl in $WHEELHOUSE (make it with: make wheelhouse)"
+fi
 case "$PREFIX" in /*) ;; *) die "--prefix must be an absolute path" ;; esac
 if [ -n "$ROOT" ]; then
     mkdir -p "$ROOT"
@@ -53,6 +72,28 @@ fi
 
 IS_ROOT=0
 [ "$(id -u)" = 0 ] && IS_ROOT=1
+
+# -- the Python environment (the release, pinned) ------------------------------------------
+if [ -n "$PACKAGE$WHEELHOUSE" ]; then
+    VENV="$ROOT$PREFIX"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$VENV" || die "cannot create $VENV (Debian: apt-get install python3-venv)"
+        say "created the Python environment $VENV"
+    fi
+    if [ -n "$WHEELHOUSE" ]; then
+        constraints="$WHEELHOUSE/constraints.txt"
+        [ -f "$constraints" ] || constraints="$HERE/../requirements/constraints.txt"
+        # Offline: nothing but the wheelhouse, exactly the pinned versions.
+        "$VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELHOUSE" -c "$constraints" \
+            --upgrade dicom-relay || die "installing from $WHEELHOUSE failed"
+    else
+        constraints="$HERE/../requirements/constraints.txt"
+        [ -f "$constraints" ] || die "$constraints is missing (run install.sh from a dicom-relay checkout)"
+        "$VENV/bin/python" -m pip install --quiet -c "$constraints" --upgrade "$PACKAGE" ||
+            die "installing $PACKAGE failed"
+    fi
+    say "installed $("$VENV/bin/relay-bridge" --version) into $VENV"
+fi
 
 # -- the system user ------------------------------------------------------------------
 mkdir -p "$ROOT/etc/sysusers.d"
@@ -103,7 +144,7 @@ for role in $ROLES; do
     fi
     own "0:$GID_N" 0640 "$config"
     [ -x "$PREFIX/bin/relay-$role" ] || [ -n "$ROOT" ] ||
-        say "warning: $PREFIX/bin/relay-$role is missing: python3 -m venv $PREFIX && $PREFIX/bin/pip install ./dicom-relay"
+        say "warning: $PREFIX/bin/relay-$role is missing: run install.sh again with --package or --wheelhouse"
 done
 
 case " $ROLES " in

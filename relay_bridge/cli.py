@@ -29,6 +29,7 @@ from relay_common.daemon import (
     unreadable_pem,
 )
 from relay_common.logs import setup_logging
+from relay_common.metrics import package_version
 
 log = logging.getLogger("relay_bridge")
 
@@ -51,6 +52,7 @@ listen = "{listen}"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay-bridge", description="The dicom-relay bridge.")
+    parser.add_argument("--version", action="version", version=f"relay-bridge (dicom-relay) {package_version()}")
     parser.add_argument(
         "--config", "-c", type=Path, default=Path("bridge.toml"), help="bridge.toml (default: %(default)s)"
     )
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate bridge.toml and exit")
     status = sub.add_parser("status", help="routers signed on, devices and links, recent associations (a map)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("check", help="monitoring plugin (Nagios/Icinga): exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
 
     router = sub.add_parser("router", help="manage router accounts")
     rsub = router.add_subparsers(dest="action", required=True)
@@ -129,6 +132,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> None:
+    from relay_bridge.check import service_status_line
     from relay_bridge.server import start  # grpc is only needed to serve
     from relay_bridge.status import StatusWriter, status_path
 
@@ -148,6 +152,7 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         holder["metrics"] = servicer.metrics
         holder["status"] = writer = StatusWriter(servicer, status_path(cfg), port=port)
         await writer.start()
+        holder["servicer"] = servicer
         announce_ready(args.ready_file, port=port, metrics_port=servicer.metrics.server.port)
 
     async def end() -> None:
@@ -158,7 +163,7 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]
 
-    await run_until_signalled(begin, end)
+    await run_until_signalled(begin, end, status=lambda: service_status_line(holder["servicer"]))  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 if problem:
                     raise ConfigError(str(args.config), key, problem)
     except ConfigError as exc:
+        if args.command == "check":  # monitoring plugins report their own failure as UNKNOWN
+            print(f"DICOM-RELAY UNKNOWN - configuration error: {exc}")
+            return 3
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.logging.level, cfg.logging.format)
@@ -202,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "check":
+        from relay_bridge.check import check_command
+
+        return check_command(cfg)
     if args.command == "status":
         from relay_bridge.status import status_command
 

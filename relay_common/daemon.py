@@ -13,7 +13,7 @@ import pwd
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger("relay_common.daemon")
@@ -25,23 +25,111 @@ def announce_ready(ready_file: Path | None, **facts: object) -> None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(facts))
         tmp.replace(ready_file)
-    notify = os.environ.get("NOTIFY_SOCKET")
-    if notify:
-        address = "\0" + notify[1:] if notify.startswith("@") else notify
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(b"READY=1", address)
+    ServiceNotifier().send("READY=1")
 
 
-async def run_until_signalled(start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[object]]) -> None:
-    """Start, wait for SIGTERM or SIGINT, then stop gracefully."""
+# -- the service manager (sd_notify(3)) ---------------------------------------------------
+#
+# Type=notify units get NOTIFY_SOCKET; with WatchdogSec= they also get WATCHDOG_USEC (and
+# WATCHDOG_PID, the process meant). The watchdog ping is sent from a task on the daemon's own event
+# loop: a loop stuck in blocking code stops pinging, and systemd restarts the service.
+
+STATUS_POLL_S = 1.0  # how often a changed STATUS= line is noticed
+
+
+class ServiceNotifier:
+    """Datagrams to the service manager's notification socket; does nothing without NOTIFY_SOCKET."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        socket_path = env.get("NOTIFY_SOCKET", "")
+        # "@name" is an abstract socket; anything else must be an absolute path.
+        if socket_path.startswith("@"):
+            self.address: str | None = "\0" + socket_path[1:]
+        elif socket_path.startswith("/"):
+            self.address = socket_path
+        else:
+            self.address = None
+        self.watchdog_s = _watchdog_interval(env)
+        self._last_status: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, *fields: str) -> bool:
+        """Send one datagram of newline-separated KEY=VALUE fields; False if nobody listens."""
+        if self.address is None:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)  # called on the event loop: a full queue drops the datagram, never waits
+                sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as exc:  # the manager went away or is not reading: the service keeps serving
+            log.debug("sd_notify to %s failed: %s", self.address, exc)
+            return False
+        return True
+
+    def status(self, text: str) -> None:
+        """STATUS=<text>, only when it changed (systemctl status shows the latest)."""
+        text = " ".join(text.split())[:200]  # one line, bounded
+        if text != self._last_status and self.send(f"STATUS={text}"):
+            self._last_status = text
+
+    async def run(self, status: Callable[[], str] | None = None) -> None:
+        """Until cancelled: WATCHDOG=1 at half the watchdog interval, STATUS= whenever `status()` changes."""
+        if not self.enabled or (self.watchdog_s is None and status is None):
+            return
+        loop = asyncio.get_running_loop()
+        period = STATUS_POLL_S if self.watchdog_s is None else min(STATUS_POLL_S, self.watchdog_s / 2)
+        next_ping = loop.time()
+        while True:
+            if self.watchdog_s is not None and loop.time() >= next_ping:
+                self.send("WATCHDOG=1")
+                next_ping = loop.time() + self.watchdog_s / 2
+            if status is not None:
+                try:
+                    self.status(status())
+                except Exception:  # noqa: BLE001 - a status line bug must not stop the watchdog
+                    log.exception("cannot build the service status line")
+            await asyncio.sleep(period)
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """WatchdogSec in seconds if it is meant for this process (sd_watchdog_enabled(3)), else None."""
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (pid is not None and pid.strip() != str(os.getpid())):
+        return None
+    return usec / 1_000_000
+
+
+async def run_until_signalled(
+    start: Callable[[], Awaitable[object]],
+    stop: Callable[[], Awaitable[object]],
+    status: Callable[[], str] | None = None,
+) -> None:
+    """Start, wait for SIGTERM or SIGINT, then stop gracefully. While serving, the service manager
+    gets watchdog pings and `status()` as STATUS= lines (when NOTIFY_SOCKET is set)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await start()
-    await stopping.wait()
-    log.info("shutting down")
-    await stop()
+    notifier = ServiceNotifier()
+    keepalive = asyncio.create_task(notifier.run(status), name="sd-notify")
+    try:
+        await stopping.wait()
+        log.info("shutting down")
+        notifier.send("STOPPING=1", "STATUS=shutting down")
+        await stop()
+    finally:
+        keepalive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keepalive
 
 
 # -- administrative commands run as root ---------------------------------------------------

@@ -24,6 +24,7 @@ from relay_common.daemon import (
     unreadable_pem,
 )
 from relay_common.logs import setup_logging
+from relay_common.metrics import package_version
 from relay_router import config as router_config
 
 log = logging.getLogger("relay_router")
@@ -31,6 +32,7 @@ log = logging.getLogger("relay_router")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay-router", description="The dicom-relay router (one per hospital).")
+    parser.add_argument("--version", action="version", version=f"relay-router (dicom-relay) {package_version()}")
     parser.add_argument(
         "--config", "-c", type=Path, default=Path("router.toml"), help="router.toml (default: %(default)s)"
     )
@@ -51,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("status", "is the router running and signed on; devices; recent associations"),
         ("devices", "the routing table: local AE title -> site/title, online or not"),
+        ("check", "monitoring plugin (Nagios/Icinga): one line, exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN"),
     ):
         command = sub.add_parser(name, help=text)
-        command.add_argument("--json", action="store_true", help="machine-readable output")
+        if name != "check":
+            command.add_argument("--json", action="store_true", help="machine-readable output")
         command.add_argument(
             "--status-file", type=Path, help="the serving router's --status-file (default: STATE_DIR/status.json)"
         )
@@ -88,6 +92,7 @@ def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) ->
 
 
 async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, status_file: Path | None) -> None:
+    from relay_router.check import service_status_line
     from relay_router.service import RouterService
     from relay_router.status import default_status_file, write_now, write_stopped
 
@@ -107,7 +112,7 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
         await service.metrics.stop()
         write_stopped(service)
 
-    await run_until_signalled(begin, end)
+    await run_until_signalled(begin, end, status=lambda: service_status_line(service))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(args.config), "bridge.ca_file", problem)
             cfg.bridge.resolve_password()
     except ConfigError as exc:
+        if args.command == "check":  # monitoring plugins report their own failure as UNKNOWN
+            print(f"DICOM-RELAY UNKNOWN - configuration error: {exc}")
+            return 3
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
@@ -173,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host))
         return 0
+    if args.command == "check":
+        from relay_router.check import check_command
+
+        return check_command(cfg, args.status_file)
     if args.command in ("status", "devices"):
         from relay_router import status as router_status
 

@@ -22,12 +22,13 @@ import grpc.aio
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_common.audit import AuditLog
+from relay_common.metrics import package_version
 from relay_router.config import RouterConfig
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
 
 log = logging.getLogger("relay_router.tunnel")
-SOFTWARE_VERSION = "dicom-relay/0.1.0"
+SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
 
 

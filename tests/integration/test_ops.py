@@ -264,6 +264,14 @@ def test_bridge_health_check_over_tls(ops_net: LocalRelayNetwork) -> None:
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def next_readiness(sock: socket.socket) -> bytes:
+    """The next datagram that is not a STATUS= or WATCHDOG= update (those follow READY=1 while serving)."""
+    while True:
+        message = sock.recv(256)
+        if not message.startswith((b"STATUS=", b"WATCHDOG=")):
+            return message
+
+
 def test_readiness_reaches_systemd_after_status_and_metrics_are_up(tmp_path: Path) -> None:
     """Type=notify: READY=1 arrives once the status file exists and the metrics port answers."""
     notify = tmp_path / "notify.sock"
@@ -275,11 +283,11 @@ def test_readiness_reaches_systemd_after_status_and_metrics_are_up(tmp_path: Pat
             out.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
         try:
             net.start_bridge()
-            assert sock.recv(64) == b"READY=1"
+            assert next_readiness(sock) == b"READY=1"
             bridge = json.loads((net.workdir / "bridge.sqlite3.status.json").read_text())
             assert bridge["running"] and scrape(bridge["metrics"]["listen"])
             net.add_site("site-a", metrics_listen="127.0.0.1:0")
-            assert sock.recv(64) == b"READY=1"
+            assert next_readiness(sock) == b"READY=1"
             status = net.status("site-a")
             assert status["running"] and status["dicom_port"] == net.sites["site-a"].port
             assert scrape(status["metrics"]["listen"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relay_bridge import config as bridge_config
 from relay_bridge.directory import Directory, DirectoryError
-from relay_bridge.pki import make_dev_pki
+from relay_common.pki import make_dev_pki
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,

@@ -22,7 +22,7 @@ from relay_bridge.blobs import BlobBroker, BlobRefused
 from relay_bridge.config import BridgeConfig
 from relay_bridge.directory import Device, Directory
 from relay_bridge.metrics import BridgeMetrics
-from relay_bridge.pki import CsrError, issue_client_certificate
+from relay_common.pki import CsrError, issue_client_certificate
 from relay_bridge.splice import Splice, close_frame
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port

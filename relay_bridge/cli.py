@@ -14,7 +14,6 @@ from pathlib import Path
 
 from relay_bridge import config as bridge_config
 from relay_bridge.directory import Directory, DirectoryError
-from relay_common.pki import make_dev_pki
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
@@ -29,6 +28,7 @@ from relay_common.daemon import (
     unreadable_pem,
 )
 from relay_common.logs import setup_logging
+from relay_common.pki import make_dev_pki
 
 log = logging.getLogger("relay_bridge")
 

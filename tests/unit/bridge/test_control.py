@@ -1,0 +1,126 @@
+"""relay_bridge.control: sign-on decisions through the service, and the directory each router is sent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge import directory as directory_module
+from relay_bridge.admission import SignOnFailure
+from relay_bridge.config import BridgeConfig, LimitsSection, ServerSection
+from relay_bridge.directory import Device, Directory
+from relay_bridge.server import RelayServicer, RouterSession
+
+
+@pytest.fixture
+async def servicer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RelayServicer]:
+    monkeypatch.setattr(directory_module, "SCRYPT_N", 2**10)
+    directory = Directory(tmp_path / "bridge.sqlite3")
+    config = BridgeConfig(server=ServerSection(insecure=True), limits=LimitsSection(login_failures=2))
+    servicer = RelayServicer(config, directory)
+    yield servicer
+    servicer.directory.close()
+
+
+async def refusal(servicer: RelayServicer, account: str, password: str, source: str) -> str | None:
+    refused = await servicer.control.authenticate(account, password, source)
+    return None if refused is None else refused.detail
+
+
+async def test_sign_on_errors_do_not_reveal_whether_an_account_exists(servicer: RelayServicer) -> None:
+    password = servicer.directory.sync.add_router("a")
+    assert await refusal(servicer, "a", password, "10.0.0.1") is None
+    assert await refusal(servicer, "a", "nope nope nope", "10.0.0.2") == "wrong account name or password"
+    assert await refusal(servicer, "ghost", password, "10.0.0.3") == "wrong account name or password"
+    servicer.directory.sync.set_enabled("a", False)
+    assert await refusal(servicer, "a", password, "10.0.0.4") == "account disabled"
+
+
+async def test_repeated_failures_lock_the_account_out_even_with_the_right_password(servicer: RelayServicer) -> None:
+    password = servicer.directory.sync.add_router("a")
+    for source in ("10.0.0.1", "10.0.0.2"):
+        assert await refusal(servicer, "a", "guess guess guess", source) == "wrong account name or password"
+    refused = "too many failed sign-on attempts; try again later"
+    assert await refusal(servicer, "a", password, "10.0.0.3") == refused
+    # ... and the guessing addresses are blocked for other accounts too.
+    b = servicer.directory.sync.add_router("b")
+    assert await refusal(servicer, "b", b, "10.0.0.1") is None
+    await refusal(servicer, "c", "x" * 12, "10.0.0.1")
+    assert await refusal(servicer, "b", b, "10.0.0.1") == refused
+
+
+async def test_directory_for_lists_what_a_site_may_reach_and_who_is_online(servicer: RelayServicer) -> None:
+    d = servicer.directory.sync
+    for name in ("a", "b", "c"):
+        d.add_router(name, "long enough password")
+    d.publish("b", [Device("b", "PACS", "archive", ("a",)), Device("b", "CT", "", ())])
+    d.publish("c", [Device("c", "MR", "", ("*",))])
+    servicer.sessions["b"] = RouterSession("b", "token", "10.0.0.2")
+    listing = await servicer.control.directory_for("a")
+    assert [(x.site, x.ae_title, x.description, x.online) for x in listing.devices] == [
+        ("b", "PACS", "archive", True),
+        ("c", "MR", "", False),
+    ]
+    assert [(x.site, x.ae_title) for x in (await servicer.control.directory_for("c")).devices] == []
+
+
+# -- typed refusals: the metric label and the audit outcome come from the type -----------------
+
+
+class Context:
+    """Sign-on reads only the certificate names (mutual TLS is off here)."""
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+
+def sign_on(account: str, password: str, sign_key: bytes = b"s" * 32, kem_key: bytes = b"k", *titles: str) -> pb.SignOn:
+    return pb.SignOn(
+        account=account,
+        password=password,
+        identity=pb.Identity(sign_key=sign_key, kem_key=kem_key),
+        devices=[pb.SharedDevice(ae_title=t) for t in titles],
+    )
+
+
+async def test_sign_on_refusals_are_typed(servicer: RelayServicer) -> None:
+    password = servicer.directory.sync.add_router("a")
+    control, ctx = servicer.control, Context()
+    assert await control.sign_on_refusal(ctx, sign_on("a", password), "10.0.0.1") is None  # type: ignore[arg-type]
+
+    wrong = await control.sign_on_refusal(ctx, sign_on("a", "not the password"), "10.0.0.2")  # type: ignore[arg-type]
+    assert wrong is not None and wrong.failure is SignOnFailure.CREDENTIALS and wrong.audit_outcome == "failure"
+
+    bad_devices = await control.sign_on_refusal(ctx, sign_on("a", password, b"s" * 32, b"k", "OK", "BAD\\"), "10.0.0.3")  # type: ignore[arg-type]
+    assert bad_devices is not None and bad_devices.failure is SignOnFailure.INVALID_DEVICES
+    assert bad_devices.detail.startswith("invalid AE title 'BAD")
+
+    no_keys = await control.sign_on_refusal(ctx, sign_on("a", password, b"", b""), "10.0.0.4")  # type: ignore[arg-type]
+    assert no_keys is not None and no_keys.failure is SignOnFailure.NO_IDENTITY
+    assert (
+        no_keys.detail == "sign-on carries no identity keys (upgrade the router)" and no_keys.audit_outcome == "alert"
+    )
+
+    changed = await control.sign_on_refusal(ctx, sign_on("a", password, b"t" * 32), "10.0.0.5")  # type: ignore[arg-type]
+    assert changed is not None and changed.failure is SignOnFailure.IDENTITY_CHANGED and changed.security
+    assert changed.detail == (
+        "this router's identity key differs from the one the bridge recorded; if the router was "
+        "reinstalled, an operator must run: relay-bridge router reset-identity a"
+    )
+
+    # Two wrong passwords (login_failures=2) from one address block it, with the right password too.
+    await control.sign_on_refusal(ctx, sign_on("a", "wrong wrong wrong"), "10.0.0.9")  # type: ignore[arg-type]
+    throttled = await control.sign_on_refusal(ctx, sign_on("a", password), "10.0.0.9")  # type: ignore[arg-type]
+    assert throttled is not None and throttled.failure is SignOnFailure.THROTTLED and throttled.audit_outcome == "alert"
+
+
+async def test_a_reworded_message_keeps_its_label(servicer: RelayServicer) -> None:
+    """The label comes from the failure, not from the text (the substring matching is gone)."""
+    from relay_bridge.admission import SignOnRefused
+
+    servicer.metrics.sign_on_failed(SignOnRefused(SignOnFailure.THROTTLED, "slow down, please").failure)
+    value = servicer.metrics.registry.get_sample_value("relay_bridge_sign_on_failures_total", {"reason": "throttled"})
+    assert value == 1

@@ -12,7 +12,8 @@ from relay_bridge import directory as directory_module
 from relay_bridge.admission import SignOnFailure
 from relay_bridge.config import BridgeConfig, LimitsSection, ServerSection
 from relay_bridge.directory import Device, Directory
-from relay_bridge.server import RelayServicer, RouterSession
+from relay_bridge.server import RelayServicer
+from relay_bridge.sessions import RouterSession
 
 
 @pytest.fixture

@@ -366,9 +366,7 @@ async def test_async_calls_run_off_the_event_loop_on_one_thread(db_path: Path, c
         directory.close()
 
 
-async def test_the_loop_keeps_running_while_a_password_is_checked(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_the_loop_keeps_running_while_a_password_is_checked(db_path: Path) -> None:
     """A real-cost scrypt (~50 ms) does not stall other coroutines."""
     sync = Directory(db_path)
     password = sync.add_router("a")

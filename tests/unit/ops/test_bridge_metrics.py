@@ -15,7 +15,8 @@ from relay_bridge.admission import SignOnFailure
 from relay_bridge.config import BridgeConfig, ServerSection
 from relay_bridge.directory import AccountProblem, Directory, IdentityProblem
 from relay_bridge.metrics import REFUSAL_REASONS, SIGN_ON_REASONS
-from relay_bridge.server import RelayServicer, RouterSession
+from relay_bridge.server import RelayServicer
+from relay_bridge.sessions import RouterSession
 from relay_bridge.splice import Splice
 from tests.unit.ops.helpers import samples
 

@@ -114,7 +114,15 @@ class LoginThrottle:
         return q
 
     def blocked(self, *keys: str) -> bool:
-        return any(len(self._recent(k)) >= self.limit for k in keys)
+        blocked = False
+        for k in keys:
+            recent = len(self._recent(k))
+            if not recent:
+                # Forget keys without recent failures: a stream of sign-ons from fresh addresses
+                # must not grow the table.
+                del self._failures[k]
+            blocked = blocked or recent >= self.limit
+        return blocked
 
     def failed(self, *keys: str) -> None:
         for k in keys:

@@ -65,6 +65,16 @@ def test_throttle_window_slides(clock: Clock) -> None:
     assert not t.blocked("source:x")
 
 
+def test_throttle_forgets_keys_without_recent_failures(clock: Clock) -> None:
+    t = LoginThrottle(3, 60.0)
+    for n in range(1000):
+        assert not t.blocked(f"account:a{n}", f"source:10.0.{n // 256}.{n % 256}")
+    t.failed("account:x")
+    clock.now += 61
+    assert not t.blocked("account:x")
+    assert t._failures == {}
+
+
 def test_throttle_with_a_limit_of_one(clock: Clock) -> None:
     t = LoginThrottle(1, 5.0)
     assert not t.blocked("k")

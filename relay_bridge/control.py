@@ -91,15 +91,17 @@ class ControlService:
     ) -> SignOnRefused | None:
         problem = self.state.sessions.certificate_problem(context, sign_on.account)
         if problem is not None:
-            return SignOnRefused(admission.SignOnFailure.CERTIFICATE, problem)
-        refusal = await self.authenticate(sign_on.account, sign_on.password, source)
-        if refusal is None:
-            refusal = admission.devices_refusal(sign_on.devices)
+            return logged(SignOnRefused(admission.SignOnFailure.CERTIFICATE, problem), sign_on.account, source)
+        refusal = await self.authenticate(sign_on.account, sign_on.password, source)  # logs its refusals
         if refusal is not None:
             return refusal
+        refusal = admission.devices_refusal(sign_on.devices)
+        if refusal is not None:
+            return logged(refusal, sign_on.account, source)
         identity = sign_on.identity
         if not admission.has_identity_keys(identity):
-            return SignOnRefused(admission.SignOnFailure.NO_IDENTITY, admission.NO_IDENTITY)
+            refusal = SignOnRefused(admission.SignOnFailure.NO_IDENTITY, admission.NO_IDENTITY)
+            return logged(refusal, sign_on.account, source)
         mismatch = await self.state.directory.check_identity(sign_on.account, identity.sign_key, identity.kem_key)
         if mismatch is None:
             return None
@@ -228,6 +230,21 @@ class ControlService:
         log.info("router %s enrolled from %s", account, source)
         await self.broadcast_directory()
         return pb.EnrollResponse(certificate_pem=certificate, ca_pem=ca_pem)
+
+
+def logged(refusal: SignOnRefused, account: str, source: str) -> SignOnRefused:
+    """Log a refusal that no earlier line explained; the level and the alert field come from its type."""
+    if refusal.security:
+        log.error(
+            "sign-on for %r from %s refused: %s",
+            account,
+            source,
+            refusal.detail,
+            extra={"security_alert": refusal.failure.value},
+        )
+    else:
+        log.warning("sign-on for %r from %s refused: %s", account, source, refusal.detail)
+    return refusal
 
 
 def published(router: str, devices: list[pb.SharedDevice]) -> list[Device]:

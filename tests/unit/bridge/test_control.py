@@ -125,3 +125,23 @@ async def test_a_reworded_message_keeps_its_label(servicer: RelayServicer) -> No
     servicer.metrics.sign_on_failed(SignOnRefused(SignOnFailure.THROTTLED, "slow down, please").failure)
     value = servicer.metrics.registry.get_sample_value("relay_bridge_sign_on_failures_total", {"reason": "throttled"})
     assert value == 1
+
+
+async def test_refusals_without_a_password_line_are_logged_at_their_types_level(
+    servicer: RelayServicer, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = servicer.directory.sync.add_router("a")
+    control, ctx = servicer.control, Context()
+    caplog.set_level("INFO", logger="relay_bridge")
+    await control.sign_on_refusal(ctx, sign_on("a", password, b"s" * 32, b"k", "BAD\\"), "10.0.0.3")  # type: ignore[arg-type]
+    await control.sign_on_refusal(ctx, sign_on("a", password, b"", b""), "10.0.0.4")  # type: ignore[arg-type]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "refused" in r.getMessage()]
+    assert lines == [
+        ("WARNING", "sign-on for 'a' from 10.0.0.3 refused: invalid AE title 'BAD\\\\' "
+         "(1-16 characters, no backslash or control characters)"),
+        ("ERROR", "sign-on for 'a' from 10.0.0.4 refused: sign-on carries no identity keys (upgrade the router)"),
+    ]  # fmt: skip
+    assert [getattr(r, "security_alert", None) for r in caplog.records if "refused" in r.getMessage()] == [
+        None,
+        "no_identity",
+    ]

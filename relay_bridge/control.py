@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 
 import grpc
 import grpc.aio
@@ -38,6 +38,7 @@ class ControlService:
 
     def __init__(self, state: BridgeState) -> None:
         self.state = state
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- the directory a router sees -----------------------------------------------------
     async def directory_for(self, site: str) -> pb.Directory:
@@ -131,39 +132,47 @@ class ControlService:
             log.warning("router %s signed on again from %s; closing its previous session", session.name, source)
             previous.end()
         state.sessions[session.name] = session
-        await state.directory.publish(session.name, published(session.name, sign_on.devices))
-        await state.directory.touch(session.name)
-        state.audit.event(
-            "sign_on",
-            "success",
-            router=session.name,
-            source=source,
-            shared_devices=[d.ae_title for d in sign_on.devices],
-        )
-        state.metrics.signed_on()
-        log.info("router %s signed on from %s (%d shared devices)", session.name, source, len(sign_on.devices))
-        await context.write(
-            pb.BridgeMessage(
-                sign_on_result=pb.SignOnResult(
-                    ok=True, session=session.token, site=session.name, heartbeat_interval_s=HEARTBEAT_S
+        tasks: list[asyncio.Task[None]] = []
+        try:  # from here on, however the call ends (even cancelled mid-way), the session is removed
+            await state.directory.publish(session.name, published(session.name, sign_on.devices))
+            await state.directory.touch(session.name)
+            state.audit.event(
+                "sign_on",
+                "success",
+                router=session.name,
+                source=source,
+                shared_devices=[d.ae_title for d in sign_on.devices],
+            )
+            state.metrics.signed_on()
+            log.info("router %s signed on from %s (%d shared devices)", session.name, source, len(sign_on.devices))
+            await context.write(
+                pb.BridgeMessage(
+                    sign_on_result=pb.SignOnResult(
+                        ok=True, session=session.token, site=session.name, heartbeat_interval_s=HEARTBEAT_S
+                    )
                 )
             )
-        )
-        await self.broadcast_directory()
-        reader = asyncio.create_task(self._read_control(session, context))
-        watchdog = asyncio.create_task(self._watch_enabled(session))
-        try:
+            await self.broadcast_directory()
+            tasks.append(asyncio.create_task(self._read_control(session, context)))
+            tasks.append(asyncio.create_task(self._watch_enabled(session)))
             while (message := await session.outbox.get()) is not None:
                 await context.write(message)
         finally:
             session.end()
-            reader.cancel()
-            watchdog.cancel()
+            for task in tasks:
+                task.cancel()
             abandon_pending(state.splices, session)
             if state.sessions.get(session.name) is session:
                 del state.sessions[session.name]
                 log.info("router %s signed off", session.name)
-                await self.broadcast_directory()
+                # In a task of its own: gRPC cancels this call when the router's connection closes, which
+                # may be while the others are told; the news that this site is offline must still reach them.
+                self._in_background(self.broadcast_directory())
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _read_control(self, session: RouterSession, context: grpc.aio.ServicerContext) -> None:
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc.aio
 import pytest
 
 from protos.relay.v1 import relay_pb2 as pb
@@ -145,3 +147,77 @@ async def test_refusals_without_a_password_line_are_logged_at_their_types_level(
         None,
         "no_identity",
     ]
+
+
+# -- the control stream's end -----------------------------------------------------------------
+
+
+class ControlCall:
+    """A fake Control call: the sign-on, then whatever the test feeds (EOF ends the router's side)."""
+
+    def __init__(self, first: pb.RouterMessage) -> None:
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self.inbox.put_nowait(first)
+        self.written: list[pb.BridgeMessage] = []
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5555"
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    async def read(self) -> object:
+        return await self.inbox.get()
+
+    async def write(self, message: pb.BridgeMessage) -> None:
+        self.written.append(message)
+
+
+async def until(predicate: Callable[[], object]) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_the_others_learn_a_site_went_offline_even_if_grpc_cancels_its_call(servicer: RelayServicer) -> None:
+    """gRPC cancels the handler when the router's connection closes, possibly while the bridge tells the others."""
+    d = servicer.directory.sync
+    password = d.add_router("site-b")
+    d.add_router("site-a")
+    watcher = RouterSession("site-a", "token-a", "127.0.0.1")
+    servicer.sessions["site-a"] = watcher
+    first = pb.RouterMessage(sign_on=sign_on("site-b", password))
+    first.sign_on.devices.add(ae_title="PACS", share_with=["site-a"])
+    call = ControlCall(first)
+    handler = asyncio.create_task(servicer.Control(iter(()), call))  # type: ignore[arg-type]
+    await until(lambda: "site-b" in servicer.sessions and call.written)
+    assert call.written[0].sign_on_result.ok
+    online = await asyncio.wait_for(watcher.outbox.get(), 5)
+    assert online is not None and [(x.ae_title, x.online) for x in online.directory.devices] == [("PACS", True)]
+
+    directory = servicer.directory
+    read_devices = directory.devices
+
+    async def slow_devices() -> list[Device]:  # a busy database: the broadcast takes a while
+        await asyncio.sleep(0.2)
+        return await read_devices()
+
+    directory.devices = slow_devices  # type: ignore[method-assign]
+    call.inbox.put_nowait(grpc.aio.EOF)  # the router closes its side ...
+    await until(lambda: "site-b" not in servicer.sessions)
+    handler.cancel()  # ... and then its connection: gRPC cancels the call
+    await asyncio.gather(handler, return_exceptions=True)
+    offline = await asyncio.wait_for(watcher.outbox.get(), 2)
+    assert offline is not None and [(x.ae_title, x.online) for x in offline.directory.devices] == [("PACS", False)]
+
+
+async def test_a_call_cancelled_during_sign_on_leaves_no_session(servicer: RelayServicer) -> None:
+    password = servicer.directory.sync.add_router("site-b")
+    call = ControlCall(pb.RouterMessage(sign_on=sign_on("site-b", password)))
+    handler = asyncio.create_task(servicer.Control(iter(()), call))  # type: ignore[arg-type]
+    await until(lambda: "site-b" in servicer.sessions)
+    handler.cancel()  # before (or while) the result is written
+    await asyncio.gather(handler, return_exceptions=True)
+    assert "site-b" not in servicer.sessions

@@ -10,6 +10,9 @@ For the file:// store, which routers cannot reach, the URLs the store signs
 GetBlobPart RPCs: the bridge verifies the signature and expiry, then that the
 key lies under an association of the calling router. The blob bytes still
 never pass through the association's splice (nor its byte counters).
+
+`BlobService` holds the four RPCs (BlobSlot, PutBlobPart, GetBlobPart,
+ReleaseBlob); each checks its caller's session first.
 """
 
 from __future__ import annotations
@@ -21,11 +24,22 @@ import re
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
 
 from cloudstore import BlobStore, BlobStoreError, open_store
 from cloudstore.base import PresignedURLError
 from cloudstore.lifecycle import sweep
+from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.config import BridgeConfig
+from relay_bridge.sessions import require_association
+from relay_common.errors import RelayError
+
+if TYPE_CHECKING:
+    from relay_bridge.sessions import RouterSession
+    from relay_bridge.state import BridgeState
 
 log = logging.getLogger("relay_bridge.blobs")
 PREFIX = "spill/"
@@ -33,7 +47,7 @@ BLOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_PARTS = 100_000
 
 
-class BlobRefused(Exception):
+class BlobRefused(RelayError):
     """The request is not allowed (wrong association, forged or expired URL, bad id)."""
 
 
@@ -162,3 +176,67 @@ class BlobBroker:
             log.warning("could not delete blobs under %s (the sweep will): %s", prefix, exc)
             return 0
         return len(infos)
+
+
+class BlobService:
+    """The blob RPCs: presigned URLs for the caller's own associations, and the file:// store's parts."""
+
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
+
+    async def _caller(self, context: grpc.aio.ServicerContext, association_id: str = "") -> RouterSession:
+        session = await self.state.sessions.authenticate_caller(context)
+        if self.state.blobs is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this bridge has no spill blob store")
+        if association_id:
+            await require_association(context, session, association_id)
+        return session
+
+    def _broker(self) -> BlobBroker:
+        assert self.state.blobs is not None  # _caller refused the call otherwise
+        return self.state.blobs
+
+    async def _refused(self, context: grpc.aio.ServicerContext, session: RouterSession, exc: BlobRefused) -> None:
+        """A forged, expired or foreign URL: a security alert."""
+        self.state.audit.event("blob_refused", "alert", router=session.name, detail=str(exc))
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+
+    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:  # noqa: N802
+        await self._caller(context, request.association_id)
+        try:
+            blob_id, url, expires = await self._broker().slot(
+                request.association_id, request.blob_id, request.part, download=request.download
+            )
+        except BlobRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a store failure: the router falls back to inline frames
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+        return pb.BlobSlotResponse(blob_id=blob_id, url=url, expires_unix=expires)
+
+    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+        session = await self._caller(context)
+        try:
+            await self._broker().put_part(request.url, request.data, session.associations)
+        except BlobRefused as exc:
+            await self._refused(context, session, exc)
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+        return pb.BlobPartAck()
+
+    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:  # noqa: N802
+        session = await self._caller(context)
+        try:
+            data = await self._broker().get_part(request.url, session.associations)
+        except BlobRefused as exc:
+            await self._refused(context, session, exc)
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+        return pb.BlobPart(data=data)
+
+    async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+        await self._caller(context, request.association_id)
+        try:
+            await self._broker().release(request.association_id, request.blob_id)
+        except BlobRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return pb.BlobPartAck()

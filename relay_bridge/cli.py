@@ -14,7 +14,6 @@ from pathlib import Path
 
 from relay_bridge import config as bridge_config
 from relay_bridge.directory import Directory, DirectoryError
-from relay_bridge.pki import make_dev_pki
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
@@ -30,6 +29,7 @@ from relay_common.daemon import (
 )
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
+from relay_common.pki import make_dev_pki
 
 log = logging.getLogger("relay_bridge")
 

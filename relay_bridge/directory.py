@@ -8,22 +8,30 @@ stay inside each hospital.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from relay_common.errors import RelayError
+from relay_common.files import create_private
+from relay_common.validate import SITE_NAME_RULE, is_site_name
+
 # scrypt cost: 2^15 x 8 x 1 takes ~50 ms and 32 MiB here; stored per hash so it can grow.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
-ROUTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS routers (
     name TEXT PRIMARY KEY,
@@ -58,8 +66,39 @@ CREATE TABLE IF NOT EXISTS shares (
 """
 
 
-class DirectoryError(Exception):
-    pass
+class DirectoryError(RelayError):
+    """An operator's request the directory cannot carry out (no such router, name taken, weak password)."""
+
+
+class AccountProblem(StrEnum):
+    """Why `verify_password` refused (the value is what the bridge logs)."""
+
+    UNKNOWN_ACCOUNT = "unknown account"
+    WRONG_PASSWORD = "wrong password"
+    DISABLED = "account disabled"
+
+
+class IdentityProblem(StrEnum):
+    """Why `check_identity` refused."""
+
+    UNKNOWN_ACCOUNT = "unknown account"
+    CHANGED = "identity key changed"
+
+
+class TokenProblem(StrEnum):
+    """Why `redeem_enrollment_token` refused (the value is the text the router is shown)."""
+
+    UNKNOWN = "unknown enrollment token"
+    USED = "enrollment token already used"
+    EXPIRED = "enrollment token expired"
+
+
+def identity_changed_detail(name: str) -> str:
+    """What a router whose identity key changed is told (and what the operator must do)."""
+    return (
+        "this router's identity key differs from the one the bridge recorded; if the router was "
+        f"reinstalled, an operator must run: relay-bridge router reset-identity {name}"
+    )
 
 
 @dataclass(frozen=True)
@@ -90,10 +129,8 @@ class Directory:
 
     def __init__(self, path: Path | str) -> None:
         if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             # Create the file owner-only first: SQLite gives its -wal and -shm files the same mode.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            os.chmod(path, 0o600)
+            create_private(path)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -110,8 +147,8 @@ class Directory:
     # -- accounts --------------------------------------------------------
     def add_router(self, name: str, password: str | None = None) -> str:
         """Create an account; returns its password (generated when not given)."""
-        if not ROUTER_NAME.match(name):
-            raise DirectoryError(f"router name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' or '-'")
+        if not is_site_name(name):
+            raise DirectoryError(f"router name {name!r} must be {SITE_NAME_RULE}")
         password = password or secrets.token_urlsafe(18)
         if len(password) < 12:
             raise DirectoryError("passwords must have at least 12 characters")
@@ -153,7 +190,7 @@ class Directory:
         if cur.rowcount == 0:
             raise DirectoryError(f"no router named {name!r}")
 
-    def verify_password(self, name: str, password: str) -> str | None:
+    def verify_password(self, name: str, password: str) -> AccountProblem | None:
         """None when the credentials are good, else the reason (for logs and audit)."""
         with self._lock:
             row = self._db.execute(
@@ -163,28 +200,25 @@ class Directory:
         if row is None:
             # Spend the same time as a real check so account names cannot be probed by timing.
             _hash(password, b"\0" * 16, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-            return "unknown account"
+            return AccountProblem.UNKNOWN_ACCOUNT
         digest, salt, n, r, p, enabled = row
         if not hmac.compare_digest(_hash(password, salt, n, r, p), digest):
-            return "wrong password"
+            return AccountProblem.WRONG_PASSWORD
         if not enabled:
-            return "account disabled"
+            return AccountProblem.DISABLED
         return None
 
-    def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> str | None:
+    def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> IdentityProblem | None:
         """Record a router's identity on first sign-on; None if it matches, else the reason to refuse."""
         with self._lock:
             row = self._db.execute("SELECT sign_key, kem_key FROM routers WHERE name=?", (name,)).fetchone()
             if row is None:
-                return "unknown account"
+                return IdentityProblem.UNKNOWN_ACCOUNT
             if row[0] is None:
                 self._db.execute("UPDATE routers SET sign_key=?, kem_key=? WHERE name=?", (sign_key, kem_key, name))
                 return None
         if (bytes(row[0]), bytes(row[1])) != (sign_key, kem_key):
-            return (
-                "this router's identity key differs from the one the bridge recorded; if the router was "
-                f"reinstalled, an operator must run: relay-bridge router reset-identity {name}"
-            )
+            return IdentityProblem.CHANGED
         return None
 
     def issue_enrollment_token(self, name: str, ttl_s: float) -> str:
@@ -199,7 +233,7 @@ class Directory:
             )
         return token
 
-    def redeem_enrollment_token(self, name: str, token: str) -> str | None:
+    def redeem_enrollment_token(self, name: str, token: str) -> TokenProblem | None:
         """Mark the token used; None if it was valid for `name`, else why not."""
         digest = hashlib.sha256(token.encode()).digest()
         with self._lock:
@@ -207,11 +241,11 @@ class Directory:
                 "SELECT router, expires, used FROM enrollment_tokens WHERE token_sha256=?", (digest,)
             ).fetchone()
             if row is None or row[0] != name:
-                return "unknown enrollment token"
+                return TokenProblem.UNKNOWN
             if row[2] is not None:
-                return "enrollment token already used"
+                return TokenProblem.USED
             if row[1] < time.time():
-                return "enrollment token expired"
+                return TokenProblem.EXPIRED
             self._db.execute("UPDATE enrollment_tokens SET used=? WHERE token_sha256=?", (time.time(), digest))
         return None
 
@@ -278,3 +312,71 @@ class Directory:
 
     def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in self.devices() if d.shared_with(peer)]
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class AsyncDirectory:
+    """The directory for the event loop: every call runs on one dedicated thread, never on the loop.
+
+    SQLite blocks (and scrypt takes ~50 ms), so the bridge's coroutines await
+    these methods instead; the connection is only used from the executor's single
+    thread, which also serialises the calls. Another database (PostgreSQL) can
+    later sit behind the same interface. The CLI keeps the synchronous `Directory`.
+    """
+
+    def __init__(self, directory: Directory) -> None:
+        self.sync = directory  # for the CLI and tests outside an event loop; never call it from the loop
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="relay-directory")
+        # The accounts as last read, for readers that must not wait (a metrics scrape runs on the loop).
+        self.known_routers: list[Router] = []
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Finish queued calls, then close the database on the executor's thread."""
+        try:
+            self._executor.submit(self.sync.close).result()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    async def verify_password(self, name: str, password: str) -> AccountProblem | None:
+        return await self._call(self.sync.verify_password, name, password)
+
+    async def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> IdentityProblem | None:
+        return await self._call(self.sync.check_identity, name, sign_key, kem_key)
+
+    async def redeem_enrollment_token(self, name: str, token: str) -> TokenProblem | None:
+        return await self._call(self.sync.redeem_enrollment_token, name, token)
+
+    async def set_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> None:
+        await self._call(self.sync.set_identity, name, sign_key, kem_key)
+
+    async def identities(self) -> dict[str, tuple[bytes, bytes]]:
+        return await self._call(self.sync.identities)
+
+    async def routers(self) -> list[Router]:
+        self.known_routers = await self._call(self.sync.routers)
+        return self.known_routers
+
+    async def router(self, name: str) -> Router | None:
+        return next((r for r in await self.routers() if r.name == name), None)
+
+    async def touch(self, name: str) -> None:
+        await self._call(self.sync.touch, name)
+
+    async def publish(self, router: str, devices: list[Device]) -> None:
+        await self._call(self.sync.publish, router, devices)
+
+    async def devices(self) -> list[Device]:
+        return await self._call(self.sync.devices)
+
+    async def device(self, router: str, ae_title: str) -> Device | None:
+        return await self._call(self.sync.device, router, ae_title)
+
+    async def reachable_by(self, peer: str) -> list[Device]:
+        return await self._call(self.sync.reachable_by, peer)

@@ -1,7 +1,7 @@
 """The bridge's Prometheus metrics and its recent-activity summary.
 
-`RelayServicer` creates one `BridgeMetrics` and calls it at sign-on (success
-or failure), at every refusal it sends, when an association is spliced (the
+`BridgeState` creates one `BridgeMetrics`; the services call it at sign-on
+(success or failure, labelled by the refusal's type), at every refusal it sends, when an association is spliced (the
 destination router joined) and when a splice closes. Bytes and frames of
 associations still running are brought up to date before every scrape.
 
@@ -20,38 +20,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge.admission import SignOnFailure
 from relay_common.certmetrics import bridge_certificate_files, register_certificates
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
 
 if TYPE_CHECKING:
-    from relay_bridge.server import RelayServicer
     from relay_bridge.splice import Splice
+    from relay_bridge.state import BridgeState
 
 OUTCOMES = ("relayed", "refused", "abandoned")
 REFUSAL_REASONS = tuple(
     name.lower() for name, number in pb.Refused.Reason.items() if number != 0 and not name.endswith("UNSPECIFIED")
 )
 BYTE_DIRECTIONS = ("from_initiator", "from_destination")
-# Why a sign-on failed, from the error the bridge sends back (first match wins).
-SIGN_ON_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("client certificate", "certificate"),
-    ("too many failed sign-on attempts", "throttled"),
-    ("account disabled", "disabled"),
-    ("wrong account name or password", "credentials"),
-    ("unknown account", "credentials"),
-    ("no identity keys", "no_identity"),
-    ("identity key differs", "identity_changed"),
-    ("invalid AE title", "invalid_devices"),
-    ("is published twice", "invalid_devices"),
-)
-SIGN_ON_REASONS = tuple(dict.fromkeys([r for _, r in SIGN_ON_PATTERNS] + ["other"]))
-
-
-def sign_on_reason(error: str) -> str:
-    for needle, reason in SIGN_ON_PATTERNS:
-        if needle in error:
-            return reason
-    return "other"
+# Why a sign-on failed: the labels are relay_bridge.admission.SignOnFailure's values.
+SIGN_ON_REASONS = tuple(failure.value for failure in SignOnFailure)
 
 
 def refusal_label(reason: int) -> str:
@@ -64,11 +47,11 @@ def refusal_label(reason: int) -> str:
 class _SessionCollector(Collector):
     """Per-account state, read at scrape time: which routers are signed on."""
 
-    def __init__(self, servicer: RelayServicer) -> None:
-        self.servicer = servicer
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        sessions = dict(self.servicer.sessions)
+        sessions = dict(self.state.sessions)
         signed_on = GaugeMetricFamily(
             "relay_bridge_router_signed_on",
             "1 while the router (account) is signed on, 0 otherwise; every account is listed",
@@ -79,10 +62,9 @@ class _SessionCollector(Collector):
             "Associations in progress in which the router takes part (either end)",
             labels=["site"],
         )
-        try:
-            accounts = {r.name: r for r in self.servicer.directory.routers()}
-        except Exception:  # noqa: BLE001 - a closed or locked database must not break the scrape
-            accounts = {}
+        # The accounts as last read off the loop (the status writer reads them every second): a scrape
+        # runs on the event loop and must not wait for the database.
+        accounts = {r.name: r for r in self.state.directory.known_routers}
         for name in sorted(set(accounts) | set(sessions)):
             session = sessions.get(name)
             signed_on.add_metric([name], float(session is not None))
@@ -94,11 +76,11 @@ class _SessionCollector(Collector):
 class _SpillCollector(Collector):
     """The cloud spill's broker counters (relay_bridge.blobs.BlobBroker), read at scrape time."""
 
-    def __init__(self, servicer: RelayServicer) -> None:
-        self.servicer = servicer
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        broker = getattr(self.servicer, "blobs", None)  # set after the metrics (and None when spill is off)
+        broker = self.state.blobs  # None when spill is off
         slots = CounterMetricFamily(
             "relay_bridge_spill_blob_slots",
             "Presigned blob-part URLs issued to routers, by method (put: upload, get: download)",
@@ -119,8 +101,8 @@ class _SpillCollector(Collector):
 
 
 class BridgeMetrics:
-    def __init__(self, servicer: RelayServicer) -> None:
-        self.servicer = servicer
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
         self.registry = registry = new_registry()
         self.associations = Counter(
             "relay_bridge_associations",
@@ -150,15 +132,15 @@ class BridgeMetrics:
             registry=registry,
         )
         Gauge("relay_bridge_active_associations", "Associations in progress", registry=registry).set_function(
-            lambda: len(servicer.splices)
+            lambda: len(state.splices)
         )
         Gauge("relay_bridge_signed_on_routers", "Routers signed on now", registry=registry).set_function(
-            lambda: len(servicer.sessions)
+            lambda: len(state.sessions)
         )
         Info("relay_bridge", "This bridge", registry=registry).info({"version": package_version()})
-        registry.register(_SessionCollector(servicer))
-        registry.register(_SpillCollector(servicer))
-        register_certificates(registry, "relay_bridge", bridge_certificate_files(servicer.config))
+        registry.register(_SessionCollector(state))
+        registry.register(_SpillCollector(state))
+        register_certificates(registry, "relay_bridge", bridge_certificate_files(state.config))
         for outcome in OUTCOMES:
             self.associations.labels(outcome)
         for reason in REFUSAL_REASONS:
@@ -172,21 +154,21 @@ class BridgeMetrics:
         self.recent = RecentWindow()
         self.server = MetricsServer(registry, before_scrape=self.refresh)
 
-    # -- hooks called by RelayServicer ---------------------------------------------
+    # -- hooks called by the services ---------------------------------------------
     @never_raises
     def signed_on(self) -> None:
         self.sign_ons.inc()
 
     @never_raises
-    def sign_on_failed(self, error: str) -> None:
-        self.sign_on_failures.labels(sign_on_reason(error)).inc()
+    def sign_on_failed(self, failure: SignOnFailure) -> None:
+        self.sign_on_failures.labels(failure.value).inc()
 
     @never_raises
     def refused(self, reason: int, association_id: str, detail: str = "") -> None:
         label = refusal_label(reason)
         self.refusals.labels(label).inc()
         self.associations.labels("refused").inc()
-        splice = self.servicer.splices.get(association_id)
+        splice = self.state.splices.get(association_id)
         if splice is not None:
             self._refused.add(association_id)  # closed() will not count it again
         self.recent.add(
@@ -208,7 +190,7 @@ class BridgeMetrics:
 
     @never_raises
     def closed(self, splice: Splice) -> None:
-        """A splice ended (called after it left `servicer.splices`)."""
+        """A splice ended (called after it left `state.splices`)."""
         aid = splice.association_id
         self._count(splice)
         self._seen.pop(aid, None)
@@ -239,7 +221,7 @@ class BridgeMetrics:
 
     # -- scrape-time refresh --------------------------------------------------------
     def refresh(self) -> None:
-        for splice in list(self.servicer.splices.values()):
+        for splice in list(self.state.splices.values()):
             self._count(splice)
 
     def _count(self, splice: Splice) -> None:

@@ -1,4 +1,10 @@
-"""Pairs the two Associate streams of one association and pumps frames between them.
+"""The whole life of an association at the bridge: admission, splice, join, timeout, pumping, cleanup.
+
+`AssociationService.Associate` takes both ends: the initiating router's Open
+(admitted by relay_bridge.admission, then announced to the destination on its
+control stream) and the destination router's Join; the two calls are spliced
+until either ends, and the association is then audited, counted and its
+leftover blobs released.
 
 The bridge never parses DICOM, nor even the frames after the first: the
 Associate method is registered with identity (de)serializers, so a frame from
@@ -17,13 +23,26 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge import admission
+from relay_bridge.admission import Rejection
+
+if TYPE_CHECKING:
+    from relay_bridge.sessions import RouterSession
+    from relay_bridge.state import BridgeState
 
 log = logging.getLogger("relay_bridge.splice")
+# The association's own log lines keep the bridge's logger name (operators grep them).
+assoc_log = logging.getLogger("relay_bridge")
+PUMP_GRACE_S = 1.0
 
 
 class Channel:
@@ -127,3 +146,215 @@ class Splice:
         """Write frames from our channel to our own call until the partner is done."""
         while (frame := await inbound.get()) is not None:
             await write(frame)
+
+
+def abandon_pending(splices: Mapping[str, Splice], session: RouterSession) -> None:
+    """A router's control stream ended: associations still waiting for a Join will not get one."""
+    for assoc_id in list(session.associations):
+        splice = splices.get(assoc_id)
+        if splice is not None and not splice.joined.done():
+            splice.joined.cancel()
+
+
+async def abort_associations(splices: Mapping[str, Splice], session: RouterSession, detail: str) -> None:
+    """Tell both ends of each of the router's associations that it is aborted (e.g. the router was disabled)."""
+    for assoc_id in list(session.associations):
+        splice = splices.get(assoc_id)
+        if splice is not None:
+            await splice.to_initiator.close(close_frame(pb.Close.ABORTED, detail))
+            await splice.to_destination.close(close_frame(pb.Close.ABORTED, detail))
+
+
+class AssociationService:
+    """The Associate RPC: one call per end of an association."""
+
+    def __init__(self, state: BridgeState, splice_class: type[Splice] = Splice) -> None:
+        self.state = state
+        self.splice_class = splice_class  # a seam for tests that play a malicious or slow bridge
+        self._blob_tasks: set[asyncio.Task[int]] = set()
+
+    async def Associate(  # noqa: N802
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        session = await self.state.sessions.authenticate_caller(context)
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            return
+        try:
+            first = pb.Frame.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame is not a relay.v1.Frame")
+        if first.HasField("open"):
+            await self.initiate(session, first.open, context)
+        elif first.HasField("join"):
+            await self.join(session, first.join, context)
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Open or Join")
+
+    async def refuse(self, context: grpc.aio.ServicerContext, rejection: Rejection, assoc: str) -> None:
+        assoc_log.info("association refused: %s", rejection.detail, extra={"assoc": assoc})
+        self.state.metrics.refused(rejection.code, assoc, rejection.detail)
+        await context.write(frame_bytes(refused=pb.Refused(reason=rejection.code, detail=rejection.detail)))
+
+    def _access_refused(self, session: RouterSession, op: pb.Open, aid: str) -> None:
+        """Audit it, and tell the device's owner that someone asked for a device it did not share."""
+        self.state.audit.event(
+            "access_refused",
+            "alert",
+            router=session.name,
+            to_site=op.to_site,
+            called_ae=op.called_ae_title,
+            calling_ae=op.calling_ae_title,
+            association=aid,
+        )
+        owner = self.state.sessions.get(op.to_site)
+        if owner is not None:
+            owner.send(
+                pb.BridgeMessage(
+                    audit=pb.AuditNotice(
+                        event="access_refused",
+                        peer_site=session.name,
+                        ae_title=op.called_ae_title,
+                        detail=f"{session.name} asked for {op.called_ae_title}, which is not shared with it",
+                    )
+                )
+            )
+        assoc_log.warning(
+            "router %s asked for %s/%s, which is not shared with it",
+            session.name,
+            op.to_site,
+            op.called_ae_title,
+            extra={"assoc": aid},
+        )
+
+    async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
+        state, aid, limits = self.state, op.association_id, self.state.config.limits
+        if not admission.valid_association_id(aid, state.splices):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+        device = await state.directory.device(op.to_site, op.called_ae_title)
+        destination = state.sessions.get(op.to_site)
+        rejection = admission.admit_open(
+            caller=session.name,
+            to_site=op.to_site,
+            called_ae_title=op.called_ae_title,
+            device=device,
+            destination_online=destination is not None,
+            active=len(state.splices),
+            caller_active=len(session.associations),
+            limits=admission.Limits(limits.max_associations, limits.max_associations_per_router),
+        )
+        if rejection is not None or destination is None:
+            assert rejection is not None
+            if rejection.access_refused:
+                self._access_refused(session, op, aid)
+            return await self.refuse(context, rejection, aid)
+        if not admission.valid_association_id(aid, state.splices):  # taken while the directory was read
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+        splice = self.splice_class(
+            aid, session.name, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
+        )
+        state.splices[aid] = splice
+        session.associations.add(aid)
+        destination.associations.add(aid)
+        try:
+            await self._run_initiator(splice, destination, op, context)
+        finally:
+            state.splices.pop(aid, None)
+            session.associations.discard(aid)
+            destination.associations.discard(aid)
+            self._finished(splice)
+
+    async def _run_initiator(
+        self, splice: Splice, destination: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext
+    ) -> None:
+        aid = splice.association_id
+        notice = pb.IncomingAssociation(
+            association_id=aid,
+            from_site=splice.from_site,
+            called_ae_title=op.called_ae_title,
+            first_frame=pb.Frame(data=op.first_data),
+            handshake=op.handshake,
+            features=op.features,
+        )
+        if not destination.send(pb.BridgeMessage(incoming=notice)):
+            return await self.refuse(context, admission.destination_overloaded(op.to_site), aid)
+        try:
+            await asyncio.wait_for(asyncio.shield(splice.joined), self.state.config.limits.join_timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            if not splice.joined.done():
+                splice.joined.cancel()
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            return await self.refuse(context, admission.join_timed_out(op.to_site), aid)
+        assoc_log.info(
+            "association %s -> %s/%s spliced", splice.from_site, op.to_site, op.called_ae_title, extra={"assoc": aid}
+        )
+        self.state.metrics.spliced(splice)
+        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
+        pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
+        try:
+            await splice.drain(splice.to_initiator, context.write)
+        finally:
+            await splice.to_initiator.close()  # unblock the partner if we are gone
+            await finish(pump)
+
+    def _finished(self, splice: Splice) -> None:
+        """Release what the routers did not, then audit, log and count the association."""
+        aid = splice.association_id
+        if self.state.blobs is not None:
+            task = asyncio.get_running_loop().create_task(self.state.blobs.release(aid))
+            self._blob_tasks.add(task)
+            task.add_done_callback(self._blob_tasks.discard)
+        self.state.audit.event(
+            "association",
+            "success" if splice.joined.done() and not splice.joined.cancelled() else "failure",
+            association=aid,
+            from_site=splice.from_site,
+            to_site=splice.to_site,
+            called_ae=splice.called_ae_title,
+            calling_ae=splice.calling_ae_title,
+            bytes_from_initiator=splice.bytes_from_initiator,
+            bytes_from_destination=splice.bytes_from_destination,
+            seconds=round(time.time() - splice.opened, 3),
+        )
+        assoc_log.info(
+            "association closed: %d bytes from %s, %d bytes from %s, %d frames, %.1f s",
+            splice.bytes_from_initiator,
+            splice.from_site,
+            splice.bytes_from_destination,
+            splice.to_site,
+            splice.frames,
+            time.time() - splice.opened,
+            extra={"assoc": aid},
+        )
+        self.state.metrics.closed(splice)
+
+    async def join(self, session: RouterSession, join: pb.Join, context: grpc.aio.ServicerContext) -> None:
+        splice = self.state.splices.get(join.association_id)
+        admitted = admission.admit_join(
+            caller=session.name,
+            to_site=splice.to_site if splice is not None else None,
+            already_joined=splice is not None and splice.joined.done(),
+        )
+        if not admitted or splice is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
+            return
+        splice.joined.set_result(None)
+        pump = asyncio.create_task(splice.pump(context.read, splice.to_initiator, from_initiator=False))
+        try:
+            await splice.drain(splice.to_destination, context.write)
+        finally:
+            await splice.to_destination.close()
+            await finish(pump)
+
+
+def frame_bytes(**kind: object) -> bytes:
+    return pb.Frame(**kind).SerializeToString()  # type: ignore[arg-type]
+
+
+async def finish(task: asyncio.Task[None]) -> None:
+    """Give a pump a moment to see its stream's end, then stop it."""
+    try:
+        await asyncio.wait_for(task, PUMP_GRACE_S)
+    except (TimeoutError, asyncio.CancelledError):
+        pass

@@ -43,9 +43,9 @@ def status_path(config: BridgeConfig) -> Path:
     return Path(f"{config.storage.database}.status.json")
 
 
-def read_directory(servicer: RelayServicer) -> tuple[list[Any], list[Any]]:
-    """Accounts and published devices from the database (blocking: run it in a thread)."""
-    return servicer.directory.routers(), servicer.directory.devices()
+async def read_directory(servicer: RelayServicer) -> tuple[list[Any], list[Any]]:
+    """Accounts and published devices (read off the event loop, by the directory's own thread)."""
+    return await servicer.directory.routers(), await servicer.directory.devices()
 
 
 def build_status(
@@ -53,11 +53,11 @@ def build_status(
     *,
     port: int | None,
     started: float,
-    directory: tuple[list[Any], list[Any]] | None = None,
+    directory: tuple[list[Any], list[Any]],
     signed_off: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The bridge's state now; call it on the event loop (`directory` from read_directory, or read here)."""
-    accounts, devices = directory if directory is not None else read_directory(servicer)
+    """The bridge's state now; call it on the event loop (`directory` from read_directory)."""
+    accounts, devices = directory
     sessions = dict(servicer.sessions)
     devices_by_router: dict[str, list[dict[str, Any]]] = {}
     for d in devices:
@@ -82,7 +82,7 @@ def build_status(
         )
     facts = process_facts()
     facts["updated"] = int(time.time())
-    metrics = getattr(servicer, "metrics", None)
+    metrics = servicer.metrics
     return {
         "app": "relay-bridge",
         "version": package_version(),
@@ -92,13 +92,13 @@ def build_status(
         "listen": _bound(servicer.config.server.listen, port),
         "port": port,
         "metrics": {
-            "listen": metrics.server.address if metrics else None,
-            "error": metrics.server.error if metrics else None,
+            "listen": metrics.server.address,
+            "error": metrics.server.error,
         },
         "signed_on": len(sessions),
         "active_associations": len(servicer.splices),
         "routers": routers,
-        "recent": metrics.recent.summary() if metrics else {},
+        "recent": metrics.recent.summary(),
     }
 
 
@@ -124,7 +124,7 @@ class StatusWriter:
         self._task = asyncio.create_task(self._run())
 
     async def write_once(self) -> None:
-        directory = await asyncio.to_thread(read_directory, self.servicer)
+        directory = await read_directory(self.servicer)
         on = set(self.servicer.sessions)
         for name in self._on - on:
             self._signed_off[name] = time.time()

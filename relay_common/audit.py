@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from relay_common.files import create_private
+
 log = logging.getLogger("relay_common.audit")
 
 # RFC 5424 severities by outcome.
@@ -36,8 +38,7 @@ class AuditLog:
             self._syslog = (host.strip("[]"), int(port))
             self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+            create_private(path, narrow=False)
 
     def event(self, event: str, outcome: str, **fields: Any) -> dict[str, Any]:
         """Record one event; `outcome` is "success", "failure" or "alert" (a security alert)."""

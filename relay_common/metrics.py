@@ -35,6 +35,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from relay_common.config import InvalidValue, parse_host_port
+from relay_common.files import write_private
 
 log = logging.getLogger("relay_common.metrics")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -180,12 +181,7 @@ def process_facts() -> dict[str, object]:
 
 def write_json_atomically(path: os.PathLike[str] | str, text: str, mode: int = 0o600) -> None:
     """Replace `path` with `text` so that readers never see half a file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    write_private(path, text, mode=mode)
 
 
 def liveness(status: dict[str, object], *, now: float | None = None) -> str | None:

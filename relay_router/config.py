@@ -9,13 +9,11 @@ from pathlib import Path
 
 from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port, secret_from
-
-AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")
-SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
+from relay_common.validate import SITE_NAME_RULE, is_ae_title, is_share_target, is_site_name
 
 
 def _check_ae(title: str, what: str) -> None:
-    if not AE_TITLE.match(title) or title.strip() != title or not title.strip():
+    if not is_ae_title(title):
         raise InvalidValue(
             what,
             f"{title!r} is not a valid AE title (1-16 characters, no backslash, "
@@ -36,8 +34,8 @@ class RouterSection:
     require_pin: bool = False
 
     def __post_init__(self) -> None:
-        if not SITE.match(self.name):
-            raise InvalidValue("name", f"{self.name!r} must be 1-63 characters of a-z, 0-9, '.', '_' or '-'")
+        if not is_site_name(self.name):
+            raise InvalidValue("name", f"{self.name!r} must be {SITE_NAME_RULE}")
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ class SharedDevice:
         if not 0 < self.port < 65536:
             raise InvalidValue("port", f"{self.port} is not between 1 and 65535")
         for site in self.share_with:
-            if site != "*" and not SITE.match(site):
+            if not is_share_target(site):
                 raise InvalidValue("share_with", f"{site!r} is not a router name or '*'")
 
 
@@ -161,7 +159,7 @@ class RemoteDevice:
         _check_ae(self.ae_title, "ae_title")
         if self.remote_ae_title is not None:
             _check_ae(self.remote_ae_title, "remote_ae_title")
-        if not SITE.match(self.site):
+        if not is_site_name(self.site):
             raise InvalidValue("site", f"{self.site!r} is not a router name")
 
     @property
@@ -177,7 +175,7 @@ class Pin:
     fingerprint: str
 
     def __post_init__(self) -> None:
-        if not SITE.match(self.site):
+        if not is_site_name(self.site):
             raise InvalidValue("site", f"{self.site!r} is not a router name")
         if not re.fullmatch(r"[0-9a-f]{64}", self.fingerprint):
             raise InvalidValue("fingerprint", "must be 64 lowercase hex digits (SHA-256)")

@@ -11,7 +11,8 @@ import grpc
 
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
-from relay_bridge.pki import make_csr, write_private
+from relay_common.files import write_private
+from relay_common.pki import make_csr
 from relay_router.config import RouterConfig
 from relay_router.seal import KEM_NAME, Identity
 

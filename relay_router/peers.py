@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from relay_common.errors import Reason, RelayError, SecurityError
+from relay_common.files import write_private
 from relay_router.seal import HandshakeError, PublicIdentity, UnknownPeer
 
 log = logging.getLogger("relay_router.peers")
@@ -100,9 +100,4 @@ class PeerKeys:
         return identity
 
     def _save(self) -> None:
-        self._known_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._known_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self._known, out, indent=2, sort_keys=True)
-        tmp.replace(self._known_file)
+        write_private(self._known_file, json.dumps(self._known, indent=2, sort_keys=True))

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relay_common.errors import Reason, SecurityError
+from relay_common.files import write_private
 from relay_router.wire.flags import FrameFlag
 
 PROTOCOL = b"dicom-relay relay.v1 e2e"
@@ -146,17 +147,13 @@ class Identity:
         return identity
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "kind": "dicom-relay router identity (private keys: keep secret)",
             "ed25519": self._sign.private_bytes_raw().hex(),
             "mlkem768_seed": self._mlkem.private_bytes_raw().hex(),
             "x25519": self._x25519.private_bytes_raw().hex(),
         }
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out)
-        os.chmod(path, 0o600)
+        write_private(path, json.dumps(data))
 
     def sign(self, message: bytes) -> bytes:
         return self._sign.sign(message)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.wan.topology import WanLab
-from relay_bridge.pki import make_dev_pki
+from relay_common.pki import make_dev_pki
 
 PROBE = str(Path(__file__).resolve().parent / "probe.py")
 PLUGINS = Path("/usr/share/orthanc/plugins")

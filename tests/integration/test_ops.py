@@ -254,7 +254,7 @@ def test_bridge_health_check_over_tls(ops_net: LocalRelayNetwork) -> None:
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     # A client that does not trust the bridge's CA gets nowhere.
-    from relay_bridge.pki import make_dev_pki
+    from relay_common.pki import make_dev_pki
 
     other = make_dev_pki(ops_net.workdir / "other-ca", hostnames=["localhost"], ips=["127.0.0.1"])
     wrong = grpc.ssl_channel_credentials(root_certificates=other.ca_cert.read_bytes())
@@ -554,7 +554,7 @@ def test_sign_on_failures_read_as_the_troubleshooting_guide_says(ops_net: LocalR
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     section = guide[guide.index("### The router does not sign on") : guide.index("### The service does not start")]
     net = ops_net
-    from relay_bridge.pki import make_dev_pki
+    from relay_common.pki import make_dev_pki
 
     other = make_dev_pki(tmp_path / "other-ca", hostnames=["localhost"], ips=["127.0.0.1"])
     cases = {

@@ -28,8 +28,10 @@ from pynetdicom.sop_class import (
 )
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_bridge.server import RelayServicer, RouterSession
-from relay_bridge.splice import Splice
+from relay_bridge.control import ControlService
+from relay_bridge.server import RelayServicer
+from relay_bridge.sessions import RouterSession
+from relay_bridge.splice import AssociationService, Splice
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
@@ -94,25 +96,37 @@ class EvilSplice(Splice):
         await super().pump(evil_read, outbound, from_initiator=from_initiator)
 
 
-class EvilServicer(RelayServicer):
-    splice_class = EvilSplice
-    swap_identity_of: str | None = None
-
-    async def _initiate(self, session: RouterSession, op: pb.Open, context) -> None:  # noqa: ANN001
+class EvilAssociations(AssociationService):
+    async def initiate(self, session: RouterSession, op: pb.Open, context) -> None:  # noqa: ANN001
         ATTACK.captured.append(op.SerializeToString())
-        await super()._initiate(session, op, context)
+        await super().initiate(session, op, context)
 
-    def directory_for(self, site: str) -> pb.Directory:
-        directory = super().directory_for(site)
-        for name, identity in self.invented.items():  # a site that does not exist, with the bridge's own key
+
+class EvilControl(ControlService):
+    attacker: EvilServicer
+
+    async def directory_for(self, site: str) -> pb.Directory:
+        directory = await super().directory_for(site)
+        for name, identity in self.attacker.invented.items():  # a site that does not exist, with the bridge's key
             directory.identities.add(
                 site=name, identity=pb.Identity(sign_key=identity.public.sign_key, kem_key=identity.public.kem_key)
             )
         for entry in directory.identities:
-            if entry.site == self.swap_identity_of:
+            if entry.site == self.attacker.swap_identity_of:
                 impostor = Identity.generate().public
                 entry.identity.sign_key, entry.identity.kem_key = impostor.sign_key, impostor.kem_key
         return directory
+
+
+class EvilServicer(RelayServicer):
+    splice_class = EvilSplice
+    association_class = EvilAssociations
+    control_class = EvilControl
+    swap_identity_of: str | None = None
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.control.attacker = self  # type: ignore[attr-defined]
 
     invented: dict[str, Identity] = {}
 
@@ -122,7 +136,7 @@ class EvilServicer(RelayServicer):
         """Originate an association in `from_site`'s name, as a bridge operator could try to."""
         aid = uuid.uuid4().hex
         impostor = impostor or Identity.generate()  # the bridge does not have from_site's private key
-        victim = self.directory.identities()[to_site]
+        victim = (await self.directory.identities())[to_site]
         from relay_router.seal import PublicIdentity
 
         handshake, sealer = initiate(
@@ -241,7 +255,7 @@ def test_invented_site_cannot_reach_a_device_shared_with_others(evil) -> None:  
     net, bridge, *_ = evil
     impostor = Identity.generate()
     bridge.servicer.invented["site-x"] = impostor
-    bridge.call(bridge.servicer.broadcast_directory)
+    bridge.run(bridge.servicer.control.broadcast_directory())
     wait_until(lambda: "site-x" in net.log("site-b"), what="site-b to see the invented site")
     answer = bridge.run(bridge.servicer.forge_association("site-x", "site-b", "ARCHIVE_B", impostor))
     assert answer is not None and answer.refused.reason == pb.Refused.NOT_PERMITTED
@@ -251,7 +265,7 @@ def test_invented_site_cannot_reach_a_device_shared_with_others(evil) -> None:  
 def test_swapped_key_for_a_pinned_peer_is_refused_loudly(evil) -> None:  # noqa: ANN001
     net, bridge, *_ = evil
     bridge.servicer.swap_identity_of = "site-b"
-    bridge.call(bridge.servicer.broadcast_directory)
+    bridge.run(bridge.servicer.control.broadcast_directory())
     wait_until(lambda: "SECURITY: the bridge offers identity" in net.log("site-a"), what="the key-swap alert")
     answer = exchange(_port(net), associate_rq(called="ARCHIVE_B", calling="WS_A"))
     assert answer[0] == PduType.ASSOCIATE_RJ

@@ -17,8 +17,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from relay_bridge.pki import make_dev_pki
 from relay_common.audit import read_events
+from relay_common.pki import make_dev_pki
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared

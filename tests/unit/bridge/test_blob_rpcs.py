@@ -13,7 +13,8 @@ import pytest
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_bridge.config import BridgeConfig, ServerSection, SpillSection, StorageSection
-from relay_bridge.server import RelayServicer, RouterSession, start
+from relay_bridge.server import RelayServicer, start
+from relay_bridge.sessions import RouterSession
 from relay_common.config import AuditSection
 
 AID = "c" * 32

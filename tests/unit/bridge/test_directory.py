@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relay_bridge import directory as directory_module
-from relay_bridge.directory import Device, Directory, DirectoryError
+from relay_bridge.directory import (
+    AccountProblem,
+    AsyncDirectory,
+    Device,
+    Directory,
+    DirectoryError,
+    IdentityProblem,
+    TokenProblem,
+)
+from relay_common.errors import RelayError
 
 CHEAP_N = 2**10  # the stored cost is per hash, so tests may use a cheap one
 
@@ -293,3 +304,85 @@ def test_devices_of_an_unknown_router_are_refused(three: Directory) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         three.publish("ghost", [dev("ghost", "PACS", "*")])
     assert three.devices() == []
+
+
+# -- typed problems ------------------------------------------------------------------------
+
+
+def test_problems_are_typed(directory: Directory) -> None:
+    password = directory.add_router("a")
+    assert directory.verify_password("a", "x" * 12) is AccountProblem.WRONG_PASSWORD
+    assert directory.verify_password("b", password) is AccountProblem.UNKNOWN_ACCOUNT
+    assert directory.check_identity("b", b"s" * 32, b"k") is IdentityProblem.UNKNOWN_ACCOUNT
+    assert directory.check_identity("a", b"s" * 32, b"k") is None  # recorded at first sign-on
+    assert directory.check_identity("a", b"t" * 32, b"k") is IdentityProblem.CHANGED
+    token = directory.issue_enrollment_token("a", 60)
+    assert directory.redeem_enrollment_token("b", token) is TokenProblem.UNKNOWN
+    assert directory.redeem_enrollment_token("a", token) is None
+    assert directory.redeem_enrollment_token("a", token) is TokenProblem.USED
+    with pytest.raises(DirectoryError) as err:
+        directory.add_router("a")
+    assert isinstance(err.value, RelayError) and err.value.detail == "router 'a' already exists"
+
+
+# -- the async interface ---------------------------------------------------------------------
+
+
+class ThreadRecorder(Directory):
+    """Records the thread of every database call."""
+
+    threads: list[str]
+
+    def routers(self):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.current_thread().name)
+        return super().routers()
+
+    def verify_password(self, name: str, password: str):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.current_thread().name)
+        return super().verify_password(name, password)
+
+    def publish(self, router: str, devices: list[Device]) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().publish(router, devices)
+
+
+async def test_async_calls_run_off_the_event_loop_on_one_thread(db_path: Path, cheap_scrypt: None) -> None:
+    sync = ThreadRecorder(db_path)
+    sync.threads = []
+    password = sync.add_router("a")
+    directory = AsyncDirectory(sync)
+    try:
+        loop_thread = threading.current_thread().name
+        assert await directory.verify_password("a", password) is None
+        assert await directory.verify_password("a", "x" * 12) is AccountProblem.WRONG_PASSWORD
+        await directory.publish("a", [dev("a", "PACS", "*")])
+        assert [r.name for r in await directory.routers()] == ["a"]
+        assert [r.name for r in directory.known_routers] == ["a"]  # what a metrics scrape reads without waiting
+        assert [d.ae_title for d in await directory.reachable_by("b")] == ["PACS"]
+        assert len(sync.threads) == 4
+        assert loop_thread not in sync.threads
+        assert len(set(sync.threads)) == 1 and sync.threads[0].startswith("relay-directory")
+    finally:
+        directory.close()
+
+
+async def test_the_loop_keeps_running_while_a_password_is_checked(db_path: Path) -> None:
+    """A real-cost scrypt (~50 ms) does not stall other coroutines."""
+    sync = Directory(db_path)
+    password = sync.add_router("a")
+    directory = AsyncDirectory(sync)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        assert await directory.verify_password("a", password) is None
+        assert ticks > 5
+    finally:
+        task.cancel()
+        directory.close()

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge import admission
 from relay_bridge import directory as directory_module
+from relay_bridge.admission import SignOnFailure
 from relay_bridge.config import BridgeConfig, ServerSection
-from relay_bridge.directory import Directory
-from relay_bridge.metrics import REFUSAL_REASONS, SIGN_ON_REASONS, sign_on_reason
-from relay_bridge.server import RelayServicer, RouterSession
+from relay_bridge.directory import AccountProblem, Directory, IdentityProblem
+from relay_bridge.metrics import REFUSAL_REASONS, SIGN_ON_REASONS
+from relay_bridge.server import RelayServicer
+from relay_bridge.sessions import RouterSession
 from relay_bridge.splice import Splice
 from tests.unit.ops.helpers import samples
 
@@ -22,8 +25,9 @@ from tests.unit.ops.helpers import samples
 def servicer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RelayServicer]:
     monkeypatch.setattr(directory_module, "SCRYPT_N", 2**10)
     directory = Directory(tmp_path / "bridge.sqlite3")
-    yield RelayServicer(BridgeConfig(server=ServerSection(insecure=True)), directory)
-    directory.close()
+    servicer = RelayServicer(BridgeConfig(server=ServerSection(insecure=True)), directory)
+    yield servicer
+    servicer.directory.close()
 
 
 def value(servicer: RelayServicer, name: str, **labels: str) -> float | None:
@@ -52,9 +56,10 @@ def test_series_exist_from_the_start(servicer: RelayServicer) -> None:
         assert value(servicer, "relay_bridge_refusals_total", reason=reason) == 0
 
 
-def test_per_router_gauges_list_every_account(servicer: RelayServicer) -> None:
-    servicer.directory.add_router("hospital-a")
-    servicer.directory.add_router("hospital-b")
+async def test_per_router_gauges_list_every_account(servicer: RelayServicer) -> None:
+    servicer.directory.sync.add_router("hospital-a")
+    servicer.directory.sync.add_router("hospital-b")
+    await servicer.directory.routers()  # what the status writer does every second (a scrape never waits for it)
     session = RouterSession("hospital-a", "token", "203.0.113.5")
     session.associations.update({"1" * 32, "2" * 32})
     servicer.sessions["hospital-a"] = session
@@ -65,27 +70,30 @@ def test_per_router_gauges_list_every_account(servicer: RelayServicer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "reason"),
+    ("refusal", "reason"),
     [
-        ("wrong account name or password", "credentials"),
-        ("account disabled", "disabled"),
-        ("too many failed sign-on attempts; try again later", "throttled"),
-        ("a client certificate is required: enroll this router (relay-router enroll)", "certificate"),
-        ("the client certificate belongs to 'x', not 'y'", "certificate"),
-        ("sign-on carries no identity keys (upgrade the router)", "no_identity"),
-        ("this router's identity key differs from the one the bridge recorded; ...", "identity_changed"),
-        ("invalid AE title 'A\\\\B' (1-16 characters, no backslash or control characters)", "invalid_devices"),
-        ("AE title 'X' is published twice", "invalid_devices"),
-        ("unknown account", "credentials"),
-        ("brand new problem", "other"),
+        (admission.account_refusal(AccountProblem.WRONG_PASSWORD), "credentials"),
+        (admission.account_refusal(AccountProblem.UNKNOWN_ACCOUNT), "credentials"),
+        (admission.account_refusal(AccountProblem.DISABLED), "disabled"),
+        (admission.throttled(), "throttled"),
+        (
+            admission.SignOnRefused(SignOnFailure.CERTIFICATE, admission.certificate_problem([], "x") or ""),
+            "certificate",
+        ),
+        (admission.SignOnRefused(SignOnFailure.NO_IDENTITY, admission.NO_IDENTITY), "no_identity"),
+        (admission.identity_refusal("x", IdentityProblem.CHANGED), "identity_changed"),
+        (admission.devices_refusal([pb.SharedDevice(ae_title="A\\B")]), "invalid_devices"),
+        (admission.identity_refusal("x", IdentityProblem.UNKNOWN_ACCOUNT), "other"),
     ],
 )
-def test_sign_on_failure_reasons(error: str, reason: str) -> None:
-    assert sign_on_reason(error) == reason and reason in SIGN_ON_REASONS
+def test_sign_on_failure_reasons(refusal: admission.SignOnRefused, reason: str) -> None:
+    assert refusal.failure.value == reason and reason in SIGN_ON_REASONS
 
 
 async def test_sign_on_through_the_servicer_counts_failures_by_reason(servicer: RelayServicer) -> None:
-    servicer.metrics.sign_on_failed(await servicer._authenticate("ghost", "x" * 12, "10.0.0.9") or "")
+    refusal = await servicer.control.authenticate("ghost", "x" * 12, "10.0.0.9")
+    assert refusal is not None
+    servicer.metrics.sign_on_failed(refusal.failure)
     assert value(servicer, "relay_bridge_sign_on_failures_total", reason="credentials") == 1
     servicer.metrics.signed_on()
     assert value(servicer, "relay_bridge_sign_ons_total") == 1
@@ -113,7 +121,7 @@ async def test_an_association_from_open_to_close(servicer: RelayServicer) -> Non
 
 
 async def test_a_refusal_after_the_splice_exists_is_counted_once(servicer: RelayServicer) -> None:
-    """TIMEOUT is refused through _refuse and then the splice closes: one association, refused."""
+    """TIMEOUT is refused through AssociationService.refuse and then the splice closes: one association, refused."""
     splice = Splice("b" * 32, "hospital-a", "hospital-b", "PACS", "WS")
     servicer.splices[splice.association_id] = splice
 
@@ -121,7 +129,7 @@ async def test_a_refusal_after_the_splice_exists_is_counted_once(servicer: Relay
         async def write(self, frame: bytes) -> None:
             pass
 
-    await servicer._refuse(Context(), pb.Refused.TIMEOUT, "site 'hospital-b' did not answer in time", "b" * 32)
+    await servicer.associations.refuse(Context(), admission.join_timed_out("hospital-b"), "b" * 32)  # type: ignore[arg-type]
     splice.joined.cancel()
     del servicer.splices[splice.association_id]
     servicer.metrics.closed(splice)

@@ -168,7 +168,7 @@ def test_install_creates_user_directories_and_files(installed: Path) -> None:
 
 
 def test_installed_configuration_passes_check_config(installed: Path, tmp_path: Path) -> None:
-    from relay_bridge.pki import make_dev_pki
+    from relay_common.pki import make_dev_pki
 
     etc = installed / "etc/dicom-relay"
     pki = make_dev_pki(tmp_path, hostnames=["bridge.example.org"], ips=[])

@@ -1,4 +1,4 @@
-"""relay_bridge.pki: the development CA and the bridge's server certificate."""
+"""relay_common.pki: the development CA, the bridge's server certificate, router CSRs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from relay_bridge.pki import IssuedFiles, make_dev_pki, write_private
+from relay_common.files import write_private
+from relay_common.pki import IssuedFiles, make_dev_pki
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Development PKI for `relay-bridge init`: a CA and a bridge server certificate.
+"""PKI helpers: the development CA and bridge certificate of `relay-bridge init`, router CSRs, client certificates.
 
 Production sites may use certificates from their own CA instead; the bridge
 only needs a certificate chain and key in PEM, and routers the CA to trust.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from relay_common.files import write_private
+
 
 @dataclass(frozen=True)
 class IssuedFiles:
@@ -26,15 +27,6 @@ class IssuedFiles:
     ca_key: Path
     server_cert: Path
     server_key: Path
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` readable by the owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, 0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -1,0 +1,260 @@
+"""The control stream (sign-on, published devices, the directory and its changes, heartbeats) and enrollment.
+
+One Control call per router. Sign-on decides in a fixed order: client
+certificate, password (throttled), published devices, identity keys; each
+refusal is a typed `SignOnRefused` whose failure gives the metric label and the
+audit outcome, and whose detail is the text the router is shown. After sign-on
+the stream carries the router's heartbeats and publications in, and the
+directory, incoming-association notices and audit notices out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Coroutine
+
+import grpc
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge import admission
+from relay_bridge.admission import SignOnRefused
+from relay_bridge.directory import Device
+from relay_bridge.sessions import RouterSession, source_address, throttle_keys
+from relay_bridge.splice import abandon_pending, abort_associations
+from relay_bridge.state import BridgeState
+from relay_common.pki import CsrError, issue_client_certificate
+
+log = logging.getLogger("relay_bridge")
+HEARTBEAT_S = 15
+DISABLED_POLL_S = 2.0
+KEM_NAME = "MLKEM768-X25519"
+
+
+class ControlService:
+    """Control and Enroll, and the directory each router is sent."""
+
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- the directory a router sees -----------------------------------------------------
+    async def directory_for(self, site: str) -> pb.Directory:
+        directory = self.state.directory
+        devices = await directory.devices()
+        identities = await directory.identities()
+        reachable = [d for d in devices if d.shared_with(site)]
+        # Keys of the sites we may call, and of the sites that may call us (to verify them).
+        owners = {d.router for d in reachable}
+        callers = {peer for d in devices if d.router == site for peer in d.share_with}
+        owners |= set(identities) if "*" in callers else callers
+        owners.discard(site)
+        online = self.state.sessions
+        return pb.Directory(
+            identities=[
+                pb.SiteIdentity(
+                    site=o,
+                    identity=pb.Identity(sign_key=identities[o][0], kem_key=identities[o][1], kem=KEM_NAME),
+                )
+                for o in sorted(owners)
+                if o in identities
+            ],
+            devices=[
+                pb.RemoteDevice(
+                    site=d.router, ae_title=d.ae_title, description=d.description, online=d.router in online
+                )
+                for d in reachable
+            ],
+        )
+
+    async def broadcast_directory(self) -> None:
+        for session in list(self.state.sessions.values()):
+            session.send(pb.BridgeMessage(directory=await self.directory_for(session.name)))
+
+    # -- sign-on ----------------------------------------------------------------------------
+    async def authenticate(self, account: str, password: str, source: str) -> SignOnRefused | None:
+        """Check a password against the directory, counting failures per account and per address."""
+        keys = throttle_keys(account, source)
+        if self.state.throttle.blocked(*keys):
+            log.warning("sign-on for %r from %s refused: too many failed attempts", account, source)
+            return admission.throttled()
+        problem = await self.state.directory.verify_password(account, password)
+        if problem is None:
+            return None
+        self.state.throttle.failed(*keys)
+        log.warning("sign-on for %r from %s failed: %s", account, source, problem)
+        return admission.account_refusal(problem)
+
+    async def sign_on_refusal(
+        self, context: grpc.aio.ServicerContext, sign_on: pb.SignOn, source: str
+    ) -> SignOnRefused | None:
+        problem = self.state.sessions.certificate_problem(context, sign_on.account)
+        if problem is not None:
+            return logged(SignOnRefused(admission.SignOnFailure.CERTIFICATE, problem), sign_on.account, source)
+        refusal = await self.authenticate(sign_on.account, sign_on.password, source)  # logs its refusals
+        if refusal is not None:
+            return refusal
+        refusal = admission.devices_refusal(sign_on.devices)
+        if refusal is not None:
+            return logged(refusal, sign_on.account, source)
+        identity = sign_on.identity
+        if not admission.has_identity_keys(identity):
+            refusal = SignOnRefused(admission.SignOnFailure.NO_IDENTITY, admission.NO_IDENTITY)
+            return logged(refusal, sign_on.account, source)
+        mismatch = await self.state.directory.check_identity(sign_on.account, identity.sign_key, identity.kem_key)
+        if mismatch is None:
+            return None
+        log.warning("router %s refused from %s: identity key changed", sign_on.account, source)
+        return admission.identity_refusal(sign_on.account, mismatch)
+
+    async def Control(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        state = self.state
+        first = await context.read()
+        if first is grpc.aio.EOF or not first.HasField("sign_on"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first control message must be SignOn")
+        sign_on = first.sign_on
+        source = source_address(context.peer())
+        refusal = await self.sign_on_refusal(context, sign_on, source)
+        if refusal is not None:
+            state.metrics.sign_on_failed(refusal.failure)
+            state.audit.event(
+                "sign_on", refusal.audit_outcome, router=sign_on.account, source=source, detail=refusal.detail
+            )
+            await context.write(pb.BridgeMessage(sign_on_result=pb.SignOnResult(ok=False, error=refusal.detail)))
+            return
+        session = RouterSession(sign_on.account, secrets.token_urlsafe(32), source)
+        previous = state.sessions.get(session.name)
+        if previous is not None:
+            log.warning("router %s signed on again from %s; closing its previous session", session.name, source)
+            previous.end()
+        state.sessions[session.name] = session
+        tasks: list[asyncio.Task[None]] = []
+        try:  # from here on, however the call ends (even cancelled mid-way), the session is removed
+            await state.directory.publish(session.name, published(session.name, sign_on.devices))
+            await state.directory.touch(session.name)
+            state.audit.event(
+                "sign_on",
+                "success",
+                router=session.name,
+                source=source,
+                shared_devices=[d.ae_title for d in sign_on.devices],
+            )
+            state.metrics.signed_on()
+            log.info("router %s signed on from %s (%d shared devices)", session.name, source, len(sign_on.devices))
+            await context.write(
+                pb.BridgeMessage(
+                    sign_on_result=pb.SignOnResult(
+                        ok=True, session=session.token, site=session.name, heartbeat_interval_s=HEARTBEAT_S
+                    )
+                )
+            )
+            await self.broadcast_directory()
+            tasks.append(asyncio.create_task(self._read_control(session, context)))
+            tasks.append(asyncio.create_task(self._watch_enabled(session)))
+            while (message := await session.outbox.get()) is not None:
+                await context.write(message)
+        finally:
+            session.end()
+            for task in tasks:
+                task.cancel()
+            abandon_pending(state.splices, session)
+            if state.sessions.get(session.name) is session:
+                del state.sessions[session.name]
+                log.info("router %s signed off", session.name)
+                # In a task of its own: gRPC cancels this call when the router's connection closes, which
+                # may be while the others are told; the news that this site is offline must still reach them.
+                self._in_background(self.broadcast_directory())
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read_control(self, session: RouterSession, context: grpc.aio.ServicerContext) -> None:
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    break
+                if message.HasField("heartbeat"):
+                    session.send(pb.BridgeMessage(heartbeat=pb.Heartbeat(sent_unix_ms=message.heartbeat.sent_unix_ms)))
+                elif message.HasField("publish"):
+                    problem = admission.check_devices(message.publish.devices)
+                    if problem:
+                        log.warning("router %s published invalid devices: %s", session.name, problem)
+                        continue
+                    await self.state.directory.publish(session.name, published(session.name, message.publish.devices))
+                    await self.broadcast_directory()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            session.end()
+
+    async def _watch_enabled(self, session: RouterSession) -> None:
+        """Cut a router's streams within seconds of `relay-bridge router disable`."""
+        while not session.ended.is_set():
+            await asyncio.sleep(DISABLED_POLL_S)
+            router = await self.state.directory.router(session.name)
+            if router is None or not router.enabled:
+                log.warning("router %s was disabled or removed; cutting its streams", session.name)
+                session.end()
+                await abort_associations(self.state.splices, session, "router disabled")
+
+    # -- enrollment ---------------------------------------------------------------------------
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
+        state = self.state
+        source = source_address(context.peer())
+        account = request.account
+
+        async def refuse(why: str) -> None:
+            state.audit.event("enroll", "failure", router=account, source=source, detail=why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+        refusal = await self.authenticate(account, request.password, source)
+        if refusal is not None:
+            await refuse(refusal.detail)
+        identity = request.identity
+        if not admission.has_identity_keys(identity):
+            await refuse("the request carries no identity keys")
+        problem = await state.directory.redeem_enrollment_token(account, request.enrollment_token)
+        if problem is not None:
+            state.throttle.failed(*throttle_keys(account, source))
+            await refuse(str(problem))
+        certificate, ca_pem = b"", b""
+        enrollment = state.config.enrollment
+        if enrollment.ca_cert is not None and enrollment.ca_key is not None:
+            ca_pem = enrollment.ca_cert.read_bytes()
+            try:
+                certificate = issue_client_certificate(
+                    ca_pem, enrollment.ca_key.read_bytes(), request.csr_pem, account, days=enrollment.certificate_days
+                )
+            except CsrError as exc:
+                await refuse(str(exc))
+        await state.directory.set_identity(account, identity.sign_key, identity.kem_key)
+        state.audit.event("enroll", "success", router=account, source=source, certificate_issued=bool(certificate))
+        log.info("router %s enrolled from %s", account, source)
+        await self.broadcast_directory()
+        return pb.EnrollResponse(certificate_pem=certificate, ca_pem=ca_pem)
+
+
+def logged(refusal: SignOnRefused, account: str, source: str) -> SignOnRefused:
+    """Log a refusal that no earlier line explained; the level and the alert field come from its type."""
+    if refusal.security:
+        log.error(
+            "sign-on for %r from %s refused: %s",
+            account,
+            source,
+            refusal.detail,
+            extra={"security_alert": refusal.failure.value},
+        )
+    else:
+        log.warning("sign-on for %r from %s refused: %s", account, source, refusal.detail)
+    return refusal
+
+
+def published(router: str, devices: list[pb.SharedDevice]) -> list[Device]:
+    return [Device(router, d.ae_title, d.description, tuple(d.share_with)) for d in devices]

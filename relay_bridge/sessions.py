@@ -1,0 +1,141 @@
+"""Who is signed on: router sessions, the login throttle, and the one check of a caller's session.
+
+Every RPC after sign-on (Associate and the four blob RPCs) identifies its
+caller the same way, with `SessionRegistry.authenticate_caller`: the session
+token from the call's metadata, and with mutual TLS the client certificate's
+name, which must be the session's account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge.admission import certificate_problem
+
+log = logging.getLogger("relay_bridge")
+SESSION_METADATA = "relay-session"
+
+
+@dataclass
+class RouterSession:
+    """A signed-on router: its control stream's outbound queue and its session token."""
+
+    name: str
+    token: str
+    peer: str
+    since: float = field(default_factory=time.time)
+    # None is the end-of-session sentinel; the queue is bounded, the sentinel always fits (see end()).
+    outbox: asyncio.Queue[pb.BridgeMessage | None] = field(default_factory=lambda: asyncio.Queue(1024))
+    associations: set[str] = field(default_factory=set)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def end(self) -> None:
+        """Stop this session's control stream (idempotent)."""
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        if self.outbox.full():
+            self.outbox.get_nowait()  # the session is over: what it had not sent is moot
+        self.outbox.put_nowait(None)
+
+    def send(self, message: pb.BridgeMessage) -> bool:
+        if self.ended.is_set():
+            return False
+        try:
+            self.outbox.put_nowait(message)
+            return True
+        except asyncio.QueueFull:
+            log.warning("control queue of %s is full; dropping a message", self.name)
+            return False
+
+
+class SessionRegistry(dict[str, RouterSession]):
+    """The signed-on routers by account name (one session per account)."""
+
+    def __init__(self, *, require_client_cert: bool = False) -> None:
+        super().__init__()
+        self.require_client_cert = require_client_cert
+
+    def by_token(self, token: str) -> RouterSession | None:
+        """The live session with this token (compared in constant time), or None."""
+        session = next((s for s in self.values() if secrets.compare_digest(s.token, token)), None)
+        return None if session is None or session.ended.is_set() else session
+
+    def certificate_problem(self, context: grpc.aio.ServicerContext, account: str | None) -> str | None:
+        """With mutual TLS on: why this call's client certificate does not fit `account` (None if it does)."""
+        if not self.require_client_cert:
+            return None
+        return certificate_problem(context.auth_context().get("x509_common_name") or [], account)
+
+    async def authenticate_caller(
+        self, context: grpc.aio.ServicerContext, association_id: str | None = None
+    ) -> RouterSession:
+        """The caller's session, or abort the call: no valid session, certificate of another account, or
+        (with `association_id`) an association the caller is no end of."""
+        token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA, "")
+        session = self.by_token(token)
+        if session is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: sign on first")
+            raise AssertionError("unreachable: abort raises")
+        problem = self.certificate_problem(context, session.name)
+        if problem:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        if association_id:
+            await require_association(context, session, association_id)
+        return session
+
+
+async def require_association(context: grpc.aio.ServicerContext, session: RouterSession, association_id: str) -> None:
+    if association_id not in session.associations:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an association of this router")
+
+
+class LoginThrottle:
+    """Counts failed sign-ons per account and per source address in a sliding window."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window = limit, window_s
+        self._failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+
+    def _recent(self, key: str) -> collections.deque[float]:
+        q, cutoff = self._failures[key], time.monotonic() - self.window
+        while q and q[0] < cutoff:
+            q.popleft()
+        return q
+
+    def blocked(self, *keys: str) -> bool:
+        blocked = False
+        for k in keys:
+            recent = len(self._recent(k))
+            if not recent:
+                # Forget keys without recent failures: a stream of sign-ons from fresh addresses
+                # must not grow the table.
+                del self._failures[k]
+            blocked = blocked or recent >= self.limit
+        return blocked
+
+    def failed(self, *keys: str) -> None:
+        for k in keys:
+            self._recent(k).append(time.monotonic())
+
+
+def throttle_keys(account: str, source: str) -> tuple[str, str]:
+    """Failures count against the account and against the address they came from."""
+    return f"account:{account}", f"source:{source}"
+
+
+def source_address(peer: str) -> str:
+    # "ipv4:127.0.0.1:5555" -> "127.0.0.1"
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)  # grpc percent-encodes IPv6 brackets
+    return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer

@@ -1,0 +1,42 @@
+"""What the bridge's services share: configuration, directory, audit, sessions, splices, blob store, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from relay_bridge.config import BridgeConfig
+from relay_bridge.directory import AsyncDirectory
+from relay_bridge.sessions import LoginThrottle, SessionRegistry
+from relay_common.audit import AuditLog
+
+if TYPE_CHECKING:
+    from relay_bridge.blobs import BlobBroker
+    from relay_bridge.metrics import BridgeMetrics
+    from relay_bridge.splice import Splice
+
+
+@dataclass
+class BridgeState:
+    config: BridgeConfig
+    directory: AsyncDirectory
+    audit: AuditLog
+    sessions: SessionRegistry
+    throttle: LoginThrottle
+    splices: dict[str, Splice] = field(default_factory=dict)
+    blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
+    metrics: BridgeMetrics = field(init=False)
+
+    @classmethod
+    def create(cls, config: BridgeConfig, directory: AsyncDirectory, audit: AuditLog) -> BridgeState:
+        from relay_bridge.metrics import BridgeMetrics
+
+        state = cls(
+            config,
+            directory,
+            audit,
+            SessionRegistry(require_client_cert=config.server.require_client_cert),
+            LoginThrottle(config.limits.login_failures, config.limits.login_window_s),
+        )
+        state.metrics = BridgeMetrics(state)
+        return state

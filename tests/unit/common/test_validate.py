@@ -1,0 +1,33 @@
+"""relay_common.validate: AE titles and site names, one rule for router config, sign-on and directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay_common.validate import is_ae_title, is_share_target, is_site_name
+
+
+@pytest.mark.parametrize("title", ["PACS", "CT_1", "A" * 16, "MR 2", "a-b.c", "X", "~!@#$%^&*()[]"])
+def test_valid_ae_titles(title: str) -> None:
+    assert is_ae_title(title)
+
+
+@pytest.mark.parametrize(
+    "title", ["", "A" * 17, "PACS\\2", " PACS", "PACS ", "   ", "PA\nCS", "PA\x00CS", "PACS\n", "PÄCS", "PA\x7fCS"]
+)
+def test_invalid_ae_titles(title: str) -> None:
+    assert not is_ae_title(title)
+
+
+@pytest.mark.parametrize("name", ["a", "hospital-a", "site.b_2", "0", "a" * 63])
+def test_valid_site_names(name: str) -> None:
+    assert is_site_name(name) and is_share_target(name)
+
+
+@pytest.mark.parametrize("name", ["", "A", "Hospital", "-a", ".a", "_a", "a" * 64, "a b", "a/b", "a\n", "*"])
+def test_invalid_site_names(name: str) -> None:
+    assert not is_site_name(name)
+
+
+def test_share_target_accepts_every_site_wildcard() -> None:
+    assert is_share_target("*") and not is_share_target("**")

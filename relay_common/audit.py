@@ -4,7 +4,10 @@ In the spirit of DICOM PS3.15 A.5 / IHE ATNA: each event names the actor (router
 or site, AE titles, source address), the action (association opened, refused,
 aborted, released; sign-on; security alert), the time (UTC), and the outcome.
 The bridge's events never contain patient data: it never sees any. Optional
-RFC 5424 syslog copies go to a collector over UDP.
+RFC 5424 syslog copies of the JSON lines go to a collector over UDP; the events
+PS3.15 A.5 has a message for also go, as DICOM audit messages (XML,
+relay_common.dicom_audit), to an RFC 5425 syslog/TLS collector through a disk
+spool (relay_common.syslog_tls).
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from relay_common import dicom_audit
+
+if TYPE_CHECKING:
+    from relay_common.config import AuditSection
+    from relay_common.syslog_tls import CollectorSettings, SyslogTlsSender
 
 log = logging.getLogger("relay_common.audit")
 
@@ -25,9 +34,25 @@ SEVERITY = {"success": 6, "failure": 4, "alert": 1}
 
 
 class AuditLog:
-    def __init__(self, path: Path | None, *, app: str, syslog: str = "") -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        app: str,
+        syslog: str = "",
+        collector: CollectorSettings | None = None,
+        source_id: str = "",
+    ) -> None:
         self.path = path
         self.app = app
+        # AuditSourceID of the DICOM messages: the site (router) or the bridge's host name.
+        self.source_id = source_id or socket.gethostname()
+        self.collector: SyslogTlsSender | None = None
+        if collector is not None:
+            from relay_common.syslog_tls import SyslogTlsSender
+
+            self.collector = SyslogTlsSender(collector)
+            self.collector.start()
         self._lock = threading.Lock()
         self._syslog: tuple[str, int] | None = None
         self._sock: socket.socket | None = None
@@ -59,9 +84,50 @@ class AuditLog:
                 self._sock.sendto(message.encode(), self._syslog)
             except OSError as exc:
                 log.warning("cannot send audit event to syslog %s: %s", self._syslog, exc)
+        if self.collector is not None:
+            self._send_dicom(record)
         if outcome == "alert":
             log.error("SECURITY ALERT %s: %s", event, line)
         return record
+
+    def _send_dicom(self, record: dict[str, Any]) -> None:
+        from relay_common.syslog_tls import format_rfc5424
+
+        assert self.collector is not None
+        try:
+            message = dicom_audit.from_record(record, source_id=self.source_id)
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed record must not stop the caller
+            log.error("cannot build the DICOM audit message for %s: %s", record.get("event"), exc)
+            return
+        if message is None:
+            return
+        severity = SEVERITY.get(str(record.get("outcome")), 5)
+        xml = dicom_audit.to_bytes(message)
+        self.collector.submit(format_rfc5424(xml, app=self.app, msgid=str(record.get("event", "")), severity=severity))
+
+    @classmethod
+    def from_section(cls, section: AuditSection, *, app: str, source_id: str = "") -> AuditLog:
+        """The audit trail a daemon's [audit] section describes."""
+        from relay_common.syslog_tls import CollectorSettings
+
+        collector = None
+        if section.enabled and section.collector:
+            collector = CollectorSettings(
+                url=section.collector,
+                ca_file=section.ca_file,
+                cert_file=section.cert_file,
+                key_file=section.key_file,
+                server_name=section.server_name,
+                spool_dir=section.spool_dir,
+                limit_bytes=section.queue_limit_bytes,
+            )
+        path = section.file if section.enabled else None
+        return cls(path, app=app, syslog=section.syslog, collector=collector, source_id=source_id)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the collector's sender (what it could not send stays spooled for the next start)."""
+        if self.collector is not None:
+            self.collector.stop(timeout_s)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

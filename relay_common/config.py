@@ -45,8 +45,43 @@ class AuditSection:
     enabled: bool = True
     # JSON-lines audit trail (mode 0600); relative paths are relative to the config file.
     file: Path = Path("audit.jsonl")
-    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
+    # Optional RFC 5424 copy of the JSON lines to a syslog collector: "udp://HOST:PORT".
     syslog: str = ""
+    # DICOM audit messages (PS3.15 A.5) over RFC 5425 syslog/TLS: "tls://HOST:6514" ("" = none).
+    collector: str = ""
+    # CA that signed the collector's certificate (default: the system's trust store); optional
+    # client certificate and key for collectors that require mutual TLS.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # TLS name to verify when the collector's host is an IP address or differs from its certificate.
+    server_name: str = ""
+    # While the collector is unreachable messages wait here (0600 files) and are sent in order later;
+    # beyond queue_limit_bytes new messages are dropped and counted.
+    spool_dir: Path = Path("audit-spool")
+    queue_limit_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.syslog:
+            try:
+                host, port = parse_host_port(self.syslog.removeprefix("udp://"), default_host="")
+                if not self.syslog.startswith("udp://") or not host or not port:
+                    raise ValueError
+            except ValueError:
+                raise InvalidValue("syslog", f'expected "udp://HOST:PORT", got {self.syslog!r}') from None
+        if self.collector:
+            from relay_common.syslog_tls import parse_collector
+
+            try:
+                parse_collector(self.collector)
+            except ValueError as exc:
+                raise InvalidValue("collector", str(exc)) from None
+        if (self.cert_file is None) != (self.key_file is None):
+            raise InvalidValue(
+                "key_file" if self.key_file is None else "cert_file", "cert_file and key_file go together"
+            )
+        if self.queue_limit_bytes < 0:
+            raise InvalidValue("queue_limit_bytes", "must be 0 (no spool: drop while the collector is down) or more")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,9 @@ def valid(message: ET.Element) -> etree._Element:
 
 def test_the_schema_rejects_a_message_without_participants() -> None:
     message = ET.Element("AuditMessage")
-    ident = ET.SubElement(message, "EventIdentification", {"EventDateTime": "2026-01-01T00:00:00Z",
-                                                           "EventOutcomeIndicator": "0"})
+    ident = ET.SubElement(
+        message, "EventIdentification", {"EventDateTime": "2026-01-01T00:00:00Z", "EventOutcomeIndicator": "0"}
+    )
     ET.SubElement(ident, "EventID", {"csd-code": "110100", "codeSystemName": "DCM", "originalText": "x"})
     ET.SubElement(message, "AuditSourceIdentification", {"AuditSourceID": "x"})
     assert not SCHEMA.validate(etree.fromstring(da.to_bytes(message)))
@@ -55,10 +56,17 @@ def test_instances_transferred_names_study_patient_and_sop_classes() -> None:
 
 @pytest.mark.parametrize("begin", [True, False])
 def test_begin_transferring_and_failure(begin: bool) -> None:
-    doc = valid(da.instances_transferred(
-        source_id="s", source=da.Participant("A"), destination=da.Participant("B"),
-        studies=[da.StudyRecord("1.2")], begin=begin, outcome="failure", description="aborted: link lost",
-    ))
+    doc = valid(
+        da.instances_transferred(
+            source_id="s",
+            source=da.Participant("A"),
+            destination=da.Participant("B"),
+            studies=[da.StudyRecord("1.2")],
+            begin=begin,
+            outcome="failure",
+            description="aborted: link lost",
+        )
+    )
     assert doc.find("EventIdentification").get("EventOutcomeIndicator") == "4"
     assert doc.find("EventIdentification/EventOutcomeDescription").text == "aborted: link lost"
 
@@ -67,19 +75,40 @@ def test_every_other_builder_validates() -> None:
     app = da.Participant("relay-bridge@bridge")
     valid(da.application_activity(source_id="b", app=app, started=True, launcher=da.Participant("root")))
     valid(da.application_activity(source_id="b", app=app, started=False))
-    valid(da.query(source_id="b", source=da.Participant("WS"), destination=da.Participant("PACS"),
-                   sop_class="1.2.840.10008.5.1.4.1.2.2.1", query_dataset=b"\x08\x00\x52\x00", transfer_syntax="1.2"))
-    valid(da.user_authentication(source_id="b", user=da.Participant("hospital-a", network_access_point="::1"),
-                                 node=app, outcome="failure", description="wrong password"))
-    valid(da.security_alert(source_id="b", reporter=app, alert=da.ET_USE_OF_RESTRICTED_FUNCTION,
-                            subject="hospital-b"))
+    valid(
+        da.query(
+            source_id="b",
+            source=da.Participant("WS"),
+            destination=da.Participant("PACS"),
+            sop_class="1.2.840.10008.5.1.4.1.2.2.1",
+            query_dataset=b"\x08\x00\x52\x00",
+            transfer_syntax="1.2",
+        )
+    )
+    valid(
+        da.user_authentication(
+            source_id="b",
+            user=da.Participant("hospital-a", network_access_point="::1"),
+            node=app,
+            outcome="failure",
+            description="wrong password",
+        )
+    )
+    valid(da.security_alert(source_id="b", reporter=app, alert=da.ET_USE_OF_RESTRICTED_FUNCTION, subject="hospital-b"))
 
 
 def test_hostile_text_stays_well_formed() -> None:
     """AE titles and details come from peers: markup is escaped, control characters replaced."""
     evil = "<x>&\x01\x1b[31m]]>"
-    doc = valid(da.security_alert(source_id=evil, reporter=da.Participant(evil, ae_titles=(evil,)),
-                                  alert=da.ET_NODE_AUTHENTICATION, subject=evil, description=evil))
+    doc = valid(
+        da.security_alert(
+            source_id=evil,
+            reporter=da.Participant(evil, ae_titles=(evil,)),
+            alert=da.ET_NODE_AUTHENTICATION,
+            subject=evil,
+            description=evil,
+        )
+    )
     assert doc.find("AuditSourceIdentification").get("AuditSourceID") == "<x>&\ufffd\ufffd[31m]]>"
 
 
@@ -97,8 +126,14 @@ def test_hostile_text_stays_well_formed() -> None:
         {"event": "access_refused", "outcome": "alert", "router": "hospital-a"},
         {"event": "start", "outcome": "success"},
         {"event": "stop", "outcome": "success"},
-        {"event": "association", "outcome": "success", "calling_ae": "WS", "called_ae": "PACS", "site": "b",
-         "studies": [{"study_uid": "1.2.3", "patient_id": "P1", "sop_classes": {CT: 2}}]},
+        {
+            "event": "association",
+            "outcome": "success",
+            "calling_ae": "WS",
+            "called_ae": "PACS",
+            "site": "b",
+            "studies": [{"study_uid": "1.2.3", "patient_id": "P1", "sop_classes": {CT: 2}}],
+        },
     ],
 )
 def test_records_map_to_valid_messages(record: dict[str, object]) -> None:

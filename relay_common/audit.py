@@ -95,15 +95,15 @@ class AuditLog:
 
         assert self.collector is not None
         try:
-            message = dicom_audit.from_record(record, source_id=self.source_id)
+            messages = dicom_audit.from_record(record, source_id=self.source_id)
         except (KeyError, TypeError, ValueError) as exc:  # a malformed record must not stop the caller
             log.error("cannot build the DICOM audit message for %s: %s", record.get("event"), exc)
             return
-        if message is None:
-            return
         severity = SEVERITY.get(str(record.get("outcome")), 5)
-        xml = dicom_audit.to_bytes(message)
-        self.collector.submit(format_rfc5424(xml, app=self.app, msgid=str(record.get("event", "")), severity=severity))
+        for message in messages:
+            xml = dicom_audit.to_bytes(message)
+            msgid = str(record.get("event", ""))
+            self.collector.submit(format_rfc5424(xml, app=self.app, msgid=msgid, severity=severity))
 
     @classmethod
     def from_section(cls, section: AuditSection, *, app: str, source_id: str = "") -> AuditLog:

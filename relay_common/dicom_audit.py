@@ -65,9 +65,7 @@ def _clean(text: object) -> str:
 
 
 def _code(parent: ET.Element, tag: str, code: Code) -> ET.Element:
-    return ET.SubElement(
-        parent, tag, {"csd-code": code[0], "codeSystemName": code[1], "originalText": code[2]}
-    )
+    return ET.SubElement(parent, tag, {"csd-code": code[0], "codeSystemName": code[1], "originalText": code[2]})
 
 
 @dataclass(frozen=True)
@@ -187,27 +185,48 @@ def _object(
 
 
 def application_activity(
-    *, source_id: str, app: Participant, started: bool, launcher: Participant | None = None,
-    outcome: str = "success", description: str = "", when: dt.datetime | None = None,
+    *,
+    source_id: str,
+    app: Participant,
+    started: bool,
+    launcher: Participant | None = None,
+    outcome: str = "success",
+    description: str = "",
+    when: dt.datetime | None = None,
 ) -> ET.Element:
     """Application Activity (PS3.15 A.5.3.1): the daemon started or stopped."""
     message = _message(
-        EV_APPLICATION_ACTIVITY, "E", outcome, when, description,
+        EV_APPLICATION_ACTIVITY,
+        "E",
+        outcome,
+        when,
+        description,
         [ET_APPLICATION_START if started else ET_APPLICATION_STOP],
     )
-    Participant(app.user_id, app.requestor, ROLE_APPLICATION, app.ae_titles, app.user_name,
-                app.network_access_point).add_to(message)
+    Participant(
+        app.user_id, app.requestor, ROLE_APPLICATION, app.ae_titles, app.user_name, app.network_access_point
+    ).add_to(message)
     if launcher is not None:
-        Participant(launcher.user_id, True, ROLE_APPLICATION_LAUNCHER, (), launcher.user_name,
-                    launcher.network_access_point).add_to(message)
+        Participant(
+            launcher.user_id, True, ROLE_APPLICATION_LAUNCHER, (), launcher.user_name, launcher.network_access_point
+        ).add_to(message)
     _source(message, source_id)
     return message
 
 
 def instances_transferred(
-    *, source_id: str, source: Participant, destination: Participant, studies: Iterable[StudyRecord],
-    others: Iterable[Participant] = (), begin: bool = False, action: str = "R", outcome: str = "success",
-    description: str = "", when: dt.datetime | None = None, site: str = "",
+    *,
+    source_id: str,
+    source: Participant,
+    destination: Participant,
+    studies: Iterable[StudyRecord],
+    others: Iterable[Participant] = (),
+    begin: bool = False,
+    action: str = "R",
+    outcome: str = "success",
+    description: str = "",
+    when: dt.datetime | None = None,
+    site: str = "",
 ) -> ET.Element:
     """DICOM Instances Transferred (A.5.3.4) or, with begin=True, Begin Transferring (A.5.3.2).
 
@@ -216,10 +235,17 @@ def instances_transferred(
     """
     event = EV_BEGIN_TRANSFERRING if begin else EV_INSTANCES_TRANSFERRED
     message = _message(event, "E" if begin else action, outcome, when, description)
-    Participant(source.user_id, source.requestor, ROLE_SOURCE, source.ae_titles, source.user_name,
-                source.network_access_point).add_to(message)
-    Participant(destination.user_id, destination.requestor, ROLE_DESTINATION, destination.ae_titles,
-                destination.user_name, destination.network_access_point).add_to(message)
+    Participant(
+        source.user_id, source.requestor, ROLE_SOURCE, source.ae_titles, source.user_name, source.network_access_point
+    ).add_to(message)
+    Participant(
+        destination.user_id,
+        destination.requestor,
+        ROLE_DESTINATION,
+        destination.ae_titles,
+        destination.user_name,
+        destination.network_access_point,
+    ).add_to(message)
     for other in others:
         other.add_to(message)
     _source(message, source_id, site)
@@ -239,15 +265,30 @@ def instances_transferred(
 
 
 def query(
-    *, source_id: str, source: Participant, destination: Participant, sop_class: str, query_dataset: bytes,
-    transfer_syntax: str = "", outcome: str = "success", description: str = "", when: dt.datetime | None = None,
+    *,
+    source_id: str,
+    source: Participant,
+    destination: Participant,
+    sop_class: str,
+    query_dataset: bytes,
+    transfer_syntax: str = "",
+    outcome: str = "success",
+    description: str = "",
+    when: dt.datetime | None = None,
 ) -> ET.Element:
     """Query (A.5.3.10): the C-FIND identifier, base64 (never parsed here)."""
     message = _message(EV_QUERY, "E", outcome, when, description)
-    Participant(source.user_id, True, ROLE_SOURCE, source.ae_titles, source.user_name,
-                source.network_access_point).add_to(message)
-    Participant(destination.user_id, False, ROLE_DESTINATION, destination.ae_titles, destination.user_name,
-                destination.network_access_point).add_to(message)
+    Participant(
+        source.user_id, True, ROLE_SOURCE, source.ae_titles, source.user_name, source.network_access_point
+    ).add_to(message)
+    Participant(
+        destination.user_id,
+        False,
+        ROLE_DESTINATION,
+        destination.ae_titles,
+        destination.user_name,
+        destination.network_access_point,
+    ).add_to(message)
     _source(message, source_id)
     details = {"TransferSyntax": transfer_syntax} if transfer_syntax else None
     _object(message, sop_class, ID_SOP_CLASS_UID, type_code="2", role="3", query=query_dataset, details=details)
@@ -255,31 +296,47 @@ def query(
 
 
 def user_authentication(
-    *, source_id: str, user: Participant, node: Participant | None = None, login: bool = True,
-    outcome: str = "success", description: str = "", when: dt.datetime | None = None,
+    *,
+    source_id: str,
+    user: Participant,
+    node: Participant | None = None,
+    login: bool = True,
+    outcome: str = "success",
+    description: str = "",
+    when: dt.datetime | None = None,
 ) -> ET.Element:
     """User Authentication (A.5.3.11): a router account signing on (or off) at the bridge."""
     message = _message(EV_USER_AUTHENTICATION, "E", outcome, when, description, [ET_LOGIN if login else ET_LOGOUT])
     Participant(user.user_id, True, None, user.ae_titles, user.user_name, user.network_access_point).add_to(message)
     if node is not None:
-        Participant(node.user_id, False, ROLE_APPLICATION, node.ae_titles, node.user_name,
-                    node.network_access_point).add_to(message)
+        Participant(
+            node.user_id, False, ROLE_APPLICATION, node.ae_titles, node.user_name, node.network_access_point
+        ).add_to(message)
     _source(message, source_id)
     return message
 
 
 def security_alert(
-    *, source_id: str, reporter: Participant, alert: Code, subject: str = "", subject_type: Code = ID_NODE,
-    performer: Participant | None = None, outcome: str = "alert", description: str = "",
+    *,
+    source_id: str,
+    reporter: Participant,
+    alert: Code,
+    subject: str = "",
+    subject_type: Code = ID_NODE,
+    performer: Participant | None = None,
+    outcome: str = "alert",
+    description: str = "",
     when: dt.datetime | None = None,
 ) -> ET.Element:
     """Security Alert (A.5.3.9): tampering, refused access, account or configuration changes."""
     message = _message(EV_SECURITY_ALERT, "E", outcome, when, description, [alert])
-    Participant(reporter.user_id, False, ROLE_APPLICATION, reporter.ae_titles, reporter.user_name,
-                reporter.network_access_point).add_to(message)
+    Participant(
+        reporter.user_id, False, ROLE_APPLICATION, reporter.ae_titles, reporter.user_name, reporter.network_access_point
+    ).add_to(message)
     if performer is not None:
-        Participant(performer.user_id, True, None, performer.ae_titles, performer.user_name,
-                    performer.network_access_point).add_to(message)
+        Participant(
+            performer.user_id, True, None, performer.ae_titles, performer.user_name, performer.network_access_point
+        ).add_to(message)
     _source(message, source_id)
     if subject:
         # 2/13: a system object in the role of a security resource (the account, node or setting).
@@ -295,13 +352,20 @@ def to_bytes(message: ET.Element) -> bytes:
 # --------------------------------------------------------------------------- from JSON records
 
 # Administrative and security events by name: (event type code, subject key in the record).
-_ACCOUNT_EVENTS = {"router_add", "router_remove", "router_disable", "router_enable", "router_passwd",
-                   "router_reset_identity", "router_enroll_token"}
+_ACCOUNT_EVENTS = {
+    "router_add",
+    "router_remove",
+    "router_disable",
+    "router_enable",
+    "router_passwd",
+    "router_reset_identity",
+    "router_enroll_token",
+}
 _CONFIG_EVENTS = {"share_list", "pin", "enroll"}
 
 
-def from_record(record: Mapping[str, Any], *, source_id: str) -> ET.Element | None:
-    """The DICOM message for one JSON audit record, or None when PS3.15 has none for it.
+def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element]:
+    """The DICOM messages for one JSON audit record (none when PS3.15 has none for it).
 
     Plain association records (no studies seen) stay JSON-only: PS3.15 has no
     "association" event, and the message would name nothing an auditor asks about.
@@ -312,41 +376,88 @@ def from_record(record: Mapping[str, Any], *, source_id: str) -> ET.Element | No
     app = Participant(f"{record.get('app', 'relay')}@{source_id}")
     source_address = str(record.get("source", "") or "").rsplit(":", 1)[0] if record.get("source") else ""
     if event == "association" and record.get("studies"):
-        studies = [
-            StudyRecord(s["study_uid"], s.get("patient_id", ""), s.get("patient_id_issuer", ""),
-                        dict(s.get("sop_classes", {})))
-            for s in record["studies"]
-        ]
-        calling = Participant(str(record.get("calling_ae", "")), True, ae_titles=(str(record.get("calling_ae", "")),))
-        called = Participant(str(record.get("called_ae", "")), False, ae_titles=(str(record.get("called_ae", "")),))
-        # The data sets flowed from the side that sent C-STORE requests.
-        sender, receiver = (calling, called) if record.get("sent_by", "calling") == "calling" else (called, calling)
-        others = [Participant(app.user_id, False, ROLE_APPLICATION)]
-        return instances_transferred(
-            source_id=source_id, source=sender, destination=receiver, studies=studies, others=others,
-            outcome=outcome, description=detail, site=str(record.get("site", "")),
-        )
+        return _transfers(record, source_id, outcome, detail, app)
     if event in ("sign_on", "sign_off", "login"):
-        user = Participant(str(record.get("router") or record.get("site") or "-"), True,
-                           network_access_point=source_address)
-        return user_authentication(source_id=source_id, user=user, node=app, login=event != "sign_off",
-                                   outcome=outcome, description=detail)
+        user = Participant(
+            str(record.get("router") or record.get("site") or "-"), True, network_access_point=source_address
+        )
+        return [
+            user_authentication(
+                source_id=source_id, user=user, node=app, login=event != "sign_off", outcome=outcome, description=detail
+            )
+        ]
     if event in ("start", "stop"):
-        return application_activity(source_id=source_id, app=app, started=event == "start",
-                                    outcome=outcome, description=detail)
+        return [
+            application_activity(
+                source_id=source_id, app=app, started=event == "start", outcome=outcome, description=detail
+            )
+        ]
     if event in _ACCOUNT_EVENTS or event.startswith("router_"):
         performer = Participant(str(record.get("user", "") or "administrator"), True)
-        return security_alert(source_id=source_id, reporter=app, alert=ET_USER_SECURITY_ATTRIBUTES_CHANGED,
-                              subject=str(record.get("router", "")), performer=performer,
-                              outcome="success" if outcome == "success" else outcome, description=detail or event)
+        return [
+            security_alert(
+                source_id=source_id,
+                reporter=app,
+                alert=ET_USER_SECURITY_ATTRIBUTES_CHANGED,
+                subject=str(record.get("router", "")),
+                performer=performer,
+                outcome="success" if outcome == "success" else outcome,
+                description=detail or event,
+            )
+        ]
     if event in _CONFIG_EVENTS or event.startswith(("share_", "pin_")):
         alert = ET_NODE_AUTHENTICATION if event == "enroll" else ET_SECURITY_CONFIGURATION
-        return security_alert(source_id=source_id, reporter=app, alert=alert,
-                              subject=str(record.get("router") or record.get("site") or ""),
-                              outcome=outcome, description=detail or event)
+        return [
+            security_alert(
+                source_id=source_id,
+                reporter=app,
+                alert=alert,
+                subject=str(record.get("router") or record.get("site") or ""),
+                outcome=outcome,
+                description=detail or event,
+            )
+        ]
     if outcome == "alert":
         alert = ET_NODE_AUTHENTICATION if "identity" in event else ET_USE_OF_RESTRICTED_FUNCTION
         subject = str(record.get("peer_site") or record.get("router") or record.get("site") or "")
-        return security_alert(source_id=source_id, reporter=app, alert=alert, subject=subject,
-                              description=detail or event)
-    return None
+        return [
+            security_alert(source_id=source_id, reporter=app, alert=alert, subject=subject, description=detail or event)
+        ]
+    return []
+
+
+def _transfers(
+    record: Mapping[str, Any], source_id: str, outcome: str, detail: str, app: Participant
+) -> list[ET.Element]:
+    """One Instances Transferred message per sending side (relay_router.studytap records)."""
+    calling_ae, called_ae = str(record.get("calling_ae", "")), str(record.get("called_ae", ""))
+    calling = Participant(calling_ae or "-", True, ae_titles=(calling_ae,) if calling_ae else ())
+    called = Participant(called_ae or "-", False, ae_titles=(called_ae,) if called_ae else ())
+    messages = []
+    for sender in ("calling", "called"):
+        studies = [
+            StudyRecord(
+                str(s["study_uid"]),
+                str(s.get("patient_id", "")),
+                str(s.get("patient_id_issuer", "")),
+                {str(k): int(v) for k, v in dict(s.get("sop_classes", {})).items()},
+            )
+            for s in record["studies"]
+            if s.get("sent_by", "calling") == sender
+        ]
+        if not studies:
+            continue
+        source, destination = (calling, called) if sender == "calling" else (called, calling)
+        messages.append(
+            instances_transferred(
+                source_id=source_id,
+                source=source,
+                destination=destination,
+                studies=studies,
+                others=[Participant(app.user_id, False, ROLE_APPLICATION)],
+                outcome=outcome,
+                description=detail,
+                site=str(record.get("site", "")),
+            )
+        )
+    return messages

@@ -15,6 +15,7 @@ from pathlib import Path
 from relay_bridge import config as bridge_config
 from relay_bridge.directory import Directory, DirectoryError
 from relay_bridge.pki import make_dev_pki
+from relay_common.audit import AuditLog, admin_event
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
@@ -148,6 +149,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         holder["metrics"] = servicer.metrics
         holder["status"] = writer = StatusWriter(servicer, status_path(cfg), port=port)
         await writer.start()
+        holder["audit"] = servicer.audit
+        servicer.audit.event("start", "success", listen=cfg.server.listen)  # DICOM Application Activity
         announce_ready(args.ready_file, port=port, metrics_port=servicer.metrics.server.port)
 
     async def end() -> None:
@@ -157,6 +160,10 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         for part in ("status", "metrics"):
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]
+        if "audit" in holder:
+            audit: AuditLog = holder["audit"]  # type: ignore[assignment]
+            audit.event("stop", "success")
+            await asyncio.to_thread(audit.close)  # the collector's spool keeps what it could not send
 
     await run_until_signalled(begin, end)
 
@@ -217,13 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     if notice:
         print(notice, file=sys.stderr)
     db = Directory(cfg.storage.database)
+    event = f"{args.command}_{args.action.replace('-', '_')}"  # router_add, router_passwd, share_list, ...
+    name = getattr(args, "name", None)
     try:
-        return _admin(args, db, cfg)
+        status = _admin(args, db, cfg)
     except DirectoryError as exc:
+        admin_event(cfg.audit, app="relay-bridge", event=event, outcome="failure", router=name, detail=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         db.close()
+    admin_event(cfg.audit, app="relay-bridge", event=event, outcome="success", router=name)
+    return status
 
 
 def _database_files(database: Path) -> tuple[Path, ...]:

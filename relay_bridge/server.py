@@ -619,9 +619,7 @@ async def start(
 ) -> tuple[grpc.aio.Server, int, RelayServicer]:
     """Build and start the server; returns it, the bound port and the servicer."""
     directory = Directory(config.storage.database)
-    audit = AuditLog(
-        config.audit.file if config.audit.enabled else None, app="relay-bridge", syslog=config.audit.syslog
-    )
+    audit = AuditLog.from_section(config.audit, app="relay-bridge")
     servicer = servicer_class(config, directory, audit)
     servicer.blobs = BlobBroker.from_config(config)
     if servicer.blobs is not None:

@@ -130,6 +130,29 @@ class AuditLog:
             self.collector.stop(timeout_s)
 
 
+def admin_event(section: AuditSection, *, app: str, event: str, outcome: str, **fields: Any) -> None:
+    """Audit one administrative command (relay-bridge router ..., relay-router enroll).
+
+    Written to the JSON file and, through the collector, as a DICOM message; the
+    performer is the login behind sudo when there is one. A problem with the audit
+    trail is reported on stderr but does not undo or fail the command.
+    """
+    import getpass
+    import sys
+    from dataclasses import replace
+
+    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    # Its own spool subdirectory: the daemon's sender owns the top level; what an admin command
+    # could not send waits there for the next command.
+    section = replace(section, spool_dir=section.spool_dir / "admin")
+    try:
+        audit = AuditLog.from_section(section, app=app)
+        audit.event(event, outcome, user=user, **fields)
+        audit.close(timeout_s=3.0)
+    except OSError as exc:
+        print(f"warning: cannot write the audit record for {event}: {exc}", file=sys.stderr)
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     """All events in an audit file (for tests and tools)."""
     if not path.exists():

@@ -361,7 +361,7 @@ _ACCOUNT_EVENTS = {
     "router_reset_identity",
     "router_enroll_token",
 }
-_CONFIG_EVENTS = {"share_list", "pin", "enroll"}
+_CONFIG_EVENTS = {"pin", "enroll"}
 
 
 def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element]:
@@ -390,6 +390,18 @@ def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element
         return [
             application_activity(
                 source_id=source_id, app=app, started=event == "start", outcome=outcome, description=detail
+            )
+        ]
+    if event in ("router_list", "share_list"):
+        performer = Participant(str(record.get("user", "") or "administrator"), True)
+        return [
+            security_alert(
+                source_id=source_id,
+                reporter=app,
+                alert=ET_USE_OF_RESTRICTED_FUNCTION,
+                performer=performer,
+                outcome=outcome,
+                description=detail or event,
             )
         ]
     if event in _ACCOUNT_EVENTS or event.startswith("router_"):

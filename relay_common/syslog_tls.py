@@ -173,8 +173,17 @@ class SyslogTlsSender:
         if self._spool_bytes + len(message) > self.settings.limit_bytes:
             self._overflow("the audit spool is full (collector unreachable?)")
             return
-        path = self.settings.spool_dir / f"{self._next:012d}.msg"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        while True:
+            path = self.settings.spool_dir / f"{self._next:012d}.msg"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process (an admin command) spools here too
+                self._next += 1
+                continue
+            except OSError as exc:
+                self._overflow(f"cannot write to the spool: {exc}")
+                return
+            break
         try:
             os.write(fd, message)
         finally:

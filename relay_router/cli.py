@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from relay_common.audit import admin_event
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
@@ -100,12 +101,15 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
         except OSError as exc:
             raise listen_error(cfg.dicom.listen, exc) from exc
         write_now(service)
+        service.audit.event("start", "success", listen=cfg.dicom.listen)  # DICOM Application Activity
         announce_ready(ready_file, port=service.port, metrics_port=service.metrics.server.port)
 
     async def end() -> None:
         await service.stop(cfg.dicom.shutdown_grace_s)
         await service.metrics.stop()
         write_stopped(service)
+        service.audit.event("stop", "success")
+        await asyncio.to_thread(service.audit.close)  # the collector's spool keeps what it could not send
 
     await run_until_signalled(begin, end)
 
@@ -155,8 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             with spinner(f"enrolling {cfg.router.name} with the bridge at {address}", enabled=interactive()):
                 identity, certified = enroll(cfg, args.token)
         except (EnrollError, ValueError) as exc:
+            admin_event(
+                cfg.audit, app="relay-router", event="enroll", outcome="failure", site=cfg.router.name, detail=str(exc)
+            )
             print(f"enrollment failed: {exc}", file=sys.stderr)
             return 1
+        admin_event(
+            cfg.audit,
+            app="relay-router",
+            event="enroll",
+            outcome="success",
+            site=cfg.router.name,
+            fingerprint=identity.public.fingerprint,
+        )
         print(f"enrolled {cfg.router.name}; identity fingerprint {identity.public.fingerprint}")
         if certified:
             print(f"client certificate written to {cfg.router.state_dir / 'client.pem'}")

@@ -86,8 +86,7 @@ class RouterService:
     def __init__(self, config: RouterConfig, *, status_file: Path | None = None) -> None:
         self.config = config
         self.status_file = status_file
-        audit_path = config.audit.file if config.audit.enabled else None
-        self.audit = AuditLog(audit_path, app="relay-router", syslog=config.audit.syslog)
+        self.audit = AuditLog.from_section(config.audit, app="relay-router", source_id=config.router.name)
         self.link = BridgeLink(config, self._incoming, self.audit)
         self.blobs = BlobTransport(self.link)  # cloud spill: blob parts via URLs the bridge signs
         self.paces: dict[str, PathPace] = {}  # the speed of the path to each remote site (relay_router.pace)

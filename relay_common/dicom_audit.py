@@ -344,9 +344,16 @@ def security_alert(
     return message
 
 
+XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
+
+
 def to_bytes(message: ET.Element) -> bytes:
-    """The message as UTF-8 XML with a declaration (what the syslog MSG carries)."""
-    return ET.tostring(message, encoding="utf-8", xml_declaration=True)
+    """The message as UTF-8 XML on one line, declaration included (what the syslog MSG carries).
+
+    ElementTree's own declaration ends with a newline, which syslog collectors escape or
+    treat as a record end; ours does not.
+    """
+    return XML_DECLARATION + ET.tostring(message, encoding="utf-8", xml_declaration=False)
 
 
 # --------------------------------------------------------------------------- from JSON records

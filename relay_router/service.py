@@ -195,6 +195,7 @@ class RouterService:
             bytes_out=outcome.bytes_to_remote,
             bytes_in=outcome.bytes_to_local,
             seconds=round(outcome.ended - outcome.started, 3),
+            studies=outcome.studies or None,  # DICOM Instances Transferred when any (relay_router.studytap)
         )
 
     # -- outbound: a local device calls a remote one -------------------------

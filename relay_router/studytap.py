@@ -36,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
 from relay_common import dicom_audit
-from relay_router.ul.associate import parse_associate, with_abstract_syntaxes
+from relay_router.ul.associate import AssociateInfo, parse_associate, with_abstract_syntaxes
 
 log = logging.getLogger("relay_router.studytap")
 
@@ -47,6 +47,7 @@ IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
 _P_DATA_TF = 0x04
+MAX_ASSOCIATE_PDU = 256 * 1024  # larger ones are not read (the relay's framer has its own limit)
 
 
 class Side(Enum):
@@ -92,6 +93,7 @@ class _Direction:
         self.header = bytearray()  # partial PDU header (6) or PDV header (6)
         self.pdu_left = 0  # bytes left in the current PDU body
         self.in_pdata = False
+        self.associate: bytearray | None = None  # an A-ASSOCIATE-RQ/AC being collected
         self.pdv_left = 0  # bytes left in the current PDV fragment
         self.pdv_context = 0
         self.pdv_control = 0
@@ -115,6 +117,7 @@ class _Direction:
                 if len(self.header) < 6:
                     return
                 pdu_type, length = self.header[0], struct.unpack(">I", self.header[2:6])[0]
+                self.associate = bytearray(self.header) if pdu_type in (0x01, 0x02) else None
                 self.header.clear()
                 self.in_pdata = pdu_type == _P_DATA_TF
                 self.pdu_left = length
@@ -122,9 +125,19 @@ class _Direction:
                     self._broken(f"PDU type {pdu_type:#04x} with length 0")
                 continue
             if not self.in_pdata:
-                skip = min(self.pdu_left, end - pos)  # associate, release, abort PDUs: not ours
+                # A-ASSOCIATE-RQ/AC give the presentation contexts (kept whole up to a bound);
+                # release and abort PDUs are skipped.
+                skip = min(self.pdu_left, end - pos)
+                if self.associate is not None:
+                    if len(self.associate) + skip <= MAX_ASSOCIATE_PDU:
+                        self.associate += view[pos : pos + skip]
+                    else:
+                        self.associate = None
                 pos += skip
                 self.pdu_left -= skip
+                if self.pdu_left == 0 and self.associate is not None:
+                    self.tap.associate_pdu(bytes(self.associate))
+                    self.associate = None
                 continue
             if self.pdv_left == 0:
                 take = min(6 - len(self.header), end - pos, self.pdu_left)
@@ -253,14 +266,17 @@ class StudyTap:
 
     def __init__(
         self,
-        contexts: Mapping[int, tuple[str, str]],
+        contexts: Mapping[int, tuple[str, str]] | None = None,
         *,
         max_prefix: int = 64 * 1024,
         max_command: int = 16 * 1024,
         max_studies: int = 1000,
     ) -> None:
         # presentation context id -> (abstract syntax, transfer syntax), accepted ones only.
-        self.contexts = dict(contexts)
+        # Given, or learnt from the A-ASSOCIATE-RQ/AC in the stream.
+        self.contexts = dict(contexts or {})
+        self._rq: AssociateInfo | None = None
+        self._ac: AssociateInfo | None = None
         self.max_prefix, self.max_command, self.max_studies = max_prefix, max_command, max_studies
         self.studies: dict[tuple[Side, str, str, str], StudySeen] = {}
         self.studies_dropped = 0  # instances of studies beyond max_studies
@@ -271,8 +287,30 @@ class StudyTap:
     @classmethod
     def from_associate(cls, rq: bytes, ac: bytes, **limits: int) -> StudyTap:
         """A tap for the association negotiated by these A-ASSOCIATE-RQ and -AC PDUs (whole, headers included)."""
-        accepted = with_abstract_syntaxes(parse_associate(ac), parse_associate(rq)).accepted_contexts
-        return cls({pc.id: (pc.abstract_syntax or "", pc.transfer_syntaxes[0]) for pc in accepted}, **limits)
+        tap = cls(**limits)
+        tap.associate_pdu(rq)
+        tap.associate_pdu(ac)
+        return tap
+
+    def associate_pdu(self, pdu: bytes) -> None:
+        """An A-ASSOCIATE-RQ or -AC seen in the stream (or given): the contexts follow from the pair."""
+        try:
+            info = parse_associate(pdu)
+        except Exception as exc:  # noqa: BLE001  (the relay's own parser answers bad PDUs; we just stop)
+            self.broken.append(f"unreadable A-ASSOCIATE PDU: {exc}")
+            return
+        if pdu[0] == 0x01:
+            self._rq = info
+        else:
+            self._ac = info
+        if self._rq is None or self._ac is None:
+            return
+        try:
+            accepted = with_abstract_syntaxes(self._ac, self._rq).accepted_contexts
+        except Exception as exc:  # noqa: BLE001
+            self.broken.append(f"A-ASSOCIATE-AC does not answer the RQ: {exc}")
+            return
+        self.contexts = {pc.id: (pc.abstract_syntax or "", pc.transfer_syntaxes[0]) for pc in accepted}
 
     def feed(self, side: Side, data: bytes | bytearray | memoryview) -> None:
         """Bytes the `side` peer sent, in order, split anywhere. Never raises on bad input."""

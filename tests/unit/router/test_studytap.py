@@ -232,3 +232,14 @@ def test_the_message_names_study_and_patient_and_validates() -> None:
     assert SCHEMA.validate(doc), SCHEMA.error_log
     ids = [p.get("ParticipantObjectID") for p in doc.findall("ParticipantObjectIdentification")]
     assert ids == ["1.2.826.0.1.1", "1.2.826.0.1.2", "P1^^^HOSP-A", "P2"]
+
+
+def test_contexts_are_learnt_from_the_associate_pdus_in_the_stream() -> None:
+    """The hook in the relay feeds every byte: RQ and AC included, so the tap needs no other input."""
+    rq, ac = negotiated(BIG_ENDIAN)
+    tap = StudyTap()
+    tap.feed(Side.REQUESTOR, rq[:7])
+    tap.feed(Side.ACCEPTOR, ac)
+    tap.feed(Side.REQUESTOR, rq[7:] + a_study_stream(BIG_ENDIAN))
+    assert tap.contexts[3] == (CT_STORAGE, BIG_ENDIAN)
+    assert tap.summary() == EXPECTED

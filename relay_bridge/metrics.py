@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_common.audit import AuditExportCollector
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class BridgeMetrics:
         Info("relay_bridge", "This bridge", registry=registry).info({"version": package_version()})
         registry.register(_SessionCollector(servicer))
         registry.register(_SpillCollector(servicer))
+        registry.register(AuditExportCollector(servicer, "relay_bridge"))  # audit export (relay_common.audit)
         for outcome in OUTCOMES:
             self.associations.labels(outcome)
         for reason in REFUSAL_REASONS:

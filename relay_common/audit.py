@@ -13,19 +13,26 @@ spool (relay_common.syslog_tls).
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 import logging
 import os
 import socket
+import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# Imported here, not lazily: an admin command switches to the service user, who may not be able to
+# read the Python installation any more (tests/unit/ops/test_root_owned.py).
 from relay_common import dicom_audit
+from relay_common.syslog_tls import CollectorSettings, SyslogTlsSender, format_rfc5424
 
 if TYPE_CHECKING:
     from relay_common.config import AuditSection
-    from relay_common.syslog_tls import CollectorSettings, SyslogTlsSender
 
 log = logging.getLogger("relay_common.audit")
 
@@ -49,8 +56,6 @@ class AuditLog:
         self.source_id = source_id or socket.gethostname()
         self.collector: SyslogTlsSender | None = None
         if collector is not None:
-            from relay_common.syslog_tls import SyslogTlsSender
-
             self.collector = SyslogTlsSender(collector)
             self.collector.start()
         self._lock = threading.Lock()
@@ -91,8 +96,6 @@ class AuditLog:
         return record
 
     def _send_dicom(self, record: dict[str, Any]) -> None:
-        from relay_common.syslog_tls import format_rfc5424
-
         assert self.collector is not None
         try:
             messages = dicom_audit.from_record(record, source_id=self.source_id)
@@ -108,8 +111,6 @@ class AuditLog:
     @classmethod
     def from_section(cls, section: AuditSection, *, app: str, source_id: str = "") -> AuditLog:
         """The audit trail a daemon's [audit] section describes."""
-        from relay_common.syslog_tls import CollectorSettings
-
         collector = None
         if section.enabled and section.collector:
             collector = CollectorSettings(
@@ -137,11 +138,10 @@ def admin_event(section: AuditSection, *, app: str, event: str, outcome: str, **
     performer is the login behind sudo when there is one. A problem with the audit
     trail is reported on stderr but does not undo or fail the command.
     """
-    import getpass
-    import sys
-    from dataclasses import replace
-
-    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    try:
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (a service account made by a container)
+        user = f"uid {os.getuid()}"
     # Its own spool subdirectory: the daemon's sender owns the top level; what an admin command
     # could not send waits there for the next command.
     section = replace(section, spool_dir=section.spool_dir / "admin")
@@ -149,7 +149,7 @@ def admin_event(section: AuditSection, *, app: str, event: str, outcome: str, **
         audit = AuditLog.from_section(section, app=app)
         audit.event(event, outcome, user=user, **fields)
         audit.close(timeout_s=3.0)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001  (the command itself succeeded or failed already)
         print(f"warning: cannot write the audit record for {event}: {exc}", file=sys.stderr)
 
 
@@ -158,3 +158,32 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class AuditExportCollector:
+    """Prometheus collector for the audit export (register it in a daemon's registry).
+
+    `<prefix>_audit_export_sent_total`, `_dropped_total` (spool full: the overflow an operator must
+    see), `_spooled_messages` (waiting for the collector) and `_collector_up` (1 when connected).
+    Without a collector they stay 0.
+    """
+
+    def __init__(self, owner: object, prefix: str) -> None:
+        # The daemon (RouterService, RelayServicer): its `audit` is read at each scrape.
+        self.owner, self.prefix = owner, prefix
+
+    def collect(self) -> Any:
+        audit = getattr(self.owner, "audit", None)
+        sender = audit.collector if isinstance(audit, AuditLog) else None
+        sent, dropped, spooled, up = (
+            (sender.sent, sender.overflowed, sender.spooled, int(sender.connected)) if sender else (0, 0, 0, 0)
+        )
+        p = self.prefix
+        yield CounterMetricFamily(f"{p}_audit_export_sent", "DICOM audit messages sent to the collector", sent)
+        yield CounterMetricFamily(
+            f"{p}_audit_export_dropped",
+            "DICOM audit messages dropped because the spool was full (collector unreachable too long)",
+            dropped,
+        )
+        yield GaugeMetricFamily(f"{p}_audit_export_spooled_messages", "Messages waiting for the collector", spooled)
+        yield GaugeMetricFamily(f"{p}_audit_collector_up", "1 when connected to the audit collector", up)

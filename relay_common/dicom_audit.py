@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
@@ -95,8 +96,6 @@ class Participant:
 
 
 def _is_ip(text: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(text)
     except ValueError:

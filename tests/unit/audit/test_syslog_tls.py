@@ -218,3 +218,31 @@ def test_wrong_ca_is_reported_and_nothing_is_lost(pki: Path, collector: Collecto
     assert wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in s.last_error, 10), s.last_error
     assert s.spooled == 1 and collector.frames() == []
     s.stop()
+
+
+def test_export_metrics(pki: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from relay_common.audit import AuditExportCollector, AuditLog
+    from relay_common.syslog_tls import CollectorSettings
+
+    dead = socket.create_server(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    settings = CollectorSettings(
+        url=f"tls://127.0.0.1:{port}", ca_file=pki / "ca.pem", spool_dir=tmp_path / "spool", limit_bytes=1500
+    )
+    audit = AuditLog(None, app="relay-router", collector=settings, source_id="hospital-a")
+    registry = CollectorRegistry()
+    registry.register(AuditExportCollector(SimpleNamespace(audit=audit), "relay_router"))
+    for _ in range(3):
+        audit.event("identity_mismatch", "alert", site="hospital-b")
+    assert audit.collector is not None
+    assert wait_until(lambda: audit.collector.spooled + audit.collector.overflowed == 3, 10)
+    text = generate_latest(registry).decode()
+    assert f"relay_router_audit_export_dropped_total {float(audit.collector.overflowed)}" in text
+    assert audit.collector.overflowed >= 1
+    assert "relay_router_audit_collector_up 0.0" in text
+    audit.close()

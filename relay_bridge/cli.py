@@ -21,13 +21,14 @@ from relay_common.daemon import (
     OwnershipError,
     StartupError,
     announce_ready,
+    audit_pem_problems,
     become_state_owner,
     interactive,
     listen_error,
+    pem_problems,
     refuse_serve_as_root,
     run_until_signalled,
     spinner,
-    unreadable_pem,
 )
 from relay_common.logs import setup_logging
 
@@ -182,14 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 str(args.config), "server.insecure", "insecure = true also needs --insecure on the command line"
             )
+        files = [("enrollment.ca_cert", cfg.enrollment.ca_cert, "certificate")]
+        files += [("enrollment.ca_key", cfg.enrollment.ca_key, "private key")]
         if not cfg.server.insecure:
-            for key, path, kind in (
-                ("server.tls_cert", cfg.server.tls_cert, "certificate"),
-                ("server.tls_key", cfg.server.tls_key, "private key"),
-            ):
-                problem = unreadable_pem(path, kind) if path is not None else None
-                if problem:
-                    raise ConfigError(str(args.config), key, problem)
+            files += [("server.tls_cert", cfg.server.tls_cert, "certificate")]
+            files += [("server.tls_key", cfg.server.tls_key, "private key")]
+            files += [("server.client_ca", cfg.server.client_ca, "certificate")]
+        problems = pem_problems(str(args.config), files) + audit_pem_problems(str(args.config), cfg.audit)
+        if problems:
+            raise ConfigError.several(problems)  # all of them at once
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -207,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(cfg, args))
         except StartupError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # noqa: BLE001  (a failing serve says why in one line; the traceback is in the log)
+            log.debug("serve failed", exc_info=True)
+            print(f"error: the bridge stopped: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return 1
         return 0
     if args.command == "status":

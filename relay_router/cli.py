@@ -16,13 +16,14 @@ from relay_common.daemon import (
     OwnershipError,
     StartupError,
     announce_ready,
+    audit_pem_problems,
     become_state_owner,
     interactive,
     listen_error,
+    pem_problems,
     refuse_serve_as_root,
     run_until_signalled,
     spinner,
-    unreadable_pem,
 )
 from relay_common.logs import setup_logging
 from relay_router import config as router_config
@@ -88,6 +89,29 @@ def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) ->
     return "\n".join(lines)
 
 
+def _share_warnings(cfg: router_config.RouterConfig) -> list[str]:
+    """share_with names that look wrong: this router itself, or sites not in the last directory seen."""
+    from relay_router.status import default_status_file
+
+    try:
+        status = json.loads(default_status_file(cfg).read_text())
+        known = {str(d.get("site")) for d in status.get("directory", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        known = None  # never ran, or unreadable: only the self-check
+    warnings = []
+    for device in cfg.shared:
+        for i, site in enumerate(device.share_with):
+            key = f"shared ({device.ae_title}).share_with[{i}]"
+            if site == cfg.router.name:
+                warnings.append(f"{key}: {site!r} is this router itself")
+            elif site != "*" and known is not None and site not in known:
+                warnings.append(
+                    f"{key}: {site!r} is not among the sites in the directory this router last received "
+                    "(a typo? sites that share nothing with this router are not listed there)"
+                )
+    return warnings
+
+
 async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, status_file: Path | None) -> None:
     from relay_router.service import RouterService
     from relay_router.status import default_status_file, write_now, write_stopped
@@ -121,10 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "listen", None):
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
         if args.command in ("serve", "check-config", "enroll"):  # pacs-config needs no secrets
-            problem = unreadable_pem(cfg.bridge.ca_file, "certificate") if cfg.bridge.ca_file is not None else None
-            if problem:
-                raise ConfigError(str(args.config), "bridge.ca_file", problem)
-            cfg.bridge.resolve_password()
+            source = str(args.config)
+            problems = pem_problems(source, [("bridge.ca_file", cfg.bridge.ca_file, "certificate")])
+            problems += audit_pem_problems(source, cfg.audit)
+            try:
+                cfg.bridge.resolve_password()
+            except ValueError as exc:
+                problems.append(ConfigError(source, "bridge.password", str(exc)))
+            if problems:
+                raise ConfigError.several(problems)  # all of them at once
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -133,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.logging.level, cfg.logging.format)
     if args.command == "check-config":
+        for warning in _share_warnings(cfg):
+            print(f"warning: {args.config}: {warning}", file=sys.stderr)
         print(f"{args.config}: OK ({len(cfg.shared)} shared devices, {len(cfg.remote)} remote devices)")
         return 0
     if args.command == "enroll":
@@ -211,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(cfg, args.ready_file, args.status_file))
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001  (a failing serve says why in one line; the traceback is in the log)
+        log.debug("serve failed", exc_info=True)
+        print(f"error: the router stopped: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -11,6 +11,8 @@ system-deps:
 	@missing=""; \
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
+	ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install -y$$missing)" >&2; exit 1; fi; \

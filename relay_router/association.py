@@ -37,6 +37,7 @@ from relay_router.seal import (
 )
 from relay_router.spill import FEATURE as SPILL
 from relay_router.spill import FLAG_BLOB, BlobTransport, IncomingBlob, SpillFailed, SpillReceiver, SpillSender
+from relay_router.studytap import StudyTap
 from relay_router.tunnel import AssociationStream
 from relay_router.ul import (
     Aborted,
@@ -149,6 +150,8 @@ class RelayedAssociation:
         self._read_was_full = False  # the last read from the device filled its frame: more data is waiting
         self._burst = False  # the frame being sent was already waiting when the previous one was sent
         self._pace_report: asyncio.Task[None] | None = None
+        # Audit: the studies this association carries (a copy of the bytes; never changes the relay).
+        self.tap = StudyTap(local_is_requestor=outcome.direction == "outbound")
 
     # -- carrying out actions ---------------------------------------------
     async def apply(self, actions: list[Action]) -> None:
@@ -157,6 +160,7 @@ class RelayedAssociation:
         for action in actions:
             if isinstance(action, Send):
                 (to_local if action.to is Side.LOCAL else to_remote).append(action.data)
+                self.tap.relayed(action.to is Side.REMOTE, action.data)
             else:
                 self._note(action)
         if to_local:
@@ -174,6 +178,7 @@ class RelayedAssociation:
     def _note(self, action: Action) -> None:
         out = self.outcome
         if isinstance(action, Established):
+            self.tap.established(action.info)
             out.result = "established"
             out.established = time.time()
             log.info("association %s -> %s established", out.calling_ae, out.called_ae, extra=self._extra)
@@ -517,6 +522,7 @@ class RelayedAssociation:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         self.outcome.ended = time.time()
+        self.outcome.studies = self.tap.summary()
         if self.outcome.result == "established":
             self.outcome.result = "closed"
         log.info(

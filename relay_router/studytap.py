@@ -271,6 +271,7 @@ class StudyTap:
         max_prefix: int = 64 * 1024,
         max_command: int = 16 * 1024,
         max_studies: int = 1000,
+        local_is_requestor: bool = True,
     ) -> None:
         # presentation context id -> (abstract syntax, transfer syntax), accepted ones only.
         # Given, or learnt from the A-ASSOCIATE-RQ/AC in the stream.
@@ -278,6 +279,7 @@ class StudyTap:
         self._rq: AssociateInfo | None = None
         self._ac: AssociateInfo | None = None
         self.max_prefix, self.max_command, self.max_studies = max_prefix, max_command, max_studies
+        self.local_is_requestor = local_is_requestor
         self.studies: dict[tuple[Side, str, str, str], StudySeen] = {}
         self.studies_dropped = 0  # instances of studies beyond max_studies
         self.unreadable = 0  # C-STORE data sets (or commands) whose identifiers could not be read
@@ -311,6 +313,18 @@ class StudyTap:
             self.broken.append(f"A-ASSOCIATE-AC does not answer the RQ: {exc}")
             return
         self.contexts = {pc.id: (pc.abstract_syntax or "", pc.transfer_syntaxes[0]) for pc in accepted}
+
+    def relayed(self, from_local: bool, data: bytes | bytearray | memoryview) -> None:
+        """The relay's hook: bytes it forwards, from its local device (True) or from the remote side.
+
+        Needs `local_is_requestor` (set at construction): the local device is the requestor
+        of an outbound association and the acceptor of an inbound one.
+        """
+        self.feed(Side.REQUESTOR if from_local == self.local_is_requestor else Side.ACCEPTOR, data)
+
+    def established(self, info: AssociateInfo) -> None:
+        """The accepted presentation contexts, from the relay's A-ASSOCIATE-AC (abstract syntaxes filled in)."""
+        self.contexts = {pc.id: (pc.abstract_syntax or "", pc.transfer_syntaxes[0]) for pc in info.accepted_contexts}
 
     def feed(self, side: Side, data: bytes | bytearray | memoryview) -> None:
         """Bytes the `side` peer sent, in order, split anywhere. Never raises on bad input."""

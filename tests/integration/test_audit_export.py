@@ -9,8 +9,8 @@
 - A study stored by DCMTK storescu to storescp, recorded by a TCP proxy on
   127.0.0.1, gives the study tap one study with its Study Instance UID, the
   patient's ID and the instance count, and a valid Instances Transferred message.
-  (The same through real routers needs the tap hooked into
-  relay_router/association.py: left to the lead, see the report.)
+  The same through real routers: a C-MOVE from Orthanc to a DCMTK workstation across two
+  sites records the study at both routers and exports one Instances Transferred message.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ import pytest
 from lxml import etree
 
 from relay_common import dicom_audit
-from relay_common.audit import AuditLog
+from relay_common.audit import AuditLog, read_events
 from relay_common.config import AuditSection, parse_config
 from relay_common.syslog_tls import wait_until
 from relay_demo.datasets import generate_ct_series, write_series
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.studytap import Side, StudyTap
-from tests.integration.conftest import _require, require_dcmtk
-from tests.support.dcmtk import StorescpProcess, storescu
+from tests.integration.conftest import OrthancPool, _require, require_dcmtk
+from tests.support.dcmtk import StorescpProcess, movescu, storescu
 from tests.support.ports import free_port, wait_for_port
 
 try:  # the dev PKI helpers may move to relay_common during the day
@@ -262,3 +263,69 @@ def test_a_dcmtk_store_gives_the_study_and_patient(tmp_path: Path) -> None:
     assert SCHEMA.validate(doc), SCHEMA.error_log
     ids = [p.get("ParticipantObjectID") for p in doc.findall("ParticipantObjectIdentification")]
     assert ids == [study_uid, "PAT-AUDIT-1"]
+
+
+def test_a_c_move_through_real_routers_records_the_study(
+    orthanc_factory: OrthancPool, tmp_path: Path, rsyslog: Rsyslog
+) -> None:
+    """C-MOVE of a study from hospital B's Orthanc to hospital A's workstation, through both routers.
+
+    The archive's sub-association (Orthanc B -> router B -> bridge -> router A -> storescp) carries
+    the study: each router writes one association event naming it with the patient's ID, and router
+    B exports one DICOM Instances Transferred message to rsyslog that validates against the schema.
+    """
+    require_dcmtk("movescu", "storescp")
+    study_uid = "1.2.826.0.1.3680043.8.498.5151"
+    series = write_series(
+        generate_ct_series(4, rows=64, cols=64, patient_id="PAT-MOVE-7", study_uid=study_uid), tmp_path / "ct"
+    )
+    workstation = StorescpProcess(tmp_path / "ws-a", "WS_A").start()
+    orthanc_b = orthanc_factory("ORTHANC_B")
+    orthanc_b.upload_many(series)
+    net = LocalRelayNetwork(tmp_path / "relay").start()
+    try:
+        site_b = net.add_site(
+            "hospital-b",
+            shared=[Shared("ORTHANC_B", "127.0.0.1", orthanc_b.dicom_port, ["hospital-a"])],
+            remote=[Remote("WS_A", "hospital-a")],
+            start=False,
+        )
+        collector = (
+            f'\ncollector = "tls://127.0.0.1:{rsyslog.port}"\nca_file = "{rsyslog.pki / "ca.pem"}"\n'
+            f'spool_dir = "{tmp_path / "spool-b"}"\n'
+        )
+        config_b = net.router_config_path("hospital-b")
+        config_b.write_text(config_b.read_text().replace("[audit]\n", "[audit]" + collector, 1))
+        site_b.port = net.start_router("hospital-b")
+        site_a = net.add_site(
+            "hospital-a",
+            shared=[Shared("WS_A", "127.0.0.1", workstation.port, ["hospital-b"])],
+            remote=[Remote("PACS_B", "hospital-b", "ORTHANC_B")],
+        )
+        orthanc_b.set_modalities({"WS_A": ("WS_A", "127.0.0.1", site_b.port)})
+        net.wait_connected()
+        result = movescu("127.0.0.1", site_a.port, "PACS_B", "WS_A", "WS_A", {"StudyInstanceUID": study_uid})
+        assert result.check().completed == 4, result.log
+        workstation.wait_for_files(4)
+
+        def studies(site: str) -> list[dict[str, object]]:
+            events = read_events(net.workdir / f"audit-{site}.jsonl")
+            return [s for e in events if e["event"] == "association" for s in e.get("studies", [])]
+
+        wait_until(lambda: studies("hospital-b") and studies("hospital-a"), 20)
+        for site in ("hospital-b", "hospital-a"):
+            (study,) = studies(site)  # the C-FIND/C-MOVE association carries no C-STORE: one study in all
+            assert study["study_uid"] == study_uid and study["patient_id"] == "PAT-MOVE-7", study
+            assert study["instances"] == 4 and study["sent_by"] == "calling"
+        assert wait_until(lambda: any(r[2] == "association" for r in rsyslog.records()), 20), rsyslog.records()
+        transfers = [xml(r) for r in rsyslog.records() if r[2] == "association"]
+        assert len(transfers) == 1
+        doc = transfers[0]
+        assert doc.find("EventIdentification/EventID").get("csd-code") == "110104"
+        ids = [p.get("ParticipantObjectID") for p in doc.findall("ParticipantObjectIdentification")]
+        assert ids == [study_uid, "PAT-MOVE-7"]
+        titles = [p.get("AlternativeUserID") for p in doc.findall("ActiveParticipant")[:2]]
+        assert titles == ["AETITLES=ORTHANC_B", "AETITLES=WS_A"]
+    finally:
+        net.stop()
+        workstation.stop()

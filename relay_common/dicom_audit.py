@@ -381,8 +381,8 @@ def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element
     detail = str(record.get("detail", "") or "")
     app = Participant(f"{record.get('app', 'relay')}@{source_id}")
     source_address = str(record.get("source", "") or "").rsplit(":", 1)[0] if record.get("source") else ""
-    if event == "association" and record.get("studies"):
-        return _transfers(record, source_id, outcome, detail, app)
+    if event == "association" and (record.get("studies") or record.get("queries")):
+        return _transfers(record, source_id, outcome, detail, app) + _queries(record, source_id, outcome, detail)
     if event in ("sign_on", "sign_off", "login"):
         user = Participant(
             str(record.get("router") or record.get("site") or "-"), True, network_access_point=source_address
@@ -460,7 +460,7 @@ def _transfers(
                 str(s.get("patient_id_issuer", "")),
                 {str(k): int(v) for k, v in dict(s.get("sop_classes", {})).items()},
             )
-            for s in record["studies"]
+            for s in record.get("studies") or []
             if s.get("sent_by", "calling") == sender
         ]
         if not studies:
@@ -476,6 +476,29 @@ def _transfers(
                 outcome=outcome,
                 description=detail,
                 site=str(record.get("site", "")),
+            )
+        )
+    return messages
+
+
+def _queries(record: Mapping[str, Any], source_id: str, outcome: str, detail: str) -> list[ET.Element]:
+    """One Query message per C-FIND the association carried (relay_router.studytap records)."""
+    calling_ae, called_ae = str(record.get("calling_ae", "")), str(record.get("called_ae", ""))
+    calling = Participant(calling_ae or "-", True, ae_titles=(calling_ae,) if calling_ae else ())
+    called = Participant(called_ae or "-", False, ae_titles=(called_ae,) if called_ae else ())
+    messages = []
+    for q in record.get("queries") or []:
+        source, destination = (calling, called) if q.get("sent_by", "calling") == "calling" else (called, calling)
+        messages.append(
+            query(
+                source_id=source_id,
+                source=source,
+                destination=destination,
+                sop_class=str(q.get("sop_class", "")),
+                query_dataset=base64.b64decode(str(q.get("identifier", ""))),
+                transfer_syntax=str(q.get("transfer_syntax", "")),
+                outcome=outcome,
+                description=detail,
             )
         )
     return messages

@@ -522,7 +522,7 @@ class RelayedAssociation:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         self.outcome.ended = time.time()
-        self.outcome.studies = self.tap.summary()
+        self.outcome.studies, self.outcome.queries = self.tap.summary(), self.tap.queries
         if self.outcome.result == "established":
             self.outcome.result = "closed"
         log.info(

@@ -196,6 +196,7 @@ class RouterService:
             bytes_in=outcome.bytes_to_local,
             seconds=round(outcome.ended - outcome.started, 3),
             studies=outcome.studies or None,  # DICOM Instances Transferred when any (relay_router.studytap)
+            queries=outcome.queries or None,  # DICOM Query messages (C-FIND identifiers)
         )
 
     # -- outbound: a local device calls a remote one -------------------------

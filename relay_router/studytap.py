@@ -22,6 +22,7 @@ decides what to do with the association; the tap never raises into the relay).
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import struct
@@ -41,6 +42,7 @@ from relay_router.ul.associate import AssociateInfo, parse_associate, with_abstr
 log = logging.getLogger("relay_router.studytap")
 
 C_STORE_RQ = 0x0001
+C_FIND_RQ = 0x0020
 NO_DATA_SET = 0x0101  # Command Data Set Type (0000,0800) when no data set follows (PS3.7 E.1)
 STUDY_INSTANCE_UID = 0x0020000D
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
@@ -104,6 +106,8 @@ class _Direction:
         self.store: tuple[int, str, str] | None = None  # (context id, SOP class UID, move originator)
         self.prefix = bytearray()
         self.prefix_done = False
+        self.find: tuple[str, str] | None = None  # a C-FIND-RQ's (SOP class UID, transfer syntax)
+        self.find_truncated = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -185,17 +189,23 @@ class _Direction:
             self.prefix += chunk[:room]
             if len(self.prefix) >= self.tap.max_prefix:
                 self._data_set_done()
+        elif self.find is not None:
+            room = self.tap.max_query - len(self.prefix)
+            self.prefix += chunk[:room]
+            self.find_truncated = self.find_truncated or len(chunk) > room
         if last:
             if self.store is not None and not self.prefix_done:
                 self._data_set_done()
-            self.store, self.prefix_done = None, False
+            if self.find is not None:
+                self.tap.record_query(self.side, *self.find, bytes(self.prefix), self.find_truncated)
+            self.store, self.find, self.prefix_done, self.find_truncated = None, None, False, False
             self.prefix.clear()
 
     def _command_done(self) -> None:
         command, too_big = bytes(self.command), self.command_too_big
         self.command.clear()
         self.command_too_big = False
-        self.store, self.prefix_done = None, False
+        self.store, self.find, self.prefix_done, self.find_truncated = None, None, False, False
         self.prefix.clear()
         if too_big:
             self.tap.unreadable += 1
@@ -213,6 +223,9 @@ class _Direction:
             sop_class = _text(ds, 0x00000002)
             originator = _text(ds, 0x00001030)
             self.store = (self.pdv_context, sop_class, originator)
+        elif field_ == C_FIND_RQ and data_set_type != NO_DATA_SET:
+            transfer_syntax = self.tap.contexts.get(self.pdv_context, ("", ""))[1]
+            self.find = (_text(ds, 0x00000002), transfer_syntax)
 
     def _data_set_done(self) -> None:
         assert self.store is not None
@@ -271,6 +284,8 @@ class StudyTap:
         max_prefix: int = 64 * 1024,
         max_command: int = 16 * 1024,
         max_studies: int = 1000,
+        max_query: int = 8 * 1024,
+        max_queries: int = 100,
         local_is_requestor: bool = True,
     ) -> None:
         # presentation context id -> (abstract syntax, transfer syntax), accepted ones only.
@@ -280,6 +295,10 @@ class StudyTap:
         self._ac: AssociateInfo | None = None
         self.max_prefix, self.max_command, self.max_studies = max_prefix, max_command, max_studies
         self.local_is_requestor = local_is_requestor
+        self.max_query, self.max_queries = max_query, max_queries
+        # C-FIND identifiers (PS3.15 A.5.3.10 Query messages): the first max_query bytes of each.
+        self.queries: list[dict[str, Any]] = []
+        self.queries_dropped = 0
         self.studies: dict[tuple[Side, str, str, str], StudySeen] = {}
         self.studies_dropped = 0  # instances of studies beyond max_studies
         self.unreadable = 0  # C-STORE data sets (or commands) whose identifiers could not be read
@@ -344,6 +363,23 @@ class StudyTap:
         seen.sop_classes[sop_class] = seen.sop_classes.get(sop_class, 0) + 1
         if originator and len(seen.move_originators) < 16:
             seen.move_originators.add(originator)
+
+    def record_query(
+        self, side: Side, sop_class: str, transfer_syntax: str, identifier: bytes, truncated: bool
+    ) -> None:
+        if len(self.queries) >= self.max_queries:
+            self.queries_dropped += 1
+            return
+        self.queries.append(
+            {
+                "sent_by": "calling" if side is Side.REQUESTOR else "called",
+                "sop_class": sop_class,
+                "transfer_syntax": transfer_syntax,
+                # base64, as the Query message carries it (PS3.15 A.5.3.10): never parsed here
+                "identifier": base64.b64encode(identifier).decode(),
+                **({"truncated": True} if truncated else {}),
+            }
+        )
 
     def summary(self) -> list[dict[str, Any]]:
         """The studies as JSON records (the audit file's "studies" field)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import zlib
 from io import BytesIO
 from pathlib import Path
@@ -243,3 +244,37 @@ def test_contexts_are_learnt_from_the_associate_pdus_in_the_stream() -> None:
     tap.feed(Side.REQUESTOR, rq[7:] + a_study_stream(BIG_ENDIAN))
     assert tap.contexts[3] == (CT_STORAGE, BIG_ENDIAN)
     assert tap.summary() == EXPECTED
+
+
+def test_c_find_identifiers_are_kept_for_query_messages() -> None:
+    from pynetdicom.dimse_messages import C_FIND_RQ
+    from pynetdicom.dimse_primitives import C_FIND
+
+    find_model = "1.2.840.10008.5.1.4.1.2.2.1"
+    rq = associate_rq(contexts=[(find_model, (EXPLICIT_LE,))])
+    tap = StudyTap.from_associate(rq, associate_ac(rq), max_queries=1)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientID = "PAT-Q"
+    identifier.StudyInstanceUID = ""
+    for message_id in (1, 2):  # the second is over max_queries: counted, not kept
+        prim = C_FIND()
+        prim.MessageID = message_id
+        prim.AffectedSOPClassUID = find_model
+        prim.Priority = 0
+        prim.Identifier = BytesIO(encode(identifier, EXPLICIT_LE))
+        msg = C_FIND_RQ()
+        msg.primitive_to_message(prim)
+        tap.feed(Side.REQUESTOR, b"".join(_dimse_pdus(msg, 1, 64)))  # fragmented in small PDUs
+    (query,) = tap.queries
+    assert query["sop_class"] == find_model and query["transfer_syntax"] == EXPLICIT_LE
+    assert base64.b64decode(query["identifier"]) == encode(identifier, EXPLICIT_LE)
+    assert tap.queries_dropped == 1 and tap.summary() == []
+    record = {"event": "association", "outcome": "success", "calling_ae": "WS", "called_ae": "PACS", "queries": [query]}
+    (message,) = dicom_audit.from_record(record, source_id="hospital-a")
+    doc = etree.fromstring(dicom_audit.to_bytes(message))
+    assert SCHEMA.validate(doc), SCHEMA.error_log
+    assert doc.find("EventIdentification/EventID").get("csd-code") == "110112"
+    assert base64.b64decode(doc.find("ParticipantObjectIdentification/ParticipantObjectQuery").text) == encode(
+        identifier, EXPLICIT_LE
+    )

@@ -276,8 +276,10 @@ def test_a_c_move_through_real_routers_records_the_study(
     """
     require_dcmtk("movescu", "storescp")
     study_uid = "1.2.826.0.1.3680043.8.498.5151"
+    # 128 KiB images, above router B's spill threshold: router A receives them from the blob store,
+    # re-emitted as P-DATA, and its tap must see them all the same.
     series = write_series(
-        generate_ct_series(4, rows=64, cols=64, patient_id="PAT-MOVE-7", study_uid=study_uid), tmp_path / "ct"
+        generate_ct_series(4, rows=256, cols=256, patient_id="PAT-MOVE-7", study_uid=study_uid), tmp_path / "ct"
     )
     workstation = StorescpProcess(tmp_path / "ws-a", "WS_A").start()
     orthanc_b = orthanc_factory("ORTHANC_B")
@@ -289,6 +291,7 @@ def test_a_c_move_through_real_routers_records_the_study(
             shared=[Shared("ORTHANC_B", "127.0.0.1", orthanc_b.dicom_port, ["hospital-a"])],
             remote=[Remote("WS_A", "hospital-a")],
             start=False,
+            spill_threshold_bytes=65536,
         )
         collector = (
             f'\ncollector = "tls://127.0.0.1:{rsyslog.port}"\nca_file = "{rsyslog.pki / "ca.pem"}"\n'
@@ -313,6 +316,7 @@ def test_a_c_move_through_real_routers_records_the_study(
             return [s for e in events if e["event"] == "association" for s in e.get("studies", [])]
 
         wait_until(lambda: studies("hospital-b") and studies("hospital-a"), 20)
+        assert net.log("hospital-a").count("parts from blob") == 4, "the data sets did not come through the spill"
         for site in ("hospital-b", "hospital-a"):
             (study,) = studies(site)  # the C-FIND/C-MOVE association carries no C-STORE: one study in all
             assert study["study_uid"] == study_uid and study["patient_id"] == "PAT-MOVE-7", study

@@ -40,6 +40,7 @@ log = logging.getLogger("relay_common.syslog_tls")
 
 FACILITY_AUDIT = 13  # RFC 5424 "log audit"
 _SPOOL_NAME = re.compile(r"^(\d{12})\.msg\Z")
+IDLE_WAIT_S = 5.0  # an idle sender sleeps on its queue this long at a time (stop() wakes it at once)
 MAX_MESSAGE = 64 * 1024  # a syslog message larger than this is truncated by many collectors
 
 
@@ -106,6 +107,7 @@ class SyslogTlsSender:
         self.host, self.port = parse_collector(settings.url)
         self.sent = 0
         self.overflowed = 0
+        self._overflow_lock = threading.Lock()  # counted from the event loop (queue full) and the thread
         self.connected = False
         self.last_error = ""
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=settings.queue_messages)
@@ -159,8 +161,10 @@ class SyslogTlsSender:
 
     # -- the thread ---------------------------------------------------------------------
     def _overflow(self, why: str) -> None:
-        self.overflowed += 1
-        if self.overflowed == 1 or self.overflowed % 100 == 0:
+        with self._overflow_lock:
+            self.overflowed += 1
+            count = self.overflowed
+        if count == 1 or count % 100 == 0:
             log.warning(
                 "audit message dropped (%d so far): %s; collector %s, spool limit %d bytes",
                 self.overflowed,
@@ -210,7 +214,7 @@ class SyslogTlsSender:
     def _run(self) -> None:
         stopping = False
         while True:
-            if not self._drain(0 if self._files else 0.2):
+            if not self._drain(0 if self._files or stopping else IDLE_WAIT_S):
                 stopping = True
             if not self._files:
                 if stopping:

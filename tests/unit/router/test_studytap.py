@@ -278,3 +278,22 @@ def test_c_find_identifiers_are_kept_for_query_messages() -> None:
     assert base64.b64decode(doc.find("ParticipantObjectIdentification/ParticipantObjectQuery").text) == encode(
         identifier, EXPLICIT_LE
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    garbage=st.binary(max_size=2048),
+    at=st.integers(min_value=0, max_value=1 << 16),
+    requestor=st.booleans(),
+)
+def test_hostile_bytes_never_raise_and_stay_bounded(garbage: bytes, at: int, requestor: bool) -> None:
+    """Random bytes spliced into a real stream: the tap never raises into the relay and keeps its bounds."""
+    stream = a_study_stream(EXPLICIT_LE)
+    cut = at % (len(stream) + 1)
+    tap = StudyTap({3: (CT_STORAGE, EXPLICIT_LE), 5: (MR_STORAGE, EXPLICIT_LE)}, max_prefix=4096, max_studies=3)
+    side = Side.REQUESTOR if requestor else Side.ACCEPTOR
+    tap.feed(side, stream[:cut] + garbage + stream[cut:])
+    assert len(tap.studies) <= 3
+    for direction in tap._directions.values():
+        assert len(direction.prefix) <= max(4096, tap.max_query) and len(direction.command) <= tap.max_command
+        assert direction.associate is None or len(direction.associate) <= 256 * 1024

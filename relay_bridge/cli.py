@@ -183,13 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 str(args.config), "server.insecure", "insecure = true also needs --insecure on the command line"
             )
-        files = [("enrollment.ca_cert", cfg.enrollment.ca_cert, "certificate")]
-        files += [("enrollment.ca_key", cfg.enrollment.ca_key, "private key")]
+        files = []
         if not cfg.server.insecure:
             files += [("server.tls_cert", cfg.server.tls_cert, "certificate")]
             files += [("server.tls_key", cfg.server.tls_key, "private key")]
-            files += [("server.client_ca", cfg.server.client_ca, "certificate")]
-        problems = pem_problems(str(args.config), files) + audit_pem_problems(str(args.config), cfg.audit)
+        problems = []
+        if args.command in ("serve", "check-config"):  # the service's own files (status needs none of these)
+            files += [("enrollment.ca_cert", cfg.enrollment.ca_cert, "certificate")]
+            files += [("enrollment.ca_key", cfg.enrollment.ca_key, "private key")]
+            if not cfg.server.insecure:
+                files += [("server.client_ca", cfg.server.client_ca, "certificate")]
+            problems += audit_pem_problems(str(args.config), cfg.audit)
+        problems = pem_problems(str(args.config), files) + problems
         if problems:
             raise ConfigError.several(problems)  # all of them at once
     except ConfigError as exc:

@@ -131,3 +131,21 @@ def test_a_failing_serve_leaves_no_traceback(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "error: the router stopped: NotADirectoryError" in err and "not-a-dir/spool" in err, err
+
+
+def test_bridge_file_problems_reported_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bridge(["init", "--dir", str(tmp_path), "--listen", "127.0.0.1:0"]) == 0
+    (tmp_path / "server.key").unlink()
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        config.read_text()
+        + '[enrollment]\nca_cert = "nope-ca.pem"\nca_key = "ca.key"\n'
+        + '[audit]\ncollector = "tls://127.0.0.1:6514"\nca_file = "server.key"\n'
+    )
+    capsys.readouterr()
+    assert bridge(["-c", str(config), "check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err, err
+    assert f"server.tls_key: cannot read {tmp_path / 'server.key'}" in err
+    assert f"enrollment.ca_cert: cannot read {tmp_path / 'nope-ca.pem'}" in err
+    assert f"audit.ca_file: cannot read {tmp_path / 'server.key'}" in err

@@ -103,8 +103,10 @@ class AuditSection:
         found = []
         if self.syslog:
             try:
+                # "HOST:PORT" without a scheme was accepted before the check existed: still UDP.
+                scheme_ok = self.syslog.startswith("udp://") or "://" not in self.syslog
                 host, port = parse_host_port(self.syslog.removeprefix("udp://"), default_host="")
-                if not self.syslog.startswith("udp://") or not host or not port:
+                if not scheme_ok or not host or not port:
                     raise ValueError
             except ValueError:
                 found.append(InvalidValue("syslog", f'expected "udp://HOST:PORT", got {self.syslog!r}'))

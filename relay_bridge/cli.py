@@ -14,18 +14,20 @@ from pathlib import Path
 
 from relay_bridge import config as bridge_config
 from relay_bridge.directory import Directory, DirectoryError
+from relay_common.audit import AuditLog, admin_event
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
     StartupError,
     announce_ready,
+    audit_pem_problems,
     become_state_owner,
     interactive,
     listen_error,
+    pem_problems,
     refuse_serve_as_root,
     run_until_signalled,
     spinner,
-    unreadable_pem,
 )
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
@@ -153,6 +155,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         holder["status"] = writer = StatusWriter(servicer, status_path(cfg), port=port)
         await writer.start()
         holder["servicer"] = servicer
+        holder["audit"] = servicer.audit
+        servicer.audit.event("start", "success", listen=cfg.server.listen)  # DICOM Application Activity
         announce_ready(args.ready_file, port=port, metrics_port=servicer.metrics.server.port)
 
     async def end() -> None:
@@ -162,6 +166,10 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         for part in ("status", "metrics"):
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]
+        if "audit" in holder:
+            audit: AuditLog = holder["audit"]  # type: ignore[assignment]
+            audit.event("stop", "success")
+            await asyncio.to_thread(audit.close)  # the collector's spool keeps what it could not send
 
     await run_until_signalled(begin, end, status=lambda: service_status_line(holder["servicer"]))  # type: ignore[arg-type]
 
@@ -180,14 +188,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 str(args.config), "server.insecure", "insecure = true also needs --insecure on the command line"
             )
+        files = []
         if not cfg.server.insecure:
-            for key, path, kind in (
-                ("server.tls_cert", cfg.server.tls_cert, "certificate"),
-                ("server.tls_key", cfg.server.tls_key, "private key"),
-            ):
-                problem = unreadable_pem(path, kind) if path is not None else None
-                if problem:
-                    raise ConfigError(str(args.config), key, problem)
+            files += [("server.tls_cert", cfg.server.tls_cert, "certificate")]
+            files += [("server.tls_key", cfg.server.tls_key, "private key")]
+        problems = []
+        if args.command in ("serve", "check-config"):  # the service's own files (status needs none of these)
+            files += [("enrollment.ca_cert", cfg.enrollment.ca_cert, "certificate")]
+            files += [("enrollment.ca_key", cfg.enrollment.ca_key, "private key")]
+            if not cfg.server.insecure:
+                files += [("server.client_ca", cfg.server.client_ca, "certificate")]
+            problems += audit_pem_problems(str(args.config), cfg.audit)
+        problems = pem_problems(str(args.config), files) + problems
+        if problems:
+            raise ConfigError.several(problems)  # all of them at once
     except ConfigError as exc:
         if args.command == "check":  # monitoring plugins report their own failure as UNKNOWN
             print(f"DICOM-RELAY UNKNOWN - configuration error: {exc}")
@@ -209,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         except StartupError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except Exception as exc:  # noqa: BLE001  (a failing serve says why in one line; the traceback is in the log)
+            log.debug("serve failed", exc_info=True)
+            print(f"error: the bridge stopped: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "check":
         from relay_bridge.check import check_command
@@ -229,13 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     if notice:
         print(notice, file=sys.stderr)
     db = Directory(cfg.storage.database)
+    event = f"{args.command}_{args.action.replace('-', '_')}"  # router_add, router_passwd, share_list, ...
+    name = getattr(args, "name", None)
     try:
-        return _admin(args, db, cfg)
+        status = _admin(args, db, cfg)
     except DirectoryError as exc:
+        admin_event(cfg.audit, app="relay-bridge", event=event, outcome="failure", router=name, detail=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         db.close()
+    admin_event(cfg.audit, app="relay-bridge", event=event, outcome="success", router=name)
+    return status
 
 
 def _database_files(database: Path) -> tuple[Path, ...]:

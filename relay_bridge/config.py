@@ -105,6 +105,17 @@ class SpillSection:
     sweep_interval_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        if self.store not in ("", "off"):
+            from urllib.parse import urlsplit
+
+            from cloudstore.registry import known_schemes  # lazy: backends load only when opened
+
+            scheme = urlsplit(self.store).scheme
+            if scheme not in known_schemes():
+                raise InvalidValue(
+                    "store",
+                    f'{self.store!r}: unknown scheme {scheme!r} (known: {", ".join(known_schemes())}, or "off")',
+                )
         if not 1 <= self.url_ttl_s <= 7 * 24 * 3600:
             raise InvalidValue("url_ttl_s", "must be between 1 and 604800")
         if self.ttl_s <= 0 or self.sweep_interval_s <= 0:

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.admission import SignOnFailure
+from relay_common.audit import AuditExportCollector
 from relay_common.certmetrics import bridge_certificate_files, register_certificates
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
 
@@ -141,6 +142,7 @@ class BridgeMetrics:
         registry.register(_SessionCollector(state))
         registry.register(_SpillCollector(state))
         register_certificates(registry, "relay_bridge", bridge_certificate_files(state.config))
+        registry.register(AuditExportCollector(state, "relay_bridge"))  # audit export (relay_common.audit)
         for outcome in OUTCOMES:
             self.associations.labels(outcome)
         for reason in REFUSAL_REASONS:

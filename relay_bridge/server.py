@@ -170,9 +170,7 @@ async def start(
     """Build and start the server; returns it, the bound port and the servicer."""
     directory = AsyncDirectory(Directory(config.storage.database))
     await directory.routers()  # the accounts a metrics scrape lists until the status writer reads them again
-    audit = AuditLog(
-        config.audit.file if config.audit.enabled else None, app="relay-bridge", syslog=config.audit.syslog
-    )
+    audit = AuditLog.from_section(config.audit, app="relay-bridge")
     servicer = servicer_class(config, directory, audit)
     servicer.blobs = BlobBroker.from_config(config)
     if servicer.blobs is not None:

@@ -18,24 +18,62 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from relay_common.syslog_tls import parse_collector
+
 T = TypeVar("T")
 
 
 class InvalidValue(ValueError):
-    """Raised by a schema's __post_init__ to say which of its keys is wrong."""
+    """Raised by a schema's __post_init__ to say which of its keys is wrong.
+
+    A check that finds several wrong keys raises the first with the others in `also`
+    (`InvalidValue.all(found)`), so that check-config reports them all.
+    """
 
     def __init__(self, key: str, problem: str) -> None:
         self.key, self.problem = key, problem
+        self.also: list[InvalidValue] = []
         super().__init__(f"{key}: {problem}")
+
+    @staticmethod
+    def all(found: list[InvalidValue]) -> None:
+        """Raise the problems `found` (if any) as one InvalidValue."""
+        if found:
+            found[0].also = found[1:]
+            raise found[0]
 
 
 class ConfigError(Exception):
-    """A configuration problem, phrased for the person who edits the file."""
+    """A configuration problem, phrased for the person who edits the file.
+
+    `problems` lists every problem found (check-config reports them all at once); this
+    error's own source, key and problem are the first one's.
+    """
 
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
+        self.problems: list[ConfigError] = [self]
         where = f"{source}: {key}: " if key else f"{source}: "
         super().__init__(where + problem)
+
+    @classmethod
+    def several(cls, problems: list[ConfigError]) -> ConfigError:
+        """One error carrying all `problems` (in file order); its text has one line per problem."""
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        error = cls(first.source, first.key, first.problem)
+        error.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in problems)
+        error.args = (f"{first.source}: {len(problems)} problems:\n{lines}",)
+        return error
+
+
+class _Failed:
+    """Stands for a value that could not be built (its problems are already recorded)."""
+
+
+FAILED: Any = _Failed()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +83,46 @@ class AuditSection:
     enabled: bool = True
     # JSON-lines audit trail (mode 0600); relative paths are relative to the config file.
     file: Path = Path("audit.jsonl")
-    # Optional RFC 5424 copy to a syslog collector: "udp://HOST:PORT".
+    # Optional RFC 5424 copy of the JSON lines to a syslog collector: "udp://HOST:PORT".
     syslog: str = ""
+    # DICOM audit messages (PS3.15 A.5) over RFC 5425 syslog/TLS: "tls://HOST:6514" ("" = none).
+    collector: str = ""
+    # CA that signed the collector's certificate (default: the system's trust store); optional
+    # client certificate and key for collectors that require mutual TLS.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # TLS name to verify when the collector's host is an IP address or differs from its certificate.
+    server_name: str = ""
+    # While the collector is unreachable messages wait here (0600 files) and are sent in order later;
+    # beyond queue_limit_bytes new messages are dropped and counted.
+    spool_dir: Path = Path("audit-spool")
+    queue_limit_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        found = []
+        if self.syslog:
+            try:
+                # "HOST:PORT" without a scheme was accepted before the check existed: still UDP.
+                scheme_ok = self.syslog.startswith("udp://") or "://" not in self.syslog
+                host, port = parse_host_port(self.syslog.removeprefix("udp://"), default_host="")
+                if not scheme_ok or not host or not port:
+                    raise ValueError
+            except ValueError:
+                found.append(InvalidValue("syslog", f'expected "udp://HOST:PORT", got {self.syslog!r}'))
+        if self.collector:
+            try:
+                parse_collector(self.collector)
+            except ValueError as exc:
+                found.append(InvalidValue("collector", str(exc)))
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            found.append(InvalidValue(missing, "cert_file and key_file go together"))
+        if self.queue_limit_bytes < 0:
+            found.append(
+                InvalidValue("queue_limit_bytes", "must be 0 (no spool: drop while the collector is down) or more")
+            )
+        InvalidValue.all(found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,52 +165,127 @@ def load_config(path: str | Path, schema: type[T]) -> T:
 def parse_config(
     document: dict[str, Any], schema: type[T], *, source: str = "<config>", base_dir: Path | None = None
 ) -> T:
-    """Validate an already-parsed mapping against `schema` (see load_config)."""
-    return _build(schema, document, source, "", base_dir or Path.cwd())
+    """Validate an already-parsed mapping against `schema` (see load_config).
+
+    Every problem is collected, not just the first: a ConfigError whose `problems` lists
+    them all. (Within one table, the checks of its __post_init__ stop at their first
+    problem; checks spanning a table run only when all its keys were valid.)
+    """
+    problems: list[ConfigError] = []
+    instance = _build(schema, document, source, "", base_dir or Path.cwd(), problems)
+    if problems:
+        raise ConfigError.several(problems)
+    return instance
 
 
-def _build(cls: type[T], value: Any, source: str, key: str, base_dir: Path) -> T:
+# Durations end in _s, _ms or _h; none of them may be negative (0 means "off" where it is allowed).
+_DURATION_SUFFIXES = ("_s", "_ms", "_h")
+
+
+def _build(cls: type[T], value: Any, source: str, key: str, base_dir: Path, problems: list[ConfigError]) -> T:
     if not isinstance(value, dict):
-        raise ConfigError(source, key or "(top level)", f"expected a table, got {_describe(value)}")
+        problems.append(ConfigError(source, key or "(top level)", f"expected a table, got {_describe(value)}"))
+        return FAILED  # type: ignore[no-any-return]
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    failed = False
     for name in value:
         if name not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(source, _join(key, name), f"unknown key (known keys here: {known})")
+            problems.append(ConfigError(source, _join(key, name), f"unknown key (known keys here: {known})"))
+            failed = True
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         dotted = _join(key, name)
         if name in value:
-            kwargs[name] = _convert(hints[name], value[name], source, dotted, base_dir, field)
+            try:
+                kwargs[name] = _convert(hints[name], value[name], source, dotted, base_dir, field, problems)
+            except ConfigError as exc:
+                problems.append(exc)
+                kwargs[name] = FAILED
+            if kwargs[name] is not FAILED and name.endswith(_DURATION_SUFFIXES):
+                if isinstance(kwargs[name], int | float) and kwargs[name] < 0:
+                    problems.append(ConfigError(source, dotted, f"must not be negative, got {kwargs[name]!r}"))
+                    kwargs[name] = FAILED
         elif dataclasses.is_dataclass(hints[name]):
             # A missing section is validated like an empty one, so errors name the section.
-            kwargs[name] = _build(hints[name], {}, source, dotted, base_dir)
+            kwargs[name] = _build(hints[name], {}, source, dotted, base_dir, problems)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(source, dotted, "required key is missing")
+            problems.append(ConfigError(source, dotted, "required key is missing"))
+            failed = True
         elif isinstance(field.default, Path) and not field.default.is_absolute():
             kwargs[name] = base_dir / field.default  # default paths are relative to the file, like set ones
+        if _contains_failed(kwargs.get(name)):
+            failed = True
+    if failed:
+        # Still run the table's own checks on its other keys, with defaults for the failed ones.
+        defaults = {name: _default(field) for name, field in fields.items() if _contains_failed(kwargs.get(name))}
+        if all(v is not dataclasses.MISSING for v in defaults.values()) and not any(
+            n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            for n, f in fields.items()
+        ):
+            try:
+                cls(**{**kwargs, **defaults})
+            except InvalidValue as exc:
+                for one in [exc, *exc.also]:
+                    if one.key not in defaults:
+                        problems.append(ConfigError(source, _join(key, one.key), one.problem))
+            except (ValueError, TypeError):
+                pass  # a check across keys, one of which is already wrong: reported once that is fixed
+        return FAILED  # type: ignore[no-any-return]
     try:
         instance = cls(**kwargs)
     except InvalidValue as exc:
-        raise ConfigError(source, _join(key, exc.key), exc.problem) from exc
+        for one in [exc, *exc.also]:
+            problems.append(ConfigError(source, _join(key, one.key), one.problem))
+        return FAILED  # type: ignore[no-any-return]
     except ValueError as exc:  # __post_init__ checks that span several keys
-        raise ConfigError(source, key or "(top level)", str(exc)) from exc
+        problems.append(ConfigError(source, key or "(top level)", str(exc)))
+        return FAILED  # type: ignore[no-any-return]
     return instance
 
 
-def _convert(hint: Any, value: Any, source: str, key: str, base_dir: Path, field: dataclasses.Field[Any] | None) -> Any:
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        try:
+            return field.default_factory()
+        except ValueError:  # a section whose defaults alone are not valid (the bridge's [server])
+            return dataclasses.MISSING
+    return dataclasses.MISSING
+
+
+def _contains_failed(value: Any) -> bool:
+    return value is FAILED or (isinstance(value, list | tuple) and any(v is FAILED for v in value))
+
+
+def _convert(
+    hint: Any,
+    value: Any,
+    source: str,
+    key: str,
+    base_dir: Path,
+    field: dataclasses.Field[Any] | None,
+    problems: list[ConfigError],
+) -> Any:
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
         if len(options) != 1:
             raise TypeError(f"unsupported union in schema at {key}")
-        return _convert(options[0], value, source, key, base_dir, field)
+        return _convert(options[0], value, source, key, base_dir, field, problems)
     if origin in (list, tuple):
         (item,) = get_args(hint)[:1]
         if not isinstance(value, list):
             raise ConfigError(source, key, f"expected a list, got {_describe(value)}")
-        items = [_convert(item, v, source, f"{key}[{i}]", base_dir, None) for i, v in enumerate(value)]
+        items = []
+        for i, v in enumerate(value):
+            try:
+                items.append(_convert(item, v, source, f"{key}[{i}]", base_dir, None, problems))
+            except ConfigError as exc:
+                problems.append(exc)
+                items.append(FAILED)
         return tuple(items) if origin is tuple else items
     if origin is typing.Literal:
         choices = get_args(hint)
@@ -142,7 +293,7 @@ def _convert(hint: Any, value: Any, source: str, key: str, base_dir: Path, field
             raise ConfigError(source, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, key, base_dir)  # type: ignore[arg-type]
+        return _build(hint, value, source, key, base_dir, problems)  # type: ignore[arg-type]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(source, key, f"expected true or false, got {_describe(value)}")

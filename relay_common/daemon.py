@@ -16,6 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
+from relay_common.config import AuditSection, ConfigError
+
 log = logging.getLogger("relay_common.daemon")
 
 
@@ -283,3 +285,27 @@ def listen_error(address: str, exc: BaseException) -> StartupError:
     else:
         why = f"the address is in use or not available (see what listens there: ss -ltnp 'sport = :{port}')"
     return StartupError(f"cannot listen on {address}: {why}")
+
+
+def pem_problems(source: str, files: list[tuple[str, Path | None, str]]) -> list[ConfigError]:
+    """ConfigErrors for each (dotted key, path, "certificate" or "private key") whose file cannot serve."""
+    problems = []
+    for key, path, kind in files:
+        problem = unreadable_pem(path, kind) if path is not None else None
+        if problem:
+            problems.append(ConfigError(source, key, problem))
+    return problems
+
+
+def audit_pem_problems(source: str, audit: AuditSection) -> list[ConfigError]:
+    """The [audit] collector's CA, client certificate and key, when a collector is configured."""
+    if not (audit.enabled and audit.collector):
+        return []
+    return pem_problems(
+        source,
+        [
+            ("audit.ca_file", audit.ca_file, "certificate"),
+            ("audit.cert_file", audit.cert_file, "certificate"),
+            ("audit.key_file", audit.key_file, "private key"),
+        ],
+    )

@@ -29,6 +29,7 @@ from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.seal import FrameSealer, PublicIdentity
 from relay_router.spill import BlobTransport, IncomingBlob, SpillFailed, SpillReceiver, SpillSender, SpillState
+from relay_router.studytap import StudyTap
 from relay_router.tunnel import AssociationStream
 from relay_router.ul import (
     Aborted,
@@ -145,6 +146,8 @@ class RelayedAssociation:
         self._group: asyncio.TaskGroup | None = None  # owns every task this driver starts (set by run)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._remote: asyncio.Task[None] | None = None  # the remote pump, which _shut lets see the partner's close
+        # Audit: the studies this association carries (a copy of the bytes; never changes the relay).
+        self.tap = StudyTap(local_is_requestor=outcome.direction == "outbound")
 
     # Frames sent and received so far (the codec's sequence numbers): relay_router.metrics reads them.
     @property
@@ -172,6 +175,7 @@ class RelayedAssociation:
         for action in actions:
             if isinstance(action, Send):
                 (to_local if action.to is Side.LOCAL else to_remote).append(action.data)
+                self.tap.relayed(action.to is Side.REMOTE, action.data)
             else:
                 self._note(action)
         if to_local:
@@ -189,6 +193,7 @@ class RelayedAssociation:
     def _note(self, action: Action) -> None:
         out = self.outcome
         if isinstance(action, Established):
+            self.tap.established(action.info)
             out.result = Result.ESTABLISHED
             out.established = time.time()
             log.info("association %s -> %s established", out.calling_ae, out.called_ae, extra=self._extra)
@@ -481,6 +486,7 @@ class RelayedAssociation:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         self.outcome.ended = time.time()
+        self.outcome.studies, self.outcome.queries = self.tap.summary(), self.tap.queries
         if self.outcome.result == Result.ESTABLISHED:
             self.outcome.result = Result.CLOSED
         log.info(

@@ -10,18 +10,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from relay_common.audit import admin_event
 from relay_common.config import ConfigError
 from relay_common.daemon import (
     OwnershipError,
     StartupError,
     announce_ready,
+    audit_pem_problems,
     become_state_owner,
     interactive,
     listen_error,
+    pem_problems,
     refuse_serve_as_root,
     run_until_signalled,
     spinner,
-    unreadable_pem,
 )
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
@@ -91,6 +93,29 @@ def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) ->
     return "\n".join(lines)
 
 
+def _share_warnings(cfg: router_config.RouterConfig) -> list[str]:
+    """share_with names that look wrong: this router itself, or sites not in the last directory seen."""
+    from relay_router.status import default_status_file
+
+    try:
+        status = json.loads(default_status_file(cfg).read_text())
+        known = {str(d.get("site")) for d in status.get("directory", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        known = None  # never ran, or unreadable: only the self-check
+    warnings = []
+    for device in cfg.shared:
+        for i, site in enumerate(device.share_with):
+            key = f"shared ({device.ae_title}).share_with[{i}]"
+            if site == cfg.router.name:
+                warnings.append(f"{key}: {site!r} is this router itself")
+            elif site != "*" and known is not None and site not in known:
+                warnings.append(
+                    f"{key}: {site!r} is not among the sites in the directory this router last received "
+                    "(a typo? sites that share nothing with this router are not listed there)"
+                )
+    return warnings
+
+
 async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, status_file: Path | None) -> None:
     from relay_router.check import service_status_line
     from relay_router.service import RouterService
@@ -105,12 +130,15 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
         except OSError as exc:
             raise listen_error(cfg.dicom.listen, exc) from exc
         write_now(service)
+        service.audit.event("start", "success", listen=cfg.dicom.listen)  # DICOM Application Activity
         announce_ready(ready_file, port=service.port, metrics_port=service.metrics.server.port)
 
     async def end() -> None:
         await service.stop(cfg.dicom.shutdown_grace_s)
         await service.metrics.stop()
         write_stopped(service)
+        service.audit.event("stop", "success")
+        await asyncio.to_thread(service.audit.close)  # the collector's spool keeps what it could not send
 
     await run_until_signalled(begin, end, status=lambda: service_status_line(service))
 
@@ -122,10 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "listen", None):
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
         if args.command in ("serve", "check-config", "enroll"):  # pacs-config needs no secrets
-            problem = unreadable_pem(cfg.bridge.ca_file, "certificate") if cfg.bridge.ca_file is not None else None
-            if problem:
-                raise ConfigError(str(args.config), "bridge.ca_file", problem)
-            cfg.bridge.resolve_password()
+            source = str(args.config)
+            problems = pem_problems(source, [("bridge.ca_file", cfg.bridge.ca_file, "certificate")])
+            problems += audit_pem_problems(source, cfg.audit)
+            try:
+                cfg.bridge.resolve_password()
+            except ValueError as exc:
+                problems.append(ConfigError(source, "bridge.password", str(exc)))
+            if problems:
+                raise ConfigError.several(problems)  # all of them at once
     except ConfigError as exc:
         if args.command == "check":  # monitoring plugins report their own failure as UNKNOWN
             print(f"DICOM-RELAY UNKNOWN - configuration error: {exc}")
@@ -137,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.logging.level, cfg.logging.format)
     if args.command == "check-config":
+        for warning in _share_warnings(cfg):
+            print(f"warning: {args.config}: {warning}", file=sys.stderr)
         print(f"{args.config}: OK ({len(cfg.shared)} shared devices, {len(cfg.remote)} remote devices)")
         return 0
     if args.command == "enroll":
@@ -163,8 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             with spinner(f"enrolling {cfg.router.name} with the bridge at {address}", enabled=interactive()):
                 identity, certified = enroll(cfg, args.token)
         except (EnrollError, ValueError) as exc:
+            admin_event(
+                cfg.audit, app="relay-router", event="enroll", outcome="failure", site=cfg.router.name, detail=str(exc)
+            )
             print(f"enrollment failed: {exc}", file=sys.stderr)
             return 1
+        admin_event(
+            cfg.audit,
+            app="relay-router",
+            event="enroll",
+            outcome="success",
+            site=cfg.router.name,
+            fingerprint=identity.public.fingerprint,
+        )
         print(f"enrolled {cfg.router.name}; identity fingerprint {identity.public.fingerprint}")
         if certified:
             print(f"client certificate written to {cfg.router.state_dir / 'client.pem'}")
@@ -208,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(cfg, args.ready_file, args.status_file))
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001  (a failing serve says why in one line; the traceback is in the log)
+        log.debug("serve failed", exc_info=True)
+        print(f"error: the router stopped: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

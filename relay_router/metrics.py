@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from relay_common.audit import AuditExportCollector
 from relay_common.certmetrics import register_certificates, router_certificate_files
 from relay_common.errors import Reason
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
@@ -211,6 +212,7 @@ class RouterMetrics:
         registry.register(_LinkCollector(service))
         registry.register(_SpillCollector(service))
         register_certificates(registry, "relay_router", router_certificate_files(service.config))
+        registry.register(AuditExportCollector(service, "relay_router"))  # audit export (relay_common.audit)
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

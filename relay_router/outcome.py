@@ -48,6 +48,10 @@ class Outcome:
     established: float | None = None  # when the A-ASSOCIATE-AC passed (setup latency metric)
     reason: Reason | None = None  # why the relay refused, rejected or aborted (None: it did not)
     security: bool = False  # a security alert: audited as "alert"
+    # The studies that crossed (relay_router.studytap.StudyTap.summary()): audit field "studies".
+    studies: list[dict[str, object]] = field(default_factory=list)
+    # The C-FIND identifiers sent (StudyTap.queries): audit field "queries", DICOM Query messages.
+    queries: list[dict[str, object]] = field(default_factory=list)
 
     def refuse(self, result: Result, reason: Reason, detail: str, *, security: bool = False) -> None:
         """Record a refusal or rejection decided by the relay (or by the called device)."""

@@ -47,8 +47,7 @@ class RouterService(OutboundCalls, InboundCalls):
     def __init__(self, config: RouterConfig, *, status_file: Path | None = None) -> None:
         self.config = config
         self.status_file = status_file
-        audit_path = config.audit.file if config.audit.enabled else None
-        self.audit = AuditLog(audit_path, app="relay-router", syslog=config.audit.syslog)
+        self.audit = AuditLog.from_section(config.audit, app="relay-router", source_id=config.router.name)
         self.link = BridgeLink(config, self._incoming, self.audit)
         self.blobs = BridgeBlobTransport(self.link)  # cloud spill: blob parts via URLs the bridge signs
         self.spill = SpillState()  # ... its counters (relay_router.metrics) and pause after a store failure
@@ -149,6 +148,8 @@ class RouterService(OutboundCalls, InboundCalls):
             bytes_out=outcome.bytes_to_remote,
             bytes_in=outcome.bytes_to_local,
             seconds=round(outcome.ended - outcome.started, 3),
+            studies=outcome.studies or None,  # DICOM Instances Transferred when any (relay_router.studytap)
+            queries=outcome.queries or None,  # DICOM Query messages (C-FIND identifiers)
         )
 
     # -- reporting -----------------------------------------------------------

@@ -48,15 +48,23 @@ class Outcome:
     established: float | None = None  # when the A-ASSOCIATE-AC passed (setup latency metric)
     reason: Reason | None = None  # why the relay refused, rejected or aborted (None: it did not)
     security: bool = False  # a security alert: audited as "alert"
+    remote_detail: str = ""  # what Close.detail says instead of `detail` (RelayError.remote_detail)
 
     def refuse(self, result: Result, reason: Reason, detail: str, *, security: bool = False) -> None:
         """Record a refusal or rejection decided by the relay (or by the called device)."""
         self.result, self.reason, self.detail = result, reason, detail
+        self.remote_detail = ""
         self.security = self.security or security or reason is Reason.SECURITY
 
     def fail(self, error: RelayError) -> None:
         """Record an abort caused by one of the relay's own typed errors."""
         self.refuse(Result.ABORTED, error.reason, error.detail, security=error.security)
+        self.remote_detail = error.remote_detail or ""
+
+    @property
+    def close_detail(self) -> str:
+        """The detail sent to the other router in Close (it crosses the bridge)."""
+        return self.remote_detail or self.detail
 
     @property
     def succeeded(self) -> bool:

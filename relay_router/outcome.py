@@ -52,6 +52,10 @@ class Outcome:
 
     def refuse(self, result: Result, reason: Reason, detail: str, *, security: bool = False) -> None:
         """Record a refusal or rejection decided by the relay (or by the called device)."""
+        if result is Result.ABORTED and self.result is Result.ABORTED and self.reason is not None:
+            # The first cause of an abort is the one recorded: what the peers do while it unwinds (a
+            # late PDU, their own abort) must not replace, say, a security alert with a protocol error.
+            return
         self.result, self.reason, self.detail = result, reason, detail
         self.remote_detail = ""
         self.security = self.security or security or reason is Reason.SECURITY

@@ -11,6 +11,8 @@ system-deps:
 	@missing=""; \
 	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || missing="$$missing squid"; \
+	command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install -y$$missing)" >&2; exit 1; fi; \

@@ -37,10 +37,11 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 class EgressError(Exception):
     """An outbound HTTP request failed; `status` is the HTTP status when there was one."""
 
-    def __init__(self, detail: str, *, status: int | None = None) -> None:
+    def __init__(self, detail: str, *, status: int | None = None, phrase: str = "") -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status
+        self.phrase = phrase  # the HTTP reason phrase, when there was an answer
 
 
 class UrlRefused(EgressError):
@@ -304,7 +305,9 @@ def http_request(
             ) from None
         if 300 <= exc.code < 400:
             raise EgressError(f"{method} {origin}{via}: redirect refused (HTTP {exc.code})", status=exc.code) from None
-        raise EgressError(f"{method} {origin}{via}: HTTP {exc.code} {exc.reason}", status=exc.code) from None
+        raise EgressError(
+            f"{method} {origin}{via}: HTTP {exc.code} {exc.reason}", status=exc.code, phrase=str(exc.reason)
+        ) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         text = str(reason)

@@ -230,5 +230,5 @@ def _http(method: str, url: str, data: bytes | None, proxies: ProxySettings) -> 
         return http_request(method, url, data, proxies=proxies, limit=MAX_STORED_PART, timeout_s=HTTP_TIMEOUT_S)
     except EgressError as exc:
         if method == "GET" and exc.status == 404:
-            raise BlobGone(f"the store has no such part ({exc.detail})") from None
+            raise BlobGone(f"the store has no such part (HTTP 404 {exc.phrase})") from None
         raise SpillUnavailable(exc.detail) from None

@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared, Site
+from relay_router.egress import with_password
 from tests.integration.cloudstore.conftest import S3_BUCKET, ServerProcess
 from tests.integration.cloudstore.spill_support import HOST, ROUTER, bucket_keys, endpoint
 from tests.integration.conftest import OrthancPool
@@ -45,7 +46,7 @@ def require_peers() -> None:
 
 @pytest.fixture
 def password() -> str:
-    return secrets.token_urlsafe(12)
+    return secrets.token_urlsafe(12) + "@:%/"  # characters that must be percent-encoded in a proxy URL
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_sign_on_c_store_and_c_move_spill_both_ways_through_an_authenticating_pr
     site_a = add_site(
         net,
         "site-a",
-        {"proxy": squid.url(USER, password)},
+        {"proxy": with_password(squid.url(USER), password)},
         shared=[Shared("ORTHANC_A", HOST, orthanc_a.dicom_port, ["site-b"])],
         remote=[Remote("ORTHANC_B", "site-b")],
         **ROUTER,
@@ -184,7 +185,7 @@ def test_a_wrong_proxy_password_is_a_clear_error(
 ) -> None:
     require_root()
     net = proxied_network()
-    add_site(net, "site-a", {"proxy": squid.url(USER, password + "x")})
+    add_site(net, "site-a", {"proxy": with_password(squid.url(USER), password + "x")})
     expected = f"the proxy http://{USER}:***@{HOST}:{squid.port} refused the tunnel to the bridge: HTTP 407"
     wait_for(lambda: expected in str(net.status("site-a").get("last_error")), f"status: {net.status('site-a')}")
     assert "check the proxy user and password" in str(net.status("site-a")["last_error"])

@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -384,3 +385,51 @@ def test_a_router_with_spill_off_neither_offers_nor_accepts_it() -> None:
     assert SPILL in offered
     assert not Features.answer(offered, compression=True, spill=False).spill
     assert Features.answer(offered, compression=True).spill
+
+
+# -- the bridge link's errors through a proxy (the text grpc gives, as seen with squid) --------------
+
+
+GRPC = "failed to connect to all addresses; last error: "
+
+
+def _link_error(details: str) -> str:
+    import grpc
+    import grpc.aio
+
+    from relay_router.tunnel import BridgeLink
+
+    link = SimpleNamespace(
+        proxy="http://hospital:s3cret@proxy.lan:3128",
+        config=SimpleNamespace(bridge=SimpleNamespace(address="relay.example.org:443")),
+    )
+    error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    return BridgeLink._describe(link, error)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("details", "expected"),
+    [
+        (
+            GRPC + "UNKNOWN: ipv4:10.0.0.1:3128: HTTP proxy returned response code 407",
+            "refused the tunnel to the bridge: HTTP 407, check the proxy user and password",
+        ),
+        (
+            GRPC + "UNKNOWN: ipv4:10.0.0.1:3128: HTTP proxy returned response code 403",
+            "HTTP 403, it does not allow CONNECT to relay.example.org:443",
+        ),
+        (
+            GRPC + "UNAVAILABLE: ipv4:10.0.0.1:3128: Failed to connect to remote host: Connection refused",
+            "is unreachable or closed the tunnel",
+        ),
+        (
+            GRPC + "UNAVAILABLE: ipv4:10.0.0.1:3128: Ssl handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: "
+            "error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+            "a TLS-inspecting proxy must exempt the bridge",
+        ),
+    ],
+)
+def test_proxy_failures_of_the_bridge_link_say_what_to_check(details: str, expected: str) -> None:
+    text = _link_error(details)
+    assert expected in text and "http://hospital:***@proxy.lan:3128" in text
+    assert "s3cret" not in text

@@ -192,6 +192,13 @@ class Server(http.server.ThreadingHTTPServer):
 
             do_GET = do_PUT = _answer  # noqa: N815
 
+            def do_CONNECT(self) -> None:  # noqa: N802 - as a proxy that wants other credentials
+                server.seen.append((self.command, self.path, self.headers.get("Proxy-Authorization", "")))
+                self.send_response(407, "Proxy Authentication Required")
+                self.send_header("Proxy-Authenticate", 'Basic realm="test"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -237,6 +244,15 @@ def test_requests_go_through_the_proxy_with_its_credentials(server: Server) -> N
     method, target, auth = server.seen[0]
     assert (method, target) == ("PUT", "http://store.invalid:9000/bucket/key")
     assert auth == "Basic " + base64.b64encode(b"user:pw").decode()
+
+
+def test_a_proxy_refusing_the_tunnel_to_an_https_store_says_so(server: Server) -> None:
+    proxies = ProxySettings.resolve(server.url.replace("http://", "http://user:wrong@"), [], {})
+    with pytest.raises(EgressError, match=r"the proxy refused the tunnel \(407 .*check the proxy user and password"):
+        http_request("GET", "https://store.invalid/bucket/key", None, proxies=proxies)
+    method, target, auth = server.seen[0]
+    assert (method, target) == ("CONNECT", "store.invalid:443")
+    assert auth == "Basic " + base64.b64encode(b"user:wrong").decode()
 
 
 def test_an_unreachable_proxy_is_named(server: Server) -> None:

@@ -167,8 +167,13 @@ class BridgeBlobTransport:
         self.policy = policy or getattr(link, "spill_policy", None) or UrlPolicy()
         self.proxies = proxies or getattr(link, "proxies", None) or ProxySettings.resolve("", None)
         self.download_slots = asyncio.Semaphore(max_downloads)
+        # `[dicom] spill = false`: the feature is neither offered nor accepted (relay_router.wire.features);
+        # refusing upload slots here as well keeps this router from spilling whatever a peer answers.
+        self.enabled: bool = getattr(link, "spill_enabled", True)
 
     async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
+        if not self.enabled and not download:
+            raise SpillUnavailable("spill is off on this router ([dicom] spill = false)")
         request = pb.BlobSlotRequest(association_id=association_id, blob_id=blob_id, part=part, download=download)
         try:
             answer = await self.link.blob_slot(request, timeout_s=HTTP_TIMEOUT_S)

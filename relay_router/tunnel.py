@@ -89,6 +89,7 @@ class BridgeLink:
         # spill URLs may be opened at all (BridgeBlobTransport reads both from here).
         self.proxies = config.bridge.proxy_settings()
         self.spill_policy = config.dicom.spill_policy()
+        self.spill_enabled = config.dicom.spill
         host, port = parse_host_port(config.bridge.address, default_host="")
         self.proxy = self.proxies.for_target("https", host, port)  # "" for a direct connection
         self._channel: grpc.aio.Channel | None = None

@@ -449,3 +449,10 @@ def test_proxy_failures_of_the_bridge_link_say_what_to_check(details: str, expec
     text = _link_error(details)
     assert expected in text and "http://hospital:***@proxy.lan:3128" in text
     assert "s3cret" not in text
+
+
+async def test_a_router_with_spill_off_asks_for_no_blob_slot() -> None:
+    link = Link(S3 + "key")
+    link.spill_enabled = False  # type: ignore[attr-defined]
+    with pytest.raises(SpillUnavailable, match=r"spill is off on this router \(\[dicom\] spill = false\)"):
+        await BridgeBlobTransport(link, proxies=DIRECT).slot(AID, "", 0, download=False)  # type: ignore[arg-type]

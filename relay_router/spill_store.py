@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import struct
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from relay_common.errors import Reason, RelayError
 from relay_router.egress import MAX_STORED_PART, EgressError, ProxySettings, UrlPolicy, UrlRefused, http_request
 from relay_router.wire.flags import PartFlag
 
-log = logging.getLogger("relay_router.spill")
 BACKOFF_S = 60.0
 MAX_DOWNLOADS = 16  # parts held by all receiving associations of a router together (~16 x 8 MiB)
 # What a spill failure says in Close.detail (RelayError.remote_detail; it crosses the bridge): fixed

@@ -208,13 +208,14 @@ class BridgeLink:
             )
         if "response code" in details:
             return f"the proxy {proxy} refused the tunnel to the bridge ({text})"
-        if "Handshake failed" in details or "CERTIFICATE_VERIFY_FAILED" in details or "certificate" in details:
+        lowered = details.lower()
+        if "handshake failed" in lowered or "certificate" in lowered:
             return (
                 f"the TLS handshake with the bridge through the proxy {proxy} failed: its certificate does not "
                 "verify against ca_file; a TLS-inspecting proxy must exempt the bridge (docs/operations.md) "
                 f"({text})"
             )
-        if "Connection refused" in details or "connect" in details.lower() or "Timeout" in details:
+        if "connection refused" in lowered or "connect" in lowered or "timeout" in lowered:
             return f"the proxy {proxy} is unreachable or closed the tunnel ({text})"
         return f"through the proxy {proxy}: {text}"
 

@@ -443,6 +443,10 @@ def _link_error(details: str) -> str:
             "error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
             "a TLS-inspecting proxy must exempt the bridge",
         ),
+        (
+            GRPC + "UNAVAILABLE: ipv4:10.0.0.1:3128: Ssl handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL",
+            "its certificate does not verify against ca_file",
+        ),
     ],
 )
 def test_proxy_failures_of_the_bridge_link_say_what_to_check(details: str, expected: str) -> None:

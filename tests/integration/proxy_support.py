@@ -189,3 +189,83 @@ class RouterFirewall:
         for rule in reversed(self.rules):
             subprocess.run([self.iptables, "-D", *rule], capture_output=True)
         self.rules.clear()
+
+
+class InspectingProxy:
+    """A TLS-inspecting proxy: it accepts CONNECT, then answers the client's TLS with its own certificate.
+
+    The certificate is made up here (its own CA, as a hospital's inspection appliance has), so a
+    client that pins the real server's CA must refuse it.
+    """
+
+    def __init__(self) -> None:
+        import datetime
+        import ssl
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-inspect-"))
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Inspection CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        (self.dir / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (self.dir / "key.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(self.dir / "cert.pem", self.dir / "key.pem")
+        self.context.set_alpn_protocols(["h2"])
+        self.connects: list[str] = []
+        self.listener = socket.create_server((HOST, 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.url = f"http://{HOST}:{self.port}"
+        import threading
+
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._intercept, args=(conn,), daemon=True).start()
+
+    def _intercept(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = conn.recv(1024)
+                if not chunk:
+                    return
+                head += chunk
+            self.connects.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            try:
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass  # the client refused our certificate: what the test wants
+
+    def stop(self) -> None:
+        self.listener.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -63,9 +63,19 @@ class RelayError(Exception):
     reason: Reason = Reason.OTHER
     security: bool = False
 
-    def __init__(self, detail: str, *, reason: Reason | None = None, security: bool | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        reason: Reason | None = None,
+        security: bool | None = None,
+        remote_detail: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
+        # What the other router may be told (Close.detail crosses the bridge): a fixed text when
+        # `detail` may hold what a hostile bridge must not learn (an errno, a store's answer).
+        self.remote_detail = remote_detail
         if reason is not None:
             self.reason = reason
         if security is not None:

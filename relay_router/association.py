@@ -474,7 +474,7 @@ class RelayedAssociation:
         )
         async with self._send_lock:
             with contextlib.suppress(*SEND_ERRORS):
-                await self.stream.send(pb.Frame(close=pb.Close(reason=reason, detail=self.outcome.detail)))
+                await self.stream.send(pb.Frame(close=pb.Close(reason=reason, detail=self.outcome.close_detail)))
         await self.stream.finish()
         # Let the remote pump see the partner's close, then stop whatever is left.
         if self._remote is not None:

@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.bridge.resolve_password()
             except ValueError as exc:
                 problems.append(ConfigError(source, "bridge.password", str(exc)))
+            try:
+                cfg.bridge.proxy_settings()
+            except ValueError as exc:
+                problems.append(ConfigError(source, "bridge.proxy_password_file", str(exc)))
             if problems:
                 raise ConfigError.several(problems)  # all of them at once
     except ConfigError as exc:

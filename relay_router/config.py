@@ -10,6 +10,7 @@ from pathlib import Path
 from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port, secret_from
 from relay_common.validate import SITE_NAME_RULE, is_ae_title, is_share_target, is_site_name
+from relay_router.egress import Endpoint, ProxySettings, UrlPolicy, check_proxy_url, with_password
 
 
 def _check_ae(title: str, what: str) -> None:
@@ -59,6 +60,15 @@ class BridgeSection:
     reconnect_max_s: float = 30.0
     # HTTP/2 keepalive pings, so idle streams survive load balancers.
     keepalive_s: float = 20.0
+    # The hospital's HTTP proxy for every outbound connection (the gRPC link by HTTP CONNECT, and the
+    # spill's presigned URLs): "http://user:password@proxy.example.org:3128". Empty: the standard
+    # variables https_proxy / http_proxy, if set (docs/configuration.md, "Proxies").
+    proxy: str = ""
+    # The proxy user's password, read from this file (instead of the URL).
+    proxy_password_file: Path | None = None
+    # Hosts reached directly, curl's syntax ("*", "example.org", ".example.org", "10.0.0.0/8", "host:port").
+    # Unset: the no_proxy variable.
+    no_proxy: list[str] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -67,9 +77,27 @@ class BridgeSection:
             raise InvalidValue("address", str(exc)) from None
         if not self.insecure and self.ca_file is None:
             raise ValueError("ca_file is required unless insecure = true")
+        if self.proxy:
+            try:
+                check_proxy_url(self.proxy)
+            except ValueError as exc:
+                raise InvalidValue("proxy", str(exc)) from None
+        if self.proxy_password_file is not None and not self.proxy:
+            raise InvalidValue("proxy_password_file", "needs proxy (http://user@host:port)")
 
     def resolve_password(self) -> str:
         return secret_from(self.password, self.password_file, "RELAY_ROUTER_PASSWORD", what="bridge password")
+
+    def proxy_settings(self) -> ProxySettings:
+        """The proxy to use (with the password from proxy_password_file), else the environment's."""
+        proxy = self.proxy
+        if proxy and self.proxy_password_file is not None:
+            try:
+                secret = self.proxy_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read proxy_password_file {self.proxy_password_file}: {exc.strerror}") from exc
+            proxy = with_password(proxy, secret)
+        return ProxySettings.resolve(proxy, self.no_proxy)
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,15 @@ class DicomSection:
     spill_threshold_bytes: int = 8 * 1024 * 1024
     spill_part_bytes: int = 4 * 1024 * 1024
     spill_parallel: int = 4
+    # Off: this router neither offers nor accepts spill (peers then send everything inline); for a
+    # router that cannot reach the blob store.
+    spill: bool = True
+    # The blob store endpoints (URL prefixes) whose presigned URLs this router opens, e.g.
+    # ["https://s3.eu-west-1.amazonaws.com/bucket/"]. Empty: only the bridge's own file store, whose
+    # parts travel through the gRPC link. docs/security.md, "Spill URLs".
+    spill_endpoints: list[str] = field(default_factory=list)
+    # Accept http:// endpoints on a loopback host (test stores such as moto); never in production.
+    spill_allow_insecure_http: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -124,6 +161,17 @@ class DicomSection:
             raise InvalidValue("spill_part_bytes", "must be between 65536 and 8388608")
         if not 1 <= self.spill_parallel <= 64:
             raise InvalidValue("spill_parallel", "must be between 1 and 64")
+        for url in self.spill_endpoints:
+            try:
+                Endpoint.parse(url, allow_insecure_http=self.spill_allow_insecure_http)
+            except ValueError as exc:
+                raise InvalidValue("spill_endpoints", str(exc)) from None
+
+    def spill_policy(self) -> UrlPolicy:
+        """Which presigned spill URLs this router opens."""
+        return UrlPolicy(
+            Endpoint.parse(u, allow_insecure_http=self.spill_allow_insecure_http) for u in self.spill_endpoints
+        )
 
 
 @dataclass(frozen=True)

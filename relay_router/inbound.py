@@ -127,7 +127,9 @@ class InboundCalls(AssociationHost):
             )
             return await self._refuse_inbound(stream, outcome, why)
         tune_socket(writer)
-        features = Features.answer(notice.features, compression=self.config.dicom.compression)
+        features = Features.answer(
+            notice.features, compression=self.config.dicom.compression, spill=self.config.dicom.spill
+        )
         await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features.names())))
         conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(

@@ -165,7 +165,7 @@ class OutboundCalls(AssociationHost):
             handshake=pb.Handshake(
                 kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
             ),
-            features=Features.offer(compression=self.config.dicom.compression).names(),
+            features=Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill).names(),
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -192,7 +192,7 @@ class OutboundCalls(AssociationHost):
             dicom=self.config.dicom,
             sealer=sealer,
             initiator=True,
-            features=Features.offer(compression=self.config.dicom.compression),
+            features=Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill),
             confirm_from=(peer, route.site),
             blobs=self.blobs,
             spill=self.spill,

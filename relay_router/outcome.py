@@ -52,15 +52,27 @@ class Outcome:
     studies: list[dict[str, object]] = field(default_factory=list)
     # The C-FIND identifiers sent (StudyTap.queries): audit field "queries", DICOM Query messages.
     queries: list[dict[str, object]] = field(default_factory=list)
+    remote_detail: str = ""  # what Close.detail says instead of `detail` (RelayError.remote_detail)
 
     def refuse(self, result: Result, reason: Reason, detail: str, *, security: bool = False) -> None:
         """Record a refusal or rejection decided by the relay (or by the called device)."""
+        if result is Result.ABORTED and self.result is Result.ABORTED and self.reason is not None:
+            # The first cause of an abort is the one recorded: what the peers do while it unwinds (a
+            # late PDU, their own abort) must not replace, say, a security alert with a protocol error.
+            return
         self.result, self.reason, self.detail = result, reason, detail
+        self.remote_detail = ""
         self.security = self.security or security or reason is Reason.SECURITY
 
     def fail(self, error: RelayError) -> None:
         """Record an abort caused by one of the relay's own typed errors."""
         self.refuse(Result.ABORTED, error.reason, error.detail, security=error.security)
+        self.remote_detail = error.remote_detail or ""
+
+    @property
+    def close_detail(self) -> str:
+        """The detail sent to the other router in Close (it crosses the bridge)."""
+        return self.remote_detail or self.detail
 
     @property
     def succeeded(self) -> bool:

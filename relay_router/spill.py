@@ -54,6 +54,7 @@ from relay_router.spill_store import (
     KIND_END,
     KIND_PARTS,
     PARTS_NOTICE,
+    STORE_FAILED,
     BlobGone,
     BlobTransport,
     BridgeBlobTransport,
@@ -194,7 +195,9 @@ class SpillSender:
             if self._any_stored:
                 self.state.stats.send_failures += 1
                 await self.discard()
-                raise SpillFailed(f"the blob store failed in the middle of a blob: {exc}") from None
+                raise SpillFailed(
+                    f"the blob store failed in the middle of a blob: {exc}", remote_detail=STORE_FAILED
+                ) from None
             inline = b"".join(self._held[i] for i in sorted(self._held)) + bytes(self._buffer)
             await self._cancel()
             self._reset()

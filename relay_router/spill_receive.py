@@ -16,9 +16,11 @@ from relay_router.compress import DecompressionError, FrameDecompressor, unshuff
 from relay_router.seal import FrameSealer, TamperError
 from relay_router.spill_store import (
     END_NOTICE,
+    FETCH_FAILED,
     KIND_END,
     KIND_PARTS,
     MAX_PART_INDEX,
+    PART_GONE,
     PARTS_NOTICE,
     BlobGone,
     BlobTransport,
@@ -62,6 +64,9 @@ class IncomingBlob:
         total = fetched = index = early = 0
         last_seen = False
 
+        slots = receiver.slots
+        held = 0  # download slots this blob holds: one per part fetched and not yet delivered
+
         async def download(part: int) -> bytes:
             _, url = await receiver.transport.slot(receiver.association_id, blob_id, part, download=True)
             return await receiver.transport.get(url)
@@ -70,6 +75,12 @@ class IncomingBlob:
             while True:
                 available = self.end[0] if self.end is not None else self.announced
                 while fetched < available and len(tasks) < receiver.parallel:
+                    # Slots are taken in part order, so the part to deliver next always has one: a blob
+                    # waits for a slot only when it holds none (no deadlock between associations).
+                    if tasks and slots.locked():
+                        break
+                    await slots.acquire()
+                    held += 1
                     tasks[fetched] = asyncio.create_task(download(fetched))
                     fetched += 1
                 if index not in tasks:
@@ -84,10 +95,15 @@ class IncomingBlob:
                     stored = await tasks.pop(index)
                 except BlobGone as exc:
                     raise SpillFailed(
-                        f"blob {blob_id} part {index} is gone from the store (deleted before it was fetched): {exc}"
+                        f"blob {blob_id} part {index} is gone from the store (deleted before it was fetched): {exc}",
+                        remote_detail=PART_GONE,
                     ) from None
                 except SpillUnavailable as exc:
-                    raise SpillFailed(f"blob {blob_id} part {index} could not be fetched: {exc}") from None
+                    # The text may hold an errno or a store's answer: it stays local (remote_detail
+                    # goes in Close.detail, across the bridge that chose the URL).
+                    raise SpillFailed(
+                        f"blob {blob_id} part {index} could not be fetched: {exc}", remote_detail=FETCH_FAILED
+                    ) from None
                 plain, last_seen = receiver.open_part(blob_id, self.ordinal, index, stored)
                 if last_seen and self.end is not None and index != self.end[0] - 1:
                     raise blob_alert(f"blob {blob_id} part {index} is marked last too early")
@@ -100,10 +116,14 @@ class IncomingBlob:
                     early += 1
                 index += 1
                 yield plain
+                held -= 1  # delivered: its bytes are no longer held
+                slots.release()
         finally:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            for _ in range(held):
+                slots.release()
         assert self.end is not None
         parts, plain_len, digest = self.end
         if not last_seen:
@@ -138,6 +158,8 @@ class SpillReceiver:
         self.stats = stats or SpillStats()
         self.parallel = max(1, parallel)
         self._decompressor = FrameDecompressor()
+        # Parts held in memory: the router-wide bound of a BridgeBlobTransport, else this association's.
+        self.slots: asyncio.Semaphore = getattr(transport, "download_slots", None) or asyncio.Semaphore(self.parallel)
         self._ordinal = 0  # the next blob this direction may begin
         self.current: IncomingBlob | None = None
 

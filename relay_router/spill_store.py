@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import struct
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,9 +24,17 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason, RelayError
+from relay_router.egress import MAX_STORED_PART, EgressError, ProxySettings, UrlPolicy, UrlRefused, http_request
 from relay_router.wire.flags import PartFlag
 
 BACKOFF_S = 60.0
+MAX_DOWNLOADS = 16  # parts held by all receiving associations of a router together (~16 x 8 MiB)
+# What a spill failure says in Close.detail (RelayError.remote_detail; it crosses the bridge): fixed
+# texts, never a URL, an errno or bytes of a response. The specific reason stays in this router's log.
+URL_REFUSED = "SECURITY: the bridge handed out a spill URL this router does not open"
+FETCH_FAILED = "a part of a spilled data set could not be fetched (details in this router's log)"
+PART_GONE = "a part of a spilled data set was gone from the store (details in this router's log)"
+STORE_FAILED = "the blob store failed in the middle of a blob (details in this router's log)"
 HTTP_TIMEOUT_S = 60.0
 PART_SEQ_BASE = 1 << 63  # part nonces never meet frame nonces (frame sequence numbers stay far below)
 MAX_PART_INDEX = 1 << 20
@@ -137,12 +143,35 @@ class BlobLink(Protocol):
 
 
 class BridgeBlobTransport:
-    """The router's BlobTransport: URLs the bridge signs, bytes by HTTP or the bridge's blob RPCs."""
+    """The router's BlobTransport: URLs the bridge signs, bytes by HTTP or the bridge's blob RPCs.
 
-    def __init__(self, link: BlobLink) -> None:
+    One per router. Every URL from the bridge is checked against this router's `UrlPolicy` before
+    anything is sent (relay_router.egress): the bridge's own ``file+presigned`` capabilities go
+    through its RPCs, http(s) URLs only under a configured endpoint, through the proxy unless
+    no_proxy exempts the store. ``download_slots`` bounds the parts held in memory by all of the
+    router's receiving associations together (a peer cannot make it hold more).
+    """
+
+    def __init__(
+        self,
+        link: BlobLink,
+        *,
+        policy: UrlPolicy | None = None,
+        proxies: ProxySettings | None = None,
+        max_downloads: int = MAX_DOWNLOADS,
+    ) -> None:
         self.link = link
+        # BridgeLink carries the router's configuration; test links without one get the strict default.
+        self.policy = policy or getattr(link, "spill_policy", None) or UrlPolicy()
+        self.proxies = proxies or getattr(link, "proxies", None) or ProxySettings.resolve("", None)
+        self.download_slots = asyncio.Semaphore(max_downloads)
+        # `[dicom] spill = false`: the feature is neither offered nor accepted (relay_router.wire.features);
+        # refusing upload slots here as well keeps this router from spilling whatever a peer answers.
+        self.enabled: bool = getattr(link, "spill_enabled", True)
 
     async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
+        if not self.enabled and not download:
+            raise SpillUnavailable("spill is off on this router ([dicom] spill = false)")
         request = pb.BlobSlotRequest(association_id=association_id, blob_id=blob_id, part=part, download=download)
         try:
             answer = await self.link.blob_slot(request, timeout_s=HTTP_TIMEOUT_S)
@@ -150,11 +179,24 @@ class BridgeBlobTransport:
             raise SpillUnavailable(f"the bridge gave no blob URL: {exc.code().name} {exc.details()}") from None
         except Exception as exc:  # noqa: BLE001 - LinkDown and the like
             raise SpillUnavailable(f"the bridge gave no blob URL: {exc}") from None
+        self._check(answer.url)  # before anything is sent to it
         return answer.blob_id, answer.url
 
+    def _check(self, url: str) -> str:
+        """The URL's kind ("presigned" or "http"); refused, before anything is sent to it, outside the policy."""
+        try:
+            return self.policy.check(url)
+        except UrlRefused as exc:
+            scheme = url.split(":", 1)[0].lower()
+            if not self.policy.endpoints and scheme in ("http", "https"):
+                # No endpoint configured (e.g. a configuration from before endpoints existed): the
+                # store may be honest, but this router does not open it. The sender goes inline.
+                raise SpillUnavailable(f"refused {exc.detail}") from None
+            raise SpillFailed(f"SECURITY: refused {exc.detail}", security=True, remote_detail=URL_REFUSED) from None
+
     async def put(self, url: str, data: bytes) -> None:
-        if url.startswith(("http://", "https://")):
-            await asyncio.to_thread(_http, "PUT", url, data)
+        if self._check(url) == "http":
+            await asyncio.to_thread(_http, "PUT", url, data, self.proxies)
             return
         try:
             await self.link.put_blob_part(pb.BlobPart(url=url, data=data), timeout_s=HTTP_TIMEOUT_S)
@@ -164,8 +206,8 @@ class BridgeBlobTransport:
             raise SpillUnavailable(f"storing a part failed: {exc}") from None
 
     async def get(self, url: str) -> bytes:
-        if url.startswith(("http://", "https://")):
-            return await asyncio.to_thread(_http, "GET", url, None)
+        if self._check(url) == "http":
+            return await asyncio.to_thread(_http, "GET", url, None, self.proxies)
         try:
             answer = await self.link.get_blob_part(pb.BlobPart(url=url), timeout_s=HTTP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
@@ -175,6 +217,8 @@ class BridgeBlobTransport:
             raise SpillUnavailable(f"fetching a part failed: {exc.code().name} {details}") from None
         except Exception as exc:  # noqa: BLE001 - LinkDown: the bridge went away
             raise SpillUnavailable(f"fetching a part failed: {exc}") from None
+        if len(answer.data) > MAX_STORED_PART:
+            raise blob_alert(f"the bridge returned a part of {len(answer.data)} bytes (at most {MAX_STORED_PART})")
         return answer.data
 
     async def release(self, association_id: str, blob_id: str) -> None:
@@ -183,19 +227,11 @@ class BridgeBlobTransport:
             await self.link.release_blob(request, timeout_s=HTTP_TIMEOUT_S)
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http(method: str, url: str, data: bytes | None) -> bytes:
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/octet-stream")
+def _http(method: str, url: str, data: bytes | None, proxies: ProxySettings) -> bytes:
+    """One bounded request (relay_router.egress): no redirects, at most MAX_STORED_PART bytes read."""
     try:
-        with _OPENER.open(request, timeout=HTTP_TIMEOUT_S) as response:
-            return response.read()  # type: ignore[no-any-return]
-    except urllib.error.HTTPError as exc:
-        if method == "GET" and exc.code == 404:
-            raise BlobGone(f"the store has no such part (HTTP 404 {exc.reason})") from None
-        raise SpillUnavailable(f"{method} of a blob part failed: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SpillUnavailable(f"{method} of a blob part failed: {exc}") from None
+        return http_request(method, url, data, proxies=proxies, limit=MAX_STORED_PART, timeout_s=HTTP_TIMEOUT_S)
+    except EgressError as exc:
+        if method == "GET" and exc.status == 404:
+            raise BlobGone(f"the store has no such part (HTTP 404 {exc.phrase})") from None
+        raise SpillUnavailable(exc.detail) from None

@@ -22,8 +22,10 @@ import grpc.aio
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_common.audit import AuditLog
+from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
 from relay_router.config import RouterConfig
+from relay_router.egress import redact
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
 
@@ -84,6 +86,13 @@ class BridgeLink:
             require_pin=config.router.require_pin,
         )
         self._on_incoming = on_incoming
+        # Outbound HTTP (relay_router.egress): the proxy for this link and the spill's URLs, and which
+        # spill URLs may be opened at all (BridgeBlobTransport reads both from here).
+        self.proxies = config.bridge.proxy_settings()
+        self.spill_policy = config.dicom.spill_policy()
+        self.spill_enabled = config.dicom.spill
+        host, port = parse_host_port(config.bridge.address, default_host="")
+        self.proxy = self.proxies.for_target("https", host, port)  # "" for a direct connection
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RelayStub | None = None
         self._session: str | None = None
@@ -117,6 +126,13 @@ class BridgeLink:
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", int(bridge.reconnect_max_s * 1000)),
         ]
+        # The proxy from our configuration (or the environment, resolved once by relay_router.egress,
+        # with no_proxy applied): grpc tunnels through it with HTTP CONNECT, basic authentication
+        # from the URL's user info. Otherwise grpc must not pick up a proxy variable on its own.
+        if self.proxy:
+            options.append(("grpc.http_proxy", self.proxy))
+        else:
+            options.append(("grpc.enable_http_proxy", 0))
         if bridge.insecure:
             return grpc.aio.insecure_channel(bridge.address, options=options)
         if bridge.server_name:
@@ -153,7 +169,9 @@ class BridgeLink:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
-                self.last_error = f"{exc.code().name}: {exc.details()}"
+                previous, self.last_error = self.last_error, self._describe(exc)
+                if self.proxy and self.last_error != previous:  # once per new failure, not per retry
+                    log.warning("cannot reach the bridge: %s", self.last_error)
             except Exception as exc:  # noqa: BLE001 - keep reconnecting whatever went wrong
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("control stream failed")
@@ -171,6 +189,36 @@ class BridgeLink:
             await asyncio.sleep(wait)
             self.reconnects += 1
             delay = min(delay * 2, self.config.bridge.reconnect_max_s)
+
+    def _describe(self, exc: grpc.aio.AioRpcError) -> str:
+        """The link's failure as `status` shows it; through a proxy, what the proxy said and what to check."""
+        text = f"{exc.code().name}: {exc.details()}"
+        if not self.proxy or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return text
+        details = exc.details() or ""
+        proxy = redact(self.proxy)
+        if "response code 407" in details:
+            return (
+                f"the proxy {proxy} refused the tunnel to the bridge: HTTP 407, check the proxy user and "
+                f"password ({text})"
+            )
+        if "response code 403" in details:
+            return (
+                f"the proxy {proxy} refused the tunnel to the bridge: HTTP 403, it does not allow CONNECT to "
+                f"{self.config.bridge.address} ({text})"
+            )
+        if "response code" in details:
+            return f"the proxy {proxy} refused the tunnel to the bridge ({text})"
+        lowered = details.lower()
+        if "handshake failed" in lowered or "certificate" in lowered:
+            return (
+                f"the TLS handshake with the bridge through the proxy {proxy} failed: its certificate does not "
+                "verify against ca_file; a TLS-inspecting proxy must exempt the bridge (docs/operations.md) "
+                f"({text})"
+            )
+        if "connection refused" in lowered or "connect" in lowered or "timeout" in lowered:
+            return f"the proxy {proxy} is unreachable or closed the tunnel ({text})"
+        return f"through the proxy {proxy}: {text}"
 
     async def _control_session(self, password: str) -> None:
         assert self._stub is not None

@@ -26,9 +26,13 @@ class Features:
     pace: bool = False
 
     @classmethod
-    def offer(cls, *, compression: bool) -> Features:
-        """What this router offers as initiator: everything, compression only if configured."""
-        return cls(compress=compression, shuffle=compression, spill=True, pace=True)
+    def offer(cls, *, compression: bool, spill: bool = True) -> Features:
+        """What this router offers as initiator: everything, compression and spill only if configured.
+
+        `spill` is `[dicom] spill`: a router that cannot reach the blob store says so here (and in
+        `answer`), so its peers send it everything inline instead of blobs it could not fetch.
+        """
+        return cls(compress=compression, shuffle=compression, spill=spill, pace=True)
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> Features:
@@ -52,9 +56,9 @@ class Features:
         )
 
     @classmethod
-    def answer(cls, offered: Iterable[str], *, compression: bool) -> Features:
+    def answer(cls, offered: Iterable[str], *, compression: bool, spill: bool = True) -> Features:
         """The responder's decision: what the initiator offered and this router accepts."""
-        return cls.parse(offered) & cls.offer(compression=compression)
+        return cls.parse(offered) & cls.offer(compression=compression, spill=spill)
 
     @classmethod
     def agreed(cls, offered: Features, answered: Iterable[str]) -> Features:

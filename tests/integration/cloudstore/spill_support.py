@@ -25,6 +25,12 @@ ROUTER = {
 }
 
 
+def endpoint(url: str) -> dict[str, object]:
+    """Router options that let it open the presigned URLs of the store at ``url`` (moto or the GCS
+    emulator, on 127.0.0.1 over plain http: docs/security.md, "Spill URLs")."""
+    return {"spill_endpoints": [url.rstrip("/") + "/"], "spill_allow_insecure_http": True}
+
+
 def require_dcmtk(*tools: str) -> None:
     """DCMTK is part of what the spill tests prove: missing, they fail (never skip)."""
     missing = dcmtk.missing_tools(tools or ("storescu",))

@@ -21,12 +21,14 @@ import pytest
 
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
-from relay_demo.network import LocalRelayNetwork
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.cloudstore.conftest import GCS_BUCKET, S3_BUCKET, ServerProcess
 from tests.integration.cloudstore.spill_support import (
     HOST,
+    ROUTER,
     bridge_bytes,
     bucket_keys,
+    endpoint,
     gcs_names,
     pixel_bytes,
     require_dcmtk,
@@ -80,7 +82,7 @@ def test_spill_through_s3_bypasses_the_bridge(
         {"store": f"s3://{S3_BUCKET}/{prefix}", "endpoint_url": moto_server.url, "region": "us-east-1"}, moto_env
     )
     archive = archive_factory("ARCHIVE_B")
-    store_study(net, archive, study).check()
+    store_study(net, archive, study, **endpoint(moto_server.url)).check()
     assert archive.fingerprints() == fingerprints(study)
     carried = bridge_bytes(net)
     big, small = pixel_bytes(study[:2]), pixel_bytes(study[2:])
@@ -106,7 +108,7 @@ def test_spill_through_gcs_bypasses_the_bridge(
     prefix = f"relay-{os.getpid()}-{free_port()}/"
     net = network_factory({"store": f"gs://{GCS_BUCKET}/{prefix}"}, env)
     archive = archive_factory("ARCHIVE_B")
-    store_study(net, archive, study).check()
+    store_study(net, archive, study, **endpoint(gcs_emulator.url)).check()
     assert archive.fingerprints() == fingerprints(study)
     assert "spilled" in net.log("site-a")
     assert f"spill blob store: gs://{GCS_BUCKET}/{prefix}" in net.log("bridge")
@@ -127,7 +129,7 @@ def test_store_down_falls_back_to_inline(
     dead = f"http://127.0.0.1:{free_port()}"
     net = network_factory({"store": f"s3://{S3_BUCKET}/down/", "endpoint_url": dead, "region": "us-east-1"}, moto_env)
     archive = archive_factory("ARCHIVE_B")
-    store_study(net, archive, study).check()
+    store_study(net, archive, study, **endpoint(dead)).check()
     assert archive.fingerprints() == fingerprints(study)
     assert "sending" in net.log("site-a") and "inline" in net.log("site-a")
     assert bridge_bytes(net) >= pixel_bytes(study)
@@ -237,7 +239,7 @@ def test_faults_abort_and_deliver_nothing_wrong(
         )
         archive = archive_factory("ARCHIVE_B")
         small_first = study[2:] + study[:2]
-        result = store_study(net, archive, small_first)
+        result = store_study(net, archive, small_first, **endpoint(proxy.url))
         assert not result.ok, "storescu must see the association fail"
         received = archive.fingerprints()
         expected = fingerprints(small_first)
@@ -266,7 +268,7 @@ def test_blob_deleted_early_aborts_cleanly_and_the_router_goes_on(
         )
         archive = archive_factory("ARCHIVE_B")
         small_first = study[2:] + study[:2]
-        result = store_study(net, archive, small_first)
+        result = store_study(net, archive, small_first, **endpoint(proxy.url))
         assert not result.ok, f"storescu must see the association fail; deleted {proxy.deleted}"
         assert len(proxy.deleted) == 1 and proxy.deleted[0].endswith("/000001"), proxy.deleted
         blob_id = proxy.deleted[0].split("/")[-2]
@@ -289,3 +291,26 @@ def test_blob_deleted_early_aborts_cleanly_and_the_router_goes_on(
         assert bucket_keys(moto_server, prefix) == [], "blobs remain in the bucket"
     finally:
         proxy.close()
+
+
+def test_a_router_with_spill_off_receives_everything_inline(
+    network_factory: Callable[..., LocalRelayNetwork],
+    archive_factory: Callable[..., DemoArchive],
+    study: list[Path],
+    tmp_path: Path,
+) -> None:
+    """`[dicom] spill = false` at the receiving router is announced: the sender never spills towards it."""
+    require_dcmtk("storescu")
+    blobs = tmp_path / "blobs"
+    net = network_factory({"store": blobs.as_uri()})
+    archive = archive_factory("ARCHIVE_B")
+    net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])], **{**ROUTER, "spill": False})
+    a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], **ROUTER)
+    net.wait_connected()
+    assert a.port
+    dcmtk.storescu(HOST, a.port, "ARCHIVE_B", "WS", study).check()
+    assert archive.fingerprints() == fingerprints(study)
+    assert "spilled" not in net.log("site-a"), "site-a spilled towards a router that turned spill off"
+    carried = bridge_bytes(net)
+    assert carried > pixel_bytes(study), f"the bridge carried {carried} bytes: the big slices did not go inline"
+    assert not blobs.exists() or not [p for p in blobs.rglob("*") if p.is_file()]

@@ -23,7 +23,7 @@ from relay_common.audit import read_events
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.cloudstore.conftest import S3_BUCKET, ServerProcess
-from tests.integration.cloudstore.spill_support import HOST, ROUTER, bucket_keys
+from tests.integration.cloudstore.spill_support import HOST, ROUTER, bucket_keys, endpoint
 from tests.integration.conftest import OrthancPool
 from tests.support import dcmtk
 from tests.support.orthanc import orthanc_binary
@@ -66,12 +66,14 @@ def test_study_above_and_below_the_threshold_moves_between_orthancs_by_reference
         shared=[Shared("ORTHANC_B", HOST, orthanc_b.dicom_port, ["site-a"])],
         remote=[Remote("ORTHANC_A", "site-a")],
         **ROUTER,
+        **endpoint(moto_server.url),
     )
     site_a = net.add_site(
         "site-a",
         shared=[Shared("ORTHANC_A", HOST, orthanc_a.dicom_port, ["site-b"])],
         remote=[Remote("ORTHANC_B", "site-b")],
         **ROUTER,
+        **endpoint(moto_server.url),
     )
     assert site_a.port and site_b.port
     orthanc_b.set_modalities({"ORTHANC_A": ("ORTHANC_A", HOST, site_b.port)})

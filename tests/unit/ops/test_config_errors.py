@@ -149,3 +149,17 @@ def test_bridge_file_problems_reported_together(tmp_path: Path, capsys: pytest.C
     assert f"server.tls_key: cannot read {tmp_path / 'server.key'}" in err
     assert f"enrollment.ca_cert: cannot read {tmp_path / 'nope-ca.pem'}" in err
     assert f"audit.ca_file: cannot read {tmp_path / 'server.key'}" in err
+
+
+def test_router_unreadable_proxy_password_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config (and so serve's ExecStartPre) names the proxy password file it cannot read."""
+    (tmp_path / "router.toml").write_text(
+        '[router]\nname = "hospital-a"\n[bridge]\naddress = "bridge.example.org:443"\npassword = "x"\n'
+        'insecure = true\nproxy = "http://hospital@proxy.example.org:3128"\n'
+        'proxy_password_file = "missing-proxy-password"\n'
+    )
+    capsys.readouterr()
+    assert router(["-c", str(tmp_path / "router.toml"), "check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "bridge.proxy_password_file: cannot read proxy_password_file" in err, err
+    assert "Traceback" not in err

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from relay_router.seal import FRESHNESS_WINDOW_S
+from relay_router.seal import ASSOCIATION_ID, FRESHNESS_WINDOW_S
 
 log = logging.getLogger("relay_router")
 
-ASSOCIATION_ID = re.compile(r"[0-9a-f]{32}")  # what initiators choose (UUID4, hex); nothing else is recorded
 MARGIN_S = 60  # kept this much longer than the window, in case our clock is set back a little
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import time
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ EPHEMERAL_REPLY_LENGTH = MLKEM768_CIPHERTEXT_LENGTH + X25519_LENGTH  # responder
 # An Open is accepted only if its signed time is within this many seconds of the responder's clock; the
 # responder's replay record keeps each id as long (relay_router.routing.SeenAssociations).
 FRESHNESS_WINDOW_S = 300
+ASSOCIATION_ID = re.compile(r"[0-9a-f]{32}")  # what initiators choose (UUID4, hex)
 # The flag bits are registered in relay_router.wire.flags; these names stay for existing callers.
 FLAG_COMPRESSED = FrameFlag.COMPRESSED
 FLAG_SEALED = FrameFlag.SEALED
@@ -399,6 +401,8 @@ def respond(
     """Verify the initiator and its freshness, add our ephemeral share; returns the Confirm and the sealer.
 
     `offered` are the feature names in the Open, `answered` those we accept (both signed over)."""
+    if not ASSOCIATION_ID.fullmatch(ctx.association_id):
+        raise HandshakeError(f"association id {ctx.association_id[:40]!r} is not 32 lowercase hex digits")
     t0 = ctx.transcript(initiator, me.public, handshake, offered)
     try:
         initiator.verifier().verify(handshake.signature, _lp(b"initiator", t0))

@@ -359,3 +359,12 @@ def test_feature_names_are_sent_in_the_order_routers_always_used() -> None:
     assert Features.offer(compression=True).names() == [COMPRESSION, SHUFFLE, SPILL, PACE]
     assert Features.offer(compression=False).names() == [SPILL, PACE]
     assert Features.answer(["spill", PACE], compression=True).names() == [PACE]  # the old "spill" is not spill/2
+
+
+@pytest.mark.parametrize("aid", ["Z" * 32, "a" * 31, "a" * 31 + "\n", "../" + "a" * 29])
+def test_an_association_id_that_is_not_32_hex_digits_is_refused(aid: str) -> None:
+    """The id names the replay record's lines and the frames' associated data: nothing else is accepted."""
+    a, b, _ = identities()
+    handshake, _ = initiate(a, b.public, context())  # the bridge puts another id in the notice
+    with pytest.raises(HandshakeError, match="is not 32 lowercase hex digits"):
+        respond(b, a.public, handshake, context(aid))

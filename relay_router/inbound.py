@@ -19,16 +19,10 @@ from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.routing import AUTHENTICATION_FAILED, Reject, admit_inbound
-from relay_router.seal import (
-    AssociationContext,
-    FrameSealer,
-    Handshake,
-    HandshakeError,
-    respond,
-)
+from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, respond
 from relay_router.tunnel import AssociationStream, LinkDown
 from relay_router.ul import AssociateRequested, RelayConnection, Side
-from relay_router.wire.codec import FrameRejected, open_first_frame
+from relay_router.wire.codec import FrameRejected, confirm_frame, handshake_from, open_first_frame
 from relay_router.wire.features import Features
 
 log = logging.getLogger("relay_router")
@@ -59,16 +53,34 @@ class InboundCalls(AssociationHost):
         await stream.send(pb.Frame(refused=pb.Refused(reason=why.refused, detail=public)))
         await stream.finish()
 
-    def _verify_incoming(self, notice: pb.IncomingAssociation) -> tuple[bytes, FrameSealer, bytes]:
-        """Authenticate the initiating router; returns (confirmation, sealer, A-ASSOCIATE-RQ bytes)."""
+    def _verify_incoming(
+        self, notice: pb.IncomingAssociation, answered: Features
+    ) -> tuple[Confirmation, FrameSealer, bytes]:
+        """Authenticate the initiating router and record the association as seen.
+
+        Returns (our Confirm, sealer, A-ASSOCIATE-RQ bytes). The id enters the replay record only
+        once the handshake verified: forged notices can neither fill it nor push a real id out."""
         initiator = self.link.peers.identity(notice.from_site)
         context = AssociationContext(notice.association_id, notice.from_site, self.link.site, notice.called_ae_title)
-        handshake = Handshake(notice.handshake.kem_ciphertext, notice.handshake.signature)
-        confirmation, sealer = respond(self.link.identity, initiator, handshake, context)
+        confirmation, sealer = respond(
+            self.link.identity,
+            initiator,
+            handshake_from(notice.handshake),
+            context,
+            offered=list(notice.features),
+            answered=answered.names(),
+        )
         try:
-            return confirmation, sealer, open_first_frame(sealer, notice.first_frame.data)
+            request_pdu = open_first_frame(sealer, notice.first_frame.data)
         except FrameRejected as exc:
             raise HandshakeError(exc.detail) from exc
+        try:
+            fresh = self._seen_associations.claim(notice.association_id, notice.handshake.sent_unix_ms)
+        except ValueError as exc:
+            raise HandshakeError(str(exc)) from exc
+        if not fresh:
+            raise HandshakeError(f"association {notice.association_id} was already seen (replayed by the bridge?)")
+        return confirmation, sealer, request_pdu
 
     async def _relay_inbound(
         self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str], running: int
@@ -92,10 +104,12 @@ class InboundCalls(AssociationHost):
             elif decision.log is not None:
                 log.warning("%s", decision.log, extra=extra)
             return await self._refuse_inbound(stream, outcome, decision)
-        self._seen_associations.add(notice.association_id)
         device = self.shared[notice.called_ae_title]
+        features = Features.answer(
+            notice.features, compression=self.config.dicom.compression, spill=self.config.dicom.spill
+        )
         try:
-            confirmation, sealer, request_pdu = self._verify_incoming(notice)
+            confirmation, sealer, request_pdu = self._verify_incoming(notice, features)
         except HandshakeError as exc:
             log.error(
                 "SECURITY: refused an association claiming to come from %s: %s",
@@ -127,10 +141,7 @@ class InboundCalls(AssociationHost):
             )
             return await self._refuse_inbound(stream, outcome, why)
         tune_socket(writer)
-        features = Features.answer(
-            notice.features, compression=self.config.dicom.compression, spill=self.config.dicom.spill
-        )
-        await stream.send(pb.Frame(confirm=pb.Confirm(signature=confirmation, features=features.names())))
+        await stream.send(confirm_frame(confirmation, features))
         conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(
             conn,

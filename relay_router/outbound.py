@@ -21,7 +21,7 @@ from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.routing import REJECT_CONGESTION, REJECT_UNKNOWN_CALLED, Reject, Route, admit_outbound
-from relay_router.seal import SUITE_NAME, AssociationContext, HandshakeError, UnknownPeer, initiate
+from relay_router.seal import AssociationContext, HandshakeError, UnknownPeer, initiate
 from relay_router.tunnel import LinkDown
 from relay_router.ul import (
     AssociateRequested,
@@ -33,7 +33,7 @@ from relay_router.ul import (
     a_associate_rj,
     parse_reject,
 )
-from relay_router.wire.codec import first_frame
+from relay_router.wire.codec import first_frame, handshake_message
 from relay_router.wire.features import Features
 
 log = logging.getLogger("relay_router")
@@ -154,7 +154,9 @@ class OutboundCalls(AssociationHost):
             why = Reject(Reason.SECURITY, f"SECURITY: {exc}", rj=REJECT_UNKNOWN_CALLED, security=True)
             return await self._reject(conn, writer, outcome, why)
         context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
-        handshake, sealer = initiate(self.link.identity, peer, context)
+        offered = Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill)
+        # The offer is signed with the handshake: the bridge cannot strip a feature from it unnoticed.
+        handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
         (forward,) = [a for a in conn.accept_request(called=route.ae_title) if isinstance(a, Send)]
         opening = pb.Open(
             association_id=outcome.association_id,
@@ -162,10 +164,8 @@ class OutboundCalls(AssociationHost):
             called_ae_title=route.ae_title,
             calling_ae_title=request.calling_ae,
             first_data=first_frame(sealer, forward.data),
-            handshake=pb.Handshake(
-                kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature, suite=SUITE_NAME
-            ),
-            features=Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill).names(),
+            handshake=handshake_message(handshake),
+            features=offered.names(),
         )
         try:
             stream, answer = await self.link.open(opening)
@@ -192,7 +192,7 @@ class OutboundCalls(AssociationHost):
             dicom=self.config.dicom,
             sealer=sealer,
             initiator=True,
-            features=Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill),
+            features=offered,
             confirm_from=(peer, route.site),
             blobs=self.blobs,
             spill=self.spill,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
 from relay_router.config import RemoteDevice, SharedDevice
+from relay_router.replay import SeenAssociations
 from relay_router.ul import RejectResult, RejectSource
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
@@ -35,7 +36,6 @@ REJECT_LIMIT = (RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATI
 
 # What a calling router is told when our own checks refuse it: nothing about our configuration.
 AUTHENTICATION_FAILED = "end-to-end authentication failed"
-MAX_SEEN_ASSOCIATIONS = 100_000
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def admit_inbound(
             alert="access",
             log=f"{detail}; refused (the bridge should have refused it)",
         )
-    if association_id in seen:
+    if association_id in seen:  # only verified ids are in it (relay_router.replay); checked again after verifying
         detail = f"SECURITY: association {association_id} was already seen (replayed by the bridge?)"
         return Reject(
             Reason.SECURITY,
@@ -227,22 +227,3 @@ def admit_inbound(
             log=f"{detail}; refused",
         )
     return Admit()
-
-
-class SeenAssociations:
-    """Association ids accepted since start, oldest forgotten first: refuses a replay of a recorded one."""
-
-    def __init__(self, capacity: int = MAX_SEEN_ASSOCIATIONS) -> None:
-        self.capacity = capacity
-        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
-
-    def __contains__(self, association_id: object) -> bool:
-        return association_id in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def add(self, association_id: str) -> None:
-        self._ids[association_id] = None
-        while len(self._ids) > self.capacity:  # bounded memory
-            self._ids.popitem(last=False)

@@ -55,8 +55,8 @@ class RouterService(OutboundCalls, InboundCalls):
         self.shared: dict[str, SharedDevice] = {d.ae_title: d for d in config.shared}
         self.active: dict[str, Outcome] = {}
         self.relays: set[RelayedAssociation] = set()
-        # Association ids accepted since start (bounded): refuses replays of a recorded one.
-        self._seen_associations = SeenAssociations()
+        # Verified association ids, kept on disk for the freshness window: refuses replays, across restarts too.
+        self._seen_associations = SeenAssociations(config.router.state_dir / "seen_associations")
         self._routes = RouteCache(config.remote, self.shared, expose_all=config.dicom.expose_all)
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None

@@ -21,7 +21,15 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason, RelayError
 from relay_router.compress import DecompressionError, FrameCompressor, FrameDecompressor
 from relay_router.pace import ArrivalMeter, PaceError, decode_report, encode_report
-from relay_router.seal import FrameSealer, HandshakeError, PublicIdentity, TamperError, verify_confirmation
+from relay_router.seal import (
+    Confirmation,
+    FrameSealer,
+    Handshake,
+    HandshakeError,
+    PublicIdentity,
+    TamperError,
+    verify_confirmation,
+)
 from relay_router.wire.features import Features
 from relay_router.wire.flags import BLOB_FLAGS, PACE_FLAGS, FrameFlag
 
@@ -66,8 +74,37 @@ class BlobNotice:
 Event = DataReceived | PaceReport | BlobNotice
 
 
+def handshake_message(handshake: Handshake) -> pb.Handshake:
+    """The initiator's half of the handshake (relay_router.seal) as it travels in Open and the notice."""
+    return pb.Handshake(
+        kem_ciphertext=handshake.kem_ciphertext,
+        signature=handshake.signature,
+        suite=handshake.suite,
+        ephemeral_key=handshake.ephemeral_key,
+        sent_unix_ms=handshake.sent_unix_ms,
+    )
+
+
+def handshake_from(message: pb.Handshake) -> Handshake:
+    """The initiator's half as the responder receives it (every field is checked by relay_router.seal.respond)."""
+    return Handshake(
+        message.kem_ciphertext, message.signature, message.ephemeral_key, message.sent_unix_ms, message.suite
+    )
+
+
+def confirm_frame(confirmation: Confirmation, features: Features) -> pb.Frame:
+    """The responder's Confirm: its ephemeral share, its signature and the features it accepts."""
+    return pb.Frame(
+        confirm=pb.Confirm(
+            signature=confirmation.signature,
+            features=features.names(),
+            ephemeral_reply=confirmation.ephemeral_reply,
+        )
+    )
+
+
 def first_frame(sealer: FrameSealer, request_pdu: bytes) -> pb.Data:
-    """Frame 0 of the initiator's direction: the A-ASSOCIATE-RQ, carried inside Open."""
+    """Frame 0 of the initiator's direction: the A-ASSOCIATE-RQ, carried inside Open (under the early key)."""
     return pb.Data(payload=sealer.seal(request_pdu, 0, FrameFlag.SEALED), seq=0, flags=FrameFlag.SEALED)
 
 
@@ -131,11 +168,12 @@ class FrameCodec:
         return self._confirm_from is not None
 
     def confirm(self, confirm: pb.Confirm) -> Features:
-        """Verify the responder's Confirm and adopt the features both routers agreed."""
+        """Verify the responder's Confirm, take its key share and adopt the features both routers agreed."""
         assert self._confirm_from is not None
         identity, site = self._confirm_from
         try:
-            verify_confirmation(identity, self.sealer, confirm.signature, site)
+            confirmation = Confirmation(confirm.ephemeral_reply, confirm.signature)
+            verify_confirmation(identity, self.sealer, confirmation, list(confirm.features), site)
         except HandshakeError as exc:
             raise _alert(str(exc)) from exc
         self._confirm_from = None

@@ -37,6 +37,7 @@ from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.seal import FLAG_COMPRESSED, FLAG_SEALED, AssociationContext, Identity, initiate
 from relay_router.ul import PduType, parse_reject
+from relay_router.wire.codec import handshake_message
 from tests.support.inprocess_bridge import InProcessBridge
 from tests.support.wire import exchange, wait_until
 from tests.unit.ul.builders import associate_rq
@@ -150,7 +151,7 @@ class EvilServicer(RelayServicer):
             from_site=from_site,
             called_ae_title=called,
             first_frame=pb.Frame(data=pb.Data(payload=sealer.seal(rq, 0), seq=0, flags=FLAG_SEALED)),
-            handshake=pb.Handshake(kem_ciphertext=handshake.kem_ciphertext, signature=handshake.signature),
+            handshake=handshake_message(handshake),
         )
         self.sessions[to_site].send(pb.BridgeMessage(incoming=notice))
         await asyncio.wait_for(asyncio.shield(splice.joined), 10)

@@ -242,22 +242,28 @@ class Open(_message.Message):
     def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Handshake(_message.Message):
-    __slots__ = ("kem_ciphertext", "signature", "suite")
+    __slots__ = ("kem_ciphertext", "signature", "suite", "ephemeral_key", "sent_unix_ms")
     KEM_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SUITE_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     kem_ciphertext: bytes
     signature: bytes
     suite: str
-    def __init__(self, kem_ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., suite: _Optional[str] = ...) -> None: ...
+    ephemeral_key: bytes
+    sent_unix_ms: int
+    def __init__(self, kem_ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., suite: _Optional[str] = ..., ephemeral_key: _Optional[bytes] = ..., sent_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Confirm(_message.Message):
-    __slots__ = ("signature", "features")
+    __slots__ = ("signature", "features", "ephemeral_reply")
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_REPLY_FIELD_NUMBER: _ClassVar[int]
     signature: bytes
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, signature: _Optional[bytes] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    ephemeral_reply: bytes
+    def __init__(self, signature: _Optional[bytes] = ..., features: _Optional[_Iterable[str]] = ..., ephemeral_reply: _Optional[bytes] = ...) -> None: ...
 
 class Join(_message.Message):
     __slots__ = ("association_id",)

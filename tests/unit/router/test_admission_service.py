@@ -15,8 +15,11 @@ from relay_common.config import parse_config
 from relay_common.errors import Reason
 from relay_router.config import RouterConfig
 from relay_router.outcome import Result
+from relay_router.seal import AssociationContext, Identity, initiate
 from relay_router.service import RouterService
 from relay_router.ul import parse_reject
+from relay_router.wire.codec import first_frame, handshake_message
+from relay_router.wire.features import Features
 from tests.unit.ul.builders import associate_rq
 
 
@@ -131,14 +134,57 @@ async def test_a_replayed_association_is_refused_after_the_first_was_admitted(tm
     assert audit(tmp_path)[0]["outcome"] == "alert"
 
 
-async def test_an_admitted_association_is_remembered_before_the_handshake(tmp_path: Path) -> None:
-    """A notice with no valid handshake is refused by the handshake check, and its id cannot be used again."""
+async def test_a_forged_notice_does_not_enter_the_replay_record(tmp_path: Path) -> None:
+    """A notice with no valid handshake is refused, and its id is not recorded: forged notices cannot fill
+    the record or push a real id out of it (issue 17, item 10)."""
     service = make_service(tmp_path)
     stream = await incoming(service, notice(aid="c" * 32))
     assert stream.sent[0].refused.reason == pb.Refused.NOT_PERMITTED
     (outcome,) = service.history
     assert outcome.reason is Reason.SECURITY and outcome.detail.startswith("SECURITY: ")
-    assert "c" * 32 in service._seen_associations
+    assert "c" * 32 not in service._seen_associations and len(service._seen_associations) == 0
+
+
+def signed_notice(service: RouterService, caller: Identity, aid: str) -> pb.IncomingAssociation:
+    """What the bridge hands on for a real Open from hospital-b (seal.initiate with hospital-b's key)."""
+    offered = Features.offer(compression=True).names()
+    ctx = AssociationContext(aid, "hospital-b", "hospital-a", "PACS")
+    handshake, sealer = initiate(caller, service.link.identity.public, ctx, offered)
+    return pb.IncomingAssociation(
+        association_id=aid,
+        from_site="hospital-b",
+        called_ae_title="PACS",
+        first_frame=pb.Frame(data=first_frame(sealer, associate_rq(called="PACS", calling="CT"))),
+        handshake=handshake_message(handshake),
+        features=offered,
+    )
+
+
+async def test_forged_notices_cannot_evict_a_real_id_and_the_record_survives_a_restart(tmp_path: Path) -> None:
+    caller = Identity.generate()
+    service = make_service(tmp_path)
+    service.link.peers.update({"hospital-b": caller.public})
+    real = signed_notice(service, caller, "d" * 32)
+    stream = await incoming(service, real)
+    # Verified, recorded, then the device (port 9, closed) could not be reached.
+    assert stream.sent[0].refused.reason == pb.Refused.DEVICE_UNREACHABLE
+    assert "d" * 32 in service._seen_associations
+    for n in range(300):  # forged notices, as many as the bridge likes: none enters the record
+        await incoming(service, notice(aid=f"{n:032x}"))
+    assert len(service._seen_associations) == 1 and "d" * 32 in service._seen_associations
+    replay = await incoming(service, real)
+    assert replay.sent[0].refused == pb.Refused(
+        reason=pb.Refused.NOT_PERMITTED, detail="end-to-end authentication failed"
+    )
+    assert "was already seen (replayed by the bridge?)" in service.history[-1].detail
+
+    restarted = make_service(tmp_path)  # same state_dir: the record is read back
+    restarted.link.peers.update({"hospital-b": caller.public})
+    again = await incoming(restarted, real)
+    assert again.sent[0].refused.reason == pb.Refused.NOT_PERMITTED
+    (outcome,) = restarted.history
+    assert outcome.detail == f"SECURITY: association {'d' * 32} was already seen (replayed by the bridge?)"
+    assert outcome.security and audit(tmp_path)[-1]["outcome"] == "alert"
 
 
 async def test_overload_is_refused_with_the_router_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -269,14 +269,6 @@ def test_overload_is_refused_first_and_counts_only_the_others() -> None:
     assert decision.log == "refusing an association from hospital-b: site hospital-a has reached its association limit"
 
 
-def test_seen_associations_are_bounded_and_forget_the_oldest() -> None:
-    seen = SeenAssociations(capacity=3)
-    for aid in "abcd":
-        seen.add(aid)
-    assert len(seen) == 3
-    assert "a" not in seen and all(aid in seen for aid in "bcd")
-
-
 def test_routing_is_pure_code() -> None:
     """No asyncio, gRPC or router service behind the decisions (a fresh interpreter imports only the module)."""
     import subprocess

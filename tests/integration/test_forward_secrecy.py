@@ -26,7 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.server import RelayServicer, RouterSession
-from relay_bridge.splice import Splice
+from relay_bridge.splice import AssociationService, Splice
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import generate_ct_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
@@ -59,12 +59,15 @@ class RecordingSplice(Splice):
         await super().pump(recording_read, outbound, from_initiator=from_initiator)
 
 
+class RecordingAssociations(AssociationService):
+    async def initiate(self, session: RouterSession, op: pb.Open, context) -> None:  # noqa: ANN001
+        RECORDING.opens.append(pb.Open.FromString(op.SerializeToString()))
+        await super().initiate(session, op, context)
+
+
 class RecordingServicer(RelayServicer):
     splice_class = RecordingSplice
-
-    async def _initiate(self, session: RouterSession, op: pb.Open, context) -> None:  # noqa: ANN001
-        RECORDING.opens.append(pb.Open.FromString(op.SerializeToString()))
-        await super()._initiate(session, op, context)
+    association_class = RecordingAssociations
 
     async def replay(self, op: pb.Open, from_site: str) -> pb.Frame | None:
         """Hand a recorded Open to its destination again, as a new notice, and return its first answer."""

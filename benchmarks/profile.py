@@ -49,6 +49,12 @@ COST_CENTRES: list[tuple[str, re.Pattern[str]]] = [
     ("syscalls (send, recv, read, write)", re.compile(r"^(__)?(libc_)?(send|recv|read|write|sendmsg|recvmsg)\b")),
 ]
 OTHER = "other (interpreter, unattributed)"
+# Innermost frames of a thread that is waiting, not running: left out of the shares. py-spy's
+# own idle detection does not work with --native, and gRPC waits on futexes through syscall().
+IDLE = re.compile(
+    r"^(epoll_wait|epoll_pwait|poll|select|pthread_cond_(timed)?wait|sem_(timed)?wait|__futex|futex|syscall|"
+    r"PyThread_acquire_lock_timed|nanosleep|clock_nanosleep) "
+)
 
 
 def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
@@ -71,6 +77,11 @@ def centre_of(frames: list[str]) -> str:
             if pattern.search(frame):
                 return name
     return OTHER
+
+
+def busy(stacks: Iterable[tuple[list[str], int]]) -> list[tuple[list[str], int]]:
+    """The samples of threads that were running (or in a syscall that does work, e.g. sendmsg)."""
+    return [(frames, n) for frames, n in stacks if frames and not any(IDLE.match(f) for f in frames[-3:])]
 
 
 def breakdown(stacks: Iterable[tuple[list[str], int]]) -> tuple[dict[str, int], int]:
@@ -165,7 +176,7 @@ def profile_processes(
     per_process = {}
     for name in pids:
         path = outdir / f"{name.replace(' ', '-')}.txt"
-        stacks = parse_collapsed(path.read_text()) if path.exists() else []
+        stacks = busy(parse_collapsed(path.read_text())) if path.exists() else []
         centres, total = breakdown(stacks)
         per_process[name] = {
             "samples": total,
@@ -234,7 +245,7 @@ def _slug(name: str) -> str:
 
 
 def render(per_process: dict[str, dict[str, object]], threads: dict[str, dict[str, float]] | None = None) -> str:
-    lines = ["## py-spy breakdown (share of samples of Python threads, innermost matching frame)", ""]
+    lines = ["## py-spy breakdown (share of busy samples of Python threads, innermost matching frame)", ""]
     for name, data in per_process.items():
         total = int(data["samples"]) or 1  # type: ignore[call-overload]
         lines += [f"### {name}: {data['samples']} samples", ""]
@@ -258,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     per_process = {}
     for path in args.files:
-        stacks = parse_collapsed(path.read_text())
+        stacks = busy(parse_collapsed(path.read_text()))
         centres, total = breakdown(stacks)
         per_process[path.stem] = {
             "samples": total,

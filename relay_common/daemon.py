@@ -16,6 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+from relay_common.allocator import keep_frame_buffers
+
 log = logging.getLogger("relay_common.daemon")
 
 
@@ -34,6 +36,7 @@ def announce_ready(ready_file: Path | None, **facts: object) -> None:
 
 async def run_until_signalled(start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[object]]) -> None:
     """Start, wait for SIGTERM or SIGINT, then stop gracefully."""
+    keep_frame_buffers()  # before the first frame: large buffers are reused, not mapped per frame
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -196,6 +196,10 @@ async def receiver(
 
 
 def role_main(args: argparse.Namespace) -> int:
+    if args.malloc == "relay":
+        from relay_common.allocator import keep_frame_buffers
+
+        keep_frame_buffers()  # as the relay's daemons do, so that the floor is gRPC's and not malloc's
     options = [*RELAY_OPTIONS, *parse_options(args.option)]
     tls = None if args.insecure else args.tls
     if args.role == "middle":
@@ -213,7 +217,7 @@ def role_main(args: argparse.Namespace) -> int:
 def run_variant(args: argparse.Namespace, variant: str, tls: Path, work: Path) -> dict[str, object]:
     """Start the three processes, send `--megabytes` per round `--repeats` times, return CPU s/GB."""
     common = ["--frame-bytes", str(args.frame_bytes), "--tls", str(tls), "--variant", variant]
-    common += ["--reply-every", str(args.reply_every)]
+    common += ["--reply-every", str(args.reply_every), "--malloc", args.malloc]
     common += [f"--option={o}" for o in args.option] + (["--insecure"] if args.insecure else [])
     me = [sys.executable, "-m", "benchmarks.grpc_floor"]
     port_file = work / f"{variant}.port"
@@ -294,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the receiver answers every N messages with a 200-byte reply the sender waits for "
         "(2 is like a relayed 512x512 CT C-STORE: two 256 KiB frames, then the C-STORE-RSP); 0: stream",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("relay", "system"),
+        default="relay",
+        help="relay: raise glibc's malloc thresholds as the daemons do (relay_common/allocator.py); system: defaults",
+    )
     parser.add_argument("--insecure", action="store_true", help="plain HTTP/2 instead of TLS (to price TLS)")
     parser.add_argument("--option", action="append", default=[], help="extra gRPC option KEY=VALUE, both ends")
     parser.add_argument("--tag", default="")
@@ -350,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "frame_bytes": args.frame_bytes,
             "reply_every": args.reply_every,
+            "malloc": args.malloc,
             "tls": not args.insecure,
             "options": [*map(list, RELAY_OPTIONS), *args.option],
             "megabytes_per_round": args.megabytes,

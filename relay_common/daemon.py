@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
+from relay_common.allocator import keep_frame_buffers
 from relay_common.config import AuditSection, ConfigError
 
 log = logging.getLogger("relay_common.daemon")
@@ -116,6 +117,7 @@ async def run_until_signalled(
 ) -> None:
     """Start, wait for SIGTERM or SIGINT, then stop gracefully. While serving, the service manager
     gets watchdog pings and `status()` as STATUS= lines (when NOTIFY_SOCKET is set)."""
+    keep_frame_buffers()  # before the first frame: large buffers are reused, not mapped per frame
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -234,8 +234,10 @@ class FrameCodec:
         """The event a received frame carries, or FrameRejected."""
         if self._confirm_from is not None:
             raise _alert("data arrived before the destination confirmed the handshake")
-        if self.features.pace and not data.flags & FrameFlag.PACE:
-            rate = self._meter.observe(len(data.payload), bool(data.flags & FrameFlag.BURST))
+        # Read once: each read of a protobuf bytes field copies it (relay frames are up to 1 MiB).
+        payload, flags = data.payload, data.flags
+        if self.features.pace and not flags & FrameFlag.PACE:
+            rate = self._meter.observe(len(payload), bool(flags & FrameFlag.BURST))
             if rate is not None:
                 self._rate_to_report = rate
         if data.seq != self.receive_seq:
@@ -245,7 +247,7 @@ class FrameCodec:
         if not data.flags & FrameFlag.SEALED or data.flags & ~int(allowed):  # int: IntFlag's ~ drops unknown bits
             raise _alert(f"frame flags {data.flags:#x}; only sealed frames (and agreed compression) accepted")
         try:
-            plain = self.sealer.open(data.payload, data.seq, data.flags)
+            plain = self.sealer.open(payload, data.seq, flags)
         except TamperError as exc:
             raise _alert(str(exc)) from exc
         if data.flags & FrameFlag.COMPRESSED:

@@ -1,14 +1,10 @@
 """Drives one relayed association: a local DICOM socket on one side, an association stream on the other.
 
-The protocol decisions live in sans-IO layers: `RelayConnection` (relay_router.ul)
-for the DICOM Upper Layer, `FrameCodec` (relay_router.wire.codec) for the frames
-between the routers (sequence numbers, flags, features, sealing, compression,
-pace reports, blob notices). This module only moves bytes and carries out what
-they decide. Two tasks pump the two directions; a watchdog aborts an
-association that has been silent for longer than the idle timeout. Every task
-the driver starts belongs to one `asyncio.TaskGroup`, so none outlives it. Writes wait for the socket to drain
-and frames wait for gRPC flow control, so a slow peer slows its sender instead
-of filling memory.
+Decisions live in sans-IO layers: `RelayConnection` (relay_router.ul) for the DICOM Upper Layer,
+`FrameCodec` (relay_router.wire.codec) for the frames between the routers. This module only moves
+bytes and carries out what they decide: two pumps, a watchdog for the idle timeout, all in one
+`asyncio.TaskGroup`. Writes wait for the socket to drain and frames for gRPC flow control, so a slow
+peer slows its sender instead of filling memory.
 """
 
 from __future__ import annotations
@@ -104,6 +100,10 @@ class RelayedAssociation:
         )
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
+        self._confirmed = asyncio.Event()  # the initiator's frame keys exist only once Confirm verified
+        self._ending = asyncio.Event()  # abort or refusal under way: stop waiting for a Confirm
+        if not self.codec.awaiting_confirm:
+            self._confirmed.set()
         self._close_reason: int | None = None
         self._end_reason: Reason | None = None  # why the remote side went away, once known
         now = time.monotonic()
@@ -219,6 +219,8 @@ class RelayedAssociation:
 
     # -- sending -------------------------------------------------------------
     async def send_data(self, payload: bytes) -> None:
+        if not self._confirmed.is_set() and not await self._until_confirmed():
+            return None  # e.g. an A-ABORT from the device before the Confirm came: nothing can seal it
         async with self._send_lock:
             spill = self._spill_out
             if spill is None or not self.codec.features.spill or spill.disabled and not spill.active:
@@ -237,6 +239,16 @@ class RelayedAssociation:
                 await self._send_inline(inline[start : start + step], counted=True)
                 self._burst = True  # the rest of what was held back follows at once
             return None
+
+    async def _until_confirmed(self) -> bool:
+        """Wait for the destination's Confirm (True) or the end of the association (False)."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._confirmed, self._closed, self._ending)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        return self._confirmed.is_set()
 
     async def _send_frame(self, data: pb.Data) -> None:
         try:
@@ -317,6 +329,7 @@ class RelayedAssociation:
                 except FrameRejected as exc:
                     await self.abort(exc)
                     return
+                self._confirmed.set()
             elif kind == "data":
                 if not await self._receive_data(frame.data):
                     return
@@ -400,6 +413,7 @@ class RelayedAssociation:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""
         if isinstance(error, str):  # the service's shutdown
             error = RelayError(error, reason=Reason.SHUTDOWN if close_reason == pb.Close.SHUTDOWN else Reason.OTHER)
+        self._ending.set()
         self.outcome.fail(error)
         self._close_reason = close_reason
         extra = {**self._extra, "security_alert": "frame"} if error.security else self._extra
@@ -413,6 +427,7 @@ class RelayedAssociation:
 
     async def refuse(self, refused: pb.Refused) -> None:
         """The destination router refused after the bridge had accepted (e.g. device unreachable)."""
+        self._ending.set()
         name = pb.Refused.Reason.Name(refused.reason) if refused.reason in pb.Refused.Reason.values() else ""
         detail = refused.detail or name or f"reason {refused.reason}"
         self.outcome.refuse(Result.REFUSED, REFUSED_REASON_NAMES.get(name, Reason.OTHER), detail)

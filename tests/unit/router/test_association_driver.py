@@ -15,14 +15,15 @@ from relay_common.errors import Reason
 from relay_router.association import RelayedAssociation
 from relay_router.config import DicomSection
 from relay_router.outcome import Outcome, Result
-from relay_router.seal import FrameSealer
+from relay_router.seal import FrameSealer, initiate, respond
 from relay_router.ul import AssociateRequested, RelayConnection, Side
-from relay_router.wire.codec import DataReceived, FrameCodec
+from relay_router.wire.codec import DataReceived, FrameCodec, confirm_frame
 from relay_router.wire.features import Features
 from tests.unit.ul import builders as B
 from tests.unit.ul import fixtures as F
 
 AGREED = Features(compress=True, shuffle=True, spill=False, pace=True)
+ANSWER_FEATURES = Features.answer(Features.offer(compression=True).names(), compression=True)
 
 
 class FakeStream:
@@ -118,3 +119,52 @@ async def test_pace_reports_are_answered_and_owned_by_the_association() -> None:
     outcome = await asyncio.wait_for(task, 10)
     assert outcome.result is Result.ABORTED and not outcome.security and outcome.reason is Reason.PEER_ABORTED
     assert relay._tasks == set()
+
+
+async def initiator_before_confirm():  # noqa: ANN201 - (relay, stream, device socket, task, (confirmation, rx))
+    """An initiator-side driver whose device has sent its RQ (frame 0 went in the Open); no Confirm yet."""
+    from tests.unit.router.test_handshake import ANSWER, OFFER, context, identities
+
+    a, b, _ = identities()
+    aid = os.urandom(16).hex()
+    handshake, tx = initiate(a, b.public, context(aid), OFFER.names())
+    confirmation, rx = respond(b, a.public, handshake, context(aid), OFFER.names(), ANSWER.names())
+    device, ours = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    stream = FakeStream()
+    conn = RelayConnection(Side.LOCAL)
+    conn.receive(Side.LOCAL, F.ASSOCIATE_RQ)
+    conn.accept_request()  # forwarded as frame 0 of the Open
+    relay = RelayedAssociation(
+        conn, reader, writer, stream, Outcome(aid, "outbound", "site-b"),  # type: ignore[arg-type]
+        dicom=DicomSection(), sealer=tx, initiator=True, features=OFFER, confirm_from=(b.public, "site-b"),
+    )  # fmt: skip
+    task = asyncio.create_task(relay.run())
+    return relay, stream, device, task, (confirmation, rx)
+
+
+async def test_an_abort_from_the_device_before_the_confirm_waits_for_the_keys_then_goes_sealed() -> None:
+    relay, stream, device, task, (confirmation, rx) = await initiator_before_confirm()
+    device.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT before the destination confirmed
+    await asyncio.sleep(0.2)
+    assert data_frames(stream) == [], "a frame left before the keys existed"
+    stream.incoming.put_nowait(confirm_frame(confirmation, ANSWER_FEATURES))
+    outcome = await asyncio.wait_for(task, 10)
+    (abort,) = data_frames(stream)
+    responder_codec = FrameCodec(rx, initiator=False, features=ANSWER_FEATURES, compression_level=3, accept_blobs=True)
+    responder_codec.receive_seq = 1  # frame 0 was the RQ inside the Open
+    assert responder_codec.decode(abort) == DataReceived(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+    assert outcome.result is Result.ABORTED and not outcome.security and relay._tasks == set()
+    device.close()
+
+
+async def test_a_confirm_that_fails_verification_aborts_without_waiting_forever() -> None:
+    relay, stream, device, task, (confirmation, _rx) = await initiator_before_confirm()
+    forged = confirm_frame(confirmation, ANSWER_FEATURES)
+    forged.confirm.signature = bytes(len(forged.confirm.signature))
+    stream.incoming.put_nowait(forged)
+    outcome = await asyncio.wait_for(task, 10)
+    assert outcome.result is Result.ABORTED and outcome.security and outcome.reason is Reason.SECURITY
+    assert data_frames(stream) == []  # nothing could be sealed, so nothing was sent
+    assert device.recv(65536)[:1] == b"\x03"  # the device still waiting for its AC gets a transient A-ASSOCIATE-RJ
+    device.close()

@@ -47,9 +47,7 @@ def encode_command(command: Dataset) -> bytes:
     body = Dataset()
     for element in command:
         if element.tag.group != 0x0000:
-            raise DimseError(
-                f"command element {element.tag} is not in group 0000 (PS3.7 E.1)", Violation.BAD_ARGUMENT
-            )
+            raise DimseError(f"command element {element.tag} is not in group 0000 (PS3.7 E.1)", Violation.BAD_ARGUMENT)
         if element.tag.element != 0x0000:
             body.add(element)
     encoded = encode(body, True, True)
@@ -80,7 +78,9 @@ class DimseSender:
 
     def __init__(self, max_pdu_length: int) -> None:
         if max_pdu_length < 0 or max_pdu_length > 0xFFFFFFFF:
-            raise DimseError(f"Maximum Length {max_pdu_length} is not a 32-bit value (PS3.8 D.1)", Violation.BAD_ARGUMENT)
+            raise DimseError(
+                f"Maximum Length {max_pdu_length} is not a 32-bit value (PS3.8 D.1)", Violation.BAD_ARGUMENT
+            )
         if 0 < max_pdu_length <= _PDV_OVERHEAD:
             raise DimseError(
                 f"Maximum Length {max_pdu_length} leaves no room for a fragment after the 6 bytes of a PDV "
@@ -88,9 +88,7 @@ class DimseSender:
                 Violation.BAD_ARGUMENT,
             )
         self.max_pdu_length = max_pdu_length
-        self.fragment_size = (
-            min(max_pdu_length - _PDV_OVERHEAD, MAX_FRAGMENT) if max_pdu_length else DEFAULT_FRAGMENT
-        )
+        self.fragment_size = min(max_pdu_length - _PDV_OVERHEAD, MAX_FRAGMENT) if max_pdu_length else DEFAULT_FRAGMENT
 
     def message(self, context_id: int, command: Dataset, dataset: DatasetSource = None) -> Iterator[bytes]:
         """The PDUs of one message: its command set, then its data set if one is given.

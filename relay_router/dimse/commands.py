@@ -12,6 +12,7 @@ and PS3.7 Annex C.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pynetdicom import dimse_primitives as primitives
 from pynetdicom.dsutils import encode
 
 from relay_router.dimse.errors import DimseError, Violation
+from relay_router.ul.aetitle import encode_ae_title
 
 __all__ = [
     "CommandField",
@@ -51,6 +53,7 @@ STORAGE_COMMITMENT_PUSH_INSTANCE = "1.2.840.10008.1.20.1.1"
 """Its well-known SOP Instance (PS3.4 J.3.5)."""
 VERIFICATION = "1.2.840.10008.1.1"
 
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 characters
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -132,6 +135,10 @@ class MessageIdAllocator:
         return frozenset(self._outstanding)
 
 
+def _uid_ok(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
 def _command(message: messages.DIMSEMessage, primitive: object, what: str) -> Dataset:
     try:
         message.primitive_to_message(primitive)  # type: ignore[arg-type]
@@ -143,6 +150,9 @@ def _command(message: messages.DIMSEMessage, primitive: object, what: str) -> Da
 def _set(primitive: object, what: str, **values: object) -> None:
     """Set primitive parameters; pynetdicom's setters validate them (UIDs, AE titles, IDs)."""
     for name, value in values.items():
+        if name.endswith("UID") and value is not None and not _uid_ok(value):
+            # pynetdicom only warns about a non-conformant UID; we never send one
+            raise DimseError(f"cannot build {what}: {name} {value!r} is not a UID (PS3.5 9.1)", Violation.BAD_ARGUMENT)
         if isinstance(value, IntEnum):
             value = int(value)  # a plain int in the Dataset, whatever enum the caller used
         try:
@@ -364,12 +374,25 @@ def parse_c_store_rq(command: Dataset) -> StoreRequest:
     ]
     if missing:
         raise DimseError(f"C-STORE-RQ lacks {', '.join(missing)} (PS3.7 9.3.1.1)", Violation.BAD_COMMAND_FIELD)
-    originator_given = str(command.get("MoveOriginatorApplicationEntityTitle", "") or "").strip()
-    if originator_given and prim.MoveOriginatorApplicationEntityTitle is None:
-        raise DimseError(
-            f"C-STORE-RQ Move Originator AE Title {originator_given[:32]!r} is not a valid AE title",
-            Violation.BAD_COMMAND_FIELD,
-        )
+    for name, uid in (
+        ("Affected SOP Class UID", prim.AffectedSOPClassUID),
+        ("Affected SOP Instance UID", prim.AffectedSOPInstanceUID),
+    ):
+        if not _uid_ok(str(uid)):
+            raise DimseError(
+                f"C-STORE-RQ {name} {str(uid)[:80]!r} is not a UID (PS3.5 9.1)", Violation.BAD_COMMAND_FIELD
+            )
+    originator = command.get(0x00001030)  # the element (a keyword would give its value)
+    if originator is not None and originator.value not in (None, ""):
+        try:
+            if not isinstance(originator.value, str):  # a backslash makes pydicom read several values
+                raise ValueError("it holds several values")
+            encode_ae_title(originator.value.strip(" "))
+        except ValueError as exc:
+            raise DimseError(
+                f"C-STORE-RQ Move Originator AE Title is not a valid AE title: {exc}"[:200],
+                Violation.BAD_COMMAND_FIELD,
+            ) from None
     return StoreRequest(
         message_id=int(prim.MessageID),  # type: ignore[arg-type]
         sop_class_uid=str(prim.AffectedSOPClassUID),

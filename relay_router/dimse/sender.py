@@ -90,10 +90,13 @@ class DimseSender:
         self.max_pdu_length = max_pdu_length
         self.fragment_size = min(max_pdu_length - _PDV_OVERHEAD, MAX_FRAGMENT) if max_pdu_length else DEFAULT_FRAGMENT
 
-    def message(self, context_id: int, command: Dataset, dataset: DatasetSource = None) -> Iterator[bytes]:
+    def message(
+        self, context_id: int, command: Dataset, dataset: DatasetSource = None, *, offset: int = 0
+    ) -> Iterator[bytes]:
         """The PDUs of one message: its command set, then its data set if one is given.
 
         The Command Data Set Type (0000,0800) must agree with ``dataset`` (PS3.7 E.1).
+        ``offset``: where the data set starts in a file (after a Part 10 preamble and meta).
         """
         announces = int(command.get("CommandDataSetType", 0x0101)) != 0x0101
         if announces != (dataset is not None):
@@ -104,20 +107,22 @@ class DimseSender:
             )
         yield from self.command(context_id, command)
         if dataset is not None:
-            yield from self.dataset(context_id, dataset)
+            yield from self.dataset(context_id, dataset, offset=offset)
 
     def command(self, context_id: int, command: Dataset) -> Iterator[bytes]:
         """The PDUs of a command set (control header bit 0 set; bit 1 on the last)."""
         _check_context(context_id)
         yield from self._fragments(context_id, _COMMAND, [encode_command(command)])
 
-    def dataset(self, context_id: int, source: str | os.PathLike[str] | Iterable[bytes] | bytes) -> Iterator[bytes]:
-        """The PDUs of a data set given as a file path, bytes, or an iterator of byte chunks."""
+    def dataset(
+        self, context_id: int, source: str | os.PathLike[str] | Iterable[bytes] | bytes, *, offset: int = 0
+    ) -> Iterator[bytes]:
+        """The PDUs of a data set given as a file path (read from ``offset``), bytes, or an iterator of chunks."""
         _check_context(context_id)
         if isinstance(source, (bytes, bytearray, memoryview)):
             yield from self._fragments(context_id, 0, [bytes(source)])
         elif isinstance(source, (str, os.PathLike)):
-            yield from self._fragments(context_id, 0, _file_chunks(Path(source), self.fragment_size))
+            yield from self._fragments(context_id, 0, _file_chunks(Path(source), offset, self.fragment_size))
         else:
             yield from self._fragments(context_id, 0, source)
 
@@ -145,7 +150,8 @@ def _check_context(context_id: int) -> None:
         )
 
 
-def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
+def _file_chunks(path: Path, offset: int, size: int) -> Iterator[bytes]:
     with open(path, "rb") as f:
+        f.seek(offset)
         while chunk := f.read(size):
             yield chunk

@@ -80,6 +80,8 @@ def test_a_file_is_read_in_fragment_sized_pieces(tmp_path: Path) -> None:
     assert all(len(p) <= 4096 + 6 for p in pdus)
     assert b"".join(p[12:] for p in pdus) == body
     assert [p[11] for p in pdus] == [0] * (len(pdus) - 1) + [2]
+    skipped = list(DimseSender(4096).dataset(5, path, offset=1000))
+    assert b"".join(p[12:] for p in skipped) == body[1000:]
 
 
 def test_exact_multiple_of_the_fragment_size_ends_with_a_full_last_fragment() -> None:

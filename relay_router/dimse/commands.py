@@ -50,7 +50,7 @@ __all__ = [
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 """Storage Commitment Push Model SOP Class (PS3.4 J.3)."""
 STORAGE_COMMITMENT_PUSH_INSTANCE = "1.2.840.10008.1.20.1.1"
-"""Its well-known SOP Instance (PS3.4 J.3.5)."""
+"""Its well-known SOP Instance (PS3.4 J.3)."""
 VERIFICATION = "1.2.840.10008.1.1"
 
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 characters
@@ -79,7 +79,7 @@ class Status(IntEnum):
 
     SUCCESS = 0x0000
     PENDING = 0xFF00
-    SOP_CLASS_NOT_SUPPORTED = 0x0122  # C-STORE refused (PS3.7 C.5.3)
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # C-STORE refused: SOP class not supported (PS3.7 Annex C)
     OUT_OF_RESOURCES = 0xA700  # C-STORE refused: out of resources (PS3.4 B.2.3)
     MOVE_SUBOPS_OUT_OF_RESOURCES = 0xA702  # C-MOVE: unable to perform sub-operations (PS3.4 C.4.2.1.5)
     CANNOT_UNDERSTAND = 0xC000  # C-STORE error (PS3.4 B.2.3)
@@ -107,7 +107,7 @@ class StoreRequest:
 
 
 class MessageIdAllocator:
-    """Message IDs (0000,0110) unique among the outstanding operations of an association (PS3.7 9.1.1.1).
+    """Message IDs (0000,0110) unique among the outstanding operations of an association (PS3.7 E.1).
 
     IDs run 1..65535 and wrap; an ID still in use is skipped. ``release`` it when
     the final response arrived.
@@ -241,7 +241,7 @@ def c_move_rsp(
     warning: int = 0,
     remaining: int | None = None,
 ) -> Dataset:
-    """C-MOVE-RSP with sub-operation counts (PS3.7 9.3.4.2, PS3.4 C.4.2.3).
+    """C-MOVE-RSP with sub-operation counts (PS3.7 9.3.4.2, PS3.4 C.4.2).
 
     ``remaining`` goes in pending responses; a final response leaves it out.
     """
@@ -319,7 +319,7 @@ def commitment_event_information(
     committed: Iterable[tuple[str, str]],
     failed: Iterable[tuple[str, str, int]] = (),
 ) -> Dataset:
-    """Storage Commitment Event Information (PS3.4 J.3.3, Table J.3-2).
+    """Storage Commitment Event Information (PS3.4 J.3.3).
 
     ``committed``: (SOP Class UID, SOP Instance UID); ``failed``: the same plus a
     Failure Reason (0x0110 processing failure, 0x0112 no such object instance, ...).

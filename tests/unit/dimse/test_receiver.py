@@ -229,3 +229,31 @@ def test_sender_output_passes_the_upper_layer_framer_and_reaches_the_receiver() 
 def test_command_dataset_is_a_pydicom_dataset() -> None:
     (event,) = receiver().feed(echo_command_pdu())
     assert isinstance(event, CommandReceived) and isinstance(event.command, Dataset)
+
+
+def test_the_layer_is_sans_io() -> None:
+    """No asyncio, grpc, socket or thread import anywhere in relay_router/dimse (STYLE.md, sans-IO)."""
+    import ast
+    from pathlib import Path
+
+    import relay_router.dimse
+
+    banned = {"asyncio", "grpc", "socket", "threading", "selectors"}
+    for path in Path(relay_router.dimse.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not {n.split(".")[0] for n in names} & banned, f"{path.name} imports {names}"
+
+
+def test_dimse_error_is_a_relay_error_labelled_protocol() -> None:
+    from relay_common.errors import Reason, RelayError
+
+    with pytest.raises(RelayError) as caught:
+        receiver().feed(B.p_data(B.pdv(3, 2, b"x")))
+    assert caught.value.reason is Reason.PROTOCOL and not caught.value.security

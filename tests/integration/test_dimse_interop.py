@@ -60,6 +60,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 OUR_MAX_PDU = 32768
+READ_TIMEOUT = 30.0  # a peer that never answers fails the test instead of hanging it
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:
@@ -93,7 +94,7 @@ class Peer:
     async def next_event(self) -> DimseEvent | ControlPdu | None:
         """The next DIMSE event or control PDU; None when the peer closed the connection."""
         while not self.pending:
-            data = await self.reader.read(65536)
+            data = await asyncio.wait_for(self.reader.read(65536), READ_TIMEOUT)
             if not data:
                 return None
             for event in self.framer.feed(data):
@@ -128,7 +129,7 @@ async def associate(
     writer.write(rq)
     framer = PduFramer()
     while True:
-        data = await reader.read(65536)
+        data = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
         assert data, "the SCP closed the connection during association"
         events = framer.feed(data)
         if events:

@@ -48,6 +48,7 @@ class Outcome:
     established: float | None = None  # when the A-ASSOCIATE-AC passed (setup latency metric)
     reason: Reason | None = None  # why the relay refused, rejected or aborted (None: it did not)
     security: bool = False  # a security alert: audited as "alert"
+    address: str = ""  # outbound: the calling device's IP address
 
     def refuse(self, result: Result, reason: Reason, detail: str, *, security: bool = False) -> None:
         """Record a refusal or rejection decided by the relay (or by the called device)."""

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import json
 import logging
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,16 @@ from relay_router.metrics import RouterMetrics
 from relay_router.outbound import OutboundCalls
 from relay_router.outcome import Outcome
 from relay_router.pace import PathPace
-from relay_router.routing import Route, RouteCache, RouteTable, SeenAssociations
+from relay_router.routing import (
+    Callers,
+    Limits,
+    PendingRequests,
+    Route,
+    RouteCache,
+    RouteEvent,
+    RouteTable,
+    SeenAssociations,
+)
 from relay_router.spill import BridgeBlobTransport, SpillState
 from relay_router.status import status_extra
 from relay_router.tunnel import BridgeLink
@@ -58,7 +68,16 @@ class RouterService(OutboundCalls, InboundCalls):
         self.relays: set[RelayedAssociation] = set()
         # Association ids accepted since start (bounded): refuses replays of a recorded one.
         self._seen_associations = SeenAssociations()
-        self._routes = RouteCache(config.remote, self.shared, expose_all=config.dicom.expose_all)
+        pinned = {p.site for p in config.pin}
+        self._routes = RouteCache(config.remote, self.shared, expose_all=config.dicom.expose_all, pinned=pinned)
+        dicom = config.dicom
+        self.limits = Limits(
+            dicom.max_associations, dicom.outbound_limit, dicom.inbound_limit, dicom.inbound_per_site_limit
+        )
+        # The LAN allow-list; [[shared]] hosts are added once they are resolved, in start().
+        self.callers = Callers.build(config.local, {})
+        self.pending = PendingRequests(dicom.max_pending_requests, dicom.max_pending_per_address)
+        self._pending_logged = 0.0
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
@@ -70,7 +89,41 @@ class RouterService(OutboundCalls, InboundCalls):
     # -- routing table -------------------------------------------------------
     def route_table(self) -> RouteTable:
         """The table of the current directory (relay_router.routing; rebuilt only when the directory changes)."""
-        return self._routes.table(self.link.directory)
+        table = self._routes.table(self.link.directory)
+        for event in self._routes.take_events():
+            self._report_route_event(event)
+        return table
+
+    def _report_route_event(self, event: RouteEvent) -> None:
+        """Log and audit what changed in the routes expose_all derives from the directory (the bridge's word)."""
+        sites = " and ".join(event.sites)
+        if event.kind == "route_conflict":
+            log.warning(
+                "expose_all: AE title %r is published by several sites (%s); it is not routed%s",
+                event.title,
+                sites,
+                f" (it led to {event.previous})" if event.previous else "",
+                extra={"route_event": event.kind},
+            )
+            outcome = "alert" if event.previous else "failure"
+        elif event.kind == "route_changed":
+            log.warning(
+                "expose_all: AE title %r now leads to site %s instead of %s (both pinned)",
+                event.title,
+                sites,
+                event.previous,
+                extra={"route_event": event.kind},
+            )
+            outcome = "alert"
+        else:
+            log.info(
+                "expose_all: AE title %r at site %s is not routed: the site has no [[pin]] in router.toml",
+                event.title,
+                sites,
+                extra={"route_event": event.kind},
+            )
+            return
+        self.audit.event(event.kind, outcome, title=event.title, sites=list(event.sites), previous=event.previous)
 
     def routes(self) -> dict[str, Route]:
         """Local AE title -> remote device, from [[remote]] and (with expose_all) the directory."""
@@ -81,9 +134,28 @@ class RouterService(OutboundCalls, InboundCalls):
         return self.route_table().local_alias(site, ae_title)
 
     # -- lifecycle -----------------------------------------------------------
+    async def _resolve_shared_hosts(self) -> dict[str, list[str]]:
+        """The addresses each [[shared]] device's host has now: they may call through the router without a
+        [[local]] entry. Resolved once, at start: a host name that moves needs a restart (or a [[local]] entry)."""
+        loop = asyncio.get_running_loop()
+        resolved: dict[str, list[str]] = {}
+        for device in self.config.shared:
+            try:
+                infos = await loop.getaddrinfo(device.host, None, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("cannot resolve %s (shared device %s): %s", device.host, device.ae_title, exc)
+                continue
+            resolved[device.ae_title] = sorted({str(info[4][0]) for info in infos})
+        return resolved
+
     async def start(self) -> None:
         host, port = parse_host_port(self.config.dicom.listen)
-        self._server = await asyncio.start_server(self._local_connection, host, port, limit=1 << 20)
+        if self.config.local:
+            self.callers = Callers.build(self.config.local, await self._resolve_shared_hosts())
+        # The reader's buffer limit: until the A-ASSOCIATE-RQ is complete nothing past it is read
+        # (outbound._read_request), and afterwards the relay drains the buffer as it goes.
+        limit = self.config.dicom.max_request_bytes
+        self._server = await asyncio.start_server(self._local_connection, host, port, limit=limit)
         self.port = self._server.sockets[0].getsockname()[1]
         self._link_task = asyncio.create_task(self.link.run())
         if self.status_file is not None:
@@ -144,7 +216,9 @@ class RouterService(OutboundCalls, InboundCalls):
             calling_ae=outcome.calling_ae,
             called_ae=outcome.called_ae,
             result=outcome.result,
+            reason=outcome.reason,
             detail=outcome.detail,
+            **({"address": outcome.address} if outcome.address else {}),
             abstract_syntaxes=list(outcome.abstract_syntaxes),
             bytes_out=outcome.bytes_to_remote,
             bytes_in=outcome.bytes_to_local,

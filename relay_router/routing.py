@@ -152,7 +152,8 @@ class RouteEvent:
 
     kind: "route_conflict" (a title several sites publish, not routed), "route_changed" (an
     exposed title now leads to another pinned site), "route_unpinned" (a title at a site with no
-    `[[pin]]`, not routed).
+    `[[pin]]`, not routed; with `previous`, it led to that pinned site before). `previous`: the
+    site the title led to before, if any.
     """
 
     kind: str
@@ -177,7 +178,10 @@ def route_events(before: RouteTable | None, after: RouteTable) -> list[RouteEven
                 events.append(RouteEvent("route_changed", title, (new.site,), old.site))
     old_unpinned = before.unpinned if before is not None else frozenset()
     for site, title in sorted(after.unpinned - old_unpinned):
-        events.append(RouteEvent("route_unpinned", title, (site,)))
+        # A title that led to a pinned site and is now published only by an unpinned one: the attack of
+        # a bridge that removes the real entry and publishes its own. Not routed, and reported as a move.
+        old = before.routes.get(title) if before is not None and title in before.exposed else None
+        events.append(RouteEvent("route_unpinned", title, (site,), old.site if old is not None else None))
     return events
 
 

@@ -95,35 +95,55 @@ class RouterService(OutboundCalls, InboundCalls):
         return table
 
     def _report_route_event(self, event: RouteEvent) -> None:
-        """Log and audit what changed in the routes expose_all derives from the directory (the bridge's word)."""
+        """Log and audit what changed in the routes expose_all derives from the directory (the bridge's word).
+
+        A title that stops leading to its pinned site is an alert (audit event `route_changed`, or
+        `route_conflict` when a second site publishes it), whether or not it is routed afterwards.
+        """
         sites = " and ".join(event.sites)
+        extra = {"route_event": event.kind, "ae_title": event.title}
         if event.kind == "route_conflict":
+            was = f" (it led to {event.previous})" if event.previous else ""
             log.warning(
                 "expose_all: AE title %r is published by several sites (%s); it is not routed%s",
                 event.title,
                 sites,
-                f" (it led to {event.previous})" if event.previous else "",
-                extra={"route_event": event.kind},
+                was,
+                extra=extra,
             )
-            outcome = "alert" if event.previous else "failure"
-        elif event.kind == "route_changed":
+            self.audit.event(
+                "route_conflict",
+                "alert" if event.previous else "failure",
+                ae_title=event.title,
+                sites=list(event.sites),
+                previous_site=event.previous,
+                routed=False,
+            )
+        elif event.kind == "route_changed" or event.previous is not None:
+            routed = event.kind == "route_changed"
             log.warning(
-                "expose_all: AE title %r now leads to site %s instead of %s (both pinned)",
+                "expose_all: AE title %r now leads to site %s instead of pinned site %s%s",
                 event.title,
                 sites,
                 event.previous,
-                extra={"route_event": event.kind},
+                "" if routed else "; that site has no [[pin]], so the title is not routed",
+                extra=extra,
             )
-            outcome = "alert"
+            self.audit.event(
+                "route_changed",
+                "alert",
+                ae_title=event.title,
+                site=event.sites[0],
+                previous_site=event.previous,
+                routed=routed,
+            )
         else:
             log.info(
                 "expose_all: AE title %r at site %s is not routed: the site has no [[pin]] in router.toml",
                 event.title,
                 sites,
-                extra={"route_event": event.kind},
+                extra=extra,
             )
-            return
-        self.audit.event(event.kind, outcome, title=event.title, sites=list(event.sites), previous=event.previous)
 
     def routes(self) -> dict[str, Route]:
         """Local AE title -> remote device, from [[remote]] and (with expose_all) the directory."""
@@ -148,10 +168,14 @@ class RouterService(OutboundCalls, InboundCalls):
             resolved[device.ae_title] = sorted({str(info[4][0]) for info in infos})
         return resolved
 
-    async def start(self) -> None:
-        host, port = parse_host_port(self.config.dicom.listen)
+    async def load_callers(self) -> None:
+        """Build the LAN allow-list, with the [[shared]] hosts resolved now (only when [[local]] entries exist)."""
         if self.config.local:
             self.callers = Callers.build(self.config.local, await self._resolve_shared_hosts())
+
+    async def start(self) -> None:
+        host, port = parse_host_port(self.config.dicom.listen)
+        await self.load_callers()
         # The reader's buffer limit: until the A-ASSOCIATE-RQ is complete nothing past it is read
         # (outbound._read_request), and afterwards the relay drains the buffer as it goes.
         limit = self.config.dicom.max_request_bytes

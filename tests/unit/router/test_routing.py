@@ -101,7 +101,8 @@ def test_an_unpinned_site_publishing_a_pinned_title_blocks_it_loudly_and_never_t
     assert route_events(before, both) == [RouteEvent("route_conflict", "PACS", ("evil", "hospital-b"), "hospital-b")]
     moved = table(("evil", "PACS"), pinned=("hospital-b",))
     assert moved.route("PACS") is None
-    assert route_events(before, moved) == [RouteEvent("route_unpinned", "PACS", ("evil",))]
+    assert route_events(before, moved) == [RouteEvent("route_unpinned", "PACS", ("evil",), "hospital-b")]
+    assert route_events(None, moved) == [RouteEvent("route_unpinned", "PACS", ("evil",))]  # never routed: no move
 
 
 def test_a_pinned_destination_moving_is_reported() -> None:

@@ -108,6 +108,13 @@ class DicomSection:
     max_pending_requests: int = 64
     max_pending_per_address: int = 8
     max_request_bytes: int = 64 * 1024
+    # DICOM over TLS on the LAN (PS3.15 B.1/B.3, BCP 195): a second listener, off while tls_listen is "".
+    # tls_cert_file/tls_key_file: the router's certificate from the hospital's CA (PEM). With
+    # tls_ca_file, a device must present a certificate that CA signed (both sides authenticated, B.1).
+    tls_listen: str = ""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
     # Compress frames with zstd when the other router agrees (pays on WAN links; costs CPU on a LAN).
     compression: bool = True
     compression_level: int = 3
@@ -142,6 +149,13 @@ class DicomSection:
         if not 1 <= self.spill_parallel <= 64:
             raise InvalidValue("spill_parallel", "must be between 1 and 64")
         self._check_limits()
+        if self.tls_listen:
+            try:
+                parse_host_port(self.tls_listen)
+            except ValueError as exc:
+                raise InvalidValue("tls_listen", str(exc)) from None
+            if self.tls_cert_file is None or self.tls_key_file is None:
+                raise InvalidValue("tls_listen", "needs tls_cert_file and tls_key_file (the router's certificate)")
 
     def _check_limits(self) -> None:
         if self.max_associations < 1:

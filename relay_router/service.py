@@ -19,6 +19,7 @@ import collections
 import json
 import logging
 import socket
+import ssl
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -80,6 +81,8 @@ class RouterService(OutboundCalls, InboundCalls):
         self._pending_logged = 0.0
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None
+        self._tls_server: asyncio.base_events.Server | None = None
+        self.tls_port: int | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -181,6 +184,8 @@ class RouterService(OutboundCalls, InboundCalls):
         limit = self.config.dicom.max_request_bytes
         self._server = await asyncio.start_server(self._local_connection, host, port, limit=limit)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.config.dicom.tls_listen:
+            await self._start_tls_listener(limit)
         self._link_task = asyncio.create_task(self.link.run())
         if self.status_file is not None:
             self._status_task = asyncio.create_task(self._write_status())
@@ -192,10 +197,40 @@ class RouterService(OutboundCalls, InboundCalls):
             len(self.config.remote),
         )
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The LAN side's TLS (PS3.15 B.1/B.3 over BCP 195): TLS 1.2 or later, Python's default cipher choice
+        (forward-secret AEAD suites), the router's own certificate; a device certificate when tls_ca_file is set."""
+        dicom = self.config.dicom
+        assert dicom.tls_cert_file is not None and dicom.tls_key_file is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(dicom.tls_cert_file, dicom.tls_key_file)
+        if dicom.tls_ca_file is not None:
+            context.load_verify_locations(cafile=dicom.tls_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def _start_tls_listener(self, limit: int) -> None:
+        host, port = parse_host_port(self.config.dicom.tls_listen)
+        self._tls_server = await asyncio.start_server(
+            self._local_connection,
+            host,
+            port,
+            limit=limit,
+            ssl=self.tls_context(),
+            # The handshake happens before the handler runs: bound it like the A-ASSOCIATE-RQ.
+            ssl_handshake_timeout=self.config.dicom.artim_timeout_s,
+        )
+        self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+        client = "device certificates required" if self.config.dicom.tls_ca_file else "no device certificates"
+        log.info("listening for DICOM over TLS on %s:%d (%s)", host, self.tls_port, client)
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let running associations finish for `grace_s`, then abort the rest."""
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         if self._tasks:
             log.info("waiting up to %.0f s for %d associations", grace_s, len(self._tasks))
             _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
@@ -258,6 +293,7 @@ class RouterService(OutboundCalls, InboundCalls):
             "last_error": self.link.last_error,
             "reconnects": self.link.reconnects,
             "dicom_port": self.port,
+            **({"dicom_tls_port": self.tls_port} if self.tls_port is not None else {}),
             "directory": [asdict(e) for e in self.link.directory],
             "routes": {title: asdict(route) for title, route in sorted(self.routes().items())},
             "active_associations": len(self.active),

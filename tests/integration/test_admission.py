@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,7 +27,7 @@ from relay_demo.archive import DemoArchive
 from relay_demo.network import Remote, Shared
 from relay_router.ul import PduType, parse_reject
 from tests.support import dcmtk
-from tests.support.admission import AdmissionNetwork, local_entries, rss_bytes
+from tests.support.admission import AdmissionNetwork, local_entries, rss_bytes, write_tls_files
 from tests.support.wire import read_pdu, wait_until
 from tests.unit.ul.builders import IMPLICIT_LE, VERIFICATION, associate_rq
 
@@ -306,3 +307,47 @@ def test_an_oversized_request_gets_a_rejection_and_a_clear_log_line(one_route: A
     answer = raw_request(port, fits)
     assert answer[0] == PduType.ASSOCIATE_AC, answer[:16]
     assert echo(port, "ARCHIVE_B", "WS") == (True, None)
+
+
+# -- DICOM over TLS on the LAN (PS3.15 B.1/B.3) ---------------------------------------------------
+
+
+def echoscu_tls(port: int, tls: list[str]) -> str:
+    """DCMTK's echoscu over TLS (Debian builds DCMTK with OpenSSL); its whole log."""
+    dcmtk_args = ["echoscu", "-v", *tls, "-aet", "WS_TLS", "-aec", "ARCHIVE_B", "-to", "10", HOST, str(port)]
+    run = subprocess.run(dcmtk_args, capture_output=True, text=True, timeout=30)
+    return f"exit {run.returncode}\n{run.stdout}{run.stderr}"
+
+
+def test_dicom_over_tls_with_device_certificates(
+    net: AdmissionNetwork, archive_factory: Callable[..., DemoArchive], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    assert not dcmtk.missing_tools(("echoscu",)), "DCMTK echoscu is required"
+    files = write_tls_files(tmp_path_factory.mktemp("tls"))
+    archive = archive_factory("ARCHIVE_B")
+    net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])])
+    net.add_site(
+        "site-a",
+        remote=[Remote("ARCHIVE_B", "site-b")],
+        tls_listen=f"{HOST}:0",
+        tls_cert_file=str(files["router.pem"]),
+        tls_key_file=str(files["router.key"]),
+        tls_ca_file=str(files["ca.pem"]),
+    )
+    net.wait_connected()
+    tls_port = wait_until(lambda: net.status("site-a").get("dicom_tls_port"), what="the TLS listener")
+    assert isinstance(tls_port, int)
+    trust = ["+cf", str(files["ca.pem"])]
+    good = echoscu_tls(tls_port, ["+tls", str(files["device.key"]), str(files["device.pem"]), *trust])
+    assert good.startswith("exit 0") and "Received Echo Response (Success)" in good, good
+    # A device certificate from another CA, no certificate at all, and plain DICOM on the TLS port: refused.
+    stranger = echoscu_tls(tls_port, ["+tls", str(files["stranger.key"]), str(files["stranger.pem"]), *trust])
+    anonymous = echoscu_tls(tls_port, ["+tla", *trust])
+    plain = echoscu_tls(tls_port, [])
+    for answer in (stranger, anonymous, plain):
+        assert not answer.startswith("exit 0") and "Echo Response" not in answer, answer
+    # The plain listener keeps working beside it, and the router serves others after the failed handshakes.
+    assert dcmtk.echoscu(HOST, port_of(net, "site-a"), "ARCHIVE_B", "WS").ok
+    assert "Received Echo Response (Success)" in echoscu_tls(
+        tls_port, ["+tls", str(files["device.key"]), str(files["device.pem"]), *trust]
+    )

@@ -100,3 +100,34 @@ async def test_route_moves_and_conflicts_are_audited(tmp_path: Path, caplog: pyt
         " (it led to hospital-c)",
         "expose_all: AE title 'MR' at site evil is not routed: the site has no [[pin]] in router.toml",
     ]
+
+
+@pytest.mark.parametrize(
+    ("dicom", "message"),
+    [
+        ({"max_inbound_associations": 300}, "dicom.max_inbound_associations: must be between 1 and max_associations"),
+        ({"max_inbound_associations": 4, "max_inbound_per_site": 5}, "must not exceed max_inbound_associations (4)"),
+        ({"max_pending_per_address": 100}, "dicom.max_pending_per_address: must be between 1 and max_pending_requests"),
+        ({"max_request_bytes": 100}, "dicom.max_request_bytes: must be between 1024 and 1048576"),
+        ({"tls_listen": "0.0.0.0:2762"}, "dicom.tls_listen: needs tls_cert_file and tls_key_file"),
+    ],
+)
+def test_limit_and_tls_keys_are_validated(tmp_path: Path, dicom: dict[str, object], message: str) -> None:
+    from relay_common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_service(tmp_path, dicom=dicom)
+
+
+def test_default_limits_keep_slots_for_our_own_devices(tmp_path: Path) -> None:
+    limits = make_service(tmp_path).limits
+    assert (limits.total, limits.outbound, limits.inbound, limits.inbound_per_site) == (200, 200, 100, 25)
+    small = make_service(tmp_path, dicom={"max_associations": 3}).limits
+    assert (small.total, small.outbound, small.inbound, small.inbound_per_site) == (3, 3, 1, 1)
+
+
+def test_a_local_entry_with_a_bad_address_names_the_key(tmp_path: Path) -> None:
+    from relay_common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"local\[0\]\.addresses: '10\.1\.0\.300' is not an IP address or network"):
+        make_service(tmp_path, local=[{"ae_title": "WS", "addresses": ["10.1.0.300"]}])

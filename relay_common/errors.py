@@ -31,6 +31,9 @@ class Reason(StrEnum):
     DEVICE_UNREACHABLE = "device_unreachable"  # the destination router cannot connect to its device
     DEVICE_REJECTED = "device_rejected"  # the called device itself answered A-ASSOCIATE-RJ
     SECURITY = "security"  # authentication, integrity or replay failure (also sets `security`)
+    UNKNOWN_CALLING_AE = "unknown_calling_ae"  # the LAN allow-list ([[local]]) does not know the caller
+    INBOUND_LIMIT = "inbound_limit"  # this router's cap on associations from other sites (total or per site)
+    REQUEST_TOO_LARGE = "request_too_large"  # an A-ASSOCIATE-RQ above [dicom] max_request_bytes
     # failures while running
     PROTOCOL = "protocol"  # a peer broke the DICOM Upper Layer protocol
     LINK_LOST = "link_lost"  # the stream to the bridge broke

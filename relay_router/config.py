@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
@@ -118,7 +119,28 @@ class DicomSection:
     dimse_timeout_s: float = 600.0
     # On SIGTERM: seconds running associations may go on before they are aborted.
     shutdown_grace_s: float = 10.0
+    # Associations at once, both directions: the upper bound of the three limits below.
     max_associations: int = 200
+    # Local devices calling out at once (default: max_associations).
+    max_outbound_associations: int | None = None
+    # Other sites calling our shared devices at once (default: half of max_associations), so that peers
+    # can never take the slots our own workstations need; and per calling site (default: a quarter of
+    # max_inbound_associations), so that one peer cannot take them all from the others.
+    max_inbound_associations: int | None = None
+    max_inbound_per_site: int | None = None
+    # Unfinished A-ASSOCIATE-RQs (connections accepted, request not yet complete) at once, and from one
+    # source address; beyond either the connection is closed at once. A request larger than
+    # max_request_bytes gets A-ASSOCIATE-RJ (permanent, local limit exceeded).
+    max_pending_requests: int = 64
+    max_pending_per_address: int = 8
+    max_request_bytes: int = 64 * 1024
+    # DICOM over TLS on the LAN (PS3.15 B.1/B.3, BCP 195): a second listener, off while tls_listen is "".
+    # tls_cert_file/tls_key_file: the router's certificate from the hospital's CA (PEM). With
+    # tls_ca_file, a device must present a certificate that CA signed (both sides authenticated, B.1).
+    tls_listen: str = ""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
     # Compress frames with zstd when the other router agrees (pays on WAN links; costs CPU on a LAN).
     compression: bool = True
     compression_level: int = 3
@@ -166,12 +188,50 @@ class DicomSection:
                 Endpoint.parse(url, allow_insecure_http=self.spill_allow_insecure_http)
             except ValueError as exc:
                 raise InvalidValue("spill_endpoints", str(exc)) from None
+        self._check_limits()
+        if self.tls_listen:
+            try:
+                parse_host_port(self.tls_listen)
+            except ValueError as exc:
+                raise InvalidValue("tls_listen", str(exc)) from None
+            if self.tls_cert_file is None or self.tls_key_file is None:
+                raise InvalidValue("tls_listen", "needs tls_cert_file and tls_key_file (the router's certificate)")
 
     def spill_policy(self) -> UrlPolicy:
         """Which presigned spill URLs this router opens."""
         return UrlPolicy(
             Endpoint.parse(u, allow_insecure_http=self.spill_allow_insecure_http) for u in self.spill_endpoints
         )
+
+    def _check_limits(self) -> None:
+        if self.max_associations < 1:
+            raise InvalidValue("max_associations", "must be at least 1")
+        for key in ("max_outbound_associations", "max_inbound_associations", "max_inbound_per_site"):
+            value = getattr(self, key)
+            if value is not None and not 1 <= value <= self.max_associations:
+                raise InvalidValue(key, f"must be between 1 and max_associations ({self.max_associations})")
+        if self.max_inbound_per_site is not None and self.max_inbound_per_site > self.inbound_limit:
+            limit = self.inbound_limit
+            raise InvalidValue("max_inbound_per_site", f"must not exceed max_inbound_associations ({limit})")
+        if not 1 <= self.max_pending_per_address <= self.max_pending_requests:
+            raise InvalidValue("max_pending_per_address", "must be between 1 and max_pending_requests")
+        if not 1 <= self.max_pending_requests <= 10_000:
+            raise InvalidValue("max_pending_requests", "must be between 1 and 10000")
+        # 68 bytes is the smallest A-ASSOCIATE-RQ; the Upper Layer framer takes control PDUs up to 1 MiB.
+        if not 1024 <= self.max_request_bytes <= 1024 * 1024:
+            raise InvalidValue("max_request_bytes", "must be between 1024 and 1048576")
+
+    @property
+    def outbound_limit(self) -> int:
+        return self.max_outbound_associations or self.max_associations
+
+    @property
+    def inbound_limit(self) -> int:
+        return self.max_inbound_associations or max(1, self.max_associations // 2)
+
+    @property
+    def inbound_per_site_limit(self) -> int:
+        return self.max_inbound_per_site or max(1, self.inbound_limit // 4)
 
 
 @dataclass(frozen=True)
@@ -192,6 +252,37 @@ class SharedDevice:
         for site in self.share_with:
             if not is_share_target(site):
                 raise InvalidValue("share_with", f"{site!r} is not a router name or '*'")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class LocalDevice:
+    """A device on this hospital's LAN allowed to call through the router ([[local]]).
+
+    Once any [[local]] entry exists, a calling AE title not listed (or calling from
+    an address outside its `addresses`) is rejected; [[shared]] devices are
+    allowed from their own host without an entry.
+    """
+
+    ae_title: str
+    # IP addresses or CIDR networks ("10.1.0.31", "10.1.0.0/24"); empty: any address.
+    addresses: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_ae(self.ae_title, "ae_title")
+        for text in self.addresses:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise InvalidValue(
+                    "addresses", f"{text!r} is not an IP address or network (e.g. 10.1.0.31, 10.1.0.0/24)"
+                ) from None
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(text, strict=False) for text in self.addresses)
 
 
 @dataclass(frozen=True)
@@ -241,6 +332,7 @@ class RouterConfig:
     dicom: DicomSection = field(default_factory=DicomSection)
     shared: list[SharedDevice] = field(default_factory=list)
     remote: list[RemoteDevice] = field(default_factory=list)
+    local: list[LocalDevice] = field(default_factory=list)
     pin: list[Pin] = field(default_factory=list)
     audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)

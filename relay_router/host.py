@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from relay_router.config import RouterConfig, SharedDevice
     from relay_router.outcome import Outcome
     from relay_router.pace import PathPace
-    from relay_router.routing import RouteTable, SeenAssociations
+    from relay_router.routing import Callers, Limits, PendingRequests, RouteTable, SeenAssociations
     from relay_router.spill import BlobTransport
     from relay_router.tunnel import BridgeLink
     from relay_router.ul import Action
@@ -44,6 +44,10 @@ class AssociationHost:
     shared: dict[str, SharedDevice]
     active: dict[str, Outcome]
     _seen_associations: SeenAssociations
+    callers: Callers  # the LAN allow-list ([[local]], [[shared]] from their hosts)
+    limits: Limits  # association caps by direction and calling site
+    pending: PendingRequests  # unfinished A-ASSOCIATE-RQs
+    _pending_logged: float  # when a connection closed for the pending caps was last logged
 
     def route_table(self) -> RouteTable:
         raise NotImplementedError

@@ -18,7 +18,7 @@ from relay_router.association import RelayedAssociation
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
-from relay_router.routing import AUTHENTICATION_FAILED, Reject, admit_inbound
+from relay_router.routing import AUTHENTICATION_FAILED, Reject, Running, admit_inbound
 from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, respond
 from relay_router.tunnel import AssociationStream, LinkDown
 from relay_router.ul import AssociateRequested, RelayConnection, Side
@@ -36,7 +36,7 @@ class InboundCalls(AssociationHost):
         aid = notice.association_id
         extra = {"assoc": aid}
         outcome = Outcome(aid, "inbound", notice.from_site, called_ae=notice.called_ae_title)
-        running = len(self.active)  # before this one
+        running = Running.count(self.active.values())  # before this one
         self.active[aid] = outcome
         try:
             await self._relay_inbound(notice, outcome, extra, running)
@@ -83,7 +83,7 @@ class InboundCalls(AssociationHost):
         return confirmation, sealer, request_pdu
 
     async def _relay_inbound(
-        self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str], running: int
+        self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str], running: Running
     ) -> None:
         stream = await self.link.join(notice.association_id)
         # Our own limit, device and sharing rules: the bridge is not trusted to enforce them (it could invent
@@ -95,7 +95,7 @@ class InboundCalls(AssociationHost):
             association_id=notice.association_id,
             seen=self._seen_associations,
             running=running,
-            limit=self.config.dicom.max_associations,
+            limits=self.limits,
             our_site=self.link.site,
         )
         if isinstance(decision, Reject):

@@ -52,6 +52,9 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         Reason.OVERLOADED,
         Reason.DEVICE_UNREACHABLE,
         Reason.DEVICE_REJECTED,
+        Reason.UNKNOWN_CALLING_AE,
+        Reason.INBOUND_LIMIT,
+        Reason.REQUEST_TOO_LARGE,
         Reason.OTHER,
     )
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 from protos.relay.v1 import relay_pb2 as pb
@@ -20,11 +21,20 @@ from relay_router.association import RelayedAssociation, rejection_for
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
-from relay_router.routing import REJECT_CONGESTION, REJECT_UNKNOWN_CALLED, Reject, Route, admit_outbound
+from relay_router.routing import (
+    REJECT_CONGESTION,
+    REJECT_TOO_LARGE,
+    REJECT_UNKNOWN_CALLED,
+    Reject,
+    Route,
+    Running,
+    admit_outbound,
+)
 from relay_router.seal import AssociationContext, HandshakeError, UnknownPeer, initiate
 from relay_router.tunnel import LinkDown
 from relay_router.ul import (
     AssociateRequested,
+    PduType,
     Phase,
     ProtocolViolation,
     RelayConnection,
@@ -37,6 +47,12 @@ from relay_router.wire.codec import first_frame, handshake_message
 from relay_router.wire.features import Features
 
 log = logging.getLogger("relay_router")
+# The Upper Layer framer's own limit for control PDUs: a length beyond it is a protocol error (A-ABORT),
+# not a request we could have served with a bigger max_request_bytes.
+UL_CONTROL_PDU_LIMIT = 1 << 20
+# Seconds spent discarding the rest of a rejected oversized request, so that the A-ASSOCIATE-RJ is
+# read before the connection closes (closing with unread data would reset it).
+DISCARD_S = 2.0
 
 
 class OutboundCalls(AssociationHost):
@@ -46,9 +62,17 @@ class OutboundCalls(AssociationHost):
         self._track(None)
         tune_socket(writer)
         peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if peer else ""
+        # Unfinished requests are capped before a byte is read: beyond a cap, the request is not readable
+        # yet and an answer would need it, so the connection is closed at once (docs/configuration.md).
+        full = self.pending.admit(address)
+        if full is not None:
+            self._log_pending_refusal(address, full)
+            writer.close()
+            return
         aid = uuid.uuid4().hex
         extra = {"assoc": aid}
-        outcome = Outcome(aid, "outbound", "")
+        outcome = Outcome(aid, "outbound", "", address=address)
         conn = RelayConnection(Side.LOCAL)
         try:
             request = await asyncio.wait_for(
@@ -63,9 +87,13 @@ class OutboundCalls(AssociationHost):
             )
             writer.close()
             return
+        finally:
+            self.pending.done(address)
         if request is None:
             writer.close()
             return
+        if isinstance(request, Reject):
+            return await self._reject_oversized(reader, writer, outcome, request)
         outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
         outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
         self.active[aid] = outcome
@@ -74,10 +102,41 @@ class OutboundCalls(AssociationHost):
         finally:
             self._finished(outcome)
 
+    def _log_pending_refusal(self, address: str, why: str) -> None:
+        """At most one line a second: a client opening connections in a loop must not flood the log."""
+        now = time.monotonic()
+        if now - self._pending_logged >= 1.0:
+            log.warning(
+                "closed a connection from %r at once: %s (%d such connections so far)",
+                address,
+                why,
+                self.pending.refused,
+            )
+            self._pending_logged = now
+
     async def _read_request(self, conn: RelayConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):  # noqa: ANN202
-        """Read until the A-ASSOCIATE-RQ is complete; None if the peer misbehaved or left."""
+        """Read until the A-ASSOCIATE-RQ is complete; None if the peer misbehaved or left; a `Reject` if the
+        request is larger than max_request_bytes.
+
+        Never reads past the end of the request (its length is in the 6-byte PDU header), so what the
+        router holds for an unfinished request is bounded by max_request_bytes.
+        """
+        header = b""
+        while len(header) < 6:
+            chunk = await reader.read(6 - len(header))
+            if not chunk:
+                break
+            header += chunk
+        budget = 65536  # not a request (or cut short): the connection answers it with A-ABORT at once
+        if len(header) == 6 and header[0] == PduType.ASSOCIATE_RQ:
+            length = int.from_bytes(header[2:6], "big")
+            limit = self.config.dicom.max_request_bytes
+            if limit < length <= UL_CONTROL_PDU_LIMIT:
+                detail = f"A-ASSOCIATE-RQ of {length} bytes is larger than max_request_bytes ({limit})"
+                return Reject(Reason.REQUEST_TOO_LARGE, detail, rj=REJECT_TOO_LARGE)
+            budget = length
+        data = header
         while True:
-            data = await reader.read(65536)
             actions = conn.receive(Side.LOCAL, data) if data else conn.peer_closed(Side.LOCAL)
             request = None
             # Look at every action: the same read may hold the request and a violation right behind it.
@@ -95,14 +154,45 @@ class OutboundCalls(AssociationHost):
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
                 return None
+            if budget <= 0:  # cannot happen for a well-formed request: the connection decides on its last byte
+                return None
+            data = await reader.read(min(65536, budget))
+            budget -= len(data)
+
+    async def _reject_oversized(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, outcome: Outcome, why: Reject
+    ) -> None:
+        """A-ASSOCIATE-RJ (permanent, local limit exceeded) to a request above max_request_bytes, without reading
+        it: the rest is discarded as it arrives (for DISCARD_S at most), never held."""
+        assert why.rj is not None
+        outcome.refuse(Result.REJECTED, why.reason, why.detail)
+        log.warning(
+            "A-ASSOCIATE-RJ to %r: %s (PS3.8 reason: local limit exceeded)",
+            outcome.address,
+            why.detail,
+            extra={"assoc": outcome.association_id},
+        )
+        writer.write(a_associate_rj(*why.rj))
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await writer.drain()
+            deadline = time.monotonic() + DISCARD_S
+            while time.monotonic() < deadline and await asyncio.wait_for(reader.read(65536), DISCARD_S):
+                pass
+        writer.close()
+        self._finished(outcome)
 
     async def _reject(self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, why: Reject) -> None:
         """Answer the local device's A-ASSOCIATE-RJ as `why` says, and record it."""
         assert why.rj is not None
         outcome.refuse(Result.REJECTED, why.reason, why.detail, security=why.security)
-        log.info(
-            "A-ASSOCIATE-RJ to %s -> %s: %s",
+        # An unknown caller is something the PACS administrator wants to see (a device missing from
+        # [[local]], or one that should not be there); titles escaped, they come from the request.
+        level = logging.WARNING if why.reason is Reason.UNKNOWN_CALLING_AE else logging.INFO
+        log.log(
+            level,
+            "A-ASSOCIATE-RJ to %r at %r -> %r: %s",
             outcome.calling_ae,
+            outcome.address,
             outcome.called_ae,
             why.detail,
             extra={"assoc": outcome.association_id},
@@ -125,8 +215,11 @@ class OutboundCalls(AssociationHost):
         decision = admit_outbound(
             self.route_table(),
             request.called_ae,
-            running=len(self.active),  # this one is already counted
-            limit=self.config.dicom.max_associations,
+            calling_ae=request.calling_ae,
+            address=outcome.address,
+            callers=self.callers,
+            running=Running.count(self.active.values()),  # this one is already counted
+            limits=self.limits,
             link_up=self.link.connected,
             link_error=self.link.last_error,
         )

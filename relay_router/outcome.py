@@ -53,6 +53,7 @@ class Outcome:
     # The C-FIND identifiers sent (StudyTap.queries): audit field "queries", DICOM Query messages.
     queries: list[dict[str, object]] = field(default_factory=list)
     remote_detail: str = ""  # what Close.detail says instead of `detail` (RelayError.remote_detail)
+    address: str = ""  # outbound: the calling device's IP address
 
     def refuse(self, result: Result, reason: Reason, detail: str, *, security: bool = False) -> None:
         """Record a refusal or rejection decided by the relay (or by the called device)."""

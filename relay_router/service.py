@@ -18,6 +18,8 @@ import asyncio
 import collections
 import json
 import logging
+import socket
+import ssl
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +35,16 @@ from relay_router.metrics import RouterMetrics
 from relay_router.outbound import OutboundCalls
 from relay_router.outcome import Outcome
 from relay_router.pace import PathPace
-from relay_router.routing import Route, RouteCache, RouteTable, SeenAssociations
+from relay_router.routing import (
+    Callers,
+    Limits,
+    PendingRequests,
+    Route,
+    RouteCache,
+    RouteEvent,
+    RouteTable,
+    SeenAssociations,
+)
 from relay_router.spill import BridgeBlobTransport, SpillState
 from relay_router.status import status_extra
 from relay_router.tunnel import BridgeLink
@@ -57,9 +68,20 @@ class RouterService(OutboundCalls, InboundCalls):
         self.relays: set[RelayedAssociation] = set()
         # Verified association ids, kept on disk for the freshness window: refuses replays, across restarts too.
         self._seen_associations = SeenAssociations(config.router.state_dir / "seen_associations")
-        self._routes = RouteCache(config.remote, self.shared, expose_all=config.dicom.expose_all)
+        pinned = {p.site for p in config.pin}
+        self._routes = RouteCache(config.remote, self.shared, expose_all=config.dicom.expose_all, pinned=pinned)
+        dicom = config.dicom
+        self.limits = Limits(
+            dicom.max_associations, dicom.outbound_limit, dicom.inbound_limit, dicom.inbound_per_site_limit
+        )
+        # The LAN allow-list; [[shared]] hosts are added once they are resolved, in start().
+        self.callers = Callers.build(config.local, {})
+        self.pending = PendingRequests(dicom.max_pending_requests, dicom.max_pending_per_address)
+        self._pending_logged = 0.0
         self.history: collections.deque[Outcome] = collections.deque(maxlen=1000)
         self._server: asyncio.base_events.Server | None = None
+        self._tls_server: asyncio.base_events.Server | None = None
+        self.tls_port: int | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -69,7 +91,61 @@ class RouterService(OutboundCalls, InboundCalls):
     # -- routing table -------------------------------------------------------
     def route_table(self) -> RouteTable:
         """The table of the current directory (relay_router.routing; rebuilt only when the directory changes)."""
-        return self._routes.table(self.link.directory)
+        table = self._routes.table(self.link.directory)
+        for event in self._routes.take_events():
+            self._report_route_event(event)
+        return table
+
+    def _report_route_event(self, event: RouteEvent) -> None:
+        """Log and audit what changed in the routes expose_all derives from the directory (the bridge's word).
+
+        A title that stops leading to its pinned site is an alert (audit event `route_changed`, or
+        `route_conflict` when a second site publishes it), whether or not it is routed afterwards.
+        """
+        sites = " and ".join(event.sites)
+        extra = {"route_event": event.kind, "ae_title": event.title}
+        if event.kind == "route_conflict":
+            was = f" (it led to {event.previous})" if event.previous else ""
+            log.warning(
+                "expose_all: AE title %r is published by several sites (%s); it is not routed%s",
+                event.title,
+                sites,
+                was,
+                extra=extra,
+            )
+            self.audit.event(
+                "route_conflict",
+                "alert" if event.previous else "failure",
+                ae_title=event.title,
+                sites=list(event.sites),
+                previous_site=event.previous,
+                routed=False,
+            )
+        elif event.kind == "route_changed" or event.previous is not None:
+            routed = event.kind == "route_changed"
+            log.warning(
+                "expose_all: AE title %r now leads to site %s instead of pinned site %s%s",
+                event.title,
+                sites,
+                event.previous,
+                "" if routed else "; that site has no [[pin]], so the title is not routed",
+                extra=extra,
+            )
+            self.audit.event(
+                "route_changed",
+                "alert",
+                ae_title=event.title,
+                site=event.sites[0],
+                previous_site=event.previous,
+                routed=routed,
+            )
+        else:
+            log.info(
+                "expose_all: AE title %r at site %s is not routed: the site has no [[pin]] in router.toml",
+                event.title,
+                sites,
+                extra=extra,
+            )
 
     def routes(self) -> dict[str, Route]:
         """Local AE title -> remote device, from [[remote]] and (with expose_all) the directory."""
@@ -80,10 +156,35 @@ class RouterService(OutboundCalls, InboundCalls):
         return self.route_table().local_alias(site, ae_title)
 
     # -- lifecycle -----------------------------------------------------------
+    async def _resolve_shared_hosts(self) -> dict[str, list[str]]:
+        """The addresses each [[shared]] device's host has now: they may call through the router without a
+        [[local]] entry. Resolved once, at start: a host name that moves needs a restart (or a [[local]] entry)."""
+        loop = asyncio.get_running_loop()
+        resolved: dict[str, list[str]] = {}
+        for device in self.config.shared:
+            try:
+                infos = await loop.getaddrinfo(device.host, None, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("cannot resolve %s (shared device %s): %s", device.host, device.ae_title, exc)
+                continue
+            resolved[device.ae_title] = sorted({str(info[4][0]) for info in infos})
+        return resolved
+
+    async def load_callers(self) -> None:
+        """Build the LAN allow-list, with the [[shared]] hosts resolved now (only when [[local]] entries exist)."""
+        if self.config.local:
+            self.callers = Callers.build(self.config.local, await self._resolve_shared_hosts())
+
     async def start(self) -> None:
         host, port = parse_host_port(self.config.dicom.listen)
-        self._server = await asyncio.start_server(self._local_connection, host, port, limit=1 << 20)
+        await self.load_callers()
+        # The reader's buffer limit: until the A-ASSOCIATE-RQ is complete nothing past it is read
+        # (outbound._read_request), and afterwards the relay drains the buffer as it goes.
+        limit = self.config.dicom.max_request_bytes
+        self._server = await asyncio.start_server(self._local_connection, host, port, limit=limit)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.config.dicom.tls_listen:
+            await self._start_tls_listener(limit)
         self._link_task = asyncio.create_task(self.link.run())
         if self.status_file is not None:
             self._status_task = asyncio.create_task(self._write_status())
@@ -95,10 +196,40 @@ class RouterService(OutboundCalls, InboundCalls):
             len(self.config.remote),
         )
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The LAN side's TLS (PS3.15 B.1/B.3 over BCP 195): TLS 1.2 or later, Python's default cipher choice
+        (forward-secret AEAD suites), the router's own certificate; a device certificate when tls_ca_file is set."""
+        dicom = self.config.dicom
+        assert dicom.tls_cert_file is not None and dicom.tls_key_file is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(dicom.tls_cert_file, dicom.tls_key_file)
+        if dicom.tls_ca_file is not None:
+            context.load_verify_locations(cafile=dicom.tls_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def _start_tls_listener(self, limit: int) -> None:
+        host, port = parse_host_port(self.config.dicom.tls_listen)
+        self._tls_server = await asyncio.start_server(
+            self._local_connection,
+            host,
+            port,
+            limit=limit,
+            ssl=self.tls_context(),
+            # The handshake happens before the handler runs: bound it like the A-ASSOCIATE-RQ.
+            ssl_handshake_timeout=self.config.dicom.artim_timeout_s,
+        )
+        self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+        client = "device certificates required" if self.config.dicom.tls_ca_file else "no device certificates"
+        log.info("listening for DICOM over TLS on %s:%d (%s)", host, self.tls_port, client)
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let running associations finish for `grace_s`, then abort the rest."""
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         if self._tasks:
             log.info("waiting up to %.0f s for %d associations", grace_s, len(self._tasks))
             _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
@@ -143,7 +274,9 @@ class RouterService(OutboundCalls, InboundCalls):
             calling_ae=outcome.calling_ae,
             called_ae=outcome.called_ae,
             result=outcome.result,
+            reason=outcome.reason,
             detail=outcome.detail,
+            **({"address": outcome.address} if outcome.address else {}),
             abstract_syntaxes=list(outcome.abstract_syntaxes),
             bytes_out=outcome.bytes_to_remote,
             bytes_in=outcome.bytes_to_local,
@@ -161,6 +294,7 @@ class RouterService(OutboundCalls, InboundCalls):
             "last_error": self.link.last_error,
             "reconnects": self.link.reconnects,
             "dicom_port": self.port,
+            **({"dicom_tls_port": self.tls_port} if self.tls_port is not None else {}),
             "directory": [asdict(e) for e in self.link.directory],
             "routes": {title: asdict(route) for title, route in sorted(self.routes().items())},
             "active_associations": len(self.active),

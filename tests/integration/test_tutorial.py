@@ -365,10 +365,12 @@ def test_the_readme_tutorial_connects_two_sites(tutorial: Tutorial, tmp_path: Pa
     echoed = next(out for host, cmd, out, _ in tutorial.outputs if cmd.endswith("devices --echo"))
     assert re.search(r"PACS_B +hospital-b +ORTHANC +online +ok, \d+ ms", echoed), echoed
     assert "Received Echo Response (Success)" in by_command[("ws-a", "echoscu")]
-    # What the README states in prose after step 9: an unknown title is rejected at once; share list.
+    # What the README states in prose after step 9: unknown called and calling titles are rejected; share list.
     echo = next(cmd for host, cmd, _, _ in tutorial.outputs if cmd.startswith("echoscu"))
     nope = tutorial.shell("ws-a", tutorial.localize(echo.replace("-aec PACS_B", "-aec NOPE"), "ws-a"))
     assert nope.returncode != 0 and "Called AE Title Not Recognized" in nope.stdout + nope.stderr, nope.stderr
+    nobody = tutorial.shell("ws-a", tutorial.localize(echo.replace("-aet WS_A", "-aet NOBODY"), "ws-a"))
+    assert nobody.returncode != 0 and "Calling AE Title Not Recognized" in nobody.stdout + nobody.stderr, nobody.stderr
     shares = tutorial.rerun("bridge", "relay-bridge -c /etc/dicom-relay/bridge.toml share list")
     assert re.search(r"hospital-b +ORTHANC +shared with: hospital-a", shares), shares
     assert tutorial.study_uid == expected_study

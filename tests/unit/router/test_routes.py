@@ -23,13 +23,16 @@ def make_service(
     remote: list[dict[str, Any]] | None = None,
     shared: tuple[str, ...] = (),
     listen: str = "127.0.0.1:4242",
+    pinned: tuple[str, ...] = ("hospital-b", "hospital-c", "hospital-d"),
 ) -> RouterService:
+    """expose_all routes only to pinned sites: the sites of these tests are pinned unless `pinned` says otherwise."""
     doc = {
         "router": {"name": "hospital-a"},
         "bridge": {"address": "bridge:443", "insecure": True, "password": "correct horse battery"},
         "dicom": {"listen": listen, "expose_all": expose_all},
         "shared": [{"ae_title": t, "host": "10.0.0.5", "port": 104, "share_with": ["*"]} for t in shared],
         "remote": remote or [],
+        "pin": [{"site": site, "fingerprint": "0" * 64} for site in pinned],
     }
     return RouterService(parse_config(doc, RouterConfig, base_dir=tmp_path))
 
@@ -70,6 +73,13 @@ def test_expose_all_exposes_titles_unique_across_sites(tmp_path: Path) -> None:
         "MR": Route("hospital-c", "MR"),
         "CT": Route("hospital-c", "CT"),
     }
+
+
+def test_expose_all_never_routes_to_an_unpinned_site(tmp_path: Path) -> None:
+    service = make_service(tmp_path, expose_all=True, pinned=("hospital-b",))
+    service.link.directory = entries(("hospital-b", "PACS"), ("hospital-c", "MR"))
+    assert service.routes() == {"PACS": Route("hospital-b", "PACS")}
+    assert "no [[pin]]" in service.route_table().why_not_routed("MR")
 
 
 def test_a_title_at_two_sites_is_not_exposed(tmp_path: Path) -> None:

@@ -9,21 +9,28 @@ from hypothesis import strategies as st
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
-from relay_router.config import RemoteDevice, SharedDevice
+from relay_router.config import LocalDevice, RemoteDevice, SharedDevice
 from relay_router.routing import (
     AUTHENTICATION_FAILED,
     REJECT_CONGESTION,
     REJECT_LIMIT,
     REJECT_UNKNOWN_CALLED,
+    REJECT_UNKNOWN_CALLING,
     Admit,
+    Callers,
     DirectoryDevice,
+    Limits,
+    PendingRequests,
     Reject,
     Route,
     RouteCache,
+    RouteEvent,
     RouteTable,
+    Running,
     SeenAssociations,
     admit_inbound,
     admit_outbound,
+    route_events,
 )
 from relay_router.tunnel import DirectoryEntry
 
@@ -36,10 +43,16 @@ def entries(*pairs: tuple[str, str]) -> list[DirectoryEntry]:
     return [DirectoryEntry(site, title, "", True) for site, title in pairs]
 
 
+PINNED = ("hospital-b", "hospital-c", "hospital-d")
+
+
 def table(
-    *directory: tuple[str, str], remotes: tuple[RemoteDevice, ...] = (), shared: tuple[str, ...] = ()
+    *directory: tuple[str, str],
+    remotes: tuple[RemoteDevice, ...] = (),
+    shared: tuple[str, ...] = (),
+    pinned: tuple[str, ...] = PINNED,
 ) -> RouteTable:
-    return RouteTable.build(remotes, shared, entries(*directory), expose_all=True)
+    return RouteTable.build(remotes, shared, entries(*directory), expose_all=True, pinned=pinned)
 
 
 # -- the route table -----------------------------------------------------------------
@@ -63,6 +76,49 @@ def test_expose_all_hides_a_title_published_by_two_sites() -> None:
     assert t.routes == {"MR": Route("hospital-c", "MR")}
     assert t.route("PACS") is None
     assert t.local_alias("hospital-b", "PACS") is None and t.local_alias("hospital-c", "PACS") is None
+    assert t.conflicts == {"PACS": ("hospital-b", "hospital-c")}
+    assert t.why_not_routed("PACS") == (
+        "called AE title 'PACS' is published by several sites (hospital-b and hospital-c); not routed"
+    )
+
+
+def test_expose_all_routes_only_to_pinned_sites() -> None:
+    """The bridge introduces a site and its key in one message: trust on first use would route to an impostor."""
+    t = table(("hospital-b", "PACS"), ("evil", "MR"), pinned=("hospital-b",))
+    assert t.routes == {"PACS": Route("hospital-b", "PACS")}
+    assert t.unpinned == {("evil", "MR")}
+    assert "site evil, which has no [[pin]]" in t.why_not_routed("MR")
+    # An explicit [[remote]] entry is the operator's own choice: routed whatever the pins.
+    explicit = table(("evil", "MR"), remotes=(remote("MR", "evil"),), pinned=())
+    assert explicit.routes == {"MR": Route("evil", "MR")}
+
+
+def test_an_unpinned_site_publishing_a_pinned_title_blocks_it_loudly_and_never_takes_it() -> None:
+    """The attack of issue 17 item 2: a second site publishes the title and the real entry disappears."""
+    before = table(("hospital-b", "PACS"), pinned=("hospital-b",))
+    both = table(("hospital-b", "PACS"), ("evil", "PACS"), pinned=("hospital-b",))
+    assert both.route("PACS") is None
+    assert route_events(before, both) == [RouteEvent("route_conflict", "PACS", ("evil", "hospital-b"), "hospital-b")]
+    moved = table(("evil", "PACS"), pinned=("hospital-b",))
+    assert moved.route("PACS") is None
+    assert route_events(before, moved) == [RouteEvent("route_unpinned", "PACS", ("evil",), "hospital-b")]
+    assert route_events(None, moved) == [RouteEvent("route_unpinned", "PACS", ("evil",))]  # never routed: no move
+
+
+def test_a_pinned_destination_moving_is_reported() -> None:
+    before = table(("hospital-b", "PACS"))
+    after = table(("hospital-c", "PACS"))
+    assert after.route("PACS") == Route("hospital-c", "PACS")
+    assert route_events(before, after) == [RouteEvent("route_changed", "PACS", ("hospital-c",), "hospital-b")]
+    assert route_events(after, after) == []  # reported once
+
+
+def test_the_cache_keeps_route_events_until_taken() -> None:
+    cache = RouteCache([], [], expose_all=True, pinned=("hospital-b",))
+    cache.table(entries(("hospital-b", "PACS")))
+    cache.table(entries(("hospital-b", "PACS"), ("hospital-c", "PACS")))
+    assert [e.kind for e in cache.take_events()] == ["route_conflict"]
+    assert cache.take_events() == []
 
 
 def test_an_explicit_remote_wins_and_names_the_device() -> None:
@@ -119,7 +175,7 @@ def test_table_invariants(directory: list[tuple[str, str]]) -> None:
 
 
 def test_the_cache_rebuilds_only_when_the_directory_changes() -> None:
-    cache = RouteCache([remote("CT1", "hospital-c")], ["A_PACS"], expose_all=True)
+    cache = RouteCache([remote("CT1", "hospital-c")], ["A_PACS"], expose_all=True, pinned=PINNED)
     first = entries(("hospital-b", "PACS"))
     assert cache.table(first).routes == {"CT1": Route("hospital-c", "CT1"), "PACS": Route("hospital-b", "PACS")}
     for _ in range(5):  # one per association: the same directory object, the same table
@@ -133,7 +189,7 @@ def test_the_cache_rebuilds_only_when_the_directory_changes() -> None:
 
 
 def test_the_table_reads_only_site_and_title() -> None:
-    t = RouteTable.build([], [], [DirectoryDevice("hospital-b", "PACS")], expose_all=True)
+    t = RouteTable.build([], [], [DirectoryDevice("hospital-b", "PACS")], expose_all=True, pinned=["hospital-b"])
     assert t.route("PACS") == Route("hospital-b", "PACS")
 
 
@@ -142,8 +198,34 @@ def test_the_table_reads_only_site_and_title() -> None:
 ROUTES = table(("hospital-b", "PACS"))
 
 
-def outbound(called: str = "PACS", *, running: int = 1, limit: int = 10, up: bool = True, error: str | None = None):
-    return admit_outbound(ROUTES, called, running=running, limit=limit, link_up=up, link_error=error)
+LIMITS = Limits(total=10, outbound=10, inbound=5, inbound_per_site=2)
+
+
+def outbound(
+    called: str = "PACS",
+    *,
+    running: int = 1,
+    limit: int = 10,
+    up: bool = True,
+    error: str | None = None,
+    calling: str = "WS",
+    address: str = "10.1.0.31",
+    callers: Callers | None = None,
+    inbound_running: int = 0,
+):
+    limits = Limits(total=limit, outbound=limit, inbound=limit // 2 or 1, inbound_per_site=1)
+    kwargs = {"callers": callers} if callers is not None else {}
+    return admit_outbound(
+        ROUTES,
+        called,
+        calling_ae=calling,
+        address=address,
+        running=Running(outbound=running, inbound=inbound_running),
+        limits=limits,
+        link_up=up,
+        link_error=error,
+        **kwargs,
+    )
 
 
 def test_a_known_title_is_admitted_with_its_route() -> None:
@@ -186,6 +268,79 @@ def test_outbound_checks_come_in_order() -> None:
     assert outbound(running=99, up=False).reason is Reason.ROUTER_LIMIT  # type: ignore[union-attr]
 
 
+def test_the_outbound_limit_and_the_total_both_hold() -> None:
+    limits = Limits(total=10, outbound=4, inbound=5, inbound_per_site=2)
+
+    def decide(out: int, inbound: int):  # noqa: ANN202
+        running = Running(outbound=out, inbound=inbound)
+        return admit_outbound(ROUTES, "PACS", running=running, limits=limits, link_up=True, link_error=None)
+
+    assert isinstance(decide(4, 5), Admit)
+    assert decide(5, 0).reason is Reason.ROUTER_LIMIT  # type: ignore[union-attr]
+    assert decide(4, 7).reason is Reason.ROUTER_LIMIT  # type: ignore[union-attr]
+
+
+# -- who may call through the router ----------------------------------------------------------
+
+CALLERS = Callers.build(
+    [
+        LocalDevice("WS", ["10.1.0.31", "10.1.2.0/24"]),
+        LocalDevice("ANYWHERE"),
+        LocalDevice("V6", ["fd00::/64"]),
+    ],
+    {"STORE_SCP": ["10.1.0.40"], "WS": ["10.1.0.99"]},
+)
+
+
+def test_without_local_entries_anyone_may_call() -> None:
+    open_door = Callers.build([], {"STORE_SCP": ["10.1.0.40"]})
+    assert not open_door.enforced and open_door.allows("WHOEVER", "192.0.2.1")
+    assert isinstance(outbound(calling="WHOEVER"), Admit)
+
+
+def test_the_allow_list_checks_title_and_address() -> None:
+    allows = CALLERS.allows
+    assert allows("WS", "10.1.0.31") and allows("WS", "10.1.2.200") and allows("WS", "10.1.0.99")  # shared host
+    assert not allows("WS", "10.1.0.32") and not allows("WS", "10.1.3.1")
+    assert allows("ANYWHERE", "192.0.2.7") and allows("ANYWHERE", "fd00::1")
+    assert allows("STORE_SCP", "10.1.0.40") and not allows("STORE_SCP", "10.1.0.41")  # [[shared]], its own host
+    assert allows("V6", "fd00::5") and not allows("V6", "fd01::5") and not allows("V6", "10.1.0.31")
+    assert allows("WS", "::ffff:10.1.0.31")  # a dual-stack listener reports IPv4 callers this way
+    assert allows("V6", "fd00::5%eth0")
+    assert not allows("NOBODY", "10.1.0.31") and not allows("WS", "not an address") and not allows("WS", "")
+    assert not allows("ws", "10.1.0.31")  # AE titles are case-sensitive (PS3.5 AE value representation)
+
+
+def test_an_unknown_caller_is_rejected_1_1_3_before_anything_about_routes() -> None:
+    decision = outbound("NOPE", calling="INTRUDER", address="10.1.0.66", callers=CALLERS, up=False)
+    assert isinstance(decision, Reject)
+    assert decision.reason is Reason.UNKNOWN_CALLING_AE and decision.route is None and not decision.security
+    assert decision.rj == REJECT_UNKNOWN_CALLING == (1, 1, 3)
+    assert decision.detail == "calling AE title 'INTRUDER' from '10.1.0.66' is not a [[local]] device of this router"
+    wrong_place = outbound(calling="WS", address="10.9.9.9", callers=CALLERS)
+    assert wrong_place.detail == "calling AE title 'WS' from '10.9.9.9' is not allowed from this address"  # type: ignore[union-attr]
+    escaped = outbound(calling="A\x1b[2J", address="10.1.0.66", callers=CALLERS)
+    assert "\x1b" not in escaped.detail and "\\x1b" in escaped.detail  # type: ignore[union-attr]
+    assert isinstance(outbound(calling="WS", address="10.1.0.31", callers=CALLERS), Admit)
+
+
+# -- unfinished requests -----------------------------------------------------------------------
+
+
+def test_pending_requests_are_capped_in_total_and_per_address() -> None:
+    pending = PendingRequests(total=3, per_address=2)
+    assert pending.admit("10.0.0.1") is None and pending.admit("10.0.0.1") is None
+    assert "max_pending_per_address" in (pending.admit("10.0.0.1") or "")
+    assert pending.admit("10.0.0.2") is None
+    assert "max_pending_requests" in (pending.admit("10.0.0.3") or "")
+    pending.done("10.0.0.1")
+    assert pending.admit("10.0.0.3") is None
+    assert pending.refused == 2 and pending.total == 3
+    for address in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        pending.done(address)
+    assert pending.total == 0 and not pending.by_address  # nothing kept for addresses gone
+
+
 # -- inbound admission ---------------------------------------------------------------
 
 SHARED = {
@@ -203,6 +358,9 @@ def inbound(
     seen: SeenAssociations | None = None,
     running: int = 0,
     limit: int = 10,
+    inbound_running: int = 0,
+    by_site: dict[str, int] | None = None,
+    limits: Limits | None = None,
 ):
     return admit_inbound(
         SHARED,
@@ -210,8 +368,8 @@ def inbound(
         called_ae=called,
         association_id=aid,
         seen=seen if seen is not None else SeenAssociations(),
-        running=running,
-        limit=limit,
+        running=Running(outbound=running, inbound=inbound_running, inbound_by_site=by_site or {}),
+        limits=limits or Limits(total=limit, outbound=limit, inbound=limit, inbound_per_site=limit),
         our_site="hospital-a",
     )
 
@@ -267,6 +425,32 @@ def test_overload_is_refused_first_and_counts_only_the_others() -> None:
     assert (decision.reason, decision.refused, decision.security) == (Reason.ROUTER_LIMIT, pb.Refused.OVERLOADED, False)
     assert decision.detail == "site hospital-a has reached its association limit"
     assert decision.log == "refusing an association from hospital-b: site hospital-a has reached its association limit"
+
+
+def test_inbound_associations_have_their_own_cap_and_one_per_site() -> None:
+    """Peers never take the slots our own devices need, and one peer never takes all inbound slots."""
+    limits = Limits(total=10, outbound=10, inbound=4, inbound_per_site=2)
+    assert inbound(inbound_running=3, by_site={"hospital-c": 3}, limits=limits) == Admit()
+    full = inbound(inbound_running=4, by_site={"hospital-c": 4}, limits=limits)
+    assert isinstance(full, Reject)
+    assert (full.reason, full.refused) == (Reason.INBOUND_LIMIT, pb.Refused.OVERLOADED)
+    assert full.detail == "site hospital-a has reached its limit of associations from other sites (4)"
+    one_site = inbound(inbound_running=2, by_site={"hospital-b": 2}, limits=limits)
+    assert isinstance(one_site, Reject) and one_site.reason is Reason.INBOUND_LIMIT
+    assert one_site.detail == "site hospital-b has reached its limit of associations to hospital-a (2)"
+    assert inbound("OPEN", "hospital-c", inbound_running=2, by_site={"hospital-b": 2}, limits=limits) == Admit()
+    # Our own outbound associations count against the total only.
+    assert inbound(running=9, limits=limits) == Admit()
+    assert inbound(running=10, limits=limits).reason is Reason.ROUTER_LIMIT  # type: ignore[union-attr]
+
+
+def test_running_counts_directions_and_sites() -> None:
+    from relay_router.outcome import Outcome
+
+    active = [Outcome("1", "outbound", "hospital-b"), Outcome("2", "inbound", "hospital-b")]
+    active += [Outcome("3", "inbound", "hospital-c"), Outcome("4", "inbound", "hospital-b")]
+    assert Running.count(active) == Running(outbound=1, inbound=3, inbound_by_site={"hospital-b": 2, "hospital-c": 1})
+    assert Running.count(active).total == 4
 
 
 def test_routing_is_pure_code() -> None:

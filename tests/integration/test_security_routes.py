@@ -19,6 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge.control import ControlService
 from relay_bridge.server import RelayServicer
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import generate_ct_series, write_series
@@ -31,17 +32,22 @@ pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
 
 
+class HidingControl(ControlService):
+    """The control service of a bridge that hides chosen directory entries from every router."""
+
+    async def directory_for(self, site: str) -> pb.Directory:
+        directory = await super().directory_for(site)
+        kept = [d for d in directory.devices if (d.site, d.ae_title) not in RouteThief.hidden]
+        del directory.devices[:]
+        directory.devices.extend(kept)
+        return directory
+
+
 class RouteThief(RelayServicer):
     """A bridge that hides chosen directory entries from every router (the real site's, in the attack)."""
 
     hidden: set[tuple[str, str]] = set()
-
-    def directory_for(self, site: str) -> pb.Directory:
-        directory = super().directory_for(site)
-        kept = [d for d in directory.devices if (d.site, d.ae_title) not in self.hidden]
-        del directory.devices[:]
-        directory.devices.extend(kept)
-        return directory
+    control_class = HidingControl
 
 
 @pytest.fixture
@@ -95,7 +101,7 @@ def test_a_title_taken_over_by_the_bridges_own_site_is_refused(routes_attack, im
     assert store(net, image) == 0  # positive control: the pinned partner receives it
     assert len(real.instances) == 1
     # The attack: the bridge removes site-b's entry and its own router publishes the same title.
-    bridge.servicer.hidden = {("site-b", "ARCHIVE_B")}
+    RouteThief.hidden = {("site-b", "ARCHIVE_B")}
     net.add_site("site-evil", shared=[Shared("ARCHIVE_B", HOST, impostor.port, ["*"])])
     wait_until(lambda: "ARCHIVE_B" not in routes_of(net), what="site-a to stop routing ARCHIVE_B")
     assert store(net, image) is None  # A-ASSOCIATE-RJ: not routed

@@ -57,5 +57,10 @@ def entry_for(reason: object) -> Entry | None:
     return _ENTRIES.get(str(reason), _ENTRIES[Reason.OTHER])
 
 
-def all_entries() -> list[Entry]:
-    return [*_ENTRIES.values(), NOT_SIGNED_ON]
+def sections() -> list[dict[str, object]]:
+    """One per documented section: its anchor, title and the reasons (with their hints) that point to it."""
+    found: dict[str, dict[str, object]] = {}
+    for reason, entry in [*_ENTRIES.items(), ("not signed on", NOT_SIGNED_ON)]:
+        section = found.setdefault(entry.anchor, {"anchor": entry.anchor, "title": entry.title, "reasons": []})
+        section["reasons"].append((str(reason), entry.hint))  # type: ignore[union-attr]
+    return list(found.values())

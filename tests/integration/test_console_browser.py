@@ -177,8 +177,11 @@ def test_a_person_watches_the_network_in_the_consoles(
         second_mb = float(
             wait_for(
                 driver,
-                lambda d: (m := [megabytes(e.text) for e in d.find_elements(By.CSS_SELECTOR, row)]) and m[0] > first_mb
-                and m[0],
+                lambda d: (
+                    (m := [megabytes(e.text) for e in d.find_elements(By.CSS_SELECTOR, row)])
+                    and m[0] > first_mb
+                    and m[0]
+                ),
                 5,
                 "the bytes grow",
             )

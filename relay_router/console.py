@@ -49,7 +49,15 @@ class RouterConsole:
         host, _ = parse_host_port(section.listen)
         if not is_loopback(host):
             assert section.password_file is not None  # the configuration requires it (RouterConfig)
-            self.password = section.password_file.read_text().strip()
+            try:
+                self.password = section.password_file.read_text().strip()
+            except OSError as exc:
+                self.password = ""
+                log.error("router console disabled: cannot read %s: %s", section.password_file, exc)
+            if not self.password:
+                self.server.error = f"no password in {section.password_file}"
+                log.error("router console disabled: %s", self.server.error)
+                return False
         return await self.server.start(section.listen)
 
     async def stop(self) -> None:
@@ -66,6 +74,10 @@ class RouterConsole:
         return scheme == "Basic" and hmac.compare_digest(f"{user}:{given}".encode(), f"{USER}:{self.password}".encode())
 
     def _page(self, request: web.Request, name: str, **context: Any) -> web.Response:
+        if self.password is None and not is_loopback(request.url.host or ""):
+            # Without a password the console answers only to loopback names: a web page the operator
+            # visits cannot read it through a DNS name rebound to 127.0.0.1.
+            raise web.HTTPMisdirectedRequest(text="use http://127.0.0.1:PORT/ (this console serves loopback only)")
         if not self._authorized(request):
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="relay-router console"'})
         html = render(self.env, name, docs_url=self.service.config.console.docs_url, **context)

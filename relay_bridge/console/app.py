@@ -101,7 +101,11 @@ class BridgeConsole:
     # -- handlers ---------------------------------------------------------------------------
     def _admin(self, request: web.Request) -> str | None:
         name = self.signer.verify(request.cookies.get(COOKIE))
-        return name if name is not None and name in self.admins.names() else None
+        try:
+            return name if name is not None and name in self.admins.names() else None
+        except (OSError, ValueError) as exc:  # an unreadable accounts file signs everyone out, loudly
+            log.error("cannot read the console's admin accounts %s: %s", self.admins.path, exc)
+            return None
 
     async def overview(self, request: web.Request) -> web.StreamResponse:
         admin = self._admin(request)

@@ -110,3 +110,18 @@ def test_formatting_helpers() -> None:
     assert printable("AE\x1b[31m\x00") == "AE\\x1b[31m\\x00"
     now = 1_700_000_000.0
     assert since(now - 300, now=now) == "since 22:08:20 UTC (5 min)"
+
+
+async def test_without_a_password_only_loopback_names_are_answered(client: tuple[RouterService, TestClient]) -> None:
+    _, http = client
+    assert (await http.get("/", headers={"Host": "localhost"})).status == 200
+    rebound = await http.get("/", headers={"Host": "attacker.example:9466"})
+    assert rebound.status == 421 and "loopback only" in await rebound.text()
+
+
+async def test_an_empty_password_file_keeps_the_console_off(tmp_path: Path) -> None:
+    (tmp_path / "console.pw").write_text("\n")
+    service = make_service(tmp_path, {"listen": "0.0.0.0:0", "password_file": "console.pw"})
+    console = RouterConsole(service)
+    assert not await console.start()
+    assert console.server.error == f"no password in {tmp_path / 'console.pw'}" and console.server.address is None

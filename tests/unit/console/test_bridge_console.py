@@ -130,3 +130,45 @@ async def test_running_associations_refusals_and_alerts_are_listed(console: tupl
     assert "<code>WS_A</code> &rarr; <code>ARCHIVE_B</code>" in html
     assert "site_offline" in html and "site-b is offline" in html and "Association rejected" in html
     assert "SECURITY ALERT" in html and "access_refused" in html and "<script>" not in html
+
+
+async def test_beyond_loopback_the_console_is_served_over_tls_with_secure_cookies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a public address (the test stays on 127.0.0.1 and tells the console it is not loopback)."""
+    import ssl
+
+    import aiohttp
+
+    from relay_bridge.console import app as app_module
+    from relay_common.pki import make_dev_pki
+
+    monkeypatch.setattr(directory_module, "SCRYPT_N", 2**10)
+    monkeypatch.setattr(admins_module, "SCRYPT_N", 2**10)
+    monkeypatch.setattr(app_module, "is_loopback", lambda host: False)
+    files = make_dev_pki(tmp_path, hostnames=["localhost"], ips=["127.0.0.1"])
+    config = BridgeConfig(
+        server=ServerSection(tls_cert=files.server_cert, tls_key=files.server_key),
+        storage=StorageSection(database=tmp_path / "bridge.sqlite3"),
+        console=ConsoleSection(listen="127.0.0.1:0"),
+    )
+    servicer = RelayServicer(config, Directory(config.storage.database))
+    console = BridgeConsole(servicer.state)
+    console.admins.add("ops", PASSWORD)
+    assert await console.start()
+    try:
+        assert console.server.url == f"https://{console.server.address}/"
+        trust = ssl.create_default_context(cafile=str(files.ca_cert))
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP gets nothing
+                await http.get(f"http://{console.server.address}/login")
+            response = await http.post(
+                f"{console.server.url}login",
+                data={"name": "ops", "password": PASSWORD},
+                ssl=trust,
+                allow_redirects=False,
+            )
+            assert response.status == 303 and "Secure" in response.headers["Set-Cookie"]
+    finally:
+        await console.stop()
+        servicer.directory.close()

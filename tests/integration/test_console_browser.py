@@ -32,6 +32,7 @@ HOST = "127.0.0.1"
 ADMIN, PASSWORD = "ops", "console password 1"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+HOSTILE = "<b>bold</b><script>document.title = 'pwned'</script>\x1b[31m"
 
 
 def require_browser() -> None:
@@ -95,6 +96,9 @@ def console_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loca
         for site in ("site-b", "site-a"):
             with net.router_config_path(site).open("a") as out:
                 out.write('\n[metrics]\nlisten = ""\n\n[console]\nlisten = "127.0.0.1:0"\n')
+                if site == "site-b":  # a description that tries markup, a script and a terminal escape
+                    out.write(f'\n[[shared]]\nae_title = "OTHER_B"\nhost = "{HOST}"\nport = {archive.port}\n')
+                    out.write(f'share_with = ["site-a"]\ndescription = {json.dumps(HOSTILE)}\n')
             net.start_router(site)
         net.wait_connected()
         yield net, archive
@@ -130,9 +134,19 @@ def send_series(port: int, datasets: list[Dataset], results: list[object]) -> No
 
 
 def wait_for(driver: object, condition: Callable[[object], object], timeout: float, what: str) -> object:
+    """Poll `condition`; an element that a refresh replaced mid-read is simply read again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=what)
+    ignored = (StaleElementReferenceException, NoSuchElementException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(condition, message=what)
+
+
+def text(driver: object, selector: str) -> str:
+    """The visible text of the element `selector` (CSS), read whole from one rendering of the page."""
+    from selenium.webdriver.common.by import By
+
+    return str(wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector).text, 5, selector))
 
 
 def test_a_person_watches_the_network_in_the_consoles(
@@ -151,19 +165,24 @@ def test_a_person_watches_the_network_in_the_consoles(
     driver.find_element(By.ID, "name").send_keys(ADMIN)  # type: ignore[attr-defined]
     driver.find_element(By.ID, "password").send_keys("not the password")  # type: ignore[attr-defined]
     driver.find_element(By.ID, "sign-in").click()  # type: ignore[attr-defined]
-    assert driver.find_element(By.ID, "login-error").text == "Wrong account name or password."  # type: ignore[attr-defined]
+    assert text(driver, "#login-error") == "Wrong account name or password."
     driver.find_element(By.ID, "name").send_keys(ADMIN)  # type: ignore[attr-defined]
     driver.find_element(By.ID, "password").send_keys(PASSWORD)  # type: ignore[attr-defined]
     driver.find_element(By.ID, "sign-in").click()  # type: ignore[attr-defined]
 
     def site_state(name: str) -> str:
-        return driver.find_element(By.CSS_SELECTOR, f"#site-{name} .state").text  # type: ignore[attr-defined]
+        return text(driver, f"#site-{name} .state")
 
     wait_for(driver, lambda d: "2 of 2 sites signed on" in d.find_element(By.ID, "summary").text, 10, "both sites")
     assert site_state("site-a").startswith("up since ") and " UTC (" in site_state("site-a")
     assert site_state("site-b").startswith("up since ")
-    links = driver.find_element(By.ID, "links").text  # type: ignore[attr-defined]
-    assert "site-a → site-b ARCHIVE_B up" in links
+    links = text(driver, "#links")
+    assert "site-a → site-b ARCHIVE_B, OTHER_B up" in links
+    # The hostile description is shown as the text it is: no markup, no script run, the escape visible.
+    shares = text(driver, "#site-site-b")
+    assert "<b>bold</b><script>document.title = 'pwned'</script>\\x1b[31m" in shares
+    assert not driver.find_elements(By.CSS_SELECTOR, "#sites b, #sites script")  # type: ignore[attr-defined]
+    assert driver.title == "dicom-relay bridge"  # type: ignore[attr-defined]
 
     # A transfer through the relay: its bytes grow from one automatic refresh to the next.
     datasets = generate_ct_series(14, rows=512, cols=512)  # ~0.5 MB each, 0.4 s each at the archive
@@ -172,8 +191,8 @@ def test_a_person_watches_the_network_in_the_consoles(
     sender.start()
     try:
         row = "#active tr.association .bytes"
-        first = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, row), 10, "the association appears")
-        first_mb = megabytes(first[0].text)  # type: ignore[index]
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, row), 10, "the association appears")
+        first_mb = megabytes(text(driver, row))
         second_mb = float(
             wait_for(
                 driver,
@@ -187,15 +206,15 @@ def test_a_person_watches_the_network_in_the_consoles(
             )
         )
         assert second_mb > first_mb
-        active = driver.find_element(By.ID, "active").text  # type: ignore[attr-defined]
+        active = text(driver, "#active")
         assert "site-a → site-b" in active and "WS_A → ARCHIVE_B" in active and "relaying" in active
         screenshot(driver, "bridge-console.png", tmp_path)
 
         # The router console at site-a: its devices, the same association running.
         driver.get(router_url)  # type: ignore[attr-defined]
-        remote = driver.find_element(By.ID, "remote-ARCHIVE_B").text  # type: ignore[attr-defined]
+        remote = text(driver, "#remote-ARCHIVE_B")
         assert "site-b" in remote and "online" in remote
-        assert "signed on to the bridge" in driver.find_element(By.ID, "link").text  # type: ignore[attr-defined]
+        assert "signed on to the bridge" in text(driver, "#link")
     finally:
         sender.join(60)
     assert results == [0] * len(datasets)
@@ -208,8 +227,8 @@ def test_a_person_watches_the_network_in_the_consoles(
     wait_for(driver, lambda d: site_state("site-b").startswith("offline since "), 5, "site-b offline within 5 s")
     assert time.monotonic() - stopped < 5
     assert site_state("site-a").startswith("up since ")
-    assert "site-b offline" in driver.find_element(By.ID, "links").text  # type: ignore[attr-defined]
-    finished = driver.find_element(By.ID, "finished").text  # type: ignore[attr-defined]
+    assert "site-b offline" in text(driver, "#links")
+    finished = text(driver, "#finished")
     assert "WS_A → ARCHIVE_B relayed" in finished
 
     # At site-a, a device calls the offline archive: the router console lists the error and where to read.
@@ -218,11 +237,11 @@ def test_a_person_watches_the_network_in_the_consoles(
     assert not ae.associate(HOST, net.sites["site-a"].port, ae_title="ARCHIVE_B").is_established
     driver.get(router_url)  # type: ignore[attr-defined]
     wait_for(driver, lambda d: "offline" in d.find_element(By.ID, "remote-ARCHIVE_B").text, 5, "ARCHIVE_B offline")
-    errors = driver.find_element(By.ID, "errors").text  # type: ignore[attr-defined]
+    errors = text(driver, "#errors")
     assert "site_offline" in errors and "WS_A → ARCHIVE_B" in errors
     screenshot(driver, "router-console.png", tmp_path)
-    driver.find_element(By.CSS_SELECTOR, "#errors a.help").click()  # type: ignore[attr-defined]
+    wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#errors a.help").click() or True, 5, "follow the link")
     assert driver.current_url.endswith("/help#association-rejected")  # type: ignore[attr-defined]
-    section = driver.find_element(By.ID, "association-rejected").text  # type: ignore[attr-defined]
+    section = text(driver, "#association-rejected")
     assert "Association rejected" in section and "site_offline" in section
     assert "docs/operations.md#association-rejected" in section

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     share = sub.add_parser("share", help="inspect shared devices")
     ssub = share.add_subparsers(dest="action", required=True)
     ssub.add_parser("list", help="devices and who may reach them").add_argument("--json", action="store_true")
+    from relay_bridge.console.admins import add_parser as add_admin_parser
+
+    add_admin_parser(sub)  # relay-bridge admin add|remove|list: the web console's accounts
     return parser
 
 
@@ -154,16 +157,22 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         holder["metrics"] = servicer.metrics
         holder["status"] = writer = StatusWriter(servicer, status_path(cfg), port=port)
         await writer.start()
+        from relay_bridge.console.app import BridgeConsole  # the web console ([console] listen; off by default)
+
+        holder["console"] = console = BridgeConsole(servicer.state, port=port)
+        await console.start()
         holder["servicer"] = servicer
         holder["audit"] = servicer.audit
         servicer.audit.event("start", "success", listen=cfg.server.listen)  # DICOM Application Activity
-        announce_ready(args.ready_file, port=port, metrics_port=servicer.metrics.server.port)
+        announce_ready(
+            args.ready_file, port=port, metrics_port=servicer.metrics.server.port, console_port=console.server.port
+        )
 
     async def end() -> None:
         server = holder.get("server")
         if server is not None:
             await server.stop(10.0)  # type: ignore[attr-defined]
-        for part in ("status", "metrics"):
+        for part in ("status", "metrics", "console"):
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]
         if "audit" in holder:
@@ -246,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if notice:
         print(notice, file=sys.stderr)
+    if args.command == "admin":
+        from relay_bridge.console.admins import run_admin
+
+        return run_admin(cfg, args)
     db = Directory(cfg.storage.database)
     event = f"{args.command}_{args.action.replace('-', '_')}"  # router_add, router_passwd, share_list, ...
     name = getattr(args, "name", None)

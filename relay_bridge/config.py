@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,26 @@ class SpillSection:
 
 
 @dataclass(frozen=True)
+class ConsoleSection:
+    # HOST:PORT of the read-only web console (relay_bridge.console); "" (the default) turns it off.
+    # Served over TLS with [server] tls_cert/tls_key unless HOST is a loopback address.
+    listen: str = ""
+    # Admin accounts (scrypt hashes), managed with `relay-bridge admin add|remove|list`.
+    # Default: "<database>.admins.json".
+    admins_file: Path | None = None
+    session_hours: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                parse_host_port(self.listen)
+            except ValueError as exc:
+                raise InvalidValue("listen", f'{exc} (or "" to turn the console off)') from None
+        if not 0 < self.session_hours <= 24 * 7:
+            raise InvalidValue("session_hours", "must be between 0 and 168")
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     server: ServerSection = field(default_factory=ServerSection)
     storage: StorageSection = field(default_factory=StorageSection)
@@ -132,7 +153,20 @@ class BridgeConfig:
     spill: SpillSection = field(default_factory=SpillSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
+
+    def __post_init__(self) -> None:
+        # The console's one cross-section rule: passwords cross the network only inside TLS.
+        if self.console.listen and self.server.insecure and not _loopback(parse_host_port(self.console.listen)[0]):
+            raise InvalidValue("console.listen", "a console not on loopback needs TLS (insecure = false)")
 
 
 def load(path: str | Path) -> BridgeConfig:
     return load_config(path, BridgeConfig)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -32,6 +32,8 @@ from relay_common import dicom_audit
 from relay_common.syslog_tls import CollectorSettings, SyslogTlsSender, format_rfc5424
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from relay_common.config import AuditSection
 
 from relay_common.files import create_private
@@ -69,6 +71,8 @@ class AuditLog:
             self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         if path is not None:
             create_private(path, narrow=False)
+        # Notified of every record (the bridge console's ring of refusals and alerts); must not raise.
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     def event(self, event: str, outcome: str, **fields: Any) -> dict[str, Any]:
         """Record one event; `outcome` is "success", "failure" or "alert" (a security alert)."""
@@ -94,6 +98,8 @@ class AuditLog:
             self._send_dicom(record)
         if outcome == "alert":
             log.error("SECURITY ALERT %s: %s", event, line)
+        for observe in self.observers:
+            observe(record)
         return record
 
     def _send_dicom(self, record: dict[str, Any]) -> None:

@@ -122,6 +122,9 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
     from relay_router.status import default_status_file, write_now, write_stopped
 
     service = RouterService(cfg, status_file=status_file or default_status_file(cfg))
+    from relay_router.console import RouterConsole  # the web console ([console] listen; off by default)
+
+    console = RouterConsole(service)
 
     async def begin() -> None:
         await service.metrics.start(cfg.metrics.listen)
@@ -130,11 +133,15 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
         except OSError as exc:
             raise listen_error(cfg.dicom.listen, exc) from exc
         write_now(service)
+        await console.start()
         service.audit.event("start", "success", listen=cfg.dicom.listen)  # DICOM Application Activity
-        announce_ready(ready_file, port=service.port, metrics_port=service.metrics.server.port)
+        announce_ready(
+            ready_file, port=service.port, metrics_port=service.metrics.server.port, console_port=console.server.port
+        )
 
     async def end() -> None:
         await service.stop(cfg.dicom.shutdown_grace_s)
+        await console.stop()
         await service.metrics.stop()
         write_stopped(service)
         service.audit.event("stop", "success")

@@ -326,6 +326,28 @@ class MetricsSection(common_config.MetricsSection):
 
 
 @dataclass(frozen=True)
+class ConsoleSection:
+    # HOST:PORT of the read-only web console (relay_router.console), e.g. "127.0.0.1:9466"; "" = off.
+    listen: str = ""
+    # Required when listen is not a loopback address: a file holding the console password (HTTP Basic,
+    # user "admin"). Keep it mode 0600.
+    password_file: Path | None = None
+    # Where docs/operations.md is published for your operators (each error links to its section there too).
+    docs_url: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            return
+        try:
+            host, _ = parse_host_port(self.listen)
+        except ValueError as exc:
+            raise InvalidValue("listen", f'{exc} (or "" to turn the console off)') from None
+        loopback = host == "localhost" or host.strip("[]") in ("127.0.0.1", "::1") or host.startswith("127.")
+        if not loopback and self.password_file is None:
+            raise InvalidValue("password_file", "is required when the console listens beyond loopback")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     router: RouterSection
     bridge: BridgeSection
@@ -337,6 +359,7 @@ class RouterConfig:
     audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}

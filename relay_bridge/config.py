@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port
@@ -44,7 +46,44 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class StorageSection:
-    database: Path = Path("bridge.sqlite3")
+    # A SQLite file (the embedded default; relative to this file) or a PostgreSQL URL,
+    # "postgresql://user@host:5432/dbname" (no password in it: password_file or the PG* variables).
+    database: str = "bridge.sqlite3"
+    # With PostgreSQL: a file holding the database password (else libpq's PGPASSWORD, ~/.pgpass).
+    password_file: Path | None = None
+    # With PostgreSQL: where the status file and the default "blobs" directory go (with SQLite:
+    # next to the database file).
+    state_dir: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "database", os.fspath(self.database))  # callers may pass a Path
+        if not self.database:
+            raise InvalidValue("database", "must be a SQLite file path or a postgresql:// URL")
+        if self.postgres:
+            url = urlsplit(self.database)
+            if url.password is not None:
+                raise InvalidValue("database", "must not contain a password: use password_file or PGPASSWORD")
+            try:
+                url.port  # noqa: B018  (urlsplit checks the port only when asked)
+            except ValueError:
+                raise InvalidValue("database", f"{self.database!r}: the port must be a number") from None
+            if url.query or url.fragment:
+                raise InvalidValue("database", "takes no ?options or #fragment: use the PG* variables for those")
+        elif "://" in self.database:
+            scheme = self.database.split("://", 1)[0]
+            raise InvalidValue("database", f"unknown scheme {scheme!r}: a SQLite file path or postgresql://")
+        elif self.password_file is not None:
+            raise InvalidValue("password_file", "is for a postgresql:// database only")
+
+    @property
+    def postgres(self) -> bool:
+        return urlsplit(self.database).scheme in ("postgresql", "postgres")
+
+    @property
+    def local_path(self) -> Path:
+        """The stem of the bridge's local files (status file, default blob directory): the SQLite file,
+        or state_dir/bridge with PostgreSQL."""
+        return self.state_dir / "bridge" if self.postgres else Path(self.database)
 
 
 @dataclass(frozen=True)
@@ -135,4 +174,10 @@ class BridgeConfig:
 
 
 def load(path: str | Path) -> BridgeConfig:
-    return load_config(path, BridgeConfig)
+    config = load_config(path, BridgeConfig)
+    storage = config.storage
+    if not storage.postgres:  # a SQLite path is relative to the file, like every other path
+        database = Path(os.path.expanduser(storage.database))
+        if not database.is_absolute():
+            config = replace(config, storage=replace(storage, database=os.fspath(Path(path).parent / database)))
+    return config

@@ -26,6 +26,7 @@ from typing import ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from relay_bridge.db.migrations import sqlite_upgrade
 from relay_common.errors import RelayError
 from relay_common.files import create_private
 from relay_common.validate import SITE_NAME_RULE, is_site_name
@@ -134,11 +135,8 @@ class Directory:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(routers)")}
-        for column in ("sign_key", "kem_key"):  # databases created before identities existed
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE routers ADD COLUMN {column} BLOB")
+        # Versioned schema (relay_bridge.db.migrations): creates or upgrades in place, refuses a newer one.
+        self.schema_change = sqlite_upgrade(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -327,6 +325,8 @@ class AsyncDirectory:
     later sit behind the same interface. The CLI keeps the synchronous `Directory`.
     """
 
+    backend = "sqlite"
+
     def __init__(self, directory: Directory) -> None:
         self.sync = directory  # for the CLI and tests outside an event loop; never call it from the loop
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="relay-directory")
@@ -336,6 +336,9 @@ class AsyncDirectory:
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Finish queued calls, then close the database on the executor's thread."""

@@ -40,7 +40,7 @@ def _sqlite_connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
 def status(database: str | os.PathLike[str], password_file: Path | None) -> SchemaStatus:
     """The schema version and backend, without changing anything."""
     if is_postgres_url(database):
-        return asyncio.run(_pg_status(os.fspath(database), password_file))
+        return asyncio.run(status_postgresql(os.fspath(database), password_file))
     path = Path(database)
     if not path.exists():
         return SchemaStatus("sqlite", 0)
@@ -54,7 +54,7 @@ def status(database: str | os.PathLike[str], password_file: Path | None) -> Sche
 def upgrade(database: str | os.PathLike[str], password_file: Path | None) -> tuple[int, int]:
     """Bring the schema to the latest version; returns (before, after)."""
     if is_postgres_url(database):
-        return asyncio.run(_pg_upgrade(os.fspath(database), password_file))
+        return asyncio.run(upgrade_postgresql(os.fspath(database), password_file))
     from relay_bridge.directory import Directory
 
     directory = Directory(Path(database))  # opening a SQLite directory upgrades it
@@ -102,7 +102,7 @@ async def _pg_open(url: str, password_file: Path | None) -> Any:
     return await PostgresDirectory.open(url, password_file=password_file, max_size=1, check_schema=False)
 
 
-async def _pg_status(url: str, password_file: Path | None) -> SchemaStatus:
+async def status_postgresql(url: str, password_file: Path | None) -> SchemaStatus:
     directory = await _pg_open(url, password_file)
     try:
         return SchemaStatus("postgresql", await directory.schema_version())
@@ -110,7 +110,7 @@ async def _pg_status(url: str, password_file: Path | None) -> SchemaStatus:
         await directory.aclose()
 
 
-async def _pg_upgrade(url: str, password_file: Path | None) -> tuple[int, int]:
+async def upgrade_postgresql(url: str, password_file: Path | None) -> tuple[int, int]:
     directory = await _pg_open(url, password_file)
     try:
         result: tuple[int, int] = await directory.upgrade()

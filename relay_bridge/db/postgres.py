@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay_bridge.db import migrations
+from relay_bridge import directory as _directory
 from relay_bridge.directory import (
-    SCRYPT_N,
-    SCRYPT_P,
-    SCRYPT_R,
     AccountProblem,
     Device,
     DirectoryError,
@@ -39,6 +37,11 @@ from relay_common.errors import RelayError
 from relay_common.validate import SITE_NAME_RULE, is_site_name
 
 T = TypeVar("T")
+
+
+def _cost() -> tuple[int, int, int]:
+    """scrypt's cost as the SQLite directory has it now (one setting for both backends)."""
+    return _directory.SCRYPT_N, _directory.SCRYPT_R, _directory.SCRYPT_P
 INSTALL_HINT = "PostgreSQL needs psycopg 3 and psycopg-pool: pip install 'dicom-relay[postgresql]'"
 
 
@@ -146,12 +149,12 @@ class PostgresDirectory:
         if len(password) < 12:
             raise DirectoryError("passwords must have at least 12 characters")
         salt = os.urandom(16)
-        digest = await asyncio.to_thread(_hash, password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        digest = await asyncio.to_thread(_hash, password, salt, *_cost())
         try:
             await self._execute(
                 "INSERT INTO routers(name, password_hash, salt, scrypt_n, scrypt_r, scrypt_p, created)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (name, digest, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, time.time()),
+                (name, digest, salt, *_cost(), time.time()),
             )
         except self._psycopg.errors.UniqueViolation as exc:
             raise DirectoryError(f"router {name!r} already exists") from exc
@@ -161,10 +164,10 @@ class PostgresDirectory:
         if len(password) < 12:
             raise DirectoryError("passwords must have at least 12 characters")
         salt = os.urandom(16)
-        digest = await asyncio.to_thread(_hash, password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        digest = await asyncio.to_thread(_hash, password, salt, *_cost())
         changed = await self._execute(
             "UPDATE routers SET password_hash=%s, salt=%s, scrypt_n=%s, scrypt_r=%s, scrypt_p=%s WHERE name=%s",
-            (digest, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, name),
+            (digest, salt, *_cost(), name),
         )
         if changed == 0:
             raise DirectoryError(f"no router named {name!r}")
@@ -183,7 +186,7 @@ class PostgresDirectory:
         )
         if not rows:
             # The same time as a real check, so account names cannot be probed by timing.
-            await asyncio.to_thread(_hash, password, b"\0" * 16, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+            await asyncio.to_thread(_hash, password, b"\0" * 16, *_cost())
             return AccountProblem.UNKNOWN_ACCOUNT
         digest, salt, n, r, p, enabled = rows[0]
         computed = await asyncio.to_thread(_hash, password, bytes(salt), n, r, p)

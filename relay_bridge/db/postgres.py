@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay_bridge.db import migrations
 from relay_bridge import directory as _directory
+from relay_bridge.db import migrations
 from relay_bridge.directory import (
     AccountProblem,
     Device,
@@ -42,6 +42,8 @@ T = TypeVar("T")
 def _cost() -> tuple[int, int, int]:
     """scrypt's cost as the SQLite directory has it now (one setting for both backends)."""
     return _directory.SCRYPT_N, _directory.SCRYPT_R, _directory.SCRYPT_P
+
+
 INSTALL_HINT = "PostgreSQL needs psycopg 3 and psycopg-pool: pip install 'dicom-relay[postgresql]'"
 
 

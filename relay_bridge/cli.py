@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     # made absolute first: the current directory may be one the service user cannot enter.
     if not cfg.storage.postgres:
         database = Path(cfg.storage.database).resolve()
-        cfg = replace(cfg, storage=replace(cfg.storage, database=str(database)))
+        cfg = replace(cfg, storage=replace(cfg.storage, database=database))
         try:
             notice = become_state_owner(database.parent, files=_database_files(database))
         except OwnershipError as exc:

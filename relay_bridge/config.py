@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -48,7 +47,7 @@ class ServerSection:
 class StorageSection:
     # A SQLite file (the embedded default; relative to this file) or a PostgreSQL URL,
     # "postgresql://user@host:5432/dbname" (no password in it: password_file or the PG* variables).
-    database: str = "bridge.sqlite3"
+    database: Path | str = Path("bridge.sqlite3")
     # With PostgreSQL: a file holding the database password (else libpq's PGPASSWORD, ~/.pgpass).
     password_file: Path | None = None
     # With PostgreSQL: where the status file and the default "blobs" directory go (with SQLite:
@@ -56,10 +55,10 @@ class StorageSection:
     state_dir: Path = Path(".")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "database", os.fspath(self.database))  # callers may pass a Path
-        if not self.database:
-            raise InvalidValue("database", "must be a SQLite file path or a postgresql:// URL")
+        if isinstance(self.database, str) and "://" not in self.database:
+            object.__setattr__(self, "database", Path(self.database))  # a path given as a string
         if self.postgres:
+            assert isinstance(self.database, str)
             url = urlsplit(self.database)
             if url.password is not None:
                 raise InvalidValue("database", "must not contain a password: use password_file or PGPASSWORD")
@@ -69,7 +68,7 @@ class StorageSection:
                 raise InvalidValue("database", f"{self.database!r}: the port must be a number") from None
             if url.query or url.fragment:
                 raise InvalidValue("database", "takes no ?options or #fragment: use the PG* variables for those")
-        elif "://" in self.database:
+        elif isinstance(self.database, str):
             scheme = self.database.split("://", 1)[0]
             raise InvalidValue("database", f"unknown scheme {scheme!r}: a SQLite file path or postgresql://")
         elif self.password_file is not None:
@@ -77,7 +76,7 @@ class StorageSection:
 
     @property
     def postgres(self) -> bool:
-        return urlsplit(self.database).scheme in ("postgresql", "postgres")
+        return isinstance(self.database, str) and urlsplit(self.database).scheme in ("postgresql", "postgres")
 
     @property
     def local_path(self) -> Path:
@@ -174,10 +173,4 @@ class BridgeConfig:
 
 
 def load(path: str | Path) -> BridgeConfig:
-    config = load_config(path, BridgeConfig)
-    storage = config.storage
-    if not storage.postgres:  # a SQLite path is relative to the file, like every other path
-        database = Path(os.path.expanduser(storage.database))
-        if not database.is_absolute():
-            config = replace(config, storage=replace(storage, database=os.fspath(Path(path).parent / database)))
-    return config
+    return load_config(path, BridgeConfig)

@@ -183,8 +183,14 @@ class PostgresDirectory:
             raise DirectoryError(f"no router named {name!r}")
 
     async def verify_password(self, name: str, password: str) -> AccountProblem | None:
-        rows = await self._fetch(
-            "SELECT password_hash, salt, scrypt_n, scrypt_r, scrypt_p, enabled FROM routers WHERE name=%s", (name,)
+        # A name no account can have (NUL bytes, which PostgreSQL text refuses, or any invalid name) is
+        # unknown without asking the database: it comes from the network, and SQLite answers the same.
+        rows = (
+            await self._fetch(
+                "SELECT password_hash, salt, scrypt_n, scrypt_r, scrypt_p, enabled FROM routers WHERE name=%s", (name,)
+            )
+            if is_site_name(name)
+            else []
         )
         if not rows:
             # The same time as a real check, so account names cannot be probed by timing.
@@ -199,6 +205,9 @@ class PostgresDirectory:
         return None
 
     async def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> IdentityProblem | None:
+        if not is_site_name(name):
+            return IdentityProblem.UNKNOWN_ACCOUNT
+
         async def work(conn: Any) -> IdentityProblem | None:
             # Record the first identity only where none is: two replicas racing cannot both "win".
             await conn.execute(
@@ -227,6 +236,8 @@ class PostgresDirectory:
         return token
 
     async def redeem_enrollment_token(self, name: str, token: str) -> TokenProblem | None:
+        if not is_site_name(name):
+            return TokenProblem.UNKNOWN
         digest = hashlib.sha256(token.encode()).digest()
         now = time.time()
 

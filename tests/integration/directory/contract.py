@@ -155,6 +155,17 @@ class DirectoryContract:
         await harness.add_router("a")  # the name is free again, with nothing left over
         assert await harness.db.redeem_enrollment_token("a", token) is TokenProblem.UNKNOWN
 
+    async def test_names_no_account_can_have_are_unknown(self, harness: Harness) -> None:
+        """Account names arrive from the network: NUL bytes or megabytes are refused, never an error."""
+        await harness.add_router("a", "a good password")
+        token = await harness.issue_enrollment_token("a", 600)
+        for name in ("a\x00", "\x00", "a" * 100_000, "a\n"):
+            assert await harness.db.verify_password(name, "a good password") is AccountProblem.UNKNOWN_ACCOUNT
+            assert await harness.db.check_identity(name, SIGN_A, KEM_A) is IdentityProblem.UNKNOWN_ACCOUNT
+            assert await harness.db.redeem_enrollment_token(name, token) is TokenProblem.UNKNOWN
+        assert await harness.db.redeem_enrollment_token("a", token + "\x00") is TokenProblem.UNKNOWN
+        assert await harness.db.redeem_enrollment_token("a", token) is None
+
     async def test_scrypt_does_not_stall_the_event_loop(self, harness: Harness) -> None:
         password = await harness.add_router("a")
         ticks = 0

@@ -73,4 +73,3 @@ def test_serve_on_postgresql_relays_a_c_echo_between_two_routers(
         assert listing.returncode == 0 and "ARCHIVE_B" in listing.stdout and "site-a" in listing.stdout
     finally:
         net.stop()
-

@@ -146,3 +146,25 @@ def test_a_failed_step_leaves_the_earlier_version(tmp_path: Path, monkeypatch: p
     with sqlite3.connect(path) as db:
         assert migrations.sqlite_version(db) == 1
         assert db.execute("SELECT name FROM routers").fetchall() == [("old-site",)]
+
+
+def test_cli_db_commands_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relay_bridge import cli
+
+    _legacy_file(tmp_path / "bridge.sqlite3")
+    config = tmp_path / "bridge.toml"
+    config.write_text(f'[server]\ninsecure = true\n[audit]\nfile = "{tmp_path / "audit.jsonl"}"\n')
+    assert cli.main(["-c", str(config), "db", "status"]) == 1
+    out = capsys.readouterr().out
+    assert "backend: sqlite" in out and f"schema version: 1 (this relay-bridge: {migrations.LATEST}" in out
+    assert cli.main(["-c", str(config), "db", "upgrade"]) == 0
+    assert f"schema version 1 -> {migrations.LATEST}" in capsys.readouterr().out
+    assert cli.main(["-c", str(config), "db", "status", "--json"]) == 0
+    assert f'"version": {migrations.LATEST}' in capsys.readouterr().out
+    with sqlite3.connect(tmp_path / "bridge.sqlite3") as db:
+        db.execute("INSERT INTO schema_version VALUES (?, 0)", (migrations.LATEST + 1,))
+    assert cli.main(["-c", str(config), "router", "list"]) == 1
+    assert "newer than this relay-bridge knows" in capsys.readouterr().err
+    assert cli.main(["-c", str(config), "check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "storage.database: the database schema is version" in err and "Traceback" not in err

@@ -33,38 +33,7 @@ from relay_common.validate import SITE_NAME_RULE, is_site_name
 
 # scrypt cost: 2^15 x 8 x 1 takes ~50 ms and 32 MiB here; stored per hash so it can grow.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS routers (
-    name TEXT PRIMARY KEY,
-    password_hash BLOB NOT NULL,
-    salt BLOB NOT NULL,
-    scrypt_n INTEGER NOT NULL, scrypt_r INTEGER NOT NULL, scrypt_p INTEGER NOT NULL,
-    enabled INTEGER NOT NULL DEFAULT 1,
-    created REAL NOT NULL,
-    last_seen REAL,
-    sign_key BLOB,                      -- identity public keys, recorded at first sign-on
-    kem_key BLOB
-);
-CREATE TABLE IF NOT EXISTS enrollment_tokens (
-    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
-    token_sha256 BLOB PRIMARY KEY,      -- tokens are 256-bit random: a plain hash suffices
-    expires REAL NOT NULL,
-    used REAL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
-    ae_title TEXT NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (router, ae_title)
-);
-CREATE TABLE IF NOT EXISTS shares (
-    router TEXT NOT NULL,
-    ae_title TEXT NOT NULL,
-    peer TEXT NOT NULL,                 -- a router name, or '*' for every router
-    PRIMARY KEY (router, ae_title, peer),
-    FOREIGN KEY (router, ae_title) REFERENCES devices(router, ae_title) ON DELETE CASCADE
-);
-"""
+# The schema: relay_bridge/db/migrations.py (numbered steps for SQLite and PostgreSQL; add a step, never edit one).
 
 
 class DirectoryError(RelayError):

@@ -92,16 +92,18 @@ class PostgresDirectory:
     ) -> PostgresDirectory:
         """Connect (a pool of up to `max_size` connections); with `check_schema`, refuse any schema but the latest."""
         psycopg, psycopg_pool = _import_psycopg()
-        pool = psycopg_pool.AsyncConnectionPool(
-            conninfo(url, password_file), min_size=1, max_size=max_size, open=False, timeout=15.0
-        )
+        info = conninfo(url, password_file)
+        try:  # one direct attempt first: the server's own reason, at once (a pool would retry for its timeout)
+            probe = await psycopg.AsyncConnection.connect(info)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot connect to the PostgreSQL database: {_one_line(exc)}") from None
+        await probe.close()
+        pool = psycopg_pool.AsyncConnectionPool(info, min_size=1, max_size=max_size, open=False, timeout=15.0)
         try:
             await pool.open(wait=True, timeout=15.0)
         except psycopg_pool.PoolTimeout as exc:
             await pool.close()
-            raise DatabaseUnavailable(
-                f"cannot connect to the PostgreSQL database: {await _why(url, password_file)}"
-            ) from exc
+            raise DatabaseUnavailable("cannot connect to the PostgreSQL database: timed out") from exc
         directory = cls(pool, psycopg)
         if check_schema:
             try:
@@ -128,20 +130,38 @@ class PostgresDirectory:
             return await migrations.postgresql_upgrade(conn)
 
     # -- helpers -------------------------------------------------------------
+    # A lost server or an exhausted pool becomes `DatabaseUnavailable` (a RelayError with one line
+    # of text): callers see one typed, transient error, whatever psycopg raised.
     async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        async with self._pool.connection() as conn:
+        async def work(conn: Any) -> list[tuple[Any, ...]]:
             cur = await conn.execute(sql, params)
             return list(await cur.fetchall())
 
+        return await self._with_connection(work, transaction=False)
+
     async def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         """Run one statement in its own transaction; returns the rows it changed."""
-        async with self._pool.connection() as conn:
+
+        async def work(conn: Any) -> int:
             cur = await conn.execute(sql, params)
             return int(cur.rowcount)
 
+        return await self._with_connection(work, transaction=False)
+
     async def in_transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        async with self._pool.connection() as conn, conn.transaction():
-            return await work(conn)
+        return await self._with_connection(work, transaction=True)
+
+    async def _with_connection(self, work: Callable[[Any], Awaitable[T]], *, transaction: bool) -> T:
+        from psycopg_pool import PoolTimeout
+
+        try:
+            async with self._pool.connection() as conn:
+                if not transaction:
+                    return await work(conn)
+                async with conn.transaction():
+                    return await work(conn)
+        except (self._psycopg.OperationalError, PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"the PostgreSQL database is unavailable: {_one_line(exc)}") from exc
 
     # -- accounts --------------------------------------------------------------
     async def add_router(self, name: str, password: str | None = None) -> str:
@@ -316,12 +336,6 @@ class PostgresDirectory:
         return [d for d in await self.devices() if d.shared_with(peer)]
 
 
-async def _why(url: str, password_file: Path | None) -> str:
-    """The server's own reason for refusing a connection (one line, no traceback)."""
-    psycopg, _ = _import_psycopg()
-    try:
-        conn = await psycopg.AsyncConnection.connect(conninfo(url, password_file))
-    except psycopg.OperationalError as exc:
-        return " ".join(str(exc).split())
-    await conn.close()
-    return "timed out"
+def _one_line(exc: BaseException) -> str:
+    """libpq's message on one line (it spans several), without a traceback."""
+    return " ".join(str(exc).split())

@@ -285,3 +285,18 @@ def test_check_config_reports_an_unreachable_database(
     err = capsys.readouterr().err
     assert "storage.database: cannot connect to the PostgreSQL database" in err
     assert "Traceback" not in err
+
+
+async def test_a_lost_connection_is_one_typed_error_and_the_next_call_reconnects(
+    postgres_cluster: PostgresCluster, harness: PostgresHarness
+) -> None:
+    await harness.add_router("a")
+    database = harness.url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_cluster.url(), password=postgres_cluster.password, autocommit=True) as admin_conn:
+        killed = admin_conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s", (database,)
+        ).fetchone()
+    assert killed is not None and killed[0] >= 1
+    with pytest.raises(DatabaseUnavailable, match="the PostgreSQL database is unavailable: .*terminat"):
+        await harness.db.routers()
+    assert [r.name for r in await harness.db.routers()] == ["a"]  # the pool replaced the dead connection

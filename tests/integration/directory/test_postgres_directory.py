@@ -215,6 +215,33 @@ def test_db_copy_round_trip(
     asyncio.run(check_forced())
 
 
+def test_db_copy_of_a_file_from_before_migrations(
+    postgres_cluster: PostgresCluster, database: str, tmp_path: Path
+) -> None:
+    from tests.integration.directory.test_sqlite_directory import _legacy_file
+
+    source = tmp_path / "old.sqlite3"
+    _legacy_file(source)  # no schema_version table, no identity columns
+    assert admin.copy(source, database, postgres_cluster.password_file) == {
+        "routers": 1,
+        "enrollment_tokens": 0,
+        "devices": 1,
+        "shares": 1,
+    }
+    assert not (tmp_path / "old.sqlite3-wal").exists()  # the source was only read
+
+    async def check() -> None:
+        pg = await open_directory(database, password_file=postgres_cluster.password_file)
+        try:
+            assert [(r.name, r.enabled) for r in await pg.routers()] == [("old-site", False)]
+            assert await pg.devices() == [Device("old-site", "PACS", "kept", ("*",))]
+            assert await pg.identities() == {}
+        finally:
+            await pg.aclose()
+
+    asyncio.run(check())
+
+
 def test_db_copy_refuses_a_missing_source_and_a_sqlite_target(
     postgres_cluster: PostgresCluster, tmp_path: Path
 ) -> None:

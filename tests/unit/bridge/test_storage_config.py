@@ -57,3 +57,26 @@ def test_steps_are_numbered_from_one_without_gaps() -> None:
     assert [s.version for s in migrations.STEPS] == list(range(1, len(migrations.STEPS) + 1))
     assert migrations.LATEST == migrations.STEPS[-1].version
     assert all(s.sqlite.strip() and s.postgresql.strip() for s in migrations.STEPS)
+
+
+def test_the_embedded_default_does_not_import_psycopg() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, relay_bridge.cli, relay_bridge.server, relay_bridge.db.backend, relay_bridge.db.admin;"
+        "print(sorted(m for m in sys.modules if m.startswith('psycopg')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+async def test_postgresql_without_psycopg_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from relay_bridge.db.backend import open_directory
+    from relay_bridge.directory import DirectoryError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # what a missing package looks like to import
+    with pytest.raises(DirectoryError, match=r"pip install 'dicom-relay\[postgresql\]'"):
+        await open_directory("postgresql://relay@127.0.0.1:1/relay")

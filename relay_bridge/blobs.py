@@ -23,7 +23,6 @@ import logging
 import re
 import secrets
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -80,7 +79,7 @@ class BlobBroker:
         spill = config.spill
         if spill.store == "off":
             return None
-        url = spill.store or (Path(config.storage.database).absolute().parent / "blobs").as_uri()
+        url = spill.store or (config.storage.local_path.absolute().parent / "blobs").as_uri()
         options: dict[str, object] = {}
         if url.startswith("s3://"):
             if spill.endpoint_url:

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from relay_bridge import config as bridge_config
-from relay_bridge.directory import Directory, DirectoryError
+from relay_bridge.db.backend import SyncPostgresDirectory, open_admin_directory
+from relay_bridge.directory import Directory
 from relay_common.audit import AuditLog, admin_event
 from relay_common.config import ConfigError
 from relay_common.daemon import (
@@ -29,6 +30,7 @@ from relay_common.daemon import (
     run_until_signalled,
     spinner,
 )
+from relay_common.errors import RelayError
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
 from relay_common.pki import make_dev_pki
@@ -96,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("name")
     pw.add_argument("--password-stdin", action="store_true")
 
+    db = sub.add_parser("db", help="the directory database: schema status, upgrade, copy SQLite into PostgreSQL")
+    dsub = db.add_subparsers(dest="action", required=True)
+    dsub.add_parser("status", help="backend and schema version").add_argument("--json", action="store_true")
+    dsub.add_parser("upgrade", help="apply the schema migrations this relay-bridge knows")
+    copy = dsub.add_parser("copy", help="copy a SQLite directory into PostgreSQL (one transaction)")
+    copy.add_argument("--from", dest="source", type=Path, required=True, help="the SQLite file")
+    copy.add_argument("--to", help="postgresql://... URL (default: [storage] database)")
+    copy.add_argument("--force", action="store_true", help="replace the rows of a non-empty target")
+
     share = sub.add_parser("share", help="inspect shared devices")
     ssub = share.add_subparsers(dest="action", required=True)
     ssub.add_parser("list", help="devices and who may reach them").add_argument("--json", action="store_true")
@@ -146,6 +157,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
     async def begin() -> None:
         try:
             server, port, servicer = await start(cfg, insecure=args.insecure)
+        except RelayError as exc:  # the database: unreachable, or a schema this bridge cannot use
+            raise StartupError(str(exc)) from exc
         except (OSError, RuntimeError) as exc:
             bound = re.search(r"Failed to bind to address (\S+?);", str(exc))
             if bound is None and not isinstance(exc, OSError):
@@ -175,6 +188,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         for part in ("status", "metrics", "console"):
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]
+        if "servicer" in holder:
+            await holder["servicer"].directory.aclose()  # type: ignore[attr-defined]
         if "audit" in holder:
             audit: AuditLog = holder["audit"]  # type: ignore[assignment]
             audit.event("stop", "success")
@@ -219,11 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.logging.level, cfg.logging.format)
     if args.command == "check-config":
+        from relay_bridge.db.admin import database_problem
+
+        problem = database_problem(cfg.storage.database, cfg.storage.password_file)
+        if problem:
+            print(f"configuration error: {args.config}: storage.database: {problem}", file=sys.stderr)
+            return 2
         print(f"{args.config}: OK")
         return 0
     if args.command == "serve":
         try:
-            refuse_serve_as_root(cfg.storage.database.parent, "relay-bridge")
+            refuse_serve_as_root(cfg.storage.local_path.parent, "relay-bridge")
         except OwnershipError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -247,29 +268,37 @@ def main(argv: list[str] | None = None) -> int:
         return status_command(cfg, args.json, color=sys.stdout.isatty())
     # As root: become the owner of the state directory, so the database stays the service's. The path is
     # made absolute first: the current directory may be one the service user cannot enter.
-    cfg = replace(cfg, storage=replace(cfg.storage, database=cfg.storage.database.resolve()))
-    try:
-        notice = become_state_owner(cfg.storage.database.parent, files=_database_files(cfg.storage.database))
-    except OwnershipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if notice:
-        print(notice, file=sys.stderr)
+    if not cfg.storage.postgres:
+        database = Path(cfg.storage.database).resolve()
+        cfg = replace(cfg, storage=replace(cfg.storage, database=database))
+        try:
+            notice = become_state_owner(database.parent, files=_database_files(database))
+        except OwnershipError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if notice:
+            print(notice, file=sys.stderr)
     if args.command == "admin":
         from relay_bridge.console.admins import run_admin
 
         return run_admin(cfg, args)
-    db = Directory(cfg.storage.database)
     event = f"{args.command}_{args.action.replace('-', '_')}"  # router_add, router_passwd, share_list, ...
     name = getattr(args, "name", None)
     try:
-        status = _admin(args, db, cfg)
-    except DirectoryError as exc:
+        if args.command == "db":
+            from relay_bridge.db.admin import db_command
+
+            status = db_command(args.action, cfg.storage.database, cfg.storage.password_file, args)
+        else:
+            db = open_admin_directory(cfg.storage.database, cfg.storage.password_file)
+            try:
+                status = _admin(args, db, cfg)
+            finally:
+                db.close()
+    except RelayError as exc:  # DirectoryError, an unreachable database, a schema it cannot use
         admin_event(cfg.audit, app="relay-bridge", event=event, outcome="failure", router=name, detail=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        db.close()
     admin_event(cfg.audit, app="relay-bridge", event=event, outcome="success", router=name)
     return status
 
@@ -278,7 +307,7 @@ def _database_files(database: Path) -> tuple[Path, ...]:
     return tuple(Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm", "-journal"))
 
 
-def _admin(args: argparse.Namespace, db: Directory, cfg: bridge_config.BridgeConfig) -> int:
+def _admin(args: argparse.Namespace, db: Directory | SyncPostgresDirectory, cfg: bridge_config.BridgeConfig) -> int:
     if args.command == "router":
         ttl_s = cfg.enrollment.token_ttl_h * 3600
         if args.action == "add":

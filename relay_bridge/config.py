@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port
@@ -45,7 +46,44 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class StorageSection:
-    database: Path = Path("bridge.sqlite3")
+    # A SQLite file (the embedded default; relative to this file) or a PostgreSQL URL,
+    # "postgresql://user@host:5432/dbname" (no password in it: password_file or the PG* variables).
+    database: Path | str = Path("bridge.sqlite3")
+    # With PostgreSQL: a file holding the database password (else libpq's PGPASSWORD, ~/.pgpass).
+    password_file: Path | None = None
+    # With PostgreSQL: where the status file and the default "blobs" directory go (with SQLite:
+    # next to the database file).
+    state_dir: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.database, str) and "://" not in self.database:
+            object.__setattr__(self, "database", Path(self.database))  # a path given as a string
+        if self.postgres:
+            assert isinstance(self.database, str)
+            url = urlsplit(self.database)
+            if url.password is not None:
+                raise InvalidValue("database", "must not contain a password: use password_file or PGPASSWORD")
+            try:
+                url.port  # noqa: B018  (urlsplit checks the port only when asked)
+            except ValueError:
+                raise InvalidValue("database", f"{self.database!r}: the port must be a number") from None
+            if url.query or url.fragment:
+                raise InvalidValue("database", "takes no ?options or #fragment: use the PG* variables for those")
+        elif isinstance(self.database, str):
+            scheme = self.database.split("://", 1)[0]
+            raise InvalidValue("database", f"unknown scheme {scheme!r}: a SQLite file path or postgresql://")
+        elif self.password_file is not None:
+            raise InvalidValue("password_file", "is for a postgresql:// database only")
+
+    @property
+    def postgres(self) -> bool:
+        return isinstance(self.database, str) and urlsplit(self.database).scheme in ("postgresql", "postgres")
+
+    @property
+    def local_path(self) -> Path:
+        """The stem of the bridge's local files (status file, default blob directory): the SQLite file,
+        or state_dir/bridge with PostgreSQL."""
+        return self.state_dir / "bridge" if self.postgres else Path(self.database)
 
 
 @dataclass(frozen=True)

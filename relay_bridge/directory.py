@@ -26,44 +26,14 @@ from typing import ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from relay_bridge.db.migrations import sqlite_upgrade
 from relay_common.errors import RelayError
 from relay_common.files import create_private
 from relay_common.validate import SITE_NAME_RULE, is_site_name
 
 # scrypt cost: 2^15 x 8 x 1 takes ~50 ms and 32 MiB here; stored per hash so it can grow.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS routers (
-    name TEXT PRIMARY KEY,
-    password_hash BLOB NOT NULL,
-    salt BLOB NOT NULL,
-    scrypt_n INTEGER NOT NULL, scrypt_r INTEGER NOT NULL, scrypt_p INTEGER NOT NULL,
-    enabled INTEGER NOT NULL DEFAULT 1,
-    created REAL NOT NULL,
-    last_seen REAL,
-    sign_key BLOB,                      -- identity public keys, recorded at first sign-on
-    kem_key BLOB
-);
-CREATE TABLE IF NOT EXISTS enrollment_tokens (
-    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
-    token_sha256 BLOB PRIMARY KEY,      -- tokens are 256-bit random: a plain hash suffices
-    expires REAL NOT NULL,
-    used REAL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
-    ae_title TEXT NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (router, ae_title)
-);
-CREATE TABLE IF NOT EXISTS shares (
-    router TEXT NOT NULL,
-    ae_title TEXT NOT NULL,
-    peer TEXT NOT NULL,                 -- a router name, or '*' for every router
-    PRIMARY KEY (router, ae_title, peer),
-    FOREIGN KEY (router, ae_title) REFERENCES devices(router, ae_title) ON DELETE CASCADE
-);
-"""
+# The schema: relay_bridge/db/migrations.py (numbered steps for SQLite and PostgreSQL; add a step, never edit one).
 
 
 class DirectoryError(RelayError):
@@ -134,11 +104,8 @@ class Directory:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(routers)")}
-        for column in ("sign_key", "kem_key"):  # databases created before identities existed
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE routers ADD COLUMN {column} BLOB")
+        # Versioned schema (relay_bridge.db.migrations): creates or upgrades in place, refuses a newer one.
+        self.schema_change = sqlite_upgrade(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -327,6 +294,8 @@ class AsyncDirectory:
     later sit behind the same interface. The CLI keeps the synchronous `Directory`.
     """
 
+    backend = "sqlite"
+
     def __init__(self, directory: Directory) -> None:
         self.sync = directory  # for the CLI and tests outside an event loop; never call it from the loop
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="relay-directory")
@@ -336,6 +305,9 @@ class AsyncDirectory:
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Finish queued calls, then close the database on the executor's thread."""

@@ -20,6 +20,7 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.blobs import BlobBroker, BlobService
 from relay_bridge.config import BridgeConfig
 from relay_bridge.control import ControlService
+from relay_bridge.db.backend import DirectoryBackend, open_directory
 from relay_bridge.directory import AsyncDirectory, Directory
 from relay_bridge.sessions import RouterSession
 from relay_bridge.splice import AssociationService, Splice
@@ -45,7 +46,7 @@ class RelayServicer:
     enroll_port: int | None = None
 
     def __init__(
-        self, config: BridgeConfig, directory: Directory | AsyncDirectory, audit: AuditLog | None = None
+        self, config: BridgeConfig, directory: Directory | DirectoryBackend, audit: AuditLog | None = None
     ) -> None:
         if isinstance(directory, Directory):
             directory = AsyncDirectory(directory)
@@ -60,7 +61,7 @@ class RelayServicer:
         return self.state.config
 
     @property
-    def directory(self) -> AsyncDirectory:
+    def directory(self) -> DirectoryBackend:
         return self.state.directory
 
     @property
@@ -168,7 +169,8 @@ async def start(
     config: BridgeConfig, *, insecure: bool = False, servicer_class: type[RelayServicer] = RelayServicer
 ) -> tuple[grpc.aio.Server, int, RelayServicer]:
     """Build and start the server; returns it, the bound port and the servicer."""
-    directory = AsyncDirectory(Directory(config.storage.database))
+    # SQLite or PostgreSQL by [storage] database; raises migrations.SchemaError on a schema it cannot use.
+    directory = await open_directory(config.storage.database, password_file=config.storage.password_file)
     await directory.routers()  # the accounts a metrics scrape lists until the status writer reads them again
     audit = AuditLog.from_section(config.audit, app="relay-bridge")
     servicer = servicer_class(config, directory, audit)

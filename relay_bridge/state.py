@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay_bridge.config import BridgeConfig
-from relay_bridge.directory import AsyncDirectory
 from relay_bridge.sessions import LoginThrottle, SessionRegistry
 from relay_common.audit import AuditLog
 
 if TYPE_CHECKING:
     from relay_bridge.blobs import BlobBroker
+    from relay_bridge.db.backend import DirectoryBackend
     from relay_bridge.metrics import BridgeMetrics
     from relay_bridge.splice import Splice
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 @dataclass
 class BridgeState:
     config: BridgeConfig
-    directory: AsyncDirectory
+    directory: DirectoryBackend
     audit: AuditLog
     sessions: SessionRegistry
     throttle: LoginThrottle
@@ -28,7 +28,7 @@ class BridgeState:
     metrics: BridgeMetrics = field(init=False)
 
     @classmethod
-    def create(cls, config: BridgeConfig, directory: AsyncDirectory, audit: AuditLog) -> BridgeState:
+    def create(cls, config: BridgeConfig, directory: DirectoryBackend, audit: AuditLog) -> BridgeState:
         from relay_bridge.metrics import BridgeMetrics
 
         state = cls(

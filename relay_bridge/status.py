@@ -40,7 +40,7 @@ INTERVAL_S = 1.0
 
 
 def status_path(config: BridgeConfig) -> Path:
-    return Path(f"{config.storage.database}.status.json")
+    return Path(f"{config.storage.local_path}.status.json")
 
 
 async def read_directory(servicer: RelayServicer) -> tuple[list[Any], list[Any]]:

@@ -272,6 +272,9 @@ def _convert(
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
+        if set(options) == {Path, str}:  # a file path or a URL (the bridge's database): URLs stay strings
+            is_url = isinstance(value, str) and "://" in value
+            return _convert(str if is_url else Path, value, source, key, base_dir, field, problems)
         if len(options) != 1:
             raise TypeError(f"unsupported union in schema at {key}")
         return _convert(options[0], value, source, key, base_dir, field, problems)

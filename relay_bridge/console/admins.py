@@ -1,6 +1,7 @@
 """Admin accounts of the bridge console: scrypt hashes in a JSON file beside the database.
 
-The file (`[console] admins_file`, default `<database>.admins.json`) is owner-only and holds, per account,
+The file (`[console] admins_file`; default `<database>.admins.json`, with PostgreSQL
+`<state_dir>/bridge.admins.json`) is owner-only and holds, per account,
 the scrypt hash (RFC 7914, the cost the router accounts use), its salt and its parameters. It is read
 again when it changes, so `relay-bridge admin add|remove` takes effect without a restart.
 """
@@ -143,7 +144,7 @@ def run_admin(config: BridgeConfig, args: argparse.Namespace) -> int:
     """`relay-bridge admin ...` as the CLI runs it: audited, errors printed with what to fix (exit 1)."""
     from relay_common.audit import admin_event
 
-    accounts = AdminAccounts(config.console.admins_file or default_path(config.storage.database))
+    accounts = AdminAccounts(config.console.admins_file or default_path(config.storage.local_path))
     event = f"admin_{args.action}"
     try:
         status = admin_command(accounts, args)

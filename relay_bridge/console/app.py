@@ -37,7 +37,7 @@ class BridgeConsole:
     def __init__(self, state: BridgeState, *, port: int | None = None) -> None:
         self.state = state
         config = state.config
-        self.admins = AdminAccounts(config.console.admins_file or default_path(config.storage.database))
+        self.admins = AdminAccounts(config.console.admins_file or default_path(config.storage.local_path))
         self.signer = SessionSigner(config.console.session_hours * 3600)
         self.throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window_s)
         self.events = EventRing()

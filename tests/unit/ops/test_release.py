@@ -38,7 +38,8 @@ def constraints() -> dict[str, str]:
 
 def test_every_runtime_dependency_is_pinned_within_its_range() -> None:
     pinned = constraints()
-    specs = PROJECT["dependencies"] + PROJECT["optional-dependencies"]["s3"] + PROJECT["optional-dependencies"]["gcs"]
+    extras = PROJECT["optional-dependencies"]
+    specs = PROJECT["dependencies"] + extras["s3"] + extras["gcs"] + extras["postgresql"]
     for spec in specs:
         requirement = Requirement(spec)
         name = requirement.name.lower().replace("_", "-")

@@ -1,0 +1,239 @@
+"""The directory's schema as numbered migrations, one SQL text per dialect (SQLite and PostgreSQL).
+
+`schema_version` holds one row per applied step; the schema's version is the highest. A step is
+applied in one transaction with its row, so a failed upgrade leaves the earlier version intact.
+SQLite files made before migrations existed (the tables, no `schema_version`) are version 1:
+their identity columns are added if missing (files older still) and the row is written.
+
+Append new steps at the end of `STEPS`; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from relay_common.errors import RelayError
+
+if TYPE_CHECKING:
+    import psycopg
+
+
+@dataclass(frozen=True)
+class Step:
+    version: int
+    summary: str
+    sqlite: str
+    postgresql: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        1,
+        "accounts, enrollment tokens, devices and shares",
+        sqlite="""
+CREATE TABLE routers (
+    name TEXT PRIMARY KEY,
+    password_hash BLOB NOT NULL,
+    salt BLOB NOT NULL,
+    scrypt_n INTEGER NOT NULL, scrypt_r INTEGER NOT NULL, scrypt_p INTEGER NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL,
+    last_seen REAL,
+    sign_key BLOB,
+    kem_key BLOB
+);
+CREATE TABLE enrollment_tokens (
+    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
+    token_sha256 BLOB PRIMARY KEY,
+    expires REAL NOT NULL,
+    used REAL
+);
+CREATE TABLE devices (
+    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
+    ae_title TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (router, ae_title)
+);
+CREATE TABLE shares (
+    router TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    PRIMARY KEY (router, ae_title, peer),
+    FOREIGN KEY (router, ae_title) REFERENCES devices(router, ae_title) ON DELETE CASCADE
+);
+""",
+        postgresql="""
+CREATE TABLE routers (
+    name TEXT PRIMARY KEY,
+    password_hash BYTEA NOT NULL,
+    salt BYTEA NOT NULL,
+    scrypt_n INTEGER NOT NULL, scrypt_r INTEGER NOT NULL, scrypt_p INTEGER NOT NULL,
+    enabled BOOLEAN NOT NULL DEFAULT TRUE,
+    created DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION,
+    sign_key BYTEA,
+    kem_key BYTEA
+);
+CREATE TABLE enrollment_tokens (
+    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
+    token_sha256 BYTEA PRIMARY KEY,
+    expires DOUBLE PRECISION NOT NULL,
+    used DOUBLE PRECISION
+);
+CREATE TABLE devices (
+    router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
+    ae_title TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (router, ae_title)
+);
+CREATE TABLE shares (
+    router TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    PRIMARY KEY (router, ae_title, peer),
+    FOREIGN KEY (router, ae_title) REFERENCES devices(router, ae_title) ON DELETE CASCADE
+);
+""",
+    ),
+    Step(
+        2,
+        "indexes for a router's tokens and for who a device is shared with",
+        # PostgreSQL does not index the referencing side of a foreign key: deleting a router scanned
+        # every token. Both dialects get the same indexes so the two stay one schema.
+        sqlite="""
+CREATE INDEX enrollment_tokens_router ON enrollment_tokens(router);
+CREATE INDEX shares_peer ON shares(peer);
+""",
+        postgresql="""
+CREATE INDEX enrollment_tokens_router ON enrollment_tokens(router);
+CREATE INDEX shares_peer ON shares(peer);
+""",
+    ),
+)
+LATEST = STEPS[-1].version
+TABLES = ("routers", "enrollment_tokens", "devices", "shares")  # in foreign-key order (for db copy)
+VERSION_TABLE_SQLITE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied REAL NOT NULL)"
+VERSION_TABLE_POSTGRESQL = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
+)
+# pg_advisory_xact_lock key: two `db upgrade` runs (or replicas) never apply a step twice.
+UPGRADE_LOCK = 0x7265_6C61_7964_62  # "relaydb"
+
+
+class SchemaError(RelayError):
+    """The database's schema is not one this bridge can use as it is (newer, older, or empty)."""
+
+
+def too_new(found: int) -> SchemaError:
+    return SchemaError(
+        f"the database schema is version {found}, newer than this relay-bridge knows (version {LATEST}): "
+        "run a relay-bridge at least as new as the one that upgraded it"
+    )
+
+
+def too_old(found: int, backend: str) -> SchemaError:
+    what = "is empty (no schema)" if found == 0 else f"has schema version {found}"
+    return SchemaError(
+        f"the {backend} database {what}; this relay-bridge needs version {LATEST}: run `relay-bridge db upgrade`"
+    )
+
+
+def _split(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+# -- SQLite (synchronous: it runs on the directory's own thread or in the CLI) ---------------------
+def sqlite_version(db: sqlite3.Connection) -> int:
+    """The schema version of an open SQLite database (0: empty; 1: made before versions existed)."""
+    names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "schema_version" in names:
+        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+    return 1 if "routers" in names else 0
+
+
+def sqlite_upgrade(db: sqlite3.Connection) -> tuple[int, int]:
+    """Apply every missing step; returns (version before, version after). Refuses a newer schema."""
+    before = sqlite_version(db)
+    if before > LATEST:
+        raise too_new(before)
+    if before == 1 and not _sqlite_has_version_table(db):
+        _sqlite_adopt_legacy(db)
+    for step in STEPS:
+        if step.version <= sqlite_version(db):
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(VERSION_TABLE_SQLITE)
+            for statement in _split(step.sqlite):
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version(version, applied) VALUES (?, ?)", (step.version, time.time()))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return before, sqlite_version(db)
+
+
+def _sqlite_has_version_table(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone() is not None
+
+
+def _sqlite_adopt_legacy(db: sqlite3.Connection) -> None:
+    """A file from before migrations: bring it to exactly step 1 and record that."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(routers)")}
+        for column in ("sign_key", "kem_key"):  # files made before router identities existed
+            if column not in columns:
+                db.execute(f"ALTER TABLE routers ADD COLUMN {column} BLOB")
+        db.execute(VERSION_TABLE_SQLITE)
+        db.execute("INSERT INTO schema_version(version, applied) VALUES (1, ?)", (time.time(),))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+# -- PostgreSQL (async, psycopg 3) -------------------------------------------------------------------
+async def postgresql_version(conn: psycopg.AsyncConnection[object]) -> int:
+    cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL, to_regclass('routers') IS NOT NULL")
+    row = await cur.fetchone()
+    assert row is not None
+    has_versions, has_routers = row
+    if not has_versions:
+        return 1 if has_routers else 0
+    cur = await conn.execute("SELECT max(version) FROM schema_version")
+    found = await cur.fetchone()
+    return int(found[0] or 0) if found else 0
+
+
+async def postgresql_upgrade(conn: psycopg.AsyncConnection[object]) -> tuple[int, int]:
+    """Apply every missing step in one transaction, under an advisory lock; returns (before, after)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (UPGRADE_LOCK,))
+        before = await postgresql_version(conn)
+        if before > LATEST:
+            raise too_new(before)
+        if before == 1 and not await _pg_has_version_table(conn):
+            raise SchemaError("the PostgreSQL database has directory tables but no schema_version table: not ours")
+        await conn.execute(VERSION_TABLE_POSTGRESQL)
+        for step in STEPS:
+            if step.version <= before:
+                continue
+            for statement in _split(step.postgresql):
+                await conn.execute(statement)  # type: ignore[arg-type]  # our own constant SQL
+            await conn.execute(
+                "INSERT INTO schema_version(version, applied) VALUES (%s, %s)", (step.version, time.time())
+            )
+        after = await postgresql_version(conn)
+    return before, after
+
+
+async def _pg_has_version_table(conn: psycopg.AsyncConnection[object]) -> bool:
+    cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+    row = await cur.fetchone()
+    return bool(row and row[0])

@@ -26,6 +26,7 @@ from relay_bridge.sessions import RouterSession, source_address, throttle_keys
 from relay_bridge.splice import abandon_pending, abort_associations
 from relay_bridge.state import BridgeState
 from relay_common.pki import CsrError, issue_client_certificate
+from relay_common.validate import printable
 
 log = logging.getLogger("relay_bridge")
 HEARTBEAT_S = 15
@@ -75,16 +76,25 @@ class ControlService:
 
     # -- sign-on ----------------------------------------------------------------------------
     async def authenticate(self, account: str, password: str, source: str) -> SignOnRefused | None:
-        """Check a password against the directory, counting failures per account and per address."""
-        keys = throttle_keys(account, source)
-        if self.state.throttle.blocked(*keys):
-            log.warning("sign-on for %r from %s refused: too many failed attempts", account, source)
+        """Check a password against the directory, counting failures per account and per address.
+
+        The attempt is counted before the (slow) hash and only one per account and per
+        address runs at a time, so concurrent guesses cannot slip past the limit.
+        """
+        attempt = self.state.throttle.begin(*throttle_keys(account, source))
+        if attempt is None:
+            log.warning(
+                "sign-on for %r from %s refused: too many failed attempts, or another attempt still running",
+                printable(account, 64),
+                source,
+            )
             return admission.throttled()
-        problem = await self.state.directory.verify_password(account, password)
-        if problem is None:
-            return None
-        self.state.throttle.failed(*keys)
-        log.warning("sign-on for %r from %s failed: %s", account, source, problem)
+        with attempt:
+            problem = await self.state.directory.verify_password(account, password)
+            if problem is None:
+                attempt.succeeded()
+                return None
+        log.warning("sign-on for %r from %s failed: %s", printable(account, 64), source, problem)
         return admission.account_refusal(problem)
 
     async def sign_on_refusal(

@@ -168,7 +168,7 @@ async def start(
     config: BridgeConfig, *, insecure: bool = False, servicer_class: type[RelayServicer] = RelayServicer
 ) -> tuple[grpc.aio.Server, int, RelayServicer]:
     """Build and start the server; returns it, the bound port and the servicer."""
-    directory = AsyncDirectory(Directory(config.storage.database))
+    directory = AsyncDirectory(Directory(config.storage.database), hash_threads=config.limits.login_hash_threads)
     await directory.routers()  # the accounts a metrics scrape lists until the status writer reads them again
     audit = AuditLog.from_section(config.audit, app="relay-bridge")
     servicer = servicer_class(config, directory, audit)

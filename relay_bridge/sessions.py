@@ -101,11 +101,19 @@ async def require_association(context: grpc.aio.ServicerContext, session: Router
 
 
 class LoginThrottle:
-    """Counts failed sign-ons per account and per source address in a sliding window."""
+    """Counts failed sign-ons per account and per source address in a sliding window.
 
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit, self.window = limit, window_s
+    An attempt is counted as a failure *before* its password is hashed (`begin`),
+    and forgiven only when it succeeds (`Attempt.succeeded`); and only one attempt
+    per account and per source address is in flight at a time. So concurrent
+    guesses cannot all pass the check before any of them is recorded.
+    """
+
+    def __init__(self, limit: int, window_s: float, *, max_pending: int = 32) -> None:
+        self.limit, self.window, self.max_pending = limit, window_s, max_pending
         self._failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._in_flight: set[str] = set()
+        self._attempts = 0
 
     def _recent(self, key: str) -> collections.deque[float]:
         q, cutoff = self._failures[key], time.monotonic() - self.window
@@ -127,6 +135,54 @@ class LoginThrottle:
     def failed(self, *keys: str) -> None:
         for k in keys:
             self._recent(k).append(time.monotonic())
+
+    @property
+    def pending(self) -> int:
+        """Attempts in flight (hashing, or waiting for a hashing thread)."""
+        return self._attempts
+
+    def begin(self, *keys: str) -> Attempt | None:
+        """Start an attempt, counted as failed until it succeeds; None: refuse it unhashed (too many
+        recent failures, another attempt for the same account or address still running, or too many
+        attempts in flight in all)."""
+        if any(k in self._in_flight for k in keys) or self.blocked(*keys):
+            return None
+        if self._attempts >= self.max_pending:
+            return None
+        now = time.monotonic()
+        for k in keys:
+            self._recent(k).append(now)
+        self._in_flight.update(keys)
+        self._attempts += 1
+        return Attempt(self, keys, now)
+
+    def _forgive(self, keys: tuple[str, ...], stamp: float) -> None:
+        for k in keys:
+            q = self._failures.get(k)
+            if q is not None and stamp in q:
+                q.remove(stamp)
+
+    def _end(self, keys: tuple[str, ...]) -> None:
+        self._in_flight.difference_update(keys)
+        self._attempts -= 1
+
+
+@dataclass
+class Attempt:
+    """One sign-on (or enrollment) attempt in flight; use as a context manager so it always ends."""
+
+    throttle: LoginThrottle
+    keys: tuple[str, ...]
+    stamp: float
+
+    def succeeded(self) -> None:
+        self.throttle._forgive(self.keys, self.stamp)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.throttle._end(self.keys)
 
 
 def throttle_keys(account: str, source: str) -> tuple[str, str]:

@@ -36,7 +36,11 @@ class BridgeState:
             directory,
             audit,
             SessionRegistry(require_client_cert=config.server.require_client_cert),
-            LoginThrottle(config.limits.login_failures, config.limits.login_window_s),
+            LoginThrottle(
+                config.limits.login_failures,
+                config.limits.login_window_s,
+                max_pending=config.limits.max_pending_logins,
+            ),
         )
         state.metrics = BridgeMetrics(state)
         return state

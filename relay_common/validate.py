@@ -30,3 +30,29 @@ def is_site_name(name: str) -> bool:
 def is_share_target(name: str) -> bool:
     """A site name, or '*' for every site."""
     return name == "*" or is_site_name(name)
+
+
+# Free text a router publishes (device descriptions): printable characters only, so it can be stored,
+# logged, audited and shown on a terminal without escaping tricks.
+DESCRIPTION_MAX = 128
+DESCRIPTION_RULE = f"at most {DESCRIPTION_MAX} printable characters, no control characters or markup brackets"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def is_description(text: str) -> bool:
+    """Printable, bounded, without control or bidi characters nor the '[' ']' of Rich markup."""
+    return len(text) <= DESCRIPTION_MAX and not _CONTROL.search(text) and "[" not in text and "]" not in text
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """`text` made safe for a terminal or a log line: control characters escaped, markup brackets
+    escaped, cut to `limit` characters (with a marker saying how much was cut)."""
+    value = str(text)
+    cut = len(value) - limit
+    if cut > 0:
+        value = value[:limit]
+    value = _CONTROL.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", value
+    )
+    value = value.replace("[", "\\[")
+    return value + (f"...(+{cut} chars)" if cut > 0 else "")

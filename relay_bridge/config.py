@@ -67,6 +67,9 @@ class LimitsSection:
     max_share_with: int = 64
     # A router's publications are applied at most once per this many seconds (later ones coalesce).
     publish_interval_s: float = 2.0
+    # The largest directory message sent to one router (routers accept 20 MiB); beyond it, each
+    # owner site's devices get their turn in round-robin order and the cut is logged.
+    max_directory_bytes: int = 8 * 1024 * 1024
     # Before sign-on: seconds a new Control or Associate stream has to send its first message,
     # and the largest first message accepted.
     first_message_timeout_s: float = 10.0
@@ -93,6 +96,8 @@ class LimitsSection:
                 raise InvalidValue(name, "must be at least 1")
         if self.max_frame_bytes < 64 * 1024:
             raise InvalidValue("max_frame_bytes", "must be at least 65536")
+        if not 64 * 1024 <= self.max_directory_bytes <= 16 * 1024 * 1024:
+            raise InvalidValue("max_directory_bytes", "must be between 65536 and 16777216")
         if not 1024 <= self.max_first_message_bytes <= self.max_frame_bytes:
             raise InvalidValue("max_first_message_bytes", "must be between 1024 and max_frame_bytes")
         for name in ("publish_interval_s", "max_connection_age_s", "connection_age_grace_s"):

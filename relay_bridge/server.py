@@ -148,8 +148,20 @@ def _handlers(servicer: RelayServicer) -> grpc.GenericRpcHandler:
 
 
 def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
-    size = config.limits.max_frame_bytes + 64 * 1024
+    limits = config.limits
+    size = limits.max_frame_bytes + 64 * 1024
+    age: list[tuple[str, int]] = []
+    if limits.max_connection_age_s > 0:
+        # After the age, the connection gets GOAWAY (no new streams); running calls (associations)
+        # may continue for the grace before the connection is closed.
+        age = [
+            ("grpc.max_connection_age_ms", int(limits.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(limits.connection_age_grace_s * 1000)),
+        ]
     return [
+        # A connection may not open streams without bound (each Associate holds a splice).
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        *age,
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         # Routers ping every 20 s to keep idle streams alive through load balancers.

@@ -21,6 +21,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.admission import certificate_problem
+from relay_bridge.config import LimitsSection
 
 log = logging.getLogger("relay_bridge")
 SESSION_METADATA = "relay-session"
@@ -38,6 +39,9 @@ class RouterSession:
     outbox: asyncio.Queue[pb.BridgeMessage | None] = field(default_factory=lambda: asyncio.Queue(1024))
     associations: set[str] = field(default_factory=set)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # Publication rate limit: when the last one was applied, and the latest one waiting for its turn.
+    published_at: float = 0.0
+    pending_publication: list[pb.SharedDevice] | None = None
 
     def end(self) -> None:
         """Stop this session's control stream (idempotent)."""
@@ -195,3 +199,28 @@ def source_address(peer: str) -> str:
     kind, _, rest = peer.partition(":")
     rest = urllib.parse.unquote(rest)  # grpc percent-encodes IPv6 brackets
     return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
+
+
+async def first_message(
+    context: grpc.aio.ServicerContext, limits: LimitsSection, stream: str, source: str
+) -> pb.RouterMessage | object:
+    """The first message of an unauthenticated stream, within `first_message_timeout_s` and
+    `max_first_message_bytes`; aborts the call otherwise (a stream that sends nothing must not be held)."""
+    try:
+        first = await asyncio.wait_for(context.read(), limits.first_message_timeout_s)
+    except TimeoutError:
+        log.warning("%s stream from %s sent nothing in %.0f s; closed", stream, source, limits.first_message_timeout_s)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no first message within {limits.first_message_timeout_s:g} s (first_message_timeout_s)",
+        )
+        raise AssertionError("unreachable: abort raises") from None
+    size = len(first) if isinstance(first, bytes) else (0 if first is grpc.aio.EOF else first.ByteSize())
+    if size > limits.max_first_message_bytes:
+        log.warning("%s stream from %s: first message of %d bytes refused", stream, source, size)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the first message ({size} bytes) exceeds {limits.max_first_message_bytes} bytes"
+            " (max_first_message_bytes)",
+        )
+    return first

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from relay_bridge.config import BridgeConfig
 from relay_bridge.directory import AsyncDirectory
+from relay_bridge.ratelimit import AuditLimiter
 from relay_bridge.sessions import LoginThrottle, SessionRegistry
 from relay_common.audit import AuditLog
 
@@ -26,6 +27,8 @@ class BridgeState:
     splices: dict[str, Splice] = field(default_factory=dict)
     blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
     metrics: BridgeMetrics = field(init=False)
+    # Refusal audits a hostile router can trigger at will are rate-limited per source or router.
+    refusal_audits: AuditLimiter = field(default_factory=AuditLimiter)
 
     @classmethod
     def create(cls, config: BridgeConfig, directory: AsyncDirectory, audit: AuditLog) -> BridgeState:

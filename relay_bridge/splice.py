@@ -322,6 +322,7 @@ class AssociationService:
         """Release what the routers did not, then audit, log and count the association."""
         aid = splice.association_id
         if self.state.blobs is not None:
+            self.state.blobs.association_ended(aid)
             task = asyncio.get_running_loop().create_task(self.state.blobs.release(aid))
             self._blob_tasks.add(task)
             task.add_done_callback(self._blob_tasks.discard)

@@ -109,13 +109,17 @@ class LoginThrottle:
 
     An attempt is counted as a failure *before* its password is hashed (`begin`),
     and forgiven only when it succeeds (`Attempt.succeeded`); and only one attempt
-    per account and per source address is in flight at a time. So concurrent
-    guesses cannot all pass the check before any of them is recorded.
+    per account and per source address is in flight at a time (another one
+    meanwhile is refused and counted as failed). So concurrent guesses cannot all
+    pass the check before any of them is recorded.
     """
 
     def __init__(self, limit: int, window_s: float, *, max_pending: int = 32) -> None:
         self.limit, self.window, self.max_pending = limit, window_s, max_pending
-        self._failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        # Only the newest `limit` failures matter (blocked: the limit-th newest is inside the window).
+        self._failures: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=limit)
+        )
         self._in_flight: set[str] = set()
         self._attempts = 0
 
@@ -149,7 +153,10 @@ class LoginThrottle:
         """Start an attempt, counted as failed until it succeeds; None: refuse it unhashed (too many
         recent failures, another attempt for the same account or address still running, or too many
         attempts in flight in all)."""
-        if any(k in self._in_flight for k in keys) or self.blocked(*keys):
+        if self.blocked(*keys):
+            return None
+        if any(k in self._in_flight for k in keys):
+            self.failed(*keys)  # a concurrent guess counts as a failed one: it cannot be a legitimate retry
             return None
         if self._attempts >= self.max_pending:
             return None

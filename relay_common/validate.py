@@ -44,15 +44,22 @@ def is_description(text: str) -> bool:
     return len(text) <= DESCRIPTION_MAX and not _CONTROL.search(text) and "[" not in text and "]" not in text
 
 
-def printable(text: object, limit: int = 200) -> str:
-    """`text` made safe for a terminal or a log line: control characters escaped, markup brackets
-    escaped, cut to `limit` characters (with a marker saying how much was cut)."""
+def printable(text: object, limit: int | None = None) -> str:
+    """`text` made safe for a terminal: control and bidi characters shown as escapes (a newline
+    too), and with `limit` cut to that many characters (with a marker saying how much was cut)."""
     value = str(text)
-    cut = len(value) - limit
+    cut = 0 if limit is None else len(value) - limit
     if cut > 0:
         value = value[:limit]
-    value = _CONTROL.sub(
-        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", value
-    )
-    value = value.replace("[", "\\[")
+    value = _CONTROL.sub(_escape, value)
     return value + (f"...(+{cut} chars)" if cut > 0 else "")
+
+
+def terminal_safe(report: str) -> str:
+    """A whole multi-line report made safe: every line's control characters escaped, line breaks kept."""
+    return "\n".join(printable(line) for line in report.split("\n"))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

@@ -65,7 +65,7 @@ def association_of(key: str) -> str:
 
 @dataclass(frozen=True)
 class BlobQuota:
-    """What one association may put in the store ([spill] max_*; checked before a URL is signed)."""
+    """What one association may hold in the store at once ([spill] max_*; checked before a URL is signed)."""
 
     max_blobs: int = 64
     max_parts_per_blob: int = 2048
@@ -75,11 +75,17 @@ class BlobQuota:
 
 @dataclass
 class Usage:
-    """What one association has been granted so far."""
+    """What one association holds in the store now (granted, not yet released): a blob released after
+    delivery frees its share, so a long association may move any amount, a few blobs at a time."""
 
     blobs: set[str] = field(default_factory=set)
-    parts: set[tuple[str, int]] = field(default_factory=set)
+    parts: dict[tuple[str, int], int] = field(default_factory=dict)  # (blob id, part) -> bytes charged
     bytes: int = 0
+
+    def forget(self, blob_id: str) -> None:
+        self.blobs.discard(blob_id)
+        for key in [k for k in self.parts if k[0] == blob_id]:
+            self.bytes -= self.parts.pop(key)
 
 
 class BlobBroker:
@@ -201,7 +207,7 @@ class BlobBroker:
         if (blob_id, part) not in usage.parts and usage.bytes + charge > quota.max_bytes:
             raise BlobRefused(f"the association would exceed {quota.max_bytes} bytes (max_bytes_per_association)")
         if (blob_id, part) not in usage.parts:
-            usage.parts.add((blob_id, part))
+            usage.parts[(blob_id, part)] = charge
             usage.bytes += charge
         usage.blobs.add(blob_id)
 
@@ -267,6 +273,9 @@ class BlobBroker:
         """Delete one blob (or, without blob id, every blob of the association); returns parts deleted."""
         if blob_id and not BLOB_ID.match(blob_id):
             raise BlobRefused("bad blob id")
+        usage = self.usage.get(association_id)
+        if usage is not None and blob_id:
+            usage.forget(blob_id)
         prefix = f"{PREFIX}{association_id}/" + (f"{blob_id}/" if blob_id else "")
         try:
             infos = await self.store.list(prefix)

@@ -142,11 +142,12 @@ class SpillSection:
     # Blobs older than this are deleted by the orphan sweep (every sweep_interval_s).
     ttl_s: float = 86400.0
     sweep_interval_s: float = 3600.0
-    # Per association, checked by the bridge before it signs a URL (defaults fit a 2 GB data set in
-    # 4 MiB parts several times over): blobs, parts of one blob, bytes of one part, bytes in all.
+    # What one association may hold in the store at once (released blobs free their share), checked by
+    # the bridge before it signs a URL; the defaults fit a 2 GB data set in 4 MiB parts several times
+    # over: blobs, parts of one blob, bytes of one part, bytes in all.
     max_blobs_per_association: int = 64
     max_parts_per_blob: int = 2048
-    max_part_bytes: int = 64 * 1024 * 1024
+    max_part_bytes: int = 9 * 1024 * 1024
     max_bytes_per_association: int = 16 * 1024**3
 
     def __post_init__(self) -> None:

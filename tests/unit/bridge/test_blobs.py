@@ -144,3 +144,16 @@ async def test_what_a_late_url_stored_is_deleted_once_the_urls_expired(broker: B
     assert await broker.release_late(time.monotonic()) == 0  # its URLs may still be valid
     assert await broker.release_late(time.monotonic() + 62) == 1
     assert not await broker.store.exists(key_for(AID, blob_id, 0))
+
+
+async def test_a_released_blob_frees_its_share_of_the_quota(tmp_path: Path, clock: Clock) -> None:
+    """A long association moves any number of blobs, as long as it releases them once delivered."""
+    broker = await quota_broker(tmp_path, clock, max_blobs=2, max_part_bytes=1000, max_bytes=2000)
+    for _ in range(10):
+        first, _, _ = await broker.slot(AID, "", 0, download=False, size=1000)
+        second, _, _ = await broker.slot(AID, "", 0, download=False, size=1000)
+        with pytest.raises(BlobRefused):
+            await broker.slot(AID, "", 0, download=False, size=1)
+        await broker.release(AID, first)
+        await broker.release(AID, second)
+    assert broker.usage[AID].bytes == 0 and not broker.usage[AID].blobs

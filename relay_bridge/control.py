@@ -34,8 +34,11 @@ from relay_common.validate import is_site_name
 log = logging.getLogger("relay_bridge")
 HEARTBEAT_S = 15
 DISABLED_POLL_S = 2.0
-# Directory changes that arrive within this many seconds reach the routers in one broadcast.
+# Directory changes that arrive within this many seconds reach the routers in one broadcast, and
+# broadcasts are at least this far apart (a router signing on again and again must not make the
+# bridge rebuild everyone's directory each time).
 BROADCAST_COALESCE_S = 0.05
+MIN_BROADCAST_INTERVAL_S = 0.5
 
 
 class ControlService:
@@ -46,6 +49,7 @@ class ControlService:
         self._background: set[asyncio.Task[None]] = set()
         self._view: DirectoryView | None = None  # None: read the database again at the next use
         self._broadcast_pending = False
+        self._last_broadcast = 0.0
 
     # -- the directory a router sees -----------------------------------------------------
     async def view(self) -> DirectoryView:
@@ -74,8 +78,10 @@ class ControlService:
         self._broadcast_pending = True
 
         async def broadcast() -> None:
-            await asyncio.sleep(BROADCAST_COALESCE_S)
+            wait = max(BROADCAST_COALESCE_S, self._last_broadcast + MIN_BROADCAST_INTERVAL_S - time.monotonic())
+            await asyncio.sleep(wait)
             self._broadcast_pending = False
+            self._last_broadcast = time.monotonic()
             await self.broadcast_directory()
 
         self._in_background(broadcast())
@@ -175,7 +181,8 @@ class ControlService:
                 )
             )
             self.directory_changed()
-            await self.broadcast_directory()
+            session.send(pb.BridgeMessage(directory=await self.directory_for(session.name)))  # its own, at once
+            self.request_broadcast()  # the others learn it is online with the next broadcast
             tasks.append(asyncio.create_task(self._read_control(session, context)))
             tasks.append(asyncio.create_task(self._watch_enabled(session)))
             while (message := await session.outbox.get()) is not None:

@@ -47,21 +47,16 @@ class ControlService:
     def __init__(self, state: BridgeState) -> None:
         self.state = state
         self._background: set[asyncio.Task[None]] = set()
-        self._view: DirectoryView | None = None  # None: read the database again at the next use
         self._broadcast_pending = False
         self._last_broadcast = 0.0
 
     # -- the directory a router sees -----------------------------------------------------
     async def view(self) -> DirectoryView:
         """The indexed directory, read from the database once per change (on its own thread)."""
-        if self._view is None:
-            devices = await self.state.directory.devices()
-            identities = await self.state.directory.identities()
-            self._view = DirectoryView.build(devices, identities)
-        return self._view
+        return await self.state.directory_cache.view()
 
     def directory_changed(self) -> None:
-        self._view = None
+        self.state.directory_cache.changed()
 
     async def directory_for(self, site: str) -> pb.Directory:
         view = await self.view()

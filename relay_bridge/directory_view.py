@@ -16,11 +16,12 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_bridge.directory import Device
+from relay_bridge.directory import AsyncDirectory, Device
 
 log = logging.getLogger("relay_bridge")
 KEM_NAME = "MLKEM768-X25519"
@@ -32,6 +33,7 @@ class DirectoryView:
     """Devices indexed by share target and by owner, and the identity keys, as read at one moment."""
 
     identities: dict[str, tuple[bytes, bytes]]
+    by_key: dict[tuple[str, str], Device] = field(default_factory=dict)
     by_target: dict[str, list[Device]] = field(default_factory=lambda: collections.defaultdict(list))
     by_owner: dict[str, list[Device]] = field(default_factory=lambda: collections.defaultdict(list))
 
@@ -39,10 +41,14 @@ class DirectoryView:
     def build(cls, devices: Iterable[Device], identities: dict[str, tuple[bytes, bytes]]) -> DirectoryView:
         view = cls(identities)
         for d in devices:
+            view.by_key[(d.router, d.ae_title)] = d
             view.by_owner[d.router].append(d)
             for target in set(d.share_with):
                 view.by_target[target].append(d)
         return view
+
+    def device(self, router: str, ae_title: str) -> Device | None:
+        return self.by_key.get((router, ae_title))
 
     def reachable_by(self, site: str) -> list[Device]:
         """The devices `site` may call, in (owner, title) order."""
@@ -88,6 +94,39 @@ class DirectoryView:
             max_bytes,
         )
         return message
+
+
+class DirectoryCache:
+    """The current `DirectoryView`, read again (on the directory's thread) after each change.
+
+    Opens and directory messages are answered from memory; a change that lands while the view is
+    being read makes the next use read it again (a generation count), so a stale view is never kept.
+    Changes made by another process (`relay-bridge router disable` on the database) are seen within
+    `max_age_s`.
+    """
+
+    def __init__(self, directory: AsyncDirectory, *, max_age_s: float = 2.0) -> None:
+        self.directory = directory
+        self.max_age_s = max_age_s
+        self._view: DirectoryView | None = None
+        self._read_at = 0.0
+        self._generation = 0
+
+    def changed(self) -> None:
+        self._view = None
+        self._generation += 1
+
+    async def view(self) -> DirectoryView:
+        view = self._view
+        if view is None or time.monotonic() - self._read_at > self.max_age_s:
+            generation = self._generation
+            self._read_at = time.monotonic()
+            devices = await self.directory.devices()
+            identities = await self.directory.identities()
+            view = DirectoryView.build(devices, identities)
+            if generation == self._generation:
+                self._view = view
+        return view
 
 
 def fair_share(entries: list[tuple[pb.RemoteDevice, int]], budget: int) -> list[pb.RemoteDevice]:

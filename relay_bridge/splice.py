@@ -251,7 +251,8 @@ class AssociationService:
                     suppressed=state.refusal_audits.suppressed(f"invalid_open:{session.name}"),
                 )
             return await self.refuse(context, invalid, aid)
-        device = await state.directory.device(op.to_site, op.called_ae_title)
+        # From the in-memory view: an Open does not wait behind the database (publications, sign-ons).
+        device = (await state.directory_cache.view()).device(op.to_site, op.called_ae_title)
         destination = state.sessions.get(op.to_site)
         rejection = admission.admit_open(
             caller=session.name,

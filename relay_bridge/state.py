@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from relay_bridge.config import BridgeConfig
 from relay_bridge.directory import AsyncDirectory
+from relay_bridge.directory_view import DirectoryCache
 from relay_bridge.ratelimit import AuditLimiter
 from relay_bridge.sessions import LoginThrottle, SessionRegistry
 from relay_common.audit import AuditLog
@@ -27,6 +28,8 @@ class BridgeState:
     splices: dict[str, Splice] = field(default_factory=dict)
     blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
     metrics: BridgeMetrics = field(init=False)
+    # The directory as routers and Opens see it, from memory (relay_bridge.directory_view).
+    directory_cache: DirectoryCache = field(init=False)
     # Refusal audits a hostile router can trigger at will are rate-limited per source or router.
     refusal_audits: AuditLimiter = field(default_factory=AuditLimiter)
 
@@ -46,4 +49,5 @@ class BridgeState:
             ),
         )
         state.metrics = BridgeMetrics(state)
+        state.directory_cache = DirectoryCache(directory)
         return state

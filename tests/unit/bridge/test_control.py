@@ -302,3 +302,24 @@ async def test_a_publication_over_the_limits_is_refused_and_audited(servicer: Re
     assert servicer.directory.sync.devices() == []
     assert events[0][:2] == ("publish", "failure")
     assert "201 devices published; the limit is 200 per router (max_devices_per_router)" in str(events[0][2]["detail"])
+
+
+async def test_the_directory_cache_never_keeps_a_view_read_across_a_change(servicer: RelayServicer) -> None:
+    sync = servicer.directory.sync
+    sync.add_router("a")
+    cache = servicer.state.directory_cache
+    read = servicer.directory.devices
+
+    async def changing_meanwhile() -> list[Device]:
+        devices = await read()
+        sync.publish("a", [Device("a", "NEW", "", ("*",))])
+        cache.changed()  # what a publication does while this read is under way
+        return devices
+
+    servicer.directory.devices = changing_meanwhile  # type: ignore[method-assign]
+    assert (await cache.view()).device("a", "NEW") is None  # this caller got what it read ...
+    servicer.directory.devices = read  # type: ignore[method-assign]
+    assert (await cache.view()).device("a", "NEW") is not None  # ... but the next one reads again
+    sync.set_enabled("a", False)  # by another process: seen once the view is older than max_age_s
+    cache.max_age_s = 0.0
+    assert (await cache.view()).device("a", "NEW") is None

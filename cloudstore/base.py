@@ -317,11 +317,24 @@ class BlobStore(abc.ABC):
         self._check_open("list", prefix)
         return sorted(await self._list(prefix), key=lambda info: info.key)
 
-    async def presign_put(self, key: str, expires_s: float) -> str:
-        """A URL that lets its holder upload this one blob, valid for ``expires_s`` seconds."""
+    #: Whether ``presign_put(..., content_length=N)`` binds the URL to that length (the store refuses
+    #: another body). Backends that cannot keep False and sign an unbounded URL.
+    bounds_uploads: bool = False
+
+    async def presign_put(self, key: str, expires_s: float, *, content_length: int | None = None) -> str:
+        """A URL that lets its holder upload this one blob, valid for ``expires_s`` seconds.
+
+        With ``content_length`` (and ``bounds_uploads``), the URL is signed for a body of exactly
+        that many bytes: the store refuses any other upload with it.
+        """
         self._validate_key(check_key(key))
         seconds = check_expiry(expires_s)
         self._check_open("presign PUT", key)
+        if content_length is not None:
+            if content_length < 0:
+                raise ValueError(f"content_length must not be negative, got {content_length}")
+            if self.bounds_uploads:
+                return await self._presign_put_length(key, seconds, content_length)
         return await self._presign("PUT", key, seconds)
 
     async def presign_get(self, key: str, expires_s: float) -> str:
@@ -452,6 +465,10 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     async def _presign(self, method: Method, key: str, expires_s: int) -> str: ...
+
+    async def _presign_put_length(self, key: str, expires_s: int, content_length: int) -> str:
+        """A PUT URL signed for exactly ``content_length`` bytes (backends with ``bounds_uploads``)."""
+        raise NotImplementedError
 
     async def _abort_incomplete(self, prefix: str, older_than_s: float, now: float | None) -> int:
         return 0

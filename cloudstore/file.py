@@ -314,18 +314,45 @@ class FileBlobStore(BlobStore):
 
     # -- presigned tokens -----------------------------------------------------------------
 
-    def _signature(self, method: str, key: str, expires: int) -> bytes:
+    def _signature(self, method: str, key: str, expires: int, length: str | None = None) -> bytes:
         mac = hmac.HMAC(self._signing_key, hashes.SHA256())
-        mac.update(b"\n".join([_SIGNATURE_CONTEXT, method.encode(), key.encode(), str(expires).encode()]))
+        fields = [_SIGNATURE_CONTEXT, method.encode(), key.encode(), str(expires).encode()]
+        if length is not None:
+            fields.append(b"length=" + length.encode())
+        mac.update(b"\n".join(fields))
         return mac.finalize()
 
-    async def _presign(self, method: Method, key: str, expires_s: int) -> str:
+    bounds_uploads = True
+
+    async def _presign(self, method: Method, key: str, expires_s: int, length: int | None = None) -> str:
         expires = int(self._clock()) + expires_s
-        sig = base64.urlsafe_b64encode(self._signature(method, key, expires)).rstrip(b"=").decode()
-        query = urlencode({"method": method, "expires": expires, "sig": sig})
+        length_text = None if length is None else str(length)
+        sig = base64.urlsafe_b64encode(self._signature(method, key, expires, length_text)).rstrip(b"=").decode()
+        fields: dict[str, object] = {"method": method, "expires": expires}
+        if length_text is not None:
+            fields["length"] = length_text
+        query = urlencode({**fields, "sig": sig})
         return f"{PRESIGNED_SCHEME}:///{quote(key, safe='/')}?{query}"
 
+    async def _presign_put_length(self, key: str, expires_s: int, content_length: int) -> str:
+        return await self._presign("PUT", key, expires_s, content_length)
+
+    def verify_presigned_upload(self, url: str, size: int) -> str:
+        """The key a presigned PUT token grants, for a body of `size` bytes; a token signed for
+        another length is refused like a forged one."""
+        key, length = self._verify(url, "PUT")
+        if length is not None and size != length:
+            raise PresignedURLInvalid(
+                f"presigned URL refused by {self.url}: signed for {length} bytes, not {size}", store=self.url
+            )
+        return key
+
     def verify_presigned(self, url: str, method: str) -> str:
+        """The key a presigned token grants ``method`` on (see `_verify`; a PUT's signed length is
+        checked by `verify_presigned_upload`)."""
+        return self._verify(url, method)[0]
+
+    def _verify(self, url: str, method: str) -> tuple[str, int | None]:
         """The key a presigned token grants ``method`` ("GET" or "PUT") on.
 
         Raises :class:`PresignedURLInvalid` for anything malformed, a signature that does
@@ -349,8 +376,15 @@ class FileBlobStore(BlobStore):
             fields = parse_qs(parts.query, keep_blank_values=True, strict_parsing=True)
         except ValueError as exc:
             raise invalid(f"malformed query ({exc})") from exc
-        if sorted(fields) != ["expires", "method", "sig"] or any(len(v) != 1 for v in fields.values()):
-            raise invalid("the query must hold method, expires and sig, once each")
+        if sorted(fields) not in (["expires", "method", "sig"], ["expires", "length", "method", "sig"]) or any(
+            len(v) != 1 for v in fields.values()
+        ):
+            raise invalid("the query must hold method, expires, sig and optionally length, once each")
+        length_text = fields["length"][0] if "length" in fields else None
+        if length_text is not None and (
+            not length_text.isascii() or not length_text.isdigit() or len(length_text) > 15
+        ):
+            raise invalid("bad length")
         signed_method, expires_text, sig_text = fields["method"][0], fields["expires"][0], fields["sig"][0]
         key = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
         try:
@@ -363,8 +397,11 @@ class FileBlobStore(BlobStore):
             signature = base64.urlsafe_b64decode(sig_text + "=" * (-len(sig_text) % 4))
         except (binascii.Error, ValueError) as exc:
             raise invalid("bad signature encoding") from exc
+        signed = [_SIGNATURE_CONTEXT, signed_method.encode(), key.encode(), expires_text.encode()]
+        if length_text is not None:
+            signed.append(b"length=" + length_text.encode())
         mac = hmac.HMAC(self._signing_key, hashes.SHA256())
-        mac.update(b"\n".join([_SIGNATURE_CONTEXT, signed_method.encode(), key.encode(), expires_text.encode()]))
+        mac.update(b"\n".join(signed))
         try:
             mac.verify(signature)
         except InvalidSignature as exc:
@@ -379,4 +416,4 @@ class FileBlobStore(BlobStore):
                 store=self.url,
                 key=key,
             )
-        return key
+        return key, None if length_text is None else int(length_text)

@@ -284,7 +284,13 @@ class GCSBlobStore(BlobStore):
             for blob in self._client.list_blobs(self._bucket, prefix=self._name(prefix), timeout=self._timeout)
         ]
 
-    async def _presign(self, method: Method, key: str, expires_s: int) -> str:
+    bounds_uploads = True
+
+    async def _presign_put_length(self, key: str, expires_s: int, content_length: int) -> str:
+        # Content-Length as a signed header (V4): a body of another length does not match the signature.
+        return await self._presign("PUT", key, expires_s, {"Content-Length": str(content_length)})
+
+    async def _presign(self, method: Method, key: str, expires_s: int, headers: dict[str, str] | None = None) -> str:
         signer = self._signing_credentials
         if signer is None or isinstance(signer, AnonymousCredentials) or not isinstance(signer, Signing):
             raise self._error(
@@ -303,6 +309,7 @@ class GCSBlobStore(BlobStore):
             method=method,
             credentials=signer,
             api_access_endpoint=self._presign_endpoint,
+            headers=headers,
         )
 
     async def _close(self) -> None:

@@ -10,7 +10,7 @@ message; the wording itself is what routers have always been shown.
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -18,7 +18,24 @@ from typing import Protocol
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.directory import AccountProblem, Device, IdentityProblem, identity_changed_detail
 from relay_common.errors import Reason, RelayError
-from relay_common.validate import AE_TITLE_RULE, is_ae_title
+from relay_common.validate import (
+    AE_TITLE_RULE,
+    DESCRIPTION_RULE,
+    SITE_NAME_RULE,
+    is_ae_title,
+    is_description,
+    is_share_target,
+    is_site_name,
+)
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """A router-supplied value for a message, log line or audit field: quoted with control characters
+    escaped (repr), and cut to `limit` characters so a huge value cannot make a huge line."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 ASSOCIATION_ID = re.compile(r"^[0-9a-f]{32}\Z")
 SIGN_KEY_BYTES = 32  # Ed25519 public key
@@ -96,22 +113,53 @@ def identity_refusal(account: str, problem: IdentityProblem) -> SignOnRefused:
 
 class Published(Protocol):
     ae_title: str
+    description: str
+    share_with: Sequence[str]
 
 
-def check_devices(devices: Iterable[Published]) -> str | None:
-    """Why a router's published devices are refused (None if they are fine)."""
+@dataclass(frozen=True)
+class DirectoryLimits:
+    """What one router may publish: everything it publishes is stored and sent to other routers."""
+
+    max_devices: int = 200
+    max_share_with: int = 64
+
+
+def check_devices(devices: Sequence[Published], limits: DirectoryLimits = DirectoryLimits()) -> str | None:
+    """Why a router's published devices are refused (None if they are fine).
+
+    Every field is checked before it is stored, logged or shown: AE titles by the
+    DICOM rules, descriptions printable and bounded, `share_with` entries site
+    names or "*", and the counts bounded (one router must not be able to fill
+    everyone's directory).
+    """
+    if len(devices) > limits.max_devices:
+        return (
+            f"{len(devices)} devices published; the limit is {limits.max_devices} per router (max_devices_per_router)"
+        )
     seen = set()
     for d in devices:
         if not is_ae_title(d.ae_title):
-            return f"invalid AE title {d.ae_title!r} ({AE_TITLE_RULE})"
+            return f"invalid AE title {shown(d.ae_title)} ({AE_TITLE_RULE})"
         if d.ae_title in seen:
             return f"AE title {d.ae_title!r} is published twice"
         seen.add(d.ae_title)
+        if not is_description(d.description):
+            return f"invalid description of {d.ae_title!r} ({DESCRIPTION_RULE})"
+        if len(d.share_with) > limits.max_share_with:
+            return (
+                f"{d.ae_title!r} is shared with {len(d.share_with)} entries; the limit is {limits.max_share_with}"
+                ' (max_share_with; use "*" for every site)'
+            )
+        for target in d.share_with:
+            if not is_share_target(target):
+                entry = shown(target, 70)
+                return f'{d.ae_title!r}: invalid share_with entry {entry} (a site name: {SITE_NAME_RULE}; or "*")'
     return None
 
 
-def devices_refusal(devices: Iterable[Published]) -> SignOnRefused | None:
-    problem = check_devices(devices)
+def devices_refusal(devices: Sequence[Published], limits: DirectoryLimits = DirectoryLimits()) -> SignOnRefused | None:
+    problem = check_devices(devices, limits)
     return None if problem is None else SignOnRefused(SignOnFailure.INVALID_DEVICES, problem)
 
 
@@ -137,6 +185,22 @@ class Limits:
 
 def valid_association_id(association_id: str, in_use: Container[str]) -> bool:
     return bool(ASSOCIATION_ID.match(association_id)) and association_id not in in_use
+
+
+def invalid_open(*, to_site: str, called_ae_title: str, calling_ae_title: str) -> Rejection | None:
+    """The router-supplied fields of an Open, checked before anything is looked up, logged or audited."""
+    for what, value, valid, rule in (
+        ("to_site", to_site, is_site_name, SITE_NAME_RULE),
+        ("called AE title", called_ae_title, is_ae_title, AE_TITLE_RULE),
+        ("calling AE title", calling_ae_title, is_ae_title, AE_TITLE_RULE),
+    ):
+        if not valid(value):
+            return Rejection(
+                pb.Refused.NOT_PERMITTED,
+                Reason.PROTOCOL,
+                f"invalid {what} {shown(value)} ({rule})",
+            )
+    return None
 
 
 def admit_open(

@@ -98,13 +98,52 @@ class LimitsSection:
     # Failed sign-ons allowed per account and per source address in `login_window_s`.
     login_failures: int = 5
     login_window_s: float = 60.0
+    # Password hashes (scrypt) run on their own threads; sign-ons waiting beyond this many are refused.
+    login_hash_threads: int = 2
+    max_pending_logins: int = 32
+    # What one router may publish (everything it publishes is stored and sent to other routers).
+    max_devices_per_router: int = 200
+    max_share_with: int = 64
+    # A router's publications are applied at most once per this many seconds (later ones coalesce).
+    publish_interval_s: float = 2.0
+    # The largest directory message sent to one router (routers accept 20 MiB); beyond it, each
+    # owner site's devices get their turn in round-robin order and the cut is logged.
+    max_directory_bytes: int = 8 * 1024 * 1024
+    # Before sign-on: seconds a new Control or Associate stream has to send its first message,
+    # and the largest first message accepted.
+    first_message_timeout_s: float = 10.0
+    max_first_message_bytes: int = 64 * 1024
+    # HTTP/2 streams one connection may hold open at once (grpc.max_concurrent_streams).
+    max_streams_per_connection: int = 1024
+    # Connection age (grpc.max_connection_age_ms) and the grace running calls get afterwards; 0 = off.
+    max_connection_age_s: float = 0.0
+    connection_age_grace_s: float = 86400.0
 
     def __post_init__(self) -> None:
-        for name in ("max_associations", "max_associations_per_router", "frame_queue_depth", "login_failures"):
+        for name in (
+            "max_associations",
+            "max_associations_per_router",
+            "frame_queue_depth",
+            "login_failures",
+            "login_hash_threads",
+            "max_pending_logins",
+            "max_devices_per_router",
+            "max_share_with",
+            "max_streams_per_connection",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidValue(name, "must be at least 1")
         if self.max_frame_bytes < 64 * 1024:
             raise InvalidValue("max_frame_bytes", "must be at least 65536")
+        if not 64 * 1024 <= self.max_directory_bytes <= 16 * 1024 * 1024:
+            raise InvalidValue("max_directory_bytes", "must be between 65536 and 16777216")
+        if not 1024 <= self.max_first_message_bytes <= self.max_frame_bytes:
+            raise InvalidValue("max_first_message_bytes", "must be between 1024 and max_frame_bytes")
+        for name in ("publish_interval_s", "max_connection_age_s", "connection_age_grace_s"):
+            if getattr(self, name) < 0:
+                raise InvalidValue(name, "must not be negative")
+        if self.first_message_timeout_s <= 0:
+            raise InvalidValue("first_message_timeout_s", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -142,6 +181,13 @@ class SpillSection:
     # Blobs older than this are deleted by the orphan sweep (every sweep_interval_s).
     ttl_s: float = 86400.0
     sweep_interval_s: float = 3600.0
+    # What one association may hold in the store at once (released blobs free their share), checked by
+    # the bridge before it signs a URL; the defaults fit a 2 GB data set in 4 MiB parts several times
+    # over: blobs, parts of one blob, bytes of one part, bytes in all.
+    max_blobs_per_association: int = 64
+    max_parts_per_blob: int = 2048
+    max_part_bytes: int = 9 * 1024 * 1024
+    max_bytes_per_association: int = 16 * 1024**3
 
     def __post_init__(self) -> None:
         if self.store not in ("", "off"):
@@ -159,6 +205,9 @@ class SpillSection:
             raise InvalidValue("url_ttl_s", "must be between 1 and 604800")
         if self.ttl_s <= 0 or self.sweep_interval_s <= 0:
             raise InvalidValue("ttl_s", "ttl_s and sweep_interval_s must be positive")
+        for name in ("max_blobs_per_association", "max_parts_per_blob", "max_part_bytes", "max_bytes_per_association"):
+            if getattr(self, name) < 1:
+                raise InvalidValue(name, "must be at least 1")
 
 
 @dataclass(frozen=True)

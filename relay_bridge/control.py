@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Coroutine
 
 import grpc
@@ -20,17 +21,24 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
-from relay_bridge.admission import SignOnRefused
+from relay_bridge.admission import SignOnRefused, shown
+from relay_bridge.config import LimitsSection
 from relay_bridge.directory import Device
-from relay_bridge.sessions import RouterSession, source_address, throttle_keys
+from relay_bridge.directory_view import DirectoryView
+from relay_bridge.sessions import RouterSession, first_message, source_address, throttle_keys
 from relay_bridge.splice import abandon_pending, abort_associations
 from relay_bridge.state import BridgeState
 from relay_common.pki import CsrError, issue_client_certificate
+from relay_common.validate import is_site_name
 
 log = logging.getLogger("relay_bridge")
 HEARTBEAT_S = 15
 DISABLED_POLL_S = 2.0
-KEM_NAME = "MLKEM768-X25519"
+# Directory changes that arrive within this many seconds reach the routers in one broadcast, and
+# broadcasts are at least this far apart (a router signing on again and again must not make the
+# bridge rebuild everyone's directory each time).
+BROADCAST_COALESCE_S = 0.05
+MIN_BROADCAST_INTERVAL_S = 0.5
 
 
 class ControlService:
@@ -39,52 +47,61 @@ class ControlService:
     def __init__(self, state: BridgeState) -> None:
         self.state = state
         self._background: set[asyncio.Task[None]] = set()
+        self._broadcast_pending = False
+        self._last_broadcast = 0.0
 
     # -- the directory a router sees -----------------------------------------------------
+    async def view(self) -> DirectoryView:
+        """The indexed directory, read from the database once per change (on its own thread)."""
+        return await self.state.directory_cache.view()
+
+    def directory_changed(self) -> None:
+        self.state.directory_cache.changed()
+
     async def directory_for(self, site: str) -> pb.Directory:
-        directory = self.state.directory
-        devices = await directory.devices()
-        identities = await directory.identities()
-        reachable = [d for d in devices if d.shared_with(site)]
-        # Keys of the sites we may call, and of the sites that may call us (to verify them).
-        owners = {d.router for d in reachable}
-        callers = {peer for d in devices if d.router == site for peer in d.share_with}
-        owners |= set(identities) if "*" in callers else callers
-        owners.discard(site)
-        online = self.state.sessions
-        return pb.Directory(
-            identities=[
-                pb.SiteIdentity(
-                    site=o,
-                    identity=pb.Identity(sign_key=identities[o][0], kem_key=identities[o][1], kem=KEM_NAME),
-                )
-                for o in sorted(owners)
-                if o in identities
-            ],
-            devices=[
-                pb.RemoteDevice(
-                    site=d.router, ae_title=d.ae_title, description=d.description, online=d.router in online
-                )
-                for d in reachable
-            ],
-        )
+        view = await self.view()
+        return view.for_site(site, self.state.sessions, max_bytes=self.state.config.limits.max_directory_bytes)
 
     async def broadcast_directory(self) -> None:
         for session in list(self.state.sessions.values()):
             session.send(pb.BridgeMessage(directory=await self.directory_for(session.name)))
 
+    def request_broadcast(self) -> None:
+        """Send every router its directory soon; requests that arrive meanwhile are served by the same one."""
+        if self._broadcast_pending:
+            return
+        self._broadcast_pending = True
+
+        async def broadcast() -> None:
+            wait = max(BROADCAST_COALESCE_S, self._last_broadcast + MIN_BROADCAST_INTERVAL_S - time.monotonic())
+            await asyncio.sleep(wait)
+            self._broadcast_pending = False
+            self._last_broadcast = time.monotonic()
+            await self.broadcast_directory()
+
+        self._in_background(broadcast())
+
     # -- sign-on ----------------------------------------------------------------------------
     async def authenticate(self, account: str, password: str, source: str) -> SignOnRefused | None:
-        """Check a password against the directory, counting failures per account and per address."""
-        keys = throttle_keys(account, source)
-        if self.state.throttle.blocked(*keys):
-            log.warning("sign-on for %r from %s refused: too many failed attempts", account, source)
+        """Check a password against the directory, counting failures per account and per address.
+
+        The attempt is counted before the (slow) hash and only one per account and per
+        address runs at a time, so concurrent guesses cannot slip past the limit.
+        """
+        attempt = self.state.throttle.begin(*throttle_keys(account, source))
+        if attempt is None:
+            log.warning(
+                "sign-on for %s from %s refused: too many failed attempts, or another attempt still running",
+                shown(account, 64),
+                source,
+            )
             return admission.throttled()
-        problem = await self.state.directory.verify_password(account, password)
-        if problem is None:
-            return None
-        self.state.throttle.failed(*keys)
-        log.warning("sign-on for %r from %s failed: %s", account, source, problem)
+        with attempt:
+            problem = await self.state.directory.verify_password(account, password)
+            if problem is None:
+                attempt.succeeded()
+                return None
+        log.warning("sign-on for %s from %s failed: %s", shown(account, 64), source, problem)
         return admission.account_refusal(problem)
 
     async def sign_on_refusal(
@@ -96,7 +113,7 @@ class ControlService:
         refusal = await self.authenticate(sign_on.account, sign_on.password, source)  # logs its refusals
         if refusal is not None:
             return refusal
-        refusal = admission.devices_refusal(sign_on.devices)
+        refusal = admission.devices_refusal(sign_on.devices, directory_limits(self.state.config.limits))
         if refusal is not None:
             return logged(refusal, sign_on.account, source)
         identity = sign_on.identity
@@ -113,17 +130,23 @@ class ControlService:
         self, request_iterator: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
     ) -> None:
         state = self.state
-        first = await context.read()
+        source = source_address(context.peer())
+        first = await first_message(context, state.config.limits, "Control", source)
         if first is grpc.aio.EOF or not first.HasField("sign_on"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first control message must be SignOn")
         sign_on = first.sign_on
-        source = source_address(context.peer())
         refusal = await self.sign_on_refusal(context, sign_on, source)
         if refusal is not None:
             state.metrics.sign_on_failed(refusal.failure)
-            state.audit.event(
-                "sign_on", refusal.audit_outcome, router=sign_on.account, source=source, detail=refusal.detail
-            )
+            if state.refusal_audits.allow(f"sign_on:{source}"):
+                state.audit.event(
+                    "sign_on",
+                    refusal.audit_outcome,
+                    router=account_field(sign_on.account),
+                    source=source,
+                    detail=refusal.detail,
+                    suppressed=state.refusal_audits.suppressed(f"sign_on:{source}"),
+                )
             await context.write(pb.BridgeMessage(sign_on_result=pb.SignOnResult(ok=False, error=refusal.detail)))
             return
         session = RouterSession(sign_on.account, secrets.token_urlsafe(32), source)
@@ -152,7 +175,9 @@ class ControlService:
                     )
                 )
             )
-            await self.broadcast_directory()
+            self.directory_changed()
+            session.send(pb.BridgeMessage(directory=await self.directory_for(session.name)))  # its own, at once
+            self.request_broadcast()  # the others learn it is online with the next broadcast
             tasks.append(asyncio.create_task(self._read_control(session, context)))
             tasks.append(asyncio.create_task(self._watch_enabled(session)))
             while (message := await session.outbox.get()) is not None:
@@ -167,7 +192,7 @@ class ControlService:
                 log.info("router %s signed off", session.name)
                 # In a task of its own: gRPC cancels this call when the router's connection closes, which
                 # may be while the others are told; the news that this site is offline must still reach them.
-                self._in_background(self.broadcast_directory())
+                self.request_broadcast()
 
     def _in_background(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -183,16 +208,40 @@ class ControlService:
                 if message.HasField("heartbeat"):
                     session.send(pb.BridgeMessage(heartbeat=pb.Heartbeat(sent_unix_ms=message.heartbeat.sent_unix_ms)))
                 elif message.HasField("publish"):
-                    problem = admission.check_devices(message.publish.devices)
-                    if problem:
-                        log.warning("router %s published invalid devices: %s", session.name, problem)
-                        continue
-                    await self.state.directory.publish(session.name, published(session.name, message.publish.devices))
-                    await self.broadcast_directory()
+                    await self._publication(session, list(message.publish.devices))
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
             session.end()
+
+    async def _publication(self, session: RouterSession, devices: list[pb.SharedDevice]) -> None:
+        """Check a publication, then apply it at most once per `publish_interval_s`: a router that
+        publishes faster has its latest publication applied when its interval is over."""
+        limits = self.state.config.limits
+        problem = admission.check_devices(devices, directory_limits(limits))
+        if problem:
+            log.warning("router %s published invalid devices: %s", session.name, problem)
+            if self.state.refusal_audits.allow(f"publish:{session.name}"):
+                self.state.audit.event(
+                    "publish",
+                    "failure",
+                    router=session.name,
+                    detail=problem,
+                    suppressed=self.state.refusal_audits.suppressed(f"publish:{session.name}"),
+                )
+            return
+        waiting = session.pending_publication is not None
+        session.pending_publication = devices
+        if waiting:
+            return  # the publication already waiting will apply these devices instead
+        delay = session.published_at + limits.publish_interval_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # reads stop meanwhile: HTTP/2 pushes back on a flooding router
+        latest, session.pending_publication = session.pending_publication, None
+        session.published_at = time.monotonic()
+        await self.state.directory.publish(session.name, published(session.name, latest or []))
+        self.directory_changed()
+        self.request_broadcast()
 
     async def _watch_enabled(self, session: RouterSession) -> None:
         """Cut a router's streams within seconds of `relay-bridge router disable`."""
@@ -201,6 +250,7 @@ class ControlService:
             router = await self.state.directory.router(session.name)
             if router is None or not router.enabled:
                 log.warning("router %s was disabled or removed; cutting its streams", session.name)
+                self.directory_changed()
                 session.end()
                 await abort_associations(self.state.splices, session, "router disabled")
 
@@ -211,8 +261,19 @@ class ControlService:
         account = request.account
 
         async def refuse(why: str) -> None:
-            state.audit.event("enroll", "failure", router=account, source=source, detail=why)
+            if state.refusal_audits.allow(f"enroll:{source}"):
+                state.audit.event(
+                    "enroll",
+                    "failure",
+                    router=account_field(account),
+                    source=source,
+                    detail=why,
+                    suppressed=state.refusal_audits.suppressed(f"enroll:{source}"),
+                )
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+        if request.ByteSize() > state.config.limits.max_first_message_bytes:
+            await refuse(f"the request is larger than {state.config.limits.max_first_message_bytes} bytes")
 
         refusal = await self.authenticate(account, request.password, source)
         if refusal is not None:
@@ -237,7 +298,8 @@ class ControlService:
         await state.directory.set_identity(account, identity.sign_key, identity.kem_key)
         state.audit.event("enroll", "success", router=account, source=source, certificate_issued=bool(certificate))
         log.info("router %s enrolled from %s", account, source)
-        await self.broadcast_directory()
+        self.directory_changed()
+        self.request_broadcast()
         return pb.EnrollResponse(certificate_pem=certificate, ca_pem=ca_pem)
 
 
@@ -245,15 +307,24 @@ def logged(refusal: SignOnRefused, account: str, source: str) -> SignOnRefused:
     """Log a refusal that no earlier line explained; the level and the alert field come from its type."""
     if refusal.security:
         log.error(
-            "sign-on for %r from %s refused: %s",
-            account,
+            "sign-on for %s from %s refused: %s",
+            shown(account, 64),
             source,
             refusal.detail,
             extra={"security_alert": refusal.failure.value},
         )
     else:
-        log.warning("sign-on for %r from %s refused: %s", account, source, refusal.detail)
+        log.warning("sign-on for %s from %s refused: %s", shown(account, 64), source, refusal.detail)
     return refusal
+
+
+def directory_limits(limits: LimitsSection) -> admission.DirectoryLimits:
+    return admission.DirectoryLimits(limits.max_devices_per_router, limits.max_share_with)
+
+
+def account_field(account: str) -> str:
+    """An account name as sent, for a log line or audit field: bounded and escaped unless it is valid."""
+    return account if is_site_name(account) else shown(account)
 
 
 def published(router: str, devices: list[pb.SharedDevice]) -> list[Device]:

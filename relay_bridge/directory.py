@@ -94,6 +94,29 @@ def _hash(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))
 
 
+@dataclass(frozen=True)
+class PasswordRecord:
+    digest: bytes
+    salt: bytes
+    n: int
+    r: int
+    p: int
+    enabled: bool
+
+
+def check_password(record: PasswordRecord | None, password: str) -> AccountProblem | None:
+    """Hash `password` (slow, CPU-bound: scrypt) and compare; None when it is right."""
+    if record is None:
+        # Spend the same time as a real check so account names cannot be probed by timing.
+        _hash(password, b"\0" * 16, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        return AccountProblem.UNKNOWN_ACCOUNT
+    if not hmac.compare_digest(_hash(password, record.salt, record.n, record.r, record.p), record.digest):
+        return AccountProblem.WRONG_PASSWORD
+    if not record.enabled:
+        return AccountProblem.DISABLED
+    return None
+
+
 class Directory:
     """Thread-safe access to the bridge database (one connection, one lock)."""
 
@@ -159,21 +182,19 @@ class Directory:
 
     def verify_password(self, name: str, password: str) -> AccountProblem | None:
         """None when the credentials are good, else the reason (for logs and audit)."""
+        return check_password(self.password_record(name), password)
+
+    def password_record(self, name: str) -> PasswordRecord | None:
+        """What checking a password needs (the hash itself is the caller's work: it is slow)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT password_hash, salt, scrypt_n, scrypt_r, scrypt_p, enabled FROM routers WHERE name=?",
                 (name,),
             ).fetchone()
         if row is None:
-            # Spend the same time as a real check so account names cannot be probed by timing.
-            _hash(password, b"\0" * 16, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-            return AccountProblem.UNKNOWN_ACCOUNT
+            return None
         digest, salt, n, r, p, enabled = row
-        if not hmac.compare_digest(_hash(password, salt, n, r, p), digest):
-            return AccountProblem.WRONG_PASSWORD
-        if not enabled:
-            return AccountProblem.DISABLED
-        return None
+        return PasswordRecord(bytes(digest), bytes(salt), n, r, p, bool(enabled))
 
     def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> IdentityProblem | None:
         """Record a router's identity on first sign-on; None if it matches, else the reason to refuse."""
@@ -269,13 +290,26 @@ class Directory:
         with self._lock:
             rows = self._db.execute(
                 "SELECT d.router, d.ae_title, d.description, group_concat(s.peer, char(31))"
-                " FROM devices d LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
+                " FROM devices d JOIN routers r ON r.name=d.router AND r.enabled=1"
+                " LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
                 " GROUP BY d.router, d.ae_title ORDER BY d.router, d.ae_title"
             ).fetchall()
         return [Device(r, a, desc, tuple(peers.split("\x1f")) if peers else ()) for r, a, desc, peers in rows]
 
     def device(self, router: str, ae_title: str) -> Device | None:
-        return next((d for d in self.devices() if d.router == router and d.ae_title == ae_title), None)
+        """One device by its primary key (an indexed lookup: an Open must not read the whole directory)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT d.description FROM devices d JOIN routers r ON r.name=d.router AND r.enabled=1"
+                " WHERE d.router=? AND d.ae_title=?",
+                (router, ae_title),
+            ).fetchone()
+            if row is None:
+                return None
+            peers = self._db.execute(
+                "SELECT peer FROM shares WHERE router=? AND ae_title=? ORDER BY rowid", (router, ae_title)
+            ).fetchall()
+        return Device(router, ae_title, row[0], tuple(p for (p,) in peers))
 
     def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in self.devices() if d.shared_with(peer)]
@@ -296,9 +330,12 @@ class AsyncDirectory:
 
     backend = "sqlite"
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, *, hash_threads: int = 2) -> None:
         self.sync = directory  # for the CLI and tests outside an event loop; never call it from the loop
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="relay-directory")
+        # scrypt on threads of its own: queued password checks must hold up neither the database's
+        # thread nor the loop's default executor.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(hash_threads, thread_name_prefix="relay-scrypt")
         # The accounts as last read, for readers that must not wait (a metrics scrape runs on the loop).
         self.known_routers: list[Router] = []
 
@@ -315,9 +352,12 @@ class AsyncDirectory:
             self._executor.submit(self.sync.close).result()
         finally:
             self._executor.shutdown(wait=True)
+            self._hasher.shutdown(wait=False, cancel_futures=True)
 
     async def verify_password(self, name: str, password: str) -> AccountProblem | None:
-        return await self._call(self.sync.verify_password, name, password)
+        record = await self._call(self.sync.password_record, name)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hasher, check_password, record, password)
 
     async def check_identity(self, name: str, sign_key: bytes, kem_key: bytes) -> IdentityProblem | None:
         return await self._call(self.sync.check_identity, name, sign_key, kem_key)

@@ -149,8 +149,20 @@ def _handlers(servicer: RelayServicer) -> grpc.GenericRpcHandler:
 
 
 def server_options(config: BridgeConfig) -> list[tuple[str, int]]:
-    size = config.limits.max_frame_bytes + 64 * 1024
+    limits = config.limits
+    size = limits.max_frame_bytes + 64 * 1024
+    age: list[tuple[str, int]] = []
+    if limits.max_connection_age_s > 0:
+        # After the age, the connection gets GOAWAY (no new streams); running calls (associations)
+        # may continue for the grace before the connection is closed.
+        age = [
+            ("grpc.max_connection_age_ms", int(limits.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(limits.connection_age_grace_s * 1000)),
+        ]
     return [
+        # A connection may not open streams without bound (each Associate holds a splice).
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        *age,
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         # Routers ping every 20 s to keep idle streams alive through load balancers.
@@ -170,7 +182,11 @@ async def start(
 ) -> tuple[grpc.aio.Server, int, RelayServicer]:
     """Build and start the server; returns it, the bound port and the servicer."""
     # SQLite or PostgreSQL by [storage] database; raises migrations.SchemaError on a schema it cannot use.
-    directory = await open_directory(config.storage.database, password_file=config.storage.password_file)
+    directory = await open_directory(
+        config.storage.database,
+        password_file=config.storage.password_file,
+        hash_threads=config.limits.login_hash_threads,
+    )
     await directory.routers()  # the accounts a metrics scrape lists until the status writer reads them again
     audit = AuditLog.from_section(config.audit, app="relay-bridge")
     servicer = servicer_class(config, directory, audit)

@@ -21,6 +21,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.admission import certificate_problem
+from relay_bridge.config import LimitsSection
 
 log = logging.getLogger("relay_bridge")
 SESSION_METADATA = "relay-session"
@@ -38,6 +39,9 @@ class RouterSession:
     outbox: asyncio.Queue[pb.BridgeMessage | None] = field(default_factory=lambda: asyncio.Queue(1024))
     associations: set[str] = field(default_factory=set)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # Publication rate limit: when the last one was applied, and the latest one waiting for its turn.
+    published_at: float = 0.0
+    pending_publication: list[pb.SharedDevice] | None = None
 
     def end(self) -> None:
         """Stop this session's control stream (idempotent)."""
@@ -101,11 +105,23 @@ async def require_association(context: grpc.aio.ServicerContext, session: Router
 
 
 class LoginThrottle:
-    """Counts failed sign-ons per account and per source address in a sliding window."""
+    """Counts failed sign-ons per account and per source address in a sliding window.
 
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit, self.window = limit, window_s
-        self._failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+    An attempt is counted as a failure *before* its password is hashed (`begin`),
+    and forgiven only when it succeeds (`Attempt.succeeded`); and only one attempt
+    per account and per source address is in flight at a time (another one
+    meanwhile is refused and counted as failed). So concurrent guesses cannot all
+    pass the check before any of them is recorded.
+    """
+
+    def __init__(self, limit: int, window_s: float, *, max_pending: int = 32) -> None:
+        self.limit, self.window, self.max_pending = limit, window_s, max_pending
+        # Only the newest `limit` failures matter (blocked: the limit-th newest is inside the window).
+        self._failures: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=limit)
+        )
+        self._in_flight: set[str] = set()
+        self._attempts = 0
 
     def _recent(self, key: str) -> collections.deque[float]:
         q, cutoff = self._failures[key], time.monotonic() - self.window
@@ -128,6 +144,57 @@ class LoginThrottle:
         for k in keys:
             self._recent(k).append(time.monotonic())
 
+    @property
+    def pending(self) -> int:
+        """Attempts in flight (hashing, or waiting for a hashing thread)."""
+        return self._attempts
+
+    def begin(self, *keys: str) -> Attempt | None:
+        """Start an attempt, counted as failed until it succeeds; None: refuse it unhashed (too many
+        recent failures, another attempt for the same account or address still running, or too many
+        attempts in flight in all)."""
+        if self.blocked(*keys):
+            return None
+        if any(k in self._in_flight for k in keys):
+            self.failed(*keys)  # a concurrent guess counts as a failed one: it cannot be a legitimate retry
+            return None
+        if self._attempts >= self.max_pending:
+            return None
+        now = time.monotonic()
+        for k in keys:
+            self._recent(k).append(now)
+        self._in_flight.update(keys)
+        self._attempts += 1
+        return Attempt(self, keys, now)
+
+    def _forgive(self, keys: tuple[str, ...], stamp: float) -> None:
+        for k in keys:
+            q = self._failures.get(k)
+            if q is not None and stamp in q:
+                q.remove(stamp)
+
+    def _end(self, keys: tuple[str, ...]) -> None:
+        self._in_flight.difference_update(keys)
+        self._attempts -= 1
+
+
+@dataclass
+class Attempt:
+    """One sign-on (or enrollment) attempt in flight; use as a context manager so it always ends."""
+
+    throttle: LoginThrottle
+    keys: tuple[str, ...]
+    stamp: float
+
+    def succeeded(self) -> None:
+        self.throttle._forgive(self.keys, self.stamp)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.throttle._end(self.keys)
+
 
 def throttle_keys(account: str, source: str) -> tuple[str, str]:
     """Failures count against the account and against the address they came from."""
@@ -139,3 +206,28 @@ def source_address(peer: str) -> str:
     kind, _, rest = peer.partition(":")
     rest = urllib.parse.unquote(rest)  # grpc percent-encodes IPv6 brackets
     return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
+
+
+async def first_message(
+    context: grpc.aio.ServicerContext, limits: LimitsSection, stream: str, source: str
+) -> pb.RouterMessage | object:
+    """The first message of an unauthenticated stream, within `first_message_timeout_s` and
+    `max_first_message_bytes`; aborts the call otherwise (a stream that sends nothing must not be held)."""
+    try:
+        first = await asyncio.wait_for(context.read(), limits.first_message_timeout_s)
+    except TimeoutError:
+        log.warning("%s stream from %s sent nothing in %.0f s; closed", stream, source, limits.first_message_timeout_s)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no first message within {limits.first_message_timeout_s:g} s (first_message_timeout_s)",
+        )
+        raise AssertionError("unreachable: abort raises") from None
+    size = len(first) if isinstance(first, bytes) else (0 if first is grpc.aio.EOF else first.ByteSize())
+    if size > limits.max_first_message_bytes:
+        log.warning("%s stream from %s: first message of %d bytes refused", stream, source, size)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the first message ({size} bytes) exceeds {limits.max_first_message_bytes} bytes"
+            " (max_first_message_bytes)",
+        )
+    return first

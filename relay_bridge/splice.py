@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import Rejection
+from relay_bridge.sessions import first_message
 
 if TYPE_CHECKING:
     from relay_bridge.sessions import RouterSession
@@ -177,7 +178,7 @@ class AssociationService:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
         session = await self.state.sessions.authenticate_caller(context)
-        raw = await context.read()
+        raw = await first_message(context, self.state.config.limits, "Associate", session.name)
         if raw is grpc.aio.EOF:
             return
         try:
@@ -198,6 +199,9 @@ class AssociationService:
 
     def _access_refused(self, session: RouterSession, op: pb.Open, aid: str) -> None:
         """Audit it, and tell the device's owner that someone asked for a device it did not share."""
+        limiter = self.state.refusal_audits
+        if not limiter.allow(f"access_refused:{session.name}"):
+            return  # counted in the metrics; the audit trail and the owner already heard of this router
         self.state.audit.event(
             "access_refused",
             "alert",
@@ -206,6 +210,7 @@ class AssociationService:
             called_ae=op.called_ae_title,
             calling_ae=op.calling_ae_title,
             association=aid,
+            suppressed=limiter.suppressed(f"access_refused:{session.name}"),
         )
         owner = self.state.sessions.get(op.to_site)
         if owner is not None:
@@ -231,7 +236,23 @@ class AssociationService:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
         if not admission.valid_association_id(aid, state.splices):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
-        device = await state.directory.device(op.to_site, op.called_ae_title)
+        invalid = admission.invalid_open(
+            to_site=op.to_site, called_ae_title=op.called_ae_title, calling_ae_title=op.calling_ae_title
+        )
+        if invalid is not None:
+            if state.refusal_audits.allow(f"invalid_open:{session.name}"):
+                state.audit.event(
+                    "association_refused",
+                    "failure",
+                    router=session.name,
+                    association=aid,
+                    reason=invalid.reason.value,
+                    detail=invalid.detail,
+                    suppressed=state.refusal_audits.suppressed(f"invalid_open:{session.name}"),
+                )
+            return await self.refuse(context, invalid, aid)
+        # From the in-memory view: an Open does not wait behind the database (publications, sign-ons).
+        device = (await state.directory_cache.view()).device(op.to_site, op.called_ae_title)
         destination = state.sessions.get(op.to_site)
         rejection = admission.admit_open(
             caller=session.name,
@@ -302,6 +323,7 @@ class AssociationService:
         """Release what the routers did not, then audit, log and count the association."""
         aid = splice.association_id
         if self.state.blobs is not None:
+            self.state.blobs.association_ended(aid)
             task = asyncio.get_running_loop().create_task(self.state.blobs.release(aid))
             self._blob_tasks.add(task)
             task.add_done_callback(self._blob_tasks.discard)

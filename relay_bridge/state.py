@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay_bridge.config import BridgeConfig
+from relay_bridge.directory_view import DirectoryCache
+from relay_bridge.ratelimit import AuditLimiter
 from relay_bridge.sessions import LoginThrottle, SessionRegistry
 from relay_common.audit import AuditLog
 
@@ -26,6 +28,10 @@ class BridgeState:
     splices: dict[str, Splice] = field(default_factory=dict)
     blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
     metrics: BridgeMetrics = field(init=False)
+    # The directory as routers and Opens see it, from memory (relay_bridge.directory_view).
+    directory_cache: DirectoryCache = field(init=False)
+    # Refusal audits a hostile router can trigger at will are rate-limited per source or router.
+    refusal_audits: AuditLimiter = field(default_factory=AuditLimiter)
 
     @classmethod
     def create(cls, config: BridgeConfig, directory: DirectoryBackend, audit: AuditLog) -> BridgeState:
@@ -36,7 +42,12 @@ class BridgeState:
             directory,
             audit,
             SessionRegistry(require_client_cert=config.server.require_client_cert),
-            LoginThrottle(config.limits.login_failures, config.limits.login_window_s),
+            LoginThrottle(
+                config.limits.login_failures,
+                config.limits.login_window_s,
+                max_pending=config.limits.max_pending_logins,
+            ),
         )
         state.metrics = BridgeMetrics(state)
+        state.directory_cache = DirectoryCache(directory)
         return state

@@ -29,6 +29,7 @@ from relay_common.metrics import (
     process_facts,
     write_json_atomically,
 )
+from relay_common.validate import printable
 
 if TYPE_CHECKING:
     from relay_bridge.config import BridgeConfig
@@ -216,6 +217,7 @@ def links(status: dict[str, Any]) -> list[dict[str, Any]]:
 def render_status(report: dict[str, Any], *, color: bool = False, width: int = 100) -> str:
     """The text report: a header, a tree of sites and devices (the network map), and the links."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
     from rich.tree import Tree
 
@@ -225,7 +227,7 @@ def render_status(report: dict[str, Any], *, color: bool = False, width: int = 1
     )
     now = time.time()
     if "routers" not in report:
-        console.print(f"relay-bridge: NOT RUNNING: {report.get('problem')}", markup=False)
+        console.print(printable(f"relay-bridge: NOT RUNNING: {report.get('problem')}"), markup=False)
         return out.getvalue().rstrip("\n")
     routers = report["routers"]
     if report["running"]:
@@ -237,7 +239,7 @@ def render_status(report: dict[str, Any], *, color: bool = False, width: int = 1
             markup=False,
         )
     else:
-        console.print(f"relay-bridge: NOT RUNNING: {report['problem']}", markup=False)
+        console.print(printable(f"relay-bridge: NOT RUNNING: {report['problem']}"), markup=False)
         console.print(f"  (the map below is the last state it recorded, at {format_time(report.get('updated'))})")
     recent = report.get("recent") or {}
     counts = ", ".join(f"{k} {v}" for k, v in (recent.get("counts") or {}).items())
@@ -249,29 +251,33 @@ def render_status(report: dict[str, Any], *, color: bool = False, width: int = 1
     )
     console.print()
 
+    def safe(value: object) -> str:
+        """A value from the database or a router: control characters and Rich markup escaped."""
+        return escape(printable(value))
+
     def site_label(r: dict[str, Any]) -> str:
-        name = r["name"]
+        name = safe(r["name"])
         if not r["enabled"]:
             return f"[red]x {name}[/]  DISABLED"
         if r["signed_on"]:
             return (
                 f"[green]● {name}[/]  up since {format_time(r['since'])} ({format_age(now - r['since'])}) "
-                f"from {r['source']}; {r['active_associations']} active"
+                f"from {safe(r['source'])}; {r['active_associations']} active"
             )
         if r.get("signed_off"):
             return f"[red]○ {name}[/]  down since {format_time(r['signed_off'])} ({format_age(now - r['signed_off'])})"
         return f"[red]○ {name}[/]  down (last sign-on {format_time(r.get('last_sign_on'))})"
 
-    tree = Tree(f"[bold]bridge[/] {report.get('listen', '')}")
+    tree = Tree(f"[bold]bridge[/] {safe(report.get('listen', ''))}")
     for r in routers:
         branch = tree.add(site_label(r))
         if not r["devices"]:
             branch.add("[dim](shares no devices)[/]")
         for d in r["devices"]:
             who = d["share_with"]
-            shared = "every site" if "*" in who else (", ".join(who) or "nobody")
-            label = f"{d['ae_title']}  [dim]shared with[/] {shared}"
-            branch.add(label + (f"  [dim]({d['description']})[/]" if d["description"] else ""))
+            shared = "every site" if "*" in who else (safe(", ".join(who)) or "nobody")
+            label = f"{safe(d['ae_title'])}  [dim]shared with[/] {shared}"
+            branch.add(label + (f"  [dim]({safe(d['description'])})[/]" if d["description"] else ""))
     console.print(tree)
 
     link_rows = report.get("links", [])
@@ -281,8 +287,8 @@ def render_status(report: dict[str, Any], *, color: bool = False, width: int = 1
         for column in ("link (caller -> owner)", "devices", "state"):
             table.add_column(column)
         for link in link_rows:
-            state = "[green]up[/]" if link["up"] else f"[red]down[/] ({', '.join(link['down_sites'])} offline)"
-            table.add_row(f"{link['from']} -> {link['to']}", ", ".join(link["devices"]), state)
+            state = "[green]up[/]" if link["up"] else f"[red]down[/] ({safe(', '.join(link['down_sites']))} offline)"
+            table.add_row(safe(f"{link['from']} -> {link['to']}"), safe(", ".join(link["devices"])), state)
         console.print(table)
     last = recent.get("last") or []
     if last:
@@ -292,13 +298,17 @@ def render_status(report: dict[str, Any], *, color: bool = False, width: int = 1
             when = time.strftime("%H:%M:%S", time.localtime(a["time"]))
             route = f"{a['from_site']} -> {a['to_site']}" if a.get("from_site") else ""
             if a["outcome"] == "refused":
-                console.print(f"  {when}  {route:<34} refused ({a['reason']}): {a.get('detail', '')}", markup=False)
+                console.print(
+                    printable(f"  {when}  {route:<34} refused ({a['reason']}): {a.get('detail', '')}"), markup=False
+                )
             else:
                 sent = format_bytes(a.get("bytes_from_initiator"))
                 back = format_bytes(a.get("bytes_from_destination"))
                 console.print(
-                    f"  {when}  {route:<34} {a['outcome']:<9} {a.get('calling_ae')} -> {a.get('called_ae')}  "
-                    f"{sent} / {back}, {a.get('seconds', 0):.1f} s",
+                    printable(
+                        f"  {when}  {route:<34} {a['outcome']:<9} {a.get('calling_ae')} -> {a.get('called_ae')}  "
+                        f"{sent} / {back}, {a.get('seconds', 0):.1f} s"
+                    ),
                     markup=False,
                 )
     return out.getvalue().rstrip("\n")

@@ -27,6 +27,7 @@ from relay_common.daemon import (
 )
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
+from relay_common.validate import printable
 from relay_router import config as router_config
 
 log = logging.getLogger("relay_router")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             admin_event(
                 cfg.audit, app="relay-router", event="enroll", outcome="failure", site=cfg.router.name, detail=str(exc)
             )
-            print(f"enrollment failed: {exc}", file=sys.stderr)
+            print(f"enrollment failed: {printable(exc)}", file=sys.stderr)  # the bridge's text: escaped
             return 1
         admin_event(
             cfg.audit,

@@ -25,6 +25,7 @@ from relay_common.metrics import (
     process_facts,
     write_json_atomically,
 )
+from relay_common.validate import terminal_safe
 
 if TYPE_CHECKING:
     from relay_router.config import RouterConfig
@@ -169,7 +170,7 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     site = report.get("site", "?")
     if "site" not in report:
-        return f"relay-router: NOT RUNNING: {report.get('problem')}"
+        return terminal_safe(f"relay-router: NOT RUNNING: {report.get('problem')}")
     lines: list[str] = []
     if not report["running"]:
         lines.append(f"relay-router {site}: NOT RUNNING: {report['problem']}")
@@ -238,7 +239,9 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
                 f"{format_bytes(a['bytes_to_remote'])} out, {format_bytes(a['bytes_to_local'])} in, "
                 f"{a['seconds']:.1f} s" + (f"  {detail}" if detail and a["result"] not in ("released",) else "")
             )
-    return "\n".join(lines)
+    # Titles, site names, errors and details came from the bridge or a peer: no control character
+    # of theirs reaches the terminal.
+    return terminal_safe("\n".join(lines))
 
 
 def render_devices(report: dict[str, Any]) -> str:
@@ -259,7 +262,7 @@ def render_devices(report: dict[str, Any]) -> str:
         lines.append(line.rstrip())
     if not report.get("running"):
         lines.append(f"(router not running: {report.get('problem')}; online states are unknown)")
-    return "\n".join(lines)
+    return terminal_safe("\n".join(lines))
 
 
 def devices_from_config(config: RouterConfig, problem: str | None) -> dict[str, Any]:

@@ -59,13 +59,17 @@ class DirectoryBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-async def open_directory(database: str | os.PathLike[str], *, password_file: Path | None = None) -> DirectoryBackend:
+async def open_directory(
+    database: str | os.PathLike[str], *, password_file: Path | None = None, hash_threads: int = 2
+) -> DirectoryBackend:
     """The directory for `serve`: SQLite (created or upgraded in place) or PostgreSQL (at the latest schema)."""
     if is_postgres_url(database):
         from relay_bridge.db.postgres import PostgresDirectory
 
-        return await PostgresDirectory.open(os.fspath(database), password_file=password_file)
-    return AsyncDirectory(await asyncio.to_thread(Directory, Path(database)))
+        return await PostgresDirectory.open(
+            os.fspath(database), password_file=password_file, hash_threads=hash_threads
+        )
+    return AsyncDirectory(await asyncio.to_thread(Directory, Path(database)), hash_threads=hash_threads)
 
 
 class SyncPostgresDirectory:

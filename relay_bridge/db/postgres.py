@@ -4,7 +4,7 @@ The same behaviour as the SQLite `Directory` (the contract suite in tests/integr
 runs both), with the decisions that must hold across replicas made by the database itself:
 an enrollment token is redeemed by one conditional UPDATE (a token works once in the whole
 cluster), a first identity is recorded only where none is (`sign_key IS NULL`). scrypt runs in
-a worker thread (`asyncio.to_thread`), never on the event loop.
+its own bounded threads (`hash_threads`), never on the event loop.
 
 psycopg is imported only when a `postgresql://` database is opened: the embedded default
 needs nothing more (`pip install 'dicom-relay[postgresql]'`).
@@ -13,6 +13,7 @@ needs nothing more (`pip install 'dicom-relay[postgresql]'`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import os
@@ -81,14 +82,25 @@ class PostgresDirectory:
 
     backend = "postgresql"
 
-    def __init__(self, pool: Any, psycopg: Any) -> None:
+    def __init__(self, pool: Any, psycopg: Any, *, hash_threads: int = 2) -> None:
         self._pool = pool
         self._psycopg = psycopg
         self.known_routers: list[Router] = []
+        # scrypt on its own bounded threads: queued sign-on guesses never starve the default executor.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(hash_threads, thread_name_prefix="relay-scrypt")
+
+    async def _hash(self, *args: Any) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(self._hasher, _hash, *args)
 
     @classmethod
     async def open(
-        cls, url: str, *, password_file: Path | None = None, max_size: int = 10, check_schema: bool = True
+        cls,
+        url: str,
+        *,
+        password_file: Path | None = None,
+        max_size: int = 10,
+        check_schema: bool = True,
+        hash_threads: int = 2,
     ) -> PostgresDirectory:
         """Connect (a pool of up to `max_size` connections); with `check_schema`, refuse any schema but the latest."""
         psycopg, psycopg_pool = _import_psycopg()
@@ -104,7 +116,7 @@ class PostgresDirectory:
         except psycopg_pool.PoolTimeout as exc:
             await pool.close()
             raise DatabaseUnavailable("cannot connect to the PostgreSQL database: timed out") from exc
-        directory = cls(pool, psycopg)
+        directory = cls(pool, psycopg, hash_threads=hash_threads)
         if check_schema:
             try:
                 found = await directory.schema_version()
@@ -119,6 +131,7 @@ class PostgresDirectory:
 
     async def aclose(self) -> None:
         await self._pool.close()
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     # -- schema ------------------------------------------------------------
     async def schema_version(self) -> int:
@@ -171,7 +184,7 @@ class PostgresDirectory:
         if len(password) < 12:
             raise DirectoryError("passwords must have at least 12 characters")
         salt = os.urandom(16)
-        digest = await asyncio.to_thread(_hash, password, salt, *_cost())
+        digest = await self._hash(password, salt, *_cost())
         try:
             await self._execute(
                 "INSERT INTO routers(name, password_hash, salt, scrypt_n, scrypt_r, scrypt_p, created)"
@@ -186,7 +199,7 @@ class PostgresDirectory:
         if len(password) < 12:
             raise DirectoryError("passwords must have at least 12 characters")
         salt = os.urandom(16)
-        digest = await asyncio.to_thread(_hash, password, salt, *_cost())
+        digest = await self._hash(password, salt, *_cost())
         changed = await self._execute(
             "UPDATE routers SET password_hash=%s, salt=%s, scrypt_n=%s, scrypt_r=%s, scrypt_p=%s WHERE name=%s",
             (digest, salt, *_cost(), name),
@@ -214,10 +227,10 @@ class PostgresDirectory:
         )
         if not rows:
             # The same time as a real check, so account names cannot be probed by timing.
-            await asyncio.to_thread(_hash, password, b"\0" * 16, *_cost())
+            await self._hash(password, b"\0" * 16, *_cost())
             return AccountProblem.UNKNOWN_ACCOUNT
         digest, salt, n, r, p, enabled = rows[0]
-        computed = await asyncio.to_thread(_hash, password, bytes(salt), n, r, p)
+        computed = await self._hash(password, bytes(salt), n, r, p)
         if not hmac.compare_digest(computed, bytes(digest)):
             return AccountProblem.WRONG_PASSWORD
         if not enabled:
@@ -324,13 +337,26 @@ class PostgresDirectory:
         rows = await self._fetch(
             "SELECT d.router, d.ae_title, d.description,"
             " coalesce(array_agg(s.peer ORDER BY s.peer) FILTER (WHERE s.peer IS NOT NULL), '{}')"
-            " FROM devices d LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
+            " FROM devices d JOIN routers r ON r.name=d.router AND r.enabled"  # a disabled router's are hidden
+            " LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
             " GROUP BY d.router, d.ae_title ORDER BY d.router, d.ae_title"
         )
         return [Device(r, a, desc, tuple(peers)) for r, a, desc, peers in rows]
 
     async def device(self, router: str, ae_title: str) -> Device | None:
-        return next((d for d in await self.devices() if d.router == router and d.ae_title == ae_title), None)
+        """One device by its primary key (an indexed lookup: an Open must not read the whole directory)."""
+        rows = await self._fetch(
+            "SELECT d.description,"
+            " coalesce(array_agg(s.peer ORDER BY s.peer) FILTER (WHERE s.peer IS NOT NULL), '{}')"
+            " FROM devices d JOIN routers r ON r.name=d.router AND r.enabled"
+            " LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
+            " WHERE d.router=%s AND d.ae_title=%s GROUP BY d.router, d.ae_title",
+            (router, ae_title),
+        )
+        if not rows:
+            return None
+        description, peers = rows[0]
+        return Device(router, ae_title, description, tuple(peers))
 
     async def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in await self.devices() if d.shared_with(peer)]

@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BlobSlotRequest(_message.Message):
-    __slots__ = ("association_id", "blob_id", "part", "download")
+    __slots__ = ("association_id", "blob_id", "part", "download", "size")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOB_ID_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     blob_id: str
     part: int
     download: bool
-    def __init__(self, association_id: _Optional[str] = ..., blob_id: _Optional[str] = ..., part: _Optional[int] = ..., download: _Optional[bool] = ...) -> None: ...
+    size: int
+    def __init__(self, association_id: _Optional[str] = ..., blob_id: _Optional[str] = ..., part: _Optional[int] = ..., download: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
 
 class BlobSlotResponse(_message.Message):
     __slots__ = ("blob_id", "url", "expires_unix")

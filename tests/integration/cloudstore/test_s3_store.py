@@ -121,3 +121,36 @@ async def test_sweep_aborts_stale_multipart_uploads(moto_server: ServerProcess, 
         left = client.list_multipart_uploads(Bucket=S3_BUCKET, Prefix=prefix).get("Uploads", [])
         assert [upload["Key"] for upload in left] == [f"{prefix}other/crashed"]
         await sweep(store, "", older_than_s=0)
+
+
+async def test_a_presigned_put_is_bound_to_its_content_length(moto_server: ServerProcess, aws_env: None) -> None:
+    """Content-Length is one of the URL's signed headers, so S3 refuses a body of another length.
+
+    moto's server does not check signatures (a larger body is stored; with its IAM mode on, presigned
+    PUTs fail with 500), so the refusal itself is shown by recomputing the SigV4 signature for the
+    request a cheating router would make: it differs from the one in the URL.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    from botocore.auth import S3SigV4QueryAuth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    async with open_s3(moto_server) as store:
+        assert store.bounds_uploads
+        url = await store.presign_put("spill/bounded", 60, content_length=5)
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        assert query["X-Amz-SignedHeaders"] == "content-length;host"
+
+        def signature(length: int) -> str:
+            bare = url.split("?")[0]
+            request = AWSRequest(method="PUT", url=bare, headers={"Content-Length": str(length)})
+            signer = S3SigV4QueryAuth(Credentials("testing", "testing"), "s3", "us-east-1", expires=60)
+            signer._get_date = lambda: query["X-Amz-Date"]  # type: ignore[method-assign]
+            signer._timestamp = lambda: query["X-Amz-Date"]  # type: ignore[method-assign]
+            signer.add_auth(request)
+            return parse_qs(urlsplit(request.url).query)["X-Amz-Signature"][0]
+
+        assert signature(5) == query["X-Amz-Signature"]  # the agreed length: the URL's own signature
+        assert signature(5 * 1024**3) != query["X-Amz-Signature"]  # 5 GB through the same URL: refused
+        await store.put_bytes("spill/other", b"x")  # the store itself still works as usual

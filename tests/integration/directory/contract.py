@@ -286,6 +286,18 @@ class DirectoryContract:
         assert reach["c"] == [dev("a", "MR", "*"), dev("b", "RIS", "a", "c")]
         assert reach["stranger"] == [dev("a", "MR", "*"), dev("c", "US", "*", "a")]
 
+    async def test_a_disabled_routers_devices_are_hidden(self, harness: Harness) -> None:
+        """A disabled account's devices leave the directory (and every Open) until it is enabled again."""
+        await self._three(harness)
+        await harness.db.publish("a", [dev("a", "PACS", "*")])
+        await harness.db.publish("b", [dev("b", "RIS", "*")])
+        await harness.set_enabled("a", False)
+        assert normalised(await harness.db.devices()) == [dev("b", "RIS", "*")]
+        assert await harness.db.device("a", "PACS") is None
+        assert normalised(await harness.db.reachable_by("c")) == [dev("b", "RIS", "*")]
+        await harness.set_enabled("a", True)
+        assert await harness.db.device("a", "PACS") == dev("a", "PACS", "*")
+
     async def test_failed_publish_keeps_the_previous_devices(self, harness: Harness) -> None:
         await self._three(harness)
         await harness.db.publish("a", [dev("a", "PACS", "b")])

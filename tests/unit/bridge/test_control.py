@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -221,3 +223,103 @@ async def test_a_call_cancelled_during_sign_on_leaves_no_session(servicer: Relay
     handler.cancel()  # before (or while) the result is written
     await asyncio.gather(handler, return_exceptions=True)
     assert "site-b" not in servicer.sessions
+
+
+async def test_concurrent_guesses_are_counted_before_hashing(servicer: RelayServicer) -> None:
+    """40 wrong guesses at once, then the right password: the limit (2) holds, the right one is refused too."""
+    password = servicer.directory.sync.add_router("a")
+    answers = await asyncio.gather(*(refusal(servicer, "a", f"guess {i:04d} guess", "10.9.0.1") for i in range(40)))
+    throttled = "too many failed sign-on attempts; try again later"
+    assert answers.count("wrong account name or password") == 1  # one hashed: one in flight per account
+    assert answers.count(throttled) == 39  # refused unhashed, and counted as failures
+    assert await refusal(servicer, "a", password, "10.9.0.2") == throttled
+
+
+async def test_a_right_password_is_not_counted_as_a_failure(servicer: RelayServicer) -> None:
+    password = servicer.directory.sync.add_router("a")
+    for _ in range(5):
+        assert await refusal(servicer, "a", password, "10.9.0.3") is None
+    assert servicer.state.throttle.pending == 0
+
+
+async def test_the_directory_view_hides_what_is_not_shared_and_is_read_once(servicer: RelayServicer) -> None:
+    sync = servicer.directory.sync
+    for name in ("a", "b", "c"):
+        sync.add_router(name)
+        sync.set_identity(name, name.encode() * 32, b"k")
+    sync.publish("a", [Device("a", "PACS", "", ("b",)), Device("a", "ALL", "", ("*",))])
+    view = await servicer.control.view()
+    assert await servicer.control.view() is view  # no database read until the directory changes
+    assert [(d.router, d.ae_title) for d in view.reachable_by("b")] == [("a", "ALL"), ("a", "PACS")]
+    assert [(d.router, d.ae_title) for d in view.reachable_by("c")] == [("a", "ALL")]
+    assert view.reachable_by("a") == []
+    servicer.control.directory_changed()
+    sync.set_enabled("a", False)
+    assert (await servicer.control.view()).reachable_by("b") == []  # a disabled router's devices are hidden
+
+
+def test_a_directory_too_large_is_cut_fairly_per_site() -> None:
+    from relay_bridge.directory_view import DirectoryView
+
+    devices = [Device("big", f"D{i:05d}", "x" * 100, ("*",)) for i in range(3000)]
+    devices += [Device("small", f"S{i}", "", ("*",)) for i in range(3)]
+    view = DirectoryView.build(devices, {})
+    message = view.for_site("victim", set(), max_bytes=64 * 1024)
+    assert message.ByteSize() <= 64 * 1024
+    assert {d.ae_title for d in message.devices if d.site == "small"} == {"S0", "S1", "S2"}
+    assert 0 < sum(d.site == "big" for d in message.devices) < 3000
+
+
+async def test_a_publication_flood_is_coalesced(servicer: RelayServicer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publications within publish_interval_s: the database is written at most twice, with the latest one."""
+    servicer.directory.sync.add_router("a")
+    session = RouterSession("a", "token", "10.0.0.1")
+    session.published_at = time.monotonic()  # as if it had just published
+    writes: list[list[str]] = []
+    real = servicer.directory.publish
+
+    async def counting(router: str, devices: list[Device]) -> None:
+        writes.append([d.ae_title for d in devices])
+        await real(router, devices)
+
+    monkeypatch.setattr(servicer.directory, "publish", counting)
+    config = servicer.state.config
+    servicer.state.config = dataclasses.replace(
+        config, limits=dataclasses.replace(config.limits, publish_interval_s=0.3)
+    )
+    flood = [pb.SharedDevice(ae_title=f"T{i}", share_with=["*"]) for i in range(50)]
+    await asyncio.gather(*(servicer.control._publication(session, [d]) for d in flood))
+    assert writes == [["T49"]]
+
+
+async def test_a_publication_over_the_limits_is_refused_and_audited(servicer: RelayServicer) -> None:
+    servicer.directory.sync.add_router("a")
+    session = RouterSession("a", "token", "10.0.0.1")
+    events: list[tuple[str, str, dict[str, object]]] = []
+    servicer.state.audit.event = lambda event, outcome, **f: events.append((event, outcome, f))  # type: ignore[method-assign]
+    too_many = [pb.SharedDevice(ae_title=f"T{i}", share_with=["*"]) for i in range(201)]
+    await servicer.control._publication(session, too_many)
+    assert servicer.directory.sync.devices() == []
+    assert events[0][:2] == ("publish", "failure")
+    assert "201 devices published; the limit is 200 per router (max_devices_per_router)" in str(events[0][2]["detail"])
+
+
+async def test_the_directory_cache_never_keeps_a_view_read_across_a_change(servicer: RelayServicer) -> None:
+    sync = servicer.directory.sync
+    sync.add_router("a")
+    cache = servicer.state.directory_cache
+    read = servicer.directory.devices
+
+    async def changing_meanwhile() -> list[Device]:
+        devices = await read()
+        sync.publish("a", [Device("a", "NEW", "", ("*",))])
+        cache.changed()  # what a publication does while this read is under way
+        return devices
+
+    servicer.directory.devices = changing_meanwhile  # type: ignore[method-assign]
+    assert (await cache.view()).device("a", "NEW") is None  # this caller got what it read ...
+    servicer.directory.devices = read  # type: ignore[method-assign]
+    assert (await cache.view()).device("a", "NEW") is not None  # ... but the next one reads again
+    sync.set_enabled("a", False)  # by another process: seen once the view is older than max_age_s
+    cache.max_age_s = 0.0
+    assert (await cache.view()).device("a", "NEW") is None

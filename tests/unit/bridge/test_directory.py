@@ -337,9 +337,9 @@ class ThreadRecorder(Directory):
         self.threads.append(threading.current_thread().name)
         return super().routers()
 
-    def verify_password(self, name: str, password: str):  # type: ignore[no-untyped-def]
+    def password_record(self, name: str):  # type: ignore[no-untyped-def]
         self.threads.append(threading.current_thread().name)
-        return super().verify_password(name, password)
+        return super().password_record(name)
 
     def publish(self, router: str, devices: list[Device]) -> None:
         self.threads.append(threading.current_thread().name)
@@ -364,6 +364,39 @@ async def test_async_calls_run_off_the_event_loop_on_one_thread(db_path: Path, c
         assert len(set(sync.threads)) == 1 and sync.threads[0].startswith("relay-directory")
     finally:
         directory.close()
+
+
+async def test_password_hashes_run_on_their_own_threads(db_path: Path, cheap_scrypt: None, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Queued scrypt work holds up neither the database thread nor the loop's default executor."""
+    from relay_bridge import directory as module
+
+    hashed_on: list[str] = []
+    real = module._hash
+
+    def recording(*args):  # type: ignore[no-untyped-def]
+        hashed_on.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(module, "_hash", recording)
+    sync = Directory(db_path)
+    password = sync.add_router("a")
+    directory = AsyncDirectory(sync, hash_threads=1)
+    hashed_on.clear()  # add_router hashed the new password on this thread
+    try:
+        assert await directory.verify_password("a", password) is None
+        assert await directory.verify_password("nobody", password) is AccountProblem.UNKNOWN_ACCOUNT
+        assert len(hashed_on) == 2 and all(name.startswith("relay-scrypt") for name in hashed_on)
+    finally:
+        directory.close()
+
+
+def test_a_disabled_routers_devices_are_hidden(db_path: Path, cheap_scrypt: None) -> None:
+    sync = Directory(db_path)
+    sync.add_router("a")
+    sync.publish("a", [dev("a", "PACS", "*")])
+    assert sync.device("a", "PACS") is not None and [d.ae_title for d in sync.devices()] == ["PACS"]
+    sync.set_enabled("a", False)
+    assert sync.device("a", "PACS") is None and sync.devices() == []
 
 
 async def test_the_loop_keeps_running_while_a_password_is_checked(db_path: Path) -> None:

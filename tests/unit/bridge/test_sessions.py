@@ -181,3 +181,32 @@ async def test_with_mutual_tls_the_certificate_must_be_the_sessions(names: list[
         await registry(mtls=True).authenticate_caller(context)  # type: ignore[arg-type]
     assert context.aborted == (grpc.StatusCode.UNAUTHENTICATED, message)
     assert (await registry(mtls=True).authenticate_caller(FakeContext("token-a", [b"site-a"]))).name == "site-a"  # type: ignore[arg-type]
+
+
+def test_an_attempt_counts_as_failed_until_it_succeeds(clock: Clock) -> None:
+    t = LoginThrottle(2, 60.0)
+    keys = ("account:a", "source:1")
+    with t.begin(*keys) as attempt:  # type: ignore[union-attr]
+        assert t.pending == 1
+        assert t.begin("account:a", "source:2") is None  # one attempt per account in flight
+        assert t.blocked("account:a")  # the running attempt and the concurrent one are both counted
+        attempt.succeeded()
+    assert t.pending == 0
+    assert len(t._recent("account:a")) == 1  # the concurrent guess still counts; the successful attempt not
+
+
+def test_attempts_in_flight_are_bounded(clock: Clock) -> None:
+    t = LoginThrottle(5, 60.0, max_pending=2)
+    first, second = t.begin("account:a", "source:1"), t.begin("account:b", "source:2")
+    assert first is not None and second is not None
+    assert t.begin("account:c", "source:3") is None
+    with first:
+        pass
+    assert t.begin("account:c", "source:3") is not None
+
+
+def test_a_flood_does_not_grow_the_failure_record(clock: Clock) -> None:
+    t = LoginThrottle(3, 60.0)
+    for _ in range(10_000):
+        t.failed("source:1")
+    assert len(t._failures["source:1"]) == 3 and t.blocked("source:1")

@@ -268,3 +268,21 @@ async def test_a_blob_cannot_also_be_a_directory(store: FileBlobStore) -> None:
     await store.delete("c")  # a directory is not a blob: nothing to delete
     assert [info.key for info in await store.list()] == ["a", "c/d"]
     assert list((store.root / INCOMING).iterdir()) == []
+
+
+async def test_an_upload_token_is_bound_to_its_signed_length(tmp_path: Path) -> None:
+    from cloudstore.base import PresignedURLInvalid
+
+    store = FileBlobStore(tmp_path, signing_key=KEY)
+    assert store.bounds_uploads
+    url = await store.presign_put("k", 60, content_length=5)
+    assert "length=5" in url
+    assert store.verify_presigned_upload(url, 5) == "k"
+    with pytest.raises(PresignedURLInvalid, match="signed for 5 bytes, not 6"):
+        store.verify_presigned_upload(url, 6)
+    with pytest.raises(PresignedURLInvalid, match="forged or altered"):
+        store.verify_presigned_upload(url.replace("length=5", "length=50"), 50)
+    with pytest.raises(PresignedURLInvalid, match="forged or altered"):
+        store.verify_presigned_upload(url.replace("length=5&", ""), 6)  # dropping the length
+    unbounded = await store.presign_put("k", 60)
+    assert store.verify_presigned_upload(unbounded, 123) == "k"

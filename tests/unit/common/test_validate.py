@@ -31,3 +31,20 @@ def test_invalid_site_names(name: str) -> None:
 
 def test_share_target_accepts_every_site_wildcard() -> None:
     assert is_share_target("*") and not is_share_target("**")
+
+
+def test_descriptions_are_printable_and_bounded() -> None:
+    from relay_common.validate import is_description
+
+    assert is_description("Main archive (CT, MR) - floor 2")
+    assert is_description("é" * 128) and not is_description("x" * 129)
+    for bad in ("a\x1b[31m", "a\nb", "a\u202eb", "[bold]x", "x[/]"):
+        assert not is_description(bad), bad
+
+
+def test_printable_escapes_and_cuts() -> None:
+    from relay_common.validate import printable, terminal_safe
+
+    assert printable("a\x1b[31mb\x9b\u202e") == "a\\x1b[31mb\\x9b\\u202e"
+    assert printable("x" * 300, 10) == "xxxxxxxxxx...(+290 chars)"
+    assert terminal_safe("one\ntwo\x07") == "one\ntwo\\x07"

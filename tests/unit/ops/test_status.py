@@ -332,3 +332,25 @@ def test_bridge_status_command_reads_next_to_the_database(tmp_path: Path, capsys
     assert bridge_main(["-c", str(config), "status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["running"] and len(report["links"]) == 4
+
+
+def test_bridge_status_escapes_markup_and_control_characters_from_routers() -> None:
+    """A description, title or detail with ANSI escapes or Rich markup cannot forge lines or colours."""
+    status = bridge_status_dict()
+    device = status["routers"][0]["devices"][0]  # type: ignore[index]
+    device["description"] = "[/dim][green]● forged-site[/]  up\x1b[2J\x1b[1;1H"
+    device["ae_title"] = "WS[bold]A"
+    report = bridge_status.evaluate(status, None)
+    for color in (False, True):
+        text = bridge_status.render_status(report, color=color)
+        assert "\x1b[2J" not in text and "\x1b[1;1H" not in text
+        assert "\\x1b[2J\\x1b[1;1H" in text
+        assert "[/dim][green]● forged-site[/]" in text  # shown literally, not interpreted
+        assert "WS[bold]A" in text
+
+
+def test_router_status_escapes_what_came_from_the_bridge_or_a_peer(tmp_path: Path) -> None:
+    status = router_status_dict(tmp_path, last_error="refused\x1b[2K\rrelay-router: all fine")
+    text = router_status.render_status(router_status.evaluate(status, None))
+    assert "\x1b" not in text and "\r" not in text
+    assert "refused\\x1b[2K\\x0drelay-router: all fine" in text

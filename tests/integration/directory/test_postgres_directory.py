@@ -234,7 +234,9 @@ def test_db_copy_of_a_file_from_before_migrations(
         pg = await open_directory(database, password_file=postgres_cluster.password_file)
         try:
             assert [(r.name, r.enabled) for r in await pg.routers()] == [("old-site", False)]
-            assert await pg.devices() == [Device("old-site", "PACS", "kept", ("*",))]
+            assert await pg.devices() == []  # a disabled account's devices are hidden ...
+            await pg.set_enabled("old-site", True)
+            assert await pg.devices() == [Device("old-site", "PACS", "kept", ("*",))]  # ... but were copied
             assert await pg.identities() == {}
         finally:
             await pg.aclose()
@@ -296,6 +298,10 @@ def test_cli_db_and_admin_commands_on_postgresql(
             await pg.aclose()
 
     asyncio.run(check())
+    assert cli.main(["-c", config, "share", "list", "--json"]) == 0
+    assert "PACS" not in capsys.readouterr().out  # a disabled router's devices are hidden
+    assert cli.main(["-c", config, "router", "enable", "hospital-a"]) == 0
+    capsys.readouterr()
     assert cli.main(["-c", config, "share", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"router": "hospital-a", "ae_title": "PACS", "description": "", "share_with": ["*"]}

@@ -108,6 +108,8 @@ async def test_a_file_from_before_migrations_is_version_1_and_upgraded_in_place(
     try:
         assert directory.sync.schema_change == (1, migrations.LATEST)  # type: ignore[attr-defined]
         assert [r.name for r in await directory.routers()] == ["old-site"]
+        assert await directory.devices() == []  # the old account is disabled: its devices are hidden
+        directory.sync.set_enabled("old-site", True)  # type: ignore[attr-defined]
         assert [(d.ae_title, d.description, d.share_with) for d in await directory.devices()] == [
             ("PACS", "kept", ("*",))
         ]

@@ -231,6 +231,8 @@ class AssociationService:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
         if not admission.valid_association_id(aid, state.splices):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+        if state.draining:
+            return await self.refuse(context, admission.draining(), aid)
         device = await state.directory.device(op.to_site, op.called_ae_title)
         destination = state.sessions.get(op.to_site)
         rejection = admission.admit_open(

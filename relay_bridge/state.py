@@ -25,6 +25,7 @@ class BridgeState:
     throttle: LoginThrottle
     splices: dict[str, Splice] = field(default_factory=dict)
     blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
+    draining: bool = False  # SIGTERM: new Opens and sign-ons are refused (relay_bridge.lifecycle)
     metrics: BridgeMetrics = field(init=False)
 
     @classmethod

@@ -108,7 +108,7 @@ def load_material(cert: Path | None, key: Path | None, ca: Path | None) -> TlsMa
         except (ValueError, TypeError) as exc:
             raise CertificateFilesError(f"{key} is not an unencrypted PEM private key (half written?): {exc}") from None
         leaf = chain[0]
-        if _public_der(private) != _public_der(leaf.public_key()):
+        if _public_der(private.public_key()) != _public_der(leaf.public_key()):
             raise CertificateFilesError(
                 f"{key} is not the key of the certificate in {cert} (serial {leaf.serial_number:x}); "
                 "replace both files together"
@@ -215,6 +215,58 @@ class ReloadingServerCredentials:
         self._served = self._generations()
         return grpc.dynamic_ssl_server_credentials(
             self._configuration(), self._fetch, require_client_authentication=self.client_ca is not None
+        )
+
+
+class ReloadingClientCredentials:
+    """The router's channel credentials: the bridge CA, and the client pair from enrollment when present.
+
+    `refresh()` re-checks the files (a client pair that appeared or vanished counts as a change);
+    `changed_since(key)` tells whether a channel built at `key` (from `credentials()`) is outdated.
+    A channel keeps the credentials it was built with: the caller decides when to build the next one.
+    """
+
+    def __init__(self, ca: Path, cert: Path, key: Path) -> None:
+        self.ca, self.cert, self.key = ca, cert, key
+        self.files = self._load()
+
+    def _mutual_on_disk(self) -> bool:
+        return self.cert.exists() and self.key.exists()
+
+    def _load(self) -> CertificateFiles:
+        mutual = self._mutual_on_disk()
+        return CertificateFiles(
+            "client certificate" if mutual else "bridge CA",
+            cert=self.cert if mutual else None,
+            key=self.key if mutual else None,
+            ca=self.ca,
+        )
+
+    def refresh(self) -> None:
+        if self._mutual_on_disk() == (self.files.cert is not None):
+            self.files.check()
+            return
+        try:
+            self.files = self._load()
+        except CertificateFilesError as exc:
+            log.error("client certificate not reloaded, the previous one stays in use: %s", exc)
+            return
+        log.warning("client certificate %s: %s", "found" if self.files.cert else "removed", self.cert)
+
+    @property
+    def key_in_use(self) -> tuple[int, int]:
+        return (id(self.files), self.files.generation)
+
+    def changed_since(self, key: tuple[int, int] | None) -> bool:
+        return key is not None and key != self.key_in_use
+
+    def credentials(self) -> tuple[grpc.ChannelCredentials, tuple[int, int]]:
+        material = self.files.material
+        return (
+            grpc.ssl_channel_credentials(
+                root_certificates=material.ca_pem, private_key=material.key_pem, certificate_chain=material.cert_pem
+            ),
+            self.key_in_use,
         )
 
 

@@ -138,6 +138,8 @@ def test_sigterm_drains_running_associations_refuses_new_ones_and_reports_not_se
     net = network
     archive = archive_factory("ARCHIVE_B")
     port = _sites(net, archive)
+    net.add_site("site-c")  # signed on, nothing running: told to move, then refused until the bridge is back
+    net.wait_connected()
     assert net.bridge is not None
     assert _health(net) == health_pb2.HealthCheckResponse.SERVING
     assoc = _storage_association(port)
@@ -151,7 +153,10 @@ def test_sigterm_drains_running_associations_refuses_new_ones_and_reports_not_se
     assert parse_reject(answer) == TRANSIENT_LOCAL_LIMIT, "a new association gets a transient refusal"
     assert time.monotonic() - started < 5
     _store(assoc, ct_series[2:])  # the running association is not disturbed
-    time.sleep(1.5)  # past the moment idle routers are told to move: ours carries an association
+    wait_until(lambda: "restarting (draining)" in last_error(net, "site-c"), what="the idle router to be moved")
+    assert "asking router site-c to reconnect" in net.log("bridge")
+    assert "asking router site-a" not in net.log("bridge"), "a router with a running association keeps its session"
+    assert net.status("site-a")["connected"]
     assert assoc.send_c_echo().Status == 0
     released = time.monotonic()
     assoc.release()

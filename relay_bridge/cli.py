@@ -32,7 +32,7 @@ from relay_common.daemon import (
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
 from relay_common.pki import make_dev_pki
-from relay_common.tlsreload import add_reload_hook
+from relay_common.tlsreload import CertificateFilesError, add_reload_hook
 
 log = logging.getLogger("relay_bridge")
 
@@ -145,6 +145,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
     async def begin() -> None:
         try:
             server, port, servicer = await start(cfg, insecure=args.insecure)
+        except CertificateFilesError as exc:
+            raise StartupError(f"cannot use the server certificate: {exc}") from exc
         except (OSError, RuntimeError) as exc:
             bound = re.search(r"Failed to bind to address (\S+?);", str(exc))
             if bound is None and not isinstance(exc, OSError):

@@ -86,14 +86,23 @@ def _read(path: Path) -> bytes:
     return data
 
 
+def _short(exc: Exception) -> str:
+    """cryptography's parse errors end in a long FAQ pointer; the first sentence says what is wrong."""
+    return str(exc).split(". See ")[0]
+
+
 def _public_der(key: object) -> bytes:
     return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
-def load_material(cert: Path | None, key: Path | None, ca: Path | None) -> TlsMaterial:
-    """Read and validate the set; raises CertificateFilesError saying which file is wrong and how."""
+def load_material(cert: Path | None, key: Path | None, ca: Path | None, *, allow_expired: bool = False) -> TlsMaterial:
+    """Read and validate the set; raises CertificateFilesError saying which file is wrong and how.
+
+    `allow_expired` (the first load): an expired certificate is only logged, as before reloading
+    existed; the expiry metric and the `check` commands report it. A renewal to an expired
+    certificate is refused."""
     now = datetime.datetime.now(datetime.UTC)
     cert_pem = key_pem = ca_pem = None
     serial = not_after = None
@@ -102,11 +111,13 @@ def load_material(cert: Path | None, key: Path | None, ca: Path | None) -> TlsMa
         try:
             chain = x509.load_pem_x509_certificates(cert_pem)
         except ValueError as exc:
-            raise CertificateFilesError(f"{cert} is not a PEM certificate (half written?): {exc}") from None
+            raise CertificateFilesError(f"{cert} is not a PEM certificate (half written?): {_short(exc)}") from None
         try:
             private = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as exc:
-            raise CertificateFilesError(f"{key} is not an unencrypted PEM private key (half written?): {exc}") from None
+            raise CertificateFilesError(
+                f"{key} is not an unencrypted PEM private key (half written?): {_short(exc)}"
+            ) from None
         leaf = chain[0]
         if _public_der(private.public_key()) != _public_der(leaf.public_key()):
             raise CertificateFilesError(
@@ -114,14 +125,19 @@ def load_material(cert: Path | None, key: Path | None, ca: Path | None) -> TlsMa
                 "replace both files together"
             )
         if leaf.not_valid_after_utc <= now:
-            raise CertificateFilesError(f"the certificate in {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+            expired = f"the certificate in {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
+            if not allow_expired:
+                raise CertificateFilesError(expired)
+            log.error("%s: peers will refuse it; renew it (it is picked up without a restart)", expired)
         serial, not_after = leaf.serial_number, leaf.not_valid_after_utc
     if ca is not None:
         ca_pem = _read(ca)
         try:
             x509.load_pem_x509_certificates(ca_pem)
         except ValueError as exc:
-            raise CertificateFilesError(f"{ca} is not a PEM certificate bundle (half written?): {exc}") from None
+            raise CertificateFilesError(
+                f"{ca} is not a PEM certificate bundle (half written?): {_short(exc)}"
+            ) from None
     return TlsMaterial(cert_pem, key_pem, ca_pem, serial, not_after)
 
 
@@ -140,7 +156,7 @@ class CertificateFiles:
         self._paths = [p for p in (cert, key, ca) if p is not None]
         self._lock = threading.Lock()
         self._stamp = _stamp(self._paths)
-        self.material = load_material(cert, key, ca)
+        self.material = load_material(cert, key, ca, allow_expired=True)
         self.generation = 0
         self._refused: Stamp | None = None
         self._publish()

@@ -31,7 +31,7 @@ from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
-from relay_common.tlsreload import ReloadingClientCredentials, add_reload_hook
+from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
 from relay_router.config import RouterConfig
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
@@ -242,7 +242,14 @@ class BridgeLink:
     async def run(self) -> None:
         """Keep the control stream up until `stop()`."""
         password = self.config.bridge.resolve_password()
-        self._channel = self._make_channel()
+        while True:
+            try:
+                self._channel = self._make_channel()
+                break
+            except CertificateFilesError as exc:  # e.g. a key that is not the certificate's: wait for a fix
+                self.last_error = str(exc)
+                log.error("cannot connect to the bridge: %s", exc)
+                await asyncio.sleep(self.config.bridge.reconnect_max_s)
         self._stub = pb_grpc.RelayStub(self._channel)
         if not self.config.bridge.insecure:
             self._remove_reload_hook = add_reload_hook(self.reload_credentials)

@@ -78,11 +78,22 @@ def test_a_certificate_without_its_new_key_is_refused(pki, caplog: pytest.LogCap
     assert files.check()
 
 
-def test_an_expired_certificate_is_refused(pki) -> None:  # noqa: ANN001
+def test_a_renewal_to_an_expired_certificate_is_refused(pki, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    files = _files(pki)
     cert_pem, key_pem, _ = issue_pair(pki.ca_cert, pki.ca_key, common_name="localhost", days=-1)
     replace_file(pki.server_cert, cert_pem)
     replace_file(pki.server_key, key_pem)
-    with pytest.raises(CertificateFilesError, match="expired"):
+    with caplog.at_level(logging.ERROR, "relay_common.tlsreload"):
+        assert not files.check()
+    assert "expired on" in caplog.text
+    # At start an expired certificate is served as before (and reported), not a reason to stay down.
+    assert _files(pki).material.cert_pem == cert_pem
+
+
+def test_a_mismatched_pair_at_start_is_an_error_naming_the_files(pki, tmp_path: Path) -> None:  # noqa: ANN001
+    _, other_key, _ = issue_pair(pki.ca_cert, pki.ca_key, common_name="localhost")
+    replace_file(pki.server_key, other_key)
+    with pytest.raises(CertificateFilesError, match="is not the key of the certificate"):
         _files(pki)
 
 

@@ -242,6 +242,11 @@ def destination_overloaded(to_site: str) -> Rejection:
     return Rejection(pb.Refused.OVERLOADED, Reason.OVERLOADED, f"site {to_site!r} is overloaded")
 
 
+def draining() -> Rejection:
+    """The bridge is stopping (SIGTERM): transient, so the caller's device gets A-ASSOCIATE-RJ transient."""
+    return Rejection(pb.Refused.OVERLOADED, Reason.SHUTDOWN, "the bridge is restarting; try again in a moment")
+
+
 def join_timed_out(to_site: str) -> Rejection:
     return Rejection(pb.Refused.TIMEOUT, Reason.TIMEOUT, f"site {to_site!r} did not answer in time")
 

@@ -34,6 +34,7 @@ from relay_common.errors import RelayError
 from relay_common.logs import setup_logging
 from relay_common.metrics import package_version
 from relay_common.pki import make_dev_pki
+from relay_common.tlsreload import CertificateFilesError, add_reload_hook
 
 log = logging.getLogger("relay_bridge")
 
@@ -149,6 +150,7 @@ def _init(args: argparse.Namespace) -> int:
 
 async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> None:
     from relay_bridge.check import service_status_line
+    from relay_bridge.lifecycle import drain, reload_certificates
     from relay_bridge.server import start  # grpc is only needed to serve
     from relay_bridge.status import StatusWriter, status_path
 
@@ -157,6 +159,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
     async def begin() -> None:
         try:
             server, port, servicer = await start(cfg, insecure=args.insecure)
+        except CertificateFilesError as exc:
+            raise StartupError(f"cannot use the server certificate: {exc}") from exc
         except RelayError as exc:  # the database: unreachable, or a schema this bridge cannot use
             raise StartupError(str(exc)) from exc
         except (OSError, RuntimeError) as exc:
@@ -164,7 +168,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
             if bound is None and not isinstance(exc, OSError):
                 raise
             raise listen_error(bound[1] if bound else cfg.server.listen, exc) from exc
-        holder["server"] = server
+        holder["server"], holder["servicer"] = server, servicer
+        add_reload_hook(lambda: reload_certificates(servicer))  # SIGHUP
         log.info("bridge serving on %s (port %d, %s)", cfg.server.listen, port, "INSECURE" if args.insecure else "TLS")
         await servicer.metrics.start(cfg.metrics.listen)
         holder["metrics"] = servicer.metrics
@@ -174,7 +179,6 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
 
         holder["console"] = console = BridgeConsole(servicer.state, port=port)
         await console.start()
-        holder["servicer"] = servicer
         holder["audit"] = servicer.audit
         servicer.audit.event("start", "success", listen=cfg.server.listen)  # DICOM Application Activity
         announce_ready(
@@ -184,7 +188,8 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
     async def end() -> None:
         server = holder.get("server")
         if server is not None:
-            await server.stop(10.0)  # type: ignore[attr-defined]
+            # Refuse new work, let running associations finish, then stop (relay_bridge.lifecycle).
+            await drain(server, holder["servicer"], cfg.server.drain_grace_s)  # type: ignore[arg-type]
         for part in ("status", "metrics", "console"):
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]

@@ -25,6 +25,9 @@ class ServerSection:
     # HOST:PORT of a second, server-authenticated-only port for `relay-router enroll` when
     # require_client_cert is on (only enrollment is served there). Empty: none.
     enroll_listen: str = ""
+    # SIGTERM: seconds running associations get to finish (new ones are refused meanwhile) before the
+    # bridge stops; keep the service manager's stop timeout above it (docs/operations.md).
+    drain_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         try:
@@ -37,6 +40,8 @@ class ServerSection:
             raise InvalidValue("client_ca", "is required when require_client_cert = true")
         if self.require_client_cert and self.insecure:
             raise InvalidValue("require_client_cert", "needs TLS (insecure = false)")
+        if not 0 <= self.drain_grace_s <= 3600:
+            raise InvalidValue("drain_grace_s", "must be between 0 and 3600 seconds")
         if self.enroll_listen:
             try:
                 parse_host_port(self.enroll_listen)

@@ -4,7 +4,8 @@ The decisions live in the service modules (see docs/architecture.md, "Bridge
 modules"): relay_bridge.control (sign-on, the directory, enrollment),
 relay_bridge.splice (the life of an association), relay_bridge.blobs (the blob
 RPCs), relay_bridge.sessions (sessions, throttle, caller authentication) and
-relay_bridge.admission (pure admission decisions).
+relay_bridge.admission (pure admission decisions). Reloading certificates and
+draining on SIGTERM: relay_bridge.lifecycle.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from relay_bridge.splice import AssociationService, Splice
 from relay_bridge.state import BridgeState
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
+from relay_common.tlsreload import CertificateFiles, ReloadingServerCredentials
 
 if TYPE_CHECKING:
     from relay_bridge.metrics import BridgeMetrics
@@ -44,6 +46,10 @@ class RelayServicer:
     association_class: type[AssociationService] = AssociationService
     blob_class: type[BlobService] = BlobService
     enroll_port: int | None = None
+    # Set by start(): the health service (NOT_SERVING while draining) and the certificate files
+    # re-read on SIGHUP and before each new TLS handshake.
+    health: health.aio.HealthServicer | None = None
+    certificates: tuple[CertificateFiles, ...] = ()
 
     def __init__(
         self, config: BridgeConfig, directory: Directory | DirectoryBackend, audit: AuditLog | None = None
@@ -91,6 +97,8 @@ class RelayServicer:
     async def Control(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
     ) -> None:
+        if self.state.draining:  # the router retries with backoff; behind a load balancer, elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the bridge is restarting (draining); reconnect")
         await self.control.Control(request_iterator, context)
 
     async def Associate(  # noqa: N802
@@ -195,7 +203,7 @@ async def start(
         servicer.blobs.start()
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers([_handlers(servicer)])
-    health_servicer = health.aio.HealthServicer()
+    servicer.health = health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = parse_host_port(config.server.listen)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -203,20 +211,21 @@ async def start(
         bound = server.add_insecure_port(address)
     else:
         assert config.server.tls_cert and config.server.tls_key
-        pair = [(config.server.tls_key.read_bytes(), config.server.tls_cert.read_bytes())]
+        # Re-read before every new handshake when the files changed (relay_common.tlsreload): a renewed
+        # certificate is served to new connections, existing ones keep theirs.
+        files = CertificateFiles("server certificate", cert=config.server.tls_cert, key=config.server.tls_key)
+        client_ca = None
         if config.server.require_client_cert:
             assert config.server.client_ca is not None
-            credentials = grpc.ssl_server_credentials(
-                pair, root_certificates=config.server.client_ca.read_bytes(), require_client_auth=True
-            )
-        else:
-            credentials = grpc.ssl_server_credentials(pair)
+            client_ca = CertificateFiles("client CA (server.client_ca)", ca=config.server.client_ca)
+        servicer.certificates = (files,) if client_ca is None else (files, client_ca)
+        credentials = ReloadingServerCredentials(files, client_ca=client_ca).credentials()
         bound = server.add_secure_port(address, credentials)
         if config.server.enroll_listen:
             # Server-authenticated only; Control and Associate refuse callers without a client certificate.
             enroll_host, enroll_port = parse_host_port(config.server.enroll_listen)
             servicer.enroll_port = server.add_secure_port(
-                f"{enroll_host}:{enroll_port}", grpc.ssl_server_credentials(pair)
+                f"{enroll_host}:{enroll_port}", ReloadingServerCredentials(files).credentials()
             )
     await server.start()
     await health_servicer.set("relay.v1.Relay", health_pb2.HealthCheckResponse.SERVING)

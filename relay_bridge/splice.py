@@ -236,6 +236,8 @@ class AssociationService:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
         if not admission.valid_association_id(aid, state.splices):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+        if state.draining:
+            return await self.refuse(context, admission.draining(), aid)
         invalid = admission.invalid_open(
             to_site=op.to_site, called_ae_title=op.called_ae_title, calling_ae_title=op.calling_ae_title
         )

@@ -27,6 +27,7 @@ class BridgeState:
     throttle: LoginThrottle
     splices: dict[str, Splice] = field(default_factory=dict)
     blobs: BlobBroker | None = None  # the cloud spill's store; None: spill off
+    draining: bool = False  # SIGTERM: new Opens and sign-ons are refused (relay_bridge.lifecycle)
     metrics: BridgeMetrics = field(init=False)
     # The directory as routers and Opens see it, from memory (relay_bridge.directory_view).
     directory_cache: DirectoryCache = field(init=False)

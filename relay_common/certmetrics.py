@@ -4,8 +4,9 @@ A certificate that expires stops every hospital at once, and nobody looks at PEM
 The daemons therefore export the notAfter time of the certificates they present or trust as
 `<prefix>_certificate_expiry_timestamp_seconds{role, subject}`; an alert fires three weeks ahead
 (deploy/prometheus/alerts.yml). Files are read at scrape time (a renewed certificate shows up
-without a restart) and parsed with `cryptography`; a missing or unreadable file is simply absent
-from the output and counted in `<prefix>_certificate_read_errors`.
+without a restart; a file the process reloads itself, relay_common.tlsreload, shows what is in
+use) and parsed with `cryptography`; a missing or unreadable file is simply absent from the output
+and counted in `<prefix>_certificate_read_errors`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from cryptography import x509
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from relay_common.tlsreload import certificate_in_use
+
 log = logging.getLogger("relay_common.certmetrics")
 MAX_PEM_BYTES = 1024 * 1024  # a CA bundle is a few hundred kB at most
 
@@ -31,9 +34,14 @@ class CertificateExpiry:
 
 
 def read_expiries(role: str, path: Path) -> list[CertificateExpiry]:
-    """Every certificate in the PEM file `path` (a bundle may hold several); raises OSError/ValueError."""
-    with path.open("rb") as f:
-        data = f.read(MAX_PEM_BYTES + 1)
+    """Every certificate in the PEM file `path` (a bundle may hold several); raises OSError/ValueError.
+
+    A file this process re-reads without a restart (relay_common.tlsreload) is reported as it is in
+    use: a renewal that was refused keeps showing the old expiry, which is the one that matters."""
+    data = certificate_in_use(path)
+    if data is None:
+        with path.open("rb") as f:
+            data = f.read(MAX_PEM_BYTES + 1)
     if len(data) > MAX_PEM_BYTES:
         raise ValueError(f"{path} is larger than {MAX_PEM_BYTES} bytes")
     certificates = x509.load_pem_x509_certificates(data)

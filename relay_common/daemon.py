@@ -18,6 +18,7 @@ from pathlib import Path
 
 from relay_common.allocator import keep_frame_buffers
 from relay_common.config import AuditSection, ConfigError
+from relay_common.tlsreload import run_reload_hooks
 
 log = logging.getLogger("relay_common.daemon")
 
@@ -110,18 +111,26 @@ def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     return usec / 1_000_000
 
 
+def _reload_requested() -> None:
+    log.info("SIGHUP: re-reading certificate files")
+    run_reload_hooks()
+
+
 async def run_until_signalled(
     start: Callable[[], Awaitable[object]],
     stop: Callable[[], Awaitable[object]],
     status: Callable[[], str] | None = None,
 ) -> None:
-    """Start, wait for SIGTERM or SIGINT, then stop gracefully. While serving, the service manager
-    gets watchdog pings and `status()` as STATUS= lines (when NOTIFY_SOCKET is set)."""
+    """Start, wait for SIGTERM or SIGINT, then stop gracefully; SIGHUP runs the reload hooks. While
+    serving, the service manager gets watchdog pings and `status()` as STATUS= lines (when NOTIFY_SOCKET is set)."""
     keep_frame_buffers()  # before the first frame: large buffers are reused, not mapped per frame
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # SIGHUP (systemctl reload): re-read certificate files now (relay_common.tlsreload hooks); it no
+    # longer ends the process.
+    loop.add_signal_handler(signal.SIGHUP, _reload_requested)
     await start()
     notifier = ServiceNotifier()
     keepalive = asyncio.create_task(notifier.run(status), name="sd-notify")

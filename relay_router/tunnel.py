@@ -5,6 +5,13 @@ sign on, publish the shared devices, follow the directory, hand incoming
 association notices to the router, and reconnect with capped exponential
 backoff and jitter whenever the bridge goes away. Association streams ride on
 the same HTTP/2 connection (one gRPC channel), each with its own flow control.
+
+Certificates: the channel is built from the bridge CA and the client pair from
+enrollment as they were when it was made. When the files change (checked every
+`TLS_CHECK_S`, at each reconnect, and at once on SIGHUP) the next channel uses
+them: the router moves its control stream to a new channel as soon as no
+association stream is open on the current one, and the old channel closes when
+its last stream has ended. Running associations are never cut for a renewal.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from protos.relay.v1 import relay_pb2_grpc as pb_grpc
 from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
+from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
 from relay_router.config import RouterConfig
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
@@ -32,6 +40,7 @@ from relay_router.seal import KEM_NAME, Identity, PublicIdentity
 log = logging.getLogger("relay_router.tunnel")
 SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
+TLS_CHECK_S = 60.0  # how often the certificate files are checked for a renewal (SIGHUP: at once)
 
 
 class LinkDown(Exception):
@@ -71,6 +80,25 @@ class AssociationStream:
         self._call.cancel()
 
 
+class _Calls:
+    """The Associate calls opened on one channel; `idle` is set while none is running."""
+
+    def __init__(self) -> None:
+        self.live: set[grpc.aio.Call] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def track(self, call: grpc.aio.Call) -> None:
+        self.live.add(call)
+        self.idle.clear()
+        call.add_done_callback(self._done)
+
+    def _done(self, call: grpc.aio.Call) -> None:
+        self.live.discard(call)
+        if not self.live:
+            self.idle.set()
+
+
 IncomingHandler = Callable[[pb.IncomingAssociation], Awaitable[None]]
 
 
@@ -104,6 +132,16 @@ class BridgeLink:
         self.directory_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Certificate reload: the files' state the channel was built from, the Associate calls on it, the
+        # control call (ended on purpose to move to a new channel), channels closing once unused.
+        self._tls: ReloadingClientCredentials | None = None
+        self._channel_tls: tuple[int, int] | None = None
+        self._calls = _Calls()
+        self._control_call: grpc.aio.StreamStreamCall | None = None
+        self._moving = False
+        self._retired: set[grpc.aio.Channel] = set()
+        self._tls_check = asyncio.Event()
+        self._remove_reload_hook: Callable[[], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -138,17 +176,62 @@ class BridgeLink:
         if bridge.server_name:
             options.append(("grpc.ssl_target_name_override", bridge.server_name))
         assert bridge.ca_file is not None
-        state = self.config.router.state_dir
-        cert, key = state / "client.pem", state / "client.key"  # issued by `relay-router enroll`
-        if cert.exists() and key.exists():
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=bridge.ca_file.read_bytes(),
-                private_key=key.read_bytes(),
-                certificate_chain=cert.read_bytes(),
-            )
-        else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=bridge.ca_file.read_bytes())
+        if self._tls is None:
+            state = self.config.router.state_dir  # client.pem and client.key: issued by `relay-router enroll`
+            self._tls = ReloadingClientCredentials(bridge.ca_file, state / "client.pem", state / "client.key")
+        credentials, self._channel_tls = self._tls.credentials()
         return grpc.aio.secure_channel(bridge.address, credentials, options=options)
+
+    # -- certificate reload -------------------------------------------------------------------
+    def reload_credentials(self) -> None:
+        """SIGHUP: check the certificate files now; a change moves the link to a new channel when idle."""
+        self._tls_check.set()
+
+    def _credentials_outdated(self) -> bool:
+        if self._tls is None:
+            return False
+        self._tls.refresh()
+        return self._tls.changed_since(self._channel_tls)
+
+    def _replace_channel(self) -> None:
+        """Build the next channel from the current files; the old one closes once its streams have ended."""
+        old, calls = self._channel, self._calls
+        self._channel = self._make_channel()
+        self._stub = pb_grpc.RelayStub(self._channel)
+        self._calls = _Calls()
+        log.info("new connection to the bridge with the reloaded certificate files")
+        if old is not None:
+            self._retired.add(old)
+            self._spawn(self._close_when_unused(old, calls))
+
+    async def _close_when_unused(self, channel: grpc.aio.Channel, calls: _Calls) -> None:
+        await calls.idle.wait()
+        self._retired.discard(channel)
+        await channel.close(grace=5.0)  # unary blob RPCs still in flight get a moment
+
+    async def _watch_certificates(self) -> None:
+        """Every TLS_CHECK_S (or on SIGHUP): when the files changed, move to a new channel once idle."""
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._tls_check.wait(), TLS_CHECK_S)
+            except TimeoutError:
+                pass
+            self._tls_check.clear()
+            if not self._credentials_outdated():
+                continue
+            await self._calls.idle.wait()  # never cut a running association for a renewal
+            if self._control_call is not None and self._credentials_outdated():
+                log.info("certificate files changed: reconnecting to the bridge with them")
+                self._moving = True
+                self._control_call.cancel()  # run() builds the new channel and signs on again at once
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _track(self, call: grpc.aio.Call) -> None:
+        self._calls.track(call)
 
     def shared_devices(self) -> list[pb.SharedDevice]:
         return [
@@ -159,29 +242,47 @@ class BridgeLink:
     async def run(self) -> None:
         """Keep the control stream up until `stop()`."""
         password = self.config.bridge.resolve_password()
-        self._channel = self._make_channel()
+        while True:
+            try:
+                self._channel = self._make_channel()
+                break
+            except CertificateFilesError as exc:  # e.g. a key that is not the certificate's: wait for a fix
+                self.last_error = str(exc)
+                log.error("cannot connect to the bridge: %s", exc)
+                await asyncio.sleep(self.config.bridge.reconnect_max_s)
         self._stub = pb_grpc.RelayStub(self._channel)
+        if not self.config.bridge.insecure:
+            self._remove_reload_hook = add_reload_hook(self.reload_credentials)
+            self._spawn(self._watch_certificates())
         delay = self.config.bridge.reconnect_min_s
         while not self._stopping:
             started = time.monotonic()
+            if self._credentials_outdated():
+                self._replace_channel()
             try:
                 await self._control_session(password)
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if not self._moving or (task is not None and task.cancelling()):
+                    raise
             except grpc.aio.AioRpcError as exc:
-                previous, self.last_error = self.last_error, self._describe(exc)
-                if self.proxy and self.last_error != previous:  # once per new failure, not per retry
-                    log.warning("cannot reach the bridge: %s", self.last_error)
+                if not self._moving:
+                    previous, self.last_error = self.last_error, self._describe(exc)
+                    if self.proxy and self.last_error != previous:  # once per new failure, not per retry
+                        log.warning("cannot reach the bridge: %s", self.last_error)
             except Exception as exc:  # noqa: BLE001 - keep reconnecting whatever went wrong
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("control stream failed")
             finally:
-                if self._session is not None and not self._stopping:
+                if self._session is not None and not self._stopping and not self._moving:
                     log.warning("lost the bridge: %s", self.last_error)
                 self._session = None
                 self.connected_since = None
             if self._stopping:
                 break
+            if self._moving:  # a planned move to a new channel: no backoff
+                self._moving = False
+                continue
             if time.monotonic() - started > 60:
                 delay = self.config.bridge.reconnect_min_s  # the last session was healthy
             wait = random.uniform(delay / 2, delay)
@@ -222,7 +323,7 @@ class BridgeLink:
 
     async def _control_session(self, password: str) -> None:
         assert self._stub is not None
-        call = self._stub.Control()
+        call = self._control_call = self._stub.Control()
         try:
             await call.write(
                 pb.RouterMessage(
@@ -266,6 +367,7 @@ class BridgeLink:
             finally:
                 heartbeat.cancel()
         finally:
+            self._control_call = None
             call.cancel()
 
     async def _heartbeats(self, call: grpc.aio.StreamStreamCall, interval: int) -> None:
@@ -312,6 +414,7 @@ class BridgeLink:
         """Open an association stream; returns it with the bridge's answer (Accepted or Refused)."""
         assert self._stub is not None
         call = self._stub.Associate(metadata=self._metadata())
+        self._track(call)
         stream = AssociationStream(call)
         try:
             await stream.send(pb.Frame(open=request))
@@ -353,13 +456,17 @@ class BridgeLink:
     async def join(self, association_id: str) -> AssociationStream:
         assert self._stub is not None
         call = self._stub.Associate(metadata=self._metadata())
+        self._track(call)
         stream = AssociationStream(call)
         await stream.send(pb.Frame(join=pb.Join(association_id=association_id)))
         return stream
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._remove_reload_hook is not None:
+            self._remove_reload_hook()
         for task in list(self._tasks):
             task.cancel()
-        if self._channel is not None:
-            await self._channel.close(grace=1.0)
+        for channel in [*self._retired, self._channel]:
+            if channel is not None:
+                await channel.close(grace=1.0)

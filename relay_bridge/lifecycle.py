@@ -1,0 +1,78 @@
+"""The bridge's life after start: certificate reload (SIGHUP) and the drain before it stops (SIGTERM).
+
+Drain, in order (docs/operations.md, "Upgrade without failed associations"):
+1. The gRPC health service says NOT_SERVING (a load balancer's health check stops sending new
+   connections here), new Opens are refused with a transient `Refused` (the caller's device gets a
+   transient A-ASSOCIATE-RJ and retries) and new sign-ons with UNAVAILABLE.
+2. After `MOVE_AFTER_S` (time for a Join whose notice was just sent), the control stream of every
+   router with no association running here is ended: the router reconnects with its backoff (to
+   another replica behind a load balancer; with one bridge, to this one once it is back). A router
+   that still carries an association keeps its session until that ends: its Joins, blob slots
+   and parts are authenticated by it.
+3. Running associations get `[server] drain_grace_s` to finish; then the remaining sessions end and
+   `server.stop(STOP_GRACE_S)` cuts whatever still runs (both devices get A-ABORT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import grpc.aio
+from grpc_health.v1 import health_pb2
+
+if TYPE_CHECKING:
+    from relay_bridge.server import RelayServicer
+
+log = logging.getLogger("relay_bridge")
+MOVE_AFTER_S = 1.0
+STOP_GRACE_S = 1.0
+POLL_S = 0.2
+
+
+def reload_certificates(servicer: RelayServicer) -> None:
+    """SIGHUP: check the certificate files now (the handshake fetcher would on the next connection anyway),
+    so that the log says at once whether a renewal was accepted."""
+    if not servicer.certificates:
+        log.info("SIGHUP: no certificate files to reload (insecure mode)")
+        return
+    if not any([files.check() for files in servicer.certificates]):  # a list: check every one
+        log.info("SIGHUP: certificate files unchanged (or refused, see above)")
+
+
+async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float) -> None:
+    """Stop taking work, let running associations finish within `grace_s`, then stop the server."""
+    state = servicer.state
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    state.draining = True
+    if servicer.health is not None:
+        for service in ("", "relay.v1.Relay"):
+            await servicer.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.warning(
+        "draining: new associations and sign-ons are refused; %d running association(s) get up to %g s",
+        len(state.splices),
+        grace_s,
+    )
+    state.audit.event("drain", "success", running=len(state.splices), grace_s=grace_s)
+    deadline = started + grace_s
+    while state.splices and loop.time() < deadline:
+        if loop.time() - started >= MOVE_AFTER_S:
+            _move_idle_routers(servicer)
+        await asyncio.sleep(POLL_S)
+    if state.splices:
+        log.warning("drain: %d association(s) still running after %g s are cut", len(state.splices), grace_s)
+    else:
+        log.info("drain: no association running after %.1f s", loop.time() - started)
+    for session in list(state.sessions.values()):
+        session.end()
+    await server.stop(STOP_GRACE_S)
+
+
+def _move_idle_routers(servicer: RelayServicer) -> None:
+    """End the control streams of routers that have nothing running here (they reconnect elsewhere)."""
+    for session in list(servicer.state.sessions.values()):
+        if not session.associations and not session.ended.is_set():
+            log.info("drain: asking router %s to reconnect (its control stream ends)", session.name)
+            session.end()

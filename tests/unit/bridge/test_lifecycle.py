@@ -1,0 +1,97 @@
+"""The drain on SIGTERM, with the real services and fakes for the gRPC server and calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge import directory as directory_module
+from relay_bridge import lifecycle
+from relay_bridge.config import BridgeConfig, ServerSection
+from relay_bridge.directory import Device, Directory
+from relay_bridge.server import RelayServicer
+from relay_bridge.sessions import RouterSession
+from relay_common.audit import AuditLog
+from tests.unit.bridge.test_association_service import Aborted, Call, open_frame
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.stopped_with: float | None = None
+
+    async def stop(self, grace: float) -> None:
+        self.stopped_with = grace
+
+
+@pytest.fixture
+async def servicer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RelayServicer]:
+    monkeypatch.setattr(directory_module, "SCRYPT_N", 2**10)
+    monkeypatch.setattr(lifecycle, "MOVE_AFTER_S", 0.05)
+    monkeypatch.setattr(lifecycle, "POLL_S", 0.01)
+    directory = Directory(tmp_path / "bridge.sqlite3")
+    for name in ("site-a", "site-b", "site-c"):
+        directory.add_router(name, "long enough password")
+    directory.publish("site-b", [Device("site-b", "PACS", "", ("site-a",))])
+    servicer = RelayServicer(BridgeConfig(server=ServerSection(insecure=True)), directory, AuditLog(None, app="t"))
+    servicer.health = health.aio.HealthServicer()
+    for name in ("site-a", "site-b", "site-c"):
+        servicer.sessions[name] = RouterSession(name, f"token-{name}", "127.0.0.1")
+    yield servicer
+    servicer.directory.close()
+
+
+async def _status(servicer: RelayServicer) -> int:
+    assert servicer.health is not None
+    answer = await servicer.health.Check(health_pb2.HealthCheckRequest(service=""), None)  # type: ignore[arg-type]
+    return int(answer.status)
+
+
+async def test_drain_refuses_opens_moves_idle_routers_and_waits_for_running_associations(
+    servicer: RelayServicer,
+) -> None:
+    await servicer.health.set("", health_pb2.HealthCheckResponse.SERVING)  # type: ignore[union-attr]
+    servicer.splices["a" * 32] = object()  # type: ignore[assignment]  # one association running a <-> b
+    servicer.sessions["site-a"].associations.add("a" * 32)
+    servicer.sessions["site-b"].associations.add("a" * 32)
+    server = FakeServer()
+    draining = asyncio.create_task(lifecycle.drain(server, servicer, grace_s=5.0))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+
+    assert await _status(servicer) == health_pb2.HealthCheckResponse.NOT_SERVING
+    call = Call("token-site-a", open_frame())
+    await servicer.Associate(iter(()), call)  # type: ignore[arg-type]
+    assert [f.refused.reason for f in call.written] == [pb.Refused.OVERLOADED], "transient for the caller"
+    assert "restarting" in call.written[0].refused.detail
+    with pytest.raises(Aborted):
+        await servicer.Control(iter(()), Call("x"))  # type: ignore[arg-type]
+    assert servicer.sessions["site-c"].ended.is_set(), "an idle router is told to move"
+    assert not servicer.sessions["site-a"].ended.is_set(), "a router with a running association keeps its session"
+    assert server.stopped_with is None and not draining.done()
+
+    del servicer.splices["a" * 32]  # the association ends
+    await asyncio.wait_for(draining, 2)
+    assert server.stopped_with == lifecycle.STOP_GRACE_S
+    assert all(s.ended.is_set() for s in servicer.sessions.values())
+
+
+async def test_drain_gives_up_waiting_when_the_grace_ends(servicer: RelayServicer) -> None:
+    servicer.splices["a" * 32] = object()  # type: ignore[assignment]  # never ends
+    server = FakeServer()
+    started = asyncio.get_running_loop().time()
+    await lifecycle.drain(server, servicer, grace_s=0.3)  # type: ignore[arg-type]
+    assert 0.3 <= asyncio.get_running_loop().time() - started < 2
+    assert server.stopped_with == lifecycle.STOP_GRACE_S
+
+
+async def test_a_sign_on_during_the_drain_is_unavailable(servicer: RelayServicer) -> None:
+    servicer.state.draining = True
+    call = Call("x")
+    with pytest.raises(Aborted):
+        await servicer.Control(iter(()), call)  # type: ignore[arg-type]
+    assert call.aborted is not None and call.aborted[0] == grpc.StatusCode.UNAVAILABLE

@@ -310,10 +310,13 @@ def _admin(args: argparse.Namespace, db: Directory, cfg: bridge_config.BridgeCon
     if args.command == "share":
         devices = db.devices()
         if args.json:
-            print(json.dumps([d.__dict__ for d in devices]))
+            print(json.dumps([{**d.__dict__, "grants": {s: list(g) for s, g in d.grants}} for d in devices]))
         else:
             for d in devices:
                 print(f"{d.router:<20} {d.ae_title:<16} shared with: {', '.join(d.share_with) or 'nobody'}")
+                # Service groups per site ("*": every site in share_with without a grant of its own).
+                for site, groups in d.grants:
+                    print(f"{'':<37} services for {site}: {', '.join(groups) or 'none'}")
         return 0
     return 1
 

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import sqlite3
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS devices (
     router TEXT NOT NULL REFERENCES routers(name) ON DELETE CASCADE,
     ae_title TEXT NOT NULL,
     description TEXT NOT NULL DEFAULT '',
+    services TEXT NOT NULL DEFAULT '',  -- JSON {site or "*": [service groups]}; '' = not published
     PRIMARY KEY (router, ae_title)
 );
 CREATE TABLE IF NOT EXISTS shares (
@@ -115,9 +117,27 @@ class Device:
     ae_title: str
     description: str
     share_with: tuple[str, ...]
+    # (site or "*", service groups) as the owner published them; () = published none (an older router).
+    grants: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def shared_with(self, peer: str) -> bool:
         return peer != self.router and ("*" in self.share_with or peer in self.share_with)
+
+    def services_for(self, peer: str) -> tuple[str, ...] | None:
+        """The service groups `peer` may use here: its own grant, else the "*" one; None if none published."""
+        if not self.grants:
+            return None
+        table = dict(self.grants)
+        return table.get(peer, table.get("*", ()))
+
+    def grants_json(self) -> str:
+        return json.dumps({site: list(groups) for site, groups in self.grants}) if self.grants else ""
+
+
+def grants_from_json(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not text:
+        return ()
+    return tuple((site, tuple(groups)) for site, groups in json.loads(text).items())
 
 
 def _hash(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -139,6 +159,9 @@ class Directory:
         for column in ("sign_key", "kem_key"):  # databases created before identities existed
             if column not in columns:
                 self._db.execute(f"ALTER TABLE routers ADD COLUMN {column} BLOB")
+        if "services" not in {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}:
+            # databases created before service groups (issue 18)
+            self._db.execute("ALTER TABLE devices ADD COLUMN services TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -286,8 +309,8 @@ class Directory:
                 self._db.execute("DELETE FROM devices WHERE router=?", (router,))
                 for d in devices:
                     self._db.execute(
-                        "INSERT INTO devices(router, ae_title, description) VALUES (?, ?, ?)",
-                        (router, d.ae_title, d.description),
+                        "INSERT INTO devices(router, ae_title, description, services) VALUES (?, ?, ?, ?)",
+                        (router, d.ae_title, d.description, d.grants_json()),
                     )
                     self._db.executemany(
                         "INSERT OR IGNORE INTO shares(router, ae_title, peer) VALUES (?, ?, ?)",
@@ -301,11 +324,14 @@ class Directory:
     def devices(self) -> list[Device]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.router, d.ae_title, d.description, group_concat(s.peer, char(31))"
+                "SELECT d.router, d.ae_title, d.description, group_concat(s.peer, char(31)), d.services"
                 " FROM devices d LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
                 " GROUP BY d.router, d.ae_title ORDER BY d.router, d.ae_title"
             ).fetchall()
-        return [Device(r, a, desc, tuple(peers.split("\x1f")) if peers else ()) for r, a, desc, peers in rows]
+        return [
+            Device(r, a, desc, tuple(peers.split("\x1f")) if peers else (), grants_from_json(services))
+            for r, a, desc, peers, services in rows
+        ]
 
     def device(self, router: str, ae_title: str) -> Device | None:
         return next((d for d in self.devices() if d.router == router and d.ae_title == ae_title), None)

@@ -201,6 +201,11 @@ class RelayConnection:
         return self._requested
 
     @property
+    def request_pdu(self) -> bytes | None:
+        """The A-ASSOCIATE-RQ PDU as the requestor sent it (for checks that read more than `requested`)."""
+        return self._rq_pdu
+
+    @property
     def accepted(self) -> AssociateInfo | None:
         """The A-ASSOCIATE-AC as forwarded to the requestor."""
         return self._accepted

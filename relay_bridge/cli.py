@@ -310,7 +310,11 @@ def _admin(args: argparse.Namespace, db: Directory, cfg: bridge_config.BridgeCon
     if args.command == "share":
         devices = db.devices()
         if args.json:
-            print(json.dumps([{**d.__dict__, "grants": {s: list(g) for s, g in d.grants}} for d in devices]))
+            rows = [{k: v for k, v in d.__dict__.items() if k != "grants"} for d in devices]
+            for row, d in zip(rows, devices, strict=True):
+                if d.grants:  # published by a router that knows service groups (issue 18)
+                    row["services"] = {site: list(groups) for site, groups in d.grants}
+            print(json.dumps(rows))
         else:
             for d in devices:
                 print(f"{d.router:<20} {d.ae_title:<16} shared with: {', '.join(d.share_with) or 'nobody'}")

@@ -74,20 +74,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) -> str:
     from relay_common.config import parse_host_port
+    from relay_router.status import granted_services
 
     _, port = parse_host_port(cfg.dicom.listen)
     host = host or router_config.advertised_host(cfg)  # on 0.0.0.0: this machine's name; --host overrides
     entries = sorted((r.ae_title, r.site, r.target) for r in cfg.remote)
+    granted = granted_services(cfg)  # what each remote device offers us, if the router has seen the directory
     if fmt == "orthanc":
         modalities = {title: [title, host, port] for title, _, _ in entries}
         return json.dumps({"DicomModalities": modalities}, indent=2)
     if fmt == "json":
-        return json.dumps(
-            [{"ae_title": t, "host": host, "port": port, "site": s, "remote_ae_title": r} for t, s, r in entries],
-            indent=2,
-        )
+        rows: list[dict[str, object]] = [
+            {"ae_title": t, "host": host, "port": port, "site": s, "remote_ae_title": r} for t, s, r in entries
+        ]
+        for row, (_, s, r) in zip(rows, entries, strict=True):
+            if (s, r) in granted:
+                row["services"] = granted[(s, r)]
+        return json.dumps(rows, indent=2)
     lines = [f"{'AE title':<17} {'host':<16} {'port':>5}  reaches", "-" * 60]
-    lines += [f"{t:<17} {host:<16} {port:>5}  {r} at {s}" for t, s, r in entries]
+    for t, s, r in entries:
+        offers = f"  ({', '.join(granted[(s, r)])})" if (s, r) in granted else ""
+        lines.append(f"{t:<17} {host:<16} {port:>5}  {r} at {s}{offers}")
     if cfg.dicom.expose_all:
         lines.append("(expose_all = true: more titles appear as the directory grows; see the router log)")
     return "\n".join(lines)

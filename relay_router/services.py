@@ -116,7 +116,8 @@ def check_groups(names: Iterable[str]) -> list[str]:
 
 
 def ordered(groups: Iterable[str]) -> tuple[str, ...]:
-    """Groups in the canonical order (for display, the directory and comparisons)."""
+    """Groups in the canonical order (for display, the directory and comparisons); unknown names dropped
+    (a directory's list is input from the bridge: a name we do not know grants nothing here)."""
     chosen = set(groups)
     return tuple(g for g in GROUPS if g in chosen)
 

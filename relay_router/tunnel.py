@@ -28,7 +28,7 @@ from relay_router.config import RouterConfig
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
-from relay_router.services import service_grants
+from relay_router.services import ordered, service_grants
 
 log = logging.getLogger("relay_router.tunnel")
 SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
@@ -287,7 +287,7 @@ class BridgeLink:
                     "identity_mismatch", "alert", site=site, offered=offered, pinned=self.peers.expected(site)
                 )
             self.directory = [
-                DirectoryEntry(d.site, d.ae_title, d.description, d.online, tuple(d.services))
+                DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
                 for d in message.directory.devices
             ]
             self.directory_changed.set()

@@ -132,6 +132,7 @@ class InboundCalls(AssociationHost):
         actions = conn.receive(Side.REMOTE, request_pdu)
         request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
         removed: frozenset[int] = frozenset()
+        receive_only: frozenset[int] = frozenset()
         if request is not None and conn.request_pdu is not None:
             outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
             outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
@@ -146,7 +147,7 @@ class InboundCalls(AssociationHost):
                     public_detail=f"no requested service is granted on {device.ae_title}",
                 )
                 return await self._refuse_inbound(stream, outcome, why)
-            removed = services.refused_ids
+            removed, receive_only = services.refused_ids, services.receive_only
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(device.host, device.port, limit=1 << 20), self.config.dicom.connect_timeout_s
@@ -182,4 +183,4 @@ class InboundCalls(AssociationHost):
             await self._run(relay, actions)  # the connection has produced the abort
             return
         alias = self.local_alias(notice.from_site, request.calling_ae)
-        await self._run(relay, conn.accept_request(calling=alias, remove=removed))
+        await self._run(relay, conn.accept_request(calling=alias, remove=removed, receive_only=receive_only))

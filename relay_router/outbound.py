@@ -139,6 +139,7 @@ class OutboundCalls(AssociationHost):
         outcome.site = route.site
         # Services the owner granted us (from the directory): nothing granted is refused here, with no WAN trip.
         removed: frozenset[int] = frozenset()
+        receive_only: frozenset[int] = frozenset()
         granted = granted_remote(self.link.directory, route.site, route.ae_title)
         if granted is not None and conn.request_pdu is not None:
             services = check_services(conn.request_pdu, request, granted)
@@ -149,7 +150,7 @@ class OutboundCalls(AssociationHost):
                 detail = f"{route.site} granted {', '.join(granted)} on {route.ae_title}, none of what was requested"
                 why = Reject(Reason.SERVICE_NOT_GRANTED, detail, rj=REJECT_SERVICE_NOT_GRANTED)
                 return await self._reject(conn, writer, outcome, why)
-            removed = services.refused_ids
+            removed, receive_only = services.refused_ids, services.receive_only
         try:
             peer = self.link.peers.identity(route.site)
         except UnknownPeer:
@@ -171,7 +172,8 @@ class OutboundCalls(AssociationHost):
         offered = Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill)
         # The offer is signed with the handshake: the bridge cannot strip a feature from it unnoticed.
         handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
-        (forward,) = [a for a in conn.accept_request(called=route.ae_title, remove=removed) if isinstance(a, Send)]
+        forwarded = conn.accept_request(called=route.ae_title, remove=removed, receive_only=receive_only)
+        (forward,) = [a for a in forwarded if isinstance(a, Send)]
         opening = pb.Open(
             association_id=outcome.association_id,
             to_site=route.site,

@@ -128,6 +128,8 @@ class ContextDecision:
 
     allowed: tuple[PresentationContext, ...]
     refused: tuple[PresentationContext, ...]
+    receive_only: frozenset[int] = frozenset()
+    """Allowed IDs that hold only if the acceptor confirms the requestor as SCP only (C-GET storage)."""
 
     @property
     def refused_ids(self) -> frozenset[int]:
@@ -153,12 +155,17 @@ def decide_contexts(
     """
     chosen = frozenset(groups)
     receive_only = {r.sop_class for r in roles if r.requestor_only_scp}
-    allowed, refused = [], []
+    allowed, refused, conditional = [], [], set()
     for pc in contexts:
         syntax = pc.abstract_syntax or ""
-        ok = group_of(syntax) in chosen or (RETRIEVE in chosen and is_storage(syntax) and syntax in receive_only)
-        (allowed if ok else refused).append(pc)
-    return ContextDecision(tuple(allowed), tuple(refused))
+        if group_of(syntax) in chosen:
+            allowed.append(pc)
+        elif RETRIEVE in chosen and is_storage(syntax) and syntax in receive_only:
+            allowed.append(pc)
+            conditional.add(pc.id)
+        else:
+            refused.append(pc)
+    return ContextDecision(tuple(allowed), tuple(refused), frozenset(conditional))
 
 
 def service_grants(device: SharedDevice) -> list[pb.ServiceGrant]:

@@ -41,6 +41,8 @@ __all__ = [
     "role_selections",
     "remove_contexts",
     "answer_removed",
+    "unconfirmed_receive_only",
+    "reject_in_ac",
 ]
 
 SUB_ROLE_SELECTION = 0x54
@@ -193,3 +195,38 @@ def answer_removed(
         layout.append(None)
     items = [b"".join(contexts) if part is None else part for part in layout]
     return _pdu(PduType.ASSOCIATE_AC, bytes(view[HEADER_LENGTH:_ITEMS_START]), items)
+
+
+def unconfirmed_receive_only(ac_pdu: bytes, requested: AssociateInfo, receive_only: Collection[int]) -> frozenset[int]:
+    """IDs in `receive_only` that the AC accepted without confirming the requestor as SCP only.
+
+    A storage context granted only so that a C-GET SCU can receive its instances is safe only
+    if the acceptor took the proposed roles (PS3.7 D.3.3.4: SCU-role 0, SCP-role 1 in the AC).
+    Otherwise the default roles apply and the requestor could store through it."""
+    if not receive_only:
+        return frozenset()
+    confirmed = {r.sop_class for r in role_selections(ac_pdu) if r.scu_role == 0 and r.scp_role == 1}
+    syntax = {pc.id: pc.abstract_syntax for pc in requested.presentation_contexts}
+    ac = {item[4]: item[6] for item in _ac_context_items(ac_pdu)}  # ID and result (PS3.8 Table 9-18)
+    return frozenset(cid for cid in receive_only if ac.get(cid) == 0 and syntax.get(cid) not in confirmed)
+
+
+def _ac_context_items(ac_pdu: bytes) -> list[bytes]:
+    view = memoryview(ac_pdu)
+    return [
+        bytes(view[off:ve])
+        for item_type, off, _vs, ve in _items(view, _ITEMS_START, len(view), "item", "PDU", "9.3.3")
+        if item_type == ITEM_PRESENTATION_CONTEXT_AC
+    ]
+
+
+def reject_in_ac(ac_pdu: bytes, ids: Collection[int], *, result: int = RESULT_USER_REJECTION) -> bytes:
+    """Return the AC with the contexts `ids` answered with `result` instead (same length, same place)."""
+    if not ids:
+        return ac_pdu
+    out = bytearray(ac_pdu)
+    view = memoryview(ac_pdu)
+    for item_type, _off, vs, _ve in _items(view, _ITEMS_START, len(view), "item", "PDU", "9.3.3"):
+        if item_type == ITEM_PRESENTATION_CONTEXT_AC and view[vs] in ids:
+            out[vs + 2] = result
+    return bytes(out)

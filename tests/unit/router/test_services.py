@@ -82,6 +82,7 @@ def test_c_get_brings_the_storage_it_receives_but_not_storage_it_could_send() ->
     decision = services.decide_contexts(contexts(STUDY_GET, ct, mr), roles, ["retrieve"])
     assert [pc.abstract_syntax for pc in decision.allowed] == [STUDY_GET, ct]  # SCP role only: receives
     assert [pc.abstract_syntax for pc in decision.refused] == [mr]  # SCU role too: could store
+    assert decision.receive_only == {3}  # kept only if the acceptor confirms the role (relay_router.ul.contexts)
     assert services.decide_contexts(contexts(ct), roles, ["query"]).nothing_allowed
 
 

@@ -12,7 +12,16 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext as PynetContext
 
-from relay_router.ul import AssociateRequested, Established, RelayConnection, Send, Side, parse_associate
+from relay_router.ul import (
+    AssociateRequested,
+    Established,
+    Phase,
+    ProtocolViolation,
+    RelayConnection,
+    Send,
+    Side,
+    parse_associate,
+)
 from relay_router.ul.contexts import RESULT_USER_REJECTION, answer_removed, remove_contexts, role_selections
 from tests.unit.ul.builders import (
     APP_CONTEXT,
@@ -183,3 +192,41 @@ def test_role_items_for_removed_syntaxes_are_dropped_and_others_kept() -> None:
     filtered = remove_contexts(rq, parse_associate(rq), {3})
     assert [r.sop_class for r in role_selections(filtered)] == [MR_STORAGE]
     assert role_selections(filtered)[0].requestor_only_scp
+
+
+def test_c_get_storage_context_the_acceptor_did_not_confirm_as_receive_only_is_rejected_and_blocked() -> None:
+    """A device that ignores role selection leaves the caller as SCU: that context must not carry a C-STORE."""
+    from tests.unit.ul.builders import store_rq
+
+    rq = rq_with_roles(
+        [(STUDY_MOVE, [IMPLICIT_LE]), (CT_STORAGE, [IMPLICIT_LE]), (MR_STORAGE, [IMPLICIT_LE])],
+        roles=[(CT_STORAGE, False, True), (MR_STORAGE, False, True)],
+    )
+    conn = RelayConnection(Side.REMOTE)
+    conn.receive(Side.REMOTE, rq)
+    (sent,) = conn.accept_request(receive_only={3, 5})
+    ac = associate_ac(sent.data)  # accepts everything, answers no role item: default roles apply
+    ac_with_role = _with_role(ac, MR_STORAGE)  # ...except MR, confirmed as requestor SCP only
+    out = conn.receive(Side.LOCAL, ac_with_role)
+    (back,) = [a for a in out if isinstance(a, Send)]
+    results = {pc.id: pc.result for pc in parse_associate(back.data).presentation_contexts}
+    assert results == {1: 0, 3: RESULT_USER_REJECTION, 5: 0}
+    violations = conn.receive(Side.REMOTE, b"".join(store_rq(64, context_id=3)))
+    assert any(isinstance(a, ProtocolViolation) and "context 3" in a.detail for a in violations)
+    assert conn.phase is Phase.CLOSED
+
+
+def _with_role(ac: bytes, sop_class: str) -> bytes:
+    """The AC with an SCP/SCU Role Selection sub-item (SCU 0, SCP 1) appended to its User Information."""
+    import struct
+
+    uid = sop_class.encode()
+    role = struct.pack(">BBHH", 0x54, 0, len(uid) + 4, len(uid)) + uid + b"\x00\x01"
+    # User Information is the last item: grow it and the PDU.
+    body = bytearray(ac)
+    ui = body.rfind(b"\x50\x00", 74)
+    length = int.from_bytes(body[ui + 2 : ui + 4], "big")
+    body[ui + 2 : ui + 4] = (length + len(role)).to_bytes(2, "big")
+    body += role
+    body[2:6] = (len(body) - 6).to_bytes(4, "big")
+    return bytes(body)

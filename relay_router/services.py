@@ -15,7 +15,8 @@ Groups:
   A C-GET's storage sub-operations arrive on storage contexts for which the caller
   asks the SCP role (PS3.7 D.3.3.4); those are granted with ``retrieve`` (the caller
   only receives), see relay_router.ul.contexts.
-- ``storage``: every storage SOP class in the registry (PS3.4 Annex B).
+- ``storage``: every storage SOP class in pynetdicom's registry, plus the retired and trial
+  ones pydicom's UID dictionary still names (PS3.4 Annex B).
 - ``commitment``: Storage Commitment Push Model (PS3.4 Annex J).
 - ``worklist``: Modality Worklist Information Model - FIND (PS3.4 Annex K).
 - ``mpps``: Modality Performed Procedure Step and its retrieve and notification
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from pydicom.uid import UID_dictionary
 from pynetdicom import sop_class as _registry
 
 from protos.relay.v1 import relay_pb2 as pb
@@ -68,6 +70,18 @@ def _qr(suffix: str) -> frozenset[str]:
     return frozenset(str(uid) for name, uid in _registry._QR_CLASSES.items() if name.endswith(suffix))
 
 
+def _pydicom_storage() -> frozenset[str]:
+    """Storage SOP classes pydicom's UID dictionary names that pynetdicom's registry leaves out
+    (retired and trial ones, e.g. Standalone Curve Storage): still storage to an administrator."""
+    return frozenset(
+        uid
+        for uid, (name, kind, *_rest) in UID_dictionary.items()
+        if kind == "SOP Class"
+        and "Storage" in name
+        and not name.startswith(("Storage Commitment", "Media Storage Directory"))
+    )
+
+
 def _query() -> frozenset[str]:
     return frozenset(
         str(uid) for name, uid in _registry._QR_CLASSES.items() if name.endswith("Find") and name.startswith(_QR_MODELS)
@@ -79,7 +93,7 @@ _MEMBERS: Mapping[str, frozenset[str]] = MappingProxyType(
         VERIFICATION: _uids(_registry._VERIFICATION_CLASSES),
         QUERY: _query(),
         RETRIEVE: _qr("Move") | _qr("Get"),
-        STORAGE: _uids(_registry._STORAGE_CLASSES),
+        STORAGE: _uids(_registry._STORAGE_CLASSES) | _pydicom_storage(),
         COMMITMENT: _uids(_registry._STORAGE_COMMITMENT_CLASSES),
         WORKLIST: _uids(_registry._BASIC_WORKLIST_CLASSES),
         MPPS: _uids(_registry._PROCEDURE_STEP_CLASSES),

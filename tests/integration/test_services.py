@@ -15,6 +15,7 @@ and the routers as processes over gRPC + TLS.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +284,44 @@ def test_forged_directory_mixed_request_never_shows_orthanc_the_storage_context(
     refused = [e for e in forged.audit("hospital-b") if e["event"] == "services_refused" and e["site"] == "hospital-a"]
     assert refused[-1]["check"] == "owner" and refused[-1]["refused_contexts"] == [1]
     assert refused[-1]["refused_abstract_syntaxes"] == [CT] and refused[-1]["association_rejected"] is False
+
+
+def test_dcmtk_reads_an_ac_with_contexts_rejected_by_the_grant(sites: Sites, tmp_path: Path) -> None:
+    """getscu from the push-only site: its storage contexts are accepted, its C-GET context rejected."""
+    result = dcmtk.getscu(
+        HOST,
+        sites.port("hospital-c"),
+        "PACS_B",
+        "CT_C",
+        tmp_path,
+        {"StudyInstanceUID": sites.study_uid},
+        extra_args=["-d"],
+    )
+    assert result.accepted and not result.ok, result  # DCMTK parsed the AC the routers rebuilt
+    assert "(User Rejection)" in result.log and "(Accepted)" in result.log, result
+    assert "No adequate Presentation Contexts for sending C-GET" in result.log, result
+    assert not result.received
+
+
+def test_devices_pacs_config_and_share_list_show_the_services(sites: Sites) -> None:
+    net = sites.net
+
+    def router_cli(site: str, *args: str) -> str:
+        command = [net.python, "-m", "relay_router.cli", "--config", str(net.router_config_path(site)), *args]
+        done = subprocess.run(command, capture_output=True, text=True, env=net.env, timeout=60, cwd=net.workdir)
+        return done.stdout
+
+    status = ["--status-file", str(net.status_path("hospital-a"))]
+    rows = json.loads(router_cli("hospital-a", "devices", *status, "--json"))
+    assert [(r["ae_title"], r["services"]) for r in rows] == [("PACS_B", QR)]
+    table = router_cli("hospital-a", "devices", *status)
+    assert "services: verification, query, retrieve" in table
+    pacs = json.loads(router_cli("hospital-a", "pacs-config", "--format", "json", *status))
+    assert [(p["ae_title"], p["services"]) for p in pacs] == [("PACS_B", QR)]
+    assert "ORTHANC_B at hospital-b  (verification, query, retrieve)" in router_cli(
+        "hospital-a", "pacs-config", *status
+    )
+    listing = net.bridge_admin("share", "list")
+    assert "services for *: verification, query, retrieve" in listing.stdout
+    assert "services for hospital-c: storage" in listing.stdout
+    assert "services for hospital-d: none" in listing.stdout

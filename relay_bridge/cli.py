@@ -357,10 +357,17 @@ def _admin(args: argparse.Namespace, db: Directory | SyncPostgresDirectory, cfg:
     if args.command == "share":
         devices = db.devices()
         if args.json:
-            print(json.dumps([d.__dict__ for d in devices]))
+            rows = [{k: v for k, v in d.__dict__.items() if k != "grants"} for d in devices]
+            for row, d in zip(rows, devices, strict=True):
+                if d.grants:  # published by a router that knows service groups (issue 18)
+                    row["services"] = {site: list(groups) for site, groups in d.grants}
+            print(json.dumps(rows))
         else:
             for d in devices:
                 print(f"{d.router:<20} {d.ae_title:<16} shared with: {', '.join(d.share_with) or 'nobody'}")
+                # Service groups per site ("*": every site in share_with without a grant of its own).
+                for site, groups in d.grants:
+                    print(f"{'':<37} services for {site}: {', '.join(groups) or 'none'}")
         return 0
     return 1
 

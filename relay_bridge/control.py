@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -328,4 +329,23 @@ def account_field(account: str) -> str:
 
 
 def published(router: str, devices: list[pb.SharedDevice]) -> list[Device]:
-    return [Device(router, d.ae_title, d.description, tuple(d.share_with)) for d in devices]
+    return [Device(router, d.ae_title, d.description, tuple(d.share_with), published_grants(d)) for d in devices]
+
+
+# A published grant names service groups (relay_router.services); the bridge checks their shape, not the
+# vocabulary (a newer router may name a group this bridge does not know), and bounds their number.
+MAX_GRANTS_PER_DEVICE = 256
+MAX_GROUPS_PER_GRANT = 16
+_GROUP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def published_grants(device: pb.SharedDevice) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The device's service grants, minus malformed ones: a grant for a bad site name is dropped, a bad
+    group name is left out of its grant (so the site gets less, never more), and each site counts once."""
+    grants: dict[str, tuple[str, ...]] = {}
+    for grant in device.grants[:MAX_GRANTS_PER_DEVICE]:
+        if grant.site in grants or not (grant.site == "*" or is_site_name(grant.site)):
+            continue
+        names = [s for s in grant.services[:MAX_GROUPS_PER_GRANT] if _GROUP_NAME.fullmatch(s)]
+        grants[grant.site] = tuple(dict.fromkeys(names))
+    return tuple(grants.items())

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import sqlite3
@@ -85,9 +86,27 @@ class Device:
     ae_title: str
     description: str
     share_with: tuple[str, ...]
+    # (site or "*", service groups) as the owner published them; () = published none (an older router).
+    grants: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def shared_with(self, peer: str) -> bool:
         return peer != self.router and ("*" in self.share_with or peer in self.share_with)
+
+    def services_for(self, peer: str) -> tuple[str, ...] | None:
+        """The service groups `peer` may use here: its own grant, else the "*" one; None if none published."""
+        if not self.grants:
+            return None
+        table = dict(self.grants)
+        return table.get(peer, table.get("*", ()))
+
+    def grants_json(self) -> str:
+        return json.dumps({site: list(groups) for site, groups in self.grants}) if self.grants else ""
+
+
+def grants_from_json(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not text:
+        return ()
+    return tuple((site, tuple(groups)) for site, groups in json.loads(text).items())
 
 
 def _hash(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -274,8 +293,8 @@ class Directory:
                 self._db.execute("DELETE FROM devices WHERE router=?", (router,))
                 for d in devices:
                     self._db.execute(
-                        "INSERT INTO devices(router, ae_title, description) VALUES (?, ?, ?)",
-                        (router, d.ae_title, d.description),
+                        "INSERT INTO devices(router, ae_title, description, services) VALUES (?, ?, ?, ?)",
+                        (router, d.ae_title, d.description, d.grants_json()),
                     )
                     self._db.executemany(
                         "INSERT OR IGNORE INTO shares(router, ae_title, peer) VALUES (?, ?, ?)",
@@ -289,18 +308,21 @@ class Directory:
     def devices(self) -> list[Device]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.router, d.ae_title, d.description, group_concat(s.peer, char(31))"
+                "SELECT d.router, d.ae_title, d.description, group_concat(s.peer, char(31)), d.services"
                 " FROM devices d JOIN routers r ON r.name=d.router AND r.enabled=1"
                 " LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
                 " GROUP BY d.router, d.ae_title ORDER BY d.router, d.ae_title"
             ).fetchall()
-        return [Device(r, a, desc, tuple(peers.split("\x1f")) if peers else ()) for r, a, desc, peers in rows]
+        return [
+            Device(r, a, desc, tuple(peers.split("\x1f")) if peers else (), grants_from_json(services))
+            for r, a, desc, peers, services in rows
+        ]
 
     def device(self, router: str, ae_title: str) -> Device | None:
         """One device by its primary key (an indexed lookup: an Open must not read the whole directory)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT d.description FROM devices d JOIN routers r ON r.name=d.router AND r.enabled=1"
+                "SELECT d.description, d.services FROM devices d JOIN routers r ON r.name=d.router AND r.enabled=1"
                 " WHERE d.router=? AND d.ae_title=?",
                 (router, ae_title),
             ).fetchone()
@@ -309,7 +331,7 @@ class Directory:
             peers = self._db.execute(
                 "SELECT peer FROM shares WHERE router=? AND ae_title=? ORDER BY rowid", (router, ae_title)
             ).fetchall()
-        return Device(router, ae_title, row[0], tuple(p for (p,) in peers))
+        return Device(router, ae_title, row[0], tuple(p for (p,) in peers), grants_from_json(row[1]))
 
     def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in self.devices() if d.shared_with(peer)]

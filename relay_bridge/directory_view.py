@@ -77,8 +77,15 @@ class DirectoryView:
         )
         budget = max_bytes - message.ByteSize()
         entries = [
-            pb.RemoteDevice(site=d.router, ae_title=d.ae_title, description=d.description, online=d.router in online)
+            pb.RemoteDevice(
+                site=d.router,
+                ae_title=d.ae_title,
+                description=d.description,
+                online=d.router in online,
+                services=d.services_for(site) or (),
+            )
             for d in reachable
+            if d.services_for(site) != ()  # granted nothing: not shown (its owner refuses it anyway)
         ]
         sizes = [e.ByteSize() + 4 for e in entries]  # + the field's tag and length
         if sum(sizes) <= budget:

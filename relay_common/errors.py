@@ -30,6 +30,7 @@ class Reason(StrEnum):
     OVERLOADED = "overloaded"  # the destination's or the bridge's limit
     DEVICE_UNREACHABLE = "device_unreachable"  # the destination router cannot connect to its device
     DEVICE_REJECTED = "device_rejected"  # the called device itself answered A-ASSOCIATE-RJ
+    SERVICE_NOT_GRANTED = "service_not_granted"  # no requested service is granted to the calling site
     SECURITY = "security"  # authentication, integrity or replay failure (also sets `security`)
     UNKNOWN_CALLING_AE = "unknown_calling_ae"  # the LAN allow-list ([[local]]) does not know the caller
     INBOUND_LIMIT = "inbound_limit"  # this router's cap on associations from other sites (total or per site)
@@ -52,6 +53,7 @@ REFUSED_REASON_NAMES: dict[str, Reason] = {
     "DEVICE_UNREACHABLE": Reason.DEVICE_UNREACHABLE,
     "TIMEOUT": Reason.TIMEOUT,
     "OVERLOADED": Reason.OVERLOADED,
+    "SERVICE_NOT_GRANTED": Reason.SERVICE_NOT_GRANTED,
 }
 
 

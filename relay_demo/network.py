@@ -24,6 +24,16 @@ class Shared:
     host: str
     port: int
     share_with: list[str] = field(default_factory=lambda: ["*"])
+    services: list[str] | None = None  # service groups (None: the router's default)
+    grants: dict[str, list[str]] = field(default_factory=dict)  # site -> service groups
+
+    def granted_to(self, site: str) -> bool:
+        """Whether `site` may use any service (the bridge lists the device to it only then)."""
+        if "*" not in self.share_with and site not in self.share_with:
+            return False
+        if site in self.grants:
+            return bool(self.grants[site])
+        return self.services is None or bool(self.services)
 
 
 @dataclass
@@ -194,7 +204,10 @@ class LocalRelayNetwork:
                 f"host = {_toml_value(d.host)}",
                 f"port = {d.port}",
                 f"share_with = {_toml_value(d.share_with)}",
+                *([] if d.services is None else [f"services = {_toml_value(d.services)}"]),
             ]
+            for grant_site, groups in d.grants.items():
+                lines += ["[[shared.grant]]", f"site = {_toml_value(grant_site)}", f"services = {_toml_value(groups)}"]
         for r in site.remote:
             lines += ["", "[[remote]]", f"ae_title = {_toml_value(r.ae_title)}", f"site = {_toml_value(r.site)}"]
             if r.remote_ae_title:
@@ -267,7 +280,7 @@ class LocalRelayNetwork:
             if owner is None or owner.process is None or owner.process.poll() is not None:
                 continue
             title = remote.remote_ae_title or remote.ae_title
-            if any(d.ae_title == title and ("*" in d.share_with or name in d.share_with) for d in owner.shared):
+            if any(d.ae_title == title and d.granted_to(name) for d in owner.shared):
                 expected.add((remote.site, title))
         return expected
 

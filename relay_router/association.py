@@ -59,6 +59,8 @@ PERMANENT_REFUSALS = {pb.Refused.UNKNOWN_DEVICE, pb.Refused.NOT_PERMITTED}
 def rejection_for(reason: int) -> bytes:
     if reason in PERMANENT_REFUSALS:
         return a_associate_rj(RejectResult.PERMANENT, RejectSource.SERVICE_USER, 7)  # called AE not recognised
+    if reason == pb.Refused.SERVICE_NOT_GRANTED:  # PS3.8 Table 9-21: permanent, service-user, no-reason-given
+        return a_associate_rj(RejectResult.PERMANENT, RejectSource.SERVICE_USER, 1)
     if reason == pb.Refused.OVERLOADED:
         return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 2)
     return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1)

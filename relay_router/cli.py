@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     pacs = sub.add_parser("pacs-config", help="print the entries local archives need to reach remote devices")
     pacs.add_argument("--format", choices=["table", "orthanc", "json"], default="table")
     pacs.add_argument("--host", help="the router's address as the archive sees it (default: from dicom.listen)")
+    pacs.add_argument(
+        "--status-file", type=Path, help="the serving router's --status-file, for the services each device offers"
+    )
     for name, text in (
         ("status", "is the router running and signed on; devices; recent associations"),
         ("devices", "the routing table: local AE title -> site/title, online or not"),
@@ -73,22 +76,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None) -> str:
+def _pacs_config(cfg: router_config.RouterConfig, fmt: str, host: str | None, status_file: Path | None = None) -> str:
     from relay_common.config import parse_host_port
+    from relay_router.status import granted_services
 
     _, port = parse_host_port(cfg.dicom.listen)
     host = host or router_config.advertised_host(cfg)  # on 0.0.0.0: this machine's name; --host overrides
     entries = sorted((r.ae_title, r.site, r.target) for r in cfg.remote)
+    granted = granted_services(
+        cfg, status_file
+    )  # what each remote device offers us, if the router has seen the directory
     if fmt == "orthanc":
         modalities = {title: [title, host, port] for title, _, _ in entries}
         return json.dumps({"DicomModalities": modalities}, indent=2)
     if fmt == "json":
-        return json.dumps(
-            [{"ae_title": t, "host": host, "port": port, "site": s, "remote_ae_title": r} for t, s, r in entries],
-            indent=2,
-        )
+        rows: list[dict[str, object]] = [
+            {"ae_title": t, "host": host, "port": port, "site": s, "remote_ae_title": r} for t, s, r in entries
+        ]
+        for row, (_, s, r) in zip(rows, entries, strict=True):
+            if (s, r) in granted:
+                row["services"] = granted[(s, r)]
+        return json.dumps(rows, indent=2)
     lines = [f"{'AE title':<17} {'host':<16} {'port':>5}  reaches", "-" * 60]
-    lines += [f"{t:<17} {host:<16} {port:>5}  {r} at {s}" for t, s, r in entries]
+    for t, s, r in entries:
+        offers = f"  ({', '.join(granted[(s, r)])})" if (s, r) in granted else ""
+        lines.append(f"{t:<17} {host:<16} {port:>5}  {r} at {s}{offers}")
     if cfg.dicom.expose_all:
         lines.append("(expose_all = true: more titles appear as the directory grows; see the router log)")
     return "\n".join(lines)
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(Identity.load_or_create(key).public.fingerprint)
         return 0
     if args.command == "pacs-config":
-        print(_pacs_config(cfg, args.format, args.host))
+        print(_pacs_config(cfg, args.format, args.host, args.status_file))
         return 0
     if args.command == "check":
         from relay_router.check import check_command

@@ -11,6 +11,7 @@ from pathlib import Path
 from relay_common import config as common_config
 from relay_common.config import AuditSection, InvalidValue, LoggingSection, load_config, parse_host_port, secret_from
 from relay_common.validate import SITE_NAME_RULE, is_ae_title, is_share_target, is_site_name
+from relay_router import services as service_groups
 from relay_router.egress import Endpoint, ProxySettings, UrlPolicy, check_proxy_url, with_password
 
 
@@ -235,6 +236,25 @@ class DicomSection:
 
 
 @dataclass(frozen=True)
+class ServiceGrant:
+    """`[[shared.grant]]`: the service groups one site may use on a shared device (relay_router.services)."""
+
+    site: str
+    services: list[str]
+
+    def __post_init__(self) -> None:
+        if not is_site_name(self.site):
+            raise InvalidValue("site", f"{self.site!r} is not a router name")
+        _check_services(self.services, "services")
+
+
+def _check_services(names: list[str], key: str) -> None:
+    unknown = service_groups.check_groups(names)
+    if unknown:
+        raise InvalidValue(key, f"{unknown[0]!r} is not a service group (one of {', '.join(service_groups.GROUPS)})")
+
+
+@dataclass(frozen=True)
 class SharedDevice:
     """A device on this hospital's LAN that other sites may reach."""
 
@@ -244,6 +264,9 @@ class SharedDevice:
     # Sites (router names) allowed to open associations to it; "*" for all. Default: nobody.
     share_with: list[str] = field(default_factory=list)
     description: str = ""
+    # Service groups every site in share_with may use (default: all but "other"), and per-site overrides.
+    services: list[str] = field(default_factory=lambda: list(service_groups.ordered(service_groups.DEFAULT_GROUPS)))
+    grant: list[ServiceGrant] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "ae_title")
@@ -252,6 +275,21 @@ class SharedDevice:
         for site in self.share_with:
             if not is_share_target(site):
                 raise InvalidValue("share_with", f"{site!r} is not a router name or '*'")
+        _check_services(self.services, "services")
+        seen: set[str] = set()
+        for grant in self.grant:
+            if grant.site in seen:
+                raise InvalidValue("grant", f"site {grant.site!r} has two grants")
+            seen.add(grant.site)
+            if grant.site not in self.share_with and "*" not in self.share_with:
+                raise InvalidValue("grant", f"site {grant.site!r} is not in share_with, so a grant means nothing")
+
+    def services_for(self, site: str) -> tuple[str, ...]:
+        """The service groups `site` may use on this device (none if it is not shared with it)."""
+        if site not in self.share_with and "*" not in self.share_with:
+            return ()
+        override = next((g for g in self.grant if g.site == site), None)
+        return service_groups.ordered(override.services if override is not None else self.services)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

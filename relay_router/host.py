@@ -16,6 +16,7 @@ import socket
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from relay_common.audit import AuditLog
     from relay_router.association import RelayedAssociation
     from relay_router.config import RouterConfig, SharedDevice
     from relay_router.outcome import Outcome
@@ -38,6 +39,7 @@ class AssociationHost:
     """The state and hooks `OutboundCalls` and `InboundCalls` use; `RouterService` provides them."""
 
     config: RouterConfig
+    audit: AuditLog
     link: BridgeLink
     blobs: BlobTransport
     paces: dict[str, PathPace]

@@ -15,6 +15,7 @@ import logging
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
 from relay_router.association import RelayedAssociation
+from relay_router.grants import check_services, record_decision
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
@@ -125,6 +126,28 @@ class InboundCalls(AssociationHost):
                 security=True,
             )
             return await self._refuse_inbound(stream, outcome, why)
+        # Parse the RQ before contacting the device: the services this site may use are checked against our
+        # own configuration (never the directory's copy), and a request for nothing granted never reaches it.
+        conn = RelayConnection(Side.REMOTE)
+        actions = conn.receive(Side.REMOTE, request_pdu)
+        request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
+        removed: frozenset[int] = frozenset()
+        receive_only: frozenset[int] = frozenset()
+        if request is not None and conn.request_pdu is not None:
+            outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
+            outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
+            granted = device.services_for(notice.from_site)
+            services = check_services(conn.request_pdu, request, granted)
+            record_decision(self.audit, outcome, services, granted, where="owner", extra=extra)
+            if services.nothing_allowed:
+                why = Reject(
+                    Reason.SERVICE_NOT_GRANTED,
+                    f"{notice.from_site} may not use {', '.join(services.refused_syntaxes)} on {device.ae_title}",
+                    refused=pb.Refused.SERVICE_NOT_GRANTED,
+                    public_detail=f"no requested service is granted on {device.ae_title}",
+                )
+                return await self._refuse_inbound(stream, outcome, why)
+            removed, receive_only = services.refused_ids, services.receive_only
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(device.host, device.port, limit=1 << 20), self.config.dicom.connect_timeout_s
@@ -142,7 +165,6 @@ class InboundCalls(AssociationHost):
             return await self._refuse_inbound(stream, outcome, why)
         tune_socket(writer)
         await stream.send(confirm_frame(confirmation, features))
-        conn = RelayConnection(Side.REMOTE)
         relay = RelayedAssociation(
             conn,
             reader,
@@ -157,12 +179,8 @@ class InboundCalls(AssociationHost):
             spill=self.spill,
             pace=self.paces.setdefault(notice.from_site, PathPace()),
         )
-        actions = conn.receive(Side.REMOTE, request_pdu)
-        request = next((a.info for a in actions if isinstance(a, AssociateRequested)), None)
         if request is None:
             await self._run(relay, actions)  # the connection has produced the abort
             return
-        outcome.calling_ae, outcome.called_ae = request.calling_ae, request.called_ae
-        outcome.abstract_syntaxes = tuple(pc.abstract_syntax or "" for pc in request.presentation_contexts)
         alias = self.local_alias(notice.from_site, request.calling_ae)
-        await self._run(relay, conn.accept_request(calling=alias))
+        await self._run(relay, conn.accept_request(calling=alias, remove=removed, receive_only=receive_only))

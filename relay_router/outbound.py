@@ -18,6 +18,7 @@ import uuid
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import REFUSED_REASON_NAMES, Reason
 from relay_router.association import RelayedAssociation, rejection_for
+from relay_router.grants import REJECT_SERVICE_NOT_GRANTED, check_services, granted_remote, record_decision
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
@@ -229,6 +230,20 @@ class OutboundCalls(AssociationHost):
         route = decision.route
         assert route is not None
         outcome.site = route.site
+        # Services the owner granted us (from the directory): nothing granted is refused here, with no WAN trip.
+        removed: frozenset[int] = frozenset()
+        receive_only: frozenset[int] = frozenset()
+        granted = granted_remote(self.link.directory, route.site, route.ae_title)
+        if granted is not None and conn.request_pdu is not None:
+            services = check_services(conn.request_pdu, request, granted)
+            record_decision(
+                self.audit, outcome, services, granted, where="caller", extra={"assoc": outcome.association_id}
+            )
+            if services.nothing_allowed:
+                detail = f"{route.site} granted {', '.join(granted)} on {route.ae_title}, none of what was requested"
+                why = Reject(Reason.SERVICE_NOT_GRANTED, detail, rj=REJECT_SERVICE_NOT_GRANTED)
+                return await self._reject(conn, writer, outcome, why)
+            removed, receive_only = services.refused_ids, services.receive_only
         try:
             peer = self.link.peers.identity(route.site)
         except UnknownPeer:
@@ -250,7 +265,8 @@ class OutboundCalls(AssociationHost):
         offered = Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill)
         # The offer is signed with the handshake: the bridge cannot strip a feature from it unnoticed.
         handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
-        (forward,) = [a for a in conn.accept_request(called=route.ae_title) if isinstance(a, Send)]
+        forwarded = conn.accept_request(called=route.ae_title, remove=removed, receive_only=receive_only)
+        (forward,) = [a for a in forwarded if isinstance(a, Send)]
         opening = pb.Open(
             association_id=outcome.association_id,
             to_site=route.site,

@@ -26,6 +26,7 @@ from relay_common.metrics import (
     write_json_atomically,
 )
 from relay_common.validate import terminal_safe
+from relay_router.services import ordered
 
 if TYPE_CHECKING:
     from relay_router.config import RouterConfig
@@ -69,6 +70,11 @@ def _status_extra(service: RouterService) -> dict[str, object]:
             for d in config.shared
         ],
         "configured_remote": sorted(r.ae_title for r in config.remote),
+        # Shared device -> site ("*": every site in share_with without a grant) -> service groups (issue 18).
+        "shared_services": {
+            d.ae_title: {"*": list(d.services)} | {g.site: list(d.services_for(g.site)) for g in d.grant}
+            for d in config.shared
+        },
         **(metrics.status() if metrics is not None else {}),
     }
 
@@ -129,6 +135,8 @@ def remote_devices(status: dict[str, Any]) -> list[dict[str, Any]]:
                 "in_directory": entry is not None,
                 "online": bool(entry and entry.get("online")),
                 "description": entry.get("description", "") if entry else "",
+                # Service groups the owner granted us; [] = not published (the owner checks anyway).
+                "services": list(ordered(entry.get("services") or ())) if entry else [],
             }
         )
     return rows
@@ -207,6 +215,8 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
     for d in shared:
         who = ", ".join(d["share_with"]) or "nobody"
         lines.append(f"  {d['ae_title']:<16}  {d['host']}:{d['port']:<6}  shared with {who}")
+        for site, groups in (report.get("shared_services") or {}).get(d["ae_title"], {}).items():
+            lines.append(f"  {'':<16}  services for {site}: {', '.join(groups) or 'none'}")
     rows = report.get("remote_devices", [])
     online = sum(1 for r in rows if r["online"])
     lines.append("")
@@ -260,9 +270,24 @@ def render_devices(report: dict[str, Any]) -> str:
             echo = r["echo"]
             line = f"{line:<84}" + (f"ok, {echo['ms']:.0f} ms" if echo["ok"] else f"FAILED: {echo['detail']}")
         lines.append(line.rstrip())
+        if r.get("in_directory"):  # what the owner granted us (issue 18); its router checks it again
+            lines.append(f"{'':<18}services: {', '.join(r.get('services') or ()) or 'not published by its owner'}")
     if not report.get("running"):
         lines.append(f"(router not running: {report.get('problem')}; online states are unknown)")
     return terminal_safe("\n".join(lines))
+
+
+def granted_services(config: RouterConfig, status_file: Path | None = None) -> dict[tuple[str, str], list[str]]:
+    """(site, remote AE title) -> service groups granted to us, from the running router's last directory
+    (empty when the router is not running or the owners published none)."""
+    status, _ = read_status(status_file or default_status_file(config))
+    if status is None:
+        return {}
+    return {
+        (d["site"], d["ae_title"]): list(ordered(d.get("services") or ()))
+        for d in status.get("directory", [])
+        if d.get("services")
+    }
 
 
 def devices_from_config(config: RouterConfig, problem: str | None) -> dict[str, Any]:

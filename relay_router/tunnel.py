@@ -36,6 +36,7 @@ from relay_router.config import RouterConfig
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
+from relay_router.services import ordered, service_grants
 
 log = logging.getLogger("relay_router.tunnel")
 SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
@@ -53,6 +54,7 @@ class DirectoryEntry:
     ae_title: str
     description: str
     online: bool
+    services: tuple[str, ...] = ()  # service groups the owner granted us; () = not published (older owner)
 
 
 class AssociationStream:
@@ -235,7 +237,9 @@ class BridgeLink:
 
     def shared_devices(self) -> list[pb.SharedDevice]:
         return [
-            pb.SharedDevice(ae_title=d.ae_title, description=d.description, share_with=d.share_with)
+            pb.SharedDevice(
+                ae_title=d.ae_title, description=d.description, share_with=d.share_with, grants=service_grants(d)
+            )
             for d in self.config.shared
         ]
 
@@ -385,7 +389,8 @@ class BridgeLink:
                     "identity_mismatch", "alert", site=site, offered=offered, pinned=self.peers.expected(site)
                 )
             self.directory = [
-                DirectoryEntry(d.site, d.ae_title, d.description, d.online) for d in message.directory.devices
+                DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
+                for d in message.directory.devices
             ]
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()

@@ -112,6 +112,17 @@ CREATE INDEX enrollment_tokens_router ON enrollment_tokens(router);
 CREATE INDEX shares_peer ON shares(peer);
 """,
     ),
+    Step(
+        3,
+        "the service groups each site may use on each shared device (issue 18)",
+        # JSON {site or "*": [service groups]} as the owner published it; '' = published none (an older router).
+        sqlite="""
+ALTER TABLE devices ADD COLUMN services TEXT NOT NULL DEFAULT '';
+""",
+        postgresql="""
+ALTER TABLE devices ADD COLUMN services TEXT NOT NULL DEFAULT '';
+""",
+    ),
 )
 LATEST = STEPS[-1].version
 TABLES = ("routers", "enrollment_tokens", "devices", "shares")  # in foreign-key order (for db copy)

@@ -33,6 +33,7 @@ from relay_bridge.directory import (
     Router,
     TokenProblem,
     _hash,
+    grants_from_json,
 )
 from relay_common.errors import RelayError
 from relay_common.validate import SITE_NAME_RULE, is_site_name
@@ -322,8 +323,8 @@ class PostgresDirectory:
             async with conn.cursor() as cur:
                 for d in devices:
                     await cur.execute(
-                        "INSERT INTO devices(router, ae_title, description) VALUES (%s, %s, %s)",
-                        (router, d.ae_title, d.description),
+                        "INSERT INTO devices(router, ae_title, description, services) VALUES (%s, %s, %s, %s)",
+                        (router, d.ae_title, d.description, d.grants_json()),
                     )
                     if d.share_with:
                         await cur.executemany(
@@ -336,18 +337,18 @@ class PostgresDirectory:
     async def devices(self) -> list[Device]:
         rows = await self._fetch(
             "SELECT d.router, d.ae_title, d.description,"
-            " coalesce(array_agg(s.peer ORDER BY s.peer) FILTER (WHERE s.peer IS NOT NULL), '{}')"
+            " coalesce(array_agg(s.peer ORDER BY s.peer) FILTER (WHERE s.peer IS NOT NULL), '{}'), d.services"
             " FROM devices d JOIN routers r ON r.name=d.router AND r.enabled"  # a disabled router's are hidden
             " LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
             " GROUP BY d.router, d.ae_title ORDER BY d.router, d.ae_title"
         )
-        return [Device(r, a, desc, tuple(peers)) for r, a, desc, peers in rows]
+        return [Device(r, a, desc, tuple(peers), grants_from_json(svc)) for r, a, desc, peers, svc in rows]
 
     async def device(self, router: str, ae_title: str) -> Device | None:
         """One device by its primary key (an indexed lookup: an Open must not read the whole directory)."""
         rows = await self._fetch(
             "SELECT d.description,"
-            " coalesce(array_agg(s.peer ORDER BY s.peer) FILTER (WHERE s.peer IS NOT NULL), '{}')"
+            " coalesce(array_agg(s.peer ORDER BY s.peer) FILTER (WHERE s.peer IS NOT NULL), '{}'), d.services"
             " FROM devices d JOIN routers r ON r.name=d.router AND r.enabled"
             " LEFT JOIN shares s ON s.router=d.router AND s.ae_title=d.ae_title"
             " WHERE d.router=%s AND d.ae_title=%s GROUP BY d.router, d.ae_title",
@@ -355,8 +356,8 @@ class PostgresDirectory:
         )
         if not rows:
             return None
-        description, peers = rows[0]
-        return Device(router, ae_title, description, tuple(peers))
+        description, peers, services = rows[0]
+        return Device(router, ae_title, description, tuple(peers), grants_from_json(services))
 
     async def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in await self.devices() if d.shared_with(peer)]

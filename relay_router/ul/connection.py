@@ -29,7 +29,7 @@ are reported as :class:`ProtocolViolation` and otherwise ignored (PS3.8 Sta13).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from enum import Enum
 from types import MappingProxyType
 
@@ -53,6 +53,7 @@ from relay_router.ul.associate import (
     with_abstract_syntaxes,
     with_ae_fields,
 )
+from relay_router.ul.contexts import answer_removed, reject_in_ac, remove_contexts, unconfirmed_receive_only
 from relay_router.ul.framer import ControlPdu, FramerEvent, PduFramer
 from relay_router.ul.pdu import (
     AbortReason,
@@ -176,6 +177,8 @@ class RelayConnection:
         self._original_ae_fields: bytes | None = None
         self._requested: AssociateInfo | None = None
         self._accepted: AssociateInfo | None = None
+        self._removed: frozenset[int] = frozenset()
+        self._receive_only: frozenset[int] = frozenset()
         self._received = dict.fromkeys(Side, 0)
         self._sent = dict.fromkeys(Side, 0)
 
@@ -197,6 +200,11 @@ class RelayConnection:
     def requested(self) -> AssociateInfo | None:
         """The A-ASSOCIATE-RQ as the requestor sent it (original AE titles)."""
         return self._requested
+
+    @property
+    def request_pdu(self) -> bytes | None:
+        """The A-ASSOCIATE-RQ PDU as the requestor sent it (for checks that read more than `requested`)."""
+        return self._rq_pdu
 
     @property
     def accepted(self) -> AssociateInfo | None:
@@ -245,17 +253,37 @@ class RelayConnection:
             self._violation(side, error.detail, error.abort_reason, out)
         return self._count(out.done())
 
-    def accept_request(self, *, called: str | None = None, calling: str | None = None) -> list[Action]:
+    def accept_request(
+        self,
+        *,
+        called: str | None = None,
+        calling: str | None = None,
+        remove: Collection[int] = (),
+        receive_only: Collection[int] = (),
+    ) -> list[Action]:
         """Forward the A-ASSOCIATE-RQ to the acceptor, AE titles optionally rewritten.
 
-        ``ValueError`` for an invalid title (phase unchanged). A no-op once CLOSED (the
-        requestor may have gone while the driver was deciding).
+        `remove`: presentation context IDs withheld from the acceptor (the services the
+        calling site was not granted); the AC answers them as rejected under the same IDs
+        (relay_router.ul.contexts). `receive_only`: IDs kept only if the acceptor confirms the
+        requestor as SCP only (a C-GET's storage sub-operations, PS3.7 D.3.3.4); otherwise they are
+        answered as rejected too. P-DATA on a context answered as rejected is a violation.
+        ``ValueError`` for an invalid title, an unknown ID or
+        every context removed (phase unchanged: reject the request instead). A no-op once
+        CLOSED (the requestor may have gone while the driver was deciding).
         """
         if self._phase is Phase.CLOSED:
             return []
         self._expect_decision("accept_request")
-        assert self._rq_pdu is not None
-        rewritten = rewrite_ae_titles(self._rq_pdu, called=called, calling=calling)
+        assert self._rq_pdu is not None and self._requested is not None
+        removed = frozenset(remove)
+        unknown = removed - {pc.id for pc in self._requested.presentation_contexts}
+        if unknown:
+            raise ValueError(f"presentation context IDs {sorted(unknown)} were not proposed")
+        filtered = remove_contexts(self._rq_pdu, self._requested, removed)
+        rewritten = rewrite_ae_titles(filtered, called=called, calling=calling)
+        self._removed = removed
+        self._receive_only = frozenset(receive_only) - removed
         self._original_ae_fields = ae_fields(self._rq_pdu)
         self._involved.add(self._acceptor)
         self._phase = Phase.AWAIT_AC
@@ -368,6 +396,12 @@ class RelayConnection:
     def _on_accept(self, side: Side, event: FramerEvent, out: _Out) -> Phase | None:
         assert self._original_ae_fields is not None and self._requested is not None
         restored = with_ae_fields(event.data, self._original_ae_fields)  # PS3.8 Table 9-17: echo the RQ's
+        restored = answer_removed(restored, self._requested, self._removed)
+        unconfirmed = unconfirmed_receive_only(restored, self._requested, self._receive_only)
+        restored = reject_in_ac(restored, unconfirmed)
+        blocked = self._removed | unconfirmed
+        self._framers[self._requestor].blocked_contexts = blocked
+        self._framers[self._acceptor].blocked_contexts = blocked
         info = with_abstract_syntaxes(parse_associate(restored), self._requested)
         self._accepted = info
         # Each side may send P-DATA-TF PDUs up to what the *other* side announced (PS3.8 D.1).

@@ -102,6 +102,7 @@ class PduFramer:
         "_open_kind",
         "_open_pcid",
         "_error",
+        "blocked_contexts",
         "pdus",
         "pdvs",
         "bytes_in",
@@ -128,6 +129,9 @@ class PduFramer:
         self._open_kind = -1  # kind (1 command, 0 data set) of an unfinished fragment sequence, -1 none
         self._open_pcid = 0
         self._error: str | None = None
+        #: Presentation context IDs this side may not use (withheld or answered as rejected): a PDV on
+        #: one is a violation (PS3.8 9.3.5.1: a PDV names an accepted presentation context).
+        self.blocked_contexts: frozenset[int] = frozenset()
         #: PDUs completed (control and P-DATA-TF).
         self.pdus = 0
         #: PDV items completed.
@@ -340,6 +344,11 @@ class PduFramer:
             )
         if not pcid & 1:
             raise PduError(f"PDV presentation context ID {pcid} is not an odd integer 1-255 (PS3.8 9.3.5.1)")
+        if pcid in self.blocked_contexts:
+            raise PduError(
+                f"PDV on presentation context {pcid}, which was not accepted for this association (PS3.8 9.3.5.1)",
+                abort_reason=AbortReason.UNEXPECTED_PARAMETER,
+            )
         command = control & 1
         if self._open_kind >= 0:
             if command != self._open_kind:

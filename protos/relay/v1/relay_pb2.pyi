@@ -154,14 +154,24 @@ class PublishDevices(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[SharedDevice, _Mapping]]] = ...) -> None: ...
 
 class SharedDevice(_message.Message):
-    __slots__ = ("ae_title", "description", "share_with")
+    __slots__ = ("ae_title", "description", "share_with", "grants")
     AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SHARE_WITH_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
     ae_title: str
     description: str
     share_with: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ae_title: _Optional[str] = ..., description: _Optional[str] = ..., share_with: _Optional[_Iterable[str]] = ...) -> None: ...
+    grants: _containers.RepeatedCompositeFieldContainer[ServiceGrant]
+    def __init__(self, ae_title: _Optional[str] = ..., description: _Optional[str] = ..., share_with: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[ServiceGrant, _Mapping]]] = ...) -> None: ...
+
+class ServiceGrant(_message.Message):
+    __slots__ = ("site", "services")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    services: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, site: _Optional[str] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Directory(_message.Message):
     __slots__ = ("devices", "identities")
@@ -180,16 +190,18 @@ class SiteIdentity(_message.Message):
     def __init__(self, site: _Optional[str] = ..., identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
 
 class RemoteDevice(_message.Message):
-    __slots__ = ("site", "ae_title", "description", "online")
+    __slots__ = ("site", "ae_title", "description", "online", "services")
     SITE_FIELD_NUMBER: _ClassVar[int]
     AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
     site: str
     ae_title: str
     description: str
     online: bool
-    def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
+    services: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IncomingAssociation(_message.Message):
     __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features")
@@ -290,6 +302,7 @@ class Refused(_message.Message):
         DEVICE_UNREACHABLE: _ClassVar[Refused.Reason]
         TIMEOUT: _ClassVar[Refused.Reason]
         OVERLOADED: _ClassVar[Refused.Reason]
+        SERVICE_NOT_GRANTED: _ClassVar[Refused.Reason]
     REASON_UNSPECIFIED: Refused.Reason
     UNKNOWN_DEVICE: Refused.Reason
     NOT_PERMITTED: Refused.Reason
@@ -297,6 +310,7 @@ class Refused(_message.Message):
     DEVICE_UNREACHABLE: Refused.Reason
     TIMEOUT: Refused.Reason
     OVERLOADED: Refused.Reason
+    SERVICE_NOT_GRANTED: Refused.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     reason: Refused.Reason

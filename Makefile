@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint protos protos-check bench-quick bench system-deps clean wheel wheelhouse constraints image
+.PHONY: demo test unit integration lint typecheck protos protos-check bench-quick bench system-deps clean wheel wheelhouse constraints image
 
 # Debian packages the tests need (installed only when missing, and only as root).
 system-deps:
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m relay_demo
 
-test: $(STAMP) system-deps protos-check lint
+test: $(STAMP) system-deps protos-check lint typecheck
 	$(PY) -m pytest tests
 
 unit: $(STAMP)
@@ -47,6 +47,10 @@ integration: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# mypy: normal on every package, strict on the sans-IO layers and routing (pyproject.toml [tool.mypy])
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 protos: $(STAMP)
 	PYTHON=$(PY) scripts/gen_protos.sh

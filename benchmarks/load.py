@@ -127,7 +127,7 @@ class Client(threading.Thread):
             started = time.perf_counter()
             try:
                 moved = getattr(self, service)(here, there)
-            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+            except Exception as exc:
                 when = time.strftime("%H:%M:%S")
                 with self.stats.lock:
                     self.stats.failures[service].append(f"{when} {here}->{there}: {type(exc).__name__}: {exc}"[:300])
@@ -141,7 +141,7 @@ class Client(threading.Thread):
 
     # -- one operation each: associate, do it, release ------------------------------------------------
 
-    def _associate(self, here: str, there: str, *contexts: str, **kwargs: Any):  # noqa: ANN202, ANN401
+    def _associate(self, here: str, there: str, *contexts: str, **kwargs: Any):
         ae = AE(ae_title=self.calling)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
         for context in contexts:
@@ -154,7 +154,7 @@ class Client(threading.Thread):
         self.stats.opened()
         return assoc
 
-    def _release(self, assoc) -> None:  # noqa: ANN001
+    def _release(self, assoc) -> None:
         try:
             assoc.release()
         finally:

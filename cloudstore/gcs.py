@@ -22,7 +22,7 @@ from google.oauth2 import service_account
 try:  # google-cloud-storage >= 3 raises its own media errors
     from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 except ImportError:  # 2.x raises google-resumable-media's
-    from google.resumable_media.common import DataCorruption, InvalidResponse  # type: ignore[no-redef]
+    from google.resumable_media.common import DataCorruption, InvalidResponse
 
 from cloudstore.base import (
     BlobInfo,

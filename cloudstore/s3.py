@@ -43,7 +43,7 @@ _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
 def _no_such_bucket(exc: ClientError) -> ClientError:
     response = dict(exc.response)
     response["Error"] = {**response.get("Error", {}), "Code": "NoSuchBucket"}
-    return ClientError(response, exc.operation_name)  # type: ignore[arg-type]
+    return ClientError(response, exc.operation_name)
 
 
 class S3BlobStore(BlobStore):

@@ -112,9 +112,14 @@ def identity_refusal(account: str, problem: IdentityProblem) -> SignOnRefused:
 
 
 class Published(Protocol):
-    ae_title: str
-    description: str
-    share_with: Sequence[str]
+    """A published device as the bridge checks it (a protobuf `SharedDevice` has these, read-only)."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def share_with(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def devices_refusal(devices: Sequence[Published], limits: DirectoryLimits = Dire
 class Rejection:
     """Refuse an Open: `code` goes to the router (relay.v1 Refused.Reason), `reason` to audit and logs."""
 
-    code: int
+    code: pb.Refused.Reason
     reason: Reason
     detail: str
     # An attempt to reach a device that is not shared with the caller: audited, and its owner told.

@@ -323,7 +323,7 @@ class BlobService:
             )
         await context.abort(code, str(exc))
 
-    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:  # noqa: N802
+    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:
         session = await self._caller(context, request.association_id)
         try:
             blob_id, url, expires = await self._broker().slot(
@@ -331,31 +331,31 @@ class BlobService:
             )
         except BlobRefused as exc:
             await self._refused(context, session, exc, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        except Exception as exc:  # noqa: BLE001 - a store failure: the router falls back to inline frames
+        except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
         return pb.BlobSlotResponse(blob_id=blob_id, url=url, expires_unix=expires)
 
-    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:
         session = await self._caller(context)
         try:
             await self._broker().put_part(request.url, request.data, session.associations)
         except BlobRefused as exc:
             await self._refused(context, session, exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
         return pb.BlobPartAck()
 
-    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:  # noqa: N802
+    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:
         session = await self._caller(context)
         try:
             data = await self._broker().get_part(request.url, session.associations)
         except BlobRefused as exc:
             await self._refused(context, session, exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
         return pb.BlobPart(data=data)
 
-    async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+    async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:
         await self._caller(context, request.association_id)
         try:
             await self._broker().release(request.association_id, request.blob_id)

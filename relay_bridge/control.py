@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 
 import grpc
 import grpc.aio
@@ -127,14 +127,15 @@ class ControlService:
         log.warning("router %s refused from %s: identity key changed", sign_on.account, source)
         return admission.identity_refusal(sign_on.account, mismatch)
 
-    async def Control(  # noqa: N802
+    async def Control(
         self, request_iterator: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
     ) -> None:
         state = self.state
         source = source_address(context.peer())
         first = await first_message(context, state.config.limits, "Control", source)
-        if first is grpc.aio.EOF or not first.HasField("sign_on"):
+        if not isinstance(first, pb.RouterMessage) or not first.HasField("sign_on"):  # EOF, or not a SignOn
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first control message must be SignOn")
+            return  # abort raises; this tells the type checker too
         sign_on = first.sign_on
         refusal = await self.sign_on_refusal(context, sign_on, source)
         if refusal is not None:
@@ -256,7 +257,7 @@ class ControlService:
                 await abort_associations(self.state.splices, session, "router disabled")
 
     # -- enrollment ---------------------------------------------------------------------------
-    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         state = self.state
         source = source_address(context.peer())
         account = request.account
@@ -328,7 +329,7 @@ def account_field(account: str) -> str:
     return account if is_site_name(account) else shown(account)
 
 
-def published(router: str, devices: list[pb.SharedDevice]) -> list[Device]:
+def published(router: str, devices: Iterable[pb.SharedDevice]) -> list[Device]:
     return [Device(router, d.ae_title, d.description, tuple(d.share_with), published_grants(d)) for d in devices]
 
 

@@ -21,7 +21,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_bridge.directory import AsyncDirectory, Device
+from relay_bridge.db.backend import DirectoryBackend
+from relay_bridge.directory import Device
 
 log = logging.getLogger("relay_bridge")
 KEM_NAME = "MLKEM768-X25519"
@@ -112,7 +113,7 @@ class DirectoryCache:
     `max_age_s`.
     """
 
-    def __init__(self, directory: AsyncDirectory, *, max_age_s: float = 2.0) -> None:
+    def __init__(self, directory: DirectoryBackend, *, max_age_s: float = 2.0) -> None:
         self.directory = directory
         self.max_age_s = max_age_s
         self._view: DirectoryView | None = None

@@ -94,31 +94,31 @@ class RelayServicer:
     def blobs(self, broker: BlobBroker | None) -> None:
         self.state.blobs = broker
 
-    async def Control(  # noqa: N802
+    async def Control(
         self, request_iterator: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
     ) -> None:
         if self.state.draining:  # the router retries with backoff; behind a load balancer, elsewhere
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the bridge is restarting (draining); reconnect")
         await self.control.Control(request_iterator, context)
 
-    async def Associate(  # noqa: N802
+    async def Associate(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
         await self.associations.Associate(request_iterator, context)
 
-    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:  # noqa: N802
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         return await self.control.Enroll(request, context)
 
-    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:  # noqa: N802
+    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:
         return await self.blob_rpcs.BlobSlot(request, context)
 
-    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:
         return await self.blob_rpcs.PutBlobPart(request, context)
 
-    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:  # noqa: N802
+    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:
         return await self.blob_rpcs.GetBlobPart(request, context)
 
-    async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:  # noqa: N802
+    async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:
         return await self.blob_rpcs.ReleaseBlob(request, context)
 
 

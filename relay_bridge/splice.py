@@ -93,7 +93,7 @@ class Channel:
             self._changed.notify_all()
 
 
-def close_frame(reason: int, detail: str) -> bytes:
+def close_frame(reason: pb.Close.Reason, detail: str) -> bytes:
     return pb.Frame(close=pb.Close(reason=reason, detail=detail)).SerializeToString()
 
 
@@ -119,7 +119,7 @@ class Splice:
         self.to_destination = Channel(self.depth)
         self.to_initiator = Channel(self.depth)
 
-    async def pump(self, read, outbound: Channel, *, from_initiator: bool) -> None:  # noqa: ANN001
+    async def pump(self, read, outbound: Channel, *, from_initiator: bool) -> None:
         """Read frames from one call (`read` is context.read) into the partner's channel."""
         side = self.from_site if from_initiator else self.to_site
         try:
@@ -139,11 +139,11 @@ class Splice:
         except asyncio.CancelledError:
             await outbound.close(close_frame(pb.Close.ABORTED, f"the link to {side} was lost"))
             raise
-        except Exception as exc:  # noqa: BLE001 - any read failure means that end is gone
+        except Exception as exc:
             log.info("stream from %s ended: %s", side, exc, extra={"assoc": self.association_id})
             await outbound.close(close_frame(pb.Close.ABORTED, f"the link to {side} was lost"))
 
-    async def drain(self, inbound: Channel, write) -> None:  # noqa: ANN001
+    async def drain(self, inbound: Channel, write) -> None:
         """Write frames from our channel to our own call until the partner is done."""
         while (frame := await inbound.get()) is not None:
             await write(frame)
@@ -174,12 +174,12 @@ class AssociationService:
         self.splice_class = splice_class  # a seam for tests that play a malicious or slow bridge
         self._blob_tasks: set[asyncio.Task[int]] = set()
 
-    async def Associate(  # noqa: N802
+    async def Associate(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
         session = await self.state.sessions.authenticate_caller(context)
         raw = await first_message(context, self.state.config.limits, "Associate", session.name)
-        if raw is grpc.aio.EOF:
+        if not isinstance(raw, bytes):  # grpc.aio.EOF: the caller went away
             return
         try:
             first = pb.Frame.FromString(raw)

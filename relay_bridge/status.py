@@ -139,7 +139,7 @@ class StatusWriter:
     async def _write_logged(self) -> None:
         try:
             await self.write_once()
-        except Exception as exc:  # noqa: BLE001 - the status file must never stop the bridge
+        except Exception as exc:
             log.warning("cannot write the status file %s: %s", self.path, exc)
 
     async def _run(self) -> None:

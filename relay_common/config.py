@@ -185,7 +185,7 @@ _DURATION_SUFFIXES = ("_s", "_ms", "_h")
 def _build(cls: type[T], value: Any, source: str, key: str, base_dir: Path, problems: list[ConfigError]) -> T:
     if not isinstance(value, dict):
         problems.append(ConfigError(source, key or "(top level)", f"expected a table, got {_describe(value)}"))
-        return FAILED  # type: ignore[no-any-return]
+        return FAILED
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     failed = False
@@ -232,16 +232,16 @@ def _build(cls: type[T], value: Any, source: str, key: str, base_dir: Path, prob
                         problems.append(ConfigError(source, _join(key, one.key), one.problem))
             except (ValueError, TypeError):
                 pass  # a check across keys, one of which is already wrong: reported once that is fixed
-        return FAILED  # type: ignore[no-any-return]
+        return FAILED
     try:
         instance = cls(**kwargs)
     except InvalidValue as exc:
         for one in [exc, *exc.also]:
             problems.append(ConfigError(source, _join(key, one.key), one.problem))
-        return FAILED  # type: ignore[no-any-return]
+        return FAILED
     except ValueError as exc:  # __post_init__ checks that span several keys
         problems.append(ConfigError(source, key or "(top level)", str(exc)))
-        return FAILED  # type: ignore[no-any-return]
+        return FAILED
     return instance
 
 

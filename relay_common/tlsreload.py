@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PublicKeyTypes
 
 log = logging.getLogger("relay_common.tlsreload")
 MAX_PEM_BYTES = 1024 * 1024  # a CA bundle is a few hundred kB at most
@@ -91,10 +92,8 @@ def _short(exc: Exception) -> str:
     return str(exc).split(". See ")[0]
 
 
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _public_der(key: CertificatePublicKeyTypes | PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_material(cert: Path | None, key: Path | None, ca: Path | None, *, allow_expired: bool = False) -> TlsMaterial:
@@ -223,7 +222,7 @@ class ReloadingServerCredentials:
                 return None
             self._served = generations
             return self._configuration()
-        except Exception:  # noqa: BLE001 - a bug here must not break handshakes: keep what is served
+        except Exception:
             log.exception("cannot check the %s for changes", self.files.what)
             return None
 
@@ -302,6 +301,6 @@ def run_reload_hooks() -> int:
     for hook in list(_RELOAD_HOOKS):
         try:
             hook()
-        except Exception:  # noqa: BLE001 - one failing reload must not stop the others or the daemon
+        except Exception:
             log.exception("reload hook %r failed", hook)
     return len(_RELOAD_HOOKS)

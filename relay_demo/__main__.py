@@ -128,16 +128,16 @@ def fingerprint_study(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
-def _timed(name: str, fn) -> Step:  # noqa: ANN001
+def _timed(name: str, fn) -> Step:
     start = time.perf_counter()
     try:
         ok, detail, count, nbytes = fn()
-    except Exception as exc:  # noqa: BLE001 - the demo reports every failure and carries on
+    except Exception as exc:
         ok, detail, count, nbytes = False, f"{type(exc).__name__}: {exc}", 0, 0
     return Step(name, ok, detail, time.perf_counter() - start, count, nbytes)
 
 
-def _associate(ae: AE, port: int, **kwargs):  # noqa: ANN003, ANN202
+def _associate(ae: AE, port: int, **kwargs):
     assoc = ae.associate("127.0.0.1", port, ae_title="PACS_B", **kwargs)
     if not assoc.is_established:
         raise RuntimeError("association to PACS_B was not accepted")
@@ -145,7 +145,7 @@ def _associate(ae: AE, port: int, **kwargs):  # noqa: ANN003, ANN202
 
 
 def _echo(port: int) -> Step:
-    def go():  # noqa: ANN202
+    def go():
         assoc = _associate(_client(Verification), port)
         status = assoc.send_c_echo()
         assoc.release()
@@ -155,7 +155,7 @@ def _echo(port: int) -> Step:
 
 
 def _find(port: int, study_uid: str) -> Step:
-    def go():  # noqa: ANN202
+    def go():
         assoc = _associate(
             _client(StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind), port
         )
@@ -177,7 +177,7 @@ def _find(port: int, study_uid: str) -> Step:
 
 
 def _move(port: int, study_uid: str, ws_a: DemoArchive, originals: dict[str, str]) -> Step:
-    def go():  # noqa: ANN202
+    def go():
         ws_a.clear()
         assoc = _associate(_client(StudyRootQueryRetrieveInformationModelMove), port)
         query = Dataset()
@@ -202,7 +202,7 @@ def _move(port: int, study_uid: str, ws_a: DemoArchive, originals: dict[str, str
 
 
 def _get(port: int, study_uid: str, originals: dict[str, str]) -> Step:
-    def go():  # noqa: ANN202
+    def go():
         got: dict[str, str] = {}
         nbytes = 0
 
@@ -235,7 +235,7 @@ def _get(port: int, study_uid: str, originals: dict[str, str]) -> Step:
 
 
 def _store(port: int, files: list[Path], pacs_b: DemoArchive) -> Step:
-    def go():  # noqa: ANN202
+    def go():
         import pydicom
 
         ae = _client(CTImageStorage)

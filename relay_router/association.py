@@ -106,7 +106,7 @@ class RelayedAssociation:
         self._ending = asyncio.Event()  # abort or refusal under way: stop waiting for a Confirm
         if not self.codec.awaiting_confirm:
             self._confirmed.set()
-        self._close_reason: int | None = None
+        self._close_reason: pb.Close.Reason | None = None
         self._end_reason: Reason | None = None  # why the remote side went away, once known
         now = time.monotonic()
         self._last_activity = now
@@ -411,7 +411,7 @@ class RelayedAssociation:
             await self.abort(failure)
         return failure
 
-    async def abort(self, error: RelayError | str, *, close_reason: int = pb.Close.ABORTED) -> None:
+    async def abort(self, error: RelayError | str, *, close_reason: pb.Close.Reason = pb.Close.ABORTED) -> None:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""
         if isinstance(error, str):  # the service's shutdown
             error = RelayError(error, reason=Reason.SHUTDOWN if close_reason == pb.Close.SHUTDOWN else Reason.OTHER)

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001  (a failing serve says why in one line; the traceback is in the log)
+    except Exception as exc:
         log.debug("serve failed", exc_info=True)
         print(f"error: the router stopped: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1

@@ -68,8 +68,8 @@ class FrameCompressor:
     def pack(self, payload: bytes) -> tuple[bytes, FrameFlag]:
         """(data, flags) for one frame: 0, FLAG_COMPRESSED, or FLAG_COMPRESSED | FLAG_SHUFFLED."""
         if not self._shuffle:
-            data, packed = self.compress(payload)
-            return data, FLAG_COMPRESSED if packed else FrameFlag(0)
+            data, was_packed = self.compress(payload)
+            return data, FLAG_COMPRESSED if was_packed else FrameFlag(0)
         if len(payload) < MIN_SIZE or self._skip:
             return self.compress(payload)[0], FrameFlag(0)  # counts the skip
         if self._until_trial <= 0:

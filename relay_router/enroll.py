@@ -51,7 +51,7 @@ def enroll(config: RouterConfig, token: str, *, timeout_s: float = 30.0) -> tupl
         with channel:
             answer = pb_grpc.RelayStub(channel).Enroll(request, timeout=timeout_s)
     except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+        code, details = exc.code(), exc.details()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise EnrollError(f"cannot reach the bridge at {address} to enroll: {details}") from exc
         raise EnrollError(f"the bridge at {address} refused enrollment: {details}") from exc

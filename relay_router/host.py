@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from relay_router.config import RouterConfig, SharedDevice
     from relay_router.outcome import Outcome
     from relay_router.pace import PathPace
-    from relay_router.routing import Callers, Limits, PendingRequests, RouteTable, SeenAssociations
-    from relay_router.spill import BlobTransport
+    from relay_router.replay import SeenAssociations
+    from relay_router.routing import Callers, Limits, PendingRequests, RouteTable
+    from relay_router.spill import BlobTransport, SpillState
     from relay_router.tunnel import BridgeLink
     from relay_router.ul import Action
 
@@ -42,6 +43,7 @@ class AssociationHost:
     audit: AuditLog
     link: BridgeLink
     blobs: BlobTransport
+    spill: SpillState
     paces: dict[str, PathPace]
     shared: dict[str, SharedDevice]
     active: dict[str, Outcome]

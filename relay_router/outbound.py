@@ -115,7 +115,7 @@ class OutboundCalls(AssociationHost):
             )
             self._pending_logged = now
 
-    async def _read_request(self, conn: RelayConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):  # noqa: ANN202
+    async def _read_request(self, conn: RelayConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """Read until the A-ASSOCIATE-RQ is complete; None if the peer misbehaved or left; a `Reject` if the
         request is larger than max_request_bytes.
 
@@ -177,8 +177,10 @@ class OutboundCalls(AssociationHost):
         with contextlib.suppress(ConnectionError, TimeoutError):
             await writer.drain()
             deadline = time.monotonic() + DISCARD_S
-            while time.monotonic() < deadline and await asyncio.wait_for(reader.read(65536), DISCARD_S):
-                pass
+            while time.monotonic() < deadline:
+                discarded: bytes = await asyncio.wait_for(reader.read(65536), DISCARD_S)
+                if not discarded:
+                    break
         writer.close()
         self._finished(outcome)
 
@@ -209,7 +211,7 @@ class OutboundCalls(AssociationHost):
         self,
         conn: RelayConnection,
         request,
-        reader: asyncio.StreamReader,  # noqa: ANN001
+        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         outcome: Outcome,
     ) -> None:

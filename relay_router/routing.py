@@ -31,6 +31,7 @@ import collections
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
@@ -58,12 +59,13 @@ class Route:
     ae_title: str
 
 
-@dataclass(frozen=True)
-class DirectoryDevice:
+class DirectoryDevice(Protocol):
     """The part of a directory entry routing reads (relay_router.tunnel.DirectoryEntry has it)."""
 
-    site: str
-    ae_title: str
+    @property
+    def site(self) -> str: ...
+    @property
+    def ae_title(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,7 @@ class Reject:
     reason: Reason
     detail: str
     rj: tuple[int, int, int] | None = None
-    refused: int | None = None
+    refused: pb.Refused.Reason | None = None
     public_detail: str | None = None
     security: bool = False
     alert: str | None = None

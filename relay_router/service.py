@@ -35,6 +35,7 @@ from relay_router.metrics import RouterMetrics
 from relay_router.outbound import OutboundCalls
 from relay_router.outcome import Outcome
 from relay_router.pace import PathPace
+from relay_router.replay import SeenAssociations
 from relay_router.routing import (
     Callers,
     Limits,
@@ -43,7 +44,6 @@ from relay_router.routing import (
     RouteCache,
     RouteEvent,
     RouteTable,
-    SeenAssociations,
 )
 from relay_router.spill import BridgeBlobTransport, SpillState
 from relay_router.status import status_extra
@@ -241,9 +241,9 @@ class RouterService(OutboundCalls, InboundCalls):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.link.stop()
-        for task in (self._link_task, self._status_task):
-            if task is not None:
-                task.cancel()
+        for own in (self._link_task, self._status_task):
+            if own is not None:
+                own.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self, relay: RelayedAssociation, initial: list[Action] | None = None) -> None:

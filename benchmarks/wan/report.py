@@ -223,7 +223,7 @@ def plot(payload: dict[str, object], path: Path) -> Path | None:
     axes = list(axes) if has_echo else [axes]
     width = 0.8 / max(len(modes), 1)
 
-    def bars(ax, workloads: list[str], scale: float) -> None:  # noqa: ANN001
+    def bars(ax, workloads: list[str], scale: float) -> None:
         for i, m in enumerate(modes):
             xs, ys, lo, hi = [], [], [], []
             for j, w in enumerate(workloads):

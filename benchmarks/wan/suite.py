@@ -220,7 +220,7 @@ class Bench:
         ):
             try:
                 step()
-            except Exception as exc:  # noqa: BLE001 - tear everything down whatever fails
+            except Exception as exc:
                 log(f"teardown step failed: {exc}")
         if not self.args.keep_workdir:
             shutil.rmtree(self.work, ignore_errors=True)
@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the WAN benchmark needs root (network namespaces, tc, TUN); try: sudo make bench", file=sys.stderr)
         return 2
     # One run at a time: namespaces, addresses and ports are fixed, and a second run would tear down the first.
-    lock = open(LOCK, "w")  # noqa: SIM115 - held for the life of the process
+    lock = open(LOCK, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -28,7 +28,7 @@ class EventRing:
         outcome = record.get("outcome")
         if outcome not in ("failure", "alert"):
             return
-        event = {k: str(record[k])[:MAX_FIELD] for k in FIELDS if record.get(k) not in (None, "")}
+        event: dict[str, object] = {k: str(record[k])[:MAX_FIELD] for k in FIELDS if record.get(k) not in (None, "")}
         event.update(time=_epoch(record.get("time")), event=str(record.get("event", ""))[:64], outcome=outcome)
         self.events.append(event)
         self.counts[outcome] += 1

@@ -168,7 +168,7 @@ async def _pg_copy(
         await directory.aclose()
 
 
-def database_problem(database: str, password_file: Path | None) -> str | None:
+def database_problem(database: str | os.PathLike[str], password_file: Path | None) -> str | None:
     """For check-config: why `serve` could not use this PostgreSQL database (one line), or None.
 
     A SQLite file is created or upgraded by `serve` itself, so only a newer schema is a problem there.
@@ -186,7 +186,7 @@ def database_problem(database: str, password_file: Path | None) -> str | None:
     return None
 
 
-def db_command(action: str, database: str, password_file: Path | None, args: Any) -> int:
+def db_command(action: str, database: str | os.PathLike[str], password_file: Path | None, args: Any) -> int:
     """`relay-bridge db status|upgrade|copy`; errors propagate (the CLI prints them in one line)."""
     import json
 
@@ -206,7 +206,7 @@ def db_command(action: str, database: str, password_file: Path | None, args: Any
         return 0
     if action == "copy":
         target = args.to or database
-        copied = copy(args.source, target, password_file, force=args.force)
+        copied = copy(args.source, os.fspath(target), password_file, force=args.force)
         print("copied " + ", ".join(f"{n} {table}" for table, n in copied.items()))
         return 0
     return 2

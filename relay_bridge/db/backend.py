@@ -66,9 +66,7 @@ async def open_directory(
     if is_postgres_url(database):
         from relay_bridge.db.postgres import PostgresDirectory
 
-        return await PostgresDirectory.open(
-            os.fspath(database), password_file=password_file, hash_threads=hash_threads
-        )
+        return await PostgresDirectory.open(os.fspath(database), password_file=password_file, hash_threads=hash_threads)
     return AsyncDirectory(await asyncio.to_thread(Directory, Path(database)), hash_threads=hash_threads)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relay_common.errors import RelayError
 
@@ -210,7 +210,7 @@ def _sqlite_adopt_legacy(db: sqlite3.Connection) -> None:
 
 
 # -- PostgreSQL (async, psycopg 3) -------------------------------------------------------------------
-async def postgresql_version(conn: psycopg.AsyncConnection[object]) -> int:
+async def postgresql_version(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> int:
     cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL, to_regclass('routers') IS NOT NULL")
     row = await cur.fetchone()
     assert row is not None
@@ -222,7 +222,7 @@ async def postgresql_version(conn: psycopg.AsyncConnection[object]) -> int:
     return int(found[0] or 0) if found else 0
 
 
-async def postgresql_upgrade(conn: psycopg.AsyncConnection[object]) -> tuple[int, int]:
+async def postgresql_upgrade(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> tuple[int, int]:
     """Apply every missing step in one transaction, under an advisory lock; returns (before, after)."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (UPGRADE_LOCK,))
@@ -236,7 +236,7 @@ async def postgresql_upgrade(conn: psycopg.AsyncConnection[object]) -> tuple[int
             if step.version <= before:
                 continue
             for statement in _split(step.postgresql):
-                await conn.execute(statement)  # type: ignore[arg-type]  # our own constant SQL
+                await conn.execute(statement)  # our own constant SQL
             await conn.execute(
                 "INSERT INTO schema_version(version, applied) VALUES (%s, %s)", (step.version, time.time())
             )
@@ -244,7 +244,7 @@ async def postgresql_upgrade(conn: psycopg.AsyncConnection[object]) -> tuple[int
     return before, after
 
 
-async def _pg_has_version_table(conn: psycopg.AsyncConnection[object]) -> bool:
+async def _pg_has_version_table(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> bool:
     cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
     row = await cur.fetchone()
     return bool(row and row[0])

@@ -60,7 +60,10 @@ def entry_for(reason: object) -> Entry | None:
 def sections() -> list[dict[str, object]]:
     """One per documented section: its anchor, title and the reasons (with their hints) that point to it."""
     found: dict[str, dict[str, object]] = {}
+    reasons: dict[str, list[tuple[str, str]]] = {}
     for reason, entry in [*_ENTRIES.items(), ("not signed on", NOT_SIGNED_ON)]:
-        section = found.setdefault(entry.anchor, {"anchor": entry.anchor, "title": entry.title, "reasons": []})
-        section["reasons"].append((str(reason), entry.hint))  # type: ignore[union-attr]
+        if entry.anchor not in found:
+            reasons[entry.anchor] = []
+            found[entry.anchor] = {"anchor": entry.anchor, "title": entry.title, "reasons": reasons[entry.anchor]}
+        reasons[entry.anchor].append((str(reason), entry.hint))
     return list(found.values())

@@ -60,7 +60,7 @@ def encode_command(command: Dataset) -> bytes:
     return bytes(prefix) + bytes(encoded)
 
 
-def _pdu(context_id: int, control: int, fragment: bytes | memoryview) -> bytes:
+def _pdu(context_id: int, control: int, fragment: bytes | bytearray | memoryview) -> bytes:
     item_length = len(fragment) + 2
     return b"".join(
         (

@@ -256,7 +256,7 @@ class TinyScp:
         _nodelay(writer)
         try:
             await self._association(reader, writer)
-        except Exception as exc:  # noqa: BLE001  (reported by the test through self.errors)
+        except Exception as exc:
             self.errors.append(f"{exc.__class__.__name__}: {exc}")
         finally:
             writer.close()
@@ -299,7 +299,7 @@ class TinyScp:
                 elif event.command_field == CommandField.C_STORE_RQ:
                     store = parse_c_store_rq(event.command)
                     path = self.directory / f"{store.sop_instance_uid}.dcm"
-                    out = open(path, "wb")  # noqa: SIM115, ASYNC230  (a test driver; closed at DatasetComplete)
+                    out = open(path, "wb")  # noqa: ASYNC230  (a test driver; closed at DatasetComplete)
                     out.write(b"\0" * 128 + b"DICM")
                     meta = create_file_meta(
                         sop_class_uid=store.sop_class_uid,

@@ -49,8 +49,8 @@ RECORDING = Recording()
 
 
 class RecordingSplice(Splice):
-    async def pump(self, read, outbound, *, from_initiator: bool) -> None:  # noqa: ANN001
-        async def recording_read():  # noqa: ANN202
+    async def pump(self, read, outbound, *, from_initiator: bool) -> None:
+        async def recording_read():
             frame = await read()
             if frame is not grpc.aio.EOF:
                 RECORDING.frames.append((from_initiator, pb.Frame.FromString(frame)))
@@ -60,7 +60,7 @@ class RecordingSplice(Splice):
 
 
 class RecordingAssociations(AssociationService):
-    async def initiate(self, session: RouterSession, op: pb.Open, context) -> None:  # noqa: ANN001
+    async def initiate(self, session: RouterSession, op: pb.Open, context) -> None:
         RECORDING.opens.append(pb.Open.FromString(op.SerializeToString()))
         await super().initiate(session, op, context)
 
@@ -88,7 +88,7 @@ class RecordingServicer(RelayServicer):
 
 
 @pytest.fixture
-def recorded(tmp_path_factory: pytest.TempPathFactory, archive_factory: Callable[..., DemoArchive]):  # noqa: ANN201
+def recorded(tmp_path_factory: pytest.TempPathFactory, archive_factory: Callable[..., DemoArchive]):
     global RECORDING
     RECORDING = Recording()
     net = LocalRelayNetwork(tmp_path_factory.mktemp("fs")).start(bridge=False)
@@ -132,7 +132,7 @@ def _candidate_keys(op: pb.Open, a: Identity, b: Identity) -> list[tuple[str, AE
     for holder in (b, a):  # the secret is sealed to B's key; A's key is tried too
         try:
             secrets.append(holder.open_secret(handshake.kem_ciphertext, ctx.hpke_info))
-        except Exception:  # noqa: BLE001, S112 - not this key
+        except Exception:
             continue
     assert secrets, "the static secret must open with the destination's long-term key (the attack's first step)"
     transcript = ctx.transcript(a.public, b.public, handshake, list(op.features))
@@ -153,7 +153,7 @@ def _open(key: AESGCM, data: pb.Data, aid: str, direction: int) -> bytes | None:
         return None
 
 
-def test_recorded_frames_cannot_be_opened_with_both_routers_long_term_keys(recorded) -> None:  # noqa: ANN001
+def test_recorded_frames_cannot_be_opened_with_both_routers_long_term_keys(recorded) -> None:
     net, _bridge, archive = recorded
     marker = "FS" + uuid.uuid4().hex.upper()[:14]
     _store_marked_image(net, marker)
@@ -177,7 +177,7 @@ def test_recorded_frames_cannot_be_opened_with_both_routers_long_term_keys(recor
     assert len(confirms) == 1 and len(confirms[0].ephemeral_reply) == 1088 + 32
 
 
-def test_a_replayed_open_is_refused_after_the_destination_restarts(recorded) -> None:  # noqa: ANN001
+def test_a_replayed_open_is_refused_after_the_destination_restarts(recorded) -> None:
     net, bridge, archive = recorded
     _store_marked_image(net, "REPLAY" + uuid.uuid4().hex.upper()[:10])
     (op,) = RECORDING.opens

@@ -34,8 +34,8 @@ SEEN: dict[bool, list[pb.Data]] = {True: [], False: []}  # from_initiator -> dat
 
 
 class SlowSplice(Splice):
-    async def pump(self, read, outbound: Channel, *, from_initiator: bool) -> None:  # noqa: ANN001
-        async def slow_read():  # noqa: ANN202
+    async def pump(self, read, outbound: Channel, *, from_initiator: bool) -> None:
+        async def slow_read():
             frame = await read()
             if frame is None or frame is grpc.aio.EOF:
                 return frame

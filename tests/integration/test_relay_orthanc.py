@@ -175,7 +175,7 @@ def test_orthanc_pulls_from_orthanc_across_sites(hospitals: Hospitals) -> None:
 # -- pynetdicom as the client -----------------------------------------------------
 
 
-def _associate(hospitals: Hospitals, *contexts: str, **kwargs):  # noqa: ANN003, ANN202
+def _associate(hospitals: Hospitals, *contexts: str, **kwargs):
     ae = AE(ae_title="WS_A")
     for context in contexts:
         ae.add_requested_context(context)

@@ -60,13 +60,13 @@ ATTACK = Attack()
 
 
 class EvilSplice(Splice):
-    async def pump(self, read, outbound, *, from_initiator: bool) -> None:  # noqa: ANN001
+    async def pump(self, read, outbound, *, from_initiator: bool) -> None:
         if from_initiator:
             ATTACK.associations += 1
         number = ATTACK.associations
         pending: list[bytes] = []
 
-        async def evil_read():  # noqa: ANN202
+        async def evil_read():
             if pending:
                 return pending.pop()
             frame = await read()
@@ -98,7 +98,7 @@ class EvilSplice(Splice):
 
 
 class EvilAssociations(AssociationService):
-    async def initiate(self, session: RouterSession, op: pb.Open, context) -> None:  # noqa: ANN001
+    async def initiate(self, session: RouterSession, op: pb.Open, context) -> None:
         ATTACK.captured.append(op.SerializeToString())
         await super().initiate(session, op, context)
 
@@ -125,7 +125,7 @@ class EvilServicer(RelayServicer):
     control_class = EvilControl
     swap_identity_of: str | None = None
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.control.attacker = self  # type: ignore[attr-defined]
 
@@ -160,7 +160,7 @@ class EvilServicer(RelayServicer):
 
 
 @pytest.fixture
-def evil(tmp_path_factory: pytest.TempPathFactory, archive_factory: Callable[..., DemoArchive]):  # noqa: ANN201
+def evil(tmp_path_factory: pytest.TempPathFactory, archive_factory: Callable[..., DemoArchive]):
     global ATTACK
     ATTACK = Attack()
     net = LocalRelayNetwork(tmp_path_factory.mktemp("evil")).start(bridge=False)
@@ -188,7 +188,7 @@ def _port(net: LocalRelayNetwork) -> int:
     return port
 
 
-def _echo_association(net: LocalRelayNetwork):  # noqa: ANN202
+def _echo_association(net: LocalRelayNetwork):
     ae = AE(ae_title="WS_A")
     ae.add_requested_context(Verification)
     assoc = ae.associate(HOST, _port(net), ae_title="ARCHIVE_B")
@@ -196,7 +196,7 @@ def _echo_association(net: LocalRelayNetwork):  # noqa: ANN202
     return assoc
 
 
-def test_tampered_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
+def test_tampered_frame_aborts_the_association(evil) -> None:
     net, *_ = evil
     ATTACK.mode = "tamper"
     assoc = _echo_association(net)
@@ -205,7 +205,7 @@ def test_tampered_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
     wait_until(lambda: "SECURITY: frame 1 failed authentication" in net.log("site-b"), what="the tamper alert")
 
 
-def test_reflagged_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
+def test_reflagged_frame_aborts_the_association(evil) -> None:
     net, *_ = evil
     ATTACK.mode = "reflag"
     assoc = _echo_association(net)
@@ -214,7 +214,7 @@ def test_reflagged_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
     assert "SECURITY: frame 1 failed authentication" in net.log("site-b")
 
 
-def test_replayed_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
+def test_replayed_frame_aborts_the_association(evil) -> None:
     net, *_ = evil
     ATTACK.mode = "replay"
     assoc = _echo_association(net)
@@ -223,7 +223,7 @@ def test_replayed_frame_aborts_the_association(evil) -> None:  # noqa: ANN001
     assert "SECURITY: frame 1 where 2 was expected" in net.log("site-b")
 
 
-def test_frame_from_another_association_aborts(evil) -> None:  # noqa: ANN001
+def test_frame_from_another_association_aborts(evil) -> None:
     net, *_ = evil
     ATTACK.mode = "cross"
     first = _echo_association(net)
@@ -235,7 +235,7 @@ def test_frame_from_another_association_aborts(evil) -> None:  # noqa: ANN001
     assert "SECURITY: frame 1 failed authentication" in net.log("site-b")
 
 
-def test_bridge_cannot_originate_an_association_in_a_routers_name(evil) -> None:  # noqa: ANN001
+def test_bridge_cannot_originate_an_association_in_a_routers_name(evil) -> None:
     net, bridge, archive, _ = evil
     with socket.socket() as listener:  # a device that must never be contacted
         listener.bind((HOST, 0))
@@ -251,7 +251,7 @@ def test_bridge_cannot_originate_an_association_in_a_routers_name(evil) -> None:
     assert "not signed by site-a's pinned key" in net.log("site-b")
 
 
-def test_invented_site_cannot_reach_a_device_shared_with_others(evil) -> None:  # noqa: ANN001
+def test_invented_site_cannot_reach_a_device_shared_with_others(evil) -> None:
     """The bridge invents site-x and hands out its own key for it: site-b still enforces its share list."""
     net, bridge, *_ = evil
     impostor = Identity.generate()
@@ -263,7 +263,7 @@ def test_invented_site_cannot_reach_a_device_shared_with_others(evil) -> None:  
     assert "SECURITY: ARCHIVE_B is not shared with 'site-x'" in net.log("site-b")
 
 
-def test_swapped_key_for_a_pinned_peer_is_refused_loudly(evil) -> None:  # noqa: ANN001
+def test_swapped_key_for_a_pinned_peer_is_refused_loudly(evil) -> None:
     net, bridge, *_ = evil
     bridge.servicer.swap_identity_of = "site-b"
     bridge.run(bridge.servicer.control.broadcast_directory())
@@ -283,7 +283,7 @@ def _canary_series(directory: Path, marker: str) -> list[Path]:
     return write_series(series, directory)
 
 
-def test_canary_never_reaches_the_bridge(evil, tmp_path: Path) -> None:  # noqa: ANN001
+def test_canary_never_reaches_the_bridge(evil, tmp_path: Path) -> None:
     """Find, move, get and store of marked datasets: the marker appears nowhere the bridge can see."""
     net, bridge, archive, workstation = evil
     marker = uuid.uuid4().hex.upper()[:16]

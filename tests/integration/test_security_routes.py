@@ -96,7 +96,7 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_title_taken_over_by_the_bridges_own_site_is_refused(routes_attack, image: Path) -> None:  # noqa: ANN001
+def test_a_title_taken_over_by_the_bridges_own_site_is_refused(routes_attack, image: Path) -> None:
     net, bridge, real, impostor = routes_attack
     assert store(net, image) == 0  # positive control: the pinned partner receives it
     assert len(real.instances) == 1
@@ -121,7 +121,7 @@ def test_a_title_taken_over_by_the_bridges_own_site_is_refused(routes_attack, im
     )
 
 
-def test_a_title_two_sites_publish_is_refused_loudly(routes_attack, image: Path) -> None:  # noqa: ANN001
+def test_a_title_two_sites_publish_is_refused_loudly(routes_attack, image: Path) -> None:
     net, _, real, impostor = routes_attack
     net.add_site("site-evil", shared=[Shared("ARCHIVE_B", HOST, impostor.port, ["*"])])
     wait_until(lambda: "ARCHIVE_B" not in routes_of(net), what="site-a to stop routing ARCHIVE_B")

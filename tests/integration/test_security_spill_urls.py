@@ -61,7 +61,7 @@ class LanService(http.server.ThreadingHTTPServer):
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_PUT = do_POST = _answer  # noqa: N815
+            do_GET = do_PUT = do_POST = _answer
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -77,8 +77,8 @@ class ClosesSeen(Splice):
 
     details: list[str] = []
 
-    async def pump(self, read, outbound, *, from_initiator: bool) -> None:  # noqa: ANN001
-        async def reading():  # noqa: ANN202
+    async def pump(self, read, outbound, *, from_initiator: bool) -> None:
+        async def reading():
             frame = await read()
             if frame is not grpc.aio.EOF:
                 parsed = pb.Frame.FromString(frame)
@@ -96,7 +96,7 @@ class SpillUrlAttack(RelayServicer):
     target = ""
     downloads = False  # swap download URLs (router B's GETs) instead of upload URLs (router A's PUTs)
 
-    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:  # noqa: N802
+    async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:
         answer = await super().BlobSlot(request, context)
         if self.target and request.download == self.downloads:
             answer.url = self.target

@@ -45,7 +45,7 @@ class NotifySocket:
             got.append(message)
         return got
 
-    def wait_for(self, predicate, seconds: float = 30.0) -> str:  # noqa: ANN001
+    def wait_for(self, predicate, seconds: float = 30.0) -> str:
         """The first datagram received so far, or within `seconds`, that matches."""
         deadline = time.monotonic() + seconds
         while True:

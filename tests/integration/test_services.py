@@ -57,7 +57,7 @@ class Watch:
 
 
 class CountingAssociations(AssociationService):
-    async def initiate(self, session, op: pb.Open, context) -> None:  # noqa: ANN001
+    async def initiate(self, session, op: pb.Open, context) -> None:
         Watch.opens.append(pb.Open.FromString(op.SerializeToString()))
         await super().initiate(session, op, context)
 

@@ -26,7 +26,7 @@ def _network(net: LocalRelayNetwork, archive: DemoArchive) -> int:
     return site_a.port
 
 
-def _associate(port: int):  # noqa: ANN202
+def _associate(port: int):
     ae = AE(ae_title="WS")
     ae.add_requested_context(Verification)
     assoc = ae.associate(HOST, port, ae_title="ARCHIVE_B")

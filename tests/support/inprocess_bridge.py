@@ -29,7 +29,7 @@ class InProcessBridge:
         self.servicer: Any = servicer
         net.bridge_port = port
 
-    def run(self, coro):  # noqa: ANN001, ANN201
+    def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def call(self, fn: Callable[[], object]) -> None:

@@ -34,7 +34,7 @@ def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         return read_pdu(sock, timeout)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition", step: float = 0.05):  # noqa: ANN201
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition", step: float = 0.05):
     """Poll `predicate` until it returns something truthy; that value, or AssertionError after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

@@ -200,13 +200,13 @@ class FaultyS3Proxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._forward("GET")
 
-            def do_PUT(self) -> None:  # noqa: N802
+            def do_PUT(self) -> None:
                 self._forward("PUT")
 
-            def do_DELETE(self) -> None:  # noqa: N802 - the bridge deletes blobs through the same endpoint
+            def do_DELETE(self) -> None:
                 self._forward("DELETE")
 
         self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)

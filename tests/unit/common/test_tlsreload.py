@@ -25,15 +25,15 @@ from tests.support.certs import issue_pair, replace_file, served_certificate
 
 
 @pytest.fixture
-def pki(tmp_path: Path):  # noqa: ANN201
+def pki(tmp_path: Path):
     return make_dev_pki(tmp_path, hostnames=["localhost"], ips=["127.0.0.1"])
 
 
-def _files(pki) -> CertificateFiles:  # noqa: ANN001
+def _files(pki) -> CertificateFiles:
     return CertificateFiles("server certificate", cert=pki.server_cert, key=pki.server_key)
 
 
-def test_a_renewed_pair_is_accepted_once_and_becomes_the_one_in_use(pki) -> None:  # noqa: ANN001
+def test_a_renewed_pair_is_accepted_once_and_becomes_the_one_in_use(pki) -> None:
     files = _files(pki)
     assert not files.check(), "unchanged files are not reloaded"
     cert_pem, key_pem, cert = issue_pair(pki.ca_cert, pki.ca_key, common_name="localhost")
@@ -47,7 +47,7 @@ def test_a_renewed_pair_is_accepted_once_and_becomes_the_one_in_use(pki) -> None
 
 def test_a_half_written_certificate_is_refused_once_and_the_old_pair_kept(
     pki,
-    caplog: pytest.LogCaptureFixture,  # noqa: ANN001
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     files = _files(pki)
     before = files.material
@@ -67,7 +67,7 @@ def test_a_half_written_certificate_is_refused_once_and_the_old_pair_kept(
     assert files.check()
 
 
-def test_a_certificate_without_its_new_key_is_refused(pki, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+def test_a_certificate_without_its_new_key_is_refused(pki, caplog: pytest.LogCaptureFixture) -> None:
     files = _files(pki)
     cert_pem, key_pem, _ = issue_pair(pki.ca_cert, pki.ca_key, common_name="localhost")
     replace_file(pki.server_cert, cert_pem)  # the key is copied a moment later
@@ -78,7 +78,7 @@ def test_a_certificate_without_its_new_key_is_refused(pki, caplog: pytest.LogCap
     assert files.check()
 
 
-def test_a_renewal_to_an_expired_certificate_is_refused(pki, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+def test_a_renewal_to_an_expired_certificate_is_refused(pki, caplog: pytest.LogCaptureFixture) -> None:
     files = _files(pki)
     cert_pem, key_pem, _ = issue_pair(pki.ca_cert, pki.ca_key, common_name="localhost", days=-1)
     replace_file(pki.server_cert, cert_pem)
@@ -90,14 +90,14 @@ def test_a_renewal_to_an_expired_certificate_is_refused(pki, caplog: pytest.LogC
     assert _files(pki).material.cert_pem == cert_pem
 
 
-def test_a_mismatched_pair_at_start_is_an_error_naming_the_files(pki, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_mismatched_pair_at_start_is_an_error_naming_the_files(pki, tmp_path: Path) -> None:
     _, other_key, _ = issue_pair(pki.ca_cert, pki.ca_key, common_name="localhost")
     replace_file(pki.server_key, other_key)
     with pytest.raises(CertificateFilesError, match="is not the key of the certificate"):
         _files(pki)
 
 
-def test_the_fetcher_hands_grpc_a_configuration_only_after_a_change(pki) -> None:  # noqa: ANN001
+def test_the_fetcher_hands_grpc_a_configuration_only_after_a_change(pki) -> None:
     reloading = ReloadingServerCredentials(_files(pki))
     reloading.credentials()
     assert reloading._fetch() is None
@@ -108,7 +108,7 @@ def test_the_fetcher_hands_grpc_a_configuration_only_after_a_change(pki) -> None
     assert reloading._fetch() is None
 
 
-def test_a_real_grpc_server_presents_the_renewed_certificate_to_new_connections(pki) -> None:  # noqa: ANN001
+def test_a_real_grpc_server_presents_the_renewed_certificate_to_new_connections(pki) -> None:
     async def scenario() -> tuple[int, int, int]:
         server = grpc.aio.server()
         port = server.add_secure_port("127.0.0.1:0", ReloadingServerCredentials(_files(pki)).credentials())
@@ -127,7 +127,7 @@ def test_a_real_grpc_server_presents_the_renewed_certificate_to_new_connections(
     assert first != renewed and second == renewed
 
 
-def test_client_credentials_notice_a_client_pair_that_appears(pki, tmp_path: Path) -> None:  # noqa: ANN001
+def test_client_credentials_notice_a_client_pair_that_appears(pki, tmp_path: Path) -> None:
     cert, key = tmp_path / "client.pem", tmp_path / "client.key"
     client = ReloadingClientCredentials(pki.ca_cert, cert, key)
     _, built = client.credentials()

@@ -24,7 +24,7 @@ from tests.unit.ops.helpers import samples
 
 
 @pytest.fixture
-def notify_socket(tmp_path: Path):  # noqa: ANN201
+def notify_socket(tmp_path: Path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify"
     sock.bind(str(path))

@@ -19,7 +19,7 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
 @pytest.mark.parametrize(("main", "program"), [(bridge_main, "relay-bridge"), (router_main, "relay-router")])
-def test_version_comes_from_the_package_metadata(main, program: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_version_comes_from_the_package_metadata(main, program: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0

@@ -190,9 +190,9 @@ class Server(http.server.ThreadingHTTPServer):
                     self.end_headers()
                     self.wfile.write(b"ok")
 
-            do_GET = do_PUT = _answer  # noqa: N815
+            do_GET = do_PUT = _answer
 
-            def do_CONNECT(self) -> None:  # noqa: N802 - as a proxy that wants other credentials
+            def do_CONNECT(self) -> None:
                 server.seen.append((self.command, self.path, self.headers.get("Proxy-Authorization", "")))
                 self.send_response(407, "Proxy Authentication Required")
                 self.send_header("Proxy-Authenticate", 'Basic realm="test"')

@@ -70,7 +70,7 @@ OFFER = Features.offer(compression=True)
 ANSWER = Features.answer(OFFER.names(), compression=True)
 
 
-def handshake_pair(ctx: AssociationContext | None = None, *, now: float | None = None):  # noqa: ANN201
+def handshake_pair(ctx: AssociationContext | None = None, *, now: float | None = None):
     """Both halves of one handshake between site-a and site-b: (handshake, tx, confirmation, rx)."""
     a, b, _ = identities()
     ctx = ctx or context(os.urandom(16).hex())

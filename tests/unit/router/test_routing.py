@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -188,8 +189,17 @@ def test_the_cache_rebuilds_only_when_the_directory_changes() -> None:
     assert cache.builds == 3
 
 
+@dataclasses.dataclass(frozen=True)
+class SiteAndTitle:
+    """Only what a DirectoryDevice must have (tunnel.DirectoryEntry carries more)."""
+
+    site: str
+    ae_title: str
+
+
 def test_the_table_reads_only_site_and_title() -> None:
-    t = RouteTable.build([], [], [DirectoryDevice("hospital-b", "PACS")], expose_all=True, pinned=["hospital-b"])
+    only: DirectoryDevice = SiteAndTitle("hospital-b", "PACS")
+    t = RouteTable.build([], [], [only], expose_all=True, pinned=["hospital-b"])
     assert t.route("PACS") == Route("hospital-b", "PACS")
 
 
@@ -271,7 +281,7 @@ def test_outbound_checks_come_in_order() -> None:
 def test_the_outbound_limit_and_the_total_both_hold() -> None:
     limits = Limits(total=10, outbound=4, inbound=5, inbound_per_site=2)
 
-    def decide(out: int, inbound: int):  # noqa: ANN202
+    def decide(out: int, inbound: int):
         running = Running(outbound=out, inbound=inbound)
         return admit_outbound(ROUTES, "PACS", running=running, limits=limits, link_up=True, link_error=None)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +121,22 @@ def test_sighup_applies_shared_remote_and_local_without_dropping_a_running_assoc
     assert "configuration reload: needs a restart: dicom.listen (not applied)" in log
     assert net.status("site-a")["dicom_port"] == port_a
     assert net.status("site-a")["config_loaded_at"] > loaded_at  # type: ignore[operator]
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay_router.cli",
+            "-c",
+            str(config),
+            "status",
+            "--status-file",
+            str(net.status_path("site-a")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "configuration loaded at " in shown.stdout, shown.stdout + shown.stderr
     (event,) = _reloads(net, "site-a")
     assert event["outcome"] == "success" and event["published"] is True
     assert event["changed"] == ["shared", "remote", "local"] and event["needs_restart"] == ["dicom.listen"]

@@ -146,3 +146,18 @@ async def test_a_changed_pin_is_checked_against_the_identity_already_offered(tmp
         service.link.peers.identity("hospital-b")
     alerts = [e for e in read_events(tmp_path / "audit.jsonl") if e["event"] == "identity_mismatch"]
     assert alerts and alerts[0]["pinned"] == PIN_B2
+
+
+async def test_new_shared_devices_wait_for_the_next_sign_on_when_the_link_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path / "router.toml", REMOTES)
+    service = RouterService(load(path), config_path=path)
+    write_config(path, REMOTES + '[[shared]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\nshare_with = ["*"]\n')
+    with caplog.at_level(logging.INFO, logger="relay_router"):
+        assert await service.reload_config() is True
+    assert [d.ae_title for d in service.link.shared_devices()] == ["PACS"]  # what the next sign-on sends
+    assert "PACS" in service.shared
+    assert any("published at the next sign-on" in r.getMessage() for r in caplog.records)
+    (event,) = [e for e in read_events(tmp_path / "audit.jsonl") if e["event"] == "config_reload"]
+    assert event["changed"] == ["shared"] and event["published"] is False

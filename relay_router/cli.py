@@ -129,12 +129,23 @@ def _share_warnings(cfg: router_config.RouterConfig) -> list[str]:
     return warnings
 
 
-async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, status_file: Path | None) -> None:
+async def _serve(
+    cfg: router_config.RouterConfig,
+    ready_file: Path | None,
+    status_file: Path | None,
+    config_path: Path | None = None,
+    file_config: router_config.RouterConfig | None = None,
+) -> None:
     from relay_router.check import service_status_line
     from relay_router.service import RouterService
     from relay_router.status import default_status_file, write_now, write_stopped
 
-    service = RouterService(cfg, status_file=status_file or default_status_file(cfg))
+    service = RouterService(
+        cfg,
+        status_file=status_file or default_status_file(cfg),
+        config_path=config_path,  # SIGHUP re-reads it (RouterService.reload_config)
+        file_config=file_config,
+    )
     from relay_router.console import RouterConsole  # the web console ([console] listen; off by default)
 
     console = RouterConsole(service)
@@ -166,7 +177,7 @@ async def _serve(cfg: router_config.RouterConfig, ready_file: Path | None, statu
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = router_config.load(args.config)
+        cfg = file_cfg = router_config.load(args.config)
         if getattr(args, "listen", None):
             cfg = replace(cfg, dicom=replace(cfg.dicom, listen=args.listen))
         if args.command in ("serve", "check-config", "enroll"):  # pacs-config needs no secrets
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(cfg, args.ready_file, args.status_file))
+        asyncio.run(_serve(cfg, args.ready_file, args.status_file, Path(args.config), file_cfg))
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

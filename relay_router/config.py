@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from relay_common import config as common_config
@@ -423,3 +423,45 @@ def advertised_host(config: RouterConfig) -> str:
 
 def load(path: str | Path) -> RouterConfig:
     return load_config(path, RouterConfig)
+
+
+# -- reload on SIGHUP (relay_router.service.RouterService.reload_config) ------------------------
+#
+# These sections take effect without a restart: running associations keep the routes, pins and
+# callers they were admitted with; new associations use the new ones. Everything else (listen
+# addresses, the bridge, TLS files, state_dir, limits, ...) is read once at start.
+RELOADABLE = ("shared", "remote", "local", "pin")
+
+
+@dataclass(frozen=True)
+class ConfigChanges:
+    """What a re-read configuration changes compared with the running one."""
+
+    applied: tuple[str, ...]  # reloadable sections that differ ("shared", "remote", ...)
+    needs_restart: tuple[str, ...]  # dotted keys that differ but only take effect after a restart
+
+    @property
+    def any(self) -> bool:
+        return bool(self.applied or self.needs_restart)
+
+
+def config_changes(running: RouterConfig, new: RouterConfig) -> ConfigChanges:
+    """Compare two configurations section by section, key by key (dataclass fields)."""
+    applied = tuple(name for name in RELOADABLE if getattr(running, name) != getattr(new, name))
+    restart: list[str] = []
+    for section in fields(RouterConfig):
+        if section.name in RELOADABLE:
+            continue
+        old, now = getattr(running, section.name), getattr(new, section.name)
+        if old == now:
+            continue
+        if is_dataclass(old):
+            restart += [f"{section.name}.{f.name}" for f in fields(old) if getattr(old, f.name) != getattr(now, f.name)]
+        else:
+            restart.append(section.name)
+    return ConfigChanges(applied, tuple(restart))
+
+
+def with_reloadable(running: RouterConfig, new: RouterConfig) -> RouterConfig:
+    """The running configuration with the reloadable sections of `new` (the rest needs a restart)."""
+    return replace(running, **{name: getattr(new, name) for name in RELOADABLE})

@@ -50,6 +50,13 @@ class PeerKeys:
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read {known_file}: {exc}") from exc
 
+    def set_pins(self, pins: dict[str, str]) -> dict[str, str]:
+        """A reloaded [[pin]] list: it applies to associations admitted from now on (running ones were
+        verified at their start). The identities the bridge offered are checked against it again; returns
+        the new mismatches, as `update` does."""
+        self._pins = dict(pins)
+        return self.update(self._offered)
+
     def expected(self, site: str) -> str | None:
         return self._pins.get(site) or self._known.get(site)
 

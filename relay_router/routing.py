@@ -225,6 +225,16 @@ class RouteCache:
             self.builds += 1
         return self._table
 
+    def reconfigure(
+        self, remote: Sequence[RemoteDevice], shared_titles: Iterable[str], *, pinned: Iterable[str] = ()
+    ) -> None:
+        """A reloaded configuration: the next `table()` is rebuilt from it. The previous table stays the
+        reference for route events, so a reload reports moves the same way a directory change does."""
+        self._remote = tuple(remote)
+        self._shared = frozenset(shared_titles)
+        self._pinned = frozenset(pinned)
+        self._source = None
+
     def take_events(self) -> list[RouteEvent]:
         events, self.events = self.events, []
         return events

@@ -21,14 +21,16 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.audit import AuditLog
-from relay_common.config import parse_host_port
+from relay_common.config import ConfigError, parse_host_port
+from relay_common.tlsreload import add_reload_hook
 from relay_router.association import RelayedAssociation
-from relay_router.config import RouterConfig, SharedDevice
+from relay_router.config import RouterConfig, SharedDevice, config_changes, load, with_reloadable
 from relay_router.host import tune_socket
 from relay_router.inbound import InboundCalls
 from relay_router.metrics import RouterMetrics
@@ -55,8 +57,22 @@ __all__ = ["Route", "RouterService", "tune_socket"]  # Route lives in relay_rout
 
 
 class RouterService(OutboundCalls, InboundCalls):
-    def __init__(self, config: RouterConfig, *, status_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        status_file: Path | None = None,
+        config_path: Path | None = None,
+        file_config: RouterConfig | None = None,
+    ) -> None:
         self.config = config
+        # SIGHUP re-reads config_path; restart-only keys are compared with the file as it was loaded
+        # (file_config: before command-line overrides such as serve --listen).
+        self.config_path = config_path
+        self._file_config = file_config or config
+        self.config_loaded_at = time.time()
+        self._remove_reload_hook: Callable[[], None] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.status_file = status_file
         self.audit = AuditLog.from_section(config.audit, app="relay-router", source_id=config.router.name)
         self.link = BridgeLink(config, self._incoming, self.audit)
@@ -158,7 +174,7 @@ class RouterService(OutboundCalls, InboundCalls):
     # -- lifecycle -----------------------------------------------------------
     async def _resolve_shared_hosts(self) -> dict[str, list[str]]:
         """The addresses each [[shared]] device's host has now: they may call through the router without a
-        [[local]] entry. Resolved once, at start: a host name that moves needs a restart (or a [[local]] entry)."""
+        [[local]] entry. Resolved at start and on each configuration reload (SIGHUP)."""
         loop = asyncio.get_running_loop()
         resolved: dict[str, list[str]] = {}
         for device in self.config.shared:
@@ -171,9 +187,12 @@ class RouterService(OutboundCalls, InboundCalls):
         return resolved
 
     async def load_callers(self) -> None:
-        """Build the LAN allow-list, with the [[shared]] hosts resolved now (only when [[local]] entries exist)."""
+        """Build the LAN allow-list, with the [[shared]] hosts resolved now (only when [[local]] entries exist);
+        at start and on every configuration reload."""
         if self.config.local:
             self.callers = Callers.build(self.config.local, await self._resolve_shared_hosts())
+        else:
+            self.callers = Callers.build((), {})
 
     async def start(self) -> None:
         host, port = parse_host_port(self.config.dicom.listen)
@@ -186,6 +205,8 @@ class RouterService(OutboundCalls, InboundCalls):
         if self.config.dicom.tls_listen:
             await self._start_tls_listener(limit)
         self._link_task = asyncio.create_task(self.link.run())
+        if self.config_path is not None:
+            self._remove_reload_hook = add_reload_hook(self._reload_requested)
         if self.status_file is not None:
             self._status_task = asyncio.create_task(self._write_status())
         log.info(
@@ -224,8 +245,78 @@ class RouterService(OutboundCalls, InboundCalls):
         client = "device certificates required" if self.config.dicom.tls_ca_file else "no device certificates"
         log.info("listening for DICOM over TLS on %s:%d (%s)", host, self.tls_port, client)
 
+    # -- configuration reload (SIGHUP) ---------------------------------------------------------
+    def _reload_requested(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload_config(), name="config-reload")
+        self._reloads.add(task)  # a reference until it is done (stop() cancels one still running)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload_config(self) -> bool:
+        """Re-read the configuration file and apply [[shared]], [[remote]], [[local]] and [[pin]].
+
+        Running associations keep what they were admitted with (route, peer key, caller check); new
+        ones use the new sections. An invalid file changes nothing; keys that need a restart are
+        reported and not applied. Returns whether the file was valid.
+        """
+        assert self.config_path is not None
+        try:
+            new = await asyncio.to_thread(load, self.config_path)
+        except (ConfigError, ValueError) as exc:
+            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+            self.audit.event("config_reload", "failure", file=str(self.config_path), detail=str(exc))
+            return False
+        changes = config_changes(self._file_config, new)
+        for key in changes.needs_restart:
+            log.warning("configuration reload: needs a restart: %s (not applied)", key)
+        self._file_config = new
+        self.config = with_reloadable(self.config, new)
+        self.link.config = self.config
+        self.shared = {d.ae_title: d for d in self.config.shared}
+        self._routes.reconfigure(self.config.remote, self.shared, pinned={p.site for p in self.config.pin})
+        for site, offered in self.link.peers.set_pins({p.site: p.fingerprint for p in self.config.pin}).items():
+            self.audit.event(
+                "identity_mismatch", "alert", site=site, offered=offered, pinned=self.link.peers.expected(site)
+            )
+        await self.load_callers()
+        published = "shared" in changes.applied and await self._publish_shared()
+        self.config_loaded_at = time.time()
+        sections = ", ".join(f"[[{name}]]" for name in changes.applied)
+        log.info(
+            "configuration reloaded from %s: %s%s",
+            self.config_path,
+            f"{sections} changed" if sections else "no change applied",
+            f"; needs a restart: {', '.join(changes.needs_restart)}" if changes.needs_restart else "",
+        )
+        self.audit.event(
+            "config_reload",
+            "success",
+            file=str(self.config_path),
+            changed=list(changes.applied),
+            needs_restart=list(changes.needs_restart),
+            published=published,
+        )
+        return True
+
+    async def _publish_shared(self) -> bool:
+        """Send the new [[shared]] list to the bridge (which applies one publication per 2 s at most)."""
+        try:
+            sent = await self.link.publish_devices()
+        except Exception as exc:  # noqa: BLE001 - a broken link: the next sign-on carries the new list
+            log.warning("could not publish the new shared devices now (%s); the next sign-on carries them", exc)
+            return False
+        if sent:
+            log.info("published %d shared devices to the bridge", len(self.config.shared))
+        else:
+            log.warning("not signed on to the bridge: the new shared devices are published at the next sign-on")
+        return sent
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let running associations finish for `grace_s`, then abort the rest."""
+        if self._remove_reload_hook is not None:
+            self._remove_reload_hook()
+        for reload in list(self._reloads):
+            reload.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         if self._server is not None:
             self._server.close()
         if self._tls_server is not None:
@@ -298,6 +389,7 @@ class RouterService(OutboundCalls, InboundCalls):
             "directory": [asdict(e) for e in self.link.directory],
             "routes": {title: asdict(route) for title, route in sorted(self.routes().items())},
             "active_associations": len(self.active),
+            "config_loaded_at": self.config_loaded_at,
             **status_extra(self),
         }
 

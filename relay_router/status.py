@@ -198,6 +198,8 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
         f"  last error: {report.get('last_error') or 'none'}; reconnect attempts since start: "
         f"{report.get('reconnects', 0)}"
     )
+    if report.get("config_loaded_at"):  # at start, and again on each valid reload (SIGHUP)
+        lines.append(f"  configuration loaded at {format_time(report['config_loaded_at'])}")
     if report["running"] and not report.get("connected"):
         lines.append('  (each last error and its fix: docs/operations.md, "The router does not sign on")')
     metrics = report.get("metrics") or {}

@@ -145,6 +145,8 @@ class BridgeLink:
         self._retired: set[grpc.aio.Channel] = set()
         self._tls_check = asyncio.Event()
         self._remove_reload_hook: Callable[[], None] | None = None
+        # One write at a time on the control stream: heartbeats and publications (configuration reload).
+        self._control_writes = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -378,7 +380,21 @@ class BridgeLink:
     async def _heartbeats(self, call: grpc.aio.StreamStreamCall, interval: int) -> None:
         while True:
             await asyncio.sleep(interval)
-            await call.write(pb.RouterMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+            async with self._control_writes:
+                await call.write(pb.RouterMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+
+    async def publish_devices(self) -> bool:
+        """Send the configured [[shared]] devices to the bridge now (after a configuration reload).
+
+        False when not signed on: the next sign-on carries them. The bridge applies at most one
+        publication per interval (2 s by default); the directory it sends afterwards shows the result.
+        """
+        call = self._control_call
+        if call is None or self._session is None:
+            return False
+        async with self._control_writes:
+            await call.write(pb.RouterMessage(publish=pb.PublishDevices(devices=self.shared_devices())))
+        return True
 
     async def _handle(self, message: pb.BridgeMessage) -> None:
         if message.HasField("directory"):

@@ -1,13 +1,15 @@
 #!/bin/sh
-# Build the bridge image from the release wheelhouse, without any registry:
+# Build the bridge and router images from the release wheelhouse, without any registry:
 #
 #   make wheelhouse && deploy/container/build.sh            (as root; podman, buildah, debootstrap)
 #
 # 1. the base image localhost/dicom-relay-base:bookworm, once: `debootstrap --variant=minbase bookworm`
 #    from the Debian mirror this host's apt uses (DEBIAN_MIRROR overrides), imported with podman import;
-# 2. the image localhost/dicom-relay-bridge:VERSION (and :latest unless IMAGE names it) from deploy/container/Containerfile,
-#    with buildah --isolation chroot (works where nested namespaces do not).
-# Environment: WHEELHOUSE (default dist/wheelhouse), IMAGE, BASE, DEBIAN_MIRROR.
+# 2. the images localhost/dicom-relay-bridge:VERSION and localhost/dicom-relay-router:VERSION (and :latest
+#    unless IMAGE / ROUTER_IMAGE name them) from deploy/container/Containerfile (targets bridge and router),
+#    with buildah --isolation chroot (works where nested namespaces do not) and --layers, so the release
+#    stage they share is built once.
+# Environment: WHEELHOUSE (default dist/wheelhouse), IMAGE (the bridge's), ROUTER_IMAGE, BASE, DEBIAN_MIRROR.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -22,6 +24,9 @@ VERSION=$(basename "$wheel" | cut -d- -f2)
 LATEST=""
 [ -n "${IMAGE:-}" ] || LATEST="localhost/dicom-relay-bridge:latest"  # only for the default name
 IMAGE=${IMAGE:-localhost/dicom-relay-bridge:$VERSION}
+ROUTER_LATEST=""
+[ -n "${ROUTER_IMAGE:-}" ] || ROUTER_LATEST="localhost/dicom-relay-router:latest"
+ROUTER_IMAGE=${ROUTER_IMAGE:-localhost/dicom-relay-router:$VERSION}
 for tool in podman buildah; do command -v $tool >/dev/null 2>&1 || die "$tool is missing (apt-get install -y podman buildah runc)"; done
 
 if ! podman image exists "$BASE"; then
@@ -50,7 +55,11 @@ trap 'rm -rf "$context" ${rootfs:+"$rootfs"}' EXIT
 cp "$HERE/Containerfile" "$context/"
 cp -r "$WHEELHOUSE" "$context/wheelhouse"
 [ -f "$context/wheelhouse/constraints.txt" ] || cp "$REPO/requirements/constraints.txt" "$context/wheelhouse/"
-buildah build --quiet --isolation chroot --format docker --build-arg "BASE=$BASE" \
-    -f "$context/Containerfile" -t "$IMAGE" "$context" >/dev/null
+for target in bridge router; do
+    if [ "$target" = bridge ]; then tag=$IMAGE; else tag=$ROUTER_IMAGE; fi
+    buildah build --quiet --layers --isolation chroot --format docker --build-arg "BASE=$BASE" \
+        --target "$target" -f "$context/Containerfile" -t "$tag" "$context" >/dev/null
+    echo "build.sh: built $tag"
+done
 [ -z "$LATEST" ] || podman tag "$IMAGE" "$LATEST"
-echo "build.sh: built $IMAGE"
+[ -z "$ROUTER_LATEST" ] || podman tag "$ROUTER_IMAGE" "$ROUTER_LATEST"

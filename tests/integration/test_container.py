@@ -1,8 +1,9 @@
-"""The bridge container image, built and run as a site would: `make wheelhouse`-style release, the
-image from deploy/container/Containerfile (deploy/container/build.sh: a debootstrap base imported
-locally, buildah --isolation chroot), run with podman (runc, cgroupfs) as a non-root user listening
-on port 443 by capability, its state in a volume. Two routers (host processes) relay a C-ECHO and a
-C-STORE through it, and the image's health check reports it healthy.
+"""The bridge and router container images, built and run as a site would: `make wheelhouse`-style
+release, the images from deploy/container/Containerfile (deploy/container/build.sh: a debootstrap base
+imported locally, buildah --isolation chroot, targets bridge and router sharing the release stage), run
+with podman (runc, cgroupfs) as a non-root user, the bridge listening on port 443 by capability, state
+in volumes. Two routers (host processes) relay a C-ECHO and a C-STORE through the bridge container, and
+so does a router container to one of them; both images' health checks report them healthy.
 
 Needs root, podman, buildah, runc and debootstrap (Debian packages); without them the test skips, and
 fails under CI=true. The base image is built once and kept (localhost/dicom-relay-base:bookworm).
@@ -24,6 +25,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from relay_demo.archive import DemoArchive
+from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.support.release import REPO, VERSION, build_wheelhouse, run
 from tests.support.wire import wait_until
@@ -33,6 +35,8 @@ HOST = "127.0.0.1"
 BRIDGE_ADDRESS = "127.43.0.1"  # a loopback address of its own, so that port 443 is free whatever else runs
 CONTAINER = REPO / "deploy" / "container"
 IMAGE = "localhost/dicom-relay-bridge:smoke-test"
+ROUTER_IMAGE = "localhost/dicom-relay-router:smoke-test"
+ROUTER_ADDRESS = "127.43.0.2"  # the router container's DICOM listener, on a loopback address of its own
 PODMAN_ENV = {"CONTAINERS_CONF": str(CONTAINER / "containers.conf")}
 
 
@@ -54,9 +58,10 @@ def bridge_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pytest.fail(problem)
         pytest.skip(problem)
     house = build_wheelhouse(tmp_path_factory.mktemp("release"))
-    run([str(CONTAINER / "build.sh")], timeout=900, env={**PODMAN_ENV, "WHEELHOUSE": str(house), "IMAGE": IMAGE})
+    env = {**PODMAN_ENV, "WHEELHOUSE": str(house), "IMAGE": IMAGE, "ROUTER_IMAGE": ROUTER_IMAGE}
+    run([str(CONTAINER / "build.sh")], timeout=900, env=env)
     yield IMAGE
-    podman("rmi", "--force", IMAGE, check=False)
+    podman("rmi", "--force", IMAGE, ROUTER_IMAGE, check=False)
 
 
 def test_bridge_container_relays_echo_and_store(
@@ -107,7 +112,7 @@ def test_bridge_container_relays_echo_and_store(
         net.bridge_port = 443
         net.bridge_admin = bridge_admin  # type: ignore[method-assign]  # accounts are made inside the container
         archive = archive_factory("ARCHIVE_B")
-        net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])])
+        net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a", "site-c"])])
         net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")])
         net.wait_connected()
 
@@ -128,9 +133,66 @@ def test_bridge_container_relays_echo_and_store(
             lambda: json.loads(bridge_admin("status", "--json").stdout)["recent"]["counts"].get("relayed") == 1,
             what="the relayed association in the bridge's status",
         )
+        # A router container (site-c) relays to site-b's archive through the bridge container.
+        more = write_series(generate_ct_series(2, seed=16), tmp_path / "series-c")
+        _router_container_relays(net, bridge_admin, archive, more, tmp_path)
+        assert archive.fingerprints() == {**ct_fingerprints, **fingerprints(more)}
     finally:
         logs = podman("logs", name, check=False)
         podman("rm", "--force", "--time", "5", name, check=False)
         net.stop()
         if logs.returncode == 0:
             (tmp_path / "bridge-container.log").write_text(logs.stdout + logs.stderr)
+
+
+def _router_container_relays(
+    net: LocalRelayNetwork,
+    bridge_admin: Callable[..., subprocess.CompletedProcess[str]],
+    archive: DemoArchive,
+    files: list[Path],
+    tmp_path: Path,
+) -> None:
+    """Run site-c from the router image (state and router.toml in a volume); C-ECHO and C-STORE through it."""
+    account = json.loads(bridge_admin("router", "add", "site-c", "--json").stdout)
+    volume = tmp_path / "router-volume"
+    volume.mkdir()
+    shutil.copy(net.workdir / "ca.pem", volume / "ca.pem")
+    (volume / "router.toml").write_text(
+        '[router]\nname = "site-c"\nstate_dir = "."\n\n'
+        f'[bridge]\naddress = "{BRIDGE_ADDRESS}:443"\nca_file = "ca.pem"\nserver_name = "localhost"\n'
+        f'password = "{account["password"]}"\nreconnect_min_s = 0.2\nreconnect_max_s = 2.0\n\n'
+        f'[dicom]\nlisten = "{ROUTER_ADDRESS}:11112"\n\n[metrics]\nlisten = ""\n\n'
+        '[audit]\nfile = "audit.jsonl"\n\n[[remote]]\nae_title = "ARCHIVE_B"\nsite = "site-b"\n'
+    )
+    for path in [volume, *volume.iterdir()]:
+        os.chown(path, 999, 999)
+    volume.chmod(0o750)
+    name = f"relay-router-{uuid.uuid4().hex[:8]}"
+    podman(
+        "run", "--detach", "--name", name, "--network", "host", "--health-interval", "disable",
+        "--volume", f"{volume}:/var/lib/dicom-relay", ROUTER_IMAGE,
+    )  # fmt: skip
+    try:
+        # Healthy = `relay-router check` exits 0: signed on, ARCHIVE_B online.
+        healthy = lambda: podman("healthcheck", "run", name, check=False).returncode == 0  # noqa: E731
+        assert wait_until(healthy, timeout=60, what="the router container's health check"), podman("logs", name).stderr
+        top = podman("top", name, "user", "args").stdout
+        assert "dicom-relay" in top and "root" not in top, top
+        assert (volume / "identity.key").stat().st_uid == 999  # state in the volume, owned by the service user
+
+        ae = AE(ae_title="WS_C")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(ROUTER_ADDRESS, 11112, ae_title="ARCHIVE_B")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_echo().Status == 0
+            for path in files:
+                assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+        finally:
+            assoc.release()
+    finally:
+        logs = podman("logs", name, check=False)
+        podman("rm", "--force", "--time", "5", name, check=False)
+        if logs.returncode == 0:
+            (tmp_path / "router-container.log").write_text(logs.stdout + logs.stderr)

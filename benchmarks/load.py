@@ -127,7 +127,7 @@ class Client(threading.Thread):
             started = time.perf_counter()
             try:
                 moved = getattr(self, service)(here, there)
-            except Exception as exc:
+            except Exception as exc:  # every failure is counted and reported
                 when = time.strftime("%H:%M:%S")
                 with self.stats.lock:
                     self.stats.failures[service].append(f"{when} {here}->{there}: {type(exc).__name__}: {exc}"[:300])

@@ -331,7 +331,7 @@ class BlobService:
             )
         except BlobRefused as exc:
             await self._refused(context, session, exc, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        except Exception as exc:
+        except Exception as exc:  # a store failure: the router falls back to inline frames
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
         return pb.BlobSlotResponse(blob_id=blob_id, url=url, expires_unix=expires)
 

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         except StartupError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        except Exception as exc:
+        except Exception as exc:  # a failing serve says why in one line; the traceback is in the log
             log.debug("serve failed", exc_info=True)
             print(f"error: the bridge stopped: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return 1

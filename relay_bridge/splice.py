@@ -139,7 +139,7 @@ class Splice:
         except asyncio.CancelledError:
             await outbound.close(close_frame(pb.Close.ABORTED, f"the link to {side} was lost"))
             raise
-        except Exception as exc:
+        except Exception as exc:  # any read failure means that end is gone
             log.info("stream from %s ended: %s", side, exc, extra={"assoc": self.association_id})
             await outbound.close(close_frame(pb.Close.ABORTED, f"the link to {side} was lost"))
 

@@ -139,7 +139,7 @@ class StatusWriter:
     async def _write_logged(self) -> None:
         try:
             await self.write_once()
-        except Exception as exc:
+        except Exception as exc:  # the status file must never stop the bridge
             log.warning("cannot write the status file %s: %s", self.path, exc)
 
     async def _run(self) -> None:

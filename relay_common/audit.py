@@ -156,7 +156,7 @@ def admin_event(section: AuditSection, *, app: str, event: str, outcome: str, **
         audit = AuditLog.from_section(section, app=app)
         audit.event(event, outcome, user=user, **fields)
         audit.close(timeout_s=3.0)
-    except Exception as exc:
+    except Exception as exc:  # the command itself succeeded or failed already
         print(f"warning: cannot write the audit record for {event}: {exc}", file=sys.stderr)
 
 

@@ -94,7 +94,7 @@ class ServiceNotifier:
             if status is not None:
                 try:
                     self.status(status())
-                except Exception:
+                except Exception:  # a status line bug must not stop the watchdog
                     log.exception("cannot build the service status line")
             await asyncio.sleep(period)
 

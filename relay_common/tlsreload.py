@@ -222,7 +222,7 @@ class ReloadingServerCredentials:
                 return None
             self._served = generations
             return self._configuration()
-        except Exception:
+        except Exception:  # a bug here must not break handshakes: keep what is served
             log.exception("cannot check the %s for changes", self.files.what)
             return None
 
@@ -301,6 +301,6 @@ def run_reload_hooks() -> int:
     for hook in list(_RELOAD_HOOKS):
         try:
             hook()
-        except Exception:
+        except Exception:  # one failing reload must not stop the others or the daemon
             log.exception("reload hook %r failed", hook)
     return len(_RELOAD_HOOKS)

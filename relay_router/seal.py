@@ -426,7 +426,7 @@ def respond(
     )
     try:
         static_secret = me.open_secret(handshake.kem_ciphertext, ctx.hpke_info)
-    except Exception as exc:
+    except Exception as exc:  # any HPKE failure means the same thing
         raise HandshakeError("the association secret could not be opened with this router's key") from exc
     try:
         mlkem_secret, mlkem_ciphertext = mlkem.MLKEM768PublicKey.from_public_bytes(encapsulation_key).encapsulate()

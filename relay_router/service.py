@@ -301,7 +301,7 @@ class RouterService(OutboundCalls, InboundCalls):
         """Send the new [[shared]] list to the bridge (which applies one publication per 2 s at most)."""
         try:
             sent = await self.link.publish_devices()
-        except Exception as exc:  # noqa: BLE001 - a broken link: the next sign-on carries the new list
+        except Exception as exc:  # a broken link: the next sign-on carries the new list
             log.warning("could not publish the new shared devices now (%s); the next sign-on carries them", exc)
             return False
         if sent:

@@ -177,7 +177,7 @@ class BridgeBlobTransport:
             answer = await self.link.blob_slot(request, timeout_s=HTTP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise SpillUnavailable(f"the bridge gave no blob URL: {exc.code().name} {exc.details()}") from None
-        except Exception as exc:
+        except Exception as exc:  # LinkDown and the like
             raise SpillUnavailable(f"the bridge gave no blob URL: {exc}") from None
         self._check(answer.url)  # before anything is sent to it
         return answer.blob_id, answer.url
@@ -202,7 +202,7 @@ class BridgeBlobTransport:
             await self.link.put_blob_part(pb.BlobPart(url=url, data=data), timeout_s=HTTP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise SpillUnavailable(f"storing a part failed: {exc.code().name} {exc.details()}") from None
-        except Exception as exc:
+        except Exception as exc:  # LinkDown: the bridge went away
             raise SpillUnavailable(f"storing a part failed: {exc}") from None
 
     async def get(self, url: str) -> bytes:
@@ -215,7 +215,7 @@ class BridgeBlobTransport:
             if exc.code() == grpc.StatusCode.NOT_FOUND or "no such blob" in details:
                 raise BlobGone(f"the bridge's store has no such part ({details})") from None
             raise SpillUnavailable(f"fetching a part failed: {exc.code().name} {details}") from None
-        except Exception as exc:
+        except Exception as exc:  # LinkDown: the bridge went away
             raise SpillUnavailable(f"fetching a part failed: {exc}") from None
         if len(answer.data) > MAX_STORED_PART:
             raise blob_alert(f"the bridge returned a part of {len(answer.data)} bytes (at most {MAX_STORED_PART})")

@@ -45,7 +45,7 @@ def status_extra(service: RouterService) -> dict[str, object]:
     """What the router adds to its status file for these commands (merged into RouterService.status)."""
     try:
         return _status_extra(service)
-    except Exception:
+    except Exception:  # the status file must keep being written
         log.exception("cannot build the status details")
         return {**process_facts(), "running": True}
 

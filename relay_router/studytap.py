@@ -216,7 +216,7 @@ class _Direction:
                 ds = read_dataset(io.BytesIO(command), is_implicit_VR=True, is_little_endian=True)
             field_ = int(ds.get((0x0000, 0x0100)).value)
             data_set_type = int(ds.get((0x0000, 0x0800)).value)
-        except Exception:
+        except Exception:  # a hostile or broken command set: counted, never raised
             self.tap.unreadable += 1
             return
         if field_ == C_STORE_RQ and data_set_type != NO_DATA_SET:
@@ -317,7 +317,7 @@ class StudyTap:
         """An A-ASSOCIATE-RQ or -AC seen in the stream (or given): the contexts follow from the pair."""
         try:
             info = parse_associate(pdu)
-        except Exception as exc:
+        except Exception as exc:  # the relay's own parser answers bad PDUs; we just stop
             self.broken.append(f"unreadable A-ASSOCIATE PDU: {exc}")
             return
         if pdu[0] == 0x01:
@@ -328,7 +328,7 @@ class StudyTap:
             return
         try:
             accepted = with_abstract_syntaxes(self._ac, self._rq).accepted_contexts
-        except Exception as exc:
+        except Exception as exc:  # the tap must never break the relay
             self.broken.append(f"A-ASSOCIATE-AC does not answer the RQ: {exc}")
             return
         self.contexts = {pc.id: (pc.abstract_syntax or "", pc.transfer_syntaxes[0]) for pc in accepted}

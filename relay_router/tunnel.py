@@ -277,7 +277,7 @@ class BridgeLink:
                     previous, self.last_error = self.last_error, self._describe(exc)
                     if self.proxy and self.last_error != previous:  # once per new failure, not per retry
                         log.warning("cannot reach the bridge: %s", self.last_error)
-            except Exception as exc:
+            except Exception as exc:  # keep reconnecting whatever went wrong
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("control stream failed")
             finally:

@@ -220,7 +220,7 @@ class Bench:
         ):
             try:
                 step()
-            except Exception as exc:
+            except Exception as exc:  # tear everything down whatever fails
                 log(f"teardown step failed: {exc}")
         if not self.args.keep_workdir:
             shutil.rmtree(self.work, ignore_errors=True)
@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the WAN benchmark needs root (network namespaces, tc, TUN); try: sudo make bench", file=sys.stderr)
         return 2
     # One run at a time: namespaces, addresses and ports are fixed, and a second run would tear down the first.
-    lock = open(LOCK, "w")
+    lock = open(LOCK, "w")  # held for the life of the process
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -68,7 +68,7 @@ class ConsoleServer:
             log.error("%s disabled: %s", self.name, self.error)
             return False
         self._runner, self.tls = runner, ssl_context is not None
-        server = site._server
+        server = site._server  # aiohttp does not expose the bound port otherwise
         bound = server.sockets[0].getsockname() if server is not None and server.sockets else (host, port)  # type: ignore[attr-defined]
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         log.info("serving the %s on %s", self.name, self.url)

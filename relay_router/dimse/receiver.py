@@ -129,7 +129,7 @@ def decode_command(encoded: bytes, context_id: int | None = None) -> Dataset:
             Violation.BAD_COMMAND_FIELD,
             context_id=context_id,
         ) from None
-    except Exception as exc:
+    except Exception as exc:  # pydicom raises many types on hostile bytes
         raise DimseError(
             f"command set of {len(encoded)} bytes does not decode as Implicit VR Little Endian "
             f"group 0000 elements (PS3.7 6.3.1): {exc.__class__.__name__}: {exc}"[:300],

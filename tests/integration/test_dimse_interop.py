@@ -256,7 +256,7 @@ class TinyScp:
         _nodelay(writer)
         try:
             await self._association(reader, writer)
-        except Exception as exc:
+        except Exception as exc:  # reported by the test through self.errors
             self.errors.append(f"{exc.__class__.__name__}: {exc}")
         finally:
             writer.close()

@@ -132,7 +132,7 @@ def _candidate_keys(op: pb.Open, a: Identity, b: Identity) -> list[tuple[str, AE
     for holder in (b, a):  # the secret is sealed to B's key; A's key is tried too
         try:
             secrets.append(holder.open_secret(handshake.kem_ciphertext, ctx.hpke_info))
-        except Exception:
+        except Exception:  # not this key
             continue
     assert secrets, "the static secret must open with the destination's long-term key (the attack's first step)"
     transcript = ctx.transcript(a.public, b.public, handshake, list(op.features))

@@ -206,7 +206,7 @@ class FaultyS3Proxy:
             def do_PUT(self) -> None:
                 self._forward("PUT")
 
-            def do_DELETE(self) -> None:
+            def do_DELETE(self) -> None:  # the bridge deletes blobs through the same endpoint
                 self._forward("DELETE")
 
         self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)

@@ -121,7 +121,7 @@ async def test_pace_reports_are_answered_and_owned_by_the_association() -> None:
     assert relay._tasks == set()
 
 
-async def initiator_before_confirm():
+async def initiator_before_confirm():  # relay, stream, device socket, task, (confirmation, rx)
     """An initiator-side driver whose device has sent its RQ (frame 0 went in the Open); no Confirm yet."""
     from tests.unit.router.test_handshake import ANSWER, OFFER, context, identities
 

@@ -192,7 +192,7 @@ class Server(http.server.ThreadingHTTPServer):
 
             do_GET = do_PUT = _answer
 
-            def do_CONNECT(self) -> None:
+            def do_CONNECT(self) -> None:  # as a proxy that wants other credentials
                 server.seen.append((self.command, self.path, self.headers.get("Proxy-Authorization", "")))
                 self.send_response(407, "Proxy Authentication Required")
                 self.send_header("Proxy-Authenticate", 'Basic realm="test"')

@@ -104,7 +104,7 @@ def sender(
 async def send_dataset(out: SpillSender, framer: FakeFramer, chunks: list[bytes]) -> tuple[bytes, list[pb.Data]]:
     """(bytes sent inline, blob notices sent) for one data set offered in ``chunks``."""
     wire = Wire()
-    out._announce = wire.announce
+    out._announce = wire.announce  # one wire per data set in these tests
     inline = bytearray()
     for i, chunk in enumerate(chunks):
         framer.dataset_bytes += len(chunk)

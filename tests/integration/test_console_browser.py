@@ -32,7 +32,10 @@ HOST = "127.0.0.1"
 ADMIN, PASSWORD = "ops", "console password 1"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-HOSTILE = "<b>bold</b><script>document.title = 'pwned'</script>\x1b[31m"
+# HTML in a description: the bridge accepts it (printable, no control characters or Rich brackets since
+# the second security round), so the console must show it as text. Control characters never reach the
+# page now (refused at sign-on); their escaping is unit-tested (tests/unit/console).
+HOSTILE = "<b>bold</b><script>document.title = 'pwned'</script>"
 
 
 def require_browser() -> None:
@@ -178,9 +181,9 @@ def test_a_person_watches_the_network_in_the_consoles(
     assert site_state("site-b").startswith("up since ")
     links = text(driver, "#links")
     assert "site-a → site-b ARCHIVE_B, OTHER_B up" in links
-    # The hostile description is shown as the text it is: no markup, no script run, the escape visible.
+    # The hostile description is shown as the text it is: no markup, no script run.
     shares = text(driver, "#site-site-b")
-    assert "<b>bold</b><script>document.title = 'pwned'</script>\\x1b[31m" in shares
+    assert "<b>bold</b><script>document.title = 'pwned'</script>" in shares
     assert not driver.find_elements(By.CSS_SELECTOR, "#sites b, #sites script")  # type: ignore[attr-defined]
     assert driver.title == "dicom-relay bridge"  # type: ignore[attr-defined]
 

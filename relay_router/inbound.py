@@ -15,6 +15,7 @@ import logging
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
 from relay_router.association import RelayedAssociation
+from relay_router.close_codes import FIXED_DETAILS
 from relay_router.grants import check_services, record_decision
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
@@ -50,7 +51,8 @@ class InboundCalls(AssociationHost):
         """Answer the calling router `Refused` as `why` says, and record it."""
         assert why.refused is not None
         outcome.refuse(Result.REFUSED, why.reason, why.detail, security=why.security)
-        public = why.public_detail or why.detail
+        # Only the code and a fixed text cross the bridge (relay_router.close_codes); `detail` stays here.
+        public = why.public_detail if why.public_detail in FIXED_DETAILS else ""
         await stream.send(pb.Frame(refused=pb.Refused(reason=why.refused, detail=public)))
         await stream.finish()
 
@@ -144,7 +146,6 @@ class InboundCalls(AssociationHost):
                     Reason.SERVICE_NOT_GRANTED,
                     f"{notice.from_site} may not use {', '.join(services.refused_syntaxes)} on {device.ae_title}",
                     refused=pb.Refused.SERVICE_NOT_GRANTED,
-                    public_detail=f"no requested service is granted on {device.ae_title}",
                 )
                 return await self._refuse_inbound(stream, outcome, why)
             removed, receive_only = services.refused_ids, services.receive_only
@@ -160,7 +161,6 @@ class InboundCalls(AssociationHost):
                 Reason.DEVICE_UNREACHABLE,
                 detail,
                 refused=pb.Refused.DEVICE_UNREACHABLE,
-                public_detail=f"device {device.ae_title} at site {self.link.site} is not reachable",
             )
             return await self._refuse_inbound(stream, outcome, why)
         tune_socket(writer)

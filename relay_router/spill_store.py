@@ -24,17 +24,18 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason, RelayError
+
+# What a spill failure says in Close.detail (RelayError.remote_detail; it crosses the bridge): fixed
+# texts, never a URL, an errno or bytes of a response. The specific reason stays in this router's log.
+from relay_router.close_codes import FETCH_FAILED as FETCH_FAILED  # re-exported for spill*.py
+from relay_router.close_codes import PART_GONE as PART_GONE
+from relay_router.close_codes import STORE_FAILED as STORE_FAILED
+from relay_router.close_codes import URL_REFUSED
 from relay_router.egress import MAX_STORED_PART, EgressError, ProxySettings, UrlPolicy, UrlRefused, http_request
 from relay_router.wire.flags import PartFlag
 
 BACKOFF_S = 60.0
 MAX_DOWNLOADS = 16  # parts held by all receiving associations of a router together (~16 x 8 MiB)
-# What a spill failure says in Close.detail (RelayError.remote_detail; it crosses the bridge): fixed
-# texts, never a URL, an errno or bytes of a response. The specific reason stays in this router's log.
-URL_REFUSED = "SECURITY: the bridge handed out a spill URL this router does not open"
-FETCH_FAILED = "a part of a spilled data set could not be fetched (details in this router's log)"
-PART_GONE = "a part of a spilled data set was gone from the store (details in this router's log)"
-STORE_FAILED = "the blob store failed in the middle of a blob (details in this router's log)"
 HTTP_TIMEOUT_S = 60.0
 PART_SEQ_BASE = 1 << 63  # part nonces never meet frame nonces (frame sequence numbers stay far below)
 MAX_PART_INDEX = 1 << 20

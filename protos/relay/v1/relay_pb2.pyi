@@ -340,7 +340,7 @@ class BlobRef(_message.Message):
     def __init__(self, blob_id: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class Close(_message.Message):
-    __slots__ = ("reason", "detail")
+    __slots__ = ("reason", "detail", "code")
     class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         REASON_UNSPECIFIED: _ClassVar[Close.Reason]
@@ -351,8 +351,42 @@ class Close(_message.Message):
     PEER_CLOSED: Close.Reason
     ABORTED: Close.Reason
     SHUTDOWN: Close.Reason
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Close.Code]
+        CODE_OTHER: _ClassVar[Close.Code]
+        CODE_PROTOCOL: _ClassVar[Close.Code]
+        CODE_LINK_LOST: _ClassVar[Close.Code]
+        CODE_PEER_ABORTED: _ClassVar[Close.Code]
+        CODE_IDLE: _ClassVar[Close.Code]
+        CODE_SPILL: _ClassVar[Close.Code]
+        CODE_SHUTDOWN: _ClassVar[Close.Code]
+        CODE_SECURITY: _ClassVar[Close.Code]
+        CODE_DEVICE_REJECTED: _ClassVar[Close.Code]
+        CODE_DEVICE_UNREACHABLE: _ClassVar[Close.Code]
+        CODE_TIMEOUT: _ClassVar[Close.Code]
+        CODE_OVERLOADED: _ClassVar[Close.Code]
+        CODE_SERVICE_NOT_GRANTED: _ClassVar[Close.Code]
+        CODE_REQUEST_TOO_LARGE: _ClassVar[Close.Code]
+    CODE_UNSPECIFIED: Close.Code
+    CODE_OTHER: Close.Code
+    CODE_PROTOCOL: Close.Code
+    CODE_LINK_LOST: Close.Code
+    CODE_PEER_ABORTED: Close.Code
+    CODE_IDLE: Close.Code
+    CODE_SPILL: Close.Code
+    CODE_SHUTDOWN: Close.Code
+    CODE_SECURITY: Close.Code
+    CODE_DEVICE_REJECTED: Close.Code
+    CODE_DEVICE_UNREACHABLE: Close.Code
+    CODE_TIMEOUT: Close.Code
+    CODE_OVERLOADED: Close.Code
+    CODE_SERVICE_NOT_GRANTED: Close.Code
+    CODE_REQUEST_TOO_LARGE: Close.Code
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     reason: Close.Reason
     detail: str
-    def __init__(self, reason: _Optional[_Union[Close.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    code: Close.Code
+    def __init__(self, reason: _Optional[_Union[Close.Reason, str]] = ..., detail: _Optional[str] = ..., code: _Optional[_Union[Close.Code, str]] = ...) -> None: ...

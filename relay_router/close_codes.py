@@ -82,6 +82,10 @@ def received_close(close: pb.Close) -> str:
         }.get(close.reason, CLOSE_MESSAGES[Reason.OTHER])
     if close.detail in FIXED_DETAILS:
         message = f"{message}: {close.detail}"
+    elif close.detail and close.code == pb.Close.CODE_UNSPECIFIED:
+        # No code: the bridge closed the stream itself (its own text, e.g. the other router signed
+        # off), or an older router. Shown escaped and bounded, marked as the bridge's word.
+        return f"stream closed ({printable(close.detail, REFUSED_DETAIL_MAX)}, says the bridge)"
     return f"remote router: {message}"
 
 

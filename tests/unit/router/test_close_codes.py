@@ -42,6 +42,8 @@ def test_a_received_close_ignores_text_outside_the_vocabulary_and_unknown_codes(
     spill = pb.Close(reason=pb.Close.ABORTED, code=pb.Close.CODE_SPILL, detail=STORE_FAILED)
     assert received_close(spill) == f"remote router: {CLOSE_MESSAGES[Reason.SPILL]}: {STORE_FAILED}"
     assert received_close(pb.Close(reason=pb.Close.SHUTDOWN)) == "remote router: the remote router is shutting down"
+    bridge = pb.Close(reason=pb.Close.ABORTED, detail="router site-b\x1b disconnected")
+    assert received_close(bridge) == "stream closed (router site-b\\x1b disconnected, says the bridge)"
 
 
 def test_a_received_refusal_takes_the_reason_from_the_code_and_escapes_bounded_text() -> None:

@@ -232,6 +232,17 @@ class AssociationService:
             extra={"assoc": aid},
         )
 
+    def _initiated_by(self, session: RouterSession) -> int:
+        """The associations `session`'s router opened (its share of max_associations_per_router)."""
+        splices = self.state.splices
+        return sum(
+            1 for aid in session.associations if (s := splices.get(aid)) is not None and s.from_site == session.name
+        )
+
+    def _towards(self, session: RouterSession) -> int:
+        """The associations other routers opened to `session`'s router (max_inbound_per_router)."""
+        return len(session.associations) - self._initiated_by(session)
+
     async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
         if not admission.valid_association_id(aid, state.splices):
@@ -263,8 +274,11 @@ class AssociationService:
             device=device,
             destination_online=destination is not None,
             active=len(state.splices),
-            caller_active=len(session.associations),
-            limits=admission.Limits(limits.max_associations, limits.max_associations_per_router),
+            caller_active=self._initiated_by(session),
+            destination_inbound=0 if destination is None else self._towards(destination),
+            limits=admission.Limits(
+                limits.max_associations, limits.max_associations_per_router, limits.max_inbound_per_router
+            ),
         )
         if rejection is not None or destination is None:
             assert rejection is not None

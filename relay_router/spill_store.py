@@ -116,8 +116,11 @@ class SpillState:
 class BlobTransport(Protocol):
     """Moves blob parts: URLs from the bridge, bytes by HTTP or through the bridge. Raises SpillUnavailable."""
 
-    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
-        """(blob id, URL) for one part; an empty ``blob_id`` asks the bridge for a new blob."""
+    async def slot(
+        self, association_id: str, blob_id: str, part: int, *, download: bool, size: int = 0
+    ) -> tuple[str, str]:
+        """(blob id, URL) for one part; an empty ``blob_id`` asks the bridge for a new blob. ``size``:
+        an upload's exact stored length, which the bridge binds the URL to and charges to the quota."""
         ...
 
     async def put(self, url: str, data: bytes) -> None: ...
@@ -170,10 +173,14 @@ class BridgeBlobTransport:
         # refusing upload slots here as well keeps this router from spilling whatever a peer answers.
         self.enabled: bool = getattr(link, "spill_enabled", True)
 
-    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
+    async def slot(
+        self, association_id: str, blob_id: str, part: int, *, download: bool, size: int = 0
+    ) -> tuple[str, str]:
         if not self.enabled and not download:
             raise SpillUnavailable("spill is off on this router ([dicom] spill = false)")
-        request = pb.BlobSlotRequest(association_id=association_id, blob_id=blob_id, part=part, download=download)
+        request = pb.BlobSlotRequest(
+            association_id=association_id, blob_id=blob_id, part=part, download=download, size=size
+        )
         try:
             answer = await self.link.blob_slot(request, timeout_s=HTTP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:

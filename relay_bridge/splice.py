@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import Rejection
+from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
 
 if TYPE_CHECKING:
@@ -265,7 +266,8 @@ class AssociationService:
                 )
             return await self.refuse(context, invalid, aid)
         # From the in-memory view: an Open does not wait behind the database (publications, sign-ons).
-        device = (await state.directory_cache.view()).device(op.to_site, op.called_ae_title)
+        view = await state.directory_cache.view()
+        device = view.device(op.to_site, op.called_ae_title)
         destination = state.sessions.get(op.to_site)
         rejection = admission.admit_open(
             caller=session.name,
@@ -294,7 +296,7 @@ class AssociationService:
         session.associations.add(aid)
         destination.associations.add(aid)
         try:
-            await self._run_initiator(splice, destination, op, context)
+            await self._run_initiator(splice, destination, op, context, view.identities.get(session.name))
         finally:
             state.splices.pop(aid, None)
             session.associations.discard(aid)
@@ -302,7 +304,12 @@ class AssociationService:
             self._finished(splice)
 
     async def _run_initiator(
-        self, splice: Splice, destination: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext
+        self,
+        splice: Splice,
+        destination: RouterSession,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        caller_keys: tuple[bytes, bytes] | None = None,
     ) -> None:
         aid = splice.association_id
         notice = pb.IncomingAssociation(
@@ -313,6 +320,8 @@ class AssociationService:
             handshake=op.handshake,
             features=op.features,
         )
+        if caller_keys is not None:  # for this association only (directory_view.callers_of)
+            notice.caller_identity.CopyFrom(pb.Identity(sign_key=caller_keys[0], kem_key=caller_keys[1], kem=KEM_NAME))
         if not destination.send(pb.BridgeMessage(incoming=notice)):
             return await self.refuse(context, admission.destination_overloaded(op.to_site), aid)
         try:

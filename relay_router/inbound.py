@@ -21,7 +21,7 @@ from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.routing import AUTHENTICATION_FAILED, Reject, Running, admit_inbound
-from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, respond
+from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, PublicIdentity, respond
 from relay_router.tunnel import AssociationStream, LinkDown
 from relay_router.ul import AssociateRequested, RelayConnection, Side
 from relay_router.wire.codec import FrameRejected, confirm_frame, handshake_from, open_first_frame
@@ -63,7 +63,10 @@ class InboundCalls(AssociationHost):
 
         Returns (our Confirm, sealer, A-ASSOCIATE-RQ bytes). The id enters the replay record only
         once the handshake verified: forged notices can neither fill it nor push a real id out."""
-        initiator = self.link.peers.identity(notice.from_site)
+        offered = notice.caller_identity if notice.HasField("caller_identity") else None
+        initiator = self.link.peers.caller_identity(
+            notice.from_site, None if offered is None else PublicIdentity(offered.sign_key, offered.kem_key)
+        )
         context = AssociationContext(notice.association_id, notice.from_site, self.link.site, notice.called_ae_title)
         confirmation, sealer = respond(
             self.link.identity,

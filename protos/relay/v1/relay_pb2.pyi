@@ -204,20 +204,22 @@ class RemoteDevice(_message.Message):
     def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IncomingAssociation(_message.Message):
-    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features")
+    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features", "caller_identity")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CALLER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     from_site: str
     called_ae_title: str
     first_frame: Frame
     handshake: Handshake
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    caller_identity: Identity
+    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., caller_identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("open", "join", "accepted", "refused", "data", "close", "confirm")

@@ -261,10 +261,13 @@ class SpillSender:
         if index == 0:
             try:
                 blob_id, url = await self.transport.slot(self.association_id, "", 0, download=False, size=len(stored))
-            except BaseException as exc:
-                if not ready.done():
-                    ready.set_exception(SpillUnavailable(f"no blob: {exc}"))
-                    ready.exception()  # retrieved here: the parts waiting on it raise their own copy
+            except (SpillUnavailable, SpillFailed) as exc:
+                if not ready.done():  # the parts waiting for the blob fail the same way
+                    ready.set_exception(type(exc)(exc.detail, security=exc.security, remote_detail=exc.remote_detail))
+                    ready.exception()  # retrieved here, so an unawaited future does not warn
+                raise
+            except BaseException:
+                ready.cancel()
                 raise
             self._blob_id = blob_id
             ready.set_result(blob_id)

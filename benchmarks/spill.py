@@ -97,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         spill = {"store": f"s3://{BUCKET}/spill-bench/", "endpoint_url": moto_url, "region": "us-east-1"}
         net = LocalRelayNetwork(work / "relay", env=env, bridge_spill=spill).start()
         net.add_site("site-b", shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-a"])], spill_threshold_bytes=0)
-        tuning = {"spill_part_bytes": args.part_bytes, "spill_parallel": args.parallel}
+        tuning = {
+            "spill_part_bytes": args.part_bytes,
+            "spill_parallel": args.parallel,
+            # The routers open only URLs under their configured store endpoint (moto: plain http).
+            "spill_endpoints": [moto_url.rstrip("/") + "/"],
+            "spill_allow_insecure_http": True,
+        }
         net.add_site("site-c", shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-s"])], **tuning)
         a = net.add_site("site-a", remote=[Remote("STORE_B", "site-b", "STORE")], spill_threshold_bytes=0)
         s = net.add_site(

@@ -185,7 +185,10 @@ class Rejection:
 @dataclass(frozen=True)
 class Limits:
     max_associations: int
+    # Associations a router initiated; the ones towards it have their own cap, so peers holding
+    # associations to a site can never take the slots its own devices need to call out.
     max_associations_per_router: int
+    max_inbound_per_router: int = 500
 
 
 def valid_association_id(association_id: str, in_use: Container[str]) -> bool:
@@ -218,11 +221,14 @@ def admit_open(
     active: int,
     caller_active: int,
     limits: Limits,
+    destination_inbound: int = 0,
 ) -> Rejection | None:
     """Whether `caller` may open an association to `to_site`'s device; None admits it.
 
     The order is the one routers have always seen: an unknown device, then one
     not shared with the caller, then an offline site, then the limits.
+    `caller_active` counts the associations the caller initiated (max_associations_per_router),
+    `destination_inbound` those towards the destination (max_inbound_per_router).
     """
     if device is None:
         return Rejection(
@@ -239,6 +245,12 @@ def admit_open(
         return Rejection(pb.Refused.SITE_OFFLINE, Reason.SITE_OFFLINE, f"site {to_site!r} is offline")
     if active >= limits.max_associations or caller_active >= limits.max_associations_per_router:
         return Rejection(pb.Refused.OVERLOADED, Reason.OVERLOADED, "the bridge's association limit is reached")
+    if destination_inbound >= limits.max_inbound_per_router:
+        return Rejection(
+            pb.Refused.OVERLOADED,
+            Reason.OVERLOADED,
+            f"site {to_site!r} has reached the bridge's limit of associations towards it (max_inbound_per_router)",
+        )
     return None
 
 

@@ -94,7 +94,9 @@ class StorageSection:
 @dataclass(frozen=True)
 class LimitsSection:
     max_associations: int = 2000
+    # Associations a router initiated at once; those towards it count against max_inbound_per_router.
     max_associations_per_router: int = 500
+    max_inbound_per_router: int = 500
     # Seconds the destination router has to join an association.
     join_timeout_s: float = 10.0
     max_frame_bytes: int = 16 * 1024 * 1024
@@ -128,6 +130,7 @@ class LimitsSection:
         for name in (
             "max_associations",
             "max_associations_per_router",
+            "max_inbound_per_router",
             "frame_queue_depth",
             "login_failures",
             "login_hash_threads",

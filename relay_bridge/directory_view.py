@@ -58,9 +58,9 @@ class DirectoryView:
         return [found[k] for k in sorted(found)]
 
     def callers_of(self, site: str) -> set[str]:
-        """The sites that may call `site` (all of them when it shares something with every site)."""
-        targets = {t for d in self.by_owner.get(site, ()) for t in d.share_with}
-        return set(self.identities) if EVERY_SITE in targets else targets
+        """The sites named as callers of `site`. A share with "*" names nobody: such a router gets
+        each caller's identity in the `IncomingAssociation` of that call only, never every site's."""
+        return {t for d in self.by_owner.get(site, ()) for t in d.share_with if t != EVERY_SITE}
 
     def for_site(self, site: str, online: Collection[str], *, max_bytes: int) -> pb.Directory:
         reachable = self.reachable_by(site)

@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import Rejection
+from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
 
 if TYPE_CHECKING:
@@ -232,6 +233,17 @@ class AssociationService:
             extra={"assoc": aid},
         )
 
+    def _initiated_by(self, session: RouterSession) -> int:
+        """The associations `session`'s router opened (its share of max_associations_per_router)."""
+        splices = self.state.splices
+        return sum(
+            1 for aid in session.associations if (s := splices.get(aid)) is not None and s.from_site == session.name
+        )
+
+    def _towards(self, session: RouterSession) -> int:
+        """The associations other routers opened to `session`'s router (max_inbound_per_router)."""
+        return len(session.associations) - self._initiated_by(session)
+
     async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
         if not admission.valid_association_id(aid, state.splices):
@@ -254,7 +266,8 @@ class AssociationService:
                 )
             return await self.refuse(context, invalid, aid)
         # From the in-memory view: an Open does not wait behind the database (publications, sign-ons).
-        device = (await state.directory_cache.view()).device(op.to_site, op.called_ae_title)
+        view = await state.directory_cache.view()
+        device = view.device(op.to_site, op.called_ae_title)
         destination = state.sessions.get(op.to_site)
         rejection = admission.admit_open(
             caller=session.name,
@@ -263,8 +276,11 @@ class AssociationService:
             device=device,
             destination_online=destination is not None,
             active=len(state.splices),
-            caller_active=len(session.associations),
-            limits=admission.Limits(limits.max_associations, limits.max_associations_per_router),
+            caller_active=self._initiated_by(session),
+            destination_inbound=0 if destination is None else self._towards(destination),
+            limits=admission.Limits(
+                limits.max_associations, limits.max_associations_per_router, limits.max_inbound_per_router
+            ),
         )
         if rejection is not None or destination is None:
             assert rejection is not None
@@ -280,7 +296,7 @@ class AssociationService:
         session.associations.add(aid)
         destination.associations.add(aid)
         try:
-            await self._run_initiator(splice, destination, op, context)
+            await self._run_initiator(splice, destination, op, context, view.identities.get(session.name))
         finally:
             state.splices.pop(aid, None)
             session.associations.discard(aid)
@@ -288,7 +304,12 @@ class AssociationService:
             self._finished(splice)
 
     async def _run_initiator(
-        self, splice: Splice, destination: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext
+        self,
+        splice: Splice,
+        destination: RouterSession,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        caller_keys: tuple[bytes, bytes] | None = None,
     ) -> None:
         aid = splice.association_id
         notice = pb.IncomingAssociation(
@@ -299,6 +320,8 @@ class AssociationService:
             handshake=op.handshake,
             features=op.features,
         )
+        if caller_keys is not None:  # for this association only (directory_view.callers_of)
+            notice.caller_identity.CopyFrom(pb.Identity(sign_key=caller_keys[0], kem_key=caller_keys[1], kem=KEM_NAME))
         if not destination.send(pb.BridgeMessage(incoming=notice)):
             return await self.refuse(context, admission.destination_overloaded(op.to_site), aid)
         try:

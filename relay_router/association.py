@@ -19,7 +19,8 @@ from typing import Any
 import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_common.errors import REFUSED_REASON_NAMES, Reason, RelayError
+from relay_common.errors import Reason, RelayError
+from relay_router.close_codes import close_frame, received_close, received_refusal
 from relay_router.config import DicomSection
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
@@ -337,10 +338,7 @@ class RelayedAssociation:
                     return
             elif kind == "close":
                 if self.conn.phase is not Phase.CLOSED:
-                    self.outcome.detail = (
-                        self.outcome.detail
-                        or f"remote router: {frame.close.detail or pb.Close.Reason.Name(frame.close.reason)}"
-                    )
+                    self.outcome.detail = self.outcome.detail or received_close(frame.close)
                     self._end_reason = self._end_reason or Reason.PEER_ABORTED
                 await self.apply(self.conn.peer_closed(Side.REMOTE))
                 return
@@ -430,9 +428,7 @@ class RelayedAssociation:
     async def refuse(self, refused: pb.Refused) -> None:
         """The destination router refused after the bridge had accepted (e.g. device unreachable)."""
         self._ending.set()
-        name = pb.Refused.Reason.Name(refused.reason) if refused.reason in pb.Refused.Reason.values() else ""
-        detail = refused.detail or name or f"reason {refused.reason}"
-        self.outcome.refuse(Result.REFUSED, REFUSED_REASON_NAMES.get(name, Reason.OTHER), detail)
+        self.outcome.refuse(Result.REFUSED, *received_refusal(refused))
         log.info("association refused: %s", self.outcome.detail, extra=self._extra)
         if self.conn.phase is Phase.AWAIT_AC:
             self.writer.write(rejection_for(refused.reason))
@@ -491,7 +487,7 @@ class RelayedAssociation:
         )
         async with self._send_lock:
             with contextlib.suppress(*SEND_ERRORS):
-                await self.stream.send(pb.Frame(close=pb.Close(reason=reason, detail=self.outcome.close_detail)))
+                await self.stream.send(close_frame(reason, self.outcome.reason, self.outcome.close_detail))
         await self.stream.finish()
         # Let the remote pump see the partner's close, then stop whatever is left.
         if self._remote is not None:

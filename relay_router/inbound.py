@@ -15,12 +15,13 @@ import logging
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
 from relay_router.association import RelayedAssociation
+from relay_router.close_codes import FIXED_DETAILS
 from relay_router.grants import check_services, record_decision
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.routing import AUTHENTICATION_FAILED, Reject, Running, admit_inbound
-from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, respond
+from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, PublicIdentity, respond
 from relay_router.tunnel import AssociationStream, LinkDown
 from relay_router.ul import AssociateRequested, RelayConnection, Side
 from relay_router.wire.codec import FrameRejected, confirm_frame, handshake_from, open_first_frame
@@ -50,7 +51,8 @@ class InboundCalls(AssociationHost):
         """Answer the calling router `Refused` as `why` says, and record it."""
         assert why.refused is not None
         outcome.refuse(Result.REFUSED, why.reason, why.detail, security=why.security)
-        public = why.public_detail or why.detail
+        # Only the code and a fixed text cross the bridge (relay_router.close_codes); `detail` stays here.
+        public = why.public_detail if why.public_detail in FIXED_DETAILS else ""
         await stream.send(pb.Frame(refused=pb.Refused(reason=why.refused, detail=public)))
         await stream.finish()
 
@@ -61,7 +63,10 @@ class InboundCalls(AssociationHost):
 
         Returns (our Confirm, sealer, A-ASSOCIATE-RQ bytes). The id enters the replay record only
         once the handshake verified: forged notices can neither fill it nor push a real id out."""
-        initiator = self.link.peers.identity(notice.from_site)
+        offered = notice.caller_identity if notice.HasField("caller_identity") else None
+        initiator = self.link.peers.caller_identity(
+            notice.from_site, None if offered is None else PublicIdentity(offered.sign_key, offered.kem_key)
+        )
         context = AssociationContext(notice.association_id, notice.from_site, self.link.site, notice.called_ae_title)
         confirmation, sealer = respond(
             self.link.identity,
@@ -144,7 +149,6 @@ class InboundCalls(AssociationHost):
                     Reason.SERVICE_NOT_GRANTED,
                     f"{notice.from_site} may not use {', '.join(services.refused_syntaxes)} on {device.ae_title}",
                     refused=pb.Refused.SERVICE_NOT_GRANTED,
-                    public_detail=f"no requested service is granted on {device.ae_title}",
                 )
                 return await self._refuse_inbound(stream, outcome, why)
             removed, receive_only = services.refused_ids, services.receive_only
@@ -160,7 +164,6 @@ class InboundCalls(AssociationHost):
                 Reason.DEVICE_UNREACHABLE,
                 detail,
                 refused=pb.Refused.DEVICE_UNREACHABLE,
-                public_detail=f"device {device.ae_title} at site {self.link.site} is not reachable",
             )
             return await self._refuse_inbound(stream, outcome, why)
         tune_socket(writer)

@@ -16,8 +16,9 @@ import time
 import uuid
 
 from protos.relay.v1 import relay_pb2 as pb
-from relay_common.errors import REFUSED_REASON_NAMES, Reason
+from relay_common.errors import Reason
 from relay_router.association import RelayedAssociation, rejection_for
+from relay_router.close_codes import received_refusal
 from relay_router.grants import REJECT_SERVICE_NOT_GRANTED, check_services, granted_remote, record_decision
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
@@ -286,7 +287,7 @@ class OutboundCalls(AssociationHost):
             writer.close()
             return
         if answer.HasField("refused"):
-            outcome.refuse(Result.REFUSED, *self._bridge_refusal(answer.refused))
+            outcome.refuse(Result.REFUSED, *received_refusal(answer.refused))
             log.info("bridge refused the association: %s", outcome.detail, extra={"assoc": outcome.association_id})
             writer.write(rejection_for(answer.refused.reason))
             with contextlib.suppress(ConnectionError):
@@ -327,7 +328,7 @@ class OutboundCalls(AssociationHost):
             stream, answer = await self.link.open(opening)
             stream.cancel()
             if answer.HasField("refused"):
-                reason, detail = self._bridge_refusal(answer.refused, why.detail)
+                reason, detail = received_refusal(answer.refused, why.detail)
                 rj = rejection_for(answer.refused.reason)
                 outcome.refuse(Result.REJECTED, reason, detail)
                 log.info("A-ASSOCIATE-RJ: %s", detail, extra={"assoc": outcome.association_id})
@@ -339,11 +340,3 @@ class OutboundCalls(AssociationHost):
         except LinkDown as exc:
             why = Reject(Reason.BRIDGE_UNREACHABLE, str(exc), rj=REJECT_UNKNOWN_CALLED)
         await self._reject(conn, writer, outcome, why)
-
-    @staticmethod
-    def _bridge_refusal(refused: pb.Refused, default_detail: str | None = None) -> tuple[Reason, str]:
-        """The reason and the local detail of a `Refused` answer (the reason comes from its code, never its text)."""
-        # A code this version does not know (or a hostile bridge's) is "other", not a crash.
-        known = refused.reason in pb.Refused.Reason.values()
-        name = pb.Refused.Reason.Name(refused.reason) if known else str(refused.reason)
-        return REFUSED_REASON_NAMES.get(name, Reason.OTHER), refused.detail or default_detail or name

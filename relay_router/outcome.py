@@ -72,8 +72,9 @@ class Outcome:
 
     @property
     def close_detail(self) -> str:
-        """The detail sent to the other router in Close (it crosses the bridge)."""
-        return self.remote_detail or self.detail
+        """The text sent to the other router in Close (it crosses the bridge): a fixed text of
+        relay_router.close_codes or nothing, never `detail` (which may hold what the bridge must not see)."""
+        return self.remote_detail
 
     @property
     def succeeded(self) -> bool:

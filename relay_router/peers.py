@@ -106,5 +106,28 @@ class PeerKeys:
             raise NoPeerKey(f"the bridge has not provided an identity for site {site}")
         return identity
 
+    def caller_identity(self, site: str, offered: PublicIdentity | None) -> PublicIdentity:
+        """The verified identity of a site calling us: the directory's, else the one the bridge sent
+        with this association (a router that shares with "*" is not sent every site's key). The
+        same rules hold for both: a pin or a known fingerprint must match, require_pin admits only
+        pinned sites, and an unknown site's first key is recorded (trust on first use)."""
+        if offered is None or site in self._offered or site in self._mismatch:
+            return self.identity(site)
+        if self._require_pin and site not in self._pins:
+            raise PeerKeyRejected(f"site {site} has no [[pin]] in router.toml and require_pin is on")
+        offered.verifier(), offered.hpke_key()  # HandshakeError for malformed keys, before anything is recorded
+        fingerprint = offered.fingerprint
+        expected = self.expected(site)
+        if expected is None:
+            self._known[site] = fingerprint
+            self._save()
+            log.info("first contact with site %s (calling us): pinned identity %s", site, fingerprint)
+        elif expected != fingerprint:
+            raise PeerKeyRejected(
+                f"the bridge offers identity {fingerprint[:16]}... for calling site {site}, "
+                f"but {expected[:16]}... is pinned"
+            )
+        return offered
+
     def _save(self) -> None:
         write_private(self._known_file, json.dumps(self._known, indent=2, sort_keys=True))

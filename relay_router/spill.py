@@ -136,7 +136,7 @@ class SpillSender:
     def _reset(self) -> None:
         self.active = False
         self._blob_id = ""
-        self._first_url = ""
+        self._blob_ready: asyncio.Future[str] | None = None  # the blob id, once part 0's slot names it
         self._buffer = bytearray()
         self._parts = 0
         self._plain_len = 0
@@ -169,10 +169,8 @@ class SpillSender:
                 return self._flush_head()
             if self.framer.dataset_bytes <= self.threshold:
                 return b""
-            try:
-                self._blob_id, self._first_url = await self.transport.slot(self.association_id, "", 0, download=False)
-            except SpillUnavailable as exc:
-                return self._fall_back(str(exc), self._flush_head())
+            # No slot yet: each part's upload asks for its own once its stored bytes exist, with their
+            # size (the bridge binds the URL to it); part 0's request creates the blob (`_blob_ready`).
             payload = self._flush_head()
             self.active = True
             self._start_count = self.framer.datasets_completed
@@ -255,11 +253,27 @@ class SpillSender:
         self._tasks[index] = asyncio.create_task(self._upload(index, stored))
 
     async def _upload(self, index: int, stored: bytes) -> bytes:
-        url = (
-            self._first_url
-            if index == 0
-            else (await self.transport.slot(self.association_id, self._blob_id, index, download=False))[1]
-        )
+        """Ask for part `index`'s slot with its exact size, then store it. Part 0 creates the blob;
+        later parts wait only for its id (their slots and uploads still run in parallel)."""
+        if self._blob_ready is None:
+            self._blob_ready = asyncio.get_running_loop().create_future()
+        ready = self._blob_ready
+        if index == 0:
+            try:
+                blob_id, url = await self.transport.slot(self.association_id, "", 0, download=False, size=len(stored))
+            except (SpillUnavailable, SpillFailed) as exc:
+                if not ready.done():  # the parts waiting for the blob fail the same way
+                    ready.set_exception(type(exc)(exc.detail, security=exc.security, remote_detail=exc.remote_detail))
+                    ready.exception()  # retrieved here, so an unawaited future does not warn
+                raise
+            except BaseException:
+                ready.cancel()
+                raise
+            self._blob_id = blob_id
+            ready.set_result(blob_id)
+        else:
+            blob_id = await asyncio.shield(ready)
+            url = (await self.transport.slot(self.association_id, blob_id, index, download=False, size=len(stored)))[1]
         await self.transport.put(url, stored)
         return stored
 

@@ -24,17 +24,18 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason, RelayError
+
+# What a spill failure says in Close.detail (RelayError.remote_detail; it crosses the bridge): fixed
+# texts, never a URL, an errno or bytes of a response. The specific reason stays in this router's log.
+from relay_router.close_codes import FETCH_FAILED as FETCH_FAILED  # re-exported for spill*.py
+from relay_router.close_codes import PART_GONE as PART_GONE
+from relay_router.close_codes import STORE_FAILED as STORE_FAILED
+from relay_router.close_codes import URL_REFUSED
 from relay_router.egress import MAX_STORED_PART, EgressError, ProxySettings, UrlPolicy, UrlRefused, http_request
 from relay_router.wire.flags import PartFlag
 
 BACKOFF_S = 60.0
 MAX_DOWNLOADS = 16  # parts held by all receiving associations of a router together (~16 x 8 MiB)
-# What a spill failure says in Close.detail (RelayError.remote_detail; it crosses the bridge): fixed
-# texts, never a URL, an errno or bytes of a response. The specific reason stays in this router's log.
-URL_REFUSED = "SECURITY: the bridge handed out a spill URL this router does not open"
-FETCH_FAILED = "a part of a spilled data set could not be fetched (details in this router's log)"
-PART_GONE = "a part of a spilled data set was gone from the store (details in this router's log)"
-STORE_FAILED = "the blob store failed in the middle of a blob (details in this router's log)"
 HTTP_TIMEOUT_S = 60.0
 PART_SEQ_BASE = 1 << 63  # part nonces never meet frame nonces (frame sequence numbers stay far below)
 MAX_PART_INDEX = 1 << 20
@@ -115,8 +116,11 @@ class SpillState:
 class BlobTransport(Protocol):
     """Moves blob parts: URLs from the bridge, bytes by HTTP or through the bridge. Raises SpillUnavailable."""
 
-    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
-        """(blob id, URL) for one part; an empty ``blob_id`` asks the bridge for a new blob."""
+    async def slot(
+        self, association_id: str, blob_id: str, part: int, *, download: bool, size: int = 0
+    ) -> tuple[str, str]:
+        """(blob id, URL) for one part; an empty ``blob_id`` asks the bridge for a new blob. ``size``:
+        an upload's exact stored length, which the bridge binds the URL to and charges to the quota."""
         ...
 
     async def put(self, url: str, data: bytes) -> None: ...
@@ -169,10 +173,14 @@ class BridgeBlobTransport:
         # refusing upload slots here as well keeps this router from spilling whatever a peer answers.
         self.enabled: bool = getattr(link, "spill_enabled", True)
 
-    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
+    async def slot(
+        self, association_id: str, blob_id: str, part: int, *, download: bool, size: int = 0
+    ) -> tuple[str, str]:
         if not self.enabled and not download:
             raise SpillUnavailable("spill is off on this router ([dicom] spill = false)")
-        request = pb.BlobSlotRequest(association_id=association_id, blob_id=blob_id, part=part, download=download)
+        request = pb.BlobSlotRequest(
+            association_id=association_id, blob_id=blob_id, part=part, download=download, size=size
+        )
         try:
             answer = await self.link.blob_slot(request, timeout_s=HTTP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:

@@ -33,6 +33,7 @@ from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
 from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
+from relay_router.bridge_notice import check_notice
 from relay_router.config import RouterConfig
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
@@ -413,15 +414,16 @@ class BridgeLink:
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
         elif message.HasField("audit"):
-            notice = message.audit
-            self.audit.event(
-                notice.event,
-                "alert",
-                peer_site=notice.peer_site,
-                ae_title=notice.ae_title,
-                detail=notice.detail,
-                reported_by="bridge",
-            )
+            notice = check_notice(message.audit)  # the bridge's event and fields are not trusted
+            if notice is not None:
+                self.audit.event(
+                    notice.event,
+                    "alert",
+                    peer_site=notice.peer_site,
+                    ae_title=notice.ae_title,
+                    detail=notice.detail,
+                    reported_by="bridge",
+                )
         elif message.HasField("incoming"):
             task = asyncio.create_task(self._on_incoming(message.incoming))
             self._tasks.add(task)

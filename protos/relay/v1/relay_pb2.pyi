@@ -204,20 +204,22 @@ class RemoteDevice(_message.Message):
     def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IncomingAssociation(_message.Message):
-    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features")
+    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features", "caller_identity")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CALLER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     from_site: str
     called_ae_title: str
     first_frame: Frame
     handshake: Handshake
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    caller_identity: Identity
+    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., caller_identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("open", "join", "accepted", "refused", "data", "close", "confirm")
@@ -340,7 +342,7 @@ class BlobRef(_message.Message):
     def __init__(self, blob_id: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class Close(_message.Message):
-    __slots__ = ("reason", "detail")
+    __slots__ = ("reason", "detail", "code")
     class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         REASON_UNSPECIFIED: _ClassVar[Close.Reason]
@@ -351,8 +353,42 @@ class Close(_message.Message):
     PEER_CLOSED: Close.Reason
     ABORTED: Close.Reason
     SHUTDOWN: Close.Reason
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Close.Code]
+        CODE_OTHER: _ClassVar[Close.Code]
+        CODE_PROTOCOL: _ClassVar[Close.Code]
+        CODE_LINK_LOST: _ClassVar[Close.Code]
+        CODE_PEER_ABORTED: _ClassVar[Close.Code]
+        CODE_IDLE: _ClassVar[Close.Code]
+        CODE_SPILL: _ClassVar[Close.Code]
+        CODE_SHUTDOWN: _ClassVar[Close.Code]
+        CODE_SECURITY: _ClassVar[Close.Code]
+        CODE_DEVICE_REJECTED: _ClassVar[Close.Code]
+        CODE_DEVICE_UNREACHABLE: _ClassVar[Close.Code]
+        CODE_TIMEOUT: _ClassVar[Close.Code]
+        CODE_OVERLOADED: _ClassVar[Close.Code]
+        CODE_SERVICE_NOT_GRANTED: _ClassVar[Close.Code]
+        CODE_REQUEST_TOO_LARGE: _ClassVar[Close.Code]
+    CODE_UNSPECIFIED: Close.Code
+    CODE_OTHER: Close.Code
+    CODE_PROTOCOL: Close.Code
+    CODE_LINK_LOST: Close.Code
+    CODE_PEER_ABORTED: Close.Code
+    CODE_IDLE: Close.Code
+    CODE_SPILL: Close.Code
+    CODE_SHUTDOWN: Close.Code
+    CODE_SECURITY: Close.Code
+    CODE_DEVICE_REJECTED: Close.Code
+    CODE_DEVICE_UNREACHABLE: Close.Code
+    CODE_TIMEOUT: Close.Code
+    CODE_OVERLOADED: Close.Code
+    CODE_SERVICE_NOT_GRANTED: Close.Code
+    CODE_REQUEST_TOO_LARGE: Close.Code
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     reason: Close.Reason
     detail: str
-    def __init__(self, reason: _Optional[_Union[Close.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    code: Close.Code
+    def __init__(self, reason: _Optional[_Union[Close.Reason, str]] = ..., detail: _Optional[str] = ..., code: _Optional[_Union[Close.Code, str]] = ...) -> None: ...

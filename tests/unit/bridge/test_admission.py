@@ -79,6 +79,23 @@ def test_limits(active: int, caller_active: int) -> None:
     assert open_from(active=active, caller_active=caller_active) == pb.Refused.OVERLOADED
 
 
+def test_associations_towards_a_router_have_their_own_cap() -> None:
+    """A peer holding associations to site-b uses the inbound cap, never site-b's own outbound slots."""
+    limits = Limits(max_associations=100, max_associations_per_router=3, max_inbound_per_router=5)
+    assert open_from(caller_active=2, destination_inbound=4, limits=limits) is None
+    # site-b towards which 5 are held (by peers) still opens its own (its initiated count is what counts)
+    station = Device("site-a", "WS", "", ("site-b",))
+    assert open_from("site-b", to_site="site-a", device=station, caller_active=0, limits=limits) is None
+    rejection = admit_open(
+        caller="site-a", to_site="site-b", called_ae_title="PACS", device=PACS, destination_online=True,
+        active=5, caller_active=0, destination_inbound=5, limits=limits,
+    )  # fmt: skip
+    assert rejection is not None and (rejection.code, rejection.reason) == (pb.Refused.OVERLOADED, Reason.OVERLOADED)
+    assert rejection.detail == (
+        "site 'site-b' has reached the bridge's limit of associations towards it (max_inbound_per_router)"
+    )
+
+
 def test_order_of_the_checks() -> None:
     """Routers have always seen the first of: unknown, not shared, offline, overloaded."""
     assert open_from(device=None, destination_online=False, active=99) == pb.Refused.UNKNOWN_DEVICE

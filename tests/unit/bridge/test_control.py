@@ -270,6 +270,24 @@ def test_a_directory_too_large_is_cut_fairly_per_site() -> None:
     assert 0 < sum(d.site == "big" for d in message.devices) < 3000
 
 
+def test_a_star_sharer_is_not_sent_every_sites_identity() -> None:
+    """Issue 17, item 10: sharing with "*" names no caller; keys come with each association instead."""
+    from relay_bridge.directory_view import DirectoryView
+
+    keys = {s: (s.encode() * 4, s.encode() * 8) for s in ("open", "named", "caller", "stranger", "partner")}
+    devices = [
+        Device("open", "ANY", "", ("*",)),
+        Device("named", "PACS", "", ("caller",)),
+        Device("partner", "WS", "", ("open",)),
+    ]
+    view = DirectoryView.build(devices, keys)
+    assert {i.site for i in view.for_site("open", set(), max_bytes=1 << 20).identities} == {"partner"}
+    # "named" may call "open" (so it has its key) and is called by "caller".
+    assert {i.site for i in view.for_site("named", set(), max_bytes=1 << 20).identities} == {"caller", "open"}
+    # Callers still see the "*" sharer's key (they must seal to it).
+    assert "open" in {i.site for i in view.for_site("stranger", set(), max_bytes=1 << 20).identities}
+
+
 async def test_a_publication_flood_is_coalesced(servicer: RelayServicer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Publications within publish_interval_s: the database is written at most twice, with the latest one."""
     servicer.directory.sync.add_router("a")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay_router.peers import PeerKeys
-from relay_router.seal import HandshakeError, Identity, UnknownPeer
+from relay_router.seal import HandshakeError, Identity, PublicIdentity, UnknownPeer
 
 
 def test_first_contact_is_pinned_and_a_changed_key_refused(tmp_path: Path) -> None:
@@ -54,3 +54,30 @@ def test_refusals_are_typed_relay_errors(tmp_path: Path) -> None:
     assert isinstance(unknown.value, UnknownPeer) and not unknown.value.security
     assert unknown.value.reason is Reason.UNKNOWN_IDENTITY
     assert "nowhere" in unknown.value.detail
+
+
+def test_a_callers_identity_sent_with_its_association_follows_the_same_rules(tmp_path: Path) -> None:
+    """A router sharing with "*" gets a caller's key with the association (issue 17, item 10)."""
+    caller, other = Identity.generate().public, Identity.generate().public
+    peers = PeerKeys(tmp_path / "known.json", {})
+    peers.update({})  # the directory names nobody
+    assert peers.caller_identity("site-c", caller) == caller  # first use: recorded
+    assert PeerKeys(tmp_path / "known.json", {}).expected("site-c") == caller.fingerprint
+    with pytest.raises(HandshakeError, match="is pinned"):
+        peers.caller_identity("site-c", other)  # a different key later is refused
+    with pytest.raises(HandshakeError, match="malformed|wrong length"):
+        peers.caller_identity("site-d", PublicIdentity(b"x" * 32, b"y"))
+    assert PeerKeys(tmp_path / "known.json", {}).expected("site-d") is None  # nothing recorded for it
+    with pytest.raises(UnknownPeer):
+        peers.caller_identity("site-e", None)
+
+
+def test_a_callers_identity_needs_a_pin_under_require_pin(tmp_path: Path) -> None:
+    pinned, stranger = Identity.generate().public, Identity.generate().public
+    peers = PeerKeys(tmp_path / "known.json", {"site-b": pinned.fingerprint}, require_pin=True)
+    assert peers.caller_identity("site-b", pinned) == pinned
+    with pytest.raises(HandshakeError, match="is pinned"):
+        peers.caller_identity("site-b", stranger)
+    with pytest.raises(HandshakeError, match="no \\[\\[pin\\]\\]"):
+        peers.caller_identity("site-x", stranger)
+    assert not (tmp_path / "known.json").exists()

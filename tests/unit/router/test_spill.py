@@ -37,8 +37,12 @@ class MemoryTransport:
         self.fail_slot = False
         self.fail_put_after: int | None = None
         self.puts = 0
+        self.sizes: dict[tuple[str, int, bool], int] = {}  # what each slot request said
 
-    async def slot(self, association_id: str, blob_id: str, part: int, *, download: bool) -> tuple[str, str]:
+    async def slot(
+        self, association_id: str, blob_id: str, part: int, *, download: bool, size: int = 0
+    ) -> tuple[str, str]:
+        self.sizes[(blob_id, part, download)] = size
         if self.fail_slot:
             raise SpillUnavailable("down")
         blob_id = blob_id or "ab" * 16
@@ -149,6 +153,23 @@ async def test_round_trip(level: int | None) -> None:
     got = await receive(SpillReceiver(transport, AID, rx, parallel=2), rx, frames)  # type: ignore[arg-type]
     assert got == b"".join(chunks)
     assert transport.released == ["ab" * 16]
+
+
+@pytest.mark.parametrize("level", [None, 3])
+async def test_every_upload_slot_is_asked_for_with_the_stored_size_of_its_part(level: int | None) -> None:
+    """Issue 17: the bridge binds a presigned PUT to the length the router states, so the router asks
+    for each part's slot only once the part's stored (compressed, sealed) bytes exist."""
+    tx, _rx = sealers()
+    transport, framer = MemoryTransport(), FakeFramer(dataset_bytes=2000)
+    chunks = [os.urandom(1000) + bytes(50_000) for _ in range(7)]
+    await send_dataset(sender(transport, tx, framer, level), framer, chunks)
+    uploads = {(blob, part): size for (blob, part, download), size in transport.sizes.items() if not download}
+    assert sorted(part for _, part in uploads) == list(range(6))
+    assert ("", 0) in uploads  # part 0's request creates the blob
+    for url, stored in transport.blobs.items():
+        part = int(url.rsplit("/", 1)[1])
+        size = uploads[("", 0)] if part == 0 else uploads[("ab" * 16, part)]
+        assert size == len(stored) > 0, (part, size, len(stored))
 
 
 async def test_shuffled_parts_of_16_bit_pixels_round_trip_smaller() -> None:

@@ -52,17 +52,17 @@ REFUSED_MESSAGES: dict[int, str] = {
 REFUSED_DETAIL_MAX = 200  # characters of the bridge's own refusal text kept in the log
 
 
-def close_code(reason: Reason | None) -> int:
+def close_code(reason: Reason | None) -> pb.Close.Code:
     """The `Close.Code` for a reason (CODE_OTHER for one the wire does not name)."""
     if reason is None:
         return pb.Close.CODE_UNSPECIFIED
     try:
-        return pb.Close.Code.Value(f"CODE_{reason.name}")
+        return pb.Close.Code.Value(f"CODE_{reason.name}")  # type: ignore[return-value]  # the stub types it int
     except ValueError:
         return pb.Close.CODE_OTHER
 
 
-def close_frame(reason: int, code: Reason | None, remote_detail: str) -> pb.Frame:
+def close_frame(reason: pb.Close.Reason, code: Reason | None, remote_detail: str) -> pb.Frame:
     """The Close to send: the reason, the code and a fixed text only (anything else is dropped)."""
     detail = remote_detail if remote_detail in FIXED_DETAILS else ""
     return pb.Frame(close=pb.Close(reason=reason, code=close_code(code), detail=detail))

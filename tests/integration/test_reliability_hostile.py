@@ -74,9 +74,24 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     archive.start()
     net = LocalRelayNetwork(tmp_path_factory.mktemp("hostile")).start()
     try:
-        quiet_site(net, "site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])])
+        # The drills come from one address, hundreds at a time, and hold ~90 associations into site-b:
+        # the caps on unfinished requests and on inbound associations per site are raised so that
+        # they test how each cut ends, not the caps (test_admission.py tests those).
+        quiet_site(
+            net,
+            "site-b",
+            shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])],
+            max_inbound_associations=200,
+            max_inbound_per_site=200,
+        )
         port = quiet_site(
-            net, "site-a", remote=[Remote("ARCHIVE_B", "site-b")], artim_timeout_s=ARTIM_S, dimse_timeout_s=DIMSE_S
+            net,
+            "site-a",
+            remote=[Remote("ARCHIVE_B", "site-b")],
+            artim_timeout_s=ARTIM_S,
+            dimse_timeout_s=DIMSE_S,
+            max_pending_requests=1000,
+            max_pending_per_address=1000,
         ).port
         assert port
         net.wait_connected()

@@ -331,8 +331,10 @@ class BlobService:
             )
         except BlobRefused as exc:
             await self._refused(context, session, exc, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            raise AssertionError("context.abort() raises") from exc
         except Exception as exc:  # a store failure: the router falls back to inline frames
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+            raise AssertionError("context.abort() raises") from exc
         return pb.BlobSlotResponse(blob_id=blob_id, url=url, expires_unix=expires)
 
     async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:
@@ -351,8 +353,10 @@ class BlobService:
             data = await self._broker().get_part(request.url, session.associations)
         except BlobRefused as exc:
             await self._refused(context, session, exc)
+            raise AssertionError("context.abort() raises") from exc
         except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"blob store: {exc}")
+            raise AssertionError("context.abort() raises") from exc
         return pb.BlobPart(data=data)
 
     async def ReleaseBlob(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:

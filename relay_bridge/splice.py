@@ -184,8 +184,9 @@ class AssociationService:
             return
         try:
             first = pb.Frame.FromString(raw)
-        except DecodeError:
+        except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame is not a relay.v1.Frame")
+            raise AssertionError("context.abort() raises") from exc
         if first.HasField("open"):
             await self.initiate(session, first.open, context)
         elif first.HasField("join"):

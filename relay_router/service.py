@@ -335,7 +335,7 @@ class RouterService(OutboundCalls, InboundCalls):
         for own in (self._link_task, self._status_task):
             if own is not None:
                 own.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await asyncio.gather(own, return_exceptions=True)
 
     async def _run(self, relay: RelayedAssociation, initial: list[Action] | None = None) -> None:
         self.relays.add(relay)

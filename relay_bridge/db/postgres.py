@@ -363,7 +363,6 @@ class PostgresDirectory:
     async def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in await self.devices() if d.shared_with(peer)]
 
-
     # -- replicas and presence (relay_bridge.db.replicas) ------------------------------------
     async def register_replica(self, replica: Replica) -> None:
         r = replica

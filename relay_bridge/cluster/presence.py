@@ -98,7 +98,7 @@ class PresenceKeeper:
 
         False: an even newer sign-on of the site is recorded elsewhere, so this one is already stale.
         """
-        claimed = await self.directory.claim_presence(site, self.replica_id, since, since + self.lease_s)
+        claimed = await self.directory.claim_presence(site, self.replica_id, since, time.time() + self.lease_s)
         if claimed:
             self._claimed[site] = since
         return claimed

@@ -142,11 +142,25 @@ class Forwarder:
             log.error("replica %s has an unusable address: %s", location.replica, exc, extra={"assoc": aid})
             return await service.refuse(context, replica_unreachable(op.to_site), aid)
         call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
+        try:  # however this ends (even cancelled: the router went away), the Forward call ends with it
+            await self._run_call(service, splice, op, context, location, call)
+        finally:
+            call.cancel()
+
+    async def _run_call(
+        self,
+        service: AssociationService,
+        splice: Splice,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        location: Location,
+        call: grpc.aio.StreamStreamCall[bytes, bytes],
+    ) -> None:
+        aid = splice.association_id
         try:
             await call.write(pb.Frame(open=op).SerializeToString())
             answer = await asyncio.wait_for(call.read(), self._answer_timeout)
         except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
-            call.cancel()
             failure = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             log.warning(
                 "replica %s at %s did not take the association for %s: %s",
@@ -164,11 +178,9 @@ class Forwarder:
         except DecodeError:
             first = None
         if first is None or not (first.HasField("accepted") or first.HasField("refused")):
-            call.cancel()
             log.error("replica %s answered an Open with no Accepted or Refused", location.replica, extra={"assoc": aid})
             return await service.refuse(context, replica_unreachable(op.to_site), aid)
         if first.HasField("refused"):
-            call.cancel()
             service.state.metrics.refused(first.refused.reason, aid, "refused by the replica holding the site")
             await context.write(answer)  # the holding replica's own code and text, as it sent them
             return
@@ -209,7 +221,6 @@ async def _splice_through(
         await finish(from_router)
         await finish(writer)
         await finish(from_replica)
-        call.cancel()
 
 
 class ForwardService:

@@ -1,10 +1,8 @@
-"""Three bridge replicas on a throwaway PostgreSQL, HAProxy in front, real routers behind it.
+"""Fixtures for the cluster tests: a throwaway PostgreSQL, three bridge replicas, HAProxy in front.
 
-`BridgeCluster` writes one bridge configuration per replica (its own router-facing port, its own
-`[cluster]` port and id, the shared database and cluster certificate), starts them as real
-`relay-bridge serve` processes, and puts HAProxy (TCP mode, health checks) in front with one
-frontend per site: each frontend prefers a different replica, so the two routers land on
-different replicas and the tests can say which (the presence table says so too).
+HAProxy gets one frontend per site, each preferring a different replica, so the two routers land
+on different replicas and the tests can say which (the presence table says so too). The
+replicas themselves: tests.support.bridge_cluster.
 
 Missing PostgreSQL, psycopg or HAProxy: skipped locally, a failure under CI=true.
 """
@@ -13,23 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import psycopg
 import pytest
 
-from relay_demo.network import LocalRelayNetwork, _wait_ready
-from tests.support.haproxy import HAProxy, haproxy_binary
-from tests.support.ports import free_port
+from tests.support.bridge_cluster import BridgeCluster, start_bridge_cluster
+from tests.support.haproxy import haproxy_binary
 from tests.support.postgres import PostgresCluster, postgres_bindir
-
-HOST = "127.0.0.1"
-REPLICAS = ("r1", "r2", "r3")
 
 
 def require_cluster_parts() -> None:
@@ -45,104 +33,6 @@ def require_cluster_parts() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI requires the cluster test's parts; {message}", pytrace=False)
     pytest.skip(message)
-
-
-@dataclass
-class Replica:
-    id: str
-    port: int  # router-facing (TLS), behind HAProxy
-    cluster_port: int  # internal Forward service (mutual TLS)
-    config: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.config.with_suffix(".log")
-
-
-@dataclass
-class BridgeCluster:
-    net: LocalRelayNetwork
-    pg: PostgresCluster
-    url: str
-    replicas: dict[str, Replica] = field(default_factory=dict)
-    haproxy: HAProxy | None = None
-
-    def write_configs(self) -> None:
-        work = self.net.workdir
-        # The admin commands (router add, db upgrade) use bridge.toml: point it at PostgreSQL too.
-        storage = (
-            f'[storage]\ndatabase = "{self.url}"\npassword_file = "{self.pg.password_file}"\nstate_dir = "{work}"\n'
-        )
-        base = (work / "bridge.toml").read_text()
-        (work / "bridge.toml").write_text(base.replace('[storage]\ndatabase = "bridge.sqlite3"\n', storage))
-        for rid in REPLICAS:
-            replica = Replica(rid, free_port(), free_port(), work / f"bridge-{rid}.toml")
-            (work / rid).mkdir(exist_ok=True)
-            replica.config.write_text(
-                "[server]\n"
-                f'listen = "{HOST}:{replica.port}"\ntls_cert = "server.pem"\ntls_key = "server.key"\n'
-                "drain_grace_s = 2\n\n"
-                f'[storage]\ndatabase = "{self.url}"\npassword_file = "{self.pg.password_file}"\n'
-                f'state_dir = "{work / rid}"\n\n'
-                f'[audit]\nfile = "{rid}/audit.jsonl"\n\n'
-                '[metrics]\nlisten = ""\n\n'
-                "[cluster]\n"
-                f'listen = "{HOST}:{replica.cluster_port}"\nadvertise = "{HOST}:{replica.cluster_port}"\n'
-                f'replica_id = "{rid}"\n'
-                'tls_cert = "cluster.pem"\ntls_key = "cluster.key"\nca = "cluster-ca.pem"\n'
-                "renew_s = 0.5\n"
-            )
-            self.replicas[rid] = replica
-
-    def start_replica(self, rid: str) -> None:
-        replica = self.replicas[rid]
-        ready = replica.config.with_suffix(".ready")
-        ready.unlink(missing_ok=True)
-        replica.process = subprocess.Popen(
-            [self.net.python, "-m", "relay_bridge.cli", "--config", str(replica.config), "serve"]
-            + ["--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL,
-            stderr=replica.log.open("ab"),
-            env=self.net.env,
-        )
-        _wait_ready(ready, replica.process, replica.log)
-
-    def kill(self, rid: str) -> None:
-        process = self.replicas[rid].process
-        assert process is not None and process.poll() is None
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-
-    def log(self, rid: str) -> str:
-        return self.replicas[rid].log.read_text(errors="replace")
-
-    def presence(self) -> dict[str, str]:
-        """Site -> replica id, live rows only (what the replicas themselves go by)."""
-        with psycopg.connect(self.url, password=self.pg.password) as conn:
-            now = time.time()
-            rows = conn.execute(
-                "SELECT p.site, p.replica FROM presence p JOIN replicas r ON r.id = p.replica"
-                " WHERE p.lease_until >= %s AND r.lease_until >= %s",
-                (now, now),
-            ).fetchall()
-        return dict(rows)
-
-    def wait_presence(self, expected: dict[str, str], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.presence() == expected:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"presence is {self.presence()}, expected {expected}")
-
-    def stop(self) -> None:
-        for name in self.net.sites:
-            self.net.stop_router(name)
-        for replica in self.replicas.values():
-            LocalRelayNetwork._stop(replica.process)
-        if self.haproxy is not None:
-            self.haproxy.stop()
 
 
 @pytest.fixture(scope="module")
@@ -162,25 +52,13 @@ def bridge_cluster(
     postgres_for_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BridgeCluster]:
     """Three replicas and HAProxy with frontends "a" (prefers r1) and "b" (prefers r2); no routers yet."""
-    work = tmp_path_factory.mktemp("cluster")
-    net = LocalRelayNetwork(work).start(bridge=False)
-    made = net.bridge_admin("cluster-cert", "--dir", str(work))
-    assert made.returncode == 0, made.stderr
-    cluster = BridgeCluster(net, postgres_for_cluster, postgres_for_cluster.create_database())
-    cluster.write_configs()
+    cluster = start_bridge_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        postgres_for_cluster,
+        {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
+        renew_s=0.5,  # a site signed on at one replica shows online at the others sooner
+    )
     try:
-        upgraded = net.bridge_admin("db", "upgrade")
-        assert upgraded.returncode == 0, upgraded.stderr
-        for rid in REPLICAS:
-            cluster.start_replica(rid)
-        ports = {rid: r.port for rid, r in cluster.replicas.items()}
-        cluster.haproxy = HAProxy(
-            work,
-            {
-                "a": [("r1", ports["r1"]), ("r3", ports["r3"]), ("r2", ports["r2"])],
-                "b": [("r2", ports["r2"]), ("r3", ports["r3"]), ("r1", ports["r1"])],
-            },
-        ).start()
         yield cluster
     finally:
         cluster.stop()

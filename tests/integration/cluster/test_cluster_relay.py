@@ -25,9 +25,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, write_series
 from relay_demo.network import Remote, Shared
-from tests.integration.cluster.conftest import HOST, BridgeCluster
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.support import dcmtk
+from tests.support.bridge_cluster import HOST, BridgeCluster
 from tests.support.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.integration

@@ -81,6 +81,22 @@ def channel_options(max_frame_bytes: int) -> list[tuple[str, int | str]]:
     ]
 
 
+def server_options(max_frame_bytes: int) -> list[tuple[str, int]]:
+    """The internal port: the message sizes and initial window of the router-facing server, and the
+    peers' keepalive pings accepted (every 10 s, also on an idle channel: a dead replica is found
+    before an association waits on it)."""
+    size = max_frame_bytes + 64 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+
+
 class Forwarder:
     """The origin side: one channel per peer replica, and the splice of a forwarded association."""
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
-from relay_bridge.cluster.forward import Forwarder, ForwardService, channel_options, handlers
+from relay_bridge.cluster.forward import Forwarder, ForwardService, handlers, server_options
 from relay_bridge.cluster.presence import Load, Location, PresenceKeeper
 from relay_bridge.config import ClusterSection
 from relay_common.config import parse_host_port
@@ -67,13 +67,7 @@ class ClusterNode:
 
     async def start(self) -> None:
         """Listen on the internal port, then register (the others may forward here from then on)."""
-        # The message size limits and the initial flow-control window of the router-facing server.
-        options = [
-            o
-            for o in channel_options(self.associations.state.config.limits.max_frame_bytes)
-            if o[0] in ("grpc.max_receive_message_length", "grpc.max_send_message_length", "grpc.http2.lookahead_bytes")
-        ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=server_options(self.associations.state.config.limits.max_frame_bytes))
         server.add_generic_rpc_handlers([handlers(ForwardService(self.associations))])
         host, port = parse_host_port(self.section.listen)
         self.port = server.add_secure_port(

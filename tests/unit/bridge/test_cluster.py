@@ -3,6 +3,7 @@ internal Forward service over real gRPC with mutual TLS (a certificate of anothe
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,12 +14,21 @@ import pytest
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import directory as directory_module
-from relay_bridge.cluster.forward import FORWARD, FROM_SITE, Forwarder, ForwardService, channel_options, handlers
+from relay_bridge.cluster.forward import (
+    FORWARD,
+    FROM_SITE,
+    Forwarder,
+    ForwardService,
+    _splice_through,
+    channel_options,
+    handlers,
+)
 from relay_bridge.cluster.pki import ClusterFiles, make_cluster_pki
 from relay_bridge.cluster.presence import Location, PresenceKeeper
 from relay_bridge.config import BridgeConfig, ClusterSection, ServerSection
 from relay_bridge.directory import AsyncDirectory, Device, Directory
 from relay_bridge.server import RelayServicer
+from relay_bridge.splice import Splice
 from relay_common.config import InvalidValue
 
 ASSOC = "ab" * 16
@@ -194,3 +204,66 @@ async def test_a_certificate_from_another_ca_never_gets_in(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await _forward(port, no_certificate, from_site="site-a", frame=_open())
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- the origin's splice through a Forward call (fakes for the two calls) ----------------------------------
+
+
+class FakeEnd:
+    """One end of the origin's splice: `read` hands out queued frames, `write` can be held shut."""
+
+    def __init__(self, frames: list[bytes], *, end: object = grpc.aio.EOF) -> None:
+        self.frames = list(frames)
+        self.end = end
+        self.reads = 0
+        self.written: list[bytes] = []
+        self.open = asyncio.Event()
+        self.open.set()
+        self.finished = asyncio.Event()
+
+    async def read(self) -> object:
+        if not self.frames:
+            await self.finished.wait()
+            if isinstance(self.end, BaseException):
+                raise self.end
+            return self.end
+        self.reads += 1
+        return self.frames.pop(0)
+
+    async def write(self, frame: bytes) -> None:
+        await self.open.wait()
+        self.written.append(frame)
+
+    async def done_writing(self) -> None:
+        self.finished.set()
+
+
+def _data(seq: int) -> bytes:
+    return pb.Frame(data=pb.Data(payload=b"x" * 100, seq=seq)).SerializeToString()
+
+
+async def test_a_slow_router_holds_the_replica_call_back() -> None:
+    """Frames from the holding replica are read only as fast as the initiating router takes them."""
+    splice = Splice(ASSOC, "site-a", "site-b", "PACS", "WS", depth=2)
+    router = FakeEnd([])
+    router.open.clear()  # router A reads nothing for now
+    replica = FakeEnd([_data(i) for i in range(50)])
+    task = asyncio.create_task(_splice_through(splice, router, replica))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert replica.reads <= 2 + 2, "more frames read from the replica than the channel and one write hold"
+    router.open.set()
+    replica.finished.set()  # the replica's call ends after its frames
+    router.finished.set()
+    await asyncio.wait_for(task, 5)
+    assert router.written == [_data(i) for i in range(50)]  # all of them, in order, as sent
+
+
+async def test_a_failed_replica_call_aborts_the_initiating_router() -> None:
+    splice = Splice(ASSOC, "site-a", "site-b", "PACS", "WS", depth=2)
+    router = FakeEnd([])
+    replica = FakeEnd([_data(0)], end=RuntimeError("replica killed"))
+    replica.finished.set()
+    await asyncio.wait_for(_splice_through(splice, router, replica), 5)  # type: ignore[arg-type]
+    assert router.written[0] == _data(0)
+    last = pb.Frame.FromString(router.written[-1])
+    assert last.close.reason == pb.Close.ABORTED and "site-b" in last.close.detail

@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -48,7 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay_bridge.cluster")
 SERVICE = "relay.cluster.v1.Cluster"
 FORWARD = f"/{SERVICE}/Forward"
+EVICT = f"/{SERVICE}/Evict"
 FROM_SITE = "relay-from-site"  # metadata: the initiating site (authenticated by the origin replica)
+SITE = "relay-site"  # Evict metadata: the site that signed on at the calling replica...
+SINCE = "relay-since"  # ...and when (seconds since the epoch, as a decimal)
+EVICT_TIMEOUT_S = 2.0
 ORIGIN = "relay-replica"  # metadata: the origin replica's id (for the logs)
 # Peer channels kept open (one per replica address); more addresses than this means replicas
 # came and went: the least recently used channel is closed.
@@ -137,6 +142,15 @@ class Forwarder:
         task = asyncio.get_running_loop().create_task(channel.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    async def evict(self, location: Location, site: str, since: float) -> None:
+        """Tell the replica that held `site` that it signed on here at `since` (it cuts its stale stream)."""
+        try:
+            call = self.channel(location.address).unary_unary(EVICT)
+            await call(b"", metadata=((SITE, site), (SINCE, repr(since))), timeout=EVICT_TIMEOUT_S)
+        except (ValueError, grpc.aio.AioRpcError) as exc:  # it may well be dead: its lease settles it
+            detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.info("could not tell replica %s that %s moved here: %s", location.replica, site, detail)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), collections.OrderedDict()
@@ -242,17 +256,30 @@ async def _splice_through(
 class ForwardService:
     """The holding side: relay.cluster.v1.Cluster/Forward, one call per forwarded association."""
 
-    def __init__(self, associations: AssociationService) -> None:
+    def __init__(
+        self, associations: AssociationService, evicted: Callable[[str, float], bool] = lambda site, since: False
+    ) -> None:
         self.associations = associations
+        self.evicted = evicted
+
+    async def Evict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Another replica took one of our sites over: cut our stream for it if it is older."""
+        await _require_cluster_certificate(context)
+        metadata = dict(context.invocation_metadata() or ())
+        site, since = str(metadata.get(SITE, "")), str(metadata.get(SINCE, ""))
+        try:
+            when = float(since)
+        except ValueError:
+            when = math.nan
+        if not is_site_name(site) or not math.isfinite(when):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{SITE} must be a site name, {SINCE} a time")
+        self.evicted(site, when)
+        return b""
 
     async def Forward(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         service = self.associations
         state = service.state
-        # The TLS layer required a certificate from the cluster CA; it must also be the cluster's own.
-        names = context.auth_context().get("x509_common_name") or []
-        if [n.decode(errors="replace") for n in names] != [CLUSTER_NAME]:
-            log.error("Forward call from %s without the cluster certificate; refused", context.peer())
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the cluster certificate is required")
+        await _require_cluster_certificate(context)
         metadata = dict(context.invocation_metadata() or ())
         from_site, origin = str(metadata.get(FROM_SITE, "")), str(metadata.get(ORIGIN, ""))[:64]
         if not is_site_name(from_site):
@@ -268,6 +295,14 @@ class ForwardService:
         if not first.HasField("open"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Open")
         await accept_forwarded(service, from_site, first.open, context)
+
+
+async def _require_cluster_certificate(context: grpc.aio.ServicerContext) -> None:
+    """The TLS layer required a certificate from the cluster CA; it must also be the cluster's own."""
+    names = context.auth_context().get("x509_common_name") or []
+    if [n.decode(errors="replace") for n in names] != [CLUSTER_NAME]:
+        log.error("call from %s without the cluster certificate; refused", context.peer())
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the cluster certificate is required")
 
 
 async def accept_forwarded(
@@ -319,5 +354,9 @@ async def accept_forwarded(
 def handlers(service: ForwardService) -> grpc.GenericRpcHandler:
     """Forward with frames left serialized, as the router-facing Associate."""
     return grpc.method_handlers_generic_handler(
-        SERVICE, {"Forward": grpc.stream_stream_rpc_method_handler(service.Forward)}
+        SERVICE,
+        {
+            "Forward": grpc.stream_stream_rpc_method_handler(service.Forward),
+            "Evict": grpc.unary_unary_rpc_method_handler(service.Evict),
+        },
     )

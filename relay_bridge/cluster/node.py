@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 import grpc
@@ -60,15 +61,16 @@ class ClusterNode:
             renew_s=section.renew_s,
             load=Load(lambda: state.draining, lambda: len(state.sessions), lambda: len(state.splices)),
             on_lost=self._site_lost,
+            on_taken=self._site_taken,
         )
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self._cuts: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Listen on the internal port, then register (the others may forward here from then on)."""
         server = grpc.aio.server(options=server_options(self.associations.state.config.limits.max_frame_bytes))
-        server.add_generic_rpc_handlers([handlers(ForwardService(self.associations))])
+        server.add_generic_rpc_handlers([handlers(ForwardService(self.associations, self.presence.evicted))])
         host, port = parse_host_port(self.section.listen)
         self.port = server.add_secure_port(
             f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self._server_credentials
@@ -97,6 +99,15 @@ class ClusterNode:
             log.warning("cannot look up which replica holds %s: %s", site, exc, extra={"assoc": association_id})
             return None
 
+    def _site_taken(self, site: str, since: float, previous: Location) -> None:
+        """`site` signed on here and was held by `previous`: tell it now (it cuts its stale stream)."""
+        self._in_background(self.forwarder.evict(previous, site, since))
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _site_lost(self, site: str) -> None:
         """`site` signed on at another replica: end its stale stream here and abort what it carried."""
         from relay_bridge.splice import abort_associations
@@ -105,8 +116,6 @@ class ClusterNode:
         if session is None:
             return
         session.end()
-        task = asyncio.get_running_loop().create_task(
+        self._in_background(
             abort_associations(self.associations.state.splices, session, "the router signed on at another replica")
         )
-        self._cuts.add(task)
-        task.add_done_callback(self._cuts.discard)

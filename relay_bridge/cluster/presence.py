@@ -4,7 +4,10 @@
 whichever replica it lands), `release` when a control stream ends (it deletes only this
 replica's own row, never the newer holder's). Every `renew_s` the loop renews the replica's
 lease and its sites' leases; a site whose row now names another replica was signed on there
-since, so this replica's stream for it is stale and is cut (`on_lost`). The loop also keeps the
+since, so this replica's stream for it is stale and is cut (`on_lost`). The replica that takes a
+site over also tells the previous holder at once (`on_taken`, then the Evict call of
+relay_bridge.cluster.forward, which lands in `evicted`); the renewal is the safety net when that
+call cannot get through. The loop also keeps the
 set of sites online anywhere in the cluster (`online`), so each router's directory shows a
 site held by another replica as online, and calls `on_change` when that set changes.
 
@@ -58,6 +61,8 @@ class PresenceKeeper:
     load: Load = field(default_factory=Load)
     # A site signed on at another replica since: cut this replica's stream for it.
     on_lost: Callable[[str], None] = lambda site: None
+    # This replica took `site` (signed on at `since`) over from the live replica at `Location`.
+    on_taken: Callable[[str, float, Location], None] = lambda site, since, previous: None
     # The set of sites online anywhere changed: the routers' directories should be sent again.
     on_change: Callable[[], None] = lambda: None
     started: float = field(default_factory=time.time)
@@ -98,10 +103,23 @@ class PresenceKeeper:
 
         False: an even newer sign-on of the site is recorded elsewhere, so this one is already stale.
         """
+        previous = await self.directory.locate(site, time.time())
         claimed = await self.directory.claim_presence(site, self.replica_id, since, time.time() + self.lease_s)
         if claimed:
             self._claimed[site] = since
+            if previous is not None and previous[0] != self.replica_id:
+                self.on_taken(site, since, Location(*previous))
         return claimed
+
+    def evicted(self, site: str, since: float) -> bool:
+        """Another replica says `site` signed on there at `since`: cut our stream if it is older."""
+        ours = self._claimed.get(site)
+        if ours is None or ours >= since:
+            return False
+        del self._claimed[site]
+        log.warning("router %s signed on at another replica; its stream here is stale and is cut", site)
+        self.on_lost(site)
+        return True
 
     async def release(self, site: str, since: float) -> None:
         """The control stream signed on at `since` ended (only that sign-on's row is removed)."""

@@ -15,8 +15,11 @@ import pytest
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import directory as directory_module
 from relay_bridge.cluster.forward import (
+    EVICT,
     FORWARD,
     FROM_SITE,
+    SINCE,
+    SITE,
     Forwarder,
     ForwardService,
     _splice_through,
@@ -45,7 +48,8 @@ async def test_a_newer_sign_on_elsewhere_cuts_the_stale_stream(directory: AsyncD
     lost: list[str] = []
     changes: list[str] = []
     r1 = PresenceKeeper(directory, "r1", "127.0.0.1:7001", on_lost=lost.append, on_change=lambda: changes.append("r1"))
-    r2 = PresenceKeeper(directory, "r2", "127.0.0.1:7002")
+    taken: list[tuple[str, float, Location]] = []
+    r2 = PresenceKeeper(directory, "r2", "127.0.0.1:7002", on_taken=lambda *args: taken.append(args))
     r1._task = r2._task = None  # renewals are driven by hand here
     await directory.register_replica(r1._row(time.time()))
     await directory.register_replica(r2._row(time.time()))
@@ -58,6 +62,7 @@ async def test_a_newer_sign_on_elsewhere_cuts_the_stale_stream(directory: AsyncD
     assert await r1.locate("site-a") is None  # its own row: the caller already knows its sessions
 
     assert await r2.claim("site-a", since=t + 1)  # the router signed on again, at r2: it wins at once
+    assert taken == [("site-a", t + 1, Location("r1", "127.0.0.1:7001"))]  # r2 tells r1 (the Evict call)
     assert await r1.locate("site-a") == Location("r2", "127.0.0.1:7002")
     await r1.renew()
     assert lost == ["site-a"]  # r1 noticed and cuts its stale stream
@@ -69,6 +74,21 @@ async def test_a_newer_sign_on_elsewhere_cuts_the_stale_stream(directory: AsyncD
     assert not await r1.claim("site-a", since=t + 0.5)  # an older sign-on cannot take it back
     await r2.stop()  # clean exit: its rows go at once
     assert await r1.locate("site-a") is None
+
+
+async def test_an_eviction_cuts_only_an_older_stream(directory: AsyncDirectory) -> None:
+    lost: list[str] = []
+    keeper = PresenceKeeper(directory, "r1", "127.0.0.1:7001", on_lost=lost.append)
+    await directory.register_replica(keeper._row(time.time()))
+    t = time.time()
+    assert await keeper.claim("site-a", since=t)
+    assert not keeper.evicted("site-a", t - 1)  # a late message about an older sign-on elsewhere
+    assert not keeper.evicted("site-b", t + 1)  # not ours
+    assert lost == []
+    assert keeper.evicted("site-a", t + 1)
+    assert lost == ["site-a"]
+    await keeper.renew()
+    assert lost == ["site-a"]  # not cut twice
 
 
 async def test_a_sign_on_whose_claim_is_on_its_way_is_not_cut(directory: AsyncDirectory) -> None:
@@ -117,6 +137,9 @@ def _credentials(files: ClusterFiles) -> grpc.ChannelCredentials:
     )
 
 
+evictions: list[tuple[str, float]] = []
+
+
 @pytest.fixture
 async def forward_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[int, ClusterFiles]]:
     monkeypatch.setattr(directory_module, "SCRYPT_N", 2**10)
@@ -126,8 +149,11 @@ async def forward_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Asy
     db.publish("site-b", [Device("site-b", "PACS", "", ("site-a",))])
     servicer = RelayServicer(BridgeConfig(server=ServerSection(insecure=True)), db)
     files = make_cluster_pki(tmp_path / "cluster")
+    evictions.clear()
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers([handlers(ForwardService(servicer.associations))])
+    server.add_generic_rpc_handlers(
+        [handlers(ForwardService(servicer.associations, lambda site, since: evictions.append((site, since)) is None))]
+    )
     port = server.add_secure_port(
         "127.0.0.1:0",
         grpc.ssl_server_credentials(
@@ -151,6 +177,21 @@ async def _forward(port: int, credentials: grpc.ChannelCredentials, *, from_site
         while (message := await call.read()) is not grpc.aio.EOF:
             answers.append(message)
         return answers
+
+
+async def test_evict_reaches_the_holder_with_a_checked_site_and_time(forward_server: tuple[int, ClusterFiles]) -> None:
+    port, files = forward_server
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", _credentials(files), options=channel_options(1 << 20)
+    ) as channel:
+        evict = channel.unary_unary(EVICT)
+        await evict(b"", metadata=((SITE, "site-a"), (SINCE, "1765000000.5")), timeout=5)
+        assert evictions == [("site-a", 1765000000.5)]
+        for site, since in (("not a site!", "1.0"), ("site-a", "nan"), ("site-a", "soon")):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await evict(b"", metadata=((SITE, site), (SINCE, since)), timeout=5)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(evictions) == 1
 
 
 def _open(to_site: str = "site-b") -> bytes:

@@ -308,3 +308,22 @@ async def test_a_failed_replica_call_aborts_the_initiating_router() -> None:
     assert router.written[0] == _data(0)
     last = pb.Frame.FromString(router.written[-1])
     assert last.close.reason == pb.Close.ABORTED and "site-b" in last.close.detail
+
+
+def test_cluster_cert_makes_the_files_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography import x509
+
+    from relay_bridge.cli import main
+
+    assert main(["cluster-cert", "--dir", str(tmp_path)]) == 0
+    for name in ("cluster-ca.key", "cluster.key"):
+        assert (tmp_path / name).stat().st_mode & 0o077 == 0, f"{name} must be owner-only"
+    cert = x509.load_pem_x509_certificate((tmp_path / "cluster.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["relay-cluster"]
+    before = (tmp_path / "cluster.pem").read_bytes()
+    assert main(["cluster-cert", "--dir", str(tmp_path)]) == 1  # never overwritten by accident
+    assert "use --force" in capsys.readouterr().err
+    assert (tmp_path / "cluster.pem").read_bytes() == before
+    assert main(["cluster-cert", "--dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "cluster.pem").read_bytes() != before

@@ -17,7 +17,8 @@ routers, C-ECHO context), and DCMTK storescu of N generated CT instances, with t
 every replica and router (from /proc) per GB of data set bytes. Then the failover: SIGKILL of the
 replica holding site-b, and the time to the first successful C-ECHO from site-a to site-b
 (through another replica); the killed replica is restarted and the next kill takes whichever
-replica holds site-b then. On a 2-core machine the processes share cores: CPU seconds per GB are
+replica holds site-b then. Router B reconnects after its default first delay (0.25-0.5 s) each
+time, as a router does after a session that was up for over a minute. On a 2-core machine the processes share cores: CPU seconds per GB are
 the honest figure here, wall-clock throughput is not a cluster's.
 """
 
@@ -101,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         net, haproxy = cluster.net, cluster.haproxy
         assert haproxy is not None
         net.bridge_port = haproxy.ports["b"]
-        net.add_site("site-b", shared=[Shared("SCP_B", HOST, scps["SCP_B"][1], ["site-a"])])
+        net.add_site("site-b", shared=[Shared("SCP_B", HOST, scps["SCP_B"][1], ["site-a"])], start=False)
+        # The router's default first delay (reconnect_min_s = 0.5), every time: what a router whose
+        # session was up for more than a minute waits. Kills every few seconds would otherwise
+        # measure the router's growing backoff, not the cluster.
+        config = net.router_config_path("site-b")
+        text = config.read_text().replace("reconnect_min_s = 0.2", "reconnect_min_s = 0.5")
+        config.write_text(text.replace("reconnect_max_s = 2.0", "reconnect_max_s = 0.5"))
+        net.start_router("site-b")
         net.bridge_port = haproxy.ports["a"]
         net.add_site("site-c", shared=[Shared("SCP_C", HOST, scps["SCP_C"][1], ["site-a"])])
         site_a = net.add_site("site-a", remote=[Remote("SCP_B", "site-b"), Remote("SCP_C", "site-c")])

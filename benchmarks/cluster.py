@@ -18,8 +18,9 @@ every replica and router (from /proc) per GB of data set bytes. Then the failove
 replica holding site-b, and the time to the first successful C-ECHO from site-a to site-b
 (through another replica); the killed replica is restarted and the next kill takes whichever
 replica holds site-b then. Router B reconnects after its default first delay (0.25-0.5 s) each
-time, as a router does after a session that was up for over a minute. On a 2-core machine the processes share cores: CPU seconds per GB are
-the honest figure here, wall-clock throughput is not a cluster's.
+time, as a router does after a session that was up for over a minute. On a 2-core machine the
+processes share cores: CPU seconds per GB are the honest figure here, wall-clock throughput is
+not a cluster's.
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ class PresenceKeeper:
     # Sites whose row this replica wrote and has not released; only these can be found lost (a
     # sign-on whose claim is still on its way is not).
     _claimed: dict[str, float] = field(default_factory=dict)
+    _claiming: set[str] = field(default_factory=set)  # claims on their way to the database
     _task: asyncio.Task[None] | None = None
 
     def _row(self, now: float) -> Replica:
@@ -84,7 +85,12 @@ class PresenceKeeper:
         )
 
     async def start(self) -> None:
-        """Register (raises if the database cannot be reached: a replica that cannot register must not serve)."""
+        """Register (raises if the database cannot be reached: a replica that cannot register must not serve).
+
+        Rows left by an earlier life of this replica id (killed, restarted within the lease) go first:
+        renewing them would keep sites "online" here that are held nowhere.
+        """
+        await self.directory.remove_replica(self.replica_id)
         await self.directory.register_replica(self._row(time.time()))
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="cluster-presence")
 
@@ -103,8 +109,12 @@ class PresenceKeeper:
 
         False: an even newer sign-on of the site is recorded elsewhere, so this one is already stale.
         """
-        previous = await self.directory.locate(site, time.time())
-        claimed = await self.directory.claim_presence(site, self.replica_id, since, time.time() + self.lease_s)
+        self._claiming.add(site)
+        try:
+            previous = await self.directory.locate(site, time.time())
+            claimed = await self.directory.claim_presence(site, self.replica_id, since, time.time() + self.lease_s)
+        finally:
+            self._claiming.discard(site)
         if claimed:
             self._claimed[site] = since
             if previous is not None and previous[0] != self.replica_id:
@@ -151,6 +161,10 @@ class PresenceKeeper:
             del self._claimed[site]
             log.warning("router %s signed on at another replica; its stream here is stale and is cut", site)
             self.on_lost(site)
+        # Rows of ours that no stream here stands behind (a release that failed while the database
+        # was away): renewing them would keep the site "online" here for ever.
+        for site in held - self._claimed.keys() - self._claiming:
+            await self.directory.release_presence(site, self.replica_id)
         online = frozenset(p.site for p in await self.directory.live_presence(now))
         if online != self.online:
             self.online = online

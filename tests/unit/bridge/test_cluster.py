@@ -29,6 +29,7 @@ from relay_bridge.cluster.forward import (
 from relay_bridge.cluster.pki import ClusterFiles, make_cluster_pki
 from relay_bridge.cluster.presence import Location, PresenceKeeper
 from relay_bridge.config import BridgeConfig, ClusterSection, ServerSection
+from relay_bridge.db.replicas import Replica
 from relay_bridge.directory import AsyncDirectory, Device, Directory
 from relay_bridge.server import RelayServicer
 from relay_bridge.splice import Splice
@@ -89,6 +90,34 @@ async def test_an_eviction_cuts_only_an_older_stream(directory: AsyncDirectory) 
     assert lost == ["site-a"]
     await keeper.renew()
     assert lost == ["site-a"]  # not cut twice
+
+
+async def test_a_restarted_replica_drops_the_rows_of_its_earlier_life(directory: AsyncDirectory) -> None:
+    now = time.time()
+    await directory.register_replica(Replica("r1", "127.0.0.1:7001", now - 5, now + 10))
+    await directory.claim_presence("site-a", "r1", now - 5, now + 10)  # held before a SIGKILL
+    keeper = PresenceKeeper(directory, "r1", "127.0.0.1:7001", renew_s=60)
+    await keeper.start()
+    try:
+        await keeper.renew()
+        assert keeper.online == frozenset()  # site-a is not signed on here, nor anywhere
+        assert await directory.live_presence(time.time()) == []
+    finally:
+        await keeper.stop()
+    assert await directory.live_replicas(time.time()) == []
+
+
+async def test_a_row_whose_release_failed_is_removed_at_the_next_renewal(directory: AsyncDirectory) -> None:
+    keeper = PresenceKeeper(directory, "r1", "127.0.0.1:7001", renew_s=60)
+    await keeper.start()
+    try:
+        t = time.time()
+        assert await keeper.claim("site-a", since=t)
+        del keeper._claimed["site-a"]  # as if the stream ended and its release could not reach the database
+        await keeper.renew()
+        assert keeper.online == frozenset() and await directory.locate("site-a", time.time()) is None
+    finally:
+        await keeper.stop()
 
 
 async def test_a_sign_on_whose_claim_is_on_its_way_is_not_cut(directory: AsyncDirectory) -> None:

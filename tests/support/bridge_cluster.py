@@ -106,6 +106,11 @@ class BridgeCluster:
             ).fetchall()
         return dict(rows)
 
+    def live_replicas(self) -> list[str]:
+        with psycopg.connect(self.url, password=self.pg.password) as conn:
+            rows = conn.execute("SELECT id FROM replicas WHERE lease_until >= %s ORDER BY id", (time.time(),))
+            return [r for (r,) in rows.fetchall()]
+
     def wait_presence(self, expected: dict[str, str], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -192,3 +192,20 @@ def test_sigkill_of_the_replica_holding_a_site_during_a_c_move(hospitals: Hospit
     retried = dcmtk.movescu(HOST, router_a, "PACS_B", "WS_A", "WS_A", keys).check()
     assert retried.completed == len(hospitals.originals)
     assert scp.received == hospitals.originals
+
+
+def test_a_clean_exit_removes_the_replicas_rows_and_its_routers_move(hospitals: Hospitals) -> None:
+    """SIGTERM of r3 (which took site B over from the killed r2): it drains, its rows go, router B moves
+    to the last live replica, and the two sites then meet in a local splice there."""
+    cluster = hospitals.cluster
+    cluster.wait_presence({"site-a": "r1", "site-b": "r3"})
+    process = cluster.replicas["r3"].process
+    assert process is not None
+    process.terminate()
+    assert process.wait(30) == 0, cluster.log("r3")[-2000:]
+    assert "r3" not in cluster.live_replicas()  # removed at exit, not left to expire
+    cluster.wait_presence({"site-a": "r1", "site-b": "r1"})
+    deadline = time.monotonic() + 20
+    while not dcmtk.echoscu(HOST, hospitals.router_a, "PACS_B", "WS_A", timeout=5).ok:
+        assert time.monotonic() < deadline, "no C-ECHO after router B moved to r1"
+        time.sleep(0.2)

@@ -175,7 +175,9 @@ class AssociationService:
         self.splice_class = splice_class  # a seam for tests that play a malicious or slow bridge
         self._blob_tasks: set[asyncio.Task[int]] = set()
 
-    async def Associate(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    async def Associate(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
         session = await self.state.sessions.authenticate_caller(context)
         raw = await first_message(context, self.state.config.limits, "Associate", session.name)
         if not isinstance(raw, bytes):  # grpc.aio.EOF: the caller went away

@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         help='Prometheus endpoint written to bridge.toml ("" = off; default: none written, 127.0.0.1:9465 applies)',
     )
     init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.add_argument("--cluster", action="store_true", help="also make the cluster CA and certificate (replicas)")
+    cluster_cert = sub.add_parser(
+        "cluster-cert", help="make the cluster CA and the certificate replicas present to each other (mutual TLS)"
+    )
+    cluster_cert.add_argument("--dir", type=Path, default=Path("."), help="where to write the files")
+    cluster_cert.add_argument("--force", action="store_true", help="overwrite existing files")
 
     serve = sub.add_parser("serve", help="run the bridge")
     serve.add_argument("--listen", help="override server.listen (HOST:PORT; port 0 picks one)")
@@ -145,6 +151,25 @@ def _init(args: argparse.Namespace) -> int:
     target.write_text(config)
     print(f"wrote {files.ca_cert} (give this to every router), {files.server_cert}, {files.server_key}, {target}")
     print(f"keep {files.ca_key} off the bridge host once certificates are issued", file=sys.stderr)
+    if args.cluster:
+        return _cluster_cert(args)
+    return 0
+
+
+def _cluster_cert(args: argparse.Namespace) -> int:
+    """The cluster CA and certificate (relay_bridge.cluster.pki), for the [cluster] section of every replica."""
+    from relay_bridge.cluster.pki import make_cluster_pki
+
+    directory: Path = args.dir.resolve()
+    if (directory / "cluster.pem").exists() and not args.force:
+        print(f"{directory / 'cluster.pem'} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    files = make_cluster_pki(directory)
+    print(
+        f"wrote {files.ca_cert}, {files.cert} and {files.key}:"
+        " copy them to every replica ([cluster] ca, tls_cert, tls_key)"
+    )
+    print(f"keep {files.ca_key} off the replicas (it only makes new cluster certificates)", file=sys.stderr)
     return 0
 
 
@@ -193,6 +218,9 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         for part in ("status", "metrics", "console"):
             if part in holder:
                 await holder[part].stop()  # type: ignore[attr-defined]
+        cluster = holder["servicer"].state.cluster if "servicer" in holder else None  # type: ignore[attr-defined]
+        if cluster is not None:
+            await cluster.stop()  # after the drain: its rows go, the other replicas stop forwarding here
         if "servicer" in holder:
             await holder["servicer"].directory.aclose()  # type: ignore[attr-defined]
         if "audit" in holder:
@@ -207,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "init":
         return _init(args)
+    if args.command == "cluster-cert":
+        return _cluster_cert(args)
     try:
         cfg = bridge_config.load(args.config)
         if getattr(args, "listen", None):
@@ -227,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             files += [("enrollment.ca_key", cfg.enrollment.ca_key, "private key")]
             if not cfg.server.insecure:
                 files += [("server.client_ca", cfg.server.client_ca, "certificate")]
+            files += [("cluster.tls_cert", cfg.cluster.tls_cert, "certificate")]
+            files += [("cluster.tls_key", cfg.cluster.tls_key, "private key")]
+            files += [("cluster.ca", cfg.cluster.ca, "certificate")]
             problems += audit_pem_problems(str(args.config), cfg.audit)
         problems = pem_problems(str(args.config), files) + problems
         if problems:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -239,6 +240,46 @@ class ConsoleSection:
 
 
 @dataclass(frozen=True)
+class ClusterSection:
+    """Replicas on one PostgreSQL directory (docs/high-availability.md); `listen` "" = a single bridge."""
+
+    listen: str = ""  # the internal gRPC port other replicas forward associations to (mutual TLS)
+    advertise: str = ""  # host:port the other replicas reach this one at (written to the replicas table)
+    replica_id: str = ""  # unique per replica; "" = the host name and the listen port
+    tls_cert: Path | None = None  # the cluster certificate and key (relay-bridge cluster-cert)
+    tls_key: Path | None = None
+    ca: Path | None = None  # the cluster CA: the only issuer whose certificates a replica accepts
+    lease_s: float = 10.0  # a replica's and its sites' rows expire this long after their last renewal
+    renew_s: float = 2.0  # how often they are renewed (and stale control streams noticed)
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            return
+        for name in ("listen", "advertise"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    parse_host_port(value)
+                except ValueError as exc:
+                    raise InvalidValue(name, str(exc)) from None
+        if not self.advertise:
+            raise InvalidValue("advertise", "is required with listen: the address other replicas reach this one at")
+        host, port = parse_host_port(self.advertise)
+        if host in ("0.0.0.0", "::", "") or port == 0:
+            raise InvalidValue("advertise", "must name a reachable host and a fixed port (not 0.0.0.0 or port 0)")
+        if self.replica_id and not _REPLICA_ID.fullmatch(self.replica_id):
+            raise InvalidValue("replica_id", "must be 1-64 characters: letters, digits, '.', '_' or '-'")
+        for name in ("tls_cert", "tls_key", "ca"):
+            if getattr(self, name) is None:
+                raise InvalidValue(name, "is required with listen (relay-bridge cluster-cert makes the files)")
+        if not 0 < self.renew_s < self.lease_s <= 300:
+            raise InvalidValue("lease_s", "renew_s must be positive and shorter than lease_s (at most 300 s)")
+
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     server: ServerSection = field(default_factory=ServerSection)
     storage: StorageSection = field(default_factory=StorageSection)
@@ -249,6 +290,7 @@ class BridgeConfig:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     def __post_init__(self) -> None:
         # The console's one cross-section rule: passwords cross the network only inside TLS.

@@ -61,7 +61,7 @@ class ControlService:
 
     async def directory_for(self, site: str) -> pb.Directory:
         view = await self.view()
-        return view.for_site(site, self.state.sessions, max_bytes=self.state.config.limits.max_directory_bytes)
+        return view.for_site(site, self.state.online_sites(), max_bytes=self.state.config.limits.max_directory_bytes)
 
     async def broadcast_directory(self) -> None:
         for session in list(self.state.sessions.values()):
@@ -161,6 +161,9 @@ class ControlService:
         try:  # from here on, however the call ends (even cancelled mid-way), the session is removed
             await state.directory.publish(session.name, published(session.name, sign_on.devices))
             await state.directory.touch(session.name)
+            if state.cluster is not None and not await state.cluster.presence.claim(session.name, session.since):
+                log.warning("router %s signed on again at another replica meanwhile; this stream ends", session.name)
+                return
             state.audit.event(
                 "sign_on",
                 "success",
@@ -189,6 +192,8 @@ class ControlService:
             for task in tasks:
                 task.cancel()
             abandon_pending(state.splices, session)
+            if state.cluster is not None:  # its presence row, unless a newer sign-on holds the site
+                self._in_background(state.cluster.presence.release(session.name, session.since))
             if state.sessions.get(session.name) is session:
                 del state.sessions[session.name]
                 log.info("router %s signed off", session.name)

@@ -27,7 +27,9 @@ from typing import ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from relay_bridge.db import replicas
 from relay_bridge.db.migrations import sqlite_upgrade
+from relay_bridge.db.replicas import Presence, Replica
 from relay_common.errors import RelayError
 from relay_common.files import create_private
 from relay_common.validate import SITE_NAME_RULE, is_site_name
@@ -336,6 +338,52 @@ class Directory:
     def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in self.devices() if d.shared_with(peer)]
 
+    # -- replicas and presence (relay_bridge.db.replicas; one node here, the same calls as PostgreSQL) --
+    def register_replica(self, replica: Replica) -> None:
+        r = replica
+        with self._lock:
+            self._db.execute(
+                replicas.REGISTER,
+                (r.id, r.address, r.started, r.lease_until, r.draining, r.sites, r.associations),
+            )
+
+    def remove_replica(self, replica_id: str) -> None:
+        with self._lock:
+            self._db.execute(replicas.DELETE_REPLICA_PRESENCE, (replica_id,))
+            self._db.execute(replicas.DELETE_REPLICA, (replica_id,))
+
+    def claim_presence(self, site: str, replica_id: str, since: float, lease_until: float) -> bool:
+        with self._lock:
+            return self._db.execute(replicas.CLAIM, (site, replica_id, since, lease_until)).rowcount == 1
+
+    def renew_presence(self, replica_id: str, lease_until: float) -> set[str]:
+        with self._lock:
+            return {s for (s,) in self._db.execute(replicas.RENEW_PRESENCE, (lease_until, replica_id)).fetchall()}
+
+    def release_presence(self, site: str, replica_id: str) -> None:
+        with self._lock:
+            self._db.execute(replicas.RELEASE, (site, replica_id))
+
+    def live_replicas(self, now: float) -> list[Replica]:
+        with self._lock:
+            rows = self._db.execute(replicas.LIVE_REPLICAS, (now,)).fetchall()
+        return [replicas.replica_from_row(r) for r in rows]
+
+    def live_presence(self, now: float) -> list[Presence]:
+        with self._lock:
+            rows = self._db.execute(replicas.LIVE_PRESENCE, (now, now)).fetchall()
+        return [replicas.presence_from_row(r) for r in rows]
+
+    def locate(self, site: str, now: float) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute(replicas.LOCATE, (site, now, now)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def expire_replicas(self, before: float) -> None:
+        with self._lock:
+            self._db.execute(replicas.EXPIRE_PRESENCE, (before,))
+            self._db.execute(replicas.EXPIRE_REPLICAS, (before,))
+
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -414,3 +462,30 @@ class AsyncDirectory:
 
     async def reachable_by(self, peer: str) -> list[Device]:
         return await self._call(self.sync.reachable_by, peer)
+
+    async def register_replica(self, replica: Replica) -> None:
+        await self._call(self.sync.register_replica, replica)
+
+    async def remove_replica(self, replica_id: str) -> None:
+        await self._call(self.sync.remove_replica, replica_id)
+
+    async def claim_presence(self, site: str, replica_id: str, since: float, lease_until: float) -> bool:
+        return await self._call(self.sync.claim_presence, site, replica_id, since, lease_until)
+
+    async def renew_presence(self, replica_id: str, lease_until: float) -> set[str]:
+        return await self._call(self.sync.renew_presence, replica_id, lease_until)
+
+    async def release_presence(self, site: str, replica_id: str) -> None:
+        await self._call(self.sync.release_presence, site, replica_id)
+
+    async def live_replicas(self, now: float) -> list[Replica]:
+        return await self._call(self.sync.live_replicas, now)
+
+    async def live_presence(self, now: float) -> list[Presence]:
+        return await self._call(self.sync.live_presence, now)
+
+    async def locate(self, site: str, now: float) -> tuple[str, str] | None:
+        return await self._call(self.sync.locate, site, now)
+
+    async def expire_replicas(self, before: float) -> None:
+        await self._call(self.sync.expire_replicas, before)

@@ -227,6 +227,13 @@ async def start(
             servicer.enroll_port = server.add_secure_port(
                 f"{enroll_host}:{enroll_port}", ReloadingServerCredentials(files).credentials()
             )
+    if config.cluster.listen:  # a replica: the internal port, and its rows in the replicas and presence tables
+        from relay_bridge.cluster.node import ClusterNode
+
+        node = ClusterNode(config.cluster, servicer.associations)
+        node.presence.on_change = servicer.control.request_broadcast
+        await node.start()  # before routers can sign on here: every sign-on is then recorded
+        servicer.state.cluster = node
     await server.start()
     await health_servicer.set("relay.v1.Relay", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

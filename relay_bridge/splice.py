@@ -270,12 +270,16 @@ class AssociationService:
         view = await state.directory_cache.view()
         device = view.device(op.to_site, op.called_ae_title)
         destination = state.sessions.get(op.to_site)
+        # In a cluster, a destination not signed on here may be held by another replica (relay_bridge.cluster).
+        elsewhere = None
+        if destination is None and state.cluster is not None and device is not None:
+            elsewhere = await state.cluster.locate_quietly(op.to_site, aid)
         rejection = admission.admit_open(
             caller=session.name,
             to_site=op.to_site,
             called_ae_title=op.called_ae_title,
             device=device,
-            destination_online=destination is not None,
+            destination_online=destination is not None or elsewhere is not None,
             active=len(state.splices),
             caller_active=self._initiated_by(session),
             destination_inbound=0 if destination is None else self._towards(destination),
@@ -283,8 +287,7 @@ class AssociationService:
                 limits.max_associations, limits.max_associations_per_router, limits.max_inbound_per_router
             ),
         )
-        if rejection is not None or destination is None:
-            assert rejection is not None
+        if rejection is not None:
             if rejection.access_refused:
                 self._access_refused(session, op, aid)
             return await self.refuse(context, rejection, aid)
@@ -295,6 +298,15 @@ class AssociationService:
         )
         state.splices[aid] = splice
         session.associations.add(aid)
+        if destination is None:  # held by another replica: the destination end is a Forward call
+            assert elsewhere is not None and state.cluster is not None
+            try:
+                await state.cluster.forwarder.run(self, splice, op, context, elsewhere)
+            finally:
+                state.splices.pop(aid, None)
+                session.associations.discard(aid)
+                self._finished(splice)
+            return
         destination.associations.add(aid)
         try:
             await self._run_initiator(splice, destination, op, context, view.identities.get(session.name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from relay_common.audit import AuditLog
 
 if TYPE_CHECKING:
     from relay_bridge.blobs import BlobBroker
+    from relay_bridge.cluster.node import ClusterNode
     from relay_bridge.db.backend import DirectoryBackend
     from relay_bridge.metrics import BridgeMetrics
     from relay_bridge.splice import Splice
@@ -33,6 +35,8 @@ class BridgeState:
     directory_cache: DirectoryCache = field(init=False)
     # Refusal audits a hostile router can trigger at will are rate-limited per source or router.
     refusal_audits: AuditLimiter = field(default_factory=AuditLimiter)
+    # This replica's part in a cluster ([cluster] listen); None: a single bridge.
+    cluster: ClusterNode | None = None
 
     @classmethod
     def create(cls, config: BridgeConfig, directory: DirectoryBackend, audit: AuditLog) -> BridgeState:
@@ -52,3 +56,7 @@ class BridgeState:
         state.metrics = BridgeMetrics(state)
         state.directory_cache = DirectoryCache(directory)
         return state
+
+    def online_sites(self) -> Collection[str]:
+        """Sites signed on here, or (in a cluster) at any live replica."""
+        return self.sessions if self.cluster is None else self.cluster.presence.online_with(self.sessions)

@@ -123,6 +123,47 @@ ALTER TABLE devices ADD COLUMN services TEXT NOT NULL DEFAULT '';
 ALTER TABLE devices ADD COLUMN services TEXT NOT NULL DEFAULT '';
 """,
     ),
+    Step(
+        4,
+        "bridge replicas and which replica holds each site's control stream (issue 12)",
+        # Leased rows: a replica renews its own and its sites' leases; rows of a replica that died expire.
+        sqlite="""
+CREATE TABLE replicas (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    started REAL NOT NULL,
+    lease_until REAL NOT NULL,
+    draining INTEGER NOT NULL DEFAULT 0,
+    sites INTEGER NOT NULL DEFAULT 0,
+    associations INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE presence (
+    site TEXT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    since REAL NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE INDEX presence_replica ON presence(replica);
+""",
+        postgresql="""
+CREATE TABLE replicas (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    started DOUBLE PRECISION NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL,
+    draining BOOLEAN NOT NULL DEFAULT FALSE,
+    sites INTEGER NOT NULL DEFAULT 0,
+    associations INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE presence (
+    site TEXT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    since DOUBLE PRECISION NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX presence_replica ON presence(replica);
+""",
+    ),
 )
 LATEST = STEPS[-1].version
 TABLES = ("routers", "enrollment_tokens", "devices", "shares")  # in foreign-key order (for db copy)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay_bridge import directory as _directory
-from relay_bridge.db import migrations
+from relay_bridge.db import migrations, replicas
+from relay_bridge.db.replicas import Presence, Replica
 from relay_bridge.directory import (
     AccountProblem,
     Device,
@@ -361,6 +362,52 @@ class PostgresDirectory:
 
     async def reachable_by(self, peer: str) -> list[Device]:
         return [d for d in await self.devices() if d.shared_with(peer)]
+
+    # -- replicas and presence (relay_bridge.db.replicas) ------------------------------------
+    async def register_replica(self, replica: Replica) -> None:
+        r = replica
+        await self._execute(
+            replicas.pg(replicas.REGISTER),
+            (r.id, r.address, r.started, r.lease_until, r.draining, r.sites, r.associations),
+        )
+
+    async def remove_replica(self, replica_id: str) -> None:
+        async def work(conn: Any) -> None:
+            await conn.execute(replicas.pg(replicas.DELETE_REPLICA_PRESENCE), (replica_id,))
+            await conn.execute(replicas.pg(replicas.DELETE_REPLICA), (replica_id,))
+
+        await self.in_transaction(work)
+
+    async def claim_presence(self, site: str, replica_id: str, since: float, lease_until: float) -> bool:
+        return await self._execute(replicas.pg(replicas.CLAIM), (site, replica_id, since, lease_until)) == 1
+
+    async def renew_presence(self, replica_id: str, lease_until: float) -> set[str]:
+        async def work(conn: Any) -> set[str]:
+            cur = await conn.execute(replicas.pg(replicas.RENEW_PRESENCE), (lease_until, replica_id))
+            return {str(s) for (s,) in await cur.fetchall()}
+
+        return await self._with_connection(work, transaction=False)
+
+    async def release_presence(self, site: str, replica_id: str) -> None:
+        await self._execute(replicas.pg(replicas.RELEASE), (site, replica_id))
+
+    async def live_replicas(self, now: float) -> list[Replica]:
+        return [replicas.replica_from_row(r) for r in await self._fetch(replicas.pg(replicas.LIVE_REPLICAS), (now,))]
+
+    async def live_presence(self, now: float) -> list[Presence]:
+        rows = await self._fetch(replicas.pg(replicas.LIVE_PRESENCE), (now, now))
+        return [replicas.presence_from_row(r) for r in rows]
+
+    async def locate(self, site: str, now: float) -> tuple[str, str] | None:
+        rows = await self._fetch(replicas.pg(replicas.LOCATE), (site, now, now))
+        return None if not rows else (str(rows[0][0]), str(rows[0][1]))
+
+    async def expire_replicas(self, before: float) -> None:
+        async def work(conn: Any) -> None:
+            await conn.execute(replicas.pg(replicas.EXPIRE_PRESENCE), (before,))
+            await conn.execute(replicas.pg(replicas.EXPIRE_REPLICAS), (before,))
+
+        await self.in_transaction(work)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from relay_bridge.db import migrations
 from relay_bridge.db.backend import DirectoryBackend
+from relay_bridge.db.replicas import Replica
 from relay_bridge.directory import AccountProblem, Device, DirectoryError, IdentityProblem, TokenProblem
 
 SIGN_A, KEM_A = b"\x01" * 32, b"\x02" * 1216
@@ -311,3 +312,49 @@ class DirectoryContract:
     # -- schema -------------------------------------------------------------------------------------
     async def test_a_new_directory_is_at_the_latest_schema(self, harness: Harness) -> None:
         assert await harness.schema_version() == migrations.LATEST
+
+    # -- replicas and presence (issue 12: relay_bridge.db.replicas) --------------------------------------
+    async def test_replicas_are_listed_while_their_lease_runs(self, harness: Harness) -> None:
+        db, now = harness.db, time.time()
+        await db.register_replica(Replica("r1", "127.0.0.1:7001", now, now + 10))
+        await db.register_replica(Replica("r2", "127.0.0.1:7002", now, now + 1, sites=2, associations=3))
+        assert [r.id for r in await db.live_replicas(now)] == ["r1", "r2"]
+        assert (await db.live_replicas(now))[1] == Replica("r2", "127.0.0.1:7002", now, now + 1, False, 2, 3)
+        assert [r.id for r in await db.live_replicas(now + 5)] == ["r1"]  # r2's lease ran out
+        # A renewal is the same upsert: the lease moves, draining and load are recorded.
+        await db.register_replica(Replica("r2", "127.0.0.1:7002", now, now + 20, draining=True))
+        assert [(r.id, r.draining) for r in await db.live_replicas(now + 5)] == [("r1", False), ("r2", True)]
+        await db.expire_replicas(now + 15)  # r1 expired: removed
+        assert [r.id for r in await db.live_replicas(now)] == ["r2"]
+
+    async def test_a_newer_sign_on_wins_the_site(self, harness: Harness) -> None:
+        db, now = harness.db, time.time()
+        for rid in ("r1", "r2"):
+            await db.register_replica(Replica(rid, f"127.0.0.1:700{rid[1]}", now, now + 30))
+        assert await db.claim_presence("site-a", "r1", now, now + 10)
+        assert await db.locate("site-a", now) == ("r1", "127.0.0.1:7001")
+        assert await db.claim_presence("site-a", "r2", now + 1, now + 10)  # newer: wins at once
+        assert await db.locate("site-a", now) == ("r2", "127.0.0.1:7002")
+        assert not await db.claim_presence("site-a", "r1", now + 0.5, now + 10)  # older: ignored
+        # The old holder renews and learns the site is no longer its own; its release does not remove r2's row.
+        assert await db.renew_presence("r1", now + 20) == set()
+        assert await db.renew_presence("r2", now + 20) == {"site-a"}
+        await db.release_presence("site-a", "r1")
+        assert await db.locate("site-a", now) == ("r2", "127.0.0.1:7002")
+        await db.release_presence("site-a", "r2")
+        assert await db.locate("site-a", now) is None
+
+    async def test_presence_expires_with_its_lease_or_its_replica(self, harness: Harness) -> None:
+        db, now = harness.db, time.time()
+        await db.register_replica(Replica("r1", "127.0.0.1:7001", now, now + 30))
+        await db.register_replica(Replica("dead", "127.0.0.1:7009", now, now + 1))
+        await db.claim_presence("site-a", "r1", now, now + 5)
+        await db.claim_presence("site-b", "dead", now, now + 60)
+        assert [(p.site, p.replica) for p in await db.live_presence(now)] == [("site-a", "r1"), ("site-b", "dead")]
+        later = now + 2  # the dead replica's lease ran out: its sites are nowhere, whatever their own lease
+        assert await db.locate("site-b", later) is None
+        assert [p.site for p in await db.live_presence(later)] == ["site-a"]
+        assert await db.locate("site-a", now + 6) is None  # the site's own lease ran out
+        await db.remove_replica("r1")
+        assert [p.site for p in await db.live_presence(now)] == ["site-b"]  # r1's rows went with it
+        assert await db.locate("site-a", now) is None

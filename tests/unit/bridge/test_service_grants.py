@@ -13,6 +13,7 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import directory as directory_module
 from relay_bridge.config import BridgeConfig, ServerSection
 from relay_bridge.control import published, published_grants
+from relay_bridge.db import migrations
 from relay_bridge.directory import Device, Directory
 from relay_bridge.server import RelayServicer
 
@@ -66,10 +67,13 @@ def test_grants_survive_the_database_and_an_old_database_gets_the_column(tmp_pat
     path = tmp_path / "old.sqlite3"
     Directory(path).close()
     db = sqlite3.connect(path)  # back to schema version 2: before service groups
-    db.executescript("ALTER TABLE devices DROP COLUMN services; DELETE FROM schema_version WHERE version >= 3;")
+    db.executescript(
+        "ALTER TABLE devices DROP COLUMN services; DROP TABLE replicas; DROP TABLE presence;"  # steps 3 and 4
+        " DELETE FROM schema_version WHERE version >= 3;"
+    )
     db.close()
     d = Directory(path)
-    assert d.schema_change == (2, 3)  # migration step 3 added the column
+    assert d.schema_change == (2, migrations.LATEST)  # migration step 3 added the column (and the later steps ran)
     d.add_router("b", "long enough password")
     d.publish("b", [Device("b", "PACS", "", ("a",), (("*", QR), ("a", ("storage",))))])
     d.close()

@@ -1,0 +1,362 @@
+"""Cross-replica forwarding: an association whose destination router is held by another replica.
+
+The origin replica (where the initiating router's Open arrived) has admitted the Open as it
+would a local one, then opens one `relay.cluster.v1.Cluster/Forward` call to the replica that
+holds the destination (found in the presence table) and sends the Open's frame, with the calling
+site in the call's metadata. The holding replica checks it again against its own view and
+limits and runs the destination end exactly as for a local Open (`_run_initiator`: the notice on
+the destination's control stream, the wait for its Join, the splice); its answer (Refused, or
+Accepted and then the frames) comes back on the call.
+
+At the origin the association is an ordinary `Splice` whose destination end is the Forward
+call instead of a Join: the same bounded `Channel`s, and the call is read only as fast as the
+channel drains, so HTTP/2 flow control carries backpressure across the replica hop too (at most
+`depth` frames per direction held per replica). Frames cross as the bytes they arrived as; only
+the holding replica's first answer is parsed (to tell Refused from Accepted).
+
+Zero trust: the call goes only to an address read from the replicas table (written by replicas,
+never by a router), checked as HOST:PORT, over mutual TLS with the cluster CA; the receiving
+replica accepts only callers presenting the cluster certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge import admission
+from relay_bridge.admission import Rejection
+from relay_bridge.cluster.pki import CLUSTER_NAME
+from relay_bridge.cluster.presence import Location
+from relay_bridge.sessions import first_message
+from relay_bridge.splice import Splice, finish
+from relay_common.config import parse_host_port
+from relay_common.errors import Reason
+from relay_common.validate import is_site_name
+
+if TYPE_CHECKING:
+    from relay_bridge.splice import AssociationService
+
+log = logging.getLogger("relay_bridge.cluster")
+SERVICE = "relay.cluster.v1.Cluster"
+FORWARD = f"/{SERVICE}/Forward"
+EVICT = f"/{SERVICE}/Evict"
+FROM_SITE = "relay-from-site"  # metadata: the initiating site (authenticated by the origin replica)
+SITE = "relay-site"  # Evict metadata: the site that signed on at the calling replica...
+SINCE = "relay-since"  # ...and when (seconds since the epoch, as a decimal)
+EVICT_TIMEOUT_S = 2.0
+ORIGIN = "relay-replica"  # metadata: the origin replica's id (for the logs)
+# Peer channels kept open (one per replica address); more addresses than this means replicas
+# came and went: the least recently used channel is closed.
+MAX_CHANNELS = 64
+# How long the origin waits for the holding replica's first answer beyond the join timeout
+# (which the holding replica applies itself and answers with Refused TIMEOUT).
+ANSWER_MARGIN_S = 5.0
+
+
+def replica_unreachable(to_site: str) -> Rejection:
+    """The replica holding the site did not answer: transient (its routers are reconnecting elsewhere)."""
+    return Rejection(pb.Refused.SITE_OFFLINE, Reason.SITE_OFFLINE, f"site {to_site!r} is offline")
+
+
+def channel_options(max_frame_bytes: int) -> list[tuple[str, int | str]]:
+    size = max_frame_bytes + 64 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.ssl_target_name_override", CLUSTER_NAME),  # every replica's certificate names the cluster
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),  # as the router-facing server (server_options)
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.ping_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A replica that restarts at the same address is found again quickly.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.enable_http_proxy", 0),
+    ]
+
+
+def server_options(max_frame_bytes: int) -> list[tuple[str, int]]:
+    """The internal port: the message sizes and initial window of the router-facing server, and the
+    peers' keepalive pings accepted (every 10 s, also on an idle channel: a dead replica is found
+    before an association waits on it)."""
+    size = max_frame_bytes + 64 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+
+
+class Forwarder:
+    """The origin side: one channel per peer replica, and the splice of a forwarded association."""
+
+    def __init__(
+        self, credentials: grpc.ChannelCredentials, replica_id: str, *, max_frame_bytes: int, join_timeout_s: float
+    ) -> None:
+        self._credentials = credentials
+        self.replica_id = replica_id
+        self._options = channel_options(max_frame_bytes)
+        self._answer_timeout = join_timeout_s + ANSWER_MARGIN_S
+        self._channels: collections.OrderedDict[str, grpc.aio.Channel] = collections.OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to a replica's advertised address (from the replicas table; checked before use)."""
+        channel = self._channels.get(address)
+        if channel is not None:
+            self._channels.move_to_end(address)
+            return channel
+        host, port = parse_host_port(address, default_host="")  # ValueError: not HOST:PORT
+        if not host or port == 0:
+            raise ValueError(f"replica address {address!r} has no host or port")
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
+        self._channels[address] = channel
+        while len(self._channels) > MAX_CHANNELS:
+            _, oldest = self._channels.popitem(last=False)
+            self._close_later(oldest)
+        return channel
+
+    def forget(self, address: str) -> None:
+        """Drop a channel whose replica failed (a new one is made on the next use)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            self._close_later(channel)
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def evict(self, location: Location, site: str, since: float) -> None:
+        """Tell the replica that held `site` that it signed on here at `since` (it cuts its stale stream)."""
+        try:
+            call = self.channel(location.address).unary_unary(EVICT)
+            await call(b"", metadata=((SITE, site), (SINCE, repr(since))), timeout=EVICT_TIMEOUT_S)
+        except (ValueError, grpc.aio.AioRpcError) as exc:  # it may well be dead: its lease settles it
+            detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.info("could not tell replica %s that %s moved here: %s", location.replica, site, detail)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), collections.OrderedDict()
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+    async def run(
+        self,
+        service: AssociationService,
+        splice: Splice,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        location: Location,
+    ) -> None:
+        """The initiating router's end of an association whose destination `location` holds."""
+        aid = splice.association_id
+        try:
+            channel = self.channel(location.address)
+        except ValueError as exc:
+            log.error("replica %s has an unusable address: %s", location.replica, exc, extra={"assoc": aid})
+            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+        call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
+        try:  # however this ends (even cancelled: the router went away), the Forward call ends with it
+            await self._run_call(service, splice, op, context, location, call)
+        finally:
+            call.cancel()
+
+    async def _run_call(
+        self,
+        service: AssociationService,
+        splice: Splice,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        location: Location,
+        call: grpc.aio.StreamStreamCall[bytes, bytes],
+    ) -> None:
+        aid = splice.association_id
+        try:
+            await call.write(pb.Frame(open=op).SerializeToString())
+            answer = await asyncio.wait_for(call.read(), self._answer_timeout)
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+            failure = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            log.warning(
+                "replica %s at %s did not take the association for %s: %s",
+                location.replica,
+                location.address,
+                op.to_site,
+                failure,
+                extra={"assoc": aid},
+            )
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.forget(location.address)
+            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+        try:
+            first = pb.Frame.FromString(answer) if isinstance(answer, bytes) else None
+        except DecodeError:
+            first = None
+        if first is None or not (first.HasField("accepted") or first.HasField("refused")):
+            log.error("replica %s answered an Open with no Accepted or Refused", location.replica, extra={"assoc": aid})
+            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+        if first.HasField("refused"):
+            service.state.metrics.refused(first.refused.reason, aid, "refused by the replica holding the site")
+            await context.write(answer)  # the holding replica's own code and text, as it sent them
+            return
+        splice.joined.set_result(None)
+        log.info(
+            "association %s -> %s/%s spliced through replica %s",
+            splice.from_site,
+            op.to_site,
+            op.called_ae_title,
+            location.replica,
+            extra={"assoc": aid},
+        )
+        service.state.metrics.spliced(splice)
+        await context.write(answer)
+        await _splice_through(splice, context, call)
+
+
+async def _splice_through(
+    splice: Splice, context: grpc.aio.ServicerContext, call: grpc.aio.StreamStreamCall[bytes, bytes]
+) -> None:
+    """Pump both directions: router -> channel -> replica call, and replica call -> channel -> router."""
+
+    async def to_replica() -> None:
+        try:
+            await splice.drain(splice.to_destination, call.write)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await splice.to_initiator.close()  # the replica's call ended; its pump tells the router why
+
+    from_router = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
+    from_replica = asyncio.create_task(splice.pump(call.read, splice.to_initiator, from_initiator=False))
+    writer = asyncio.create_task(to_replica())
+    try:
+        await splice.drain(splice.to_initiator, context.write)
+    finally:
+        await splice.to_initiator.close()
+        await splice.to_destination.close()
+        await finish(from_router)
+        await finish(writer)
+        await finish(from_replica)
+
+
+class ForwardService:
+    """The holding side: relay.cluster.v1.Cluster/Forward, one call per forwarded association."""
+
+    def __init__(
+        self, associations: AssociationService, evicted: Callable[[str, float], bool] = lambda site, since: False
+    ) -> None:
+        self.associations = associations
+        self.evicted = evicted
+
+    async def Evict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Another replica took one of our sites over: cut our stream for it if it is older."""
+        await _require_cluster_certificate(context)
+        metadata = dict(context.invocation_metadata() or ())
+        site, since = str(metadata.get(SITE, "")), str(metadata.get(SINCE, ""))
+        try:
+            when = float(since)
+        except ValueError:
+            when = math.nan
+        if not is_site_name(site) or not math.isfinite(when):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{SITE} must be a site name, {SINCE} a time")
+        self.evicted(site, when)
+        return b""
+
+    async def Forward(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        service = self.associations
+        state = service.state
+        await _require_cluster_certificate(context)
+        metadata = dict(context.invocation_metadata() or ())
+        from_site, origin = str(metadata.get(FROM_SITE, "")), str(metadata.get(ORIGIN, ""))[:64]
+        if not is_site_name(from_site):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{FROM_SITE} must be a site name")
+        raw = await first_message(context, state.config.limits, "Forward", f"replica {origin!r}")
+        if not isinstance(raw, bytes):
+            return
+        try:
+            first = pb.Frame.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame is not a relay.v1.Frame")
+            raise AssertionError("context.abort() raises") from exc
+        if not first.HasField("open"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Open")
+        await accept_forwarded(service, from_site, first.open, context)
+
+
+async def _require_cluster_certificate(context: grpc.aio.ServicerContext) -> None:
+    """The TLS layer required a certificate from the cluster CA; it must also be the cluster's own."""
+    names = context.auth_context().get("x509_common_name") or []
+    if [n.decode(errors="replace") for n in names] != [CLUSTER_NAME]:
+        log.error("call from %s without the cluster certificate; refused", context.peer())
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the cluster certificate is required")
+
+
+async def accept_forwarded(
+    service: AssociationService, from_site: str, op: pb.Open, context: grpc.aio.ServicerContext
+) -> None:
+    """Run the destination end of an association another replica admitted, as a local Open would."""
+    state, aid, limits = service.state, op.association_id, service.state.config.limits
+    if not admission.valid_association_id(aid, state.splices):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+    if state.draining:
+        return await service.refuse(context, admission.draining(), aid)
+    invalid = admission.invalid_open(
+        to_site=op.to_site, called_ae_title=op.called_ae_title, calling_ae_title=op.calling_ae_title
+    )
+    if invalid is not None:
+        return await service.refuse(context, invalid, aid)
+    # Checked again here (the same database, but this replica's own view and its own limits).
+    view = await state.directory_cache.view()
+    destination = state.sessions.get(op.to_site)
+    rejection = admission.admit_open(
+        caller=from_site,
+        to_site=op.to_site,
+        called_ae_title=op.called_ae_title,
+        device=view.device(op.to_site, op.called_ae_title),
+        destination_online=destination is not None,
+        active=len(state.splices),
+        caller_active=0,  # the origin replica counted the caller's own associations
+        destination_inbound=0 if destination is None else service._towards(destination),
+        limits=admission.Limits(
+            limits.max_associations, limits.max_associations_per_router, limits.max_inbound_per_router
+        ),
+    )
+    if rejection is not None or destination is None:
+        assert rejection is not None
+        return await service.refuse(context, rejection, aid)
+    splice = service.splice_class(
+        aid, from_site, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
+    )
+    state.splices[aid] = splice
+    destination.associations.add(aid)
+    try:
+        await service._run_initiator(splice, destination, op, context, view.identities.get(from_site))
+    finally:
+        state.splices.pop(aid, None)
+        destination.associations.discard(aid)
+        service._finished(splice)
+
+
+def handlers(service: ForwardService) -> grpc.GenericRpcHandler:
+    """Forward with frames left serialized, as the router-facing Associate."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Forward": grpc.stream_stream_rpc_method_handler(service.Forward),
+            "Evict": grpc.unary_unary_rpc_method_handler(service.Evict),
+        },
+    )

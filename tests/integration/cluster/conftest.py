@@ -1,0 +1,64 @@
+"""Fixtures for the cluster tests: a throwaway PostgreSQL, three bridge replicas, HAProxy in front.
+
+HAProxy gets one frontend per site, each preferring a different replica, so the two routers land
+on different replicas and the tests can say which (the presence table says so too). The
+replicas themselves: tests.support.bridge_cluster.
+
+Missing PostgreSQL, psycopg or HAProxy: skipped locally, a failure under CI=true.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.bridge_cluster import BridgeCluster, start_bridge_cluster
+from tests.support.haproxy import haproxy_binary
+from tests.support.postgres import PostgresCluster, postgres_bindir
+
+
+def require_cluster_parts() -> None:
+    missing = []
+    if postgres_bindir() is None:
+        missing.append("PostgreSQL server (Debian: apt-get install -y postgresql)")
+    if haproxy_binary() is None:
+        missing.append("HAProxy (Debian: apt-get install -y haproxy)")
+    missing += [m for m in ("psycopg", "psycopg_pool") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    message = f"not installed: {', '.join(missing)}"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI requires the cluster test's parts; {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def postgres_for_cluster() -> Iterator[PostgresCluster]:
+    require_cluster_parts()
+    bindir = postgres_bindir()
+    assert bindir is not None
+    cluster = PostgresCluster(bindir)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge_cluster(
+    postgres_for_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BridgeCluster]:
+    """Three replicas and HAProxy with frontends "a" (prefers r1) and "b" (prefers r2); no routers yet."""
+    cluster = start_bridge_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        postgres_for_cluster,
+        {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
+        renew_s=0.5,  # a site signed on at one replica shows online at the others sooner
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,0 +1,211 @@
+"""Two hospitals whose routers sit on different bridge replicas: forwarding between replicas, and failover.
+
+Site A (router on replica r1 through HAProxy frontend "a"): DCMTK clients with calling AE WS_A,
+and WS_A itself, a pynetdicom storage SCP (its per-image delay lets a test kill a replica in
+the middle of a C-MOVE). Site B (router on replica r2 through frontend "b"; r3 is its backup):
+Orthanc ORTHANC_B, known at site A as PACS_B. Every association between them crosses two
+replicas (r1 <-> r2 over the internal Forward service); every image is compared by SOP
+Instance UID and a hash of its Pixel Data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, write_series
+from relay_demo.network import Remote, Shared
+from tests.integration.conftest import OrthancPool, require_dcmtk
+from tests.support import dcmtk
+from tests.support.bridge_cluster import HOST, BridgeCluster
+from tests.support.orthanc import OrthancProcess
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlowStoreSCP:
+    """WS_A: a pynetdicom storage SCP that keeps what it received and can take its time per image."""
+
+    delay: float = 0.0
+    received: dict[str, str] = field(default_factory=dict)
+    aborted: int = 0
+    server: ThreadedAssociationServer | None = None
+
+    def start(self) -> int:
+        ae = AE(ae_title="WS_A")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(
+            (HOST, 0),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_ABORTED, self._aborted)],
+        )
+        return int(self.server.server_address[1])
+
+    def _store(self, event: evt.Event) -> int:
+        time.sleep(self.delay)
+        ds: Dataset = event.dataset
+        ds.file_meta = event.file_meta
+        uid, digest = fingerprint(ds)
+        self.received[uid] = digest
+        return 0x0000
+
+    def _aborted(self, event: evt.Event) -> None:
+        self.aborted += 1
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+@dataclass
+class Hospitals:
+    cluster: BridgeCluster
+    orthanc_b: OrthancProcess
+    scp: SlowStoreSCP
+    router_a: int
+    study_uid: str
+    originals: dict[str, str]
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def hospitals(
+    bridge_cluster: BridgeCluster,
+    orthanc_module_factory: OrthancPool,
+    tmp_path_factory: pytest.TempPathFactory,
+    ct_series: list[Path],
+) -> Iterator[Hospitals]:
+    require_dcmtk()
+    work = tmp_path_factory.mktemp("hospitals")
+    orthanc_b = orthanc_module_factory("ORTHANC_B")
+    orthanc_b.upload_many(ct_series)
+    scp = SlowStoreSCP()
+    scp_port = scp.start()
+    net, haproxy = bridge_cluster.net, bridge_cluster.haproxy
+    assert haproxy is not None
+    try:
+        net.bridge_port = haproxy.ports["b"]  # site B's router reaches the cluster through frontend b (r2 first)
+        site_b = net.add_site(
+            "site-b",
+            shared=[Shared("ORTHANC_B", HOST, orthanc_b.dicom_port, ["site-a"])],
+            remote=[Remote("WS_A", "site-a")],
+        )
+        net.bridge_port = haproxy.ports["a"]  # site A's through frontend a (r1 first)
+        site_a = net.add_site(
+            "site-a",
+            shared=[Shared("WS_A", HOST, scp_port, ["site-b"])],
+            remote=[Remote("PACS_B", "site-b", "ORTHANC_B")],
+        )
+        assert site_a.port and site_b.port
+        orthanc_b.set_modalities({"WS_A": ("WS_A", HOST, site_b.port)})
+        net.wait_connected()  # each router sees the other site online, though it is held by another replica
+        header = pydicom.dcmread(ct_series[0], stop_before_pixels=True)
+        yield Hospitals(
+            bridge_cluster, orthanc_b, scp, site_a.port, str(header.StudyInstanceUID), fingerprints(ct_series), work
+        )
+    finally:
+        scp.stop()
+
+
+def test_the_two_sites_are_held_by_different_replicas(hospitals: Hospitals) -> None:
+    hospitals.cluster.wait_presence({"site-a": "r1", "site-b": "r2"})
+
+
+def test_echo_find_store_and_move_cross_replicas_byte_identical(hospitals: Hospitals) -> None:
+    cluster, router_a = hospitals.cluster, hospitals.router_a
+    dcmtk.echoscu(HOST, router_a, "PACS_B", "WS_A").check()
+
+    matches = dcmtk.findscu(HOST, router_a, "PACS_B", "WS_A", "STUDY", {"StudyInstanceUID": None}, "study").check()
+    assert hospitals.study_uid in {m["StudyInstanceUID"] for m in matches}
+
+    new = write_series(generate_ct_series(3, patient_id="RELAY-CLUSTER-1", seed=7), hospitals.work / "new")
+    stored = dcmtk.storescu(HOST, router_a, "PACS_B", "WS_A", new).check()
+    assert stored.succeeded == 3
+    assert fingerprints(new).items() <= hospitals.orthanc_b.fingerprints().items()  # byte-identical at B
+
+    # C-MOVE: Orthanc B's own sub-association to WS_A goes router B -> r2 -> r1 -> router A.
+    hospitals.scp.received.clear()
+    moved = dcmtk.movescu(HOST, router_a, "PACS_B", "WS_A", "WS_A", {"StudyInstanceUID": hospitals.study_uid}).check()
+    assert moved.completed == len(hospitals.originals) and not moved.failed
+    assert hospitals.scp.received == hospitals.originals
+
+    # Both directions really crossed replicas (r1 forwarded A's calls to r2, r2 forwarded B's back to r1).
+    assert "spliced through replica r2" in cluster.log("r1")
+    assert "spliced through replica r1" in cluster.log("r2")
+
+
+def test_sigkill_of_the_replica_holding_a_site_during_a_c_move(hospitals: Hospitals) -> None:
+    """Abort on both sides, router B moves to r3 through HAProxy, the retry succeeds; failover time logged."""
+    cluster, scp, router_a = hospitals.cluster, hospitals.scp, hospitals.router_a
+    scp.received.clear()
+    scp.aborted = 0
+    scp.delay = 0.5
+    results: list[dcmtk.RetrieveResult] = []
+    keys = {"StudyInstanceUID": hospitals.study_uid}
+    mover = threading.Thread(
+        target=lambda: results.append(dcmtk.movescu(HOST, router_a, "PACS_B", "WS_A", "WS_A", keys, timeout=30))
+    )
+    mover.start()
+    deadline = time.monotonic() + 20
+    while not scp.received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert scp.received, "the C-MOVE delivered nothing before the kill"
+    killed = time.monotonic()
+    cluster.kill("r2")
+    mover.join(40)
+    scp.delay = 0.0
+
+    (interrupted,) = results
+    assert not interrupted.ok and len(scp.received) < len(hospitals.originals), interrupted
+    assert interrupted.aborted, interrupted  # the requester at A was told with an A-ABORT
+    deadline = time.monotonic() + 10
+    while not scp.aborted and time.monotonic() < deadline:  # and so was WS_A's sub-association
+        time.sleep(0.05)
+    assert scp.aborted >= 1
+
+    # The first C-ECHO that succeeds again, through r1 and r3: that is the failover time.
+    attempts = 0
+    while True:
+        attempts += 1
+        if dcmtk.echoscu(HOST, router_a, "PACS_B", "WS_A", timeout=5).ok:
+            break
+        assert time.monotonic() - killed < 30, "no C-ECHO succeeded within 30 s of the kill"
+        time.sleep(0.1)
+    failover = time.monotonic() - killed
+    log.warning("FAILOVER: %.2f s from SIGKILL of r2 to the first successful C-ECHO (%d attempts)", failover, attempts)
+    print(f"\nfailover time: {failover:.2f} s (SIGKILL of r2 -> first successful C-ECHO, {attempts} attempts)")
+    cluster.wait_presence({"site-a": "r1", "site-b": "r3"})
+
+    scp.received.clear()
+    retried = dcmtk.movescu(HOST, router_a, "PACS_B", "WS_A", "WS_A", keys).check()
+    assert retried.completed == len(hospitals.originals)
+    assert scp.received == hospitals.originals
+
+
+def test_a_clean_exit_removes_the_replicas_rows_and_its_routers_move(hospitals: Hospitals) -> None:
+    """SIGTERM of r3 (which took site B over from the killed r2): it drains, its rows go, router B moves
+    to the last live replica, and the two sites then meet in a local splice there."""
+    cluster = hospitals.cluster
+    cluster.wait_presence({"site-a": "r1", "site-b": "r3"})
+    process = cluster.replicas["r3"].process
+    assert process is not None
+    process.terminate()
+    assert process.wait(30) == 0, cluster.log("r3")[-2000:]
+    assert "r3" not in cluster.live_replicas()  # removed at exit, not left to expire
+    cluster.wait_presence({"site-a": "r1", "site-b": "r1"})
+    deadline = time.monotonic() + 20
+    while not dcmtk.echoscu(HOST, hospitals.router_a, "PACS_B", "WS_A", timeout=5).ok:
+        assert time.monotonic() < deadline, "no C-ECHO after router B moved to r1"
+        time.sleep(0.2)

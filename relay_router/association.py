@@ -51,7 +51,8 @@ from relay_router.wire.features import Features
 log = logging.getLogger("relay_router.association")
 CLOSE_GRACE_S = 5.0
 SLOW_PATH_BYTES_PER_S = 12_500_000  # below 100 Mbit/s, spilled parts are uploaded one after another
-SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError)
+# A write after the bridge ended the call raises InvalidStateError ("RPC already finished"), not an RpcError.
+SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError)
 
 # How a bridge refusal is told to the local device (PS3.8 Table 9-21).
 PERMANENT_REFUSALS = {pb.Refused.UNKNOWN_DEVICE, pb.Refused.NOT_PERMITTED}

@@ -77,7 +77,7 @@ class AssociationStream:
         """Half-close our direction (the bridge then ends the partner's stream)."""
         try:
             await self._call.done_writing()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError):
             pass
 
     def cancel(self) -> None:

@@ -7,7 +7,8 @@ audited, and the next one is asked. When no source answers the outcome is UNAVAI
 and the caller relabels nothing. Answers are cached for `cache_ttl_s` (a bounded LRU),
 except when a source was skipped (a later lookup may reach it) and except answers taken
 from the data set itself (the Other Patient IDs Sequence describes that data set only).
-Merges (ADT A40, `relay-router pix ...`) call `invalidate`.
+Merges (ADT A40) call `invalidate`; a source with a `changed()` coroutine (the table,
+edited by `relay-router pix ...` in another process) empties the cache when it changes.
 
 PHI stays in the hospital: the audit records go to the router's own audit trail only.
 """
@@ -82,6 +83,7 @@ class Resolver:
         context: Mapping[str, str] | None = None,
     ) -> Lookup:
         """`ref` in the domain whose Issuer of Patient ID is `target`; `context` adds fields to the audit record."""
+        await self._drop_if_stale()
         key = (ref, target)
         cached = self._cached(key)
         if cached is not None:
@@ -133,6 +135,20 @@ class Resolver:
         for key in stale:
             del self._cache[key]
         return len(stale)
+
+    async def _drop_if_stale(self) -> None:
+        """Forget every cached answer when a source says its records changed (a table edited by the CLI)."""
+        for source in self.sources:
+            changed = getattr(source, "changed", None)
+            if changed is None:
+                continue
+            try:
+                stale = await changed()
+            except Exception as exc:  # an unreadable table is reported by its lookup; the cache stays
+                log.warning("cannot tell whether identity source %s changed: %s", source.name, exc)
+                continue
+            if stale:
+                self.invalidate()
 
     @staticmethod
     def _check_answer(result: Lookup, target: str) -> None:

@@ -13,6 +13,7 @@ from relay_common.config import AuditSection, InvalidValue, LoggingSection, load
 from relay_common.validate import SITE_NAME_RULE, is_ae_title, is_share_target, is_site_name
 from relay_router import services as service_groups
 from relay_router.egress import Endpoint, ProxySettings, UrlPolicy, check_proxy_url, with_password
+from relay_router.identity.config import IdentitySection
 
 
 def _check_ae(title: str, what: str) -> None:
@@ -398,6 +399,8 @@ class RouterConfig:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    # Patient identity across institutions (relay_router/identity/, docs/patient-identity.md).
+    identity: IdentitySection = field(default_factory=IdentitySection)
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}

@@ -32,6 +32,7 @@ from relay_common.tlsreload import add_reload_hook
 from relay_router.association import RelayedAssociation
 from relay_router.config import RouterConfig, SharedDevice, config_changes, load, with_reloadable
 from relay_router.host import tune_socket
+from relay_router.identity.wiring import IdentityWiring
 from relay_router.inbound import InboundCalls
 from relay_router.metrics import RouterMetrics
 from relay_router.outbound import OutboundCalls
@@ -103,6 +104,7 @@ class RouterService(OutboundCalls, InboundCalls):
         self._tasks: set[asyncio.Task[object]] = set()
         self.port: int | None = None
         self.metrics = RouterMetrics(self)
+        self.identity = IdentityWiring(lambda: self.config, self.audit)  # patient identity routes (issue 14)
 
     # -- routing table -------------------------------------------------------
     def route_table(self) -> RouteTable:

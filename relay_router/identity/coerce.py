@@ -30,7 +30,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from relay_router.identity.model import Lookup, LookupOutcome, PatientRef
+from relay_router.identity.model import IdentityError, Lookup, LookupOutcome, PatientRef
 
 __all__ = [
     "IDENTITY_TAGS",
@@ -142,6 +142,15 @@ def _qualifiers_element(universal_id: str, universal_id_type: str) -> DataElemen
     return _element(QUALIFIERS, "SQ", Sequence([item]))
 
 
+def _invalid(patient_id: str, issuer: str, universal_id: str, universal_type: str) -> Coercion | None:
+    """A Coercion refusing an identifier that is not a valid LO value (a hostile peer's), else None."""
+    try:
+        PatientRef(patient_id, issuer, universal_id, universal_type)
+    except IdentityError as exc:
+        return Coercion(Outcome.CONFLICT, detail=f"unusable identifier ({exc}): kept as it is")
+    return None
+
+
 def _is_pattern(patient_id: str) -> bool:
     return not patient_id or any(c in patient_id for c in _WILDCARDS)
 
@@ -161,6 +170,8 @@ def request_ref(identifier: Dataset, route: RouteIdentity) -> PatientRef | Coerc
         return Coercion(Outcome.UNCHANGED, detail="no single Patient ID in the query")
     issuer = _text(identifier, ISSUER)
     universal_id, universal_type = _qualifiers(identifier)
+    if (bad := _invalid(patient_id, issuer, universal_id, universal_type)) is not None:
+        return bad
     given = PatientRef(patient_id, issuer or route.local.issuer, universal_id, universal_type)
     if issuer == route.partner_issuer and issuer != route.local.issuer:
         return Coercion(Outcome.UNCHANGED, original=given, detail="the query is already in the partner's domain")
@@ -211,6 +222,8 @@ def incoming_ref(ds: Dataset, route: RouteIdentity) -> PatientRef | Coercion:
         return Coercion(Outcome.UNCHANGED, detail="no Patient ID")
     issuer = _text(ds, ISSUER)
     universal_id, universal_type = _qualifiers(ds)
+    if (bad := _invalid(patient_id, issuer, universal_id, universal_type)) is not None:
+        return bad
     if issuer == route.local.issuer and issuer != route.partner_issuer:
         return Coercion(Outcome.UNCHANGED, original=PatientRef(patient_id, issuer), detail="already in our domain")
     if issuer and issuer != route.partner_issuer:
@@ -279,6 +292,8 @@ def stamp_outgoing(ds: Dataset, route: RouteIdentity) -> Coercion:
         return Coercion(Outcome.UNCHANGED, detail="no Patient ID")
     issuer = _text(ds, ISSUER)
     local = route.local
+    if (bad := _invalid(patient_id, issuer, "", "")) is not None:
+        return bad
     if issuer == local.issuer:
         return Coercion(Outcome.UNCHANGED, original=PatientRef(patient_id, issuer))
     if issuer:

@@ -26,6 +26,7 @@ router (the bridge never sees a patient identifier).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset
 
 from relay_common.errors import Reason, RelayError
-from relay_router.dimse import CommandReceived, DatasetChunk, DatasetComplete, DimseError, DimseReceiver, DimseSender
+from relay_router.dimse import CommandReceived, DatasetComplete, DimseError, DimseReceiver, DimseSender
 from relay_router.identity.coerce import (
     Coercion,
     Outcome,
@@ -73,7 +74,11 @@ class IdentityFilterError(RelayError):
 
 
 class Resolver(Protocol):
-    async def lookup(self, ref: PatientRef, target: str) -> Lookup: ...
+    """relay_router.identity.resolver.Resolver, as the filter uses it."""
+
+    async def lookup(
+        self, ref: PatientRef, target: str, *, dataset: Dataset | None = None, context: Mapping[str, str] | None = None
+    ) -> Lookup: ...
 
 
 class Flow(Enum):
@@ -138,6 +143,7 @@ class _Direction:
         self.receiver: DimseReceiver | None = None
         self.current: _Message | None = None
         self.held: deque[_HeldPdu] = deque()
+        self.lock = asyncio.Lock()
 
 
 class IdentityFilter:
@@ -174,6 +180,11 @@ class IdentityFilter:
         A refused query yields its answer along the other flow (back to the requestor).
         """
         direction = self._directions[flow]
+        async with direction.lock:  # both pumps may send the same way (data, and an abort)
+            return await self._process(direction, data)
+
+    async def _process(self, direction: _Direction, data: bytes) -> list[tuple[Flow, bytes]]:
+        flow = direction.flow
         direction.buffer += data
         out: list[tuple[Flow, bytes]] = []
         while len(direction.buffer) >= _PDU_HEADER:
@@ -304,7 +315,7 @@ class IdentityFilter:
         elif message.kind is Kind.REQUEST:
             ref = request_ref(identity, route)
             if isinstance(ref, PatientRef):
-                coercion = coerce_request(identity, route, ref, await self._lookup(ref, route.partner_issuer))
+                coercion = coerce_request(identity, route, ref, await self._lookup(ref, route.partner_issuer, identity))
             else:
                 coercion = ref
                 if coercion.outcome is Outcome.CONFLICT:  # an issuer we cannot map from: nothing may match
@@ -312,15 +323,17 @@ class IdentityFilter:
         else:
             ref = incoming_ref(identity, route)
             if isinstance(ref, PatientRef):
-                coercion = coerce_incoming(identity, route, ref, await self._lookup(ref, route.local.issuer))
+                coercion = coerce_incoming(identity, route, ref, await self._lookup(ref, route.local.issuer, identity))
             else:
                 coercion = ref
         self._record(flow, message, coercion)
         return coercion
 
-    async def _lookup(self, ref: PatientRef, target: str) -> Lookup:
+    async def _lookup(self, ref: PatientRef, target: str, identity: Dataset) -> Lookup:
         try:
-            return await self.resolver.lookup(ref, target)
+            return await self.resolver.lookup(
+                ref, target, dataset=identity, context={"association": self.association_id}
+            )
         except Exception as exc:  # a source's bug must not pass a data set unrelabelled as if mapped
             log.error("patient identity lookup failed: %s", exc, extra={"assoc": self.association_id})
             return Lookup(LookupOutcome.UNAVAILABLE, None, "")
@@ -349,13 +362,18 @@ class IdentityFilter:
             detail=coercion.detail,
         )
         level = logging.WARNING if failure else logging.INFO
-        log.log(level, "patient identity %s on %s (%s)", coercion.outcome.value, _NAMES.get(command_field, "?"),
-                coercion.detail or flow.value, extra={"assoc": self.association_id})
+        log.log(
+            level,
+            "patient identity %s on %s (%s)",
+            coercion.outcome.value,
+            _NAMES.get(command_field, "?"),
+            coercion.detail or flow.value,
+            extra={"assoc": self.association_id},
+        )
 
 
 def _other(flow: Flow) -> Flow:
     return Flow.ARRIVING if flow is Flow.LEAVING else Flow.LEAVING
-
 
 
 def _pdvs(pdu: bytes) -> list[tuple[int, int, bytes]]:

@@ -1,0 +1,167 @@
+"""Patient identity across two hospitals (issue 14): real Orthancs, DCMTK, routers and bridge over TLS.
+
+Hospital A (issuer HOSP-A) asks hospital B (issuer HOSP-B) by A's own Patient IDs. B's
+Orthanc holds three people:
+
+* Smith, B-900 at B, A-100 at A (linked in A's cross-reference table);
+* Jones, B-555 at B, COLL at A (linked);
+* Brown, whose ID at B is COLL, the ID that means Jones at A (not linked: the collision).
+
+The mapping source is the cross-reference table of pid-sources (``relay-router pix add``).
+What the user at A sees: the right studies, labelled with A's ID and issuer, B's original
+in Other Patient IDs Sequence, Pixel Data byte-identical, SOP Instance UIDs kept; Brown's
+study never comes back for COLL; an unmapped ID answers no match; the bridge never sees an ID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pydicom
+import pytest
+
+from relay_demo.datasets import fingerprints, generate_ct_series, write_series
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
+from tests.integration.conftest import OrthancPool, require_dcmtk
+from tests.support import dcmtk
+from tests.support.orthanc import OrthancProcess
+
+pytestmark = pytest.mark.integration
+HOST = "127.0.0.1"
+PEOPLE = {  # name: (ID at B, ID at A or None)
+    "SMITH^ANNE": ("B-900", "A-100"),
+    "JONES^BOB": ("B-555", "COLL"),
+    "BROWN^CARL": ("COLL", None),
+}
+
+
+@dataclass
+class Sites:
+    net: LocalRelayNetwork
+    orthanc_a: OrthancProcess
+    router_a: int
+    studies: dict[str, str]  # name -> StudyInstanceUID at B
+    originals: dict[str, dict[str, str]]  # name -> {SOP Instance UID: Pixel Data SHA-256}
+
+
+@pytest.fixture(scope="module")
+def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    require_dcmtk("findscu", "movescu")
+    work = tmp_path_factory.mktemp("identity")
+    orthanc_b = orthanc_module_factory("ORTHANC_B")
+    orthanc_a = orthanc_module_factory("ORTHANC_A")
+    studies: dict[str, str] = {}
+    originals: dict[str, dict[str, str]] = {}
+    for seed, (name, (b_id, _)) in enumerate(PEOPLE.items(), start=1):
+        files = write_series(
+            generate_ct_series(2, rows=64, cols=64, patient_id=b_id, patient_name=name, seed=seed),
+            work / f"b-{seed}",
+        )
+        orthanc_b.upload_many(files)
+        studies[name] = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        originals[name] = fingerprints(files)
+    net = LocalRelayNetwork(work / "relay").start()
+    try:
+        site_b = net.add_site(
+            "hospital-b",
+            shared=[Shared("ORTHANC_B", HOST, orthanc_b.dicom_port, ["hospital-a"], patient_issuer="HOSP-A")],
+            remote=[Remote("ORTHANC_A", "hospital-a", patient_issuer="HOSP-A")],
+            identity={"issuer": "HOSP-B"},
+        )
+        site_a = net.add_site(
+            "hospital-a",
+            shared=[Shared("ORTHANC_A", HOST, orthanc_a.dicom_port, ["hospital-b"], patient_issuer="HOSP-B")],
+            remote=[Remote("PACS_B", "hospital-b", "ORTHANC_B", patient_issuer="HOSP-B")],
+            identity={"issuer": "HOSP-A"},
+        )
+        assert site_a.port and site_b.port
+        orthanc_b.set_modalities({"ORTHANC_A": ("ORTHANC_A", HOST, site_b.port), "WS_A": ("WS_A", HOST, site_b.port)})
+        for b_id, a_id in PEOPLE.values():
+            if a_id is not None:
+                pix(net, "hospital-a", "add", a_id, b_id, "--other-issuer", "HOSP-B")
+        net.wait_connected()
+        yield Sites(net, orthanc_a, site_a.port, studies, originals)
+    finally:
+        net.stop()
+
+
+def pix(net: LocalRelayNetwork, site: str, *args: str) -> None:
+    config = net.router_config_path(site)
+    command = [net.python, "-m", "relay_router.cli", "--config", str(config), "pix", *args]
+    done = subprocess.run(command, cwd=config.parent, env=net.env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def find(sites: Sites, patient_id: str) -> list[pydicom.Dataset]:
+    keys = {"PatientID": patient_id, "IssuerOfPatientID": None, "PatientName": None, "StudyInstanceUID": None}
+    return dcmtk.findscu(HOST, sites.router_a, "PACS_B", "WS_A", "STUDY", keys, "study").check().datasets
+
+
+def audit_records(sites: Sites, site: str) -> list[dict[str, object]]:
+    path = sites.net.router_config_path(site).parent / f"audit-{site}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if '"patient_identity"' in line]
+
+
+def test_findscu_by_our_id_finds_the_partners_study_relabelled(sites: Sites) -> None:
+    (answer,) = find(sites, "A-100")
+    assert answer.StudyInstanceUID == sites.studies["SMITH^ANNE"]
+    assert (answer.PatientID, answer.IssuerOfPatientID) == ("A-100", "HOSP-A")
+    other = answer.OtherPatientIDsSequence[-1]
+    assert (other.PatientID, other.IssuerOfPatientID) == ("B-900", "HOSP-B")
+
+
+def test_the_colliding_id_never_returns_the_wrong_person(sites: Sites) -> None:
+    answers = find(sites, "COLL")
+    assert [a.StudyInstanceUID for a in answers] == [sites.studies["JONES^BOB"]]  # Jones, not Brown
+    assert answers[0].PatientID == "COLL" and answers[0].OtherPatientIDsSequence[-1].PatientID == "B-555"
+
+
+def test_an_unmapped_id_answers_no_match_and_is_audited(sites: Sites) -> None:
+    assert find(sites, "A-404") == []
+    refused = [r for r in audit_records(sites, "hospital-a") if r.get("identity_outcome") == "refused"]
+    assert refused and refused[-1]["original_patient_id"] == "A-404"
+
+
+def test_movescu_by_our_id_brings_the_right_images_relabelled(sites: Sites) -> None:
+    sites.orthanc_a.delete_all()
+    for a_id, name in (("A-100", "SMITH^ANNE"), ("COLL", "JONES^BOB")):
+        result = dcmtk.movescu(
+            HOST, sites.router_a, "PACS_B", "WS_A", "ORTHANC_A", {"PatientID": a_id}, "PATIENT", "patient"
+        ).check()
+        assert result.completed == len(sites.originals[name]) and not result.failed
+    expected = {**sites.originals["SMITH^ANNE"], **sites.originals["JONES^BOB"]}
+    deadline = time.monotonic() + 20
+    while len(sites.orthanc_a.instances()) < len(expected):
+        assert time.monotonic() < deadline, "ORTHANC_A did not receive the images"
+        time.sleep(0.2)
+    by_uid = {}
+    for orthanc_id in sites.orthanc_a.instances():
+        ds = pydicom.dcmread(io.BytesIO(sites.orthanc_a.instance_file(orthanc_id)))
+        by_uid[str(ds.SOPInstanceUID)] = ds
+    assert set(by_uid) == set(expected)  # same SOP Instance UIDs, and nothing of Brown's
+    for name, b_id, a_id in (("SMITH^ANNE", "B-900", "A-100"), ("JONES^BOB", "B-555", "COLL")):
+        for uid, digest in sites.originals[name].items():
+            ds = by_uid[uid]
+            assert hashlib.sha256(ds.PixelData).hexdigest() == digest
+            assert (ds.PatientID, ds.IssuerOfPatientID, str(ds.PatientName)) == (a_id, "HOSP-A", name)
+            assert (ds.OtherPatientIDsSequence[-1].PatientID, ds.OtherPatientIDsSequence[-1].IssuerOfPatientID) == (
+                b_id,
+                "HOSP-B",
+            )
+
+
+def test_both_identifiers_audited_at_the_routers_and_none_at_the_bridge(sites: Sites) -> None:
+    mapped = [r for r in audit_records(sites, "hospital-a") if r.get("identity_outcome") == "mapped"]
+    pairs = {(r["original_patient_id"], r["patient_id"]) for r in mapped}
+    assert {("A-100", "B-900"), ("B-900", "A-100"), ("B-555", "COLL")} <= pairs
+    stamped = [r for r in audit_records(sites, "hospital-b") if r.get("identity_outcome") == "stamped"]
+    assert stamped and all(r["issuer"] == "HOSP-B" for r in stamped)
+    bridge_log = sites.net.log("bridge")
+    for b_id, a_id in PEOPLE.values():
+        assert b_id not in bridge_log and (a_id is None or a_id not in bridge_log)

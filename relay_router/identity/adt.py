@@ -110,7 +110,7 @@ class AdtProcessor:
         pairs: list[tuple[PatientRef, PatientRef]] = []
         survivor_segment: Any = None
         for segment in list(message)[: 4 * MAX_MERGES_PER_MESSAGE]:
-            name = hl7util.value(segment, 0)
+            name = str(segment[0]) if len(segment) else ""
             if name == "PID":
                 survivor_segment = segment
             elif name == "MRG":

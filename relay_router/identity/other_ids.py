@@ -22,9 +22,9 @@ MAX_ITEMS = 64  # items read from one sequence
 
 def _text(item: Any, keyword: str) -> str:
     value = item.get(keyword, "") if hasattr(item, "get") else ""
-    if value is None or isinstance(value, bytes | list | tuple):  # absent, undecoded, or multi-valued: unusable
+    if not isinstance(value, str):  # absent, undecoded bytes, or multi-valued (a MultiValue): unusable
         return ""
-    return str(value).strip(" ")
+    return value.strip(" ")
 
 
 def _ref_of(item: Any) -> PatientRef | None:

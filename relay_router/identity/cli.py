@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from relay_common.audit import admin_event
 from relay_common.daemon import OwnershipError, become_state_owner
 from relay_router.identity.model import IdentityError, PatientRef
-from relay_router.identity.xref import DEFAULT_FILE, XrefError, XrefTable, read_csv
+from relay_router.identity.sources import table_path
+from relay_router.identity.xref import XrefError, XrefTable, read_csv
 
 if TYPE_CHECKING:
     from relay_router.config import RouterConfig
@@ -49,16 +50,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     load.add_argument("--replace", action="store_true", help="replace links to other IDs of the same domains")
 
 
-def table_path(cfg: RouterConfig) -> Path:
-    """The table the router reads: the first `kind = "table"` source's path, else STATE_DIR/identity.sqlite."""
-    for source in cfg.identity.source:
-        if source.kind == "table" and source.path is not None:
-            return source.path
-    return cfg.router.state_dir / DEFAULT_FILE
-
-
 def run(cfg: RouterConfig, args: argparse.Namespace) -> int:
-    path = table_path(cfg)
+    path = table_path(cfg.identity, cfg.router.state_dir)
     command: str = args.pix_command
     if command == "list" and not path.exists():
         print("[]" if args.json else f"no cross-reference table yet ({path})")

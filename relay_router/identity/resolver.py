@@ -53,10 +53,6 @@ class Source(Protocol):
     async def lookup(self, ref: PatientRef, target: str, *, dataset: Dataset | None = None) -> Lookup: ...
 
 
-# Sources whose answer depends on the data set at hand, not on the hospital's records: never cached.
-PER_DATASET_SOURCES = frozenset({"other-ids"})
-
-
 class Resolver:
     def __init__(
         self,
@@ -86,11 +82,14 @@ class Resolver:
         await self._drop_if_stale()
         key = (ref, target)
         cached = self._cached(key)
+        if cached is not None and dataset is not None and cached.outcome is not LookupOutcome.MAPPED:
+            if any(getattr(source, "per_dataset", False) for source in self.sources):
+                cached = None  # this data set may say more (other-ids) than the records did
         if cached is not None:
             self._audit_lookup(ref, target, cached, cached=True, context=context)
             return cached
         answered: Lookup | None = None
-        skipped = False
+        skipped = per_dataset = False
         for source in self.sources:
             try:
                 async with asyncio.timeout(source.timeout_s):
@@ -108,13 +107,20 @@ class Resolver:
                 skipped = True
                 self._audit_unavailable(source, ref, target, "invalid-answer", str(exc))
                 continue
+            except Exception as exc:  # a bug in a source must not fail the association: the next one is asked
+                log.exception("identity source %s failed", source.name)
+                skipped = True
+                self._audit_unavailable(source, ref, target, "source-error", exc.__class__.__name__)
+                continue
+            # What a source read from the data set at hand (other-ids) holds for that data set only.
+            per_dataset = per_dataset or (dataset is not None and bool(getattr(source, "per_dataset", False)))
             if result.outcome is LookupOutcome.MAPPED:
                 answered = result
                 break
             answered = answered or result  # UNMAPPED: the next source may still know the patient
         if answered is None:
             answered = Lookup(LookupOutcome.UNAVAILABLE, None, "")
-        if not skipped and answered.source not in PER_DATASET_SOURCES:
+        if not skipped and not per_dataset:
             self._store(key, answered)
         self._audit_lookup(ref, target, answered, cached=False, context=context)
         return answered
@@ -135,6 +141,16 @@ class Resolver:
         for key in stale:
             del self._cache[key]
         return len(stale)
+
+    async def aclose(self) -> None:
+        """Close the sources that hold connections (PIXm's HTTP session)."""
+        for source in self.sources:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # closing one must not keep the others open
+                    log.warning("cannot close identity source %s", source.name, exc_info=True)
 
     async def _drop_if_stale(self) -> None:
         """Forget every cached answer when a source says its records changed (a table edited by the CLI)."""

@@ -225,7 +225,10 @@ class LocalRelayNetwork:
                 lines.append(f"remote_ae_title = {_toml_value(r.remote_ae_title)}")
             lines += _identity_keys(r.patient_issuer)
         if site.identity:
-            lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in site.identity.items())]
+            flat = {k: v for k, v in site.identity.items() if k != "source"}
+            lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in flat.items())]
+            for source in site.identity.get("source", []):  # type: ignore[attr-defined]
+                lines += ["", "[[identity.source]]", *(f"{k} = {_toml_value(v)}" for k, v in source.items())]
         path = self.router_config_path(site.name)
         path.write_text("\n".join(lines) + "\n")
         return path

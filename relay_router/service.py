@@ -206,6 +206,7 @@ class RouterService(OutboundCalls, InboundCalls):
         self.port = self._server.sockets[0].getsockname()[1]
         if self.config.dicom.tls_listen:
             await self._start_tls_listener(limit)
+        await self.identity.start()  # the ADT feed, when [identity] adt_listen is set
         self._link_task = asyncio.create_task(self.link.run())
         if self.config_path is not None:
             self._remove_reload_hook = add_reload_hook(self._reload_requested)
@@ -338,6 +339,7 @@ class RouterService(OutboundCalls, InboundCalls):
             if own is not None:
                 own.cancel()
                 await asyncio.gather(own, return_exceptions=True)
+        await self.identity.stop()
 
     async def _run(self, relay: RelayedAssociation, initial: list[Action] | None = None) -> None:
         self.relays.add(relay)

@@ -18,10 +18,11 @@ from relay_router.identity.filter import Resolver
 if TYPE_CHECKING:
     from relay_common.audit import AuditLog
     from relay_router.config import RemoteDevice, RouterConfig, SharedDevice
+    from relay_router.identity.sources import IdentityRuntime
 
 log = logging.getLogger("relay_router.identity")
 
-__all__ = ["IdentityRoute", "IdentityWiring", "build_resolver"]
+__all__ = ["IdentityRoute", "IdentityWiring"]
 
 
 @dataclass(frozen=True)
@@ -33,51 +34,49 @@ class IdentityRoute:
     audit: Callable[..., Any]
 
 
-def build_resolver(config: RouterConfig, audit: AuditLog) -> Resolver:
-    """The resolver of the ``[identity]`` section: its ``kind = "table"`` sources, in the configured order.
-
-    A router with identity routes but no source gets the cross-reference table at its default path.
-    """
-    from relay_router.identity.cli import table_path
-    from relay_router.identity.resolver import Resolver as SourcesResolver
-    from relay_router.identity.resolver import Source
-    from relay_router.identity.xref import XrefSource, XrefTable
-
-    identity = config.identity
-    sources: list[Source] = []
-    for section in identity.source or []:
-        if section.kind == "table":
-            table = XrefTable(section.path or table_path(config))
-            sources.append(XrefSource(table, name=section.label, timeout_s=section.timeout_s))
-        else:
-            log.warning("identity source %s (kind %s) is not wired into the router yet", section.label, section.kind)
-    if not identity.source:
-        sources.append(XrefSource(XrefTable(table_path(config))))
-    return SourcesResolver(sources, audit=audit, cache_ttl_s=identity.cache_ttl_s, cache_entries=identity.cache_entries)
-
-
 class IdentityWiring:
-    """Builds the resolver on first use and an :class:`IdentityRoute` for each identity route."""
+    """The router's identity runtime (pid-sources' resolver, table and ADT feed) and its identity routes.
+
+    The runtime exists once ``[identity] issuer`` is set; ``start``/``stop`` follow the service's.
+    """
 
     def __init__(self, config: Callable[[], RouterConfig], audit: AuditLog) -> None:
         self._config = config
         self._audit = audit
-        self._resolver: Resolver | None = None
+        self.runtime: IdentityRuntime | None = None
+        cfg = config()
+        if cfg.identity.enabled:
+            from relay_router.identity.sources import IdentityRuntime
+
+            self.runtime = IdentityRuntime(cfg.identity, state_dir=cfg.router.state_dir, audit=audit)
+            devices: list[SharedDevice | RemoteDevice] = [*cfg.shared, *cfg.remote]
+            routes = [d.ae_title for d in devices if d.patient_identity]
+            if routes and not cfg.identity.source:
+                log.warning(
+                    "patient_identity is on for %s but [identity] has no source: nothing can be mapped, "
+                    "queries by patient ID answer no match",
+                    ", ".join(routes),
+                )
+
+    async def start(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.start()
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
 
     def for_device(self, device: SharedDevice | RemoteDevice | None) -> IdentityRoute | None:
-        if device is None or not device.patient_identity:
+        if device is None or not device.patient_identity or self.runtime is None:
             return None
-        config = self._config()
-        identity = config.identity
-        if self._resolver is None:
-            self._resolver = build_resolver(config, self._audit)
+        identity = self._config().identity
         route = RouteIdentity(
             Domain(identity.issuer, identity.universal_id, identity.universal_id_type),
             device.patient_issuer,
             UnmappedQuery(identity.unmapped_query),
             identity.take_demographics,
         )
-        return IdentityRoute(route, self._resolver, self._audit.event)
+        return IdentityRoute(route, self.runtime.resolver, self._audit.event)
 
     def remote(self, ae_title: str) -> IdentityRoute | None:
         """The identity route of the ``[[remote]]`` device a local device called, if it has one."""

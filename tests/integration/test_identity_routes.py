@@ -72,13 +72,13 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             "hospital-b",
             shared=[Shared("ORTHANC_B", HOST, orthanc_b.dicom_port, ["hospital-a"], patient_issuer="HOSP-A")],
             remote=[Remote("ORTHANC_A", "hospital-a", patient_issuer="HOSP-A")],
-            identity={"issuer": "HOSP-B"},
+            identity={"issuer": "HOSP-B", "source": [{"kind": "table"}]},
         )
         site_a = net.add_site(
             "hospital-a",
             shared=[Shared("ORTHANC_A", HOST, orthanc_a.dicom_port, ["hospital-b"], patient_issuer="HOSP-B")],
             remote=[Remote("PACS_B", "hospital-b", "ORTHANC_B", patient_issuer="HOSP-B")],
-            identity={"issuer": "HOSP-A"},
+            identity={"issuer": "HOSP-A", "source": [{"kind": "table"}]},
         )
         assert site_a.port and site_b.port
         orthanc_b.set_modalities({"ORTHANC_A": ("ORTHANC_A", HOST, site_b.port), "WS_A": ("WS_A", HOST, site_b.port)})

@@ -143,6 +143,7 @@ class _Direction:
         self.receiver: DimseReceiver | None = None
         self.current: _Message | None = None
         self.held: deque[_HeldPdu] = deque()
+        self.held_bytes = 0
         self.lock = asyncio.Lock()
 
 
@@ -163,8 +164,10 @@ class IdentityFilter:
         max_pdu: Callable[[Flow], int],
         audit: Callable[..., Any],
         association_id: str = "",
+        max_held: int = MAX_HELD_PDU,
     ) -> None:
         self.route = route
+        self.max_held = max_held
         self.resolver = resolver
         self._contexts = contexts
         self._max_pdu = max_pdu
@@ -189,9 +192,9 @@ class IdentityFilter:
         out: list[tuple[Flow, bytes]] = []
         while len(direction.buffer) >= _PDU_HEADER:
             length = int.from_bytes(direction.buffer[2:6], "big")
-            if length > MAX_HELD_PDU:
+            if length > self.max_held:
                 raise IdentityFilterError(
-                    f"a PDU of {length} bytes on an identity route (at most {MAX_HELD_PDU} are held to coerce)"
+                    f"a PDU of {length} bytes on an identity route (at most {self.max_held} are held to coerce)"
                 )
             if len(direction.buffer) < _PDU_HEADER + length:
                 break
@@ -208,6 +211,7 @@ class IdentityFilter:
         """A control PDU (release, abort) while PDUs wait: they go first, as they were."""
         raws = [held.raw for held in direction.held]
         direction.held.clear()
+        direction.held_bytes = 0
         return raws
 
     # -- P-DATA ---------------------------------------------------------------------------------
@@ -239,8 +243,13 @@ class IdentityFilter:
         except DimseError as exc:
             raise IdentityFilterError(f"cannot follow the DIMSE messages: {exc.detail}") from None
         direction.held.append(held)
+        direction.held_bytes += len(pdu)
+        if direction.held_bytes > self.max_held:  # e.g. endless empty command fragments
+            raise IdentityFilterError(f"more than {self.max_held} bytes of PDUs before a command set completed")
         while direction.held and all(pdv.message.kind is not None for pdv in direction.held[0].pdvs):
-            await self._release(direction, direction.held.popleft(), out)
+            released = direction.held.popleft()
+            direction.held_bytes -= len(released.raw)
+            await self._release(direction, released, out)
 
     async def _release(self, direction: _Direction, held: _HeldPdu, out: list[tuple[Flow, bytes]]) -> None:
         """Send a PDU whose messages are all classified: as it is, or with its coerced messages rewritten."""

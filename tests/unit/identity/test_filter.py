@@ -93,9 +93,9 @@ def instance(patient_id: str, pixels: bytes) -> bytes:
     return encoded(ds, EXPLICIT)
 
 
-def messages(pdus: list[bytes]) -> list[tuple[Dataset, bytes | None]]:
-    """What the receiving device sees: (command, data set) per message; every PDU within 16 KiB."""
-    receiver = DimseReceiver(CONTEXTS, max_pdu_length=16384)
+def messages(pdus: list[bytes], max_pdu: int = 16384) -> list[tuple[Dataset, bytes | None]]:
+    """What the receiving device sees: (command, data set) per message; every PDU within `max_pdu`."""
+    receiver = DimseReceiver(CONTEXTS, max_pdu_length=max_pdu)
     out: list[tuple[Dataset, bytes | None]] = []
     body = bytearray()
     for pdu in pdus:
@@ -188,3 +188,11 @@ def test_a_malformed_pdv_is_refused_with_a_reason() -> None:
     filt, _ = make_filter()
     with pytest.raises(IdentityFilterError, match="does not fit"):
         run(filt, Flow.LEAVING, bad)
+
+
+def test_endless_empty_command_fragments_are_bounded() -> None:
+    empty_command_fragment = bytes((4, 0)) + (6).to_bytes(4, "big") + (2).to_bytes(4, "big") + bytes((3, 1))
+    filt, _ = make_filter()
+    filt.max_held = 64 * 1024
+    with pytest.raises(IdentityFilterError, match="before a command set completed"):
+        run(filt, Flow.LEAVING, empty_command_fragment * 6000, step=1 << 16)

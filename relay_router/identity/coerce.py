@@ -28,6 +28,7 @@ from enum import StrEnum
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from relay_router.identity.model import IdentityError, Lookup, LookupOutcome, PatientRef
@@ -118,6 +119,8 @@ def _text(ds: Dataset, tag: int) -> str:
     element = ds.get(tag)
     if element is None or element.value is None:
         return ""
+    if isinstance(element.value, MultiValue | list):  # several values: kept as the list DICOM sends
+        return "\\".join(str(v) for v in element.value).strip()
     return str(element.value).strip()
 
 
@@ -161,13 +164,18 @@ def _is_pattern(patient_id: str) -> bool:
 def request_ref(identifier: Dataset, route: RouteIdentity) -> PatientRef | Coercion:
     """The identifier to look up for an outgoing query, or the final Coercion when none is needed.
 
-    No Patient ID, an empty one or a wildcard: nothing to map (the answers are relabelled one
-    by one). Issuer already the partner's: the user asked in the partner's domain. An issuer
-    that is neither ours nor the partner's cannot be mapped: refused.
+    No Patient ID, an empty one or "*": nothing to map (the answers are relabelled one by one).
+    Another wildcard or a list of IDs cannot be mapped: refused (or, with ``remote-ids``, sent
+    as the partner's). Issuer already the partner's: the user asked in the partner's domain.
+    An issuer that is neither ours nor the partner's cannot be mapped: a conflict.
     """
     patient_id = _text(identifier, PATIENT_ID)
-    if _is_pattern(patient_id):
-        return Coercion(Outcome.UNCHANGED, detail="no single Patient ID in the query")
+    if patient_id in ("", "*"):
+        return Coercion(Outcome.UNCHANGED, detail="no Patient ID constraint in the query")
+    if _is_pattern(patient_id):  # a pattern of our IDs cannot be mapped; it could match other people there
+        if route.unmapped_query is UnmappedQuery.REMOTE_IDS:
+            return Coercion(Outcome.REMOTE_IDS, detail="a Patient ID pattern, sent as the partner's")
+        return Coercion(Outcome.REFUSED, detail="a Patient ID pattern cannot be mapped: answered no match")
     issuer = _text(identifier, ISSUER)
     universal_id, universal_type = _qualifiers(identifier)
     if (bad := _invalid(patient_id, issuer, universal_id, universal_type)) is not None:

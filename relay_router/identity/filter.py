@@ -327,7 +327,7 @@ class IdentityFilter:
                 coercion = coerce_request(identity, route, ref, await self._lookup(ref, route.partner_issuer, identity))
             else:
                 coercion = ref
-                if coercion.outcome is Outcome.CONFLICT:  # an issuer we cannot map from: nothing may match
+                if coercion.outcome is Outcome.CONFLICT:  # an identifier we cannot map: nothing may match
                     coercion = Coercion(Outcome.REFUSED, original=coercion.original, detail=coercion.detail)
         else:
             ref = incoming_ref(identity, route)

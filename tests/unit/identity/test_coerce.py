@@ -67,9 +67,17 @@ def test_remote_ids_sends_an_unmapped_query_on_under_the_partners_issuer() -> No
 
 
 def test_queries_that_need_no_mapping_or_cannot_have_one() -> None:
-    for patient_id in ("", "A*", "A?1"):
+    for patient_id in ("", "*"):
         outcome = request_ref(query(patient_id), ROUTE)
         assert not isinstance(outcome, PatientRef) and outcome.outcome is Outcome.UNCHANGED
+    remote_ids = RouteIdentity(Domain("HOSP-A"), "HOSP-B", unmapped_query=UnmappedQuery.REMOTE_IDS)
+    for pattern in ("A*", "A?1", "A-1\\A-2"):
+        refused = request_ref(query(pattern), ROUTE)  # a pattern of our IDs could match other people there
+        assert not isinstance(refused, PatientRef) and refused.outcome is Outcome.REFUSED
+        sent = request_ref(query(pattern), remote_ids)
+        assert not isinstance(sent, PatientRef) and sent.outcome is Outcome.REMOTE_IDS and not sent.edits
+    bad = request_ref(query("A-\x01"), ROUTE)  # a control character: not an LO value
+    assert not isinstance(bad, PatientRef) and bad.outcome is Outcome.CONFLICT
     partners = request_ref(query("B-1", "HOSP-B"), ROUTE)
     assert not isinstance(partners, PatientRef) and partners.outcome is Outcome.UNCHANGED
     foreign = request_ref(query("X-1", "HOSP-C"), ROUTE)

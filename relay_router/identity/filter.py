@@ -290,7 +290,7 @@ class IdentityFilter:
         if message.refused:
             return
         message.out += data
-        size = sender.fragment_size
+        size = sender.fragment_size & ~1  # DCMTK refuses odd fragments; data sets have even lengths
         while len(message.out) > size:
             out.append((direction.flow, _pdu(message.context_id, 0, message.out[:size])))
             del message.out[:size]

@@ -194,6 +194,7 @@ class DatasetRewriter:
         self.max_head = max_head
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
         self._deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS) if deflated else None
+        self._deflated = 0  # bytes of deflated output so far
         self._buffer = bytearray()
         self._head: _Head | None = None
         self._ended = False
@@ -287,10 +288,20 @@ class DatasetRewriter:
             raise RuntimeError("finish() needs mark_end() and apply() first")
         if self._inflater is not None and not self._inflater.eof:
             raise HeadError("the deflated data set ends before its deflate stream does")
-        return self._deflater.flush() if self._deflater is not None else b""
+        if self._deflater is None:
+            return b""
+        tail = self._deflater.flush()
+        self._deflated += len(tail)
+        # A data set has an even length: a deflated one is padded with one 00H (PS3.5 A.5; DCMTK
+        # refuses an odd fragment).
+        return tail + b"\0" if self._deflated % 2 else tail
 
     def _deflate(self, data: bytes) -> bytes:
-        return self._deflater.compress(data) if self._deflater is not None and data else data
+        if self._deflater is None or not data:
+            return data
+        out = self._deflater.compress(data)
+        self._deflated += len(out)
+        return out
 
 
 def rewrite_whole(data: bytes, transfer_syntax: str, edits: Mapping[int, DataElement | None]) -> bytes:

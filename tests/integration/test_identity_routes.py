@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -45,6 +46,7 @@ PEOPLE = {  # name: (ID at B, ID at A or None)
 class Sites:
     net: LocalRelayNetwork
     orthanc_a: OrthancProcess
+    orthanc_b: OrthancProcess
     router_a: int
     studies: dict[str, str]  # name -> StudyInstanceUID at B
     originals: dict[str, dict[str, str]]  # name -> {SOP Instance UID: Pixel Data SHA-256}
@@ -85,8 +87,9 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
         for b_id, a_id in PEOPLE.values():
             if a_id is not None:
                 pix(net, "hospital-a", "add", a_id, b_id, "--other-issuer", "HOSP-B")
+        pix(net, "hospital-b", "add", "B-200", "A-200", "--other-issuer", "HOSP-A")  # for the push test
         net.wait_connected()
-        yield Sites(net, orthanc_a, site_a.port, studies, originals)
+        yield Sites(net, orthanc_a, orthanc_b, site_a.port, studies, originals)
     finally:
         net.stop()
 
@@ -154,6 +157,46 @@ def test_movescu_by_our_id_brings_the_right_images_relabelled(sites: Sites) -> N
                 b_id,
                 "HOSP-B",
             )
+
+
+def test_getscu_by_our_id_gets_the_images_relabelled(sites: Sites, tmp_path: Path) -> None:
+    result = dcmtk.getscu(
+        HOST, sites.router_a, "PACS_B", "WS_A", tmp_path, {"PatientID": "A-100"}, "PATIENT", "patient"
+    )
+    result.check()
+    originals = sites.originals["SMITH^ANNE"]
+    assert result.completed == len(originals) and len(result.received) == len(originals)
+    assert fingerprints(result.received) == originals  # same SOP Instance UIDs, same Pixel Data
+    for path in result.received:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert (ds.PatientID, ds.IssuerOfPatientID, ds.OtherPatientIDsSequence[-1].PatientID) == (
+            "A-100",
+            "HOSP-A",
+            "B-900",
+        )
+
+
+def test_a_deflated_push_is_relabelled_at_the_receiving_site(sites: Sites, tmp_path: Path) -> None:
+    """storescu at A pushes A-200 (no issuer) to B in Deflated Explicit VR LE: router A stamps HOSP-A,
+    router B maps it to B's own B-200 from B's table."""
+    (path,) = write_series(
+        generate_ct_series(1, rows=64, cols=64, patient_id="A-200", patient_name="GREEN^DORA", seed=9), tmp_path
+    )
+    ((uid, digest),) = fingerprints([path]).items()
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"  # pydicom deflates it when saving
+    ds.save_as(path, enforce_file_format=True)
+    dcmtk.storescu(HOST, sites.router_a, "PACS_B", "WS_A", [path]).check()
+    orthanc_id = sites.orthanc_b.find_sop(uid)
+    assert orthanc_id is not None, "the push did not reach ORTHANC_B"
+    stored = pydicom.dcmread(io.BytesIO(sites.orthanc_b.instance_file(orthanc_id)))
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"  # it crossed deflated
+    assert hashlib.sha256(stored.PixelData).hexdigest() == digest
+    assert (stored.PatientID, stored.IssuerOfPatientID) == ("B-200", "HOSP-B")
+    other = stored.OtherPatientIDsSequence[-1]
+    assert (other.PatientID, other.IssuerOfPatientID) == ("A-200", "HOSP-A")
+    stamped = [r for r in audit_records(sites, "hospital-a") if r.get("identity_outcome") == "stamped"]
+    assert any(r.get("sop_instance_uid") == uid for r in stamped)
 
 
 def test_both_identifiers_audited_at_the_routers_and_none_at_the_bridge(sites: Sites) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import zlib
 
 import pytest
 from pydicom.dataset import Dataset
@@ -28,7 +29,8 @@ from relay_router.identity.resolver import MemorySource, Resolver
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Q/R FIND
 CT = "1.2.840.10008.5.1.4.1.1.2"
 IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
-CONTEXTS = {1: ("1.2.840.10008.1.1", IMPLICIT), 3: (FIND, IMPLICIT), 5: (CT, EXPLICIT)}
+DEFLATED = "1.2.840.10008.1.2.1.99"
+CONTEXTS = {1: ("1.2.840.10008.1.1", IMPLICIT), 3: (FIND, IMPLICIT), 5: (CT, EXPLICIT), 7: (CT, DEFLATED)}
 ROUTE = RouteIdentity(Domain("HOSP-A"), "HOSP-B")
 A_ID, B_ID = PatientRef("A-123", "HOSP-A"), PatientRef("B-777", "HOSP-B")
 
@@ -59,7 +61,11 @@ def encoded(ds: Dataset, syntax: str) -> bytes:
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = syntax == IMPLICIT, True
     write_dataset(fp, ds)
-    return fp.getvalue()
+    if syntax != DEFLATED:
+        return fp.getvalue()
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    data = deflater.compress(fp.getvalue()) + deflater.flush()
+    return data + b"\0" * (len(data) % 2)  # PS3.5 A.5: even length
 
 
 def c_find_rq(message_id: int) -> Dataset:

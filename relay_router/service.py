@@ -264,6 +264,9 @@ class RouterService(OutboundCalls, InboundCalls):
         assert self.config_path is not None
         try:
             new = await asyncio.to_thread(load, self.config_path)
+            # Checks across sections run on the merged result too (a route's patient_identity needs the
+            # running [identity] issuer, which only a restart changes).
+            merged = with_reloadable(self.config, new)
         except (ConfigError, ValueError) as exc:
             log.error("configuration reload failed, keeping the running configuration: %s", exc)
             self.audit.event("config_reload", "failure", file=str(self.config_path), detail=str(exc))
@@ -272,7 +275,7 @@ class RouterService(OutboundCalls, InboundCalls):
         for key in changes.needs_restart:
             log.warning("configuration reload: needs a restart: %s (not applied)", key)
         self._file_config = new
-        self.config = with_reloadable(self.config, new)
+        self.config = merged
         self.link.config = self.config
         self.shared = {d.ae_title: d for d in self.config.shared}
         self._routes.reconfigure(self.config.remote, self.shared, pinned={p.site for p in self.config.pin})

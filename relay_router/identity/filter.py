@@ -201,18 +201,22 @@ class IdentityFilter:
             pdu = bytes(direction.buffer[: _PDU_HEADER + length])
             del direction.buffer[: _PDU_HEADER + length]
             if pdu[0] != PduType.P_DATA_TF:
-                out += [(flow, held) for held in self._drop_held(direction)]
+                self._drop_held(direction)
                 out.append((flow, pdu))  # association control PDUs pass untouched
                 continue
             await self._pdata(direction, pdu, out)
         return out
 
-    def _drop_held(self, direction: _Direction) -> list[bytes]:
-        """A control PDU (release, abort) while PDUs wait: they go first, as they were."""
-        raws = [held.raw for held in direction.held]
+    def _drop_held(self, direction: _Direction) -> None:
+        """A control PDU while a command set is incomplete (an abort, or a release that breaks PS3.8
+        E.1): the unfinished message can never be delivered, so its PDUs are dropped, not sent as
+        they were (they may hold the uncoerced end of the message before it)."""
+        if direction.held:
+            log.info(
+                "dropped %d PDUs of an unfinished message", len(direction.held), extra={"assoc": self.association_id}
+            )
         direction.held.clear()
         direction.held_bytes = 0
-        return raws
 
     # -- P-DATA ---------------------------------------------------------------------------------
 
@@ -370,7 +374,7 @@ class IdentityFilter:
             source=coercion.source,
             detail=coercion.detail,
         )
-        level = logging.WARNING if failure else logging.INFO
+        level = logging.WARNING if failure else logging.DEBUG  # the audit trail has every one
         log.log(
             level,
             "patient identity %s on %s (%s)",

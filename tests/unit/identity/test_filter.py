@@ -202,3 +202,14 @@ def test_endless_empty_command_fragments_are_bounded() -> None:
     filt.max_held = 64 * 1024
     with pytest.raises(IdentityFilterError, match="before a command set completed"):
         run(filt, Flow.LEAVING, empty_command_fragment * 6000, step=1 << 16)
+
+
+def test_an_abort_in_the_middle_of_a_command_goes_out_alone() -> None:
+    command = b"".join(DimseSender(16384).command(1, c_echo_rq(1)))
+    fragment = command[12:20]  # the first bytes of the command set
+    half = bytes((4, 0)) + (len(fragment) + 6).to_bytes(4, "big") + (len(fragment) + 2).to_bytes(4, "big")
+    half += bytes((1, 1)) + fragment  # a command fragment, not the last
+    abort = bytes((7, 0, 0, 0, 0, 4, 0, 0, 2, 0))
+    filt, _ = make_filter()
+    sent = run(filt, Flow.LEAVING, half + abort)
+    assert sent[Flow.LEAVING] == [abort]

@@ -283,7 +283,8 @@ class IdentityFilter:
                 coercion = await self._decide(direction.flow, message, rewriter.identity or Dataset())
                 if coercion.outcome is Outcome.REFUSED:
                     message.refused = True
-                    out += [(_other(direction.flow), pdu) for pdu in self._no_match(message, sender)]
+                    back = _other(direction.flow)  # to the requestor, within its own Maximum Length
+                    out += [(back, pdu) for pdu in self._no_match(message, DimseSender(self._max_pdu(back)))]
                 else:
                     out += [(direction.flow, pdu) for pdu in sender.command(message.context_id, message.command)]
                 data += rewriter.apply(coercion.edits)

@@ -10,22 +10,27 @@ then the third part byte for byte, whatever chunks the stream arrives in.
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from relay_router.identity.coerce import (
     IDENTITY_TAGS,
+    OTHER_IDS,
     Domain,
     Outcome,
     RouteIdentity,
     coerce_incoming,
+    coerce_request,
     incoming_ref,
+    request_ref,
     stamp_outgoing,
 )
 from relay_router.identity.model import Demographics, Lookup, LookupOutcome, PatientRef
@@ -131,7 +136,7 @@ def stream_through(data: bytes, syntax: str, decide, cuts: list[int]) -> bytes: 
 def test_only_identity_elements_change(data: st.DataObject, syntax: str, cuts: list[int]) -> None:
     pre, mid, post = data.draw(parts(syntax))
     lookup = data.draw(lookups())
-    incoming = data.draw(st.sampled_from([True, True, False]))
+    mode = data.draw(st.sampled_from(["incoming", "incoming", "stamp", "request"]))
     plain = [encode(part, syntax) for part in (pre, mid, post)]
     sent = b"".join(plain)
     if syntax == DEFLATED:
@@ -141,9 +146,13 @@ def test_only_identity_elements_change(data: st.DataObject, syntax: str, cuts: l
     decisions = []
 
     def decide(identity: Dataset):  # type: ignore[no-untyped-def]
-        if incoming:
+        if mode == "incoming":
             ref = incoming_ref(identity, ROUTE)
             coercion = ref if not isinstance(ref, PatientRef) else coerce_incoming(identity, ROUTE, ref, lookup)
+        elif mode == "request":  # the same data set as a query identifier leaving for the partner
+            ref = request_ref(identity, ROUTE)
+            partner = replace(lookup, ref=PatientRef(lookup.ref.id, "HOSP-B")) if lookup.ref else lookup
+            coercion = ref if not isinstance(ref, PatientRef) else coerce_request(identity, ROUTE, ref, partner)
         else:
             coercion = stamp_outgoing(identity, ROUTE)
         decisions.append(coercion)
@@ -160,8 +169,6 @@ def test_only_identity_elements_change(data: st.DataObject, syntax: str, cuts: l
     head = out[len(plain[0]) : len(out) - len(plain[2])]
     fp = DicomBytesIO(head)
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
-    from pydicom.filereader import read_dataset
-
     got = read_dataset(fp, implicit, little)
     coercion = decisions[0]
     for element in mid:  # unchanged elements of group 0010, byte for byte
@@ -175,6 +182,13 @@ def test_only_identity_elements_change(data: st.DataObject, syntax: str, cuts: l
             assert got[tag].value == element.value
     assert set(coercion.edits) <= IDENTITY_TAGS
     # What the user cares about: whose ID it is now.
+    if mode == "request":
+        if coercion.outcome is Outcome.MAPPED:
+            assert lookup.ref is not None and got.PatientID == lookup.ref.id  # the partner's ID goes out
+            assert got.get("IssuerOfPatientID", "") == "" and OTHER_IDS not in coercion.edits
+        else:
+            assert got.PatientID == mid.PatientID and not coercion.edits  # refused queries are never sent
+        return
     if coercion.outcome is Outcome.MAPPED:
         assert lookup.ref is not None
         assert got.PatientID == lookup.ref.id and got.IssuerOfPatientID == "HOSP-A"

@@ -25,7 +25,7 @@ from hl7.mllp import open_hl7_connection
 from relay_common.audit import AuditLog, read_events
 from relay_router.identity import hl7util
 from relay_router.identity.config import DomainSection, IdentitySection, SourceSection
-from relay_router.identity.model import LookupOutcome, PatientRef
+from relay_router.identity.model import Demographics, LookupOutcome, PatientRef
 from relay_router.identity.sources import IdentityRuntime
 from relay_router.identity.xref import XrefTable
 from tests.support.identity_servers import IdentityServerProcess
@@ -45,6 +45,13 @@ PERSONS = {
     ],
     "domains": OIDS,
     "slow": {"SLOW-1": 5.0},
+    "patients": {  # our MPI's records (PIXm Patient read, for take_demographics)
+        "A-100": {
+            "name": [{"use": "official", "family": "Doe", "given": ["Alice", "M"]}],
+            "birthDate": "1970-01-02",
+            "gender": "female",
+        },
+    },
 }
 DOMAINS = [DomainSection(issuer, universal_id=oid, universal_id_type="ISO") for issuer, oid in OIDS.items()]
 
@@ -131,6 +138,15 @@ async def test_patient_not_found_is_unmapped(servers: dict[str, int], make_runti
     assert (unknown.outcome, unknown.ref, unknown.source) == (LookupOutcome.UNMAPPED, None, kind)
     assert (no_partner_id.outcome, no_partner_id.ref) == (LookupOutcome.UNMAPPED, None)
     assert not [e for e in make_runtime.audit_events() if e["event"] == "identity_source_unavailable"]
+
+
+async def test_pixm_takes_our_demographics_when_configured(servers: dict[str, int], make_runtime: Any) -> None:
+    resolver = (await make_runtime(section(pixm(servers["pixm"]), take_demographics=True))).resolver
+    back = await resolver.lookup(ref("B-900", B), A)  # data coming back from B: A's record decides the name
+    assert back.ref is not None and back.ref.id == "A-100"
+    assert back.demographics == Demographics(name="Doe^Alice^M", birth_date="19700102", sex="F")
+    there = await resolver.lookup(ref("A-100", A), B)  # never B's record: demographics come only from ours
+    assert there.ref is not None and there.demographics is None
 
 
 async def test_manager_down_falls_back_to_the_next_source_and_is_audited(

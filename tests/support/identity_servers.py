@@ -35,12 +35,14 @@ class Registry:
     persons: list[Person]
     domains: dict[str, str]  # issuer -> OID
     slow: dict[str, float]
+    patients: dict[str, dict[str, Any]]  # PIXm: FHIR Patient resources by logical id (= the Patient ID)
 
     @classmethod
     def load(cls, path: Path) -> Registry:
         raw = json.loads(path.read_text())
         persons = [[(i, s) for i, s in person] for person in raw["persons"]]
-        return cls(persons, dict(raw["domains"]), {k: float(v) for k, v in raw.get("slow", {}).items()})
+        slow = {k: float(v) for k, v in raw.get("slow", {}).items()}
+        return cls(persons, dict(raw["domains"]), slow, dict(raw.get("patients", {})))
 
     def issuer_of_oid(self, oid: str) -> str | None:
         return next((issuer for issuer, o in self.domains.items() if o == oid), None)
@@ -130,6 +132,8 @@ async def serve_pixm(registry: Registry, ready: Path) -> None:
     from fhir.resources.R4B.identifier import Identifier
     from fhir.resources.R4B.operationoutcome import OperationOutcome, OperationOutcomeIssue
     from fhir.resources.R4B.parameters import Parameters, ParametersParameter
+    from fhir.resources.R4B.patient import Patient
+    from fhir.resources.R4B.reference import Reference
 
     def issuer_of_system(system: str) -> str | None:
         return registry.issuer_of_oid(system.removeprefix("urn:oid:")) if system.startswith("urn:oid:") else None
@@ -147,18 +151,30 @@ async def serve_pixm(registry: Registry, ready: Path) -> None:
         person = registry.find(patient_id, source)
         if person is None:
             return outcome(404, "not-found", "sourceIdentifier Patient Identifier not found")
-        parameter = [
-            ParametersParameter(
-                name="targetIdentifier", valueIdentifier=Identifier(system=f"urn:oid:{registry.domains[s]}", value=i)
-            )
-            for i, s in person
-            if s == target
-        ]
+        parameter = []
+        for i, s in person:
+            if s == target:
+                system = f"urn:oid:{registry.domains[s]}"
+                parameter.append(
+                    ParametersParameter(name="targetIdentifier", valueIdentifier=Identifier(system=system, value=i))
+                )
+                if i in registry.patients:
+                    parameter.append(
+                        ParametersParameter(name="targetId", valueReference=Reference(reference=f"Patient/{i}"))
+                    )
         body = Parameters(parameter=parameter or None)
+        return web.Response(text=body.model_dump_json(), content_type="application/fhir+json")
+
+    async def patient(request: web.Request) -> web.Response:
+        logical_id = request.match_info["id"]
+        if logical_id not in registry.patients:
+            return outcome(404, "not-found", f"Patient/{logical_id} not found")
+        body = Patient.model_validate({"resourceType": "Patient", "id": logical_id, **registry.patients[logical_id]})
         return web.Response(text=body.model_dump_json(), content_type="application/fhir+json")
 
     app = web.Application()
     app.router.add_get("/fhir/Patient/$ihe-pix", ihe_pix)
+    app.router.add_get("/fhir/Patient/{id}", patient)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -81,7 +81,17 @@ def pix_answer(registry: Registry, query: Any) -> str:
     return "\r".join([head, f"MSA|AA|{e(control)}", f"QAK|{e(tag)}|OK", echo, f"PID|||{cx}||~^^^^^S"]) + "\r"
 
 
-async def serve_pix(registry: Registry, ready: Path) -> None:
+def _server_tls(tls: tuple[Path, Path] | None) -> Any:
+    if tls is None:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls[0]), str(tls[1]))
+    return context
+
+
+async def serve_pix(registry: Registry, ready: Path, tls: tuple[Path, Path] | None = None) -> None:
     import hl7
     from hl7.mllp import start_hl7_server
 
@@ -106,7 +116,7 @@ async def serve_pix(registry: Registry, ready: Path) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    server = await start_hl7_server(accept, "127.0.0.1", 0)
+    server = await start_hl7_server(accept, "127.0.0.1", 0, ssl=_server_tls(tls))
     _announce(ready, server.sockets[0].getsockname()[1])
     async with server:
         await server.serve_forever()
@@ -127,7 +137,7 @@ def _qpd_id(query: Any) -> str:
 # -- PIXm endpoint (ITI-83) ---------------------------------------------------------------------
 
 
-async def serve_pixm(registry: Registry, ready: Path) -> None:
+async def serve_pixm(registry: Registry, ready: Path, tls: tuple[Path, Path] | None = None) -> None:
     from aiohttp import web
     from fhir.resources.R4B.identifier import Identifier
     from fhir.resources.R4B.operationoutcome import OperationOutcome, OperationOutcomeIssue
@@ -177,7 +187,7 @@ async def serve_pixm(registry: Registry, ready: Path) -> None:
     app.router.add_get("/fhir/Patient/{id}", patient)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_server_tls(tls))
     await site.start()
     port = runner.addresses[0][1]
     _announce(ready, port)
@@ -190,16 +200,19 @@ async def serve_pixm(registry: Registry, ready: Path) -> None:
 class IdentityServerProcess:
     """One server process; `port` once it listens. Stopped with stop() (SIGTERM, then kill)."""
 
-    def __init__(self, kind: str, persons: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self, kind: str, persons: dict[str, Any], workdir: Path, *, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        """`tls`: (certificate, key) to serve MLLP over TLS / HTTPS."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.persons_file = workdir / f"{kind}-persons.json"
         self.persons_file.write_text(json.dumps(persons))
-        self.ready = workdir / f"{kind}-ready.json"
+        self.ready = workdir / f"{kind}{'-tls' if tls else ''}-ready.json"
         self.ready.unlink(missing_ok=True)
-        self.log = (workdir / f"{kind}.log").open("w")
+        self.log = (workdir / f"{kind}{'-tls' if tls else ''}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.identity_servers", kind, "--persons", str(self.persons_file),
-             "--ready-file", str(self.ready)],
+             "--ready-file", str(self.ready), *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -228,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["pix", "pixm"])
     parser.add_argument("--persons", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
     args = parser.parse_args(argv)
     registry = Registry.load(args.persons)
     serve = serve_pix if args.kind == "pix" else serve_pixm
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
-        asyncio.run(serve(registry, args.ready_file))
+        asyncio.run(serve(registry, args.ready_file, tls))
     except KeyboardInterrupt:
         pass
     return 0

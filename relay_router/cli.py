@@ -262,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(Identity.load_or_create(key).public.fingerprint)
         return 0
-    if args.command == "pacs-config":
-        print(_pacs_config(cfg, args.format, args.host, args.status_file))
-        return 0
     if args.command == "pix":
         from relay_router.identity import cli as identity_cli
 
         return identity_cli.run(cfg, args)
+    if args.command == "pacs-config":
+        print(_pacs_config(cfg, args.format, args.host, args.status_file))
+        return 0
     if args.command == "check":
         from relay_router.check import check_command
 

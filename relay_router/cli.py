@@ -262,10 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(Identity.load_or_create(key).public.fingerprint)
         return 0
-    if args.command == "pix":
-        from relay_router.identity import cli as identity_cli
-
-        return identity_cli.run(cfg, args)
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host, args.status_file))
         return 0
@@ -273,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         from relay_router.check import check_command
 
         return check_command(cfg, args.status_file)
+    if args.command == "pix":
+        from relay_router.identity import cli as identity_cli
+
+        return identity_cli.run(cfg, args)
     if args.command in ("status", "devices"):
         from relay_router import status as router_status
 

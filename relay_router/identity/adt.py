@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,8 +72,14 @@ class AdtProcessor:
         self.own = own
         self.resolver = resolver
         self.audit = audit
+        self.acks: Counter[str] = Counter()  # messages answered, by acknowledgement code (metrics)
 
     async def handle(self, message: Any, peer: str) -> Outcome:
+        outcome = await self._handle(message, peer)
+        self.acks[outcome.ack] += 1
+        return outcome
+
+    async def _handle(self, message: Any, peer: str) -> Outcome:
         msh = hl7util.segment(message, "MSH")
         kind, event = (hl7util.value(msh, 9, 1, 1), hl7util.value(msh, 9, 1, 2)) if msh is not None else (None, None)
         if kind != "ADT":
@@ -260,6 +267,9 @@ class AdtListener:
                     except Exception as exc:  # one bad message never stops the feed
                         log.exception("ADT feed %s: message failed", peer)
                         outcome = Outcome("AE", "", "207", exc.__class__.__name__)
+                        self.processor.acks[outcome.ack] += 1
+                else:
+                    self.processor.acks[outcome.ack] += 1
                 writer.writeblock(acknowledgement(message, outcome).encode("ascii", "replace"))
                 await writer.drain()
                 if self.on_message is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +31,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay_router.identity")
 
+# Why a source was skipped (SourceUnavailable.reason, and the resolver's own): a fixed vocabulary for
+# the audit trail and the metrics.
+SKIP_REASONS = (
+    "timeout",
+    "connection-failed",
+    "connection-closed",
+    "rejected",
+    "http-error",
+    "invalid-answer",
+    "unknown-domain",
+    "source-error",
+)
 DEFAULT_CACHE_TTL_S = 300.0
 DEFAULT_CACHE_ENTRIES = 10_000
 
@@ -76,6 +88,9 @@ class Resolver:
         self._inflight: dict[tuple[PatientRef, str], asyncio.Future[Lookup]] = {}
         self._generation = 0  # bumped by invalidate(): answers computed before it are not cached
         self._per_dataset = any(getattr(source, "per_dataset", False) for source in self.sources)
+        # For the metrics (relay_router.identity.metrics): lookups by (result, cached), skips by (source, reason).
+        self.lookups: Counter[tuple[str, bool]] = Counter()
+        self.skips: Counter[tuple[str, str]] = Counter()
 
     async def lookup(
         self,
@@ -242,6 +257,7 @@ class Resolver:
     def _audit_lookup(
         self, ref: PatientRef, target: str, result: Lookup, *, cached: bool, context: Mapping[str, str] | None
     ) -> None:
+        self.lookups[(str(result.outcome), cached)] += 1
         log.info(
             "patient identity lookup %s -> %s: %s (source %s%s)",
             ref,
@@ -267,6 +283,7 @@ class Resolver:
         )
 
     def _audit_unavailable(self, source: Source, ref: PatientRef, target: str, reason: str, detail: str) -> None:
+        self.skips[(source.name, reason)] += 1
         log.warning("patient identity source %s skipped for %s -> %s: %s %s", source.name, ref, target, reason, detail)
         if self.audit is not None:
             self.audit.event(

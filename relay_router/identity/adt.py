@@ -1,4 +1,4 @@
-"""The hospital's ADT feed over MLLP (IHE ITI-8 merge): ADT^A40 updates the cross-reference table.
+"""The hospital's ADT feed over MLLP (IHE ITI-8 merge): ADT^A40 (or A34, A18) updates the cross-reference table.
 
 An A40 (merge patient - patient identifier list) says that the prior identifier in MRG-1 is
 now the surviving identifier in PID-3. The links of the prior identifier move to the
@@ -44,6 +44,9 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 600.0
 MAX_MERGES_PER_MESSAGE = 100
+# A40 (merge patient - patient identifier list, IHE ITI-8); A18 and A34, the older merge events that
+# feeds still send, carry the prior identifier in MRG-1 the same way.
+MERGE_EVENTS = frozenset({"A40", "A34", "A18"})
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class AdtProcessor:
         kind, event = (hl7util.value(msh, 9, 1, 1), hl7util.value(msh, 9, 1, 2)) if msh is not None else (None, None)
         if kind != "ADT":
             return Outcome("AR", "MSH^1^9", "200", f"unsupported message type {kind or '(none)'}; this is an ADT feed")
-        if event != "A40":
+        if event not in MERGE_EVENTS:
             return Outcome("AA")  # other ADT events: accepted, nothing for the cross-reference to do
         pairs, problem = self._merges(message)
         if problem is not None:

@@ -265,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host, args.status_file))
         return 0
-    if args.command == "pix":
-        from relay_router.identity import cli as identity_cli
-
-        return identity_cli.run(cfg, args)
     if args.command == "check":
         from relay_router.check import check_command
 
         return check_command(cfg, args.status_file)
+    if args.command == "pix":
+        from relay_router.identity import cli as identity_cli
+
+        return identity_cli.run(cfg, args)
     if args.command in ("status", "devices"):
         from relay_router import status as router_status
 

@@ -413,12 +413,12 @@ class RouterConfig:
     remote: list[RemoteDevice] = field(default_factory=list)
     local: list[LocalDevice] = field(default_factory=list)
     pin: list[Pin] = field(default_factory=list)
+    # Patient identity across institutions (relay_router/identity/, docs/patient-identity.md).
+    identity: IdentitySection = field(default_factory=IdentitySection)
     audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
-    # Patient identity across institutions (relay_router/identity/, docs/patient-identity.md).
-    identity: IdentitySection = field(default_factory=IdentitySection)
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""The hospital's ADT feed over MLLP (IHE ITI-8 merge): ADT^A40 updates the cross-reference table.
+"""The hospital's ADT feed over MLLP (IHE ITI-8 merge): ADT^A40 (or A34, A18) updates the cross-reference table.
 
 An A40 (merge patient - patient identifier list) says that the prior identifier in MRG-1 is
 now the surviving identifier in PID-3. The links of the prior identifier move to the
@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,9 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 600.0
 MAX_MERGES_PER_MESSAGE = 100
+# A40 (merge patient - patient identifier list, IHE ITI-8); A18 and A34, the older merge events that
+# feeds still send, carry the prior identifier in MRG-1 the same way.
+MERGE_EVENTS = frozenset({"A40", "A34", "A18"})
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,19 @@ class AdtProcessor:
         self.own = own
         self.resolver = resolver
         self.audit = audit
+        self.acks: Counter[str] = Counter()  # messages answered, by acknowledgement code (metrics)
 
     async def handle(self, message: Any, peer: str) -> Outcome:
+        outcome = await self._handle(message, peer)
+        self.acks[outcome.ack] += 1
+        return outcome
+
+    async def _handle(self, message: Any, peer: str) -> Outcome:
         msh = hl7util.segment(message, "MSH")
         kind, event = (hl7util.value(msh, 9, 1, 1), hl7util.value(msh, 9, 1, 2)) if msh is not None else (None, None)
         if kind != "ADT":
             return Outcome("AR", "MSH^1^9", "200", f"unsupported message type {kind or '(none)'}; this is an ADT feed")
-        if event != "A40":
+        if event not in MERGE_EVENTS:
             return Outcome("AA")  # other ADT events: accepted, nothing for the cross-reference to do
         pairs, problem = self._merges(message)
         if problem is not None:
@@ -260,6 +270,9 @@ class AdtListener:
                     except Exception as exc:  # one bad message never stops the feed
                         log.exception("ADT feed %s: message failed", peer)
                         outcome = Outcome("AE", "", "207", exc.__class__.__name__)
+                        self.processor.acks[outcome.ack] += 1
+                else:
+                    self.processor.acks[outcome.ack] += 1
                 writer.writeblock(acknowledgement(message, outcome).encode("ascii", "replace"))
                 await writer.drain()
                 if self.on_message is not None:

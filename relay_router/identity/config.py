@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from relay_common.config import InvalidValue
+from relay_common.config import InvalidValue, parse_host_port
 from relay_router.identity.model import UNIVERSAL_ID_TYPES, IdentityError, PatientRef
 
 SOURCE_KINDS = ("table", "pixm", "pix", "other-ids")
@@ -209,6 +209,11 @@ class IdentitySection:
         issuers = [d.issuer for d in self.domain]
         for issuer in sorted({x for x in issuers if issuers.count(x) > 1}):
             found.append(InvalidValue("domain", f"issuer {issuer!r} is described twice"))
+        if self.adt_listen:
+            try:
+                parse_host_port(self.adt_listen)
+            except ValueError as exc:
+                found.append(InvalidValue("adt_listen", f'{exc} (or "" for no ADT feed)'))
         if (self.adt_cert_file is None) != (self.adt_key_file is None):
             found.append(InvalidValue("adt_key_file", "adt_cert_file and adt_key_file go together"))
         for i, net in enumerate(self.adt_allow):

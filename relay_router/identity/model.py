@@ -69,8 +69,10 @@ class Demographics:
     sex: str | None = None  # M, F, O
 
     def __post_init__(self) -> None:
-        if self.name is not None and (len(self.name) > 320 or any(ord(c) < 0x20 for c in self.name)):
-            raise IdentityError("patient name", "too long or contains a control character")
+        if self.name is not None and (
+            len(self.name) > 320 or "\\" in self.name or any(ord(c) < 0x20 for c in self.name)
+        ):
+            raise IdentityError("patient name", "too long, or contains a backslash or a control character")
         if self.birth_date is not None and not (len(self.birth_date) == 8 and self.birth_date.isdigit()):
             raise IdentityError("birth date", f"{self.birth_date!r} is not YYYYMMDD")
         if self.sex is not None and self.sex not in ("M", "F", "O"):

@@ -19,14 +19,17 @@ and reads at most `max_answer_bytes`.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import re
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from relay_router.identity.model import IdentityError, Lookup, LookupOutcome, PatientRef
+from relay_router.identity.model import Demographics, IdentityError, Lookup, LookupOutcome, PatientRef
 from relay_router.identity.resolver import SourceUnavailable
 
 if TYPE_CHECKING:
@@ -52,12 +55,68 @@ def system_of(ref_issuer: str, domain: DomainSection, ref: PatientRef | None = N
 
 def read_parameters(body: bytes, *, target: DomainSection, target_system: str, source_name: str) -> Lookup:
     """Interpret a 200 answer: a Parameters resource (raises SourceUnavailable when it is not one)."""
+    return _lookup_from(_parameters(body), target=target, target_system=target_system, source_name=source_name)
+
+
+def _parameters(body: bytes) -> Any:
     from fhir.resources.R4B.parameters import Parameters  # pydantic models: loaded only when PIXm is used
 
     try:
-        parameters = Parameters.model_validate_json(body)
+        return Parameters.model_validate_json(body)
     except ValueError as exc:  # pydantic's ValidationError, or not JSON at all
         raise SourceUnavailable("invalid-answer", f"not a FHIR Parameters resource ({str(exc)[:160]})") from None
+
+
+# A Patient logical id (FHIR id: [A-Za-z0-9-.]{1,64}), optionally with a version.
+_PATIENT_REFERENCE = re.compile(r"^Patient/([A-Za-z0-9][A-Za-z0-9\-.]{0,63})(?:/_history/[A-Za-z0-9\-.]{1,64})?\Z")
+
+
+def patient_id_of(parameters: Any, base_url: str) -> str | None:
+    """The logical id of the single targetId reference when it points into the configured server, else None.
+
+    Only the id is taken: the URL read afterwards is built from our own configuration, never
+    from the answer.
+    """
+    ids = set()
+    for parameter in parameters.parameter or []:
+        reference = (
+            parameter.valueReference.reference if parameter.name == "targetId" and parameter.valueReference else None
+        )
+        if not reference:
+            continue
+        relative = reference.removeprefix(base_url.rstrip("/") + "/")
+        match = _PATIENT_REFERENCE.match(relative)
+        if match is None:
+            return None  # a reference to another server: not followed
+        ids.add(match.group(1))
+    return ids.pop() if len(ids) == 1 else None
+
+
+def demographics_of(body: bytes) -> Demographics | None:
+    """Patient's Name (PN), Birth Date (DA) and Sex from a FHIR Patient; None when it is not a usable one."""
+    from fhir.resources.R4B.patient import Patient
+
+    try:
+        patient = Patient.model_validate_json(body)
+    except ValueError:
+        return None
+    name = None
+    names = patient.name or []
+    chosen = next((n for n in names if n.use == "official"), names[0] if names else None)
+    if chosen is not None and chosen.family:
+        given = [str(g) for g in chosen.given or [] if g]
+        parts = [str(chosen.family), given[0] if given else "", " ".join(given[1:])]
+        if not any(ch in part for part in parts for ch in "^=\\"):  # PN delimiters inside a component: no name
+            name = "^".join(parts).rstrip("^")
+    birth = patient.birthDate.strftime("%Y%m%d") if isinstance(patient.birthDate, dt.date) else None
+    sex = {"male": "M", "female": "F", "other": "O"}.get(str(patient.gender or ""))
+    try:
+        return Demographics(name=name, birth_date=birth, sex=sex)
+    except IdentityError:
+        return None
+
+
+def _lookup_from(parameters: Any, *, target: DomainSection, target_system: str, source_name: str) -> Lookup:
     found = set()
     for parameter in parameters.parameter or []:
         identifier = parameter.valueIdentifier if parameter.name == "targetIdentifier" else None
@@ -87,8 +146,13 @@ def _tls(settings: SourceSection) -> ssl.SSLContext | bool:
 class PixmSource:
     """kind = "pixm": one aiohttp session per source, closed with the resolver."""
 
-    def __init__(self, settings: SourceSection, domain_of: Callable[[str], DomainSection]) -> None:
+    def __init__(
+        self, settings: SourceSection, domain_of: Callable[[str], DomainSection], *, demographics_for: str = ""
+    ) -> None:
+        """`demographics_for`: the issuer ([identity] issuer with take_demographics) whose patients' name,
+        birth date and sex are read (Patient read of the targetId) when a lookup maps into it."""
         self.settings = settings
+        self.demographics_for = demographics_for
         self.name = settings.label
         self.timeout_s = settings.timeout_s
         self.domain_of = domain_of
@@ -100,15 +164,31 @@ class PixmSource:
         source_system = system_of(ref.issuer, self.domain_of(ref.issuer), ref)
         target_system = system_of(target, target_domain)
         params = {"sourceIdentifier": f"{source_system}|{ref.id}", "targetSystem": target_system}
-        status, body = await self._get(params)
+        status, body = await self._get(self.endpoint, params)
         if status == 200:
-            return read_parameters(body, target=target_domain, target_system=target_system, source_name=self.name)
+            parameters = _parameters(body)
+            result = _lookup_from(parameters, target=target_domain, target_system=target_system, source_name=self.name)
+            if result.outcome is LookupOutcome.MAPPED and target == self.demographics_for:
+                result = replace(result, demographics=await self._demographics(parameters))
+            return result
         if status == 404:  # the source identifier is not known to the manager
             return Lookup(LookupOutcome.UNMAPPED, None, self.name)
         reason = "rejected" if status in (400, 403) else "http-error"
         raise SourceUnavailable(reason, f"HTTP {status} from {self.endpoint}")
 
-    async def _get(self, params: dict[str, str]) -> tuple[int, bytes]:
+    async def _demographics(self, parameters: Any) -> Demographics | None:
+        """Our own record of the patient (FHIR Patient read); None when it cannot be had (the mapping still holds)."""
+        patient_id = patient_id_of(parameters, self.settings.url)
+        if patient_id is None:
+            return None
+        try:
+            status, body = await self._get(f"{self.settings.url.rstrip('/')}/Patient/{patient_id}", {})
+        except SourceUnavailable as exc:
+            log.warning("PIXm %s: cannot read Patient/%s for demographics: %s", self.name, patient_id, exc)
+            return None
+        return demographics_of(body) if status == 200 else None
+
+    async def _get(self, url: str, params: dict[str, str]) -> tuple[int, bytes]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=_tls(self.settings), limit=8),
@@ -119,7 +199,7 @@ class PixmSource:
         if self.settings.server_name:
             kwargs["server_hostname"] = self.settings.server_name
         try:
-            async with self._session.get(self.endpoint, **kwargs) as response:
+            async with self._session.get(url, **kwargs) as response:
                 body = await response.content.read(self.settings.max_answer_bytes + 1)
                 if len(body) > self.settings.max_answer_bytes:
                     raise SourceUnavailable(
@@ -127,7 +207,7 @@ class PixmSource:
                     )
                 return response.status, body
         except aiohttp.ClientError as exc:
-            raise SourceUnavailable("connection-failed", f"{self.endpoint}: {exc.__class__.__name__}: {exc}") from None
+            raise SourceUnavailable("connection-failed", f"{url}: {exc.__class__.__name__}: {exc}") from None
 
     async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self.settings.max_answer_bytes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +31,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay_router.identity")
 
+# Why a source was skipped (SourceUnavailable.reason, and the resolver's own): a fixed vocabulary for
+# the audit trail and the metrics.
+SKIP_REASONS = (
+    "timeout",
+    "connection-failed",
+    "connection-closed",
+    "rejected",
+    "http-error",
+    "invalid-answer",
+    "unknown-domain",
+    "source-error",
+)
 DEFAULT_CACHE_TTL_S = 300.0
 DEFAULT_CACHE_ENTRIES = 10_000
 
@@ -42,6 +54,10 @@ class SourceUnavailable(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class _Abandoned(Exception):
+    """The lookup that others waited for was cancelled; they ask the sources themselves."""
 
 
 class Source(Protocol):
@@ -69,6 +85,12 @@ class Resolver:
         self.cache_entries = cache_entries
         self._clock = clock
         self._cache: OrderedDict[tuple[PatientRef, str], tuple[float, Lookup]] = OrderedDict()
+        self._inflight: dict[tuple[PatientRef, str], asyncio.Future[Lookup]] = {}
+        self._generation = 0  # bumped by invalidate(): answers computed before it are not cached
+        self._per_dataset = any(getattr(source, "per_dataset", False) for source in self.sources)
+        # For the metrics (relay_router.identity.metrics): lookups by (result, cached), skips by (source, reason).
+        self.lookups: Counter[tuple[str, bool]] = Counter()
+        self.skips: Counter[tuple[str, str]] = Counter()
 
     async def lookup(
         self,
@@ -83,11 +105,47 @@ class Resolver:
         key = (ref, target)
         cached = self._cached(key)
         if cached is not None and dataset is not None and cached.outcome is not LookupOutcome.MAPPED:
-            if any(getattr(source, "per_dataset", False) for source in self.sources):
+            if self._per_dataset:
                 cached = None  # this data set may say more (other-ids) than the records did
         if cached is not None:
             self._audit_lookup(ref, target, cached, cached=True, context=context)
             return cached
+        # Concurrent lookups of one identifier (parallel C-STOREs of one study) share one query.
+        shareable = dataset is None or not self._per_dataset
+        pending = self._inflight.get(key) if shareable else None
+        if pending is not None:
+            try:
+                shared = await asyncio.shield(pending)
+            except _Abandoned:  # the first caller was cancelled: ask ourselves
+                pass
+            else:
+                self._audit_lookup(ref, target, shared, cached=True, context=context)
+                return shared
+        generation = self._generation
+        future: asyncio.Future[Lookup] | None = None
+        if shareable and key not in self._inflight:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[key] = future
+        try:
+            answered, cacheable = await self._ask_sources(ref, target, dataset)
+        except BaseException:
+            if future is not None:
+                future.set_exception(_Abandoned())
+                future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            if future is not None and self._inflight.get(key) is future:
+                del self._inflight[key]
+        if future is not None:
+            future.set_result(answered)
+        # Not stored when a merge or a table change invalidated the cache meanwhile: it may predate it.
+        if cacheable and generation == self._generation:
+            self._store(key, answered)
+        self._audit_lookup(ref, target, answered, cached=False, context=context)
+        return answered
+
+    async def _ask_sources(self, ref: PatientRef, target: str, dataset: Dataset | None) -> tuple[Lookup, bool]:
+        """The first MAPPED answer in source order (else the first UNMAPPED, else UNAVAILABLE); cacheable or not."""
         answered: Lookup | None = None
         skipped = per_dataset = False
         for source in self.sources:
@@ -120,13 +178,12 @@ class Resolver:
             answered = answered or result  # UNMAPPED: the next source may still know the patient
         if answered is None:
             answered = Lookup(LookupOutcome.UNAVAILABLE, None, "")
-        if not skipped and not per_dataset:
-            self._store(key, answered)
-        self._audit_lookup(ref, target, answered, cached=False, context=context)
-        return answered
+        return answered, not skipped and not per_dataset
 
     def invalidate(self, *refs: PatientRef) -> int:
         """Forget cached lookups of or to these identifiers (by ID and issuer); all of them when none given."""
+        self._generation += 1
+        self._inflight.clear()  # lookups from now on ask again rather than join one that may predate this
         if not refs:
             count = len(self._cache)
             self._cache.clear()
@@ -200,6 +257,7 @@ class Resolver:
     def _audit_lookup(
         self, ref: PatientRef, target: str, result: Lookup, *, cached: bool, context: Mapping[str, str] | None
     ) -> None:
+        self.lookups[(str(result.outcome), cached)] += 1
         log.info(
             "patient identity lookup %s -> %s: %s (source %s%s)",
             ref,
@@ -225,6 +283,7 @@ class Resolver:
         )
 
     def _audit_unavailable(self, source: Source, ref: PatientRef, target: str, reason: str, detail: str) -> None:
+        self.skips[(source.name, reason)] += 1
         log.warning("patient identity source %s skipped for %s -> %s: %s %s", source.name, ref, target, reason, detail)
         if self.audit is not None:
             self.audit.event(

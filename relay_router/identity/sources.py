@@ -40,7 +40,9 @@ def build_source(settings: SourceSection, section: IdentitySection, table: XrefT
     if settings.kind == "pixm":
         from relay_router.identity.pixm import PixmSource
 
-        return PixmSource(settings, section.domain_of)
+        return PixmSource(
+            settings, section.domain_of, demographics_for=section.issuer if section.take_demographics else ""
+        )
     if settings.kind == "pix":
         from relay_router.identity.pix import PixSource
 

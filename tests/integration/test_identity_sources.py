@@ -11,10 +11,12 @@ command seen by a running resolver.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,10 @@ import pytest
 from hl7.mllp import open_hl7_connection
 
 from relay_common.audit import AuditLog, read_events
+from relay_common.pki import IssuedFiles, make_dev_pki
 from relay_router.identity import hl7util
 from relay_router.identity.config import DomainSection, IdentitySection, SourceSection
-from relay_router.identity.model import LookupOutcome, PatientRef
+from relay_router.identity.model import Demographics, LookupOutcome, PatientRef
 from relay_router.identity.sources import IdentityRuntime
 from relay_router.identity.xref import XrefTable
 from tests.support.identity_servers import IdentityServerProcess
@@ -45,22 +48,35 @@ PERSONS = {
     ],
     "domains": OIDS,
     "slow": {"SLOW-1": 5.0},
+    "patients": {  # our MPI's records (PIXm Patient read, for take_demographics)
+        "A-100": {
+            "name": [{"use": "official", "family": "Doe", "given": ["Alice", "M"]}],
+            "birthDate": "1970-01-02",
+            "gender": "female",
+        },
+    },
 }
 DOMAINS = [DomainSection(issuer, universal_id=oid, universal_id_type="ISO") for issuer, oid in OIDS.items()]
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> IssuedFiles:
+    return make_dev_pki(tmp_path_factory.mktemp("identity-pki"), hostnames=["localhost"], ips=["127.0.0.1"])
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, pki: IssuedFiles) -> Iterator[dict[str, int]]:
+    """The PIX manager and the PIXm endpoint, in plain text and over TLS (the MPI's certificate from a test CA)."""
     workdir = tmp_path_factory.mktemp("identity-servers")
-    pix = IdentityServerProcess("pix", PERSONS, workdir)
+    tls = (pki.server_cert, pki.server_key)
+    started: list[IdentityServerProcess] = []
     try:
-        pixm = IdentityServerProcess("pixm", PERSONS, workdir)
-    except Exception:
-        pix.stop()
-        raise
-    yield {"pix": pix.port, "pixm": pixm.port}
-    pix.stop()
-    pixm.stop()
+        for kind, options in (("pix", {}), ("pixm", {}), ("pix", {"tls": tls}), ("pixm", {"tls": tls})):
+            started.append(IdentityServerProcess(kind, PERSONS, workdir, **options))  # type: ignore[arg-type]
+        yield {"pix": started[0].port, "pixm": started[1].port, "pix-tls": started[2].port, "pixm-tls": started[3].port}
+    finally:
+        for server in started:
+            server.stop()
 
 
 def pix(port: int, timeout_s: float = 3.0) -> SourceSection:
@@ -133,6 +149,35 @@ async def test_patient_not_found_is_unmapped(servers: dict[str, int], make_runti
     assert not [e for e in make_runtime.audit_events() if e["event"] == "identity_source_unavailable"]
 
 
+async def test_pixm_takes_our_demographics_when_configured(servers: dict[str, int], make_runtime: Any) -> None:
+    resolver = (await make_runtime(section(pixm(servers["pixm"]), take_demographics=True))).resolver
+    back = await resolver.lookup(ref("B-900", B), A)  # data coming back from B: A's record decides the name
+    assert back.ref is not None and back.ref.id == "A-100"
+    assert back.demographics == Demographics(name="Doe^Alice^M", birth_date="19700102", sex="F")
+    there = await resolver.lookup(ref("A-100", A), B)  # never B's record: demographics come only from ours
+    assert there.ref is not None and there.demographics is None
+
+
+async def test_managers_over_tls_are_verified(servers: dict[str, int], make_runtime: Any, pki: IssuedFiles) -> None:
+    ca = pki.ca_cert
+    pix_tls = replace(pix(servers["pix-tls"]), name="pix-tls", ca_file=ca)
+    pixm_tls = SourceSection(
+        kind="pixm", name="pixm-tls", url=f"https://127.0.0.1:{servers['pixm-tls']}/fhir", ca_file=ca
+    )
+    for source in (pix_tls, pixm_tls):
+        result = await (await make_runtime(section(source))).resolver.lookup(ref("A-100", A), B)
+        assert (result.outcome, result.source) == (LookupOutcome.MAPPED, source.name)
+    # A certificate from another CA is refused: the source is skipped, and that is audited.
+    other_ca = make_dev_pki(ca.parent / "other", hostnames=["localhost"], ips=["127.0.0.1"]).ca_cert
+    wrong = (replace(pix_tls, ca_file=other_ca), replace(pixm_tls, ca_file=other_ca))
+    result = await (await make_runtime(section(*wrong))).resolver.lookup(ref("A-100", A), B)
+    assert result.outcome is LookupOutcome.UNAVAILABLE
+    skipped = [e for e in make_runtime.audit_events() if e["event"] == "identity_source_unavailable"]
+    expected = [("pix-tls", "connection-failed"), ("pixm-tls", "connection-failed")]
+    assert [(e["source"], e["reason"]) for e in skipped] == expected
+    assert all("CERTIFICATE_VERIFY_FAILED" in e["detail"] for e in skipped), skipped
+
+
 async def test_manager_down_falls_back_to_the_next_source_and_is_audited(
     servers: dict[str, int], make_runtime: Any
 ) -> None:
@@ -171,8 +216,8 @@ async def test_no_source_answers_is_unavailable_and_audited(servers: dict[str, i
     assert (events[-1]["outcome"], events[-1]["result"]) == ("failure", "unavailable")
 
 
-async def send(port: int, text: str) -> Any:
-    reader, writer = await open_hl7_connection("127.0.0.1", port, encoding="utf-8")
+async def send(port: int, text: str, tls: ssl.SSLContext | None = None) -> Any:
+    reader, writer = await open_hl7_connection("127.0.0.1", port, encoding="utf-8", ssl=tls)
     try:
         writer.writeblock(text.encode())
         await writer.drain()
@@ -208,6 +253,20 @@ async def test_adt_a40_over_mllp_moves_links_and_invalidates_cached_lookups(make
     assert hl7util.value((await send(runtime.adt.port, a40("NEW-1", "GONE", "M3"))).segment("MSA"), 1) == "AA"
     merges = [(e["outcome"], e.get("prior_id")) for e in make_runtime.audit_events() if e["event"] == "identity_merge"]
     assert merges == [("success", "OLD-1"), ("failure", None), ("success", "GONE")]
+
+
+async def test_adt_feed_over_tls(make_runtime: Any, pki: IssuedFiles) -> None:
+    identity = section(
+        SourceSection(kind="table"),
+        adt_listen="127.0.0.1:0",
+        adt_cert_file=pki.server_cert,
+        adt_key_file=pki.server_key,
+    )
+    runtime = await make_runtime(identity)
+    runtime.table.add(PatientRef("OLD-7", A, "1.2.3", "ISO"), ref("B-7", B))
+    ack = await send(runtime.adt.port, a40("NEW-7", "OLD-7"), tls=ssl.create_default_context(cafile=str(pki.ca_cert)))
+    assert hl7util.value(ack.segment("MSA"), 1) == "AA"
+    assert runtime.table.linked(ref("B-7", B), A) == [ref("NEW-7", A)]
 
 
 async def test_adt_feed_refuses_senders_outside_adt_allow(make_runtime: Any) -> None:

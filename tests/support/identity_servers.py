@@ -35,12 +35,14 @@ class Registry:
     persons: list[Person]
     domains: dict[str, str]  # issuer -> OID
     slow: dict[str, float]
+    patients: dict[str, dict[str, Any]]  # PIXm: FHIR Patient resources by logical id (= the Patient ID)
 
     @classmethod
     def load(cls, path: Path) -> Registry:
         raw = json.loads(path.read_text())
         persons = [[(i, s) for i, s in person] for person in raw["persons"]]
-        return cls(persons, dict(raw["domains"]), {k: float(v) for k, v in raw.get("slow", {}).items()})
+        slow = {k: float(v) for k, v in raw.get("slow", {}).items()}
+        return cls(persons, dict(raw["domains"]), slow, dict(raw.get("patients", {})))
 
     def issuer_of_oid(self, oid: str) -> str | None:
         return next((issuer for issuer, o in self.domains.items() if o == oid), None)
@@ -79,7 +81,17 @@ def pix_answer(registry: Registry, query: Any) -> str:
     return "\r".join([head, f"MSA|AA|{e(control)}", f"QAK|{e(tag)}|OK", echo, f"PID|||{cx}||~^^^^^S"]) + "\r"
 
 
-async def serve_pix(registry: Registry, ready: Path) -> None:
+def _server_tls(tls: tuple[Path, Path] | None) -> Any:
+    if tls is None:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls[0]), str(tls[1]))
+    return context
+
+
+async def serve_pix(registry: Registry, ready: Path, tls: tuple[Path, Path] | None = None) -> None:
     import hl7
     from hl7.mllp import start_hl7_server
 
@@ -104,7 +116,7 @@ async def serve_pix(registry: Registry, ready: Path) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    server = await start_hl7_server(accept, "127.0.0.1", 0)
+    server = await start_hl7_server(accept, "127.0.0.1", 0, ssl=_server_tls(tls))
     _announce(ready, server.sockets[0].getsockname()[1])
     async with server:
         await server.serve_forever()
@@ -125,11 +137,13 @@ def _qpd_id(query: Any) -> str:
 # -- PIXm endpoint (ITI-83) ---------------------------------------------------------------------
 
 
-async def serve_pixm(registry: Registry, ready: Path) -> None:
+async def serve_pixm(registry: Registry, ready: Path, tls: tuple[Path, Path] | None = None) -> None:
     from aiohttp import web
     from fhir.resources.R4B.identifier import Identifier
     from fhir.resources.R4B.operationoutcome import OperationOutcome, OperationOutcomeIssue
     from fhir.resources.R4B.parameters import Parameters, ParametersParameter
+    from fhir.resources.R4B.patient import Patient
+    from fhir.resources.R4B.reference import Reference
 
     def issuer_of_system(system: str) -> str | None:
         return registry.issuer_of_oid(system.removeprefix("urn:oid:")) if system.startswith("urn:oid:") else None
@@ -147,21 +161,33 @@ async def serve_pixm(registry: Registry, ready: Path) -> None:
         person = registry.find(patient_id, source)
         if person is None:
             return outcome(404, "not-found", "sourceIdentifier Patient Identifier not found")
-        parameter = [
-            ParametersParameter(
-                name="targetIdentifier", valueIdentifier=Identifier(system=f"urn:oid:{registry.domains[s]}", value=i)
-            )
-            for i, s in person
-            if s == target
-        ]
+        parameter = []
+        for i, s in person:
+            if s == target:
+                system = f"urn:oid:{registry.domains[s]}"
+                parameter.append(
+                    ParametersParameter(name="targetIdentifier", valueIdentifier=Identifier(system=system, value=i))
+                )
+                if i in registry.patients:
+                    parameter.append(
+                        ParametersParameter(name="targetId", valueReference=Reference(reference=f"Patient/{i}"))
+                    )
         body = Parameters(parameter=parameter or None)
+        return web.Response(text=body.model_dump_json(), content_type="application/fhir+json")
+
+    async def patient(request: web.Request) -> web.Response:
+        logical_id = request.match_info["id"]
+        if logical_id not in registry.patients:
+            return outcome(404, "not-found", f"Patient/{logical_id} not found")
+        body = Patient.model_validate({"resourceType": "Patient", "id": logical_id, **registry.patients[logical_id]})
         return web.Response(text=body.model_dump_json(), content_type="application/fhir+json")
 
     app = web.Application()
     app.router.add_get("/fhir/Patient/$ihe-pix", ihe_pix)
+    app.router.add_get("/fhir/Patient/{id}", patient)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_server_tls(tls))
     await site.start()
     port = runner.addresses[0][1]
     _announce(ready, port)
@@ -174,16 +200,19 @@ async def serve_pixm(registry: Registry, ready: Path) -> None:
 class IdentityServerProcess:
     """One server process; `port` once it listens. Stopped with stop() (SIGTERM, then kill)."""
 
-    def __init__(self, kind: str, persons: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self, kind: str, persons: dict[str, Any], workdir: Path, *, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        """`tls`: (certificate, key) to serve MLLP over TLS / HTTPS."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.persons_file = workdir / f"{kind}-persons.json"
         self.persons_file.write_text(json.dumps(persons))
-        self.ready = workdir / f"{kind}-ready.json"
+        self.ready = workdir / f"{kind}{'-tls' if tls else ''}-ready.json"
         self.ready.unlink(missing_ok=True)
-        self.log = (workdir / f"{kind}.log").open("w")
+        self.log = (workdir / f"{kind}{'-tls' if tls else ''}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.identity_servers", kind, "--persons", str(self.persons_file),
-             "--ready-file", str(self.ready)],
+             "--ready-file", str(self.ready), *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -212,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["pix", "pixm"])
     parser.add_argument("--persons", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
     args = parser.parse_args(argv)
     registry = Registry.load(args.persons)
     serve = serve_pix if args.kind == "pix" else serve_pixm
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
-        asyncio.run(serve(registry, args.ready_file))
+        asyncio.run(serve(registry, args.ready_file, tls))
     except KeyboardInterrupt:
         pass
     return 0

@@ -49,6 +49,12 @@ async def test_a40_moves_the_links_invalidates_and_audits(table: XrefTable, tmp_
     )
 
 
+@pytest.mark.parametrize("event", ["ADT^A34", "ADT^A18"])
+async def test_older_merge_events_are_merges_too(table: XrefTable, event: str) -> None:
+    assert (await AdtProcessor(table, OWN).handle(a40(kind=event), "feed")).ack == "AA"
+    assert table.linked(PARTNER, "HOSP_A") == [PatientRef("NEW", "HOSP_A")]
+
+
 async def test_identifiers_without_an_authority_are_ours(table: XrefTable) -> None:
     outcome = await AdtProcessor(table, OWN).handle(a40("PID|||NEW", "MRG|OLD"), "feed")
     assert outcome.ack == "AA"

@@ -81,8 +81,20 @@ universal_id = "1.2.9"
         ('[identity]\nissuer = "A\\\\B"\n', "issuer"),
         ('[identity]\nissuer = "A"\ncache_ttl_s = -1\n', "cache_ttl_s"),
         ('[identity]\nissuer = "A"\nadt_allow = ["everyone"]\n', "adt_allow[0]"),
+        ('[identity]\nissuer = "A"\nadt_listen = "nowhere"\n', "adt_listen"),
     ],
-    ids=["no-issuer", "kind", "http-remote", "pix-port", "unused-key", "duplicate-name", "issuer", "ttl", "allow"],
+    ids=[
+        "no-issuer",
+        "kind",
+        "http-remote",
+        "pix-port",
+        "unused-key",
+        "duplicate-name",
+        "issuer",
+        "ttl",
+        "allow",
+        "listen",
+    ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, identity: str, key: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -203,3 +203,54 @@ def test_bad_identifiers_are_refused_naming_the_field(kwargs: dict[str, str], fi
     with pytest.raises(IdentityError) as caught:
         PatientRef(**kwargs)
     assert caught.value.field == field
+
+
+class Gated(MemorySource):
+    """Answers once `gate` is set; counts its calls."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def lookup(self, ref: PatientRef, target: str, *, dataset: object = None) -> Lookup:
+        self.calls += 1
+        await self.gate.wait()
+        return await super().lookup(ref, target)
+
+
+async def test_concurrent_lookups_of_one_identifier_share_one_query(audit: AuditLog) -> None:
+    source = Gated([(ALICE_A, ALICE_B)])
+    resolver = Resolver([source], audit=audit)
+    lookups = [asyncio.create_task(resolver.lookup(ALICE_A, B)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    results = await asyncio.gather(*lookups)
+    assert source.calls == 1 and {r.ref for r in results} == {ALICE_B}
+    assert len(read_events(audit.path)) == 5  # type: ignore[arg-type]  # every lookup is audited
+
+
+async def test_cancelled_first_lookup_lets_the_others_ask_themselves() -> None:
+    source = Gated([(ALICE_A, ALICE_B)])
+    resolver = Resolver([source])
+    first = asyncio.create_task(resolver.lookup(ALICE_A, B))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(resolver.lookup(ALICE_A, B))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert (await second).ref == ALICE_B
+    assert source.calls == 2
+
+
+async def test_an_answer_that_may_predate_a_merge_is_not_cached() -> None:
+    source = Gated([(ALICE_A, ALICE_B)])
+    resolver = Resolver([source], cache_ttl_s=3600)
+    running = asyncio.create_task(resolver.lookup(ALICE_A, B))
+    await asyncio.sleep(0.01)
+    resolver.invalidate(ALICE_A)  # an A40 arrives while the source is being asked
+    source.gate.set()
+    await running
+    await resolver.lookup(ALICE_A, B)
+    assert source.calls == 2  # asked again, not served the answer from before the merge

@@ -7,7 +7,8 @@ Orthanc holds three people:
 * Jones, B-555 at B, COLL at A (linked);
 * Brown, whose ID at B is COLL, the ID that means Jones at A (not linked: the collision).
 
-The mapping source is the cross-reference table of pid-sources (``relay-router pix add``).
+ORTHANC_A holds A's own study of Smith (A-100) and of Jones (COLL). The mapping source is the
+cross-reference table of pid-sources (``relay-router pix add``).
 What the user at A sees: the right studies, labelled with A's ID and issuer, B's original
 in Other Patient IDs Sequence, Pixel Data byte-identical, SOP Instance UIDs kept; Brown's
 study never comes back for COLL; an unmapped ID answers no match; the bridge never sees an ID.
@@ -49,6 +50,7 @@ class Sites:
     orthanc_b: OrthancProcess
     router_a: int
     studies: dict[str, str]  # name -> StudyInstanceUID at B
+    own: dict[str, str]  # name -> StudyInstanceUID of A's own study (ORTHANC_A holds it from the start)
     originals: dict[str, dict[str, str]]  # name -> {SOP Instance UID: Pixel Data SHA-256}
 
 
@@ -68,6 +70,15 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
         orthanc_b.upload_many(files)
         studies[name] = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         originals[name] = fingerprints(files)
+    own: dict[str, str] = {}  # A's own study of each person A knows: name -> StudyInstanceUID at A
+    for seed, (name, (_, a_id)) in enumerate(PEOPLE.items(), start=11):
+        if a_id is not None:
+            files = write_series(
+                generate_ct_series(1, rows=32, cols=32, patient_id=a_id, patient_name=name, seed=seed),
+                work / f"a-{seed}",
+            )
+            orthanc_a.upload_many(files)
+            own[name] = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     net = LocalRelayNetwork(work / "relay").start()
     try:
         site_b = net.add_site(
@@ -89,7 +100,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
                 pix(net, "hospital-a", "add", a_id, b_id, "--other-issuer", "HOSP-B")
         pix(net, "hospital-b", "add", "B-200", "A-200", "--other-issuer", "HOSP-A")  # for the push test
         net.wait_connected()
-        yield Sites(net, orthanc_a, orthanc_b, site_a.port, studies, originals)
+        yield Sites(net, orthanc_a, orthanc_b, site_a.port, studies, own, originals)
     finally:
         net.stop()
 
@@ -132,7 +143,9 @@ def test_an_unmapped_id_answers_no_match_and_is_audited(sites: Sites) -> None:
 
 
 def test_movescu_by_our_id_brings_the_right_images_relabelled(sites: Sites) -> None:
-    sites.orthanc_a.delete_all()
+    """ORTHANC_A holds A's own study of Smith (A-100) and of Jones (COLL); after the moves each of
+    them has B's study too, under the same patient, and Brown (COLL at B) never arrives."""
+    before = set(sites.orthanc_a.instances())
     for a_id, name in (("A-100", "SMITH^ANNE"), ("COLL", "JONES^BOB")):
         result = dcmtk.movescu(
             HOST, sites.router_a, "PACS_B", "WS_A", "ORTHANC_A", {"PatientID": a_id}, "PATIENT", "patient"
@@ -140,11 +153,11 @@ def test_movescu_by_our_id_brings_the_right_images_relabelled(sites: Sites) -> N
         assert result.completed == len(sites.originals[name]) and not result.failed
     expected = {**sites.originals["SMITH^ANNE"], **sites.originals["JONES^BOB"]}
     deadline = time.monotonic() + 20
-    while len(sites.orthanc_a.instances()) < len(expected):
+    while len(set(sites.orthanc_a.instances()) - before) < len(expected):
         assert time.monotonic() < deadline, "ORTHANC_A did not receive the images"
         time.sleep(0.2)
     by_uid = {}
-    for orthanc_id in sites.orthanc_a.instances():
+    for orthanc_id in set(sites.orthanc_a.instances()) - before:
         ds = pydicom.dcmread(io.BytesIO(sites.orthanc_a.instance_file(orthanc_id)))
         by_uid[str(ds.SOPInstanceUID)] = ds
     assert set(by_uid) == set(expected)  # same SOP Instance UIDs, and nothing of Brown's
@@ -157,6 +170,18 @@ def test_movescu_by_our_id_brings_the_right_images_relabelled(sites: Sites) -> N
                 b_id,
                 "HOSP-B",
             )
+    # What the radiologist at A sees: one patient per person, with A's and B's studies together.
+    patients = {p["MainDicomTags"]["PatientID"]: p for p in sites.orthanc_a.get_json("/patients?expand")}
+    assert set(patients) == {"A-100", "COLL"}
+    for a_id, name in (("A-100", "SMITH^ANNE"), ("COLL", "JONES^BOB")):
+        studies = {
+            sites.orthanc_a.get_json(f"/studies/{study}")["MainDicomTags"]["StudyInstanceUID"]
+            for study in patients[a_id]["Studies"]
+        }
+        assert studies == {sites.own[name], sites.studies[name]}
+    assert sites.studies["BROWN^CARL"] not in {
+        s["MainDicomTags"]["StudyInstanceUID"] for s in sites.orthanc_a.get_json("/studies?expand")
+    }
 
 
 def test_getscu_by_our_id_gets_the_images_relabelled(sites: Sites, tmp_path: Path) -> None:

@@ -164,6 +164,7 @@ class RelayedAssociation:
                 max_pdu=self._max_pdu_towards,
                 audit=identity.audit,
                 association_id=outcome.association_id,
+                counts=identity.counts,
             )
             self._spill_out = None  # the spill counts the device's bytes, which the filter may change
 

@@ -216,6 +216,9 @@ class RouterMetrics:
         from relay_router.identity.metrics import IdentityCollector  # patient identity sources (issue 14)
 
         registry.register(IdentityCollector(service))
+        from relay_router.identity.wiring import CoercionCollector  # patient identity coercion (issue 14)
+
+        registry.register(CoercionCollector(service))
         registry.register(_SpillCollector(service))
         register_certificates(registry, "relay_router", router_certificate_files(service.config))
         registry.register(AuditExportCollector(service, "relay_router"))  # audit export (relay_common.audit)

@@ -165,6 +165,7 @@ class IdentityFilter:
         audit: Callable[..., Any],
         association_id: str = "",
         max_held: int = MAX_HELD_PDU,
+        counts: dict[tuple[str, str], int] | None = None,
     ) -> None:
         self.route = route
         self.max_held = max_held
@@ -174,8 +175,8 @@ class IdentityFilter:
         self._audit = audit
         self.association_id = association_id
         self._directions = {flow: _Direction(flow) for flow in Flow}
-        #: Coercions by outcome (tests and metrics read it).
-        self.counts: dict[str, int] = {}
+        #: Coercions by (flow, outcome); the router's wiring shares one dict for its metrics.
+        self.counts: dict[tuple[str, str], int] = {} if counts is None else counts
 
     async def process(self, flow: Flow, data: bytes) -> list[tuple[Flow, bytes]]:
         """Bytes the relay would send along ``flow``; returns what to send instead, and where.
@@ -353,7 +354,8 @@ class IdentityFilter:
             return Lookup(LookupOutcome.UNAVAILABLE, None, "")
 
     def _record(self, flow: Flow, message: _Message, coercion: Coercion) -> None:
-        self.counts[coercion.outcome] = self.counts.get(coercion.outcome, 0) + 1
+        key = (flow.value, coercion.outcome.value)
+        self.counts[key] = self.counts.get(key, 0) + 1
         if coercion.outcome is Outcome.UNCHANGED and coercion.original is None:
             return  # no patient identifier at all: nothing to audit
         assert message.command is not None

@@ -8,12 +8,15 @@ other association is relayed exactly as before. The partner's issuer comes from 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from relay_router.identity.coerce import Domain, RouteIdentity, UnmappedQuery
-from relay_router.identity.filter import Resolver
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from relay_router.identity.coerce import Domain, Outcome, RouteIdentity, UnmappedQuery
+from relay_router.identity.filter import Flow, Resolver
 
 if TYPE_CHECKING:
     from relay_common.audit import AuditLog
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay_router.identity")
 
-__all__ = ["IdentityRoute", "IdentityWiring"]
+__all__ = ["CoercionCollector", "IdentityRoute", "IdentityWiring"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class IdentityRoute:
     route: RouteIdentity
     resolver: Resolver
     audit: Callable[..., Any]
+    counts: dict[tuple[str, str], int] | None = None  # coercions by (flow, outcome), for the metrics
 
 
 class IdentityWiring:
@@ -44,6 +48,7 @@ class IdentityWiring:
         self._config = config
         self._audit = audit
         self.runtime: IdentityRuntime | None = None
+        self.coercions: dict[tuple[str, str], int] = {}  # by (flow, outcome): CoercionCollector reads it
         cfg = config()
         if cfg.identity.enabled:
             from relay_router.identity.sources import IdentityRuntime
@@ -76,7 +81,7 @@ class IdentityWiring:
             UnmappedQuery(identity.unmapped_query),
             identity.take_demographics,
         )
-        return IdentityRoute(route, self.runtime.resolver, self._audit.event)
+        return IdentityRoute(route, self.runtime.resolver, self._audit.event, self.coercions)
 
     def remote(self, ae_title: str) -> IdentityRoute | None:
         """The identity route of the ``[[remote]]`` device a local device called, if it has one."""
@@ -85,3 +90,28 @@ class IdentityWiring:
     def shared(self, ae_title: str) -> IdentityRoute | None:
         """The identity route of the ``[[shared]]`` device another site called, if it has one."""
         return self.for_device(next((d for d in self._config().shared if d.ae_title == ae_title), None))
+
+
+class CoercionCollector(Collector):
+    """``relay_router_identity_coercions_total{flow, outcome}``: what the identity filters did.
+
+    Labels are fixed vocabularies (``Flow``, ``Outcome``), never an identifier; every pair is
+    exported from 0 so that a rate of ``refused`` or ``unavailable`` can be alerted on.
+    """
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        wiring = getattr(self.owner, "identity", None)
+        counts: dict[tuple[str, str], int] = getattr(wiring, "coercions", {})
+        family = CounterMetricFamily(
+            "relay_router_identity_coercions",
+            "Data sets and query identifiers seen by the patient identity filters, by flow (leaving, arriving) "
+            "and outcome (mapped, refused, unmapped, unavailable, stamped, conflict, remote_ids, unchanged)",
+            labels=["flow", "outcome"],
+        )
+        for flow in Flow:
+            for outcome in Outcome:
+                family.add_metric([flow.value, outcome.value], counts.get((flow.value, outcome.value), 0))
+        yield family

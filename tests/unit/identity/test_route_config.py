@@ -71,3 +71,29 @@ async def test_a_reload_cannot_turn_on_identity_without_the_running_issuer(tmp_p
     write_config(path, IDENTITY + ROUTES)
     assert await service.reload_config() is False
     assert service.identity.remote("PACS_B") is None and not any(r.patient_identity for r in service.config.remote)
+
+
+async def test_coercions_are_counted_for_prometheus_without_identifiers(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from relay_router.dimse import DimseSender, c_store_rq
+    from relay_router.identity.filter import Flow, IdentityFilter
+    from relay_router.identity.wiring import CoercionCollector
+    from tests.unit.identity.test_filter import CONTEXTS, CT, instance
+
+    service = RouterService(load(write_config(tmp_path / "router.toml", IDENTITY + ROUTES)))
+    route = service.identity.remote("PACS_B")
+    assert route is not None
+    filt = IdentityFilter(
+        route.route, route.resolver, contexts=lambda: CONTEXTS, max_pdu=lambda flow: 0, audit=route.audit,
+        counts=route.counts,
+    )  # fmt: skip
+    store = b"".join(DimseSender(0).message(5, c_store_rq(1, CT, "1.2.3.4.5"), instance("B-404", b"\0\0")))
+    await filt.process(Flow.ARRIVING, store)
+    registry = CollectorRegistry()
+    registry.register(CoercionCollector(service))
+    value = registry.get_sample_value
+    assert value("relay_router_identity_coercions_total", {"flow": "arriving", "outcome": "unmapped"}) == 1
+    assert value("relay_router_identity_coercions_total", {"flow": "leaving", "outcome": "refused"}) == 0
+    families = list(CoercionCollector(service).collect())
+    assert all("B-404" not in str(sample) for family in families for sample in family.samples)

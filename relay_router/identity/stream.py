@@ -86,7 +86,7 @@ class _Scanner:
         if pos + 4 > len(buf):
             raise _NeedMore
         group, element = self._tag.unpack_from(buf, pos)
-        return group << 16 | element
+        return int(group) << 16 | int(element)
 
     def element_end(self, buf: bytes | bytearray, pos: int, *, implicit: bool, depth: int = 0) -> int:
         """Where the element at ``pos`` ends; _NeedMore when the buffer stops first."""
@@ -96,14 +96,14 @@ class _Scanner:
             raise _NeedMore
         vr = bytes(buf[pos + 4 : pos + 6])
         if implicit:
-            length, header, contents_implicit = self._u32.unpack_from(buf, pos + 4)[0], 8, True
+            length, header, contents_implicit = int(self._u32.unpack_from(buf, pos + 4)[0]), 8, True
         elif vr in _LONG_VRS:
             if pos + 12 > len(buf):
                 raise _NeedMore
-            length, header = self._u32.unpack_from(buf, pos + 8)[0], 12
+            length, header = int(self._u32.unpack_from(buf, pos + 8)[0]), 12
             contents_implicit = vr == b"UN"  # PS3.5 6.2.2: undefined-length UN holds Implicit VR LE
         elif vr.isalpha() and vr.isupper():
-            length, header, contents_implicit = self._u16.unpack_from(buf, pos + 6)[0], 8, False
+            length, header, contents_implicit = int(self._u16.unpack_from(buf, pos + 6)[0]), 8, False
         else:
             raise HeadError(f"no VR at offset {pos} in an Explicit VR data set")
         if length != _UNDEFINED:
@@ -119,7 +119,7 @@ class _Scanner:
             tag = self.tag_at(buf, pos)
             if pos + 8 > len(buf):
                 raise _NeedMore
-            length = self._u32.unpack_from(buf, pos + 4)[0]
+            length = int(self._u32.unpack_from(buf, pos + 4)[0])
             if tag == _SEQUENCE_END:
                 return pos + 8
             if tag != _ITEM:

@@ -27,6 +27,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
 
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
@@ -140,6 +146,30 @@ def test_an_unmapped_id_answers_no_match_and_is_audited(sites: Sites) -> None:
     assert find(sites, "A-404") == []
     refused = [r for r in audit_records(sites, "hospital-a") if r.get("identity_outcome") == "refused"]
     assert refused and refused[-1]["original_patient_id"] == "A-404"
+
+
+def test_unmapped_retrievals_are_answered_here_and_a_real_scu_accepts_the_answer(sites: Sites) -> None:
+    """pynetdicom's C-MOVE and C-GET for an unmapped ID: a final Success with no sub-operations, from router A."""
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientID = "A-404"
+    ae = AE(ae_title="WS_A")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    roles = [build_role(CTImageStorage, scp_role=True)]
+    assoc = ae.associate(HOST, sites.router_a, ae_title="PACS_B", ext_neg=roles)
+    assert assoc.is_established
+    try:
+        moves = [
+            status for status, _ in assoc.send_c_move(query, "ORTHANC_A", PatientRootQueryRetrieveInformationModelMove)
+        ]
+        gets = [status for status, _ in assoc.send_c_get(query, PatientRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    for statuses in (moves, gets):
+        (final,) = statuses  # no pending responses: nothing was matched, nothing reached B
+        assert final.Status == 0 and final.NumberOfCompletedSuboperations == 0
 
 
 def test_movescu_by_our_id_brings_the_right_images_relabelled(sites: Sites) -> None:

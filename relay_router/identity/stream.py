@@ -169,7 +169,12 @@ def _encode(element: DataElement, implicit: bool, little: bool, encoding: str | 
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
     one = Dataset()
     one.add(element)
-    write_dataset(fp, one, parent_encoding=encoding)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            write_dataset(fp, one, parent_encoding=encoding)
+    except Exception as exc:  # e.g. a value the data set's character set cannot hold
+        raise HeadError(f"cannot encode {element.tag}: {exc.__class__.__name__}: {exc}"[:300]) from None
     return fp.getvalue()
 
 
@@ -217,10 +222,17 @@ class DatasetRewriter:
         self.bytes_in += len(data)
         if self._inflater is None:
             return self._plain(bytes(data))
-        out = [self._plain(self._inflater.decompress(bytes(data), INFLATE_STEP))]
+        out = [self._plain(self._inflate(bytes(data)))]
         while self._inflater.unconsumed_tail:
-            out.append(self._plain(self._inflater.decompress(self._inflater.unconsumed_tail, INFLATE_STEP)))
+            out.append(self._plain(self._inflate(self._inflater.unconsumed_tail)))
         return b"".join(out)
+
+    def _inflate(self, data: bytes) -> bytes:
+        assert self._inflater is not None
+        try:
+            return self._inflater.decompress(data, INFLATE_STEP)
+        except zlib.error as exc:
+            raise HeadError(f"the deflated data set is not a deflate stream (PS3.5 A.5): {exc}") from None
 
     def _plain(self, data: bytes) -> bytes:
         if self._decided:
@@ -251,7 +263,11 @@ class DatasetRewriter:
     def mark_end(self) -> None:
         """The last chunk was fed; a data set that never left group 0010 is all head."""
         if self._inflater is not None:
-            self._plain(self._inflater.flush())
+            try:
+                tail = self._inflater.flush()
+            except zlib.error as exc:
+                raise HeadError(f"the deflated data set is not a deflate stream (PS3.5 A.5): {exc}") from None
+            self._plain(tail)
         self._ended = True
         if self._head is None:
             self._find_head(complete=True)

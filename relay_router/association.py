@@ -226,7 +226,14 @@ class RelayedAssociation:
             except IdentityFilterError as exc:
                 await self.abort(exc)
                 return []
-            out += [Send(Side.REMOTE if to is Flow.LEAVING else Side.LOCAL, data) for to, data in sends]
+            # One Send per run of PDUs to the same side: the tap and the writers see frames, not PDUs.
+            runs: list[tuple[Flow, list[bytes]]] = []
+            for to, data in sends:
+                if runs and runs[-1][0] is to:
+                    runs[-1][1].append(data)
+                else:
+                    runs.append((to, [data]))
+            out += [Send(Side.REMOTE if to is Flow.LEAVING else Side.LOCAL, b"".join(run)) for to, run in runs]
         return out
 
     def _accepted_contexts(self) -> dict[int, tuple[str, str]] | None:

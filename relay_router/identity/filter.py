@@ -115,6 +115,7 @@ class _Message:
     context_id: int
     kind: Kind | None = None  # None until its command set is complete
     command: Dataset | None = None
+    command_bytes: bytearray = field(default_factory=bytearray)  # as received: re-sent unchanged
     rewriter: DatasetRewriter | None = None
     refused: bool = False
     out: bytearray = field(default_factory=bytearray)  # data set bytes not yet cut into a fragment
@@ -189,23 +190,29 @@ class IdentityFilter:
 
     async def _process(self, direction: _Direction, data: bytes) -> list[tuple[Flow, bytes]]:
         flow = direction.flow
-        direction.buffer += data
+        buffer = direction.buffer
+        buffer += data
         out: list[tuple[Flow, bytes]] = []
-        while len(direction.buffer) >= _PDU_HEADER:
-            length = int.from_bytes(direction.buffer[2:6], "big")
-            if length > self.max_held:
-                raise IdentityFilterError(
-                    f"a PDU of {length} bytes on an identity route (at most {self.max_held} are held to coerce)"
-                )
-            if len(direction.buffer) < _PDU_HEADER + length:
-                break
-            pdu = bytes(direction.buffer[: _PDU_HEADER + length])
-            del direction.buffer[: _PDU_HEADER + length]
-            if pdu[0] != PduType.P_DATA_TF:
-                self._drop_held(direction)
-                out.append((flow, pdu))  # association control PDUs pass untouched
-                continue
-            await self._pdata(direction, pdu, out)
+        pos = 0  # whole PDUs are cut from here; the buffer is trimmed once, not once per PDU
+        try:
+            while len(buffer) - pos >= _PDU_HEADER:
+                length = int.from_bytes(buffer[pos + 2 : pos + 6], "big")
+                if length > self.max_held:
+                    raise IdentityFilterError(
+                        f"a PDU of {length} bytes on an identity route (at most {self.max_held} are held to coerce)"
+                    )
+                end = pos + _PDU_HEADER + length
+                if len(buffer) < end:
+                    break
+                pdu = bytes(buffer[pos:end])
+                pos = end
+                if pdu[0] != PduType.P_DATA_TF:
+                    self._drop_held(direction)
+                    out.append((flow, pdu))  # association control PDUs pass untouched
+                    continue
+                await self._pdata(direction, pdu, out)
+        finally:
+            del buffer[:pos]
         return out
 
     def _drop_held(self, direction: _Direction) -> None:
@@ -234,6 +241,8 @@ class IdentityFilter:
                     direction.current = _Message(context_id)
                 message = direction.current
                 held.pdvs.append(_Pdv(context_id, control, fragment, message))
+                if control & 1:
+                    message.command_bytes += fragment  # bounded by the receiver's max_command_length
                 for event in direction.receiver.receive_pdv(context_id, control, fragment):
                     if isinstance(event, CommandReceived):
                         message.command = event.command
@@ -286,8 +295,8 @@ class IdentityFilter:
                     message.refused = True
                     back = _other(direction.flow)  # to the requestor, within its own Maximum Length
                     out += [(back, pdu) for pdu in self._no_match(message, DimseSender(self._max_pdu(back)))]
-                else:
-                    out += [(direction.flow, pdu) for pdu in sender.command(message.context_id, message.command)]
+                else:  # the command set as it came (a C-STORE-RQ or C-FIND-RQ/RSP command is not changed)
+                    out += [(direction.flow, pdu) for pdu in _command_pdus(message, sender.fragment_size & ~1)]
                 data += rewriter.apply(coercion.edits)
             if last:
                 data += rewriter.finish()
@@ -297,12 +306,15 @@ class IdentityFilter:
             return
         message.out += data
         size = sender.fragment_size & ~1  # DCMTK refuses odd fragments; data sets have even lengths
-        while len(message.out) > size:
-            out.append((direction.flow, _pdu(message.context_id, 0, message.out[:size])))
-            del message.out[:size]
-        if last:
-            out.append((direction.flow, _pdu(message.context_id, 2, message.out)))
-            message.out.clear()
+        cut = 0
+        with memoryview(message.out) as view:
+            while len(message.out) - cut > size:
+                out.append((direction.flow, _pdu(message.context_id, 0, view[cut : cut + size])))
+                cut += size
+            if last:
+                out.append((direction.flow, _pdu(message.context_id, 2, view[cut:])))
+                cut = len(message.out)
+        del message.out[:cut]
 
     def _no_match(self, message: _Message, sender: DimseSender) -> list[bytes]:
         """The final answer to a refused query: Success, no match, no sub-operations."""
@@ -409,7 +421,14 @@ def _pdvs(pdu: bytes) -> list[tuple[int, int, bytes]]:
     return items
 
 
-def _pdu(context_id: int, control: int, fragment: bytes | bytearray) -> bytes:
+def _command_pdus(message: _Message, size: int) -> list[bytes]:
+    """The received command set in fragments of at most `size` (control bit 0; bit 1 on the last)."""
+    data = message.command_bytes
+    cuts = list(range(0, len(data), size)) or [0]
+    return [_pdu(message.context_id, 3 if start == cuts[-1] else 1, data[start : start + size]) for start in cuts]
+
+
+def _pdu(context_id: int, control: int, fragment: bytes | bytearray | memoryview) -> bytes:
     item_length = len(fragment) + 2
     header = bytes((PduType.P_DATA_TF, 0)) + (item_length + 4).to_bytes(4, "big") + item_length.to_bytes(4, "big")
     return header + bytes((context_id, control)) + bytes(fragment)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from relay_router.identity.coerce import (
@@ -142,3 +144,34 @@ def test_data_leaving_gets_our_issuer_but_a_different_one_is_kept() -> None:
     conflict = stamp_outgoing(instance("A-1", "HOSP-Z"), ROUTE)
     assert conflict.outcome is Outcome.CONFLICT and not conflict.edits
     assert stamp_outgoing(instance("A-1", "HOSP-A"), ROUTE).outcome is Outcome.UNCHANGED
+
+
+HOSTILE_TEXT = st.text(max_size=80)  # control characters, backslashes, anything a peer may send
+
+
+@given(patient_id=HOSTILE_TEXT, issuer=st.one_of(st.none(), HOSTILE_TEXT), mapped=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_hostile_identifiers_never_raise_and_are_never_guessed(
+    patient_id: str, issuer: str | None, mapped: bool
+) -> None:
+    """Whatever a peer puts in Patient ID and Issuer: no exception, and the ID is the original or the mapped one."""
+    ds = Dataset()
+    ds.add_new(0x00100020, "LO", patient_id)
+    if issuer is not None:
+        ds.add_new(0x00100021, "LO", issuer)
+    lookup = Lookup(LookupOutcome.MAPPED, PatientRef("A-123", "HOSP-A"), "t") if mapped else UNMAPPED
+    for coercion in (
+        stamp_outgoing(ds, ROUTE),
+        *(
+            [coerce_incoming(ds, ROUTE, ref, lookup)]
+            if isinstance(ref := incoming_ref(ds, ROUTE), PatientRef)
+            else [ref]
+        ),
+    ):
+        new_id = coercion.edits.get(PATIENT_ID)
+        assert new_id is None or new_id.value == "A-123"
+        if new_id is not None:
+            assert coercion.outcome is Outcome.MAPPED
+        issuer_edit = coercion.edits.get(ISSUER)
+        if issuer_edit is not None and issuer and issuer.strip():  # spaces alone are an empty LO value
+            assert issuer_edit.value == "HOSP-A" and coercion.outcome is Outcome.MAPPED  # never overwritten else

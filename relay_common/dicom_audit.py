@@ -32,6 +32,7 @@ Code = tuple[str, str, str]
 EV_APPLICATION_ACTIVITY: Code = ("110100", "DCM", "Application Activity")
 EV_BEGIN_TRANSFERRING: Code = ("110102", "DCM", "Begin Transferring DICOM Instances")
 EV_INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
+EV_PATIENT_RECORD: Code = ("110110", "DCM", "Patient Record")
 EV_QUERY: Code = ("110112", "DCM", "Query")
 EV_SECURITY_ALERT: Code = ("110113", "DCM", "Security Alert")
 EV_USER_AUTHENTICATION: Code = ("110114", "DCM", "User Authentication")
@@ -294,6 +295,36 @@ def query(
     return message
 
 
+def patient_record(
+    *,
+    source_id: str,
+    app: Participant,
+    patients: Iterable[tuple[str, str, str]],
+    performer: Participant | None = None,
+    outcome: str = "success",
+    description: str = "",
+    when: dt.datetime | None = None,
+) -> ET.Element:
+    """Patient Record (A.5.3.9): a patient's cross-reference changed (a merge, a link added or removed).
+
+    `patients` are (patient id, issuer, lifecycle) with lifecycle "U" (updated, the survivor)
+    or "D" (subsumed, the prior record of a merge); the action is U.
+    """
+    message = _message(EV_PATIENT_RECORD, "U", outcome, when, description)
+    Participant(app.user_id, performer is None, ROLE_APPLICATION, app.ae_titles).add_to(message)
+    if performer is not None:
+        Participant(performer.user_id, True, None, (), performer.user_name, performer.network_access_point).add_to(
+            message
+        )
+    _source(message, source_id)
+    for patient_id, issuer, lifecycle in patients:
+        shown = f"{patient_id}^^^{issuer}" if issuer else patient_id
+        element = _object(message, shown, ID_PATIENT_NUMBER, type_code="1", role="1", name=patient_id)
+        # PS3.15 A.5.2.5 ParticipantObjectDataLifeCycle: 3 amendment (the survivor), 14 logical deletion.
+        element.set("ParticipantObjectDataLifeCycle", "14" if lifecycle == "D" else "3")
+    return message
+
+
 def user_authentication(
     *,
     source_id: str,
@@ -392,6 +423,22 @@ def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element
                 source_id=source_id, user=user, node=app, login=event != "sign_off", outcome=outcome, description=detail
             )
         ]
+    if event in ("identity_merge", "pix_add", "pix_remove") and record.get("patient_id"):
+        # The router's patient cross-reference changed (relay_router.identity): prior and surviving records.
+        issuer = str(record.get("issuer", "") or "")
+        patients = [(str(record["patient_id"]), issuer, "U")]
+        if record.get("prior_id"):
+            patients.append((str(record["prior_id"]), issuer, "D"))
+        if record.get("other_id"):
+            patients.append((str(record["other_id"]), str(record.get("other_issuer", "") or ""), "U"))
+        feed = Participant(str(record.get("source", "")), True) if record.get("source") else None
+        performer = Participant(str(record["user"]), True) if record.get("user") else feed
+        return [
+            patient_record(
+                source_id=source_id, app=app, patients=patients, performer=performer, outcome=outcome,
+                description=detail or event,
+            )
+        ]  # fmt: skip
     if event in ("start", "stop"):
         return [
             application_activity(

@@ -26,6 +26,7 @@ class Shared:
     share_with: list[str] = field(default_factory=lambda: ["*"])
     services: list[str] | None = None  # service groups (None: the router's default)
     grants: dict[str, list[str]] = field(default_factory=dict)  # site -> service groups
+    patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
 
     def granted_to(self, site: str) -> bool:
         """Whether `site` may use any service (the bridge lists the device to it only then)."""
@@ -41,6 +42,7 @@ class Remote:
     ae_title: str
     site: str
     remote_ae_title: str | None = None
+    patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
 
 
 @dataclass
@@ -56,6 +58,12 @@ class Site:
     extra_bridge: dict[str, object] = field(default_factory=dict)
     # [metrics] listen for this router ("127.0.0.1:0" picks a free port); None: the router's default.
     metrics_listen: str | None = None
+    # [identity] keys (patient identity, docs/patient-identity.md); empty: no [identity] section.
+    identity: dict[str, object] = field(default_factory=dict)
+
+
+def _identity_keys(issuer: str) -> list[str]:
+    return ["patient_identity = true", f"patient_issuer = {_toml_value(issuer)}"] if issuer else []
 
 
 def _toml_value(value: object) -> str:
@@ -155,6 +163,7 @@ class LocalRelayNetwork:
         remote: list[Remote] = (),  # type: ignore[assignment]
         start: bool = True,
         metrics_listen: str | None = None,
+        identity: dict[str, object] | None = None,
         **dicom: object,
     ) -> Site:
         result = self.bridge_admin("router", "add", name, "--json")
@@ -164,6 +173,7 @@ class LocalRelayNetwork:
         site = Site(name, list(shared), list(remote), password=account["password"], extra_dicom=dict(dicom))
         site.enrollment_token = account["enrollment_token"]
         site.metrics_listen = metrics_listen
+        site.identity = dict(identity or {})
         self.sites[name] = site
         self.write_router_config(site)
         if start:
@@ -205,6 +215,7 @@ class LocalRelayNetwork:
                 f"port = {d.port}",
                 f"share_with = {_toml_value(d.share_with)}",
                 *([] if d.services is None else [f"services = {_toml_value(d.services)}"]),
+                *_identity_keys(d.patient_issuer),
             ]
             for grant_site, groups in d.grants.items():
                 lines += ["[[shared.grant]]", f"site = {_toml_value(grant_site)}", f"services = {_toml_value(groups)}"]
@@ -212,6 +223,12 @@ class LocalRelayNetwork:
             lines += ["", "[[remote]]", f"ae_title = {_toml_value(r.ae_title)}", f"site = {_toml_value(r.site)}"]
             if r.remote_ae_title:
                 lines.append(f"remote_ae_title = {_toml_value(r.remote_ae_title)}")
+            lines += _identity_keys(r.patient_issuer)
+        if site.identity:
+            flat = {k: v for k, v in site.identity.items() if k != "source"}
+            lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in flat.items())]
+            for source in site.identity.get("source", []):  # type: ignore[attr-defined]
+                lines += ["", "[[identity.source]]", *(f"{k} = {_toml_value(v)}" for k, v in source.items())]
         path = self.router_config_path(site.name)
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -22,6 +22,8 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason, RelayError
 from relay_router.close_codes import close_frame, received_close, received_refusal
 from relay_router.config import DicomSection
+from relay_router.identity.filter import Flow, IdentityFilter, IdentityFilterError
+from relay_router.identity.wiring import IdentityRoute
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.seal import FrameSealer, PublicIdentity
@@ -85,6 +87,7 @@ class RelayedAssociation:
         blobs: BlobTransport | None = None,
         spill: SpillState | None = None,
         pace: PathPace | None = None,
+        identity: IdentityRoute | None = None,
     ) -> None:
         """`features`: what the responder agreed, or what the initiator offered (agreed once the Confirm
         from `confirm_from`, the responder's identity and site, has verified)."""
@@ -152,6 +155,19 @@ class RelayedAssociation:
         self._remote: asyncio.Task[None] | None = None  # the remote pump, which _shut lets see the partner's close
         # Audit: the studies this association carries (a copy of the bytes; never changes the relay).
         self.tap = StudyTap(local_is_requestor=outcome.direction == "outbound")
+        # Patient identity routes only (relay_router.identity): coerce identifiers in the cleartext PDUs.
+        self.identity: IdentityFilter | None = None
+        if identity is not None:
+            self.identity = IdentityFilter(
+                identity.route,
+                identity.resolver,
+                contexts=self._accepted_contexts,
+                max_pdu=self._max_pdu_towards,
+                audit=identity.audit,
+                association_id=outcome.association_id,
+                counts=identity.counts,
+            )
+            self._spill_out = None  # the spill counts the device's bytes, which the filter may change
 
     # Frames sent and received so far (the codec's sequence numbers): relay_router.metrics reads them.
     @property
@@ -174,6 +190,8 @@ class RelayedAssociation:
 
     # -- carrying out actions ---------------------------------------------
     async def apply(self, actions: list[Action]) -> None:
+        if self.identity is not None:
+            actions = await self._coerce_identity(actions)
         to_local: list[bytes] = []
         to_remote: list[bytes] = []
         for action in actions:
@@ -193,6 +211,44 @@ class RelayedAssociation:
                 await self.writer.drain()
         if self.conn.phase is Phase.CLOSED:
             self._closed.set()
+
+    # -- patient identity (identity routes only) ----------------------------------
+    async def _coerce_identity(self, actions: list[Action]) -> list[Action]:
+        """The Sends of `actions` through the identity filter; on a message it cannot coerce, abort."""
+        assert self.identity is not None
+        out: list[Action] = []
+        for action in actions:
+            if not isinstance(action, Send):
+                out.append(action)
+                continue
+            flow = Flow.LEAVING if action.to is Side.REMOTE else Flow.ARRIVING
+            try:
+                sends = await self.identity.process(flow, action.data)
+            except IdentityFilterError as exc:
+                await self.abort(exc)
+                return []
+            # One Send per run of PDUs to the same side: the tap and the writers see frames, not PDUs.
+            runs: list[tuple[Flow, list[bytes]]] = []
+            for to, data in sends:
+                if runs and runs[-1][0] is to:
+                    runs[-1][1].append(data)
+                else:
+                    runs.append((to, [data]))
+            out += [Send(Side.REMOTE if to is Flow.LEAVING else Side.LOCAL, b"".join(run)) for to, run in runs]
+        return out
+
+    def _accepted_contexts(self) -> dict[int, tuple[str, str]] | None:
+        accepted = self.conn.accepted
+        if accepted is None:
+            return None
+        return {pc.id: (pc.abstract_syntax or "", pc.transfer_syntaxes[0]) for pc in accepted.accepted_contexts}
+
+    def _max_pdu_towards(self, flow: Flow) -> int:
+        """The Maximum Length announced by the device that receives `flow` (PS3.8 D.1)."""
+        local_requested = self.conn.requestor is Side.LOCAL
+        towards_requestor = (flow is Flow.ARRIVING) == local_requested
+        info = self.conn.requested if towards_requestor else self.conn.accepted
+        return info.max_pdu_length if info is not None else 0
 
     def _note(self, action: Action) -> None:
         out = self.outcome
@@ -414,6 +470,7 @@ class RelayedAssociation:
         """Abort both ways for a reason found by this router (not a DICOM peer)."""
         if isinstance(error, str):  # the service's shutdown
             error = RelayError(error, reason=Reason.SHUTDOWN if close_reason == pb.Close.SHUTDOWN else Reason.OTHER)
+        self.identity = None  # the A-ABORTs go out as they are, whatever the filter holds
         self._ending.set()
         self.outcome.fail(error)
         self._close_reason = close_reason

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     devices.add_argument("--calling-ae", default="ECHOSCU", help="calling AE title for --echo (default: %(default)s)")
     devices.add_argument("--timeout", type=float, default=20.0, help="seconds per C-ECHO (default: %(default)s)")
+    from relay_router.identity import cli as identity_cli
+
+    identity_cli.add_parser(sub)  # relay-router pix add|list|remove|import
     return parser
 
 
@@ -266,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         from relay_router.check import check_command
 
         return check_command(cfg, args.status_file)
+    if args.command == "pix":
+        from relay_router.identity import cli as identity_cli
+
+        return identity_cli.run(cfg, args)
     if args.command in ("status", "devices"):
         from relay_router import status as router_status
 

@@ -13,6 +13,7 @@ from relay_common.config import AuditSection, InvalidValue, LoggingSection, load
 from relay_common.validate import SITE_NAME_RULE, is_ae_title, is_share_target, is_site_name
 from relay_router import services as service_groups
 from relay_router.egress import Endpoint, ProxySettings, UrlPolicy, check_proxy_url, with_password
+from relay_router.identity.config import IdentitySection
 
 
 def _check_ae(title: str, what: str) -> None:
@@ -254,6 +255,14 @@ def _check_services(names: list[str], key: str) -> None:
         raise InvalidValue(key, f"{unknown[0]!r} is not a service group (one of {', '.join(service_groups.GROUPS)})")
 
 
+def _check_patient_identity(enabled: bool, issuer: str) -> None:
+    """`patient_identity` needs the partner's issuer: an LO value (PS3.5 6.2), no backslash or control."""
+    if enabled and not issuer.strip():
+        raise InvalidValue("patient_issuer", "is required when patient_identity = true (the partner's issuer)")
+    if len(issuer) > 64 or "\\" in issuer or any(ord(c) < 0x20 for c in issuer) or issuer != issuer.strip():
+        raise InvalidValue("patient_issuer", f"{issuer!r} is not an Issuer of Patient ID (LO, at most 64 characters)")
+
+
 @dataclass(frozen=True)
 class SharedDevice:
     """A device on this hospital's LAN that other sites may reach."""
@@ -267,9 +276,14 @@ class SharedDevice:
     # Service groups every site in share_with may use (default: all but "other"), and per-site overrides.
     services: list[str] = field(default_factory=lambda: list(service_groups.ordered(service_groups.DEFAULT_GROUPS)))
     grant: list[ServiceGrant] = field(default_factory=list)
+    # Patient identity (docs/patient-identity.md): coerce identifiers on associations to this device;
+    # patient_issuer is the calling partner's Issuer of Patient ID (configured, never taken from the bridge).
+    patient_identity: bool = False
+    patient_issuer: str = ""
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "ae_title")
+        _check_patient_identity(self.patient_identity, self.patient_issuer)
         if not 0 < self.port < 65536:
             raise InvalidValue("port", f"{self.port} is not between 1 and 65535")
         for site in self.share_with:
@@ -331,9 +345,14 @@ class RemoteDevice:
     site: str
     # The device's title at its own site; defaults to ae_title.
     remote_ae_title: str | None = None
+    # Patient identity (docs/patient-identity.md): coerce identifiers on associations to this device;
+    # patient_issuer is that site's Issuer of Patient ID (configured, never taken from the bridge).
+    patient_identity: bool = False
+    patient_issuer: str = ""
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "ae_title")
+        _check_patient_identity(self.patient_identity, self.patient_issuer)
         if self.remote_ae_title is not None:
             _check_ae(self.remote_ae_title, "remote_ae_title")
         if not is_site_name(self.site):
@@ -394,6 +413,8 @@ class RouterConfig:
     remote: list[RemoteDevice] = field(default_factory=list)
     local: list[LocalDevice] = field(default_factory=list)
     pin: list[Pin] = field(default_factory=list)
+    # Patient identity across institutions (relay_router/identity/, docs/patient-identity.md).
+    identity: IdentitySection = field(default_factory=IdentitySection)
     audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -413,6 +434,12 @@ class RouterConfig:
         for r in self.remote:
             if r.site == self.router.name:
                 raise ValueError(f"remote device {r.ae_title!r} names this router's own site")
+        devices: list[SharedDevice | RemoteDevice] = [*self.shared, *self.remote]
+        for device in devices:
+            if device.patient_identity and not self.identity.issuer:
+                raise InvalidValue("identity.issuer", f"is required: {device.ae_title!r} has patient_identity = true")
+            if device.patient_identity and device.patient_issuer == self.identity.issuer:
+                raise InvalidValue("patient_issuer", f"{device.ae_title!r}: the partner's issuer is our own")
 
 
 def advertised_host(config: RouterConfig) -> str:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from relay_common.audit import AuditLog
     from relay_router.association import RelayedAssociation
     from relay_router.config import RouterConfig, SharedDevice
+    from relay_router.identity.wiring import IdentityWiring
     from relay_router.outcome import Outcome
     from relay_router.pace import PathPace
     from relay_router.replay import SeenAssociations
@@ -52,6 +53,7 @@ class AssociationHost:
     limits: Limits  # association caps by direction and calling site
     pending: PendingRequests  # unfinished A-ASSOCIATE-RQs
     _pending_logged: float  # when a connection closed for the pending caps was last logged
+    identity: IdentityWiring  # patient identity routes (relay_router.identity)
 
     def route_table(self) -> RouteTable:
         raise NotImplementedError

@@ -181,6 +181,7 @@ class InboundCalls(AssociationHost):
             blobs=self.blobs,
             spill=self.spill,
             pace=self.paces.setdefault(notice.from_site, PathPace()),
+            identity=self.identity.shared(device.ae_title),
         )
         if request is None:
             await self._run(relay, actions)  # the connection has produced the abort

@@ -213,6 +213,12 @@ class RouterMetrics:
             {"site": service.config.router.name, "version": package_version()}
         )
         registry.register(_LinkCollector(service))
+        from relay_router.identity.metrics import IdentityCollector  # patient identity sources (issue 14)
+
+        registry.register(IdentityCollector(service))
+        from relay_router.identity.wiring import CoercionCollector  # patient identity coercion (issue 14)
+
+        registry.register(CoercionCollector(service))
         registry.register(_SpillCollector(service))
         register_certificates(registry, "relay_router", router_certificate_files(service.config))
         registry.register(AuditExportCollector(service, "relay_router"))  # audit export (relay_common.audit)

@@ -309,6 +309,7 @@ class OutboundCalls(AssociationHost):
             blobs=self.blobs,
             spill=self.spill,
             pace=self.paces.setdefault(route.site, PathPace()),
+            identity=self.identity.remote(request.called_ae),
         )
         outcome.bytes_to_remote += len(forward.data)
         await self._run(relay)

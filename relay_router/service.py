@@ -32,6 +32,7 @@ from relay_common.tlsreload import add_reload_hook
 from relay_router.association import RelayedAssociation
 from relay_router.config import RouterConfig, SharedDevice, config_changes, load, with_reloadable
 from relay_router.host import tune_socket
+from relay_router.identity.wiring import IdentityWiring
 from relay_router.inbound import InboundCalls
 from relay_router.metrics import RouterMetrics
 from relay_router.outbound import OutboundCalls
@@ -103,6 +104,7 @@ class RouterService(OutboundCalls, InboundCalls):
         self._tasks: set[asyncio.Task[object]] = set()
         self.port: int | None = None
         self.metrics = RouterMetrics(self)
+        self.identity = IdentityWiring(lambda: self.config, self.audit)  # patient identity routes (issue 14)
 
     # -- routing table -------------------------------------------------------
     def route_table(self) -> RouteTable:
@@ -204,6 +206,7 @@ class RouterService(OutboundCalls, InboundCalls):
         self.port = self._server.sockets[0].getsockname()[1]
         if self.config.dicom.tls_listen:
             await self._start_tls_listener(limit)
+        await self.identity.start()  # the ADT feed, when [identity] adt_listen is set
         self._link_task = asyncio.create_task(self.link.run())
         if self.config_path is not None:
             self._remove_reload_hook = add_reload_hook(self._reload_requested)
@@ -261,6 +264,9 @@ class RouterService(OutboundCalls, InboundCalls):
         assert self.config_path is not None
         try:
             new = await asyncio.to_thread(load, self.config_path)
+            # Checks across sections run on the merged result too (a route's patient_identity needs the
+            # running [identity] issuer, which only a restart changes).
+            merged = with_reloadable(self.config, new)
         except (ConfigError, ValueError) as exc:
             log.error("configuration reload failed, keeping the running configuration: %s", exc)
             self.audit.event("config_reload", "failure", file=str(self.config_path), detail=str(exc))
@@ -269,7 +275,7 @@ class RouterService(OutboundCalls, InboundCalls):
         for key in changes.needs_restart:
             log.warning("configuration reload: needs a restart: %s (not applied)", key)
         self._file_config = new
-        self.config = with_reloadable(self.config, new)
+        self.config = merged
         self.link.config = self.config
         self.shared = {d.ae_title: d for d in self.config.shared}
         self._routes.reconfigure(self.config.remote, self.shared, pinned={p.site for p in self.config.pin})
@@ -336,6 +342,7 @@ class RouterService(OutboundCalls, InboundCalls):
             if own is not None:
                 own.cancel()
                 await asyncio.gather(own, return_exceptions=True)
+        await self.identity.stop()
 
     async def _run(self, relay: RelayedAssociation, initial: list[Action] | None = None) -> None:
         self.relays.add(relay)

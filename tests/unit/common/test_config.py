@@ -161,7 +161,7 @@ def test_misspelt_nested_key_is_an_error_not_ignored(tmp_path: Path) -> None:
 def test_unknown_key_in_a_list_item(tmp_path: Path) -> None:
     path, msg = router_error(tmp_path, ROUTER_HEAD + '[[remote]]\nae_title = "X"\nsite = "b"\nsit = "c"\n')
     assert msg == f"{path}: remote[0].sit: unknown key (known keys here: {known(RemoteDevice)})"
-    assert "ae_title, remote_ae_title, site" in msg
+    assert "ae_title, patient_identity, patient_issuer, remote_ae_title, site" in msg
 
 
 # -- wrong types -----------------------------------------------------------------

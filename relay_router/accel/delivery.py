@@ -28,8 +28,12 @@ entry never holds up the others: it waits for its own next_attempt.
 
 Each association proposes one presentation context per (SOP class, transfer
 syntax) pair of the due entries, so the accepted context matches the file
-exactly (a chunked send cannot re-encode). A new pair makes an idle worker
-re-associate with the larger set.
+exactly (a chunked send cannot re-encode). When none of the due entries fits
+a worker's association (a new pair arrived), the worker re-associates with the
+pairs due then. A pair the device refused is believed for a minute: its
+entries go DEAD with 0x0122, and a `spool retry` after that proposes it again.
+An association left idle for ``idle_release_s`` is released, since simple
+devices (storescp) serve one association at a time.
 """
 
 from __future__ import annotations

@@ -60,20 +60,20 @@ class SpoolCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         spool = self.spool()
-        if spool is not None:
-            used, limit, counts = spool.usage()
-            entries = GaugeMetricFamily(
-                "relay_router_spool_entries", "Instances in the accelerated routes' spool, by state", labels=["state"]
-            )
-            for state in EntryState:
-                entries.add_metric([str(state)], counts[state])
-            yield entries
-            yield GaugeMetricFamily(
-                "relay_router_spool_bytes", "Bytes held by the spool (committed and being received)", value=used
-            )
-            yield GaugeMetricFamily(
-                "relay_router_spool_max_bytes", "The spool's limit ([accelerate] spool_max_bytes)", value=limit
-            )
+        # Without a spool (no accelerated route) the families exist with zeros, as every label does.
+        used, limit, counts = spool.usage() if spool is not None else (0, 0, dict.fromkeys(EntryState, 0))
+        entries = GaugeMetricFamily(
+            "relay_router_spool_entries", "Instances in the accelerated routes' spool, by state", labels=["state"]
+        )
+        for state in EntryState:
+            entries.add_metric([str(state)], counts[state])
+        yield entries
+        yield GaugeMetricFamily(
+            "relay_router_spool_bytes", "Bytes held by the spool (committed and being received)", value=used
+        )
+        yield GaugeMetricFamily(
+            "relay_router_spool_max_bytes", "The spool's limit ([accelerate] spool_max_bytes)", value=limit
+        )
         outcomes, failures = self.stats.snapshot()
         routes = sorted(set(self.routes()) | {route for route, _ in outcomes} | set(failures))
         deliveries = CounterMetricFamily(

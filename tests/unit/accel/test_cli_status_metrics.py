@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from relay_router import cli as router_cli
-from relay_router.accel.cli import STATES, configured_spool, spool_command
+from relay_router.accel.cli import STATES, configured_spool, spool_check, spool_command
 from relay_router.accel.delivery import Outcome, classify_status
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.accel.spool import EntryState, Spool, read_entries
@@ -152,3 +152,14 @@ def test_metrics_report_states_bytes_and_outcomes(tmp_path: Path) -> None:
 )
 def test_c_store_status_classes(status: int, outcome: Outcome) -> None:
     assert classify_status(status) is outcome
+
+
+def test_the_monitoring_plugin_warns_on_dead_letters_and_a_filling_spool() -> None:
+    report: dict[str, object] = {"entries": {"received": 3, "dead": 0}, "bytes_used": 100, "max_bytes": 1000}
+    assert spool_check(report) == (False, "", [("spool_dead", 0, None), ("spool_bytes", 100, 1000)])
+    report["entries"] = {"dead": 2}
+    warn, text, _ = spool_check(report)
+    assert warn and "2 dead letters" in text
+    report.update(entries={"dead": 0}, bytes_used=850)
+    warn, text, _ = spool_check(report)
+    assert warn and "85% full" in text

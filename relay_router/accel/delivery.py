@@ -118,7 +118,9 @@ class DeliveryPool:
     ``loop.call_soon_threadsafe`` to reach an event loop). With
     `remove_delivered` (the default) a DELIVERED entry is removed after the
     callback; the far router turns it off to keep the entry until its outcome
-    has reached the near router.
+    has reached the near router. DELIVERED entries found at :meth:`start` (a
+    crash came between the device's confirmation and their removal) are
+    reported again, with status None, and removed if `remove_delivered`.
     """
 
     def __init__(
@@ -159,6 +161,12 @@ class DeliveryPool:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        # DELIVERED entries left by a crash between the device's confirmation and the removal: report
+        # them again (at least once; the status is no longer known) and remove them.
+        for entry in self.spool.entries(state=EntryState.DELIVERED, route=self.route):
+            self._report(entry, Outcome.DELIVERED, None, "")
+            if self.remove_delivered:
+                self.spool.remove(entry.id)
         for number in range(self.associations):
             thread = threading.Thread(
                 target=self._worker, name=f"delivery-{self.route}-{number}", args=(number,), daemon=True
@@ -198,11 +206,20 @@ class DeliveryPool:
         accepted: frozenset[tuple[str, str]] = frozenset()
         connect_failures = 0
         last_used = time.monotonic()
+        requests_seen = 0.0
         try:
             while not self._stopping:
-                if number == 0:
+                if number == 0 and time.monotonic() - requests_seen >= 1.0:
+                    requests_seen = time.monotonic()
                     self.spool.apply_requests()  # `relay-router spool retry|purge` while we run
                 now = time.time()
+                if assoc is not None and assoc.is_established:  # the fast path: one claim, one C-STORE
+                    entry = self.spool.claim(self.route, now, accept=accepted)
+                    if entry is not None:
+                        self._deliver(assoc, entry)
+                        last_used = time.monotonic()
+                        continue
+                # Nothing this association can take: look at what waits (one pass over the spool).
                 due = self.spool.due(now, route=self.route)
                 refused = self._refused_pairs()
                 if any((e.sop_class_uid, e.transfer_syntax) in refused for e in due):
@@ -216,25 +233,20 @@ class DeliveryPool:
                     self._wait(min(1.0, upcoming - now) if upcoming is not None else 1.0)
                     continue
                 if (
-                    assoc is None
-                    or not assoc.is_established
-                    or not any((e.sop_class_uid, e.transfer_syntax) in accepted for e in due)
-                ):  # none yet, lost, or the due entries need contexts it does not have
-                    if assoc is not None and assoc.is_established:
-                        assoc.release()
-                    assoc, accepted = self._associate(due)
-                    if assoc is None:
-                        connect_failures += 1
-                        self._wait(self.spool.backoff(connect_failures))
-                        continue
-                    connect_failures = 0
-                    continue  # refused pairs are now known: look at what is due again
-                entry = self.spool.claim(self.route, now, accept=accepted)
-                if entry is None:  # due entries are being sent by other workers
-                    self._wait(0.05)
+                    assoc is not None
+                    and assoc.is_established
+                    and any((e.sop_class_uid, e.transfer_syntax) in accepted for e in due)
+                ):
+                    continue  # another worker took the one we saw; claim again
+                # None yet, lost, or the due entries need contexts it does not have.
+                if assoc is not None and assoc.is_established:
+                    assoc.release()
+                assoc, accepted = self._associate(due)
+                if assoc is None:
+                    connect_failures += 1
+                    self._wait(self.spool.backoff(connect_failures))
                     continue
-                self._deliver(assoc, entry)
-                last_used = time.monotonic()
+                connect_failures = 0
         except Exception:  # a worker must not die silently: the others go on, and this one says why
             log.exception("delivery worker %s of route %s stopped", number, self.route)
         finally:

@@ -12,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from relay_router import cli as router_cli
 from relay_router.accel.cli import STATES, configured_spool, spool_check, spool_command
-from relay_router.accel.delivery import Outcome, classify_status
+from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome, classify_status
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.accel.spool import EntryState, Spool, read_entries
 from relay_router.status import status_command
@@ -163,3 +163,18 @@ def test_the_monitoring_plugin_warns_on_dead_letters_and_a_filling_spool() -> No
     report.update(entries={"dead": 0}, bytes_used=850)
     warn, text, _ = spool_check(report)
     assert warn and "85% full" in text
+
+
+def test_a_delivered_entry_left_by_a_crash_is_reported_again_and_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", max_bytes=1 << 20)
+    with spool.writer("PACS_B", sop_class_uid=CT, sop_instance_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2") as w:
+        w.write(b"\0" * 10)
+        entry = w.commit()
+    spool.set_state(entry.id, EntryState.DELIVERED)  # then the process died before remove()
+    seen: list[DeliveryOutcome] = []
+    pool = DeliveryPool(spool, "PACS_B", Destination("127.0.0.1", 9, "NOBODY", "ME"), on_outcome=seen.append)
+    pool.start()
+    pool.stop()
+    assert [(o.entry.id, o.outcome, o.status) for o in seen] == [(entry.id, Outcome.DELIVERED, None)]
+    assert spool.entries() == []
+    spool.close()

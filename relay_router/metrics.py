@@ -219,8 +219,8 @@ class RouterMetrics:
         registry.register(AuditExportCollector(service, "relay_router"))  # audit export (relay_common.audit)
         # Accelerated routes: the spool (`service.spool` once accelerated routes run) and the delivery pools'
         # counters (pools are given `metrics.accel` as their `stats`).
-        self.accel = DeliveryStats()
-        register_accel_metrics(registry, lambda: getattr(service, "spool", None), self.accel)
+        self.accel_stats = DeliveryStats()
+        register_accel_metrics(registry, lambda: getattr(service, "spool", None), self.accel_stats)
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

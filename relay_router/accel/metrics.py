@@ -9,6 +9,7 @@ a peer chose, never patient data.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,15 +97,27 @@ class SpoolCollector(Collector):
         yield refused
 
 
+_REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, SpoolCollector] = weakref.WeakKeyDictionary()
+
+
 def register_accel_metrics(
     registry: CollectorRegistry,
     spool: Callable[[], Spool | None],
     stats: DeliveryStats,
     routes: Callable[[], list[str]] = list,
 ) -> SpoolCollector:
-    """Add the spool and delivery families to the router's registry (RouterMetrics wires this)."""
+    """Add the spool and delivery families to the router's registry.
+
+    RouterMetrics registers them at once (zeros until accelerated routes run); whoever runs the spool
+    calls this again with the real sources, which replaces them: a registry never gets the families twice.
+    """
+    collector = _REGISTERED.get(registry)
+    if collector is not None:
+        collector.spool, collector.stats, collector.routes = spool, stats, routes
+        return collector
     collector = SpoolCollector(spool, stats, routes)
     registry.register(collector)
+    _REGISTERED[registry] = collector
     return collector
 
 

@@ -178,3 +178,14 @@ def test_a_delivered_entry_left_by_a_crash_is_reported_again_and_removed(tmp_pat
     assert [(o.entry.id, o.outcome, o.status) for o in seen] == [(entry.id, Outcome.DELIVERED, None)]
     assert spool.entries() == []
     spool.close()
+
+
+def test_registering_twice_replaces_the_sources_instead_of_duplicating(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    register_accel_metrics(registry, lambda: None, DeliveryStats())  # RouterMetrics, before any spool
+    assert registry.get_sample_value("relay_router_spool_max_bytes") == 0
+    spool = Spool(tmp_path / "s", max_bytes=777)
+    register_accel_metrics(registry, lambda: spool, DeliveryStats(), lambda: ["PACS_B"])  # the accel runtime
+    assert registry.get_sample_value("relay_router_spool_max_bytes") == 777
+    assert registry.get_sample_value("relay_router_accel_deliveries_total", {"route": "PACS_B", "outcome": "dead"}) == 0
+    spool.close()

@@ -120,7 +120,7 @@ class DeliveryPool:
     callback; the far router turns it off to keep the entry until its outcome
     has reached the near router. DELIVERED entries found at :meth:`start` (a
     crash came between the device's confirmation and their removal) are
-    reported again, with status None, and removed if `remove_delivered`.
+    reported again (status 0000) and removed if `remove_delivered`.
     """
 
     def __init__(
@@ -162,9 +162,10 @@ class DeliveryPool:
 
     def start(self) -> None:
         # DELIVERED entries left by a crash between the device's confirmation and the removal: report
-        # them again (at least once; the status is no longer known) and remove them.
+        # them again (at least once) and remove them. DELIVERED is only ever set on a success or warning
+        # status; which one is not kept, so they are reported as 0000.
         for entry in self.spool.entries(state=EntryState.DELIVERED, route=self.route):
-            self._report(entry, Outcome.DELIVERED, None, "")
+            self._report(entry, Outcome.DELIVERED, 0x0000, "")
             if self.remove_delivered:
                 self.spool.remove(entry.id)
         for number in range(self.associations):

@@ -175,7 +175,7 @@ def test_a_delivered_entry_left_by_a_crash_is_reported_again_and_removed(tmp_pat
     pool = DeliveryPool(spool, "PACS_B", Destination("127.0.0.1", 9, "NOBODY", "ME"), on_outcome=seen.append)
     pool.start()
     pool.stop()
-    assert [(o.entry.id, o.outcome, o.status) for o in seen] == [(entry.id, Outcome.DELIVERED, None)]
+    assert [(o.entry.id, o.outcome, o.status) for o in seen] == [(entry.id, Outcome.DELIVERED, 0x0000)]
     assert spool.entries() == []
     spool.close()
 

@@ -4,9 +4,10 @@ Drain, in order (docs/operations.md, "Upgrade without failed associations"):
 1. The gRPC health service says NOT_SERVING (a load balancer's health check stops sending new
    connections here), new Opens are refused with a transient `Refused` (the caller's device gets a
    transient A-ASSOCIATE-RJ and retries) and new sign-ons with UNAVAILABLE.
-2. After `MOVE_AFTER_S` (time for a Join whose notice was just sent), the control stream of every
-   router with no association running here is ended: the router reconnects with its backoff (to
-   another replica behind a load balancer; with one bridge, to this one once it is back). A router
+2. After `MOVE_AFTER_S` (time for a Join whose notice was just sent), every router with no
+   association running here is sent `Move` and its control stream ends: the router signs on again
+   at once over a new connection (behind a load balancer, to another replica; with one bridge, to
+   this one once it is back; an older router reconnects with its backoff). A router
    that still carries an association keeps its session until that ends: its Joins, blob slots
    and parts are authenticated by it.
 3. Running associations get `[server] drain_grace_s` to finish; then the remaining sessions end and
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import grpc.aio
 from grpc_health.v1 import health_pb2
+
+from protos.relay.v1 import relay_pb2 as pb
 
 if TYPE_CHECKING:
     from relay_bridge.server import RelayServicer
@@ -75,4 +78,7 @@ def _move_idle_routers(servicer: RelayServicer) -> None:
     for session in list(servicer.state.sessions.values()):
         if not session.associations and not session.ended.is_set():
             log.info("drain: asking router %s to reconnect (its control stream ends)", session.name)
+            # Move first: a router that knows it signs on again at once over a new connection, which the
+            # load balancer gives to another replica (not this one's HTTP/2 connection, which it would reuse).
+            session.send(pb.BridgeMessage(move=pb.Move(reason="draining")))
             session.end()

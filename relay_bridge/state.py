@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,6 +17,7 @@ from relay_common.audit import AuditLog
 if TYPE_CHECKING:
     from relay_bridge.blobs import BlobBroker
     from relay_bridge.db.backend import DirectoryBackend
+    from relay_bridge.db.shared_limits import SharedAssociationLeases, SharedSignOnCounts
     from relay_bridge.metrics import BridgeMetrics
     from relay_bridge.splice import Splice
 
@@ -33,6 +37,11 @@ class BridgeState:
     directory_cache: DirectoryCache = field(init=False)
     # Refusal audits a hostile router can trigger at will are rate-limited per source or router.
     refusal_audits: AuditLimiter = field(default_factory=AuditLimiter)
+    # This process among the replicas (names its association leases; docs/high-availability.md).
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    # On PostgreSQL: failed sign-ons and running associations counted with the other replicas.
+    shared_sign_ons: SharedSignOnCounts | None = None
+    shared_associations: SharedAssociationLeases | None = None
 
     @classmethod
     def create(cls, config: BridgeConfig, directory: DirectoryBackend, audit: AuditLog) -> BridgeState:
@@ -51,4 +60,17 @@ class BridgeState:
         )
         state.metrics = BridgeMetrics(state)
         state.directory_cache = DirectoryCache(directory)
+        if directory.backend == "postgresql":
+            from relay_bridge.db.postgres import PostgresDirectory
+            from relay_bridge.db.shared_limits import SharedAssociationLeases, SharedSignOnCounts
+
+            assert isinstance(directory, PostgresDirectory)
+            limits = config.limits
+            state.shared_sign_ons = SharedSignOnCounts(directory, limits.login_failures, limits.login_window_s)
+            state.shared_associations = SharedAssociationLeases(
+                directory,
+                state.replica_id,
+                max_out=limits.max_associations_per_router,
+                max_in=limits.max_inbound_per_router,
+            )
         return state

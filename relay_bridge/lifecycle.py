@@ -10,8 +10,9 @@ Drain, in order (docs/operations.md, "Upgrade without failed associations"):
    this one once it is back; an older router reconnects with its backoff). A router
    that still carries an association keeps its session until that ends: its Joins, blob slots
    and parts are authenticated by it.
-3. Running associations get `[server] drain_grace_s` to finish; then the remaining sessions end and
-   `server.stop(STOP_GRACE_S)` cuts whatever still runs (both devices get A-ABORT).
+3. Running associations get `[server] drain_grace_s` to finish; then the remaining routers are sent
+   `Move` too, their sessions end, and `server.stop(STOP_GRACE_S)` cuts whatever still runs (both
+   devices get A-ABORT).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from protos.relay.v1 import relay_pb2 as pb
 
 if TYPE_CHECKING:
     from relay_bridge.server import RelayServicer
+    from relay_bridge.sessions import RouterSession
 
 log = logging.getLogger("relay_bridge")
 MOVE_AFTER_S = 1.0
@@ -69,7 +71,7 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
     else:
         log.info("drain: no association running after %.1f s", loop.time() - started)
     for session in list(state.sessions.values()):
-        session.end()
+        move(session)
     await server.stop(STOP_GRACE_S)
 
 
@@ -78,7 +80,12 @@ def _move_idle_routers(servicer: RelayServicer) -> None:
     for session in list(servicer.state.sessions.values()):
         if not session.associations and not session.ended.is_set():
             log.info("drain: asking router %s to reconnect (its control stream ends)", session.name)
-            # Move first: a router that knows it signs on again at once over a new connection, which the
-            # load balancer gives to another replica (not this one's HTTP/2 connection, which it would reuse).
-            session.send(pb.BridgeMessage(move=pb.Move(reason="draining")))
-            session.end()
+            move(session)
+
+
+def move(session: RouterSession) -> None:
+    """Tell a router to move, then end its control stream. A router that knows `Move` signs on again at
+    once over a new connection, which the load balancer gives to another replica (over this one's
+    HTTP/2 connection it would reach this replica again); an older one reconnects with its backoff."""
+    session.send(pb.BridgeMessage(move=pb.Move(reason="draining")))
+    session.end()

@@ -97,12 +97,23 @@ def _configure(net: LocalRelayNetwork, url: str, postgres: PostgresCluster) -> N
         (net.workdir / sub).mkdir(exist_ok=True)
 
 
+@pytest.fixture(scope="session")
+def ha_postgres() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the HA tests (each module makes its own database)."""
+    postgres = PostgresCluster(require_postgres()).start()
+    try:
+        yield postgres
+    finally:
+        postgres.stop()
+
+
 @pytest.fixture(scope="module")
 def replicas(
-    tmp_path_factory: pytest.TempPathFactory, archive_factory_module: Callable[..., DemoArchive]
+    tmp_path_factory: pytest.TempPathFactory,
+    archive_factory_module: Callable[..., DemoArchive],
+    ha_postgres: PostgresCluster,
 ) -> Iterator[Replicas]:
-    bindir = require_postgres()
-    postgres = PostgresCluster(bindir).start()
+    postgres = ha_postgres
     net = LocalRelayNetwork(tmp_path_factory.mktemp("ha-ops") / "net").start(bridge=False)
     cluster = Replicas(net, postgres, postgres.create_database())
     try:
@@ -129,7 +140,6 @@ def replicas(
         LocalRelayNetwork._stop(cluster.b)
         if cluster.balancer is not None:
             cluster.balancer.stop()
-        postgres.stop()
 
 
 @pytest.fixture(scope="module")

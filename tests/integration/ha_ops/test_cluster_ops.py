@@ -139,6 +139,13 @@ def test_postgresql_stopped_for_20_s_running_associations_continue_sign_ons_fail
     assert net.sites["site-a"].port
     net.add_site("site-late", start=False)  # on replica B; its router first starts while the database is away
     assoc = _association(net.sites["site-a"].port)
+    # `relay-bridge status` on any host lists the replicas from the database, with their load.
+    status = cluster.admin("b", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    replica_a = json.loads((net.workdir / "a" / "bridge.status.json").read_text())["replica"]
+    assert report["replica"] != replica_a and report["draining"] is False  # B's own status file
+    assert {"id": replica_a, "leased_associations": 1} in report["replicas"]
     try:
         cluster.pg_ctl("stop")
         stopped = time.monotonic()

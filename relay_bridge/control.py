@@ -308,6 +308,14 @@ class ControlService:
 
     # -- enrollment ---------------------------------------------------------------------------
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        try:
+            return await self._enroll(request, context)
+        except DatabaseUnavailable as exc:  # transient, and said so (the router's enroll command may retry)
+            log.warning("enrollment of %s: %s", shown(request.account, 64), exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_AWAY)
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def _enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         state = self.state
         source = source_address(context.peer())
         account = request.account

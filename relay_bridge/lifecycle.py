@@ -73,6 +73,8 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
     for session in list(state.sessions.values()):
         move(session)
     await server.stop(STOP_GRACE_S)
+    if servicer.control.watcher is not None:  # before the directory closes: no check against a closed pool
+        await servicer.control.watcher.stop()
 
 
 def _move_idle_routers(servicer: RelayServicer) -> None:

@@ -1,9 +1,10 @@
 """Cluster-wide state, limits and drain with two real bridge replicas on one PostgreSQL cluster.
 
+- Password guesses spread over A and B are throttled by their sum, not per replica (first: the
+  routers' own sign-ons so far all succeeded, so the address has no failures yet).
 - A router disabled through replica A's CLI while it is connected to replica B is cut within 2 s
   (LISTEN/NOTIFY wakes B), and signs on again once enabled.
 - An enrollment token redeemed through A is refused through B.
-- Password guesses spread over A and B are throttled by their sum, not per replica.
 - PostgreSQL stopped for 20 s: a running association keeps working, a new sign-on is refused at
   once with a transient error naming the database, and succeeds once it is back; the directory
   is intact afterwards.
@@ -79,6 +80,21 @@ def _signed_on_at(cluster: Replicas, replica: str, site: str) -> bool:
     return f"router {site} signed on from" in cluster.log(replica)
 
 
+def test_password_guesses_spread_over_two_replicas_are_throttled_by_their_sum(replicas: Replicas) -> None:
+    password = _account(replicas, "guessed")["password"]
+    started = time.monotonic()
+    for replica in ("a", "b", "a", "b", "a"):  # 5 = login_failures: 3 on A and 2 on B
+        result = _sign_on(replicas, replica, "guessed", "not-the-password!")
+        assert not result.ok and "wrong account name or password" in result.error
+    refused = _sign_on(replicas, "b", "guessed", password)  # B saw only 2 failures itself
+    assert time.monotonic() - started < LOGIN_WINDOW_S, "the guesses must fall in one window for this test"
+    assert not refused.ok and "too many failed sign-on attempts" in refused.error
+    assert "too many failed attempts across the replicas" in replicas.log("b")
+    time.sleep(max(0.0, started + LOGIN_WINDOW_S + 0.5 - time.monotonic()))  # the window passes: usable again
+    after = _sign_on(replicas, "a", "guessed", password)
+    assert "too many" not in after.error and "identity" in after.error  # past the password (no keys sent)
+
+
 def test_a_router_disabled_through_one_replica_is_cut_on_the_other_within_2_s(replicas: Replicas) -> None:
     cluster = replicas
     assert _signed_on_at(cluster, "b", "site-c") and not _signed_on_at(cluster, "a", "site-c")
@@ -112,23 +128,6 @@ def test_an_enrollment_token_works_once_in_the_whole_cluster(replicas: Replicas)
         stub.Enroll(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert refused.value.details() == "enrollment token already used"
-
-
-def test_password_guesses_spread_over_two_replicas_are_throttled_by_their_sum(replicas: Replicas) -> None:
-    password = _account(replicas, "guessed")["password"]
-    # Failures from this address so far (site-c retrying while disabled, the reused token) leave the window.
-    time.sleep(LOGIN_WINDOW_S + 0.5)
-    started = time.monotonic()
-    for replica in ("a", "b", "a", "b", "a"):  # 5 = login_failures: 3 on A and 2 on B
-        result = _sign_on(replicas, replica, "guessed", "not-the-password!")
-        assert not result.ok and "wrong account name or password" in result.error
-    refused = _sign_on(replicas, "b", "guessed", password)  # B saw only 2 failures itself
-    assert time.monotonic() - started < LOGIN_WINDOW_S, "the guesses must fall in one window for this test"
-    assert not refused.ok and "too many failed sign-on attempts" in refused.error
-    assert "too many failed attempts across the replicas" in replicas.log("b")
-    time.sleep(max(0.0, started + LOGIN_WINDOW_S + 0.5 - time.monotonic()))  # the window passes: usable again
-    after = _sign_on(replicas, "a", "guessed", password)
-    assert "too many" not in after.error and "identity" in after.error  # past the password (no keys sent)
 
 
 def test_postgresql_stopped_for_20_s_running_associations_continue_sign_ons_fail_clearly(

@@ -86,3 +86,36 @@ async def test_concurrent_sign_on_attempts_on_two_replicas_never_pass_the_limit(
     await counts[0].succeeded(passed)  # an unknown attempt id: nothing forgiven
     assert not await counts[1].begin(passed, keys)
     assert await counts[1].expire() == 0  # all inside the window
+
+
+async def test_an_enrollment_token_redeemed_at_once_on_two_replicas_works_once(
+    two_replicas: tuple[PostgresDirectory, PostgresDirectory],
+) -> None:
+    one, two = two_replicas
+    await one.add_router("site-e")
+    for _ in range(5):
+        token = await one.issue_enrollment_token("site-e", 3600)
+        results = await asyncio.gather(
+            one.redeem_enrollment_token("site-e", token), two.redeem_enrollment_token("site-e", token)
+        )
+        assert sorted(str(r) for r in results) == ["None", "enrollment token already used"]
+
+
+async def test_the_triggers_notify_changes_routers_see_and_not_a_sign_on_touch(
+    two_replicas: tuple[PostgresDirectory, PostgresDirectory], ha_postgres: PostgresCluster
+) -> None:
+    db = two_replicas[0]
+    await db.add_router("site-n")
+    database = (await db._fetch("SELECT current_database()"))[0][0]
+    listener = await psycopg.AsyncConnection.connect(
+        ha_postgres.url(database), password=ha_postgres.password, autocommit=True
+    )
+    async with listener:
+        await listener.execute("LISTEN relay_directory")
+        await db.touch("site-n")  # every sign-on does this: not a change
+        await db.set_enabled("site-n", False)
+        await db.publish("site-n", [])
+        received = []
+        async for notice in listener.notifies(timeout=1.0):
+            received.append(notice.payload)
+    assert received == ["router:site-n", "table:devices"]

@@ -171,6 +171,9 @@ class BridgeLink:
             # Our own reconnect loop paces retries; keep gRPC's short so a restarted bridge is found quickly.
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", int(bridge.reconnect_max_s * 1000)),
+            # Each channel its own TCP connection: grpc would otherwise share one between channels with the
+            # same target and options, and a new channel after `Move` would reach the draining replica again.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         # The proxy from our configuration (or the environment, resolved once by relay_router.egress,
         # with no_proxy applied): grpc tunnels through it with HTTP CONNECT, basic authentication

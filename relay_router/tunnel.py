@@ -45,6 +45,9 @@ log = logging.getLogger("relay_router.tunnel")
 SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
 TLS_CHECK_S = 60.0  # how often the certificate files are checked for a renewal (SIGHUP: at once)
+SIGN_ON_POLL_S = 0.05
+# A site listed online this recently may be between two bridge replicas when it is refused as offline.
+ONLINE_MEMORY_S = 60.0
 
 
 class LinkDown(Exception):
@@ -132,6 +135,10 @@ class BridgeLink:
         self.site = config.router.name
         self.directory: list[DirectoryEntry] = []
         self.connected_since: float | None = None
+        # When the last session ended (monotonic), and when each site was last listed online: an Open
+        # made just after either is retried for a moment (relay_router.open_retry), not refused.
+        self.lost_at: float | None = None
+        self._online_at: dict[str, float] = {}
         self.last_error: str | None = None
         self.reconnects = 0
         self.directory_changed = asyncio.Event()
@@ -294,6 +301,8 @@ class BridgeLink:
             finally:
                 if self._session is not None and not self._stopping and not self._moving:
                     log.warning("lost the bridge: %s", self.last_error)
+                if self._session is not None:
+                    self.lost_at = time.monotonic()
                 self._session = None
                 self.connected_since = None
             if self._stopping:
@@ -423,6 +432,9 @@ class BridgeLink:
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
                 for d in message.directory.devices
             ]
+            now = time.monotonic()
+            self._online_at = {s: t for s, t in self._online_at.items() if now - t < ONLINE_MEMORY_S}
+            self._online_at.update((d.site, now) for d in self.directory if d.online)
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
@@ -447,6 +459,27 @@ class BridgeLink:
             task = asyncio.create_task(self._on_incoming(message.incoming))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def recently_online(self, site: str, within_s: float) -> bool:
+        """`site` was listed online by the bridge within the last `within_s` seconds (or is now)."""
+        seen = self._online_at.get(site)
+        return seen is not None and time.monotonic() - seen <= within_s
+
+    def reconnecting(self, within_s: float) -> bool:
+        """Not signed on, but was within `within_s` seconds (a move or a re-sign-on under way)."""
+        if self.connected:
+            return False
+        return self._moving or (self.lost_at is not None and time.monotonic() - self.lost_at <= within_s)
+
+    async def wait_signed_on(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a session (polled: sign-ons are rare, and this needs no new state)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.connected and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(SIGN_ON_POLL_S, left))
+        return self.connected
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self._session is None or self._stub is None:

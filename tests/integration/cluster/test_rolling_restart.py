@@ -34,7 +34,8 @@ from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, w
 from relay_demo.network import Remote, Shared
 from tests.integration.conftest import require_dcmtk
 from tests.support import dcmtk
-from tests.support.bridge_cluster import HOST, REPLICAS, BridgeCluster
+from tests.support.bridge_cluster import HOST, REPLICAS, BridgeCluster, start_bridge_cluster
+from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -68,6 +69,19 @@ class StoreSCP:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+
+
+def haproxy_sees(cluster: BridgeCluster, rid: str, *, up: bool, timeout: float = 10.0) -> None:
+    """Wait until HAProxy's health check has marked `rid` up (or down) in its log."""
+    assert cluster.haproxy is not None
+    deadline = time.monotonic() + timeout
+    word = "UP" if up else "DOWN"
+    while time.monotonic() < deadline:
+        lines = [ln for ln in cluster.haproxy.log_path.read_text(errors="replace").splitlines() if f"/{rid} is " in ln]
+        if lines and f"is {word}" in lines[-1]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"HAProxy did not mark {rid} {word}:\n{cluster.haproxy.log_path.read_text()[-2000:]}")
 
 
 @dataclass
@@ -113,6 +127,25 @@ class Sites:
 
 
 @pytest.fixture(scope="module")
+def bridge_cluster(
+    postgres_for_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BridgeCluster]:
+    """As the package's fixture, but HAProxy checks the replicas' gRPC health service (NOT_SERVING while
+    draining), as docs/high-availability.md recommends for rolling upgrades."""
+    cluster = start_bridge_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        postgres_for_cluster,
+        {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
+        renew_s=0.5,
+        grpc_health=True,
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
 def sites(bridge_cluster: BridgeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     require_dcmtk()
     work = tmp_path_factory.mktemp("rolling")
@@ -151,13 +184,11 @@ def restart(cluster: BridgeCluster, rid: str) -> float:
     assert process is not None and process.poll() is None
     started = time.monotonic()
     process.terminate()
+    haproxy_sees(cluster, rid, up=False)  # NOT_SERVING from the start of the drain: out of rotation
     assert process.wait(30) == 0, f"{rid} did not exit cleanly:\n{cluster.log(rid)[-3000:]}"
     drained = time.monotonic() - started
     cluster.start_replica(rid)  # returns once it listens and has registered (its ready file)
-    deadline = time.monotonic() + 10
-    while rid not in cluster.live_replicas():
-        assert time.monotonic() < deadline, f"{rid} did not register again"
-        time.sleep(0.05)
+    haproxy_sees(cluster, rid, up=True)
     return drained
 
 

@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         pg.stop()
 
     lines = [
-        f"# Cluster: local splice vs cross-replica ({args.instances} CT instances, {dataset_bytes / 1e6:.1f} MB;"
-        f" {args.setups} setups; {args.repeats} stores per path; HAProxy {args.health} health checks)",
+        f"# Cluster ({', '.join(sorted(phases))}): {args.instances} CT instances, {dataset_bytes / 1e6:.1f} MB;"
+        f" {args.setups} setups and {args.repeats} stores per path; HAProxy {args.health} health checks",
     ]
     payload: dict[str, object] = {"instances": args.instances, "dataset_bytes": dataset_bytes, "health": args.health}
     if results:

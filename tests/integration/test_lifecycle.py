@@ -57,9 +57,11 @@ def network(tmp_path: Path) -> Iterator[LocalRelayNetwork]:
 
 def _sites(net: LocalRelayNetwork, archive: DemoArchive, *, open_retry_s: float | None = None) -> int:
     net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])])
-    # open_retry_s: how long site-a retries an Open that the draining bridge refuses
-    extra = {} if open_retry_s is None else {"open_retry_s": open_retry_s}
-    site_a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], extra_bridge=extra)
+    site_a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], start=False)
+    if open_retry_s is not None:  # how long site-a retries an Open that the draining bridge refuses
+        site_a.extra_bridge["open_retry_s"] = open_retry_s
+        net.write_router_config(site_a)
+    net.start_router("site-a")
     net.wait_connected()
     assert site_a.port
     return site_a.port

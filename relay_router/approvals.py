@@ -144,6 +144,8 @@ class ApprovalStore:
     def record_pending(self, site: str, fingerprint: str, direction: str, *, attempt: bool) -> bool:
         """Record (or refresh) a site waiting for approval. Returns True when the operator should be told:
         a new entry, or a different fingerprint than the one pending. False beyond `MAX_PENDING` sites."""
+        if not is_site_name(site) or not FINGERPRINT.match(fingerprint) or direction not in DIRECTIONS:
+            return False  # the bridge validates site names too; never write what we could not display
         with self._locked():
             pending = {s: p.as_json() for s, p in self.pending().items()}
             now = time.time()
@@ -217,3 +219,48 @@ class ApprovalStore:
     def _write_pending(self, pending: dict[str, Pending]) -> None:
         rows = {s: p.as_json() for s, p in pending.items()}
         write_private(self.pending_file, json.dumps(rows, indent=2, sort_keys=True))
+
+
+# -- `relay-router peers` ---------------------------------------------------------------------------
+
+
+def _when(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(unix)) if unix else "-"
+
+
+def peers_listing(store: ApprovalStore, pins: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per site: pinned in router.toml, approved, or pending (with what the bridge offered)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for site, fp in store.known().items():
+        rows[site] = {"site": site, "state": "approved", "fingerprint": fp}
+    for site, fp in pins.items():
+        rows[site] = {"site": site, "state": "pinned", "fingerprint": fp}
+    for site, waiting in store.pending().items():
+        if site in rows:
+            continue  # approved meanwhile by hand: the approval is what counts
+        rows[site] = {"site": site, "state": "pending", **waiting.as_json()}
+    return [rows[s] for s in sorted(rows)]
+
+
+def format_listing(own_site: str, own_fingerprint: str | None, rows: list[dict[str, Any]]) -> str:
+    from relay_common.validate import printable
+
+    lines = [f"this router: {own_site} {own_fingerprint or '(no identity yet)'}", ""]
+    if not rows:
+        return "\n".join([*lines, "no peer sites approved or pending"])
+    lines.append(f"{'site':<24} {'state':<9} fingerprint")
+    for row in rows:
+        lines.append(f"{printable(row['site'], 63):<24} {row['state']:<9} {row['fingerprint']}")
+        if row["state"] == "pending":
+            lines.append(
+                f"{'':<24} {'':<9} {row['direction']}, {row['attempts']} refused association(s), "
+                f"first {_when(row['first_seen'])}, last {_when(row['last_seen'])}"
+            )
+    if any(row["state"] == "pending" for row in rows):
+        lines += [
+            "",
+            "Approve a pending site only after its operator has read you the same fingerprint from their router",
+            "(`relay-router fingerprint`) by telephone or another channel the bridge does not carry:",
+            "  relay-router peers approve SITE --fingerprint FINGERPRINT      (or: relay-router peers reject SITE)",
+        ]
+    return "\n".join(lines)

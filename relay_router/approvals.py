@@ -236,9 +236,12 @@ def peers_listing(store: ApprovalStore, pins: dict[str, str]) -> list[dict[str, 
     for site, fp in pins.items():
         rows[site] = {"site": site, "state": "pinned", "fingerprint": fp}
     for site, waiting in store.pending().items():
-        if site in rows:
-            continue  # approved meanwhile by hand: the approval is what counts
-        rows[site] = {"site": site, "state": "pending", **waiting.as_json()}
+        row = rows.get(site)
+        if row is None:
+            rows[site] = {"site": site, "state": "pending", **waiting.as_json()}
+        elif row["state"] == "approved" and row["fingerprint"] != waiting.fingerprint:
+            # The bridge offers another key than the approved one: refused (identity_mismatch) until approved.
+            rows[site] = {"site": site, "state": "changed", **waiting.as_json(), "approved": row["fingerprint"]}
     return [rows[s] for s in sorted(rows)]
 
 
@@ -251,12 +254,14 @@ def format_listing(own_site: str, own_fingerprint: str | None, rows: list[dict[s
     lines.append(f"{'site':<24} {'state':<9} fingerprint")
     for row in rows:
         lines.append(f"{printable(row['site'], 63):<24} {row['state']:<9} {row['fingerprint']}")
-        if row["state"] == "pending":
+        if row["state"] == "changed":
+            lines.append(f"{'':<24} {'':<9} offered instead of the approved {row['approved']}")
+        if row["state"] in ("pending", "changed"):
             lines.append(
                 f"{'':<24} {'':<9} {row['direction']}, {row['attempts']} refused association(s), "
                 f"first {_when(row['first_seen'])}, last {_when(row['last_seen'])}"
             )
-    if any(row["state"] == "pending" for row in rows):
+    if any(row["state"] in ("pending", "changed") for row in rows):
         lines += [
             "",
             "Approve a pending site only after its operator has read you the same fingerprint from their router",

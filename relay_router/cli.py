@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.router.trust_first_use and not cfg.router.require_pin:
             print(
                 f"warning: {args.config}: router.trust_first_use is on: the first key the bridge offers for a site is "
-                "believed, so a malicious bridge can invent a site that reaches devices shared with \"*\". Approve "
+                'believed, so a malicious bridge can invent a site that reaches devices shared with "*". Approve '
                 "partners with `relay-router peers approve` and turn it off (docs/security.md)",
                 file=sys.stderr,
             )

@@ -131,6 +131,8 @@ class PeerKeys:
                 self._first_sight(site, fingerprint, "directory", attempt=False)
             elif expected != fingerprint:
                 self._mismatch[site] = fingerprint
+                # Pending too: `peers approve` then checks the operator's fingerprint against this offer.
+                self._store.record_pending(site, fingerprint, "directory", attempt=False)
                 log.error(
                     "SECURITY: the bridge offers identity %s for site %s, but %s is pinned; refusing every "
                     "association with %s. If %s was reinstalled, confirm the new fingerprint with its "
@@ -157,6 +159,8 @@ class PeerKeys:
             if not self._trust_first_use:
                 raise PeerUnapproved(site, fingerprint)
         elif expected != fingerprint:
+            if site not in self._pins:
+                self._store.record_pending(site, fingerprint, direction, attempt=True)
             raise PeerKeyRejected(
                 f"site {site}'s identity key changed: the bridge offers {fingerprint[:16]}..., "
                 f"but {expected[:16]}... is pinned"

@@ -160,3 +160,24 @@ def test_a_callers_identity_needs_a_pin_under_require_pin(tmp_path: Path) -> Non
     with pytest.raises(HandshakeError, match="no \\[\\[pin\\]\\]"):
         peers.caller_identity("site-x", stranger)
     assert not (tmp_path / "known.json").exists()
+
+
+def test_a_changed_key_is_approved_only_with_the_fingerprint_the_bridge_now_offers(tmp_path: Path) -> None:
+    """A reinstalled partner: the new key is refused (an alert) and listed as changed until the operator
+    approves the fingerprint the partner read out; any other fingerprint is refused."""
+    from relay_router.approvals import peers_listing
+
+    old, new, other = (Identity.generate().public for _ in range(3))
+    store = ApprovalStore(tmp_path)
+    store.approve("site-b", old.fingerprint)
+    peers = PeerKeys(tmp_path / "known_sites.json", {})
+    assert peers.update({"site-b": new}) == {"site-b": new.fingerprint}
+    with pytest.raises(HandshakeError, match="identity key changed"):
+        peers.identity("site-b")
+    (row,) = peers_listing(store, {})
+    assert row["state"] == "changed" and row["fingerprint"] == new.fingerprint and row["approved"] == old.fingerprint
+    with pytest.raises(ApprovalError, match="NOT approved"):
+        store.approve("site-b", other.fingerprint)
+    assert f"replacing {old.fingerprint}" in store.approve("site-b", new.fingerprint)
+    assert peers.identity("site-b") == new
+    assert peers_listing(store, {}) == [{"site": "site-b", "state": "approved", "fingerprint": new.fingerprint}]

@@ -1,4 +1,4 @@
-"""A site the bridge invents cannot reach a device shared with "*" (issue 17, items 10 and 11; weaknesses 1 and 4).
+"""A site the bridge invents cannot reach a device shared with "*" (issue 17, items 10 and 11).
 
 Real bridge and router processes over gRPC and TLS, a pynetdicom archive, no approvals made in
 advance (`approve_peers=False`: as on a real network until the operators act). Site B shares its
@@ -9,8 +9,8 @@ modified bridge would (its operator also approves B on that router: it does what
 
 What the test shows:
 - B's directory carries no identities (it calls nobody); keys reach B with the associations only.
-- A calling B before its operator approved B's key is refused at A (weakness 4: `[[remote]]`
-  entries name their site, but its key still needs approval): `peer_unapproved`, outbound.
+- A calling B before its operator approved B's key is refused at A (`[[remote]]` entries name
+  their site, but its key still needs approval): `peer_unapproved`, outbound.
 - site-evil's call is refused at B, with the log line and the audit event `peer_unapproved`, and
   the fingerprint the bridge offered waits in B's pending list; it never reaches the archive.
 - A's operator reads A's fingerprint (`relay-router fingerprint`) to B's operator. Approving A

@@ -132,7 +132,8 @@ class PeerKeys:
             elif expected != fingerprint:
                 self._mismatch[site] = fingerprint
                 # Pending too: `peers approve` then checks the operator's fingerprint against this offer.
-                self._store.record_pending(site, fingerprint, "directory", attempt=False)
+                if site not in self._pins:
+                    self._store.record_pending(site, fingerprint, "directory", attempt=False)
                 log.error(
                     "SECURITY: the bridge offers identity %s for site %s, but %s is pinned; refusing every "
                     "association with %s. If %s was reinstalled, confirm the new fingerprint with its "

@@ -313,8 +313,30 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     path = status_file or default_status_file(config)
     report = evaluate(*read_status(path))
     report["status_file"] = str(path)
-    print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    report["peers_pending"] = pending_peers(config)
+    text = render_status(report)
+    if report["peers_pending"]:
+        names = ", ".join(terminal_safe(site) for site in report["peers_pending"])
+        text += f"\nwaiting for your approval: {names} (relay-router peers list)"
+    print(json.dumps(report, indent=2, sort_keys=True) if as_json else text)
     return int(report["exit_code"])
+
+
+def pending_peers(config: RouterConfig) -> list[str]:
+    """Sites refused until this router's operator approves their key (relay_router.approvals); [] if unreadable."""
+    from relay_router.approvals import ApprovalStore
+
+    store = ApprovalStore(config.router.state_dir)
+    try:
+        known = store.known()
+        pinned = {pin.site for pin in config.pin}  # changed in router.toml, not approved
+        return sorted(
+            site
+            for site, waiting in store.pending().items()
+            if known.get(site) != waiting.fingerprint and site not in pinned
+        )
+    except (OSError, ValueError):
+        return []
 
 
 def echo_device(host: str, port: int, called: str, calling: str, timeout_s: float) -> dict[str, Any]:

@@ -63,3 +63,17 @@ def test_check_config_warns_about_trust_first_use(tmp_path: Path, capsys: pytest
     assert "trust_first_use" not in capsys.readouterr().err
     assert main(["-c", str(config(tmp_path, trust_first_use=True)), "check-config"]) == 0
     assert "warning:" in (err := capsys.readouterr().err) and "router.trust_first_use is on" in err
+
+
+def test_status_names_the_sites_waiting_for_approval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = config(tmp_path)
+    store = ApprovalStore(tmp_path / "state")
+    store.record_pending("site-x", "ab" * 32, "inbound", attempt=True)
+    store.record_pending("site-p", "cd" * 32, "directory", attempt=False)  # pinned: changed in router.toml
+    main(["-c", str(path), "status"])
+    assert "waiting for your approval: site-x (relay-router peers list)" in capsys.readouterr().out
+    main(["-c", str(path), "status", "--json"])
+    assert json.loads(capsys.readouterr().out)["peers_pending"] == ["site-x"]
+    store.approve("site-x", "ab" * 32)
+    main(["-c", str(path), "status"])
+    assert "waiting for your approval" not in capsys.readouterr().out

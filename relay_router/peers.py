@@ -96,11 +96,6 @@ class PeerKeys:
         self._refresh()
         return self._pins.get(site) or self._known.get(site)
 
-    def approved(self) -> dict[str, str]:
-        """Every site whose key we accept: approvals, overridden by pins."""
-        self._refresh()
-        return {**self._known, **self._pins}
-
     def _first_sight(self, site: str, fingerprint: str, direction: str, *, attempt: bool) -> None:
         """A key for a site with no pin and no approval: approve it (trust_first_use) or record it as pending."""
         if self._trust_first_use:

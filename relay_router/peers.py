@@ -104,13 +104,22 @@ class PeerKeys:
             log.info("first contact with site %s%s: pinned identity %s (trust_first_use)", site, _how(direction),
                      fingerprint)  # fmt: skip
             return
-        if self._store.record_pending(site, fingerprint, direction, attempt=attempt):
+        if self._record_pending(site, fingerprint, direction, attempt=attempt):
             log.warning(
                 "site %s%s is waiting for approval: the bridge offers identity %s. Compare it with %s's operator, "
                 "then run `relay-router peers approve %s --fingerprint %s` (or `peers reject %s`)",
                 site, _how(direction), fingerprint, site, site, fingerprint, site,
                 extra={"site": site},
             )  # fmt: skip
+
+    def _record_pending(self, site: str, fingerprint: str, direction: str, *, attempt: bool) -> bool:
+        """The pending list is for the operator's convenience: a damaged file or a full disk is logged,
+        never a reason to stop serving (the site is refused all the same)."""
+        try:
+            return self._store.record_pending(site, fingerprint, direction, attempt=attempt)
+        except (OSError, ValueError) as exc:
+            log.error("cannot record site %s as pending: %s", site, exc)
+            return False
 
     def update(self, offered: dict[str, PublicIdentity]) -> dict[str, str]:
         """Take the identities from a directory message; record unknown sites as pending; return new mismatches."""
@@ -128,7 +137,7 @@ class PeerKeys:
                 self._mismatch[site] = fingerprint
                 # Pending too: `peers approve` then checks the operator's fingerprint against this offer.
                 if site not in self._pins:
-                    self._store.record_pending(site, fingerprint, "directory", attempt=False)
+                    self._record_pending(site, fingerprint, "directory", attempt=False)
                 log.error(
                     "SECURITY: the bridge offers identity %s for site %s, but %s is pinned; refusing every "
                     "association with %s. If %s was reinstalled, confirm the new fingerprint with its "
@@ -156,7 +165,7 @@ class PeerKeys:
                 raise PeerUnapproved(site, fingerprint)
         elif expected != fingerprint:
             if site not in self._pins:
-                self._store.record_pending(site, fingerprint, direction, attempt=True)
+                self._record_pending(site, fingerprint, direction, attempt=True)
             raise PeerKeyRejected(
                 f"site {site}'s identity key changed: the bridge offers {fingerprint[:16]}..., "
                 f"but {expected[:16]}... is pinned"

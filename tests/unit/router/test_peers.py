@@ -181,3 +181,13 @@ def test_a_changed_key_is_approved_only_with_the_fingerprint_the_bridge_now_offe
     assert f"replacing {old.fingerprint}" in store.approve("site-b", new.fingerprint)
     assert peers.identity("site-b") == new
     assert peers_listing(store, {}) == [{"site": "site-b", "state": "approved", "fingerprint": new.fingerprint}]
+
+
+def test_a_damaged_pending_file_never_stops_the_router(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "pending_sites.json").write_text("{not json")
+    peers = PeerKeys(tmp_path / "known_sites.json", {})
+    key = Identity.generate().public
+    peers.update({"site-b": key})  # the directory is still taken
+    with pytest.raises(PeerUnapproved):
+        peers.identity("site-b")  # and the site still refused
+    assert "cannot record site site-b as pending" in caplog.text

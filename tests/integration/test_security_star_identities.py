@@ -59,9 +59,7 @@ def test_an_invented_site_is_refused_and_the_approved_partner_works(
             quiet_site(net, name, remote=[Remote("ARCHIVE_B", "site-b")])
         net.wait_connected()
         at_b, at_a = ApprovalStore(net.state_dir("site-b")), ApprovalStore(net.state_dir("site-a"))
-        fp_a, fp_b, fp_evil = (
-            peers_cli(net, s, "fingerprint").stdout.strip() for s in ("site-a", "site-b", "site-evil")
-        )
+        fp_a, fp_b, fp_evil = (net.identity_fingerprint(s) for s in ("site-a", "site-b", "site-evil"))
         assert at_b.known() == {} and at_b.pending() == {}  # no key of any site came with B's directory
         port_a, port_evil = net.sites["site-a"].port, net.sites["site-evil"].port
         assert port_a and port_evil

@@ -98,6 +98,7 @@ class LocalRelayNetwork:
         bridge_spill: dict[str, object] | None = None,
         bridge_host: str = "127.0.0.1",
         command_prefix: Mapping[str, Sequence[str]] | None = None,
+        approve_peers: bool = True,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,12 @@ class LocalRelayNetwork:
         self.bridge_host = bridge_host
         # Per process ("bridge" or a site name): words put before its command, e.g. ["ip", "netns", "exec", "ns"].
         self.command_prefix = {k: list(v) for k, v in (command_prefix or {}).items()}
+        # Play the operators who compare fingerprints by telephone: each new site's identity is made
+        # before its router starts, and every pair of sites approves each other's key (what
+        # `relay-router peers approve` writes). False: sites stay unapproved, as on a real network
+        # until the operators act (the tests of that refusal).
+        self.approve_peers = approve_peers
+        self.fingerprints: dict[str, str] = {}
 
     # -- bridge --------------------------------------------------------------
     def _bridge_cmd(self, *args: str) -> list[str]:
@@ -176,9 +183,34 @@ class LocalRelayNetwork:
         site.identity = dict(identity or {})
         self.sites[name] = site
         self.write_router_config(site)
+        if self.approve_peers:
+            self.approve_each_other(name)
         if start:
             self.start_router(name)
         return site
+
+    def state_dir(self, name: str) -> Path:
+        return self.workdir / f"state-{name}"
+
+    def identity_fingerprint(self, name: str) -> str:
+        """The site's identity fingerprint (`relay-router fingerprint`), creating the identity if needed."""
+        from relay_router.seal import Identity
+
+        if name not in self.fingerprints:
+            self.fingerprints[name] = Identity.load_or_create(self.state_dir(name) / "identity.key").public.fingerprint
+        return self.fingerprints[name]
+
+    def approve(self, at: str, site: str, fingerprint: str | None = None) -> str:
+        """`relay-router peers approve SITE` on router `at` (running or not: it reads the file at its next use)."""
+        from relay_router.approvals import ApprovalStore
+
+        return ApprovalStore(self.state_dir(at)).approve(site, fingerprint or self.identity_fingerprint(site))
+
+    def approve_each_other(self, name: str) -> None:
+        for other in self.sites:
+            if other != name:
+                self.approve(other, name)
+                self.approve(name, other)
 
     def router_config_path(self, name: str) -> Path:
         return self.workdir / f"router-{name}.toml"

@@ -36,6 +36,10 @@ class RouterSection:
     # Trust only the peer sites pinned with [[pin]] (no trust on first use): a bridge cannot then
     # introduce a site of its own, even to devices shared with "*".
     require_pin: bool = False
+    # The old rule, for an upgrade only: the first key the bridge offers for a site is believed and
+    # recorded (trust on first use). Off: a site neither pinned nor approved (`relay-router peers
+    # approve`) is refused and waits for the operator's approval. check-config warns when it is on.
+    trust_first_use: bool = False
 
     def __post_init__(self) -> None:
         if not is_site_name(self.name):

@@ -23,6 +23,7 @@ from relay_router.grants import REJECT_SERVICE_NOT_GRANTED, check_services, gran
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
+from relay_router.peers import PeerUnapproved
 from relay_router.routing import (
     REJECT_CONGESTION,
     REJECT_TOO_LARGE,
@@ -253,6 +254,26 @@ class OutboundCalls(AssociationHost):
             # Let the bridge decide and record the refusal (typically: not shared with us). Nothing of the
             # association is sent: no handshake, no A-ASSOCIATE-RQ.
             return await self._open_without_key(conn, writer, outcome, route, request.calling_ae)
+        except PeerUnapproved as exc:
+            log.warning(
+                "refusing %s -> %s/%s: %s",
+                request.calling_ae,
+                route.site,
+                route.ae_title,
+                exc,
+                extra={"assoc": outcome.association_id},
+            )
+            self.audit.event(
+                "peer_unapproved",
+                "alert",
+                site=exc.site,
+                direction="outbound",
+                fingerprint=exc.fingerprint,
+                called_ae=route.ae_title,
+                association_id=outcome.association_id,
+            )
+            why = Reject(Reason.PEER_UNAPPROVED, str(exc), rj=REJECT_UNKNOWN_CALLED)
+            return await self._reject(conn, writer, outcome, why)
         except HandshakeError as exc:
             log.error(
                 "SECURITY: refusing %s -> %s/%s: %s",

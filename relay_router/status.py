@@ -316,7 +316,12 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     spool = spool_report(config)
     if spool is not None:
         report["spool"] = spool
-    print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    report["peers_pending"] = pending_peers(config)
+    text = render_status(report)
+    if report["peers_pending"]:
+        names = ", ".join(terminal_safe(site) for site in report["peers_pending"])
+        text += f"\nwaiting for your approval: {names} (relay-router peers list)"
+    print(json.dumps(report, indent=2, sort_keys=True) if as_json else text)
     if spool is not None and not as_json:
         from relay_router.accel.cli import status_lines
 
@@ -334,6 +339,23 @@ def spool_report(config: RouterConfig) -> dict[str, Any] | None:
     from relay_router.accel.metrics import spool_status
 
     return spool_status(root, limit)
+
+
+def pending_peers(config: RouterConfig) -> list[str]:
+    """Sites refused until this router's operator approves their key (relay_router.approvals); [] if unreadable."""
+    from relay_router.approvals import ApprovalStore
+
+    store = ApprovalStore(config.router.state_dir)
+    try:
+        known = store.known()
+        pinned = {pin.site for pin in config.pin}  # changed in router.toml, not approved
+        return sorted(
+            site
+            for site, waiting in store.pending().items()
+            if known.get(site) != waiting.fingerprint and site not in pinned
+        )
+    except (OSError, ValueError):
+        return []
 
 
 def echo_device(host: str, port: int, called: str, calling: str, timeout_s: float) -> dict[str, Any]:

@@ -29,8 +29,7 @@ from typing import Any
 from relay_bridge.db.postgres import DatabaseUnavailable, PostgresDirectory
 
 log = logging.getLogger("relay_bridge")
-LEASE_S = 30.0  # an association's lease; renewed every RENEW_S while it runs
-RENEW_S = 10.0
+LEASE_S = 30.0  # an association's lease; renewed every 10 s while it runs (relay_bridge.db.notify.RESYNC_S)
 AWAY_S = 5.0  # after a failure, Opens skip the shared count this long (relay_bridge.splice)
 NOW = "extract(epoch from clock_timestamp())"
 

@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     table += [
         "",
         "One 2-core machine shared with other work runs PostgreSQL and the client (loopback). Across a",
-        "network each line pays round trips: a lease is one transaction of about 7 statements (the pool's",
-        "connection check, BEGIN, 2 advisory locks, 2 counts, the insert, COMMIT), so with a 1 ms RTT to a",
-        "managed database it adds about 8 ms to association setup.",
+        "network each line pays round trips: a lease is about 6 (the pool's connection check, BEGIN, both",
+        "advisory locks, both counts, both rows, COMMIT), so with a 1 ms RTT to a managed database it adds",
+        "about 6 ms to association setup.",
     ]
     json_path, md_path = write_results("ha-limits", {"repeats": args.repeats, "results": results}, "\n".join(table))
     print("\n".join(table))

@@ -254,6 +254,16 @@ def admit_open(
     return None
 
 
+def over_cluster_limit(router: str, direction: str) -> Rejection:
+    """A router's association limit is reached counting every replica (relay_bridge.db.shared_limits)."""
+    if direction == "out":
+        detail = f"router {router!r} has reached its limit of associations (max_associations_per_router"
+    else:
+        detail = f"site {router!r} has reached the limit of associations towards it (max_inbound_per_router"
+    detail += ", counted over all replicas)"
+    return Rejection(pb.Refused.OVERLOADED, Reason.OVERLOADED, detail)
+
+
 def destination_overloaded(to_site: str) -> Rejection:
     """The destination's control queue is full: it cannot be told about the association."""
     return Rejection(pb.Refused.OVERLOADED, Reason.OVERLOADED, f"site {to_site!r} is overloaded")

@@ -34,6 +34,7 @@ from cloudstore.base import PresignedURLError
 from cloudstore.lifecycle import sweep
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge.config import BridgeConfig
+from relay_bridge.db.backend import is_postgres_url
 from relay_bridge.sessions import require_association
 from relay_common.errors import RelayError
 
@@ -131,6 +132,15 @@ class BlobBroker:
                 options["endpoint_url"] = spill.endpoint_url
         elif url.startswith("file:"):
             options["fsync"] = False  # spill blobs are transient; the sender re-sends nothing anyway
+            # Replicas share the key (and the directory): a URL one issued is honoured by another.
+            key = spill.signing_key()
+            if key is not None:
+                options["signing_key"] = key
+            elif is_postgres_url(config.storage.database):
+                log.warning(
+                    "spill: the file:// store signs URLs with a key of this process only; with several replicas"
+                    " set [spill] signing_key_file (the same key and a shared directory on each), or use S3/GCS"
+                )
         try:
             store = open_store(url, **options)
         except (BlobStoreError, ValueError, ImportError, OSError) as exc:

@@ -197,6 +197,22 @@ class SpillSection:
     max_parts_per_blob: int = 2048
     max_part_bytes: int = 9 * 1024 * 1024
     max_bytes_per_association: int = 16 * 1024**3
+    # file:// store only: a file holding the key that signs its presigned URLs (at least 32 bytes).
+    # Every replica must read the same key and see the same directory, so that a URL one replica
+    # issued is honoured by another. None: a random key per process (one bridge).
+    signing_key_file: Path | None = None
+
+    def signing_key(self) -> bytes | None:
+        """The file store's URL-signing key from `signing_key_file` (None: the store makes its own)."""
+        if self.signing_key_file is None:
+            return None
+        try:
+            key = self.signing_key_file.read_bytes().strip()
+        except OSError as exc:
+            raise InvalidValue("signing_key_file", f"cannot read {self.signing_key_file}: {exc.strerror}") from None
+        if len(key) < 32:
+            raise InvalidValue("signing_key_file", f"{self.signing_key_file} holds {len(key)} bytes; at least 32")
+        return key
 
     def __post_init__(self) -> None:
         if self.store not in ("", "off"):
@@ -217,6 +233,7 @@ class SpillSection:
         for name in ("max_blobs_per_association", "max_parts_per_blob", "max_part_bytes", "max_bytes_per_association"):
             if getattr(self, name) < 1:
                 raise InvalidValue(name, "must be at least 1")
+        self.signing_key()  # a missing or short key file is a configuration error, named at load
 
 
 @dataclass(frozen=True)

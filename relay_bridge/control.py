@@ -24,6 +24,9 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import SignOnRefused, shown
 from relay_bridge.config import LimitsSection
+from relay_bridge.db.backend import is_postgres_url
+from relay_bridge.db.notify import DirectoryWatcher
+from relay_bridge.db.postgres import DatabaseUnavailable
 from relay_bridge.directory import Device
 from relay_bridge.directory_view import DirectoryView
 from relay_bridge.sessions import RouterSession, first_message, source_address, throttle_keys
@@ -34,7 +37,8 @@ from relay_common.validate import is_site_name
 
 log = logging.getLogger("relay_bridge")
 HEARTBEAT_S = 15
-DISABLED_POLL_S = 2.0
+# What a router is told when the database is away at its sign-on (it retries with its backoff).
+DATABASE_AWAY = "the bridge's database is unavailable for a moment; the router retries on its own"
 # Directory changes that arrive within this many seconds reach the routers in one broadcast, and
 # broadcasts are at least this far apart (a router signing on again and again must not make the
 # bridge rebuild everyone's directory each time).
@@ -50,6 +54,33 @@ class ControlService:
         self._background: set[asyncio.Task[None]] = set()
         self._broadcast_pending = False
         self._last_broadcast = 0.0
+        # Started with the first sign-on: LISTEN/NOTIFY and the periodic checks (relay_bridge.db.notify).
+        self.watcher: DirectoryWatcher | None = None
+
+    def ensure_watcher(self) -> DirectoryWatcher:
+        if self.watcher is None:
+            storage = self.state.config.storage
+            postgres = is_postgres_url(storage.database)
+            self.watcher = DirectoryWatcher(
+                self.state,
+                refresh=self.refresh,
+                cut=self.cut,
+                listen_url=str(storage.database) if postgres else None,
+                password_file=storage.password_file,
+            )
+            self.watcher.start()
+        return self.watcher
+
+    def refresh(self) -> None:
+        """The directory changed somewhere: read it again and send every router its own."""
+        self.directory_changed()
+        self.request_broadcast()
+
+    async def cut(self, session: RouterSession) -> None:
+        """End a disabled or removed router's control stream and abort its associations."""
+        self.directory_changed()
+        session.end()
+        await abort_associations(self.state.splices, session, "router disabled")
 
     # -- the directory a router sees -----------------------------------------------------
     async def view(self) -> DirectoryView:
@@ -97,10 +128,25 @@ class ControlService:
                 source,
             )
             return admission.throttled()
+        shared = self.state.shared_sign_ons
         with attempt:
-            problem = await self.state.directory.verify_password(account, password)
+            try:
+                if shared is not None and not await shared.begin(attempt.id, attempt.keys):
+                    attempt.succeeded()  # not a guess that was checked: the cluster-wide count refused it
+                    log.warning(
+                        "sign-on for %s from %s refused: too many failed attempts across the replicas",
+                        shown(account, 64),
+                        source,
+                    )
+                    return admission.throttled()
+                problem = await self.state.directory.verify_password(account, password)
+            except DatabaseUnavailable:
+                attempt.succeeded()  # the database's outage is nobody's failed guess
+                raise
             if problem is None:
                 attempt.succeeded()
+                if shared is not None:
+                    await shared.succeeded(attempt.id)
                 return None
         log.warning("sign-on for %s from %s failed: %s", shown(account, 64), source, problem)
         return admission.account_refusal(problem)
@@ -137,7 +183,15 @@ class ControlService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first control message must be SignOn")
             return  # abort raises; this tells the type checker too
         sign_on = first.sign_on
-        refusal = await self.sign_on_refusal(context, sign_on, source)
+        self.ensure_watcher()
+        try:
+            refusal = await self.sign_on_refusal(context, sign_on, source)
+        except DatabaseUnavailable as exc:
+            # Transient, said at once (not a 15 s pool wait ending in "Unexpected error"); the router retries.
+            log.warning("sign-on for %s from %s: %s", shown(sign_on.account, 64), source, exc)
+            state.metrics.sign_on_failed(admission.SignOnFailure.OTHER)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_AWAY)
+            return
         if refusal is not None:
             state.metrics.sign_on_failed(refusal.failure)
             if state.refusal_audits.allow(f"sign_on:{source}"):
@@ -159,8 +213,12 @@ class ControlService:
         state.sessions[session.name] = session
         tasks: list[asyncio.Task[None]] = []
         try:  # from here on, however the call ends (even cancelled mid-way), the session is removed
-            await state.directory.publish(session.name, published(session.name, sign_on.devices))
-            await state.directory.touch(session.name)
+            try:
+                await state.directory.publish(session.name, published(session.name, sign_on.devices))
+                await state.directory.touch(session.name)
+            except DatabaseUnavailable as exc:
+                log.warning("sign-on of %s from %s: %s", session.name, source, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_AWAY)
             if state.cluster is not None and not await state.cluster.presence.claim(session.name, session.since):
                 log.warning("router %s signed on again at another replica meanwhile; this stream ends", session.name)
                 return
@@ -184,7 +242,6 @@ class ControlService:
             session.send(pb.BridgeMessage(directory=await self.directory_for(session.name)))  # its own, at once
             self.request_broadcast()  # the others learn it is online with the next broadcast
             tasks.append(asyncio.create_task(self._read_control(session, context)))
-            tasks.append(asyncio.create_task(self._watch_enabled(session)))
             while (message := await session.outbox.get()) is not None:
                 await context.write(message)
         finally:
@@ -246,23 +303,24 @@ class ControlService:
             await asyncio.sleep(delay)  # reads stop meanwhile: HTTP/2 pushes back on a flooding router
         latest, session.pending_publication = session.pending_publication, None
         session.published_at = time.monotonic()
-        await self.state.directory.publish(session.name, published(session.name, latest or []))
+        try:
+            await self.state.directory.publish(session.name, published(session.name, latest or []))
+        except DatabaseUnavailable as exc:  # the router keeps its session; it publishes again on its next change
+            log.warning("publication of %s not applied: %s", session.name, exc)
+            return
         self.directory_changed()
         self.request_broadcast()
 
-    async def _watch_enabled(self, session: RouterSession) -> None:
-        """Cut a router's streams within seconds of `relay-bridge router disable`."""
-        while not session.ended.is_set():
-            await asyncio.sleep(DISABLED_POLL_S)
-            router = await self.state.directory.router(session.name)
-            if router is None or not router.enabled:
-                log.warning("router %s was disabled or removed; cutting its streams", session.name)
-                self.directory_changed()
-                session.end()
-                await abort_associations(self.state.splices, session, "router disabled")
-
     # -- enrollment ---------------------------------------------------------------------------
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        try:
+            return await self._enroll(request, context)
+        except DatabaseUnavailable as exc:  # transient, and said so (the router's enroll command may retry)
+            log.warning("enrollment of %s: %s", shown(request.account, 64), exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_AWAY)
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def _enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         state = self.state
         source = source_address(context.peer())
         account = request.account
@@ -291,6 +349,8 @@ class ControlService:
         problem = await state.directory.redeem_enrollment_token(account, request.enrollment_token)
         if problem is not None:
             state.throttle.failed(*throttle_keys(account, source))
+            if state.shared_sign_ons is not None:
+                await state.shared_sign_ons.failed_again(secrets.token_hex(8), throttle_keys(account, source))
             await refuse(str(problem))
         certificate, ca_pem = b"", b""
         enrollment = state.config.enrollment

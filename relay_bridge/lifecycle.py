@@ -4,13 +4,15 @@ Drain, in order (docs/operations.md, "Upgrade without failed associations"):
 1. The gRPC health service says NOT_SERVING (a load balancer's health check stops sending new
    connections here), new Opens are refused with a transient `Refused` (the caller's device gets a
    transient A-ASSOCIATE-RJ and retries) and new sign-ons with UNAVAILABLE.
-2. After `MOVE_AFTER_S` (time for a Join whose notice was just sent), the control stream of every
-   router with no association running here is ended: the router reconnects with its backoff (to
-   another replica behind a load balancer; with one bridge, to this one once it is back). A router
+2. After `MOVE_AFTER_S` (time for a Join whose notice was just sent), every router with no
+   association running here is sent `Move` and its control stream ends: the router signs on again
+   at once over a new connection (behind a load balancer, to another replica; with one bridge, to
+   this one once it is back; an older router reconnects with its backoff). A router
    that still carries an association keeps its session until that ends: its Joins, blob slots
    and parts are authenticated by it.
-3. Running associations get `[server] drain_grace_s` to finish; then the remaining sessions end and
-   `server.stop(STOP_GRACE_S)` cuts whatever still runs (both devices get A-ABORT).
+3. Running associations get `[server] drain_grace_s` to finish; then the remaining routers are sent
+   `Move` too, their sessions end, and `server.stop(STOP_GRACE_S)` cuts whatever still runs (both
+   devices get A-ABORT).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import TYPE_CHECKING
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
+from protos.relay.v1 import relay_pb2 as pb
+
 if TYPE_CHECKING:
     from relay_bridge.server import RelayServicer
+    from relay_bridge.sessions import RouterSession
 
 log = logging.getLogger("relay_bridge")
 MOVE_AFTER_S = 1.0
@@ -66,8 +71,10 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
     else:
         log.info("drain: no association running after %.1f s", loop.time() - started)
     for session in list(state.sessions.values()):
-        session.end()
+        move(session)
     await server.stop(STOP_GRACE_S)
+    if servicer.control.watcher is not None:  # before the directory closes: no check against a closed pool
+        await servicer.control.watcher.stop()
 
 
 def _move_idle_routers(servicer: RelayServicer) -> None:
@@ -75,4 +82,12 @@ def _move_idle_routers(servicer: RelayServicer) -> None:
     for session in list(servicer.state.sessions.values()):
         if not session.associations and not session.ended.is_set():
             log.info("drain: asking router %s to reconnect (its control stream ends)", session.name)
-            session.end()
+            move(session)
+
+
+def move(session: RouterSession) -> None:
+    """Tell a router to move, then end its control stream. A router that knows `Move` signs on again at
+    once over a new connection, which the load balancer gives to another replica (over this one's
+    HTTP/2 connection it would reach this replica again); an older one reconnects with its backoff."""
+    session.send(pb.BridgeMessage(move=pb.Move(reason="draining")))
+    session.end()

@@ -138,7 +138,13 @@ class BridgeMetrics:
         Gauge("relay_bridge_signed_on_routers", "Routers signed on now", registry=registry).set_function(
             lambda: len(state.sessions)
         )
-        Info("relay_bridge", "This bridge", registry=registry).info({"version": package_version()})
+        # The replica's id labels this process's series in a cluster (join on it; docs/high-availability.md).
+        Info("relay_bridge", "This bridge", registry=registry).info(
+            {"version": package_version(), "replica": state.replica_id}
+        )
+        Gauge("relay_bridge_draining", "1 while this replica drains (SIGTERM)", registry=registry).set_function(
+            lambda: float(state.draining)
+        )
         registry.register(_SessionCollector(state))
         registry.register(_SpillCollector(state))
         register_certificates(registry, "relay_bridge", bridge_certificate_files(state.config))

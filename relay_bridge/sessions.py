@@ -185,6 +185,8 @@ class Attempt:
     throttle: LoginThrottle
     keys: tuple[str, ...]
     stamp: float
+    # Names this attempt's rows in the cluster-wide count (relay_bridge.db.shared_limits).
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def succeeded(self) -> None:
         self.throttle._forgive(self.keys, self.stamp)

@@ -36,6 +36,7 @@ from relay_bridge import admission
 from relay_bridge.admission import Rejection
 from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
+from relay_common.errors import RelayError
 
 if TYPE_CHECKING:
     from relay_bridge.sessions import RouterSession
@@ -174,6 +175,7 @@ class AssociationService:
         self.state = state
         self.splice_class = splice_class  # a seam for tests that play a malicious or slow bridge
         self._blob_tasks: set[asyncio.Task[int]] = set()
+        self._lease_tasks: set[asyncio.Task[None]] = set()
 
     async def Associate(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -293,6 +295,9 @@ class AssociationService:
             return await self.refuse(context, rejection, aid)
         if not admission.valid_association_id(aid, state.splices):  # taken while the directory was read
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
+        over = await shared_limit_refusal(state, aid, session.name, op.to_site)
+        if over is not None:
+            return await self.refuse(context, over, aid)
         splice = self.splice_class(
             aid, session.name, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
         )
@@ -315,6 +320,10 @@ class AssociationService:
             session.associations.discard(aid)
             destination.associations.discard(aid)
             self._finished(splice)
+            if state.shared_associations is not None:
+                lease = asyncio.get_running_loop().create_task(release_lease(state, aid))
+                self._lease_tasks.add(lease)
+                lease.add_done_callback(self._lease_tasks.discard)
 
     async def _run_initiator(
         self,
@@ -406,6 +415,28 @@ class AssociationService:
         finally:
             await splice.to_destination.close()
             await finish(pump)
+
+
+async def shared_limit_refusal(state: BridgeState, aid: str, caller: str, to_site: str) -> Rejection | None:
+    """With replicas: lease the association's slots in the database, or refuse it (the limits are
+    cluster-wide). A database that is away does not stop traffic: this replica's own counts,
+    already checked, decide alone meanwhile (logged)."""
+    if state.shared_associations is None:
+        return None
+    try:
+        over = await state.shared_associations.acquire(aid, caller, to_site)
+    except RelayError as exc:
+        log.warning("association limits counted on this replica only: %s", exc, extra={"assoc": aid})
+        return None
+    return None if over is None else admission.over_cluster_limit(over.router, over.direction)
+
+
+async def release_lease(state: BridgeState, aid: str) -> None:
+    assert state.shared_associations is not None
+    try:
+        await state.shared_associations.release(aid)
+    except RelayError as exc:  # the next renewal drops it (relay_bridge.db.notify)
+        log.warning("association lease not released yet: %s", exc, extra={"assoc": aid})
 
 
 def frame_bytes(**kind: object) -> bytes:

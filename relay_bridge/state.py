@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from relay_bridge.blobs import BlobBroker
     from relay_bridge.cluster.node import ClusterNode
     from relay_bridge.db.backend import DirectoryBackend
+    from relay_bridge.db.shared_limits import SharedAssociationLeases, SharedSignOnCounts
     from relay_bridge.metrics import BridgeMetrics
     from relay_bridge.splice import Splice
 
@@ -37,6 +41,11 @@ class BridgeState:
     refusal_audits: AuditLimiter = field(default_factory=AuditLimiter)
     # This replica's part in a cluster ([cluster] listen); None: a single bridge.
     cluster: ClusterNode | None = None
+    # This process among the replicas (names its association leases; docs/high-availability.md).
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    # On PostgreSQL: failed sign-ons and running associations counted with the other replicas.
+    shared_sign_ons: SharedSignOnCounts | None = None
+    shared_associations: SharedAssociationLeases | None = None
 
     @classmethod
     def create(cls, config: BridgeConfig, directory: DirectoryBackend, audit: AuditLog) -> BridgeState:
@@ -55,6 +64,23 @@ class BridgeState:
         )
         state.metrics = BridgeMetrics(state)
         state.directory_cache = DirectoryCache(directory)
+        if config.cluster.listen:  # one id for this replica's row, its presence and its association leases
+            from relay_bridge.cluster.node import replica_id_for
+
+            state.replica_id = replica_id_for(config.cluster)
+        if directory.backend == "postgresql":
+            from relay_bridge.db.postgres import PostgresDirectory
+            from relay_bridge.db.shared_limits import SharedAssociationLeases, SharedSignOnCounts
+
+            assert isinstance(directory, PostgresDirectory)
+            limits = config.limits
+            state.shared_sign_ons = SharedSignOnCounts(directory, limits.login_failures, limits.login_window_s)
+            state.shared_associations = SharedAssociationLeases(
+                directory,
+                state.replica_id,
+                max_out=limits.max_associations_per_router,
+                max_in=limits.max_inbound_per_router,
+            )
         return state
 
     def online_sites(self) -> Collection[str]:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from relay_bridge.db.backend import is_postgres_url
 from relay_common.metrics import (
     format_age,
     format_bytes,
@@ -98,6 +99,9 @@ def build_status(
         },
         "signed_on": len(sessions),
         "active_associations": len(servicer.splices),
+        # Which replica this is, and whether it is draining (SIGTERM; docs/high-availability.md).
+        "replica": servicer.state.replica_id,
+        "draining": servicer.state.draining,
         "routers": routers,
         "recent": metrics.recent.summary(),
     }
@@ -318,6 +322,13 @@ def status_command(config: BridgeConfig, as_json: bool, *, color: bool = False) 
     path = status_path(config)
     report = evaluate(*read_status(path))
     report["status_file"] = str(path)
+    cluster = ""
+    if is_postgres_url(config.storage.database):  # every replica, from the database
+        from relay_bridge.cluster_status import read_replicas, render_replicas
+
+        report["replicas"] = replicas = read_replicas(str(config.storage.database), config.storage.password_file)
+        cluster = "\n\n" + render_replicas(replicas)
     width = shutil.get_terminal_size((120, 24)).columns if color else 120
-    print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report, color=color, width=width))
+    text = render_status(report, color=color, width=width) + cluster
+    print(json.dumps(report, indent=2, sort_keys=True) if as_json else text)
     return int(report["exit_code"])

@@ -33,6 +33,7 @@ from relay_common.audit import AuditLog
 from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
 from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
+from relay_common.validate import printable
 from relay_router.bridge_notice import check_notice
 from relay_router.config import RouterConfig
 from relay_router.egress import redact
@@ -144,6 +145,7 @@ class BridgeLink:
         self._calls = _Calls()
         self._control_call: grpc.aio.StreamStreamCall | None = None
         self._moving = False
+        self._new_connection = False  # the next sign-on opens a new connection (Move, or a refusal)
         self._retired: set[grpc.aio.Channel] = set()
         self._tls_check = asyncio.Event()
         self._remove_reload_hook: Callable[[], None] | None = None
@@ -170,6 +172,9 @@ class BridgeLink:
             # Our own reconnect loop paces retries; keep gRPC's short so a restarted bridge is found quickly.
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", int(bridge.reconnect_max_s * 1000)),
+            # Each channel its own TCP connection: grpc would otherwise share one between channels with the
+            # same target and options, and a new channel after `Move` would reach the draining replica again.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         # The proxy from our configuration (or the environment, resolved once by relay_router.egress,
         # with no_proxy applied): grpc tunnels through it with HTTP CONNECT, basic authentication
@@ -206,7 +211,7 @@ class BridgeLink:
         self._channel = self._make_channel()
         self._stub = pb_grpc.RelayStub(self._channel)
         self._calls = _Calls()
-        log.info("new connection to the bridge with the reloaded certificate files")
+        log.info("new connection to the bridge")
         if old is not None:
             self._retired.add(old)
             self._spawn(self._close_when_unused(old, calls))
@@ -266,7 +271,8 @@ class BridgeLink:
         delay = self.config.bridge.reconnect_min_s
         while not self._stopping:
             started = time.monotonic()
-            if self._credentials_outdated():
+            if self._credentials_outdated() or self._new_connection:
+                self._new_connection = False
                 self._replace_channel()
             try:
                 await self._control_session(password)
@@ -275,6 +281,10 @@ class BridgeLink:
                 if not self._moving or (task is not None and task.cancelling()):
                     raise
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # Maybe a draining replica answered over our old connection: the next attempt opens a
+                    # new one, so that a load balancer can pick a live replica.
+                    self._new_connection = True
                 if not self._moving:
                     previous, self.last_error = self.last_error, self._describe(exc)
                     if self.proxy and self.last_error != previous:  # once per new failure, not per retry
@@ -373,6 +383,9 @@ class BridgeLink:
                         self.last_error = "the bridge ended the control stream"
                         return
                     await self._handle(message)
+                    if self._new_connection:
+                        self.last_error = "moved by the bridge (draining)"
+                        return
             finally:
                 heartbeat.cancel()
         finally:
@@ -425,6 +438,12 @@ class BridgeLink:
                     detail=notice.detail,
                     reported_by="bridge",
                 )
+        elif message.HasField("move"):
+            # The replica is draining: sign on again over a new connection (a load balancer sends it to
+            # another replica); running associations keep their streams on the old one until they end.
+            log.info("the bridge asks this router to move (%s); reconnecting now", printable(message.move.reason[:64]))
+            self._new_connection = True
+            self._moving = True  # run() signs on again without a backoff; _control_session returns
         elif message.HasField("incoming"):
             task = asyncio.create_task(self._on_incoming(message.incoming))
             self._tasks.add(task)

@@ -29,6 +29,53 @@ class Step:
     postgresql: str
 
 
+# Step 5: what several replicas must count together. One row per failed (or running) sign-on
+# attempt, per throttle key; one leased row per running association (a replica that dies leaves
+# rows that expire). SQLite (one bridge) counts in memory, but gets the same tables: one schema.
+_LIMITS_SQL = """
+CREATE TABLE sign_on_failures (
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    attempt TEXT NOT NULL,
+    PRIMARY KEY (attempt, key)
+);
+CREATE INDEX sign_on_failures_key ON sign_on_failures(key, at);
+CREATE TABLE association_leases (
+    association_id TEXT NOT NULL,
+    router TEXT NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('out', 'in')),
+    replica TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    PRIMARY KEY (association_id, direction)
+);
+CREATE INDEX association_leases_router ON association_leases(router, direction);
+CREATE INDEX association_leases_replica ON association_leases(replica)
+"""
+# PostgreSQL only: every change that alters what routers see wakes every replica (LISTEN
+# relay_directory, relay_bridge.db.notify). The payload names the router whose account changed
+# (its streams are cut where they are held) or the table. `last_seen` (touched at every sign-on)
+# is not a change anyone needs to hear about.
+_NOTIFY_SQL = """;
+CREATE FUNCTION relay_notify_router() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('relay_directory', 'router:' || COALESCE(NEW.name, OLD.name));
+    RETURN NULL;
+END $fn$;
+CREATE TRIGGER routers_notify_change AFTER UPDATE OF enabled, sign_key, kem_key, password_hash ON routers
+    FOR EACH ROW EXECUTE FUNCTION relay_notify_router();
+CREATE TRIGGER routers_notify_insert_delete AFTER INSERT OR DELETE ON routers
+    FOR EACH ROW EXECUTE FUNCTION relay_notify_router();
+CREATE FUNCTION relay_notify_table() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('relay_directory', 'table:' || TG_TABLE_NAME);
+    RETURN NULL;
+END $fn$;
+CREATE TRIGGER devices_notify AFTER INSERT OR UPDATE OR DELETE ON devices
+    FOR EACH STATEMENT EXECUTE FUNCTION relay_notify_table();
+CREATE TRIGGER shares_notify AFTER INSERT OR UPDATE OR DELETE ON shares
+    FOR EACH STATEMENT EXECUTE FUNCTION relay_notify_table()
+"""
+
 STEPS: tuple[Step, ...] = (
     Step(
         1,
@@ -164,6 +211,14 @@ CREATE TABLE presence (
 CREATE INDEX presence_replica ON presence(replica);
 """,
     ),
+    # Step 4 belongs to the cluster's replicas and presence (relay_bridge.cluster); step 5 is the
+    # cluster-wide limits and the change notifications (docs/high-availability.md).
+    Step(
+        5,
+        "cluster-wide limits (sign-on failures, association leases) and directory change notifications",
+        sqlite=_LIMITS_SQL,
+        postgresql=_LIMITS_SQL.replace(" REAL ", " DOUBLE PRECISION ") + _NOTIFY_SQL,
+    ),
 )
 LATEST = STEPS[-1].version
 TABLES = ("routers", "enrollment_tokens", "devices", "shares")  # in foreign-key order (for db copy)
@@ -194,7 +249,16 @@ def too_old(found: int, backend: str) -> SchemaError:
 
 
 def _split(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """The statements of a script; a `;` inside a $fn$-quoted function body does not end one."""
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending = f"{pending};{piece}" if pending else piece
+        if pending.count("$fn$") % 2 == 0:
+            if pending.strip():
+                statements.append(pending.strip())
+            pending = ""
+    return statements
 
 
 # -- SQLite (synchronous: it runs on the directory's own thread or in the CLI) ---------------------

@@ -47,6 +47,7 @@ def _cost() -> tuple[int, int, int]:
     return _directory.SCRYPT_N, _directory.SCRYPT_R, _directory.SCRYPT_P
 
 
+POOL_WAIT_S = 3.0
 INSTALL_HINT = "PostgreSQL needs psycopg 3 and psycopg-pool: pip install 'dicom-relay[postgresql]'"
 
 
@@ -112,7 +113,17 @@ class PostgresDirectory:
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"cannot connect to the PostgreSQL database: {_one_line(exc)}") from None
         await probe.close()
-        pool = psycopg_pool.AsyncConnectionPool(info, min_size=1, max_size=max_size, open=False, timeout=15.0)
+        # A short wait for a connection: with the server away, callers hear so in seconds (a sign-on gets a
+        # transient refusal), not after a long queue. Checked at checkout: after a server restart the
+        # pool's old connections are replaced instead of failing the first calls.
+        pool = psycopg_pool.AsyncConnectionPool(
+            info,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            timeout=POOL_WAIT_S,
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+        )
         try:
             await pool.open(wait=True, timeout=15.0)
         except psycopg_pool.PoolTimeout as exc:

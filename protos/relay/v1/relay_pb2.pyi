@@ -76,18 +76,26 @@ class RouterMessage(_message.Message):
     def __init__(self, sign_on: _Optional[_Union[SignOn, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., publish: _Optional[_Union[PublishDevices, _Mapping]] = ...) -> None: ...
 
 class BridgeMessage(_message.Message):
-    __slots__ = ("sign_on_result", "heartbeat", "directory", "incoming", "audit")
+    __slots__ = ("sign_on_result", "heartbeat", "directory", "incoming", "audit", "move")
     SIGN_ON_RESULT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     INCOMING_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
     sign_on_result: SignOnResult
     heartbeat: Heartbeat
     directory: Directory
     incoming: IncomingAssociation
     audit: AuditNotice
-    def __init__(self, sign_on_result: _Optional[_Union[SignOnResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., directory: _Optional[_Union[Directory, _Mapping]] = ..., incoming: _Optional[_Union[IncomingAssociation, _Mapping]] = ..., audit: _Optional[_Union[AuditNotice, _Mapping]] = ...) -> None: ...
+    move: Move
+    def __init__(self, sign_on_result: _Optional[_Union[SignOnResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., directory: _Optional[_Union[Directory, _Mapping]] = ..., incoming: _Optional[_Union[IncomingAssociation, _Mapping]] = ..., audit: _Optional[_Union[AuditNotice, _Mapping]] = ..., move: _Optional[_Union[Move, _Mapping]] = ...) -> None: ...
+
+class Move(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class AuditNotice(_message.Message):
     __slots__ = ("event", "peer_site", "ae_title", "detail")

@@ -320,7 +320,7 @@ def test_check_config_reports_an_unreachable_database(
     assert "Traceback" not in err
 
 
-async def test_a_lost_connection_is_one_typed_error_and_the_next_call_reconnects(
+async def test_a_lost_connection_is_replaced_when_checked_out(
     postgres_cluster: PostgresCluster, harness: PostgresHarness
 ) -> None:
     await harness.add_router("a")
@@ -330,6 +330,5 @@ async def test_a_lost_connection_is_one_typed_error_and_the_next_call_reconnects
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s", (database,)
         ).fetchone()
     assert killed is not None and killed[0] >= 1
-    with pytest.raises(DatabaseUnavailable, match="the PostgreSQL database is unavailable: .*terminat"):
-        await harness.db.routers()
-    assert [r.name for r in await harness.db.routers()] == ["a"]  # the pool replaced the dead connection
+    # The pool checks a connection when it hands it out (a server restart must not fail the first calls).
+    assert [r.name for r in await harness.db.routers()] == ["a"]

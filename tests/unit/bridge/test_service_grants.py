@@ -69,6 +69,7 @@ def test_grants_survive_the_database_and_an_old_database_gets_the_column(tmp_pat
     db = sqlite3.connect(path)  # back to schema version 2: before service groups
     db.executescript(
         "ALTER TABLE devices DROP COLUMN services; DROP TABLE replicas; DROP TABLE presence;"  # steps 3 and 4
+        " DROP TABLE sign_on_failures; DROP TABLE association_leases;"  # step 5
         " DELETE FROM schema_version WHERE version >= 3;"
     )
     db.close()

@@ -128,16 +128,15 @@ async def test_status_reads_every_replica_with_its_leased_associations(
 
     one, _ = two_replicas
     url = ha_postgres.url((await one._fetch("SELECT current_database()"))[0][0])
-    assert await _read(url, ha_postgres.password_file) == []  # no replicas table (yet), no leases
+    assert await _read(url, ha_postgres.password_file) == []  # no replica registered, no leases
     await SharedAssociationLeases(one, "r-2", max_out=5, max_in=5).acquire(_aid(), "site-a", "site-b")
-    # The replicas table as replica registration writes it (relay_bridge.cluster, migration step 4).
-    await one._execute(
-        "CREATE TABLE replicas (id TEXT PRIMARY KEY, address TEXT, started DOUBLE PRECISION,"
-        " lease_until DOUBLE PRECISION, draining BOOLEAN, sites TEXT[], associations INTEGER)"
-    )
+    # r-1 as replica registration writes it (relay_bridge.cluster, migration step 4), holding site-a.
     await one._execute(
         "INSERT INTO replicas VALUES ('r-1', '10.0.0.1:7443', extract(epoch from now()) - 60,"
-        " extract(epoch from now()) + 10, false, ARRAY['site-a'], 0)"
+        " extract(epoch from now()) + 10, false, 1, 0)"
+    )
+    await one._execute(
+        "INSERT INTO presence VALUES ('site-a', 'r-1', extract(epoch from now()) - 30, extract(epoch from now()) + 10)"
     )
     rows = await _read(url, ha_postgres.password_file)
     assert [(r["id"], r.get("sites"), r.get("leased_associations")) for r in rows] == [
@@ -146,4 +145,5 @@ async def test_status_reads_every_replica_with_its_leased_associations(
     ]
     text = render_replicas(rows)
     assert "r-1  live" in text and "sites 1 (site-a)" in text and "r-2  unregistered (leases only)" in text
-    await one._execute("DROP TABLE replicas")
+    await one._execute("DELETE FROM presence")
+    await one._execute("DELETE FROM replicas")

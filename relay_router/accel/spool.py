@@ -1,0 +1,636 @@
+"""The durable spool of accelerated routes: one DICOM Part 10 file per acknowledged instance.
+
+A C-STORE on an accelerated route is answered by the router, not by the
+destination, so the router must keep its promise across crashes: a success
+response is sent only after :meth:`SpoolWriter.commit` returned, and commit
+returns only once the instance and its state are on disk (file and directory
+fsync). The layout makes commit one atomic step:
+
+    <root>/tmp/<id>/        an entry being written (removed on open: never acknowledged)
+    <root>/entries/<id>/    a committed entry, moved here by one rename(2)
+        instance.dcm        preamble, file meta (0002), the data set exactly as received
+        state.json          SpoolEntry as JSON, replaced atomically on every change
+    <root>/quarantine/<id>/ a committed entry whose state could not be read (kept, logged)
+    <root>/requests/        `relay-router spool retry|purge` asks the running router here
+    <root>/lock             held (flock) by the one process that has the spool open
+
+A kill at any instant therefore leaves no entry or a complete one. State
+changes after commit are atomic renames without fsync: a crash may roll one
+back, which at worst repeats a delivery, and a repeated C-STORE of the same
+SOP Instance UID is harmless. Files are 0600 and directories 0700 (PHI).
+
+The spool holds no sockets and no threads; its methods are thread-safe (one
+lock), so the delivery pool's workers and the event loop may share one spool.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import IO, NamedTuple
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom.dsutils import split_dataset
+
+from relay_common.errors import Reason, RelayError
+
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_RETRY_BASE_S",
+    "DEFAULT_RETRY_MAX_S",
+    "EntryState",
+    "Spool",
+    "SpoolEntry",
+    "SpoolBusy",
+    "SpoolError",
+    "SpoolFull",
+    "SpoolUsage",
+    "SpoolWriter",
+    "read_entries",
+    "request_action",
+]
+
+log = logging.getLogger("relay_router.accel.spool")
+
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_RETRY_BASE_S = 2.0
+DEFAULT_RETRY_MAX_S = 300.0
+
+DATA_NAME = "instance.dcm"
+STATE_NAME = "state.json"
+_ID = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_META_ITEMS = 16
+_MAX_META_TEXT = 256
+_MAX_ERROR_TEXT = 512
+
+
+class SpoolError(RelayError):
+    """The spool cannot do what was asked (bad id, bad entry, unreadable file)."""
+
+
+class SpoolBusy(SpoolError):
+    """Another process has the spool open."""
+
+
+class SpoolFull(SpoolError):
+    """The spool's byte limit is reached: the C-STORE gets 0xA700 (Out of Resources), nothing is acknowledged."""
+
+    reason = Reason.OVERLOADED
+
+
+class EntryState(StrEnum):
+    """Where one spooled instance stands. Values are stored on disk and used as metric labels."""
+
+    RECEIVED = "received"  # committed, not yet tried
+    SENDING = "sending"  # a delivery (or a transfer to the far router) is running
+    FORWARDED = "forwarded"  # the far router spooled it; its outcome is awaited (near side)
+    DELIVERED = "delivered"  # the destination confirmed it (kept only until the outcome is passed on)
+    RETRY = "retry"  # a transient failure; tried again at next_attempt
+    DEAD = "dead"  # a permanent failure or too many attempts: waits for `relay-router spool retry|purge`
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """One spooled instance: what it is, where it goes, how its delivery stands."""
+
+    id: str
+    route: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    size: int  # bytes of instance.dcm
+    state: EntryState
+    attempts: int  # deliveries started
+    next_attempt: float  # epoch seconds; RECEIVED and RETRY entries are due from then
+    last_error: str
+    created: float
+    meta: Mapping[str, str]  # e.g. calling AE, move originator AE title and message ID
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["state"] = str(self.state)
+        data["meta"] = dict(self.meta)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SpoolEntry:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("state is not an object")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError("meta is not a string mapping")
+        return cls(
+            id=str(data["id"]),
+            route=str(data["route"]),
+            sop_class_uid=str(data["sop_class_uid"]),
+            sop_instance_uid=str(data["sop_instance_uid"]),
+            transfer_syntax=str(data["transfer_syntax"]),
+            size=int(data["size"]),
+            state=EntryState(data["state"]),
+            attempts=int(data["attempts"]),
+            next_attempt=float(data["next_attempt"]),
+            last_error=str(data["last_error"]),
+            created=float(data["created"]),
+            meta=dict(meta),
+        )
+
+
+class SpoolUsage(NamedTuple):
+    bytes_used: int
+    max_bytes: int
+    counts: dict[EntryState, int]
+
+
+def _check_uid(name: str, value: str) -> str:
+    if not (0 < len(value) <= 64 and _UID.match(value)):
+        raise SpoolError(f"{name} is not a valid UID: {value[:80]!r}")
+    return value
+
+
+def _check_meta(meta: Mapping[str, str] | None) -> dict[str, str]:
+    items = dict(meta or {})
+    if len(items) > _MAX_META_ITEMS:
+        raise SpoolError(f"too many meta items ({len(items)} > {_MAX_META_ITEMS})")
+    for key, value in items.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise SpoolError("meta keys and values must be strings")
+        if not key or len(key) > _MAX_META_TEXT or len(value) > _MAX_META_TEXT:
+            raise SpoolError(f"meta item {key[:40]!r} is empty or longer than {_MAX_META_TEXT} characters")
+    return items
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _take_lock(root: Path) -> int:
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolBusy(f"the spool {root} is open in another process (a running router)") from None
+    return fd
+
+
+def read_entries(root: Path) -> list[SpoolEntry]:
+    """The committed entries as on disk, without opening the spool (for `status` and `spool list`)."""
+    found = []
+    entries = Path(root) / "entries"
+    if not entries.is_dir():
+        return []
+    for directory in sorted(entries.iterdir()):
+        try:
+            found.append(SpoolEntry.from_json((directory / STATE_NAME).read_text("utf-8")))
+        except (ValueError, KeyError, OSError):
+            continue  # being written, removed, or unreadable (the owner quarantines it)
+    return found
+
+
+def request_action(root: Path, action: str, entry_id: str | None) -> Path:
+    """Leave a retry or purge for the process that has the spool open; it applies it within seconds."""
+    if action not in ("retry", "purge"):
+        raise SpoolError(f"unknown spool action {action!r}")
+    if entry_id is not None and not _ID.match(entry_id):
+        raise SpoolError(f"not a spool entry id: {entry_id[:40]!r}")
+    directory = Path(root) / "requests"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = directory / f"{action}.{entry_id or 'all'}.{secrets.token_hex(4)}"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    return target
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The 128-byte preamble, 'DICM' and the file meta group (PS3.10 7.1) for a data set as received."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+class SpoolWriter:
+    """Writes one instance into the spool; nothing is visible until :meth:`commit`.
+
+    With ``part10=False`` (the near side, fed by the DIMSE receiver) the writer
+    writes the file meta itself and :meth:`write` takes the data set bytes; with
+    ``part10=True`` (the far side, fed by the other router) :meth:`write` takes a
+    whole Part 10 file, whose file meta must name the declared UIDs.
+    """
+
+    def __init__(self, spool: Spool, entry: SpoolEntry, *, part10: bool) -> None:
+        self._spool = spool
+        self._entry = entry
+        self._part10 = part10
+        self._dir = spool.root / "tmp" / entry.id
+        self._dir.mkdir(mode=0o700)
+        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
+        self._size = 0
+        self._done = False
+        if not part10:
+            self.write(part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax))
+
+    @property
+    def entry_id(self) -> str:
+        return self._entry.id
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes; raises :class:`SpoolFull` (and aborts this writer) past the spool's limit."""
+        if self._done or self._file is None:
+            raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
+        length = len(data)
+        if not self._spool._reserve(length):
+            self.abort()
+            raise SpoolFull(
+                f"spool full: {self._spool.max_bytes} bytes reached while receiving {self._entry.sop_instance_uid}"
+            )
+        self._size += length
+        self._file.write(data)
+
+    def commit(self) -> SpoolEntry:
+        """Make the entry durable (file, then directory fsync) and visible; then a success may be answered."""
+        if self._done or self._file is None:
+            raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
+        try:
+            self._file.flush()
+            if self._spool.fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            if self._part10:
+                self._check_part10()
+            entry = replace(self._entry, size=self._size, created=time.time(), next_attempt=time.time())
+            self._spool._write_state(self._dir, entry, durable=True)
+            target = self._spool.root / "entries" / entry.id
+            os.rename(self._dir, target)
+            if self._spool.fsync:
+                _fsync_dir(target.parent)
+                _fsync_dir(self._dir.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self._spool._committed(entry)
+        return entry
+
+    def _check_part10(self) -> None:
+        path = self._dir / DATA_NAME
+        try:
+            with open(path, "rb") as fp:
+                read_preamble(fp, False)
+            file_meta, _ = split_dataset(path)
+        except Exception as exc:  # pydicom raises several types on garbage
+            raise SpoolError(f"not a DICOM Part 10 file: {exc.__class__.__name__}") from exc
+        declared = {
+            "MediaStorageSOPClassUID": self._entry.sop_class_uid,
+            "MediaStorageSOPInstanceUID": self._entry.sop_instance_uid,
+            "TransferSyntaxUID": self._entry.transfer_syntax,
+        }
+        for keyword, value in declared.items():
+            if str(file_meta.get(keyword, "")) != value:
+                raise SpoolError(f"the file meta {keyword} does not match the declared {value}")
+
+    def abort(self) -> None:
+        """Discard the partial entry (idempotent); its reserved bytes are released."""
+        if self._done:
+            return
+        self._done = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._spool._release(self._size)
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()  # leaving the block without commit: nothing was acknowledged
+
+
+class Spool:
+    """A directory of committed instances with their delivery state (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        fsync: bool = True,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry_base_s: float = DEFAULT_RETRY_BASE_S,
+        retry_max_s: float = DEFAULT_RETRY_MAX_S,
+    ) -> None:
+        if max_bytes <= 0 or max_attempts <= 0 or retry_base_s <= 0 or retry_max_s < retry_base_s:
+            raise ValueError("spool limits must be positive (and retry_max_s >= retry_base_s)")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.max_attempts = max_attempts
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._lock = threading.Lock()
+        self._entries: dict[str, SpoolEntry] = {}
+        self._reserved = 0  # bytes of writers not yet committed
+        self._used = 0  # bytes of committed entries
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = _take_lock(self.root)
+        try:
+            self._recover()
+            self.apply_requests()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the spool's lock (the process exiting does the same)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        for name in ("", "tmp", "entries", "quarantine", "requests"):
+            directory = self.root / name
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        for partial in (self.root / "tmp").iterdir():  # never committed, never acknowledged
+            shutil.rmtree(partial, ignore_errors=True)
+        now = time.time()
+        for directory in sorted((self.root / "entries").iterdir()):
+            data, state = directory / DATA_NAME, directory / STATE_NAME
+            if not data.exists() or not state.exists():
+                # remove() unlinks the data, then the state: a removal that a crash interrupted
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            try:
+                entry = SpoolEntry.from_json(state.read_text("utf-8"))
+                if entry.id != directory.name:
+                    raise ValueError("the id does not match the directory")
+            except (ValueError, KeyError, OSError) as exc:
+                log.error("spool entry %s has an unreadable state (%s): moved to quarantine", directory.name, exc)
+                os.rename(directory, self.root / "quarantine" / directory.name)
+                continue
+            if entry.state is EntryState.SENDING:  # the process died mid-delivery: try again
+                back = EntryState.RETRY if entry.attempts > 1 else EntryState.RECEIVED
+                entry = replace(entry, state=back, next_attempt=now)
+                self._write_state(directory, entry, durable=False)
+            self._entries[entry.id] = entry
+            self._used += entry.size
+        log.info("spool %s opened: %d entries, %d bytes", self.root, len(self._entries), self._used)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def writer(
+        self,
+        route: str,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        meta: Mapping[str, str] | None = None,
+        part10: bool = False,
+    ) -> SpoolWriter:
+        """Start an entry for `route`; see :class:`SpoolWriter`. UIDs and meta are validated here."""
+        if not route or len(route) > _MAX_META_TEXT or not route.isprintable():
+            raise SpoolError(f"bad route name {route[:40]!r}")
+        entry = SpoolEntry(
+            id=f"{time.time_ns() // 1000:016x}-{secrets.token_hex(6)}",
+            route=route,
+            sop_class_uid=_check_uid("SOP Class UID", sop_class_uid),
+            sop_instance_uid=_check_uid("SOP Instance UID", sop_instance_uid),
+            transfer_syntax=_check_uid("Transfer Syntax UID", transfer_syntax),
+            size=0,
+            state=EntryState.RECEIVED,
+            attempts=0,
+            next_attempt=0.0,
+            last_error="",
+            created=0.0,
+            meta=_check_meta(meta),
+        )
+        return SpoolWriter(self, entry, part10=part10)
+
+    def _reserve(self, length: int) -> bool:
+        with self._lock:
+            if self._used + self._reserved + length > self.max_bytes:
+                return False
+            self._reserved += length
+            return True
+
+    def _release(self, length: int) -> None:
+        with self._lock:
+            self._reserved -= length
+
+    def _committed(self, entry: SpoolEntry) -> None:
+        with self._lock:
+            self._reserved -= entry.size
+            self._used += entry.size
+            self._entries[entry.id] = entry
+
+    def _write_state(self, directory: Path, entry: SpoolEntry, *, durable: bool) -> None:
+        temporary = directory / (STATE_NAME + ".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(entry.to_json())
+            out.flush()
+            if durable and self.fsync:
+                os.fsync(out.fileno())
+        os.replace(temporary, directory / STATE_NAME)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _dir(self, entry_id: str) -> Path:
+        if not _ID.match(entry_id):  # ids come from the CLI and from the other router: no paths
+            raise SpoolError(f"not a spool entry id: {entry_id[:40]!r}")
+        return self.root / "entries" / entry_id
+
+    def path(self, entry_id: str) -> Path:
+        """The entry's DICOM Part 10 file (file meta + data set as received)."""
+        self.get(entry_id)
+        return self._dir(entry_id) / DATA_NAME
+
+    def get(self, entry_id: str) -> SpoolEntry:
+        self._dir(entry_id)
+        with self._lock:
+            entry = self._entries.get(entry_id)
+        if entry is None:
+            raise SpoolError(f"no spool entry {entry_id}")
+        return entry
+
+    def entries(self, *, state: EntryState | None = None, route: str | None = None) -> list[SpoolEntry]:
+        """Entries in arrival order, optionally of one state and one route."""
+        with self._lock:
+            found = list(self._entries.values())
+        return sorted(
+            (e for e in found if (state is None or e.state is state) and (route is None or e.route == route)),
+            key=lambda e: e.id,
+        )
+
+    def due(self, now: float, *, route: str | None = None) -> list[SpoolEntry]:
+        """RECEIVED or RETRY entries whose next_attempt has come, oldest first."""
+        return [
+            e
+            for e in self.entries(route=route)
+            if e.state in (EntryState.RECEIVED, EntryState.RETRY) and e.next_attempt <= now
+        ]
+
+    def next_due(self, *, route: str | None = None) -> float | None:
+        """When the earliest RECEIVED or RETRY entry becomes due (None: nothing waits)."""
+        times = [
+            e.next_attempt for e in self.entries(route=route) if e.state in (EntryState.RECEIVED, EntryState.RETRY)
+        ]
+        return min(times) if times else None
+
+    def usage(self) -> SpoolUsage:
+        with self._lock:
+            counts = dict.fromkeys(EntryState, 0)
+            for entry in self._entries.values():
+                counts[entry.state] += 1
+            return SpoolUsage(self._used + self._reserved, self.max_bytes, counts)
+
+    # -- state changes -------------------------------------------------------------------------
+
+    def _update(self, entry_id: str, **changes: object) -> SpoolEntry:
+        directory = self._dir(entry_id)
+        with self._lock:
+            entry = self._entries.get(entry_id)
+            if entry is None:
+                raise SpoolError(f"no spool entry {entry_id}")
+            entry = replace(entry, **changes)  # type: ignore[arg-type]
+            self._write_state(directory, entry, durable=False)
+            self._entries[entry_id] = entry
+            return entry
+
+    def set_state(self, entry_id: str, state: EntryState, *, error: str = "") -> SpoolEntry:
+        """Move an entry to `state`; SENDING counts an attempt."""
+        entry = self.get(entry_id)
+        changes: dict[str, object] = {"state": state, "last_error": error[:_MAX_ERROR_TEXT] or entry.last_error}
+        if state is EntryState.SENDING:
+            changes["attempts"] = entry.attempts + 1
+        return self._update(entry_id, **changes)
+
+    def claim(self, route: str, now: float, *, accept: frozenset[tuple[str, str]] | None = None) -> SpoolEntry | None:
+        """Atomically take the oldest due entry of `route` (optionally only these (SOP class, TS) pairs): SENDING."""
+        with self._lock:
+            candidates = sorted(
+                (
+                    e
+                    for e in self._entries.values()
+                    if e.route == route
+                    and e.state in (EntryState.RECEIVED, EntryState.RETRY)
+                    and e.next_attempt <= now
+                    and (accept is None or (e.sop_class_uid, e.transfer_syntax) in accept)
+                ),
+                key=lambda e: e.id,
+            )
+            if not candidates:
+                return None
+            entry = replace(candidates[0], state=EntryState.SENDING, attempts=candidates[0].attempts + 1)
+            self._write_state(self._dir(entry.id), entry, durable=False)
+            self._entries[entry.id] = entry
+            return entry
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before attempt `attempts + 1`: doubling from retry_base_s, capped at retry_max_s."""
+        return min(self.retry_max_s, self.retry_base_s * (2 ** max(0, min(attempts - 1, 30))))
+
+    def fail(self, entry_id: str, error: str, *, permanent: bool) -> SpoolEntry:
+        """Record a failed attempt: RETRY after a capped backoff, or DEAD (permanent, or max_attempts reached)."""
+        entry = self.get(entry_id)
+        attempts = max(entry.attempts, 1)
+        if permanent or attempts >= self.max_attempts:
+            return self._update(entry_id, state=EntryState.DEAD, attempts=attempts, last_error=error[:_MAX_ERROR_TEXT])
+        return self._update(
+            entry_id,
+            state=EntryState.RETRY,
+            attempts=attempts,
+            next_attempt=time.time() + self.backoff(attempts),
+            last_error=error[:_MAX_ERROR_TEXT],
+        )
+
+    def remove(self, entry_id: str) -> None:
+        """Forget an entry (after confirmed delivery, or a purge): the data is unlinked first."""
+        directory = self._dir(entry_id)
+        with self._lock:
+            entry = self._entries.pop(entry_id, None)
+            if entry is None:
+                raise SpoolError(f"no spool entry {entry_id}")
+            self._used -= entry.size
+        (directory / DATA_NAME).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def _dead(self, entry_id: str | None) -> Iterator[SpoolEntry]:
+        if entry_id is not None:
+            entry = self.get(entry_id)
+            if entry.state is not EntryState.DEAD:
+                raise SpoolError(f"spool entry {entry_id} is {entry.state}, not dead")
+            yield entry
+        else:
+            yield from self.entries(state=EntryState.DEAD)
+
+    def retry(self, entry_id: str | None = None) -> int:
+        """Give DEAD entries (one, or all) a fresh start: RECEIVED, attempts reset, due now."""
+        count = 0
+        for entry in self._dead(entry_id):
+            self._update(entry.id, state=EntryState.RECEIVED, attempts=0, next_attempt=time.time())
+            count += 1
+        return count
+
+    def purge(self, entry_id: str | None = None) -> int:
+        """Delete DEAD entries (one, or all) and their data."""
+        count = 0
+        for entry in self._dead(entry_id):
+            self.remove(entry.id)
+            count += 1
+        return count
+
+    def apply_requests(self) -> int:
+        """Carry out the retries and purges `relay-router spool` left while this process held the spool."""
+        applied = 0
+        for request in sorted((self.root / "requests").iterdir()):
+            action, _, rest = request.name.partition(".")
+            target = rest.partition(".")[0]
+            try:
+                entry_id = None if target == "all" else target
+                applied += (
+                    self.retry(entry_id) if action == "retry" else self.purge(entry_id) if action == "purge" else 0
+                )
+            except SpoolError as exc:
+                log.warning("spool request %s not applied: %s", request.name, exc)
+            request.unlink(missing_ok=True)
+        return applied

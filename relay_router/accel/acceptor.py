@@ -172,7 +172,7 @@ class StorageAcceptor:
         meta = {"calling_ae": self.outcome.calling_ae, "association": self.outcome.association_id}
         if request.move_originator_ae is not None:
             meta["move_originator_ae"] = request.move_originator_ae
-            meta["move_originator_message_id"] = str(request.move_originator_message_id)
+            meta["move_originator_id"] = str(request.move_originator_message_id)
         writer = self.spool.writer(
             self.route,
             sop_class_uid=request.sop_class_uid,
@@ -198,7 +198,7 @@ class StorageAcceptor:
             store.writer, store.status, store.error = None, Status.OUT_OF_RESOURCES, f"spool write failed: {exc}"
 
     async def _complete(self) -> None:
-        from relay_router.accel.spool import SpoolFull
+        from relay_router.accel.spool import SpoolError
 
         store, self.store = self.store, None
         assert store is not None
@@ -206,7 +206,7 @@ class StorageAcceptor:
         if store.writer is not None:
             try:
                 await asyncio.to_thread(store.writer.commit)  # fsync of the file and the directory
-            except (SpoolFull, OSError) as exc:
+            except (SpoolError, OSError) as exc:
                 store.writer.abort()
                 store.status, store.error = Status.OUT_OF_RESOURCES, f"spool commit failed: {exc}"
             else:

@@ -43,7 +43,11 @@ def _uid(value: str) -> bytes:
 
 
 def answer(
-    rq_pdu: bytes, request: AssociateInfo, capabilities: DeviceCapabilities, *, granted: tuple[str, ...] | None,
+    rq_pdu: bytes,
+    request: AssociateInfo,
+    capabilities: DeviceCapabilities,
+    *,
+    granted: tuple[str, ...] | None,
     max_pdu_length: int,
 ) -> Negotiated:
     """The A-ASSOCIATE-AC for `request`: what the destination takes (and `granted` service groups allow)."""

@@ -262,7 +262,9 @@ def _decode(kind: RecordType, body: bytes) -> Record:
     if kind is RecordType.STORED:
         return Stored(entry_id, sop_instance)
     if kind is RecordType.REFUSED:
-        return Refused(entry_id, sop_instance, _status(value, what), bool(value.get("permanent")), _text(value, "error"))
+        return Refused(
+            entry_id, sop_instance, _status(value, what), bool(value.get("permanent")), _text(value, "error")
+        )
     return Outcome(entry_id, sop_instance, _status(value, what), _text(value, "error"))
 
 

@@ -73,9 +73,7 @@ class Features:
         )
 
     @classmethod
-    def answer(
-        cls, offered: Iterable[str], *, compression: bool, spill: bool = True, accel: bool = False
-    ) -> Features:
+    def answer(cls, offered: Iterable[str], *, compression: bool, spill: bool = True, accel: bool = False) -> Features:
         """The responder's decision: what the initiator offered and this router accepts.
 
         `accel`: the called device takes accelerated transfers (`accelerate = true` on its [[shared]] entry).

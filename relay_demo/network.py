@@ -26,6 +26,7 @@ class Shared:
     share_with: list[str] = field(default_factory=lambda: ["*"])
     services: list[str] | None = None  # service groups (None: the router's default)
     grants: dict[str, list[str]] = field(default_factory=dict)  # site -> service groups
+    accelerate: bool = False  # takes accelerated transfers (relay_router.accel)
 
     def granted_to(self, site: str) -> bool:
         """Whether `site` may use any service (the bridge lists the device to it only then)."""
@@ -41,6 +42,7 @@ class Remote:
     ae_title: str
     site: str
     remote_ae_title: str | None = None
+    accelerate: bool = False  # accelerated storage route (relay_router.accel)
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Site:
     extra_bridge: dict[str, object] = field(default_factory=dict)
     # [metrics] listen for this router ("127.0.0.1:0" picks a free port); None: the router's default.
     metrics_listen: str | None = None
+    # [accelerate] keys (relay_router.accel), written when not empty.
+    extra_accelerate: dict[str, object] = field(default_factory=dict)
 
 
 def _toml_value(value: object) -> str:
@@ -155,6 +159,7 @@ class LocalRelayNetwork:
         remote: list[Remote] = (),  # type: ignore[assignment]
         start: bool = True,
         metrics_listen: str | None = None,
+        accelerate: Mapping[str, object] | None = None,  # the [accelerate] section's keys
         **dicom: object,
     ) -> Site:
         result = self.bridge_admin("router", "add", name, "--json")
@@ -164,6 +169,7 @@ class LocalRelayNetwork:
         site = Site(name, list(shared), list(remote), password=account["password"], extra_dicom=dict(dicom))
         site.enrollment_token = account["enrollment_token"]
         site.metrics_listen = metrics_listen
+        site.extra_accelerate = dict(accelerate or {})
         self.sites[name] = site
         self.write_router_config(site)
         if start:
@@ -206,12 +212,18 @@ class LocalRelayNetwork:
                 f"share_with = {_toml_value(d.share_with)}",
                 *([] if d.services is None else [f"services = {_toml_value(d.services)}"]),
             ]
+            if d.accelerate:
+                lines.append("accelerate = true")
             for grant_site, groups in d.grants.items():
                 lines += ["[[shared.grant]]", f"site = {_toml_value(grant_site)}", f"services = {_toml_value(groups)}"]
         for r in site.remote:
             lines += ["", "[[remote]]", f"ae_title = {_toml_value(r.ae_title)}", f"site = {_toml_value(r.site)}"]
             if r.remote_ae_title:
                 lines.append(f"remote_ae_title = {_toml_value(r.remote_ae_title)}")
+            if r.accelerate:
+                lines.append("accelerate = true")
+        if site.extra_accelerate:
+            lines += ["", "[accelerate]", *(f"{k} = {_toml_value(v)}" for k, v in site.extra_accelerate.items())]
         path = self.router_config_path(site.name)
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -41,12 +41,13 @@ class OutcomeBook:
         self.path = path
         self._sites: dict[str, dict[str, list[object]]] = {}
         self._lock = threading.Lock()  # the delivery pool's worker threads add, the event loop forgets
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                loaded = json.loads(path.read_text())
-                self._sites = {str(s): {str(i): list(v) for i, v in o.items()} for s, o in loaded.items()}
-            except (OSError, ValueError, AttributeError) as exc:
-                log.error("outcome book %s unreadable (%s); outcomes not yet reported are lost", path, exc)
+        try:
+            loaded = json.loads(path.read_text())
+            self._sites = {str(s): {str(i): list(v) for i, v in o.items()} for s, o in loaded.items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("outcome book %s unreadable (%s); outcomes not yet reported are lost", path, exc)
 
     def add(self, site: str, origin_id: str, sop_instance: str, status: int, error: str) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from pathlib import Path
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.receive import FarSession, OutcomeBook, far_route_name
-from relay_router.accel.spool import Spool, SpoolEntry
+from relay_router.accel.spool import EntryState, Spool, SpoolEntry
 from relay_router.accel.transfer import NearTransfer, route_name
 from relay_router.config import RouterConfig, SharedDevice, spool_dir
 from relay_router.routing import Route
@@ -60,6 +60,7 @@ class AccelRuntime:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._settle_delivered()
         for transfer in self.near.values():
             task = asyncio.create_task(transfer.run(), name=f"accel-{transfer.route_name}")
             self._tasks.add(task)
@@ -85,6 +86,15 @@ class AccelRuntime:
             len(self.pools),
             self.spool.root,
         )
+
+    def _settle_delivered(self) -> None:
+        """DELIVERED entries left by a crash between the device's answer and their removal: the outcome is
+        owed (far side; the book ignores a repeat) and the data can go."""
+        for entry in self.spool.entries(state=EntryState.DELIVERED):
+            site, origin = entry.meta.get("origin_site", ""), entry.meta.get("origin_id", "")
+            if site and origin:
+                self.book.add(site, origin, entry.sop_instance_uid, 0x0000, "")
+            self.spool.remove(entry.id)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

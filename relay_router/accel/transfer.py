@@ -39,7 +39,7 @@ from relay_router.wire.codec import DataReceived, FrameCodec, FrameRejected, fir
 from relay_router.wire.features import Features
 
 log = logging.getLogger("relay_router.accel")
-SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError)
+SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError)
 READ_BYTES = 256 * 1024
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
@@ -83,6 +83,25 @@ class RecordChannel:
                 except SEND_ERRORS as exc:
                     raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
                 self.bytes_sent += len(payload)
+
+    async def confirmed(self) -> None:
+        """Initiator: wait for the far router's Confirm (no frame may be sealed before its keys exist)."""
+        while self.codec.awaiting_confirm:
+            try:
+                frame = await self.stream.receive()
+            except grpc.aio.AioRpcError as exc:
+                raise TransferError(f"the link to the bridge broke ({exc.code().name})") from exc
+            if frame is None:
+                raise TransferError("the far router ended the accelerated transfer before confirming it")
+            kind = frame.WhichOneof("kind")
+            if kind == "confirm":
+                self.codec.confirm(frame.confirm)  # FrameRejected (security) if it does not verify
+            elif kind == "refused":
+                raise TransferError(received_refusal(frame.refused)[1], reason=Reason.SITE_OFFLINE)
+            elif kind == "close":
+                raise TransferError(f"closed before confirming: {received_close(frame.close)}")
+            else:
+                raise FrameRejected(f"SECURITY: {kind} frame before the Confirm", reason=Reason.SECURITY, security=True)
 
     async def receive(self) -> list[records.Record] | None:
         """The records of the next data frame; None when the other side closed."""
@@ -142,6 +161,8 @@ class NearTransfer:
         self.route = route
         self.route_name = route_name(local_ae)
         self._wake = asyncio.Event()
+        # An instance's records go out back to back: ACKs wait for the end of the instance being sent.
+        self._records = asyncio.Lock()
         self.in_flight: dict[str, InFlight] = {}
         self.connected = False
         self.last_error = ""
@@ -179,6 +200,9 @@ class NearTransfer:
                 self.last_error = str(exc)
                 level = logging.ERROR if getattr(exc, "security", False) else logging.WARNING
                 log.log(level, "accelerated transfer to %s/%s: %s", self.route.site, self.route.ae_title, exc)
+            except Exception as exc:  # whatever broke this stream, the spool is kept and the next one tries
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("accelerated transfer to %s/%s failed", self.route.site, self.route.ae_title)
             finally:
                 self.connected = False
                 self._requeue()
@@ -239,6 +263,11 @@ class NearTransfer:
 
     async def _session(self) -> None:
         channel = await self._open()
+        try:
+            await asyncio.wait_for(channel.confirmed(), self.config.bridge.open_timeout_s)
+        except TimeoutError:
+            channel.stream.cancel()
+            raise TransferError("the far router did not confirm the accelerated transfer in time") from None
         self.connected = True
         self.sessions += 1
         log.info("accelerated transfer to %s/%s open", self.route.site, self.route.ae_title)
@@ -289,10 +318,11 @@ class NearTransfer:
         header = records.InstanceHeader(
             entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size
         )
-        await channel.send(records.instance(header))
-        with path.open("rb") as source:
-            while chunk := await asyncio.to_thread(source.read, READ_BYTES):
-                await channel.send(records.chunks(chunk))
+        async with self._records:
+            await channel.send(records.instance(header))
+            with path.open("rb") as source:
+                while chunk := await asyncio.to_thread(source.read, READ_BYTES):
+                    await channel.send(records.chunks(chunk))
         return size
 
     async def _receive(self, channel: RecordChannel, done: asyncio.Event) -> None:
@@ -306,7 +336,8 @@ class NearTransfer:
             for record in received:
                 self._apply(record, acks)
             if acks:
-                await channel.send(records.ack(acks), flush=True)
+                async with self._records:
+                    await channel.send(records.ack(acks), flush=True)
             self.wake()
 
     def _apply(self, record: records.Record, acks: list[str]) -> None:

@@ -1,0 +1,183 @@
+"""Accelerated storage routes with real parts: DCMTK storescu -> router A -> bridge -> router B -> Orthanc.
+
+Router A accepts the association itself for PACS_B (`accelerate = true`), spools each image (fsync)
+before answering, and ships its spool to router B in batches; router B spools them again and stores
+them into Orthanc over parallel associations. Every image must arrive bit for bit (SOP Instance UID,
+Pixel Data hash, every data element), also when either router is SIGKILLed after the sender got its
+responses. PACS_B_PLAIN, the transparent route to the same Orthanc beside it, behaves as before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from relay_demo.datasets import fingerprints, generate_ct_series, generate_mr_series, write_series
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
+from tests.integration.conftest import OrthancPool, require_dcmtk
+from tests.support import dcmtk
+from tests.support.orthanc import OrthancProcess
+
+pytestmark = pytest.mark.integration
+HOST = "127.0.0.1"
+ACCEL = {"bucket_bytes": 256 * 1024, "retry_max_s": 2.0, "associations": 2}
+
+
+@dataclass
+class Sites:
+    net: LocalRelayNetwork
+    orthanc: OrthancProcess
+    work: Path
+
+    @property
+    def port_a(self) -> int:
+        port = self.net.sites["hospital-a"].port
+        assert port
+        return port
+
+    def accel_status(self, site: str) -> dict[str, object]:
+        status = self.net.status(site).get("accelerate")
+        assert isinstance(status, dict), f"{site} shows no accelerate status: {self.net.status(site)}"
+        return status
+
+    def route(self) -> dict[str, object]:
+        routes = self.accel_status("hospital-a")["routes"]
+        assert isinstance(routes, dict)
+        return dict(routes["PACS_B"])
+
+    def series(self, name: str, make: Callable[[], list[pydicom.Dataset]]) -> list[Path]:
+        return write_series(make(), self.work / name)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    require_dcmtk("storescu", "echoscu")
+    work = tmp_path_factory.mktemp("accel")
+    orthanc = orthanc_module_factory("ORTHANC_B")
+    net = LocalRelayNetwork(work / "relay").start()
+    try:
+        net.add_site(
+            "hospital-b",
+            shared=[Shared("ORTHANC_B", HOST, orthanc.dicom_port, ["hospital-a"], accelerate=True)],
+            accelerate=ACCEL,
+        )
+        net.add_site(
+            "hospital-a",
+            remote=[
+                Remote("PACS_B", "hospital-b", "ORTHANC_B", accelerate=True),
+                Remote("PACS_B_PLAIN", "hospital-b", "ORTHANC_B"),
+            ],
+            accelerate=ACCEL,
+        )
+        net.wait_connected()
+        sites = Sites(net, orthanc, work)
+        # Router A learns what Orthanc accepts from router B (which negotiates with it) as soon as it is up.
+        wait_for(lambda: bool(sites.route().get("capabilities_known")), "capabilities learned from router B")
+        yield sites
+    finally:
+        net.stop()
+
+
+def arrived(orthanc: OrthancProcess, files: list[Path]) -> Callable[[], bool]:
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    return lambda: all(orthanc.find_sop(uid) for uid in uids)
+
+
+def assert_identical(orthanc: OrthancProcess, files: list[Path]) -> None:
+    """Every image at Orthanc bit for bit: the pixel fingerprint and every data element."""
+    stored = {}
+    for path in files:
+        original = pydicom.dcmread(path)
+        orthanc_id = orthanc.find_sop(str(original.SOPInstanceUID))
+        assert orthanc_id, f"{original.SOPInstanceUID} did not arrive"
+        stored[str(original.SOPInstanceUID)] = orthanc.instance_file(orthanc_id)
+        from io import BytesIO
+
+        assert pydicom.dcmread(BytesIO(stored[str(original.SOPInstanceUID)])) == original
+    assert fingerprints(stored.values()) == fingerprints(files)
+
+
+def spool_drained(sites: Sites) -> Callable[[], bool]:
+    def check() -> bool:
+        for site in ("hospital-a", "hospital-b"):
+            status = sites.net.status(site).get("accelerate")
+            if not isinstance(status, dict) or any(status["spool_entries"].values()):  # type: ignore[union-attr]
+                return False
+        return True
+
+    return check
+
+
+def store(sites: Sites, called: str, files: list[Path]) -> dcmtk.StoreResult:
+    result = dcmtk.storescu(HOST, sites.port_a, called, "MODALITY_A", files, timeout=60)
+    assert result.succeeded == len(files), result.log
+    return result
+
+
+def test_echo_and_store_are_answered_by_router_a_and_arrive_identical(sites: Sites) -> None:
+    dcmtk.echoscu(HOST, sites.port_a, "PACS_B", "MODALITY_A").check()
+    files = sites.series("ct", lambda: generate_ct_series(4, rows=256, cols=256, seed=13))
+    files += sites.series("samples", lambda: generate_mr_series(6, rows=64, cols=64, seed=13))
+    store(sites, "PACS_B", files)
+    wait_for(arrived(sites.orthanc, files), "the images at Orthanc")
+    assert_identical(sites.orthanc, files)
+    wait_for(spool_drained(sites), "both spools empty (outcomes reported back)")
+
+
+def test_the_sender_finishes_while_router_b_is_down_and_router_a_survives_sigkill(sites: Sites) -> None:
+    """Responses come from router A's spool: the sender finishes although router B is stopped, so before
+    any image can arrive; then router A is SIGKILLed and restarted, and every acknowledged image arrives."""
+    files = sites.series("mr-a-killed", lambda: generate_mr_series(12, rows=64, cols=64, seed=21))
+    sites.net.stop_router("hospital-b")
+    try:
+        store(sites, "PACS_B", files)
+        assert not any(arrived(sites.orthanc, files[:1])() for _ in range(1))
+        sites.net.stop_router("hospital-a", kill=True)
+        sites.net.start_router("hospital-a")
+    finally:
+        sites.net.start_router("hospital-b")
+    sites.net.wait_connected()
+    wait_for(arrived(sites.orthanc, files), "the acknowledged images after router A's SIGKILL", timeout=45)
+    assert_identical(sites.orthanc, files)
+    wait_for(spool_drained(sites), "both spools empty")
+
+
+def test_router_b_killed_mid_transfer_loses_nothing(sites: Sites) -> None:
+    files = sites.series("mr-b-killed", lambda: generate_mr_series(40, rows=128, cols=128, seed=34))
+    store(sites, "PACS_B", files)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    # SIGKILL as soon as anything of this series reached router B's spool or Orthanc (or at once if all did).
+    wait_for(
+        lambda: any(sites.orthanc.find_sop(u) for u in uids[:5]) or sites.route().get("in_flight", 0) != 0,
+        "the transfer to start",
+        timeout=20,
+    )
+    sites.net.stop_router("hospital-b", kill=True)
+    sites.net.start_router("hospital-b")
+    wait_for(arrived(sites.orthanc, files), "every image after router B's SIGKILL", timeout=45)
+    assert_identical(sites.orthanc, files)
+    wait_for(spool_drained(sites), "both spools empty")
+
+
+def test_the_transparent_route_beside_it_is_unchanged(sites: Sites) -> None:
+    files = sites.series("plain", lambda: generate_ct_series(2, rows=128, cols=128, seed=55))
+    before = sites.accel_status("hospital-a")["spool_entries"]
+    store(sites, "PACS_B_PLAIN", files)
+    # Transparent: Orthanc answered each C-STORE itself, so the images are there when storescu returns.
+    assert arrived(sites.orthanc, files)()
+    assert_identical(sites.orthanc, files)
+    assert sites.accel_status("hospital-a")["spool_entries"] == before

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--status-file", type=Path, help="the serving router's --status-file (default: STATE_DIR/status.json)"
         )
+    from relay_router.accel.cli import add_spool_parser
+
+    add_spool_parser(sub)  # relay-router spool list|retry|purge (accelerated routes)
     devices = sub.choices["devices"]
     devices.add_argument(
         "--echo", action="store_true", help="C-ECHO each remote device through the running router (exit 4 if one fails)"
@@ -262,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host, args.status_file))
         return 0
+    if args.command == "spool":
+        from relay_router.accel.cli import spool_command
+
+        return spool_command(cfg, args)
     if args.command == "check":
         from relay_router.check import check_command
 

@@ -313,8 +313,27 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     path = status_file or default_status_file(config)
     report = evaluate(*read_status(path))
     report["status_file"] = str(path)
+    spool = _spool_report(config)
+    if spool is not None:
+        report["spool"] = spool
     print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    if spool is not None and not as_json:
+        from relay_router.accel.cli import status_lines
+
+        print("\n".join(status_lines(spool)))
     return int(report["exit_code"])
+
+
+def _spool_report(config: RouterConfig) -> dict[str, Any] | None:
+    """The accelerated routes' spool, read from disk, when there is one (usage, counts, dead letters)."""
+    from relay_router.accel.cli import configured_spool
+
+    root, limit = configured_spool(config)
+    if not (root / "entries").is_dir():
+        return None
+    from relay_router.accel.metrics import spool_status
+
+    return spool_status(root, limit)
 
 
 def echo_device(host: str, port: int, called: str, calling: str, timeout_s: float) -> dict[str, Any]:

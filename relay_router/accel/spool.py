@@ -14,7 +14,11 @@ fsync). The layout makes commit one atomic step:
     <root>/requests/        `relay-router spool retry|purge` asks the running router here
     <root>/lock             held (flock) by the one process that has the spool open
 
-A kill at any instant therefore leaves no entry or a complete one. State
+A kill at any instant therefore leaves no entry or a complete one. Commit
+syncs the data file and the entries/ directory; state.json is not synced then,
+because the file meta of instance.dcm carries the entry's first state (Private
+Information (0002,0102) under SPOOL_PRIVATE_UID), from which recovery rebuilds a
+lost state.json: two fsyncs per C-STORE instead of three. State
 changes after commit are atomic renames without fsync: a crash may roll one
 back, which at worst repeats a delivery, and a repeated C-STORE of the same
 SOP Instance UID is harmless. Files are 0600 and directories 0700 (PHI).
@@ -72,6 +76,8 @@ DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BASE_S = 2.0
 DEFAULT_RETRY_MAX_S = 300.0
 
+SPOOL_PRIVATE_UID = "2.25.222658970521932051317310521018175531764"
+"""Private Information Creator UID (0002,0100) of the entry state kept in our spool files' file meta."""
 DATA_NAME = "instance.dcm"
 STATE_NAME = "state.json"
 _ID = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")
@@ -223,12 +229,21 @@ def request_action(root: Path, action: str, entry_id: str | None) -> Path:
     return target
 
 
-def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """The 128-byte preamble, 'DICM' and the file meta group (PS3.10 7.1) for a data set as received."""
+def part10_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, private: bytes | None = None
+) -> bytes:
+    """The 128-byte preamble, 'DICM' and the file meta group (PS3.10 7.1) for a data set as received.
+
+    `private` goes into Private Information (0002,0102) under our creator UID: the spool keeps
+    the entry's first state there, so the file alone says where it goes (see `Spool._recover`).
+    """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = UID(transfer_syntax)
+    if private is not None:
+        meta.PrivateInformationCreatorUID = UID(SPOOL_PRIVATE_UID)
+        meta.PrivateInformation = private + b" " * (len(private) % 2)  # OB: even length
     buffer = io.BytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
@@ -255,7 +270,8 @@ class SpoolWriter:
         self._size = 0
         self._done = False
         if not part10:
-            self.write(part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax))
+            first_state = entry.to_json().encode("utf-8")
+            self.write(part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, first_state))
 
     @property
     def entry_id(self) -> str:
@@ -276,7 +292,11 @@ class SpoolWriter:
                 f"spool full: {self._spool.max_bytes} bytes reached while receiving {self._entry.sop_instance_uid}"
             )
         self._size += length
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # the disk filled before max_bytes did: the same answer, A700
+            self.abort()
+            raise SpoolFull(f"spool full: cannot write to {self._spool.root}: {exc.strerror}") from exc
 
     def commit(self) -> SpoolEntry:
         """Make the entry durable (file, then directory fsync) and visible; then a success may be answered."""
@@ -285,18 +305,21 @@ class SpoolWriter:
         try:
             self._file.flush()
             if self._spool.fsync:
-                os.fsync(self._file.fileno())
+                os.fdatasync(self._file.fileno())  # data and size; mtime need not be durable
             self._file.close()
             self._file = None
             if self._part10:
                 self._check_part10()
-            entry = replace(self._entry, size=self._size, created=time.time(), next_attempt=time.time())
-            self._spool._write_state(self._dir, entry, durable=True)
+            entry = replace(self._entry, size=self._size, next_attempt=time.time())
+            # Our own header holds the first state, so state.json need not be synced (one fsync fewer per
+            # C-STORE); a file from the other router (part10) does not, so its state is synced.
+            self._spool._write_state(self._dir, entry, durable=self._part10)
             target = self._spool.root / "entries" / entry.id
             os.rename(self._dir, target)
             if self._spool.fsync:
+                # The rename is durable once the directory it lands in is: then recovery finds the entry.
+                # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
                 _fsync_dir(target.parent)
-                _fsync_dir(self._dir.parent)
         except BaseException:
             self.abort()
             raise
@@ -394,18 +417,17 @@ class Spool:
         now = time.time()
         for directory in sorted((self.root / "entries").iterdir()):
             data, state = directory / DATA_NAME, directory / STATE_NAME
-            if not data.exists() or not state.exists():
-                # remove() unlinks the data, then the state: a removal that a crash interrupted
+            if not data.exists():  # remove() unlinks the data first: a removal that a crash interrupted
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
             try:
-                entry = SpoolEntry.from_json(state.read_text("utf-8"))
-                if entry.id != directory.name:
-                    raise ValueError("the id does not match the directory")
-            except (ValueError, KeyError, OSError) as exc:
+                entry = self._read_state(directory)
+            except Exception as exc:  # pydicom raises several types on a damaged file: keep it, set it aside
                 log.error("spool entry %s has an unreadable state (%s): moved to quarantine", directory.name, exc)
                 os.rename(directory, self.root / "quarantine" / directory.name)
                 continue
+            if not state.exists():
+                self._write_state(directory, entry, durable=False)
             if entry.state is EntryState.SENDING:  # the process died mid-delivery: try again
                 back = EntryState.RETRY if entry.attempts > 1 else EntryState.RECEIVED
                 entry = replace(entry, state=back, next_attempt=now)
@@ -413,6 +435,23 @@ class Spool:
             self._entries[entry.id] = entry
             self._used += entry.size
         log.info("spool %s opened: %d entries, %d bytes", self.root, len(self._entries), self._used)
+
+    def _read_state(self, directory: Path) -> SpoolEntry:
+        """state.json, or, when a crash lost it (it is not synced on commit), the first state in the file meta."""
+        try:
+            entry = SpoolEntry.from_json((directory / STATE_NAME).read_text("utf-8"))
+        except (ValueError, KeyError, OSError) as exc:
+            file_meta, _ = split_dataset(directory / DATA_NAME)
+            if str(file_meta.get("PrivateInformationCreatorUID", "")) != SPOOL_PRIVATE_UID:
+                raise ValueError(
+                    f"state.json unreadable ({exc.__class__.__name__}), no state in the file meta"
+                ) from exc
+            first = bytes(file_meta.PrivateInformation).rstrip(b" ").decode("utf-8")
+            entry = replace(SpoolEntry.from_json(first), size=(directory / DATA_NAME).stat().st_size)
+            log.warning("spool entry %s: state.json lost in a crash, restored from the file meta", directory.name)
+        if entry.id != directory.name:
+            raise ValueError("the id does not match the directory")
+        return entry
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -440,7 +479,7 @@ class Spool:
             attempts=0,
             next_attempt=0.0,
             last_error="",
-            created=0.0,
+            created=time.time(),
             meta=_check_meta(meta),
         )
         return SpoolWriter(self, entry, part10=part10)
@@ -469,7 +508,7 @@ class Spool:
             out.write(entry.to_json())
             out.flush()
             if durable and self.fsync:
-                os.fsync(out.fileno())
+                os.fdatasync(out.fileno())
         os.replace(temporary, directory / STATE_NAME)
 
     # -- reading -------------------------------------------------------------------------------

@@ -210,12 +210,39 @@ def test_reopen_recovers_sending_drops_partials_and_half_removed(tmp_path: Path)
     again.close()
 
 
-def test_unreadable_state_is_quarantined_not_deleted(tmp_path: Path) -> None:
+def test_a_state_lost_in_a_crash_is_rebuilt_from_the_file_meta(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10_000_000)
+    lost, _ = spool_one(spool)
+    garbled, _ = spool_one(spool)
+    spool.set_state(garbled, EntryState.SENDING)
+    before = spool.get(lost)
+    spool.close()
+    (root / "entries" / lost / "state.json").unlink()  # commit does not sync it
+    (root / "entries" / garbled / "state.json").write_text("{not json")
+    again = Spool(root, max_bytes=10_000_000)
+    assert [e.id for e in again.entries()] == [lost, garbled]
+    rebuilt = again.get(lost)
+    assert (rebuilt.route, rebuilt.sop_instance_uid, rebuilt.size, rebuilt.meta) == (
+        before.route,
+        before.sop_instance_uid,
+        before.size,
+        before.meta,
+    )
+    assert rebuilt.state is EntryState.RECEIVED and again.get(garbled).state is EntryState.RECEIVED
+    assert (root / "entries" / lost / "state.json").exists()
+    assert dcmread(again.path(lost)).SOPInstanceUID == before.sop_instance_uid  # still a valid Part 10 file
+    again.close()
+
+
+def test_an_entry_nobody_can_read_is_quarantined_not_deleted(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     spool = Spool(root, max_bytes=10_000_000)
     broken, _ = spool_one(spool)
     spool.close()
     (root / "entries" / broken / "state.json").write_text("{not json")
+    data = root / "entries" / broken / "instance.dcm"
+    data.write_bytes(b"\0" * 132 + data.read_bytes()[132:])  # no 'DICM': the file meta is unreadable too
     again = Spool(root, max_bytes=10_000_000)
     assert again.entries() == []
     assert (root / "quarantine" / broken / "instance.dcm").exists()

@@ -1,0 +1,341 @@
+"""The delivery pool: stores one route's spooled instances into its destination over parallel associations.
+
+Each of N worker threads (``[accelerate] associations``, default 4) keeps one
+association to the destination and reuses it for entry after entry: it claims
+the oldest due entry (:meth:`Spool.claim`, so no two workers send the same one)
+and sends it with pynetdicom as the SCU, straight from the spool's Part 10 file
+(``STORE_SEND_CHUNKED_DATASET``: the data set is never loaded into memory).
+Parallel associations replace the Asynchronous Operations Window, which DCMTK,
+Orthanc and pynetdicom do not support.
+
+What a C-STORE status means for the entry (PS3.4 B.2.3, PS3.7 Annex C):
+
+* success (0000) and warnings (B000, B006, B007), and 0111 Duplicate SOP
+  Instance (the device already has it: a retried duplicate is harmless):
+  DELIVERED;
+* A7xx Out of Resources, 0213 Resource Limitation, 0210 Duplicate Invocation,
+  0110 Processing Failure, FE00 Cancel, an unknown code, no answer, an aborted
+  association: transient, RETRY after a capped backoff (DEAD after max_attempts);
+* A9xx Data Set Does Not Match SOP Class, Cxxx Cannot Understand, 0122 SOP Class
+  Not Supported (also when the device refuses the presentation context), 0117
+  Invalid SOP Instance, 0124 Not Authorized, other 01xx/02xx refusals: permanent,
+  DEAD at once.
+
+A destination that cannot be reached (connection refused, A-ASSOCIATE-RJ) does
+not count against any entry: the worker backs off (capped) and tries again, so a
+destination down for an hour loses nothing and dead-letters nothing. One failing
+entry never holds up the others: it waits for its own next_attempt.
+
+Each association proposes one presentation context per (SOP class, transfer
+syntax) pair of the due entries, so the accepted context matches the file
+exactly (a chunked send cannot re-encode). When none of the due entries fits
+a worker's association (a new pair arrived), the worker re-associates with the
+pairs due then. A pair the device refused is believed for a minute: its
+entries go DEAD with 0x0122, and a `spool retry` after that proposes it again.
+An association left idle for ``idle_release_s`` is released, since simple
+devices (storescp) serve one association at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+
+from relay_router.accel.metrics import DeliveryStats
+from relay_router.accel.spool import EntryState, Spool, SpoolEntry, SpoolError
+
+__all__ = ["Destination", "DeliveryOutcome", "DeliveryPool", "Outcome", "classify_status"]
+
+log = logging.getLogger("relay_router.accel.delivery")
+
+# The data set goes from the spool file to the socket in PDU-sized pieces; every sender in this process
+# sends files this way (pynetdicom has one global switch), which is what a router wants anyway.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+MAX_CONTEXTS = 128  # presentation contexts one A-ASSOCIATE-RQ may propose (PS3.8 9.3.2.2: odd IDs 1-255)
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+REFUSAL_MEMORY_S = 60.0  # how long a refused presentation context is believed before it is proposed again
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What became of one delivery attempt: the entry as it now stands, the device's status if it answered."""
+
+    entry: SpoolEntry
+    outcome: Outcome
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The device a route delivers to: from the router's own configuration, never from a peer."""
+
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str
+
+
+def classify_status(status: int) -> Outcome:
+    """The fate of an entry whose C-STORE got `status` (see the module docstring)."""
+    if status in (0x0000, 0xB000, 0xB006, 0xB007, 0x0111):
+        return Outcome.DELIVERED
+    high = status & 0xFF00
+    if high == 0xA700 or status in (0x0213, 0x0210, 0x0110, 0xFE00):
+        return Outcome.RETRY
+    if high in (0xA900, 0xC000) or status & 0xF000 == 0xC000 or high in (0x0100, 0x0200):
+        return Outcome.DEAD
+    return Outcome.RETRY  # a code PS3.4 does not define for C-STORE: try again, DEAD after max_attempts
+
+
+def _nodelay(event: evt.Event) -> None:
+    """One round trip per C-STORE response: no Nagle delay on the device socket (docs/architecture.md)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class DeliveryPool:
+    """Delivers the due entries of `route` from `spool` to `destination`; see the module docstring.
+
+    `on_outcome` is called from a worker thread after every attempt (use
+    ``loop.call_soon_threadsafe`` to reach an event loop). With
+    `remove_delivered` (the default) a DELIVERED entry is removed after the
+    callback; the far router turns it off to keep the entry until its outcome
+    has reached the near router.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        route: str,
+        destination: Destination,
+        *,
+        associations: int = 4,
+        on_outcome: Callable[[DeliveryOutcome], None] | None = None,
+        remove_delivered: bool = True,
+        connect_timeout: float = 10.0,
+        dimse_timeout: float = 60.0,
+        idle_release_s: float = 5.0,
+        stats: DeliveryStats | None = None,
+    ) -> None:
+        if not 1 <= associations <= 64:
+            raise ValueError("associations must be between 1 and 64")
+        self.spool = spool
+        self.route = route
+        self.destination = destination
+        self.associations = associations
+        self.on_outcome = on_outcome
+        self.remove_delivered = remove_delivered
+        self.idle_release_s = idle_release_s
+        self.stats = stats or DeliveryStats()
+        self._ae = AE(ae_title=destination.calling_ae)
+        self._ae.acse_timeout = connect_timeout
+        self._ae.connection_timeout = connect_timeout
+        self._ae.network_timeout = dimse_timeout
+        self._ae.dimse_timeout = dimse_timeout
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        # (SOP class, transfer syntax) pairs the device refused, until when (under the lock of _wake)
+        self._refused: dict[tuple[str, str], float] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for number in range(self.associations):
+            thread = threading.Thread(
+                target=self._worker, name=f"delivery-{self.route}-{number}", args=(number,), daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def wake(self) -> None:
+        """New entries were committed: idle workers look at once (thread-safe)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the workers; a send in progress finishes (its entry is SENDING until then, RECEIVED on reopen)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
+
+    def idle(self) -> bool:
+        """Nothing of this route is due, waiting for its retry or being sent."""
+        waiting = (EntryState.RECEIVED, EntryState.RETRY, EntryState.SENDING)
+        return not any(e.state in waiting for e in self.spool.entries(route=self.route))
+
+    # -- one worker ----------------------------------------------------------------------------
+
+    def _wait(self, seconds: float) -> None:
+        with self._wake:
+            if not self._stopping:
+                self._wake.wait(max(0.01, seconds))
+
+    def _worker(self, number: int) -> None:
+        assoc: Association | None = None
+        accepted: frozenset[tuple[str, str]] = frozenset()
+        connect_failures = 0
+        last_used = time.monotonic()
+        try:
+            while not self._stopping:
+                if number == 0:
+                    self.spool.apply_requests()  # `relay-router spool retry|purge` while we run
+                now = time.time()
+                due = self.spool.due(now, route=self.route)
+                refused = self._refused_pairs()
+                if any((e.sop_class_uid, e.transfer_syntax) in refused for e in due):
+                    self._dead_unsupported(refused)
+                    continue
+                if not due:
+                    if assoc is not None and time.monotonic() - last_used > self.idle_release_s:
+                        assoc.release()
+                        assoc = None
+                    upcoming = self.spool.next_due(route=self.route)
+                    self._wait(min(1.0, upcoming - now) if upcoming is not None else 1.0)
+                    continue
+                if (
+                    assoc is None
+                    or not assoc.is_established
+                    or not any((e.sop_class_uid, e.transfer_syntax) in accepted for e in due)
+                ):  # none yet, lost, or the due entries need contexts it does not have
+                    if assoc is not None and assoc.is_established:
+                        assoc.release()
+                    assoc, accepted = self._associate(due)
+                    if assoc is None:
+                        connect_failures += 1
+                        self._wait(self.spool.backoff(connect_failures))
+                        continue
+                    connect_failures = 0
+                    continue  # refused pairs are now known: look at what is due again
+                entry = self.spool.claim(self.route, now, accept=accepted)
+                if entry is None:  # due entries are being sent by other workers
+                    self._wait(0.05)
+                    continue
+                self._deliver(assoc, entry)
+                last_used = time.monotonic()
+        except Exception:  # a worker must not die silently: the others go on, and this one says why
+            log.exception("delivery worker %s of route %s stopped", number, self.route)
+        finally:
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+
+    def _associate(self, due: list[SpoolEntry]) -> tuple[Association | None, frozenset[tuple[str, str]]]:
+        pairs: list[tuple[str, str]] = []
+        for entry in due:  # oldest first: they get the contexts when there are more than 128 pairs
+            pair = (entry.sop_class_uid, entry.transfer_syntax)
+            if pair not in pairs and len(pairs) < MAX_CONTEXTS:
+                pairs.append(pair)
+        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+        destination = self.destination
+        assoc = self._ae.associate(
+            destination.host,
+            destination.port,
+            contexts=contexts,
+            ae_title=destination.called_ae,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        )
+        if not assoc.is_established:
+            what = "rejected the association" if assoc.is_rejected else "could not be reached"
+            log.warning(
+                "route %s: %s at %s:%d %s; retrying with backoff",
+                self.route,
+                destination.called_ae,
+                destination.host,
+                destination.port,
+                what,
+            )
+            self.stats.association_failed(self.route)
+            return None, frozenset()
+        accepted = frozenset(
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in assoc.accepted_contexts
+            if cx.transfer_syntax
+        )
+        expires = time.monotonic() + REFUSAL_MEMORY_S
+        with self._wake:
+            for pair in set(pairs) - accepted:
+                self._refused[pair] = expires
+        return assoc, accepted
+
+    def _refused_pairs(self) -> frozenset[tuple[str, str]]:
+        now = time.monotonic()
+        with self._wake:
+            for pair in [p for p, until in self._refused.items() if until <= now]:
+                del self._refused[pair]  # forgotten: a `spool retry` after fixing the device proposes it again
+            return frozenset(self._refused)
+
+    def _dead_unsupported(self, refused: frozenset[tuple[str, str]]) -> None:
+        """DEAD at once for entries whose (SOP class, transfer syntax) the device refused to negotiate."""
+        while (entry := self.spool.claim(self.route, time.time(), accept=refused)) is not None:
+            error = (
+                f"{SOP_CLASS_NOT_SUPPORTED:#06x} the device refused SOP class {entry.sop_class_uid} "
+                f"in transfer syntax {entry.transfer_syntax}"
+            )
+            self._report(self.spool.fail(entry.id, error, permanent=True), Outcome.DEAD, SOP_CLASS_NOT_SUPPORTED, error)
+
+    def _deliver(self, assoc: Association, entry: SpoolEntry) -> None:
+        originator_ae = entry.meta.get("move_originator_ae") or None
+        originator_id_text = entry.meta.get("move_originator_id", "")
+        originator_id = int(originator_id_text) if originator_id_text.isdigit() else None
+        try:
+            answer = assoc.send_c_store(
+                self.spool.path(entry.id), originator_aet=originator_ae, originator_id=originator_id
+            )
+        except (SpoolError, OSError, AttributeError, ValueError) as exc:  # unreadable file, bad file meta
+            error = f"cannot send the spooled file: {exc}"
+            self._report(self.spool.fail(entry.id, error, permanent=True), Outcome.DEAD, None, error)
+            return
+        if "Status" not in answer:  # no response: aborted, timed out, or the device broke the protocol
+            error = f"no C-STORE response from {self.destination.called_ae} (association aborted or timed out)"
+            if assoc.is_established:
+                assoc.abort()
+            updated = self.spool.fail(entry.id, error, permanent=False)
+            self._report(updated, Outcome.DEAD if updated.state is EntryState.DEAD else Outcome.RETRY, None, error)
+            return
+        status = int(answer.Status)
+        outcome = classify_status(status)
+        if outcome is Outcome.DELIVERED:
+            self._report(self.spool.set_state(entry.id, EntryState.DELIVERED), outcome, status, "")
+            if self.remove_delivered:
+                self.spool.remove(entry.id)
+            return
+        error = f"{status:#06x} from {self.destination.called_ae}"
+        comment = answer.get("ErrorComment")
+        if comment:
+            error += f": {str(comment)[:120]}"
+        updated = self.spool.fail(entry.id, error, permanent=outcome is Outcome.DEAD)
+        self._report(updated, Outcome.DEAD if updated.state is EntryState.DEAD else Outcome.RETRY, status, error)
+
+    def _report(self, entry: SpoolEntry, outcome: Outcome, status: int | None, error: str) -> None:
+        self.stats.outcome(self.route, outcome)
+        if outcome is Outcome.DEAD:
+            log.warning("route %s: entry %s (%s) dead: %s", self.route, entry.id, entry.sop_instance_uid, error)
+        elif outcome is Outcome.RETRY:
+            log.info("route %s: entry %s will be retried (attempt %d): %s", self.route, entry.id, entry.attempts, error)
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(DeliveryOutcome(entry, outcome, status, error))
+            except Exception:  # the callback's failure must not stop delivery
+                log.exception("route %s: outcome callback failed for entry %s", self.route, entry.id)

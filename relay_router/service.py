@@ -107,6 +107,8 @@ class RouterService(OutboundCalls, InboundCalls):
         self.metrics = RouterMetrics(self)
         # Accelerated routes (issue 13): spool, transfers, delivery pools; None unless configured.
         self.accel = AccelRuntime(config, self.link) if accel_configured(config) else None
+        if self.accel is not None:
+            self.accel.register_metrics(self.metrics.registry)
 
     # -- routing table -------------------------------------------------------
     def route_table(self) -> RouteTable:

@@ -14,8 +14,11 @@ import contextlib
 import logging
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
+from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.accel.receive import FarSession, OutcomeBook, far_route_name
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry
 from relay_router.accel.transfer import NearTransfer, route_name
@@ -52,6 +55,7 @@ class AccelRuntime:
             for r in config.remote
             if r.accelerate
         }
+        self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)
         self.pools: dict[str, DeliveryPool] = {}
         self.sessions: dict[str, set[FarSession]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -77,6 +81,7 @@ class AccelRuntime:
                 on_outcome=self._delivered,
                 connect_timeout=dicom.connect_timeout_s,
                 dimse_timeout=dicom.dimse_timeout_s,
+                stats=self.stats,
             )
             pool.start()
             self.pools[device.ae_title] = pool
@@ -102,6 +107,12 @@ class AccelRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(asyncio.to_thread(pool.stop, 10.0) for pool in self.pools.values()))
         self.spool.close()
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """The spool and delivery families on the router's /metrics (relay_router.accel.metrics)."""
+        routes = [t.route_name for t in self.near.values()]
+        routes += [far_route_name(d) for d in self.config.shared if d.accelerate]
+        register_accel_metrics(registry, lambda: self.spool, self.stats, lambda: routes)
 
     # -- near side -----------------------------------------------------------------------------------
     def capabilities_for(self, local_ae: str) -> DeviceCapabilities | None:

@@ -249,7 +249,7 @@ class OutboundCalls(AssociationHost):
                 return await self._reject(conn, writer, outcome, why)
             removed, receive_only = services.refused_ids, services.receive_only
         # Accelerated route whose destination's capabilities are known: this router answers (relay_router.accel).
-        capabilities = self.accel.capabilities_for(request.called_ae) if self.accel is not None else None
+        capabilities = self.accel.capabilities_for(request.called_ae, self.config) if self.accel is not None else None
         if capabilities is not None and self.accel is not None and conn.request_pdu is not None:
             return await accept_locally(
                 self.accel, self.config, conn.request_pdu, request, capabilities, granted, reader, writer, outcome

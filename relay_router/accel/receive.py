@@ -32,6 +32,8 @@ from relay_router.dimse import Status
 
 log = logging.getLogger("relay_router.accel")
 MAX_OUTCOMES_PER_SITE = 100_000  # unacknowledged outcomes kept for one site; the oldest go first
+# A near router may ask for fresh capabilities on every stream; the device is probed at most this often.
+MIN_PROBE_INTERVAL_S = 60.0
 
 
 class OutcomeBook:
@@ -143,7 +145,9 @@ class FarSession:
 
     async def _capabilities(self, *, refresh: bool) -> DeviceCapabilities | None:
         name = self.device.ae_title
-        if refresh or self.capabilities.stale(name):
+        known = self.capabilities.get(name)
+        asked = refresh and (known is None or time.time() - known.learned > MIN_PROBE_INTERVAL_S)
+        if asked or self.capabilities.stale(name):
             try:
                 learned = await asyncio.to_thread(
                     probe, self.device.ae_title, self.device.host, self.device.port, calling_ae=self.our_ae
@@ -223,7 +227,3 @@ class FarSession:
         await self.channel.send(
             records.refused(header.id, header.sop_instance, status, permanent=permanent, error=error)
         )
-
-
-def now() -> float:
-    return time.time()

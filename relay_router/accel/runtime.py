@@ -115,9 +115,10 @@ class AccelRuntime:
         register_accel_metrics(registry, lambda: self.spool, self.stats, lambda: routes)
 
     # -- near side -----------------------------------------------------------------------------------
-    def capabilities_for(self, local_ae: str) -> DeviceCapabilities | None:
-        """What the far device accepts, if this title is an accelerated route and it was ever learned."""
-        if local_ae not in self.near:
+    def capabilities_for(self, local_ae: str, config: RouterConfig) -> DeviceCapabilities | None:
+        """What the far device accepts, if this title is an accelerated route (in the running `config`, which
+        a reload may have changed) and it was ever learned."""
+        if local_ae not in self.near or not any(r.ae_title == local_ae and r.accelerate for r in config.remote):
             return None
         return self.near_capabilities.get(local_ae)
 

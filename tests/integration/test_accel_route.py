@@ -181,3 +181,76 @@ def test_the_transparent_route_beside_it_is_unchanged(sites: Sites) -> None:
     assert arrived(sites.orthanc, files)()
     assert_identical(sites.orthanc, files)
     assert sites.accel_status("hospital-a")["spool_entries"] == before
+
+
+# -- the acceptor alone: a full spool ------------------------------------------------------------
+
+
+async def test_a_full_spool_answers_a700_and_keeps_what_it_acknowledged(tmp_path: Path) -> None:
+    """pynetdicom stores three 0.39 MB images into the acceptor with a 1 MiB spool: two are acknowledged
+    and on disk, the third gets 0xA700 (out of resources) and leaves nothing behind; C-ECHO is answered."""
+    import asyncio
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from relay_router.accel.acceptor import MAX_PDU, StorageAcceptor
+    from relay_router.accel.capabilities import DeviceCapabilities
+    from relay_router.accel.negotiation import answer
+    from relay_router.accel.spool import Spool
+    from relay_router.outcome import Outcome
+    from relay_router.ul import ControlPdu, PduFramer, parse_associate
+
+    spool = Spool(tmp_path / "spool", max_bytes=1024 * 1024, fsync=False)
+    images = generate_ct_series(3, rows=440, cols=440, seed=77)
+    capabilities = DeviceCapabilities({CTImageStorage: ("1.2.840.10008.1.2.1",)}, time.time())
+    commits: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        framer = PduFramer()
+        events: list[object] = []
+        while not events:
+            events = list(framer.feed(await reader.read(65536)))
+        (request,) = events
+        assert isinstance(request, ControlPdu)
+        info = parse_associate(request.data)
+        negotiated = answer(request.data, info, capabilities, granted=None, max_pdu_length=MAX_PDU)
+        outcome = Outcome("0" * 32, "outbound", "hospital-b", calling_ae=info.calling_ae, called_ae=info.called_ae)
+        acceptor = StorageAcceptor(
+            reader,
+            writer,
+            outcome,
+            info,
+            negotiated,
+            spool=spool,
+            route="remote:PACS_B",
+            on_commit=lambda: commits.append(1),
+            idle_timeout_s=30,
+        )
+        await acceptor.run()
+
+    def scu(port: int) -> list[int]:
+        ae = AE(ae_title="MODALITY_A")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate(HOST, port, ae_title="PACS_B")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_echo().Status)]
+        statuses += [int(assoc.send_c_store(ds).Status) for ds in images]
+        assoc.release()
+        return statuses
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    try:
+        statuses = await asyncio.to_thread(scu, server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+    assert statuses == [0x0000, 0x0000, 0x0000, 0xA700]  # echo, two stored, the third out of resources
+    kept = spool.entries()
+    assert len(kept) == 2 == len(commits)
+    acknowledged = {str(ds.SOPInstanceUID): ds for ds, s in zip(images, statuses[1:], strict=True) if s == 0}
+    assert {e.sop_instance_uid for e in kept} == set(acknowledged)
+    for entry in kept:  # what was acknowledged is on disk, every element as sent
+        assert pydicom.dcmread(spool.path(entry.id)) == acknowledged[entry.sop_instance_uid]
+    assert not list((tmp_path / "spool" / "tmp").iterdir())  # the refused one left nothing behind
+    spool.close()

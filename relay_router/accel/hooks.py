@@ -120,7 +120,7 @@ async def run_far_session(
         outcome.fail(exc)
     finally:
         accel.session_ended(session)
-        outcome.bytes_to_local += session.stored
+        outcome.bytes_to_local, outcome.bytes_to_remote = channel.bytes_received, channel.bytes_sent
         await channel.close(reason)
     log.info(
         "accelerated transfer from %s into %s ended: %d instances spooled",

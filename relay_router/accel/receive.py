@@ -34,6 +34,9 @@ log = logging.getLogger("relay_router.accel")
 MAX_OUTCOMES_PER_SITE = 100_000  # unacknowledged outcomes kept for one site; the oldest go first
 # A near router may ask for fresh capabilities on every stream; the device is probed at most this often.
 MIN_PROBE_INTERVAL_S = 60.0
+# Commits (fsync) running at once: the next instance is received while earlier ones reach the disk, and
+# the file system commits concurrent syncs together. Each holds one instance's file open, nothing in memory.
+PARALLEL_COMMITS = 8
 
 
 class OutcomeBook:
@@ -116,6 +119,8 @@ class FarSession:
         self._header: records.InstanceHeader | None = None
         self._refusal: tuple[int, bool, str] | None = None
         self.stored = 0
+        self._commits: set[asyncio.Task[None]] = set()
+        self._commit_slots = asyncio.Semaphore(PARALLEL_COMMITS)
 
     async def run(self, hello_bytes: bytes) -> None:
         first = self.channel.reader.feed(hello_bytes)
@@ -136,6 +141,7 @@ class FarSession:
         finally:
             if self._writer is not None:
                 self._writer.abort()  # never acknowledged: the near router sends it again
+            await asyncio.gather(*self._commits, return_exceptions=True)  # committed ones stay: delivered
 
     async def report(self, entry: SpoolEntry, status: int, error: str) -> None:
         """A final outcome of an instance this site sent (called for live sessions; the book has it already)."""
@@ -209,21 +215,37 @@ class FarSession:
     async def _complete(self) -> None:
         header, writer, self._writer = self._header, self._writer, None
         assert header is not None
-        if writer is not None:
+        if writer is None:
+            await self._refuse(header, self._refusal)
+            return
+        await self._commit_slots.acquire()
+        task = asyncio.create_task(self._commit(header, writer))
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+
+    async def _commit(self, header: records.InstanceHeader, writer: SpoolWriter) -> None:
+        """Commit one instance (fsync) while the next is received; STORED once it is durable."""
+        try:
             try:
                 await asyncio.to_thread(writer.commit)
             except SpoolError as exc:  # not a Part 10 file naming the declared UIDs: never deliverable
-                self._refusal = (Status.CANNOT_UNDERSTAND, True, str(exc))
-            except OSError as exc:
-                self._refusal = (Status.OUT_OF_RESOURCES, False, f"spool commit failed: {exc}")
-            else:
-                self.stored += 1
-                await self.channel.send(records.stored(header.id, header.sop_instance))
-                if callable(self._on_commit):
-                    self._on_commit()
+                await self._refuse(header, (Status.CANNOT_UNDERSTAND, True, str(exc)))
                 return
-        status, permanent, error = self._refusal or (Status.CANNOT_UNDERSTAND, True, "refused")
+            except OSError as exc:
+                await self._refuse(header, (Status.OUT_OF_RESOURCES, False, f"spool commit failed: {exc}"))
+                return
+            self.stored += 1
+            if callable(self._on_commit):
+                self._on_commit()
+            await self.channel.send(records.stored(header.id, header.sop_instance), flush=True)
+        except TransferError as exc:  # the stream broke: the near router sends it again (a harmless duplicate)
+            log.info("STORED for %s not sent: %s", header.sop_instance, exc)
+        finally:
+            self._commit_slots.release()
+
+    async def _refuse(self, header: records.InstanceHeader, why: tuple[int, bool, str] | None) -> None:
+        status, permanent, error = why or (Status.CANNOT_UNDERSTAND, True, "refused")
         log.warning("refused %s from %s with 0x%04X: %s", header.sop_instance, self.from_site, status, error)
         await self.channel.send(
-            records.refused(header.id, header.sop_instance, status, permanent=permanent, error=error)
+            records.refused(header.id, header.sop_instance, status, permanent=permanent, error=error), flush=True
         )

@@ -69,7 +69,8 @@ class RecordChannel:
         self.frame_bytes = frame_bytes
         self._pending = bytearray()
         self._send_lock = asyncio.Lock()
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # record bytes, before compression and sealing
+        self.bytes_received = 0
 
     async def send(self, data: bytes, *, flush: bool = False) -> None:
         """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket)."""
@@ -125,6 +126,7 @@ class RecordChannel:
                 raise TransferError(f"unexpected {kind} frame in an accelerated transfer", reason=Reason.PROTOCOL)
             event = self.codec.decode(frame.data)
             if isinstance(event, DataReceived):
+                self.bytes_received += len(event.payload)
                 return self.reader.feed(event.payload)
 
     async def close(self, reason: Reason | None = None) -> None:

@@ -136,3 +136,14 @@ def test_hostile_streams_are_refused_with_a_reason(stream: bytes, accept: tuple[
         reader.feed(stream)
     with pytest.raises(RecordError):  # poisoned: nothing after a violation is read
         reader.feed(records.ack([]))
+
+
+def test_accel1_is_agreed_only_when_offered_and_accepted() -> None:
+    from relay_router.wire.features import ACCEL, Features
+
+    offered = Features.offer(compression=True, accel=True)
+    assert ACCEL in offered.names() and ACCEL not in Features.offer(compression=True).names()
+    assert Features.answer(offered.names(), compression=True, accel=True).accel
+    assert not Features.answer(offered.names(), compression=True, accel=False).accel  # device not accelerated
+    assert not Features.answer(Features.offer(compression=True).names(), compression=True, accel=True).accel
+    assert Features.agreed(offered, [ACCEL, "zstd"]).accel and not Features.agreed(offered, ["zstd"]).accel

@@ -6,7 +6,7 @@ answers at once and needs neither the network nor the bridge password. Plugin co
 `DICOM-RELAY <STATE> - <text> | <perfdata>` and the exit code
   0 OK        signed on to the bridge, every remote device online, certificates valid > 21 days
   1 WARNING   signed on, but a remote device is offline (or not in the directory), or a certificate
-              expires within 21 days
+              expires within 21 days, or the accelerated routes' spool has dead letters or is 80% full
   2 CRITICAL  the router is not running (no status file, stopped, or stale), is not signed on to the
               bridge, or a certificate expires within 7 days (or has expired)
   3 UNKNOWN   the status file cannot be read (permissions, damaged) or the configuration is invalid
@@ -78,6 +78,16 @@ def evaluate_check(
     cert_state, cert_text = certificate_state(expiries, problems, now=now, warn_days=warn_days)
     if cert_text:
         text += f"; {cert_text}"
+    spool = router_status.spool_report(config)  # accelerated routes: dead letters and fill warn
+    if spool is not None:
+        from relay_router.accel.cli import spool_check
+
+        warn, spool_text, spool_perf = spool_check(spool)
+        perfdata += [perf(label, value, unit="B" if label == "spool_bytes" else "", minimum=0, maximum=top)
+                     for label, value, top in spool_perf]  # fmt: skip
+        if warn:
+            state = worst(state, WARNING)
+            text += f"; {spool_text}"
     return Check(worst(state, cert_state), text, perfdata)
 
 

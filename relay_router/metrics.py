@@ -25,6 +25,7 @@ from relay_common.audit import AuditExportCollector
 from relay_common.certmetrics import register_certificates, router_certificate_files
 from relay_common.errors import Reason
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
+from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.outcome import Result
 
 if TYPE_CHECKING:
@@ -216,6 +217,10 @@ class RouterMetrics:
         registry.register(_SpillCollector(service))
         register_certificates(registry, "relay_router", router_certificate_files(service.config))
         registry.register(AuditExportCollector(service, "relay_router"))  # audit export (relay_common.audit)
+        # Accelerated routes: the spool (`service.spool` once accelerated routes run) and the delivery pools'
+        # counters (pools are given `metrics.accel` as their `stats`).
+        self.accel_stats = DeliveryStats()
+        register_accel_metrics(registry, lambda: getattr(service, "spool", None), self.accel_stats)
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

@@ -313,7 +313,7 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     path = status_file or default_status_file(config)
     report = evaluate(*read_status(path))
     report["status_file"] = str(path)
-    spool = _spool_report(config)
+    spool = spool_report(config)
     if spool is not None:
         report["spool"] = spool
     print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
@@ -324,7 +324,7 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     return int(report["exit_code"])
 
 
-def _spool_report(config: RouterConfig) -> dict[str, Any] | None:
+def spool_report(config: RouterConfig) -> dict[str, Any] | None:
     """The accelerated routes' spool, read from disk, when there is one (usage, counts, dead letters)."""
     from relay_router.accel.cli import configured_spool
 

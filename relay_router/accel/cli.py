@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # the spool imports pydicom: loaded only when a spool command
     from relay_router.accel.spool import SpoolEntry
     from relay_router.config import RouterConfig
 
-__all__ = ["add_spool_parser", "configured_spool", "spool_command", "status_lines"]
+__all__ = ["add_spool_parser", "configured_spool", "spool_check", "spool_command", "status_lines"]
+
+SPOOL_WARN_FILL = 0.8  # the monitoring plugin warns from here: senders get A700 at 1.0
 
 STATES = ("received", "sending", "forwarded", "delivered", "retry", "dead")  # EntryState values (a unit test checks)
 DEFAULT_SPOOL_SUBDIR = "spool"  # under router.state_dir, unless [accelerate] spool_dir says otherwise
@@ -161,3 +163,21 @@ def status_lines(report: dict[str, object]) -> list[str]:
             f"{printable(str(item['error']))}"
         )
     return lines
+
+
+def spool_check(report: dict[str, object]) -> tuple[bool, str, list[tuple[str, int, int | None]]]:
+    """For `relay-router check`: (warn?, text, perfdata (label, value, maximum)) from a spool report."""
+    counts = report["entries"]
+    assert isinstance(counts, dict)
+    dead = int(counts.get("dead", 0))
+    used = int(report["bytes_used"])  # type: ignore[call-overload]
+    limit = report["max_bytes"]
+    limit = int(limit) if isinstance(limit, int) and limit > 0 else None
+    texts = []
+    if dead:
+        texts.append(
+            f"{dead} dead letter{'s' if dead != 1 else ''} in the spool (relay-router spool list --state dead)"
+        )
+    if limit and used >= SPOOL_WARN_FILL * limit:
+        texts.append(f"spool {100 * used // limit}% full (A700 to senders at 100%)")
+    return bool(texts), "; ".join(texts), [("spool_dead", dead, None), ("spool_bytes", used, limit)]

@@ -38,6 +38,7 @@ devices (storescp) serve one association at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -111,6 +112,23 @@ def _nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+@dataclass
+class _Link:
+    """One worker's association to the destination and what it is doing with it."""
+
+    assoc: Association | None = None
+    accepted: frozenset[tuple[str, str]] = frozenset()  # (SOP class, transfer syntax) pairs the device took
+    connect_failures: int = 0
+    last_used: float = 0.0
+    claimed: SpoolEntry | None = None  # the entry being sent, so an unexpected error can hand it back
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+        self.assoc = None
+        self.accepted = frozenset()
+
+
 class DeliveryPool:
     """Delivers the due entries of `route` from `spool` to `destination`; see the module docstring.
 
@@ -118,7 +136,9 @@ class DeliveryPool:
     ``loop.call_soon_threadsafe`` to reach an event loop). With
     `remove_delivered` (the default) a DELIVERED entry is removed after the
     callback; the far router turns it off to keep the entry until its outcome
-    has reached the near router.
+    has reached the near router. DELIVERED entries found at :meth:`start` (a
+    crash came between the device's confirmation and their removal) are
+    reported again (status 0000) and removed if `remove_delivered`.
     """
 
     def __init__(
@@ -159,6 +179,13 @@ class DeliveryPool:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        # DELIVERED entries left by a crash between the device's confirmation and the removal: report
+        # them again (at least once) and remove them. DELIVERED is only ever set on a success or warning
+        # status; which one is not kept, so they are reported as 0000.
+        for entry in self.spool.entries(state=EntryState.DELIVERED, route=self.route):
+            self._report(entry, Outcome.DELIVERED, 0x0000, "")
+            if self.remove_delivered:
+                self.spool.remove(entry.id)
         for number in range(self.associations):
             thread = threading.Thread(
                 target=self._worker, name=f"delivery-{self.route}-{number}", args=(number,), daemon=True
@@ -194,52 +221,66 @@ class DeliveryPool:
                 self._wake.wait(max(0.01, seconds))
 
     def _worker(self, number: int) -> None:
-        assoc: Association | None = None
-        accepted: frozenset[tuple[str, str]] = frozenset()
-        connect_failures = 0
-        last_used = time.monotonic()
+        link = _Link()
+        requests_seen = 0.0
         try:
             while not self._stopping:
-                if number == 0:
-                    self.spool.apply_requests()  # `relay-router spool retry|purge` while we run
-                now = time.time()
-                due = self.spool.due(now, route=self.route)
-                refused = self._refused_pairs()
-                if any((e.sop_class_uid, e.transfer_syntax) in refused for e in due):
-                    self._dead_unsupported(refused)
-                    continue
-                if not due:
-                    if assoc is not None and time.monotonic() - last_used > self.idle_release_s:
-                        assoc.release()
-                        assoc = None
-                    upcoming = self.spool.next_due(route=self.route)
-                    self._wait(min(1.0, upcoming - now) if upcoming is not None else 1.0)
-                    continue
-                if (
-                    assoc is None
-                    or not assoc.is_established
-                    or not any((e.sop_class_uid, e.transfer_syntax) in accepted for e in due)
-                ):  # none yet, lost, or the due entries need contexts it does not have
-                    if assoc is not None and assoc.is_established:
-                        assoc.release()
-                    assoc, accepted = self._associate(due)
-                    if assoc is None:
-                        connect_failures += 1
-                        self._wait(self.spool.backoff(connect_failures))
-                        continue
-                    connect_failures = 0
-                    continue  # refused pairs are now known: look at what is due again
-                entry = self.spool.claim(self.route, now, accept=accepted)
-                if entry is None:  # due entries are being sent by other workers
-                    self._wait(0.05)
-                    continue
-                self._deliver(assoc, entry)
-                last_used = time.monotonic()
-        except Exception:  # a worker must not die silently: the others go on, and this one says why
-            log.exception("delivery worker %s of route %s stopped", number, self.route)
+                try:
+                    if number == 0 and time.monotonic() - requests_seen >= 1.0:
+                        requests_seen = time.monotonic()
+                        self.spool.apply_requests()  # `relay-router spool retry|purge` while we run
+                    self._step(link)
+                except Exception as exc:  # a full disk, a library bug: say why, pause, go on (never die)
+                    log.exception("delivery worker %s of route %s: unexpected error; going on", number, self.route)
+                    self._recover_worker(link, exc)
         finally:
-            if assoc is not None and assoc.is_established:
-                assoc.release()
+            link.close()
+
+    def _recover_worker(self, link: _Link, exc: Exception) -> None:
+        claimed, link.claimed = link.claimed, None
+        link.close()
+        if claimed is not None:
+            with contextlib.suppress(Exception):  # the spool itself may be what failed
+                self.spool.fail(claimed.id, f"internal error: {exc.__class__.__name__}", permanent=False)
+        self._wait(1.0)
+
+    def _step(self, link: _Link) -> None:
+        """One turn of a worker: deliver one entry, or (re)associate, or wait."""
+        now = time.time()
+        if link.assoc is not None and link.assoc.is_established:  # the fast path: one claim, one C-STORE
+            link.claimed = self.spool.claim(self.route, now, accept=link.accepted)
+            if link.claimed is not None:
+                self._deliver(link.assoc, link.claimed)
+                link.claimed = None
+                link.last_used = time.monotonic()
+                return
+        # Nothing this association can take: look at what waits (one pass over the spool).
+        due = self.spool.due(now, route=self.route)
+        refused = self._refused_pairs()
+        if any((e.sop_class_uid, e.transfer_syntax) in refused for e in due):
+            self._dead_unsupported(refused)
+            return
+        if not due:
+            if link.assoc is not None and time.monotonic() - link.last_used > self.idle_release_s:
+                link.close()
+            upcoming = self.spool.next_due(route=self.route)
+            self._wait(min(1.0, upcoming - now) if upcoming is not None else 1.0)
+            return
+        if (
+            link.assoc is not None
+            and link.assoc.is_established
+            and any((e.sop_class_uid, e.transfer_syntax) in link.accepted for e in due)
+        ):
+            return  # another worker took the one we saw; claim again
+        # None yet, lost, or the due entries need contexts it does not have.
+        link.close()
+        link.assoc, link.accepted = self._associate(due)
+        if link.assoc is None:
+            link.connect_failures += 1
+            self._wait(self.spool.backoff(link.connect_failures))
+            return
+        link.connect_failures = 0
+        link.last_used = time.monotonic()
 
     def _associate(self, due: list[SpoolEntry]) -> tuple[Association | None, frozenset[tuple[str, str]]]:
         pairs: list[tuple[str, str]] = []

@@ -9,6 +9,7 @@ a peer chose, never patient data.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,20 +61,20 @@ class SpoolCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         spool = self.spool()
-        if spool is not None:
-            used, limit, counts = spool.usage()
-            entries = GaugeMetricFamily(
-                "relay_router_spool_entries", "Instances in the accelerated routes' spool, by state", labels=["state"]
-            )
-            for state in EntryState:
-                entries.add_metric([str(state)], counts[state])
-            yield entries
-            yield GaugeMetricFamily(
-                "relay_router_spool_bytes", "Bytes held by the spool (committed and being received)", value=used
-            )
-            yield GaugeMetricFamily(
-                "relay_router_spool_max_bytes", "The spool's limit ([accelerate] spool_max_bytes)", value=limit
-            )
+        # Without a spool (no accelerated route) the families exist with zeros, as every label does.
+        used, limit, counts = spool.usage() if spool is not None else (0, 0, dict.fromkeys(EntryState, 0))
+        entries = GaugeMetricFamily(
+            "relay_router_spool_entries", "Instances in the accelerated routes' spool, by state", labels=["state"]
+        )
+        for state in EntryState:
+            entries.add_metric([str(state)], counts[state])
+        yield entries
+        yield GaugeMetricFamily(
+            "relay_router_spool_bytes", "Bytes held by the spool (committed and being received)", value=used
+        )
+        yield GaugeMetricFamily(
+            "relay_router_spool_max_bytes", "The spool's limit ([accelerate] spool_max_bytes)", value=limit
+        )
         outcomes, failures = self.stats.snapshot()
         routes = sorted(set(self.routes()) | {route for route, _ in outcomes} | set(failures))
         deliveries = CounterMetricFamily(
@@ -96,15 +97,27 @@ class SpoolCollector(Collector):
         yield refused
 
 
+_REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, SpoolCollector] = weakref.WeakKeyDictionary()
+
+
 def register_accel_metrics(
     registry: CollectorRegistry,
     spool: Callable[[], Spool | None],
     stats: DeliveryStats,
     routes: Callable[[], list[str]] = list,
 ) -> SpoolCollector:
-    """Add the spool and delivery families to the router's registry (RouterMetrics wires this)."""
+    """Add the spool and delivery families to the router's registry.
+
+    RouterMetrics registers them at once (zeros until accelerated routes run); whoever runs the spool
+    calls this again with the real sources, which replaces them: a registry never gets the families twice.
+    """
+    collector = _REGISTERED.get(registry)
+    if collector is not None:
+        collector.spool, collector.stats, collector.routes = spool, stats, routes
+        return collector
     collector = SpoolCollector(spool, stats, routes)
     registry.register(collector)
+    _REGISTERED[registry] = collector
     return collector
 
 

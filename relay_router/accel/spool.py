@@ -25,6 +25,9 @@ SOP Instance UID is harmless. Files are 0600 and directories 0700 (PHI).
 
 The spool holds no sockets and no threads; its methods are thread-safe (one
 lock), so the delivery pool's workers and the event loop may share one spool.
+They block on the disk (a commit waits for two syncs, milliseconds to tens of
+milliseconds): call them from asyncio through ``asyncio.to_thread`` or an
+executor, never on the loop that relays bytes.
 """
 
 from __future__ import annotations
@@ -586,7 +589,7 @@ class Spool:
     def claim(self, route: str, now: float, *, accept: frozenset[tuple[str, str]] | None = None) -> SpoolEntry | None:
         """Atomically take the oldest due entry of `route` (optionally only these (SOP class, TS) pairs): SENDING."""
         with self._lock:
-            candidates = sorted(
+            oldest = min(
                 (
                     e
                     for e in self._entries.values()
@@ -595,11 +598,12 @@ class Spool:
                     and e.next_attempt <= now
                     and (accept is None or (e.sop_class_uid, e.transfer_syntax) in accept)
                 ),
-                key=lambda e: e.id,
+                key=lambda e: e.id,  # ids begin with the commit time: the oldest first
+                default=None,
             )
-            if not candidates:
+            if oldest is None:
                 return None
-            entry = replace(candidates[0], state=EntryState.SENDING, attempts=candidates[0].attempts + 1)
+            entry = replace(oldest, state=EntryState.SENDING, attempts=oldest.attempts + 1)
             self._write_state(self._dir(entry.id), entry, durable=False)
             self._entries[entry.id] = entry
             return entry

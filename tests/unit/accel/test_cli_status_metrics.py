@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from relay_router import cli as router_cli
-from relay_router.accel.cli import STATES, configured_spool, spool_command
-from relay_router.accel.delivery import Outcome, classify_status
+from relay_router.accel.cli import STATES, configured_spool, spool_check, spool_command
+from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome, classify_status
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.accel.spool import EntryState, Spool, read_entries
 from relay_router.status import status_command
@@ -153,3 +153,40 @@ def test_metrics_report_states_bytes_and_outcomes(tmp_path: Path) -> None:
 )
 def test_c_store_status_classes(status: int, outcome: Outcome) -> None:
     assert classify_status(status) is outcome
+
+
+def test_the_monitoring_plugin_warns_on_dead_letters_and_a_filling_spool() -> None:
+    report: dict[str, object] = {"entries": {"received": 3, "dead": 0}, "bytes_used": 100, "max_bytes": 1000}
+    assert spool_check(report) == (False, "", [("spool_dead", 0, None), ("spool_bytes", 100, 1000)])
+    report["entries"] = {"dead": 2}
+    warn, text, _ = spool_check(report)
+    assert warn and "2 dead letters" in text
+    report.update(entries={"dead": 0}, bytes_used=850)
+    warn, text, _ = spool_check(report)
+    assert warn and "85% full" in text
+
+
+def test_a_delivered_entry_left_by_a_crash_is_reported_again_and_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", max_bytes=1 << 20)
+    with spool.writer("PACS_B", sop_class_uid=CT, sop_instance_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2") as w:
+        w.write(b"\0" * 10)
+        entry = w.commit()
+    spool.set_state(entry.id, EntryState.DELIVERED)  # then the process died before remove()
+    seen: list[DeliveryOutcome] = []
+    pool = DeliveryPool(spool, "PACS_B", Destination("127.0.0.1", 9, "NOBODY", "ME"), on_outcome=seen.append)
+    pool.start()
+    pool.stop()
+    assert [(o.entry.id, o.outcome, o.status) for o in seen] == [(entry.id, Outcome.DELIVERED, 0x0000)]
+    assert spool.entries() == []
+    spool.close()
+
+
+def test_registering_twice_replaces_the_sources_instead_of_duplicating(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    register_accel_metrics(registry, lambda: None, DeliveryStats())  # RouterMetrics, before any spool
+    assert registry.get_sample_value("relay_router_spool_max_bytes") == 0
+    spool = Spool(tmp_path / "s", max_bytes=777)
+    register_accel_metrics(registry, lambda: spool, DeliveryStats(), lambda: ["PACS_B"])  # the accel runtime
+    assert registry.get_sample_value("relay_router_spool_max_bytes") == 777
+    assert registry.get_sample_value("relay_router_accel_deliveries_total", {"route": "PACS_B", "outcome": "dead"}) == 0
+    spool.close()

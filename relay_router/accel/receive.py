@@ -87,8 +87,8 @@ class OutcomeBook:
 
 
 def far_route_name(device: SharedDevice) -> str:
-    """The spool's route name for instances on their way into one of our [[shared]] devices."""
-    return f"shared:{device.ae_title}"
+    """The spool's route name for instances on their way into one of our [[shared]] devices: its AE title."""
+    return device.ae_title
 
 
 class FarSession:

@@ -385,8 +385,9 @@ class NearTransfer:
 
 
 def route_name(local_ae: str) -> str:
-    """The spool's route name of a `[[remote]]` entry's accelerated transfers."""
-    return f"remote:{local_ae}"
+    """The spool's route name of a `[[remote]]` entry's accelerated transfers: its local AE title (unique among
+    this router's [[remote]] and [[shared]] titles, so it names the route in `relay-router spool list --route`)."""
+    return local_ae
 
 
 WakeFn = Callable[[], None]

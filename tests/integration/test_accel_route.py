@@ -220,7 +220,7 @@ async def test_a_full_spool_answers_a700_and_keeps_what_it_acknowledged(tmp_path
             info,
             negotiated,
             spool=spool,
-            route="remote:PACS_B",
+            route="PACS_B",
             on_commit=lambda: commits.append(1),
             idle_timeout_s=30,
         )

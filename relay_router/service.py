@@ -106,7 +106,7 @@ class RouterService(OutboundCalls, InboundCalls):
         self.port: int | None = None
         self.metrics = RouterMetrics(self)
         # Accelerated routes (issue 13): spool, transfers, delivery pools; None unless configured.
-        self.accel = AccelRuntime(config, self.link) if accel_configured(config) else None
+        self.accel = AccelRuntime(config, self.link, self.audit) if accel_configured(config) else None
         if self.accel is not None:
             self.accel.register_metrics(self.metrics.registry)
 

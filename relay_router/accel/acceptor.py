@@ -34,6 +34,7 @@ from relay_router.dimse import (
     parse_c_store_rq,
 )
 from relay_router.outcome import Outcome, Result
+from relay_router.studytap import StudyTap
 from relay_router.ul import AssociateInfo, ControlPdu, PDataBytes, PduError, PduFramer, PduType, a_abort, a_release_rp
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class StorageAcceptor:
         self.receiver = DimseReceiver(negotiated.contexts, max_pdu_length=MAX_PDU)
         self.sender = DimseSender(request.max_pdu_length)
         self.store: _Store | None = None
+        # The studies and patients sent (audit field "studies"), read from the bytes as on a transparent route.
+        self.tap = StudyTap(negotiated.contexts, local_is_requestor=True)
         self.stored = 0
         self.refused = 0
         self.extra = {"assoc": outcome.association_id}
@@ -106,6 +109,7 @@ class StorageAcceptor:
         except ConnectionError as exc:
             self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, f"the sending device's connection broke: {exc}")
         finally:
+            self.outcome.studies = self.tap.summary()
             if self.store is not None and self.store.writer is not None:
                 self.store.writer.abort()  # never acknowledged: the device sends it again
             with contextlib.suppress(ConnectionError):
@@ -127,6 +131,7 @@ class StorageAcceptor:
                 self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, "the sending device closed the connection")
                 return
             self.outcome.bytes_to_remote += len(data)
+            self.tap.relayed(True, data)
             for event in self.framer.feed(data):
                 if isinstance(event, PDataBytes):
                     for dimse in self.receiver.feed(event.data):

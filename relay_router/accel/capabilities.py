@@ -77,6 +77,8 @@ def probe(ae_title: str, host: str, port: int, *, calling_ae: str, timeout_s: fl
         batch = [build_context(c, ts) for c, ts in pairs[start : start + MAX_CONTEXTS]]
         assoc = ae.associate(host, port, contexts=batch, ae_title=ae_title)
         if not assoc.is_established:
+            if not reached:  # unreachable or refusing: do not wait out the timeout once per batch
+                break
             continue
         reached = True
         for context in assoc.accepted_contexts:

@@ -127,7 +127,13 @@ class FarSession:
         hello = first[0] if len(first) == 1 else None
         if not isinstance(hello, records.Hello):
             raise records.RecordError("the first record of an accelerated transfer is not HELLO")
-        known = await self._capabilities(refresh=hello.capabilities)
+        known = self.capabilities.get(self.device.ae_title)
+        refresh: asyncio.Task[None] | None = None
+        if self._probe_due(asked=hello.capabilities):
+            if known is None:  # nothing to offer until the device has answered once
+                known = await self._probe()
+            else:  # offer what is known now; the fresh answer follows on this stream
+                refresh = asyncio.create_task(self._refresh())
         if known is not None:
             await self.channel.send(records.capabilities(known.narrowed(self.granted).contexts))
         for outcome in self.book.pending(self.from_site):
@@ -139,6 +145,8 @@ class FarSession:
                     await self._apply(record)
                 await self.channel.send(b"", flush=True)
         finally:
+            if refresh is not None:
+                refresh.cancel()
             if self._writer is not None:
                 self._writer.abort()  # never acknowledged: the near router sends it again
             await asyncio.gather(*self._commits, return_exceptions=True)  # committed ones stay: delivered
@@ -149,21 +157,31 @@ class FarSession:
         with contextlib.suppress(TransferError):
             await self.channel.send(records.outcome(origin, entry.sop_instance_uid, status, error), flush=True)
 
-    async def _capabilities(self, *, refresh: bool) -> DeviceCapabilities | None:
+    def _probe_due(self, *, asked: bool) -> bool:
+        """Stale, or the near router asked (at most once a MIN_PROBE_INTERVAL_S: it may ask on every stream)."""
         name = self.device.ae_title
         known = self.capabilities.get(name)
-        asked = refresh and (known is None or time.time() - known.learned > MIN_PROBE_INTERVAL_S)
-        if asked or self.capabilities.stale(name):
-            try:
-                learned = await asyncio.to_thread(
-                    probe, self.device.ae_title, self.device.host, self.device.port, calling_ae=self.our_ae
-                )
-            except OSError as exc:
-                log.warning("cannot learn what %s accepts: %s (keeping what was known)", name, exc)
-            else:
-                self.capabilities.put(name, learned)
-                log.info("%s accepts %d SOP classes (capability probe)", name, len(learned.contexts))
+        recent = known is not None and time.time() - known.learned <= MIN_PROBE_INTERVAL_S
+        return self.capabilities.stale(name) or (asked and not recent)
+
+    async def _probe(self) -> DeviceCapabilities | None:
+        name = self.device.ae_title
+        try:
+            learned = await asyncio.to_thread(
+                probe, self.device.ae_title, self.device.host, self.device.port, calling_ae=self.our_ae
+            )
+        except OSError as exc:
+            log.warning("cannot learn what %s accepts: %s (keeping what was known)", name, exc)
+        else:
+            self.capabilities.put(name, learned)
+            log.info("%s accepts %d SOP classes (capability probe)", name, len(learned.contexts))
         return self.capabilities.get(name)
+
+    async def _refresh(self) -> None:
+        learned = await self._probe()
+        if learned is not None:
+            with contextlib.suppress(TransferError):
+                await self.channel.send(records.capabilities(learned.narrowed(self.granted).contexts), flush=True)
 
     async def _apply(self, record: records.Record) -> None:
         if isinstance(record, records.Ack):

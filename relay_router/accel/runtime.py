@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from relay_common.audit import AuditLog
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
@@ -34,7 +35,7 @@ def configured(config: RouterConfig) -> bool:
 
 
 class AccelRuntime:
-    def __init__(self, config: RouterConfig, link: BridgeLink) -> None:
+    def __init__(self, config: RouterConfig, link: BridgeLink, audit: AuditLog | None = None) -> None:
         self.config = config
         self.link = link
         section = config.accelerate
@@ -50,7 +51,13 @@ class AccelRuntime:
         self.book = OutcomeBook(state / "outcomes.json")
         self.near: dict[str, NearTransfer] = {
             r.ae_title: NearTransfer(
-                config, link, self.spool, self.near_capabilities, local_ae=r.ae_title, route=Route(r.site, r.target)
+                config,
+                link,
+                self.spool,
+                self.near_capabilities,
+                local_ae=r.ae_title,
+                route=Route(r.site, r.target),
+                audit=audit,
             )
             for r in config.remote
             if r.accelerate

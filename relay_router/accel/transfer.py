@@ -20,12 +20,14 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_common.audit import AuditLog
 from relay_common.errors import Reason, RelayError
 from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
@@ -154,8 +156,12 @@ class NearTransfer:
         *,
         local_ae: str,
         route: Route,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
+        self.audit = audit
+        self.counts: Counter[str] = Counter()  # instances since the last audit: sent, stored, delivered, dead, ...
+        self._batch_started = time.monotonic()
         self.link = link
         self.spool = spool
         self.capabilities = capabilities
@@ -194,7 +200,7 @@ class NearTransfer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), min(wait, self.capabilities.refresh_s))
                 continue
-            started = time.monotonic()
+            started = self._batch_started = time.monotonic()
             try:
                 await self._session()
                 self.last_error = ""
@@ -208,6 +214,7 @@ class NearTransfer:
             finally:
                 self.connected = False
                 self._requeue()
+                self._audit(time.monotonic() - self._batch_started)
             if time.monotonic() - started > 60:
                 delay = RETRY_MIN_S
             if self.last_error:
@@ -217,6 +224,27 @@ class NearTransfer:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), OUTCOME_POLL_S)
+
+    def _audit(self, seconds: float) -> None:
+        """An `accel_transfer` event each time what was sent has all its outcomes, and when a stream ends with
+        instances counted (the local association was audited when the device sent; this says when its
+        instances left for the far site and what became of them)."""
+        if not any(self.counts.values()):
+            return
+        counts, self.counts = self.counts, Counter()
+        self._batch_started = time.monotonic()
+        if self.audit is None:
+            return
+        self.audit.event(
+            "accel_transfer",
+            "failure" if self.last_error else "success",
+            site=self.route.site,
+            called_ae=self.route.ae_title,
+            local_ae=self.local_ae,
+            detail=self.last_error,
+            seconds=round(seconds, 3),
+            **{name: counts.get(name, 0) for name in ("sent", "stored", "delivered", "dead", "refused")},
+        )
 
     def _requeue(self) -> None:
         """What was sent without a STORED answer goes back to RECEIVED (sent again on the next stream)."""
@@ -300,8 +328,10 @@ class NearTransfer:
                 continue
             if self.in_flight or self._awaiting():
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > IDLE_CLOSE_S or not self._has_work():
-                break
+            else:
+                self._audit(time.monotonic() - self._batch_started)  # everything handed over has its outcome
+                if time.monotonic() - idle_since > IDLE_CLOSE_S or not self._has_work():
+                    break
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -317,6 +347,7 @@ class NearTransfer:
             self.spool.fail(entry.id, f"spool file unreadable: {exc}", permanent=True)
             return 0
         self.in_flight[entry.id] = InFlight(entry, size)
+        self.counts["sent"] += 1
         header = records.InstanceHeader(
             entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size
         )
@@ -358,19 +389,23 @@ class NearTransfer:
             self.in_flight.pop(record.id, None)
             if entry.state is EntryState.SENDING:
                 self.spool.set_state(record.id, EntryState.FORWARDED)
+                self.counts["stored"] += 1
         elif isinstance(record, records.Refused):
             self.in_flight.pop(record.id, None)
             error = f"refused by {self.route.site} with 0x{record.status:04X}: {record.error}"
             self.spool.fail(record.id, error, permanent=record.permanent)
+            self.counts["refused"] += 1
         elif delivered(record.status):
             self.in_flight.pop(record.id, None)
             self.spool.set_state(record.id, EntryState.DELIVERED)
             self.spool.remove(record.id)
+            self.counts["delivered"] += 1
         else:
             self.in_flight.pop(record.id, None)
             error = f"{self.route.ae_title} answered 0x{record.status:04X}: {record.error}"
             log.warning("instance %s is dead: %s", record.sop_instance, error)
             self.spool.fail(record.id, error, permanent=True)
+            self.counts["dead"] += 1
 
     def _entry(self, entry_id: str, sop_instance: str) -> SpoolEntry | None:
         """The entry a far router's record names, if it is ours (a hostile one may name anything)."""

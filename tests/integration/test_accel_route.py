@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from relay_common.audit import read_events
 from relay_demo.datasets import fingerprints, generate_ct_series, generate_mr_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
@@ -136,6 +137,15 @@ def test_echo_and_store_are_answered_by_router_a_and_arrive_identical(sites: Sit
     wait_for(arrived(sites.orthanc, files), "the images at Orthanc")
     assert_identical(sites.orthanc, files)
     wait_for(spool_drained(sites), "both spools empty (outcomes reported back)")
+    # The audit trail at A: the association (with the studies the device sent), then what left for site B.
+    audit = sites.net.workdir / "audit-hospital-a.jsonl"
+    accepted = [e for e in read_events(audit) if e["event"] == "association" and e.get("called_ae") == "PACS_B"]
+    assert sum(s["instances"] for e in accepted for s in e.get("studies", [])) >= len(files)
+    wait_for(
+        lambda: sum(e.get("delivered", 0) for e in read_events(audit) if e["event"] == "accel_transfer") >= len(files),
+        "accel_transfer audit events counting the delivered images",
+        timeout=45,
+    )
 
 
 def test_the_sender_finishes_while_router_b_is_down_and_router_a_survives_sigkill(sites: Sites) -> None:

@@ -298,7 +298,7 @@ class NearTransfer:
         except TimeoutError:
             channel.stream.cancel()
             raise TransferError("the far router did not confirm the accelerated transfer in time") from None
-        self.connected = True
+        self.connected, self.last_error = True, ""
         self.sessions += 1
         log.info("accelerated transfer to %s/%s open", self.route.site, self.route.ae_title)
         done = asyncio.Event()

@@ -75,9 +75,12 @@ def probe(ae_title: str, host: str, port: int, *, calling_ae: str, timeout_s: fl
     reached = False
     for start in range(0, len(pairs), MAX_CONTEXTS):
         batch = [build_context(c, ts) for c, ts in pairs[start : start + MAX_CONTEXTS]]
+        started = time.monotonic()
         assoc = ae.associate(host, port, contexts=batch, ae_title=ae_title)
         if not assoc.is_established:
-            if not reached:  # unreachable or refusing: do not wait out the timeout once per batch
+            # A batch with nothing the device takes fails at once (rejected, or no context accepted): go on. A
+            # device that does not answer at all would cost the timeout once per batch: stop at the first.
+            if time.monotonic() - started >= timeout_s / 2:
                 break
             continue
         reached = True

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -30,10 +31,37 @@ ACCEL = {"bucket_bytes": 256 * 1024, "retry_max_s": 2.0, "associations": 2}
 
 
 @dataclass
+class CtOnlyScp:
+    """A pynetdicom SCP that accepts CT Image Storage in Explicit VR Little Endian and nothing else."""
+
+    received: dict[str, pydicom.Dataset]
+    port: int
+    server: Any
+
+
+def start_ct_only_scp() -> CtOnlyScp:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    received: dict[str, pydicom.Dataset] = {}
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        received[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+    ae = AE(ae_title="CT_ONLY")
+    ae.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return CtOnlyScp(received, server.server_address[1], server)
+
+
+@dataclass
 class Sites:
     net: LocalRelayNetwork
     orthanc: OrthancProcess
     work: Path
+    ct_only: CtOnlyScp
 
     @property
     def port_a(self) -> int:
@@ -46,10 +74,10 @@ class Sites:
         assert isinstance(status, dict), f"{site} shows no accelerate status: {self.net.status(site)}"
         return status
 
-    def route(self) -> dict[str, object]:
+    def route(self, title: str = "PACS_B") -> dict[str, object]:
         routes = self.accel_status("hospital-a")["routes"]
         assert isinstance(routes, dict)
-        return dict(routes["PACS_B"])
+        return dict(routes[title])
 
     def series(self, name: str, make: Callable[[], list[pydicom.Dataset]]) -> list[Path]:
         return write_series(make(), self.work / name)
@@ -69,11 +97,15 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
     require_dcmtk("storescu", "echoscu")
     work = tmp_path_factory.mktemp("accel")
     orthanc = orthanc_module_factory("ORTHANC_B")
+    ct_only = start_ct_only_scp()
     net = LocalRelayNetwork(work / "relay").start()
     try:
         net.add_site(
             "hospital-b",
-            shared=[Shared("ORTHANC_B", HOST, orthanc.dicom_port, ["hospital-a"], accelerate=True)],
+            shared=[
+                Shared("ORTHANC_B", HOST, orthanc.dicom_port, ["hospital-a"], accelerate=True),
+                Shared("CT_ONLY", HOST, ct_only.port, ["hospital-a"], accelerate=True),
+            ],
             accelerate=ACCEL,
         )
         net.add_site(
@@ -81,16 +113,19 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             remote=[
                 Remote("PACS_B", "hospital-b", "ORTHANC_B", accelerate=True),
                 Remote("PACS_B_PLAIN", "hospital-b", "ORTHANC_B"),
+                Remote("CT_ONLY", "hospital-b", accelerate=True),
             ],
             accelerate=ACCEL,
         )
         net.wait_connected()
-        sites = Sites(net, orthanc, work)
-        # Router A learns what Orthanc accepts from router B (which negotiates with it) as soon as it is up.
-        wait_for(lambda: bool(sites.route().get("capabilities_known")), "capabilities learned from router B")
+        sites = Sites(net, orthanc, work, ct_only)
+        # Router A learns what each device accepts from router B (which negotiates with it) as soon as it is up.
+        for title in ("PACS_B", "CT_ONLY"):
+            wait_for(lambda t=title: bool(sites.route(t).get("capabilities_known")), f"{title}'s capabilities learned")
         yield sites
     finally:
         net.stop()
+        ct_only.server.shutdown()
 
 
 def arrived(orthanc: OrthancProcess, files: list[Path]) -> Callable[[], bool]:
@@ -261,3 +296,22 @@ async def test_a_full_spool_answers_a700_and_keeps_what_it_acknowledged(tmp_path
         assert pydicom.dcmread(spool.path(entry.id)) == acknowledged[entry.sop_instance_uid]
     assert not list((tmp_path / "spool" / "tmp").iterdir())  # the refused one left nothing behind
     spool.close()
+
+
+def test_only_what_the_destination_accepts_is_offered(sites: Sites) -> None:
+    """CT_ONLY takes CT in Explicit VR LE only: router A (which learned it from router B) accepts CT for it and
+    rejects MR in its A-ASSOCIATE-AC, so nothing that could never be delivered is acknowledged."""
+    ct = sites.series("ct-only", lambda: generate_ct_series(2, rows=64, cols=64, seed=91))
+    mr = sites.series("mr-refused", lambda: generate_mr_series(1, rows=64, cols=64, seed=91))
+    refused = dcmtk.storescu(HOST, sites.port_a, "CT_ONLY", "MODALITY_A", mr, timeout=30)
+    assert refused.succeeded == 0 and not refused.ok, refused.log
+    time.sleep(0.5)  # the status file is rewritten every 0.2 s: an MR spooled by mistake would show by now
+    assert not any(sites.accel_status("hospital-a")["spool_entries"].values())  # type: ignore[union-attr]
+    store(sites, "CT_ONLY", ct)
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct}
+    wait_for(lambda: uids <= set(sites.ct_only.received), "the CT images at CT_ONLY")
+    for path in ct:
+        original = pydicom.dcmread(path)
+        assert sites.ct_only.received[str(original.SOPInstanceUID)] == original
+    mr_uid = str(pydicom.dcmread(mr[0], stop_before_pixels=True).SOPInstanceUID)
+    assert mr_uid not in sites.ct_only.received

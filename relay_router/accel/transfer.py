@@ -169,8 +169,9 @@ class NearTransfer:
         self.route = route
         self.route_name = route_name(local_ae)
         self._wake = asyncio.Event()
-        # An instance's records go out back to back: ACKs wait for the end of the instance being sent.
-        self._records = asyncio.Lock()
+        # Outcomes recorded here, to acknowledge to the far router. The sending task sends them between
+        # instances (an instance's records go out back to back), so the receiving task never waits to send.
+        self._acks: list[str] = []
         self.in_flight: dict[str, InFlight] = {}
         self.connected = False
         self.last_error = ""
@@ -316,6 +317,7 @@ class NearTransfer:
         bucket = self.config.accelerate.bucket_bytes
         idle_since = time.monotonic()
         while not done.is_set():
+            await self._send_acks(channel, flush=True)
             filled = 0
             while filled < bucket and self._window_open():
                 entry = self.spool.claim(self.route_name, time.time())
@@ -351,12 +353,17 @@ class NearTransfer:
         header = records.InstanceHeader(
             entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size
         )
-        async with self._records:
-            await channel.send(records.instance(header))
-            with path.open("rb") as source:
-                while chunk := await asyncio.to_thread(source.read, READ_BYTES):
-                    await channel.send(records.chunks(chunk))
+        await channel.send(records.instance(header))
+        with path.open("rb") as source:
+            while chunk := await asyncio.to_thread(source.read, READ_BYTES):
+                await channel.send(records.chunks(chunk))
+        await self._send_acks(channel, flush=False)
         return size
+
+    async def _send_acks(self, channel: RecordChannel, *, flush: bool) -> None:
+        while self._acks:
+            ids, self._acks = self._acks[: records.MAX_ACK_IDS], self._acks[records.MAX_ACK_IDS :]
+            await channel.send(records.ack(ids), flush=flush)
 
     async def _receive(self, channel: RecordChannel, done: asyncio.Event) -> None:
         while True:
@@ -365,12 +372,8 @@ class NearTransfer:
                 if not done.is_set():
                     raise TransferError("the far router ended the accelerated transfer")
                 return
-            acks: list[str] = []
             for record in received:
-                self._apply(record, acks)
-            if acks:
-                async with self._records:
-                    await channel.send(records.ack(acks), flush=True)
+                self._apply(record, self._acks)
             self.wake()
 
     def _apply(self, record: records.Record, acks: list[str]) -> None:

@@ -23,6 +23,10 @@ changes after commit are atomic renames without fsync: a crash may roll one
 back, which at worst repeats a delivery, and a repeated C-STORE of the same
 SOP Instance UID is harmless. Files are 0600 and directories 0700 (PHI).
 
+Entries, states, errors and the file format live in
+:mod:`relay_router.accel.spool_format` (re-exported here), so that readers which
+must not open the spool (``relay-router status``, ``spool list``) share them.
+
 The spool holds no sockets and no threads; its methods are thread-safe (one
 lock), so the delivery pool's workers and the event loop may share one spool.
 They block on the disk (a commit waits for two syncs, milliseconds to tens of
@@ -32,30 +36,45 @@ executor, never on the loop that relays bytes.
 
 from __future__ import annotations
 
-import fcntl
-import io
-import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, NamedTuple
+from typing import IO
 
-from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_preamble
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
-from relay_common.errors import Reason, RelayError
+from relay_router.accel.spool_format import (
+    DATA_NAME,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETRY_BASE_S,
+    DEFAULT_RETRY_MAX_S,
+    ENTRY_ID,
+    MAX_ERROR_TEXT,
+    MAX_META_TEXT,
+    SPOOL_PRIVATE_UID,
+    STATE_NAME,
+    EntryState,
+    SpoolBusy,
+    SpoolEntry,
+    SpoolError,
+    SpoolFull,
+    SpoolUsage,
+    check_meta,
+    check_uid,
+    fsync_dir,
+    part10_header,
+    read_entries,
+    request_action,
+    take_lock,
+)
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -74,183 +93,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay_router.accel.spool")
-
-DEFAULT_MAX_ATTEMPTS = 10
-DEFAULT_RETRY_BASE_S = 2.0
-DEFAULT_RETRY_MAX_S = 300.0
-
-SPOOL_PRIVATE_UID = "2.25.222658970521932051317310521018175531764"
-"""Private Information Creator UID (0002,0100) of the entry state kept in our spool files' file meta."""
-DATA_NAME = "instance.dcm"
-STATE_NAME = "state.json"
-_ID = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_MAX_META_ITEMS = 16
-_MAX_META_TEXT = 256
-_MAX_ERROR_TEXT = 512
-
-
-class SpoolError(RelayError):
-    """The spool cannot do what was asked (bad id, bad entry, unreadable file)."""
-
-
-class SpoolBusy(SpoolError):
-    """Another process has the spool open."""
-
-
-class SpoolFull(SpoolError):
-    """The spool's byte limit is reached: the C-STORE gets 0xA700 (Out of Resources), nothing is acknowledged."""
-
-    reason = Reason.OVERLOADED
-
-
-class EntryState(StrEnum):
-    """Where one spooled instance stands. Values are stored on disk and used as metric labels."""
-
-    RECEIVED = "received"  # committed, not yet tried
-    SENDING = "sending"  # a delivery (or a transfer to the far router) is running
-    FORWARDED = "forwarded"  # the far router spooled it; its outcome is awaited (near side)
-    DELIVERED = "delivered"  # the destination confirmed it (kept only until the outcome is passed on)
-    RETRY = "retry"  # a transient failure; tried again at next_attempt
-    DEAD = "dead"  # a permanent failure or too many attempts: waits for `relay-router spool retry|purge`
-
-
-@dataclass(frozen=True)
-class SpoolEntry:
-    """One spooled instance: what it is, where it goes, how its delivery stands."""
-
-    id: str
-    route: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    size: int  # bytes of instance.dcm
-    state: EntryState
-    attempts: int  # deliveries started
-    next_attempt: float  # epoch seconds; RECEIVED and RETRY entries are due from then
-    last_error: str
-    created: float
-    meta: Mapping[str, str]  # e.g. calling AE, move originator AE title and message ID
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["state"] = str(self.state)
-        data["meta"] = dict(self.meta)
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SpoolEntry:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("state is not an object")
-        meta = data.get("meta", {})
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise ValueError("meta is not a string mapping")
-        return cls(
-            id=str(data["id"]),
-            route=str(data["route"]),
-            sop_class_uid=str(data["sop_class_uid"]),
-            sop_instance_uid=str(data["sop_instance_uid"]),
-            transfer_syntax=str(data["transfer_syntax"]),
-            size=int(data["size"]),
-            state=EntryState(data["state"]),
-            attempts=int(data["attempts"]),
-            next_attempt=float(data["next_attempt"]),
-            last_error=str(data["last_error"]),
-            created=float(data["created"]),
-            meta=dict(meta),
-        )
-
-
-class SpoolUsage(NamedTuple):
-    bytes_used: int
-    max_bytes: int
-    counts: dict[EntryState, int]
-
-
-def _check_uid(name: str, value: str) -> str:
-    if not (0 < len(value) <= 64 and _UID.match(value)):
-        raise SpoolError(f"{name} is not a valid UID: {value[:80]!r}")
-    return value
-
-
-def _check_meta(meta: Mapping[str, str] | None) -> dict[str, str]:
-    items = dict(meta or {})
-    if len(items) > _MAX_META_ITEMS:
-        raise SpoolError(f"too many meta items ({len(items)} > {_MAX_META_ITEMS})")
-    for key, value in items.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise SpoolError("meta keys and values must be strings")
-        if not key or len(key) > _MAX_META_TEXT or len(value) > _MAX_META_TEXT:
-            raise SpoolError(f"meta item {key[:40]!r} is empty or longer than {_MAX_META_TEXT} characters")
-    return items
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _take_lock(root: Path) -> int:
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpoolBusy(f"the spool {root} is open in another process (a running router)") from None
-    return fd
-
-
-def read_entries(root: Path) -> list[SpoolEntry]:
-    """The committed entries as on disk, without opening the spool (for `status` and `spool list`)."""
-    found = []
-    entries = Path(root) / "entries"
-    if not entries.is_dir():
-        return []
-    for directory in sorted(entries.iterdir()):
-        try:
-            found.append(SpoolEntry.from_json((directory / STATE_NAME).read_text("utf-8")))
-        except (ValueError, KeyError, OSError):
-            continue  # being written, removed, or unreadable (the owner quarantines it)
-    return found
-
-
-def request_action(root: Path, action: str, entry_id: str | None) -> Path:
-    """Leave a retry or purge for the process that has the spool open; it applies it within seconds."""
-    if action not in ("retry", "purge"):
-        raise SpoolError(f"unknown spool action {action!r}")
-    if entry_id is not None and not _ID.match(entry_id):
-        raise SpoolError(f"not a spool entry id: {entry_id[:40]!r}")
-    directory = Path(root) / "requests"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = directory / f"{action}.{entry_id or 'all'}.{secrets.token_hex(4)}"
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
-    return target
-
-
-def part10_header(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, private: bytes | None = None
-) -> bytes:
-    """The 128-byte preamble, 'DICM' and the file meta group (PS3.10 7.1) for a data set as received.
-
-    `private` goes into Private Information (0002,0102) under our creator UID: the spool keeps
-    the entry's first state there, so the file alone says where it goes (see `Spool._recover`).
-    """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    if private is not None:
-        meta.PrivateInformationCreatorUID = UID(SPOOL_PRIVATE_UID)
-        meta.PrivateInformation = private + b" " * (len(private) % 2)  # OB: even length
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return buffer.getvalue()
 
 
 class SpoolWriter:
@@ -322,7 +164,7 @@ class SpoolWriter:
             if self._spool.fsync:
                 # The rename is durable once the directory it lands in is: then recovery finds the entry.
                 # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
         except BaseException:
             self.abort()
             raise
@@ -394,7 +236,7 @@ class Spool:
         self._reserved = 0  # bytes of writers not yet committed
         self._used = 0  # bytes of committed entries
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_fd = _take_lock(self.root)
+        self._lock_fd = take_lock(self.root)
         try:
             self._recover()
             self.apply_requests()
@@ -469,21 +311,21 @@ class Spool:
         part10: bool = False,
     ) -> SpoolWriter:
         """Start an entry for `route`; see :class:`SpoolWriter`. UIDs and meta are validated here."""
-        if not route or len(route) > _MAX_META_TEXT or not route.isprintable():
+        if not route or len(route) > MAX_META_TEXT or not route.isprintable():
             raise SpoolError(f"bad route name {route[:40]!r}")
         entry = SpoolEntry(
             id=f"{time.time_ns() // 1000:016x}-{secrets.token_hex(6)}",
             route=route,
-            sop_class_uid=_check_uid("SOP Class UID", sop_class_uid),
-            sop_instance_uid=_check_uid("SOP Instance UID", sop_instance_uid),
-            transfer_syntax=_check_uid("Transfer Syntax UID", transfer_syntax),
+            sop_class_uid=check_uid("SOP Class UID", sop_class_uid),
+            sop_instance_uid=check_uid("SOP Instance UID", sop_instance_uid),
+            transfer_syntax=check_uid("Transfer Syntax UID", transfer_syntax),
             size=0,
             state=EntryState.RECEIVED,
             attempts=0,
             next_attempt=0.0,
             last_error="",
             created=time.time(),
-            meta=_check_meta(meta),
+            meta=check_meta(meta),
         )
         return SpoolWriter(self, entry, part10=part10)
 
@@ -517,7 +359,7 @@ class Spool:
     # -- reading -------------------------------------------------------------------------------
 
     def _dir(self, entry_id: str) -> Path:
-        if not _ID.match(entry_id):  # ids come from the CLI and from the other router: no paths
+        if not ENTRY_ID.match(entry_id):  # ids come from the CLI and from the other router: no paths
             raise SpoolError(f"not a spool entry id: {entry_id[:40]!r}")
         return self.root / "entries" / entry_id
 
@@ -581,7 +423,7 @@ class Spool:
     def set_state(self, entry_id: str, state: EntryState, *, error: str = "") -> SpoolEntry:
         """Move an entry to `state`; SENDING counts an attempt."""
         entry = self.get(entry_id)
-        changes: dict[str, object] = {"state": state, "last_error": error[:_MAX_ERROR_TEXT] or entry.last_error}
+        changes: dict[str, object] = {"state": state, "last_error": error[:MAX_ERROR_TEXT] or entry.last_error}
         if state is EntryState.SENDING:
             changes["attempts"] = entry.attempts + 1
         return self._update(entry_id, **changes)
@@ -617,13 +459,13 @@ class Spool:
         entry = self.get(entry_id)
         attempts = max(entry.attempts, 1)
         if permanent or attempts >= self.max_attempts:
-            return self._update(entry_id, state=EntryState.DEAD, attempts=attempts, last_error=error[:_MAX_ERROR_TEXT])
+            return self._update(entry_id, state=EntryState.DEAD, attempts=attempts, last_error=error[:MAX_ERROR_TEXT])
         return self._update(
             entry_id,
             state=EntryState.RETRY,
             attempts=attempts,
             next_attempt=time.time() + self.backoff(attempts),
-            last_error=error[:_MAX_ERROR_TEXT],
+            last_error=error[:MAX_ERROR_TEXT],
         )
 
     def remove(self, entry_id: str) -> None:

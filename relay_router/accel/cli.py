@@ -10,6 +10,7 @@ or two, so the router's own view never goes stale.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -123,6 +124,7 @@ def spool_command(config: RouterConfig, args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     entry_id = None if args.all else args.entry_id
+    logging.getLogger("relay_router.accel.spool").setLevel(logging.WARNING)  # not "spool opened" on the terminal
     try:
         spool = Spool(root, max_bytes=1 << 62)  # the limit matters to writers only
     except SpoolBusy:

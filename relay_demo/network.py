@@ -27,6 +27,7 @@ class Shared:
     services: list[str] | None = None  # service groups (None: the router's default)
     grants: dict[str, list[str]] = field(default_factory=dict)  # site -> service groups
     patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
+    accelerate: bool = False  # takes accelerated transfers (relay_router.accel)
 
     def granted_to(self, site: str) -> bool:
         """Whether `site` may use any service (the bridge lists the device to it only then)."""
@@ -43,6 +44,7 @@ class Remote:
     site: str
     remote_ae_title: str | None = None
     patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
+    accelerate: bool = False  # accelerated storage route (relay_router.accel)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Site:
     metrics_listen: str | None = None
     # [identity] keys (patient identity, docs/patient-identity.md); empty: no [identity] section.
     identity: dict[str, object] = field(default_factory=dict)
+    # [accelerate] keys (relay_router.accel), written when not empty.
+    extra_accelerate: dict[str, object] = field(default_factory=dict)
 
 
 def _identity_keys(issuer: str) -> list[str]:
@@ -171,6 +175,7 @@ class LocalRelayNetwork:
         start: bool = True,
         metrics_listen: str | None = None,
         identity: dict[str, object] | None = None,
+        accelerate: Mapping[str, object] | None = None,  # the [accelerate] section's keys
         **dicom: object,
     ) -> Site:
         result = self.bridge_admin("router", "add", name, "--json")
@@ -181,6 +186,7 @@ class LocalRelayNetwork:
         site.enrollment_token = account["enrollment_token"]
         site.metrics_listen = metrics_listen
         site.identity = dict(identity or {})
+        site.extra_accelerate = dict(accelerate or {})
         self.sites[name] = site
         self.write_router_config(site)
         if self.approve_peers:
@@ -249,6 +255,8 @@ class LocalRelayNetwork:
                 *([] if d.services is None else [f"services = {_toml_value(d.services)}"]),
                 *_identity_keys(d.patient_issuer),
             ]
+            if d.accelerate:
+                lines.append("accelerate = true")
             for grant_site, groups in d.grants.items():
                 lines += ["[[shared.grant]]", f"site = {_toml_value(grant_site)}", f"services = {_toml_value(groups)}"]
         for r in site.remote:
@@ -261,6 +269,10 @@ class LocalRelayNetwork:
             lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in flat.items())]
             for source in site.identity.get("source", []):  # type: ignore[attr-defined]
                 lines += ["", "[[identity.source]]", *(f"{k} = {_toml_value(v)}" for k, v in source.items())]
+            if r.accelerate:
+                lines.append("accelerate = true")
+        if site.extra_accelerate:
+            lines += ["", "[accelerate]", *(f"{k} = {_toml_value(v)}" for k, v in site.extra_accelerate.items())]
         path = self.router_config_path(site.name)
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -32,6 +32,17 @@ async def _read(url: str, password_file: Path | None) -> list[dict[str, Any]]:
             for (text,) in await db._fetch("SELECT row_to_json(r)::text FROM replicas r ORDER BY id"):
                 row = json.loads(text)
                 rows[str(row.get("id"))] = row
+        has_presence = (await db._fetch("SELECT to_regclass('presence') IS NOT NULL"))[0][0]
+        if has_presence:  # the sites each replica holds, by name (the replicas row counts them only)
+            held = await db._fetch(
+                "SELECT replica, site FROM presence WHERE lease_until > extract(epoch from clock_timestamp())"
+                " ORDER BY replica, site"
+            )
+            for replica, site in held:
+                row = rows.setdefault(replica, {"id": replica})
+                if not isinstance(row.get("sites"), list):
+                    row["sites"] = []
+                row["sites"].append(site)
         has_leases = (await db._fetch("SELECT to_regclass('association_leases') IS NOT NULL"))[0][0]
         if has_leases:
             leases = await db._fetch(

@@ -216,12 +216,10 @@ class ControlService:
             try:
                 await state.directory.publish(session.name, published(session.name, sign_on.devices))
                 await state.directory.touch(session.name)
-                claimed = state.cluster is None or await state.cluster.presence.claim(session.name, session.since)
             except DatabaseUnavailable as exc:
                 log.warning("sign-on of %s from %s: %s", session.name, source, exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_AWAY)
-                return
-            if not claimed:
+            if state.cluster is not None and not await state.cluster.presence.claim(session.name, session.since):
                 log.warning("router %s signed on again at another replica meanwhile; this stream ends", session.name)
                 return
             state.audit.event(

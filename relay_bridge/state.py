@@ -64,6 +64,10 @@ class BridgeState:
         )
         state.metrics = BridgeMetrics(state)
         state.directory_cache = DirectoryCache(directory)
+        if config.cluster.listen:  # one id for this replica's row, its presence and its association leases
+            from relay_bridge.cluster.node import replica_id_for
+
+            state.replica_id = replica_id_for(config.cluster)
         if directory.backend == "postgresql":
             from relay_bridge.db.postgres import PostgresDirectory
             from relay_bridge.db.shared_limits import SharedAssociationLeases, SharedSignOnCounts

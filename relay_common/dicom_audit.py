@@ -398,7 +398,7 @@ _ACCOUNT_EVENTS = {
     "router_reset_identity",
     "router_enroll_token",
 }
-_CONFIG_EVENTS = {"pin", "enroll"}
+_CONFIG_EVENTS = {"pin", "enroll", "peer_approve", "peer_reject"}
 
 
 def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element]:
@@ -483,7 +483,11 @@ def from_record(record: Mapping[str, Any], *, source_id: str) -> list[ET.Element
             )
         ]
     if outcome == "alert":
-        alert = ET_NODE_AUTHENTICATION if "identity" in event else ET_USE_OF_RESTRICTED_FUNCTION
+        alert = (
+            ET_NODE_AUTHENTICATION
+            if "identity" in event or event == "peer_unapproved"
+            else ET_USE_OF_RESTRICTED_FUNCTION
+        )
         subject = str(record.get("peer_site") or record.get("router") or record.get("site") or "")
         return [
             security_alert(source_id=source_id, reporter=app, alert=alert, subject=subject, description=detail or event)

@@ -35,6 +35,7 @@ class Reason(StrEnum):
     UNKNOWN_CALLING_AE = "unknown_calling_ae"  # the LAN allow-list ([[local]]) does not know the caller
     INBOUND_LIMIT = "inbound_limit"  # this router's cap on associations from other sites (total or per site)
     REQUEST_TOO_LARGE = "request_too_large"  # an A-ASSOCIATE-RQ above [dicom] max_request_bytes
+    PEER_UNAPPROVED = "peer_unapproved"  # the peer site's key is not approved here (relay_router.approvals)
     # failures while running
     PROTOCOL = "protocol"  # a peer broke the DICOM Upper Layer protocol
     LINK_LOST = "link_lost"  # the stream to the bridge broke

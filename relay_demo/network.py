@@ -27,6 +27,7 @@ class Shared:
     services: list[str] | None = None  # service groups (None: the router's default)
     grants: dict[str, list[str]] = field(default_factory=dict)  # site -> service groups
     patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
+    accelerate: bool = False  # takes accelerated transfers (relay_router.accel)
 
     def granted_to(self, site: str) -> bool:
         """Whether `site` may use any service (the bridge lists the device to it only then)."""
@@ -43,6 +44,7 @@ class Remote:
     site: str
     remote_ae_title: str | None = None
     patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
+    accelerate: bool = False  # accelerated storage route (relay_router.accel)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Site:
     metrics_listen: str | None = None
     # [identity] keys (patient identity, docs/patient-identity.md); empty: no [identity] section.
     identity: dict[str, object] = field(default_factory=dict)
+    # [accelerate] keys (relay_router.accel), written when not empty.
+    extra_accelerate: dict[str, object] = field(default_factory=dict)
 
 
 def _identity_keys(issuer: str) -> list[str]:
@@ -98,6 +102,7 @@ class LocalRelayNetwork:
         bridge_spill: dict[str, object] | None = None,
         bridge_host: str = "127.0.0.1",
         command_prefix: Mapping[str, Sequence[str]] | None = None,
+        approve_peers: bool = True,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +117,12 @@ class LocalRelayNetwork:
         self.bridge_host = bridge_host
         # Per process ("bridge" or a site name): words put before its command, e.g. ["ip", "netns", "exec", "ns"].
         self.command_prefix = {k: list(v) for k, v in (command_prefix or {}).items()}
+        # Play the operators who compare fingerprints by telephone: each new site's identity is made
+        # before its router starts, and every pair of sites approves each other's key (what
+        # `relay-router peers approve` writes). False: sites stay unapproved, as on a real network
+        # until the operators act (the tests of that refusal).
+        self.approve_peers = approve_peers
+        self.fingerprints: dict[str, str] = {}
 
     # -- bridge --------------------------------------------------------------
     def _bridge_cmd(self, *args: str) -> list[str]:
@@ -164,6 +175,7 @@ class LocalRelayNetwork:
         start: bool = True,
         metrics_listen: str | None = None,
         identity: dict[str, object] | None = None,
+        accelerate: Mapping[str, object] | None = None,  # the [accelerate] section's keys
         **dicom: object,
     ) -> Site:
         result = self.bridge_admin("router", "add", name, "--json")
@@ -174,11 +186,37 @@ class LocalRelayNetwork:
         site.enrollment_token = account["enrollment_token"]
         site.metrics_listen = metrics_listen
         site.identity = dict(identity or {})
+        site.extra_accelerate = dict(accelerate or {})
         self.sites[name] = site
         self.write_router_config(site)
+        if self.approve_peers:
+            self.approve_each_other(name)
         if start:
             self.start_router(name)
         return site
+
+    def state_dir(self, name: str) -> Path:
+        return self.workdir / f"state-{name}"
+
+    def identity_fingerprint(self, name: str) -> str:
+        """The site's identity fingerprint (`relay-router fingerprint`), creating the identity if needed."""
+        from relay_router.seal import Identity
+
+        if name not in self.fingerprints:
+            self.fingerprints[name] = Identity.load_or_create(self.state_dir(name) / "identity.key").public.fingerprint
+        return self.fingerprints[name]
+
+    def approve(self, at: str, site: str, fingerprint: str | None = None) -> str:
+        """`relay-router peers approve SITE` on router `at` (running or not: it reads the file at its next use)."""
+        from relay_router.approvals import ApprovalStore
+
+        return ApprovalStore(self.state_dir(at)).approve(site, fingerprint or self.identity_fingerprint(site))
+
+    def approve_each_other(self, name: str) -> None:
+        for other in self.sites:
+            if other != name:
+                self.approve(other, name)
+                self.approve(name, other)
 
     def router_config_path(self, name: str) -> Path:
         return self.workdir / f"router-{name}.toml"
@@ -217,6 +255,8 @@ class LocalRelayNetwork:
                 *([] if d.services is None else [f"services = {_toml_value(d.services)}"]),
                 *_identity_keys(d.patient_issuer),
             ]
+            if d.accelerate:
+                lines.append("accelerate = true")
             for grant_site, groups in d.grants.items():
                 lines += ["[[shared.grant]]", f"site = {_toml_value(grant_site)}", f"services = {_toml_value(groups)}"]
         for r in site.remote:
@@ -229,6 +269,10 @@ class LocalRelayNetwork:
             lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in flat.items())]
             for source in site.identity.get("source", []):  # type: ignore[attr-defined]
                 lines += ["", "[[identity.source]]", *(f"{k} = {_toml_value(v)}" for k, v in source.items())]
+            if r.accelerate:
+                lines.append("accelerate = true")
+        if site.extra_accelerate:
+            lines += ["", "[accelerate]", *(f"{k} = {_toml_value(v)}" for k, v in site.extra_accelerate.items())]
         path = self.router_config_path(site.name)
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     enroll = sub.add_parser("enroll", help="register this router's identity with the bridge (one-time token)")
     enroll.add_argument("--token", required=True, help="the enrollment token `relay-bridge router add` printed")
     sub.add_parser("fingerprint", help="print this router's identity fingerprint (for peers to pin)")
+    peers = sub.add_parser("peers", help="peer sites: approved, pending approval; approve or reject them")
+    peers_sub = peers.add_subparsers(dest="peers_command", required=True)
+    peers_sub.add_parser("list", help="approved, pinned and pending sites").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+    approve = peers_sub.add_parser("approve", help="approve SITE's key, after comparing its fingerprint")
+    approve.add_argument("site")
+    approve.add_argument(
+        "--fingerprint", required=True, help="the fingerprint SITE's operator read you from `relay-router fingerprint`"
+    )
+    peers_sub.add_parser("reject", help="drop SITE's pending request or approval").add_argument("site")
     pacs = sub.add_parser("pacs-config", help="print the entries local archives need to reach remote devices")
     pacs.add_argument("--format", choices=["table", "orthanc", "json"], default="table")
     pacs.add_argument("--host", help="the router's address as the archive sees it (default: from dicom.listen)")
@@ -135,6 +146,53 @@ def _share_warnings(cfg: router_config.RouterConfig) -> list[str]:
     return warnings
 
 
+def _peers(cfg: router_config.RouterConfig, args: argparse.Namespace) -> int:
+    """`relay-router peers list|approve|reject`: the running router reads the result at its next use."""
+    from relay_router.approvals import ApprovalError, ApprovalStore, format_listing, peers_listing
+    from relay_router.seal import Identity
+
+    state = cfg.router.state_dir.resolve()
+    store = ApprovalStore(state)
+    pins = {p.site: p.fingerprint for p in cfg.pin}
+    if args.peers_command == "list":
+        try:
+            rows = peers_listing(store, pins)
+        except ValueError as exc:  # e.g. run as a user who cannot read the state directory
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        key = state / "identity.key"
+        own = Identity.load_or_create(key).public.fingerprint if key.exists() else None
+        print(format_listing(cfg.router.name, own, rows))
+        return 0
+    if args.site in pins:
+        print(f"error: {args.site} is pinned in {args.config} ([[pin]]), which wins: change it there", file=sys.stderr)
+        return 1
+    try:
+        notice = become_state_owner(state, files=(store.known_file, store.pending_file))
+    except OwnershipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if notice:
+        print(notice, file=sys.stderr)
+    event = "peer_approve" if args.peers_command == "approve" else "peer_reject"
+    try:
+        if args.peers_command == "approve":
+            done = store.approve(args.site, args.fingerprint)
+        else:
+            done = store.reject(args.site)
+    except ApprovalError as exc:
+        admin_event(cfg.audit, app="relay-router", event=event, outcome="failure", site=args.site, detail=str(exc))
+        print(f"error: {printable(exc)}", file=sys.stderr)
+        return 1
+    fingerprint = store.known().get(args.site)
+    admin_event(cfg.audit, app="relay-router", event=event, outcome="success", site=args.site, fingerprint=fingerprint)
+    print(done)
+    return 0
+
+
 async def _serve(
     cfg: router_config.RouterConfig,
     ready_file: Path | None,
@@ -213,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         for warning in _share_warnings(cfg):
             print(f"warning: {args.config}: {warning}", file=sys.stderr)
+        if cfg.router.trust_first_use and not cfg.router.require_pin:
+            print(
+                f"warning: {args.config}: router.trust_first_use is on: the first key the bridge offers for a site is "
+                'believed, so a malicious bridge can invent a site that reaches devices shared with "*". Approve '
+                "partners with `relay-router peers approve` and turn it off (docs/security.md)",
+                file=sys.stderr,
+            )
         print(f"{args.config}: OK ({len(cfg.shared)} shared devices, {len(cfg.remote)} remote devices)")
         return 0
     if args.command == "enroll":
@@ -265,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(Identity.load_or_create(key).public.fingerprint)
         return 0
+    if args.command == "peers":
+        return _peers(cfg, args)
     if args.command == "pacs-config":
         print(_pacs_config(cfg, args.format, args.host, args.status_file))
         return 0

@@ -21,7 +21,10 @@ URL_REFUSED = "SECURITY: the bridge handed out a spill URL this router does not 
 FETCH_FAILED = "a part of a spilled data set could not be fetched (details in this router's log)"
 PART_GONE = "a part of a spilled data set was gone from the store (details in this router's log)"
 STORE_FAILED = "the blob store failed in the middle of a blob (details in this router's log)"
-FIXED_DETAILS = frozenset({URL_REFUSED, FETCH_FAILED, PART_GONE, STORE_FAILED, AUTHENTICATION_FAILED})
+PEER_NOT_APPROVED = "the calling site is not approved at the called router (its operator runs `relay-router peers`)"
+FIXED_DETAILS = frozenset(
+    {URL_REFUSED, FETCH_FAILED, PART_GONE, STORE_FAILED, AUTHENTICATION_FAILED, PEER_NOT_APPROVED}
+)
 
 # What the other router's code means here, for this router's log and status.
 CLOSE_MESSAGES: dict[Reason, str] = {

@@ -14,12 +14,14 @@ import logging
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
+from relay_router.accel.hooks import refuse_unaccelerated, run_far_session
 from relay_router.association import RelayedAssociation
-from relay_router.close_codes import FIXED_DETAILS
+from relay_router.close_codes import FIXED_DETAILS, PEER_NOT_APPROVED
 from relay_router.grants import check_services, record_decision
 from relay_router.host import AssociationHost, tune_socket
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
+from relay_router.peers import PeerUnapproved
 from relay_router.routing import AUTHENTICATION_FAILED, Reject, Running, admit_inbound
 from relay_router.seal import AssociationContext, Confirmation, FrameSealer, HandshakeError, PublicIdentity, respond
 from relay_router.tunnel import AssociationStream, LinkDown
@@ -111,11 +113,42 @@ class InboundCalls(AssociationHost):
                 log.warning("%s", decision.log, extra=extra)
             return await self._refuse_inbound(stream, outcome, decision)
         device = self.shared[notice.called_ae_title]
+        accelerated = self.accel is not None and self.accel.accepts(device)
         features = Features.answer(
-            notice.features, compression=self.config.dicom.compression, spill=self.config.dicom.spill
+            notice.features,
+            compression=self.config.dicom.compression,
+            spill=self.config.dicom.spill,
+            accel=accelerated,
         )
+        if Features.parse(notice.features).accel and not features.accel:
+            why = Reject(
+                Reason.SERVICE_NOT_GRANTED,
+                f"{notice.from_site} asked for an accelerated transfer to {device.ae_title}, which takes none",
+                refused=refuse_unaccelerated(),
+            )
+            return await self._refuse_inbound(stream, outcome, why)
         try:
             confirmation, sealer, request_pdu = self._verify_incoming(notice, features)
+        except PeerUnapproved as exc:
+            # Not yet an attack (a new partner's first call looks the same): refused and waiting for the
+            # operator, who compares the fingerprint with the partner's operator (relay_router.approvals).
+            log.warning("refused an association from %s: %s", notice.from_site, exc, extra=extra)
+            self.audit.event(
+                "peer_unapproved",
+                "alert",
+                site=exc.site,
+                direction="inbound",
+                fingerprint=exc.fingerprint,
+                called_ae=notice.called_ae_title,
+                association_id=notice.association_id,
+            )
+            why = Reject(
+                Reason.PEER_UNAPPROVED,
+                str(exc),
+                refused=pb.Refused.NOT_PERMITTED,
+                public_detail=PEER_NOT_APPROVED,
+            )
+            return await self._refuse_inbound(stream, outcome, why)
         except HandshakeError as exc:
             log.error(
                 "SECURITY: refused an association claiming to come from %s: %s",
@@ -131,6 +164,19 @@ class InboundCalls(AssociationHost):
                 security=True,
             )
             return await self._refuse_inbound(stream, outcome, why)
+        if features.accel and self.accel is not None:  # the payload is a record stream (relay_router.accel)
+            return await run_far_session(
+                self.accel,
+                self.config,
+                stream,
+                device=device,
+                from_site=notice.from_site,
+                hello=request_pdu,
+                sealer=sealer,
+                confirmation=confirmation,
+                features=features,
+                outcome=outcome,
+            )
         # Parse the RQ before contacting the device: the services this site may use are checked against our
         # own configuration (never the directory's copy), and a request for nothing granted never reaches it.
         conn = RelayConnection(Side.REMOTE)

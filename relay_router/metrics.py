@@ -56,6 +56,7 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         Reason.UNKNOWN_CALLING_AE,
         Reason.INBOUND_LIMIT,
         Reason.REQUEST_TOO_LARGE,
+        Reason.PEER_UNAPPROVED,
         Reason.OTHER,
     )
 )

@@ -17,6 +17,7 @@ import uuid
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
+from relay_router.accel.hooks import accept_locally
 from relay_router.association import RelayedAssociation, rejection_for
 from relay_router.close_codes import received_refusal
 from relay_router.grants import REJECT_SERVICE_NOT_GRANTED, check_services, granted_remote, record_decision
@@ -24,6 +25,7 @@ from relay_router.host import AssociationHost, tune_socket
 from relay_router.open_retry import OpenRetry
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
+from relay_router.peers import PeerUnapproved
 from relay_router.routing import (
     REJECT_CONGESTION,
     REJECT_TOO_LARGE,
@@ -251,12 +253,38 @@ class OutboundCalls(AssociationHost):
                 why = Reject(Reason.SERVICE_NOT_GRANTED, detail, rj=REJECT_SERVICE_NOT_GRANTED)
                 return await self._reject(conn, writer, outcome, why)
             removed, receive_only = services.refused_ids, services.receive_only
+        # Accelerated route whose destination's capabilities are known: this router answers (relay_router.accel).
+        capabilities = self.accel.capabilities_for(request.called_ae, self.config) if self.accel is not None else None
+        if capabilities is not None and self.accel is not None and conn.request_pdu is not None:
+            return await accept_locally(
+                self.accel, self.config, conn.request_pdu, request, capabilities, granted, reader, writer, outcome
+            )
         try:
             peer = self.link.peers.identity(route.site)
         except UnknownPeer:
             # Let the bridge decide and record the refusal (typically: not shared with us). Nothing of the
             # association is sent: no handshake, no A-ASSOCIATE-RQ.
             return await self._open_without_key(conn, writer, outcome, route, request.calling_ae)
+        except PeerUnapproved as exc:
+            log.warning(
+                "refusing %s -> %s/%s: %s",
+                request.calling_ae,
+                route.site,
+                route.ae_title,
+                exc,
+                extra={"assoc": outcome.association_id},
+            )
+            self.audit.event(
+                "peer_unapproved",
+                "alert",
+                site=exc.site,
+                direction="outbound",
+                fingerprint=exc.fingerprint,
+                called_ae=route.ae_title,
+                association_id=outcome.association_id,
+            )
+            why = Reject(Reason.PEER_UNAPPROVED, str(exc), rj=REJECT_UNKNOWN_CALLED)
+            return await self._reject(conn, writer, outcome, why)
         except HandshakeError as exc:
             log.error(
                 "SECURITY: refusing %s -> %s/%s: %s",

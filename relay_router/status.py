@@ -225,6 +225,7 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"Remote devices ({online} of {len(rows)} online): local devices call these AE titles here")
     for r in rows:
         lines.append(f"  {r['ae_title']:<16}  -> {r['remote_ae_title']} at {r['site']:<20} {_device_state(r)}")
+    lines += accelerated_route_lines(report)
 
     recent = report.get("recent") or {}
     counts = recent.get("counts", {})
@@ -254,6 +255,22 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
     # Titles, site names, errors and details came from the bridge or a peer: no control character
     # of theirs reaches the terminal.
     return terminal_safe("\n".join(lines))
+
+
+def accelerated_route_lines(report: dict[str, Any]) -> list[str]:
+    """One line per accelerated [[remote]] title (relay_router.accel): the transfer to the far router."""
+    routes = (report.get("accelerate") or {}).get("routes") or {}
+    lines = []
+    for title, r in sorted(routes.items()):
+        state = "transfer open" if r.get("connected") else "no transfer open"
+        known = (
+            "capabilities learned"
+            if r.get("capabilities_known")
+            else "capabilities NOT learned yet (relayed transparently)"
+        )
+        error = f"; last error: {r['last_error']}" if r.get("last_error") else ""
+        lines.append(f"  {title:<16}  accelerated: {state}, {known}, {r.get('in_flight', 0)} in flight{error}")
+    return lines
 
 
 def render_devices(report: dict[str, Any]) -> str:
@@ -316,7 +333,12 @@ def status_command(config: RouterConfig, status_file: Path | None, as_json: bool
     spool = spool_report(config)
     if spool is not None:
         report["spool"] = spool
-    print(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    report["peers_pending"] = pending_peers(config)
+    text = render_status(report)
+    if report["peers_pending"]:
+        names = ", ".join(terminal_safe(site) for site in report["peers_pending"])
+        text += f"\nwaiting for your approval: {names} (relay-router peers list)"
+    print(json.dumps(report, indent=2, sort_keys=True) if as_json else text)
     if spool is not None and not as_json:
         from relay_router.accel.cli import status_lines
 
@@ -334,6 +356,23 @@ def spool_report(config: RouterConfig) -> dict[str, Any] | None:
     from relay_router.accel.metrics import spool_status
 
     return spool_status(root, limit)
+
+
+def pending_peers(config: RouterConfig) -> list[str]:
+    """Sites refused until this router's operator approves their key (relay_router.approvals); [] if unreadable."""
+    from relay_router.approvals import ApprovalStore
+
+    store = ApprovalStore(config.router.state_dir)
+    try:
+        known = store.known()
+        pinned = {pin.site for pin in config.pin}  # changed in router.toml, not approved
+        return sorted(
+            site
+            for site, waiting in store.pending().items()
+            if known.get(site) != waiting.fingerprint and site not in pinned
+        )
+    except (OSError, ValueError):
+        return []
 
 
 def echo_device(host: str, port: int, called: str, calling: str, timeout_s: float) -> dict[str, Any]:

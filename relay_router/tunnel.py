@@ -120,6 +120,7 @@ class BridgeLink:
             state / "known_sites.json",
             {p.site: p.fingerprint for p in config.pin},
             require_pin=config.router.require_pin,
+            trust_first_use=config.router.trust_first_use,
         )
         self._on_incoming = on_incoming
         # Outbound HTTP (relay_router.egress): the proxy for this link and the spill's URLs, and which

@@ -29,14 +29,21 @@ from typing import Any
 from relay_bridge.db.postgres import DatabaseUnavailable, PostgresDirectory
 
 log = logging.getLogger("relay_bridge")
-LEASE_S = 30.0  # an association's lease; renewed every RENEW_S while it runs
-RENEW_S = 10.0
+LEASE_S = 30.0  # an association's lease; renewed every 10 s while it runs (relay_bridge.db.notify.RESYNC_S)
 AWAY_S = 5.0  # after a failure, Opens skip the shared count this long (relay_bridge.splice)
 NOW = "extract(epoch from clock_timestamp())"
 
 
 def _lock_key(kind: str, name: str) -> str:
     return f"relay:{kind}:{name}"
+
+
+async def _lock(conn: Any, names: list[str]) -> None:
+    """Transaction-scoped advisory locks on `names`, taken in one sorted order by every replica (no
+    deadlock between two of them), in one round trip."""
+    ordered = sorted(set(names))
+    columns = ", ".join("pg_advisory_xact_lock(hashtext(%s))" for _ in ordered)
+    await conn.execute(f"SELECT {columns}", ordered)  # only placeholders are interpolated
 
 
 class SharedSignOnCounts:
@@ -49,19 +56,17 @@ class SharedSignOnCounts:
         """Record `attempt` as failed for each key, unless one key is at the limit; False: throttled."""
 
         async def work(conn: Any) -> bool:
-            for key in sorted(keys):  # one order for every replica: no deadlock between two of them
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_lock_key("sign_on", key),))
+            await _lock(conn, [_lock_key("sign_on", key) for key in keys])
             cur = await conn.execute(
                 f"SELECT key, count(*) FROM sign_on_failures WHERE key = ANY(%s) AND at > {NOW} - %s GROUP BY key",
                 (list(keys), self.window_s),
             )
             if any(count >= self.limit for _key, count in await cur.fetchall()):
                 return False
-            async with conn.cursor() as inserts:
-                await inserts.executemany(
-                    f"INSERT INTO sign_on_failures(key, at, attempt) VALUES (%s, {NOW}, %s)",
-                    [(key, attempt) for key in keys],
-                )
+            await conn.execute(
+                f"INSERT INTO sign_on_failures(key, at, attempt) SELECT k, {NOW}, %s FROM unnest(%s::text[]) k",
+                (attempt, list(keys)),
+            )
             return True
 
         return await self.db.in_transaction(work)
@@ -120,26 +125,27 @@ class SharedAssociationLeases:
     async def _acquire(self, association_id: str, caller: str, destination: str) -> OverLimit | None:
 
         async def work(conn: Any) -> OverLimit | None:
-            for kind, name in sorted((("out", caller), ("in", destination))):
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_lock_key(f"assoc-{kind}", name),))
-            for router, direction, limit in ((caller, "out", self.max_out), (destination, "in", self.max_in)):
-                cur = await conn.execute(
-                    "SELECT count(*) FROM association_leases"
-                    f" WHERE router = %s AND direction = %s AND lease_until > {NOW}",
-                    (router, direction),
-                )
-                row = await cur.fetchone()
-                if row is not None and row[0] >= limit:
-                    return OverLimit(router, direction)
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO association_leases(association_id, router, direction, replica, lease_until)"
-                    f" VALUES (%s, %s, %s, %s, {NOW} + %s)",
-                    [
-                        (association_id, caller, "out", self.replica, LEASE_S),
-                        (association_id, destination, "in", self.replica, LEASE_S),
-                    ],
-                )
+            # Few round trips (each one is setup latency against a remote database): one for both locks,
+            # one for both counts, one for both rows.
+            await _lock(conn, [_lock_key("assoc-out", caller), _lock_key("assoc-in", destination)])
+            cur = await conn.execute(
+                "SELECT count(*) FILTER (WHERE router = %s AND direction = 'out'),"
+                " count(*) FILTER (WHERE router = %s AND direction = 'in')"
+                f" FROM association_leases WHERE lease_until > {NOW}"
+                " AND ((router = %s AND direction = 'out') OR (router = %s AND direction = 'in'))",
+                (caller, destination, caller, destination),
+            )
+            row = await cur.fetchone()
+            out, inbound = (row[0], row[1]) if row is not None else (0, 0)
+            if out >= self.max_out:
+                return OverLimit(caller, "out")
+            if inbound >= self.max_in:
+                return OverLimit(destination, "in")
+            await conn.execute(
+                "INSERT INTO association_leases(association_id, router, direction, replica, lease_until)"
+                f" VALUES (%s, %s, 'out', %s, {NOW} + %s), (%s, %s, 'in', %s, {NOW} + %s)",
+                (association_id, caller, self.replica, LEASE_S, association_id, destination, self.replica, LEASE_S),
+            )
             return None
 
         return await self.db.in_transaction(work)

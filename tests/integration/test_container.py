@@ -27,6 +27,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
+from relay_router.approvals import ApprovalStore
+from relay_router.seal import Identity
 from tests.support.release import REPO, VERSION, build_wheelhouse, run
 from tests.support.wire import wait_until
 
@@ -83,6 +85,8 @@ def test_bridge_container_relays_echo_and_store(
         f'[server]\nlisten = "{BRIDGE_ADDRESS}:443"\ntls_cert = "server.pem"\ntls_key = "server.key"\n\n'
         '[storage]\ndatabase = "bridge.sqlite3"\n\n[metrics]\nlisten = ""\n'
     )
+    # site-c's operator approved site-b's key (relay-router peers approve), before the first start.
+    ApprovalStore(volume).approve("site-b", net.identity_fingerprint("site-b"))
     for path in [volume, *volume.iterdir()]:
         os.chown(path, 999, 999)  # the image's dicom-relay user
     volume.chmod(0o750)
@@ -164,6 +168,8 @@ def _router_container_relays(
         f'[dicom]\nlisten = "{ROUTER_ADDRESS}:11112"\n\n[metrics]\nlisten = ""\n\n'
         '[audit]\nfile = "audit.jsonl"\n\n[[remote]]\nae_title = "ARCHIVE_B"\nsite = "site-b"\n'
     )
+    # site-c's operator approved site-b's key (relay-router peers approve), before the first start.
+    ApprovalStore(volume).approve("site-b", net.identity_fingerprint("site-b"))
     for path in [volume, *volume.iterdir()]:
         os.chown(path, 999, 999)
     volume.chmod(0o750)
@@ -179,6 +185,8 @@ def _router_container_relays(
         top = podman("top", name, "user", "args").stdout
         assert "dicom-relay" in top and "root" not in top, top
         assert (volume / "identity.key").stat().st_uid == 999  # state in the volume, owned by the service user
+        # site-b's operator approves the key site-c's router made, as site-c's operator read it out.
+        net.approve("site-b", "site-c", Identity.load_or_create(volume / "identity.key").public.fingerprint)
 
         ae = AE(ae_title="WS_C")
         ae.add_requested_context(Verification)

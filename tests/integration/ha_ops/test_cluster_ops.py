@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psycopg
 import pydicom
 import pytest
 from pynetdicom import AE
@@ -128,6 +129,31 @@ def test_an_enrollment_token_works_once_in_the_whole_cluster(replicas: Replicas)
         stub.Enroll(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert refused.value.details() == "enrollment token already used"
+
+
+def test_associations_a_router_holds_on_another_replica_count_against_its_limit(replicas: Replicas) -> None:
+    """Leases written by another replica (here by hand, as a replica holding 500 of site-a's associations
+    would) make replica A refuse site-a's next Open; once they are gone, the Open is admitted."""
+    cluster = replicas
+    port = cluster.net.sites["site-a"].port
+    assert port
+    with psycopg.connect(cluster.url, password=cluster.postgres.password, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO association_leases(association_id, router, direction, replica, lease_until)"
+            " SELECT md5(g::text), 'site-a', 'out', 'replica-elsewhere', extract(epoch from now()) + 600"
+            " FROM generate_series(1, 500) g"  # max_associations_per_router's default
+        )
+        try:
+            ae = AE(ae_title="WS")
+            ae.add_requested_context(Verification)
+            refused = ae.associate(HOST, port, ae_title="ARCHIVE_B")
+            assert refused.is_rejected, "the cluster-wide count refuses the 501st association"
+            assert "max_associations_per_router, counted over all replicas" in cluster.log("a")
+        finally:
+            conn.execute("DELETE FROM association_leases WHERE replica = 'replica-elsewhere'")
+    admitted = _association(port)
+    assert admitted.send_c_echo().Status == 0
+    admitted.release()
 
 
 def test_postgresql_stopped_for_20_s_running_associations_continue_sign_ons_fail_clearly(

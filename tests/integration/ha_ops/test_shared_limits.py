@@ -119,3 +119,31 @@ async def test_the_triggers_notify_changes_routers_see_and_not_a_sign_on_touch(
         async for notice in listener.notifies(timeout=1.0):
             received.append(notice.payload)
     assert received == ["router:site-n", "table:devices"]
+
+
+async def test_status_reads_every_replica_with_its_leased_associations(
+    two_replicas: tuple[PostgresDirectory, PostgresDirectory], ha_postgres: PostgresCluster
+) -> None:
+    from relay_bridge.cluster_status import _read, render_replicas
+
+    one, _ = two_replicas
+    url = ha_postgres.url((await one._fetch("SELECT current_database()"))[0][0])
+    assert await _read(url, ha_postgres.password_file) == []  # no replica registered, no leases
+    await SharedAssociationLeases(one, "r-2", max_out=5, max_in=5).acquire(_aid(), "site-a", "site-b")
+    # r-1 as replica registration writes it (relay_bridge.cluster, migration step 4), holding site-a.
+    await one._execute(
+        "INSERT INTO replicas VALUES ('r-1', '10.0.0.1:7443', extract(epoch from now()) - 60,"
+        " extract(epoch from now()) + 10, false, 1, 0)"
+    )
+    await one._execute(
+        "INSERT INTO presence VALUES ('site-a', 'r-1', extract(epoch from now()) - 30, extract(epoch from now()) + 10)"
+    )
+    rows = await _read(url, ha_postgres.password_file)
+    assert [(r["id"], r.get("sites"), r.get("leased_associations")) for r in rows] == [
+        ("r-1", ["site-a"], None),
+        ("r-2", None, 1),
+    ]
+    text = render_replicas(rows)
+    assert "r-1  live" in text and "sites 1 (site-a)" in text and "r-2  unregistered (leases only)" in text
+    await one._execute("DELETE FROM presence")
+    await one._execute("DELETE FROM replicas")

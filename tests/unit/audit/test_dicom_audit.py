@@ -123,6 +123,9 @@ def test_hostile_text_stays_well_formed() -> None:
         {"event": "share_list", "outcome": "success"},
         {"event": "pin", "outcome": "success", "site": "hospital-b"},
         {"event": "identity_mismatch", "outcome": "alert", "site": "hospital-b"},
+        {"event": "peer_unapproved", "outcome": "alert", "site": "hospital-x", "fingerprint": "ab" * 32},
+        {"event": "peer_approve", "outcome": "success", "site": "hospital-b", "user": "root"},
+        {"event": "peer_reject", "outcome": "failure", "site": "hospital-b", "detail": "neither approved"},
         {"event": "access_refused", "outcome": "alert", "router": "hospital-a"},
         {"event": "start", "outcome": "success"},
         {"event": "stop", "outcome": "success"},
@@ -139,6 +142,16 @@ def test_hostile_text_stays_well_formed() -> None:
 def test_records_map_to_valid_messages(record: dict[str, object]) -> None:
     (message,) = da.from_record({"app": "relay-router", **record}, source_id="hospital-a")
     valid(message)
+
+
+def test_peer_events_name_their_event_type() -> None:
+    """Approving or rejecting a peer is a security configuration change; a refused unapproved key is about
+    node authentication."""
+    for event, code in (("peer_approve", "110129"), ("peer_unapproved", "110126")):
+        (message,) = da.from_record(
+            {"app": "relay-router", "event": event, "outcome": "alert", "site": "b"}, source_id="a"
+        )
+        assert [c.get("csd-code") for c in message.iter("EventTypeCode")] == [code]
 
 
 def test_plain_association_records_stay_json_only() -> None:

@@ -13,6 +13,7 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.audit import read_events
 from relay_common.config import parse_config
 from relay_common.errors import Reason
+from relay_router.approvals import ApprovalStore
 from relay_router.config import RouterConfig
 from relay_router.outcome import Result
 from relay_router.seal import AssociationContext, Identity, initiate
@@ -164,6 +165,7 @@ def signed_notice(service: RouterService, caller: Identity, aid: str) -> pb.Inco
 async def test_forged_notices_cannot_evict_a_real_id_and_the_record_survives_a_restart(tmp_path: Path) -> None:
     caller = Identity.generate()
     service = make_service(tmp_path)
+    ApprovalStore(tmp_path / "state").approve("hospital-b", caller.public.fingerprint)  # as its operator would
     service.link.peers.update({"hospital-b": caller.public})
     real = signed_notice(service, caller, "d" * 32)
     stream = await incoming(service, real)

@@ -133,13 +133,15 @@ async def test_an_invalid_file_keeps_the_running_configuration(
 
 
 async def test_a_changed_pin_is_checked_against_the_identity_already_offered(tmp_path: Path) -> None:
+    from relay_router.approvals import ApprovalStore
     from relay_router.seal import Identity
 
     path = write_config(tmp_path / "router.toml", REMOTES)
     service = RouterService(load(path), config_path=path)
     peer = Identity.load_or_create(tmp_path / "peer.key").public
+    ApprovalStore(service.config.router.state_dir).approve("hospital-b", peer.fingerprint)
     service.link.peers.update({"hospital-b": peer})
-    assert service.link.peers.identity("hospital-b") == peer  # first use
+    assert service.link.peers.identity("hospital-b") == peer  # approved
     write_config(path, REMOTES + f'[[pin]]\nsite = "hospital-b"\nfingerprint = "{PIN_B2}"\n')
     assert await service.reload_config() is True
     with pytest.raises(Exception, match="identity key changed"):

@@ -1,8 +1,10 @@
 """Retrying an Open while the bridge moves a router between replicas (rolling restarts).
 
 During a rolling restart of the bridge replicas an Open can be refused for a moment although
-nothing is wrong: the replica this router is on is draining (`Refused.DRAINING`), the partner
-site's router is between two replicas (`SITE_OFFLINE` for a site listed online a moment ago), or
+nothing is wrong: this router's replica or the partner's is draining (`Refused.DRAINING`; a
+draining replica keeps the presence rows of the routers it moved until they sign on elsewhere, so
+Opens towards them reach it and get DRAINING), the partner's router is between two replicas
+(`SITE_OFFLINE` for a site the bridge's latest directory still lists online), or
 this router's own link is signing on again after a `Move` (`LinkDown`). The calling device is
 waiting for its A-ASSOCIATE-AC, so the router retries, for at most `[bridge] open_retry_s`
 (default 10 s, well inside the 30 s a DICOM SCU usually waits), instead of refusing it.
@@ -12,7 +14,7 @@ router can take the Open elsewhere; and holding Opens at the bridge for sites th
 would let any router make the bridge hold state for nothing. Each attempt is a new association
 (a new id, a new end-to-end handshake): the refused one never reached the partner router, and a
 fresh handshake keeps the destination's replay check untouched. Permanent refusals, and a site
-that has been offline for longer than the window, are answered at once as before.
+the directory lists offline (a router that stopped), are answered at once as before.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ MAX_PAUSE_S = 0.5
 
 
 class Link(Protocol):
-    def recently_online(self, site: str, within_s: float) -> bool: ...
+    def listed_online(self, site: str) -> bool: ...
 
     async def wait_signed_on(self, timeout_s: float) -> bool: ...
 
 
-def worth_retrying(reason: int | None, *, site_recently_online: bool) -> bool:
+def worth_retrying(reason: int | None, *, site_listed_online: bool) -> bool:
     """Whether a failed Open may succeed in a moment. `reason`: the Refused code, None for LinkDown."""
     if reason is None or reason == pb.Refused.DRAINING:
         return True
-    return reason == pb.Refused.SITE_OFFLINE and site_recently_online
+    return reason == pb.Refused.SITE_OFFLINE and site_listed_online
 
 
 @dataclass
@@ -55,7 +57,7 @@ class OpenRetry:
 
     async def again(self, reason: int | None) -> bool:
         """After a failed attempt: pause, wait for the link, and say whether to try once more."""
-        if not worth_retrying(reason, site_recently_online=self.link.recently_online(self.site, self.window_s)):
+        if not worth_retrying(reason, site_listed_online=self.link.listed_online(self.site)):
             return False
         pause = min(MAX_PAUSE_S, FIRST_PAUSE_S * 2 ** (self.attempts - 1))
         if self.left() <= pause:

@@ -46,8 +46,6 @@ SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
 TLS_CHECK_S = 60.0  # how often the certificate files are checked for a renewal (SIGHUP: at once)
 SIGN_ON_POLL_S = 0.05
-# A site listed online this recently may be between two bridge replicas when it is refused as offline.
-ONLINE_MEMORY_S = 60.0
 
 
 class LinkDown(Exception):
@@ -136,10 +134,9 @@ class BridgeLink:
         self.site = config.router.name
         self.directory: list[DirectoryEntry] = []
         self.connected_since: float | None = None
-        # When the last session ended (monotonic), and when each site was last listed online: an Open
-        # made just after either is retried for a moment (relay_router.open_retry), not refused.
+        # When the last session ended (monotonic): an Open made just after is retried for a moment
+        # (relay_router.open_retry), not refused.
         self.lost_at: float | None = None
-        self._online_at: dict[str, float] = {}
         self.last_error: str | None = None
         self.reconnects = 0
         self.directory_changed = asyncio.Event()
@@ -433,9 +430,6 @@ class BridgeLink:
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
                 for d in message.directory.devices
             ]
-            now = time.monotonic()
-            self._online_at = {s: t for s, t in self._online_at.items() if now - t < ONLINE_MEMORY_S}
-            self._online_at.update((d.site, now) for d in self.directory if d.online)
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
@@ -461,10 +455,9 @@ class BridgeLink:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def recently_online(self, site: str, within_s: float) -> bool:
-        """`site` was listed online by the bridge within the last `within_s` seconds (or is now)."""
-        seen = self._online_at.get(site)
-        return seen is not None and time.monotonic() - seen <= within_s
+    def listed_online(self, site: str) -> bool:
+        """The bridge's latest directory lists a device of `site` online."""
+        return any(d.site == site and d.online for d in self.directory)
 
     def reconnecting(self, within_s: float) -> bool:
         """Not signed on, but was within `within_s` seconds (a move or a re-sign-on under way)."""

@@ -16,7 +16,7 @@ class FakeLink:
     online: bool = True
     signed_on: bool = True
 
-    def recently_online(self, site: str, within_s: float) -> bool:
+    def listed_online(self, site: str) -> bool:
         return self.online
 
     async def wait_signed_on(self, timeout_s: float) -> bool:
@@ -24,14 +24,14 @@ class FakeLink:
 
 
 def test_only_refusals_that_say_a_move_is_under_way_are_retried() -> None:
-    assert worth_retrying(pb.Refused.DRAINING, site_recently_online=False)
-    assert worth_retrying(None, site_recently_online=False)  # LinkDown: this router is signing on again
-    assert worth_retrying(pb.Refused.SITE_OFFLINE, site_recently_online=True)
-    assert not worth_retrying(pb.Refused.SITE_OFFLINE, site_recently_online=False)  # offline for a while
+    assert worth_retrying(pb.Refused.DRAINING, site_listed_online=False)
+    assert worth_retrying(None, site_listed_online=False)  # LinkDown: this router is signing on again
+    assert worth_retrying(pb.Refused.SITE_OFFLINE, site_listed_online=True)
+    assert not worth_retrying(pb.Refused.SITE_OFFLINE, site_listed_online=False)  # the directory says it left
     for permanent in (pb.Refused.UNKNOWN_DEVICE, pb.Refused.NOT_PERMITTED, pb.Refused.SERVICE_NOT_GRANTED):
-        assert not worth_retrying(permanent, site_recently_online=True)
+        assert not worth_retrying(permanent, site_listed_online=True)
     for transient in (pb.Refused.OVERLOADED, pb.Refused.TIMEOUT, pb.Refused.DEVICE_UNREACHABLE):
-        assert not worth_retrying(transient, site_recently_online=True)  # the partner saw it, or a real limit
+        assert not worth_retrying(transient, site_listed_online=True)  # the partner saw it, or a real limit
 
 
 def test_retries_stop_at_the_window_and_pauses_grow() -> None:

@@ -46,6 +46,10 @@ SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
 TLS_CHECK_S = 60.0  # how often the certificate files are checked for a renewal (SIGHUP: at once)
 SIGN_ON_POLL_S = 0.05
+# How long a site stays "listed online a moment ago" for the Open retry (relay_router.open_retry):
+# long enough to cover a router moving between replicas, short enough that a site whose router
+# stopped is refused within seconds.
+ONLINE_MEMORY_S = 3.0
 
 
 class LinkDown(Exception):
@@ -134,9 +138,10 @@ class BridgeLink:
         self.site = config.router.name
         self.directory: list[DirectoryEntry] = []
         self.connected_since: float | None = None
-        # When the last session ended (monotonic): an Open made just after is retried for a moment
-        # (relay_router.open_retry), not refused.
-        self.lost_at: float | None = None
+        # When the bridge last told this router to move, and when each site was last listed online
+        # (monotonic): an Open made just after is retried for a moment (relay_router.open_retry).
+        self.moved_at: float | None = None
+        self._online_at: dict[str, float] = {}
         self.last_error: str | None = None
         self.reconnects = 0
         self.directory_changed = asyncio.Event()
@@ -299,8 +304,6 @@ class BridgeLink:
             finally:
                 if self._session is not None and not self._stopping and not self._moving:
                     log.warning("lost the bridge: %s", self.last_error)
-                if self._session is not None:
-                    self.lost_at = time.monotonic()
                 self._session = None
                 self.connected_since = None
             if self._stopping:
@@ -430,6 +433,9 @@ class BridgeLink:
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
                 for d in message.directory.devices
             ]
+            now = time.monotonic()
+            self._online_at = {s: t for s, t in self._online_at.items() if now - t <= ONLINE_MEMORY_S}
+            self._online_at.update((d.site, now) for d in self.directory if d.online)
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
@@ -450,20 +456,26 @@ class BridgeLink:
             log.info("the bridge asks this router to move (%s); reconnecting now", printable(message.move.reason[:64]))
             self._new_connection = True
             self._moving = True  # run() signs on again without a backoff; _control_session returns
+            self.moved_at = time.monotonic()
         elif message.HasField("incoming"):
             task = asyncio.create_task(self._on_incoming(message.incoming))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def listed_online(self, site: str) -> bool:
-        """The bridge's latest directory lists a device of `site` online."""
-        return any(d.site == site and d.online for d in self.directory)
+    def recently_online(self, site: str, within_s: float) -> bool:
+        """The bridge listed a device of `site` online in its latest directory or within `within_s` s."""
+        seen = self._online_at.get(site)
+        return seen is not None and time.monotonic() - seen <= within_s
+
+    def moved_recently(self, within_s: float) -> bool:
+        """The bridge told this router to move (a draining replica) within the last `within_s` seconds."""
+        return self.moved_at is not None and time.monotonic() - self.moved_at <= within_s
 
     def reconnecting(self, within_s: float) -> bool:
         """Not signed on, but was within `within_s` seconds (a move or a re-sign-on under way)."""
         if self.connected:
             return False
-        return self._moving or (self.lost_at is not None and time.monotonic() - self.lost_at <= within_s)
+        return self._moving or self.moved_recently(within_s)
 
     async def wait_signed_on(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for a session (polled: sign-ons are rare, and this needs no new state)."""

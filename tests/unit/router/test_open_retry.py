@@ -16,8 +16,13 @@ class FakeLink:
     online: bool = True
     signed_on: bool = True
 
-    def listed_online(self, site: str) -> bool:
+    moved: bool = True
+
+    def recently_online(self, site: str, within_s: float) -> bool:
         return self.online
+
+    def moved_recently(self, within_s: float) -> bool:
+        return self.moved
 
     async def wait_signed_on(self, timeout_s: float) -> bool:
         return self.signed_on
@@ -52,6 +57,7 @@ def test_no_retry_when_the_link_does_not_come_back_or_the_window_is_zero() -> No
         return await OpenRetry(link, "site-b", window_s=window).again(None)
 
     assert not asyncio.run(run(FakeLink(signed_on=False), 5.0))
+    assert not asyncio.run(run(FakeLink(moved=False), 5.0))  # a bridge lost, not a Move: refused at once
     assert not asyncio.run(run(FakeLink(), 0.0))
 
 

@@ -142,6 +142,7 @@ class BridgeLink:
         # (monotonic): an Open made just after is retried for a moment (relay_router.open_retry).
         self.moved_at: float | None = None
         self._online_at: dict[str, float] = {}
+        self._listed_online: set[str] = set()
         self.last_error: str | None = None
         self.reconnects = 0
         self.directory_changed = asyncio.Event()
@@ -433,9 +434,12 @@ class BridgeLink:
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
                 for d in message.directory.devices
             ]
+            # Online until now: the sites online in the previous directory and in this one (the
+            # directory is sent on changes only, so a stamp says when it was last known online).
             now = time.monotonic()
             self._online_at = {s: t for s, t in self._online_at.items() if now - t <= ONLINE_MEMORY_S}
-            self._online_at.update((d.site, now) for d in self.directory if d.online)
+            self._online_at.update((site, now) for site in self._listed_online)
+            self._listed_online = {d.site for d in self.directory if d.online}
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
@@ -463,7 +467,9 @@ class BridgeLink:
             task.add_done_callback(self._tasks.discard)
 
     def recently_online(self, site: str, within_s: float) -> bool:
-        """The bridge listed a device of `site` online in its latest directory or within `within_s` s."""
+        """The bridge lists a device of `site` online in its latest directory, or did until `within_s` s ago."""
+        if site in self._listed_online:
+            return True
         seen = self._online_at.get(site)
         return seen is not None and time.monotonic() - seen <= within_s
 

@@ -5,7 +5,7 @@ nothing is wrong: this router's replica or the partner's is draining (`Refused.D
 draining replica keeps the presence rows of the routers it moved until they sign on elsewhere, so
 Opens towards them reach it and get DRAINING), the partner's router is between two replicas
 (`SITE_OFFLINE` for a site the bridge listed online in its latest directory or within the last
-3 s, `relay_router.tunnel.ONLINE_MEMORY_S`), or this router's own link is signing on again
+2 s, `relay_router.tunnel.ONLINE_MEMORY_S`), or this router's own link is signing on again
 after a `Move` (`LinkDown` within the window after the Move). The calling device is
 waiting for its A-ASSOCIATE-AC, so the router retries, for at most `[bridge] open_retry_s`
 (default 10 s, well inside the 30 s a DICOM SCU usually waits), instead of refusing it.
@@ -15,7 +15,7 @@ router can take the Open elsewhere; and holding Opens at the bridge for sites th
 would let any router make the bridge hold state for nothing. Each attempt is a new association
 (a new id, a new end-to-end handshake): the refused one never reached the partner router, and a
 fresh handshake keeps the destination's replay check untouched. Permanent refusals, and a site
-offline for longer than 3 s, and a bridge lost without a Move, are answered at once as before.
+offline for longer than 2 s, and a bridge lost without a Move, are answered at once as before.
 """
 
 from __future__ import annotations

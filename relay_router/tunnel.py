@@ -49,7 +49,7 @@ SIGN_ON_POLL_S = 0.05
 # How long a site stays "listed online a moment ago" for the Open retry (relay_router.open_retry):
 # long enough to cover a router moving between replicas, short enough that a site whose router
 # stopped is refused within seconds.
-ONLINE_MEMORY_S = 3.0
+ONLINE_MEMORY_S = 2.0
 
 
 class LinkDown(Exception):

@@ -1,4 +1,4 @@
-"""The test suite's port allocator (tests/support/ports.py): safe under pytest-xdist."""
+"""The suite under pytest-xdist: the port allocator (tests/support/ports.py), the scheduling (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from tests import conftest
 from tests.support import ports
 
 
@@ -41,3 +42,14 @@ def test_a_bound_port_is_never_handed_out() -> None:
         cursor._ports, cursor._next = range(busy, busy + 1), 0
         with pytest.raises(RuntimeError, match=f"no free TCP port on 127.0.0.1 in {busy}-{busy}"):
             cursor.take()
+
+
+def test_the_release_builds_are_one_unit_and_other_files_their_own() -> None:
+    release = conftest.work_unit("tests/integration/test_release.py::test_wheel_installs_offline")
+    assert conftest.work_unit("tests/integration/test_container.py::test_bridge_container_relays") == release
+    assert conftest.work_unit("tests/unit/ul/test_pdu.py::test_x[1]") == "tests/unit/ul/test_pdu.py"
+
+
+def test_units_start_slowest_first_then_integration_then_unit_files() -> None:
+    units = ["tests/unit/ul/test_pdu.py", "tests/integration/test_ops.py", "release-build"]
+    assert sorted(units, key=conftest.unit_rank) == ["release-build", "tests/integration/test_ops.py", units[0]]

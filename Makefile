@@ -37,14 +37,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m relay_demo
 
+# Tests run in parallel (pytest-xdist): one test file per work unit on each of TEST_WORKERS workers
+# (tests/conftest.py groups the release builds and starts the slowest files first). Most integration
+# tests wait on processes and networks, so 3 workers pay off on 2 cores; TEST_WORKERS=0 runs serially.
+# PYTEST_ARGS adds options, e.g. make integration PYTEST_ARGS="-k spill --durations=20".
+TEST_WORKERS ?= 3
+PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,-p no:xdist) $(PYTEST_ARGS)
+
 test: $(STAMP) system-deps protos-check lint typecheck
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
 unit: $(STAMP)
-	$(PY) -m pytest tests/unit
+	$(PYTEST) tests/unit
 
 integration: $(STAMP) system-deps
-	$(PY) -m pytest tests/integration
+	$(PYTEST) tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -264,13 +264,13 @@ class LocalRelayNetwork:
             if r.remote_ae_title:
                 lines.append(f"remote_ae_title = {_toml_value(r.remote_ae_title)}")
             lines += _identity_keys(r.patient_issuer)
+            if r.accelerate:
+                lines.append("accelerate = true")
         if site.identity:
             flat = {k: v for k, v in site.identity.items() if k != "source"}
             lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in flat.items())]
             for source in site.identity.get("source", []):  # type: ignore[attr-defined]
                 lines += ["", "[[identity.source]]", *(f"{k} = {_toml_value(v)}" for k, v in source.items())]
-            if r.accelerate:
-                lines.append("accelerate = true")
         if site.extra_accelerate:
             lines += ["", "[accelerate]", *(f"{k} = {_toml_value(v)}" for k, v in site.extra_accelerate.items())]
         path = self.router_config_path(site.name)

@@ -23,6 +23,7 @@ from relay_demo.datasets import fingerprints, generate_ct_series, sample_files, 
 from relay_demo.network import LocalRelayNetwork
 from tests.support.dcmtk import StorescpProcess, missing_tools
 from tests.support.orthanc import OrthancProcess, orthanc_binary
+from tests.support.release import build_wheelhouse
 
 
 def _require(missing: list[str]) -> None:
@@ -135,3 +136,13 @@ def relay_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRel
     network = LocalRelayNetwork(tmp_path_factory.mktemp("relay")).start()
     yield network
     network.stop()
+
+
+@pytest.fixture(scope="session")
+def release_wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The release as `make wheelhouse` makes it (wheel, pinned dependencies, constraints.txt), built once.
+
+    test_release.py and test_container.py share it: tests/conftest.py puts them on one xdist worker.
+    Read-only for its users.
+    """
+    return build_wheelhouse(tmp_path_factory.mktemp("release"))

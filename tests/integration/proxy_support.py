@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port
+
 HOST = "127.0.0.1"
 ROUTER_USER = "nobody"  # the routers run as this user: its direct connections are blocked
 SQUID_USER = "proxy"  # Debian's squid user
@@ -37,12 +39,6 @@ def require(tool: str, package: str) -> str:
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("the proxy tests need root (iptables, and routers run as another user)", pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def world_dir(prefix: str) -> Path:
@@ -173,7 +169,7 @@ class RouterFirewall:
             "--reject-with",
             "tcp-reset",
         ]
-        subprocess.run([self.iptables, "-I", *rule], check=True, capture_output=True)
+        subprocess.run([self.iptables, "-w", "-I", *rule], check=True, capture_output=True)
         self.rules.append(rule)
 
     def direct_connect_fails(self, port: int) -> bool:
@@ -187,7 +183,7 @@ class RouterFirewall:
 
     def clear(self) -> None:
         for rule in reversed(self.rules):
-            subprocess.run([self.iptables, "-D", *rule], capture_output=True)
+            subprocess.run([self.iptables, "-w", "-D", *rule], capture_output=True)
         self.rules.clear()
 
 

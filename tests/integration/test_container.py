@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import uuid
@@ -29,16 +30,21 @@ from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.approvals import ApprovalStore
 from relay_router.seal import Identity
-from tests.support.release import REPO, VERSION, build_wheelhouse, run
+from tests.support.release import REPO, VERSION, run
 from tests.support.wire import wait_until
 
-pytestmark = pytest.mark.integration
+# The first run on a machine debootstraps the base image (minutes): pytest-timeout counts fixture setup.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 HOST = "127.0.0.1"
-BRIDGE_ADDRESS = "127.43.0.1"  # a loopback address of its own, so that port 443 is free whatever else runs
+# Loopback addresses and image tags of this run's own: other test sessions on the machine (several
+# worktrees, one podman storage) may run this file at the same time, and port 443 is fixed.
+_RUN = secrets.token_hex(4)
+_NET = f"{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
+BRIDGE_ADDRESS = f"127.43.{_NET}"  # a loopback address of its own, so that port 443 is free whatever else runs
 CONTAINER = REPO / "deploy" / "container"
-IMAGE = "localhost/dicom-relay-bridge:smoke-test"
-ROUTER_IMAGE = "localhost/dicom-relay-router:smoke-test"
-ROUTER_ADDRESS = "127.43.0.2"  # the router container's DICOM listener, on a loopback address of its own
+IMAGE = f"localhost/dicom-relay-bridge:smoke-test-{_RUN}"
+ROUTER_IMAGE = f"localhost/dicom-relay-router:smoke-test-{_RUN}"
+ROUTER_ADDRESS = f"127.44.{_NET}"  # the router container's DICOM listener, on a loopback address of its own
 PODMAN_ENV = {"CONTAINERS_CONF": str(CONTAINER / "containers.conf")}
 
 
@@ -50,7 +56,7 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def bridge_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def bridge_image(request: pytest.FixtureRequest) -> Iterator[str]:
     missing = [tool for tool in ("podman", "buildah", "runc", "debootstrap") if shutil.which(tool) is None]
     problem = f"missing {' '.join(missing)} (apt-get install -y podman buildah runc debootstrap)" if missing else None
     if os.geteuid() != 0:
@@ -59,7 +65,7 @@ def bridge_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(problem)
         pytest.skip(problem)
-    house = build_wheelhouse(tmp_path_factory.mktemp("release"))
+    house = request.getfixturevalue("release_wheelhouse")  # only once podman is known to be there
     env = {**PODMAN_ENV, "WHEELHOUSE": str(house), "IMAGE": IMAGE, "ROUTER_IMAGE": ROUTER_IMAGE}
     run([str(CONTAINER / "build.sh")], timeout=900, env=env)
     yield IMAGE

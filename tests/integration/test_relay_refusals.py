@@ -20,6 +20,7 @@ from relay_demo.archive import DemoArchive
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.ul import PduType, parse_abort, parse_reject
 from tests.support import dcmtk
+from tests.support.ports import free_port
 from tests.support.wire import exchange, read_pdu, wait_until
 from tests.unit.ul.builders import associate_rq
 
@@ -98,9 +99,7 @@ def test_remote_site_offline_is_rejected_transiently(two_sites: LocalRelayNetwor
 
 
 def test_unreachable_device_is_rejected_transiently(relay_network: LocalRelayNetwork, tmp_path: object) -> None:
-    with socket.socket() as probe:  # a port with nothing listening
-        probe.bind((HOST, 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port()  # a port with nothing listening
     relay_network.add_site("site-b", shared=[Shared("DOWN_PACS", HOST, dead_port, ["*"])])
     site_a = relay_network.add_site("site-a", remote=[Remote("DOWN_PACS", "site-b")])
     relay_network.wait_connected()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.release import CONSTRAINTS, REPO, VERSION, build_wheelhouse, run
+from tests.support.release import CONSTRAINTS, REPO, VERSION, run
 
 pytestmark = pytest.mark.integration
 PREFIX = "/opt/dicom-relay"
@@ -19,10 +19,10 @@ def pins() -> dict[str, str]:
     return dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
 
 
-def test_wheel_installs_offline_from_a_wheelhouse_and_runs(tmp_path: Path) -> None:
+def test_wheel_installs_offline_from_a_wheelhouse_and_runs(tmp_path: Path, release_wheelhouse: Path) -> None:
     # A wheel built from a copy of the source tree (as a release job would from a clean checkout),
     # and the wheelhouse `make wheelhouse` makes: the wheel, its pinned dependencies, constraints.txt.
-    house = build_wheelhouse(tmp_path)
+    house = release_wheelhouse
 
     root = tmp_path / "root"
     result = run(

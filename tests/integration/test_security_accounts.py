@@ -22,6 +22,7 @@ from relay_common.pki import make_dev_pki
 from relay_demo.archive import DemoArchive
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
+from tests.support.ports import free_port
 from tests.support.wire import exchange, wait_until
 from tests.unit.ul.builders import associate_rq
 
@@ -168,9 +169,7 @@ def test_tls_1_1_is_refused_and_1_3_preferred(relay_network: LocalRelayNetwork) 
 @pytest.fixture
 def mtls_network(tmp_path_factory: pytest.TempPathFactory) -> LocalRelayNetwork:
     net = LocalRelayNetwork(tmp_path_factory.mktemp("mtls")).start(bridge=False)
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        enroll_port = probe.getsockname()[1]
+    enroll_port = free_port()
     (net.workdir / "bridge.toml").write_text(
         f'[server]\nlisten = "{HOST}:0"\ntls_cert = "server.pem"\ntls_key = "server.key"\n'
         f'require_client_cert = true\nclient_ca = "ca.pem"\nenroll_listen = "{HOST}:{enroll_port}"\n\n'

@@ -11,7 +11,6 @@ notices, which the router drops or escapes before its audit trail.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 
 import grpc.aio
@@ -26,6 +25,7 @@ from relay_demo.archive import DemoArchive
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.close_codes import FIXED_DETAILS
 from tests.support.inprocess_bridge import InProcessBridge
+from tests.support.ports import free_port
 from tests.support.wire import wait_until
 
 pytestmark = pytest.mark.integration
@@ -59,9 +59,7 @@ def network(
     rejector.add_supported_context(Verification)
     rejector.require_calling_aet = ["SOMEONE_ELSE"]  # A-ASSOCIATE-RJ: calling AE title not recognised
     server = rejector.start_server((HOST, 0), block=False)
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind((HOST, 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()  # a port nobody listens on
     archive = archive_factory("ARCHIVE_B")
     net = LocalRelayNetwork(tmp_path_factory.mktemp("codes")).start(bridge=False)
     bridge = InProcessBridge(net, RecordingServicer)

@@ -40,5 +40,21 @@ class InProcessBridge:
 
     def stop(self) -> None:
         self.run(self.server.stop(0))
+        self.run(self._cancel_background_tasks())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    async def _cancel_background_tasks(self) -> None:
+        """End what the bridge left running (the blob broker's sweepers...), as `serve` does at shutdown.
+
+        Left pending, such tasks are destroyed whenever the garbage collector gets to them, and asyncio
+        then logs "Task was destroyed but it is pending!" from inside whatever runs at that moment; on
+        CPython 3.11 inside ast.parse that is a SystemError ("AST constructor recursion depth mismatch")
+        that crashed a pytest-xdist worker while it formatted a failure.
+        """
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,11 @@ import pytest
 from relay_common.config import load_config
 from relay_router.config import RouterConfig
 from relay_router.enroll import EnrollError, enroll
+from tests.support.ports import free_port
 
 
 def test_an_unreachable_bridge_is_not_reported_as_a_refusal(tmp_path: Path) -> None:
-    with socket.socket() as probe:  # a port with nothing listening
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port with nothing listening
     (tmp_path / "router.toml").write_text(
         f'[router]\nname = "hospital-a"\nstate_dir = "state"\n'
         f'[bridge]\naddress = "127.0.0.1:{port}"\ninsecure = true\npassword = "test-password-123"\n'

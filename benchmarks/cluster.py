@@ -21,6 +21,11 @@ replica holds site-b then. Router B reconnects after its default first delay (0.
 time, as a router does after a session that was up for over a minute. On a 2-core machine the
 processes share cores: CPU seconds per GB are the honest figure here, wall-clock throughput is
 not a cluster's.
+
+Then (`--rolls`, default 3) rounds of rolling restarts of r1, r2, r3 under continuous C-ECHO and
+C-STORE from site-a (benchmarks.cluster_rolling): failed associations (must be 0) and setup
+latency while a replica restarts. `--phases rolling` runs only that phase; `--health grpc` has
+HAProxy check the replicas' gRPC health service instead of a TCP connect.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from benchmarks.cluster_rolling import rolling_restarts, rolling_table
 from benchmarks.common import CpuMeter, dcmtk, free_port, run, summary, write_results
 from relay_demo.datasets import generate_ct_series, write_series
 from relay_demo.network import Remote, Shared
@@ -89,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="storescu runs per path")
     parser.add_argument("--setups", type=int, default=30, help="association setups timed per path")
     parser.add_argument("--kills", type=int, default=20, help="replica kills for the failover distribution")
+    parser.add_argument("--rolls", type=int, default=3, help="rounds of rolling restarts (each restarts all three)")
+    parser.add_argument("--phases", default="paths,failover,rolling", help="comma-separated phases to run")
+    parser.add_argument("--health", choices=("tcp", "grpc"), default="tcp", help="HAProxy's replica health check")
     parser.add_argument("--name", default="cluster", help="results file name (benchmarks/results/DATE-NAME.*)")
     args = parser.parse_args(argv)
+    phases = set(args.phases.split(","))
 
     bindir = postgres_bindir()
     if bindir is None:
@@ -98,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="relay-bench-cluster-"))
     pg = PostgresCluster(bindir).start()
     scps = {aet: start_storescp(aet) for aet in PATHS.values()}
-    cluster = start_bridge_cluster(work / "net", pg, {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]})
+    cluster = start_bridge_cluster(
+        work / "net", pg, {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]}, grpc_health=args.health == "grpc"
+    )
+    results: dict[str, dict[str, object]] = {}
+    failovers: list[float] = []
+    rolling: dict[str, object] | None = None
     try:
         net, haproxy = cluster.net, cluster.haproxy
         assert haproxy is not None
@@ -123,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         pids = {rid: r.process.pid for rid, r in cluster.replicas.items() if r.process}
         pids |= {name: s.process.pid for name, s in net.sites.items() if s.process}
 
-        results: dict[str, dict[str, object]] = {}
-        for path, called in PATHS.items():
+        for path, called in PATHS.items() if "paths" in phases else ():
             for _ in range(3):  # warm up: channels, caches, the first Forward call
                 setup_ms(site_a.port, called)
             setups = [setup_ms(site_a.port, called) for _ in range(args.setups)]
@@ -146,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bridge_tier_cpu_s_per_gb": sum(cpu[r] for r in ("r1", "r2", "r3")),
             }
 
-        failovers: list[float] = []
-        for _ in range(args.kills):
+        for _ in range(args.kills if "failover" in phases else 0):
             victim = holder(cluster, "site-b")
             assert victim is not None and victim != "r1", cluster.presence()
             killed = time.monotonic()
@@ -159,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             failovers.append(time.monotonic() - killed)
             cluster.start_replica(victim)  # back at the same ports; HAProxy's checks see it up again
             time.sleep(1.0)
+        if "rolling" in phases:
+            rolling = rolling_restarts(cluster, site_a.port, files, args.rolls)
     finally:
         cluster.stop()
         for process, _ in scps.values():
@@ -166,45 +181,50 @@ def main(argv: list[str] | None = None) -> int:
             process.wait(10)
         pg.stop()
 
-    local, cross = results["local splice"], results["cross-replica"]
-    added_ms = cross["setup_ms"]["median"] - local["setup_ms"]["median"]  # type: ignore[index]
-    cpu_ratio = cross["bridge_tier_cpu_s_per_gb"] / local["bridge_tier_cpu_s_per_gb"] - 1  # type: ignore[operator]
-    failover = summary(failovers)
     lines = [
-        f"# Cluster: local splice vs cross-replica ({args.instances} CT instances, {dataset_bytes / 1e6:.1f} MB;"
-        f" {args.setups} setups; {args.repeats} stores per path)",
-        "",
-        "| path | setup median (ms) | setup p90 (ms) | store MB/s | r1 s/GB | r2 s/GB | bridge tier s/GB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"# Cluster ({', '.join(sorted(phases))}): {args.instances} CT instances, {dataset_bytes / 1e6:.1f} MB;"
+        f" {args.setups} setups and {args.repeats} stores per path; HAProxy {args.health} health checks",
     ]
-    for path, r in results.items():
-        cpu = r["cpu_s_per_gb"]
-        lines.append(
-            f"| {path} | {r['setup_ms']['median']:.1f} | {r['setup_ms']['p90']:.1f} | {r['mb_per_s']:.1f}"  # type: ignore[index]
-            f" | {cpu['r1']:.2f} | {cpu['r2']:.2f} | {r['bridge_tier_cpu_s_per_gb']:.2f} |"  # type: ignore[index]
-        )
+    payload: dict[str, object] = {"instances": args.instances, "dataset_bytes": dataset_bytes, "health": args.health}
+    if results:
+        local, cross = results["local splice"], results["cross-replica"]
+        added_ms = cross["setup_ms"]["median"] - local["setup_ms"]["median"]  # type: ignore[index]
+        cpu_ratio = cross["bridge_tier_cpu_s_per_gb"] / local["bridge_tier_cpu_s_per_gb"] - 1  # type: ignore[operator]
+        lines += [
+            "",
+            "| path | setup median (ms) | setup p90 (ms) | store MB/s | r1 s/GB | r2 s/GB | bridge tier s/GB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for path, r in results.items():
+            cpu = r["cpu_s_per_gb"]
+            lines.append(
+                f"| {path} | {r['setup_ms']['median']:.1f} | {r['setup_ms']['p90']:.1f} | {r['mb_per_s']:.1f}"  # type: ignore[index]
+                f" | {cpu['r1']:.2f} | {cpu['r2']:.2f} | {r['bridge_tier_cpu_s_per_gb']:.2f} |"  # type: ignore[index]
+            )
+        lines += [
+            "",
+            f"A cross-replica association adds **{added_ms:.1f} ms** to setup at the median (goal: at most 2 ms)"
+            f" and **{cpu_ratio:+.0%}** CPU per GB at the bridge tier (goal: at most +25%).",
+        ]
+        payload |= {"paths": results, "added_setup_ms": added_ms, "bridge_tier_cpu_ratio": cpu_ratio}
+    if failovers:
+        failover = summary(failovers)
+        lines += [
+            "",
+            f"Failover over {len(failovers)} SIGKILLs of the replica holding site-b (kill -> first successful C-ECHO"
+            f" through another replica): median **{failover['median']:.2f} s**, p90 {failover['p90']:.2f} s,"
+            f" min {failover['min']:.2f} s, max {failover['max']:.2f} s (goal: at most 5 s).",
+        ]
+        payload |= {"failover_s": failovers, "failover": failover}
+    if rolling is not None:
+        lines += rolling_table(rolling)
+        payload["rolling"] = rolling
     lines += [
-        "",
-        f"A cross-replica association adds **{added_ms:.1f} ms** to setup at the median (goal: at most 2 ms)"
-        f" and **{cpu_ratio:+.0%}** CPU per GB at the bridge tier (goal: at most +25%).",
-        "",
-        f"Failover over {len(failovers)} SIGKILLs of the replica holding site-b (kill -> first successful C-ECHO"
-        f" through another replica): median **{failover['median']:.2f} s**, p90 {failover['p90']:.2f} s,"
-        f" min {failover['min']:.2f} s, max {failover['max']:.2f} s (goal: at most 5 s).",
         "",
         "All processes share this machine's cores (routers, three replicas, PostgreSQL, HAProxy, DCMTK):"
         " CPU seconds per GB are the comparable figure; throughput is one machine's, not a cluster's.",
     ]
     table = "\n".join(lines)
-    payload = {
-        "instances": args.instances,
-        "dataset_bytes": dataset_bytes,
-        "paths": results,
-        "added_setup_ms": added_ms,
-        "bridge_tier_cpu_ratio": cpu_ratio,
-        "failover_s": failovers,
-        "failover": failover,
-    }
     json_path, md_path = write_results(args.name, payload, table)
     print(table)
     print(f"\nwrote {json_path} and {md_path}")

@@ -271,7 +271,8 @@ def destination_overloaded(to_site: str) -> Rejection:
 
 def draining() -> Rejection:
     """The bridge is stopping (SIGTERM): transient, so the caller's device gets A-ASSOCIATE-RJ transient."""
-    return Rejection(pb.Refused.OVERLOADED, Reason.SHUTDOWN, "the bridge is restarting; try again in a moment")
+    # Its own code (not OVERLOADED): the router retries it for a moment instead of refusing its device.
+    return Rejection(pb.Refused.DRAINING, Reason.SHUTDOWN, "the bridge is restarting; try again in a moment")
 
 
 def join_timed_out(to_site: str) -> Rejection:

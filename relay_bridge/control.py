@@ -249,7 +249,11 @@ class ControlService:
             for task in tasks:
                 task.cancel()
             abandon_pending(state.splices, session)
-            if state.cluster is not None:  # its presence row, unless a newer sign-on holds the site
+            # Its presence row, unless a newer sign-on holds the site. While this replica drains, the row
+            # stays (renewed) until the router's sign-on elsewhere replaces it or this replica exits: an
+            # Open towards the site meanwhile is forwarded here and refused DRAINING, which the calling
+            # router retries, instead of SITE_OFFLINE for a site that is only moving (docs/high-availability.md).
+            if state.cluster is not None and not state.draining:
                 self._in_background(state.cluster.presence.release(session.name, session.since))
             if state.sessions.get(session.name) is session:
                 del state.sessions[session.name]

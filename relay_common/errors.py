@@ -55,6 +55,7 @@ REFUSED_REASON_NAMES: dict[str, Reason] = {
     "TIMEOUT": Reason.TIMEOUT,
     "OVERLOADED": Reason.OVERLOADED,
     "SERVICE_NOT_GRANTED": Reason.SERVICE_NOT_GRANTED,
+    "DRAINING": Reason.SHUTDOWN,
 }
 
 

@@ -65,7 +65,7 @@ def rejection_for(reason: int) -> bytes:
         return a_associate_rj(RejectResult.PERMANENT, RejectSource.SERVICE_USER, 7)  # called AE not recognised
     if reason == pb.Refused.SERVICE_NOT_GRANTED:  # PS3.8 Table 9-21: permanent, service-user, no-reason-given
         return a_associate_rj(RejectResult.PERMANENT, RejectSource.SERVICE_USER, 1)
-    if reason == pb.Refused.OVERLOADED:
+    if reason in (pb.Refused.OVERLOADED, pb.Refused.DRAINING):  # a draining bridge: as before it had its own code
         return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 2)
     return a_associate_rj(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION, 1)
 

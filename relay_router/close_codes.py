@@ -51,6 +51,7 @@ REFUSED_MESSAGES: dict[int, str] = {
     pb.Refused.TIMEOUT: "the remote router did not answer in time",
     pb.Refused.OVERLOADED: "a limit was reached at the remote router or the bridge",
     pb.Refused.SERVICE_NOT_GRANTED: "no requested service is granted by the remote site",
+    pb.Refused.DRAINING: "the bridge replica is restarting",
 }
 REFUSED_DETAIL_MAX = 200  # characters of the bridge's own refusal text kept in the log
 

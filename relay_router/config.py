@@ -62,6 +62,9 @@ class BridgeSection:
     enroll_address: str = ""
     # Seconds to wait for the bridge to accept an association stream.
     open_timeout_s: float = 15.0
+    # How long an Open is retried while the bridge moves this router or its partner between replicas
+    # (a draining replica, a site signing on elsewhere, this link signing on again); 0: never retried.
+    open_retry_s: float = 10.0
     # Reconnect backoff: first delay and cap, in seconds (with jitter).
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0

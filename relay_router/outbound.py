@@ -22,6 +22,7 @@ from relay_router.association import RelayedAssociation, rejection_for
 from relay_router.close_codes import received_refusal
 from relay_router.grants import REJECT_SERVICE_NOT_GRANTED, check_services, granted_remote, record_decision
 from relay_router.host import AssociationHost, tune_socket
+from relay_router.open_retry import OpenRetry
 from relay_router.outcome import Outcome, Result
 from relay_router.pace import PathPace
 from relay_router.peers import PeerUnapproved
@@ -218,6 +219,9 @@ class OutboundCalls(AssociationHost):
         writer: asyncio.StreamWriter,
         outcome: Outcome,
     ) -> None:
+        retry_s = self.config.bridge.open_retry_s
+        if retry_s > 0 and self.link.reconnecting(retry_s):  # moved between replicas a moment ago
+            await self.link.wait_signed_on(retry_s)
         decision = admit_outbound(
             self.route_table(),
             request.called_ae,
@@ -292,28 +296,38 @@ class OutboundCalls(AssociationHost):
             )
             why = Reject(Reason.SECURITY, f"SECURITY: {exc}", rj=REJECT_UNKNOWN_CALLED, security=True)
             return await self._reject(conn, writer, outcome, why)
-        context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
         offered = Features.offer(compression=self.config.dicom.compression, spill=self.config.dicom.spill)
-        # The offer is signed with the handshake: the bridge cannot strip a feature from it unnoticed.
-        handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
         forwarded = conn.accept_request(called=route.ae_title, remove=removed, receive_only=receive_only)
         (forward,) = [a for a in forwarded if isinstance(a, Send)]
-        opening = pb.Open(
-            association_id=outcome.association_id,
-            to_site=route.site,
-            called_ae_title=route.ae_title,
-            calling_ae_title=request.calling_ae,
-            first_data=first_frame(sealer, forward.data),
-            handshake=handshake_message(handshake),
-            features=offered.names(),
-        )
-        try:
-            stream, answer = await self.link.open(opening)
-        except LinkDown as exc:
-            outcome.refuse(Result.REFUSED, Reason.BRIDGE_UNREACHABLE, str(exc))
-            writer.write(a_associate_rj(*REJECT_CONGESTION))
-            writer.close()
-            return
+        retry = OpenRetry(self.link, route.site, retry_s)
+        while True:  # more than once only while the bridge moves a router between replicas (open_retry)
+            context = AssociationContext(outcome.association_id, self.link.site, route.site, route.ae_title)
+            # The offer is signed with the handshake: the bridge cannot strip a feature from it unnoticed.
+            handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
+            opening = pb.Open(
+                association_id=outcome.association_id,
+                to_site=route.site,
+                called_ae_title=route.ae_title,
+                calling_ae_title=request.calling_ae,
+                first_data=first_frame(sealer, forward.data),
+                handshake=handshake_message(handshake),
+                features=offered.names(),
+            )
+            try:
+                stream, answer = await self.link.open(opening)
+            except LinkDown as exc:
+                if retry_s > 0 and await retry.again(None):
+                    self._next_attempt(outcome, str(exc))
+                    continue
+                outcome.refuse(Result.REFUSED, Reason.BRIDGE_UNREACHABLE, str(exc))
+                writer.write(a_associate_rj(*REJECT_CONGESTION))
+                writer.close()
+                return
+            if answer.HasField("refused") and retry_s > 0 and await retry.again(answer.refused.reason):
+                stream.cancel()
+                self._next_attempt(outcome, received_refusal(answer.refused)[1])
+                continue
+            break
         if answer.HasField("refused"):
             outcome.refuse(Result.REFUSED, *received_refusal(answer.refused))
             log.info("bridge refused the association: %s", outcome.detail, extra={"assoc": outcome.association_id})
@@ -341,6 +355,19 @@ class OutboundCalls(AssociationHost):
         )
         outcome.bytes_to_remote += len(forward.data)
         await self._run(relay)
+
+    def _next_attempt(self, outcome: Outcome, why: str) -> None:
+        """The next Open is a new association for the bridge and the partner (a new id and handshake)."""
+        previous = outcome.association_id
+        outcome.association_id = uuid.uuid4().hex
+        self.active.pop(previous, None)
+        self.active[outcome.association_id] = outcome
+        log.info(
+            "bridge moving between replicas (%s); trying again as association %s",
+            why,
+            outcome.association_id,
+            extra={"assoc": previous},
+        )
 
     async def _open_without_key(
         self, conn: RelayConnection, writer: asyncio.StreamWriter, outcome: Outcome, route: Route, calling_ae: str

@@ -45,6 +45,11 @@ log = logging.getLogger("relay_router.tunnel")
 SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
 TLS_CHECK_S = 60.0  # how often the certificate files are checked for a renewal (SIGHUP: at once)
+SIGN_ON_POLL_S = 0.05
+# How long a site stays "listed online a moment ago" for the Open retry (relay_router.open_retry):
+# long enough to cover a router moving between replicas, short enough that a site whose router
+# stopped is refused within seconds.
+ONLINE_MEMORY_S = 2.0
 
 
 class LinkDown(Exception):
@@ -133,6 +138,11 @@ class BridgeLink:
         self.site = config.router.name
         self.directory: list[DirectoryEntry] = []
         self.connected_since: float | None = None
+        # When the bridge last told this router to move, and when each site was last listed online
+        # (monotonic): an Open made just after is retried for a moment (relay_router.open_retry).
+        self.moved_at: float | None = None
+        self._online_at: dict[str, float] = {}
+        self._listed_online: set[str] = set()
         self.last_error: str | None = None
         self.reconnects = 0
         self.directory_changed = asyncio.Event()
@@ -424,6 +434,12 @@ class BridgeLink:
                 DirectoryEntry(d.site, d.ae_title, d.description, d.online, ordered(d.services))
                 for d in message.directory.devices
             ]
+            # Online until now: the sites online in the previous directory and in this one (the
+            # directory is sent on changes only, so a stamp says when it was last known online).
+            now = time.monotonic()
+            self._online_at = {s: t for s, t in self._online_at.items() if now - t <= ONLINE_MEMORY_S}
+            self._online_at.update((site, now) for site in self._listed_online)
+            self._listed_online = {d.site for d in self.directory if d.online}
             self.directory_changed.set()
             self.directory_changed = asyncio.Event()
             log.info("directory: %d remote devices reachable", len(self.directory))
@@ -444,10 +460,38 @@ class BridgeLink:
             log.info("the bridge asks this router to move (%s); reconnecting now", printable(message.move.reason[:64]))
             self._new_connection = True
             self._moving = True  # run() signs on again without a backoff; _control_session returns
+            self.moved_at = time.monotonic()
         elif message.HasField("incoming"):
             task = asyncio.create_task(self._on_incoming(message.incoming))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def recently_online(self, site: str, within_s: float) -> bool:
+        """The bridge lists a device of `site` online in its latest directory, or did until `within_s` s ago."""
+        if site in self._listed_online:
+            return True
+        seen = self._online_at.get(site)
+        return seen is not None and time.monotonic() - seen <= within_s
+
+    def moved_recently(self, within_s: float) -> bool:
+        """The bridge told this router to move (a draining replica) within the last `within_s` seconds."""
+        return self.moved_at is not None and time.monotonic() - self.moved_at <= within_s
+
+    def reconnecting(self, within_s: float) -> bool:
+        """Not signed on, but was within `within_s` seconds (a move or a re-sign-on under way)."""
+        if self.connected:
+            return False
+        return self._moving or self.moved_recently(within_s)
+
+    async def wait_signed_on(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a session (polled: sign-ons are rare, and this needs no new state)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.connected and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(SIGN_ON_POLL_S, left))
+        return self.connected
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self._session is None or self._stub is None:

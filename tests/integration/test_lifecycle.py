@@ -55,9 +55,13 @@ def network(tmp_path: Path) -> Iterator[LocalRelayNetwork]:
     net.stop()
 
 
-def _sites(net: LocalRelayNetwork, archive: DemoArchive) -> int:
+def _sites(net: LocalRelayNetwork, archive: DemoArchive, *, open_retry_s: float | None = None) -> int:
     net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])])
-    site_a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")])
+    site_a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")], start=False)
+    if open_retry_s is not None:  # how long site-a retries an Open that the draining bridge refuses
+        site_a.extra_bridge["open_retry_s"] = open_retry_s
+        net.write_router_config(site_a)
+    net.start_router("site-a")
     net.wait_connected()
     assert site_a.port
     return site_a.port
@@ -137,7 +141,9 @@ def test_sigterm_drains_running_associations_refuses_new_ones_and_reports_not_se
 ) -> None:
     net = network
     archive = archive_factory("ARCHIVE_B")
-    port = _sites(net, archive)
+    # One bridge: the router retries the refused Open for open_retry_s (the bridge might be back by
+    # then), then refuses its device; 1 s here instead of the default 10 keeps the test short.
+    port = _sites(net, archive, open_retry_s=1.0)
     net.add_site("site-c")  # signed on, nothing running: told to move, then refused until the bridge is back
     net.wait_connected()
     assert net.bridge is not None

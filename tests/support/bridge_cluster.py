@@ -129,11 +129,17 @@ class BridgeCluster:
 
 
 def start_bridge_cluster(
-    work: Path, pg: PostgresCluster, frontends: dict[str, list[str]], *, renew_s: float | None = None
+    work: Path,
+    pg: PostgresCluster,
+    frontends: dict[str, list[str]],
+    *,
+    renew_s: float | None = None,
+    grpc_health: bool = False,
 ) -> BridgeCluster:
     """Cluster certificate, configurations, schema, three replicas and HAProxy with `frontends`
     (name -> replica ids, the first preferred); stop it with `stop()` (also when this raises).
-    `renew_s`: the replicas' lease renewal interval (None: the default)."""
+    `renew_s`: the replicas' lease renewal interval (None: the default). `grpc_health`: HAProxy checks
+    the replicas' gRPC health service (a draining replica leaves rotation at once), not a TCP connect."""
     net = LocalRelayNetwork(work).start(bridge=False)
     made = net.bridge_admin("cluster-cert", "--dir", str(work))
     if made.returncode != 0:
@@ -147,7 +153,11 @@ def start_bridge_cluster(
         for rid in REPLICAS:
             cluster.start_replica(rid)
         ports = {rid: r.port for rid, r in cluster.replicas.items()}
-        cluster.haproxy = HAProxy(work, {name: [(r, ports[r]) for r in order] for name, order in frontends.items()})
+        cluster.haproxy = HAProxy(
+            work,
+            {name: [(r, ports[r]) for r in order] for name, order in frontends.items()},
+            grpc_health_ca=work / "ca.pem" if grpc_health else None,
+        )
         cluster.haproxy.start()
     except BaseException:
         cluster.stop()

@@ -5,6 +5,10 @@ preference (the first is active, the others are backups used only while it is do
 checks are plain TCP connects every 250 ms, so a killed replica is out of rotation within a
 fraction of a second; `option redispatch 1` sends a connection that fails to another server
 at its first retry.
+
+With `grpc_health_ca` (the bridge's CA file) the checks ask the replicas' gRPC health service
+instead (`grpc_health_check`): a draining replica answers NOT_SERVING and HAProxy stops sending
+it new connections at once, while its running associations finish.
 """
 
 from __future__ import annotations
@@ -17,6 +21,49 @@ from pathlib import Path
 from tests.support.ports import free_port, wait_for_port
 
 
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """HPACK literal header field without indexing, new name (RFC 7541 6.2.2), no Huffman coding."""
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def grpc_health_request(authority: str) -> bytes:
+    """One HTTP/2 connection's bytes for `grpc.health.v1.Health/Check` with an empty request (service "").
+
+    HAProxy 2.6's `http-check send` cannot send a body with NUL bytes (a gRPC message is framed by a
+    5-byte prefix), so the check is a `tcp-check` over TLS with ALPN h2 that sends these bytes.
+    """
+    headers = b"\x83\x87"  # :method POST, :scheme https (HPACK static table, indexed)
+    headers += _literal(b":path", b"/grpc.health.v1.Health/Check") + _literal(b":authority", authority.encode())
+    headers += _literal(b"content-type", b"application/grpc") + _literal(b"te", b"trailers")
+    return (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + _frame(0x4, 0, 0, b"")  # SETTINGS (defaults)
+        + _frame(0x1, 0x4, 1, headers)  # HEADERS, END_HEADERS
+        + _frame(0x0, 0x1, 1, b"\x00\x00\x00\x00\x00")  # DATA, END_STREAM: an empty HealthCheckRequest
+    )
+
+
+# The answer's gRPC message for SERVING: uncompressed, 2 bytes, field 1 (status) = 1. NOT_SERVING is 08 02.
+GRPC_SERVING = "00000000020801"
+
+
+def grpc_health_check(ca_file: Path, server_name: str) -> list[str]:
+    """HAProxy backend lines: a server counts as up only while its gRPC health service says SERVING."""
+    return [
+        "    option tcp-check",
+        # The name goes on the server line (check-sni, verifyhost): with `sni` on the connect rule instead,
+        # HAProxy 2.6 checks the certificate against another name and every check fails.
+        "    tcp-check connect ssl alpn h2",
+        f"    tcp-check send-binary {grpc_health_request(server_name).hex()}",
+        f"    tcp-check expect binary {GRPC_SERVING}",
+        f"    default-server ca-file {ca_file} verify required verifyhost {server_name} check-sni {server_name}",
+    ]
+
+
 def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 
@@ -27,6 +74,9 @@ class HAProxy:
     # frontend name -> servers (name, port on 127.0.0.1), the first preferred
     frontends: dict[str, list[tuple[str, int]]]
     ports: dict[str, int] = field(default_factory=dict)
+    # The bridge's CA: check the replicas' gRPC health service (NOT_SERVING while draining), not a TCP connect.
+    grpc_health_ca: Path | None = None
+    server_name: str = "localhost"
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,6 +107,8 @@ class HAProxy:
             self.ports.setdefault(name, free_port())
             lines += [f"frontend fe_{name}", f"    bind 127.0.0.1:{self.ports[name]}", f"    default_backend be_{name}"]
             lines += [f"backend be_{name}"]
+            if self.grpc_health_ca is not None:
+                lines += grpc_health_check(self.grpc_health_ca, self.server_name)
             for i, (server, port) in enumerate(servers):
                 lines.append(f"    server {server} 127.0.0.1:{port} check{' backup' if i else ''}")
         return "\n".join(lines) + "\n"

@@ -313,6 +313,7 @@ class Refused(_message.Message):
         TIMEOUT: _ClassVar[Refused.Reason]
         OVERLOADED: _ClassVar[Refused.Reason]
         SERVICE_NOT_GRANTED: _ClassVar[Refused.Reason]
+        DRAINING: _ClassVar[Refused.Reason]
     REASON_UNSPECIFIED: Refused.Reason
     UNKNOWN_DEVICE: Refused.Reason
     NOT_PERMITTED: Refused.Reason
@@ -321,6 +322,7 @@ class Refused(_message.Message):
     TIMEOUT: Refused.Reason
     OVERLOADED: Refused.Reason
     SERVICE_NOT_GRANTED: Refused.Reason
+    DRAINING: Refused.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     reason: Refused.Reason

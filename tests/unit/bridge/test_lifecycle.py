@@ -66,7 +66,7 @@ async def test_drain_refuses_opens_moves_idle_routers_and_waits_for_running_asso
     assert await _status(servicer) == health_pb2.HealthCheckResponse.NOT_SERVING
     call = Call("token-site-a", open_frame())
     await servicer.Associate(iter(()), call)  # type: ignore[arg-type]
-    assert [f.refused.reason for f in call.written] == [pb.Refused.OVERLOADED], "transient for the caller"
+    assert [f.refused.reason for f in call.written] == [pb.Refused.DRAINING], "transient: the router retries it"
     assert "restarting" in call.written[0].refused.detail
     with pytest.raises(Aborted):
         await servicer.Control(iter(()), Call("x"))  # type: ignore[arg-type]

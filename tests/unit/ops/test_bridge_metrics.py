@@ -51,7 +51,7 @@ def test_series_exist_from_the_start(servicer: RelayServicer) -> None:
         assert expected in names, expected
     assert set(REFUSAL_REASONS) == {
         "unknown_device", "not_permitted", "site_offline", "device_unreachable", "timeout", "overloaded",
-        "service_not_granted",
+        "service_not_granted", "draining",
     }  # fmt: skip
     for reason in REFUSAL_REASONS:
         assert value(servicer, "relay_bridge_refusals_total", reason=reason) == 0

@@ -123,7 +123,7 @@ def test_the_two_sites_are_held_by_different_replicas(hospitals: Hospitals) -> N
     hospitals.cluster.wait_presence({"site-a": "r1", "site-b": "r2"})
 
 
-def test_echo_find_store_and_move_cross_replicas_byte_identical(hospitals: Hospitals) -> None:
+def test_echo_find_store_move_and_get_cross_replicas_byte_identical(hospitals: Hospitals) -> None:
     cluster, router_a = hospitals.cluster, hospitals.router_a
     dcmtk.echoscu(HOST, router_a, "PACS_B", "WS_A").check()
 
@@ -140,6 +140,13 @@ def test_echo_find_store_and_move_cross_replicas_byte_identical(hospitals: Hospi
     moved = dcmtk.movescu(HOST, router_a, "PACS_B", "WS_A", "WS_A", {"StudyInstanceUID": hospitals.study_uid}).check()
     assert moved.completed == len(hospitals.originals) and not moved.failed
     assert hospitals.scp.received == hospitals.originals
+
+    # C-GET: the images come back on the requester's own association (r1 -> r2 and back).
+    got = dcmtk.getscu(
+        HOST, router_a, "PACS_B", "WS_A", out_dir=hospitals.work / "get", keys={"StudyInstanceUID": hospitals.study_uid}
+    ).check()
+    assert got.completed == len(hospitals.originals) and not got.failed
+    assert fingerprints(got.received) == hospitals.originals
 
     # Both directions really crossed replicas (r1 forwarded A's calls to r2, r2 forwarded B's back to r1).
     assert "spliced through replica r2" in cluster.log("r1")

@@ -11,6 +11,7 @@ clear message in `status` and the log.
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shutil
 import time
@@ -27,7 +28,7 @@ from relay_router.egress import with_password
 from tests.integration.cloudstore.conftest import S3_BUCKET, ServerProcess
 from tests.integration.cloudstore.spill_support import HOST, ROUTER, bucket_keys, endpoint
 from tests.integration.conftest import OrthancPool
-from tests.integration.proxy_support import RouterFirewall, Squid, as_router_user, require_root, world_dir
+from tests.integration.proxy_support import ROUTER_USER, RouterFirewall, Squid, as_router_user, require_root, world_dir
 from tests.support import dcmtk
 from tests.support.orthanc import orthanc_binary
 
@@ -98,8 +99,19 @@ def add_site(net: LocalRelayNetwork, name: str, bridge: dict[str, object], **opt
     site = net.add_site(name, start=False, **options)
     site.extra_bridge.update(bridge)
     net.write_router_config(site)
+    # The test network approved the sites' keys to each other as root (identity keys, approvals: 0600):
+    # hand every site's state to the user the routers run as.
+    for other in net.sites:
+        give_to_router_user(net.state_dir(other))
     net.start_router(name)
     return site
+
+
+def give_to_router_user(path: Path) -> None:
+    entry = pwd.getpwnam(ROUTER_USER)
+    path.mkdir(parents=True, exist_ok=True)
+    for item in [path, *path.rglob("*")]:
+        os.chown(item, entry.pw_uid, entry.pw_gid)
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

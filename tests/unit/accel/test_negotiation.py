@@ -63,10 +63,11 @@ def test_capability_cache_survives_a_restart_and_goes_stale(tmp_path: Path) -> N
     path = tmp_path / "accel" / "caps.json"
     cache = CapabilityCache(path, refresh_s=60)
     assert cache.stale("ARCHIVE_B") and cache.get("ARCHIVE_B") is None
-    cache.put("ARCHIVE_B", CAPS)
+    learned_now = DeviceCapabilities(CAPS.contexts, time.time())  # CAPS was learned at import, maybe > 60 s ago
+    cache.put("ARCHIVE_B", learned_now)
     assert path.stat().st_mode & 0o777 == 0o600
     again = CapabilityCache(path, refresh_s=60)
-    assert again.get("ARCHIVE_B") == CAPS and not again.stale("ARCHIVE_B")
-    assert again.stale("ARCHIVE_B", now=CAPS.learned + 61)
+    assert again.get("ARCHIVE_B") == learned_now and not again.stale("ARCHIVE_B")
+    assert again.stale("ARCHIVE_B", now=learned_now.learned + 61)
     path.write_text("{not json")
     assert CapabilityCache(path, refresh_s=60).get("ARCHIVE_B") is None  # relearned, not fatal

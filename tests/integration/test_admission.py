@@ -68,6 +68,11 @@ def echo(port: int, called: str, calling: str, source: str = HOST) -> tuple[bool
         ae.shutdown()
 
 
+def rejection(port: int, called: str, calling: str, source: str) -> tuple[int, int, int]:
+    """The A-ASSOCIATE-RJ triple the router answers a request from `source` with (raises if it is no RJ)."""
+    return parse_reject(raw_request(port, associate_rq(called=called, calling=calling), source=source))
+
+
 def raw_request(port: int, rq: bytes, source: str = HOST) -> bytes:
     with socket.create_connection((HOST, port), timeout=10, source_address=(source, 0)) as sock:
         sock.sendall(rq)
@@ -112,11 +117,13 @@ def test_listed_callers_pass_and_unknown_titles_get_1_1_3_from_dcmtk(allow_list:
 def test_the_source_address_is_checked_for_titles_that_name_one(allow_list: AdmissionNetwork) -> None:
     port = port_of(allow_list, "site-a")
     assert echo(port, "ARCHIVE_B", "WS_OK", source="127.0.0.1") == (True, None)
-    assert echo(port, "ARCHIVE_B", "WS_OK", source="127.0.0.2") == (False, CALLING_AE_NOT_RECOGNISED)
+    # Rejections read from the raw answer: pynetdicom sometimes reports a connection the router closed right
+    # after its A-ASSOCIATE-RJ as an abort, on a loaded machine.
+    assert rejection(port, "ARCHIVE_B", "WS_OK", source="127.0.0.2") == CALLING_AE_NOT_RECOGNISED
     assert echo(port, "ARCHIVE_B", "ANY_WS", source="127.0.0.2") == (True, None)
     # A [[shared]] device may call from its own host without a [[local]] entry, and only from there.
     assert echo(port, "ARCHIVE_B", "STORE_A", source="127.0.0.3") == (True, None)
-    assert echo(port, "ARCHIVE_B", "STORE_A", source="127.0.0.1") == (False, CALLING_AE_NOT_RECOGNISED)
+    assert rejection(port, "ARCHIVE_B", "STORE_A", source="127.0.0.1") == CALLING_AE_NOT_RECOGNISED
     for line in (
         "calling AE title 'WS_OK' from '127.0.0.2' is not allowed from this address",
         "calling AE title 'STORE_A' from '127.0.0.1' is not allowed from this address",

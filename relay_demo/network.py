@@ -27,6 +27,7 @@ class Shared:
     services: list[str] | None = None  # service groups (None: the router's default)
     grants: dict[str, list[str]] = field(default_factory=dict)  # site -> service groups
     patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
+    accelerate: bool = False  # takes accelerated transfers (relay_router.accel)
 
     def granted_to(self, site: str) -> bool:
         """Whether `site` may use any service (the bridge lists the device to it only then)."""
@@ -43,6 +44,7 @@ class Remote:
     site: str
     remote_ae_title: str | None = None
     patient_issuer: str = ""  # set: patient_identity = true with this partner issuer (docs/patient-identity.md)
+    accelerate: bool = False  # accelerated storage route (relay_router.accel)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Site:
 
 def _identity_keys(issuer: str) -> list[str]:
     return ["patient_identity = true", f"patient_issuer = {_toml_value(issuer)}"] if issuer else []
+    # [accelerate] keys (relay_router.accel), written when not empty.
+    extra_accelerate: dict[str, object] = field(default_factory=dict)
 
 
 def _toml_value(value: object) -> str:
@@ -164,6 +168,7 @@ class LocalRelayNetwork:
         start: bool = True,
         metrics_listen: str | None = None,
         identity: dict[str, object] | None = None,
+        accelerate: Mapping[str, object] | None = None,  # the [accelerate] section's keys
         **dicom: object,
     ) -> Site:
         result = self.bridge_admin("router", "add", name, "--json")
@@ -174,6 +179,7 @@ class LocalRelayNetwork:
         site.enrollment_token = account["enrollment_token"]
         site.metrics_listen = metrics_listen
         site.identity = dict(identity or {})
+        site.extra_accelerate = dict(accelerate or {})
         self.sites[name] = site
         self.write_router_config(site)
         if start:
@@ -217,6 +223,8 @@ class LocalRelayNetwork:
                 *([] if d.services is None else [f"services = {_toml_value(d.services)}"]),
                 *_identity_keys(d.patient_issuer),
             ]
+            if d.accelerate:
+                lines.append("accelerate = true")
             for grant_site, groups in d.grants.items():
                 lines += ["[[shared.grant]]", f"site = {_toml_value(grant_site)}", f"services = {_toml_value(groups)}"]
         for r in site.remote:
@@ -224,11 +232,15 @@ class LocalRelayNetwork:
             if r.remote_ae_title:
                 lines.append(f"remote_ae_title = {_toml_value(r.remote_ae_title)}")
             lines += _identity_keys(r.patient_issuer)
+            if r.accelerate:
+                lines.append("accelerate = true")
         if site.identity:
             flat = {k: v for k, v in site.identity.items() if k != "source"}
             lines += ["", "[identity]", *(f"{k} = {_toml_value(v)}" for k, v in flat.items())]
             for source in site.identity.get("source", []):  # type: ignore[attr-defined]
                 lines += ["", "[[identity.source]]", *(f"{k} = {_toml_value(v)}" for k, v in source.items())]
+        if site.extra_accelerate:
+            lines += ["", "[accelerate]", *(f"{k} = {_toml_value(v)}" for k, v in site.extra_accelerate.items())]
         path = self.router_config_path(site.name)
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -280,6 +280,9 @@ class SharedDevice:
     # patient_issuer is the calling partner's Issuer of Patient ID (configured, never taken from the bridge).
     patient_identity: bool = False
     patient_issuer: str = ""
+    # Take accelerated transfers for this device (docs/operations.md, "Transparent or accelerated routes"):
+    # instances arrive in batches, are spooled here and stored into the device over [accelerate] associations.
+    accelerate: bool = False
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "ae_title")
@@ -349,6 +352,9 @@ class RemoteDevice:
     # patient_issuer is that site's Issuer of Patient ID (configured, never taken from the bridge).
     patient_identity: bool = False
     patient_issuer: str = ""
+    # Accelerated storage: this router accepts C-STORE for the device itself (spooled, fsync, answered at
+    # once) and ships the spool in batches; the far router's [[shared]] entry needs accelerate = true too.
+    accelerate: bool = False
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "ae_title")
@@ -361,6 +367,41 @@ class RemoteDevice:
     @property
     def target(self) -> str:
         return self.remote_ae_title or self.ae_title
+
+
+@dataclass(frozen=True)
+class AccelerateSection:
+    """[accelerate]: the spool and transfers of accelerated routes (relay_router.accel)."""
+
+    # Where spooled instances wait (PHI: 0700 directories, 0600 files). Relative: to this file. Default:
+    # state_dir/spool.
+    spool_dir: Path | None = None
+    # Bytes the spool may hold; beyond, new C-STOREs are refused with 0xA700 (out of resources).
+    spool_max_bytes: int = 10 * 1024**3
+    # Parallel associations delivering into one destination device.
+    associations: int = 4
+    # Instances are sent between the routers in buckets of about this many bytes.
+    bucket_bytes: int = 4 * 1024 * 1024
+    # Delivery attempts before an instance is parked as dead (relay-router spool), and the backoff cap.
+    max_attempts: int = 10
+    retry_max_s: float = 300.0
+    # Seconds before the near router asks the far one again which SOP classes and transfer syntaxes
+    # the destination device accepts.
+    capability_refresh_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.spool_max_bytes < 1024 * 1024:
+            raise InvalidValue("spool_max_bytes", "must be at least 1048576")
+        if not 1 <= self.associations <= 32:
+            raise InvalidValue("associations", "must be between 1 and 32")
+        if not 64 * 1024 <= self.bucket_bytes <= 64 * 1024 * 1024:
+            raise InvalidValue("bucket_bytes", "must be between 65536 and 67108864")
+        if not 1 <= self.max_attempts <= 1000:
+            raise InvalidValue("max_attempts", "must be between 1 and 1000")
+        if not 1 <= self.retry_max_s <= 86400:
+            raise InvalidValue("retry_max_s", "must be between 1 and 86400")
+        if not 10 <= self.capability_refresh_s <= 7 * 86400:
+            raise InvalidValue("capability_refresh_s", "must be between 10 and 604800")
 
 
 @dataclass(frozen=True)
@@ -419,6 +460,7 @@ class RouterConfig:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    accelerate: AccelerateSection = field(default_factory=AccelerateSection)
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -440,6 +482,11 @@ class RouterConfig:
                 raise InvalidValue("identity.issuer", f"is required: {device.ae_title!r} has patient_identity = true")
             if device.patient_identity and device.patient_issuer == self.identity.issuer:
                 raise InvalidValue("patient_issuer", f"{device.ae_title!r}: the partner's issuer is our own")
+
+
+def spool_dir(config: RouterConfig) -> Path:
+    """The accelerated routes' spool directory ([accelerate] spool_dir, default state_dir/spool)."""
+    return config.accelerate.spool_dir or config.router.state_dir / "spool"
 
 
 def advertised_host(config: RouterConfig) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from relay_common.audit import AuditLog
+    from relay_router.accel.runtime import AccelRuntime
     from relay_router.association import RelayedAssociation
     from relay_router.config import RouterConfig, SharedDevice
     from relay_router.identity.wiring import IdentityWiring
@@ -54,6 +55,7 @@ class AssociationHost:
     pending: PendingRequests  # unfinished A-ASSOCIATE-RQs
     _pending_logged: float  # when a connection closed for the pending caps was last logged
     identity: IdentityWiring  # patient identity routes (relay_router.identity)
+    accel: AccelRuntime | None  # accelerated routes (relay_router.accel), when any is configured
 
     def route_table(self) -> RouteTable:
         raise NotImplementedError

@@ -14,6 +14,7 @@ import logging
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
+from relay_router.accel.hooks import refuse_unaccelerated, run_far_session
 from relay_router.association import RelayedAssociation
 from relay_router.close_codes import FIXED_DETAILS
 from relay_router.grants import check_services, record_decision
@@ -111,9 +112,20 @@ class InboundCalls(AssociationHost):
                 log.warning("%s", decision.log, extra=extra)
             return await self._refuse_inbound(stream, outcome, decision)
         device = self.shared[notice.called_ae_title]
+        accelerated = self.accel is not None and self.accel.accepts(device)
         features = Features.answer(
-            notice.features, compression=self.config.dicom.compression, spill=self.config.dicom.spill
+            notice.features,
+            compression=self.config.dicom.compression,
+            spill=self.config.dicom.spill,
+            accel=accelerated,
         )
+        if Features.parse(notice.features).accel and not features.accel:
+            why = Reject(
+                Reason.SERVICE_NOT_GRANTED,
+                f"{notice.from_site} asked for an accelerated transfer to {device.ae_title}, which takes none",
+                refused=refuse_unaccelerated(),
+            )
+            return await self._refuse_inbound(stream, outcome, why)
         try:
             confirmation, sealer, request_pdu = self._verify_incoming(notice, features)
         except HandshakeError as exc:
@@ -131,6 +143,19 @@ class InboundCalls(AssociationHost):
                 security=True,
             )
             return await self._refuse_inbound(stream, outcome, why)
+        if features.accel and self.accel is not None:  # the payload is a record stream (relay_router.accel)
+            return await run_far_session(
+                self.accel,
+                self.config,
+                stream,
+                device=device,
+                from_site=notice.from_site,
+                hello=request_pdu,
+                sealer=sealer,
+                confirmation=confirmation,
+                features=features,
+                outcome=outcome,
+            )
         # Parse the RQ before contacting the device: the services this site may use are checked against our
         # own configuration (never the directory's copy), and a request for nothing granted never reaches it.
         conn = RelayConnection(Side.REMOTE)

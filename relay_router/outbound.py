@@ -17,6 +17,7 @@ import uuid
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason
+from relay_router.accel.hooks import accept_locally
 from relay_router.association import RelayedAssociation, rejection_for
 from relay_router.close_codes import received_refusal
 from relay_router.grants import REJECT_SERVICE_NOT_GRANTED, check_services, granted_remote, record_decision
@@ -247,6 +248,12 @@ class OutboundCalls(AssociationHost):
                 why = Reject(Reason.SERVICE_NOT_GRANTED, detail, rj=REJECT_SERVICE_NOT_GRANTED)
                 return await self._reject(conn, writer, outcome, why)
             removed, receive_only = services.refused_ids, services.receive_only
+        # Accelerated route whose destination's capabilities are known: this router answers (relay_router.accel).
+        capabilities = self.accel.capabilities_for(request.called_ae, self.config) if self.accel is not None else None
+        if capabilities is not None and self.accel is not None and conn.request_pdu is not None:
+            return await accept_locally(
+                self.accel, self.config, conn.request_pdu, request, capabilities, granted, reader, writer, outcome
+            )
         try:
             peer = self.link.peers.identity(route.site)
         except UnknownPeer:

@@ -29,6 +29,8 @@ from protos.relay.v1 import relay_pb2 as pb
 from relay_common.audit import AuditLog
 from relay_common.config import ConfigError, parse_host_port
 from relay_common.tlsreload import add_reload_hook
+from relay_router.accel.runtime import AccelRuntime
+from relay_router.accel.runtime import configured as accel_configured
 from relay_router.association import RelayedAssociation
 from relay_router.config import RouterConfig, SharedDevice, config_changes, load, with_reloadable
 from relay_router.host import tune_socket
@@ -105,6 +107,10 @@ class RouterService(OutboundCalls, InboundCalls):
         self.port: int | None = None
         self.metrics = RouterMetrics(self)
         self.identity = IdentityWiring(lambda: self.config, self.audit)  # patient identity routes (issue 14)
+        # Accelerated routes (issue 13): spool, transfers, delivery pools; None unless configured.
+        self.accel = AccelRuntime(config, self.link, self.audit) if accel_configured(config) else None
+        if self.accel is not None:
+            self.accel.register_metrics(self.metrics.registry)
 
     # -- routing table -------------------------------------------------------
     def route_table(self) -> RouteTable:
@@ -208,6 +214,8 @@ class RouterService(OutboundCalls, InboundCalls):
             await self._start_tls_listener(limit)
         await self.identity.start()  # the ADT feed, when [identity] adt_listen is set
         self._link_task = asyncio.create_task(self.link.run())
+        if self.accel is not None:
+            self.accel.start()
         if self.config_path is not None:
             self._remove_reload_hook = add_reload_hook(self._reload_requested)
         if self.status_file is not None:
@@ -337,6 +345,8 @@ class RouterService(OutboundCalls, InboundCalls):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.accel is not None:
+            await self.accel.stop()
         await self.link.stop()
         for own in (self._link_task, self._status_task):
             if own is not None:
@@ -398,6 +408,7 @@ class RouterService(OutboundCalls, InboundCalls):
             "active_associations": len(self.active),
             "config_loaded_at": self.config_loaded_at,
             **status_extra(self),
+            **({"accelerate": self.accel.status()} if self.accel is not None else {}),
         }
 
     async def _write_status(self) -> None:

@@ -225,6 +225,7 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"Remote devices ({online} of {len(rows)} online): local devices call these AE titles here")
     for r in rows:
         lines.append(f"  {r['ae_title']:<16}  -> {r['remote_ae_title']} at {r['site']:<20} {_device_state(r)}")
+    lines += accelerated_route_lines(report)
 
     recent = report.get("recent") or {}
     counts = recent.get("counts", {})
@@ -254,6 +255,22 @@ def render_status(report: dict[str, Any], now: float | None = None) -> str:
     # Titles, site names, errors and details came from the bridge or a peer: no control character
     # of theirs reaches the terminal.
     return terminal_safe("\n".join(lines))
+
+
+def accelerated_route_lines(report: dict[str, Any]) -> list[str]:
+    """One line per accelerated [[remote]] title (relay_router.accel): the transfer to the far router."""
+    routes = (report.get("accelerate") or {}).get("routes") or {}
+    lines = []
+    for title, r in sorted(routes.items()):
+        state = "transfer open" if r.get("connected") else "no transfer open"
+        known = (
+            "capabilities learned"
+            if r.get("capabilities_known")
+            else "capabilities NOT learned yet (relayed transparently)"
+        )
+        error = f"; last error: {r['last_error']}" if r.get("last_error") else ""
+        lines.append(f"  {title:<16}  accelerated: {state}, {known}, {r.get('in_flight', 0)} in flight{error}")
+    return lines
 
 
 def render_devices(report: dict[str, Any]) -> str:

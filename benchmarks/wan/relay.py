@@ -4,6 +4,10 @@
                  data sets above the default 8 MiB spill through the blob store), plus --relay-dicom
     relay-plain  routers site-a2 / site-b2 with compression = false and spill_threshold_bytes = 0:
                  every byte inline through the bridge, nothing compressed (the earlier "relay" mode)
+    relay-accel  routers site-a3 / site-b3, default [dicom] settings, the storage destination marked
+                 `accelerate = true` on both routers (relay_router.accel): router A answers C-STORE from
+                 its spool and ships it in buckets; router B delivers to its own storescp (forking, so
+                 that the delivery pool's parallel associations are served)
 
 Both pairs run in the same namespaces (routers A in site A, routers B in site B), sign on to the
 same bridge and reach the same devices, so both modes are measured side by side in one run.
@@ -27,8 +31,9 @@ from benchmarks.wan.topology import BLOB_ADDR, HUB_ADDR, NS_A, NS_B, NS_HUB, Wan
 from relay_common.audit import read_events
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 
-MODES = ("relay", "relay-plain")
-PAIRS = {"relay": ("site-a", "site-b"), "relay-plain": ("site-a2", "site-b2")}
+MODES = ("relay", "relay-plain", "relay-accel")
+PAIRS = {"relay": ("site-a", "site-b"), "relay-plain": ("site-a2", "site-b2"), "relay-accel": ("site-a3", "site-b3")}
+ACCEL_SETTINGS: dict[str, object] = {"associations": 4}  # the [accelerate] section of relay-accel's routers
 PLAIN: dict[str, object] = {"compression": False, "spill_threshold_bytes": 0}
 BUCKET = "drwan-spill"
 BLOB_PORT = 9000
@@ -40,7 +45,7 @@ PROBE = str(Path(__file__).resolve().parent / "probe.py")
 
 def dest_title(mode: str, base: str) -> str:
     """The AE title under which site B's router exposes a device of site A (per relay mode: distinct)."""
-    return f"{base}_{'R' if mode == 'relay' else 'P'}"[:16]
+    return f"{base}_{ {'relay': 'R', 'relay-plain': 'P'}.get(mode, 'X') }"[:16]
 
 
 class RelayModes:
@@ -91,9 +96,15 @@ class RelayModes:
                 raise RuntimeError(f"moto did not start in the hub: {r.stdout} {r.stderr[-1000:]}\n{tail}")
             time.sleep(0.5)
 
-    def start(self, b_devices: Mapping[str, int], a_devices: Mapping[str, int]) -> RelayModes:
+    def start(
+        self,
+        b_devices: Mapping[str, int],
+        a_devices: Mapping[str, int],
+        accel_devices: Mapping[str, int] | None = None,
+    ) -> RelayModes:
         """`b_devices`: AE title -> port of devices in site B, reached from A as TITLE_B (both modes).
-        `a_devices`: the same for site A, reached from B as dest_title(mode, TITLE) (C-MOVE destinations)."""
+        `a_devices`: the same for site A, reached from B as dest_title(mode, TITLE) (C-MOVE destinations).
+        `accel_devices`: relay-accel's storage destinations in site B (accelerated; default `b_devices`)."""
         if not self.modes:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +121,9 @@ class RelayModes:
         for mode in self.modes:
             a, b = PAIRS[mode]
             dicom = self.dicom_settings(mode)
+            if mode == "relay-accel":
+                self._add_accel_pair(a, b, accel_devices or b_devices, dicom)
+                continue
             site_b = self.net.add_site(
                 b,
                 shared=[Shared(t, "127.0.0.1", p, [a]) for t, p in b_devices.items()],
@@ -130,7 +144,46 @@ class RelayModes:
         self.net.wait_connected(60)
         assert self.net.bridge is not None
         self.pids["bridge"] = self.net.bridge.pid
+        if "relay-accel" in self.modes:
+            self._wait_capabilities(list(accel_devices or b_devices))
         return self
+
+    def _add_accel_pair(self, a: str, b: str, devices: Mapping[str, int], dicom: Mapping[str, object]) -> None:
+        assert self.net is not None
+        site_b = self.net.add_site(
+            b, shared=[Shared(t, "127.0.0.1", p, [a], accelerate=True) for t, p in devices.items()],
+            accelerate=ACCEL_SETTINGS, **dicom,
+        )  # fmt: skip
+        site_a = self.net.add_site(
+            a, remote=[Remote(f"{t}_B"[:16], b, t, accelerate=True) for t in devices],
+            accelerate=ACCEL_SETTINGS, **dicom,
+        )  # fmt: skip
+        assert site_a.port and site_b.port and site_a.process and site_b.process
+        self.ports["relay-accel"], self.ports_b["relay-accel"] = site_a.port, site_b.port
+        self.pids["router-a-accel"], self.pids["router-b-accel"] = site_a.process.pid, site_b.process.pid
+
+    def _accel_status(self, site: str) -> dict[str, object]:
+        assert self.net is not None
+        status = self.net.status(site).get("accelerate")
+        return status if isinstance(status, dict) else {}
+
+    def _wait_capabilities(self, titles: list[str], timeout: float = 120.0) -> None:
+        """Router A answers locally only once it learned what the destination accepts (from router B)."""
+        a = PAIRS["relay-accel"][0]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            routes = self._accel_status(a).get("routes", {})
+            if all(routes.get(f"{t}_B"[:16], {}).get("capabilities_known") for t in titles):  # type: ignore[union-attr]
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"relay-accel: router A did not learn the capabilities of {titles} in {timeout:.0f} s")
+
+    def accel_drained(self) -> bool:
+        """Both relay-accel spools are empty: every instance delivered and its outcome back at router A."""
+        return all(
+            not any(dict(self._accel_status(site).get("spool_entries", {"?": 1})).values())  # type: ignore[arg-type]
+            for site in PAIRS["relay-accel"]
+        )
 
     def association_events(self, mode: str) -> int:
         """Associations of `mode` the bridge has audited (it writes the event when the association ends)."""
@@ -163,6 +216,9 @@ class RelayModes:
         meaning = {
             "relay": "router defaults (zstd on, spill above 8 MiB)" + (" + --relay-dicom" if self.relay_dicom else ""),
             "relay-plain": "compression off, spill off: every byte inline through the bridge",
+            "relay-accel": "router defaults + accelerate = true on the storage route: router A answers from its "
+            f"spool, buckets to router B, parallel delivery ({ACCEL_SETTINGS}); the time is end to end "
+            "(storescu start to the last file at storescp), sender_seconds is storescu's own",
         }
         return {
             "modes": {

@@ -6,17 +6,25 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-MODES = ("raw", "vpn", "relay", "relay-plain", "dicomweb")
+MODES = ("raw", "vpn", "relay", "relay-plain", "relay-accel", "dicomweb")
 MODE_LABELS = {
     "raw": "raw path (no VPN)",
     "vpn": "OpenVPN",
     "relay": "relay (defaults: zstd, spill via S3)",
     "relay-plain": "relay (no compression, no spill)",
+    "relay-accel": "relay, accelerated storage (end to end)",
     "dicomweb": "DICOMweb STOW-RS (Orthanc, HTTPS)",
 }
-COLORS = {"raw": "#9e9e9e", "vpn": "#1f77b4", "relay": "#d62728", "relay-plain": "#ff9896", "dicomweb": "#2ca02c"}
+COLORS = {
+    "raw": "#9e9e9e",
+    "vpn": "#1f77b4",
+    "relay": "#d62728",
+    "relay-plain": "#ff9896",
+    "relay-accel": "#8c564b",
+    "dicomweb": "#2ca02c",
+}
 # Modes whose time / VPN time is a column of the table (the goals are evaluated on "relay", the default).
-RATIO_MODES = ("relay", "relay-plain", "dicomweb")
+RATIO_MODES = ("relay", "relay-plain", "relay-accel", "dicomweb")
 # Goals from the issue, as relay time / VPN time (echo and find: added milliseconds). crdx (uncompressed
 # radiographs) is held to the same goal as the uncompressed CT and MR studies.
 GOALS = {"ct": 0.55, "mr": 0.55, "compressed": 1.10, "small": None, "crdx": 0.55}
@@ -167,6 +175,19 @@ def markdown(payload: dict[str, object]) -> str:
         mb = f"{first['bytes'] / 1e6:.1f}" if first["bytes"] else "-"  # type: ignore[operator]
         row = f"| {w} | {first['files']} | {mb} | " + " | ".join(cells) + "".join(f" | {x}" for x in ratios)
         lines.append(row + f" | {goal} |")
+    senders = [r for r in results if r.get("sender_seconds")]
+    if senders:
+        lines += [
+            "",
+            "relay-accel: the table shows end to end (storescu's start to the last file at the "
+            "destination); the sender's own completion (storescu, answered by router A's spool):",
+            "",
+        ]
+        for r in senders:
+            s = r["sender_seconds"]  # type: ignore[index]
+            vpn = by.get((r["workload"], "vpn"))
+            ratio = f", {s['median'] / vpn['seconds']['median']:.2f}x of the VPN" if vpn else ""  # type: ignore[index]
+            lines.append(f"- {r['workload']}: {s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}){ratio}")  # type: ignore[index]
     wire = [r for r in results if r.get("wire_bytes_median") and r["bytes"]]
     if wire:
         lines += [

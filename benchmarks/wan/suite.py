@@ -66,13 +66,15 @@ from benchmarks.wan.vpn import Vpn
 HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")
 SCP_PORT = 11112
+SCP_ACCEL_PORT = 11113  # relay-accel's destination: a forking storescp (the delivery pool opens several associations)
+ACCEL_POLL_S = 0.01  # how often the receiving directory is looked at for the last file of a relay-accel run
 # Debian's DCMTK (and Orthanc) leave Nagle on; every DICOM process here runs with TCP_NODELAY=1.
 DICOM_ENV = {**os.environ, "TCP_NODELAY": "1"}
 LOCK = "/run/lock/drwan-bench.lock" if Path("/run/lock").is_dir() else "/tmp/drwan-bench.lock"
 WORKLOADS = ("echo", "find", "ct", "mr", "compressed", "small", "crdx", "move")
 LATENCY = ("echo", "find")  # many short associations per repeat, timed in-process
 TRANSFERS = ("ct", "mr", "compressed", "small", "crdx")  # storescu -> storescp (dicomweb: STOW-RS)
-RELAY_MODES = ("relay", "relay-plain")
+RELAY_MODES = ("relay", "relay-plain", "relay-accel")
 DIMSE_MODES = ("raw", "vpn", *RELAY_MODES)
 DEFAULT_MODES = (*DIMSE_MODES, "dicomweb")
 # ct 380 x 0.5 MB = 200 MB (the issue's CT study); crdx 4 x 19 MB DX images (each above the spill threshold).
@@ -114,6 +116,8 @@ def applies(args: argparse.Namespace, name: str, mode: str) -> bool:
     """Which (workload, mode) pairs exist: DICOMweb only moves studies; C-MOVE runs in --move-modes."""
     if name == "move":
         return mode in args.move_modes
+    if mode == "relay-accel":  # accelerated routes answer storage (and C-ECHO) locally: transfers only
+        return name in TRANSFERS
     return mode != "dicomweb" or name in TRANSFERS
 
 
@@ -147,6 +151,7 @@ class Measurements:
     failed: set[tuple[str, str]] = field(default_factory=set)
     late: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
     wire: dict[tuple[str, str], list[dict[str, int]]] = field(default_factory=dict)
+    sender: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # relay-accel: storescu's own time
 
 
 class Bench:
@@ -159,6 +164,8 @@ class Bench:
         self.vpn: Vpn | None = None
         self.relay = RelayModes(self.lab, self.work / "relay", args.modes, args.relay_dicom, os.environ)
         self.scp: subprocess.Popen[bytes] | None = None
+        self.scp_accel: subprocess.Popen[bytes] | None = None
+        self._sender_s: float | None = None
         shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self.orthancs = Path(tempfile.mkdtemp(prefix="drwan-orthanc-", dir=shm))  # Orthanc storage in memory
         self.archive: Archive | None = None
@@ -198,7 +205,17 @@ class Bench:
             )
             b_devices = {"STORE": SCP_PORT} | ({"ARCHIVE": ARCHIVE_PORT} if self.archive else {})
             a_devices = {MOVE_AET: MOVE_PORT} if self.archive and "move" in self.args.workloads else {}
-            self.relay.start(b_devices, a_devices)
+            accel_devices = None
+            if "relay-accel" in self.relay.modes:
+                self.scp_accel = self.lab.popen(
+                    NS_B,
+                    [dcmtk("storescp"), "--fork", "--disable-host-lookup", "+xa", "-aet", "STORE", "-od",
+                     str(self.rx), "-fe", ".dcm", str(SCP_ACCEL_PORT)],
+                    env=DICOM_ENV, stdout=subprocess.DEVNULL, stderr=(self.work / "storescp-accel.log").open("ab"),
+                )  # fmt: skip
+                self.cpu_pids["storescp-accel"] = self.scp_accel.pid
+                accel_devices = {"STORE": SCP_ACCEL_PORT}
+            self.relay.start(b_devices, a_devices, accel_devices)
             self.cpu_pids.update(self.relay.pids)
         if self.archive is not None:
             log("starting the archive: Orthanc ARCHIVE in B (C-FIND, C-MOVE), storescp MOVE in A")
@@ -216,6 +233,11 @@ class Bench:
             self.relay.stop,
             lambda: self.vpn.stop() if self.vpn else None,
             lambda: (self.scp.terminate(), self.scp.wait(10)) if self.scp and self.scp.poll() is None else None,
+            lambda: (
+                (self.scp_accel.terminate(), self.scp_accel.wait(10))
+                if self.scp_accel and self.scp_accel.poll() is None
+                else None
+            ),
             self.lab.teardown,
         ):
             try:
@@ -358,8 +380,27 @@ class Bench:
         cpu1 = self._cpu_snapshot()
         if r.returncode != 0:
             raise RuntimeError(f"storescu ({mode}) failed ({r.returncode}): {r.stderr[-2000:]}")
+        if mode == "relay-accel":  # storescu got router A's answers; end to end is the last file at storescp
+            self._sender_s = elapsed
+            elapsed = self._wait_accel_arrival(t0, len(files))
+            cpu1 = self._cpu_snapshot()
         workloads.check_arrival(mode, self.rx, files, verify)
         return elapsed, {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
+
+    def _wait_accel_arrival(self, t0: float, count: int) -> float:
+        """Seconds from storescu's start until `count` files are in the receiving directory; then until both
+        spools are empty (each file complete, every outcome back at router A) before anything reads them."""
+        deadline = time.monotonic() + min(590.0, self._left())
+        while len(list(self.rx.glob("*.dcm"))) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"relay-accel: {len(list(self.rx.glob('*.dcm')))} of {count} files arrived")
+            time.sleep(ACCEL_POLL_S)
+        end_to_end = time.perf_counter() - t0
+        while not self.relay.accel_drained():
+            if time.monotonic() > deadline:
+                raise RuntimeError("relay-accel: the spools did not drain")
+            time.sleep(0.1)
+        return end_to_end
 
     def echo(self, mode: str, count: int) -> list[dict[str, float]]:
         host, port, called = self.target(mode)
@@ -507,6 +548,8 @@ class Bench:
                 used = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
             else:
                 seconds, used = self.store(mode, files, verify=verify, extra=loads[name].storescu_args)
+                if mode == "relay-accel" and self._sender_s is not None:
+                    m.sender.setdefault((name, mode), []).append(self._sender_s)
         wire = {k: v for k, v in wire.items() if not k.startswith("bridge_") or k == f"bridge_{mode}"}
         m.wire.setdefault((name, mode), []).append(wire)
         m.samples.setdefault((name, mode), []).append(seconds)
@@ -551,6 +594,8 @@ class Bench:
                 rec["wire_bytes_median"] = {
                     k: int(report.summary([r.get(k, 0) for r in runs])["median"]) for k in sorted(runs[0])
                 }
+            if (name, mode) in m.sender:
+                rec["sender_seconds"] = report.summary(m.sender[(name, mode)])
             if (name, mode) in m.late:
                 runs = m.late[(name, mode)]
                 rec["emulator"] = {

@@ -52,7 +52,8 @@ def test_states_listed_by_the_parser_are_the_spool_states() -> None:
 
 def test_default_spool_is_under_the_state_dir(tmp_path: Path) -> None:
     root, limit = configured_spool(router_config(tmp_path))
-    assert root == tmp_path / "state" / "spool" and limit is None
+    # [accelerate] spool_max_bytes has a default (relay_router.config.AccelerateSection): 10 GiB.
+    assert root == tmp_path / "state" / "spool" and limit == 10 * 1024**3
 
 
 def test_list_shows_entries_and_escapes_what_devices_wrote(

@@ -1,0 +1,239 @@
+"""The near router accepts a storage association itself, for a `[[remote]]` entry with `accelerate = true`.
+
+It answers as the remote device's AE title (relay_router.accel.negotiation: only the SOP classes and
+transfer syntaxes the destination accepts), assembles each C-STORE with the DIMSE layer
+(relay_router.dimse) on the router's Upper Layer framer, streams the data set into the spool
+(relay_router.accel.spool), and only once the entry is committed (file and directory fsynced) answers
+C-STORE-RSP 0x0000. A full spool gets 0xA700 (out of resources) and nothing is acknowledged that is not
+on disk. C-ECHO is answered. The transfer to the far router (relay_router.accel.transfer) is woken
+after every commit; it does not hold up the sending device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from relay_common.errors import Reason
+from relay_router.accel.negotiation import Negotiated
+from relay_router.dimse import (
+    CommandField,
+    CommandReceived,
+    DatasetChunk,
+    DatasetComplete,
+    DimseError,
+    DimseReceiver,
+    DimseSender,
+    Status,
+    StoreRequest,
+    Violation,
+    c_echo_rsp,
+    c_store_rsp,
+    parse_c_store_rq,
+)
+from relay_router.outcome import Outcome, Result
+from relay_router.studytap import StudyTap
+from relay_router.ul import AssociateInfo, ControlPdu, PDataBytes, PduError, PduFramer, PduType, a_abort, a_release_rp
+
+if TYPE_CHECKING:
+    from relay_router.accel.spool import Spool, SpoolWriter
+
+log = logging.getLogger("relay_router.accel")
+MAX_PDU = 256 * 1024  # what the router announces: large PDUs cost fewer reads
+READ_BYTES = 256 * 1024
+
+
+class _Store:
+    """One C-STORE in progress: its request and the spool writer (None once refused)."""
+
+    def __init__(self, request: StoreRequest, context_id: int, writer: SpoolWriter | None, status: int) -> None:
+        self.request = request
+        self.context_id = context_id
+        self.writer = writer
+        self.status = status  # the answer if the writer is gone (refused before or while writing)
+        self.error = ""
+
+
+class StorageAcceptor:
+    """Drives one accepted association: reads PDUs, answers DIMSE, writes the spool."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        outcome: Outcome,
+        request: AssociateInfo,
+        negotiated: Negotiated,
+        *,
+        spool: Spool,
+        route: str,
+        on_commit: object,
+        idle_timeout_s: float,
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self.outcome = outcome
+        self.request = request
+        self.negotiated = negotiated
+        self.spool = spool
+        self.route = route
+        self._on_commit = on_commit
+        self.idle_timeout_s = idle_timeout_s or None
+        self.framer = PduFramer(max_pdata_length=MAX_PDU)
+        self.receiver = DimseReceiver(negotiated.contexts, max_pdu_length=MAX_PDU)
+        self.sender = DimseSender(request.max_pdu_length)
+        self.store: _Store | None = None
+        # The studies and patients sent (audit field "studies"), read from the bytes as on a transparent route.
+        self.tap = StudyTap(negotiated.contexts, local_is_requestor=True)
+        self.stored = 0
+        self.refused = 0
+        self.extra = {"assoc": outcome.association_id}
+
+    async def run(self) -> None:
+        self.writer.write(self.negotiated.ac_pdu)
+        self.outcome.result = Result.ESTABLISHED
+        try:
+            await self.writer.drain()
+            await self._serve()
+        except (DimseError, PduError) as exc:
+            detail = f"protocol error from {self.outcome.calling_ae!r}: {exc}"
+            log.warning("%s; sent A-ABORT", detail, extra=self.extra)
+            self.outcome.refuse(Result.ABORTED, Reason.PROTOCOL, detail)
+            self.writer.write(a_abort())
+        except TimeoutError:
+            detail = f"no data from {self.outcome.calling_ae!r} for {self.idle_timeout_s:.0f} s (idle_timeout_s)"
+            log.warning("%s; sent A-ABORT", detail, extra=self.extra)
+            self.outcome.refuse(Result.ABORTED, Reason.IDLE, detail)
+            self.writer.write(a_abort())
+        except ConnectionError as exc:
+            self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, f"the sending device's connection broke: {exc}")
+        finally:
+            self.outcome.studies = self.tap.summary()
+            if self.store is not None and self.store.writer is not None:
+                self.store.writer.abort()  # never acknowledged: the device sends it again
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+            self.writer.close()
+            log.info(
+                "accelerated association from %r for %r ended: %d stored in the spool, %d refused",
+                self.outcome.calling_ae,
+                self.outcome.called_ae,
+                self.stored,
+                self.refused,
+                extra=self.extra,
+            )
+
+    async def _serve(self) -> None:
+        while True:
+            data = await asyncio.wait_for(self.reader.read(READ_BYTES), self.idle_timeout_s)
+            if not data:
+                self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, "the sending device closed the connection")
+                return
+            self.outcome.bytes_to_remote += len(data)
+            self.tap.relayed(True, data)
+            for event in self.framer.feed(data):
+                if isinstance(event, PDataBytes):
+                    for dimse in self.receiver.feed(event.data):
+                        await self._dimse(dimse)
+                elif isinstance(event, ControlPdu):
+                    if event.pdu_type == PduType.RELEASE_RQ:
+                        self.writer.write(a_release_rp())
+                        self.outcome.result = Result.RELEASED
+                        return
+                    if event.pdu_type == PduType.ABORT:
+                        self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, "the sending device aborted")
+                        return
+                    raise PduError(f"unexpected {PduType(event.pdu_type).label} on an established association")
+
+    async def _send(self, context_id: int, command: object) -> None:
+        for pdu in self.sender.message(context_id, command):  # type: ignore[arg-type]
+            self.writer.write(pdu)
+            self.outcome.bytes_to_local += len(pdu)
+        await self.writer.drain()
+
+    async def _dimse(self, event: object) -> None:
+        if isinstance(event, CommandReceived):
+            if event.command_field == CommandField.C_ECHO_RQ:
+                await self._send(event.context_id, c_echo_rsp(int(event.command.MessageID)))
+            elif event.command_field == CommandField.C_STORE_RQ:
+                self._begin(event.context_id, parse_c_store_rq(event.command))
+            else:  # only Verification and Storage contexts were accepted: nothing else can be valid
+                raise DimseError(
+                    f"command 0x{event.command_field:04X} on an accelerated storage association",
+                    Violation.BAD_COMMAND_FIELD,
+                )
+        elif isinstance(event, DatasetChunk):
+            self._write(event.data)
+        elif isinstance(event, DatasetComplete):
+            await self._complete()
+
+    def _begin(self, context_id: int, request: StoreRequest) -> None:
+        abstract, transfer_syntax = self.negotiated.contexts[context_id]
+        if request.sop_class_uid != abstract:
+            self.store = _Store(request, context_id, None, Status.CANNOT_UNDERSTAND)
+            self.store.error = f"SOP class {request.sop_class_uid} sent on a context for {abstract}"
+            return
+        meta = {"calling_ae": self.outcome.calling_ae, "association": self.outcome.association_id}
+        if request.move_originator_ae is not None:
+            meta["move_originator_ae"] = request.move_originator_ae
+            meta["move_originator_id"] = str(request.move_originator_message_id)
+        writer = self.spool.writer(
+            self.route,
+            sop_class_uid=request.sop_class_uid,
+            sop_instance_uid=request.sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            meta=meta,
+        )
+        self.store = _Store(request, context_id, writer, Status.SUCCESS)
+
+    def _write(self, data: bytes) -> None:
+        from relay_router.accel.spool import SpoolFull
+
+        store = self.store
+        if store is None or store.writer is None:
+            return  # refused: the rest of the data set is read and dropped
+        try:
+            store.writer.write(data)
+        except SpoolFull as exc:
+            store.writer.abort()
+            store.writer, store.status, store.error = None, Status.OUT_OF_RESOURCES, str(exc)
+        except OSError as exc:  # a full disk or an I/O error: the same answer, nothing acknowledged
+            store.writer.abort()
+            store.writer, store.status, store.error = None, Status.OUT_OF_RESOURCES, f"spool write failed: {exc}"
+
+    async def _complete(self) -> None:
+        from relay_router.accel.spool import SpoolError
+
+        store, self.store = self.store, None
+        assert store is not None
+        request = store.request
+        if store.writer is not None:
+            try:
+                await asyncio.to_thread(store.writer.commit)  # fsync of the file and the directory
+            except (SpoolError, OSError) as exc:
+                store.writer.abort()
+                store.status, store.error = Status.OUT_OF_RESOURCES, f"spool commit failed: {exc}"
+            else:
+                self.stored += 1
+                callback = self._on_commit
+                if callable(callback):
+                    callback()
+        if store.status != Status.SUCCESS:
+            self.refused += 1
+            log.warning(
+                "C-STORE of %s from %r refused with 0x%04X: %s",
+                request.sop_instance_uid,
+                self.outcome.calling_ae,
+                store.status,
+                store.error,
+                extra=self.extra,
+            )
+        rsp = c_store_rsp(
+            request.message_id,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+            store.status,
+            error_comment=store.error or None,
+        )
+        await self._send(store.context_id, rsp)

@@ -1,0 +1,269 @@
+"""The far router's side of an accelerated transfer: instances into its spool, outcomes back.
+
+`inbound.py` hands over an association whose Open carried `accel1` for a `[[shared]]` device with
+`accelerate = true`, once the handshake verified. `FarSession` answers the HELLO (the device's
+capabilities, learned by `capabilities.probe` and narrowed to what the calling site was granted),
+writes each INSTANCE into the spool as a whole Part 10 file (the spool checks that its file meta
+names the declared UIDs), answers STORED once it is committed (fsync), REFUSED when it cannot take it
+(0xA700 spool full: the near router retries later; 0x0122 a SOP class not granted or not accepted:
+permanent), and passes on every final delivery outcome. Outcomes are kept in an `OutcomeBook`
+(an owner-only file) until the near router acknowledges them, so one that happens while no stream is
+open is sent on the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from relay_common.files import write_private
+from relay_router import services
+from relay_router.accel import records
+from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities, probe
+from relay_router.accel.spool import Spool, SpoolEntry, SpoolError, SpoolFull, SpoolWriter
+from relay_router.accel.transfer import RecordChannel, TransferError
+from relay_router.config import SharedDevice
+from relay_router.dimse import Status
+
+log = logging.getLogger("relay_router.accel")
+MAX_OUTCOMES_PER_SITE = 100_000  # unacknowledged outcomes kept for one site; the oldest go first
+# A near router may ask for fresh capabilities on every stream; the device is probed at most this often.
+MIN_PROBE_INTERVAL_S = 60.0
+# Commits (fsync) running at once: the next instance is received while earlier ones reach the disk, and
+# the file system commits concurrent syncs together. Each holds one instance's file open, nothing in memory.
+PARALLEL_COMMITS = 8
+
+
+class OutcomeBook:
+    """Final outcomes not yet acknowledged by the near router, by calling site (persisted)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sites: dict[str, dict[str, list[object]]] = {}
+        self._lock = threading.Lock()  # the delivery pool's worker threads add, the event loop forgets
+        try:
+            loaded = json.loads(path.read_text())
+            self._sites = {str(s): {str(i): list(v) for i, v in o.items()} for s, o in loaded.items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("outcome book %s unreadable (%s); outcomes not yet reported are lost", path, exc)
+
+    def add(self, site: str, origin_id: str, sop_instance: str, status: int, error: str) -> None:
+        with self._lock:
+            book = self._sites.setdefault(site, {})
+            book[origin_id] = [sop_instance, status, error[:200]]
+            while len(book) > MAX_OUTCOMES_PER_SITE:
+                book.pop(next(iter(book)))
+            self._save()
+
+    def pending(self, site: str) -> list[bytes]:
+        with self._lock:
+            items = list(self._sites.get(site, {}).items())
+        return [
+            records.outcome(origin_id, str(sop), int(str(status)), str(error))
+            for origin_id, (sop, status, error) in items
+        ]
+
+    def forget(self, site: str, ids: tuple[str, ...]) -> None:
+        with self._lock:
+            book = self._sites.get(site, {})
+            removed = [i for i in ids if book.pop(i, None) is not None]
+            if removed:
+                self._save()
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(book) for book in self._sites.values())
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(self.path, json.dumps(self._sites))
+
+
+def far_route_name(device: SharedDevice) -> str:
+    """The spool's route name for instances on their way into one of our [[shared]] devices: its AE title."""
+    return device.ae_title
+
+
+class FarSession:
+    """One accelerated transfer from `from_site` into `device`."""
+
+    def __init__(
+        self,
+        channel: RecordChannel,
+        *,
+        from_site: str,
+        device: SharedDevice,
+        our_ae: str,
+        spool: Spool,
+        capabilities: CapabilityCache,
+        book: OutcomeBook,
+        on_commit: object,
+    ) -> None:
+        self.channel = channel
+        self.from_site = from_site
+        self.device = device
+        self.our_ae = our_ae
+        self.spool = spool
+        self.capabilities = capabilities
+        self.book = book
+        self._on_commit = on_commit
+        self.granted = device.services_for(from_site)
+        self._writer: SpoolWriter | None = None
+        self._header: records.InstanceHeader | None = None
+        self._refusal: tuple[int, bool, str] | None = None
+        self.stored = 0
+        self._commits: set[asyncio.Task[None]] = set()
+        self._commit_slots = asyncio.Semaphore(PARALLEL_COMMITS)
+
+    async def run(self, hello_bytes: bytes) -> None:
+        first = self.channel.reader.feed(hello_bytes)
+        hello = first[0] if len(first) == 1 else None
+        if not isinstance(hello, records.Hello):
+            raise records.RecordError("the first record of an accelerated transfer is not HELLO")
+        known = self.capabilities.get(self.device.ae_title)
+        refresh: asyncio.Task[None] | None = None
+        if self._probe_due(asked=hello.capabilities):
+            if known is None:  # nothing to offer until the device has answered once
+                known = await self._probe()
+            else:  # offer what is known now; the fresh answer follows on this stream
+                refresh = asyncio.create_task(self._refresh())
+        if known is not None:
+            await self.channel.send(records.capabilities(known.narrowed(self.granted).contexts))
+        for outcome in self.book.pending(self.from_site):
+            await self.channel.send(outcome)
+        await self.channel.send(b"", flush=True)
+        try:
+            while (received := await self.channel.receive()) is not None:
+                for record in received:
+                    await self._apply(record)
+                await self.channel.send(b"", flush=True)
+        finally:
+            if refresh is not None:
+                refresh.cancel()
+            if self._writer is not None:
+                self._writer.abort()  # never acknowledged: the near router sends it again
+            await asyncio.gather(*self._commits, return_exceptions=True)  # committed ones stay: delivered
+
+    async def report(self, entry: SpoolEntry, status: int, error: str) -> None:
+        """A final outcome of an instance this site sent (called for live sessions; the book has it already)."""
+        origin = entry.meta.get("origin_id", "")
+        with contextlib.suppress(TransferError):
+            await self.channel.send(records.outcome(origin, entry.sop_instance_uid, status, error), flush=True)
+
+    def _probe_due(self, *, asked: bool) -> bool:
+        """Stale, or the near router asked (at most once a MIN_PROBE_INTERVAL_S: it may ask on every stream)."""
+        name = self.device.ae_title
+        known = self.capabilities.get(name)
+        recent = known is not None and time.time() - known.learned <= MIN_PROBE_INTERVAL_S
+        return self.capabilities.stale(name) or (asked and not recent)
+
+    async def _probe(self) -> DeviceCapabilities | None:
+        name = self.device.ae_title
+        try:
+            learned = await asyncio.to_thread(
+                probe, self.device.ae_title, self.device.host, self.device.port, calling_ae=self.our_ae
+            )
+        except OSError as exc:
+            log.warning("cannot learn what %s accepts: %s (keeping what was known)", name, exc)
+        else:
+            self.capabilities.put(name, learned)
+            log.info("%s accepts %d SOP classes (capability probe)", name, len(learned.contexts))
+        return self.capabilities.get(name)
+
+    async def _refresh(self) -> None:
+        learned = await self._probe()
+        if learned is not None:
+            with contextlib.suppress(TransferError):
+                await self.channel.send(records.capabilities(learned.narrowed(self.granted).contexts), flush=True)
+
+    async def _apply(self, record: records.Record) -> None:
+        if isinstance(record, records.Ack):
+            self.book.forget(self.from_site, record.ids)
+        elif isinstance(record, records.InstanceHeader):
+            self._begin(record)
+        elif isinstance(record, records.Chunk):
+            self._write(record.data)
+            if record.last:
+                await self._complete()
+        elif isinstance(record, records.Hello):
+            raise records.RecordError("a second HELLO record")
+
+    def _begin(self, header: records.InstanceHeader) -> None:
+        self._header, self._refusal = header, None
+        known = self.capabilities.get(self.device.ae_title)
+        if not services.granted(header.sop_class, self.granted):
+            self._refusal = (Status.SOP_CLASS_NOT_SUPPORTED, True, f"{header.sop_class} is not granted")
+            return
+        if known is not None and known.choose(header.sop_class, (header.transfer_syntax,)) is None:
+            detail = f"{self.device.ae_title} does not accept {header.sop_class} in {header.transfer_syntax}"
+            self._refusal = (Status.SOP_CLASS_NOT_SUPPORTED, True, detail)
+            return
+        try:
+            self._writer = self.spool.writer(
+                far_route_name(self.device),
+                sop_class_uid=header.sop_class,
+                sop_instance_uid=header.sop_instance,
+                transfer_syntax=header.transfer_syntax,
+                meta={"origin_site": self.from_site, "origin_id": header.id},
+                part10=True,
+            )
+        except SpoolError as exc:
+            self._refusal = (Status.CANNOT_UNDERSTAND, True, str(exc))
+
+    def _write(self, data: bytes) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.write(data)
+        except SpoolFull as exc:
+            self._writer = None  # write() aborted it
+            self._refusal = (Status.OUT_OF_RESOURCES, False, str(exc))
+        except (SpoolError, OSError) as exc:
+            self._writer.abort()
+            self._writer = None
+            self._refusal = (Status.OUT_OF_RESOURCES, False, f"spool write failed: {exc}")
+
+    async def _complete(self) -> None:
+        header, writer, self._writer = self._header, self._writer, None
+        assert header is not None
+        if writer is None:
+            await self._refuse(header, self._refusal)
+            return
+        await self._commit_slots.acquire()
+        task = asyncio.create_task(self._commit(header, writer))
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+
+    async def _commit(self, header: records.InstanceHeader, writer: SpoolWriter) -> None:
+        """Commit one instance (fsync) while the next is received; STORED once it is durable."""
+        try:
+            try:
+                await asyncio.to_thread(writer.commit)
+            except SpoolError as exc:  # not a Part 10 file naming the declared UIDs: never deliverable
+                await self._refuse(header, (Status.CANNOT_UNDERSTAND, True, str(exc)))
+                return
+            except OSError as exc:
+                await self._refuse(header, (Status.OUT_OF_RESOURCES, False, f"spool commit failed: {exc}"))
+                return
+            self.stored += 1
+            if callable(self._on_commit):
+                self._on_commit()
+            await self.channel.send(records.stored(header.id, header.sop_instance), flush=True)
+        except TransferError as exc:  # the stream broke: the near router sends it again (a harmless duplicate)
+            log.info("STORED for %s not sent: %s", header.sop_instance, exc)
+        finally:
+            self._commit_slots.release()
+
+    async def _refuse(self, header: records.InstanceHeader, why: tuple[int, bool, str] | None) -> None:
+        status, permanent, error = why or (Status.CANNOT_UNDERSTAND, True, "refused")
+        log.warning("refused %s from %s with 0x%04X: %s", header.sop_instance, self.from_site, status, error)
+        await self.channel.send(
+            records.refused(header.id, header.sop_instance, status, permanent=permanent, error=error), flush=True
+        )

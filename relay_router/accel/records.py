@@ -1,0 +1,346 @@
+"""The record stream of an accelerated transfer between two routers (sans-IO).
+
+An accelerated transfer is an ordinary relayed association (sealed, compressed frames through the
+bridge) whose Open carries the feature `accel1` (relay_router.wire.features): its payload is this
+record stream instead of Upper Layer PDUs. Each direction is one byte stream cut into frames
+anywhere; a record is a 1-byte type, a 4-byte big-endian body length and the body:
+
+near -> far
+    HELLO       JSON {"version": 1, "capabilities": bool}: first record (inside Open); whether the
+                near router wants the device's capabilities now
+    INSTANCE    JSON header {"id", "sop_class", "sop_instance", "transfer_syntax", "length"}, followed
+                by `length` bytes of the spooled Part 10 file in CHUNK records
+    CHUNK       raw bytes of the current instance (at most MAX_CHUNK)
+    ACK         JSON {"ids": [...]}: outcomes the near router recorded (the far one may forget them)
+far -> near
+    CAPABILITIES JSON {"contexts": {sop_class: [transfer syntax, ...]}}: what the device accepts
+    STORED      JSON {"id", "sop_instance"}: durable in the far router's spool (near: FORWARDED)
+    REFUSED     JSON {"id", "sop_instance", "status", "permanent", "error"}: not taken (spool full,
+                SOP class not granted)
+    OUTCOME     JSON {"id", "sop_instance", "status", "error"}: the device's final answer
+                (near: DELIVERED, or DEAD for a failure status)
+
+The peer may be hostile (it authenticated, but may be buggy or compromised): every header is bounded
+and validated here, and a violation raises `RecordError` (the transfer is then aborted). Nothing but
+a CHUNK body may exceed MAX_HEADER bytes, and CHUNKs are handed out as they arrive, never collected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from relay_common.errors import Reason, RelayError
+
+VERSION = 1
+MAX_HEADER = 64 * 1024  # a JSON record; capabilities of ~200 SOP classes x 12 syntaxes fit in ~40 KiB
+MAX_CHUNK = 256 * 1024
+MAX_INSTANCE = 8 * 1024**3  # larger than any real instance; bounds what a peer can announce
+MAX_CAPABILITY_CLASSES = 1024
+MAX_CAPABILITY_SYNTAXES = 32
+MAX_ACK_IDS = 4096
+_HEADER = 5
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_ENTRY_ID = re.compile(r"[0-9A-Za-z_.-]{1,80}")
+
+
+class RecordType(IntEnum):
+    HELLO = 0x01
+    INSTANCE = 0x02
+    CHUNK = 0x03
+    ACK = 0x04
+    CAPABILITIES = 0x10
+    STORED = 0x11
+    REFUSED = 0x12
+    OUTCOME = 0x13
+
+
+class RecordError(RelayError):
+    """The other router sent a record stream this router cannot accept."""
+
+    reason = Reason.PROTOCOL
+
+
+@dataclass(frozen=True)
+class Hello:
+    capabilities: bool
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    id: str
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    data: bytes
+    last: bool  # the instance's bytes are complete with this chunk
+
+
+@dataclass(frozen=True)
+class Ack:
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    contexts: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Stored:
+    id: str
+    sop_instance: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    id: str
+    sop_instance: str
+    status: int
+    permanent: bool
+    error: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    id: str
+    sop_instance: str
+    status: int
+    error: str
+
+
+Record = Hello | InstanceHeader | Chunk | Ack | Capabilities | Stored | Refused | Outcome
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+
+def _record(kind: RecordType, body: bytes) -> bytes:
+    return bytes([kind]) + len(body).to_bytes(4, "big") + body
+
+
+def _json(kind: RecordType, value: Mapping[str, Any]) -> bytes:
+    body = json.dumps(value, separators=(",", ":")).encode()
+    if len(body) > MAX_HEADER:
+        raise ValueError(f"{kind.name} record of {len(body)} bytes exceeds {MAX_HEADER}")
+    return _record(kind, body)
+
+
+def hello(*, capabilities: bool) -> bytes:
+    return _json(RecordType.HELLO, {"version": VERSION, "capabilities": capabilities})
+
+
+def instance(header: InstanceHeader) -> bytes:
+    return _json(
+        RecordType.INSTANCE,
+        {
+            "id": header.id,
+            "sop_class": header.sop_class,
+            "sop_instance": header.sop_instance,
+            "transfer_syntax": header.transfer_syntax,
+            "length": header.length,
+        },
+    )
+
+
+def chunks(data: bytes) -> bytes:
+    """CHUNK records carrying `data` (cut at MAX_CHUNK)."""
+    return b"".join(_record(RecordType.CHUNK, data[i : i + MAX_CHUNK]) for i in range(0, len(data), MAX_CHUNK))
+
+
+def ack(ids: Iterable[str]) -> bytes:
+    return _json(RecordType.ACK, {"ids": list(ids)})
+
+
+def capabilities(contexts: Mapping[str, Iterable[str]]) -> bytes:
+    return _json(RecordType.CAPABILITIES, {"contexts": {k: list(v) for k, v in sorted(contexts.items())}})
+
+
+def stored(entry_id: str, sop_instance: str) -> bytes:
+    return _json(RecordType.STORED, {"id": entry_id, "sop_instance": sop_instance})
+
+
+def refused(entry_id: str, sop_instance: str, status: int, *, permanent: bool, error: str) -> bytes:
+    return _json(
+        RecordType.REFUSED,
+        {"id": entry_id, "sop_instance": sop_instance, "status": status, "permanent": permanent, "error": error[:200]},
+    )
+
+
+def outcome(entry_id: str, sop_instance: str, status: int, error: str = "") -> bytes:
+    return _json(
+        RecordType.OUTCOME, {"id": entry_id, "sop_instance": sop_instance, "status": status, "error": error[:200]}
+    )
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+def _field(body: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RecordError(f"{what} record: field {name!r} missing or not {kind.__name__}")
+    return value
+
+
+def _uid(body: Mapping[str, Any], name: str, what: str) -> str:
+    value = _field(body, name, str, what)
+    if len(value) > 64 or not _UID.fullmatch(value):
+        raise RecordError(f"{what} record: {name} {value[:80]!r} is not a UID (PS3.5 9.1)")
+    return str(value)
+
+
+def _entry_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _ENTRY_ID.fullmatch(value):
+        raise RecordError(f"{what} record: {str(value)[:80]!r} is not a spool entry id")
+    return value
+
+
+def _status(body: Mapping[str, Any], what: str) -> int:
+    status = _field(body, "status", int, what)
+    if not 0 <= status <= 0xFFFF:
+        raise RecordError(f"{what} record: status {status} is not a DIMSE status")
+    return int(status)
+
+
+def _text(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name, "")
+    text = value if isinstance(value, str) else ""
+    return "".join(c if c.isprintable() else "?" for c in text[:200])  # logged: no control characters
+
+
+def _decode(kind: RecordType, body: bytes) -> Record:
+    what = kind.name
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RecordError(f"{what} record is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RecordError(f"{what} record is not a JSON object")
+    if kind is RecordType.HELLO:
+        if value.get("version") != VERSION:
+            raise RecordError(f"HELLO: version {str(value.get('version'))[:20]!r}, this router speaks {VERSION}")
+        return Hello(bool(value.get("capabilities")))
+    if kind is RecordType.INSTANCE:
+        length = _field(value, "length", int, what)
+        if not 0 < length <= MAX_INSTANCE:
+            raise RecordError(f"INSTANCE record: length {length} out of range")
+        return InstanceHeader(
+            _entry_id(value.get("id"), what),
+            _uid(value, "sop_class", what),
+            _uid(value, "sop_instance", what),
+            _uid(value, "transfer_syntax", what),
+            length,
+        )
+    if kind is RecordType.ACK:
+        ids = _field(value, "ids", list, what)
+        if len(ids) > MAX_ACK_IDS:
+            raise RecordError(f"ACK record: {len(ids)} ids, at most {MAX_ACK_IDS}")
+        return Ack(tuple(_entry_id(i, what) for i in ids))
+    if kind is RecordType.CAPABILITIES:
+        contexts = _field(value, "contexts", dict, what)
+        if len(contexts) > MAX_CAPABILITY_CLASSES:
+            raise RecordError(f"CAPABILITIES record: {len(contexts)} SOP classes, at most {MAX_CAPABILITY_CLASSES}")
+        result: dict[str, tuple[str, ...]] = {}
+        for sop_class, syntaxes in contexts.items():
+            if not isinstance(syntaxes, list) or len(syntaxes) > MAX_CAPABILITY_SYNTAXES:
+                raise RecordError(f"CAPABILITIES record: bad transfer syntax list for {str(sop_class)[:64]!r}")
+            checked = {"c": sop_class, **{f"t{i}": ts for i, ts in enumerate(syntaxes)}}
+            result[_uid(checked, "c", what)] = tuple(_uid(checked, f"t{i}", what) for i in range(len(syntaxes)))
+        return Capabilities(result)
+    entry_id = _entry_id(value.get("id"), what)
+    sop_instance = _uid(value, "sop_instance", what)
+    if kind is RecordType.STORED:
+        return Stored(entry_id, sop_instance)
+    if kind is RecordType.REFUSED:
+        return Refused(
+            entry_id, sop_instance, _status(value, what), bool(value.get("permanent")), _text(value, "error")
+        )
+    return Outcome(entry_id, sop_instance, _status(value, what), _text(value, "error"))
+
+
+class RecordReader:
+    """One direction's record stream, fed in pieces split anywhere; `feed` returns complete records.
+
+    `accept`: the record types the other side may send this router (any other is a violation).
+    CHUNK bodies are passed on as they arrive, so memory is bounded by MAX_HEADER plus one feed.
+    """
+
+    def __init__(self, accept: Iterable[RecordType]) -> None:
+        self._accept = frozenset(accept)
+        self._buffer = bytearray()
+        self._chunk_left = 0  # body bytes of the current CHUNK record not yet passed on
+        self._instance_left = 0  # bytes of the current instance not yet received
+        self.failed: RecordError | None = None
+
+    @property
+    def in_instance(self) -> bool:
+        return self._instance_left > 0
+
+    def feed(self, data: bytes) -> list[Record]:
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return self._feed(data)
+        except RecordError as exc:
+            self.failed = exc
+            raise
+
+    def _feed(self, data: bytes) -> list[Record]:
+        out: list[Record] = []
+        view = memoryview(data)
+        while view:
+            if self._chunk_left:
+                take = min(self._chunk_left, len(view))
+                self._chunk_left -= take
+                self._instance_left -= take
+                out.append(Chunk(bytes(view[:take]), self._instance_left == 0))
+                view = view[take:]
+                continue
+            need = _HEADER - len(self._buffer) if len(self._buffer) < _HEADER else 0
+            if need:
+                self._buffer += view[:need]
+                view = view[need:]
+                if len(self._buffer) < _HEADER:
+                    break
+            kind_byte, length = self._buffer[0], int.from_bytes(self._buffer[1:5], "big")
+            try:
+                kind = RecordType(kind_byte)
+            except ValueError:
+                raise RecordError(f"unknown record type 0x{kind_byte:02x}") from None
+            if kind not in self._accept:
+                raise RecordError(f"a {kind.name} record is not expected in this direction")
+            if kind is RecordType.CHUNK:
+                if not 0 < length <= MAX_CHUNK or length > self._instance_left:
+                    raise RecordError(f"CHUNK of {length} bytes where {self._instance_left} were announced")
+                self._buffer.clear()
+                self._chunk_left = length
+                continue
+            if self._instance_left:
+                raise RecordError(f"{kind.name} record inside an instance ({self._instance_left} bytes missing)")
+            if length > MAX_HEADER:
+                raise RecordError(f"{kind.name} record of {length} bytes exceeds {MAX_HEADER}")
+            take = min(_HEADER + length - len(self._buffer), len(view))
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) < _HEADER + length:
+                break
+            record = _decode(kind, bytes(self._buffer[_HEADER:]))
+            self._buffer.clear()
+            if isinstance(record, InstanceHeader):
+                self._instance_left = record.length
+            out.append(record)
+        return out
+
+
+NEAR_TO_FAR = (RecordType.HELLO, RecordType.INSTANCE, RecordType.CHUNK, RecordType.ACK)
+FAR_TO_NEAR = (RecordType.CAPABILITIES, RecordType.STORED, RecordType.REFUSED, RecordType.OUTCOME)

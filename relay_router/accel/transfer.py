@@ -1,0 +1,431 @@
+"""The near router's side of accelerated transfers: the spool of one route shipped to the far router.
+
+One `NearTransfer` per `[[remote]]` entry with `accelerate = true`. While its spool holds work (instances
+due, instances forwarded whose outcome is awaited, capabilities to refresh) it keeps one relayed
+association open to the far router: sealed and compressed frames through the bridge like any other
+(relay_router.wire.codec), the feature `accel1`, and a record stream as payload
+(relay_router.accel.records). Instances go out back to back in buckets of `[accelerate] bucket_bytes`,
+with at most two buckets unacknowledged: no round trip per image. The far router acknowledges each
+instance once it is durable in its own spool (STORED: FORWARDED here) and later reports the device's
+answer (OUTCOME: removed here when delivered, DEAD when the device refused it), on this stream or a
+later one. When the stream breaks (either router or the bridge restarts), what was in flight goes back
+to RECEIVED and is sent again on the next stream: at least once; the far router may store a
+duplicate, which is harmless (same SOP Instance UID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from relay_common.audit import AuditLog
+from relay_common.errors import Reason, RelayError
+from relay_router.accel import records
+from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
+from relay_router.accel.spool import EntryState, Spool, SpoolEntry, SpoolError
+from relay_router.close_codes import close_frame, received_close, received_refusal
+from relay_router.config import RouterConfig
+from relay_router.routing import Route
+from relay_router.seal import AssociationContext, initiate
+from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
+from relay_router.wire.codec import DataReceived, FrameCodec, FrameRejected, first_frame, handshake_message
+from relay_router.wire.features import Features
+
+log = logging.getLogger("relay_router.accel")
+SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError)
+READ_BYTES = 256 * 1024
+IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
+OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+
+
+class TransferError(RelayError):
+    """The accelerated transfer stream failed; what was in flight is sent again on the next one."""
+
+    reason = Reason.LINK_LOST
+
+
+def delivered(status: int) -> bool:
+    """Whether a C-STORE status means the device stored the instance (PS3.4 B.2.3: success or warning)."""
+    return status == 0x0000 or status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
+
+
+class RecordChannel:
+    """One accelerated association's frames: the record bytes of each direction through a FrameCodec."""
+
+    def __init__(
+        self, stream: AssociationStream, codec: FrameCodec, accept: tuple[records.RecordType, ...], *, frame_bytes: int
+    ) -> None:
+        self.stream = stream
+        self.codec = codec
+        self.reader = records.RecordReader(accept)
+        self.frame_bytes = frame_bytes
+        self._pending = bytearray()
+        self._send_lock = asyncio.Lock()
+        self.bytes_sent = 0  # record bytes, before compression and sealing
+        self.bytes_received = 0
+
+    async def send(self, data: bytes, *, flush: bool = False) -> None:
+        """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket)."""
+        async with self._send_lock:
+            self._pending += data
+            while len(self._pending) >= self.frame_bytes or (flush and self._pending):
+                payload = bytes(self._pending[: self.frame_bytes])
+                del self._pending[: self.frame_bytes]
+                try:
+                    await self.stream.send(pb.Frame(data=self.codec.encode_data(payload)))
+                except SEND_ERRORS as exc:
+                    raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
+                self.bytes_sent += len(payload)
+
+    async def confirmed(self) -> None:
+        """Initiator: wait for the far router's Confirm (no frame may be sealed before its keys exist)."""
+        while self.codec.awaiting_confirm:
+            try:
+                frame = await self.stream.receive()
+            except grpc.aio.AioRpcError as exc:
+                raise TransferError(f"the link to the bridge broke ({exc.code().name})") from exc
+            if frame is None:
+                raise TransferError("the far router ended the accelerated transfer before confirming it")
+            kind = frame.WhichOneof("kind")
+            if kind == "confirm":
+                self.codec.confirm(frame.confirm)  # FrameRejected (security) if it does not verify
+            elif kind == "refused":
+                raise TransferError(received_refusal(frame.refused)[1], reason=Reason.SITE_OFFLINE)
+            elif kind == "close":
+                raise TransferError(f"closed before confirming: {received_close(frame.close)}")
+            else:
+                raise FrameRejected(f"SECURITY: {kind} frame before the Confirm", reason=Reason.SECURITY, security=True)
+
+    async def receive(self) -> list[records.Record] | None:
+        """The records of the next data frame; None when the other side closed."""
+        while True:
+            try:
+                frame = await self.stream.receive()
+            except grpc.aio.AioRpcError as exc:
+                raise TransferError(f"the link to the bridge broke ({exc.code().name})") from exc
+            if frame is None:
+                return None
+            kind = frame.WhichOneof("kind")
+            if kind == "confirm" and self.codec.awaiting_confirm:
+                self.codec.confirm(frame.confirm)  # FrameRejected (security) if it does not verify
+                continue
+            if kind == "close":
+                log.info("accelerated transfer closed: %s", received_close(frame.close))
+                return None
+            if kind == "refused":
+                raise TransferError(received_refusal(frame.refused)[1], reason=Reason.SITE_OFFLINE)
+            if kind != "data":
+                raise TransferError(f"unexpected {kind} frame in an accelerated transfer", reason=Reason.PROTOCOL)
+            event = self.codec.decode(frame.data)
+            if isinstance(event, DataReceived):
+                self.bytes_received += len(event.payload)
+                return self.reader.feed(event.payload)
+
+    async def close(self, reason: Reason | None = None) -> None:
+        with contextlib.suppress(*SEND_ERRORS):
+            end = pb.Close.PEER_CLOSED if reason is None else pb.Close.ABORTED
+            await self.stream.send(close_frame(end, reason, ""))
+        await self.stream.finish()
+
+
+@dataclass
+class InFlight:
+    entry: SpoolEntry
+    sent: int  # bytes of the instance
+
+
+class NearTransfer:
+    """Ships the spool of one accelerated route (`route_name` in the spool) to the far router."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        link: BridgeLink,
+        spool: Spool,
+        capabilities: CapabilityCache,
+        *,
+        local_ae: str,
+        route: Route,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.config = config
+        self.audit = audit
+        self.counts: Counter[str] = Counter()  # instances since the last audit: sent, stored, delivered, dead, ...
+        self._batch_started = time.monotonic()
+        self.link = link
+        self.spool = spool
+        self.capabilities = capabilities
+        self.local_ae = local_ae
+        self.route = route
+        self.route_name = route_name(local_ae)
+        self._wake = asyncio.Event()
+        # Outcomes recorded here, to acknowledge to the far router. The sending task sends them between
+        # instances (an instance's records go out back to back), so the receiving task never waits to send.
+        self._acks: list[str] = []
+        self.in_flight: dict[str, InFlight] = {}
+        self.connected = False
+        self.last_error = ""
+        self.sessions = 0
+
+    def wake(self) -> None:
+        """Something changed (a commit, a retry): look at the spool now."""
+        self._wake.set()
+
+    def _awaiting(self) -> bool:
+        return bool(self.spool.entries(state=EntryState.FORWARDED, route=self.route_name))
+
+    def _has_work(self) -> bool:
+        return (
+            bool(self.spool.due(time.time(), route=self.route_name))
+            or self._awaiting()
+            or self.capabilities.stale(self.local_ae)
+        )
+
+    async def run(self) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            if not self._has_work():
+                next_due = self.spool.next_due(route=self.route_name)
+                wait = self.capabilities.refresh_s if next_due is None else max(0.05, next_due - time.time())
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(wait, self.capabilities.refresh_s))
+                continue
+            started = self._batch_started = time.monotonic()
+            try:
+                await self._session()
+                self.last_error = ""
+            except (TransferError, LinkDown, FrameRejected, records.RecordError) as exc:
+                self.last_error = str(exc)
+                level = logging.ERROR if getattr(exc, "security", False) else logging.WARNING
+                log.log(level, "accelerated transfer to %s/%s: %s", self.route.site, self.route.ae_title, exc)
+            except Exception as exc:  # whatever broke this stream, the spool is kept and the next one tries
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("accelerated transfer to %s/%s failed", self.route.site, self.route.ae_title)
+            finally:
+                self.connected = False
+                self._requeue()
+                self._audit(time.monotonic() - self._batch_started)
+            if time.monotonic() - started > 60:
+                delay = RETRY_MIN_S
+            if self.last_error:
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, RETRY_MAX_S)
+            elif self._awaiting() and not self.spool.due(time.time(), route=self.route_name):
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), OUTCOME_POLL_S)
+
+    def _audit(self, seconds: float) -> None:
+        """An `accel_transfer` event each time what was sent has all its outcomes, and when a stream ends with
+        instances counted (the local association was audited when the device sent; this says when its
+        instances left for the far site and what became of them)."""
+        if not any(self.counts.values()):
+            return
+        counts, self.counts = self.counts, Counter()
+        self._batch_started = time.monotonic()
+        if self.audit is None:
+            return
+        self.audit.event(
+            "accel_transfer",
+            "failure" if self.last_error else "success",
+            site=self.route.site,
+            called_ae=self.route.ae_title,
+            local_ae=self.local_ae,
+            detail=self.last_error,
+            seconds=round(seconds, 3),
+            **{name: counts.get(name, 0) for name in ("sent", "stored", "delivered", "dead", "refused")},
+        )
+
+    def _requeue(self) -> None:
+        """What was sent without a STORED answer goes back to RECEIVED (sent again on the next stream)."""
+        for entry_id in list(self.in_flight):
+            with contextlib.suppress(SpoolError):
+                self.spool.set_state(entry_id, EntryState.RECEIVED, error="transfer interrupted")
+        self.in_flight.clear()
+
+    async def _open(self) -> RecordChannel:
+        if not self.link.connected:
+            raise LinkDown("not signed on to the bridge")
+        try:
+            peer = self.link.peers.identity(self.route.site)
+        except Exception as exc:  # UnknownPeer, HandshakeError: no accelerated transfer without the pinned key
+            raise TransferError(
+                f"no usable identity for site {self.route.site}: {exc}", reason=Reason.SECURITY
+            ) from exc
+        aid = f"{random.getrandbits(128):032x}"
+        context = AssociationContext(aid, self.link.site, self.route.site, self.route.ae_title)
+        dicom = self.config.dicom
+        offered = Features(compress=dicom.compression, shuffle=dicom.compression, accel=True)
+        handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
+        hello = records.hello(capabilities=self.capabilities.stale(self.local_ae))
+        opening = pb.Open(
+            association_id=aid,
+            to_site=self.route.site,
+            called_ae_title=self.route.ae_title,
+            calling_ae_title=self.local_ae,
+            first_data=first_frame(sealer, hello),
+            handshake=handshake_message(handshake),
+            features=offered.names(),
+        )
+        stream, answer = await self.link.open(opening)
+        if answer.HasField("refused"):
+            stream.cancel()
+            raise TransferError(received_refusal(answer.refused)[1], reason=Reason.SITE_OFFLINE)
+        codec = FrameCodec(
+            sealer,
+            initiator=True,
+            features=offered,
+            compression_level=dicom.compression_level if dicom.compression else None,
+            accept_blobs=False,
+            confirm_from=(peer, self.route.site),
+        )
+        return RecordChannel(stream, codec, records.FAR_TO_NEAR, frame_bytes=dicom.frame_bytes)
+
+    async def _session(self) -> None:
+        channel = await self._open()
+        try:
+            await asyncio.wait_for(channel.confirmed(), self.config.bridge.open_timeout_s)
+        except TimeoutError:
+            channel.stream.cancel()
+            raise TransferError("the far router did not confirm the accelerated transfer in time") from None
+        self.connected, self.last_error = True, ""
+        self.sessions += 1
+        log.info("accelerated transfer to %s/%s open", self.route.site, self.route.ae_title)
+        done = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as group:
+                receiving = group.create_task(self._receive(channel, done))
+                group.create_task(self._send(channel, done, receiving))
+        except* (TransferError, FrameRejected, records.RecordError) as failures:
+            raise failures.exceptions[0] from None
+
+    def _window_open(self) -> bool:
+        return sum(f.sent for f in self.in_flight.values()) < 2 * self.config.accelerate.bucket_bytes
+
+    async def _send(self, channel: RecordChannel, done: asyncio.Event, receiving: asyncio.Task[None]) -> None:
+        bucket = self.config.accelerate.bucket_bytes
+        idle_since = time.monotonic()
+        while not done.is_set():
+            await self._send_acks(channel, flush=True)
+            filled = 0
+            while filled < bucket and self._window_open():
+                entry = self.spool.claim(self.route_name, time.time())
+                if entry is None:
+                    break
+                filled += await self._send_instance(channel, entry)
+            if filled:
+                await channel.send(b"", flush=True)  # the end of a bucket: nothing waits in a partial frame
+                idle_since = time.monotonic()
+                continue
+            if self.in_flight or self._awaiting():
+                idle_since = time.monotonic()
+            else:
+                self._audit(time.monotonic() - self._batch_started)  # everything handed over has its outcome
+                if time.monotonic() - idle_since > IDLE_CLOSE_S or not self._has_work():
+                    break
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+        await channel.close()
+        done.set()
+        receiving.cancel()
+
+    async def _send_instance(self, channel: RecordChannel, entry: SpoolEntry) -> int:
+        path = self.spool.path(entry.id)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            self.spool.fail(entry.id, f"spool file unreadable: {exc}", permanent=True)
+            return 0
+        self.in_flight[entry.id] = InFlight(entry, size)
+        self.counts["sent"] += 1
+        header = records.InstanceHeader(
+            entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size
+        )
+        await channel.send(records.instance(header))
+        with path.open("rb") as source:
+            while chunk := await asyncio.to_thread(source.read, READ_BYTES):
+                await channel.send(records.chunks(chunk))
+        await self._send_acks(channel, flush=False)
+        return size
+
+    async def _send_acks(self, channel: RecordChannel, *, flush: bool) -> None:
+        while self._acks:
+            ids, self._acks = self._acks[: records.MAX_ACK_IDS], self._acks[records.MAX_ACK_IDS :]
+            await channel.send(records.ack(ids), flush=flush)
+
+    async def _receive(self, channel: RecordChannel, done: asyncio.Event) -> None:
+        while True:
+            received = await channel.receive()
+            if received is None:
+                if not done.is_set():
+                    raise TransferError("the far router ended the accelerated transfer")
+                return
+            for record in received:
+                self._apply(record, self._acks)
+            self.wake()
+
+    def _apply(self, record: records.Record, acks: list[str]) -> None:
+        if isinstance(record, records.Capabilities):
+            self.capabilities.put(self.local_ae, DeviceCapabilities(dict(record.contexts), time.time()))
+            log.info("%s/%s accepts %d SOP classes", self.route.site, self.route.ae_title, len(record.contexts))
+            return
+        if not isinstance(record, records.Stored | records.Refused | records.Outcome):
+            return
+        entry = self._entry(record.id, record.sop_instance)
+        if isinstance(record, records.Outcome):
+            acks.append(record.id)
+        if entry is None:
+            return
+        if isinstance(record, records.Stored):
+            self.in_flight.pop(record.id, None)
+            if entry.state is EntryState.SENDING:
+                self.spool.set_state(record.id, EntryState.FORWARDED)
+                self.counts["stored"] += 1
+        elif isinstance(record, records.Refused):
+            self.in_flight.pop(record.id, None)
+            error = f"refused by {self.route.site} with 0x{record.status:04X}: {record.error}"
+            self.spool.fail(record.id, error, permanent=record.permanent)
+            self.counts["refused"] += 1
+        elif delivered(record.status):
+            self.in_flight.pop(record.id, None)
+            self.spool.set_state(record.id, EntryState.DELIVERED)
+            self.spool.remove(record.id)
+            self.counts["delivered"] += 1
+        else:
+            self.in_flight.pop(record.id, None)
+            error = f"{self.route.ae_title} answered 0x{record.status:04X}: {record.error}"
+            log.warning("instance %s is dead: %s", record.sop_instance, error)
+            self.spool.fail(record.id, error, permanent=True)
+            self.counts["dead"] += 1
+
+    def _entry(self, entry_id: str, sop_instance: str) -> SpoolEntry | None:
+        """The entry a far router's record names, if it is ours (a hostile one may name anything)."""
+        try:
+            entry = self.spool.get(entry_id)
+        except SpoolError:
+            return None  # delivered and removed before (a repeated outcome), or never ours
+        if entry.route != self.route_name or entry.sop_instance_uid != sop_instance:
+            log.warning("the far router %s named spool entry %s wrongly; ignored", self.route.site, entry_id)
+            return None
+        return entry
+
+
+def route_name(local_ae: str) -> str:
+    """The spool's route name of a `[[remote]]` entry's accelerated transfers: its local AE title (unique among
+    this router's [[remote]] and [[shared]] titles, so it names the route in `relay-router spool list --route`)."""
+    return local_ae
+
+
+WakeFn = Callable[[], None]

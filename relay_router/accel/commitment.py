@@ -1,0 +1,473 @@
+"""Storage Commitment Push (PS3.4 Annex J) on accelerated routes, answered by the near router honestly.
+
+The near router answers C-STORE as soon as an instance is in its spool, so a commitment request
+(N-ACTION, SOP class 1.2.840.10008.1.20.1) cannot be answered from the spool: an acknowledged
+instance is not yet at the destination. The router accepts the request (N-ACTION-RSP 0x0000), keeps
+it durable (one fsynced JSON file per transaction, `state_dir/accel/commitment/`), and sends the
+N-EVENT-REPORT only once every instance it names has a final outcome at the destination:
+
+* committed: the destination answered the far router's C-STORE with success (DELIVERED). The
+  router does not forward a commitment to the destination: "committed" means "the destination
+  acknowledged the C-STORE", which is what the sender would have known on a transparent route;
+* failed, with a PS3.4 J.3.3 Failure Reason: the entry went DEAD (0x0122 when the destination
+  refused the SOP class, 0x0213 when it was out of resources, 0x0110 otherwise), the instance was
+  never received on this route (0x0112), it arrived with another SOP class (0x0119), or it stayed
+  unconfirmed for `commitment_timeout_s` (0x0110).
+
+Final outcomes come from the spool's state changes (`Spool.on_change`) into a bounded ledger
+(`outcomes.jsonl`), because a delivered entry is removed from the spool, often before the sender
+even asks. Losing the ledger's last lines in a crash only makes an answer more pessimistic (0x0112),
+never wrongly positive.
+
+The report goes on an open association from the requester to the same title that accepted the
+Storage Commitment context (the one the request came on, or a later one), else the router opens an
+association to the address configured for the requester in `[[accelerate.commitment_requester]]`
+(PS3.4 J.3.3 role reversal: we propose the SCP role), never to an address a peer supplied; without
+either it waits for the requester's next association.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Protocol
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+
+from relay_router.accel.spool import EntryState, Spool, SpoolEntry
+from relay_router.accel.spool_format import UID_PATTERN, fsync_dir
+from relay_router.config import AccelerateSection
+from relay_router.dimse import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE, commitment_event_information
+
+log = logging.getLogger("relay_router.accel")
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+TRANSFER_SYNTAXES = (IMPLICIT_LE, EXPLICIT_LE)  # what the router accepts on a commitment context
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # an N-ACTION data set larger than this is refused unread
+LEDGER_SIZE = 200_000  # final outcomes remembered (the newest); older ones answer 0x0112
+RETRY_MIN_S, RETRY_MAX_S = 2.0, 300.0  # backoff between role-reversal attempts
+_STATUS_IN_ERROR = re.compile(r"0x([0-9A-Fa-f]{4})")
+
+
+class Failure(IntEnum):
+    """Failure Reason (0008,1197) values of PS3.4 J.3.3 (and PS3.7 Annex C)."""
+
+    PROCESSING_FAILURE = 0x0110
+    NO_SUCH_OBJECT_INSTANCE = 0x0112
+    CLASS_INSTANCE_CONFLICT = 0x0119
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    RESOURCE_LIMITATION = 0x0213
+
+
+class ActionStatus(IntEnum):
+    """N-ACTION-RSP statuses the router answers a commitment request with (PS3.7 C, 10.1.4.1.10)."""
+
+    SUCCESS = 0x0000
+    INVALID_ATTRIBUTE_VALUE = 0x0106
+    MISSING_ATTRIBUTE = 0x0120
+    NO_SUCH_ACTION = 0x0123
+    RESOURCE_LIMITATION = 0x0213
+
+
+class CommitmentRefused(Exception):
+    """A commitment request the router does not take: `status` goes into the N-ACTION-RSP."""
+
+    def __init__(self, status: ActionStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def failure_reason(entry: SpoolEntry) -> int:
+    """The Failure Reason of a DEAD entry, from the destination's status recorded in its last error."""
+    match = _STATUS_IN_ERROR.search(entry.last_error)
+    status = int(match.group(1), 16) if match else None
+    if status == Failure.SOP_CLASS_NOT_SUPPORTED:
+        return Failure.SOP_CLASS_NOT_SUPPORTED
+    if status is not None and status & 0xFF00 == 0xA700:
+        return Failure.RESOURCE_LIMITATION
+    return Failure.PROCESSING_FAILURE
+
+
+def decode_request(data: bytes, transfer_syntax: str) -> Dataset:
+    """The N-ACTION's Action Information in the context's (uncompressed, little endian) transfer syntax."""
+    try:
+        return read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True)
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"undecodable Action Information: {exc}") from exc
+
+
+def parse_request(info: Dataset, max_instances: int) -> tuple[str, list[tuple[str, str]]]:
+    """Transaction UID and (SOP Class UID, SOP Instance UID) pairs of a Storage Commitment request (J.3.2)."""
+    try:
+        transaction = str(info.get("TransactionUID", "") or "")
+        items = info.get("ReferencedSOPSequence")
+    except Exception as exc:
+        raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"unreadable Action Information: {exc}") from exc
+    if not transaction:
+        raise CommitmentRefused(ActionStatus.MISSING_ATTRIBUTE, "Transaction UID (0008,1195) is missing")
+    if not UID_PATTERN.match(transaction) or len(transaction) > 64:
+        raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"Transaction UID {transaction[:70]!r} is no UID")
+    if not items:
+        raise CommitmentRefused(ActionStatus.MISSING_ATTRIBUTE, "Referenced SOP Sequence (0008,1199) missing or empty")
+    if len(items) > max_instances:
+        raise CommitmentRefused(
+            ActionStatus.RESOURCE_LIMITATION,
+            f"{len(items)} instances in one request; at most {max_instances} (commitment_max_instances)",
+        )
+    pairs: list[tuple[str, str]] = []
+    for number, item in enumerate(items, 1):
+        sop_class = str(item.get("ReferencedSOPClassUID", "") or "")
+        sop_instance = str(item.get("ReferencedSOPInstanceUID", "") or "")
+        for name, value in (("Referenced SOP Class UID", sop_class), ("Referenced SOP Instance UID", sop_instance)):
+            if not value or len(value) > 64 or not UID_PATTERN.match(value):
+                raise CommitmentRefused(
+                    ActionStatus.INVALID_ATTRIBUTE_VALUE, f"item {number}: {name} {value[:70]!r} is no UID"
+                )
+        pairs.append((sop_class, sop_instance))
+    return transaction, pairs
+
+
+@dataclass
+class PendingRequest:
+    """One accepted commitment request, waiting for its instances' outcomes (stored as JSON)."""
+
+    transaction_uid: str
+    route: str  # the accelerated title the request was sent to (the spool's route name)
+    requester: str  # the calling AE title
+    created: float
+    instances: list[tuple[str, str]]
+    seen: list[str] = field(default_factory=list)  # instances found in the spool at some time
+    attempts: int = 0  # role-reversal associations tried
+    next_attempt: float = 0.0
+    last_error: str = ""
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(f"{self.route}\0{self.requester}\0{self.transaction_uid}".encode()).hexdigest()
+        return digest[:32]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PendingRequest:
+        data = json.loads(text)
+        return cls(
+            transaction_uid=str(data["transaction_uid"]),
+            route=str(data["route"]),
+            requester=str(data["requester"]),
+            created=float(data["created"]),
+            instances=[(str(c), str(i)) for c, i in data["instances"]],
+            seen=[str(s) for s in data.get("seen", [])],
+            attempts=int(data.get("attempts", 0)),
+            next_attempt=float(data.get("next_attempt", 0.0)),
+            last_error=str(data.get("last_error", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the N-EVENT-REPORT says: event type 1 (all committed) or 2 (failures exist)."""
+
+    committed: list[tuple[str, str]]
+    failed: list[tuple[str, str, int]]
+
+    @property
+    def event_type(self) -> int:
+        return 2 if self.failed else 1
+
+    def event_information(self, transaction_uid: str) -> Dataset:
+        return commitment_event_information(transaction_uid, self.committed, self.failed)
+
+
+class OutcomeLedger:
+    """The final outcome of recent instances on near routes: (route, SOP Instance UID) -> (SOP class, reason).
+
+    Reason 0 is delivered. Bounded (the newest LEDGER_SIZE) and appended to a file without fsync: a lost
+    line makes an answer more pessimistic, never wrongly positive. Called from the spool's writers'
+    threads, hence the lock.
+    """
+
+    def __init__(self, path: Path, size: int = LEDGER_SIZE) -> None:
+        self.path, self.size = path, size
+        self._lock = threading.Lock()
+        self._outcomes: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
+        lines = 0
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    route, instance, sop_class, reason = json.loads(line)
+                    self._put(str(route), str(instance), str(sop_class), int(reason))
+                    lines += 1
+        if lines > len(self._outcomes):  # compact: keep one line per remembered outcome
+            path.write_text("".join(json.dumps([r, i, c, x]) + "\n" for (r, i), (c, x) in self._outcomes.items()))
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._file = open(path, "a", encoding="utf-8")
+        self._lines = len(self._outcomes)
+
+    def _put(self, route: str, instance: str, sop_class: str, reason: int) -> None:
+        self._outcomes[(route, instance)] = (sop_class, reason)
+        self._outcomes.move_to_end((route, instance))
+        while len(self._outcomes) > self.size:
+            self._outcomes.popitem(last=False)
+
+    def record(self, route: str, instance: str, sop_class: str, reason: int) -> None:
+        with self._lock:
+            self._put(route, instance, sop_class, reason)
+            self._file.write(json.dumps([route, instance, sop_class, reason]) + "\n")
+            self._file.flush()
+            self._lines += 1
+            if self._lines > 2 * self.size:
+                self._file.close()
+                items = list(self._outcomes.items())
+                self.path.write_text("".join(json.dumps([r, i, c, x]) + "\n" for (r, i), (c, x) in items))
+                self._file = open(self.path, "a", encoding="utf-8")
+                self._lines = len(items)
+
+    def get(self, route: str, instance: str) -> tuple[str, int] | None:
+        with self._lock:
+            return self._outcomes.get((route, instance))
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class ReportChannel(Protocol):
+    """An open association from the requester that accepted a Storage Commitment context."""
+
+    requester: str
+    route: str
+
+    async def event_report(self, info: Dataset, event_type: int) -> None: ...
+
+
+class CommitmentService:
+    """Pending commitment requests of this router's accelerated routes, and their answers."""
+
+    def __init__(self, state_dir: Path, spool: Spool, section: AccelerateSection, routes: Iterable[str]) -> None:
+        self.dir = state_dir / "commitment"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool = spool
+        self.section = section
+        self.routes = frozenset(routes)
+        self.requesters = {r.ae_title.strip(): r for r in section.commitment_requester}
+        self.ledger = OutcomeLedger(state_dir / "commitment-outcomes.jsonl")
+        self.pending: dict[str, PendingRequest] = {}
+        self.channels: list[ReportChannel] = []
+        self.reported = 0
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                request = PendingRequest.from_json(path.read_text())
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("commitment request %s unreadable, set aside: %s", path.name, exc)
+                path.rename(path.with_suffix(".bad"))
+                continue
+            self.pending[request.key] = request
+        if self.pending:
+            log.info("%d storage commitment requests pending from before the restart", len(self.pending))
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def spool_changed(self, entry: SpoolEntry) -> None:
+        """The spool's hook (any thread): a near-route entry reached a final state."""
+        if entry.route not in self.routes or entry.state not in (EntryState.DELIVERED, EntryState.DEAD):
+            return
+        reason = 0 if entry.state is EntryState.DELIVERED else failure_reason(entry)
+        self.ledger.record(entry.route, entry.sop_instance_uid, entry.sop_class_uid, reason)
+        self.wake()
+
+    def wake(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake.set)
+
+    def accept(self, route: str, requester: str, info: Dataset) -> PendingRequest:
+        """Take a commitment request (raises CommitmentRefused with the N-ACTION-RSP status)."""
+        transaction, instances = parse_request(info, self.section.commitment_max_instances)
+        request = PendingRequest(transaction, route, requester, time.time(), instances)
+        if request.key not in self.pending and len(self.pending) >= self.section.commitment_max_pending:
+            raise CommitmentRefused(
+                ActionStatus.RESOURCE_LIMITATION,
+                f"{len(self.pending)} commitment requests pending (commitment_max_pending)",
+            )
+        self._store(request)  # fsynced before the N-ACTION-RSP: the promise survives a restart
+        self.pending[request.key] = request
+        log.info(
+            "storage commitment %s from %r for %r: %d instances; answered once the destination confirmed them",
+            transaction,
+            requester,
+            route,
+            len(instances),
+        )
+        self.wake()
+        return request
+
+    def attach(self, channel: ReportChannel) -> None:
+        self.channels.append(channel)
+        self.wake()
+
+    def detach(self, channel: ReportChannel) -> None:
+        with contextlib.suppress(ValueError):
+            self.channels.remove(channel)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def _store(self, request: PendingRequest) -> None:
+        path = self.dir / f"{request.key}.json"
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(request.to_json())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        fsync_dir(self.dir)
+
+    def _forget(self, request: PendingRequest) -> None:
+        self.pending.pop(request.key, None)
+        (self.dir / f"{request.key}.json").unlink(missing_ok=True)
+
+    # -- answers -----------------------------------------------------------------------------------
+    def evaluate(self, request: PendingRequest, now: float) -> Answer | None:
+        """The answer if every instance has a final outcome (or timed out), else None."""
+        in_spool: dict[str, SpoolEntry] = {}
+        wanted = {instance for _, instance in request.instances}
+        for entry in self.spool.entries(route=request.route):
+            if entry.sop_instance_uid in wanted:
+                in_spool[entry.sop_instance_uid] = entry
+        expired = now - request.created > self.section.commitment_timeout_s
+        committed: list[tuple[str, str]] = []
+        failed: list[tuple[str, str, int]] = []
+        waiting = False
+        seen = set(request.seen)
+        for sop_class, instance in request.instances:
+            known = self.ledger.get(request.route, instance)
+            entry = in_spool.get(instance)
+            if entry is not None and entry.state is not EntryState.DEAD:
+                seen.add(instance)  # still on its way (or retried after a DEAD): wait for it
+                if expired:
+                    failed.append((sop_class, instance, Failure.PROCESSING_FAILURE))
+                else:
+                    waiting = True
+            elif known is not None:
+                stored_class, reason = known
+                if stored_class != sop_class:
+                    failed.append((sop_class, instance, Failure.CLASS_INSTANCE_CONFLICT))
+                elif reason == 0:
+                    committed.append((sop_class, instance))
+                else:
+                    failed.append((sop_class, instance, reason))
+            elif entry is not None:  # DEAD, and the ledger forgot it
+                failed.append((sop_class, instance, failure_reason(entry)))
+            else:  # never received on this route (or its outcome is no longer remembered)
+                reason = Failure.PROCESSING_FAILURE if instance in seen else Failure.NO_SUCH_OBJECT_INSTANCE
+                failed.append((sop_class, instance, reason))
+        if len(seen) != len(request.seen):
+            request.seen = sorted(seen)
+            self._store(request)
+        return None if waiting else Answer(committed, failed)
+
+    async def run(self) -> None:
+        """Answer pending requests as their instances settle; woken by the spool, polled every second."""
+        self._loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            for request in list(self.pending.values()):
+                try:
+                    await self._settle(request)
+                except Exception:  # one bad request must not stop the others' answers
+                    log.exception("storage commitment %s: answer failed", request.transaction_uid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _settle(self, request: PendingRequest) -> None:
+        now = time.time()
+        answer = await asyncio.to_thread(self.evaluate, request, now)
+        if answer is None:
+            return
+        info = answer.event_information(request.transaction_uid)
+        for channel in list(self.channels):
+            if channel.requester == request.requester and channel.route == request.route:
+                try:
+                    await channel.event_report(info, answer.event_type)
+                except (ConnectionError, OSError) as exc:
+                    log.warning("storage commitment %s: open association failed: %s", request.transaction_uid, exc)
+                    continue
+                self._answered(request, answer, "on an open association")
+                return
+        address = self.requesters.get(request.requester)
+        if address is None or now < request.next_attempt:
+            return  # waits for the requester's next association (or the next attempt)
+        try:
+            await asyncio.to_thread(send_event_report, address.host, address.port, request, info, answer.event_type)
+        except CommitmentError as exc:
+            request.attempts += 1
+            request.next_attempt = now + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(request.attempts - 1, 16))
+            request.last_error = str(exc)[:512]
+            self._store(request)
+            log.warning("storage commitment %s: %s; tried again later", request.transaction_uid, exc)
+            return
+        self._answered(request, answer, f"on a new association to {address.host}:{address.port}")
+
+    def _answered(self, request: PendingRequest, answer: Answer, how: str) -> None:
+        self._forget(request)
+        self.reported += 1
+        log.info(
+            "storage commitment %s answered to %r %s: %d committed, %d failed%s",
+            request.transaction_uid,
+            request.requester,
+            how,
+            len(answer.committed),
+            len(answer.failed),
+            "".join(f"; {i} failed 0x{r:04X}" for _, i, r in answer.failed[:5]),
+        )
+
+    def status(self) -> dict[str, object]:
+        return {"pending": len(self.pending), "answered": self.reported}
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+class CommitmentError(Exception):
+    """The N-EVENT-REPORT could not be delivered on a new association."""
+
+
+def send_event_report(host: str, port: int, request: PendingRequest, info: Dataset, event_type: int) -> None:
+    """Role reversal (PS3.4 J.3.3): the router opens an association to the requester and sends the report."""
+    from pynetdicom import AE, build_role
+
+    ae = AE(ae_title=request.route)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(TRANSFER_SYNTAXES))
+    role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+    assoc = ae.associate(host, port, ae_title=request.requester, ext_neg=[role])
+    if not assoc.is_established:
+        raise CommitmentError(f"association to {request.requester!r} at {host}:{port} not established")
+    try:
+        status, _ = assoc.send_n_event_report(
+            info, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE
+        )
+        code = int(getattr(status, "Status", -1)) if status else -1
+        if code != 0:
+            raise CommitmentError(f"{request.requester!r} answered the N-EVENT-REPORT with {code:#06x}")
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -62,12 +62,12 @@ class Site:
     metrics_listen: str | None = None
     # [identity] keys (patient identity, docs/patient-identity.md); empty: no [identity] section.
     identity: dict[str, object] = field(default_factory=dict)
+    # [accelerate] keys (relay_router.accel), written when not empty.
+    extra_accelerate: dict[str, object] = field(default_factory=dict)
 
 
 def _identity_keys(issuer: str) -> list[str]:
     return ["patient_identity = true", f"patient_issuer = {_toml_value(issuer)}"] if issuer else []
-    # [accelerate] keys (relay_router.accel), written when not empty.
-    extra_accelerate: dict[str, object] = field(default_factory=dict)
 
 
 def _toml_value(value: object) -> str:
@@ -77,6 +77,8 @@ def _toml_value(value: object) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (e.g. [accelerate] commitment_requester entries)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay_router.accel")
 MAX_PDU = 256 * 1024  # what the router announces: large PDUs cost fewer reads
 READ_BYTES = 256 * 1024
+REPORT_RSP_TIMEOUT_S = 10.0  # how long a storage commitment report waits for the requester's answer
 
 
 class _Store:
@@ -109,6 +110,7 @@ class StorageAcceptor:
         self.requester = outcome.calling_ae.strip()
         self.route = route
         self._next_message_id = 1
+        self._reports: dict[int, asyncio.Future[int]] = {}  # N-EVENT-REPORT message ID -> its RSP status
 
     async def run(self) -> None:
         self.writer.write(self.negotiated.ac_pdu)
@@ -134,6 +136,9 @@ class StorageAcceptor:
         finally:
             if reports is not None:
                 reports.detach(self)
+            for waiting in self._reports.values():  # an unanswered report is not delivered: kept pending
+                if not waiting.done():
+                    waiting.set_exception(ConnectionError("the association ended before the N-EVENT-REPORT-RSP"))
             self.outcome.studies = self.tap.summary()
             if self.store is not None and self.store.writer is not None:
                 self.store.writer.abort()  # never acknowledged: the device sends it again
@@ -187,7 +192,9 @@ class StorageAcceptor:
                 self.action = (event.context_id, event.command, bytearray())
             elif event.command_field == CommandField.N_EVENT_REPORT_RSP and event.context_id == self.commitment_context:
                 status = int(event.command.get("Status", 0xFFFF))
-                log.info("%r answered the commitment report with 0x%04X", self.requester, status, extra=self.extra)
+                waiting = self._reports.pop(int(event.command.get("MessageIDBeingRespondedTo", 0)), None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(status)
             else:  # only Verification and Storage contexts were accepted: nothing else can be valid
                 raise DimseError(
                     f"command 0x{event.command_field:04X} on an accelerated storage association",
@@ -238,10 +245,21 @@ class StorageAcceptor:
         context_id = self.commitment_context
         message_id, self._next_message_id = self._next_message_id, self._next_message_id % 0xFFFF + 1
         data = encode_dataset(info, self.negotiated.contexts[context_id][1])
-        for pdu in self.sender.message(context_id, n_event_report_rq(message_id, event_type), data):
-            self.writer.write(pdu)
-            self.outcome.bytes_to_local += len(pdu)
-        await self.writer.drain()
+        answered = asyncio.get_running_loop().create_future()
+        self._reports[message_id] = answered
+        try:
+            for pdu in self.sender.message(context_id, n_event_report_rq(message_id, event_type), data):
+                self.writer.write(pdu)
+                self.outcome.bytes_to_local += len(pdu)
+            await self.writer.drain()
+            # Delivered only once the requester answered: a report sent while it releases is lost otherwise.
+            status = await asyncio.wait_for(answered, REPORT_RSP_TIMEOUT_S)
+        except TimeoutError:
+            raise ConnectionError(f"no N-EVENT-REPORT-RSP within {REPORT_RSP_TIMEOUT_S:.0f} s") from None
+        finally:
+            self._reports.pop(message_id, None)
+        if status != 0x0000:
+            raise ConnectionError(f"{self.requester!r} answered the N-EVENT-REPORT with 0x{status:04X}")
 
     def _begin(self, context_id: int, request: StoreRequest) -> None:
         abstract, transfer_syntax = self.negotiated.contexts[context_id]

@@ -349,9 +349,9 @@ class CommitmentService:
         """The answer if every instance has a final outcome (or timed out), else None."""
         in_spool: dict[str, SpoolEntry] = {}
         wanted = {instance for _, instance in request.instances}
-        for entry in self.spool.entries(route=request.route):
-            if entry.sop_instance_uid in wanted:
-                in_spool[entry.sop_instance_uid] = entry
+        for spooled in self.spool.entries(route=request.route):
+            if spooled.sop_instance_uid in wanted:
+                in_spool[spooled.sop_instance_uid] = spooled
         expired = now - request.created > self.section.commitment_timeout_s
         committed: list[tuple[str, str]] = []
         failed: list[tuple[str, str, int]] = []
@@ -408,6 +408,7 @@ class CommitmentService:
                 try:
                     await channel.event_report(info, answer.event_type)
                 except (ConnectionError, OSError) as exc:
+                    self.detach(channel)  # it does not take reports: not tried again
                     log.warning("storage commitment %s: open association failed: %s", request.transaction_uid, exc)
                     continue
                 self._answered(request, answer, "on an open association")

@@ -106,7 +106,9 @@ def failure_reason(entry: SpoolEntry) -> int:
 def decode_request(data: bytes, transfer_syntax: str) -> Dataset:
     """The N-ACTION's Action Information in the context's (uncompressed, little endian) transfer syntax."""
     try:
-        return read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True)
+        info = read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True)
+        info.walk(lambda dataset, element: None)  # pydicom decodes lazily: every element now, errors here
+        return info
     except Exception as exc:  # pydicom raises many types on garbage
         raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"undecodable Action Information: {exc}") from exc
 

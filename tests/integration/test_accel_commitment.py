@@ -302,3 +302,25 @@ def test_a_pending_request_survives_a_sigkill_of_router_a(sites: Sites) -> None:
     assert report.event_type == 1 and referenced(report.info) == set(sites.modality.watched)
     assert str(report.info.TransactionUID) == str(info.TransactionUID)
     assert_identical_at_orthanc(sites.orthanc, files)
+
+
+def test_a_malformed_request_is_refused_with_a_specific_status_and_the_association_goes_on(sites: Sites) -> None:
+    ae = AE(ae_title=REQUESTER)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(HOST, sites.port_a, ae_title="PACS_B")
+    assert assoc.is_established
+    try:
+        no_transaction = commitment_request([], ((CTImageStorage, generate_uid()),))
+        del no_transaction.TransactionUID
+        status, _ = assoc.send_n_action(no_transaction, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
+        assert status and status.Status == 0x0120  # missing attribute: the Transaction UID
+        wrong_action = commitment_request([], ((CTImageStorage, generate_uid()),))
+        status, _ = assoc.send_n_action(wrong_action, 7, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
+        assert status and status.Status == 0x0123  # no such action
+        echo = assoc.send_c_echo()
+        assert echo and echo.Status == 0x0000
+    finally:
+        assoc.release()
+    log = sites.net.log("hospital-a")
+    assert "Transaction UID (0008,1195) is missing" in log and "Action Type ID is not 1" in log

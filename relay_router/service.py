@@ -335,6 +335,8 @@ class RouterService(OutboundCalls, InboundCalls):
             self._server.close()
         if self._tls_server is not None:
             self._tls_server.close()
+        if self.accel is not None:
+            self.accel.end_sessions()  # accelerated transfers resume by themselves: they need no grace period
         if self._tasks:
             log.info("waiting up to %.0f s for %d associations", grace_s, len(self._tasks))
             _, pending = await asyncio.wait(self._tasks, timeout=grace_s)

@@ -43,6 +43,19 @@ CANDIDATE_SYNTAXES = (
 MAX_CONTEXTS = 128  # presentation context IDs are odd numbers 1-255 (PS3.8 9.3.2.2)
 
 
+class _NoContextIsNotAnError(logging.Filter):
+    """pynetdicom logs a batch the device takes nothing of as an ERROR; for a capability probe (and for the
+    delivery pool, which reports refused contexts itself) it is an answer, so it is logged at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage() == "No accepted presentation contexts":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+logging.getLogger("pynetdicom.acse").addFilter(_NoContextIsNotAnError())
+
+
 @dataclass(frozen=True)
 class DeviceCapabilities:
     """SOP Class UID -> transfer syntaxes the device accepted for it, and when that was learned."""

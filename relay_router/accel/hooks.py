@@ -121,6 +121,14 @@ async def run_far_session(
     try:
         await session.run(hello)
         outcome.result = Result.CLOSED
+    except asyncio.CancelledError:
+        if not session.stopping:  # cancelled from outside (the service's last resort): let it through
+            raise
+        reason = Reason.SHUTDOWN  # ended by this router's shutdown: the near router resumes on its next stream
+        outcome.result = Result.CLOSED
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the cancellation was ours and is handled: later awaits must not see it
     except (TransferError, FrameRejected, records.RecordError) as exc:
         reason = exc.reason
         level = logging.ERROR if exc.security else logging.WARNING

@@ -119,10 +119,19 @@ class FarSession:
         self._header: records.InstanceHeader | None = None
         self._refusal: tuple[int, bool, str] | None = None
         self.stored = 0
+        self.stopping = False
+        self._task: asyncio.Task[object] | None = None
         self._commits: set[asyncio.Task[None]] = set()
         self._commit_slots = asyncio.Semaphore(PARALLEL_COMMITS)
 
+    def stop(self) -> None:
+        """End the session now (router shutdown): committed instances stay, the rest is sent again later."""
+        self.stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
     async def run(self, hello_bytes: bytes) -> None:
+        self._task = asyncio.current_task()
         first = self.channel.reader.feed(hello_bytes)
         hello = first[0] if len(first) == 1 else None
         if not isinstance(hello, records.Hello):

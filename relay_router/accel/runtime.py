@@ -118,6 +118,13 @@ class AccelRuntime:
                 self.book.add(site, origin, entry.sop_instance_uid, 0x0000, "")
             self.spool.remove(entry.id)
 
+    def end_sessions(self) -> None:
+        """Shutdown: far sessions end at once instead of holding the grace period (nothing is lost: what the
+        near router sent without a STORED answer is sent again on its next stream)."""
+        for sessions in self.sessions.values():
+            for session in list(sessions):
+                session.stop()
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()

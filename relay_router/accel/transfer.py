@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -263,7 +264,7 @@ class NearTransfer:
             raise TransferError(
                 f"no usable identity for site {self.route.site}: {exc}", reason=Reason.SECURITY
             ) from exc
-        aid = f"{random.getrandbits(128):032x}"
+        aid = uuid.uuid4().hex  # as for every association (the bridge and the replay record expect UUID4s)
         context = AssociationContext(aid, self.link.site, self.route.site, self.route.ae_title)
         dicom = self.config.dicom
         offered = Features(compress=dicom.compression, shuffle=dicom.compression, accel=True)
@@ -332,7 +333,7 @@ class NearTransfer:
                 idle_since = time.monotonic()
             else:
                 self._audit(time.monotonic() - self._batch_started)  # everything handed over has its outcome
-                if time.monotonic() - idle_since > IDLE_CLOSE_S or not self._has_work():
+                if time.monotonic() - idle_since > IDLE_CLOSE_S:  # kept a while: the next study needs no handshake
                     break
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -9,7 +9,7 @@ from pathlib import Path
 from pynetdicom.pdu import A_ASSOCIATE_AC
 
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
-from relay_router.accel.negotiation import answer
+from relay_router.accel.negotiation import Negotiated, answer
 from relay_router.ul import parse_associate, with_abstract_syntaxes
 from tests.unit.ul.builders import (
     CT_STORAGE,
@@ -25,7 +25,7 @@ FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 CAPS = DeviceCapabilities({CT_STORAGE: (EXPLICIT_LE, IMPLICIT_LE)}, time.time())
 
 
-def _negotiate(granted: tuple[str, ...] | None = None) -> tuple[bytes, dict[int, tuple[str, str]]]:
+def _negotiate(granted: tuple[str, ...] | None = None) -> tuple[bytes, Negotiated]:
     rq = associate_rq(
         "ARCHIVE_B",
         "MODALITY",
@@ -37,28 +37,26 @@ def _negotiate(granted: tuple[str, ...] | None = None) -> tuple[bytes, dict[int,
             (FIND, [IMPLICIT_LE]),
         ],
     )
-    result = answer(rq, parse_associate(rq), CAPS, granted=granted, max_pdu_length=262144)
-    return rq, result.contexts | {0: ("ac", result.ac_pdu.hex())}
+    return rq, answer(rq, parse_associate(rq), CAPS, granted=granted, max_pdu_length=262144)
 
 
 def test_only_what_the_destination_accepts_is_accepted() -> None:
-    rq, contexts = _negotiate()
-    ac_pdu = bytes.fromhex(contexts.pop(0)[1])
-    assert contexts == {1: (VERIFICATION, IMPLICIT_LE), 3: (CT_STORAGE, EXPLICIT_LE)}
-    info = with_abstract_syntaxes(parse_associate(ac_pdu), parse_associate(rq))
+    rq, negotiated = _negotiate()
+    assert negotiated.contexts == {1: (VERIFICATION, IMPLICIT_LE), 3: (CT_STORAGE, EXPLICIT_LE)}
+    info = with_abstract_syntaxes(parse_associate(negotiated.ac_pdu), parse_associate(rq))
     results = {pc.id: pc.result for pc in info.presentation_contexts}
     assert results == {1: 0, 3: 0, 5: 4, 7: 3, 9: 3}  # JPEG only: TS not supported; MR, C-FIND: not supported
     assert info.max_pdu_length == 262144
     assert (info.called_ae, info.calling_ae) == ("ARCHIVE_B", "MODALITY")  # echoed (PS3.8 9.3.3)
     decoded = A_ASSOCIATE_AC()
-    decoded.decode(ac_pdu)  # the reference decoder reads it too
+    decoded.decode(negotiated.ac_pdu)  # the reference decoder reads it too
     assert decoded.application_context_name == "1.2.840.10008.3.1.1.1"
+    assert sorted(negotiated.rejected) == sorted([CT_STORAGE, MR_STORAGE, FIND])
 
 
 def test_services_not_granted_are_not_accepted() -> None:
-    _, contexts = _negotiate(granted=("verification",))
-    contexts.pop(0)
-    assert contexts == {1: (VERIFICATION, IMPLICIT_LE)}
+    _, negotiated = _negotiate(granted=("verification",))
+    assert negotiated.contexts == {1: (VERIFICATION, IMPLICIT_LE)}
 
 
 def test_capability_cache_survives_a_restart_and_goes_stale(tmp_path: Path) -> None:

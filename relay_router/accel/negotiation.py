@@ -64,7 +64,10 @@ def answer(
         if syntax == VERIFICATION:
             chosen = IMPLICIT_LE if IMPLICIT_LE in pc.transfer_syntaxes else None
             result = ACCEPTANCE if chosen else TRANSFER_SYNTAXES_NOT_SUPPORTED
-        elif syntax == STORAGE_COMMITMENT_PUSH and commitment:  # answered by relay_router.accel.commitment
+        elif (
+            syntax == STORAGE_COMMITMENT_PUSH and commitment and (granted is None or services.granted(syntax, granted))
+        ):
+            # answered by relay_router.accel.commitment (from the destination's outcomes)
             chosen = next((ts for ts in COMMITMENT_SYNTAXES if ts in pc.transfer_syntaxes), None)
             result = ACCEPTANCE if chosen else TRANSFER_SYNTAXES_NOT_SUPPORTED
         elif services.is_storage(syntax) and (granted is None or services.granted(syntax, granted)):

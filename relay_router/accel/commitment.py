@@ -11,7 +11,8 @@ N-EVENT-REPORT only once every instance it names has a final outcome at the dest
   acknowledged the C-STORE", which is what the sender would have known on a transparent route;
 * failed, with a PS3.4 J.3.3 Failure Reason: the entry went DEAD (0x0122 when the destination
   refused the SOP class, 0x0213 when it was out of resources, 0x0110 otherwise), the instance was
-  never received on this route (0x0112), it arrived with another SOP class (0x0119), or it stayed
+  never received on this route (0x0122 if the destination does not take its SOP class, so the near
+  router refused that presentation context; else 0x0112), it arrived with another SOP class (0x0119), or it stayed
   unconfirmed for `commitment_timeout_s` (0x0110).
 
 Final outcomes come from the spool's state changes (`Spool.on_change`) into a bounded ledger
@@ -39,7 +40,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -262,12 +263,20 @@ class ReportChannel(Protocol):
 class CommitmentService:
     """Pending commitment requests of this router's accelerated routes, and their answers."""
 
-    def __init__(self, state_dir: Path, spool: Spool, section: AccelerateSection, routes: Iterable[str]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        spool: Spool,
+        section: AccelerateSection,
+        routes: Iterable[str],
+        accepts: Callable[[str, str], bool | None] = lambda route, sop_class: None,
+    ) -> None:
         self.dir = state_dir / "commitment"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool = spool
         self.section = section
         self.routes = frozenset(routes)
+        self.accepts = accepts  # (route, SOP class) -> does the destination take it (None: not known)
         self.requesters = {r.ae_title.strip(): r for r in section.commitment_requester}
         self.ledger = OutcomeLedger(state_dir / "commitment-outcomes.jsonl")
         self.pending: dict[str, PendingRequest] = {}
@@ -378,9 +387,12 @@ class CommitmentService:
                     failed.append((sop_class, instance, reason))
             elif entry is not None:  # DEAD, and the ledger forgot it
                 failed.append((sop_class, instance, failure_reason(entry)))
-            else:  # never received on this route (or its outcome is no longer remembered)
-                reason = Failure.PROCESSING_FAILURE if instance in seen else Failure.NO_SUCH_OBJECT_INSTANCE
-                failed.append((sop_class, instance, reason))
+            elif instance in seen:  # it was on its way; its outcome is no longer remembered
+                failed.append((sop_class, instance, Failure.PROCESSING_FAILURE))
+            elif self.accepts(request.route, sop_class) is False:  # the destination does not take the class:
+                failed.append((sop_class, instance, Failure.SOP_CLASS_NOT_SUPPORTED))  # router A refused it
+            else:  # never received on this route
+                failed.append((sop_class, instance, Failure.NO_SUCH_OBJECT_INSTANCE))
         if len(seen) != len(request.seen):
             request.seen = sorted(seen)
             self._store(request)

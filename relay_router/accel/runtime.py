@@ -66,7 +66,13 @@ class AccelRuntime:
         # Storage commitment on the near routes (relay_router.accel.commitment): outcomes from the spool.
         self.commitment: CommitmentService | None = None
         if self.near:
-            self.commitment = CommitmentService(state, self.spool, section, (t.route_name for t in self.near.values()))
+            self.commitment = CommitmentService(
+                state,
+                self.spool,
+                section,
+                (t.route_name for t in self.near.values()),
+                accepts=self._destination_accepts,
+            )
             self.spool.on_change = self.commitment.spool_changed
         self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)
         self.pools: dict[str, DeliveryPool] = {}
@@ -147,6 +153,12 @@ class AccelRuntime:
         if local_ae not in self.near or not any(r.ae_title == local_ae and r.accelerate for r in config.remote):
             return None
         return self.near_capabilities.get(local_ae)
+
+    def _destination_accepts(self, route: str, sop_class: str) -> bool | None:
+        """Whether the far device takes `sop_class` (storage commitment's 0x0122), None if not learned."""
+        titles = [title for title, transfer in self.near.items() if transfer.route_name == route]
+        capabilities = self.near_capabilities.get(titles[0]) if titles else None
+        return None if capabilities is None else sop_class in capabilities.contexts
 
     def committed(self, local_ae: str) -> None:
         transfer = self.near.get(local_ae)

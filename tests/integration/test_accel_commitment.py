@@ -4,8 +4,9 @@ A pynetdicom SCU (the modality, MODALITY) stores images through router A, which 
 from its spool, and asks for storage commitment (N-ACTION). Router A must answer (N-EVENT-REPORT)
 only once the destination behind router B has every image: checked against Orthanc over REST at the
 moment the report arrives. An instance the destination refused (a pynetdicom archive that answers MR
-C-STOREs with 0x0122) and one never sent are in the Failed SOP Sequence with their reasons; the
-others in the Referenced SOP Sequence. A request survives a SIGKILL of router A; when the sender's
+C-STOREs with 0x0122), one never sent, and an MR for a DCMTK storescp that takes CT only (so router A
+refuses the MR context) are in the Failed SOP Sequence with their reasons; the others in the
+Referenced SOP Sequence. A request survives a SIGKILL of router A; when the sender's
 association is gone, the report comes on an association router A opens to the address configured for
 MODALITY (role reversal), never to one a peer supplied.
 """
@@ -33,9 +34,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
 )
 
-from relay_demo.datasets import fingerprint, generate_ct_series, generate_mr_series, write_series
+from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, generate_mr_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
-from tests.integration.conftest import OrthancPool
+from tests.integration.conftest import OrthancPool, require_dcmtk
+from tests.integration.test_accel_delivery import CtOnlyStorescp
+from tests.support.dcmtk import StorescpProcess
 from tests.support.orthanc import OrthancProcess
 from tests.support.ports import free_port
 
@@ -101,6 +104,7 @@ class Sites:
     orthanc: OrthancProcess
     modality: Modality
     picky_received: set[str]
+    ct_only: StorescpProcess
     work: Path
 
     @property
@@ -142,6 +146,8 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
     modality.listen()
     picky_received: set[str] = set()
     picky = start_picky_archive(picky_received)
+    require_dcmtk("storescp")
+    ct_only = CtOnlyStorescp(work / "ct-only", "CT_ONLY").start()
     net = LocalRelayNetwork(work / "relay").start()
     accel = {"bucket_bytes": 256 * 1024, "retry_max_s": 2.0, "associations": 2}
     try:
@@ -150,6 +156,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             shared=[
                 Shared("ORTHANC_B", HOST, orthanc.dicom_port, ["hospital-a"], accelerate=True),
                 Shared("PICKY", HOST, picky.server_address[1], ["hospital-a"], accelerate=True),
+                Shared("CT_ONLY", HOST, ct_only.port, ["hospital-a"], accelerate=True),
             ],
             accelerate=accel,
         )
@@ -159,6 +166,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             remote=[
                 Remote("PACS_B", "hospital-b", "ORTHANC_B", accelerate=True),
                 Remote("PICKY", "hospital-b", accelerate=True),
+                Remote("CT_ONLY", "hospital-b", accelerate=True),
             ],
             accelerate={**accel, "commitment_requester": [requester]},
         )
@@ -168,12 +176,13 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             accel_status = net.status("hospital-a").get("accelerate")
             return isinstance(accel_status, dict) and bool(accel_status["routes"][title]["capabilities_known"])
 
-        for title in ("PACS_B", "PICKY"):
+        for title in ("PACS_B", "PICKY", "CT_ONLY"):
             wait_for(lambda t=title: learned(t), f"{title}'s capabilities learned")  # type: ignore[misc]
-        yield Sites(net, orthanc, modality, picky_received, work)
+        yield Sites(net, orthanc, modality, picky_received, ct_only, work)
     finally:
         net.stop()
         picky.shutdown()
+        ct_only.stop()
         modality.server.shutdown()
 
 
@@ -324,3 +333,21 @@ def test_a_malformed_request_is_refused_with_a_specific_status_and_the_associati
         assoc.release()
     log = sites.net.log("hospital-a")
     assert "Transaction UID (0008,1195) is missing" in log and "Action Type ID is not 1" in log
+
+
+def test_a_sop_class_the_destination_refuses_in_negotiation_is_failed_0122(sites: Sites) -> None:
+    """storescp takes CT only: router A rejects the MR context, so the MR never leaves the modality; the
+    commitment request naming it gets it back failed with 0x0122, the CT committed once storescp has it."""
+    ct = series(sites, "ct-only", generate_ct_series(2, rows=64, cols=64, seed=74))
+    mr = series(sites, "mr-only", generate_mr_series(1, rows=64, cols=64, seed=74))
+    mr_pair = (MRImageStorage, uids(mr)[0])
+    info = commitment_request(ct, (mr_pair,))
+    sites.net.wait_connected()
+    store_and_request(sites, "CT_ONLY", ct, info, keep_open=30)
+    report = sites.modality.report(str(info.TransactionUID), timeout=1)
+    assert report.how == "same association" and report.event_type == 2
+    assert referenced(report.info) == set(uids(ct))
+    assert failed(report.info) == {mr_pair[1]: 0x0122}
+    # Every file storescp wrote (it writes before its C-STORE-RSP; its own "completed" test needs a later log line).
+    at_storescp = fingerprints(sites.ct_only.files())
+    assert {uid: at_storescp.get(uid) for uid in uids(ct)} == fingerprints(ct)  # committed = there, identical

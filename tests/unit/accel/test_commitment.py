@@ -204,3 +204,14 @@ def test_the_commitment_context_is_accepted_only_where_commitment_is_served() ->
     assert served.contexts == {1: (CT, EXPLICIT_LE), 3: (STORAGE_COMMITMENT_PUSH, IMPLICIT_LE)}
     plain = answer(rq, parse_associate(rq), caps, granted=None, max_pdu_length=65536)
     assert plain.contexts == {1: (CT, EXPLICIT_LE)} and STORAGE_COMMITMENT_PUSH in plain.rejected
+
+
+def test_an_instance_of_a_class_the_destination_does_not_take_fails_with_0122(tmp_path: Path, spool: Spool) -> None:
+    service = CommitmentService(
+        tmp_path / "state", spool, AccelerateSection(), [ROUTE], accepts=lambda route, sop_class: sop_class == CT
+    )
+    ct, mr = generate_uid(), generate_uid()
+    pending = service.accept(ROUTE, REQUESTER, request((CT, ct), (MR, mr)))
+    answer = service.evaluate(pending, 0)
+    assert answer is not None
+    assert answer.failed == [(CT, ct, Failure.NO_SUCH_OBJECT_INSTANCE), (MR, mr, Failure.SOP_CLASS_NOT_SUPPORTED)]

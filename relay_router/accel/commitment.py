@@ -31,171 +31,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from enum import IntEnum
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 
+from relay_router.accel.commitment_request import (
+    MAX_REQUEST_BYTES,
+    TRANSFER_SYNTAXES,
+    ActionStatus,
+    Answer,
+    CommitmentRefused,
+    Failure,
+    PendingRequest,
+    decode_request,
+    failure_reason,
+    parse_request,
+)
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry
-from relay_router.accel.spool_format import UID_PATTERN, fsync_dir
+from relay_router.accel.spool_format import fsync_dir
 from relay_router.config import AccelerateSection
-from relay_router.dimse import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE, commitment_event_information
+from relay_router.dimse import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "TRANSFER_SYNTAXES",
+    "ActionStatus",
+    "Answer",
+    "CommitmentError",
+    "CommitmentRefused",
+    "CommitmentService",
+    "Failure",
+    "OutcomeLedger",
+    "PendingRequest",
+    "ReportChannel",
+    "decode_request",
+    "failure_reason",
+    "parse_request",
+    "send_event_report",
+]
 
 log = logging.getLogger("relay_router.accel")
-
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-TRANSFER_SYNTAXES = (IMPLICIT_LE, EXPLICIT_LE)  # what the router accepts on a commitment context
-MAX_REQUEST_BYTES = 8 * 1024 * 1024  # an N-ACTION data set larger than this is refused unread
 LEDGER_SIZE = 200_000  # final outcomes remembered (the newest); older ones answer 0x0112
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 300.0  # backoff between role-reversal attempts
-_STATUS_IN_ERROR = re.compile(r"0x([0-9A-Fa-f]{4})")
-
-
-class Failure(IntEnum):
-    """Failure Reason (0008,1197) values of PS3.4 J.3.3 (and PS3.7 Annex C)."""
-
-    PROCESSING_FAILURE = 0x0110
-    NO_SUCH_OBJECT_INSTANCE = 0x0112
-    CLASS_INSTANCE_CONFLICT = 0x0119
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
-    RESOURCE_LIMITATION = 0x0213
-
-
-class ActionStatus(IntEnum):
-    """N-ACTION-RSP statuses the router answers a commitment request with (PS3.7 C, 10.1.4.1.10)."""
-
-    SUCCESS = 0x0000
-    INVALID_ATTRIBUTE_VALUE = 0x0106
-    MISSING_ATTRIBUTE = 0x0120
-    NO_SUCH_ACTION = 0x0123
-    RESOURCE_LIMITATION = 0x0213
-
-
-class CommitmentRefused(Exception):
-    """A commitment request the router does not take: `status` goes into the N-ACTION-RSP."""
-
-    def __init__(self, status: ActionStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def failure_reason(entry: SpoolEntry) -> int:
-    """The Failure Reason of a DEAD entry, from the destination's status recorded in its last error."""
-    match = _STATUS_IN_ERROR.search(entry.last_error)
-    status = int(match.group(1), 16) if match else None
-    if status == Failure.SOP_CLASS_NOT_SUPPORTED:
-        return Failure.SOP_CLASS_NOT_SUPPORTED
-    if status is not None and status & 0xFF00 == 0xA700:
-        return Failure.RESOURCE_LIMITATION
-    return Failure.PROCESSING_FAILURE
-
-
-def decode_request(data: bytes, transfer_syntax: str) -> Dataset:
-    """The N-ACTION's Action Information in the context's (uncompressed, little endian) transfer syntax."""
-    try:
-        info = read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, True)
-        info.walk(lambda dataset, element: None)  # pydicom decodes lazily: every element now, errors here
-        return info
-    except Exception as exc:  # pydicom raises many types on garbage
-        raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"undecodable Action Information: {exc}") from exc
-
-
-def parse_request(info: Dataset, max_instances: int) -> tuple[str, list[tuple[str, str]]]:
-    """Transaction UID and (SOP Class UID, SOP Instance UID) pairs of a Storage Commitment request (J.3.2)."""
-    try:
-        transaction = str(info.get("TransactionUID", "") or "")
-        items = info.get("ReferencedSOPSequence")
-    except Exception as exc:
-        raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"unreadable Action Information: {exc}") from exc
-    if not transaction:
-        raise CommitmentRefused(ActionStatus.MISSING_ATTRIBUTE, "Transaction UID (0008,1195) is missing")
-    if not UID_PATTERN.match(transaction) or len(transaction) > 64:
-        raise CommitmentRefused(ActionStatus.INVALID_ATTRIBUTE_VALUE, f"Transaction UID {transaction[:70]!r} is no UID")
-    if not items:
-        raise CommitmentRefused(ActionStatus.MISSING_ATTRIBUTE, "Referenced SOP Sequence (0008,1199) missing or empty")
-    if len(items) > max_instances:
-        raise CommitmentRefused(
-            ActionStatus.RESOURCE_LIMITATION,
-            f"{len(items)} instances in one request; at most {max_instances} (commitment_max_instances)",
-        )
-    pairs: list[tuple[str, str]] = []
-    for number, item in enumerate(items, 1):
-        sop_class = str(item.get("ReferencedSOPClassUID", "") or "")
-        sop_instance = str(item.get("ReferencedSOPInstanceUID", "") or "")
-        for name, value in (("Referenced SOP Class UID", sop_class), ("Referenced SOP Instance UID", sop_instance)):
-            if not value or len(value) > 64 or not UID_PATTERN.match(value):
-                raise CommitmentRefused(
-                    ActionStatus.INVALID_ATTRIBUTE_VALUE, f"item {number}: {name} {value[:70]!r} is no UID"
-                )
-        pairs.append((sop_class, sop_instance))
-    return transaction, pairs
-
-
-@dataclass
-class PendingRequest:
-    """One accepted commitment request, waiting for its instances' outcomes (stored as JSON)."""
-
-    transaction_uid: str
-    route: str  # the accelerated title the request was sent to (the spool's route name)
-    requester: str  # the calling AE title
-    created: float
-    instances: list[tuple[str, str]]
-    seen: list[str] = field(default_factory=list)  # instances found in the spool at some time
-    attempts: int = 0  # role-reversal associations tried
-    next_attempt: float = 0.0
-    last_error: str = ""
-
-    @property
-    def key(self) -> str:
-        digest = hashlib.sha256(f"{self.route}\0{self.requester}\0{self.transaction_uid}".encode()).hexdigest()
-        return digest[:32]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PendingRequest:
-        data = json.loads(text)
-        return cls(
-            transaction_uid=str(data["transaction_uid"]),
-            route=str(data["route"]),
-            requester=str(data["requester"]),
-            created=float(data["created"]),
-            instances=[(str(c), str(i)) for c, i in data["instances"]],
-            seen=[str(s) for s in data.get("seen", [])],
-            attempts=int(data.get("attempts", 0)),
-            next_attempt=float(data.get("next_attempt", 0.0)),
-            last_error=str(data.get("last_error", "")),
-        )
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the N-EVENT-REPORT says: event type 1 (all committed) or 2 (failures exist)."""
-
-    committed: list[tuple[str, str]]
-    failed: list[tuple[str, str, int]]
-
-    @property
-    def event_type(self) -> int:
-        return 2 if self.failed else 1
-
-    def event_information(self, transaction_uid: str) -> Dataset:
-        return commitment_event_information(transaction_uid, self.committed, self.failed)
 
 
 class OutcomeLedger:
@@ -282,6 +169,7 @@ class CommitmentService:
         self.pending: dict[str, PendingRequest] = {}
         self.channels: list[ReportChannel] = []
         self.reported = 0
+        self.answers = {"committed": 0, "failures": 0}  # reports sent, by event type 1 / 2 (metrics)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         for path in sorted(self.dir.glob("*.json")):
@@ -444,6 +332,7 @@ class CommitmentService:
     def _answered(self, request: PendingRequest, answer: Answer, how: str) -> None:
         self._forget(request)
         self.reported += 1
+        self.answers["failures" if answer.failed else "committed"] += 1
         log.info(
             "storage commitment %s answered to %r %s: %d committed, %d failed%s",
             request.transaction_uid,
@@ -459,6 +348,30 @@ class CommitmentService:
 
     def close(self) -> None:
         self.ledger.close()
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """`relay_router_accel_commitments_pending` and `..._reports_total{event}` on the router's /metrics."""
+        registry.register(_CommitmentCollector(self))
+
+
+class _CommitmentCollector(Collector):
+    def __init__(self, service: CommitmentService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "relay_router_accel_commitments_pending",
+            "Storage commitment requests waiting for their instances' outcomes (accelerated routes)",
+            value=len(self.service.pending),
+        )
+        reports = CounterMetricFamily(
+            "relay_router_accel_commitment_reports",
+            "Storage commitment N-EVENT-REPORTs sent, by event: committed (all) or failures (some failed)",
+            labels=["event"],
+        )
+        for event, count in self.service.answers.items():
+            reports.add_metric([event], count)
+        yield reports
 
 
 class CommitmentError(Exception):

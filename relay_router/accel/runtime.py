@@ -145,6 +145,8 @@ class AccelRuntime:
         routes = [t.route_name for t in self.near.values()]
         routes += [far_route_name(d) for d in self.config.shared if d.accelerate]
         register_accel_metrics(registry, lambda: self.spool, self.stats, lambda: routes)
+        if self.commitment is not None:
+            self.commitment.register_metrics(registry)
 
     # -- near side -----------------------------------------------------------------------------------
     def capabilities_for(self, local_ae: str, config: RouterConfig) -> DeviceCapabilities | None:

@@ -215,3 +215,19 @@ def test_an_instance_of_a_class_the_destination_does_not_take_fails_with_0122(tm
     answer = service.evaluate(pending, 0)
     assert answer is not None
     assert answer.failed == [(CT, ct, Failure.NO_SUCH_OBJECT_INSTANCE), (MR, mr, Failure.SOP_CLASS_NOT_SUPPORTED)]
+
+
+async def test_metrics_show_pending_requests_and_reports(tmp_path: Path, spool: Spool) -> None:
+    from prometheus_client import CollectorRegistry
+
+    service = make_service(tmp_path, spool)
+    registry = CollectorRegistry()
+    service.register_metrics(registry)
+    uid = generate_uid()
+    pending = service.accept(ROUTE, REQUESTER, request((CT, uid)))  # never received: fails 0x0112
+    assert registry.get_sample_value("relay_router_accel_commitments_pending") == 1
+    answer = service.evaluate(pending, 0)
+    assert answer is not None
+    service._answered(pending, answer, "in a test")
+    assert registry.get_sample_value("relay_router_accel_commitments_pending") == 0
+    assert registry.get_sample_value("relay_router_accel_commitment_reports_total", {"event": "failures"}) == 1

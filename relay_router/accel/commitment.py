@@ -244,13 +244,16 @@ class CommitmentService:
         (self.dir / f"{request.key}.json").unlink(missing_ok=True)
 
     # -- answers -----------------------------------------------------------------------------------
-    def evaluate(self, request: PendingRequest, now: float) -> Answer | None:
+    def spool_index(self) -> dict[tuple[str, str], SpoolEntry]:
+        """(route, SOP Instance UID) -> entry for the near routes: one pass over the spool per cycle."""
+        return {(e.route, e.sop_instance_uid): e for e in self.spool.entries() if e.route in self.routes}
+
+    def evaluate(
+        self, request: PendingRequest, now: float, index: dict[tuple[str, str], SpoolEntry] | None = None
+    ) -> Answer | None:
         """The answer if every instance has a final outcome (or timed out), else None."""
-        in_spool: dict[str, SpoolEntry] = {}
-        wanted = {instance for _, instance in request.instances}
-        for spooled in self.spool.entries(route=request.route):
-            if spooled.sop_instance_uid in wanted:
-                in_spool[spooled.sop_instance_uid] = spooled
+        index = self.spool_index() if index is None else index
+        in_spool = {i: index[(request.route, i)] for _, i in request.instances if (request.route, i) in index}
         expired = now - request.created > self.section.commitment_timeout_s
         committed: list[tuple[str, str]] = []
         failed: list[tuple[str, str, int]] = []
@@ -291,17 +294,18 @@ class CommitmentService:
         self._loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            index = await asyncio.to_thread(self.spool_index) if self.pending else {}
             for request in list(self.pending.values()):
                 try:
-                    await self._settle(request)
+                    await self._settle(request, index)
                 except Exception:  # one bad request must not stop the others' answers
                     log.exception("storage commitment %s: answer failed", request.transaction_uid)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 
-    async def _settle(self, request: PendingRequest) -> None:
+    async def _settle(self, request: PendingRequest, index: dict[tuple[str, str], SpoolEntry]) -> None:
         now = time.time()
-        answer = await asyncio.to_thread(self.evaluate, request, now)
+        answer = await asyncio.to_thread(self.evaluate, request, now, index)
         if answer is None:
             return
         info = answer.event_information(request.transaction_uid)

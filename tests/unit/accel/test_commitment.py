@@ -231,3 +231,11 @@ async def test_metrics_show_pending_requests_and_reports(tmp_path: Path, spool: 
     service._answered(pending, answer, "in a test")
     assert registry.get_sample_value("relay_router_accel_commitments_pending") == 0
     assert registry.get_sample_value("relay_router_accel_commitment_reports_total", {"event": "failures"}) == 1
+
+
+def test_relay_router_status_shows_pending_commitments() -> None:
+    from relay_router.status import accelerated_route_lines
+
+    route = {"connected": True, "capabilities_known": True, "in_flight": 0, "last_error": ""}
+    report = {"accelerate": {"routes": {"PACS_B": route}, "commitment": {"pending": 2, "answered": 5}}}
+    assert accelerated_route_lines(report)[-1] == "  storage commitment: 2 pending, 5 answered since start"

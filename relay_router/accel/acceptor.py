@@ -190,6 +190,8 @@ class StorageAcceptor:
                 self._begin(event.context_id, parse_c_store_rq(event.command))
             elif event.command_field == CommandField.N_ACTION_RQ and event.context_id == self.commitment_context:
                 self.action = (event.context_id, event.command, bytearray())
+                if not event.has_dataset:  # no Action Information: answered now (0x0120), nothing to wait for
+                    await self._commitment_request()
             elif event.command_field == CommandField.N_EVENT_REPORT_RSP and event.context_id == self.commitment_context:
                 status = int(event.command.get("Status", 0xFFFF))
                 waiting = self._reports.pop(int(event.command.get("MessageIDBeingRespondedTo", 0)), None)

@@ -327,6 +327,8 @@ def test_a_malformed_request_is_refused_with_a_specific_status_and_the_associati
         wrong_action = commitment_request([], ((CTImageStorage, generate_uid()),))
         status, _ = assoc.send_n_action(wrong_action, 7, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
         assert status and status.Status == 0x0123  # no such action
+        status, _ = assoc.send_n_action(None, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
+        assert status and status.Status == 0x0120  # no Action Information at all
         echo = assoc.send_c_echo()
         assert echo and echo.Status == 0x0000
     finally:

@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -104,11 +104,21 @@ class OutcomeLedger:
                     route, instance, sop_class, reason = json.loads(line)
                     self._put(str(route), str(instance), str(sop_class), int(reason))
                     lines += 1
-        if lines > len(self._outcomes):  # compact: keep one line per remembered outcome
-            path.write_text("".join(json.dumps([r, i, c, x]) + "\n" for (r, i), (c, x) in self._outcomes.items()))
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._file = open(path, "a", encoding="utf-8")
+        if lines > len(self._outcomes):  # compact: keep one line per remembered outcome
+            self._rewrite()
+        self._file = self._append()
         self._lines = len(self._outcomes)
+
+    def _append(self) -> TextIO:
+        return os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8")
+
+    def _rewrite(self) -> None:
+        """The remembered outcomes, one line each, replacing the file at once (a crash keeps the old one)."""
+        temporary = self.path.with_suffix(".tmp")
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.writelines(json.dumps([r, i, c, x]) + "\n" for (r, i), (c, x) in self._outcomes.items())
+        os.replace(temporary, self.path)
 
     def _put(self, route: str, instance: str, sop_class: str, reason: int) -> None:
         self._outcomes[(route, instance)] = (sop_class, reason)
@@ -124,10 +134,9 @@ class OutcomeLedger:
             self._lines += 1
             if self._lines > 2 * self.size:
                 self._file.close()
-                items = list(self._outcomes.items())
-                self.path.write_text("".join(json.dumps([r, i, c, x]) + "\n" for (r, i), (c, x) in items))
-                self._file = open(self.path, "a", encoding="utf-8")
-                self._lines = len(items)
+                self._rewrite()
+                self._file = self._append()
+                self._lines = len(self._outcomes)
 
     def get(self, route: str, instance: str) -> tuple[str, int] | None:
         with self._lock:

@@ -239,3 +239,21 @@ def test_relay_router_status_shows_pending_commitments() -> None:
     route = {"connected": True, "capabilities_known": True, "in_flight": 0, "last_error": ""}
     report = {"accelerate": {"routes": {"PACS_B": route}, "commitment": {"pending": 2, "answered": 5}}}
     assert accelerated_route_lines(report)[-1] == "  storage commitment: 2 pending, 5 answered since start"
+
+
+def test_the_outcome_ledger_is_bounded_private_and_compacted(tmp_path: Path) -> None:
+    import stat
+
+    from relay_router.accel.commitment import OutcomeLedger
+
+    path = tmp_path / "outcomes.jsonl"
+    ledger = OutcomeLedger(path, size=3)
+    for n in range(8):
+        ledger.record(ROUTE, f"1.2.{n}", CT, 0)
+    assert ledger.get(ROUTE, "1.2.0") is None and ledger.get(ROUTE, "1.2.7") == (CT, 0)  # the newest 3 kept
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_text().splitlines()) <= 6  # rewritten past twice the size
+    ledger.close()
+    again = OutcomeLedger(path, size=3)
+    assert [again.get(ROUTE, f"1.2.{n}") for n in (4, 5, 6, 7)] == [None, (CT, 0), (CT, 0), (CT, 0)]
+    again.close()

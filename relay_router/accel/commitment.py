@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -77,6 +78,7 @@ __all__ = [
     "decode_request",
     "failure_reason",
     "parse_request",
+    "register_commitment_metrics",
     "send_event_report",
 ]
 
@@ -364,27 +366,42 @@ class CommitmentService:
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """`relay_router_accel_commitments_pending` and `..._reports_total{event}` on the router's /metrics."""
-        registry.register(_CommitmentCollector(self))
+        register_commitment_metrics(registry, lambda: self)
 
 
 class _CommitmentCollector(Collector):
-    def __init__(self, service: CommitmentService) -> None:
+    def __init__(self, service: Callable[[], CommitmentService | None]) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Metric]:
+        service = self.service()
         yield GaugeMetricFamily(
             "relay_router_accel_commitments_pending",
             "Storage commitment requests waiting for their instances' outcomes (accelerated routes)",
-            value=len(self.service.pending),
+            value=0 if service is None else len(service.pending),
         )
         reports = CounterMetricFamily(
             "relay_router_accel_commitment_reports",
             "Storage commitment N-EVENT-REPORTs sent, by event: committed (all) or failures (some failed)",
             labels=["event"],
         )
-        for event, count in self.service.answers.items():
-            reports.add_metric([event], count)
+        for event in ("committed", "failures"):
+            reports.add_metric([event], 0 if service is None else service.answers[event])
         yield reports
+
+
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _CommitmentCollector] = weakref.WeakKeyDictionary()
+
+
+def register_commitment_metrics(registry: CollectorRegistry, service: Callable[[], CommitmentService | None]) -> None:
+    """RouterMetrics registers the families at once (zeros); the running service replaces the source."""
+    collector = _COLLECTORS.get(registry)
+    if collector is not None:
+        collector.service = service
+        return
+    collector = _CommitmentCollector(service)
+    registry.register(collector)
+    _COLLECTORS[registry] = collector
 
 
 class CommitmentError(Exception):

@@ -46,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 from pydicom.dataset import Dataset
 
+from relay_common.audit import AuditLog
 from relay_router.accel.commitment_request import (
     MAX_REQUEST_BYTES,
     TRANSFER_SYNTAXES,
@@ -168,6 +169,7 @@ class CommitmentService:
         section: AccelerateSection,
         routes: Iterable[str],
         accepts: Callable[[str, str], bool | None] = lambda route, sop_class: None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.dir = state_dir / "commitment"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -175,6 +177,7 @@ class CommitmentService:
         self.section = section
         self.routes = frozenset(routes)
         self.accepts = accepts  # (route, SOP class) -> does the destination take it (None: not known)
+        self.audit = audit
         self.requesters = {r.ae_title.strip(): r for r in section.commitment_requester}
         self.ledger = OutcomeLedger(state_dir / "commitment-outcomes.jsonl")
         self.pending: dict[str, PendingRequest] = {}
@@ -348,6 +351,18 @@ class CommitmentService:
         self._forget(request)
         self.reported += 1
         self.answers["failures" if answer.failed else "committed"] += 1
+        if self.audit is not None:  # what the sender was told about its instances, and when
+            self.audit.event(
+                "accel_commitment",
+                "failure" if answer.failed else "success",
+                local_ae=request.route,
+                calling_ae=request.requester,
+                transaction_uid=request.transaction_uid,
+                committed=len(answer.committed),
+                failed=len(answer.failed),
+                how=how,
+                seconds=round(time.time() - request.created, 3),
+            )
         log.info(
             "storage commitment %s answered to %r %s: %d committed, %d failed%s",
             request.transaction_uid,

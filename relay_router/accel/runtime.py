@@ -72,6 +72,7 @@ class AccelRuntime:
                 section,
                 (t.route_name for t in self.near.values()),
                 accepts=self._destination_accepts,
+                audit=audit,
             )
             self.spool.on_change = self.commitment.spool_changed
         self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)

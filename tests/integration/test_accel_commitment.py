@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
 )
 
+from relay_common.audit import read_events
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, generate_mr_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
@@ -288,6 +289,19 @@ def test_refused_and_unknown_instances_are_failed_and_the_report_comes_by_role_r
     assert set(uids(ct)) <= sites.picky_received
     expected = {uid: 0x0122 for uid in uids(mr)} | {never_sent[1]: 0x0112}
     assert failed(report.info) == expected
+
+    def audited() -> list[dict[str, Any]]:
+        events = read_events(sites.net.workdir / "audit-hospital-a.jsonl")
+        return [e for e in events if e.get("transaction_uid") == str(info.TransactionUID)]
+
+    wait_for(lambda: bool(audited()), "the accel_commitment audit event")
+    [event] = audited()
+    assert (event["event"], event["outcome"], event["committed"], event["failed"]) == (
+        "accel_commitment",
+        "failure",
+        3,
+        3,
+    )
 
 
 def test_a_pending_request_survives_a_sigkill_of_router_a(sites: Sites) -> None:

@@ -257,3 +257,56 @@ def test_the_outcome_ledger_is_bounded_private_and_compacted(tmp_path: Path) -> 
     again = OutcomeLedger(path, size=3)
     assert [again.get(ROUTE, f"1.2.{n}") for n in (4, 5, 6, 7)] == [None, (CT, 0), (CT, 0), (CT, 0)]
     again.close()
+
+
+async def test_a_channel_that_fails_is_dropped_and_role_reversal_delivers(tmp_path: Path, spool: Spool) -> None:
+    """The open association does not answer: the report goes by role reversal to the configured address
+    (a pynetdicom SCU listening); an address where nobody listens is retried later, the request kept."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    from relay_router.config import CommitmentRequester
+    from tests.support.ports import free_port
+
+    received: list[tuple[str, int]] = []
+
+    def on_report(event: object) -> tuple[int, None]:
+        received.append((str(event.event_information.TransactionUID), int(event.event_type)))  # type: ignore[attr-defined]
+        return 0x0000, None
+
+    listener = AE(ae_title=REQUESTER)
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = listener.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    requesters = [
+        CommitmentRequester(REQUESTER, "127.0.0.1", server.server_address[1]),
+        CommitmentRequester("NOBODY", "127.0.0.1", free_port()),
+    ]
+    service = make_service(tmp_path, spool, commitment_requester=requesters)
+
+    class Broken:
+        requester, route = REQUESTER, ROUTE
+
+        async def event_report(self, info: Dataset, event_type: int) -> None:
+            raise ConnectionError("no N-EVENT-REPORT-RSP within 10 s")
+
+    broken = Broken()
+    service.attach(broken)
+    uid = generate_uid()
+    delivered(spool, spooled(spool, uid))
+    answered = service.accept(ROUTE, REQUESTER, request((CT, uid)))
+    unreachable = service.accept(ROUTE, "NOBODY", request((CT, uid)))
+    runner = asyncio.create_task(service.run())
+    try:
+        for _ in range(100):
+            if received and unreachable.attempts:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        runner.cancel()
+        server.shutdown()
+    assert received == [(answered.transaction_uid, 1)]
+    assert broken not in service.channels
+    assert list(service.pending) == [unreachable.key]
+    assert unreachable.attempts >= 1 and unreachable.next_attempt > unreachable.created
+    assert "not established" in unreachable.last_error
+    assert "NOBODY" in (tmp_path / "state" / "commitment" / f"{unreachable.key}.json").read_text()

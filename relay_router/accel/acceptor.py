@@ -107,8 +107,7 @@ class StorageAcceptor:
         self.commitment_context = next(
             (cid for cid, (syntax, _) in negotiated.contexts.items() if syntax == STORAGE_COMMITMENT_PUSH), None
         )
-        self.requester = outcome.calling_ae.strip()
-        self.route = route
+        self.requester = outcome.calling_ae.strip()  # with self.route: whose reports this association takes
         self._next_message_id = 1
         self._reports: dict[int, asyncio.Future[int]] = {}  # N-EVENT-REPORT message ID -> its RSP status
 

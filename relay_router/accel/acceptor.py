@@ -6,7 +6,9 @@ transfer syntaxes the destination accepts), assembles each C-STORE with the DIMS
 (relay_router.accel.spool), and only once the entry is committed (file and directory fsynced) answers
 C-STORE-RSP 0x0000. A full spool gets 0xA700 (out of resources) and nothing is acknowledged that is not
 on disk. C-ECHO is answered. The transfer to the far router (relay_router.accel.transfer) is woken
-after every commit; it does not hold up the sending device.
+after every commit; it does not hold up the sending device. On a Storage Commitment Push context the
+N-ACTION goes to relay_router.accel.commitment (answered at once once stored), and this association
+carries the N-EVENT-REPORTs that service sends the requester, each delivered only on its RSP.
 """
 
 from __future__ import annotations

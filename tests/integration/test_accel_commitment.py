@@ -222,7 +222,9 @@ def store_and_request(sites: Sites, called: str, files: list[Path], info: Datase
         status, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
         assert status and status.Status == 0x0000, f"N-ACTION refused: {status}"
         deadline = time.monotonic() + keep_open
-        while time.monotonic() < deadline and sites.modality.reports.empty():  # until a report came
+        while time.monotonic() < deadline and not any(  # until this transaction's report came
+            r.info.TransactionUID == info.TransactionUID for r in list(sites.modality.reports.queue)
+        ):
             time.sleep(0.1)
     finally:
         assoc.release()

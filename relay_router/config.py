@@ -377,6 +377,23 @@ class RemoteDevice:
 
 
 @dataclass(frozen=True)
+class CommitmentRequester:
+    """[[accelerate.commitment_requester]]: where a local device that asks for storage commitment on an
+    accelerated route takes a late N-EVENT-REPORT (PS3.4 J.3.3, the router opens the association). From
+    this file only: an address a peer supplied is never called."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.ae_title.strip()) <= 16:
+            raise InvalidValue("ae_title", "must be 1 to 16 characters")
+        if not 0 < self.port < 65536:
+            raise InvalidValue("port", "must be between 1 and 65535")
+
+
+@dataclass(frozen=True)
 class AccelerateSection:
     """[accelerate]: the spool and transfers of accelerated routes (relay_router.accel)."""
 
@@ -395,6 +412,13 @@ class AccelerateSection:
     # Seconds before the near router asks the far one again which SOP classes and transfer syntaxes
     # the destination device accepts.
     capability_refresh_s: float = 3600.0
+    # Storage commitment on accelerated routes (relay_router.accel.commitment): requests waiting for their
+    # instances' outcomes at most (more get 0x0213), the instances one request may name, and how long an
+    # instance may stay unconfirmed before it is reported failed (0x0110).
+    commitment_max_pending: int = 1000
+    commitment_max_instances: int = 10000
+    commitment_timeout_s: float = 86400.0
+    commitment_requester: list[CommitmentRequester] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.spool_max_bytes < 1024 * 1024:
@@ -409,6 +433,12 @@ class AccelerateSection:
             raise InvalidValue("retry_max_s", "must be between 1 and 86400")
         if not 10 <= self.capability_refresh_s <= 7 * 86400:
             raise InvalidValue("capability_refresh_s", "must be between 10 and 604800")
+        if not 1 <= self.commitment_max_pending <= 100000:
+            raise InvalidValue("commitment_max_pending", "must be between 1 and 100000")
+        if not 1 <= self.commitment_max_instances <= 100000:
+            raise InvalidValue("commitment_max_instances", "must be between 1 and 100000")
+        if not 1 <= self.commitment_timeout_s <= 30 * 86400:
+            raise InvalidValue("commitment_timeout_s", "must be between 1 and 2592000")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from relay_common.audit import AuditExportCollector
 from relay_common.certmetrics import register_certificates, router_certificate_files
 from relay_common.errors import Reason
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
+from relay_router.accel.commitment import register_commitment_metrics
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.outcome import Result
 
@@ -228,6 +229,7 @@ class RouterMetrics:
         # counters (pools are given `metrics.accel` as their `stats`).
         self.accel_stats = DeliveryStats()
         register_accel_metrics(registry, lambda: getattr(service, "spool", None), self.accel_stats)
+        register_commitment_metrics(registry, lambda: None)  # storage commitment: zeros until accelerated routes run
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

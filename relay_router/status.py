@@ -270,6 +270,12 @@ def accelerated_route_lines(report: dict[str, Any]) -> list[str]:
         )
         error = f"; last error: {r['last_error']}" if r.get("last_error") else ""
         lines.append(f"  {title:<16}  accelerated: {state}, {known}, {r.get('in_flight', 0)} in flight{error}")
+    commitment = (report.get("accelerate") or {}).get("commitment")
+    if commitment and routes:  # relay_router.accel.commitment: requests waiting for the destination's outcomes
+        lines.append(
+            f"  storage commitment: {commitment.get('pending', 0)} pending, "
+            f"{commitment.get('answered', 0)} answered since start"
+        )
     return lines
 
 

@@ -6,7 +6,9 @@ transfer syntaxes the destination accepts), assembles each C-STORE with the DIMS
 (relay_router.accel.spool), and only once the entry is committed (file and directory fsynced) answers
 C-STORE-RSP 0x0000. A full spool gets 0xA700 (out of resources) and nothing is acknowledged that is not
 on disk. C-ECHO is answered. The transfer to the far router (relay_router.accel.transfer) is woken
-after every commit; it does not hold up the sending device.
+after every commit; it does not hold up the sending device. On a Storage Commitment Push context the
+N-ACTION goes to relay_router.accel.commitment (answered at once once stored), and this association
+carries the N-EVENT-REPORTs that service sends the requester, each delivered only on its RSP.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from relay_common.errors import Reason
-from relay_router.accel.negotiation import Negotiated
+from relay_router.accel.commitment import MAX_REQUEST_BYTES, CommitmentRefused, decode_request
+from relay_router.accel.commitment import ActionStatus as CommitmentStatus
+from relay_router.accel.negotiation import STORAGE_COMMITMENT_PUSH, Negotiated
 from relay_router.dimse import (
+    STORAGE_COMMITMENT_PUSH_INSTANCE,
     CommandField,
     CommandReceived,
     DatasetChunk,
@@ -31,6 +36,9 @@ from relay_router.dimse import (
     Violation,
     c_echo_rsp,
     c_store_rsp,
+    encode_dataset,
+    n_action_rsp,
+    n_event_report_rq,
     parse_c_store_rq,
 )
 from relay_router.outcome import Outcome, Result
@@ -38,11 +46,15 @@ from relay_router.studytap import StudyTap
 from relay_router.ul import AssociateInfo, ControlPdu, PDataBytes, PduError, PduFramer, PduType, a_abort, a_release_rp
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from relay_router.accel.commitment import CommitmentService
     from relay_router.accel.spool import Spool, SpoolWriter
 
 log = logging.getLogger("relay_router.accel")
 MAX_PDU = 256 * 1024  # what the router announces: large PDUs cost fewer reads
 READ_BYTES = 256 * 1024
+REPORT_RSP_TIMEOUT_S = 10.0  # how long a storage commitment report waits for the requester's answer
 
 
 class _Store:
@@ -71,6 +83,7 @@ class StorageAcceptor:
         route: str,
         on_commit: object,
         idle_timeout_s: float,
+        commitment: CommitmentService | None = None,
     ) -> None:
         self.reader, self.writer = reader, writer
         self.outcome = outcome
@@ -89,12 +102,25 @@ class StorageAcceptor:
         self.stored = 0
         self.refused = 0
         self.extra = {"assoc": outcome.association_id}
+        # Storage commitment (relay_router.accel.commitment): the N-ACTION being read, and what this
+        # association offers the service to send N-EVENT-REPORTs on.
+        self.commitment = commitment
+        self.action: tuple[int, Dataset, bytearray] | None = None
+        self.commitment_context = next(
+            (cid for cid, (syntax, _) in negotiated.contexts.items() if syntax == STORAGE_COMMITMENT_PUSH), None
+        )
+        self.requester = outcome.calling_ae.strip()  # with self.route: whose reports this association takes
+        self._next_message_id = 1
+        self._reports: dict[int, asyncio.Future[int]] = {}  # N-EVENT-REPORT message ID -> its RSP status
 
     async def run(self) -> None:
         self.writer.write(self.negotiated.ac_pdu)
         self.outcome.result = Result.ESTABLISHED
+        reports = self.commitment if self.commitment_context is not None else None
         try:
             await self.writer.drain()
+            if reports is not None:
+                reports.attach(self)
             await self._serve()
         except (DimseError, PduError) as exc:
             detail = f"protocol error from {self.outcome.calling_ae!r}: {exc}"
@@ -109,6 +135,11 @@ class StorageAcceptor:
         except ConnectionError as exc:
             self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, f"the sending device's connection broke: {exc}")
         finally:
+            if reports is not None:
+                reports.detach(self)
+            for waiting in self._reports.values():  # an unanswered report is not delivered: kept pending
+                if not waiting.done():
+                    waiting.set_exception(ConnectionError("the association ended before the N-EVENT-REPORT-RSP"))
             self.outcome.studies = self.tap.summary()
             if self.store is not None and self.store.writer is not None:
                 self.store.writer.abort()  # never acknowledged: the device sends it again
@@ -158,15 +189,80 @@ class StorageAcceptor:
                 await self._send(event.context_id, c_echo_rsp(int(event.command.MessageID)))
             elif event.command_field == CommandField.C_STORE_RQ:
                 self._begin(event.context_id, parse_c_store_rq(event.command))
+            elif event.command_field == CommandField.N_ACTION_RQ and event.context_id == self.commitment_context:
+                self.action = (event.context_id, event.command, bytearray())
+                if not event.has_dataset:  # no Action Information: answered now (0x0120), nothing to wait for
+                    await self._commitment_request()
+            elif event.command_field == CommandField.N_EVENT_REPORT_RSP and event.context_id == self.commitment_context:
+                status = int(event.command.get("Status", 0xFFFF))
+                waiting = self._reports.pop(int(event.command.get("MessageIDBeingRespondedTo", 0)), None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(status)
             else:  # only Verification and Storage contexts were accepted: nothing else can be valid
                 raise DimseError(
                     f"command 0x{event.command_field:04X} on an accelerated storage association",
                     Violation.BAD_COMMAND_FIELD,
                 )
         elif isinstance(event, DatasetChunk):
-            self._write(event.data)
+            if self.action is not None:
+                if len(self.action[2]) <= MAX_REQUEST_BYTES:  # beyond: refused once complete, not held
+                    self.action[2].extend(event.data)
+            else:
+                self._write(event.data)
         elif isinstance(event, DatasetComplete):
-            await self._complete()
+            if self.action is not None:
+                await self._commitment_request()
+            else:
+                await self._complete()
+
+    async def _commitment_request(self) -> None:
+        """N-ACTION Request Storage Commitment (PS3.4 J.3.2): kept durable, answered later by N-EVENT-REPORT."""
+        assert self.action is not None and self.commitment is not None
+        context_id, command, data = self.action
+        self.action = None
+        message_id = int(command.MessageID)
+        status, problem = CommitmentStatus.SUCCESS, ""
+        try:
+            if int(command.get("ActionTypeID", 0)) != 1:
+                raise CommitmentRefused(CommitmentStatus.NO_SUCH_ACTION, "Action Type ID is not 1 (PS3.4 J.3.2)")
+            if str(command.get("RequestedSOPInstanceUID", "")) != STORAGE_COMMITMENT_PUSH_INSTANCE:
+                raise CommitmentRefused(
+                    CommitmentStatus.INVALID_ATTRIBUTE_VALUE,
+                    f"Requested SOP Instance UID is not the well-known {STORAGE_COMMITMENT_PUSH_INSTANCE}",
+                )
+            if len(data) > MAX_REQUEST_BYTES:
+                raise CommitmentRefused(CommitmentStatus.RESOURCE_LIMITATION, "Action Information over 8 MiB")
+            info = decode_request(bytes(data), self.negotiated.contexts[context_id][1])
+            self.commitment.accept(self.route, self.requester, info)
+        except CommitmentRefused as exc:
+            status, problem = exc.status, str(exc)
+            log.warning("storage commitment request from %r refused with 0x%04X: %s", self.requester, status, problem)
+        except OSError as exc:  # the request could not be made durable: refused, not promised
+            status, problem = CommitmentStatus.RESOURCE_LIMITATION, f"cannot keep the request: {exc}"
+            log.error("storage commitment request from %r: %s", self.requester, problem, extra=self.extra)
+        await self._send(context_id, n_action_rsp(message_id, status))
+
+    async def event_report(self, info: Dataset, event_type: int) -> None:
+        """Send a Storage Commitment N-EVENT-REPORT-RQ on this association (the commitment service calls it)."""
+        assert self.commitment_context is not None
+        context_id = self.commitment_context
+        message_id, self._next_message_id = self._next_message_id, self._next_message_id % 0xFFFF + 1
+        data = encode_dataset(info, self.negotiated.contexts[context_id][1])
+        answered = asyncio.get_running_loop().create_future()
+        self._reports[message_id] = answered
+        try:
+            for pdu in self.sender.message(context_id, n_event_report_rq(message_id, event_type), data):
+                self.writer.write(pdu)
+                self.outcome.bytes_to_local += len(pdu)
+            await self.writer.drain()
+            # Delivered only once the requester answered: a report sent while it releases is lost otherwise.
+            status = await asyncio.wait_for(answered, REPORT_RSP_TIMEOUT_S)
+        except TimeoutError:
+            raise ConnectionError(f"no N-EVENT-REPORT-RSP within {REPORT_RSP_TIMEOUT_S:.0f} s") from None
+        finally:
+            self._reports.pop(message_id, None)
+        if status != 0x0000:
+            raise ConnectionError(f"{self.requester!r} answered the N-EVENT-REPORT with 0x{status:04X}")
 
     def _begin(self, context_id: int, request: StoreRequest) -> None:
         abstract, transfer_syntax = self.negotiated.contexts[context_id]

@@ -49,7 +49,14 @@ async def accept_locally(
     outcome: Outcome,
 ) -> None:
     """Answer the local device's association as the remote device (accelerated storage)."""
-    negotiated = answer(request_pdu, request, capabilities, granted=granted, max_pdu_length=MAX_PDU)
+    negotiated = answer(
+        request_pdu,
+        request,
+        capabilities,
+        granted=granted,
+        max_pdu_length=MAX_PDU,
+        commitment=accel.commitment is not None,
+    )
     outcome.established = outcome.established or outcome.started
     if negotiated.rejected:
         log.info(
@@ -69,6 +76,7 @@ async def accept_locally(
         route=accel.near_route(local_ae),
         on_commit=lambda: accel.committed(local_ae),
         idle_timeout_s=config.dicom.idle_timeout_s,
+        commitment=accel.commitment,
     )
     await acceptor.run()
 

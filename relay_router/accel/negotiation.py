@@ -17,6 +17,8 @@ from relay_router.accel.capabilities import DeviceCapabilities
 from relay_router.ul import AssociateInfo, PduType
 
 VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+COMMITMENT_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR little endian
 IMPLICIT_LE = "1.2.840.10008.1.2"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # The router's implementation identity (PS3.7 D.3.3.2-3): the UID root of the relay's generated UIDs.
@@ -49,6 +51,7 @@ def answer(
     *,
     granted: tuple[str, ...] | None,
     max_pdu_length: int,
+    commitment: bool = False,
 ) -> Negotiated:
     """The A-ASSOCIATE-AC for `request`: what the destination takes (and `granted` service groups allow)."""
     items = [_item(0x10, _uid(APPLICATION_CONTEXT))]
@@ -60,6 +63,12 @@ def answer(
         result = ABSTRACT_SYNTAX_NOT_SUPPORTED
         if syntax == VERIFICATION:
             chosen = IMPLICIT_LE if IMPLICIT_LE in pc.transfer_syntaxes else None
+            result = ACCEPTANCE if chosen else TRANSFER_SYNTAXES_NOT_SUPPORTED
+        elif (
+            syntax == STORAGE_COMMITMENT_PUSH and commitment and (granted is None or services.granted(syntax, granted))
+        ):
+            # answered by relay_router.accel.commitment (from the destination's outcomes)
+            chosen = next((ts for ts in COMMITMENT_SYNTAXES if ts in pc.transfer_syntaxes), None)
             result = ACCEPTANCE if chosen else TRANSFER_SYNTAXES_NOT_SUPPORTED
         elif services.is_storage(syntax) and (granted is None or services.granted(syntax, granted)):
             if syntax in capabilities.contexts:

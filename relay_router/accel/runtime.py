@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from relay_common.audit import AuditLog
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
+from relay_router.accel.commitment import CommitmentService
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
 from relay_router.accel.receive import FarSession, OutcomeBook, far_route_name
@@ -62,6 +63,18 @@ class AccelRuntime:
             for r in config.remote
             if r.accelerate
         }
+        # Storage commitment on the near routes (relay_router.accel.commitment): outcomes from the spool.
+        self.commitment: CommitmentService | None = None
+        if self.near:
+            self.commitment = CommitmentService(
+                state,
+                self.spool,
+                section,
+                (t.route_name for t in self.near.values()),
+                accepts=self._destination_accepts,
+                audit=audit,
+            )
+            self.spool.on_change = self.commitment.spool_changed
         self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)
         self.pools: dict[str, DeliveryPool] = {}
         self.sessions: dict[str, set[FarSession]] = {}
@@ -72,6 +85,10 @@ class AccelRuntime:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._settle_delivered()
+        if self.commitment is not None:
+            task = asyncio.create_task(self.commitment.run(), name="accel-commitment")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         for transfer in self.near.values():
             task = asyncio.create_task(transfer.run(), name=f"accel-{transfer.route_name}")
             self._tasks.add(task)
@@ -121,12 +138,16 @@ class AccelRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(asyncio.to_thread(pool.stop, 10.0) for pool in self.pools.values()))
         self.spool.close()
+        if self.commitment is not None:
+            self.commitment.close()
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """The spool and delivery families on the router's /metrics (relay_router.accel.metrics)."""
         routes = [t.route_name for t in self.near.values()]
         routes += [far_route_name(d) for d in self.config.shared if d.accelerate]
         register_accel_metrics(registry, lambda: self.spool, self.stats, lambda: routes)
+        if self.commitment is not None:
+            self.commitment.register_metrics(registry)
 
     # -- near side -----------------------------------------------------------------------------------
     def capabilities_for(self, local_ae: str, config: RouterConfig) -> DeviceCapabilities | None:
@@ -135,6 +156,12 @@ class AccelRuntime:
         if local_ae not in self.near or not any(r.ae_title == local_ae and r.accelerate for r in config.remote):
             return None
         return self.near_capabilities.get(local_ae)
+
+    def _destination_accepts(self, route: str, sop_class: str) -> bool | None:
+        """Whether the far device takes `sop_class` (storage commitment's 0x0122), None if not learned."""
+        titles = [title for title, transfer in self.near.items() if transfer.route_name == route]
+        capabilities = self.near_capabilities.get(titles[0]) if titles else None
+        return None if capabilities is None else sop_class in capabilities.contexts
 
     def committed(self, local_ae: str) -> None:
         transfer = self.near.get(local_ae)
@@ -185,6 +212,7 @@ class AccelRuntime:
             "spool_max_bytes": limit,
             "spool_entries": {str(state): count for state, count in counts.items()},
             "outcomes_unreported": self.book.count(),
+            "commitment": None if self.commitment is None else self.commitment.status(),
             "routes": {
                 title: {
                     "site": t.route.site,

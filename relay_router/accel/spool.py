@@ -42,7 +42,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -235,6 +235,9 @@ class Spool:
         self._entries: dict[str, SpoolEntry] = {}
         self._reserved = 0  # bytes of writers not yet committed
         self._used = 0  # bytes of committed entries
+        # Called (in the changing thread, outside the lock) after each state change: storage commitment
+        # (relay_router.accel.commitment) learns final outcomes before a delivered entry is removed.
+        self.on_change: Callable[[SpoolEntry], None] | None = None
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = take_lock(self.root)
         try:
@@ -418,7 +421,9 @@ class Spool:
             entry = replace(entry, **changes)  # type: ignore[arg-type]
             self._write_state(directory, entry, durable=False)
             self._entries[entry_id] = entry
-            return entry
+        if self.on_change is not None:
+            self.on_change(entry)
+        return entry
 
     def set_state(self, entry_id: str, state: EntryState, *, error: str = "") -> SpoolEntry:
         """Move an entry to `state`; SENDING counts an attempt."""

@@ -80,11 +80,10 @@ def make_csr(name: str) -> tuple[bytes, bytes]:
     return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
 
 
-def make_dev_pki(directory: Path, *, hostnames: list[str], ips: list[str], days: int = 825) -> IssuedFiles:
-    """Create ca.pem/ca.key and server.pem/server.key in `directory`."""
-    now = dt.datetime.now(dt.UTC)
+def make_ca(common_name: str, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed P-256 CA (10 years, signs certificates only, no intermediate below it)."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dicom-relay development CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -98,13 +97,25 @@ def make_dev_pki(directory: Path, *, hostnames: list[str], ips: list[str], days:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca_cert
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (files holding it are written mode 0600)."""
+    return _key_pem(key)
+
+
+def make_dev_pki(directory: Path, *, hostnames: list[str], ips: list[str], days: int = 825) -> IssuedFiles:
+    """Create ca.pem/ca.key and server.pem/server.key in `directory`."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key, ca_cert = make_ca("dicom-relay development CA", now)
     server_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (hostnames or ips)[0])]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay_common.files import write_private
+from relay_common.pki import key_pem, make_ca
 
 CLUSTER_NAME = "relay-cluster"
 
@@ -30,35 +31,15 @@ class ClusterFiles:
     key: Path
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def make_cluster_pki(directory: Path, *, days: int = 825) -> ClusterFiles:
     """cluster-ca.pem/.key and cluster.pem/.key in `directory` (keys mode 0600)."""
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dicom-relay cluster CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_key, ca_cert = make_ca("dicom-relay cluster CA", now)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLUSTER_NAME)]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
@@ -76,7 +57,7 @@ def make_cluster_pki(directory: Path, *, days: int = 825) -> ClusterFiles:
     )
     directory.mkdir(parents=True, exist_ok=True)
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    write_private(files.ca_key, _pem_key(ca_key))
+    write_private(files.ca_key, key_pem(ca_key))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    write_private(files.key, _pem_key(key))
+    write_private(files.key, key_pem(key))
     return files

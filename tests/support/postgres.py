@@ -10,14 +10,19 @@ shuts it down and removes the directory.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from tests.support.ports import free_port
 
@@ -115,3 +120,29 @@ class PostgresCluster:
         with psycopg.connect(self.url(), password=self.password, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]  # generated name
         return self.url(name)
+
+
+def require_postgres(tests: str, also_missing: Sequence[str] = ()) -> Path:
+    """The PostgreSQL server's bin directory; names what is missing (with `also_missing`): a failure in CI,
+    a skip elsewhere."""
+    bindir = postgres_bindir()
+    missing = [] if bindir else ["PostgreSQL server (Debian: apt-get install -y postgresql)"]
+    missing += [m for m in ("psycopg", "psycopg_pool") if importlib.util.find_spec(m) is None]
+    missing += also_missing
+    if missing:
+        message = f"not installed: {', '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI requires {tests}; {message}", pytrace=False)
+        pytest.skip(message)
+    assert bindir is not None
+    return bindir
+
+
+@contextmanager
+def running_cluster(bindir: Path) -> Iterator[PostgresCluster]:
+    """A started throwaway cluster, stopped (and removed) afterwards."""
+    cluster = PostgresCluster(bindir)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

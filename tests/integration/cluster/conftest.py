@@ -9,42 +9,20 @@ Missing PostgreSQL, psycopg or HAProxy: skipped locally, a failure under CI=true
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.bridge_cluster import BridgeCluster, start_bridge_cluster
 from tests.support.haproxy import haproxy_binary
-from tests.support.postgres import PostgresCluster, postgres_bindir
-
-
-def require_cluster_parts() -> None:
-    missing = []
-    if postgres_bindir() is None:
-        missing.append("PostgreSQL server (Debian: apt-get install -y postgresql)")
-    if haproxy_binary() is None:
-        missing.append("HAProxy (Debian: apt-get install -y haproxy)")
-    missing += [m for m in ("psycopg", "psycopg_pool") if importlib.util.find_spec(m) is None]
-    if not missing:
-        return
-    message = f"not installed: {', '.join(missing)}"
-    if os.environ.get("CI"):
-        pytest.fail(f"CI requires the cluster test's parts; {message}", pytrace=False)
-    pytest.skip(message)
+from tests.support.postgres import PostgresCluster, require_postgres, running_cluster
 
 
 @pytest.fixture(scope="module")
 def postgres_for_cluster() -> Iterator[PostgresCluster]:
-    require_cluster_parts()
-    bindir = postgres_bindir()
-    assert bindir is not None
-    cluster = PostgresCluster(bindir)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+    haproxy = [] if haproxy_binary() else ["HAProxy (Debian: apt-get install -y haproxy)"]
+    with running_cluster(require_postgres("the cluster test's parts", haproxy)) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

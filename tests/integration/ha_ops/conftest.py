@@ -8,35 +8,19 @@ SERVING one, and move to B when A drains); site-c connects to B directly.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from relay_demo.archive import DemoArchive
 from relay_demo.network import LocalRelayNetwork, Remote, Shared, _wait_ready
 from tests.integration.ha_ops.balancer import HealthCheckedBalancer
-from tests.support.postgres import PostgresCluster, postgres_bindir
+from tests.support.postgres import PostgresCluster, require_postgres, running_cluster
 
 HOST = "127.0.0.1"
 LOGIN_WINDOW_S = 4.0  # short, so that the brute-force test does not lock out the later sign-ons
-
-
-def require_postgres() -> Path:
-    bindir = postgres_bindir()
-    missing = [] if bindir else ["PostgreSQL server (Debian: apt-get install -y postgresql)"]
-    missing += [m for m in ("psycopg", "psycopg_pool") if importlib.util.find_spec(m) is None]
-    if missing:
-        message = f"not installed: {', '.join(missing)}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI requires PostgreSQL for the HA tests; {message}", pytrace=False)
-        pytest.skip(message)
-    assert bindir is not None
-    return bindir
 
 
 @dataclass
@@ -100,11 +84,8 @@ def _configure(net: LocalRelayNetwork, url: str, postgres: PostgresCluster) -> N
 @pytest.fixture(scope="session")
 def ha_postgres() -> Iterator[PostgresCluster]:
     """One throwaway PostgreSQL cluster for the HA tests (each module makes its own database)."""
-    postgres = PostgresCluster(require_postgres()).start()
-    try:
+    with running_cluster(require_postgres("PostgreSQL for the HA tests")) as postgres:
         yield postgres
-    finally:
-        postgres.stop()
 
 
 @pytest.fixture(scope="module")

@@ -133,14 +133,8 @@ class InboundCalls(AssociationHost):
             # Not yet an attack (a new partner's first call looks the same): refused and waiting for the
             # operator, who compares the fingerprint with the partner's operator (relay_router.approvals).
             log.warning("refused an association from %s: %s", notice.from_site, exc, extra=extra)
-            self.audit.event(
-                "peer_unapproved",
-                "alert",
-                site=exc.site,
-                direction="inbound",
-                fingerprint=exc.fingerprint,
-                called_ae=notice.called_ae_title,
-                association_id=notice.association_id,
+            exc.audit(
+                self.audit, direction="inbound", called_ae=notice.called_ae_title, association_id=notice.association_id
             )
             why = Reject(
                 Reason.PEER_UNAPPROVED,

@@ -274,15 +274,7 @@ class OutboundCalls(AssociationHost):
                 exc,
                 extra={"assoc": outcome.association_id},
             )
-            self.audit.event(
-                "peer_unapproved",
-                "alert",
-                site=exc.site,
-                direction="outbound",
-                fingerprint=exc.fingerprint,
-                called_ae=route.ae_title,
-                association_id=outcome.association_id,
-            )
+            exc.audit(self.audit, direction="outbound", called_ae=route.ae_title, association_id=outcome.association_id)
             why = Reject(Reason.PEER_UNAPPROVED, str(exc), rj=REJECT_UNKNOWN_CALLED)
             return await self._reject(conn, writer, outcome, why)
         except HandshakeError as exc:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay_common.errors import Reason, RelayError, SecurityError
 from relay_router.approvals import ApprovalStore
 from relay_router.seal import HandshakeError, PublicIdentity, UnknownPeer
+
+if TYPE_CHECKING:
+    from relay_common.audit import AuditLog
 
 log = logging.getLogger("relay_router.peers")
 
@@ -49,6 +53,18 @@ class PeerUnapproved(PeerKeyRejected):
         )
         self.site = site
         self.fingerprint = fingerprint
+
+    def audit(self, audit: AuditLog, *, direction: str, called_ae: str, association_id: str) -> None:
+        """The `peer_unapproved` alert, the same for calls in and out."""
+        audit.event(
+            "peer_unapproved",
+            "alert",
+            site=self.site,
+            direction=direction,
+            fingerprint=self.fingerprint,
+            called_ae=called_ae,
+            association_id=association_id,
+        )
 
 
 class NoPeerKey(UnknownPeer, RelayError):

@@ -20,6 +20,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_common.errors import Reason, RelayError
+from relay_router.accel.moves import MoveWatch
 from relay_router.close_codes import close_frame, received_close, received_refusal
 from relay_router.config import DicomSection
 from relay_router.identity.filter import Flow, IdentityFilter, IdentityFilterError
@@ -88,6 +89,7 @@ class RelayedAssociation:
         spill: SpillState | None = None,
         pace: PathPace | None = None,
         identity: IdentityRoute | None = None,
+        moves: MoveWatch | None = None,
     ) -> None:
         """`features`: what the responder agreed, or what the initiator offered (agreed once the Confirm
         from `confirm_from`, the responder's identity and site, has verified)."""
@@ -168,6 +170,11 @@ class RelayedAssociation:
                 counts=identity.counts,
             )
             self._spill_out = None  # the spill counts the device's bytes, which the filter may change
+        # Accelerated retrieval (relay_router.accel.moves): a C-MOVE's final response waits for its images.
+        self.moves = moves
+        if moves is not None:
+            moves.contexts = self._accepted_contexts
+            moves.max_pdu = lambda: self._max_pdu_towards(Flow.ARRIVING)
 
     # Frames sent and received so far (the codec's sequence numbers): relay_router.metrics reads them.
     @property
@@ -192,6 +199,8 @@ class RelayedAssociation:
     async def apply(self, actions: list[Action]) -> None:
         if self.identity is not None:
             actions = await self._coerce_identity(actions)
+        if self.moves is not None:
+            actions = await self._watch_moves(actions)
         to_local: list[bytes] = []
         to_remote: list[bytes] = []
         for action in actions:
@@ -235,6 +244,18 @@ class RelayedAssociation:
                 else:
                     runs.append((to, [data]))
             out += [Send(Side.REMOTE if to is Flow.LEAVING else Side.LOCAL, b"".join(run)) for to, run in runs]
+        return out
+
+    async def _watch_moves(self, actions: list[Action]) -> list[Action]:
+        """C-MOVE-RQs observed; a held move's final C-MOVE-RSP replaced once its images are delivered here."""
+        assert self.moves is not None
+        out: list[Action] = []
+        for action in actions:
+            if isinstance(action, Send) and action.to is Side.REMOTE:
+                self.moves.leaving(action.data)
+            elif isinstance(action, Send):
+                action = Send(Side.LOCAL, await self.moves.arriving(action.data))
+            out.append(action)
         return out
 
     def _accepted_contexts(self) -> dict[int, tuple[str, str]] | None:
@@ -553,6 +574,8 @@ class RelayedAssociation:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.moves is not None:
+            self.moves.close()  # moves still held have nobody to answer any more
         self.stream.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)

@@ -419,6 +419,9 @@ class AccelerateSection:
     commitment_max_instances: int = 10000
     commitment_timeout_s: float = 86400.0
     commitment_requester: list[CommitmentRequester] = field(default_factory=list)
+    # Accelerated retrieval (relay_router.accel.moves): the longest a final C-MOVE response is held for the
+    # move's images to reach their destination here; what is unconfirmed by then is reported failed.
+    move_hold_max_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.spool_max_bytes < 1024 * 1024:
@@ -433,6 +436,8 @@ class AccelerateSection:
             raise InvalidValue("retry_max_s", "must be between 1 and 86400")
         if not 10 <= self.capability_refresh_s <= 7 * 86400:
             raise InvalidValue("capability_refresh_s", "must be between 10 and 604800")
+        if not 5 <= self.move_hold_max_s <= 86400:
+            raise InvalidValue("move_hold_max_s", "must be between 5 and 86400")
         if not 1 <= self.commitment_max_pending <= 100000:
             raise InvalidValue("commitment_max_pending", "must be between 1 and 100000")
         if not 1 <= self.commitment_max_instances <= 100000:

@@ -114,6 +114,7 @@ async def run_far_session(
         capabilities=accel.far_capabilities,
         book=accel.book,
         on_commit=lambda: accel.wake_pool(device),
+        moves=accel.moves,
     )
     outcome.result = Result.ESTABLISHED
     accel.session_started(session)

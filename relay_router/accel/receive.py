@@ -25,6 +25,7 @@ from relay_common.files import write_private
 from relay_router import services
 from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities, probe
+from relay_router.accel.moves import MoveKey, MoveRegistry
 from relay_router.accel.spool import Spool, SpoolEntry, SpoolError, SpoolFull, SpoolWriter
 from relay_router.accel.transfer import RecordChannel, TransferError
 from relay_router.config import SharedDevice
@@ -105,6 +106,7 @@ class FarSession:
         capabilities: CapabilityCache,
         book: OutcomeBook,
         on_commit: object,
+        moves: MoveRegistry | None = None,
     ) -> None:
         self.channel = channel
         self.from_site = from_site
@@ -114,6 +116,7 @@ class FarSession:
         self.capabilities = capabilities
         self.book = book
         self._on_commit = on_commit
+        self.moves = moves  # C-MOVE sub-operations are counted for the move they belong to
         self.granted = device.services_for(from_site)
         self._writer: SpoolWriter | None = None
         self._header: records.InstanceHeader | None = None
@@ -214,13 +217,19 @@ class FarSession:
             detail = f"{self.device.ae_title} does not accept {header.sop_class} in {header.transfer_syntax}"
             self._refusal = (Status.SOP_CLASS_NOT_SUPPORTED, True, detail)
             return
+        meta = {"origin_site": self.from_site, "origin_id": header.id}
+        move = self._move(header)
+        if move is not None:  # delivered with the Move Originator pair, counted for the held final response
+            meta["move_originator_ae"], meta["move_originator_id"] = move.originator, str(move.message_id)
+            if self.moves is not None:
+                self.moves.arrived(move, header.sop_instance)
         try:
             self._writer = self.spool.writer(
                 far_route_name(self.device),
                 sop_class_uid=header.sop_class,
                 sop_instance_uid=header.sop_instance,
                 transfer_syntax=header.transfer_syntax,
-                meta={"origin_site": self.from_site, "origin_id": header.id},
+                meta=meta,
                 part10=True,
             )
         except SpoolError as exc:
@@ -270,8 +279,16 @@ class FarSession:
         finally:
             self._commit_slots.release()
 
+    def _move(self, header: records.InstanceHeader) -> MoveKey | None:
+        if header.move_originator_ae is None or header.move_originator_id is None:
+            return None
+        return MoveKey(self.from_site, header.move_originator_ae, header.move_originator_id)
+
     async def _refuse(self, header: records.InstanceHeader, why: tuple[int, bool, str] | None) -> None:
         status, permanent, error = why or (Status.CANNOT_UNDERSTAND, True, "refused")
+        move = self._move(header)
+        if permanent and move is not None and self.moves is not None:  # final: a failed sub-operation
+            self.moves.finished(move, header.sop_instance, status)
         log.warning("refused %s from %s with 0x%04X: %s", header.sop_instance, self.from_site, status, error)
         await self.channel.send(
             records.refused(header.id, header.sop_instance, status, permanent=permanent, error=error), flush=True

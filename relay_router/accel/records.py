@@ -9,7 +9,9 @@ near -> far
     HELLO       JSON {"version": 1, "capabilities": bool}: first record (inside Open); whether the
                 near router wants the device's capabilities now
     INSTANCE    JSON header {"id", "sop_class", "sop_instance", "transfer_syntax", "length"}, followed
-                by `length` bytes of the spooled Part 10 file in CHUNK records
+                by `length` bytes of the spooled Part 10 file in CHUNK records; a C-MOVE sub-operation
+                also carries "move_originator_ae" and "move_originator_id" (the requester's title in the
+                far router's namespace and its C-MOVE's Message ID: relay_router.accel.moves)
     CHUNK       raw bytes of the current instance (at most MAX_CHUNK)
     ACK         JSON {"ids": [...]}: outcomes the near router recorded (the far one may forget them)
 far -> near
@@ -77,6 +79,9 @@ class InstanceHeader:
     sop_instance: str
     transfer_syntax: str
     length: int
+    # A C-MOVE sub-operation's Move Originator AE Title and Message ID (PS3.7 9.3.1.1), else None.
+    move_originator_ae: str | None = None
+    move_originator_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,16 +145,17 @@ def hello(*, capabilities: bool) -> bytes:
 
 
 def instance(header: InstanceHeader) -> bytes:
-    return _json(
-        RecordType.INSTANCE,
-        {
-            "id": header.id,
-            "sop_class": header.sop_class,
-            "sop_instance": header.sop_instance,
-            "transfer_syntax": header.transfer_syntax,
-            "length": header.length,
-        },
-    )
+    body: dict[str, Any] = {
+        "id": header.id,
+        "sop_class": header.sop_class,
+        "sop_instance": header.sop_instance,
+        "transfer_syntax": header.transfer_syntax,
+        "length": header.length,
+    }
+    if header.move_originator_ae is not None and header.move_originator_id is not None:
+        body["move_originator_ae"] = header.move_originator_ae
+        body["move_originator_id"] = header.move_originator_id
+    return _json(RecordType.INSTANCE, body)
 
 
 def chunks(data: bytes) -> bytes:
@@ -205,6 +211,24 @@ def _entry_id(value: object, what: str) -> str:
     return value
 
 
+def _move_originator(body: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """A sub-operation's Move Originator pair, both or neither: an AE title (PS3.5 AE: 1-16 characters of the
+    default repertoire, no backslash, not only spaces) and a Message ID (US, 1-65535)."""
+    ae, message_id = body.get("move_originator_ae"), body.get("move_originator_id")
+    if ae is None and message_id is None:
+        return None, None
+    if (
+        not isinstance(ae, str)
+        or not 0 < len(ae) <= 16
+        or not ae.strip()
+        or any(not (0x20 <= ord(c) < 0x7F) or c == "\\" for c in ae)
+    ):
+        raise RecordError(f"INSTANCE record: move_originator_ae {str(ae)[:40]!r} is not an AE title")
+    if not isinstance(message_id, int) or isinstance(message_id, bool) or not 0 < message_id <= 0xFFFF:
+        raise RecordError(f"INSTANCE record: move_originator_id {str(message_id)[:20]!r} is not a Message ID")
+    return ae.strip(), message_id
+
+
 def _status(body: Mapping[str, Any], what: str) -> int:
     status = _field(body, "status", int, what)
     if not 0 <= status <= 0xFFFF:
@@ -240,6 +264,7 @@ def _decode(kind: RecordType, body: bytes) -> Record:
             _uid(value, "sop_instance", what),
             _uid(value, "transfer_syntax", what),
             length,
+            *_move_originator(value),
         )
     if kind is RecordType.ACK:
         ids = _field(value, "ids", list, what)

@@ -21,6 +21,7 @@ from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.commitment import CommitmentService
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
+from relay_router.accel.moves import MoveKey, MoveRegistry, move_fields
 from relay_router.accel.receive import FarSession, OutcomeBook, far_route_name
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry
 from relay_router.accel.transfer import NearTransfer, route_name
@@ -75,6 +76,10 @@ class AccelRuntime:
                 audit=audit,
             )
             self.spool.on_change = self.commitment.spool_changed
+        # Accelerated retrieval (relay_router.accel.moves): final C-MOVE responses held until delivery here.
+        self.moves: MoveRegistry | None = None
+        if any(d.accelerate for d in config.shared):
+            self.moves = MoveRegistry(section.move_hold_max_s, accelerated=self.move_destination)
         self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)
         self.pools: dict[str, DeliveryPool] = {}
         self.sessions: dict[str, set[FarSession]] = {}
@@ -84,6 +89,8 @@ class AccelRuntime:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.moves is not None:
+            self.moves.start(self._loop)
         self._settle_delivered()
         if self.commitment is not None:
             task = asyncio.create_task(self.commitment.run(), name="accel-commitment")
@@ -175,6 +182,14 @@ class AccelRuntime:
     def accepts(self, device: SharedDevice) -> bool:
         return device.accelerate and device.ae_title in self.pools
 
+    def move_destination(self, site: str, title: str) -> bool:
+        """Whether a C-MOVE to `title` at `site` comes back accelerated: one of our accelerated [[shared]]
+        devices (in the running configuration) that `site` may send to."""
+        return any(
+            d.ae_title == title and d.accelerate and d.ae_title in self.pools and d.services_for(site)
+            for d in self.config.shared
+        )
+
     def session_started(self, session: FarSession) -> None:
         self.sessions.setdefault(session.from_site, set()).add(session)
 
@@ -196,6 +211,9 @@ class AccelRuntime:
             return
         # No DIMSE status (unsendable file, no response until max_attempts): PS3.7 C 0x0110, processing failure.
         status = result.status if result.status is not None else 0x0110
+        originator, message_id = move_fields(entry.meta)
+        if self.moves is not None and originator is not None and message_id is not None:
+            self.moves.finished(MoveKey(site, originator, message_id), entry.sop_instance_uid, status)
         self.book.add(site, origin, entry.sop_instance_uid, status, result.error)
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the book sends it next time
@@ -213,6 +231,7 @@ class AccelRuntime:
             "spool_entries": {str(state): count for state, count in counts.items()},
             "outcomes_unreported": self.book.count(),
             "commitment": None if self.commitment is None else self.commitment.status(),
+            "moves": None if self.moves is None else self.moves.status(),
             "routes": {
                 title: {
                     "site": t.route.site,

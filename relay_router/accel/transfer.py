@@ -32,6 +32,7 @@ from relay_common.audit import AuditLog
 from relay_common.errors import Reason, RelayError
 from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
+from relay_router.accel.moves import move_fields, partner_originator
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry, SpoolError
 from relay_router.close_codes import close_frame, received_close, received_refusal
 from relay_router.config import RouterConfig
@@ -351,8 +352,12 @@ class NearTransfer:
             return 0
         self.in_flight[entry.id] = InFlight(entry, size)
         self.counts["sent"] += 1
+        # A C-MOVE sub-operation names its move in the far router's titles (relay_router.accel.moves).
+        originator, message_id = move_fields(entry.meta)
+        if originator is not None:
+            originator = partner_originator(self.config, self.route.site, originator)
         header = records.InstanceHeader(
-            entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size
+            entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size, originator, message_id
         )
         await channel.send(records.instance(header))
         with path.open("rb") as source:

@@ -518,9 +518,7 @@ def rewrite_final(
         warning=tally.warning,
     )
     identifier: Dataset | None = None
-    uids = list(original.get("FailedSOPInstanceUIDList", []) or []) if original is not None else []
-    if isinstance(uids, str):
-        uids = [uids]
+    uids = _uid_list(original.get("FailedSOPInstanceUIDList")) if original is not None else []
     uids += [uid for uid in tally.failed_uids if uid not in uids]
     if status != SUCCESS and uids:
         identifier = Dataset()
@@ -530,6 +528,13 @@ def rewrite_final(
     if identifier is not None:
         answer.CommandDataSetType = 0x0001
     return FinalAnswer(answer, identifier, status, failed)
+
+
+def _uid_list(value: object) -> list[str]:
+    """A UI value as a list: pydicom gives a single value as a str, several as a MultiValue."""
+    if not value:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[attr-defined]
 
 
 def _decode(data: bytes, transfer_syntax: str) -> Dataset | None:

@@ -202,7 +202,9 @@ def test_the_final_response_comes_once_every_image_is_at_the_destination(sites: 
         assert pydicom.dcmread(present[str(original.SOPInstanceUID)]) == original
     # Router A held that response: it says so, with the requester's own title (translated by router B).
     log_a = sites.net.log("hospital-a")
-    assert "C-MOVE from 'MOVER_A' (Message ID 1) to WS_A at hospital-b: its final response waits" in log_a, log_a[-3000:]
+    assert "C-MOVE from 'MOVER_A' (Message ID 1) to WS_A at hospital-b: its final response waits" in log_a, log_a[
+        -3000:
+    ]
     assert "final response 0x0000 -> 0x0000; completed 5, warning 0, failed 0" in log_a, log_a[-3000:]
     # Nothing of it waited long for a dead end: the images went the accelerated way (router B's spool).
     assert near_route(sites.net, "WS_A").get("connected") is not None

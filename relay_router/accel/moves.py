@@ -37,17 +37,20 @@ response is never held past the ceiling. Everything here runs on the event loop 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
+from relay_common.files import write_private
 from relay_router.dimse import (
     CommandField,
     CommandReceived,
@@ -64,7 +67,7 @@ from relay_router.ul.pdu import PduType
 if TYPE_CHECKING:
     from relay_router.config import RouterConfig
 
-__all__ = ["MoveKey", "MoveRegistry", "MoveWatch", "Tally", "final_counts", "partner_originator"]
+__all__ = ["MoveKey", "MoveRegistry", "MoveWatch", "PartnerSenders", "Tally", "final_counts", "partner_originator"]
 
 log = logging.getLogger("relay_router.accel.moves")
 
@@ -264,6 +267,41 @@ class MoveRegistry:
 
     def status(self) -> dict[str, int]:
         return {"held": self.in_flight(), "released": self.held_total, "timed_out": self.timed_out_total}
+
+
+class PartnerSenders:
+    """The (partner site, device) pairs whose accelerated transfers reached this router (persisted).
+
+    A near router accepts sub-operations itself only once it has learned the device's capabilities,
+    which it learns from a transfer to this router; before that it relays them transparently, and a
+    held final response would wait for images that never come the accelerated way. So a move is
+    held only for a pair seen here (kept across restarts, as the near router keeps what it learned).
+    """
+
+    MAX_PAIRS = 10_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pairs: set[tuple[str, str]] = set()
+        try:
+            loaded = json.loads(path.read_text())
+            self._pairs = {(str(site), str(device)) for site, device in loaded[: self.MAX_PAIRS]}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("%s unreadable (%s): moves are held again once each partner's transfer is seen", path, exc)
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        return pair in self._pairs
+
+    def add(self, site: str, device: str) -> None:
+        if (site, device) in self._pairs or len(self._pairs) >= self.MAX_PAIRS:
+            return
+        self._pairs.add((site, device))
+        try:
+            write_private(self.path, json.dumps(sorted(self._pairs)))
+        except OSError as exc:
+            log.warning("cannot record %s's accelerated transfers into %s: %s", site, device, exc)
 
 
 def partner_originator(config: RouterConfig, site: str, originator: str) -> str:

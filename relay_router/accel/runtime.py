@@ -21,7 +21,7 @@ from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.commitment import CommitmentService
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
-from relay_router.accel.moves import MoveKey, MoveRegistry, move_fields
+from relay_router.accel.moves import MoveKey, MoveRegistry, PartnerSenders, move_fields
 from relay_router.accel.receive import FarSession, OutcomeBook, far_route_name
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry
 from relay_router.accel.transfer import NearTransfer, route_name
@@ -78,6 +78,7 @@ class AccelRuntime:
             self.spool.on_change = self.commitment.spool_changed
         # Accelerated retrieval (relay_router.accel.moves): final C-MOVE responses held until delivery here.
         self.moves: MoveRegistry | None = None
+        self.move_partners = PartnerSenders(state / "move-partners.json")
         if any(d.accelerate for d in config.shared):
             self.moves = MoveRegistry(section.move_hold_max_s, accelerated=self.move_destination)
         self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)
@@ -184,13 +185,15 @@ class AccelRuntime:
 
     def move_destination(self, site: str, title: str) -> bool:
         """Whether a C-MOVE to `title` at `site` comes back accelerated: one of our accelerated [[shared]]
-        devices (in the running configuration) that `site` may send to."""
-        return any(
+        devices (in the running configuration) that `site` may send to and has sent to the accelerated way
+        (relay_router.accel.moves.PartnerSenders)."""
+        return (site, title) in self.move_partners and any(
             d.ae_title == title and d.accelerate and d.ae_title in self.pools and d.services_for(site)
             for d in self.config.shared
         )
 
     def session_started(self, session: FarSession) -> None:
+        self.move_partners.add(session.from_site, session.device.ae_title)  # it accelerates to it from now on
         self.sessions.setdefault(session.from_site, set()).add(session)
 
     def session_ended(self, session: FarSession) -> None:

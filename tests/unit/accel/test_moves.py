@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -14,6 +15,7 @@ from relay_router.accel import records
 from relay_router.accel.moves import (
     MoveKey,
     MoveRegistry,
+    PartnerSenders,
     Tally,
     final_counts,
     move_fields,
@@ -294,3 +296,15 @@ def test_a_hostile_move_originator_is_refused(fields: dict[str, object]) -> None
         RecordReader(records.NEAR_TO_FAR).feed(
             bytes([records.RecordType.INSTANCE]) + len(data).to_bytes(4, "big") + data
         )
+
+
+def test_partner_senders_are_remembered_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "accel" / "move-partners.json"
+    seen = PartnerSenders(path)
+    assert ("hospital-b", "WS_A") not in seen
+    seen.add("hospital-b", "WS_A")
+    assert ("hospital-b", "WS_A") in PartnerSenders(path)
+    assert ("hospital-c", "WS_A") not in PartnerSenders(path)
+    assert path.stat().st_mode & 0o077 == 0
+    path.write_text("{not json")
+    assert ("hospital-b", "WS_A") not in PartnerSenders(path)  # unreadable: held again once seen again

@@ -175,6 +175,7 @@ class RelayedAssociation:
         if moves is not None:
             moves.contexts = self._accepted_contexts
             moves.max_pdu = lambda: self._max_pdu_towards(Flow.ARRIVING)
+            moves.send_local = self._send_to_local
 
     # Frames sent and received so far (the codec's sequence numbers): relay_router.metrics reads them.
     @property
@@ -247,16 +248,31 @@ class RelayedAssociation:
         return out
 
     async def _watch_moves(self, actions: list[Action]) -> list[Action]:
-        """C-MOVE-RQs observed; a held move's final C-MOVE-RSP replaced once its images are delivered here."""
+        """C-MOVE-RQs observed; a held move's final C-MOVE-RSP replaced once its images are delivered here.
+
+        The bytes for the local device go to the watch as one piece (at the place of the first): while it
+        holds a response, it writes what came before and its pending responses itself, in order."""
         assert self.moves is not None
+        local = [a.data for a in actions if isinstance(a, Send) and a.to is Side.LOCAL]
         out: list[Action] = []
         for action in actions:
             if isinstance(action, Send) and action.to is Side.REMOTE:
                 self.moves.leaving(action.data)
             elif isinstance(action, Send):
-                action = Send(Side.LOCAL, await self.moves.arriving(action.data))
+                if local:
+                    out.append(Send(Side.LOCAL, await self.moves.arriving(b"".join(local))))
+                    local = []
+                continue
             out.append(action)
         return out
+
+    async def _send_to_local(self, data: bytes) -> None:
+        """Write to the local device now (the move watch, while it holds a final response)."""
+        self.tap.relayed(False, data)
+        self.outcome.bytes_to_local += len(data)
+        self.writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
 
     def _accepted_contexts(self) -> dict[int, tuple[str, str]] | None:
         accepted = self.conn.accepted

@@ -528,6 +528,10 @@ class RouterConfig:
                 # The accelerated acceptor stores data sets without the identity filter: refuse rather than
                 # let images pass unrelabelled on a route that promises coercion.
                 raise InvalidValue("accelerate", f"{device.ae_title!r}: cannot be combined with patient_identity yet")
+        idle = self.dicom.idle_timeout_s
+        if idle and self.accelerate.move_hold_max_s >= idle:
+            # A held final C-MOVE response leaves the association silent; the idle timeout must not end it first.
+            raise InvalidValue("accelerate.move_hold_max_s", f"must be below [dicom] idle_timeout_s ({idle:g})")
 
 
 def spool_dir(config: RouterConfig) -> Path:

@@ -344,8 +344,8 @@ class OutboundCalls(AssociationHost):
             spill=self.spill,
             pace=self.paces.setdefault(route.site, PathPace()),
             identity=self.identity.remote(request.called_ae),
-            moves=self.accel.moves.watch(route.site, request.calling_ae, outcome.association_id)
-            if self.accel is not None and self.accel.moves is not None
+            moves=self.accel.move_watch(route.site, request.calling_ae, outcome.association_id, self.config)
+            if self.accel is not None
             else None,
         )
         outcome.bytes_to_remote += len(forward.data)

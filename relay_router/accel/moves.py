@@ -41,7 +41,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -76,6 +76,9 @@ MAX_SUBOPS = 100_000  # sub-operations remembered per move (a study of 100 000 i
 MAX_HELD_RESPONSE = 1024 * 1024  # bytes of a final response (its Failed SOP Instance UID List) held to rewrite
 PENDING, SUCCESS, WARNING_SUBOPS, ALL_FAILED, CANCEL = 0xFF00, 0x0000, 0xB000, 0xA702, 0xFE00
 _PDU_HEADER = 6
+# While a final response is held, the requester gets a pending C-MOVE-RSP this often (with the counts so
+# far): a workstation with a DIMSE timeout would otherwise give up on a long delivery.
+PENDING_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,10 @@ class MoveRegistry:
         self,
         hold_max_s: float,
         *,
-        accelerated: Callable[[str, str], bool],
         max_moves: int = MAX_MOVES,
         max_subops: int = MAX_SUBOPS,
     ) -> None:
-        """`accelerated(site, destination)`: whether `destination` (a Move Destination AE title) is one of our
-        accelerated [[shared]] devices that `site` may send to."""
         self.hold_max_s = hold_max_s
-        self.accelerated = accelerated
         self.max_moves = max_moves
         self.max_subops = max_subops
         self._moves: dict[MoveKey, _Move] = {}
@@ -157,8 +156,12 @@ class MoveRegistry:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def watch(self, site: str, calling_ae: str, association_id: str = "") -> MoveWatch:
-        return MoveWatch(self, site=site, calling_ae=calling_ae, association_id=association_id)
+    def watch(
+        self, site: str, calling_ae: str, accelerated: Callable[[str], bool], association_id: str = ""
+    ) -> MoveWatch:
+        """`accelerated(destination)`: whether a Move Destination AE title is one of our accelerated [[shared]]
+        devices that `site` sends to the accelerated way."""
+        return MoveWatch(self, site=site, calling_ae=calling_ae, accelerated=accelerated, association_id=association_id)
 
     # -- the move's life (event loop) ---------------------------------------------------------------
     def begin(self, key: MoveKey, destination: str) -> bool:
@@ -227,25 +230,40 @@ class MoveRegistry:
             except RuntimeError:  # the loop closed meanwhile: nobody waits any more
                 pass
 
-    async def settle(self, key: MoveKey, expected: int) -> Tally:
-        """Wait until `expected` sub-operations of the move have a final outcome here (or the ceiling)."""
+    async def settle(
+        self,
+        key: MoveKey,
+        expected: int,
+        progress: Callable[[Tally, int], Awaitable[None]] | None = None,
+        every_s: float = PENDING_EVERY_S,
+    ) -> Tally:
+        """Wait until `expected` sub-operations of the move have a final outcome here, at most `hold_max_s` from
+        now. `progress(counts so far, remaining)` is awaited every `every_s` while waiting (pending responses)."""
         with self._lock:
             move = self._moves.get(key)
         if move is None:
             return Tally(0, 0, expected, (), expected)
-        deadline = move.started + self.hold_max_s
+        now = time.monotonic()
+        deadline, next_progress = now + self.hold_max_s, now + every_s
         self.held_total += 1
         while True:
             with self._lock:
                 done = len(move.results)
+                results = dict(move.results) if progress is not None else {}
             if done >= expected:
                 break
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 break
+            if progress is not None and now >= next_progress:
+                next_progress = now + every_s
+                partial = final_counts(done, results, ())
+                await progress(partial, expected - done)
+                continue
             move.changed.clear()
+            wake = min(deadline, next_progress) if progress is not None else deadline
             try:
-                await asyncio.wait_for(move.changed.wait(), min(left, 5.0))
+                await asyncio.wait_for(move.changed.wait(), max(0.0, min(wake - now, 5.0)))
             except TimeoutError:
                 pass
         with self._lock:
@@ -349,13 +367,26 @@ class MoveWatch:
     then pass unchanged, as on any transparent route.
     """
 
-    def __init__(self, registry: MoveRegistry, *, site: str, calling_ae: str, association_id: str = "") -> None:
+    def __init__(
+        self,
+        registry: MoveRegistry,
+        *,
+        site: str,
+        calling_ae: str,
+        accelerated: Callable[[str], bool],
+        association_id: str = "",
+    ) -> None:
         self.registry = registry
+        self.accelerated = accelerated
         self.site = site
         self.calling_ae = calling_ae.strip()
         self.extra = {"assoc": association_id}
         self.contexts: Callable[[], Mapping[int, tuple[str, str]] | None] = lambda: None
         self.max_pdu: Callable[[], int] = lambda: 0  # the requester's Maximum Length (PS3.8 D.1)
+        # Writes to the requester at once (the association's): what came before a held response, and the
+        # pending responses sent while it is held. None: nothing is sent until the final response.
+        self.send_local: Callable[[bytes], Awaitable[None]] | None = None
+        self.pending_every_s = PENDING_EVERY_S
         self._moves: dict[int, MoveKey] = {}  # Message ID -> held move
         self._out = DimseReceiver({})  # requester -> archive
         self._out_buffer = bytearray()
@@ -397,7 +428,7 @@ class MoveWatch:
     def _request(self, command: Dataset) -> None:
         destination = str(command.get("MoveDestination", "")).strip()
         message_id = int(command.get("MessageID", 0))
-        if not destination or not self.registry.accelerated(self.site, destination):
+        if not destination or not self.accelerated(destination):
             return
         key = MoveKey(self.site, self.calling_ae, message_id)
         previous = self._moves.pop(message_id, None)
@@ -425,7 +456,7 @@ class MoveWatch:
                     self._current = None  # an abort or release mid-message: what was held cannot be sent
                     out.append(pdu)
                     continue
-                out += await self._pdata(pdu)
+                await self._pdata(pdu, out)
         except (DimseError, ValueError) as exc:
             self._stop(f"cannot follow the archive's DIMSE messages: {exc}")
             held, self._current = self._current, None
@@ -437,7 +468,8 @@ class MoveWatch:
             self._in_buffer.clear()
         return b"".join(out)
 
-    async def _pdata(self, pdu: bytes) -> list[bytes]:
+    async def _pdata(self, pdu: bytes, out: list[bytes]) -> None:
+        """Append to `out` what this PDU lets go to the requester now (awaiting a held move's delivery)."""
         assert self._in is not None
         earlier = len(self._current.pdvs) if self._current is not None else 0  # PDVs held from earlier PDUs
         touched: list[_Message] = []
@@ -464,8 +496,8 @@ class MoveWatch:
         if earlier == 0 and all(m.decided and m.key is None for m in touched):
             for message in touched:
                 message.pdvs.clear()
-            return [pdu]  # nothing held in this PDU: it goes as it came, byte for byte
-        out: list[bytes] = []
+            out.append(pdu)  # nothing held in this PDU: it goes as it came, byte for byte
+            return
         for message in touched:
             if not message.decided:
                 continue  # its command set is not complete: kept until it is
@@ -473,8 +505,10 @@ class MoveWatch:
                 out += [_pdu(cid, control, fragment) for cid, control, fragment in message.pdvs]
                 message.pdvs.clear()
             elif message.complete:
+                if self.send_local is not None and out:  # what came before goes before any pending response
+                    await self.send_local(b"".join(out))
+                    out.clear()
                 out += await self._release(message)
-        return out
 
     def _classify(self, message: _Message, event: CommandReceived) -> None:
         message.decided = True
@@ -489,6 +523,28 @@ class MoveWatch:
         if key is not None:
             message.key = key
 
+    def _pending_sender(self, message: _Message, archive_failed: int) -> Callable[[Tally, int], Awaitable[None]] | None:
+        """A pending C-MOVE-RSP (FF00) with the counts so far, for the requester while the final one is held."""
+        send = self.send_local
+        if send is None:
+            return None
+        command = message.command
+        assert command is not None
+
+        async def pending(tally: Tally, remaining: int) -> None:
+            rsp = c_move_rsp(
+                int(command.get("MessageIDBeingRespondedTo", 0)),
+                str(command.get("AffectedSOPClassUID", "")),
+                PENDING,
+                completed=min(tally.completed, 0xFFFF),
+                failed=min(archive_failed + tally.failed, 0xFFFF),
+                warning=min(tally.warning, 0xFFFF),
+                remaining=min(remaining, 0xFFFF),
+            )
+            await send(b"".join(DimseSender(self.max_pdu()).message(message.context_id, rsp)))
+
+        return pending
+
     async def _release(self, message: _Message) -> list[bytes]:
         """The held final response, once the move's images have their outcome here, with the true counts."""
         key, command = message.key, message.command
@@ -501,7 +557,9 @@ class MoveWatch:
         failed = int(command.get("NumberOfFailedSuboperations", 0) or 0)
         status = int(command.get("Status", SUCCESS))
         try:
-            tally = await self.registry.settle(key, completed + warning)
+            tally = await self.registry.settle(
+                key, completed + warning, self._pending_sender(message, failed), self.pending_every_s
+            )
         finally:
             self.registry.end(key)
         answer = rewrite_final(command, status, failed, tally, original)

@@ -21,7 +21,7 @@ from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.commitment import CommitmentService
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
-from relay_router.accel.moves import MoveKey, MoveRegistry, PartnerSenders, move_fields
+from relay_router.accel.moves import MoveKey, MoveRegistry, MoveWatch, PartnerSenders, move_fields
 from relay_router.accel.receive import FarSession, OutcomeBook, far_route_name
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry
 from relay_router.accel.transfer import NearTransfer, route_name
@@ -80,7 +80,7 @@ class AccelRuntime:
         self.moves: MoveRegistry | None = None
         self.move_partners = PartnerSenders(state / "move-partners.json")
         if any(d.accelerate for d in config.shared):
-            self.moves = MoveRegistry(section.move_hold_max_s, accelerated=self.move_destination)
+            self.moves = MoveRegistry(section.move_hold_max_s)
         self.stats = DeliveryStats()  # the delivery pools' counters (relay_router.accel.metrics)
         self.pools: dict[str, DeliveryPool] = {}
         self.sessions: dict[str, set[FarSession]] = {}
@@ -183,14 +183,22 @@ class AccelRuntime:
     def accepts(self, device: SharedDevice) -> bool:
         return device.accelerate and device.ae_title in self.pools
 
-    def move_destination(self, site: str, title: str) -> bool:
-        """Whether a C-MOVE to `title` at `site` comes back accelerated: one of our accelerated [[shared]]
-        devices (in the running configuration) that `site` may send to and has sent to the accelerated way
-        (relay_router.accel.moves.PartnerSenders)."""
-        return (site, title) in self.move_partners and any(
-            d.ae_title == title and d.accelerate and d.ae_title in self.pools and d.services_for(site)
-            for d in self.config.shared
-        )
+    def move_watch(self, site: str, calling_ae: str, association_id: str, config: RouterConfig) -> MoveWatch | None:
+        """The C-MOVE watch of an outbound transparent association to `site` (relay_router.accel.moves), if
+        this router takes accelerated transfers at all."""
+        if self.moves is None:
+            return None
+
+        def accelerated(title: str) -> bool:
+            """A C-MOVE to `title` comes back accelerated: one of our accelerated [[shared]] devices (in the
+            running `config`, which a reload may have changed) that `site` may send to and has sent to the
+            accelerated way (relay_router.accel.moves.PartnerSenders)."""
+            return (site, title) in self.move_partners and any(
+                d.ae_title == title and d.accelerate and d.ae_title in self.pools and d.services_for(site)
+                for d in config.shared
+            )
+
+        return self.moves.watch(site, calling_ae, accelerated, association_id)
 
     def session_started(self, session: FarSession) -> None:
         self.move_partners.add(session.from_site, session.device.ae_title)  # it accelerates to it from now on

@@ -34,7 +34,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def registry(hold_max_s: float = 30.0, **kwargs: object) -> MoveRegistry:
-    return MoveRegistry(hold_max_s, accelerated=lambda site, title: title == "WS_A", **kwargs)  # type: ignore[arg-type]
+    return MoveRegistry(hold_max_s, **kwargs)  # type: ignore[arg-type]
 
 
 def c_move_rq(message_id: int, destination: str) -> Dataset:
@@ -188,7 +188,7 @@ async def test_settle_gives_up_at_the_ceiling_and_says_why(caplog: pytest.LogCap
 
 
 def watch(moves: MoveRegistry):  # type: ignore[no-untyped-def]
-    w = moves.watch("hospital-b", "MOVER_A")
+    w = moves.watch("hospital-b", "MOVER_A", lambda title: title == "WS_A")
     w.contexts = lambda: CONTEXTS
     w.max_pdu = lambda: 16384
     return w
@@ -308,3 +308,33 @@ def test_partner_senders_are_remembered_across_restarts(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o077 == 0
     path.write_text("{not json")
     assert ("hospital-b", "WS_A") not in PartnerSenders(path)  # unreadable: held again once seen again
+
+
+async def test_while_the_final_response_is_held_the_requester_gets_pending_ones_in_order() -> None:
+    moves = registry()
+    moves.start(asyncio.get_running_loop())
+    w = watch(moves)
+    sent: list[bytes] = []
+
+    async def send_local(data: bytes) -> None:
+        sent.append(data)
+
+    w.send_local = send_local
+    w.pending_every_s = 0.05
+    w.leaving(request_pdus(7, "WS_A"))
+    last_pending = response_pdus(7, 0xFF00, completed=3, remaining=0)
+    final = asyncio.create_task(w.arriving(last_pending + response_pdus(7, 0x0000, completed=3)))
+    await asyncio.sleep(0.02)
+    assert sent == [last_pending], "what came before the held response did not go first"
+    moves.finished(KEY, "1.1", 0x0000)
+    await asyncio.sleep(0.2)
+    progress = [command for data in sent[1:] for command, _ in decoded(data)]
+    assert progress and all(int(c.Status) == 0xFF00 for c in progress)
+    assert (int(progress[-1].NumberOfCompletedSuboperations), int(progress[-1].NumberOfRemainingSuboperations)) == (
+        1,
+        2,
+    )
+    moves.finished(KEY, "1.2", 0x0000)
+    moves.finished(KEY, "1.3", 0x0000)
+    ((command, _),) = decoded(await asyncio.wait_for(final, 5))
+    assert (int(command.Status), int(command.NumberOfCompletedSuboperations)) == (0x0000, 3)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 
 from relay_common.files import write_private
 from relay_router.dimse import (
@@ -414,6 +415,9 @@ class MoveWatch:
             contexts = self.contexts()
             if not contexts:
                 return  # the A-ASSOCIATE-RQ itself
+            if not any(_is_move(abstract) for abstract, _ in contexts.values()):
+                self._broken = True  # no C-MOVE possible here: nothing to follow, the bytes pass untouched
+                return
             self._out = DimseReceiver(contexts)
         try:
             for pdu in _pdus(data, self._out_buffer):
@@ -624,6 +628,11 @@ def rewrite_final(
     if identifier is not None:
         answer.CommandDataSetType = 0x0001
     return FinalAnswer(answer, identifier, status, failed)
+
+
+def _is_move(sop_class: str) -> bool:
+    """A Query/Retrieve MOVE SOP class (PS3.4 C.6: "... Information Model - MOVE")."""
+    return UID(sop_class).name.endswith("- MOVE")
 
 
 def _uid_list(value: object) -> list[str]:

@@ -338,3 +338,12 @@ async def test_while_the_final_response_is_held_the_requester_gets_pending_ones_
     moves.finished(KEY, "1.3", 0x0000)
     ((command, _),) = decoded(await asyncio.wait_for(final, 5))
     assert (int(command.Status), int(command.NumberOfCompletedSuboperations)) == (0x0000, 3)
+
+
+async def test_an_association_without_a_move_context_is_not_followed() -> None:
+    moves = registry()
+    w = moves.watch("hospital-b", "MOVER_A", lambda title: True)
+    w.contexts = lambda: {1: (CT, EXPLICIT)}
+    w.leaving(b"\x04\x00\x00\x00\x00\x08garbage!")  # not even parsed
+    assert moves.in_flight() == 0
+    assert await w.arriving(b"anything") == b"anything"

@@ -553,6 +553,7 @@ class MoveWatch:
         """The held final response, once the move's images have their outcome here, with the true counts."""
         key, command = message.key, message.command
         assert key is not None and command is not None and self._in is not None
+        as_received = [_pdu(cid, control, fragment) for cid, control, fragment in message.pdvs]
         message.pdvs.clear()
         syntax = self._in.contexts[message.context_id][1]
         original = _decode(bytes(message.dataset), syntax) if message.dataset else None
@@ -566,11 +567,19 @@ class MoveWatch:
             )
         finally:
             self.registry.end(key)
-        answer = rewrite_final(command, status, failed, tally, original)
-        sender = DimseSender(self.max_pdu())
-        identifier = None
-        if answer.identifier is not None:
-            identifier = encode_dataset(answer.identifier, syntax)
+        try:
+            answer = rewrite_final(command, status, failed, tally, original)
+            identifier = None if answer.identifier is None else encode_dataset(answer.identifier, syntax)
+            pdus = list(DimseSender(self.max_pdu()).message(message.context_id, answer.command, identifier))
+        except Exception as exc:  # a bug or an odd archive must not cost the requester its final response
+            log.error(
+                "C-MOVE from %r (Message ID %d): cannot rewrite the final response (%s); sent as the archive gave it",
+                key.originator,
+                key.message_id,
+                exc,
+                extra=self.extra,
+            )
+            return as_received
         log.info(
             "C-MOVE from %r (Message ID %d): final response 0x%04X -> 0x%04X; completed %d, warning %d, failed %d "
             "(the archive said %d/%d/%d)",
@@ -586,7 +595,7 @@ class MoveWatch:
             failed,
             extra=self.extra,
         )
-        return list(sender.message(message.context_id, answer.command, identifier))
+        return pdus
 
 
 @dataclass(frozen=True)
@@ -613,9 +622,9 @@ def rewrite_final(
         int(command.get("MessageIDBeingRespondedTo", 0)),
         str(command.get("AffectedSOPClassUID", "")),
         status,
-        completed=tally.completed,
+        completed=min(tally.completed, 0xFFFF),
         failed=failed,
-        warning=tally.warning,
+        warning=min(tally.warning, 0xFFFF),
     )
     identifier: Dataset | None = None
     uids = _uid_list(original.get("FailedSOPInstanceUIDList")) if original is not None else []

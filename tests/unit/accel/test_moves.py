@@ -347,3 +347,22 @@ async def test_an_association_without_a_move_context_is_not_followed() -> None:
     w.leaving(b"\x04\x00\x00\x00\x00\x08garbage!")  # not even parsed
     assert moves.in_flight() == 0
     assert await w.arriving(b"anything") == b"anything"
+
+
+async def test_a_final_response_that_cannot_be_rewritten_still_reaches_the_requester(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay_router.accel import moves as moves_module
+
+    def broken(*_: object) -> None:
+        raise ValueError("odd archive")
+
+    monkeypatch.setattr(moves_module, "rewrite_final", broken)
+    moves = registry()
+    moves.start(asyncio.get_running_loop())
+    w = watch(moves)
+    w.leaving(request_pdus(7, "WS_A"))
+    moves.finished(KEY, "1.1", 0x0000)
+    final = response_pdus(7, 0x0000, completed=1)
+    assert await asyncio.wait_for(w.arriving(final), 5) == final
+    assert moves.in_flight() == 0

@@ -171,6 +171,8 @@ class InboundCalls(AssociationHost):
                 features=features,
                 outcome=outcome,
             )
+        if self.accel is not None:  # held C-MOVE responses must not wait for sub-operations coming this way
+            self.accel.transparent_inbound(notice.from_site, device)
         # Parse the RQ before contacting the device: the services this site may use are checked against our
         # own configuration (never the directory's copy), and a request for nothing granted never reaches it.
         conn = RelayConnection(Side.REMOTE)

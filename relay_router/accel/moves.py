@@ -100,6 +100,7 @@ class _Move:
     arrived: set[str] = field(default_factory=set)  # SOP Instance UIDs received here for this move
     results: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> the destination's final status
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    transparent: bool = False  # the partner relayed sub-operations to the destination transparently meanwhile
 
 
 @dataclass(frozen=True)
@@ -237,9 +238,10 @@ class MoveRegistry:
         expected: int,
         progress: Callable[[Tally, int], Awaitable[None]] | None = None,
         every_s: float = PENDING_EVERY_S,
-    ) -> Tally:
+    ) -> Tally | None:
         """Wait until `expected` sub-operations of the move have a final outcome here, at most `hold_max_s` from
-        now. `progress(counts so far, remaining)` is awaited every `every_s` while waiting (pending responses)."""
+        now. `progress(counts so far, remaining)` is awaited every `every_s` while waiting (pending responses).
+        None: the sub-operations went transparently (`transparent_seen`): the archive's answer is the truth."""
         with self._lock:
             move = self._moves.get(key)
         if move is None:
@@ -251,7 +253,7 @@ class MoveRegistry:
             with self._lock:
                 done = len(move.results)
                 results = dict(move.results) if progress is not None else {}
-            if done >= expected:
+            if done >= expected or move.transparent:
                 break
             now = time.monotonic()
             if now >= deadline:
@@ -267,6 +269,16 @@ class MoveRegistry:
                 await asyncio.wait_for(move.changed.wait(), max(0.0, min(wake - now, 5.0)))
             except TimeoutError:
                 pass
+        if move.transparent:
+            log.info(
+                "C-MOVE from %r (Message ID %d): %s relayed sub-operations to %s transparently; the final "
+                "response passes as the archive sent it",
+                key.originator,
+                key.message_id,
+                key.site,
+                move.destination,
+            )
+            return None
         with self._lock:
             tally = final_counts(expected, dict(move.results), sorted(move.arrived))
         if tally.unconfirmed:
@@ -283,6 +295,17 @@ class MoveRegistry:
                 self.hold_max_s,
             )
         return tally
+
+    def transparent_seen(self, site: str, destination: str) -> None:
+        """`site` relayed an association to `destination` transparently: sub-operations of moves held for that
+        pair may come that way, already answered by the destination to the archive, and would never arrive
+        here as instances. Such a hold ends now and the archive's final response passes as it is."""
+        with self._lock:
+            moves = [m for m in self._moves.values() if m.key.site == site and m.destination == destination]
+            for move in moves:
+                move.transparent = True
+        for move in moves:
+            move.changed.set()
 
     def status(self) -> dict[str, int]:
         return {"held": self.in_flight(), "released": self.held_total, "timed_out": self.timed_out_total}
@@ -317,10 +340,20 @@ class PartnerSenders:
         if (site, device) in self._pairs or len(self._pairs) >= self.MAX_PAIRS:
             return
         self._pairs.add((site, device))
+        self._save(f"cannot record {site}'s accelerated transfers into {device}")
+
+    def discard(self, site: str, device: str) -> None:
+        """`site` relayed an association to `device` transparently: it may not send the accelerated way (any
+        more): its moves are not held until its next accelerated transfer."""
+        if (site, device) in self._pairs:
+            self._pairs.discard((site, device))
+            self._save(f"cannot forget {site}'s accelerated transfers into {device}")
+
+    def _save(self, what: str) -> None:
         try:
             write_private(self.path, json.dumps(sorted(self._pairs)))
         except OSError as exc:
-            log.warning("cannot record %s's accelerated transfers into %s: %s", site, device, exc)
+            log.warning("%s in %s: %s", what, self.path, exc)
 
 
 def partner_originator(config: RouterConfig, site: str, originator: str) -> str:
@@ -567,6 +600,8 @@ class MoveWatch:
             )
         finally:
             self.registry.end(key)
+        if tally is None:
+            return as_received
         try:
             answer = rewrite_final(command, status, failed, tally, original)
             identifier = None if answer.identifier is None else encode_dataset(answer.identifier, syntax)

@@ -200,6 +200,15 @@ class AccelRuntime:
 
         return self.moves.watch(site, calling_ae, accelerated, association_id)
 
+    def transparent_inbound(self, site: str, device: SharedDevice) -> None:
+        """`site` relayed an association to accelerated `device` transparently (relay_router.inbound): its
+        C-MOVE sub-operations may come that way too (relay_router.accel.moves)."""
+        if not device.accelerate:
+            return
+        self.move_partners.discard(site, device.ae_title)
+        if self.moves is not None:
+            self.moves.transparent_seen(site, device.ae_title)
+
     def session_started(self, session: FarSession) -> None:
         self.move_partners.add(session.from_site, session.device.ae_title)  # it accelerates to it from now on
         self.sessions.setdefault(session.from_site, set()).add(session)

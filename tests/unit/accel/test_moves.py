@@ -366,3 +366,30 @@ async def test_a_final_response_that_cannot_be_rewritten_still_reaches_the_reque
     final = response_pdus(7, 0x0000, completed=1)
     assert await asyncio.wait_for(w.arriving(final), 5) == final
     assert moves.in_flight() == 0
+
+
+async def test_sub_operations_relayed_transparently_end_the_hold_with_the_archives_answer() -> None:
+    moves = registry()
+    moves.start(asyncio.get_running_loop())
+    w = watch(moves)
+    w.leaving(request_pdus(7, "WS_A"))
+    final = response_pdus(7, 0x0000, completed=2)
+    releasing = asyncio.create_task(w.arriving(final))
+    await asyncio.sleep(0.05)
+    assert not releasing.done()
+    moves.transparent_seen("hospital-c", "WS_A")  # another site: no effect
+    moves.transparent_seen("hospital-b", "OTHER")  # another device: no effect
+    await asyncio.sleep(0.05)
+    assert not releasing.done()
+    moves.transparent_seen("hospital-b", "WS_A")
+    assert await asyncio.wait_for(releasing, 5) == final  # the destination answered the archive itself
+
+
+def test_a_partner_relaying_transparently_is_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "move-partners.json"
+    seen = PartnerSenders(path)
+    seen.add("hospital-b", "WS_A")
+    seen.add("hospital-b", "PICKY_A")
+    seen.discard("hospital-b", "WS_A")
+    assert ("hospital-b", "WS_A") not in PartnerSenders(path)
+    assert ("hospital-b", "PICKY_A") in PartnerSenders(path)

@@ -115,6 +115,7 @@ async def run_far_session(
         book=accel.book,
         on_commit=lambda: accel.wake_pool(device),
         moves=accel.moves,
+        partners=accel.move_partners,
     )
     outcome.result = Result.ESTABLISHED
     accel.session_started(session)

@@ -25,7 +25,7 @@ from relay_common.files import write_private
 from relay_router import services
 from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities, probe
-from relay_router.accel.moves import MoveKey, MoveRegistry
+from relay_router.accel.moves import MoveKey, MoveRegistry, PartnerSenders
 from relay_router.accel.spool import Spool, SpoolEntry, SpoolError, SpoolFull, SpoolWriter
 from relay_router.accel.transfer import RecordChannel, TransferError
 from relay_router.config import SharedDevice
@@ -107,6 +107,7 @@ class FarSession:
         book: OutcomeBook,
         on_commit: object,
         moves: MoveRegistry | None = None,
+        partners: PartnerSenders | None = None,
     ) -> None:
         self.channel = channel
         self.from_site = from_site
@@ -117,6 +118,7 @@ class FarSession:
         self.book = book
         self._on_commit = on_commit
         self.moves = moves  # C-MOVE sub-operations are counted for the move they belong to
+        self.partners = partners  # near routers whose sub-operations name their move (they may be held)
         self.granted = device.services_for(from_site)
         self._writer: SpoolWriter | None = None
         self._header: records.InstanceHeader | None = None
@@ -139,6 +141,8 @@ class FarSession:
         hello = first[0] if len(first) == 1 else None
         if not isinstance(hello, records.Hello):
             raise records.RecordError("the first record of an accelerated transfer is not HELLO")
+        if hello.moves and self.partners is not None:  # from now on C-MOVEs to this device may be held
+            self.partners.add(self.from_site, self.device.ae_title)
         known = self.capabilities.get(self.device.ae_title)
         refresh: asyncio.Task[None] | None = None
         if self._probe_due(asked=hello.capabilities):

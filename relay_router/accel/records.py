@@ -6,8 +6,9 @@ record stream instead of Upper Layer PDUs. Each direction is one byte stream cut
 anywhere; a record is a 1-byte type, a 4-byte big-endian body length and the body:
 
 near -> far
-    HELLO       JSON {"version": 1, "capabilities": bool}: first record (inside Open); whether the
-                near router wants the device's capabilities now
+    HELLO       JSON {"version": 1, "capabilities": bool, "moves": bool}: first record (inside Open);
+                whether the near router wants the device's capabilities now, and whether it names the
+                move of each C-MOVE sub-operation (below)
     INSTANCE    JSON header {"id", "sop_class", "sop_instance", "transfer_syntax", "length"}, followed
                 by `length` bytes of the spooled Part 10 file in CHUNK records; a C-MOVE sub-operation
                 also carries "move_originator_ae" and "move_originator_id" (the requester's title in the
@@ -70,6 +71,9 @@ class RecordError(RelayError):
 @dataclass(frozen=True)
 class Hello:
     capabilities: bool
+    # The near router names each C-MOVE sub-operation's move in its INSTANCE records (relay_router.accel.moves):
+    # only then may the far router hold a final C-MOVE response for them. Absent (False) from older routers.
+    moves: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,8 @@ def _json(kind: RecordType, value: Mapping[str, Any]) -> bytes:
     return _record(kind, body)
 
 
-def hello(*, capabilities: bool) -> bytes:
-    return _json(RecordType.HELLO, {"version": VERSION, "capabilities": capabilities})
+def hello(*, capabilities: bool, moves: bool = True) -> bytes:
+    return _json(RecordType.HELLO, {"version": VERSION, "capabilities": capabilities, "moves": moves})
 
 
 def instance(header: InstanceHeader) -> bytes:
@@ -253,7 +257,7 @@ def _decode(kind: RecordType, body: bytes) -> Record:
     if kind is RecordType.HELLO:
         if value.get("version") != VERSION:
             raise RecordError(f"HELLO: version {str(value.get('version'))[:20]!r}, this router speaks {VERSION}")
-        return Hello(bool(value.get("capabilities")))
+        return Hello(bool(value.get("capabilities")), value.get("moves") is True)
     if kind is RecordType.INSTANCE:
         length = _field(value, "length", int, what)
         if not 0 < length <= MAX_INSTANCE:

@@ -210,7 +210,6 @@ class AccelRuntime:
             self.moves.transparent_seen(site, device.ae_title)
 
     def session_started(self, session: FarSession) -> None:
-        self.move_partners.add(session.from_site, session.device.ae_title)  # it accelerates to it from now on
         self.sessions.setdefault(session.from_site, set()).add(session)
 
     def session_ended(self, session: FarSession) -> None:

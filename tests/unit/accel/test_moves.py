@@ -393,3 +393,15 @@ def test_a_partner_relaying_transparently_is_forgotten(tmp_path: Path) -> None:
     seen.discard("hospital-b", "WS_A")
     assert ("hospital-b", "WS_A") not in PartnerSenders(path)
     assert ("hospital-b", "PICKY_A") in PartnerSenders(path)
+
+
+def test_hello_says_whether_sub_operations_name_their_move() -> None:
+    import json
+
+    (new,) = RecordReader(records.NEAR_TO_FAR).feed(records.hello(capabilities=False))
+    assert new == records.Hello(False, moves=True)
+    body = json.dumps({"version": 1, "capabilities": True}).encode()  # a router from before accelerated retrieval
+    (old,) = RecordReader(records.NEAR_TO_FAR).feed(
+        bytes([records.RecordType.HELLO]) + len(body).to_bytes(4, "big") + body
+    )
+    assert old == records.Hello(True, moves=False)

@@ -159,10 +159,10 @@ class MoveRegistry:
         self._loop = loop
 
     def watch(
-        self, site: str, calling_ae: str, accelerated: Callable[[str], bool], association_id: str = ""
+        self, site: str, calling_ae: str, accelerated: Callable[[str], str | None], association_id: str = ""
     ) -> MoveWatch:
-        """`accelerated(destination)`: whether a Move Destination AE title is one of our accelerated [[shared]]
-        devices that `site` sends to the accelerated way."""
+        """`accelerated(destination)`: which of our accelerated [[shared]] devices a Move Destination AE title
+        (the partner's title for it) names, if `site` sends to it the accelerated way; else None."""
         return MoveWatch(self, site=site, calling_ae=calling_ae, accelerated=accelerated, association_id=association_id)
 
     # -- the move's life (event loop) ---------------------------------------------------------------
@@ -312,46 +312,55 @@ class MoveRegistry:
 
 
 class PartnerSenders:
-    """The (partner site, device) pairs whose accelerated transfers reached this router (persisted).
+    """Which partner sites send to which of our devices the accelerated way, and under which title (persisted).
 
     A near router accepts sub-operations itself only once it has learned the device's capabilities,
     which it learns from a transfer to this router; before that it relays them transparently, and a
-    held final response would wait for images that never come the accelerated way. So a move is
-    held only for a pair seen here (kept across restarts, as the near router keeps what it learned).
+    held final response would wait for images that never come the accelerated way. So a move is held
+    only for a (site, device) seen here (kept across restarts, as the near router keeps what it
+    learned). The near router's HELLO also names its own title for the device: the archive's Move
+    Destination, which is that title, is matched to our device through it.
     """
 
-    MAX_PAIRS = 10_000
+    MAX_ENTRIES = 10_000
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pairs: set[tuple[str, str]] = set()
+        self._titles: dict[tuple[str, str], str] = {}  # (site, the site's title for the device) -> our device
         try:
             loaded = json.loads(path.read_text())
-            self._pairs = {(str(site), str(device)) for site, device in loaded[: self.MAX_PAIRS]}
+            for item in loaded[: self.MAX_ENTRIES]:
+                site, device, title = (item + [item[-1]])[:3]  # [site, device, title]
+                self._titles[(str(site), str(title))] = str(device)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, IndexError) as exc:
             log.warning("%s unreadable (%s): moves are held again once each partner's transfer is seen", path, exc)
 
-    def __contains__(self, pair: tuple[str, str]) -> bool:
-        return pair in self._pairs
+    def device_for(self, site: str, title: str) -> str | None:
+        """Our device that `site` reaches the accelerated way under `title`, if any."""
+        return self._titles.get((site, title))
 
-    def add(self, site: str, device: str) -> None:
-        if (site, device) in self._pairs or len(self._pairs) >= self.MAX_PAIRS:
+    def add(self, site: str, device: str, title: str | None = None) -> None:
+        key = (site, title or device)
+        if self._titles.get(key) == device or len(self._titles) >= self.MAX_ENTRIES:
             return
-        self._pairs.add((site, device))
+        self._titles[key] = device
         self._save(f"cannot record {site}'s accelerated transfers into {device}")
 
     def discard(self, site: str, device: str) -> None:
         """`site` relayed an association to `device` transparently: it may not send the accelerated way (any
         more): its moves are not held until its next accelerated transfer."""
-        if (site, device) in self._pairs:
-            self._pairs.discard((site, device))
+        keys = [key for key, ours in self._titles.items() if key[0] == site and ours == device]
+        for key in keys:
+            del self._titles[key]
+        if keys:
             self._save(f"cannot forget {site}'s accelerated transfers into {device}")
 
     def _save(self, what: str) -> None:
+        entries = sorted([site, device, title] for (site, title), device in self._titles.items())
         try:
-            write_private(self.path, json.dumps(sorted(self._pairs)))
+            write_private(self.path, json.dumps(entries))
         except OSError as exc:
             log.warning("%s in %s: %s", what, self.path, exc)
 
@@ -407,7 +416,7 @@ class MoveWatch:
         *,
         site: str,
         calling_ae: str,
-        accelerated: Callable[[str], bool],
+        accelerated: Callable[[str], str | None],
         association_id: str = "",
     ) -> None:
         self.registry = registry
@@ -465,13 +474,14 @@ class MoveWatch:
     def _request(self, command: Dataset) -> None:
         destination = str(command.get("MoveDestination", "")).strip()
         message_id = int(command.get("MessageID", 0))
-        if not destination or not self.accelerated(destination):
+        device = self.accelerated(destination) if destination else None
+        if device is None:
             return
         key = MoveKey(self.site, self.calling_ae, message_id)
         previous = self._moves.pop(message_id, None)
         if previous is not None:
             self.registry.end(previous)
-        if self.registry.begin(key, destination):
+        if self.registry.begin(key, device):
             self._moves[message_id] = key
 
     # -- archive -> requester ------------------------------------------------------------------

@@ -142,7 +142,7 @@ class FarSession:
         if not isinstance(hello, records.Hello):
             raise records.RecordError("the first record of an accelerated transfer is not HELLO")
         if hello.moves and self.partners is not None:  # from now on C-MOVEs to this device may be held
-            self.partners.add(self.from_site, self.device.ae_title)
+            self.partners.add(self.from_site, self.device.ae_title, hello.title)
         known = self.capabilities.get(self.device.ae_title)
         refresh: asyncio.Task[None] | None = None
         if self._probe_due(asked=hello.capabilities):

@@ -6,9 +6,9 @@ record stream instead of Upper Layer PDUs. Each direction is one byte stream cut
 anywhere; a record is a 1-byte type, a 4-byte big-endian body length and the body:
 
 near -> far
-    HELLO       JSON {"version": 1, "capabilities": bool, "moves": bool}: first record (inside Open);
-                whether the near router wants the device's capabilities now, and whether it names the
-                move of each C-MOVE sub-operation (below)
+    HELLO       JSON {"version": 1, "capabilities": bool, "moves": bool, "title": str}: first record
+                (inside Open); whether the near router wants the device's capabilities now, whether it
+                names the move of each C-MOVE sub-operation (below), and its own title for the device
     INSTANCE    JSON header {"id", "sop_class", "sop_instance", "transfer_syntax", "length"}, followed
                 by `length` bytes of the spooled Part 10 file in CHUNK records; a C-MOVE sub-operation
                 also carries "move_originator_ae" and "move_originator_id" (the requester's title in the
@@ -74,6 +74,7 @@ class Hello:
     # The near router names each C-MOVE sub-operation's move in its INSTANCE records (relay_router.accel.moves):
     # only then may the far router hold a final C-MOVE response for them. Absent (False) from older routers.
     moves: bool = False
+    title: str | None = None  # the near router's own AE title for the device (a C-MOVE's Move Destination there)
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,11 @@ def _json(kind: RecordType, value: Mapping[str, Any]) -> bytes:
     return _record(kind, body)
 
 
-def hello(*, capabilities: bool, moves: bool = True) -> bytes:
-    return _json(RecordType.HELLO, {"version": VERSION, "capabilities": capabilities, "moves": moves})
+def hello(*, capabilities: bool, moves: bool = True, title: str | None = None) -> bytes:
+    body: dict[str, Any] = {"version": VERSION, "capabilities": capabilities, "moves": moves}
+    if title is not None:
+        body["title"] = title
+    return _json(RecordType.HELLO, body)
 
 
 def instance(header: InstanceHeader) -> bytes:
@@ -215,18 +219,23 @@ def _entry_id(value: object, what: str) -> str:
     return value
 
 
+def _ae_title(value: object) -> bool:
+    """PS3.5 AE: 1-16 characters of the default repertoire, no backslash, not only spaces."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 16
+        and bool(value.strip())
+        and all(0x20 <= ord(c) < 0x7F and c != "\\" for c in value)
+    )
+
+
 def _move_originator(body: Mapping[str, Any]) -> tuple[str | None, int | None]:
     """A sub-operation's Move Originator pair, both or neither: an AE title (PS3.5 AE: 1-16 characters of the
     default repertoire, no backslash, not only spaces) and a Message ID (US, 1-65535)."""
     ae, message_id = body.get("move_originator_ae"), body.get("move_originator_id")
     if ae is None and message_id is None:
         return None, None
-    if (
-        not isinstance(ae, str)
-        or not 0 < len(ae) <= 16
-        or not ae.strip()
-        or any(not (0x20 <= ord(c) < 0x7F) or c == "\\" for c in ae)
-    ):
+    if not isinstance(ae, str) or not _ae_title(ae):
         raise RecordError(f"INSTANCE record: move_originator_ae {str(ae)[:40]!r} is not an AE title")
     if not isinstance(message_id, int) or isinstance(message_id, bool) or not 0 < message_id <= 0xFFFF:
         raise RecordError(f"INSTANCE record: move_originator_id {str(message_id)[:20]!r} is not a Message ID")
@@ -257,7 +266,12 @@ def _decode(kind: RecordType, body: bytes) -> Record:
     if kind is RecordType.HELLO:
         if value.get("version") != VERSION:
             raise RecordError(f"HELLO: version {str(value.get('version'))[:20]!r}, this router speaks {VERSION}")
-        return Hello(bool(value.get("capabilities")), value.get("moves") is True)
+        title = value.get("title")
+        if title is not None and not (isinstance(title, str) and _ae_title(title)):
+            raise RecordError(f"HELLO: title {str(title)[:40]!r} is not an AE title")
+        return Hello(
+            bool(value.get("capabilities")), value.get("moves") is True, None if title is None else title.strip()
+        )
     if kind is RecordType.INSTANCE:
         length = _field(value, "length", int, what)
         if not 0 < length <= MAX_INSTANCE:

@@ -189,14 +189,16 @@ class AccelRuntime:
         if self.moves is None:
             return None
 
-        def accelerated(title: str) -> bool:
-            """A C-MOVE to `title` comes back accelerated: one of our accelerated [[shared]] devices (in the
-            running `config`, which a reload may have changed) that `site` may send to and has sent to the
-            accelerated way (relay_router.accel.moves.PartnerSenders)."""
-            return (site, title) in self.move_partners and any(
-                d.ae_title == title and d.accelerate and d.ae_title in self.pools and d.services_for(site)
+        def accelerated(title: str) -> str | None:
+            """Which device a C-MOVE to `title` (the site's title for it) comes back to accelerated: one of our
+            accelerated [[shared]] devices (in the running `config`, which a reload may have changed) that
+            `site` may send to and has sent to the accelerated way (relay_router.accel.moves.PartnerSenders)."""
+            device = self.move_partners.device_for(site, title)
+            accelerated = any(
+                d.ae_title == device and d.accelerate and d.ae_title in self.pools and d.services_for(site)
                 for d in config.shared
             )
+            return device if accelerated else None
 
         return self.moves.watch(site, calling_ae, accelerated, association_id)
 

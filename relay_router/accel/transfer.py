@@ -270,7 +270,7 @@ class NearTransfer:
         dicom = self.config.dicom
         offered = Features(compress=dicom.compression, shuffle=dicom.compression, accel=True)
         handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
-        hello = records.hello(capabilities=self.capabilities.stale(self.local_ae))
+        hello = records.hello(capabilities=self.capabilities.stale(self.local_ae), title=self.local_ae)
         opening = pb.Open(
             association_id=aid,
             to_site=self.route.site,

@@ -11,9 +11,10 @@ images arrive: the assertion "every image is in storescp's directory when movesc
 Router B exposes MOVER_A under another title (A_MOVER): Orthanc names A_MOVER as the Move Originator,
 router B translates it back, and router A matches the sub-operations by (MOVER_A, Message ID).
 
-PICKY_A, a pynetdicom SCP at site A, accepts every storage SOP class in negotiation but answers MR
-Image Storage with 0x0122 (SOP class not supported): the final response counts those failed, names
-them in the Failed SOP Instance UID List, and says B000 (some failed) or A702 (all failed).
+PICKY_A, a pynetdicom SCP at site A that router B exposes as PICKY_X (the archive's Move Destination),
+accepts every storage SOP class in negotiation but answers MR Image Storage with 0x0122 (SOP class not
+supported): the final response counts those failed, names them in the Failed SOP Instance UID List,
+and says B000 (some failed) or A702 (all failed).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             shared=[Shared("ORTHANC_B", HOST, orthanc.dicom_port, ["hospital-a"])],
             remote=[
                 Remote("WS_A", "hospital-a", accelerate=True),
-                Remote("PICKY_A", "hospital-a", accelerate=True),
+                Remote("PICKY_X", "hospital-a", "PICKY_A", accelerate=True),  # under another title at site B
                 Remote("PLAIN_A", "hospital-a"),
                 Remote("A_MOVER", "hospital-a", "MOVER_A"),  # the requester, under another title at site B
             ],
@@ -160,10 +161,10 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             accelerate={**ACCEL, "move_hold_max_s": 90},
         )
         assert site_b.port
-        orthanc.set_modalities({title: (title, HOST, site_b.port) for title in ("WS_A", "PICKY_A", "PLAIN_A")})
+        orthanc.set_modalities({title: (title, HOST, site_b.port) for title in ("WS_A", "PICKY_X", "PLAIN_A")})
         net.wait_connected()
         # Router B answers the archive's sub-operations itself once it knows what each device accepts.
-        for title in ("WS_A", "PICKY_A"):
+        for title in ("WS_A", "PICKY_X"):
             wait_for(lambda t=title: near_route(net, t).get("capabilities_known"), f"{title}'s capabilities at B")
         yield Sites(net, orthanc, ws, plain, picky, work, series)
     finally:
@@ -215,7 +216,7 @@ def test_the_final_response_comes_once_every_image_is_at_the_destination(sites: 
 
 def test_a_destination_refusing_one_sop_class_turns_into_failed_sub_operations(sites: Sites) -> None:
     ct, mr = sites.series["mixed_ct"], sites.series["mixed_mr"]
-    result = move(sites, "PICKY_A", MIXED_STUDY)
+    result = move(sites, "PICKY_X", MIXED_STUDY)
     assert not result.timed_out and not result.aborted and not result.errors, result
     # Sub-operations complete, one or more failures (PS3.4 C.4.2.3.1): the CT images stored, the MR refused.
     assert "0xb000" in result.log.lower(), result
@@ -228,7 +229,7 @@ def test_a_destination_refusing_one_sop_class_turns_into_failed_sub_operations(s
 
 
 def test_all_sub_operations_refused_is_a702(sites: Sites) -> None:
-    result = move(sites, "PICKY_A", MR_STUDY)
+    result = move(sites, "PICKY_X", MR_STUDY)
     assert "0xa702" in result.log.lower(), result  # Refused: Out of Resources, unable to perform sub-operations
     assert (result.completed, result.failed) == (0, 2), result
 

@@ -188,7 +188,7 @@ async def test_settle_gives_up_at_the_ceiling_and_says_why(caplog: pytest.LogCap
 
 
 def watch(moves: MoveRegistry):  # type: ignore[no-untyped-def]
-    w = moves.watch("hospital-b", "MOVER_A", lambda title: title == "WS_A")
+    w = moves.watch("hospital-b", "MOVER_A", lambda title: "WS_A" if title == "WS_A" else None)
     w.contexts = lambda: CONTEXTS
     w.max_pdu = lambda: 16384
     return w
@@ -298,16 +298,20 @@ def test_a_hostile_move_originator_is_refused(fields: dict[str, object]) -> None
         )
 
 
-def test_partner_senders_are_remembered_across_restarts(tmp_path: Path) -> None:
+def test_partner_senders_are_remembered_across_restarts_with_their_titles(tmp_path: Path) -> None:
     path = tmp_path / "accel" / "move-partners.json"
     seen = PartnerSenders(path)
-    assert ("hospital-b", "WS_A") not in seen
+    assert seen.device_for("hospital-b", "WS_A") is None
     seen.add("hospital-b", "WS_A")
-    assert ("hospital-b", "WS_A") in PartnerSenders(path)
-    assert ("hospital-c", "WS_A") not in PartnerSenders(path)
+    seen.add("hospital-b", "PICKY_A", "PICKY_X")  # site B exposes PICKY_A as PICKY_X: the Move Destination there
+    again = PartnerSenders(path)
+    assert again.device_for("hospital-b", "WS_A") == "WS_A"
+    assert again.device_for("hospital-b", "PICKY_X") == "PICKY_A"
+    assert again.device_for("hospital-b", "PICKY_A") is None
+    assert again.device_for("hospital-c", "WS_A") is None
     assert path.stat().st_mode & 0o077 == 0
     path.write_text("{not json")
-    assert ("hospital-b", "WS_A") not in PartnerSenders(path)  # unreadable: held again once seen again
+    assert PartnerSenders(path).device_for("hospital-b", "WS_A") is None  # unreadable: held again once seen
 
 
 async def test_while_the_final_response_is_held_the_requester_gets_pending_ones_in_order() -> None:
@@ -342,7 +346,7 @@ async def test_while_the_final_response_is_held_the_requester_gets_pending_ones_
 
 async def test_an_association_without_a_move_context_is_not_followed() -> None:
     moves = registry()
-    w = moves.watch("hospital-b", "MOVER_A", lambda title: True)
+    w = moves.watch("hospital-b", "MOVER_A", lambda title: title)
     w.contexts = lambda: {1: (CT, EXPLICIT)}
     w.leaving(b"\x04\x00\x00\x00\x00\x08garbage!")  # not even parsed
     assert moves.in_flight() == 0
@@ -388,20 +392,29 @@ async def test_sub_operations_relayed_transparently_end_the_hold_with_the_archiv
 def test_a_partner_relaying_transparently_is_forgotten(tmp_path: Path) -> None:
     path = tmp_path / "move-partners.json"
     seen = PartnerSenders(path)
-    seen.add("hospital-b", "WS_A")
+    seen.add("hospital-b", "WS_A", "WS_X")
     seen.add("hospital-b", "PICKY_A")
     seen.discard("hospital-b", "WS_A")
-    assert ("hospital-b", "WS_A") not in PartnerSenders(path)
-    assert ("hospital-b", "PICKY_A") in PartnerSenders(path)
+    assert PartnerSenders(path).device_for("hospital-b", "WS_X") is None
+    assert PartnerSenders(path).device_for("hospital-b", "PICKY_A") == "PICKY_A"
 
 
 def test_hello_says_whether_sub_operations_name_their_move() -> None:
     import json
 
-    (new,) = RecordReader(records.NEAR_TO_FAR).feed(records.hello(capabilities=False))
-    assert new == records.Hello(False, moves=True)
+    (new,) = RecordReader(records.NEAR_TO_FAR).feed(records.hello(capabilities=False, title="WS_X"))
+    assert new == records.Hello(False, moves=True, title="WS_X")
     body = json.dumps({"version": 1, "capabilities": True}).encode()  # a router from before accelerated retrieval
     (old,) = RecordReader(records.NEAR_TO_FAR).feed(
         bytes([records.RecordType.HELLO]) + len(body).to_bytes(4, "big") + body
     )
     assert old == records.Hello(True, moves=False)
+
+
+@pytest.mark.parametrize("title", ["", "X" * 17, "BAD\\AE", 7])
+def test_a_hostile_hello_title_is_refused(title: object) -> None:
+    import json
+
+    body = json.dumps({"version": 1, "capabilities": True, "moves": True, "title": title}).encode()
+    with pytest.raises(RecordError, match="title"):
+        RecordReader(records.NEAR_TO_FAR).feed(bytes([records.RecordType.HELLO]) + len(body).to_bytes(4, "big") + body)

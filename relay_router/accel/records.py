@@ -12,6 +12,12 @@ near -> far
                 by `length` bytes of the spooled Part 10 file in CHUNK records
     CHUNK       raw bytes of the current instance (at most MAX_CHUNK)
     ACK         JSON {"ids": [...]}: outcomes the near router recorded (the far one may forget them)
+    BLOB        JSON {"id", "sop_class", "sop_instance", "transfer_syntax", "length", "blob_id",
+                "ordinal", "parts", "digest"}: an instance above `[dicom] spill_threshold_bytes`
+                that travelled through the blob store instead of CHUNKs (relay_router.spill's
+                `BlobUpload`: parts sealed with this association's key under `part_seq(ordinal,
+                part)`, `digest` the SHA-256 of the stored parts in order, hex); the far router
+                fetches, verifies and spools it (relay_router.accel.receive)
 far -> near
     CAPABILITIES JSON {"contexts": {sop_class: [transfer syntax, ...]}}: what the device accepts
     STORED      JSON {"id", "sop_instance"}: durable in the far router's spool (near: FORWARDED)
@@ -43,6 +49,10 @@ MAX_INSTANCE = 8 * 1024**3  # larger than any real instance; bounds what a peer 
 MAX_CAPABILITY_CLASSES = 1024
 MAX_CAPABILITY_SYNTAXES = 32
 MAX_ACK_IDS = 4096
+MIN_PART_BYTES = 64 * 1024  # the smallest `[dicom] spill_part_bytes`: bounds the parts a BLOB may announce
+MAX_BLOB_ORDINAL = 1 << 42  # relay_router.spill_store.MAX_BLOBS: part nonces stay unique below it
+_BLOB_ID = re.compile(r"[0-9a-f]{32}")  # as the bridge issues them (relay_bridge.blobs.BLOB_ID)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _HEADER = 5
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _ENTRY_ID = re.compile(r"[0-9A-Za-z_.-]{1,80}")
@@ -53,6 +63,7 @@ class RecordType(IntEnum):
     INSTANCE = 0x02
     CHUNK = 0x03
     ACK = 0x04
+    BLOB = 0x05
     CAPABILITIES = 0x10
     STORED = 0x11
     REFUSED = 0x12
@@ -77,6 +88,17 @@ class InstanceHeader:
     sop_instance: str
     transfer_syntax: str
     length: int
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    """An instance whose bytes are in the blob store: the INSTANCE fields plus the blob's manifest."""
+
+    instance: InstanceHeader
+    blob_id: str
+    ordinal: int
+    parts: int
+    digest: bytes
 
 
 @dataclass(frozen=True)
@@ -118,7 +140,7 @@ class Outcome:
     error: str
 
 
-Record = Hello | InstanceHeader | Chunk | Ack | Capabilities | Stored | Refused | Outcome
+Record = Hello | InstanceHeader | BlobHeader | Chunk | Ack | Capabilities | Stored | Refused | Outcome
 
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -148,6 +170,24 @@ def instance(header: InstanceHeader) -> bytes:
             "sop_instance": header.sop_instance,
             "transfer_syntax": header.transfer_syntax,
             "length": header.length,
+        },
+    )
+
+
+def blob(header: BlobHeader) -> bytes:
+    i = header.instance
+    return _json(
+        RecordType.BLOB,
+        {
+            "id": i.id,
+            "sop_class": i.sop_class,
+            "sop_instance": i.sop_instance,
+            "transfer_syntax": i.transfer_syntax,
+            "length": i.length,
+            "blob_id": header.blob_id,
+            "ordinal": header.ordinal,
+            "parts": header.parts,
+            "digest": header.digest.hex(),
         },
     )
 
@@ -218,6 +258,37 @@ def _text(body: Mapping[str, Any], name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:200])  # logged: no control characters
 
 
+def _instance(value: Mapping[str, Any], what: str) -> InstanceHeader:
+    length = _field(value, "length", int, what)
+    if not 0 < length <= MAX_INSTANCE:
+        raise RecordError(f"{what} record: length {length} out of range")
+    return InstanceHeader(
+        _entry_id(value.get("id"), what),
+        _uid(value, "sop_class", what),
+        _uid(value, "sop_instance", what),
+        _uid(value, "transfer_syntax", what),
+        length,
+    )
+
+
+def _blob(value: Mapping[str, Any], what: str) -> BlobHeader:
+    """A BLOB reference, bounded like a transparent association's blob notice (relay_router.spill_receive)."""
+    instance = _instance(value, what)
+    blob_id = _field(value, "blob_id", str, what)
+    if not _BLOB_ID.fullmatch(blob_id):
+        raise RecordError(f"BLOB record: blob id {blob_id[:80]!r} is not 32 hex digits")
+    ordinal = _field(value, "ordinal", int, what)
+    if not 0 <= ordinal < MAX_BLOB_ORDINAL:
+        raise RecordError(f"BLOB record: ordinal {ordinal} out of range")
+    parts = _field(value, "parts", int, what)
+    if not 1 <= parts <= instance.length // MIN_PART_BYTES + 1:
+        raise RecordError(f"BLOB record: {parts} parts for {instance.length} bytes")
+    digest = _field(value, "digest", str, what)
+    if not _DIGEST.fullmatch(digest):
+        raise RecordError("BLOB record: digest is not a hex SHA-256")
+    return BlobHeader(instance, blob_id, ordinal, parts, bytes.fromhex(digest))
+
+
 def _decode(kind: RecordType, body: bytes) -> Record:
     what = kind.name
     try:
@@ -231,16 +302,9 @@ def _decode(kind: RecordType, body: bytes) -> Record:
             raise RecordError(f"HELLO: version {str(value.get('version'))[:20]!r}, this router speaks {VERSION}")
         return Hello(bool(value.get("capabilities")))
     if kind is RecordType.INSTANCE:
-        length = _field(value, "length", int, what)
-        if not 0 < length <= MAX_INSTANCE:
-            raise RecordError(f"INSTANCE record: length {length} out of range")
-        return InstanceHeader(
-            _entry_id(value.get("id"), what),
-            _uid(value, "sop_class", what),
-            _uid(value, "sop_instance", what),
-            _uid(value, "transfer_syntax", what),
-            length,
-        )
+        return _instance(value, what)
+    if kind is RecordType.BLOB:
+        return _blob(value, what)
     if kind is RecordType.ACK:
         ids = _field(value, "ids", list, what)
         if len(ids) > MAX_ACK_IDS:
@@ -342,5 +406,5 @@ class RecordReader:
         return out
 
 
-NEAR_TO_FAR = (RecordType.HELLO, RecordType.INSTANCE, RecordType.CHUNK, RecordType.ACK)
+NEAR_TO_FAR = (RecordType.HELLO, RecordType.INSTANCE, RecordType.BLOB, RecordType.CHUNK, RecordType.ACK)
 FAR_TO_NEAR = (RecordType.CAPABILITIES, RecordType.STORED, RecordType.REFUSED, RecordType.OUTCOME)

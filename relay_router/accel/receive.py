@@ -275,7 +275,12 @@ class FarSession:
         await self._fetch_slots.acquire()
         task = asyncio.create_task(self._fetch(header, writer))
         self._fetches.add(task)
-        task.add_done_callback(self._fetches.discard)
+        task.add_done_callback(self._fetched)
+
+    def _fetched(self, task: asyncio.Task[None]) -> None:
+        self._fetches.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so instead of losing it
+            log.error("fetching a blob from %s failed", self.from_site, exc_info=task.exception())
 
     async def _fetch(self, header: records.BlobHeader, writer: SpoolWriter) -> None:
         instance = header.instance

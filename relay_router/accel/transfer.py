@@ -56,6 +56,9 @@ SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.
 READ_BYTES = 256 * 1024
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
+# How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
+# routes has no delivery pool, which otherwise carries them out).
+REQUEST_POLL_S = 2.0
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 # Instances sent by reference whose STORED is awaited: the far router fetches a few at a time, and each
 # blob counts against the association's quota in the store until the far router released it.
@@ -221,12 +224,13 @@ class NearTransfer:
     async def run(self) -> None:
         delay = RETRY_MIN_S
         while True:
+            self._apply_requests()
             if not self._has_work():
                 next_due = self.spool.next_due(route=self.route_name)
                 wait = self.capabilities.refresh_s if next_due is None else max(0.05, next_due - time.time())
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), min(wait, self.capabilities.refresh_s))
+                    await asyncio.wait_for(self._wake.wait(), min(wait, self.capabilities.refresh_s, REQUEST_POLL_S))
                 continue
             started = self._batch_started = time.monotonic()
             try:
@@ -252,6 +256,16 @@ class NearTransfer:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), OUTCOME_POLL_S)
+
+    def _apply_requests(self) -> None:
+        """Dead letters replayed or purged by `relay-router spool` while this router runs."""
+        try:
+            applied = self.spool.apply_requests()
+        except OSError as exc:
+            log.warning("spool requests not read: %s", exc)
+            return
+        if applied:
+            self._wake.set()
 
     def _audit(self, seconds: float) -> None:
         """An `accel_transfer` event each time what was sent has all its outcomes, and when a stream ends with
@@ -371,6 +385,7 @@ class NearTransfer:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._apply_requests()
         await channel.close()
         done.set()
         receiving.cancel()
@@ -391,8 +406,8 @@ class NearTransfer:
                 self.in_flight[entry.id] = InFlight(entry, 0, by_reference=True)
                 self.counts["sent"] += 1
                 self.counts["by_reference"] += 1
-                await channel.send(records.blob(reference))
                 await self._send_acks(channel, flush=False)
+                await channel.send(records.blob(reference), flush=True)  # the far router starts fetching at once
                 return 0
         self.in_flight[entry.id] = InFlight(entry, size)
         self.counts["sent"] += 1

@@ -11,6 +11,7 @@ tests/integration/cloudstore/test_accel_spill_s3.py.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -201,3 +202,56 @@ def test_a_blob_altered_in_the_store_is_dead_lettered_with_its_reason_and_never_
     assert replay.returncode == 0, replay.stderr
     wait_for(arrived(orthanc, big), "the replayed instance at Orthanc", timeout=60)
     assert_identical(orthanc, small + big)
+
+
+class HoldingStore(RelayServicer):
+    """The real bridge, but its file:// store's GetBlobPart answers wait while `hold` is set: router B is
+    then certainly in the middle of fetching a blob when a router is killed."""
+
+    hold = True
+    waiting = 0
+
+    async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:
+        HoldingStore.waiting += 1
+        while HoldingStore.hold:
+            await asyncio.sleep(0.05)
+        return await super().GetBlobPart(request, context)
+
+
+@pytest.fixture
+def holding(tmp_path: Path) -> Iterator[LocalRelayNetwork]:
+    HoldingStore.hold, HoldingStore.waiting = True, 0
+    net = LocalRelayNetwork(tmp_path / "relay").start(bridge=False)
+    bridge = InProcessBridge(net, HoldingStore)
+    try:
+        yield net
+    finally:
+        HoldingStore.hold = False
+        for name in list(net.sites):
+            net.stop_router(name)
+        bridge.stop()
+
+
+@pytest.mark.parametrize("killed", ["hospital-a", "hospital-b"])
+def test_a_router_killed_while_a_blob_is_being_fetched_loses_nothing(
+    holding: LocalRelayNetwork, orthanc_factory: OrthancPool, tmp_path: Path, killed: str
+) -> None:
+    """SIGKILL of router A after it uploaded (no STORED yet), or of router B in the middle of the download:
+    after the restart router A sends the instance again (a new upload: the bridge deleted the blobs of the
+    broken stream) and every acknowledged image arrives bit for bit."""
+    require_dcmtk("storescu")
+    net = holding
+    big, small = study(tmp_path)
+    files = big[:2] + small[:2]
+    orthanc = orthanc_factory("ORTHANC_B")
+    port = start_sites(net, orthanc)
+    store(port, files)
+    wait_for(lambda: HoldingStore.waiting > 0, "router B fetching a blob", timeout=60)
+    net.stop_router(killed, kill=True)
+    HoldingStore.hold = False
+    net.start_router(killed)
+    net.wait_connected()
+    wait_for(arrived(orthanc, files), f"every acknowledged image after {killed}'s SIGKILL", timeout=120)
+    assert_identical(orthanc, files)
+    log_a = net.log("hospital-a")
+    assert log_a.count(" parts to blob ") >= 1, "router A sent the big slices by reference after its restart"

@@ -59,6 +59,7 @@ OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconne
 # How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
 # routes has no delivery pool, which otherwise carries them out).
 REQUEST_POLL_S = 2.0
+AUDIT_COUNTS = ("sent", "by_reference", "stored", "delivered", "dead", "refused")  # an accel_transfer event's
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 # Instances sent by reference whose STORED is awaited: the far router fetches a few at a time, and each
 # blob counts against the association's quota in the store until the far router released it.
@@ -285,7 +286,7 @@ class NearTransfer:
             local_ae=self.local_ae,
             detail=self.last_error,
             seconds=round(seconds, 3),
-            **{name: counts.get(name, 0) for name in ("sent", "by_reference", "stored", "delivered", "dead", "refused")},
+            **{name: counts.get(name, 0) for name in AUDIT_COUNTS},
         )
 
     def _requeue(self) -> None:
@@ -332,9 +333,7 @@ class NearTransfer:
             accept_blobs=False,
             confirm_from=(peer, self.route.site),
         )
-        return RecordChannel(
-            stream, codec, records.FAR_TO_NEAR, frame_bytes=dicom.frame_bytes, association_id=aid
-        )
+        return RecordChannel(stream, codec, records.FAR_TO_NEAR, frame_bytes=dicom.frame_bytes, association_id=aid)
 
     async def _session(self) -> None:
         channel = await self._open()
@@ -422,10 +421,7 @@ class NearTransfer:
         """Whether an instance of `size` bytes goes through the blob store (both routers agreed spill)."""
         threshold = self.config.dicom.spill_threshold_bytes
         return (
-            self.blobs is not None
-            and channel.codec.features.spill
-            and 0 < threshold < size
-            and not self.spill.paused
+            self.blobs is not None and channel.codec.features.spill and 0 < threshold < size and not self.spill.paused
         )
 
     async def _upload(self, channel: RecordChannel, header: records.InstanceHeader) -> records.BlobHeader | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +24,11 @@ import pytest
 from pydicom.uid import generate_uid
 
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge.server import RelayServicer
 from relay_common.audit import read_events
 from relay_demo.datasets import generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.accel.spool import EntryState, read_entries
-from relay_bridge.server import RelayServicer
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.integration.test_accel_route import arrived, assert_identical, wait_for
 from tests.support import dcmtk
@@ -102,9 +103,7 @@ def stored_blob_parts(net: LocalRelayNetwork) -> list[Path]:
     return [p for blobs in net.workdir.rglob("blobs") if blobs.is_dir() for p in blobs.rglob("*") if p.is_file()]
 
 
-def test_large_instances_travel_by_reference_and_arrive_identical(
-    orthanc_factory: OrthancPool, tmp_path: Path
-) -> None:
+def test_large_instances_travel_by_reference_and_arrive_identical(orthanc_factory: OrthancPool, tmp_path: Path) -> None:
     require_dcmtk("storescu")
     big, small = study(tmp_path)
     assert all(p.stat().st_size > DICOM["spill_threshold_bytes"] for p in big)
@@ -205,28 +204,27 @@ def test_a_blob_altered_in_the_store_is_dead_lettered_with_its_reason_and_never_
 
 
 class HoldingStore(RelayServicer):
-    """The real bridge, but its file:// store's GetBlobPart answers wait while `hold` is set: router B is
+    """The real bridge, but its file:// store's GetBlobPart answers wait until `released` is set: router B is
     then certainly in the middle of fetching a blob when a router is killed."""
 
-    hold = True
+    released = threading.Event()  # set by the test's thread; the bridge runs on a thread of its own
     waiting = 0
 
     async def GetBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPart:
         HoldingStore.waiting += 1
-        while HoldingStore.hold:
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(HoldingStore.released.wait, 120)
         return await super().GetBlobPart(request, context)
 
 
 @pytest.fixture
 def holding(tmp_path: Path) -> Iterator[LocalRelayNetwork]:
-    HoldingStore.hold, HoldingStore.waiting = True, 0
+    HoldingStore.released, HoldingStore.waiting = threading.Event(), 0
     net = LocalRelayNetwork(tmp_path / "relay").start(bridge=False)
     bridge = InProcessBridge(net, HoldingStore)
     try:
         yield net
     finally:
-        HoldingStore.hold = False
+        HoldingStore.released.set()
         for name in list(net.sites):
             net.stop_router(name)
         bridge.stop()
@@ -248,7 +246,7 @@ def test_a_router_killed_while_a_blob_is_being_fetched_loses_nothing(
     store(port, files)
     wait_for(lambda: HoldingStore.waiting > 0, "router B fetching a blob", timeout=60)
     net.stop_router(killed, kill=True)
-    HoldingStore.hold = False
+    HoldingStore.released.set()
     net.start_router(killed)
     net.wait_connected()
     wait_for(arrived(orthanc, files), f"every acknowledged image after {killed}'s SIGKILL", timeout=120)

@@ -157,8 +157,9 @@ async def test_a_blob_of_another_ordinal_does_not_open_and_a_wrong_digest_is_cau
     transport = MemoryTransport()
     upload = await _upload(transport, near, os.urandom(2 * PART), ordinal=3)
     header = _reference(upload)
+    other = records.BlobHeader(header.instance, header.blob_id, 4, header.parts, header.digest)
     with pytest.raises(SpillFailed, match="failed authentication"):
-        await _fetch(transport, far, records.BlobHeader(header.instance, header.blob_id, 4, header.parts, header.digest))
+        await _fetch(transport, far, other)
     wrong = hashlib.sha256(b"something else").digest()
     with pytest.raises(SpillFailed, match="does not match its manifest"):
         await _fetch(transport, far, records.BlobHeader(header.instance, header.blob_id, 3, header.parts, wrong))

@@ -467,6 +467,15 @@ class NearTransfer:
                 self.spill.down_until - time.monotonic(),
                 exc,
             )
+            if security and self.audit is not None:  # e.g. the bridge handed out a URL outside spill_endpoints
+                self.audit.event(
+                    "accel_transfer",
+                    "alert",
+                    site=self.route.site,
+                    called_ae=self.route.ae_title,
+                    local_ae=self.local_ae,
+                    detail=str(exc),
+                )
             return None
         self.spill.stats.blobs_sent += 1
         self.spill.stats.bytes_spilled += upload.plain_len

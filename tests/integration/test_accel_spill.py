@@ -31,6 +31,7 @@ from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from relay_router.accel.spool import EntryState, read_entries
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.integration.test_accel_route import arrived, assert_identical, wait_for
+from tests.integration.test_security_spill_urls import ENDPOINT, LanService, SpillUrlAttack
 from tests.support import dcmtk
 from tests.support.inprocess_bridge import InProcessBridge
 from tests.support.orthanc import OrthancProcess
@@ -253,3 +254,50 @@ def test_a_router_killed_while_a_blob_is_being_fetched_loses_nothing(
     assert_identical(orthanc, files)
     log_a = net.log("hospital-a")
     assert log_a.count(" parts to blob ") >= 1, "router A sent the big slices by reference after its restart"
+
+
+@pytest.mark.parametrize("downloads", [False, True], ids=["upload-url", "download-url"])
+def test_a_bridge_handing_out_lan_urls_gets_no_request_and_no_image_is_lost_or_altered(
+    orthanc_factory: OrthancPool, tmp_path: Path, downloads: bool
+) -> None:
+    """Issue 17's protection on accelerated routes: the bridge swaps the upload (router A) or download
+    (router B) URL for one into the hospital's LAN. No router sends it a byte. Upload: router A sends the
+    instance inline and audits an alert; download: router B refuses the instance and router A, after
+    its retries, dead-letters it with the reason."""
+    require_dcmtk("storescu")
+    lan = LanService()
+    net = LocalRelayNetwork(tmp_path / "relay").start(bridge=False)
+    bridge = InProcessBridge(net, SpillUrlAttack)
+    bridge.servicer.target, bridge.servicer.downloads = lan.url, downloads
+    try:
+        big, small = study(tmp_path)
+        files = big[:1] + small[:1]
+        orthanc = orthanc_factory("ORTHANC_B")
+        port = start_sites(net, orthanc, **ENDPOINT)
+        store(port, files)
+        refused = "SECURITY: refused a spill URL at http://127.0.0.1"
+        if downloads:
+            wait_for(arrived(orthanc, small[:1]), "the small slice at Orthanc", timeout=60)
+            spool_a = net.state_dir("hospital-a") / "spool"
+            wait_for(
+                lambda: any(e.state is EntryState.DEAD for e in read_entries(spool_a)),
+                "the instance dead-lettered at router A",
+                timeout=90,
+            )
+            (entry,) = read_entries(spool_a)
+            assert "0x0110" in entry.last_error and refused in entry.last_error, entry.last_error
+            assert refused in net.log("hospital-b")
+            assert orthanc.find_sop(entry.sop_instance_uid) is None
+        else:
+            wait_for(arrived(orthanc, files), "the study at Orthanc (the big slice inline)", timeout=60)
+            assert_identical(orthanc, files)
+            audit = net.workdir / "audit-hospital-a.jsonl"
+            alerts = [e for e in read_events(audit) if e["event"] == "accel_transfer" and e["outcome"] == "alert"]
+            assert alerts and refused in str(alerts[0]["detail"]), alerts
+        assert lan.requests == [], "a router sent a request into its LAN"
+    finally:
+        for name in list(net.sites):
+            net.stop_router(name)
+        bridge.stop()
+        lan.shutdown()
+        lan.server_close()

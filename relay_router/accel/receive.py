@@ -262,12 +262,13 @@ class FarSession:
 
     async def _begin_blob(self, header: records.BlobHeader) -> None:
         """An instance by reference: fetched by a task of its own (at most MAX_BLOB_FETCHES), then committed."""
-        if self._blobs is None:
-            raise records.RecordError("a BLOB record, but this transfer did not agree to spill")
-        if header.ordinal < self._next_ordinal:  # the record is sealed, so only a broken or hostile peer
-            raise blob_alert(f"blob {header.blob_id} reuses ordinal {header.ordinal}")
-        self._next_ordinal = header.ordinal + 1
         instance = header.instance
+        if self._blobs is None:  # not agreed: a broken peer; refused (retried, then dead) rather than looping
+            await self._refuse(instance, (PROCESSING_FAILURE, False, "this transfer did not agree to spill"))
+            return
+        if header.ordinal < self._next_ordinal:  # the record is sealed, so only a broken or hostile peer
+            raise records.RecordError(f"SECURITY: blob {header.blob_id} reuses ordinal {header.ordinal}", security=True)
+        self._next_ordinal = header.ordinal + 1
         writer, refusal = self._admit(instance)
         if writer is None:
             await self._refuse(instance, refusal)

@@ -8,16 +8,26 @@ never yields a byte.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
+import pydicom
 import pytest
 
+from relay_demo.datasets import generate_ct_series, write_series
 from relay_router.accel import records
+from relay_router.accel.capabilities import CapabilityCache
+from relay_router.accel.receive import FarSession, OutcomeBook
 from relay_router.accel.records import RecordError, RecordReader, RecordType
+from relay_router.accel.spool import Spool
+from relay_router.config import SharedDevice
 from relay_router.seal import FrameSealer
 from relay_router.spill import BlobUpload, IncomingBlob, SpillFailed, SpillReceiver, SpillStats
+from relay_router.wire.features import Features
 from tests.unit.router.test_spill import MemoryTransport
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -163,3 +173,102 @@ async def test_a_blob_of_another_ordinal_does_not_open_and_a_wrong_digest_is_cau
     wrong = hashlib.sha256(b"something else").digest()
     with pytest.raises(SpillFailed, match="does not match its manifest"):
         await _fetch(transport, far, records.BlobHeader(header.instance, header.blob_id, 3, header.parts, wrong))
+
+
+# -- the far router's session: a BLOB record into the spool ---------------------------------------
+
+
+class FakeChannel:
+    """What FarSession uses of a RecordChannel: the association id, the codec's sealer and features, send."""
+
+    def __init__(self, sealer: FrameSealer, *, spill: bool = True) -> None:
+        self.association_id = AID
+        self.codec = SimpleNamespace(sealer=sealer, features=Features(spill=spill, accel=True))
+        self.sent = bytearray()
+
+    async def send(self, data: bytes, *, flush: bool = False) -> None:
+        self.sent += data
+
+    def answers(self) -> list[records.Record]:
+        return RecordReader(records.FAR_TO_NEAR).feed(bytes(self.sent))
+
+
+def _session(tmp_path: Path, channel: FakeChannel, transport: MemoryTransport | None) -> tuple[FarSession, Spool]:
+    spool = Spool(tmp_path / "spool", max_bytes=64 << 20)
+    device = SharedDevice("ORTHANC_B", "127.0.0.1", 104, share_with=["hospital-a"], accelerate=True)
+    session = FarSession(
+        channel,  # type: ignore[arg-type]
+        from_site="hospital-a",
+        device=device,
+        our_ae="ROUTER_B",
+        spool=spool,
+        capabilities=CapabilityCache(tmp_path / "caps.json", 3600),
+        book=OutcomeBook(tmp_path / "outcomes.json"),
+        on_commit=None,
+        blobs=transport,  # type: ignore[arg-type]
+    )
+    return session, spool
+
+
+def _part10(tmp_path: Path) -> tuple[bytes, pydicom.Dataset]:
+    (path,) = write_series(generate_ct_series(1, rows=256, cols=256, seed=5), tmp_path / "ct")
+    return path.read_bytes(), pydicom.dcmread(path, stop_before_pixels=True)
+
+
+async def _finish(session: FarSession) -> None:
+    while session._fetches or session._commits:
+        await asyncio.gather(*session._fetches, *session._commits)
+
+
+async def test_the_far_router_spools_a_blob_and_answers_stored_and_refuses_a_tampered_one(tmp_path: Path) -> None:
+    near, far = _sealers()
+    transport = MemoryTransport()
+    channel = FakeChannel(far)
+    session, spool = _session(tmp_path, channel, transport)
+    data, ds = _part10(tmp_path)
+    instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+
+    good = await _upload(transport, near, data, ordinal=0)
+    await session._apply(records.BlobHeader(instance, good.blob_id, 0, good.parts, good.digest()))
+    await _finish(session)
+    assert channel.answers() == [records.Stored(ENTRY, instance.sop_instance)]
+    (entry,) = spool.entries()
+    assert spool.path(entry.id).read_bytes() == data, "the spooled file is the near router's, byte for byte"
+
+    channel.sent.clear()
+    transport.blobs.clear()
+    bad = await _upload(transport, near, data, ordinal=1)
+    url = sorted(transport.blobs)[0]
+    transport.blobs[url] = transport.blobs[url][:-1] + bytes([transport.blobs[url][-1] ^ 1])
+    await session._apply(records.BlobHeader(instance, bad.blob_id, 1, bad.parts, bad.digest()))
+    await _finish(session)
+    (refused,) = channel.answers()
+    assert isinstance(refused, records.Refused) and refused.status == 0x0110 and not refused.permanent
+    assert "failed authentication" in refused.error
+    assert len(spool.entries()) == 1, "nothing of the tampered instance is kept"
+    spool.close()
+
+
+async def test_a_replayed_blob_ordinal_ends_the_transfer_and_an_unagreed_blob_is_refused(tmp_path: Path) -> None:
+    near, far = _sealers()
+    transport = MemoryTransport()
+    channel = FakeChannel(far)
+    session, spool = _session(tmp_path, channel, transport)
+    data, ds = _part10(tmp_path)
+    instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+    upload = await _upload(transport, near, data, ordinal=2)
+    reference = records.BlobHeader(instance, upload.blob_id, 2, upload.parts, upload.digest())
+    await session._apply(reference)
+    await _finish(session)
+    with pytest.raises(RecordError, match="SECURITY: blob .* reuses ordinal 2") as caught:
+        await session._apply(reference)
+    assert caught.value.security
+    spool.close()
+
+    unagreed = FakeChannel(far, spill=False)
+    session, spool = _session(tmp_path / "other", unagreed, transport)
+    await session._apply(reference)
+    (refused,) = unagreed.answers()
+    assert isinstance(refused, records.Refused) and "did not agree to spill" in refused.error
+    assert spool.entries() == []
+    spool.close()

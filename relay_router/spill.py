@@ -222,6 +222,11 @@ class BlobUpload:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
 
+    def abandon(self) -> None:
+        """Cancel the uploads still running without waiting (the caller itself is being cancelled)."""
+        for task in self._tasks.values():
+            task.cancel()
+
 
 class SpillSender:
     """One direction's outgoing spill for one association; driven by RelayedAssociation.send_data.

@@ -46,7 +46,7 @@ from relay_router.compress import FrameCompressor
 from relay_router.config import RouterConfig
 from relay_router.routing import Route
 from relay_router.seal import AssociationContext, initiate
-from relay_router.spill import BlobTransport, BlobUpload, SpillFailed, SpillState, SpillUnavailable
+from relay_router.spill import BACKOFF_S, BlobTransport, BlobUpload, SpillFailed, SpillState, SpillUnavailable
 from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
 from relay_router.wire.codec import DataReceived, FrameCodec, FrameRejected, first_frame, handshake_message
 from relay_router.wire.features import Features
@@ -440,43 +440,30 @@ class NearTransfer:
         )
         channel.blob_ordinal += 1  # used whatever happens next: no part nonce is ever sealed twice
         try:
-            with self.spool.path(header.id).open("rb") as source:
-                left = header.length
-                while left > 0:
-                    part = await asyncio.to_thread(source.read, min(dicom.spill_part_bytes, left))
-                    if not part:
-                        raise SpillUnavailable(f"spool file of {header.sop_instance} shorter than {header.length}")
-                    left -= len(part)
-                    await upload.harvest()
-                    await upload.add(part, last=left == 0)
-            await upload.wait_all()
+            return await self._store(upload, header)
         except (SpillUnavailable, SpillFailed, OSError) as exc:
             await upload.cancel()
             if upload.blob_id:  # the bridge deletes it with the stream anyway; free the quota now
                 await self.blobs.release(channel.association_id, upload.blob_id)
-            if upload.any_stored:
-                self.spill.stats.send_failures += 1
-            self.spill.stats.fallbacks += 1
-            self.spill.pause()
-            security = getattr(exc, "security", False)
-            log.log(
-                logging.ERROR if security else logging.WARNING,
-                "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
-                header.sop_instance,
-                header.length,
-                self.spill.down_until - time.monotonic(),
-                exc,
-            )
-            if security and self.audit is not None:  # e.g. the bridge handed out a URL outside spill_endpoints
-                self.audit.event(
-                    "accel_transfer",
-                    "alert",
-                    site=self.route.site,
-                    called_ae=self.route.ae_title,
-                    local_ae=self.local_ae,
-                    detail=str(exc),
-                )
+            self.spill.stats.fallbacks += 1  # even after parts were stored: the instance goes inline, whole
+            self._fell_back(header, exc)
             return None
+        finally:
+            upload.abandon()  # cancelled (the stream ended): no upload outlives it
+
+    async def _store(self, upload: BlobUpload, header: records.InstanceHeader) -> records.BlobHeader:
+        """Read the spooled file in parts of `spill_part_bytes` into the upload; the reference once all are stored."""
+        part_bytes = self.config.dicom.spill_part_bytes
+        with self.spool.path(header.id).open("rb") as source:
+            left = header.length
+            while left > 0:
+                part = await asyncio.to_thread(source.read, min(part_bytes, left))
+                if not part:
+                    raise SpillUnavailable(f"spool file of {header.sop_instance} shorter than {header.length}")
+                left -= len(part)
+                await upload.harvest()
+                await upload.add(part, last=left == 0)
+        await upload.wait_all()
         self.spill.stats.blobs_sent += 1
         self.spill.stats.bytes_spilled += upload.plain_len
         log.info(
@@ -485,9 +472,31 @@ class NearTransfer:
             upload.plain_len,
             upload.parts,
             upload.blob_id,
-            extra={"assoc": channel.association_id},
+            extra={"assoc": upload.association_id},
         )
         return records.BlobHeader(header, upload.blob_id, upload.ordinal, upload.parts, upload.digest())
+
+    def _fell_back(self, header: records.InstanceHeader, exc: Exception) -> None:
+        """The store could not take the instance: it goes inline, and spill pauses for the whole router."""
+        self.spill.pause()
+        security = getattr(exc, "security", False)
+        log.log(
+            logging.ERROR if security else logging.WARNING,
+            "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
+            header.sop_instance,
+            header.length,
+            BACKOFF_S,
+            exc,
+        )
+        if security and self.audit is not None:  # e.g. the bridge handed out a URL outside spill_endpoints
+            self.audit.event(
+                "accel_transfer",
+                "alert",
+                site=self.route.site,
+                called_ae=self.route.ae_title,
+                local_ae=self.local_ae,
+                detail=str(exc),
+            )
 
     async def _send_acks(self, channel: RecordChannel, *, flush: bool) -> None:
         while self._acks:

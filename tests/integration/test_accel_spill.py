@@ -93,10 +93,15 @@ def store(port: int, files: list[Path]) -> None:
     assert result.succeeded == len(files), result.log
 
 
-def by_reference(net: LocalRelayNetwork) -> int:
-    """Instances router A sent through the blob store, from its `accel_transfer` audit events."""
+def transfer_count(net: LocalRelayNetwork, name: str) -> int:
+    """A count (`sent`, `by_reference`, `delivered`...) summed over router A's `accel_transfer` audit events."""
     audit = net.workdir / "audit-hospital-a.jsonl"
-    return sum(int(e.get("by_reference", 0)) for e in read_events(audit) if e["event"] == "accel_transfer")
+    return sum(int(e.get(name, 0)) for e in read_events(audit) if e["event"] == "accel_transfer")
+
+
+def by_reference(net: LocalRelayNetwork) -> int:
+    """Instances router A sent through the blob store."""
+    return transfer_count(net, "by_reference")
 
 
 def stored_blob_parts(net: LocalRelayNetwork) -> list[Path]:

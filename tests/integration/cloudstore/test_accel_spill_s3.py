@@ -20,7 +20,7 @@ from tests.integration.cloudstore.conftest import S3_BUCKET, ServerProcess
 from tests.integration.cloudstore.spill_support import bucket_keys, endpoint
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.integration.test_accel_route import arrived, assert_identical, wait_for
-from tests.integration.test_accel_spill import by_reference, file_bytes, start_sites, store, study
+from tests.integration.test_accel_spill import by_reference, file_bytes, start_sites, store, study, transfer_count
 from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -54,3 +54,27 @@ def test_accelerated_route_spills_to_s3_and_the_bridge_carries_only_the_small_sl
     events = [e for e in read_events(net.workdir / "audit.jsonl") if e["event"] == "association"]
     carried = sum(int(e["bytes_from_initiator"]) for e in events)
     assert events and carried < 1.2 * file_bytes(small) + 0.03 * file_bytes(big), f"the splice carried {carried}"
+
+
+def test_store_down_sends_the_big_slices_inline_and_every_image_arrives(
+    network_factory: Callable[..., LocalRelayNetwork],
+    orthanc_factory: OrthancPool,
+    moto_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """An S3 endpoint nobody listens on: presigning works, every PUT fails; router A sends the instance
+    inline (and pauses spill for a minute, so the next big slices go inline without trying)."""
+    require_dcmtk("storescu")
+    big, small = study(tmp_path)
+    files = big + small
+    dead = f"http://127.0.0.1:{free_port()}"
+    net = network_factory({"store": f"s3://{S3_BUCKET}/down/", "endpoint_url": dead, "region": "us-east-1"}, moto_env)
+    orthanc = orthanc_factory("ORTHANC_B")
+    port = start_sites(net, orthanc, **endpoint(dead))
+    store(port, files)
+    wait_for(arrived(orthanc, files), "the study at Orthanc, inline", timeout=90)
+    assert_identical(orthanc, files)
+    log_a = net.log("hospital-a")
+    assert log_a.count("blob store unavailable, sending ") == 1, "one failure, then spill paused"
+    wait_for(lambda: transfer_count(net, "delivered") >= len(files), "the audit counting the deliveries", timeout=60)
+    assert by_reference(net) == 0

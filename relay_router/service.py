@@ -108,7 +108,11 @@ class RouterService(OutboundCalls, InboundCalls):
         self.metrics = RouterMetrics(self)
         self.identity = IdentityWiring(lambda: self.config, self.audit)  # patient identity routes (issue 14)
         # Accelerated routes (issue 13): spool, transfers, delivery pools; None unless configured.
-        self.accel = AccelRuntime(config, self.link, self.audit) if accel_configured(config) else None
+        self.accel = (
+            AccelRuntime(config, self.link, self.audit, blobs=self.blobs, spill=self.spill)
+            if accel_configured(config)
+            else None
+        )
         if self.accel is not None:
             self.accel.register_metrics(self.metrics.registry)
 

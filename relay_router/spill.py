@@ -85,6 +85,7 @@ __all__ = [
     "Announce",
     "BlobGone",
     "BlobTransport",
+    "BlobUpload",
     "BridgeBlobTransport",
     "IncomingBlob",
     "SpillFailed",
@@ -95,6 +96,136 @@ __all__ = [
     "SpillUnavailable",
     "part_seq",
 ]
+
+
+class BlobUpload:
+    """One blob on its way into the store: plaintext in, sealed parts stored ``parallel`` at a time.
+
+    Shared by `SpillSender` (a transparent association's data set) and the accelerated transfer's
+    near side (relay_router.accel.transfer: one spooled instance). Each part is compressed when it
+    pays, sealed under ``part_seq(ordinal, index)`` (so a part altered, swapped or replayed fails to
+    open) and uploaded through a URL the bridge signs for exactly its size; part 0's slot creates the
+    blob. ``on_stored`` is awaited each time more parts are stored in order (``announced``);
+    `digest` is the SHA-256 of the stored parts in order, the manifest's check.
+    """
+
+    def __init__(
+        self,
+        transport: BlobTransport,
+        association_id: str,
+        sealer: FrameSealer,
+        *,
+        ordinal: int,
+        parallel: int,
+        stats: SpillStats,
+        compressor: FrameCompressor | None = None,
+        on_stored: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.transport, self.association_id, self.sealer = transport, association_id, sealer
+        self.ordinal, self.parallel, self.stats = ordinal, max(1, parallel), stats
+        self._compressor = compressor
+        self._on_stored = on_stored
+        self.blob_id = ""
+        self._blob_ready: asyncio.Future[str] | None = None  # the blob id, once part 0's slot names it
+        self.parts = 0
+        self.plain_len = 0
+        self.stored_len = 0
+        self._digest = hashlib.sha256()
+        self.held: dict[int, bytes] = {}  # plaintext of parts not yet stored (inline fallback)
+        self._stored: dict[int, bytes] = {}  # stored bytes of uploaded parts waiting for the digest, in order
+        self._next_digest = 0  # parts 0 .. _next_digest-1 are stored
+        self.announced = 0  # ... and reported through on_stored
+        self._tasks: dict[int, asyncio.Task[bytes]] = {}
+        self.any_stored = False
+
+    def digest(self) -> bytes:
+        return self._digest.digest()
+
+    def held_plaintext(self) -> bytes:
+        """The plaintext of the parts not stored (yet), in order: what goes inline if the store fails."""
+        return b"".join(self.held[i] for i in sorted(self.held))
+
+    async def add(self, plain: bytes, *, last: bool) -> None:
+        """Seal and upload the next part (waits while ``parallel`` are in flight); SpillUnavailable."""
+        index = self.parts
+        self.parts += 1
+        self.plain_len += len(plain)
+        flags = PartFlag.SEALED | PartFlag.PART | (PartFlag.LAST if last else PartFlag(0))
+        data = plain
+        if self._compressor is not None:
+            data, packed = self._compressor.pack(plain)  # frame flags: the part header has its own bits
+            if packed & FrameFlag.COMPRESSED:
+                flags |= PartFlag.COMPRESSED
+            if packed & FrameFlag.SHUFFLED:
+                flags |= PartFlag.SHUFFLED
+        stored = bytes([flags]) + self.sealer.seal(data, part_seq(self.ordinal, index), flags)
+        self.stored_len += len(stored)
+        self.held[index] = plain
+        # Bounded memory: at most `parallel` parts in flight.
+        while len(self._tasks) >= self.parallel:
+            await self._collect(min(self._tasks))
+        self._tasks[index] = asyncio.create_task(self._upload(index, stored))
+
+    async def _upload(self, index: int, stored: bytes) -> bytes:
+        """Ask for part `index`'s slot with its exact size, then store it. Part 0 creates the blob;
+        later parts wait only for its id (their slots and uploads still run in parallel)."""
+        if self._blob_ready is None:
+            self._blob_ready = asyncio.get_running_loop().create_future()
+        ready = self._blob_ready
+        if index == 0:
+            try:
+                blob_id, url = await self.transport.slot(self.association_id, "", 0, download=False, size=len(stored))
+            except (SpillUnavailable, SpillFailed) as exc:
+                if not ready.done():  # the parts waiting for the blob fail the same way
+                    ready.set_exception(type(exc)(exc.detail, security=exc.security, remote_detail=exc.remote_detail))
+                    ready.exception()  # retrieved here, so an unawaited future does not warn
+                raise
+            except BaseException:
+                ready.cancel()
+                raise
+            self.blob_id = blob_id
+            ready.set_result(blob_id)
+        else:
+            blob_id = await asyncio.shield(ready)
+            url = (await self.transport.slot(self.association_id, blob_id, index, download=False, size=len(stored)))[1]
+        await self.transport.put(url, stored)
+        return stored
+
+    async def harvest(self) -> None:
+        """Collect (and report) the uploads that finished since the last call, in order, without waiting."""
+        while self._tasks and self._tasks[min(self._tasks)].done():
+            await self._collect(min(self._tasks))
+
+    async def _collect(self, index: int) -> None:
+        task = self._tasks.pop(index)
+        stored = await task  # raises SpillUnavailable
+        self.any_stored = True
+        self.stats.parts_sent += 1
+        self.stats.stored_bytes_sent += len(stored)
+        self.held.pop(index, None)
+        self._stored[index] = stored
+        while self._next_digest in self._stored:
+            self._digest.update(self._stored.pop(self._next_digest))
+            self._next_digest += 1
+        if self._next_digest > self.announced:
+            self.announced = self._next_digest
+            if self._on_stored is not None:
+                await self._on_stored()
+
+    async def wait_all(self) -> None:
+        while self._tasks:
+            await self._collect(min(self._tasks))
+
+    async def cancel(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    def abandon(self) -> None:
+        """Cancel the uploads still running without waiting (the caller itself is being cancelled)."""
+        for task in self._tasks.values():
+            task.cancel()
 
 
 class SpillSender:
@@ -135,21 +266,13 @@ class SpillSender:
 
     def _reset(self) -> None:
         self.active = False
-        self._blob_id = ""
-        self._blob_ready: asyncio.Future[str] | None = None  # the blob id, once part 0's slot names it
         self._buffer = bytearray()
-        self._parts = 0
-        self._plain_len = 0
-        self._stored_len = 0
-        self._digest = hashlib.sha256()
         self._start_count = 0
-        self._held: dict[int, bytes] = {}  # plaintext of parts not yet stored (inline fallback)
-        self._stored: dict[int, bytes] = {}  # stored bytes of uploaded parts waiting for the digest, in order
-        self._next_digest = 0  # parts 0 .. _next_digest-1 are stored
-        self._announced = 0  # ... and announced to the receiving router
-        self._tasks: dict[int, asyncio.Task[bytes]] = {}
-        self._any_stored = False
-        self._compressor: FrameCompressor | None = None
+        self._blob: BlobUpload | None = None
+
+    @property
+    def _blob_id(self) -> str:
+        return self._blob.blob_id if self._blob is not None else ""
 
     async def offer(self, payload: bytes, established: bool) -> bytes:
         """The bytes to send inline now; blob notices go out through ``announce`` meanwhile."""
@@ -170,44 +293,55 @@ class SpillSender:
             if self.framer.dataset_bytes <= self.threshold:
                 return b""
             # No slot yet: each part's upload asks for its own once its stored bytes exist, with their
-            # size (the bridge binds the URL to it); part 0's request creates the blob (`_blob_ready`).
+            # size (the bridge binds the URL to it); part 0's request creates the blob.
             payload = self._flush_head()
             self.active = True
             self._start_count = self.framer.datasets_completed
             level = self._level()
-            self._compressor = FrameCompressor(level, shuffle=self._shuffle()) if level else None
+            self._blob = BlobUpload(
+                self.transport,
+                self.association_id,
+                self.sealer,
+                ordinal=self._ordinal,
+                parallel=self.parallel,
+                stats=self.state.stats,
+                compressor=FrameCompressor(level, shuffle=self._shuffle()) if level else None,
+                on_stored=lambda: self._announce(self._parts_frame),
+            )
+        blob = self._blob
+        assert blob is not None
         self._buffer += payload
         try:
-            await self._harvest()
+            await blob.harvest()
             while len(self._buffer) >= self.part_bytes:
                 chunk = bytes(self._buffer[: self.part_bytes])
                 del self._buffer[: self.part_bytes]
-                await self._emit(chunk, last=False)
+                await blob.add(chunk, last=False)
             if self.framer.datasets_completed == self._start_count and established:
                 return b""
             tail = bytes(self._buffer)
             self._buffer.clear()
-            await self._emit(tail, last=True)
-            await self._wait_all()
+            await blob.add(tail, last=True)
+            await blob.wait_all()
         except SpillUnavailable as exc:
-            if self._any_stored:
+            if blob.any_stored:
                 self.state.stats.send_failures += 1
                 await self.discard()
                 raise SpillFailed(
                     f"the blob store failed in the middle of a blob: {exc}", remote_detail=STORE_FAILED
                 ) from None
-            inline = b"".join(self._held[i] for i in sorted(self._held)) + bytes(self._buffer)
-            await self._cancel()
+            inline = blob.held_plaintext() + bytes(self._buffer)
+            await blob.cancel()
             self._reset()
             return self._fall_back(str(exc), inline)
         await self._announce(self._end_frame)
         self.state.stats.blobs_sent += 1
-        self.state.stats.bytes_spilled += self._plain_len
+        self.state.stats.bytes_spilled += blob.plain_len
         log.info(
             "spilled %d bytes in %d parts to blob %s",
-            self._plain_len,
-            self._parts,
-            self._blob_id,
+            blob.plain_len,
+            blob.parts,
+            blob.blob_id,
             extra={"assoc": self.association_id},
         )
         self._ordinal += 1
@@ -232,94 +366,25 @@ class SpillSender:
         )
         return inline
 
-    async def _emit(self, plain: bytes, *, last: bool) -> None:
-        index = self._parts
-        self._parts += 1
-        self._plain_len += len(plain)
-        flags = PartFlag.SEALED | PartFlag.PART | (PartFlag.LAST if last else PartFlag(0))
-        data = plain
-        if self._compressor is not None:
-            data, packed = self._compressor.pack(plain)  # frame flags: the part header has its own bits
-            if packed & FrameFlag.COMPRESSED:
-                flags |= PartFlag.COMPRESSED
-            if packed & FrameFlag.SHUFFLED:
-                flags |= PartFlag.SHUFFLED
-        stored = bytes([flags]) + self.sealer.seal(data, part_seq(self._ordinal, index), flags)
-        self._stored_len += len(stored)
-        self._held[index] = plain
-        # Bounded memory: at most `parallel` parts in flight.
-        while len(self._tasks) >= self.parallel:
-            await self._collect(min(self._tasks))
-        self._tasks[index] = asyncio.create_task(self._upload(index, stored))
-
-    async def _upload(self, index: int, stored: bytes) -> bytes:
-        """Ask for part `index`'s slot with its exact size, then store it. Part 0 creates the blob;
-        later parts wait only for its id (their slots and uploads still run in parallel)."""
-        if self._blob_ready is None:
-            self._blob_ready = asyncio.get_running_loop().create_future()
-        ready = self._blob_ready
-        if index == 0:
-            try:
-                blob_id, url = await self.transport.slot(self.association_id, "", 0, download=False, size=len(stored))
-            except (SpillUnavailable, SpillFailed) as exc:
-                if not ready.done():  # the parts waiting for the blob fail the same way
-                    ready.set_exception(type(exc)(exc.detail, security=exc.security, remote_detail=exc.remote_detail))
-                    ready.exception()  # retrieved here, so an unawaited future does not warn
-                raise
-            except BaseException:
-                ready.cancel()
-                raise
-            self._blob_id = blob_id
-            ready.set_result(blob_id)
-        else:
-            blob_id = await asyncio.shield(ready)
-            url = (await self.transport.slot(self.association_id, blob_id, index, download=False, size=len(stored)))[1]
-        await self.transport.put(url, stored)
-        return stored
-
-    async def _harvest(self) -> None:
-        """Collect (and announce) the uploads that finished since the last call, in order, without waiting."""
-        while self._tasks and self._tasks[min(self._tasks)].done():
-            await self._collect(min(self._tasks))
-
-    async def _collect(self, index: int) -> None:
-        task = self._tasks.pop(index)
-        stored = await task  # raises SpillUnavailable
-        self._any_stored = True
-        self.state.stats.parts_sent += 1
-        self.state.stats.stored_bytes_sent += len(stored)
-        self._held.pop(index, None)
-        self._stored[index] = stored
-        while self._next_digest in self._stored:
-            self._digest.update(self._stored.pop(self._next_digest))
-            self._next_digest += 1
-        if self._next_digest > self._announced:
-            self._announced = self._next_digest
-            await self._announce(self._parts_frame)
-
-    async def _wait_all(self) -> None:
-        while self._tasks:
-            await self._collect(min(self._tasks))
-
-    async def _cancel(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._tasks.clear()
-
     async def discard(self) -> None:
         """Drop a blob in progress (the association is ending); the bridge deletes what was stored."""
-        await self._cancel()
+        if self._blob is not None:
+            await self._blob.cancel()
         self._reset()
 
     def _frame(self, seq: int, notice: bytes, digest: bytes = b"") -> pb.Data:
-        ref = pb.BlobRef(blob_id=self._blob_id, size=self._stored_len, digest=digest)
+        assert self._blob is not None
+        ref = pb.BlobRef(blob_id=self._blob.blob_id, size=self._blob.stored_len, digest=digest)
         return blob_notice_frame(self.sealer, seq, notice, ref)
 
     def _parts_frame(self, seq: int) -> pb.Data:
-        return self._frame(seq, PARTS_NOTICE.pack(KIND_PARTS, self._blob_id.encode(), self._ordinal, self._announced))
+        assert self._blob is not None
+        blob = self._blob
+        return self._frame(seq, PARTS_NOTICE.pack(KIND_PARTS, blob.blob_id.encode(), self._ordinal, blob.announced))
 
     def _end_frame(self, seq: int) -> pb.Data:
-        digest = self._digest.digest()
-        notice = END_NOTICE.pack(KIND_END, self._blob_id.encode(), self._ordinal, self._parts, self._plain_len, digest)
+        assert self._blob is not None
+        blob = self._blob
+        digest = blob.digest()
+        notice = END_NOTICE.pack(KIND_END, blob.blob_id.encode(), self._ordinal, blob.parts, blob.plain_len, digest)
         return self._frame(seq, notice, digest)

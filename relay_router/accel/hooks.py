@@ -104,7 +104,9 @@ async def run_far_session(
         compression_level=dicom.compression_level if dicom.compression else None,
         accept_blobs=False,
     )
-    channel = RecordChannel(stream, codec, records.NEAR_TO_FAR, frame_bytes=dicom.frame_bytes)
+    channel = RecordChannel(
+        stream, codec, records.NEAR_TO_FAR, frame_bytes=dicom.frame_bytes, association_id=outcome.association_id
+    )
     session = FarSession(
         channel,
         from_site=from_site,
@@ -116,6 +118,9 @@ async def run_far_session(
         on_commit=lambda: accel.wake_pool(device),
         moves=accel.moves,
         partners=accel.move_partners,
+        blobs=accel.blobs,
+        spill_parallel=dicom.spill_parallel,
+        spill_stats=accel.spill.stats,
     )
     outcome.result = Result.ESTABLISHED
     accel.session_started(session)

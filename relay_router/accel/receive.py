@@ -9,6 +9,13 @@ names the declared UIDs), answers STORED once it is committed (fsync), REFUSED w
 permanent), and passes on every final delivery outcome. Outcomes are kept in an `OutcomeBook`
 (an owner-only file) until the near router acknowledges them, so one that happens while no stream is
 open is sent on the next one.
+
+A BLOB record (an instance the near router put in the blob store, docs/cloudstore.md) is fetched
+with relay_router.spill_receive's `IncomingBlob` (parts checked and opened with this stream's key, the
+manifest's digest and length verified) into a spool writer while later records keep arriving, at most
+`MAX_BLOB_FETCHES` at a time; STORED follows the commit as for inline instances. A blob that cannot be
+fetched or fails verification is REFUSED as a transient failure (0x0110): the near router uploads it
+again later and parks it in its dead-letter state after `[accelerate] max_attempts`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from relay_router.accel.spool import Spool, SpoolEntry, SpoolError, SpoolFull, S
 from relay_router.accel.transfer import RecordChannel, TransferError
 from relay_router.config import SharedDevice
 from relay_router.dimse import Status
+from relay_router.spill_receive import IncomingBlob, SpillReceiver
+from relay_router.spill_store import BlobTransport, SpillFailed, SpillStats, blob_alert
 
 log = logging.getLogger("relay_router.accel")
 MAX_OUTCOMES_PER_SITE = 100_000  # unacknowledged outcomes kept for one site; the oldest go first
@@ -38,6 +47,9 @@ MIN_PROBE_INTERVAL_S = 60.0
 # Commits (fsync) running at once: the next instance is received while earlier ones reach the disk, and
 # the file system commits concurrent syncs together. Each holds one instance's file open, nothing in memory.
 PARALLEL_COMMITS = 8
+# Blobs fetched at once per session; the next BLOB record waits (and so does the stream: backpressure).
+MAX_BLOB_FETCHES = 2
+PROCESSING_FAILURE = 0x0110  # PS3.7 C: what a blob that could not be fetched or verified is refused with
 
 
 class OutcomeBook:
@@ -108,8 +120,22 @@ class FarSession:
         on_commit: object,
         moves: MoveRegistry | None = None,
         partners: PartnerSenders | None = None,
+        blobs: BlobTransport | None = None,
+        spill_parallel: int = 4,
+        spill_stats: SpillStats | None = None,
     ) -> None:
         self.channel = channel
+        # Instances by reference: only when this router agreed `spill/2` (the Confirm said so) and has a link.
+        self._blobs = (
+            SpillReceiver(
+                blobs, channel.association_id, channel.codec.sealer, parallel=spill_parallel, stats=spill_stats
+            )
+            if blobs is not None and channel.codec.features.spill
+            else None
+        )
+        self._next_ordinal = 0  # blob ordinals only grow: a part sealed for one blob never opens as another's
+        self._fetches: set[asyncio.Task[None]] = set()
+        self._fetch_slots = asyncio.Semaphore(MAX_BLOB_FETCHES)
         self.from_site = from_site
         self.device = device
         self.our_ae = our_ae
@@ -165,6 +191,9 @@ class FarSession:
                 refresh.cancel()
             if self._writer is not None:
                 self._writer.abort()  # never acknowledged: the near router sends it again
+            for fetch in self._fetches:
+                fetch.cancel()  # its writer is aborted; the near router uploads it again on its next stream
+            await asyncio.gather(*self._fetches, return_exceptions=True)
             await asyncio.gather(*self._commits, return_exceptions=True)  # committed ones stay: delivered
 
     async def report(self, entry: SpoolEntry, status: int, error: str) -> None:
@@ -204,6 +233,8 @@ class FarSession:
             self.book.forget(self.from_site, record.ids)
         elif isinstance(record, records.InstanceHeader):
             self._begin(record)
+        elif isinstance(record, records.BlobHeader):
+            await self._begin_blob(record)
         elif isinstance(record, records.Chunk):
             self._write(record.data)
             if record.last:
@@ -212,15 +243,17 @@ class FarSession:
             raise records.RecordError("a second HELLO record")
 
     def _begin(self, header: records.InstanceHeader) -> None:
-        self._header, self._refusal = header, None
+        self._header = header
+        self._writer, self._refusal = self._admit(header)
+
+    def _admit(self, header: records.InstanceHeader) -> tuple[SpoolWriter | None, tuple[int, bool, str] | None]:
+        """A spool writer for the instance, or why it is refused."""
         known = self.capabilities.get(self.device.ae_title)
         if not services.granted(header.sop_class, self.granted):
-            self._refusal = (Status.SOP_CLASS_NOT_SUPPORTED, True, f"{header.sop_class} is not granted")
-            return
+            return None, (Status.SOP_CLASS_NOT_SUPPORTED, True, f"{header.sop_class} is not granted")
         if known is not None and known.choose(header.sop_class, (header.transfer_syntax,)) is None:
             detail = f"{self.device.ae_title} does not accept {header.sop_class} in {header.transfer_syntax}"
-            self._refusal = (Status.SOP_CLASS_NOT_SUPPORTED, True, detail)
-            return
+            return None, (Status.SOP_CLASS_NOT_SUPPORTED, True, detail)
         meta = {"origin_site": self.from_site, "origin_id": header.id}
         move = self._move(header)
         if move is not None:  # delivered with the Move Originator pair, counted for the held final response
@@ -228,7 +261,7 @@ class FarSession:
             if self.moves is not None:
                 self.moves.arrived(move, header.sop_instance)
         try:
-            self._writer = self.spool.writer(
+            writer = self.spool.writer(
                 far_route_name(self.device),
                 sop_class_uid=header.sop_class,
                 sop_instance_uid=header.sop_instance,
@@ -237,7 +270,72 @@ class FarSession:
                 part10=True,
             )
         except SpoolError as exc:
-            self._refusal = (Status.CANNOT_UNDERSTAND, True, str(exc))
+            return None, (Status.CANNOT_UNDERSTAND, True, str(exc))
+        return writer, None
+
+    async def _begin_blob(self, header: records.BlobHeader) -> None:
+        """An instance by reference: fetched by a task of its own (at most MAX_BLOB_FETCHES), then committed."""
+        instance = header.instance
+        if self._blobs is None:  # not agreed: a broken peer; refused (retried, then dead) rather than looping
+            await self._refuse(instance, (PROCESSING_FAILURE, False, "this transfer did not agree to spill"))
+            return
+        if header.ordinal < self._next_ordinal:  # the record is sealed, so only a broken or hostile peer
+            raise records.RecordError(f"SECURITY: blob {header.blob_id} reuses ordinal {header.ordinal}", security=True)
+        self._next_ordinal = header.ordinal + 1
+        writer, refusal = self._admit(instance)
+        if writer is None:
+            await self._refuse(instance, refusal)
+            return
+        await self._fetch_slots.acquire()
+        task = asyncio.create_task(self._fetch(header, writer))
+        self._fetches.add(task)
+        task.add_done_callback(self._fetched)
+
+    def _fetched(self, task: asyncio.Task[None]) -> None:
+        self._fetches.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so instead of losing it
+            log.error("fetching a blob from %s failed", self.from_site, exc_info=task.exception())
+
+    async def _fetch(self, header: records.BlobHeader, writer: SpoolWriter) -> None:
+        instance = header.instance
+        committing = False
+        try:
+            assert self._blobs is not None
+            blob = IncomingBlob(self._blobs, header.blob_id, header.ordinal)
+            blob.finish(header.parts, instance.length, header.digest)
+            written = 0
+            try:
+                async for plain in blob.plaintext():  # each part authenticated; length and digest at the end
+                    written += len(plain)
+                    if written > instance.length:
+                        raise blob_alert(f"blob {header.blob_id} is longer than its {instance.length} bytes")
+                    writer.write(plain)
+            except SpillFailed as exc:
+                self._blobs.stats.receive_failures += 1
+                log.log(
+                    logging.ERROR if exc.security else logging.WARNING,
+                    "blob of %s from %s rejected: %s",
+                    instance.sop_instance,
+                    self.from_site,
+                    exc,
+                )
+                await self._refuse(instance, (PROCESSING_FAILURE, False, f"blob not delivered: {exc.detail}"))
+                return
+            except SpoolFull as exc:
+                await self._refuse(instance, (Status.OUT_OF_RESOURCES, False, str(exc)))
+                return
+            except (SpoolError, OSError) as exc:
+                await self._refuse(instance, (Status.OUT_OF_RESOURCES, False, f"spool write failed: {exc}"))
+                return
+            await self._commit_slots.acquire()
+            committing = True
+            await self._commit(instance, writer)  # releases the slot; STORED once durable
+        except TransferError as exc:  # the stream broke: the near router sends it again
+            log.info("blob of %s not acknowledged: %s", instance.sop_instance, exc)
+        finally:
+            if not committing:
+                writer.abort()
+            self._fetch_slots.release()
 
     def _write(self, data: bytes) -> None:
         if self._writer is None:

@@ -15,6 +15,12 @@ near -> far
                 far router's namespace and its C-MOVE's Message ID: relay_router.accel.moves)
     CHUNK       raw bytes of the current instance (at most MAX_CHUNK)
     ACK         JSON {"ids": [...]}: outcomes the near router recorded (the far one may forget them)
+    BLOB        JSON {"id", "sop_class", "sop_instance", "transfer_syntax", "length", "blob_id",
+                "ordinal", "parts", "digest"}, and a sub-operation's move pair as in INSTANCE: an
+                instance above `[dicom] spill_threshold_bytes` that travelled through the blob store instead of CHUNKs (relay_router.spill's
+                `BlobUpload`: parts sealed with this association's key under `part_seq(ordinal,
+                part)`, `digest` the SHA-256 of the stored parts in order, hex); the far router
+                fetches, verifies and spools it (relay_router.accel.receive)
 far -> near
     CAPABILITIES JSON {"contexts": {sop_class: [transfer syntax, ...]}}: what the device accepts
     STORED      JSON {"id", "sop_instance"}: durable in the far router's spool (near: FORWARDED)
@@ -46,6 +52,10 @@ MAX_INSTANCE = 8 * 1024**3  # larger than any real instance; bounds what a peer 
 MAX_CAPABILITY_CLASSES = 1024
 MAX_CAPABILITY_SYNTAXES = 32
 MAX_ACK_IDS = 4096
+MIN_PART_BYTES = 64 * 1024  # the smallest `[dicom] spill_part_bytes`: bounds the parts a BLOB may announce
+MAX_BLOB_ORDINAL = 1 << 42  # relay_router.spill_store.MAX_BLOBS: part nonces stay unique below it
+_BLOB_ID = re.compile(r"[0-9a-f]{32}")  # as the bridge issues them (relay_bridge.blobs.BLOB_ID)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _HEADER = 5
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _ENTRY_ID = re.compile(r"[0-9A-Za-z_.-]{1,80}")
@@ -56,6 +66,7 @@ class RecordType(IntEnum):
     INSTANCE = 0x02
     CHUNK = 0x03
     ACK = 0x04
+    BLOB = 0x05
     CAPABILITIES = 0x10
     STORED = 0x11
     REFUSED = 0x12
@@ -87,6 +98,17 @@ class InstanceHeader:
     # A C-MOVE sub-operation's Move Originator AE Title and Message ID (PS3.7 9.3.1.1), else None.
     move_originator_ae: str | None = None
     move_originator_id: int | None = None
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    """An instance whose bytes are in the blob store: the INSTANCE fields plus the blob's manifest."""
+
+    instance: InstanceHeader
+    blob_id: str
+    ordinal: int
+    parts: int
+    digest: bytes
 
 
 @dataclass(frozen=True)
@@ -128,7 +150,7 @@ class Outcome:
     error: str
 
 
-Record = Hello | InstanceHeader | Chunk | Ack | Capabilities | Stored | Refused | Outcome
+Record = Hello | InstanceHeader | BlobHeader | Chunk | Ack | Capabilities | Stored | Refused | Outcome
 
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -153,6 +175,16 @@ def hello(*, capabilities: bool, moves: bool = True, title: str | None = None) -
 
 
 def instance(header: InstanceHeader) -> bytes:
+    return _json(RecordType.INSTANCE, _instance_body(header))
+
+
+def blob(header: BlobHeader) -> bytes:
+    body = _instance_body(header.instance)
+    body.update(blob_id=header.blob_id, ordinal=header.ordinal, parts=header.parts, digest=header.digest.hex())
+    return _json(RecordType.BLOB, body)
+
+
+def _instance_body(header: InstanceHeader) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": header.id,
         "sop_class": header.sop_class,
@@ -163,7 +195,7 @@ def instance(header: InstanceHeader) -> bytes:
     if header.move_originator_ae is not None and header.move_originator_id is not None:
         body["move_originator_ae"] = header.move_originator_ae
         body["move_originator_id"] = header.move_originator_id
-    return _json(RecordType.INSTANCE, body)
+    return body
 
 
 def chunks(data: bytes) -> bytes:
@@ -255,6 +287,38 @@ def _text(body: Mapping[str, Any], name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:200])  # logged: no control characters
 
 
+def _instance(value: Mapping[str, Any], what: str) -> InstanceHeader:
+    length = _field(value, "length", int, what)
+    if not 0 < length <= MAX_INSTANCE:
+        raise RecordError(f"{what} record: length {length} out of range")
+    return InstanceHeader(
+        _entry_id(value.get("id"), what),
+        _uid(value, "sop_class", what),
+        _uid(value, "sop_instance", what),
+        _uid(value, "transfer_syntax", what),
+        length,
+        *_move_originator(value),
+    )
+
+
+def _blob(value: Mapping[str, Any], what: str) -> BlobHeader:
+    """A BLOB reference, bounded like a transparent association's blob notice (relay_router.spill_receive)."""
+    instance = _instance(value, what)
+    blob_id = _field(value, "blob_id", str, what)
+    if not _BLOB_ID.fullmatch(blob_id):
+        raise RecordError(f"BLOB record: blob id {blob_id[:80]!r} is not 32 hex digits")
+    ordinal = _field(value, "ordinal", int, what)
+    if not 0 <= ordinal < MAX_BLOB_ORDINAL:
+        raise RecordError(f"BLOB record: ordinal {ordinal} out of range")
+    parts = _field(value, "parts", int, what)
+    if not 1 <= parts <= instance.length // MIN_PART_BYTES + 1:
+        raise RecordError(f"BLOB record: {parts} parts for {instance.length} bytes")
+    digest = _field(value, "digest", str, what)
+    if not _DIGEST.fullmatch(digest):
+        raise RecordError("BLOB record: digest is not a hex SHA-256")
+    return BlobHeader(instance, blob_id, ordinal, parts, bytes.fromhex(digest))
+
+
 def _decode(kind: RecordType, body: bytes) -> Record:
     what = kind.name
     try:
@@ -273,17 +337,9 @@ def _decode(kind: RecordType, body: bytes) -> Record:
             bool(value.get("capabilities")), value.get("moves") is True, None if title is None else title.strip()
         )
     if kind is RecordType.INSTANCE:
-        length = _field(value, "length", int, what)
-        if not 0 < length <= MAX_INSTANCE:
-            raise RecordError(f"INSTANCE record: length {length} out of range")
-        return InstanceHeader(
-            _entry_id(value.get("id"), what),
-            _uid(value, "sop_class", what),
-            _uid(value, "sop_instance", what),
-            _uid(value, "transfer_syntax", what),
-            length,
-            *_move_originator(value),
-        )
+        return _instance(value, what)
+    if kind is RecordType.BLOB:
+        return _blob(value, what)
     if kind is RecordType.ACK:
         ids = _field(value, "ids", list, what)
         if len(ids) > MAX_ACK_IDS:
@@ -385,5 +441,5 @@ class RecordReader:
         return out
 
 
-NEAR_TO_FAR = (RecordType.HELLO, RecordType.INSTANCE, RecordType.CHUNK, RecordType.ACK)
+NEAR_TO_FAR = (RecordType.HELLO, RecordType.INSTANCE, RecordType.BLOB, RecordType.CHUNK, RecordType.ACK)
 FAR_TO_NEAR = (RecordType.CAPABILITIES, RecordType.STORED, RecordType.REFUSED, RecordType.OUTCOME)

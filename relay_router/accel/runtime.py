@@ -27,6 +27,7 @@ from relay_router.accel.spool import EntryState, Spool, SpoolEntry
 from relay_router.accel.transfer import NearTransfer, route_name
 from relay_router.config import RouterConfig, SharedDevice, spool_dir
 from relay_router.routing import Route
+from relay_router.spill import BlobTransport, SpillState
 from relay_router.tunnel import BridgeLink
 
 log = logging.getLogger("relay_router.accel")
@@ -37,9 +38,20 @@ def configured(config: RouterConfig) -> bool:
 
 
 class AccelRuntime:
-    def __init__(self, config: RouterConfig, link: BridgeLink, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        link: BridgeLink,
+        audit: AuditLog | None = None,
+        *,
+        blobs: BlobTransport | None = None,
+        spill: SpillState | None = None,
+    ) -> None:
         self.config = config
         self.link = link
+        # Cloud spill, shared with the transparent associations: large instances go by reference.
+        self.blobs = blobs
+        self.spill = spill or SpillState()
         section = config.accelerate
         self.spool = Spool(
             spool_dir(config),
@@ -60,6 +72,8 @@ class AccelRuntime:
                 local_ae=r.ae_title,
                 route=Route(r.site, r.target),
                 audit=audit,
+                blobs=blobs,
+                spill=self.spill,
             )
             for r in config.remote
             if r.accelerate

@@ -11,6 +11,14 @@ answer (OUTCOME: removed here when delivered, DEAD when the device refused it), 
 later one. When the stream breaks (either router or the bridge restarts), what was in flight goes back
 to RECEIVED and is sent again on the next stream: at least once; the far router may store a
 duplicate, which is harmless (same SOP Instance UID).
+
+Instances larger than `[dicom] spill_threshold_bytes` go through the bridge's blob store when both
+routers agreed `spill/2` (cloud spill, docs/cloudstore.md): this router uploads the spooled file with
+relay_router.spill's `BlobUpload` (parts compressed and sealed with this stream's key, exactly as a
+transparent association's blobs) and sends a BLOB record naming the blob and its manifest instead of
+CHUNKs. Blobs belong to the stream's association id, so the bridge deletes them when the stream ends:
+an instance interrupted anywhere is uploaded again on the next stream. If the store cannot be used the
+instance goes inline, and spill pauses for the router (SpillState, `BACKOFF_S`) as on transparent routes.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.moves import move_fields, partner_originator
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry, SpoolError
 from relay_router.close_codes import close_frame, received_close, received_refusal
+from relay_router.compress import FrameCompressor
 from relay_router.config import RouterConfig
 from relay_router.routing import Route
 from relay_router.seal import AssociationContext, initiate
+from relay_router.spill import BACKOFF_S, BlobTransport, BlobUpload, SpillFailed, SpillState, SpillUnavailable
 from relay_router.tunnel import AssociationStream, BridgeLink, LinkDown
 from relay_router.wire.codec import DataReceived, FrameCodec, FrameRejected, first_frame, handshake_message
 from relay_router.wire.features import Features
@@ -47,7 +57,14 @@ SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.
 READ_BYTES = 256 * 1024
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
+# How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
+# routes has no delivery pool, which otherwise carries them out).
+REQUEST_POLL_S = 2.0
+AUDIT_COUNTS = ("sent", "by_reference", "stored", "delivered", "dead", "refused")  # an accel_transfer event's
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+# Instances sent by reference whose STORED is awaited: the far router fetches a few at a time, and each
+# blob counts against the association's quota in the store until the far router released it.
+MAX_BLOBS_IN_FLIGHT = 4
 
 
 class TransferError(RelayError):
@@ -65,10 +82,18 @@ class RecordChannel:
     """One accelerated association's frames: the record bytes of each direction through a FrameCodec."""
 
     def __init__(
-        self, stream: AssociationStream, codec: FrameCodec, accept: tuple[records.RecordType, ...], *, frame_bytes: int
+        self,
+        stream: AssociationStream,
+        codec: FrameCodec,
+        accept: tuple[records.RecordType, ...],
+        *,
+        frame_bytes: int,
+        association_id: str = "",
     ) -> None:
         self.stream = stream
         self.codec = codec
+        self.association_id = association_id  # the blobs of this stream are the bridge's keys under it
+        self.blob_ordinal = 0  # blobs begun by this side: part nonces are unique per (ordinal, part)
         self.reader = records.RecordReader(accept)
         self.frame_bytes = frame_bytes
         self._pending = bytearray()
@@ -143,7 +168,8 @@ class RecordChannel:
 @dataclass
 class InFlight:
     entry: SpoolEntry
-    sent: int  # bytes of the instance
+    sent: int  # bytes of the instance sent inline (0 when it went by reference)
+    by_reference: bool = False
 
 
 class NearTransfer:
@@ -159,8 +185,12 @@ class NearTransfer:
         local_ae: str,
         route: Route,
         audit: AuditLog | None = None,
+        blobs: BlobTransport | None = None,
+        spill: SpillState | None = None,
     ) -> None:
         self.config = config
+        self.blobs = blobs  # the router's blob transport (cloud spill); None: every instance inline
+        self.spill = spill or SpillState()
         self.audit = audit
         self.counts: Counter[str] = Counter()  # instances since the last audit: sent, stored, delivered, dead, ...
         self._batch_started = time.monotonic()
@@ -196,12 +226,13 @@ class NearTransfer:
     async def run(self) -> None:
         delay = RETRY_MIN_S
         while True:
+            self._apply_requests()
             if not self._has_work():
                 next_due = self.spool.next_due(route=self.route_name)
                 wait = self.capabilities.refresh_s if next_due is None else max(0.05, next_due - time.time())
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), min(wait, self.capabilities.refresh_s))
+                    await asyncio.wait_for(self._wake.wait(), min(wait, self.capabilities.refresh_s, REQUEST_POLL_S))
                 continue
             started = self._batch_started = time.monotonic()
             try:
@@ -228,6 +259,16 @@ class NearTransfer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), OUTCOME_POLL_S)
 
+    def _apply_requests(self) -> None:
+        """Dead letters replayed or purged by `relay-router spool` while this router runs."""
+        try:
+            applied = self.spool.apply_requests()
+        except OSError as exc:
+            log.warning("spool requests not read: %s", exc)
+            return
+        if applied:
+            self._wake.set()
+
     def _audit(self, seconds: float) -> None:
         """An `accel_transfer` event each time what was sent has all its outcomes, and when a stream ends with
         instances counted (the local association was audited when the device sent; this says when its
@@ -246,7 +287,7 @@ class NearTransfer:
             local_ae=self.local_ae,
             detail=self.last_error,
             seconds=round(seconds, 3),
-            **{name: counts.get(name, 0) for name in ("sent", "stored", "delivered", "dead", "refused")},
+            **{name: counts.get(name, 0) for name in AUDIT_COUNTS},
         )
 
     def _requeue(self) -> None:
@@ -268,7 +309,8 @@ class NearTransfer:
         aid = uuid.uuid4().hex  # as for every association (the bridge and the replay record expect UUID4s)
         context = AssociationContext(aid, self.link.site, self.route.site, self.route.ae_title)
         dicom = self.config.dicom
-        offered = Features(compress=dicom.compression, shuffle=dicom.compression, accel=True)
+        spill = dicom.spill and bool(dicom.spill_threshold_bytes) and self.blobs is not None
+        offered = Features(compress=dicom.compression, shuffle=dicom.compression, spill=spill, accel=True)
         handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
         hello = records.hello(capabilities=self.capabilities.stale(self.local_ae), title=self.local_ae)
         opening = pb.Open(
@@ -292,7 +334,7 @@ class NearTransfer:
             accept_blobs=False,
             confirm_from=(peer, self.route.site),
         )
-        return RecordChannel(stream, codec, records.FAR_TO_NEAR, frame_bytes=dicom.frame_bytes)
+        return RecordChannel(stream, codec, records.FAR_TO_NEAR, frame_bytes=dicom.frame_bytes, association_id=aid)
 
     async def _session(self) -> None:
         channel = await self._open()
@@ -313,7 +355,11 @@ class NearTransfer:
             raise failures.exceptions[0] from None
 
     def _window_open(self) -> bool:
-        return sum(f.sent for f in self.in_flight.values()) < 2 * self.config.accelerate.bucket_bytes
+        flights = self.in_flight.values()
+        return (
+            sum(f.sent for f in flights) < 2 * self.config.accelerate.bucket_bytes
+            and sum(f.by_reference for f in flights) < MAX_BLOBS_IN_FLIGHT
+        )
 
     async def _send(self, channel: RecordChannel, done: asyncio.Event, receiving: asyncio.Task[None]) -> None:
         bucket = self.config.accelerate.bucket_bytes
@@ -339,6 +385,7 @@ class NearTransfer:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._apply_requests()
         await channel.close()
         done.set()
         receiving.cancel()
@@ -350,8 +397,6 @@ class NearTransfer:
         except OSError as exc:
             self.spool.fail(entry.id, f"spool file unreadable: {exc}", permanent=True)
             return 0
-        self.in_flight[entry.id] = InFlight(entry, size)
-        self.counts["sent"] += 1
         # A C-MOVE sub-operation names its move in the far router's titles (relay_router.accel.moves).
         originator, message_id = move_fields(entry.meta)
         if originator is not None:
@@ -359,12 +404,104 @@ class NearTransfer:
         header = records.InstanceHeader(
             entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size, originator, message_id
         )
+        if self._spills(channel, size):
+            reference = await self._upload(channel, header)
+            if reference is not None:
+                self.in_flight[entry.id] = InFlight(entry, 0, by_reference=True)
+                self.counts["sent"] += 1
+                self.counts["by_reference"] += 1
+                await self._send_acks(channel, flush=False)
+                await channel.send(records.blob(reference), flush=True)  # the far router starts fetching at once
+                return 0
+        self.in_flight[entry.id] = InFlight(entry, size)
+        self.counts["sent"] += 1
         await channel.send(records.instance(header))
         with path.open("rb") as source:
             while chunk := await asyncio.to_thread(source.read, READ_BYTES):
                 await channel.send(records.chunks(chunk))
         await self._send_acks(channel, flush=False)
         return size
+
+    def _spills(self, channel: RecordChannel, size: int) -> bool:
+        """Whether an instance of `size` bytes goes through the blob store (both routers agreed spill)."""
+        threshold = self.config.dicom.spill_threshold_bytes
+        return (
+            self.blobs is not None and channel.codec.features.spill and 0 < threshold < size and not self.spill.paused
+        )
+
+    async def _upload(self, channel: RecordChannel, header: records.InstanceHeader) -> records.BlobHeader | None:
+        """Upload the spooled instance as one blob (relay_router.spill.BlobUpload); None: send it inline."""
+        assert self.blobs is not None
+        dicom = self.config.dicom
+        level = dicom.compression_level if channel.codec.compressor is not None else None
+        upload = BlobUpload(
+            self.blobs,
+            channel.association_id,
+            channel.codec.sealer,
+            ordinal=channel.blob_ordinal,
+            parallel=dicom.spill_parallel,
+            stats=self.spill.stats,
+            compressor=FrameCompressor(level, shuffle=channel.codec.features.shuffle) if level else None,
+        )
+        channel.blob_ordinal += 1  # used whatever happens next: no part nonce is ever sealed twice
+        try:
+            return await self._store(upload, header)
+        except (SpillUnavailable, SpillFailed, OSError) as exc:
+            await upload.cancel()
+            if upload.blob_id:  # the bridge deletes it with the stream anyway; free the quota now
+                await self.blobs.release(channel.association_id, upload.blob_id)
+            self.spill.stats.fallbacks += 1  # even after parts were stored: the instance goes inline, whole
+            self._fell_back(header, exc)
+            return None
+        finally:
+            upload.abandon()  # cancelled (the stream ended): no upload outlives it
+
+    async def _store(self, upload: BlobUpload, header: records.InstanceHeader) -> records.BlobHeader:
+        """Read the spooled file in parts of `spill_part_bytes` into the upload; the reference once all are stored."""
+        part_bytes = self.config.dicom.spill_part_bytes
+        with self.spool.path(header.id).open("rb") as source:
+            left = header.length
+            while left > 0:
+                part = await asyncio.to_thread(source.read, min(part_bytes, left))
+                if not part:
+                    raise SpillUnavailable(f"spool file of {header.sop_instance} shorter than {header.length}")
+                left -= len(part)
+                await upload.harvest()
+                await upload.add(part, last=left == 0)
+        await upload.wait_all()
+        self.spill.stats.blobs_sent += 1
+        self.spill.stats.bytes_spilled += upload.plain_len
+        log.info(
+            "%s: %d bytes in %d parts to blob %s",
+            header.sop_instance,
+            upload.plain_len,
+            upload.parts,
+            upload.blob_id,
+            extra={"assoc": upload.association_id},
+        )
+        return records.BlobHeader(header, upload.blob_id, upload.ordinal, upload.parts, upload.digest())
+
+    def _fell_back(self, header: records.InstanceHeader, exc: Exception) -> None:
+        """The store could not take the instance: it goes inline, and spill pauses for the whole router."""
+        self.spill.pause()
+        security = getattr(exc, "security", False)
+        log.log(
+            logging.ERROR if security else logging.WARNING,
+            "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
+            header.sop_instance,
+            header.length,
+            BACKOFF_S,
+            exc,
+        )
+        if security and self.audit is not None:  # e.g. the bridge handed out a URL outside spill_endpoints
+            self.audit.event(
+                "accel_transfer",
+                "alert",
+                site=self.route.site,
+                called_ae=self.route.ae_title,
+                local_ae=self.local_ae,
+                detail=str(exc),
+            )
 
     async def _send_acks(self, channel: RecordChannel, *, flush: bool) -> None:
         while self._acks:

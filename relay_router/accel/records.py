@@ -17,10 +17,11 @@ near -> far
     ACK         JSON {"ids": [...]}: outcomes the near router recorded (the far one may forget them)
     BLOB        JSON {"id", "sop_class", "sop_instance", "transfer_syntax", "length", "blob_id",
                 "ordinal", "parts", "digest"}, and a sub-operation's move pair as in INSTANCE: an
-                instance above `[dicom] spill_threshold_bytes` that travelled through the blob store instead of CHUNKs (relay_router.spill's
-                `BlobUpload`: parts sealed with this association's key under `part_seq(ordinal,
-                part)`, `digest` the SHA-256 of the stored parts in order, hex); the far router
-                fetches, verifies and spools it (relay_router.accel.receive)
+                instance above `[dicom] spill_threshold_bytes` that travelled through the blob
+                store instead of CHUNKs (relay_router.spill's `BlobUpload`: parts sealed with this
+                association's key under `part_seq(ordinal, part)`, `digest` the SHA-256 of the
+                stored parts in order, hex); the far router fetches, verifies and spools it
+                (relay_router.accel.receive)
 far -> near
     CAPABILITIES JSON {"contexts": {sop_class: [transfer syntax, ...]}}: what the device accepts
     STORED      JSON {"id", "sop_instance"}: durable in the far router's spool (near: FORWARDED)

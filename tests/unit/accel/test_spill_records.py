@@ -54,6 +54,15 @@ def test_a_blob_record_round_trips_between_instances() -> None:
     assert got[1] == inline and isinstance(got[2], records.Chunk) and got[2].last
 
 
+def test_a_blob_record_of_a_move_sub_operation_keeps_its_move_originator_pair() -> None:
+    """A big image of a held C-MOVE travels by reference: router A must still count it for its move."""
+    instance = records.InstanceHeader(ENTRY, CT, UID, EXPLICIT, 3 * PART, "WS_A", 7)
+    header = records.BlobHeader(instance, "ab" * 16, 0, 3, bytes(range(32)))
+    (got,) = RecordReader(records.NEAR_TO_FAR).feed(records.blob(header))
+    assert isinstance(got, records.BlobHeader)
+    assert (got.instance.move_originator_ae, got.instance.move_originator_id) == ("WS_A", 7)
+
+
 def _raw_blob(**changes: object) -> bytes:
     body: dict[str, object] = {
         "id": ENTRY,
@@ -85,6 +94,8 @@ def _raw_blob(**changes: object) -> bytes:
         ({"length": 0}, "length"),
         ({"sop_instance": "1.2.x"}, "UID"),
         ({"id": "a/b"}, "spool entry id"),
+        ({"move_originator_ae": "WS_A"}, "move_originator_id"),  # the pair, both or neither
+        ({"move_originator_ae": "A\\B", "move_originator_id": 7}, "move_originator_ae"),
     ],
 )
 def test_a_hostile_blob_record_is_refused_naming_the_field(changes: dict[str, object], complaint: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from relay_common.audit import read_events
 from relay_demo.datasets import fingerprints, generate_ct_series, generate_mr_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
@@ -39,6 +40,9 @@ from tests.support.orthanc import OrthancProcess
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
 ACCEL = {"bucket_bytes": 256 * 1024, "retry_max_s": 2.0, "associations": 2}
+# The 128x128 CT images (~33 KB) of the first move go through the blob store by reference (BLOB
+# records), the 64x64 ones of the other moves inline: a held move counts both kinds.
+DICOM = {"spill_threshold_bytes": 20 << 10, "spill_part_bytes": 64 << 10}
 CT_STUDY = "1.2.826.0.1.3680043.8.498.71001"
 MIXED_STUDY = "1.2.826.0.1.3680043.8.498.71002"
 MR_STUDY = "1.2.826.0.1.3680043.8.498.71003"
@@ -148,6 +152,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
                 Remote("A_MOVER", "hospital-a", "MOVER_A"),  # the requester, under another title at site B
             ],
             accelerate=ACCEL,
+            **DICOM,
         )
         net.add_site(
             "hospital-a",
@@ -159,6 +164,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             ],
             remote=[Remote("PACS_B", "hospital-b", "ORTHANC_B")],
             accelerate={**ACCEL, "move_hold_max_s": 90},
+            **DICOM,
         )
         assert site_b.port
         orthanc.set_modalities({title: (title, HOST, site_b.port) for title in ("WS_A", "PICKY_X", "PLAIN_A")})
@@ -212,6 +218,13 @@ def test_the_final_response_comes_once_every_image_is_at_the_destination(sites: 
     log_b = sites.net.log("hospital-b")
     stored = re.findall(r"accelerated association from 'ORTHANC_B' for 'WS_A' ended: (\d+) stored in the spool", log_b)
     assert sum(map(int, stored)) >= 5, log_b[-3000:]
+    # ... and shipped them through the blob store: the held response counted images that came by reference.
+    audit_b = sites.net.workdir / "audit-hospital-b.jsonl"
+
+    def by_reference() -> int:  # router B's accel_transfer audit events, written once their outcomes are in
+        return sum(int(e.get("by_reference", 0)) for e in read_events(audit_b) if e["event"] == "accel_transfer")
+
+    wait_for(lambda: by_reference() >= 5, "router B's audit counting the CT images sent by reference", timeout=30)
 
 
 def test_a_destination_refusing_one_sop_class_turns_into_failed_sub_operations(sites: Sites) -> None:

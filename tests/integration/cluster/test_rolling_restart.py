@@ -137,7 +137,7 @@ def bridge_cluster(
         postgres_for_cluster,
         {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
         renew_s=0.5,
-        grpc_health=True,
+        health="http",
     )
     try:
         yield cluster

@@ -119,9 +119,7 @@ class HAProxy:
     def stats_socket(self) -> Path:
         return self.workdir / "haproxy.sock"
 
-    def stat(self, server: str) -> dict[str, str]:
-        """`show stat` for `server` (its first backend): "status" (UP/DOWN), "check_status" (L7OK, L6RSP,
-        L7STS, L4CON, ...), "last_chk" (the check's last word: "SSL handshake failure", ...)."""
+    def _show_stat(self) -> list[dict[str, str]]:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(5)
             sock.connect(str(self.stats_socket))
@@ -129,11 +127,26 @@ class HAProxy:
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
-        header, *rows = data.decode().lstrip("# ").splitlines()
-        for row in csv.DictReader([header, *rows]):
+        return [dict(row) for row in csv.DictReader(data.decode().lstrip("# ").splitlines())]
+
+    def stat(self, server: str) -> dict[str, str]:
+        """`show stat` for `server` (its first backend): "status" (UP/DOWN), "check_status" (L7OK, L6RSP,
+        L7STS, L4CON, ...), "last_chk" (the check's last word: "SSL handshake failure", ...)."""
+        rows = self._show_stat()
+        for row in rows:
             if row.get("svname") == server:
-                return dict(row)
-        raise AssertionError(f"HAProxy has no server {server}: {data.decode()[:2000]}")
+                return row
+        raise AssertionError(f"HAProxy has no server {server}: {rows}")
+
+    def wait_up(self, server: str, timeout: float = 15.0) -> None:
+        """Wait until every backend has `server` UP (its checks pass)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {r["pxname"]: r["status"] for r in self._show_stat() if r.get("svname") == server}
+            if states and all(state == "UP" for state in states.values()):
+                return
+            assert time.monotonic() < deadline, f"HAProxy does not have {server} up: {states}"
+            time.sleep(0.05)
 
     def wait_check(self, server: str, check_status: str, timeout: float = 10.0) -> dict[str, str]:
         """Wait until `server`'s last check ended with `check_status` (e.g. L7OK: the check passed)."""

@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="replica kills for the failover distribution")
     parser.add_argument("--rolls", type=int, default=3, help="rounds of rolling restarts (each restarts all three)")
     parser.add_argument("--phases", default="paths,failover,rolling", help="comma-separated phases to run")
-    parser.add_argument("--health", choices=("tcp", "grpc", "http"), default="tcp", help="HAProxy's replica health check")
+    parser.add_argument(
+        "--health", choices=("tcp", "grpc", "http"), default="tcp", help="HAProxy's replica health check"
+    )
     parser.add_argument("--name", default="cluster", help="results file name (benchmarks/results/DATE-NAME.*)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))

@@ -25,9 +25,9 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from relay_common.files import write_private
 from relay_demo.archive import DemoArchive
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
-from relay_common.files import write_private
 from tests.support.certs import issue_pair
 from tests.support.haproxy import HAProxy, haproxy_binary
 from tests.support.ports import free_port
@@ -47,7 +47,9 @@ def _bridge(work: Path, extra_server: str = "") -> tuple[LocalRelayNetwork, int]
     net = LocalRelayNetwork(work).start(bridge=False)
     metrics_port = free_port()
     config = net.workdir / "bridge.toml"
-    text = config.read_text().replace('tls_key = "server.key"\n', f'tls_key = "server.key"\ndrain_grace_s = 30\n{extra_server}')
+    text = config.read_text().replace(
+        'tls_key = "server.key"\n', f'tls_key = "server.key"\ndrain_grace_s = 30\n{extra_server}'
+    )
     config.write_text(text + f'\n[metrics]\nlisten = "{HOST}:{metrics_port}"\n')
     net.start_bridge()
     return net, metrics_port
@@ -144,4 +146,3 @@ def test_with_require_client_cert_the_grpc_check_needs_the_balancers_certificate
         for balancer in balancers:
             balancer.stop()
         net.stop()
-

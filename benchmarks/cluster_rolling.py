@@ -11,6 +11,7 @@ that started while a replica was restarting and the others.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +80,7 @@ def rolling_restarts(cluster: BridgeCluster, router_port: int, files: list[Path]
         Client("store SCP_B", lambda: association(router_port, "SCP_B", datasets)),
         Client("store SCP_C", lambda: association(router_port, "SCP_C", datasets)),
     ]
+    load_before = os.getloadavg()[0]  # a shared machine: the figures only mean something beside its load
     threads = [threading.Thread(target=c.run, name=c.name, daemon=True) for c in clients]
     for thread in threads:
         thread.start()
@@ -127,6 +129,7 @@ def rolling_restarts(cluster: BridgeCluster, router_port: int, files: list[Path]
         "failures": [a.what for a in failed][:20],
         "drain_s": summary(drains),
         "marked_down_s": summary(marked_down),
+        "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "setup_ms_during_restart": summary(during) if during else None,
         "setup_ms_steady": summary(steady) if steady else None,
     }
@@ -141,7 +144,8 @@ def rolling_table(r: dict[str, object]) -> list[str]:
         f" HAProxy health check up) under {r['associations']} associations from site-a"
         f" ({r['per_client']}): **{r['failed']} failed** (must be 0). SIGTERM to HAProxy marking the"
         f" replica down: median {down['median']:.2f} s, max {down['max']:.2f} s. Drain to exit: median"
-        f" {drain['median']:.2f} s, max {drain['max']:.2f} s.",
+        f" {drain['median']:.2f} s, max {drain['max']:.2f} s. Load average (1 min) before and after:"
+        f" {r['load_1min']}.",
         "",
         "| associations started | n | setup median (ms) | p90 (ms) | max (ms) |",
         "|---|---:|---:|---:|---:|",

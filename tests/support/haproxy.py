@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_demo.network import LocalRelayNetwork
 from tests.support.ports import free_port, wait_for_port
 
 
@@ -200,7 +201,7 @@ class HAProxy:
             [binary, "-db", "-f", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab")
         )
         for name, port in self.ports.items():
-            if not wait_for_port(port):
+            if not wait_for_port(port, process=self.process):
                 self.stop()
                 raise RuntimeError(f"haproxy frontend {name} did not listen on {port}: {self.log_path.read_text()}")
         return self
@@ -220,10 +221,4 @@ class HAProxy:
         raise AssertionError(f"HAProxy did not mark {server} {word}:\n{self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        LocalRelayNetwork._stop(self.process, timeout=10)

@@ -17,6 +17,7 @@ The bridge runs on SQLite here: a health check is the same for one bridge and fo
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,3 +147,16 @@ def test_with_require_client_cert_the_grpc_check_needs_the_balancers_certificate
         for balancer in balancers:
             balancer.stop()
         net.stop()
+
+
+def test_the_sample_haproxy_configuration_is_the_documented_one_and_haproxy_accepts_it() -> None:
+    _require_haproxy()
+    root = Path(__file__).resolve().parents[3]
+    sample = (root / "deploy" / "haproxy.example.cfg").read_text()
+    docs = (root / "docs" / "high-availability.md").read_text()
+    body = "".join(line + "\n" for line in sample.splitlines() if not line.startswith("#"))
+    assert f"```\n{body}```\n" in docs, "deploy/haproxy.example.cfg and docs/high-availability.md differ"
+    binary = haproxy_binary()
+    assert binary is not None
+    checked = subprocess.run([binary, "-c", "-f", str(root / "deploy" / "haproxy.example.cfg")], capture_output=True)
+    assert checked.returncode == 0, checked.stderr.decode()

@@ -48,7 +48,7 @@ class BridgeCluster:
     replicas: dict[str, Replica] = field(default_factory=dict)
     haproxy: HAProxy | None = None
 
-    def write_configs(self, *, renew_s: float | None = None) -> None:
+    def write_configs(self, *, renew_s: float | None = None, drain_grace_s: float = 2.0) -> None:
         work = self.net.workdir
         # The admin commands (router add, db upgrade) use bridge.toml: point it at PostgreSQL too.
         storage = (
@@ -62,7 +62,7 @@ class BridgeCluster:
             replica.config.write_text(
                 "[server]\n"
                 f'listen = "{HOST}:{replica.port}"\ntls_cert = "server.pem"\ntls_key = "server.key"\n'
-                "drain_grace_s = 2\n\n"
+                f"drain_grace_s = {drain_grace_s}\n\n"
                 f'[storage]\ndatabase = "{self.url}"\npassword_file = "{self.pg.password_file}"\n'
                 f'state_dir = "{work / rid}"\n\n'
                 f'[audit]\nfile = "{rid}/audit.jsonl"\n\n'
@@ -137,19 +137,21 @@ def start_bridge_cluster(
     *,
     renew_s: float | None = None,
     health: Literal["tcp", "grpc", "http"] = "tcp",
+    drain_grace_s: float = 2.0,
 ) -> BridgeCluster:
     """Cluster certificate, configurations, schema, three replicas and HAProxy with `frontends`
     (name -> replica ids, the first preferred); stop it with `stop()` (also when this raises).
     `renew_s`: the replicas' lease renewal interval (None: the default). `health`: HAProxy's check, a TCP
     connect, the replicas' gRPC health service, or `GET /readyz` on their metrics port (with both of the
-    latter a draining replica leaves rotation at once; tests.support.haproxy)."""
+    latter a draining replica leaves rotation at once; tests.support.haproxy). `drain_grace_s`: how long a
+    replica's drain lets running associations finish before it cuts them (keep it above the longest one)."""
     net = LocalRelayNetwork(work).start(bridge=False)
     made = net.bridge_admin("cluster-cert", "--dir", str(work))
     if made.returncode != 0:
         raise RuntimeError(made.stderr)
     cluster = BridgeCluster(net, pg, pg.create_database())
     try:
-        cluster.write_configs(renew_s=renew_s)
+        cluster.write_configs(renew_s=renew_s, drain_grace_s=drain_grace_s)
         upgraded = net.bridge_admin("db", "upgrade")
         if upgraded.returncode != 0:
             raise RuntimeError(upgraded.stderr)

@@ -18,6 +18,7 @@ Two checks see a draining replica (it keeps its running associations, takes no n
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -117,13 +118,16 @@ class HAProxy:
         return self.workdir / "haproxy.log"
 
     @property
-    def stats_socket(self) -> Path:
-        return self.workdir / "haproxy.sock"
+    def stats_socket(self) -> str:
+        """A name in the abstract socket namespace (a path under pytest's directories can be longer than a
+        Unix socket's 108 bytes); unique per workdir."""
+        return "relay-haproxy-" + hashlib.sha256(str(self.workdir.resolve()).encode()).hexdigest()[:16]
 
     def _show_stat(self) -> list[dict[str, str]]:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(5)
-            sock.connect(str(self.stats_socket))
+            # HAProxy binds abstract names padded with NULs to the whole sun_path (108 bytes): connect to the same.
+            sock.connect(("\0" + self.stats_socket).ljust(108, "\0"))
             sock.sendall(b"show stat\n")
             data = b""
             while chunk := sock.recv(65536):
@@ -163,7 +167,7 @@ class HAProxy:
         lines = [
             "global",
             "    maxconn 512",
-            f"    stats socket {self.stats_socket} mode 600 level admin",  # check results: stat()
+            f"    stats socket abns@{self.stats_socket} level admin",  # check results: stat()
             "defaults",
             "    mode tcp",
             # HAProxy waits min(timeout connect, 1 s) before it retries a refused connection on

@@ -144,6 +144,9 @@ def bridge_cluster(
         {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
         renew_s=0.5,
         health="http",
+        # Above the longest association (a C-MOVE of the study takes seconds on a loaded machine): a drain
+        # cuts what still runs when its grace ends, and that is not what an upgrade should do.
+        drain_grace_s=20,
     )
     try:
         yield cluster

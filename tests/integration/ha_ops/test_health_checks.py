@@ -16,8 +16,12 @@ The bridge runs on SQLite here: a health check is the same for one bridge and fo
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import socketserver
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +39,7 @@ from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
+SPARE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nspare\n"
 CHECK_TIMEOUT = "timeout check 1s"  # tests.support.haproxy's: a check that waited for it would say "timeout"
 
 
@@ -56,12 +61,46 @@ def _bridge(work: Path, extra_server: str = "") -> tuple[LocalRelayNetwork, int]
     return net, metrics_port
 
 
-def _haproxy(net: LocalRelayNetwork, name: str, **checks: object) -> HAProxy:
-    """HAProxy with one frontend to the bridge (server `bridge`) and the given check settings."""
+def _haproxy(net: LocalRelayNetwork, name: str, spare: int | None = None, **checks: object) -> HAProxy:
+    """HAProxy with one frontend to the bridge (server `bridge`; `spare`: a backup server on that port) and the
+    given check settings."""
     work = net.workdir / name
     work.mkdir()
     assert net.bridge_port
-    return HAProxy(work, {"relay": [("bridge", net.bridge_port)]}, **checks).start()  # type: ignore[arg-type]
+    servers = [("bridge", net.bridge_port)] + ([] if spare is None else [("spare", spare)])
+    return HAProxy(work, {"relay": servers}, **checks).start()  # type: ignore[arg-type]
+
+
+class Spare(socketserver.ThreadingTCPServer):
+    """HAProxy's backup server in the drain test: answers any HTTP check with 200 and counts the test's own
+    connections (those that start with PROBE), so the test sees where HAProxy sends a new connection."""
+
+    daemon_threads = True
+    probes = 0
+
+    def __init__(self) -> None:
+        spare = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(2)
+                with contextlib.suppress(OSError):
+                    first = self.request.recv(1024)
+                    if first.startswith(b"PROBE"):
+                        spare.probes += 1
+                    elif first.startswith(b"GET"):
+                        self.request.sendall(SPARE_ANSWER)
+
+        super().__init__((HOST, 0), Handler)
+        self.port = int(self.server_address[1])
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _probe(balancer: HAProxy) -> None:
+    """One new TCP connection through the balancer's frontend, as a router's would be."""
+    with socket.create_connection((HOST, balancer.ports["relay"]), timeout=5) as conn:
+        conn.sendall(b"PROBE\n")
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -82,12 +121,16 @@ def test_a_draining_bridge_fails_both_health_checks_at_once_not_at_their_timeout
     net.add_site("site-b", shared=[Shared("ARCHIVE_B", HOST, archive.port, ["site-a"])])
     site_a = net.add_site("site-a", remote=[Remote("ARCHIVE_B", "site-b")])
     net.wait_connected()
-    http = _haproxy(net, "haproxy-http", readiness_ports={"bridge": metrics_port})
+    spare = Spare()
+    http = _haproxy(net, "haproxy-http", spare.port, readiness_ports={"bridge": metrics_port, "spare": spare.port})
     grpc = _haproxy(net, "haproxy-grpc", grpc_health_ca=net.workdir / "ca.pem")
     try:
         for balancer in (http, grpc):
             assert CHECK_TIMEOUT in balancer.config()
             balancer.wait_check("bridge", "L7OK")  # the check passes while the bridge serves
+        http.wait_check("spare", "L7OK")
+        _probe(http)
+        assert spare.probes == 0, "a new connection went to the backup while the bridge serves"
         # An association kept open through the bridge: the drain waits for it (up to drain_grace_s = 30 s).
         ae = AE(ae_title="WS_A")
         ae.add_requested_context(Verification)
@@ -107,6 +150,9 @@ def test_a_draining_bridge_fails_both_health_checks_at_once_not_at_their_timeout
             assert net.bridge.poll() is None, "the bridge exited instead of draining"  # still draining
             assert "timeout" not in down_http.lower() and "code: 503" in down_http, down_http
             assert "timeout" not in down_grpc.lower() and "did not match content" in down_grpc, down_grpc
+            _probe(http)  # a new connection now: HAProxy sends it to the backup, not to the draining bridge
+            assert spare.probes == 1, "the new connection did not go to the backup"
+            assert net.bridge.poll() is None  # and all this while the bridge was still draining
             print(f"\nmarked down after SIGTERM: /readyz {seconds_http:.2f} s, gRPC health {seconds_grpc:.2f} s")
             assert association.send_c_echo().Status == 0x0000  # the running association is not touched
         finally:
@@ -115,6 +161,8 @@ def test_a_draining_bridge_fails_both_health_checks_at_once_not_at_their_timeout
     finally:
         http.stop()
         grpc.stop()
+        spare.shutdown()
+        spare.server_close()
 
 
 def test_with_require_client_cert_the_grpc_check_needs_the_balancers_certificate(tmp_path: Path) -> None:

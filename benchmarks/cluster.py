@@ -24,8 +24,9 @@ not a cluster's.
 
 Then (`--rolls`, default 3) rounds of rolling restarts of r1, r2, r3 under continuous C-ECHO and
 C-STORE from site-a (benchmarks.cluster_rolling): failed associations (must be 0) and setup
-latency while a replica restarts. `--phases rolling` runs only that phase; `--health grpc` has
-HAProxy check the replicas' gRPC health service instead of a TCP connect.
+latency while a replica restarts. `--phases rolling` runs only that phase; `--health http` has
+HAProxy check the replicas' `GET /readyz` (503 while draining), `--health grpc` their gRPC health
+service, instead of a TCP connect.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="replica kills for the failover distribution")
     parser.add_argument("--rolls", type=int, default=3, help="rounds of rolling restarts (each restarts all three)")
     parser.add_argument("--phases", default="paths,failover,rolling", help="comma-separated phases to run")
-    parser.add_argument("--health", choices=("tcp", "grpc"), default="tcp", help="HAProxy's replica health check")
+    parser.add_argument(
+        "--health", choices=("tcp", "grpc", "http"), default="tcp", help="HAProxy's replica health check"
+    )
     parser.add_argument("--name", default="cluster", help="results file name (benchmarks/results/DATE-NAME.*)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     pg = PostgresCluster(bindir).start()
     scps = {aet: start_storescp(aet) for aet in PATHS.values()}
     cluster = start_bridge_cluster(
-        work / "net", pg, {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]}, grpc_health=args.health == "grpc"
+        work / "net", pg, {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]}, health=args.health
     )
     results: dict[str, dict[str, object]] = {}
     failovers: list[float] = []

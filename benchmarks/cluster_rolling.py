@@ -11,6 +11,7 @@ that started while a replica was restarting and the others.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -71,17 +72,6 @@ def association(router_port: int, called: str, datasets: list[pydicom.Dataset]) 
     return Attempt(started, setup_ms, ok, "ok" if ok else f"statuses {[getattr(s, 'Status', None) for s in statuses]}")
 
 
-def wait_haproxy(cluster: BridgeCluster, rid: str, word: str, timeout: float = 30.0) -> None:
-    assert cluster.haproxy is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = [ln for ln in cluster.haproxy.log_path.read_text(errors="replace").splitlines() if f"/{rid} is " in ln]
-        if lines and f"is {word}" in lines[-1]:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"HAProxy did not mark {rid} {word}")
-
-
 def rolling_restarts(cluster: BridgeCluster, router_port: int, files: list[Path], rounds: int) -> dict[str, object]:
     """Run `rounds` rolling restarts under traffic from site-a; the counts and setup times."""
     datasets = [pydicom.dcmread(f) for f in files[:2]]
@@ -90,24 +80,31 @@ def rolling_restarts(cluster: BridgeCluster, router_port: int, files: list[Path]
         Client("store SCP_B", lambda: association(router_port, "SCP_B", datasets)),
         Client("store SCP_C", lambda: association(router_port, "SCP_C", datasets)),
     ]
+    load_before = os.getloadavg()[0]  # a shared machine: the figures only mean something beside its load
     threads = [threading.Thread(target=c.run, name=c.name, daemon=True) for c in clients]
     for thread in threads:
         thread.start()
     windows: list[tuple[float, float]] = []  # (SIGTERM, HAProxy has it up again)
     drains: list[float] = []
+    marked_down: list[float] = []  # SIGTERM to HAProxy's health check marking the replica down
     try:
         time.sleep(SETTLE_S)
         for _ in range(rounds):
             for rid in REPLICAS:
-                process = cluster.replicas[rid].process
-                assert process is not None
+                process, haproxy = cluster.replicas[rid].process, cluster.haproxy
+                assert process is not None and haproxy is not None
+                logged = haproxy.log_path.stat().st_size
                 began = time.monotonic()
                 process.terminate()
+                # With a TCP check this is only once the replica has exited; with /readyz or gRPC health, at
+                # the first check after the SIGTERM.
+                haproxy.wait_state(rid, up=False, after=logged, timeout=60)
+                marked_down.append(time.monotonic() - began)
                 if process.wait(60) != 0:
                     raise RuntimeError(f"{rid} exited with {process.returncode}")
                 drains.append(time.monotonic() - began)
                 cluster.start_replica(rid)
-                wait_haproxy(cluster, rid, "UP")
+                haproxy.wait_state(rid, up=True, after=logged, timeout=30)
                 windows.append((began, time.monotonic()))
                 time.sleep(SETTLE_S)
     finally:
@@ -131,20 +128,24 @@ def rolling_restarts(cluster: BridgeCluster, router_port: int, files: list[Path]
         "failed": len(failed),
         "failures": [a.what for a in failed][:20],
         "drain_s": summary(drains),
+        "marked_down_s": summary(marked_down),
+        "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "setup_ms_during_restart": summary(during) if during else None,
         "setup_ms_steady": summary(steady) if steady else None,
     }
 
 
 def rolling_table(r: dict[str, object]) -> list[str]:
-    during, steady, drain = r["setup_ms_during_restart"], r["setup_ms_steady"], r["drain_s"]
-    assert isinstance(drain, dict)
+    during, steady, drain, down = r["setup_ms_during_restart"], r["setup_ms_steady"], r["drain_s"], r["marked_down_s"]
+    assert isinstance(drain, dict) and isinstance(down, dict)
     lines = [
         "",
         f"Rolling restarts: {r['rounds']} rounds ({r['restarts']} replica restarts: SIGTERM, exit, start,"
-        f" HAProxy gRPC health check up) under {r['associations']} associations from site-a"
-        f" ({r['per_client']}): **{r['failed']} failed** (must be 0). Drain to exit: median"
-        f" {drain['median']:.2f} s, max {drain['max']:.2f} s.",
+        f" HAProxy health check up) under {r['associations']} associations from site-a"
+        f" ({r['per_client']}): **{r['failed']} failed** (must be 0). SIGTERM to HAProxy marking the"
+        f" replica down: median {down['median']:.2f} s, max {down['max']:.2f} s. Drain to exit: median"
+        f" {drain['median']:.2f} s, max {drain['max']:.2f} s. Load average (1 min) before and after:"
+        f" {r['load_1min']}.",
         "",
         "| associations started | n | setup median (ms) | p90 (ms) | max (ms) |",
         "|---|---:|---:|---:|---:|",

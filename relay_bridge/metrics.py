@@ -160,7 +160,11 @@ class BridgeMetrics:
         self._seen: dict[str, tuple[int, int, int]] = {}  # association -> bytes and frames already counted
         self._refused: set[str] = set()
         self.recent = RecentWindow()
-        self.server = MetricsServer(registry, before_scrape=self.refresh)
+        # Load balancers' HTTP health checks (docs/high-availability.md, "Health checks"): /readyz answers 503
+        # from the first moment of a drain, so `http-check expect status 200` fails at once instead of at a
+        # timeout; /livez says only that the process serves.
+        probes = {"/readyz": self.readiness, "/livez": lambda: ("200 OK", b"live\n")}
+        self.server = MetricsServer(registry, before_scrape=self.refresh, probes=probes)
 
     # -- hooks called by the services ---------------------------------------------
     @never_raises
@@ -245,6 +249,13 @@ class BridgeMetrics:
         self._seen[aid] = tuple(max(a, b) for a, b in zip(now, before, strict=True))  # type: ignore[assignment]
 
     # -- serving and status -----------------------------------------------------------
+    def readiness(self) -> tuple[str, bytes]:
+        """200 while this bridge takes new connections, 503 while it drains (the same moment the gRPC health
+        service turns NOT_SERVING: relay_bridge.lifecycle.drain)."""
+        if self.state.draining:
+            return "503 Service Unavailable", b"draining\n"
+        return "200 OK", b"ready\n"
+
     async def start(self, listen: str) -> None:
         await self.server.start(listen)
 

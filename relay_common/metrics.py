@@ -90,12 +90,18 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
+# An extra plain-text path served beside /metrics: returns (HTTP status line, body), e.g. a readiness probe.
+Probe = Callable[[], tuple[str, bytes]]
+
+
 @dataclass
 class MetricsServer:
-    """GET /metrics (also /) on `listen`; `before_scrape` runs on the loop before each collection."""
+    """GET /metrics (also /) on `listen`; `before_scrape` runs on the loop before each collection.
+    `probes`: further paths (e.g. the bridge's /readyz for load balancers), answered by their function."""
 
     registry: CollectorRegistry
     before_scrape: Callable[[], None] | None = None
+    probes: dict[str, Probe] = field(default_factory=dict)
     address: str | None = None  # "host:port" actually bound, once serving
     error: str | None = None  # why it is not serving, if it tried and failed
     _server: asyncio.base_events.Server | None = field(default=None, repr=False)
@@ -149,6 +155,8 @@ class MetricsServer:
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         if method not in ("GET", "HEAD"):
             status, body, content_type = "405 Method Not Allowed", b"only GET\n", "text/plain"
+        elif path in self.probes:
+            (status, body), content_type = self.probes[path](), "text/plain"
         elif path not in ("/metrics", "/"):
             status, body, content_type = "404 Not Found", b"metrics are at /metrics\n", "text/plain"
         else:

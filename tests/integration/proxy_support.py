@@ -16,12 +16,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.ports import free_port
+from relay_demo.network import LocalRelayNetwork
+from tests.support.ports import free_port, wait_for_port
 
 HOST = "127.0.0.1"
 ROUTER_USER = "nobody"  # the routers run as this user: its direct connections are blocked
@@ -113,15 +113,10 @@ class Squid:
         self.process = subprocess.Popen(
             [self.binary, "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=(self.dir / "stderr").open("wb")
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"squid exited: {self.log_text()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+        if wait_for_port(self.port, timeout=30, process=self.process):
+            return self
+        if self.process.poll() is not None:
+            raise RuntimeError(f"squid exited: {self.log_text()}")
         raise TimeoutError(f"squid did not listen on {self.port}: {self.log_text()}")
 
     def log_text(self) -> str:
@@ -133,13 +128,7 @@ class Squid:
         return self.access_log.read_text().splitlines() if self.access_log.exists() else []
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        LocalRelayNetwork._stop(self.process, timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

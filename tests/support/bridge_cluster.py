@@ -13,6 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import psycopg
 
@@ -31,6 +32,7 @@ class Replica:
     port: int  # router-facing (TLS), behind HAProxy
     cluster_port: int  # internal Forward service (mutual TLS)
     config: Path
+    metrics_port: int = 0  # [metrics] listen: Prometheus, and /readyz for HAProxy's HTTP check
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +48,7 @@ class BridgeCluster:
     replicas: dict[str, Replica] = field(default_factory=dict)
     haproxy: HAProxy | None = None
 
-    def write_configs(self, *, renew_s: float | None = None) -> None:
+    def write_configs(self, *, renew_s: float | None = None, drain_grace_s: float = 2.0) -> None:
         work = self.net.workdir
         # The admin commands (router add, db upgrade) use bridge.toml: point it at PostgreSQL too.
         storage = (
@@ -55,16 +57,16 @@ class BridgeCluster:
         base = (work / "bridge.toml").read_text()
         (work / "bridge.toml").write_text(base.replace('[storage]\ndatabase = "bridge.sqlite3"\n', storage))
         for rid in REPLICAS:
-            replica = Replica(rid, free_port(), free_port(), work / f"bridge-{rid}.toml")
+            replica = Replica(rid, free_port(), free_port(), work / f"bridge-{rid}.toml", free_port())
             (work / rid).mkdir(exist_ok=True)
             replica.config.write_text(
                 "[server]\n"
                 f'listen = "{HOST}:{replica.port}"\ntls_cert = "server.pem"\ntls_key = "server.key"\n'
-                "drain_grace_s = 2\n\n"
+                f"drain_grace_s = {drain_grace_s}\n\n"
                 f'[storage]\ndatabase = "{self.url}"\npassword_file = "{self.pg.password_file}"\n'
                 f'state_dir = "{work / rid}"\n\n'
                 f'[audit]\nfile = "{rid}/audit.jsonl"\n\n'
-                '[metrics]\nlisten = ""\n\n'
+                f'[metrics]\nlisten = "{HOST}:{replica.metrics_port}"\n\n'
                 "[cluster]\n"
                 f'listen = "{HOST}:{replica.cluster_port}"\nadvertise = "{HOST}:{replica.cluster_port}"\n'
                 f'replica_id = "{rid}"\n'
@@ -134,19 +136,22 @@ def start_bridge_cluster(
     frontends: dict[str, list[str]],
     *,
     renew_s: float | None = None,
-    grpc_health: bool = False,
+    health: Literal["tcp", "grpc", "http"] = "tcp",
+    drain_grace_s: float = 2.0,
 ) -> BridgeCluster:
     """Cluster certificate, configurations, schema, three replicas and HAProxy with `frontends`
     (name -> replica ids, the first preferred); stop it with `stop()` (also when this raises).
-    `renew_s`: the replicas' lease renewal interval (None: the default). `grpc_health`: HAProxy checks
-    the replicas' gRPC health service (a draining replica leaves rotation at once), not a TCP connect."""
+    `renew_s`: the replicas' lease renewal interval (None: the default). `health`: HAProxy's check, a TCP
+    connect, the replicas' gRPC health service, or `GET /readyz` on their metrics port (with both of the
+    latter a draining replica leaves rotation at once; tests.support.haproxy). `drain_grace_s`: how long a
+    replica's drain lets running associations finish before it cuts them (keep it above the longest one)."""
     net = LocalRelayNetwork(work).start(bridge=False)
     made = net.bridge_admin("cluster-cert", "--dir", str(work))
     if made.returncode != 0:
         raise RuntimeError(made.stderr)
     cluster = BridgeCluster(net, pg, pg.create_database())
     try:
-        cluster.write_configs(renew_s=renew_s)
+        cluster.write_configs(renew_s=renew_s, drain_grace_s=drain_grace_s)
         upgraded = net.bridge_admin("db", "upgrade")
         if upgraded.returncode != 0:
             raise RuntimeError(upgraded.stderr)
@@ -156,7 +161,8 @@ def start_bridge_cluster(
         cluster.haproxy = HAProxy(
             work,
             {name: [(r, ports[r]) for r in order] for name, order in frontends.items()},
-            grpc_health_ca=work / "ca.pem" if grpc_health else None,
+            grpc_health_ca=work / "ca.pem" if health == "grpc" else None,
+            readiness_ports={rid: r.metrics_port for rid, r in cluster.replicas.items()} if health == "http" else None,
         )
         cluster.haproxy.start()
     except BaseException:

@@ -6,18 +6,27 @@ checks are plain TCP connects every 250 ms, so a killed replica is out of rotati
 fraction of a second; `option redispatch 1` sends a connection that fails to another server
 at its first retry.
 
-With `grpc_health_ca` (the bridge's CA file) the checks ask the replicas' gRPC health service
-instead (`grpc_health_check`): a draining replica answers NOT_SERVING and HAProxy stops sending
-it new connections at once, while its running associations finish.
+Two checks see a draining replica (it keeps its running associations, takes no new ones):
+- `readiness_ports` (server -> the replica's `[metrics] listen` port): an HTTP check of `GET /readyz`,
+  which answers 503 from the first moment of a drain (`http_readiness_check`; what
+  docs/high-availability.md recommends);
+- `grpc_health_ca` (the bridge's CA file): a `tcp-check` that asks the replicas' gRPC health service
+  over TLS on their router-facing port (`grpc_health_check`), failing at once on NOT_SERVING; with
+  `check_crt` it presents that client certificate (replicas with `require_client_cert`).
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import shutil
+import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_demo.network import LocalRelayNetwork
 from tests.support.ports import free_port, wait_for_port
 
 
@@ -49,18 +58,35 @@ def grpc_health_request(authority: str) -> bytes:
 
 # The answer's gRPC message for SERVING: uncompressed, 2 bytes, field 1 (status) = 1. NOT_SERVING is 08 02.
 GRPC_SERVING = "00000000020801"
+GRPC_ANY_STATUS = "0000000002080[0-3]"  # UNKNOWN, SERVING, NOT_SERVING, SERVICE_UNKNOWN
 
 
-def grpc_health_check(ca_file: Path, server_name: str) -> list[str]:
-    """HAProxy backend lines: a server counts as up only while its gRPC health service says SERVING."""
+def grpc_health_check(ca_file: Path, server_name: str, client_crt: Path | None = None) -> list[str]:
+    """HAProxy backend lines: a server counts as up only while its gRPC health service says SERVING.
+    `client_crt` (certificate and key in one PEM file): presented to replicas with `require_client_cert`."""
+    crt = "" if client_crt is None else f" crt {client_crt}"
     return [
         "    option tcp-check",
         # The name goes on the server line (check-sni, verifyhost): with `sni` on the connect rule instead,
         # HAProxy 2.6 checks the certificate against another name and every check fails.
         "    tcp-check connect ssl alpn h2",
         f"    tcp-check send-binary {grpc_health_request(server_name).hex()}",
-        f"    tcp-check expect binary {GRPC_SERVING}",
-        f"    default-server ca-file {ca_file} verify required verifyhost {server_name} check-sni {server_name}",
+        # Two rules, so that NOT_SERVING fails the check the moment it arrives: the first waits until an
+        # answer with any status is in; the second (min-recv 0) then judges those bytes without waiting
+        # for more. A single `expect binary SERVING` would wait for `timeout check` on NOT_SERVING.
+        f"    tcp-check expect rbinary {GRPC_ANY_STATUS}",
+        f"    tcp-check expect min-recv 0 binary {GRPC_SERVING}",
+        f"    default-server ca-file {ca_file} verify required verifyhost {server_name} check-sni {server_name}{crt}",
+    ]
+
+
+def http_readiness_check() -> list[str]:
+    """HAProxy backend lines: a server is up while `GET /readyz` on its check port answers 200 (503 while it
+    drains; the port is the bridge's `[metrics] listen`, given per server with `port`)."""
+    return [
+        "    option httpchk",
+        "    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host relay-bridge",
+        "    http-check expect status 200",
     ]
 
 
@@ -77,6 +103,10 @@ class HAProxy:
     # The bridge's CA: check the replicas' gRPC health service (NOT_SERVING while draining), not a TCP connect.
     grpc_health_ca: Path | None = None
     server_name: str = "localhost"
+    # With grpc_health_ca: the client certificate (and key, one PEM file) the check presents.
+    check_crt: Path | None = None
+    # Server name -> its readiness port (the bridge's [metrics] listen): check `GET /readyz` there.
+    readiness_ports: dict[str, int] | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,10 +117,57 @@ class HAProxy:
     def log_path(self) -> Path:
         return self.workdir / "haproxy.log"
 
+    @property
+    def stats_socket(self) -> str:
+        """A name in the abstract socket namespace (a path under pytest's directories can be longer than a
+        Unix socket's 108 bytes); unique per workdir."""
+        return "relay-haproxy-" + hashlib.sha256(str(self.workdir.resolve()).encode()).hexdigest()[:16]
+
+    def _show_stat(self) -> list[dict[str, str]]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            # HAProxy binds abstract names padded with NULs to the whole sun_path (108 bytes): connect to the same.
+            sock.connect(("\0" + self.stats_socket).ljust(108, "\0"))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return [dict(row) for row in csv.DictReader(data.decode().lstrip("# ").splitlines())]
+
+    def stat(self, server: str) -> dict[str, str]:
+        """`show stat` for `server` (its first backend): "status" (UP/DOWN), "check_status" (L7OK, L6RSP,
+        L7STS, L4CON, ...), "last_chk" (the check's last word: "SSL handshake failure", ...)."""
+        rows = self._show_stat()
+        for row in rows:
+            if row.get("svname") == server:
+                return row
+        raise AssertionError(f"HAProxy has no server {server}: {rows}")
+
+    def wait_up(self, server: str, timeout: float = 15.0) -> None:
+        """Wait until every backend has `server` UP (its checks pass)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {r["pxname"]: r["status"] for r in self._show_stat() if r.get("svname") == server}
+            if states and all(state == "UP" for state in states.values()):
+                return
+            assert time.monotonic() < deadline, f"HAProxy does not have {server} up: {states}"
+            time.sleep(0.05)
+
+    def wait_check(self, server: str, check_status: str, timeout: float = 10.0) -> dict[str, str]:
+        """Wait until `server`'s last check ended with `check_status` (e.g. L7OK: the check passed)."""
+        deadline = time.monotonic() + timeout
+        stat = self.stat(server)
+        while stat["check_status"] != check_status and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stat = self.stat(server)
+        assert stat["check_status"] == check_status, f"{server}: {stat['check_status']} {stat['last_chk']!r}"
+        return stat
+
     def config(self) -> str:
         lines = [
             "global",
             "    maxconn 512",
+            f"    stats socket abns@{self.stats_socket} level admin",  # check results: stat()
             "defaults",
             "    mode tcp",
             # HAProxy waits min(timeout connect, 1 s) before it retries a refused connection on
@@ -107,10 +184,13 @@ class HAProxy:
             self.ports.setdefault(name, free_port())
             lines += [f"frontend fe_{name}", f"    bind 127.0.0.1:{self.ports[name]}", f"    default_backend be_{name}"]
             lines += [f"backend be_{name}"]
-            if self.grpc_health_ca is not None:
-                lines += grpc_health_check(self.grpc_health_ca, self.server_name)
+            if self.readiness_ports is not None:
+                lines += http_readiness_check()
+            elif self.grpc_health_ca is not None:
+                lines += grpc_health_check(self.grpc_health_ca, self.server_name, self.check_crt)
             for i, (server, port) in enumerate(servers):
-                lines.append(f"    server {server} 127.0.0.1:{port} check{' backup' if i else ''}")
+                check_port = "" if self.readiness_ports is None else f" port {self.readiness_ports[server]}"
+                lines.append(f"    server {server} 127.0.0.1:{port} check{check_port}{' backup' if i else ''}")
         return "\n".join(lines) + "\n"
 
     def start(self) -> HAProxy:
@@ -125,16 +205,24 @@ class HAProxy:
             [binary, "-db", "-f", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab")
         )
         for name, port in self.ports.items():
-            if not wait_for_port(port):
+            if not wait_for_port(port, process=self.process):
                 self.stop()
                 raise RuntimeError(f"haproxy frontend {name} did not listen on {port}: {self.log_path.read_text()}")
         return self
 
+    def wait_state(self, server: str, *, up: bool, timeout: float = 10.0, after: int = 0) -> str:
+        """Wait until HAProxy's health check has marked `server` (its name, in any backend) UP or DOWN in its
+        log; returns that line (it says why: "Layer7 wrong status, code: 503", "Layer7 timeout", ...).
+        `after`: ignore the log's first `after` bytes (e.g. the log's size before a SIGTERM)."""
+        word = "UP" if up else "DOWN"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[after:].decode(errors="replace")
+            lines = [ln for ln in text.splitlines() if f"/{server} is " in ln]
+            if lines and f"is {word}" in lines[-1]:
+                return lines[-1]
+            time.sleep(0.02)
+        raise AssertionError(f"HAProxy did not mark {server} {word}:\n{self.log_path.read_text()[-2000:]}")
+
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        LocalRelayNetwork._stop(self.process, timeout=10)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -100,10 +101,15 @@ def free_port() -> int:
     return _cursor.take()
 
 
-def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 10.0) -> bool:
-    """Poll until something accepts TCP connections on ``host:port``; False on timeout."""
+def wait_for_port(
+    port: int, *, host: str = "127.0.0.1", timeout: float = 10.0, process: subprocess.Popen[bytes] | None = None
+) -> bool:
+    """Poll until something accepts TCP connections on ``host:port``; False on timeout, or at once when
+    ``process`` (the server being waited for) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return True

@@ -6,6 +6,11 @@ the middle of a C-MOVE). Site B (router on replica r2 through frontend "b"; r3 i
 Orthanc ORTHANC_B, known at site A as PACS_B. Every association between them crosses two
 replicas (r1 <-> r2 over the internal Forward service); every image is compared by SOP
 Instance UID and a hash of its Pixel Data.
+
+The cluster and the sites are started once for the module; each test then starts from the same
+state (the `placed` fixture): three replicas up and checked by HAProxy, site A's router on r1 and
+B's on r2, WS_A fast and empty. A test may kill or stop replicas; the next one restarts them and
+moves the routers back. So any test runs alone, and in any order.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, w
 from relay_demo.network import Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.support import dcmtk
-from tests.support.bridge_cluster import HOST, BridgeCluster
+from tests.support.bridge_cluster import HOST, REPLICAS, BridgeCluster
 from tests.support.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
+FRONTEND = {"site-a": "a", "site-b": "b"}  # the HAProxy frontend each router reaches the cluster through
+HOME = {"site-a": "r1", "site-b": "r2"}  # the replica each frontend prefers
 
 
 @dataclass
@@ -119,11 +126,47 @@ def hospitals(
         scp.stop()
 
 
-def test_the_two_sites_are_held_by_different_replicas(hospitals: Hospitals) -> None:
-    hospitals.cluster.wait_presence({"site-a": "r1", "site-b": "r2"})
+def restart_router(hospitals: Hospitals, site: str) -> None:
+    """Stop `site`'s router and start it again through its own HAProxy frontend."""
+    net, haproxy = hospitals.cluster.net, hospitals.cluster.haproxy
+    assert haproxy is not None
+    net.stop_router(site)
+    net.bridge_port = haproxy.ports[FRONTEND[site]]  # start_router rewrites the config with this address
+    net.start_router(site)
 
 
-def test_echo_find_store_move_and_get_cross_replicas_byte_identical(hospitals: Hospitals) -> None:
+@pytest.fixture
+def placed(hospitals: Hospitals) -> Hospitals:
+    """The state every test starts from, whatever the tests before it did to the cluster."""
+    cluster, haproxy = hospitals.cluster, hospitals.cluster.haproxy
+    assert haproxy is not None
+    for rid, replica in cluster.replicas.items():
+        if replica.process is None or replica.process.poll() is not None:  # killed or stopped by a test
+            cluster.start_replica(rid)
+    for rid in REPLICAS:
+        haproxy.wait_up(rid)  # so that a router started now gets its frontend's preferred replica
+    presence = cluster.presence()
+    for site, rid in HOME.items():
+        if presence.get(site) != rid:
+            restart_router(hospitals, site)
+    cluster.wait_presence(HOME)
+    cluster.net.wait_connected()
+    hospitals.scp.delay, hospitals.scp.aborted = 0.0, 0
+    hospitals.scp.received.clear()
+    return hospitals
+
+
+def test_each_router_is_held_by_the_replica_its_frontend_prefers(placed: Hospitals) -> None:
+    """Site B's router, started again through frontend b, signs on at r2 (HAProxy's choice), not where A is."""
+    cluster = placed.cluster
+    assert cluster.live_replicas() == list(REPLICAS)
+    restart_router(placed, "site-b")
+    cluster.wait_presence({"site-a": "r1", "site-b": "r2"})
+    cluster.net.wait_connected()  # and each router sees the other site online, though another replica holds it
+
+
+def test_echo_find_store_move_and_get_cross_replicas_byte_identical(placed: Hospitals) -> None:
+    hospitals = placed
     cluster, router_a = hospitals.cluster, hospitals.router_a
     dcmtk.echoscu(HOST, router_a, "PACS_B", "WS_A").check()
 
@@ -136,7 +179,6 @@ def test_echo_find_store_move_and_get_cross_replicas_byte_identical(hospitals: H
     assert fingerprints(new).items() <= hospitals.orthanc_b.fingerprints().items()  # byte-identical at B
 
     # C-MOVE: Orthanc B's own sub-association to WS_A goes router B -> r2 -> r1 -> router A.
-    hospitals.scp.received.clear()
     moved = dcmtk.movescu(HOST, router_a, "PACS_B", "WS_A", "WS_A", {"StudyInstanceUID": hospitals.study_uid}).check()
     assert moved.completed == len(hospitals.originals) and not moved.failed
     assert hospitals.scp.received == hospitals.originals
@@ -153,11 +195,10 @@ def test_echo_find_store_move_and_get_cross_replicas_byte_identical(hospitals: H
     assert "spliced through replica r1" in cluster.log("r2")
 
 
-def test_sigkill_of_the_replica_holding_a_site_during_a_c_move(hospitals: Hospitals) -> None:
+def test_sigkill_of_the_replica_holding_a_site_during_a_c_move(placed: Hospitals) -> None:
     """Abort on both sides, router B moves to r3 through HAProxy, the retry succeeds; failover time logged."""
+    hospitals = placed
     cluster, scp, router_a = hospitals.cluster, hospitals.scp, hospitals.router_a
-    scp.received.clear()
-    scp.aborted = 0
     scp.delay = 0.5
     results: list[dcmtk.RetrieveResult] = []
     keys = {"StudyInstanceUID": hospitals.study_uid}
@@ -201,18 +242,18 @@ def test_sigkill_of_the_replica_holding_a_site_during_a_c_move(hospitals: Hospit
     assert scp.received == hospitals.originals
 
 
-def test_a_clean_exit_removes_the_replicas_rows_and_its_routers_move(hospitals: Hospitals) -> None:
-    """SIGTERM of r3 (which took site B over from the killed r2): it drains, its rows go, router B moves
-    to the last live replica, and the two sites then meet in a local splice there."""
-    cluster = hospitals.cluster
-    cluster.wait_presence({"site-a": "r1", "site-b": "r3"})
-    process = cluster.replicas["r3"].process
-    assert process is not None
-    process.terminate()
-    assert process.wait(30) == 0, cluster.log("r3")[-2000:]
-    assert "r3" not in cluster.live_replicas()  # removed at exit, not left to expire
-    cluster.wait_presence({"site-a": "r1", "site-b": "r1"})
-    deadline = time.monotonic() + 20
-    while not dcmtk.echoscu(HOST, hospitals.router_a, "PACS_B", "WS_A", timeout=5).ok:
-        assert time.monotonic() < deadline, "no C-ECHO after router B moved to r1"
-        time.sleep(0.2)
+def test_a_clean_exit_removes_the_replicas_rows_and_its_routers_move(placed: Hospitals) -> None:
+    """SIGTERM of r2, which holds site B: it drains, its rows go at once, router B moves to r3 (frontend b's
+    next choice); then SIGTERM of r3: router B moves on to r1, and the two sites meet in a local splice there."""
+    cluster = placed.cluster
+    for stopped, expected in (("r2", "r3"), ("r3", "r1")):
+        process = cluster.replicas[stopped].process
+        assert process is not None
+        process.terminate()
+        assert process.wait(30) == 0, cluster.log(stopped)[-2000:]
+        assert stopped not in cluster.live_replicas()  # removed at exit, not left to expire
+        cluster.wait_presence({"site-a": "r1", "site-b": expected})
+        deadline = time.monotonic() + 20
+        while not dcmtk.echoscu(HOST, placed.router_a, "PACS_B", "WS_A", timeout=5).ok:
+            assert time.monotonic() < deadline, f"no C-ECHO after router B moved to {expected}"
+            time.sleep(0.2)

@@ -1,12 +1,16 @@
 """Rolling restart of the three bridge replicas under continuous traffic: zero failed associations.
 
 Two hospitals whose routers sit on different replicas (site A on r1, site B on r2, through
-HAProxy frontends that prefer them). Four DCMTK loops run the whole time: C-ECHO and C-STORE
-from A to B's archive (a pynetdicom storage SCP, PACS_B), and the same from B to A's
-workstation (WS_A). Meanwhile each replica in turn gets SIGTERM (it drains: NOT_SERVING, Move to
-its routers, running associations finish), exits 0, is started again and taken back by HAProxy.
-Every association of every loop must succeed, and every image must arrive byte-identical (SOP
-Instance UID and Pixel Data hash) at the other site.
+HAProxy frontends that prefer them). Six DCMTK loops run the whole time: C-ECHO and C-STORE
+from A to B's archive (a pynetdicom storage SCP, PACS_B), the same from B to A's workstation
+(WS_A), and C-FIND and C-MOVE from A to B's Orthanc (ORTHANC_B), whose C-MOVE sends the study to
+WS_A over its own sub-association (router B -> bridge -> router A). Meanwhile each replica in
+turn gets SIGTERM (it drains: /readyz 503 and NOT_SERVING, Move to its routers, running
+associations finish), exits 0, is started again and taken back by HAProxy, whose HTTP check of
+`GET /readyz` marks it down at the first check after the SIGTERM (a 503, not a timeout). Every
+association of every loop must succeed, every C-FIND must find the study, every C-MOVE must
+complete every sub-operation, and every image must arrive byte-identical (SOP Instance UID and
+Pixel Data hash) at the other site.
 
 What makes that hold (docs/high-availability.md, "Rolling upgrade"): the drain lets running
 associations finish and moves idle routers; an Open refused for a moment while a router is between
@@ -23,7 +27,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -32,9 +38,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, write_series
 from relay_demo.network import Remote, Shared
-from tests.integration.conftest import require_dcmtk
+from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.support import dcmtk
 from tests.support.bridge_cluster import HOST, REPLICAS, BridgeCluster, start_bridge_cluster
+from tests.support.orthanc import OrthancProcess
 from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.integration
@@ -50,6 +57,7 @@ class StoreSCP:
 
     ae_title: str
     received: dict[str, str] = field(default_factory=dict)
+    every: list[tuple[str, str]] = field(default_factory=list)  # each image received, also the same one again
     server: ThreadedAssociationServer | None = None
 
     def start(self) -> int:
@@ -64,6 +72,7 @@ class StoreSCP:
         ds.file_meta = event.file_meta
         uid, digest = fingerprint(ds)
         self.received[uid] = digest
+        self.every.append((uid, digest))
         return 0x0000
 
     def stop(self) -> None:
@@ -71,17 +80,11 @@ class StoreSCP:
             self.server.shutdown()
 
 
-def haproxy_sees(cluster: BridgeCluster, rid: str, *, up: bool, timeout: float = 10.0) -> None:
-    """Wait until HAProxy's health check has marked `rid` up (or down) in its log."""
-    assert cluster.haproxy is not None
-    deadline = time.monotonic() + timeout
-    word = "UP" if up else "DOWN"
-    while time.monotonic() < deadline:
-        lines = [ln for ln in cluster.haproxy.log_path.read_text(errors="replace").splitlines() if f"/{rid} is " in ln]
-        if lines and f"is {word}" in lines[-1]:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"HAProxy did not mark {rid} {word}:\n{cluster.haproxy.log_path.read_text()[-2000:]}")
+class Outcome(Protocol):
+    """A DCMTK run's result (ToolResult, or FindResult which delegates to its run)."""
+
+    @property
+    def ok(self) -> bool: ...
 
 
 @dataclass
@@ -89,8 +92,8 @@ class Loop:
     """One client running associations back to back until stopped; every result is kept."""
 
     name: str
-    run_one: Callable[[int], dcmtk.ToolResult]
-    results: list[tuple[float, dcmtk.ToolResult]] = field(default_factory=list)
+    run_one: Callable[[int], Outcome]
+    results: list[tuple[float, Outcome]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -111,7 +114,7 @@ class Loop:
         self.thread.join(90)
 
     @property
-    def failures(self) -> list[dcmtk.ToolResult]:
+    def failures(self) -> list[Outcome]:
         return [r for _, r in self.results if not r.ok]
 
 
@@ -120,10 +123,13 @@ class Sites:
     cluster: BridgeCluster
     ws_a: StoreSCP
     pacs_b: StoreSCP
+    orthanc_b: OrthancProcess  # C-FIND and C-MOVE (to WS_A) from site A
     router_a: int
     router_b: int
     to_b: list[list[Path]]  # batches stored from A to PACS_B, one per association
     to_a: list[list[Path]]
+    study_uid: str  # of ct_series, which ORTHANC_B holds
+    study: dict[str, str]  # ct_series' fingerprints: what each C-MOVE must deliver to WS_A
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +143,10 @@ def bridge_cluster(
         postgres_for_cluster,
         {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
         renew_s=0.5,
-        grpc_health=True,
+        health="http",
+        # Above the longest association (a C-MOVE of the study takes seconds on a loaded machine): a drain
+        # cuts what still runs when its grace ends, and that is not what an upgrade should do.
+        drain_grace_s=20,
     )
     try:
         yield cluster
@@ -146,23 +155,38 @@ def bridge_cluster(
 
 
 @pytest.fixture(scope="module")
-def sites(bridge_cluster: BridgeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+def sites(
+    bridge_cluster: BridgeCluster,
+    orthanc_module_factory: OrthancPool,
+    tmp_path_factory: pytest.TempPathFactory,
+    ct_series: list[Path],
+) -> Iterator[Sites]:
     require_dcmtk()
     work = tmp_path_factory.mktemp("rolling")
     ws_a, pacs_b = StoreSCP("WS_A"), StoreSCP("PACS_B")
+    orthanc_b = orthanc_module_factory("ORTHANC_B")
+    orthanc_b.upload_many(ct_series)
     net, haproxy = bridge_cluster.net, bridge_cluster.haproxy
     assert haproxy is not None
     try:
         ws_a_port, pacs_b_port = ws_a.start(), pacs_b.start()
         net.bridge_port = haproxy.ports["b"]  # site B's router through frontend b (r2 first)
         site_b = net.add_site(
-            "site-b", shared=[Shared("PACS_B", HOST, pacs_b_port, ["site-a"])], remote=[Remote("WS_A", "site-a")]
+            "site-b",
+            shared=[
+                Shared("PACS_B", HOST, pacs_b_port, ["site-a"]),
+                Shared("ORTHANC_B", HOST, orthanc_b.dicom_port, ["site-a"]),
+            ],
+            remote=[Remote("WS_A", "site-a")],
         )
         net.bridge_port = haproxy.ports["a"]  # site A's through frontend a (r1 first)
         site_a = net.add_site(
-            "site-a", shared=[Shared("WS_A", HOST, ws_a_port, ["site-b"])], remote=[Remote("PACS_B", "site-b")]
+            "site-a",
+            shared=[Shared("WS_A", HOST, ws_a_port, ["site-b"])],
+            remote=[Remote("PACS_B", "site-b"), Remote("ORTHANC_B", "site-b")],
         )
         assert site_a.port and site_b.port
+        orthanc_b.set_modalities({"WS_A": ("WS_A", HOST, site_b.port)})  # C-MOVE's destination, via router B
         net.wait_connected()
 
         def batches(direction: str, seed: int) -> list[list[Path]]:
@@ -172,31 +196,50 @@ def sites(bridge_cluster: BridgeCluster, tmp_path_factory: pytest.TempPathFactor
             paths = write_series(images, work / direction)
             return [paths[i : i + IMAGES_PER_STORE] for i in range(0, len(paths), IMAGES_PER_STORE)]
 
-        yield Sites(bridge_cluster, ws_a, pacs_b, site_a.port, site_b.port, batches("to-b", 11), batches("to-a", 12))
+        study_uid = str(pydicom.dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID)
+        yield Sites(
+            bridge_cluster,
+            ws_a,
+            pacs_b,
+            orthanc_b,
+            site_a.port,
+            site_b.port,
+            batches("to-b", 11),
+            batches("to-a", 12),
+            study_uid,
+            fingerprints(ct_series),
+        )
     finally:
         ws_a.stop()
         pacs_b.stop()
 
 
-def restart(cluster: BridgeCluster, rid: str) -> float:
-    """SIGTERM, wait for a clean exit, start again, wait until HAProxy can reach it; the drain's seconds."""
-    process = cluster.replicas[rid].process
-    assert process is not None and process.poll() is None
+def restart(cluster: BridgeCluster, rid: str) -> tuple[float, float]:
+    """SIGTERM, wait for a clean exit, start again, wait until HAProxy has it up again; the seconds from the
+    SIGTERM to HAProxy marking it down, and to its exit."""
+    process, haproxy = cluster.replicas[rid].process, cluster.haproxy
+    assert process is not None and process.poll() is None and haproxy is not None
+    logged = haproxy.log_path.stat().st_size
     started = time.monotonic()
     process.terminate()
-    haproxy_sees(cluster, rid, up=False)  # NOT_SERVING from the start of the drain: out of rotation
+    # /readyz answers 503 from the start of the drain: out of rotation at the next check, not at a timeout.
+    down = haproxy.wait_state(rid, up=False, after=logged)
+    marked_down = time.monotonic() - started
+    assert "code: 503" in down and "timeout" not in down.lower(), down
     assert process.wait(30) == 0, f"{rid} did not exit cleanly:\n{cluster.log(rid)[-3000:]}"
     drained = time.monotonic() - started
     cluster.start_replica(rid)  # returns once it listens and has registered (its ready file)
-    haproxy_sees(cluster, rid, up=True)
-    return drained
+    haproxy.wait_state(rid, up=True, after=logged)
+    return marked_down, drained
 
 
-def test_rolling_restart_under_echo_and_store_traffic_fails_no_association(sites: Sites) -> None:
+def test_rolling_restart_under_echo_store_find_and_move_traffic_fails_no_association(sites: Sites) -> None:
     cluster = sites.cluster
     cluster.wait_presence({"site-a": "r1", "site-b": "r2"})
 
-    def store(port: int, called: str, calling: str, batches: list[list[Path]]) -> Callable[[int], dcmtk.ToolResult]:
+    study: dict[str, str | None] = {"StudyInstanceUID": sites.study_uid}
+
+    def store(port: int, called: str, calling: str, batches: list[list[Path]]) -> Callable[[int], Outcome]:
         return lambda i: dcmtk.storescu(HOST, port, called, calling, batches[i % len(batches)], timeout=30)
 
     loops = [
@@ -204,24 +247,35 @@ def test_rolling_restart_under_echo_and_store_traffic_fails_no_association(sites
         Loop("store A->B", store(sites.router_a, "PACS_B", "WS_A", sites.to_b)),
         Loop("echo B->A", lambda i: dcmtk.echoscu(HOST, sites.router_b, "WS_A", "PACS_B", timeout=30)),
         Loop("store B->A", store(sites.router_b, "WS_A", "PACS_B", sites.to_a)),
+        Loop("find A->B", lambda i: dcmtk.findscu(HOST, sites.router_a, "ORTHANC_B", "WS_A", keys=study, timeout=30)),
+        Loop(
+            "move B->A",  # C-MOVE asked by A; the images travel from Orthanc B to WS_A on a sub-association
+            lambda i: dcmtk.movescu(HOST, sites.router_a, "ORTHANC_B", "WS_A", "WS_A", study, timeout=60),
+        ),
     ]
     for loop in loops:
         loop.start()
-    drains: dict[str, float] = {}
+    timings: dict[str, tuple[float, float]] = {}
     try:
         time.sleep(SETTLE_S)
         for rid in REPLICAS:
-            drains[rid] = restart(cluster, rid)
+            timings[rid] = restart(cluster, rid)
             time.sleep(SETTLE_S)
     finally:
         for loop in loops:
             loop.finish()
 
     counts = {loop.name: len(loop.results) for loop in loops}
-    print(f"\nrolling restart: drains {drains}; associations per loop {counts}")
+    marked = {rid: f"down after {d:.2f} s, exit after {e:.2f} s" for rid, (d, e) in timings.items()}
+    print(f"\nrolling restart: {marked}; associations per loop {counts}")
     for loop in loops:
-        assert len(loop.results) >= 4, f"{loop.name} hardly ran: {counts}"
+        assert len(loop.results) >= 2, f"{loop.name} hardly ran: {counts}"
         assert not loop.failures, f"{loop.name}: {len(loop.failures)} failed association(s); first:\n{loop.failures[0]}"
+    finds, moves = loops[4].results, loops[5].results
+    assert all(sites.study_uid in {m.get("StudyInstanceUID") for m in r} for _, r in finds)  # type: ignore[attr-defined]
+    for _, moved in moves:
+        assert isinstance(moved, dcmtk.RetrieveResult)
+        assert moved.completed == len(sites.study) and not moved.failed, moved
     # Every replica really carried the sites at some point: the restarts moved the routers around.
     for rid in REPLICAS:
         assert "signed on" in cluster.log(rid), f"no router ever signed on at {rid}"
@@ -231,3 +285,6 @@ def test_rolling_restart_under_echo_and_store_traffic_fails_no_association(sites
 
     assert sites.pacs_b.received.items() >= sent(loops[1], sites.to_b).items()  # byte-identical at B
     assert sites.ws_a.received.items() >= sent(loops[3], sites.to_a).items()  # and at A
+    moved_images = [(uid, digest) for uid, digest in sites.ws_a.every if uid in sites.study]
+    assert len(moved_images) >= len(moves) * len(sites.study)  # every C-MOVE delivered the study,
+    assert all(sites.study[uid] == digest for uid, digest in moved_images)  # byte-identical each time

@@ -60,10 +60,12 @@ async def test_drain_refuses_opens_moves_idle_routers_and_waits_for_running_asso
     servicer.sessions["site-a"].associations.add("a" * 32)
     servicer.sessions["site-b"].associations.add("a" * 32)
     server = FakeServer()
+    assert servicer.metrics.readiness() == ("200 OK", b"ready\n")
     draining = asyncio.create_task(lifecycle.drain(server, servicer, grace_s=5.0))  # type: ignore[arg-type]
     await asyncio.sleep(0.2)
 
     assert await _status(servicer) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert servicer.metrics.readiness()[0] == "503 Service Unavailable", "/readyz fails a balancer's check at once"
     call = Call("token-site-a", open_frame())
     await servicer.Associate(iter(()), call)  # type: ignore[arg-type]
     assert [f.refused.reason for f in call.written] == [pb.Refused.DRAINING], "transient: the router retries it"

@@ -53,6 +53,28 @@ async def test_serves_metrics_and_refreshes_before_each_scrape() -> None:
         await server.stop()
 
 
+async def test_probe_paths_answer_beside_the_metrics_without_a_scrape() -> None:
+    """A load balancer's readiness check (the bridge's /readyz): its own status and body, no collection."""
+    calls: list[int] = []
+    ready = {"now": True}
+
+    def readiness() -> tuple[str, bytes]:
+        return ("200 OK", b"ready\n") if ready["now"] else ("503 Service Unavailable", b"draining\n")
+
+    server = MetricsServer(new_registry(), before_scrape=lambda: calls.append(1), probes={"/readyz": readiness})
+    assert await server.start("127.0.0.1:0")
+    try:
+        status, headers, body = await http(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, body, headers["content-type"]) == ("HTTP/1.1 200 OK", b"ready\n", "text/plain")
+        ready["now"] = False
+        status, _, body = await http(server.port, b"GET /readyz?verbose HTTP/1.1\r\n\r\n")
+        assert (status, body) == ("HTTP/1.1 503 Service Unavailable", b"draining\n")
+        assert (await http(server.port, b"POST /readyz HTTP/1.1\r\n\r\n"))[0].endswith("405 Method Not Allowed")
+        assert calls == []  # a probe does not run the scrape's refresh
+    finally:
+        await server.stop()
+
+
 async def test_a_busy_port_disables_metrics_without_stopping_the_daemon() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -268,11 +268,12 @@ class Forwarder:
             return
         splice.joined.set_result(None)
         log.info(
-            "association %s -> %s/%s spliced through replica %s",
+            "association %s -> %s/%s spliced through replica %s over %s",
             splice.from_site,
             op.to_site,
             op.called_ae_title,
             location.replica,
+            "a link" if isinstance(call, Link) else "a Forward call",
             extra={"assoc": aid},
         )
         service.state.metrics.spliced(splice)

@@ -7,9 +7,10 @@ frame on a TLS socket, decoded from whatever arrived in one read, costs a few mi
 Python per frame (docs/high-availability.md, "What a cross-replica association costs").
 
 What stays as it was:
-- **Backpressure**: the receiving end queues at most `depth` frames, then stops reading the
-  socket (`pause_reading`); TCP flow control holds the sender, whose `write` waits while the
-  transport's buffer is above its high-water mark. Nothing is buffered without bound.
+- **Backpressure**: the receiving end queues at most `READ_BUFFER_BYTES` of frames (or
+  `READ_QUEUE_FRAMES` frames), then stops reading the socket (`pause_reading`); TCP flow control
+  holds the sender, whose `write` waits while the transport's buffer is above its high-water
+  mark. Nothing is buffered without bound.
 - **Bytes opaque**: frames cross as the bytes they arrived as.
 - **Mutual TLS with the cluster CA**: both ends present the cluster certificate; the client
   checks the server's name (`CLUSTER_NAME`), the server checks the client's after the handshake.
@@ -50,6 +51,12 @@ CONNECT_TIMEOUT_S = 3.0
 MAX_IDLE_LINKS = 256  # links accepted and not yet carrying an association (a peer's warm pool is WARM)
 FRAME_MARGIN = 64 * 1024  # above max_frame_bytes, as the gRPC message limits
 WRITE_HIGH_WATER = 256 * 1024
+# The receiving end stops reading the socket once this many bytes of frames wait to be taken (or
+# `depth` frames, for large frames): as much as the HTTP/2 window a Forward call had
+# (grpc.http2.lookahead_bytes), so a link holds no more than a call did, and a fast sender is not
+# stopped and restarted for every frame.
+READ_BUFFER_BYTES = 4 * 1024 * 1024
+READ_QUEUE_FRAMES = 256
 
 
 class LinkClosed(ConnectionError):
@@ -80,6 +87,7 @@ class Link(asyncio.Protocol):
         self._depth = max(depth, 1)
         self._server_side = server_side
         self._frames: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in _frames
         self._ended = False  # the peer's end mark arrived
         self._error: Exception | None = None
         self._lost = False
@@ -121,7 +129,8 @@ class Link(asyncio.Protocol):
                 self._ended = True
             else:
                 self._frames.append(frame)
-        if len(self._frames) >= self._depth and not self._reading_paused and self.transport is not None:
+                self._queued += len(frame)
+        if self._full() and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()  # TCP flow control holds the sender from here
         self._wake_reader()
@@ -162,7 +171,8 @@ class Link(asyncio.Protocol):
             finally:
                 self._read_waiter = None
         frame = self._frames.popleft()
-        if self._reading_paused and len(self._frames) < self._depth and self.transport is not None:
+        self._queued -= len(frame)
+        if self._reading_paused and not self._full() and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
         return frame
@@ -196,10 +206,15 @@ class Link(asyncio.Protocol):
                 self.transport.abort()
 
     # -- internals
+    def _full(self) -> bool:
+        """Enough is queued: stop reading (the peer's writes then wait on TCP flow control)."""
+        return self._queued >= READ_BUFFER_BYTES or len(self._frames) >= self._depth
+
     def _fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
         self._frames.clear()
+        self._queued = 0
         if self.transport is not None:
             self.transport.abort()
         self._wake_reader()
@@ -280,9 +295,7 @@ class LinkServer:
         limits = self.associations.state.config.limits
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Link(
-                limits.max_frame_bytes, limits.frame_queue_depth, server_side=True, on_connected=self._accepted
-            ),
+            lambda: Link(limits.max_frame_bytes, READ_QUEUE_FRAMES, server_side=True, on_connected=self._accepted),
             host or None,
             port,
             ssl=self._context,
@@ -363,7 +376,7 @@ class LinkServer:
 class LinkPool:
     """The origin side: warm links per peer replica address, and the port each replica answered."""
 
-    def __init__(self, context: ssl.SSLContext, *, max_frame_bytes: int, depth: int) -> None:
+    def __init__(self, context: ssl.SSLContext, *, max_frame_bytes: int, depth: int = READ_QUEUE_FRAMES) -> None:
         self._context = context
         self._max_frame_bytes = max_frame_bytes
         self._depth = depth

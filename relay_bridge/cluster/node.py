@@ -57,8 +57,9 @@ class ClusterNode:
             links=LinkPool(
                 client_context(section.tls_cert, section.tls_key, section.ca),
                 max_frame_bytes=limits.max_frame_bytes,
-                depth=limits.frame_queue_depth,
-            ),
+            )
+            if section.links
+            else None,
         )
         self.presence = PresenceKeeper(
             state.directory,
@@ -80,7 +81,8 @@ class ClusterNode:
         host, port = parse_host_port(self.section.listen)
         # The link server on the same interface, at a port the system picks: the others ask for it
         # on the authenticated gRPC channel (Cluster/Link).
-        await self.links.start(host)
+        if self.section.links:
+            await self.links.start(host, self.section.link_port)
         service = ForwardService(self.associations, self.presence.evicted, link_port=lambda: self.links.port)
         server.add_generic_rpc_handlers([handlers(service)])
         self.port = server.add_secure_port(

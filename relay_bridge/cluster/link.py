@@ -46,7 +46,10 @@ if TYPE_CHECKING:
     from relay_bridge.splice import AssociationService
 
 log = logging.getLogger("relay_bridge.cluster")
-WARM = 2  # connected links kept ready per peer replica
+WARM = 4  # connected links kept ready per peer replica
+# A link taken is replaced this long after: the new link's TLS handshake (CPU on both replicas)
+# then does not compete with the association that is being set up.
+REFILL_DELAY_S = 0.25
 CONNECT_TIMEOUT_S = 3.0
 MAX_IDLE_LINKS = 256  # links accepted and not yet carrying an association (a peer's warm pool is WARM)
 FRAME_MARGIN = 64 * 1024  # above max_frame_bytes, as the gRPC message limits
@@ -441,6 +444,7 @@ class LinkPool:
             return
 
         async def refill() -> None:
+            await asyncio.sleep(REFILL_DELAY_S)
             idle = self._idle.setdefault(address, collections.deque())
             while sum(1 for link in idle if link.usable) < WARM and self._ports.get(address) == port:
                 try:

@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import directory as directory_module
 from relay_bridge.cluster.link import (
+    WARM,
     Link,
     LinkClosed,
     LinkPool,
@@ -323,7 +324,11 @@ async def test_the_pool_falls_back_when_the_replica_has_no_link_port(
 
     link = await pool.take("127.0.0.1:7002", port)
     assert link is not None and link.usable
-    await asyncio.sleep(0.5)  # the pool warms up to WARM links in the background
+    for _ in range(100):  # the pool warms up to WARM links in the background, a moment later
+        if sum(warm.usable for warm in pool._idle.get("127.0.0.1:7002", ())) == WARM:
+            break
+        await asyncio.sleep(0.1)
+    assert sum(warm.usable for warm in pool._idle["127.0.0.1:7002"]) == WARM
     second = await pool.take("127.0.0.1:7002", port)
     assert second is not None and second is not link and second.usable
     link.cancel()

@@ -409,6 +409,8 @@ class LinkPool:
             try:
                 link = await self._connect(address, port)
             except (OSError, TimeoutError, ValueError) as exc:
+                # Ask for the port again next time: a replica restarted at the same address has a new one.
+                self.forget(address)
                 log.info("no link to replica at %s (%s); using the Forward call", address, exc)
                 return None
         self._refill(address, port)
@@ -451,6 +453,7 @@ class LinkPool:
                     idle.append(await self._connect(address, port))
                 except (OSError, TimeoutError, ValueError) as exc:
                     log.info("could not warm a link to replica at %s: %s", address, exc)
+                    self.forget(address)
                     return
 
         self._refills[address] = asyncio.get_running_loop().create_task(refill(), name="cluster-link-warm")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -333,4 +334,24 @@ async def test_the_pool_falls_back_when_the_replica_has_no_link_port(
     assert second is not None and second is not link and second.usable
     link.cancel()
     second.cancel()
+    await pool.close()
+
+
+async def test_a_replica_restarted_on_another_link_port_is_asked_again(
+    link_server: tuple[LinkServer, ClusterFiles],
+) -> None:
+    server, files = link_server
+    pool = LinkPool(client_context(files.cert, files.key, files.ca_cert), max_frame_bytes=1 << 20)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    answers = [dead.getsockname()[1], server.port]  # the old port (nothing listens), then the new one
+    dead.close()
+
+    async def discover() -> int | None:
+        return answers.pop(0)
+
+    assert await pool.take("127.0.0.1:7003", discover) is None  # this association: a Forward call
+    link = await pool.take("127.0.0.1:7003", discover)  # the next one asks again and gets a link
+    assert link is not None and link.usable and answers == []
+    link.cancel()
     await pool.close()

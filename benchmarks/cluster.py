@@ -4,17 +4,21 @@ Run with `python -m benchmarks.cluster` (options: --instances, --repeats, --setu
 test: it measures, writes benchmarks/results/<date>-cluster.{json,md} and prints the table.
 
 Topology, all real processes on this machine: a throwaway PostgreSQL, three `relay-bridge serve`
-replicas with `[cluster]` (default lease and renewal settings), HAProxy (TCP mode, health checks)
-with two frontends: "a" prefers r1, "b" prefers r2 (then r3, then r1). Three routers: site-a and
-site-c through frontend a (both on r1), site-b through frontend b (on r2). site-b and site-c each
-share a DCMTK storescp (`--ignore`: received, not written). From site-a:
+replicas with `[cluster]` (default lease and renewal settings; r3 with `links = false`, as a
+replica without the replica link), HAProxy (TCP mode, health checks) with three frontends: "a"
+prefers r1, "b" prefers r2, "d" prefers r3. Four routers: site-a and site-c through frontend a
+(both on r1), site-b through frontend b (on r2), site-d through frontend d (on r3). site-b,
+site-c and site-d each share a DCMTK storescp (`--ignore`: received, not written). From site-a:
 
 * **local splice**: site-a -> site-c, both routers on r1;
-* **cross-replica**: site-a -> site-b, r1 forwards to r2 over the internal Forward call.
+* **cross-replica**: site-a -> site-b, r1 forwards to r2 over a replica link;
+* **cross-replica, Forward call**: site-a -> site-d, r1 forwards to r3 over a gRPC Forward call
+  (r3 has no link server): the design before the links, side by side.
 
-Measured per path: association setup (pynetdicom A-ASSOCIATE-RQ to A-ASSOCIATE-AC through both
-routers, C-ECHO context), and DCMTK storescu of N generated CT instances, with the CPU seconds of
-every replica and router (from /proc) per GB of data set bytes. Then the failover: SIGKILL of the
+Measured per path, the paths interleaved round by round (setups too): association setup
+(pynetdicom A-ASSOCIATE-RQ to A-ASSOCIATE-AC through both routers, C-ECHO context), and DCMTK
+storescu of N generated CT instances, with the CPU seconds of every replica and router (from
+/proc) per GB of data set bytes. Then the failover: SIGKILL of the
 replica holding site-b, and the time to the first successful C-ECHO from site-a to site-b
 (through another replica); the killed replica is restarted and the next kill takes whichever
 replica holds site-b then. Router B reconnects after its default first delay (0.25-0.5 s) each

@@ -32,9 +32,10 @@ from relay_bridge.cluster.link import (
 )
 from relay_bridge.cluster.link_codec import END, END_FRAME, FrameDecoder, Header, LinkProtocolError, encode
 from relay_bridge.cluster.pki import CLUSTER_NAME, ClusterFiles, make_cluster_pki
-from relay_bridge.config import BridgeConfig, ServerSection
+from relay_bridge.config import BridgeConfig, ClusterSection, ServerSection
 from relay_bridge.directory import Device, Directory
 from relay_bridge.server import RelayServicer
+from relay_common.config import InvalidValue
 
 ASSOC = "cd" * 16
 
@@ -355,3 +356,13 @@ async def test_a_replica_restarted_on_another_link_port_is_asked_again(
     assert link is not None and link.usable and answers == []
     link.cancel()
     await pool.close()
+
+
+def test_the_link_keys_are_checked(tmp_path: Path) -> None:
+    files = {"tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "c.key", "ca": tmp_path / "ca.pem"}
+    section = ClusterSection(listen="0.0.0.0:7443", advertise="10.0.0.5:7443", **files)  # type: ignore[arg-type]
+    assert section.links and section.link_port == 0  # links on, the system picks the port
+    for bad in (-1, 65536):
+        with pytest.raises(InvalidValue) as raised:
+            ClusterSection(listen="0.0.0.0:7443", advertise="10.0.0.5:7443", link_port=bad, **files)  # type: ignore[arg-type]
+        assert raised.value.key == "link_port"

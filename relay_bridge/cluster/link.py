@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from relay_bridge.splice import AssociationService
 
 log = logging.getLogger("relay_bridge.cluster")
+REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as [cluster] replica_id
 WARM = 4  # connected links kept ready per peer replica
 # A link taken is replaced this long after: the new link's TLS handshake (CPU on both replicas)
 # then does not compete with the association that is being set up.
@@ -329,6 +331,8 @@ class LinkServer:
             header = Header.decode(raw)
             if not is_site_name(header.from_site):
                 raise LinkProtocolError("the link header's site is not a site name")
+            if not REPLICA_ID.fullmatch(header.origin):  # it is logged: no control characters
+                raise LinkProtocolError("the link header's replica id is not one")
             await self._run(link, header)
         except (LinkClosed, LinkProtocolError, LinkAborted) as exc:
             if not isinstance(exc, LinkAborted) and not (idle and isinstance(exc, LinkClosed)):
@@ -349,7 +353,7 @@ class LinkServer:
         from relay_bridge.cluster.forward import accept_forwarded
 
         service = self.associations
-        context = LinkContext(link, header.origin[:64])
+        context = LinkContext(link, header.origin)
         raw = await first_message(
             context,
             service.state.config.limits,

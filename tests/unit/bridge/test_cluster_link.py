@@ -166,12 +166,13 @@ async def test_the_share_is_checked_again_at_the_holder(link_server: tuple[LinkS
     "frames",
     [
         [b"RLK1\x0bnot a site!\x02r1", _open()],  # a header whose site is not a site name
+        [b"RLK1\x06site-a\x03r\x1b1", _open()],  # a replica id with a control character
         [b"garbage", _open()],  # no header
         [Header("site-a", "r1").encode(), b"\xff\xff garbage"],  # not a relay.v1.Frame
         [Header("site-a", "r1").encode(), pb.Frame(join=pb.Join(association_id=ASSOC)).SerializeToString()],
         [Header("site-a", "r1").encode(), pb.Frame(open=pb.Open(association_id="short")).SerializeToString()],
     ],
-    ids=["bad-site", "no-header", "not-a-frame", "join-not-open", "bad-association-id"],
+    ids=["bad-site", "bad-replica-id", "no-header", "not-a-frame", "join-not-open", "bad-association-id"],
 )
 async def test_a_bad_first_frame_cuts_the_link_without_an_answer(
     link_server: tuple[LinkServer, ClusterFiles], frames: list[bytes]

@@ -4,17 +4,21 @@ Run with `python -m benchmarks.cluster` (options: --instances, --repeats, --setu
 test: it measures, writes benchmarks/results/<date>-cluster.{json,md} and prints the table.
 
 Topology, all real processes on this machine: a throwaway PostgreSQL, three `relay-bridge serve`
-replicas with `[cluster]` (default lease and renewal settings), HAProxy (TCP mode, health checks)
-with two frontends: "a" prefers r1, "b" prefers r2 (then r3, then r1). Three routers: site-a and
-site-c through frontend a (both on r1), site-b through frontend b (on r2). site-b and site-c each
-share a DCMTK storescp (`--ignore`: received, not written). From site-a:
+replicas with `[cluster]` (default lease and renewal settings; r3 with `links = false`, as a
+replica without the replica link), HAProxy (TCP mode, health checks) with three frontends: "a"
+prefers r1, "b" prefers r2, "d" prefers r3. Four routers: site-a and site-c through frontend a
+(both on r1), site-b through frontend b (on r2), site-d through frontend d (on r3). site-b,
+site-c and site-d each share a DCMTK storescp (`--ignore`: received, not written). From site-a:
 
 * **local splice**: site-a -> site-c, both routers on r1;
-* **cross-replica**: site-a -> site-b, r1 forwards to r2 over the internal Forward call.
+* **cross-replica**: site-a -> site-b, r1 forwards to r2 over a replica link;
+* **cross-replica, Forward call**: site-a -> site-d, r1 forwards to r3 over a gRPC Forward call
+  (r3 has no link server): the design before the links, side by side.
 
-Measured per path: association setup (pynetdicom A-ASSOCIATE-RQ to A-ASSOCIATE-AC through both
-routers, C-ECHO context), and DCMTK storescu of N generated CT instances, with the CPU seconds of
-every replica and router (from /proc) per GB of data set bytes. Then the failover: SIGKILL of the
+Measured per path, the paths interleaved round by round (setups too): association setup
+(pynetdicom A-ASSOCIATE-RQ to A-ASSOCIATE-AC through both routers, C-ECHO context), and DCMTK
+storescu of N generated CT instances, with the CPU seconds of every replica and router (from
+/proc) per GB of data set bytes. Then the failover: SIGKILL of the
 replica holding site-b, and the time to the first successful C-ECHO from site-a to site-b
 (through another replica); the killed replica is restarted and the next kill takes whichever
 replica holds site-b then. Router B reconnects after its default first delay (0.25-0.5 s) each
@@ -32,6 +36,7 @@ service, instead of a TCP connect.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import tempfile
@@ -44,12 +49,13 @@ from pynetdicom.sop_class import Verification
 from benchmarks.cluster_rolling import rolling_restarts, rolling_table
 from benchmarks.common import CpuMeter, dcmtk, free_port, run, summary, write_results
 from relay_demo.datasets import generate_ct_series, write_series
-from relay_demo.network import Remote, Shared
+from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.support.bridge_cluster import HOST, BridgeCluster, start_bridge_cluster
 from tests.support.ports import wait_for_port
 from tests.support.postgres import PostgresCluster, postgres_bindir
 
-PATHS = {"local splice": "SCP_C", "cross-replica": "SCP_B"}
+PATHS = {"local splice": "SCP_C", "cross-replica": "SCP_B", "cross-replica, Forward call": "SCP_D"}
+CROSS = ("cross-replica", "cross-replica, Forward call")
 
 
 def start_storescp(aet: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -86,6 +92,53 @@ def echo_ok(router_port: int, called: str) -> bool:
     return bool(status) and status.Status == 0x0000
 
 
+def compare_paths(
+    router_port: int, files: list[Path], dataset_bytes: int, pids: dict[str, int], setups: int, repeats: int
+) -> dict[str, dict[str, object]]:
+    """Setup time and CPU per GB of both paths, interleaved (local, cross, local, cross...) so that
+    both see the same load from whatever else runs on the machine; the CPU ratio is the median of
+    the per-round ratios."""
+    for called in PATHS.values():
+        for _ in range(3):  # warm up: channels, caches, the replica links
+            setup_ms(router_port, called)
+    times: dict[str, list[float]] = {path: [] for path in PATHS}
+    for _ in range(setups):
+        for path, called in PATHS.items():
+            times[path].append(setup_ms(router_port, called))
+    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
+    cpu_runs: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
+    for _ in range(repeats):
+        for path, called in PATHS.items():
+            meter = CpuMeter(pids)
+            meter.start()
+            start = time.perf_counter()
+            run([dcmtk("storescu"), "-aec", called, "-aet", "BENCH", HOST, str(router_port), *map(str, files)])
+            seconds[path].append(time.perf_counter() - start)
+            cpu_runs[path].append(meter.stop())
+    gb = dataset_bytes / 1e9
+    results: dict[str, dict[str, object]] = {}
+    tiers: dict[str, list[float]] = {}
+    for path in PATHS:
+        cpu = {name: statistics.median(r[name] for r in cpu_runs[path]) / gb for name in pids}
+        tiers[path] = [sum(r[rid] for rid in ("r1", "r2", "r3")) / gb for r in cpu_runs[path]]
+        results[path] = {
+            "setup_ms": summary(times[path]),
+            "store_seconds": summary(seconds[path]),
+            "mb_per_s": dataset_bytes / 1e6 / statistics.median(seconds[path]),
+            "cpu_s_per_gb": cpu,
+            "bridge_tier_cpu_s_per_gb": statistics.median(tiers[path]),
+            "bridge_tier_cpu_s_per_gb_runs": tiers[path],
+        }
+    for path in CROSS:
+        rounds = zip(tiers["local splice"], tiers[path], strict=True)
+        results[path]["cpu_ratio_per_round"] = [cross / local - 1 for local, cross in rounds]
+    return results
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in load)
+
+
 def holder(cluster: BridgeCluster, site: str) -> str | None:
     return cluster.presence().get(site)
 
@@ -104,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cluster", help="results file name (benchmarks/results/DATE-NAME.*)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
+    load_before = os.getloadavg()
 
     bindir = postgres_bindir()
     if bindir is None:
@@ -112,8 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     pg = PostgresCluster(bindir).start()
     scps = {aet: start_storescp(aet) for aet in PATHS.values()}
     cluster = start_bridge_cluster(
-        work / "net", pg, {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]}, health=args.health
+        work / "net",
+        pg,
+        {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"], "d": ["r3", "r2", "r1"]},
+        health=args.health,
     )
+    # r3 forwards over Forward calls only and accepts no replica link: r1 then reaches site-d (held
+    # by r3) the way every cross-replica association went before the links, side by side.
+    LocalRelayNetwork._stop(cluster.replicas["r3"].process)
+    with cluster.replicas["r3"].config.open("a") as config:
+        config.write("links = false\n")
+    cluster.start_replica("r3")
     results: dict[str, dict[str, object]] = {}
     failovers: list[float] = []
     rolling: dict[str, object] | None = None
@@ -129,39 +192,24 @@ def main(argv: list[str] | None = None) -> int:
         text = config.read_text().replace("reconnect_min_s = 0.2", "reconnect_min_s = 0.5")
         config.write_text(text.replace("reconnect_max_s = 2.0", "reconnect_max_s = 0.5"))
         net.start_router("site-b")
+        net.bridge_port = haproxy.ports["d"]
+        net.add_site("site-d", shared=[Shared("SCP_D", HOST, scps["SCP_D"][1], ["site-a"])])
         net.bridge_port = haproxy.ports["a"]
         net.add_site("site-c", shared=[Shared("SCP_C", HOST, scps["SCP_C"][1], ["site-a"])])
-        site_a = net.add_site("site-a", remote=[Remote("SCP_B", "site-b"), Remote("SCP_C", "site-c")])
+        site_a = net.add_site(
+            "site-a", remote=[Remote("SCP_B", "site-b"), Remote("SCP_C", "site-c"), Remote("SCP_D", "site-d")]
+        )
         assert site_a.port
         net.wait_connected(60)
-        cluster.wait_presence({"site-a": "r1", "site-b": "r2", "site-c": "r1"})
+        cluster.wait_presence({"site-a": "r1", "site-b": "r2", "site-c": "r1", "site-d": "r3"})
 
         files = write_series(generate_ct_series(args.instances, patient_id="RELAY-BENCH-CLUSTER"), work / "ct")
         dataset_bytes = sum(f.stat().st_size for f in files)
         pids = {rid: r.process.pid for rid, r in cluster.replicas.items() if r.process}
         pids |= {name: s.process.pid for name, s in net.sites.items() if s.process}
 
-        for path, called in PATHS.items() if "paths" in phases else ():
-            for _ in range(3):  # warm up: channels, caches, the first Forward call
-                setup_ms(site_a.port, called)
-            setups = [setup_ms(site_a.port, called) for _ in range(args.setups)]
-            seconds, cpu_runs = [], []
-            for _ in range(args.repeats):
-                meter = CpuMeter(pids)
-                meter.start()
-                start = time.perf_counter()
-                run([dcmtk("storescu"), "-aec", called, "-aet", "BENCH", HOST, str(site_a.port), *map(str, files)])
-                seconds.append(time.perf_counter() - start)
-                cpu_runs.append(meter.stop())
-            gb = dataset_bytes / 1e9
-            cpu = {name: statistics.median(r[name] for r in cpu_runs) / gb for name in pids}
-            results[path] = {
-                "setup_ms": summary(setups),
-                "store_seconds": summary(seconds),
-                "mb_per_s": dataset_bytes / 1e6 / statistics.median(seconds),
-                "cpu_s_per_gb": cpu,
-                "bridge_tier_cpu_s_per_gb": sum(cpu[r] for r in ("r1", "r2", "r3")),
-            }
+        if "paths" in phases:
+            results = compare_paths(site_a.port, files, dataset_bytes, pids, args.setups, args.repeats)
 
         for _ in range(args.kills if "failover" in phases else 0):
             victim = holder(cluster, "site-b")
@@ -190,26 +238,45 @@ def main(argv: list[str] | None = None) -> int:
     ]
     payload: dict[str, object] = {"instances": args.instances, "dataset_bytes": dataset_bytes, "health": args.health}
     if results:
-        local, cross = results["local splice"], results["cross-replica"]
-        added_ms = cross["setup_ms"]["median"] - local["setup_ms"]["median"]  # type: ignore[index]
-        cpu_ratio = cross["bridge_tier_cpu_s_per_gb"] / local["bridge_tier_cpu_s_per_gb"] - 1  # type: ignore[operator]
+        local = results["local splice"]
         lines += [
             "",
-            "| path | setup median (ms) | setup p90 (ms) | store MB/s | r1 s/GB | r2 s/GB | bridge tier s/GB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| path | setup median (ms) | setup p90 (ms) | store MB/s"
+            " | r1 s/GB | r2 s/GB | r3 s/GB | bridge tier s/GB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for path, r in results.items():
             cpu = r["cpu_s_per_gb"]
             lines.append(
                 f"| {path} | {r['setup_ms']['median']:.1f} | {r['setup_ms']['p90']:.1f} | {r['mb_per_s']:.1f}"  # type: ignore[index]
-                f" | {cpu['r1']:.2f} | {cpu['r2']:.2f} | {r['bridge_tier_cpu_s_per_gb']:.2f} |"  # type: ignore[index]
+                f" | {cpu['r1']:.2f} | {cpu['r2']:.2f} | {cpu['r3']:.2f} | {r['bridge_tier_cpu_s_per_gb']:.2f} |"  # type: ignore[index]
+            )
+        added: dict[str, float] = {}
+        ratios: dict[str, float] = {}
+        lines.append("")
+        for path in CROSS:
+            cross = results[path]
+            added[path] = cross["setup_ms"]["median"] - local["setup_ms"]["median"]  # type: ignore[index]
+            ratios[path] = statistics.median(cross["cpu_ratio_per_round"])  # type: ignore[arg-type]
+            rounds = ", ".join(f"{r:+.0%}" for r in cross["cpu_ratio_per_round"])  # type: ignore[attr-defined]
+            lines.append(
+                f"- **{path}** (vs the local splice): **{added[path]:+.1f} ms** setup at the median (goal: at most"
+                f" +2 ms), **{ratios[path]:+.0%}** CPU per GB at the bridge tier (goal: at most +25%; median of the"
+                f" per-round ratios {rounds})."
             )
         lines += [
             "",
-            f"A cross-replica association adds **{added_ms:.1f} ms** to setup at the median (goal: at most 2 ms)"
-            f" and **{cpu_ratio:+.0%}** CPU per GB at the bridge tier (goal: at most +25%).",
+            "The paths run interleaved (setups too), so each round sees the same load from whatever else runs.",
+            f"Load (1, 5, 15 min) before: {_load(load_before)}; after: {_load(os.getloadavg())}.",
         ]
-        payload |= {"paths": results, "added_setup_ms": added_ms, "bridge_tier_cpu_ratio": cpu_ratio}
+        added_ms, cpu_ratio = added["cross-replica"], ratios["cross-replica"]
+        payload |= {
+            "paths": results,
+            "added_setup_ms": added_ms,
+            "bridge_tier_cpu_ratio": cpu_ratio,
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+        }
     if failovers:
         failover = summary(failovers)
         lines += [

@@ -268,6 +268,8 @@ class ClusterSection:
     ca: Path | None = None  # the cluster CA: the only issuer whose certificates a replica accepts
     lease_s: float = 10.0  # a replica's and its sites' rows expire this long after their last renewal
     renew_s: float = 2.0  # how often they are renewed (and stale control streams noticed)
+    links: bool = True  # forward over replica links (relay_bridge.cluster.link); false: Forward calls only
+    link_port: int = 0  # the link server's port on the listen host; 0: the system picks one
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -289,6 +291,8 @@ class ClusterSection:
         for name in ("tls_cert", "tls_key", "ca"):
             if getattr(self, name) is None:
                 raise InvalidValue(name, "is required with listen (relay-bridge cluster-cert makes the files)")
+        if not 0 <= self.link_port <= 65535:
+            raise InvalidValue("link_port", "must be a port number (0: the system picks one)")
         if not 0 < self.renew_s < self.lease_s <= 300:
             raise InvalidValue("lease_s", "renew_s must be positive and shorter than lease_s (at most 300 s)")
 

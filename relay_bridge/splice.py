@@ -36,7 +36,7 @@ from relay_bridge import admission
 from relay_bridge.admission import Rejection
 from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
-from relay_common.errors import RelayError
+from relay_common.errors import Reason, RelayError
 
 if TYPE_CHECKING:
     from relay_bridge.sessions import RouterSession
@@ -247,17 +247,23 @@ class AssociationService:
         """The associations other routers opened to `session`'s router (max_inbound_per_router)."""
         return len(session.associations) - self._initiated_by(session)
 
-    async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
-        state, aid, limits = self.state, op.association_id, self.state.config.limits
-        if not admission.valid_association_id(aid, state.splices):
+    async def precheck_open(self, op: pb.Open, context: grpc.aio.ServicerContext) -> Rejection | None:
+        """What every Open passes before anything is looked up, logged or audited, whether a router
+        sent it here or another replica forwarded it (relay_bridge.cluster.forward.accept_forwarded):
+        a new association id (else the call is aborted), a replica that is not draining, valid fields."""
+        if not admission.valid_association_id(op.association_id, self.state.splices):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
-        if state.draining:
-            return await self.refuse(context, admission.draining(), aid)
-        invalid = admission.invalid_open(
+        if self.state.draining:
+            return admission.draining()
+        return admission.invalid_open(
             to_site=op.to_site, called_ae_title=op.called_ae_title, calling_ae_title=op.calling_ae_title
         )
+
+    async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
+        state, aid, limits = self.state, op.association_id, self.state.config.limits
+        invalid = await self.precheck_open(op, context)
         if invalid is not None:
-            if state.refusal_audits.allow(f"invalid_open:{session.name}"):
+            if invalid.reason is not Reason.SHUTDOWN and state.refusal_audits.allow(f"invalid_open:{session.name}"):
                 state.audit.event(
                     "association_refused",
                     "failure",

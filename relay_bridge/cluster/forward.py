@@ -1,22 +1,26 @@
 """Cross-replica forwarding: an association whose destination router is held by another replica.
 
 The origin replica (where the initiating router's Open arrived) has admitted the Open as it
-would a local one, then opens one `relay.cluster.v1.Cluster/Forward` call to the replica that
-holds the destination (found in the presence table) and sends the Open's frame, with the calling
-site in the call's metadata. The holding replica checks it again against its own view and
-limits and runs the destination end exactly as for a local Open (`_run_initiator`: the notice on
-the destination's control stream, the wait for its Join, the splice); its answer (Refused, or
-Accepted and then the frames) comes back on the call.
+would a local one, then takes a link to the replica that holds the destination (found in the
+presence table): a warm mutual-TLS connection of relay_bridge.cluster.link, or, when that replica
+has none (an older version) or cannot be reached on it, one `relay.cluster.v1.Cluster/Forward`
+call. It sends the Open's frame, with the calling site in the link's header (the call's
+metadata). The holding replica checks it again against its own view and limits and runs the
+destination end exactly as for a local Open (`_run_initiator`: the notice on the destination's
+control stream, the wait for its Join, the splice); its answer (Refused, or Accepted and then the
+frames) comes back on the link.
 
-At the origin the association is an ordinary `Splice` whose destination end is the Forward
-call instead of a Join: the same bounded `Channel`s, and the call is read only as fast as the
-channel drains, so HTTP/2 flow control carries backpressure across the replica hop too (at most
-`depth` frames per direction held per replica). Frames cross as the bytes they arrived as; only
-the holding replica's first answer is parsed (to tell Refused from Accepted).
+At the origin the association is an ordinary `Splice` whose destination end is the link (or the
+Forward call) instead of a Join: the same bounded `Channel`s, and the link is read only as fast as
+the channel drains, so TCP flow control (HTTP/2's on a Forward call) carries backpressure across
+the replica hop too (at most `depth` frames per direction held per replica). Frames cross as the
+bytes they arrived as; only the holding replica's first answer is parsed (to tell Refused from
+Accepted).
 
 Zero trust: the call goes only to an address read from the replicas table (written by replicas,
 never by a router), checked as HOST:PORT, over mutual TLS with the cluster CA; the receiving
-replica accepts only callers presenting the cluster certificate.
+replica accepts only callers presenting the cluster certificate. A link goes to the same host, at
+the port the replica answered on that authenticated channel (`Cluster/Link`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from google.protobuf.message import DecodeError
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import Rejection
+from relay_bridge.cluster.link import Link, LinkClosed, LinkPool
+from relay_bridge.cluster.link_codec import Header
 from relay_bridge.cluster.pki import CLUSTER_NAME
 from relay_bridge.cluster.presence import Location
 from relay_bridge.sessions import first_message
@@ -50,6 +56,8 @@ log = logging.getLogger("relay_bridge.cluster")
 SERVICE = "relay.cluster.v1.Cluster"
 FORWARD = f"/{SERVICE}/Forward"
 EVICT = f"/{SERVICE}/Evict"
+LINK = f"/{SERVICE}/Link"  # the replica's link port (relay_bridge.cluster.link), as decimal text
+LINK_TIMEOUT_S = 2.0
 FROM_SITE = "relay-from-site"  # metadata: the initiating site (authenticated by the origin replica)
 SITE = "relay-site"  # Evict metadata: the site that signed on at the calling replica...
 SINCE = "relay-since"  # ...and when (seconds since the epoch, as a decimal)
@@ -106,9 +114,16 @@ class Forwarder:
     """The origin side: one channel per peer replica, and the splice of a forwarded association."""
 
     def __init__(
-        self, credentials: grpc.ChannelCredentials, replica_id: str, *, max_frame_bytes: int, join_timeout_s: float
+        self,
+        credentials: grpc.ChannelCredentials,
+        replica_id: str,
+        *,
+        max_frame_bytes: int,
+        join_timeout_s: float,
+        links: LinkPool | None = None,
     ) -> None:
         self._credentials = credentials
+        self.links = links
         self.replica_id = replica_id
         self._options = channel_options(max_frame_bytes)
         self._answer_timeout = join_timeout_s + ANSWER_MARGIN_S
@@ -134,6 +149,8 @@ class Forwarder:
 
     def forget(self, address: str) -> None:
         """Drop a channel whose replica failed (a new one is made on the next use)."""
+        if self.links is not None:
+            self.links.forget(address)
         channel = self._channels.pop(address, None)
         if channel is not None:
             self._close_later(channel)
@@ -152,7 +169,33 @@ class Forwarder:
             detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             log.info("could not tell replica %s that %s moved here: %s", location.replica, site, detail)
 
+    async def link_port(self, location: Location) -> int | None:
+        """Ask the replica for its link port on the authenticated channel; None: it has none."""
+        try:
+            answer = await self.channel(location.address).unary_unary(LINK)(b"", timeout=LINK_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("replica %s has no link port (an older version): Forward calls to it", location.replica)
+                return None
+            raise LinkClosed(f"replica {location.replica} did not say its link port: {exc.code().name}") from None
+        text = answer.decode("ascii", "replace") if isinstance(answer, bytes) else ""
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            log.error("replica %s answered a link port that is not one; Forward calls to it", location.replica)
+            return None
+        return int(text)
+
+    async def _take_link(self, location: Location, aid: str) -> Link | None:
+        if self.links is None:
+            return None
+        try:
+            return await self.links.take(location.address, lambda: self.link_port(location))
+        except (LinkClosed, ValueError) as exc:
+            log.info("no link to replica %s: %s; using a Forward call", location.replica, exc, extra={"assoc": aid})
+            return None
+
     async def close(self) -> None:
+        if self.links is not None:
+            await self.links.close()
         channels, self._channels = list(self._channels.values()), collections.OrderedDict()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
@@ -171,9 +214,16 @@ class Forwarder:
         except ValueError as exc:
             log.error("replica %s has an unusable address: %s", location.replica, exc, extra={"assoc": aid})
             return await service.refuse(context, replica_unreachable(op.to_site), aid)
-        call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
-        try:  # however this ends (even cancelled: the router went away), the Forward call ends with it
+        call: Link | grpc.aio.StreamStreamCall[bytes, bytes] | None = await self._take_link(location, aid)
+        if call is None:
+            call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
+        try:  # however this ends (even cancelled: the router went away), the link or call ends with it
+            if isinstance(call, Link):
+                await call.write(Header(splice.from_site, self.replica_id).encode())
             await self._run_call(service, splice, op, context, location, call)
+        except LinkClosed as exc:
+            log.warning("link to replica %s failed: %s", location.replica, exc, extra={"assoc": aid})
+            return await service.refuse(context, replica_unreachable(op.to_site), aid)
         finally:
             call.cancel()
 
@@ -184,13 +234,13 @@ class Forwarder:
         op: pb.Open,
         context: grpc.aio.ServicerContext,
         location: Location,
-        call: grpc.aio.StreamStreamCall[bytes, bytes],
+        call: Link | grpc.aio.StreamStreamCall[bytes, bytes],
     ) -> None:
         aid = splice.association_id
         try:
             await call.write(pb.Frame(open=op).SerializeToString())
             answer = await asyncio.wait_for(call.read(), self._answer_timeout)
-        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError, LinkClosed) as exc:
             failure = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             log.warning(
                 "replica %s at %s did not take the association for %s: %s",
@@ -200,7 +250,9 @@ class Forwarder:
                 failure,
                 extra={"assoc": aid},
             )
-            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if isinstance(exc, LinkClosed) or (
+                isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+            ):
                 self.forget(location.address)
             return await service.refuse(context, replica_unreachable(op.to_site), aid)
         try:
@@ -216,11 +268,12 @@ class Forwarder:
             return
         splice.joined.set_result(None)
         log.info(
-            "association %s -> %s/%s spliced through replica %s",
+            "association %s -> %s/%s spliced through replica %s over %s",
             splice.from_site,
             op.to_site,
             op.called_ae_title,
             location.replica,
+            "a link" if isinstance(call, Link) else "a Forward call",
             extra={"assoc": aid},
         )
         service.state.metrics.spliced(splice)
@@ -229,15 +282,15 @@ class Forwarder:
 
 
 async def _splice_through(
-    splice: Splice, context: grpc.aio.ServicerContext, call: grpc.aio.StreamStreamCall[bytes, bytes]
+    splice: Splice, context: grpc.aio.ServicerContext, call: Link | grpc.aio.StreamStreamCall[bytes, bytes]
 ) -> None:
-    """Pump both directions: router -> channel -> replica call, and replica call -> channel -> router."""
+    """Pump both directions: router -> channel -> replica link, and replica link -> channel -> router."""
 
     async def to_replica() -> None:
         try:
             await splice.drain(splice.to_destination, call.write)
             await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, LinkClosed):
             await splice.to_initiator.close()  # the replica's call ended; its pump tells the router why
 
     from_router = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
@@ -257,10 +310,22 @@ class ForwardService:
     """The holding side: relay.cluster.v1.Cluster/Forward, one call per forwarded association."""
 
     def __init__(
-        self, associations: AssociationService, evicted: Callable[[str, float], bool] = lambda site, since: False
+        self,
+        associations: AssociationService,
+        evicted: Callable[[str, float], bool] = lambda site, since: False,
+        link_port: Callable[[], int] = lambda: 0,
     ) -> None:
         self.associations = associations
         self.evicted = evicted
+        self.link_port = link_port
+
+    async def Link(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The port of this replica's link server (relay_bridge.cluster.link), on this host."""
+        await _require_cluster_certificate(context)
+        port = self.link_port()
+        if not port:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this replica has no link server")
+        return str(port).encode("ascii")
 
     async def Evict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Another replica took one of our sites over: cut our stream for it if it is older."""
@@ -310,13 +375,7 @@ async def accept_forwarded(
 ) -> None:
     """Run the destination end of an association another replica admitted, as a local Open would."""
     state, aid, limits = service.state, op.association_id, service.state.config.limits
-    if not admission.valid_association_id(aid, state.splices):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "association_id must be 32 new hex digits")
-    if state.draining:
-        return await service.refuse(context, admission.draining(), aid)
-    invalid = admission.invalid_open(
-        to_site=op.to_site, called_ae_title=op.called_ae_title, calling_ae_title=op.calling_ae_title
-    )
+    invalid = await service.precheck_open(op, context)
     if invalid is not None:
         return await service.refuse(context, invalid, aid)
     # Checked again here (the same database, but this replica's own view and its own limits).
@@ -358,5 +417,6 @@ def handlers(service: ForwardService) -> grpc.GenericRpcHandler:
         {
             "Forward": grpc.stream_stream_rpc_method_handler(service.Forward),
             "Evict": grpc.unary_unary_rpc_method_handler(service.Evict),
+            "Link": grpc.unary_unary_rpc_method_handler(service.Link),
         },
     )

@@ -1,4 +1,4 @@
-"""One replica's part in the cluster: the internal gRPC server, its presence rows, its forwarder.
+"""One replica's part in the cluster: the internal gRPC server, the link server, its presence rows, its forwarder.
 
 Started by `relay_bridge.server.start` when `[cluster] listen` is set; stopped by the CLI after
 the drain (its rows are removed, so the other replicas stop forwarding here at once).
@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from relay_bridge.cluster.forward import Forwarder, ForwardService, handlers, server_options
+from relay_bridge.cluster.link import LinkPool, LinkServer, client_context, server_context
 from relay_bridge.cluster.presence import Load, Location, PresenceKeeper
 from relay_bridge.config import ClusterSection
 from relay_common.config import parse_host_port
@@ -47,11 +48,18 @@ class ClusterNode:
             [(key, cert)], root_certificates=ca, require_client_auth=True
         )
         limits = state.config.limits
+        self.links = LinkServer(associations, server_context(section.tls_cert, section.tls_key, section.ca))
         self.forwarder = Forwarder(
             grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert),
             self.replica_id,
             max_frame_bytes=limits.max_frame_bytes,
             join_timeout_s=limits.join_timeout_s,
+            links=LinkPool(
+                client_context(section.tls_cert, section.tls_key, section.ca),
+                max_frame_bytes=limits.max_frame_bytes,
+            )
+            if section.links
+            else None,
         )
         self.presence = PresenceKeeper(
             state.directory,
@@ -70,8 +78,13 @@ class ClusterNode:
     async def start(self) -> None:
         """Listen on the internal port, then register (the others may forward here from then on)."""
         server = grpc.aio.server(options=server_options(self.associations.state.config.limits.max_frame_bytes))
-        server.add_generic_rpc_handlers([handlers(ForwardService(self.associations, self.presence.evicted))])
         host, port = parse_host_port(self.section.listen)
+        # The link server on the same interface, at a port the system picks: the others ask for it
+        # on the authenticated gRPC channel (Cluster/Link).
+        if self.section.links:
+            await self.links.start(host, self.section.link_port)
+        service = ForwardService(self.associations, self.presence.evicted, link_port=lambda: self.links.port)
+        server.add_generic_rpc_handlers([handlers(service)])
         self.port = server.add_secure_port(
             f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self._server_credentials
         )
@@ -79,15 +92,17 @@ class ClusterNode:
         self.server = server
         await self.presence.start()
         log.info(
-            "replica %s: cluster port %s, advertised as %s",
+            "replica %s: cluster port %s, advertised as %s; link port %d",
             self.replica_id,
             self.section.listen,
             self.section.advertise,
+            self.links.port,
         )
 
     async def stop(self) -> None:
         await self.presence.stop()
         await self.forwarder.close()
+        await self.links.stop()
         if self.server is not None:
             await self.server.stop(STOP_GRACE_S)
 

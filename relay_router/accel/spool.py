@@ -36,6 +36,7 @@ executor, never on the loop that relays bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -51,6 +52,7 @@ from typing import IO
 from pydicom.filereader import read_preamble
 from pynetdicom.dsutils import split_dataset
 
+from relay_router.accel.journal import INSTANCE, JOURNAL_DIR, REMOVED, Journal, JournalBroken, recover_journal
 from relay_router.accel.spool_format import (
     DATA_NAME,
     DEFAULT_MAX_ATTEMPTS,
@@ -93,6 +95,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay_router.accel.spool")
+PUBLISHER_IDLE_S = 2.0  # the publishing thread waits this long for more entries before it ends
 
 
 class SpoolWriter:
@@ -109,14 +112,22 @@ class SpoolWriter:
         self._entry = entry
         self._part10 = part10
         self._dir = spool.root / "tmp" / entry.id
-        self._dir.mkdir(mode=0o700)
-        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
+        self._file: IO[bytes] | None = None
+        # With the journal, a small instance is held here and written at commit (no file system work on
+        # the event loop that feeds the writer); past the journal's record limit it goes to its own file.
+        self._buffer: bytearray | None = bytearray() if spool._journal is not None else None
         self._size = 0
         self._done = False
+        if self._buffer is None:
+            self._open_file()
         if not part10:
             first_state = entry.to_json().encode("utf-8")
             self.write(part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, first_state))
+
+    def _open_file(self) -> None:
+        self._dir.mkdir(mode=0o700)
+        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb")
 
     @property
     def entry_id(self) -> str:
@@ -128,7 +139,7 @@ class SpoolWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes; raises :class:`SpoolFull` (and aborts this writer) past the spool's limit."""
-        if self._done or self._file is None:
+        if self._done:
             raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
         length = len(data)
         if not self._spool._reserve(length):
@@ -138,39 +149,101 @@ class SpoolWriter:
             )
         self._size += length
         try:
+            if self._buffer is not None:
+                journal = self._spool._journal
+                if journal is not None and len(self._buffer) + length <= journal.max_record:
+                    self._buffer += data
+                    return
+                self._open_file()  # too large for the journal: its own file, synced on commit
+                assert self._file is not None
+                self._file.write(self._buffer)
+                self._buffer = None
+            assert self._file is not None
             self._file.write(data)
         except OSError as exc:  # the disk filled before max_bytes did: the same answer, A700
             self.abort()
             raise SpoolFull(f"spool full: cannot write to {self._spool.root}: {exc.strerror}") from exc
 
-    def commit(self) -> SpoolEntry:
-        """Make the entry durable (file, then directory fsync) and visible; then a success may be answered."""
-        if self._done or self._file is None:
+    def commit(self, visible: Callable[[], None] | None = None) -> SpoolEntry:
+        """Make the entry durable; once this returns, a success may be answered.
+
+        With `visible` (the near side's acceptor), a journaled entry's own files are written afterwards by
+        the spool's publishing thread, off the C-STORE's path: `visible` is called (in that thread) once
+        they are, and until then the entry is listed but not handed out by claim() or due()."""
+        if self._done:
             raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
         try:
-            self._file.flush()
-            if self._spool.fsync:
-                os.fdatasync(self._file.fileno())  # data and size; mtime need not be durable
-            self._file.close()
-            self._file = None
-            if self._part10:
-                self._check_part10()
             entry = replace(self._entry, size=self._size, next_attempt=time.time())
-            # Our own header holds the first state, so state.json need not be synced (one fsync fewer per
-            # C-STORE); a file from the other router (part10) does not, so its state is synced.
-            self._spool._write_state(self._dir, entry, durable=self._part10)
-            target = self._spool.root / "entries" / entry.id
-            os.rename(self._dir, target)
-            if self._spool.fsync:
-                # The rename is durable once the directory it lands in is: then recovery finds the entry.
-                # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
-                fsync_dir(target.parent)
+            if self._buffer is not None and visible is not None and not self._part10:
+                data, self._buffer = self._buffer, None
+                try:
+                    segment = self._spool._journal_append(INSTANCE, entry.to_json().encode("utf-8"), data)
+                except JournalBroken:
+                    self._buffer = data
+                    self._commit_journaled(entry, data)  # falls back to the entry's own synced files
+                else:
+                    self._done = True
+                    self._spool._committed_unpublished(entry, segment, data, visible)
+                    return entry
+            elif self._buffer is not None:
+                self._commit_journaled(entry, self._buffer)
+            else:
+                self._commit_file(entry)
         except BaseException:
             self.abort()
             raise
         self._done = True
         self._spool._committed(entry)
+        if visible is not None:
+            visible()
         return entry
+
+    def _commit_journaled(self, entry: SpoolEntry, data: bytearray) -> None:
+        """One journal record and its sync (shared with concurrent commits); the entry's files are not synced."""
+        self._dir.mkdir(mode=0o700)
+        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        if self._part10:
+            self._check_part10()
+        self._spool._write_state(self._dir, entry, durable=False)
+        try:
+            segment = self._spool._journal_append(INSTANCE, entry.to_json().encode("utf-8"), data)
+        except JournalBroken:
+            self._commit_file(entry)  # the journal is off from now on (logged): this entry the old way
+            return
+        # Renamed only once the record is durable: an entry in entries/ always has its record or its own sync.
+        target = self._spool.root / "entries" / entry.id
+        os.rename(self._dir, target)
+        if not self._spool._track(entry.id, segment):
+            self._spool._sync_entry(target)  # its segment is being retired already: sync its own files
+            fsync_dir(target.parent)
+
+    def _commit_file(self, entry: SpoolEntry) -> None:
+        """The entry's own files synced: the data file, then the directory after the rename."""
+        if self._file is not None:
+            self._file.flush()
+            if self._spool.fsync:
+                os.fdatasync(self._file.fileno())  # data and size; mtime need not be durable
+            self._file.close()
+            self._file = None
+        elif self._spool.fsync:  # written by _commit_journaled before the journal failed
+            fd = os.open(self._dir / DATA_NAME, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        if self._part10:
+            self._check_part10()
+        # Our own header holds the first state, so state.json need not be synced (one fsync fewer per
+        # C-STORE); a file from the other router (part10) does not, so its state is synced.
+        self._spool._write_state(self._dir, entry, durable=self._part10)
+        target = self._spool.root / "entries" / entry.id
+        os.rename(self._dir, target)
+        if self._spool.fsync:
+            # The rename is durable once the directory it lands in is: then recovery finds the entry.
+            # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
+            fsync_dir(target.parent)
 
     def _check_part10(self) -> None:
         path = self._dir / DATA_NAME
@@ -194,6 +267,7 @@ class SpoolWriter:
         if self._done:
             return
         self._done = True
+        self._buffer = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -222,6 +296,7 @@ class Spool:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry_base_s: float = DEFAULT_RETRY_BASE_S,
         retry_max_s: float = DEFAULT_RETRY_MAX_S,
+        journal: bool = True,
     ) -> None:
         if max_bytes <= 0 or max_attempts <= 0 or retry_base_s <= 0 or retry_max_s < retry_base_s:
             raise ValueError("spool limits must be positive (and retry_max_s >= retry_base_s)")
@@ -233,6 +308,18 @@ class Spool:
         self.retry_max_s = retry_max_s
         self._lock = threading.Lock()
         self._entries: dict[str, SpoolEntry] = {}
+        # The write-ahead journal (relay_router.accel.journal); None: every entry syncs its own files.
+        self._journal: Journal | None = None
+        self._journaled: dict[str, int] = {}  # entry id -> the segment whose record makes it durable
+        self._checkpointed = -1  # segments up to this one are retired or being retired
+        self._to_checkpoint: list[int] = []
+        # Committed near-side entries whose own files are not written yet (see SpoolWriter.commit).
+        self._unpublished: dict[str, tuple[int, bytearray, Callable[[], None]]] = {}
+        self._publish_lock = threading.Lock()  # taken before self._lock, never after
+        self._publish_wake = threading.Condition(self._lock)
+        self._publisher: threading.Thread | None = None
+        self._closing = False
+        self._maintenance: threading.Thread | None = None
         self._reserved = 0  # bytes of writers not yet committed
         self._used = 0  # bytes of committed entries
         # Called (in the changing thread, outside the lock) after each state change: storage commitment
@@ -241,27 +328,46 @@ class Spool:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = take_lock(self.root)
         try:
-            self._recover()
+            next_segment = self._recover()
+            if journal and fsync:
+                self._journal = Journal(self.root / JOURNAL_DIR, first_segment=next_segment)
+                self._checkpointed = next_segment - 1
             self.apply_requests()
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        """Release the spool's lock (the process exiting does the same)."""
+        """Let a running checkpoint finish and release the spool's lock (the process exiting does the same).
+
+        Segments are left as they are: the next open rebuilds what they hold and retires them."""
+        publisher = self._publisher
+        if publisher is not None:
+            with self._lock:
+                self._closing = True
+                self._publish_wake.notify()
+            publisher.join(30)
+        maintenance = self._maintenance
+        if maintenance is not None:
+            maintenance.join(30)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
     # -- opening -------------------------------------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self) -> int:
+        """Rebuild the in-memory state from disk; returns the number of the journal's next segment."""
         for name in ("", "tmp", "entries", "quarantine", "requests"):
             directory = self.root / name
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
         for partial in (self.root / "tmp").iterdir():  # never committed, never acknowledged
             shutil.rmtree(partial, ignore_errors=True)
+        next_segment = recover_journal(self.root, self._sync_entry)
         now = time.time()
         for directory in sorted((self.root / "entries").iterdir()):
             data, state = directory / DATA_NAME, directory / STATE_NAME
@@ -283,6 +389,7 @@ class Spool:
             self._entries[entry.id] = entry
             self._used += entry.size
         log.info("spool %s opened: %d entries, %d bytes", self.root, len(self._entries), self._used)
+        return next_segment
 
     def _read_state(self, directory: Path) -> SpoolEntry:
         """state.json, or, when a crash lost it (it is not synced on commit), the first state in the file meta."""
@@ -349,6 +456,147 @@ class Spool:
             self._used += entry.size
             self._entries[entry.id] = entry
 
+    # -- the journal ---------------------------------------------------------------------------
+
+    def _journal_append(self, kind: int, state: bytes, data: bytes | bytearray, *, sync: bool = True) -> int:
+        """Append (and with `sync`, make durable) one record; the segment it is in. A full segment is
+        handed to the maintenance thread. A failed journal is switched off (the spool goes on without)."""
+        journal = self._journal
+        if journal is None:
+            raise JournalBroken("the journal is off")
+        try:
+            segment, closed = journal.append(kind, state, data, sync=sync)
+        except JournalBroken as exc:
+            if self._journal is journal:
+                log.error("spool %s: %s; entries are synced one by one from now on", self.root, exc)
+                self._journal = None
+            raise
+        if closed >= 0:
+            self._schedule_checkpoint(closed)
+        return segment
+
+    def _committed_unpublished(
+        self, entry: SpoolEntry, segment: int, data: bytearray, visible: Callable[[], None]
+    ) -> None:
+        """A journaled entry is durable; its own files are written by the publishing thread."""
+        with self._lock:
+            self._reserved -= entry.size
+            self._used += entry.size
+            self._entries[entry.id] = entry
+            self._unpublished[entry.id] = (segment, data, visible)
+            late = segment <= self._checkpointed
+            self._publish_wake.notify()
+            if not late and self._publisher is None:
+                self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
+                self._publisher.start()
+        if late:  # its segment is being retired already: the entry must stand on its own before the answer
+            self._publish(entry.id)
+
+    def _publish_all(self) -> None:
+        """The publishing thread: write the own files of committed entries; ends after a second without work."""
+        while True:
+            with self._lock:
+                waiting = next(iter(self._unpublished), None)
+                if waiting is None and not self._closing:
+                    self._publish_wake.wait(PUBLISHER_IDLE_S)
+                    waiting = next(iter(self._unpublished), None)
+                    if waiting is None:
+                        self._publisher = None
+                        return
+            try:
+                self._publish(waiting)
+            except OSError as exc:  # durable in the journal all the same; tried again
+                log.error("spool %s: entry %s cannot be written out (%s); retrying", self.root, waiting, exc)
+                time.sleep(1.0)
+
+    def _publish(self, entry_id: str) -> None:
+        """Write an unpublished entry's files (data, current state) into entries/; then claim() may take it."""
+        with self._publish_lock:
+            with self._lock:
+                item = self._unpublished.get(entry_id)
+                entry = self._entries.get(entry_id)
+            if item is None:
+                return
+            segment, data, visible = item
+            if entry is not None:
+                directory = self.root / "tmp" / entry_id
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(mode=0o700)
+                fd = os.open(directory / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                self._write_state(directory, entry, durable=False)
+                os.rename(directory, self.root / "entries" / entry_id)
+            with self._lock:
+                self._unpublished.pop(entry_id, None)
+            if entry is not None and not self._track(entry_id, segment):
+                self._sync_entry(self.root / "entries" / entry_id)
+                fsync_dir(self.root / "entries")
+        if entry is not None:
+            visible()
+
+    def _track(self, entry_id: str, segment: int) -> bool:
+        """Note that `segment` holds the committed entry's record; False if that segment is being retired."""
+        with self._lock:
+            if segment <= self._checkpointed:
+                return False
+            self._journaled[entry_id] = segment
+            return True
+
+    def _sync_entry(self, directory: Path) -> None:
+        """Make an entry's own files durable: data, state, and the entry directory's names."""
+        for name in (DATA_NAME, STATE_NAME):
+            try:
+                fd = os.open(directory / name, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed meanwhile (delivered), or a state never written (rebuilt from the file meta)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(directory)
+
+    def _schedule_checkpoint(self, segment: int) -> None:
+        with self._lock:
+            self._to_checkpoint.append(segment)
+            if self._maintenance is not None:
+                return
+            self._maintenance = threading.Thread(target=self._maintain, name="spool-checkpoint", daemon=True)
+            self._maintenance.start()
+
+    def _maintain(self) -> None:
+        """Off the commit path: make the next segment ahead, then retire the full ones, oldest first."""
+        while True:
+            journal = self._journal
+            with self._lock:
+                if not self._to_checkpoint or journal is None:
+                    self._maintenance = None
+                    return
+                segment = self._to_checkpoint.pop(0)
+            try:
+                journal.prepare_next()
+                self._checkpoint(journal, segment)
+            except OSError as exc:  # the segment stays; the next start rebuilds from it
+                log.error("spool %s: journal segment %d not retired: %s", self.root, segment, exc)
+
+    def _checkpoint(self, journal: Journal, segment: int) -> None:
+        """Sync the own files of the entries whose record is in `segment` (or earlier), then delete it."""
+        with self._lock:
+            self._checkpointed = max(self._checkpointed, segment)
+            unpublished = [entry_id for entry_id, item in self._unpublished.items() if item[0] <= segment]
+        for entry_id in unpublished:  # written and synced now (their segment counts as retired already)
+            self._publish(entry_id)
+        with self._lock:
+            waiting = [entry_id for entry_id, held in self._journaled.items() if held <= segment]
+            for entry_id in waiting:
+                del self._journaled[entry_id]
+        for entry_id in waiting:
+            self._sync_entry(self.root / "entries" / entry_id)
+        fsync_dir(self.root / "entries")
+        journal.retire(segment)
+        log.debug("spool %s: journal segment %d retired, %d entries synced", self.root, segment, len(waiting))
+
     def _write_state(self, directory: Path, entry: SpoolEntry, *, durable: bool) -> None:
         temporary = directory / (STATE_NAME + ".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -369,6 +617,7 @@ class Spool:
     def path(self, entry_id: str) -> Path:
         """The entry's DICOM Part 10 file (file meta + data set as received)."""
         self.get(entry_id)
+        self._publish(entry_id)
         return self._dir(entry_id) / DATA_NAME
 
     def get(self, entry_id: str) -> SpoolEntry:
@@ -389,11 +638,13 @@ class Spool:
         )
 
     def due(self, now: float, *, route: str | None = None) -> list[SpoolEntry]:
-        """RECEIVED or RETRY entries whose next_attempt has come, oldest first."""
+        """RECEIVED or RETRY entries whose next_attempt has come, oldest first (published ones: see claim)."""
         return [
             e
             for e in self.entries(route=route)
-            if e.state in (EntryState.RECEIVED, EntryState.RETRY) and e.next_attempt <= now
+            if e.state in (EntryState.RECEIVED, EntryState.RETRY)
+            and e.next_attempt <= now
+            and e.id not in self._unpublished
         ]
 
     def next_due(self, *, route: str | None = None) -> float | None:
@@ -414,6 +665,7 @@ class Spool:
 
     def _update(self, entry_id: str, **changes: object) -> SpoolEntry:
         directory = self._dir(entry_id)
+        self._publish(entry_id)  # its state goes into its directory
         with self._lock:
             entry = self._entries.get(entry_id)
             if entry is None:
@@ -442,6 +694,7 @@ class Spool:
                     for e in self._entries.values()
                     if e.route == route
                     and e.state in (EntryState.RECEIVED, EntryState.RETRY)
+                    and e.id not in self._unpublished  # written out within milliseconds; then woken
                     and e.next_attempt <= now
                     and (accept is None or (e.sop_class_uid, e.transfer_syntax) in accept)
                 ),
@@ -476,13 +729,19 @@ class Spool:
     def remove(self, entry_id: str) -> None:
         """Forget an entry (after confirmed delivery, or a purge): the data is unlinked first."""
         directory = self._dir(entry_id)
-        with self._lock:
-            entry = self._entries.pop(entry_id, None)
-            if entry is None:
-                raise SpoolError(f"no spool entry {entry_id}")
-            self._used -= entry.size
-        (directory / DATA_NAME).unlink(missing_ok=True)
-        shutil.rmtree(directory, ignore_errors=True)
+        with self._publish_lock:  # not while the publishing thread writes it out
+            with self._lock:
+                entry = self._entries.pop(entry_id, None)
+                if entry is None:
+                    raise SpoolError(f"no spool entry {entry_id}")
+                self._used -= entry.size
+                journaled = self._journaled.pop(entry_id, None) is not None
+                journaled = self._unpublished.pop(entry_id, None) is not None or journaled
+            if journaled:  # its record would bring it back at the next start: say it is gone (not synced)
+                with contextlib.suppress(SpoolError, OSError):
+                    self._journal_append(REMOVED, entry_id.encode("ascii"), b"", sync=False)
+            (directory / DATA_NAME).unlink(missing_ok=True)
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _dead(self, entry_id: str | None) -> Iterator[SpoolEntry]:
         if entry_id is not None:

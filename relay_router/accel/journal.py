@@ -62,7 +62,7 @@ MAGIC = b"RJ1\n"
 HEADER = struct.Struct("<4sBxxxIQI")  # magic, kind, state length, data length, CRC-32
 INSTANCE = 1
 REMOVED = 2
-SEGMENT_BYTES = 16 * 1024 * 1024
+SEGMENT_BYTES = 8 * 1024 * 1024
 ZEROS = bytes(1024 * 1024)
 
 
@@ -116,7 +116,7 @@ class Journal:
     def __init__(self, directory: Path, *, first_segment: int, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
-        self.max_record = segment_bytes // 4  # larger entries are synced as their own files
+        self.max_record = segment_bytes // 4  # larger entries are synced as their own files (2 MiB by default)
         self._cond = threading.Condition()
         self._segment = first_segment - 1
         self._fd = -1
@@ -127,8 +127,10 @@ class Journal:
         self._preparing = False
         self._broken: BaseException | None = None
         self._spare: tuple[int, int] | None = None  # (segment, fd) made ahead by prepare_next()
+        self._closed = False
         directory.mkdir(mode=0o700, exist_ok=True)
-        self._open_next()
+        os.chmod(directory, 0o700)
+        # The first segment is made by prepare_next() (the spool runs it in the background) or the first append.
 
     @property
     def segment(self) -> int:
@@ -137,7 +139,8 @@ class Journal:
 
     def close(self) -> None:
         with self._cond:
-            while self._syncing:
+            self._closed = True
+            while self._syncing or self._preparing:
                 self._cond.wait()
             for fd in (self._fd, self._spare[1] if self._spare else -1):
                 if fd >= 0:
@@ -164,7 +167,7 @@ class Journal:
     def prepare_next(self) -> None:
         """Create the next segment ahead (called off the commit path, after a rotation)."""
         with self._cond:
-            if self._spare is not None or self._preparing or self._fd < 0:
+            if self._spare is not None or self._preparing or self._closed:
                 return
             segment, self._preparing = self._segment + 1, True
         fd = -1
@@ -173,7 +176,7 @@ class Journal:
         finally:
             with self._cond:
                 self._preparing = False
-                if fd >= 0 and self._segment + 1 == segment and self._fd >= 0:
+                if fd >= 0 and self._segment + 1 == segment and not self._closed:
                     self._spare, fd = (segment, fd), -1
                 self._cond.notify_all()
             if fd >= 0:
@@ -201,13 +204,13 @@ class Journal:
         closed = -1
         with self._cond:
             self._check()
-            while self._offset + size > self.segment_bytes:  # rotate; the lock is let go while waiting
+            while self._fd < 0 or self._offset + size > self.segment_bytes:  # (first) segment; the lock is let go
                 if self._syncing or self._preparing:
                     self._cond.wait()
-                elif self._synced < self._written:
+                elif self._fd >= 0 and self._synced < self._written:
                     self._sync_locked()  # the segment's last records are durable before it is left
                 else:
-                    closed = self._segment
+                    closed = self._segment if self._fd >= 0 else -1
                     self._open_next()
                 self._check()
             header = HEADER.pack(MAGIC, kind, len(state), len(data), _crc(kind, state, data))
@@ -225,7 +228,7 @@ class Journal:
     def _check(self) -> None:
         if self._broken is not None:
             raise JournalBroken(f"the spool journal failed earlier: {self._broken}")
-        if self._fd < 0:
+        if self._closed:
             raise SpoolError("the spool journal is closed")
 
     def _wait_durable(self, ticket: int) -> None:
@@ -296,7 +299,7 @@ def recover_journal(root: Path, sync_entry: Callable[[Path], None]) -> int:
         sync_entry(target)
     fsync_dir(entries)
     for _, path in segments:
-        path.unlink()
+        path.unlink(missing_ok=True)
     fsync_dir(directory)
     log.info(
         "spool %s: journal of %d segments replayed: %d entries, %d rebuilt from their records",

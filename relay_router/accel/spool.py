@@ -52,7 +52,15 @@ from typing import IO
 from pydicom.filereader import read_preamble
 from pynetdicom.dsutils import split_dataset
 
-from relay_router.accel.journal import INSTANCE, JOURNAL_DIR, REMOVED, Journal, JournalBroken, recover_journal
+from relay_router.accel.journal import (
+    INSTANCE,
+    JOURNAL_DIR,
+    REMOVED,
+    SEGMENT_BYTES,
+    Journal,
+    JournalBroken,
+    recover_journal,
+)
 from relay_router.accel.spool_format import (
     DATA_NAME,
     DEFAULT_MAX_ATTEMPTS,
@@ -297,6 +305,7 @@ class Spool:
         retry_base_s: float = DEFAULT_RETRY_BASE_S,
         retry_max_s: float = DEFAULT_RETRY_MAX_S,
         journal: bool = True,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         if max_bytes <= 0 or max_attempts <= 0 or retry_base_s <= 0 or retry_max_s < retry_base_s:
             raise ValueError("spool limits must be positive (and retry_max_s >= retry_base_s)")
@@ -330,8 +339,9 @@ class Spool:
         try:
             next_segment = self._recover()
             if journal and fsync:
-                self._journal = Journal(self.root / JOURNAL_DIR, first_segment=next_segment)
+                self._journal = Journal(self.root / JOURNAL_DIR, first_segment=next_segment, segment_bytes=segment_bytes)
                 self._checkpointed = next_segment - 1
+                self._prepare_first()
             self.apply_requests()
         except BaseException:
             self.close()
@@ -500,9 +510,9 @@ class Spool:
                 if waiting is None and not self._closing:
                     self._publish_wake.wait(PUBLISHER_IDLE_S)
                     waiting = next(iter(self._unpublished), None)
-                    if waiting is None:
-                        self._publisher = None
-                        return
+                if waiting is None:
+                    self._publisher = None
+                    return
             try:
                 self._publish(waiting)
             except OSError as exc:  # durable in the journal all the same; tried again
@@ -556,6 +566,17 @@ class Spool:
                 os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             fsync_dir(directory)
+
+    def _prepare_first(self) -> None:
+        """Make the journal's first segment in the background: opening the spool stays quick."""
+
+        def prepare(journal: Journal) -> None:
+            try:
+                journal.prepare_next()
+            except OSError as exc:  # the first commit makes it then (and says what fails)
+                log.warning("spool %s: journal segment not prepared: %s", self.root, exc)
+
+        threading.Thread(target=prepare, args=(self._journal,), name="spool-segment", daemon=True).start()
 
     def _schedule_checkpoint(self, segment: int) -> None:
         with self._lock:

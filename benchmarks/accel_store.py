@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import pstats
 import tempfile
 import threading
@@ -129,9 +130,11 @@ class AcceptorServer:
         await acceptor.run()
 
 
-def store_run(files: list[Path], root: Path, *, journal: bool, profile: bool = False) -> dict[str, object]:
-    """storescu sends `files` on one association into a fresh spool; seconds and commit latencies."""
-    spool = Spool(root, max_bytes=1 << 34, journal=journal)
+def store_run(files: list[Path], root: Path, *, journal: bool | None, profile: bool = False) -> dict[str, object]:
+    """storescu sends `files` on one association into a fresh spool; seconds and commit latencies.
+
+    journal=None: the spool's constructor as it was before the journal (run against the previous code)."""
+    spool = Spool(root, max_bytes=1 << 34) if journal is None else Spool(root, max_bytes=1 << 34, journal=journal)
     try:
         with AcceptorServer(spool, profile=profile) as server:
             started = time.perf_counter()
@@ -166,11 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--classic", action="store_true", help="the per-file fsync spool (no journal)")
+    parser.add_argument("--baseline", action="store_true", help="the code on PYTHONPATH predates the journal")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--files", type=Path, help="a directory of Part 10 files to send (else generated)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
+    journal = None if args.baseline else not args.classic
     with tempfile.TemporaryDirectory(prefix="bench-accel-store-") as tmp:
-        files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), Path(tmp) / "small")
-        result = store_run(files, Path(tmp) / "spool", journal=not args.classic, profile=args.profile)
+        if args.files is not None:
+            files = sorted(args.files.iterdir())
+        else:
+            files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), Path(tmp) / "small")
+        result = store_run(files, Path(tmp) / "spool", journal=journal, profile=args.profile)
+    if args.json:
+        print(json.dumps({"seconds": result["seconds"], "commit_s": result["commit_s"]}))
+        return 0
     commits = sorted(result["commit_s"])  # type: ignore[arg-type]
     print(
         f"storescu {result['seconds']:.2f} s for {args.count}: {result['seconds'] / args.count * 1000:.2f} ms each; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 from relay_common.errors import Reason
@@ -42,7 +43,7 @@ from relay_router.dimse import (
     parse_c_store_rq,
 )
 from relay_router.outcome import Outcome, Result
-from relay_router.studytap import StudyTap
+from relay_router.studytap import Side, StudyTap, read_prefix
 from relay_router.ul import AssociateInfo, ControlPdu, PDataBytes, PduError, PduFramer, PduType, a_abort, a_release_rp
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class _Store:
         self.writer = writer
         self.status = status  # the answer if the writer is gone (refused before or while writing)
         self.error = ""
+        self.prefix = bytearray()  # the data set's first bytes: its study and patient, for the audit
 
 
 class StorageAcceptor:
@@ -97,7 +99,9 @@ class StorageAcceptor:
         self.receiver = DimseReceiver(negotiated.contexts, max_pdu_length=MAX_PDU)
         self.sender = DimseSender(request.max_pdu_length)
         self.store: _Store | None = None
-        # The studies and patients sent (audit field "studies"), read from the bytes as on a transparent route.
+        # The studies and patients sent (audit field "studies"), as on a transparent route; the tap is not fed
+        # the raw bytes (that framed and decoded every message a second time): _complete reads each data set's
+        # first bytes with the tap's own reader and records them.
         self.tap = StudyTap(negotiated.contexts, local_is_requestor=True)
         self.stored = 0
         self.refused = 0
@@ -172,7 +176,6 @@ class StorageAcceptor:
                 self.outcome.refuse(Result.ABORTED, Reason.PEER_ABORTED, "the sending device closed the connection")
                 return
             self.outcome.bytes_to_remote += len(data)
-            self.tap.relayed(True, data)
             for event in self.framer.feed(data):
                 if isinstance(event, PDataBytes):
                     for dimse in self.receiver.feed(event.data):
@@ -297,7 +300,11 @@ class StorageAcceptor:
         from relay_router.accel.spool import SpoolFull
 
         store = self.store
-        if store is None or store.writer is None:
+        if store is None:
+            return
+        if len(store.prefix) < self.tap.max_prefix:
+            store.prefix += data[: self.tap.max_prefix - len(store.prefix)]
+        if store.writer is None:
             return  # refused: the rest of the data set is read and dropped
         try:
             store.writer.write(data)
@@ -335,6 +342,23 @@ class StorageAcceptor:
                 extra=self.extra,
             )
         await self._send(store.context_id, self._store_rsp(request, store.status, store.error))
+        self._audit(store)
+
+    def _audit(self, store: _Store) -> None:
+        """Record the instance's study and patient in the tap (after the answer: not on the sender's time)."""
+        transfer_syntax = self.negotiated.contexts[store.context_id][1]
+        try:
+            with warnings.catch_warnings():  # the sender chose these bytes: no warning per bad data set
+                warnings.simplefilter("ignore")
+                found = read_prefix(bytes(store.prefix), transfer_syntax)
+        except Exception:  # a hostile or broken data set: counted, never raised (as the tap does)
+            found = None
+        if found is None or not found[0]:
+            self.tap.unreadable += 1
+            return
+        study_uid, patient_id, issuer = found
+        originator = store.request.move_originator_ae or ""
+        self.tap.record(Side.REQUESTOR, study_uid, patient_id, issuer, store.request.sop_class_uid, originator)
 
     def _store_rsp(self, request: StoreRequest, status: int, error: str) -> Dataset:
         """The C-STORE-RSP. A success is the previous one of its SOP class with two values changed: building

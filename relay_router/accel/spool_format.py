@@ -15,7 +15,7 @@ import re
 import secrets
 import struct
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -105,7 +105,8 @@ class SpoolEntry:
     meta: Mapping[str, str]  # e.g. calling AE, move originator AE title and message ID
 
     def to_json(self) -> str:
-        data = asdict(self)
+        # Field by field, not dataclasses.asdict (a deep copy): this runs several times per C-STORE.
+        data = {name: getattr(self, name) for name in _ENTRY_FIELDS}
         data["state"] = str(self.state)
         data["meta"] = dict(self.meta)
         return json.dumps(data, sort_keys=True)
@@ -132,6 +133,9 @@ class SpoolEntry:
             created=float(data["created"]),
             meta=dict(meta),
         )
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(SpoolEntry))
 
 
 class SpoolUsage(NamedTuple):

@@ -36,8 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import summary, write_results
 from benchmarks.accel_store import __file__ as STORE_SCRIPT
+from benchmarks.common import summary, write_results
 from relay_demo.datasets import generate_ct_series, write_series
 from relay_router.accel.delivery import DeliveryPool, Destination
 from relay_router.accel.spool import Spool
@@ -65,7 +65,12 @@ def store_variant(files: Path, code: Path, variant: str) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(code)}
     done = subprocess.run(
         # Run by path (the code in `code` may not have it), not as a script: its directory would shadow modules.
-        [sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", STORE_SCRIPT]
+        [
+            sys.executable,
+            "-c",
+            "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+            STORE_SCRIPT,
+        ]
         + ["--files", str(files), "--json", *flags],
         cwd=code,
         env=env,

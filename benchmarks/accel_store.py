@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     commits = sorted(result["commit_s"])  # type: ignore[arg-type]
     print(
         f"storescu {result['seconds']:.2f} s for {args.count}: {result['seconds'] / args.count * 1000:.2f} ms each; "
-        f"commit median {commits[len(commits) // 2] * 1000:.2f} ms, p90 {commits[int(len(commits) * 0.9)] * 1000:.2f} ms"
+        f"commit median {commits[len(commits) // 2] * 1000:.2f} ms, "
+        f"p90 {commits[int(len(commits) * 0.9)] * 1000:.2f} ms"
     )
     for name, text in dict(result.get("profile", {})).items():  # type: ignore[call-overload]
         print(f"\n== {name} ==\n{text}")

@@ -3,10 +3,11 @@
 It answers as the remote device's AE title (relay_router.accel.negotiation: only the SOP classes and
 transfer syntaxes the destination accepts), assembles each C-STORE with the DIMSE layer
 (relay_router.dimse) on the router's Upper Layer framer, streams the data set into the spool
-(relay_router.accel.spool), and only once the entry is committed (durable on disk: a journal sync, or a file and directory sync) answers
-C-STORE-RSP 0x0000. A full spool gets 0xA700 (out of resources) and nothing is acknowledged that is not
-on disk. C-ECHO is answered. The transfer to the far router (relay_router.accel.transfer) is woken
-after every commit; it does not hold up the sending device. On a Storage Commitment Push context the
+(relay_router.accel.spool), and only once the entry is committed (durable on disk: a journal sync,
+relay_router.accel.journal) answers C-STORE-RSP 0x0000. A full spool gets 0xA700 (out of resources)
+and nothing is acknowledged that is not on disk. C-ECHO is answered. The transfer to the far router
+(relay_router.accel.transfer) is woken once each committed entry is written out for it, after the
+answer; it does not hold up the sending device. On a Storage Commitment Push context the
 N-ACTION goes to relay_router.accel.commitment (answered at once once stored), and this association
 carries the N-EVENT-REPORTs that service sends the requester, each delivered only on its RSP.
 """

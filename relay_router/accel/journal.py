@@ -78,7 +78,7 @@ class Record:
     data: memoryview  # INSTANCE: the entry's file, as it must be on disk
 
 
-def _crc(kind: int, state: bytes | memoryview, data: bytes | memoryview) -> int:
+def _crc(kind: int, state: bytes | memoryview, data: bytes | bytearray | memoryview) -> int:
     crc = zlib.crc32(struct.pack("<BIQ", kind, len(state), len(data)))
     return zlib.crc32(data, zlib.crc32(state, crc))
 

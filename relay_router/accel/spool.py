@@ -339,7 +339,9 @@ class Spool:
         try:
             next_segment = self._recover()
             if journal and fsync:
-                self._journal = Journal(self.root / JOURNAL_DIR, first_segment=next_segment, segment_bytes=segment_bytes)
+                self._journal = Journal(
+                    self.root / JOURNAL_DIR, first_segment=next_segment, segment_bytes=segment_bytes
+                )
                 self._checkpointed = next_segment - 1
                 self._prepare_first()
             self.apply_requests()

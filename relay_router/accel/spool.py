@@ -3,35 +3,46 @@
 A C-STORE on an accelerated route is answered by the router, not by the
 destination, so the router must keep its promise across crashes: a success
 response is sent only after :meth:`SpoolWriter.commit` returned, and commit
-returns only once the instance and its state are on disk (file and directory
-fsync). The layout makes commit one atomic step:
+returns only once the instance is on disk. The layout:
 
-    <root>/tmp/<id>/        an entry being written (removed on open: never acknowledged)
+    <root>/tmp/<id>/        an entry being written (removed on open)
     <root>/entries/<id>/    a committed entry, moved here by one rename(2)
         instance.dcm        preamble, file meta (0002), the data set exactly as received
         state.json          SpoolEntry as JSON, replaced atomically on every change
+    <root>/journal/         the write-ahead journal (relay_router.accel.journal)
     <root>/quarantine/<id>/ a committed entry whose state could not be read (kept, logged)
     <root>/requests/        `relay-router spool retry|purge` asks the running router here
     <root>/lock             held (flock) by the one process that has the spool open
 
-A kill at any instant therefore leaves no entry or a complete one. Commit
-syncs the data file and the entries/ directory; state.json is not synced then,
-because the file meta of instance.dcm carries the entry's first state (Private
-Information (0002,0102) under SPOOL_PRIVATE_UID), from which recovery rebuilds a
-lost state.json: two fsyncs per C-STORE instead of three. State
-changes after commit are atomic renames without fsync: a crash may roll one
-back, which at worst repeats a delivery, and a repeated C-STORE of the same
-SOP Instance UID is harmless. Files are 0600 and directories 0700 (PHI).
+Commit (relay_router.accel.spool_writer) makes an instance durable in one of two ways:
+
+* journaled (up to Journal.max_record, 2 MiB): one record in the journal and its sync,
+  shared with concurrent commits. The entry's own files are written without a sync, at
+  once or, with ``commit(visible)`` (the acceptor), by this spool's publishing thread
+  after the answer; until then the entry is listed but not handed out (claim, due).
+  When a journal segment is full, the maintenance thread syncs the files of the entries
+  still in it and deletes it; on open, the journal's segments are replayed: entries a
+  crash lost or tore are rewritten from their records and synced (recover_journal).
+* its own files: the data file synced, the directory renamed into entries/, entries/
+  synced (larger instances, ``journal=False``, or after a journal sync failed).
+
+state.json is not synced at commit: the file meta of instance.dcm carries the entry's
+first state (Private Information (0002,0102) under SPOOL_PRIVATE_UID), from which
+recovery rebuilds a lost state.json. State changes after commit are atomic renames
+without fsync: a crash may roll one back, which at worst repeats a delivery, and a
+repeated C-STORE of the same SOP Instance UID is harmless. Files are 0600 and
+directories 0700 (PHI).
 
 Entries, states, errors and the file format live in
 :mod:`relay_router.accel.spool_format` (re-exported here), so that readers which
 must not open the spool (``relay-router status``, ``spool list``) share them.
 
-The spool holds no sockets and no threads; its methods are thread-safe (one
-lock), so the delivery pool's workers and the event loop may share one spool.
-They block on the disk (a commit waits for two syncs, milliseconds to tens of
-milliseconds): call them from asyncio through ``asyncio.to_thread`` or an
-executor, never on the loop that relays bytes.
+The spool holds no sockets; its methods are thread-safe (one lock, plus one that
+serialises writing entries out), so the delivery pool's workers and the event loop
+may share one spool. Its own threads (publishing, maintenance, the first segment)
+end when idle. Its methods block on the disk (a commit waits for a sync,
+milliseconds): call them from asyncio through ``asyncio.to_thread`` or an executor,
+never on the loop that relays bytes.
 """
 
 from __future__ import annotations
@@ -46,14 +57,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-from pydicom.filereader import read_preamble
 from pynetdicom.dsutils import split_dataset
 
 from relay_router.accel.journal import (
-    INSTANCE,
     JOURNAL_DIR,
     REMOVED,
     SEGMENT_BYTES,
@@ -80,11 +87,11 @@ from relay_router.accel.spool_format import (
     check_meta,
     check_uid,
     fsync_dir,
-    part10_header,
     read_entries,
     request_action,
     take_lock,
 )
+from relay_router.accel.spool_writer import SpoolWriter
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -104,192 +111,6 @@ __all__ = [
 
 log = logging.getLogger("relay_router.accel.spool")
 PUBLISHER_IDLE_S = 2.0  # the publishing thread waits this long for more entries before it ends
-
-
-class SpoolWriter:
-    """Writes one instance into the spool; nothing is visible until :meth:`commit`.
-
-    With ``part10=False`` (the near side, fed by the DIMSE receiver) the writer
-    writes the file meta itself and :meth:`write` takes the data set bytes; with
-    ``part10=True`` (the far side, fed by the other router) :meth:`write` takes a
-    whole Part 10 file, whose file meta must name the declared UIDs.
-    """
-
-    def __init__(self, spool: Spool, entry: SpoolEntry, *, part10: bool) -> None:
-        self._spool = spool
-        self._entry = entry
-        self._part10 = part10
-        self._dir = spool.root / "tmp" / entry.id
-        self._file: IO[bytes] | None = None
-        # With the journal, a small instance is held here and written at commit (no file system work on
-        # the event loop that feeds the writer); past the journal's record limit it goes to its own file.
-        self._buffer: bytearray | None = bytearray() if spool._journal is not None else None
-        self._size = 0
-        self._done = False
-        if self._buffer is None:
-            self._open_file()
-        if not part10:
-            first_state = entry.to_json().encode("utf-8")
-            self.write(part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, first_state))
-
-    def _open_file(self) -> None:
-        self._dir.mkdir(mode=0o700)
-        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
-
-    @property
-    def entry_id(self) -> str:
-        return self._entry.id
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes; raises :class:`SpoolFull` (and aborts this writer) past the spool's limit."""
-        if self._done:
-            raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
-        length = len(data)
-        if not self._spool._reserve(length):
-            self.abort()
-            raise SpoolFull(
-                f"spool full: {self._spool.max_bytes} bytes reached while receiving {self._entry.sop_instance_uid}"
-            )
-        self._size += length
-        try:
-            if self._buffer is not None:
-                journal = self._spool._journal
-                if journal is not None and len(self._buffer) + length <= journal.max_record:
-                    self._buffer += data
-                    return
-                self._open_file()  # too large for the journal: its own file, synced on commit
-                assert self._file is not None
-                self._file.write(self._buffer)
-                self._buffer = None
-            assert self._file is not None
-            self._file.write(data)
-        except OSError as exc:  # the disk filled before max_bytes did: the same answer, A700
-            self.abort()
-            raise SpoolFull(f"spool full: cannot write to {self._spool.root}: {exc.strerror}") from exc
-
-    def commit(self, visible: Callable[[], None] | None = None) -> SpoolEntry:
-        """Make the entry durable; once this returns, a success may be answered.
-
-        With `visible` (the near side's acceptor), a journaled entry's own files are written afterwards by
-        the spool's publishing thread, off the C-STORE's path: `visible` is called (in that thread) once
-        they are, and until then the entry is listed but not handed out by claim() or due()."""
-        if self._done:
-            raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
-        try:
-            entry = replace(self._entry, size=self._size, next_attempt=time.time())
-            if self._buffer is not None and visible is not None and not self._part10:
-                data, self._buffer = self._buffer, None
-                try:
-                    segment = self._spool._journal_append(INSTANCE, entry.to_json().encode("utf-8"), data)
-                except JournalBroken:
-                    self._buffer = data
-                    self._commit_journaled(entry, data)  # falls back to the entry's own synced files
-                else:
-                    self._done = True
-                    self._spool._committed_unpublished(entry, segment, data, visible)
-                    return entry
-            elif self._buffer is not None:
-                self._commit_journaled(entry, self._buffer)
-            else:
-                self._commit_file(entry)
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        self._spool._committed(entry)
-        if visible is not None:
-            visible()
-        return entry
-
-    def _commit_journaled(self, entry: SpoolEntry, data: bytearray) -> None:
-        """One journal record and its sync (shared with concurrent commits); the entry's files are not synced."""
-        self._dir.mkdir(mode=0o700)
-        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        if self._part10:
-            self._check_part10()
-        self._spool._write_state(self._dir, entry, durable=False)
-        try:
-            segment = self._spool._journal_append(INSTANCE, entry.to_json().encode("utf-8"), data)
-        except JournalBroken:
-            self._commit_file(entry)  # the journal is off from now on (logged): this entry the old way
-            return
-        # Renamed only once the record is durable: an entry in entries/ always has its record or its own sync.
-        target = self._spool.root / "entries" / entry.id
-        os.rename(self._dir, target)
-        if not self._spool._track(entry.id, segment):
-            self._spool._sync_entry(target)  # its segment is being retired already: sync its own files
-            fsync_dir(target.parent)
-
-    def _commit_file(self, entry: SpoolEntry) -> None:
-        """The entry's own files synced: the data file, then the directory after the rename."""
-        if self._file is not None:
-            self._file.flush()
-            if self._spool.fsync:
-                os.fdatasync(self._file.fileno())  # data and size; mtime need not be durable
-            self._file.close()
-            self._file = None
-        elif self._spool.fsync:  # written by _commit_journaled before the journal failed
-            fd = os.open(self._dir / DATA_NAME, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        if self._part10:
-            self._check_part10()
-        # Our own header holds the first state, so state.json need not be synced (one fsync fewer per
-        # C-STORE); a file from the other router (part10) does not, so its state is synced.
-        self._spool._write_state(self._dir, entry, durable=self._part10)
-        target = self._spool.root / "entries" / entry.id
-        os.rename(self._dir, target)
-        if self._spool.fsync:
-            # The rename is durable once the directory it lands in is: then recovery finds the entry.
-            # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
-            fsync_dir(target.parent)
-
-    def _check_part10(self) -> None:
-        path = self._dir / DATA_NAME
-        try:
-            with open(path, "rb") as fp:
-                read_preamble(fp, False)
-            file_meta, _ = split_dataset(path)
-        except Exception as exc:  # pydicom raises several types on garbage
-            raise SpoolError(f"not a DICOM Part 10 file: {exc.__class__.__name__}") from exc
-        declared = {
-            "MediaStorageSOPClassUID": self._entry.sop_class_uid,
-            "MediaStorageSOPInstanceUID": self._entry.sop_instance_uid,
-            "TransferSyntaxUID": self._entry.transfer_syntax,
-        }
-        for keyword, value in declared.items():
-            if str(file_meta.get(keyword, "")) != value:
-                raise SpoolError(f"the file meta {keyword} does not match the declared {value}")
-
-    def abort(self) -> None:
-        """Discard the partial entry (idempotent); its reserved bytes are released."""
-        if self._done:
-            return
-        self._done = True
-        self._buffer = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        shutil.rmtree(self._dir, ignore_errors=True)
-        self._spool._release(self._size)
-
-    def __enter__(self) -> SpoolWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is not None or not self._done:
-            self.abort()  # leaving the block without commit: nothing was acknowledged
 
 
 class Spool:
@@ -498,7 +319,7 @@ class Spool:
             self._unpublished[entry.id] = (segment, data, visible)
             late = segment <= self._checkpointed
             self._publish_wake.notify()
-            if not late and self._publisher is None:
+            if self._publisher is None:  # (when late too: it retries if the write below fails)
                 self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
                 self._publisher.start()
         if late:  # its segment is being retired already: the entry must stand on its own before the answer

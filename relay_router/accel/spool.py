@@ -148,6 +148,8 @@ class Spool:
         self._publish_lock = threading.Lock()  # taken before self._lock, never after
         self._publish_wake = threading.Condition(self._lock)
         self._publisher: threading.Thread | None = None
+        self._dirty: dict[str, None] = {}  # entries whose state.json is behind their state (_state_behind)
+        self._doomed: dict[str, None] = {}  # removed entries whose files are still to delete (remove)
         self._closing = False
         self._maintenance: threading.Thread | None = None
         self._reserved = 0  # bytes of writers not yet committed
@@ -326,21 +328,85 @@ class Spool:
             self._publish(entry.id)
 
     def _publish_all(self) -> None:
-        """The publishing thread: write the own files of committed entries; ends after a second without work."""
+        """The writing thread: the own files of committed entries first, then states that changed in memory;
+        it ends after PUBLISHER_IDLE_S without work (or at once when the spool closes and nothing is left)."""
         while True:
             with self._lock:
-                waiting = next(iter(self._unpublished), None)
-                if waiting is None and not self._closing:
+                waiting, doomed, dirty = self._next_work()
+                if waiting is None and doomed is None and dirty is None and not self._closing:
                     self._publish_wake.wait(PUBLISHER_IDLE_S)
-                    waiting = next(iter(self._unpublished), None)
-                if waiting is None:
+                    waiting, doomed, dirty = self._next_work()
+                if waiting is None and doomed is None and dirty is None:
                     self._publisher = None
                     return
             try:
-                self._publish(waiting)
-            except OSError as exc:  # durable in the journal all the same; tried again
-                log.error("spool %s: entry %s cannot be written out (%s); retrying", self.root, waiting, exc)
+                if waiting is not None:
+                    self._publish(waiting)
+                elif doomed is not None:
+                    self._delete(doomed)
+                elif dirty is not None:
+                    self._flush_state(dirty)
+            except OSError as exc:  # durable all the same (journal, or the state before); tried again
+                what = waiting or doomed or dirty
+                log.error("spool %s: entry %s cannot be written out (%s); retrying", self.root, what, exc)
                 time.sleep(1.0)
+
+    def _next_work(self) -> tuple[str | None, str | None, str | None]:
+        """(an entry to write out, one to delete, one whose state to write), in that order (caller holds _lock)."""
+        waiting = next(iter(self._unpublished), None)
+        doomed = next(iter(self._doomed), None) if waiting is None else None
+        dirty = next(iter(self._dirty), None) if waiting is None and doomed is None else None
+        return waiting, doomed, dirty
+
+    def flush(self) -> None:
+        """Write (and delete) now what is still only in memory: what readers of the directory see."""
+        while True:
+            with self._lock:
+                waiting, doomed, dirty = self._next_work()
+            if waiting is not None:
+                self._publish(waiting)
+            elif doomed is not None:
+                self._delete(doomed)
+            elif dirty is not None:
+                self._flush_state(dirty)
+            else:
+                return
+
+    def _delete(self, entry_id: str) -> None:
+        """Delete a removed entry's files: the data first (an entry without it is discarded on open)."""
+        with self._publish_lock:  # after a publishing of it that was under way
+            with self._lock:
+                self._doomed.pop(entry_id, None)
+            directory = self.root / "entries" / entry_id
+            (directory / DATA_NAME).unlink(missing_ok=True)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _state_behind(self, entry_id: str) -> None:
+        """The entry's state changed in memory; the writing thread writes its state.json (caller holds _lock).
+
+        State changes were never synced (a crash may roll one back: at worst a delivery is repeated); writing
+        them behind keeps three file creations and renames per instance off the callers' threads (the near
+        router's transfer runs on the event loop that also answers the sending device)."""
+        self._dirty[entry_id] = None
+        self._publish_wake.notify()
+        if self._publisher is None:
+            self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
+            self._publisher.start()
+
+    def _flush_state(self, entry_id: str) -> None:
+        with self._publish_lock:
+            with self._lock:
+                entry = self._entries.get(entry_id)
+                if entry is None or entry_id in self._unpublished:  # removed; or publishing writes the state
+                    self._dirty.pop(entry_id, None)
+                    return
+            try:
+                self._write_state(self._dir(entry_id), entry, durable=False)
+            except FileNotFoundError:
+                pass  # removed meanwhile
+            with self._lock:
+                if self._entries.get(entry_id) is entry:  # else changed again meanwhile: written once more
+                    self._dirty.pop(entry_id, None)
 
     def _publish(self, entry_id: str) -> None:
         """Write an unpublished entry's files (data, current state) into entries/; then claim() may take it."""
@@ -508,15 +574,14 @@ class Spool:
     # -- state changes -------------------------------------------------------------------------
 
     def _update(self, entry_id: str, **changes: object) -> SpoolEntry:
-        directory = self._dir(entry_id)
-        self._publish(entry_id)  # its state goes into its directory
+        self._dir(entry_id)  # a valid id (they come from the CLI and from the other router)
         with self._lock:
             entry = self._entries.get(entry_id)
             if entry is None:
                 raise SpoolError(f"no spool entry {entry_id}")
             entry = replace(entry, **changes)  # type: ignore[arg-type]
-            self._write_state(directory, entry, durable=False)
             self._entries[entry_id] = entry
+            self._state_behind(entry_id)
         if self.on_change is not None:
             self.on_change(entry)
         return entry
@@ -548,8 +613,8 @@ class Spool:
             if oldest is None:
                 return None
             entry = replace(oldest, state=EntryState.SENDING, attempts=oldest.attempts + 1)
-            self._write_state(self._dir(entry.id), entry, durable=False)
             self._entries[entry.id] = entry
+            self._state_behind(entry.id)
             return entry
 
     def backoff(self, attempts: int) -> float:
@@ -571,21 +636,25 @@ class Spool:
         )
 
     def remove(self, entry_id: str) -> None:
-        """Forget an entry (after confirmed delivery, or a purge): the data is unlinked first."""
-        directory = self._dir(entry_id)
-        with self._publish_lock:  # not while the publishing thread writes it out
-            with self._lock:
-                entry = self._entries.pop(entry_id, None)
-                if entry is None:
-                    raise SpoolError(f"no spool entry {entry_id}")
-                self._used -= entry.size
-                journaled = self._journaled.pop(entry_id, None) is not None
-                journaled = self._unpublished.pop(entry_id, None) is not None or journaled
-            if journaled:  # its record would bring it back at the next start: say it is gone (not synced)
-                with contextlib.suppress(SpoolError, OSError):
-                    self._journal_append(REMOVED, entry_id.encode("ascii"), b"", sync=False)
-            (directory / DATA_NAME).unlink(missing_ok=True)
-            shutil.rmtree(directory, ignore_errors=True)
+        """Forget an entry (after confirmed delivery, or a purge); the writing thread deletes its files within
+        milliseconds (a crash before that delivers it once more, which is harmless), flush() at once."""
+        self._dir(entry_id)
+        with self._lock:
+            entry = self._entries.pop(entry_id, None)
+            if entry is None:
+                raise SpoolError(f"no spool entry {entry_id}")
+            self._used -= entry.size
+            journaled = self._journaled.pop(entry_id, None) is not None
+            journaled = self._unpublished.pop(entry_id, None) is not None or journaled
+            self._dirty.pop(entry_id, None)
+            self._doomed[entry_id] = None
+            self._publish_wake.notify()
+            if self._publisher is None:
+                self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
+                self._publisher.start()
+        if journaled:  # its record would bring it back at the next start: say it is gone (not synced)
+            with contextlib.suppress(SpoolError, OSError):
+                self._journal_append(REMOVED, entry_id.encode("ascii"), b"", sync=False)
 
     def _dead(self, entry_id: str | None) -> Iterator[SpoolEntry]:
         if entry_id is not None:
@@ -610,6 +679,7 @@ class Spool:
         for entry in self._dead(entry_id):
             self.remove(entry.id)
             count += 1
+        self.flush()  # an operator's purge deletes the files before it returns
         return count
 
     def apply_requests(self) -> int:

@@ -259,6 +259,7 @@ def test_one_process_at_a_time_and_requests_reach_the_owner(tmp_path: Path) -> N
         Spool(root, max_bytes=10_000_000)
     spool.set_state(entry_id, EntryState.SENDING)
     spool.fail(entry_id, "rejected", permanent=True)
+    spool.flush()  # states are written behind, by the spool's thread
     assert [e.state for e in read_entries(root)] == [EntryState.DEAD]  # seen from outside, without the lock
     request_action(root, "retry", entry_id)
     with pytest.raises(SpoolError):

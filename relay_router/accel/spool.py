@@ -28,9 +28,11 @@ Commit (relay_router.accel.spool_writer) makes an instance durable in one of two
 
 state.json is not synced at commit: the file meta of instance.dcm carries the entry's
 first state (Private Information (0002,0102) under SPOOL_PRIVATE_UID), from which
-recovery rebuilds a lost state.json. State changes after commit are atomic renames
-without fsync: a crash may roll one back, which at worst repeats a delivery, and a
-repeated C-STORE of the same SOP Instance UID is harmless. Files are 0600 and
+recovery rebuilds a lost state.json. State changes after commit are made in memory
+and written behind by the writing thread (atomic renames without fsync), and a removed
+entry's files are deleted by it too: a crash may roll a change back, which at worst
+repeats a delivery, and a repeated C-STORE of the same SOP Instance UID is harmless.
+``flush()`` writes (and deletes) at once what is still behind; ``close()`` does too. Files are 0600 and
 directories 0700 (PHI).
 
 Entries, states, errors and the file format live in

@@ -61,7 +61,9 @@ def commit_run(files: list[Path], root: Path, fsync: bool, journal: bool) -> lis
 
 def store_variant(files: Path, code: Path, variant: str) -> dict[str, object]:
     """One storescu run into the acceptor, in a process of its own running the code in `code`."""
-    flags = {"journal": [], "classic": ["--classic"], "baseline": ["--baseline"]}[variant]
+    base, _, extra = variant.partition("+")
+    flags = {"journal": [], "classic": ["--classic"], "baseline": ["--baseline"]}[base]
+    flags += ["--transfer"] if extra == "transfer" else []
     env = {**os.environ, "PYTHONPATH": str(code)}
     done = subprocess.run(
         # Run by path (the code in `code` may not have it), not as a script: its directory would shadow modules.
@@ -126,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, object] = {"count": args.count, "bytes": size, "repeats": args.repeats}
         rows = []
         # The sender's completion: variants alternated within each repeat, so that load changes hit all alike.
-        variants = [("journal", here), ("classic", here)]
+        variants = [("journal", here), ("classic", here), ("journal+transfer", here)]
         if args.baseline is not None:
-            variants.append(("baseline", args.baseline.resolve()))
+            variants += [("baseline", args.baseline.resolve()), ("baseline+transfer", args.baseline.resolve())]
         store: dict[str, list[dict[str, object]]] = {name: [] for name, _ in variants}
         for _ in range(args.repeats):
             for name, code in variants:
@@ -137,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             "journal": "this branch, journal (default)",
             "classic": "this branch, journal=False (file + directory fsync)",
             "baseline": f"baseline code ({args.baseline})",
+            "journal+transfer": "this branch, journal, with the near transfer's spool work on the same loop",
+            "baseline+transfer": "baseline code, with the near transfer's spool work on the same loop",
         }
         for name, runs in store.items():
             seconds = [float(r["seconds"]) for r in runs]  # type: ignore[arg-type]
             commits = [x * 1000 for r in runs for x in r["commit_s"]]  # type: ignore[attr-defined]
             per = summary(commits)
             median = statistics.median(seconds)
-            results[f"store_{name}"] = {"seconds": seconds, "commit_ms": per}
+            results[f"store_{name.replace('+', '_')}"] = {"seconds": seconds, "commit_ms": per}
             rows.append(
                 f"| store: storescu into the acceptor, {labels[name]} | {median:.2f} s | {args.count / median:.0f} | "
                 f"{median / args.count * 1000:.1f} ms per C-STORE; commit median {per['median']:.2f} ms, "

@@ -33,7 +33,7 @@ from relay_router.accel import spool as spool_module
 from relay_router.accel.acceptor import MAX_PDU, StorageAcceptor
 from relay_router.accel.capabilities import EXPLICIT_LE, IMPLICIT_LE, DeviceCapabilities
 from relay_router.accel.negotiation import answer
-from relay_router.accel.spool import Spool
+from relay_router.accel.spool import EntryState, Spool
 from relay_router.outcome import Outcome
 from relay_router.ul import ControlPdu, PduFramer, PduType
 from relay_router.ul.associate import parse_associate
@@ -45,8 +45,10 @@ ROUTE = "DEST"
 class AcceptorServer:
     """A listening socket whose associations are answered by StorageAcceptor into `spool`."""
 
-    def __init__(self, spool: Spool, *, profile: bool) -> None:
+    def __init__(self, spool: Spool, *, profile: bool, transfer: bool = False) -> None:
         self.spool = spool
+        self.transfer = transfer
+        self.forwarded = 0
         self.capabilities = DeviceCapabilities({CT_IMAGE_STORAGE: (EXPLICIT_LE, IMPLICIT_LE)}, time.time())
         self.commit_s: list[float] = []
         self.loop_profile = cProfile.Profile() if profile else None
@@ -103,6 +105,23 @@ class AcceptorServer:
             if self.loop_profile is not None:
                 self.loop_profile.disable()
 
+    def _forward(self) -> None:
+        """With `transfer`: what the near router's transfer does to the spool per instance, on the same event
+        loop (relay_router.accel.transfer: claim, read the file, then forwarded, delivered, removed); the far
+        router's part (the WAN, its spool, the destination) is left out."""
+        if self.transfer:  # later on the loop, as the transfer task runs once woken (not inside the commit)
+            self._loop.call_soon(self._forward_now)
+
+    def _forward_now(self) -> None:
+        while (entry := self.spool.claim(ROUTE, time.time())) is not None:
+            with self.spool.path(entry.id).open("rb") as source:
+                while source.read(256 * 1024):
+                    pass
+            self.spool.set_state(entry.id, EntryState.FORWARDED)
+            self.spool.set_state(entry.id, EntryState.DELIVERED)
+            self.spool.remove(entry.id)
+            self.forwarded += 1
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         framer = PduFramer()
         rq: bytes | None = None
@@ -124,23 +143,26 @@ class AcceptorServer:
             negotiated,
             spool=self.spool,
             route=ROUTE,
-            on_commit=lambda: None,  # as in the router: entries written out after the answer
+            on_commit=self._forward,
             idle_timeout_s=60,
         )
         await acceptor.run()
 
 
-def store_run(files: list[Path], root: Path, *, journal: bool | None, profile: bool = False) -> dict[str, object]:
+def store_run(
+    files: list[Path], root: Path, *, journal: bool | None, profile: bool = False, transfer: bool = False
+) -> dict[str, object]:
     """storescu sends `files` on one association into a fresh spool; seconds and commit latencies.
 
     journal=None: the spool's constructor as it was before the journal (run against the previous code)."""
     spool = Spool(root, max_bytes=1 << 34) if journal is None else Spool(root, max_bytes=1 << 34, journal=journal)
     try:
-        with AcceptorServer(spool, profile=profile) as server:
+        with AcceptorServer(spool, profile=profile, transfer=transfer) as server:
             started = time.perf_counter()
             run(["storescu", "-aec", "ACCELDEST", "-aet", "BENCHSCU", "127.0.0.1", str(server.port), *map(str, files)])
             wall = time.perf_counter() - started
-        stored = len(spool.entries())
+            time.sleep(0.5)  # the last instances' transfer
+        stored = len(spool.entries()) + server.forwarded
         if stored != len(files):
             raise RuntimeError(f"the spool holds {stored} of {len(files)} instances")
         result: dict[str, object] = {"seconds": wall, "commit_s": server.commit_s}
@@ -173,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--files", type=Path, help="a directory of Part 10 files to send (else generated)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    parser.add_argument("--transfer", action="store_true", help="also the near transfer's spool work, on the loop")
     args = parser.parse_args(argv)
     journal = None if args.baseline else not args.classic
     with tempfile.TemporaryDirectory(prefix="bench-accel-store-") as tmp:
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             files = sorted(args.files.iterdir())
         else:
             files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), Path(tmp) / "small")
-        result = store_run(files, Path(tmp) / "spool", journal=journal, profile=args.profile)
+        result = store_run(files, Path(tmp) / "spool", journal=journal, profile=args.profile, transfer=args.transfer)
     if args.json:
         print(json.dumps({"seconds": result["seconds"], "commit_s": result["commit_s"]}))
         return 0

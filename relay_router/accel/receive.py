@@ -45,7 +45,8 @@ MAX_OUTCOMES_PER_SITE = 100_000  # unacknowledged outcomes kept for one site; th
 # A near router may ask for fresh capabilities on every stream; the device is probed at most this often.
 MIN_PROBE_INTERVAL_S = 60.0
 # Commits (fsync) running at once: the next instance is received while earlier ones reach the disk, and
-# the file system commits concurrent syncs together. Each holds one instance's file open, nothing in memory.
+# the file system commits concurrent syncs together. Each holds one instance: up to the journal's record
+# limit (2 MiB) in memory, a larger one as its own open file (relay_router.accel.spool_writer).
 PARALLEL_COMMITS = 8
 # Blobs fetched at once per session; the next BLOB record waits (and so does the stream: backpressure).
 MAX_BLOB_FETCHES = 2

@@ -10,7 +10,7 @@ from benchmarks.wan import report
 from benchmarks.wan.workloads import arrival_times
 
 LINK = {"rate_mbit": 24.0, "rtt_ms": 40.0}
-# 16 Mbit/s of goodput = 2 MB/s: a floor of 4 s for 8 MB on A's uplink.
+# The shaper's 24 Mbit/s = 3 MB/s: a floor of 4 s for 12 MB on A's uplink (the TCP probe's figures do not count).
 CHECK: dict[str, object] = {
     "tcp_a_to_b": {"mbit_s": 16.0, "steady_mbit_s": 16.5},
     "ping_a_to_b": {"rtt_ms": {"median": 40.5}},
@@ -33,7 +33,7 @@ def _results() -> list[dict[str, object]]:
             [5.0, 5.5, 4.5],
             sender_seconds=report.summary([1.5, 1.6, 1.4]),
             first_image_seconds=report.summary([0.60, 0.58, 0.62]),
-            wire_bytes_median={"a_uplink": 8_000_000},
+            wire_bytes_median={"a_uplink": 12_000_000},
         ),
         _rec("small", "vpn", [10.0], first_image_seconds=report.summary([0.2])),
         _rec(
@@ -42,7 +42,7 @@ def _results() -> list[dict[str, object]]:
             [3.0],
             sender_seconds=report.summary([0.9]),
             first_image_seconds=report.summary([0.2]),
-            wire_bytes_median={"a_uplink": 2_000_000},
+            wire_bytes_median={"a_uplink": 3_000_000},
         ),
     ]
     report.add_ratios(results)
@@ -57,7 +57,7 @@ def test_relay_accel_goals_carry_the_measured_ratio_and_the_floor() -> None:
     goals = _by_kind(report.goals(_results(), CHECK))
     mr = goals[("mr", "end_to_end")]
     assert mr["measured"] == 0.25 and mr["met"] is True  # 5 s of 20 s, goal 0.30x
-    assert mr["floor"] == 0.2  # 8 MB at 2 MB/s = 4 s of the VPN's 20 s
+    assert mr["floor"] == 0.2  # 12 MB at 3 MB/s = 4 s of the VPN's 20 s
     small = goals[("small", "end_to_end")]
     assert small["measured"] == 0.3 and small["met"] is False  # goal 0.20x
     assert small["floor"] == 0.1
@@ -78,8 +78,8 @@ def test_the_table_shows_each_figure_beside_its_floor_and_verdict() -> None:
     payload = {"results": results, "link": {**LINK, "congestion_control": "bbr"}, "repeats": 3,
                "emulation_check": CHECK, "goals": report.goals(results, CHECK), "command": "test"}  # fmt: skip
     text = report.markdown(payload)
-    assert "| mr | 20.00 | 5.00 (4.50-5.50) | **0.25x** | 4.00 s, 0.20x (8.0 MB) | <= 0.3x: met |" in text
-    assert "| small | 10.00 | 3.00 (3.00-3.00) | **0.30x** | 1.00 s, 0.10x (2.0 MB) | <= 0.2x: **missed** |" in text
+    assert "| mr | 20.00 | 5.00 (4.50-5.50) | **0.25x** | 4.00 s, 0.20x (12.0 MB) | <= 0.3x: met |" in text
+    assert "| small | 10.00 | 3.00 (3.00-3.00) | **0.30x** | 1.00 s, 0.10x (3.0 MB) | <= 0.2x: **missed** |" in text
     assert "| mr | 0.30 (0.29-0.31) | 0.60 (0.58-0.62) | +300 ms | <= +240 ms: **missed** |" in text
     assert "Other goals" not in text  # relay-accel's goals are in their own tables, not listed twice
 

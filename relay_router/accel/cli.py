@@ -126,7 +126,7 @@ def spool_command(config: RouterConfig, args: argparse.Namespace) -> int:
     entry_id = None if args.all else args.entry_id
     logging.getLogger("relay_router.accel.spool").setLevel(logging.WARNING)  # not "spool opened" on the terminal
     try:
-        spool = Spool(root, max_bytes=1 << 62)  # the limit matters to writers only
+        spool = Spool(root, max_bytes=1 << 62, journal=False)  # limit and journal matter to writers only
     except SpoolBusy:
         try:
             request_action(root, args.spool_action, entry_id)

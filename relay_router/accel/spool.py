@@ -3,39 +3,53 @@
 A C-STORE on an accelerated route is answered by the router, not by the
 destination, so the router must keep its promise across crashes: a success
 response is sent only after :meth:`SpoolWriter.commit` returned, and commit
-returns only once the instance and its state are on disk (file and directory
-fsync). The layout makes commit one atomic step:
+returns only once the instance is on disk. The layout:
 
-    <root>/tmp/<id>/        an entry being written (removed on open: never acknowledged)
+    <root>/tmp/<id>/        an entry being written (removed on open)
     <root>/entries/<id>/    a committed entry, moved here by one rename(2)
         instance.dcm        preamble, file meta (0002), the data set exactly as received
         state.json          SpoolEntry as JSON, replaced atomically on every change
+    <root>/journal/         the write-ahead journal (relay_router.accel.journal)
     <root>/quarantine/<id>/ a committed entry whose state could not be read (kept, logged)
     <root>/requests/        `relay-router spool retry|purge` asks the running router here
     <root>/lock             held (flock) by the one process that has the spool open
 
-A kill at any instant therefore leaves no entry or a complete one. Commit
-syncs the data file and the entries/ directory; state.json is not synced then,
-because the file meta of instance.dcm carries the entry's first state (Private
-Information (0002,0102) under SPOOL_PRIVATE_UID), from which recovery rebuilds a
-lost state.json: two fsyncs per C-STORE instead of three. State
-changes after commit are atomic renames without fsync: a crash may roll one
-back, which at worst repeats a delivery, and a repeated C-STORE of the same
-SOP Instance UID is harmless. Files are 0600 and directories 0700 (PHI).
+Commit (relay_router.accel.spool_writer) makes an instance durable in one of two ways:
+
+* journaled (up to Journal.max_record, 2 MiB): one record in the journal and its sync,
+  shared with concurrent commits. The entry's own files are written without a sync, at
+  once or, with ``commit(visible)`` (the acceptor), by this spool's publishing thread
+  after the answer; until then the entry is listed but not handed out (claim, due).
+  When a journal segment is full, the maintenance thread syncs the files of the entries
+  still in it and deletes it; on open, the journal's segments are replayed: entries a
+  crash lost or tore are rewritten from their records and synced (recover_journal).
+* its own files: the data file synced, the directory renamed into entries/, entries/
+  synced (larger instances, ``journal=False``, or after a journal sync failed).
+
+state.json is not synced at commit: the file meta of instance.dcm carries the entry's
+first state (Private Information (0002,0102) under SPOOL_PRIVATE_UID), from which
+recovery rebuilds a lost state.json. State changes after commit are made in memory
+and written behind by the writing thread (atomic renames without fsync), and a removed
+entry's files are deleted by it too: a crash may roll a change back, which at worst
+repeats a delivery, and a repeated C-STORE of the same SOP Instance UID is harmless.
+``flush()`` writes (and deletes) at once what is still behind; ``close()`` does too. Files are 0600 and
+directories 0700 (PHI).
 
 Entries, states, errors and the file format live in
 :mod:`relay_router.accel.spool_format` (re-exported here), so that readers which
 must not open the spool (``relay-router status``, ``spool list``) share them.
 
-The spool holds no sockets and no threads; its methods are thread-safe (one
-lock), so the delivery pool's workers and the event loop may share one spool.
-They block on the disk (a commit waits for two syncs, milliseconds to tens of
-milliseconds): call them from asyncio through ``asyncio.to_thread`` or an
-executor, never on the loop that relays bytes.
+The spool holds no sockets; its methods are thread-safe (one lock, plus one that
+serialises writing entries out), so the delivery pool's workers and the event loop
+may share one spool. Its own threads (publishing, maintenance, the first segment)
+end when idle. Its methods block on the disk (a commit waits for a sync,
+milliseconds): call them from asyncio through ``asyncio.to_thread`` or an executor,
+never on the loop that relays bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -45,12 +59,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-from pydicom.filereader import read_preamble
 from pynetdicom.dsutils import split_dataset
 
+from relay_router.accel.journal import (
+    JOURNAL_DIR,
+    REMOVED,
+    SEGMENT_BYTES,
+    Journal,
+    JournalBroken,
+    recover_journal,
+)
 from relay_router.accel.spool_format import (
     DATA_NAME,
     DEFAULT_MAX_ATTEMPTS,
@@ -70,11 +89,11 @@ from relay_router.accel.spool_format import (
     check_meta,
     check_uid,
     fsync_dir,
-    part10_header,
     read_entries,
     request_action,
     take_lock,
 )
+from relay_router.accel.spool_writer import SpoolWriter
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -93,121 +112,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay_router.accel.spool")
-
-
-class SpoolWriter:
-    """Writes one instance into the spool; nothing is visible until :meth:`commit`.
-
-    With ``part10=False`` (the near side, fed by the DIMSE receiver) the writer
-    writes the file meta itself and :meth:`write` takes the data set bytes; with
-    ``part10=True`` (the far side, fed by the other router) :meth:`write` takes a
-    whole Part 10 file, whose file meta must name the declared UIDs.
-    """
-
-    def __init__(self, spool: Spool, entry: SpoolEntry, *, part10: bool) -> None:
-        self._spool = spool
-        self._entry = entry
-        self._part10 = part10
-        self._dir = spool.root / "tmp" / entry.id
-        self._dir.mkdir(mode=0o700)
-        fd = os.open(self._dir / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
-        self._size = 0
-        self._done = False
-        if not part10:
-            first_state = entry.to_json().encode("utf-8")
-            self.write(part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, first_state))
-
-    @property
-    def entry_id(self) -> str:
-        return self._entry.id
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes; raises :class:`SpoolFull` (and aborts this writer) past the spool's limit."""
-        if self._done or self._file is None:
-            raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
-        length = len(data)
-        if not self._spool._reserve(length):
-            self.abort()
-            raise SpoolFull(
-                f"spool full: {self._spool.max_bytes} bytes reached while receiving {self._entry.sop_instance_uid}"
-            )
-        self._size += length
-        try:
-            self._file.write(data)
-        except OSError as exc:  # the disk filled before max_bytes did: the same answer, A700
-            self.abort()
-            raise SpoolFull(f"spool full: cannot write to {self._spool.root}: {exc.strerror}") from exc
-
-    def commit(self) -> SpoolEntry:
-        """Make the entry durable (file, then directory fsync) and visible; then a success may be answered."""
-        if self._done or self._file is None:
-            raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
-        try:
-            self._file.flush()
-            if self._spool.fsync:
-                os.fdatasync(self._file.fileno())  # data and size; mtime need not be durable
-            self._file.close()
-            self._file = None
-            if self._part10:
-                self._check_part10()
-            entry = replace(self._entry, size=self._size, next_attempt=time.time())
-            # Our own header holds the first state, so state.json need not be synced (one fsync fewer per
-            # C-STORE); a file from the other router (part10) does not, so its state is synced.
-            self._spool._write_state(self._dir, entry, durable=self._part10)
-            target = self._spool.root / "entries" / entry.id
-            os.rename(self._dir, target)
-            if self._spool.fsync:
-                # The rename is durable once the directory it lands in is: then recovery finds the entry.
-                # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
-                fsync_dir(target.parent)
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        self._spool._committed(entry)
-        return entry
-
-    def _check_part10(self) -> None:
-        path = self._dir / DATA_NAME
-        try:
-            with open(path, "rb") as fp:
-                read_preamble(fp, False)
-            file_meta, _ = split_dataset(path)
-        except Exception as exc:  # pydicom raises several types on garbage
-            raise SpoolError(f"not a DICOM Part 10 file: {exc.__class__.__name__}") from exc
-        declared = {
-            "MediaStorageSOPClassUID": self._entry.sop_class_uid,
-            "MediaStorageSOPInstanceUID": self._entry.sop_instance_uid,
-            "TransferSyntaxUID": self._entry.transfer_syntax,
-        }
-        for keyword, value in declared.items():
-            if str(file_meta.get(keyword, "")) != value:
-                raise SpoolError(f"the file meta {keyword} does not match the declared {value}")
-
-    def abort(self) -> None:
-        """Discard the partial entry (idempotent); its reserved bytes are released."""
-        if self._done:
-            return
-        self._done = True
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        shutil.rmtree(self._dir, ignore_errors=True)
-        self._spool._release(self._size)
-
-    def __enter__(self) -> SpoolWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is not None or not self._done:
-            self.abort()  # leaving the block without commit: nothing was acknowledged
+PUBLISHER_IDLE_S = 2.0  # the publishing thread waits this long for more entries before it ends
 
 
 class Spool:
@@ -222,6 +127,8 @@ class Spool:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry_base_s: float = DEFAULT_RETRY_BASE_S,
         retry_max_s: float = DEFAULT_RETRY_MAX_S,
+        journal: bool = True,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         if max_bytes <= 0 or max_attempts <= 0 or retry_base_s <= 0 or retry_max_s < retry_base_s:
             raise ValueError("spool limits must be positive (and retry_max_s >= retry_base_s)")
@@ -233,6 +140,20 @@ class Spool:
         self.retry_max_s = retry_max_s
         self._lock = threading.Lock()
         self._entries: dict[str, SpoolEntry] = {}
+        # The write-ahead journal (relay_router.accel.journal); None: every entry syncs its own files.
+        self._journal: Journal | None = None
+        self._journaled: dict[str, int] = {}  # entry id -> the segment whose record makes it durable
+        self._checkpointed = -1  # segments up to this one are retired or being retired
+        self._to_checkpoint: list[int] = []
+        # Committed near-side entries whose own files are not written yet (see SpoolWriter.commit).
+        self._unpublished: dict[str, tuple[int, bytearray, Callable[[], None]]] = {}
+        self._publish_lock = threading.Lock()  # taken before self._lock, never after
+        self._publish_wake = threading.Condition(self._lock)
+        self._publisher: threading.Thread | None = None
+        self._dirty: dict[str, None] = {}  # entries whose state.json is behind their state (_state_behind)
+        self._doomed: dict[str, None] = {}  # removed entries whose files are still to delete (remove)
+        self._closing = False
+        self._maintenance: threading.Thread | None = None
         self._reserved = 0  # bytes of writers not yet committed
         self._used = 0  # bytes of committed entries
         # Called (in the changing thread, outside the lock) after each state change: storage commitment
@@ -241,27 +162,49 @@ class Spool:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = take_lock(self.root)
         try:
-            self._recover()
+            next_segment = self._recover()
+            if journal and fsync:
+                self._journal = Journal(
+                    self.root / JOURNAL_DIR, first_segment=next_segment, segment_bytes=segment_bytes
+                )
+                self._checkpointed = next_segment - 1
+                self._prepare_first()
             self.apply_requests()
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        """Release the spool's lock (the process exiting does the same)."""
+        """Let a running checkpoint finish and release the spool's lock (the process exiting does the same).
+
+        Segments are left as they are: the next open rebuilds what they hold and retires them."""
+        publisher = self._publisher
+        if publisher is not None:
+            with self._lock:
+                self._closing = True
+                self._publish_wake.notify()
+            publisher.join(30)
+        maintenance = self._maintenance
+        if maintenance is not None:
+            maintenance.join(30)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
     # -- opening -------------------------------------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self) -> int:
+        """Rebuild the in-memory state from disk; returns the number of the journal's next segment."""
         for name in ("", "tmp", "entries", "quarantine", "requests"):
             directory = self.root / name
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
         for partial in (self.root / "tmp").iterdir():  # never committed, never acknowledged
             shutil.rmtree(partial, ignore_errors=True)
+        next_segment = recover_journal(self.root, self._sync_entry)
         now = time.time()
         for directory in sorted((self.root / "entries").iterdir()):
             data, state = directory / DATA_NAME, directory / STATE_NAME
@@ -283,6 +226,7 @@ class Spool:
             self._entries[entry.id] = entry
             self._used += entry.size
         log.info("spool %s opened: %d entries, %d bytes", self.root, len(self._entries), self._used)
+        return next_segment
 
     def _read_state(self, directory: Path) -> SpoolEntry:
         """state.json, or, when a crash lost it (it is not synced on commit), the first state in the file meta."""
@@ -349,6 +293,222 @@ class Spool:
             self._used += entry.size
             self._entries[entry.id] = entry
 
+    # -- the journal ---------------------------------------------------------------------------
+
+    def _journal_append(self, kind: int, state: bytes, data: bytes | bytearray, *, sync: bool = True) -> int:
+        """Append (and with `sync`, make durable) one record; the segment it is in. A full segment is
+        handed to the maintenance thread. A failed journal is switched off (the spool goes on without)."""
+        journal = self._journal
+        if journal is None:
+            raise JournalBroken("the journal is off")
+        try:
+            segment, closed = journal.append(kind, state, data, sync=sync)
+        except JournalBroken as exc:
+            if self._journal is journal:
+                log.error("spool %s: %s; entries are synced one by one from now on", self.root, exc)
+                self._journal = None
+            raise
+        if closed >= 0:
+            self._schedule_checkpoint(closed)
+        return segment
+
+    def _committed_unpublished(
+        self, entry: SpoolEntry, segment: int, data: bytearray, visible: Callable[[], None]
+    ) -> None:
+        """A journaled entry is durable; its own files are written by the publishing thread."""
+        with self._lock:
+            self._reserved -= entry.size
+            self._used += entry.size
+            self._entries[entry.id] = entry
+            self._unpublished[entry.id] = (segment, data, visible)
+            late = segment <= self._checkpointed
+            self._publish_wake.notify()
+            if self._publisher is None:  # (when late too: it retries if the write below fails)
+                self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
+                self._publisher.start()
+        if late:  # its segment is being retired already: the entry must stand on its own before the answer
+            self._publish(entry.id)
+
+    def _publish_all(self) -> None:
+        """The writing thread: the own files of committed entries first, then states that changed in memory;
+        it ends after PUBLISHER_IDLE_S without work (or at once when the spool closes and nothing is left)."""
+        while True:
+            with self._lock:
+                waiting, doomed, dirty = self._next_work()
+                if waiting is None and doomed is None and dirty is None and not self._closing:
+                    self._publish_wake.wait(PUBLISHER_IDLE_S)
+                    waiting, doomed, dirty = self._next_work()
+                if waiting is None and doomed is None and dirty is None:
+                    self._publisher = None
+                    return
+            try:
+                if waiting is not None:
+                    self._publish(waiting)
+                elif doomed is not None:
+                    self._delete(doomed)
+                elif dirty is not None:
+                    self._flush_state(dirty)
+            except OSError as exc:  # durable all the same (journal, or the state before); tried again
+                what = waiting or doomed or dirty
+                log.error("spool %s: entry %s cannot be written out (%s); retrying", self.root, what, exc)
+                time.sleep(1.0)
+
+    def _next_work(self) -> tuple[str | None, str | None, str | None]:
+        """(an entry to write out, one to delete, one whose state to write), in that order (caller holds _lock)."""
+        waiting = next(iter(self._unpublished), None)
+        doomed = next(iter(self._doomed), None) if waiting is None else None
+        dirty = next(iter(self._dirty), None) if waiting is None and doomed is None else None
+        return waiting, doomed, dirty
+
+    def flush(self) -> None:
+        """Write (and delete) now what is still only in memory: what readers of the directory see."""
+        while True:
+            with self._lock:
+                waiting, doomed, dirty = self._next_work()
+            if waiting is not None:
+                self._publish(waiting)
+            elif doomed is not None:
+                self._delete(doomed)
+            elif dirty is not None:
+                self._flush_state(dirty)
+            else:
+                return
+
+    def _delete(self, entry_id: str) -> None:
+        """Delete a removed entry's files: the data first (an entry without it is discarded on open)."""
+        with self._publish_lock:  # after a publishing of it that was under way
+            with self._lock:
+                self._doomed.pop(entry_id, None)
+            directory = self.root / "entries" / entry_id
+            (directory / DATA_NAME).unlink(missing_ok=True)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _state_behind(self, entry_id: str) -> None:
+        """The entry's state changed in memory; the writing thread writes its state.json (caller holds _lock).
+
+        State changes were never synced (a crash may roll one back: at worst a delivery is repeated); writing
+        them behind keeps three file creations and renames per instance off the callers' threads (the near
+        router's transfer runs on the event loop that also answers the sending device)."""
+        self._dirty[entry_id] = None
+        self._publish_wake.notify()
+        if self._publisher is None:
+            self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
+            self._publisher.start()
+
+    def _flush_state(self, entry_id: str) -> None:
+        with self._publish_lock:
+            with self._lock:
+                entry = self._entries.get(entry_id)
+                if entry is None or entry_id in self._unpublished:  # removed; or publishing writes the state
+                    self._dirty.pop(entry_id, None)
+                    return
+            try:
+                self._write_state(self._dir(entry_id), entry, durable=False)
+            except FileNotFoundError:
+                pass  # removed meanwhile
+            with self._lock:
+                if self._entries.get(entry_id) is entry:  # else changed again meanwhile: written once more
+                    self._dirty.pop(entry_id, None)
+
+    def _publish(self, entry_id: str) -> None:
+        """Write an unpublished entry's files (data, current state) into entries/; then claim() may take it."""
+        with self._publish_lock:
+            with self._lock:
+                item = self._unpublished.get(entry_id)
+                entry = self._entries.get(entry_id)
+            if item is None:
+                return
+            segment, data, visible = item
+            if entry is not None:
+                directory = self.root / "tmp" / entry_id
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(mode=0o700)
+                fd = os.open(directory / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                self._write_state(directory, entry, durable=False)
+                os.rename(directory, self.root / "entries" / entry_id)
+            with self._lock:
+                self._unpublished.pop(entry_id, None)
+            if entry is not None and not self._track(entry_id, segment):
+                self._sync_entry(self.root / "entries" / entry_id)
+                fsync_dir(self.root / "entries")
+        if entry is not None:
+            visible()
+
+    def _track(self, entry_id: str, segment: int) -> bool:
+        """Note that `segment` holds the committed entry's record; False if that segment is being retired."""
+        with self._lock:
+            if segment <= self._checkpointed:
+                return False
+            self._journaled[entry_id] = segment
+            return True
+
+    def _sync_entry(self, directory: Path) -> None:
+        """Make an entry's own files durable: data, state, and the entry directory's names."""
+        for name in (DATA_NAME, STATE_NAME):
+            try:
+                fd = os.open(directory / name, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed meanwhile (delivered), or a state never written (rebuilt from the file meta)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(directory)
+
+    def _prepare_first(self) -> None:
+        """Make the journal's first segment in the background: opening the spool stays quick."""
+
+        def prepare(journal: Journal) -> None:
+            try:
+                journal.prepare_next()
+            except OSError as exc:  # the first commit makes it then (and says what fails)
+                log.warning("spool %s: journal segment not prepared: %s", self.root, exc)
+
+        threading.Thread(target=prepare, args=(self._journal,), name="spool-segment", daemon=True).start()
+
+    def _schedule_checkpoint(self, segment: int) -> None:
+        with self._lock:
+            self._to_checkpoint.append(segment)
+            if self._maintenance is not None:
+                return
+            self._maintenance = threading.Thread(target=self._maintain, name="spool-checkpoint", daemon=True)
+            self._maintenance.start()
+
+    def _maintain(self) -> None:
+        """Off the commit path: make the next segment ahead, then retire the full ones, oldest first."""
+        while True:
+            journal = self._journal
+            with self._lock:
+                if not self._to_checkpoint or journal is None:
+                    self._maintenance = None
+                    return
+                segment = self._to_checkpoint.pop(0)
+            try:
+                journal.prepare_next()
+                self._checkpoint(journal, segment)
+            except OSError as exc:  # the segment stays; the next start rebuilds from it
+                log.error("spool %s: journal segment %d not retired: %s", self.root, segment, exc)
+
+    def _checkpoint(self, journal: Journal, segment: int) -> None:
+        """Sync the own files of the entries whose record is in `segment` (or earlier), then delete it."""
+        with self._lock:
+            self._checkpointed = max(self._checkpointed, segment)
+            unpublished = [entry_id for entry_id, item in self._unpublished.items() if item[0] <= segment]
+        for entry_id in unpublished:  # written and synced now (their segment counts as retired already)
+            self._publish(entry_id)
+        with self._lock:
+            waiting = [entry_id for entry_id, held in self._journaled.items() if held <= segment]
+            for entry_id in waiting:
+                del self._journaled[entry_id]
+        for entry_id in waiting:
+            self._sync_entry(self.root / "entries" / entry_id)
+        fsync_dir(self.root / "entries")
+        journal.retire(segment)
+        log.debug("spool %s: journal segment %d retired, %d entries synced", self.root, segment, len(waiting))
+
     def _write_state(self, directory: Path, entry: SpoolEntry, *, durable: bool) -> None:
         temporary = directory / (STATE_NAME + ".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -369,6 +529,7 @@ class Spool:
     def path(self, entry_id: str) -> Path:
         """The entry's DICOM Part 10 file (file meta + data set as received)."""
         self.get(entry_id)
+        self._publish(entry_id)
         return self._dir(entry_id) / DATA_NAME
 
     def get(self, entry_id: str) -> SpoolEntry:
@@ -389,11 +550,13 @@ class Spool:
         )
 
     def due(self, now: float, *, route: str | None = None) -> list[SpoolEntry]:
-        """RECEIVED or RETRY entries whose next_attempt has come, oldest first."""
+        """RECEIVED or RETRY entries whose next_attempt has come, oldest first (published ones: see claim)."""
         return [
             e
             for e in self.entries(route=route)
-            if e.state in (EntryState.RECEIVED, EntryState.RETRY) and e.next_attempt <= now
+            if e.state in (EntryState.RECEIVED, EntryState.RETRY)
+            and e.next_attempt <= now
+            and e.id not in self._unpublished
         ]
 
     def next_due(self, *, route: str | None = None) -> float | None:
@@ -413,14 +576,14 @@ class Spool:
     # -- state changes -------------------------------------------------------------------------
 
     def _update(self, entry_id: str, **changes: object) -> SpoolEntry:
-        directory = self._dir(entry_id)
+        self._dir(entry_id)  # a valid id (they come from the CLI and from the other router)
         with self._lock:
             entry = self._entries.get(entry_id)
             if entry is None:
                 raise SpoolError(f"no spool entry {entry_id}")
             entry = replace(entry, **changes)  # type: ignore[arg-type]
-            self._write_state(directory, entry, durable=False)
             self._entries[entry_id] = entry
+            self._state_behind(entry_id)
         if self.on_change is not None:
             self.on_change(entry)
         return entry
@@ -442,6 +605,7 @@ class Spool:
                     for e in self._entries.values()
                     if e.route == route
                     and e.state in (EntryState.RECEIVED, EntryState.RETRY)
+                    and e.id not in self._unpublished  # written out within milliseconds; then woken
                     and e.next_attempt <= now
                     and (accept is None or (e.sop_class_uid, e.transfer_syntax) in accept)
                 ),
@@ -451,8 +615,8 @@ class Spool:
             if oldest is None:
                 return None
             entry = replace(oldest, state=EntryState.SENDING, attempts=oldest.attempts + 1)
-            self._write_state(self._dir(entry.id), entry, durable=False)
             self._entries[entry.id] = entry
+            self._state_behind(entry.id)
             return entry
 
     def backoff(self, attempts: int) -> float:
@@ -474,15 +638,25 @@ class Spool:
         )
 
     def remove(self, entry_id: str) -> None:
-        """Forget an entry (after confirmed delivery, or a purge): the data is unlinked first."""
-        directory = self._dir(entry_id)
+        """Forget an entry (after confirmed delivery, or a purge); the writing thread deletes its files within
+        milliseconds (a crash before that delivers it once more, which is harmless), flush() at once."""
+        self._dir(entry_id)
         with self._lock:
             entry = self._entries.pop(entry_id, None)
             if entry is None:
                 raise SpoolError(f"no spool entry {entry_id}")
             self._used -= entry.size
-        (directory / DATA_NAME).unlink(missing_ok=True)
-        shutil.rmtree(directory, ignore_errors=True)
+            journaled = self._journaled.pop(entry_id, None) is not None
+            journaled = self._unpublished.pop(entry_id, None) is not None or journaled
+            self._dirty.pop(entry_id, None)
+            self._doomed[entry_id] = None
+            self._publish_wake.notify()
+            if self._publisher is None:
+                self._publisher = threading.Thread(target=self._publish_all, name="spool-publish", daemon=True)
+                self._publisher.start()
+        if journaled:  # its record would bring it back at the next start: say it is gone (not synced)
+            with contextlib.suppress(SpoolError, OSError):
+                self._journal_append(REMOVED, entry_id.encode("ascii"), b"", sync=False)
 
     def _dead(self, entry_id: str | None) -> Iterator[SpoolEntry]:
         if entry_id is not None:
@@ -507,6 +681,7 @@ class Spool:
         for entry in self._dead(entry_id):
             self.remove(entry.id)
             count += 1
+        self.flush()  # an operator's purge deletes the files before it returns
         return count
 
     def apply_requests(self) -> int:

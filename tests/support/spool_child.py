@@ -21,8 +21,10 @@ ROUTE = "DEST"
 CHUNK = 16 * 1024
 
 
-def spool_file(spool: Spool, path: Path, route: str = ROUTE) -> str:
-    """Spool one Part 10 file as the DIMSE receiver would: the data set bytes, in chunks."""
+def spool_file(spool: Spool, path: Path, route: str = ROUTE, *, deferred: bool = False) -> str:
+    """Spool one Part 10 file as the DIMSE receiver would: the data set bytes, in chunks.
+
+    `deferred`: commit as the acceptor does (the entry's own files written after commit returns)."""
     meta, offset = split_dataset(path)
     with spool.writer(
         route,
@@ -34,7 +36,11 @@ def spool_file(spool: Spool, path: Path, route: str = ROUTE) -> str:
             source.seek(offset)
             while chunk := source.read(CHUNK):
                 writer.write(chunk)
-        return writer.commit().id
+        return writer.commit(_nothing if deferred else None).id
+
+
+def _nothing() -> None:
+    pass
 
 
 def main(argv: list[str]) -> int:
@@ -44,7 +50,7 @@ def main(argv: list[str]) -> int:
         files = [Path(p) for p in argv[2:]]
         while True:
             for path in files:
-                entry_id = spool_file(spool, path)
+                entry_id = spool_file(spool, path, deferred=True)
                 print(f"committed {entry_id} {path.name}", flush=True)
     if mode == "deliver":
         logging.basicConfig(level=logging.WARNING)

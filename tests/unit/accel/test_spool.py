@@ -191,8 +191,9 @@ def test_claim_only_accepted_pairs(spool: Spool) -> None:
 
 
 def test_reopen_recovers_sending_drops_partials_and_half_removed(tmp_path: Path) -> None:
+    # Without the journal (a journaled entry removed half-way comes back from its record: test_spool_journal.py)
     root = tmp_path / "spool"
-    spool = Spool(root, max_bytes=10_000_000)
+    spool = Spool(root, max_bytes=10_000_000, journal=False)
     sending, _ = spool_one(spool)
     kept, _ = spool_one(spool)
     half_removed, _ = spool_one(spool)
@@ -201,7 +202,7 @@ def test_reopen_recovers_sending_drops_partials_and_half_removed(tmp_path: Path)
     (root / "entries" / half_removed / "instance.dcm").unlink()  # a crash inside remove()
     spool.close()  # the process "dies": nothing else is cleaned up
 
-    again = Spool(root, max_bytes=10_000_000)
+    again = Spool(root, max_bytes=10_000_000, journal=False)
     assert [e.id for e in again.entries()] == [sending, kept]
     assert again.get(sending).state is EntryState.RECEIVED and again.get(sending).attempts == 1
     assert list((root / "tmp").iterdir()) == []
@@ -236,14 +237,15 @@ def test_a_state_lost_in_a_crash_is_rebuilt_from_the_file_meta(tmp_path: Path) -
 
 
 def test_an_entry_nobody_can_read_is_quarantined_not_deleted(tmp_path: Path) -> None:
+    # Without the journal: with it, a file damaged before its segment is retired is rewritten from its record.
     root = tmp_path / "spool"
-    spool = Spool(root, max_bytes=10_000_000)
+    spool = Spool(root, max_bytes=10_000_000, journal=False)
     broken, _ = spool_one(spool)
     spool.close()
     (root / "entries" / broken / "state.json").write_text("{not json")
     data = root / "entries" / broken / "instance.dcm"
     data.write_bytes(b"\0" * 132 + data.read_bytes()[132:])  # no 'DICM': the file meta is unreadable too
-    again = Spool(root, max_bytes=10_000_000)
+    again = Spool(root, max_bytes=10_000_000, journal=False)
     assert again.entries() == []
     assert (root / "quarantine" / broken / "instance.dcm").exists()
     again.close()
@@ -257,6 +259,7 @@ def test_one_process_at_a_time_and_requests_reach_the_owner(tmp_path: Path) -> N
         Spool(root, max_bytes=10_000_000)
     spool.set_state(entry_id, EntryState.SENDING)
     spool.fail(entry_id, "rejected", permanent=True)
+    spool.flush()  # states are written behind, by the spool's thread
     assert [e.state for e in read_entries(root)] == [EntryState.DEAD]  # seen from outside, without the lock
     request_action(root, "retry", entry_id)
     with pytest.raises(SpoolError):

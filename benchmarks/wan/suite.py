@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 PROBE = str(HERE / "probe.py")
 SCP_PORT = 11112
 SCP_ACCEL_PORT = 11113  # relay-accel's destination: a forking storescp (the delivery pool opens several associations)
-ACCEL_POLL_S = 0.01  # how often the receiving directory is looked at for the last file of a relay-accel run
+ACCEL_POLL_S = 0.01  # how often the receiving directory is looked at while relay-accel delivers
 # Debian's DCMTK (and Orthanc) leave Nagle on; every DICOM process here runs with TCP_NODELAY=1.
 DICOM_ENV = {**os.environ, "TCP_NODELAY": "1"}
 LOCK = "/run/lock/drwan-bench.lock" if Path("/run/lock").is_dir() else "/tmp/drwan-bench.lock"
@@ -121,6 +121,14 @@ def applies(args: argparse.Namespace, name: str, mode: str) -> bool:
     return mode != "dicomweb" or name in TRANSFERS
 
 
+def uptime() -> str:
+    """`uptime`'s line, kept in the results before and after a run (the load is part of every figure)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def loadavg() -> list[float]:
     """1, 5 and 15 minute load averages: other work on this machine skews every number."""
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
@@ -152,6 +160,7 @@ class Measurements:
     late: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
     wire: dict[tuple[str, str], list[dict[str, int]]] = field(default_factory=dict)
     sender: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # relay-accel: storescu's own time
+    first: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # C-STORE: first file stored at B
 
 
 class Bench:
@@ -166,6 +175,7 @@ class Bench:
         self.scp: subprocess.Popen[bytes] | None = None
         self.scp_accel: subprocess.Popen[bytes] | None = None
         self._sender_s: float | None = None
+        self._first_s: float | None = None
         shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self.orthancs = Path(tempfile.mkdtemp(prefix="drwan-orthanc-", dir=shm))  # Orthanc storage in memory
         self.archive: Archive | None = None
@@ -177,6 +187,7 @@ class Bench:
             self.dicomweb = DicomWeb(self.lab, self.orthancs / "dicomweb", self.work)
         self.deadline = time.monotonic() + args.max_minutes * 60
         self.cpu_pids: dict[str, int] = {}
+        self.uptime: dict[str, str] = {}
 
     # -- infrastructure ------------------------------------------------------
     def start(self) -> None:
@@ -376,33 +387,35 @@ class Bench:
         # for JPEG 2000 files, which storescu cannot convert to).
         cmd = [dcmtk("storescu"), "-R", *extra, "-aet", "BENCH_SCU", "-aec", called, host, str(port), *map(str, files)]
         cpu0 = self._cpu_snapshot()
+        since = time.time_ns()  # the files' mtimes are wall clock: arrivals are measured from here
         t0 = time.perf_counter()
         r = self.lab.run(NS_A, cmd, timeout=min(590.0, self._left()), env=DICOM_ENV)
         elapsed = time.perf_counter() - t0
         cpu1 = self._cpu_snapshot()
         if r.returncode != 0:
             raise RuntimeError(f"storescu ({mode}) failed ({r.returncode}): {r.stderr[-2000:]}")
-        if mode == "relay-accel":  # storescu got router A's answers; end to end is the last file at storescp
+        if mode == "relay-accel":  # storescu got router A's answers; the images are still on their way
             self._sender_s = elapsed
-            elapsed = self._wait_accel_arrival(t0, len(files))
+            self._wait_accel_arrival(len(files))
             cpu1 = self._cpu_snapshot()
         workloads.check_arrival(mode, self.rx, files, verify)
+        self._first_s, last = workloads.arrival_times(self.rx, since)
+        if mode == "relay-accel":  # end to end: storescu's start to the last instance stored at storescp
+            elapsed = last
         return elapsed, {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
 
-    def _wait_accel_arrival(self, t0: float, count: int) -> float:
-        """Seconds from storescu's start until `count` files are in the receiving directory; then until both
-        spools are empty (each file complete, every outcome back at router A) before anything reads them."""
+    def _wait_accel_arrival(self, count: int) -> None:
+        """Until `count` files are in the receiving directory, then until both spools are empty (each file
+        complete, every outcome back at router A) before anything reads them."""
         deadline = time.monotonic() + min(590.0, self._left())
         while len(list(self.rx.glob("*.dcm"))) < count:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"relay-accel: {len(list(self.rx.glob('*.dcm')))} of {count} files arrived")
             time.sleep(ACCEL_POLL_S)
-        end_to_end = time.perf_counter() - t0
         while not self.relay.accel_drained():
             if time.monotonic() > deadline:
                 raise RuntimeError("relay-accel: the spools did not drain")
             time.sleep(0.1)
-        return end_to_end
 
     def echo(self, mode: str, count: int) -> list[dict[str, float]]:
         host, port, called = self.target(mode)
@@ -434,6 +447,7 @@ class Bench:
             loads[name] = workloads.build(name, sizes[name], cache)
             log(f"  {loads[name].description}: {loads[name].bytes / 1e6:.1f} MB")
         load = [loadavg()]
+        self.uptime = {"before": uptime()}
         minutes = estimate_minutes(args, loads, self.spec)
         log(f"estimated duration: {minutes:.0f} min (stops measuring after --max-minutes {args.max_minutes:g})")
         self.start()
@@ -475,6 +489,7 @@ class Bench:
         except Deadline:
             complete = False
             log(f"time limit of {args.max_minutes:g} min reached: writing what was measured")
+        self.uptime["after"] = uptime()
         return self._payload(check, link, loads, m, complete, load)
 
     def _load_orthancs(self, loads: dict[str, workloads.Workload], cache: Path) -> None:
@@ -552,6 +567,8 @@ class Bench:
                 seconds, used = self.store(mode, files, verify=verify, extra=loads[name].storescu_args)
                 if mode == "relay-accel" and self._sender_s is not None:
                     m.sender.setdefault((name, mode), []).append(self._sender_s)
+                if self._first_s is not None:
+                    m.first.setdefault((name, mode), []).append(self._first_s)
         wire = {k: v for k, v in wire.items() if not k.startswith("bridge_") or k == f"bridge_{mode}"}
         m.wire.setdefault((name, mode), []).append(wire)
         m.samples.setdefault((name, mode), []).append(seconds)
@@ -561,6 +578,9 @@ class Bench:
         sent = f"{up[0].upper()} uplink {wire[up] / 1e6:.1f} MB" + (
             f", bridge {wire[f'bridge_{mode}'] / 1e6:.1f} MB" if f"bridge_{mode}" in wire else ""
         )
+        if name in TRANSFERS and mode != "dicomweb":
+            sent += f"; first image {m.first[(name, mode)][-1]:.2f} s"
+            sent += f", sender {m.sender[(name, mode)][-1]:.2f} s" if mode == "relay-accel" else ""
         return f"{seconds:.2f} s, {loads[name].bytes / seconds / 1e6:.2f} MB/s  [{sent}; CPU: {cpu}]"
 
     def _payload(
@@ -598,6 +618,8 @@ class Bench:
                 }
             if (name, mode) in m.sender:
                 rec["sender_seconds"] = report.summary(m.sender[(name, mode)])
+            if (name, mode) in m.first:
+                rec["first_image_seconds"] = report.summary(m.first[(name, mode)])
             if (name, mode) in m.late:
                 runs = m.late[(name, mode)]
                 rec["emulator"] = {
@@ -646,6 +668,7 @@ class Bench:
             "results": results,
             "errors": m.errors,
             "loadavg": load,
+            "uptime": self.uptime,
             "priority": args.priority,
             "delay_stage": self.lab.delay_counters(),
             "qdiscs": self.lab.qdisc_stats(),

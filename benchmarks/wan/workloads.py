@@ -119,6 +119,17 @@ def build(name: str, n: int, cache: Path) -> Workload:
     return Workload(name, files, marker.read_text())
 
 
+def arrival_times(received: Path, since_ns: int) -> tuple[float, float]:
+    """Seconds from `since_ns` (wall clock, time.time_ns()) until the first and the last file in `received` was
+    complete. storescp receives a data set in memory and writes its file at the end of the C-STORE, in one go,
+    before it answers: a file's mtime (the kernel's coarse clock, a few ms of resolution) is the moment that
+    instance was stored. Polling for the first file would race with its write; the mtimes do not."""
+    stamps = [p.stat().st_mtime_ns for p in received.glob("*.dcm")]
+    if not stamps:
+        raise RuntimeError(f"no file arrived in {received}")
+    return (min(stamps) - since_ns) / 1e9, (max(stamps) - since_ns) / 1e9
+
+
 def check_arrival(what: str, received: Path, sent: tuple[Path, ...], verify: bool) -> None:
     """Every file of `sent` arrived in `received` (and, with `verify`, with the same pixels); else RuntimeError."""
     got = sorted(received.glob("*.dcm"))

@@ -31,6 +31,7 @@ SLOW_FIRST = (
     "tests/integration/test_ops.py",
     "tests/integration/cloudstore/test_relay_spill.py",
     "tests/integration/test_reliability.py",
+    "tests/integration/test_accel_spill.py",
     "tests/integration/test_relay_refusals.py",
 )
 

@@ -529,8 +529,11 @@ class RouterConfig:
                 # let images pass unrelabelled on a route that promises coercion.
                 raise InvalidValue("accelerate", f"{device.ae_title!r}: cannot be combined with patient_identity yet")
         idle = self.dicom.idle_timeout_s
-        if idle and self.accelerate.move_hold_max_s >= idle:
+        holds_moves = any(device.accelerate for device in self.shared)  # only moves to these are ever held
+        if holds_moves and idle and self.accelerate.move_hold_max_s >= idle:
             # A held final C-MOVE response leaves the association silent; the idle timeout must not end it first.
+            # Checked only where a move can be held: a router without accelerated shared devices keeps any
+            # idle timeout it had before accelerated retrieval existed.
             raise InvalidValue("accelerate.move_hold_max_s", f"must be below [dicom] idle_timeout_s ({idle:g})")
 
 

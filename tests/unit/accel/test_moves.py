@@ -418,3 +418,36 @@ def test_a_hostile_hello_title_is_refused(title: object) -> None:
     body = json.dumps({"version": 1, "capabilities": True, "moves": True, "title": title}).encode()
     with pytest.raises(RecordError, match="title"):
         RecordReader(records.NEAR_TO_FAR).feed(bytes([records.RecordType.HELLO]) + len(body).to_bytes(4, "big") + body)
+
+
+def _router_config(tmp_path: Path, *, accelerated_shared: bool, idle_timeout_s: float) -> object:
+    from relay_common.config import parse_config
+    from relay_router.config import RouterConfig
+
+    doc = {
+        "router": {"name": "hospital-a", "state_dir": str(tmp_path / "state")},
+        "bridge": {"address": "bridge:443", "insecure": True, "password": "correct horse battery"},
+        "dicom": {"listen": "127.0.0.1:0", "idle_timeout_s": idle_timeout_s},
+        "shared": [
+            {
+                "ae_title": "WS_A",
+                "host": "127.0.0.1",
+                "port": 11112,
+                "share_with": ["hospital-b"],
+                "accelerate": accelerated_shared,
+            }
+        ],
+    }
+    return parse_config(doc, RouterConfig, base_dir=tmp_path)
+
+
+def test_the_hold_ceiling_is_checked_against_the_idle_timeout_only_where_a_move_can_be_held(tmp_path: Path) -> None:
+    """A router without accelerated shared devices keeps a short idle timeout (it did before moves were held);
+    one that can hold a move must not let the idle timeout end the held association first."""
+    from relay_common.config import ConfigError
+
+    _router_config(tmp_path, accelerated_shared=False, idle_timeout_s=2.0)
+    with pytest.raises(
+        ConfigError, match=r"accelerate\.move_hold_max_s: must be below \[dicom\] idle_timeout_s \(120\)"
+    ):
+        _router_config(tmp_path, accelerated_shared=True, idle_timeout_s=120.0)

@@ -342,12 +342,7 @@ class Spool:
                     self._publisher = None
                     return
             try:
-                if waiting is not None:
-                    self._publish(waiting)
-                elif doomed is not None:
-                    self._delete(doomed)
-                elif dirty is not None:
-                    self._flush_state(dirty)
+                self._write_out(waiting, doomed, dirty)
             except OSError as exc:  # durable all the same (journal, or the state before); tried again
                 what = waiting or doomed or dirty
                 log.error("spool %s: entry %s cannot be written out (%s); retrying", self.root, what, exc)
@@ -360,18 +355,24 @@ class Spool:
         dirty = next(iter(self._dirty), None) if waiting is None and doomed is None else None
         return waiting, doomed, dirty
 
+    def _write_out(self, waiting: str | None, doomed: str | None, dirty: str | None) -> bool:
+        """Carry out the one piece of work `_next_work` chose; False when there was none."""
+        if waiting is not None:
+            self._publish(waiting)
+        elif doomed is not None:
+            self._delete(doomed)
+        elif dirty is not None:
+            self._flush_state(dirty)
+        else:
+            return False
+        return True
+
     def flush(self) -> None:
         """Write (and delete) now what is still only in memory: what readers of the directory see."""
         while True:
             with self._lock:
-                waiting, doomed, dirty = self._next_work()
-            if waiting is not None:
-                self._publish(waiting)
-            elif doomed is not None:
-                self._delete(doomed)
-            elif dirty is not None:
-                self._flush_state(dirty)
-            else:
+                work = self._next_work()
+            if not self._write_out(*work):
                 return
 
     def _delete(self, entry_id: str) -> None:

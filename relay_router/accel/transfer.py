@@ -101,15 +101,26 @@ class RecordChannel:
         self.bytes_sent = 0  # record bytes, before compression and sealing
         self.bytes_received = 0
 
-    async def send(self, data: bytes, *, flush: bool = False) -> None:
-        """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket)."""
+    async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
+        """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket).
+
+        `new_instance`: `data` begins an instance; the compressor tries again from the next frame, whatever
+        the previous instance was (an incompressible JPEG 2000 study must not make the next study's frames
+        travel uncompressed)."""
         async with self._send_lock:
+            if new_instance and self.codec.compressor is not None:
+                self.codec.compressor.reset_give_up()
             self._pending += data
             while len(self._pending) >= self.frame_bytes or (flush and self._pending):
                 payload = bytes(self._pending[: self.frame_bytes])
                 del self._pending[: self.frame_bytes]
+                # Compressing and sealing a frame (up to frame_bytes, milliseconds of CPU) runs in a worker
+                # thread: zstd releases the GIL, so the event loop keeps answering the sending device's
+                # C-STOREs meanwhile (the acceptor shares this loop). One frame at a time, under the send lock:
+                # the codec's sequence numbers and compressor state are never touched by two threads at once.
+                frame = await asyncio.to_thread(self.codec.encode_data, payload)
                 try:
-                    await self.stream.send(pb.Frame(data=self.codec.encode_data(payload)))
+                    await self.stream.send(pb.Frame(data=frame))
                 except SEND_ERRORS as exc:
                     raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
                 self.bytes_sent += len(payload)
@@ -415,7 +426,7 @@ class NearTransfer:
                 return 0
         self.in_flight[entry.id] = InFlight(entry, size)
         self.counts["sent"] += 1
-        await channel.send(records.instance(header))
+        await channel.send(records.instance(header), new_instance=True)
         with path.open("rb") as source:
             while chunk := await asyncio.to_thread(source.read, READ_BYTES):
                 await channel.send(records.chunks(chunk))

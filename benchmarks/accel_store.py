@@ -68,6 +68,7 @@ class AcceptorServer:
         self.transfer = transfer
         self.forwarded = 0
         self.frames_sent = 0
+        self._transfer_task: asyncio.Task[None] | None = None
         self.capabilities = DeviceCapabilities({CT_IMAGE_STORAGE: (EXPLICIT_LE, IMPLICIT_LE)}, time.time())
         self.commit_s: list[float] = []
         self.loop_profile = cProfile.Profile() if profile else None
@@ -108,8 +109,13 @@ class AcceptorServer:
 
     def __exit__(self, *exc: object) -> None:
         spool_module.SpoolWriter.commit = self._original_commit  # type: ignore[method-assign]
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(self._stop)
         self._thread.join(10)
+
+    def _stop(self) -> None:
+        if self._transfer_task is not None:
+            self._transfer_task.cancel()
+        self._loop.call_soon(self._loop.stop)  # after the cancellation ran
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -260,8 +260,8 @@ class NearTransfer:
                 self.connected = False
                 self._requeue()
                 self._audit(time.monotonic() - self._batch_started)
-            if time.monotonic() - started > 60:
-                delay = RETRY_MIN_S
+            if not self.last_error or time.monotonic() - started > 60:  # a clean end, or a stream that worked a
+                delay = RETRY_MIN_S  # while: the next failure waits a second again, not what old failures built up
             if self.last_error:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -430,6 +430,8 @@ class NearTransfer:
         with path.open("rb") as source:
             while chunk := await asyncio.to_thread(source.read, READ_BYTES):
                 await channel.send(records.chunks(chunk))
+                if len(chunk) < READ_BYTES:  # a short read of a regular file is its end: no hand-off for b""
+                    break
         await self._send_acks(channel, flush=False)
         return size
 

@@ -21,9 +21,9 @@ import asyncio
 import cProfile
 import io
 import json
+import os
 import pstats
 import tempfile
-import os
 import threading
 import time
 import uuid

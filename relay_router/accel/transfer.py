@@ -55,6 +55,7 @@ from relay_router.wire.features import Features
 log = logging.getLogger("relay_router.accel")
 SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError)
 READ_BYTES = 256 * 1024
+THREAD_MIN_BYTES = 64 * 1024  # frames from this size on are compressed and sealed in a worker thread
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
 # How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
@@ -118,7 +119,10 @@ class RecordChannel:
                 # thread: zstd releases the GIL, so the event loop keeps answering the sending device's
                 # C-STOREs meanwhile (the acceptor shares this loop). One frame at a time, under the send lock:
                 # the codec's sequence numbers and compressor state are never touched by two threads at once.
-                frame = await asyncio.to_thread(self.codec.encode_data, payload)
+                if len(payload) >= THREAD_MIN_BYTES:
+                    frame = await asyncio.to_thread(self.codec.encode_data, payload)
+                else:  # answers and a bucket's tail: cheaper here than a thread hand-off
+                    frame = self.codec.encode_data(payload)
                 try:
                     await self.stream.send(pb.Frame(data=frame))
                 except SEND_ERRORS as exc:

@@ -11,7 +11,7 @@ import os
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_router.accel import records
-from relay_router.accel.transfer import RecordChannel
+from relay_router.accel.transfer import THREAD_MIN_BYTES, RecordChannel
 from relay_router.compress import GIVE_UP_AFTER, FrameDecompressor
 from relay_router.seal import FrameSealer
 from relay_router.wire.codec import FrameCodec
@@ -19,7 +19,7 @@ from relay_router.wire.features import Features
 from relay_router.wire.flags import FrameFlag
 
 AID = os.urandom(16).hex()
-FRAME = 4096
+FRAME = THREAD_MIN_BYTES  # full frames are compressed and sealed in a worker thread
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 J2K = "1.2.840.10008.1.2.4.90"

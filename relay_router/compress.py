@@ -85,6 +85,11 @@ class FrameCompressor:
             return payload, FrameFlag(0)
         return packed, FLAG_COMPRESSED | (FLAG_SHUFFLED if self._shuffled else FrameFlag(0))
 
+    def reset_give_up(self) -> None:
+        """Try compression again from the next frame: a new instance (another study, maybe another transfer
+        syntax) on a long-lived stream must not inherit the previous one's "does not pay" verdict."""
+        self._misses = self._skip = 0
+
     def _paid(self, size: int, packed: int) -> bool:
         if packed < size * WORTH:
             self._misses = 0

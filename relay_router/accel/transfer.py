@@ -55,6 +55,7 @@ from relay_router.wire.features import Features
 log = logging.getLogger("relay_router.accel")
 SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError)
 READ_BYTES = 256 * 1024
+THREAD_MIN_BYTES = 64 * 1024  # frames from this size on are compressed and sealed in a worker thread
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
 # How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
@@ -101,15 +102,29 @@ class RecordChannel:
         self.bytes_sent = 0  # record bytes, before compression and sealing
         self.bytes_received = 0
 
-    async def send(self, data: bytes, *, flush: bool = False) -> None:
-        """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket)."""
+    async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
+        """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket).
+
+        `new_instance`: `data` begins an instance; the compressor tries again from the next frame, whatever
+        the previous instance was (an incompressible JPEG 2000 study must not make the next study's frames
+        travel uncompressed)."""
         async with self._send_lock:
+            if new_instance and self.codec.compressor is not None:
+                self.codec.compressor.reset_give_up()
             self._pending += data
             while len(self._pending) >= self.frame_bytes or (flush and self._pending):
                 payload = bytes(self._pending[: self.frame_bytes])
                 del self._pending[: self.frame_bytes]
+                # Compressing and sealing a frame (up to frame_bytes, milliseconds of CPU) runs in a worker
+                # thread: zstd releases the GIL, so the event loop keeps answering the sending device's
+                # C-STOREs meanwhile (the acceptor shares this loop). One frame at a time, under the send lock:
+                # the codec's sequence numbers and compressor state are never touched by two threads at once.
+                if len(payload) >= THREAD_MIN_BYTES:
+                    frame = await asyncio.to_thread(self.codec.encode_data, payload)
+                else:  # answers and a bucket's tail: cheaper here than a thread hand-off
+                    frame = self.codec.encode_data(payload)
                 try:
-                    await self.stream.send(pb.Frame(data=self.codec.encode_data(payload)))
+                    await self.stream.send(pb.Frame(data=frame))
                 except SEND_ERRORS as exc:
                     raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
                 self.bytes_sent += len(payload)
@@ -249,8 +264,8 @@ class NearTransfer:
                 self.connected = False
                 self._requeue()
                 self._audit(time.monotonic() - self._batch_started)
-            if time.monotonic() - started > 60:
-                delay = RETRY_MIN_S
+            if not self.last_error or time.monotonic() - started > 60:  # a clean end, or a stream that worked a
+                delay = RETRY_MIN_S  # while: the next failure waits a second again, not what old failures built up
             if self.last_error:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -415,10 +430,12 @@ class NearTransfer:
                 return 0
         self.in_flight[entry.id] = InFlight(entry, size)
         self.counts["sent"] += 1
-        await channel.send(records.instance(header))
+        await channel.send(records.instance(header), new_instance=True)
         with path.open("rb") as source:
             while chunk := await asyncio.to_thread(source.read, READ_BYTES):
                 await channel.send(records.chunks(chunk))
+                if len(chunk) < READ_BYTES:  # a short read of a regular file is its end: no hand-off for b""
+                    break
         await self._send_acks(channel, flush=False)
         return size
 

@@ -146,13 +146,13 @@ def test_concurrent_commits_share_syncs_and_all_survive(tmp_path: Path, monkeypa
     root = tmp_path / "spool"
     spool = Spool(root, max_bytes=100_000_000, segment_bytes=SMALL_SEGMENT)
     syncs = []
-    real = os.fdatasync
+    real = journal_module.Journal._sync_locked
 
-    def counting(fd: int) -> None:
-        syncs.append(fd)
-        real(fd)
+    def counting(journal: journal_module.Journal) -> None:  # the journal's own syncs, not the writer thread's
+        syncs.append(journal)
+        real(journal)
 
-    monkeypatch.setattr(journal_module.os, "fdatasync", counting)
+    monkeypatch.setattr(journal_module.Journal, "_sync_locked", counting)
     committed: list[str] = []
     guard = threading.Lock()
 

@@ -39,6 +39,7 @@ from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, g
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.integration.test_accel_delivery import CtOnlyStorescp
+from tests.integration.test_accel_route import wait_for
 from tests.support.dcmtk import StorescpProcess
 from tests.support.orthanc import OrthancProcess
 from tests.support.ports import free_port
@@ -113,15 +114,6 @@ class Sites:
         port = self.net.sites["hospital-a"].port
         assert port
         return port
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def start_picky_archive(received: set[str]) -> Any:

@@ -20,7 +20,6 @@ and says B000 (some failed) or A702 (all failed).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from relay_common.audit import read_events
 from relay_demo.datasets import fingerprints, generate_ct_series, generate_mr_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
+from tests.integration.test_accel_route import wait_for
 from tests.support import dcmtk
 from tests.support.dcmtk import StorescpProcess
 from tests.support.orthanc import OrthancProcess
@@ -99,15 +99,6 @@ class Sites:
         return port
 
 
-def wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def near_route(sites_net: LocalRelayNetwork, title: str) -> dict[str, Any]:
     status = sites_net.status("hospital-b").get("accelerate")
     routes = status.get("routes", {}) if isinstance(status, dict) else {}
@@ -171,7 +162,8 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
         net.wait_connected()
         # Router B answers the archive's sub-operations itself once it knows what each device accepts.
         for title in ("WS_A", "PICKY_X"):
-            wait_for(lambda t=title: near_route(net, t).get("capabilities_known"), f"{title}'s capabilities at B")
+            known = f"{title}'s capabilities at B"
+            wait_for(lambda t=title: near_route(net, t).get("capabilities_known"), known, timeout=60)
         yield Sites(net, orthanc, ws, plain, picky, work, series)
     finally:
         net.stop()

@@ -262,16 +262,16 @@ def _ae_title(value: object) -> bool:
     )
 
 
-def _move_originator(body: Mapping[str, Any]) -> tuple[str | None, int | None]:
+def _move_originator(body: Mapping[str, Any], what: str) -> tuple[str | None, int | None]:
     """A sub-operation's Move Originator pair, both or neither: an AE title (PS3.5 AE: 1-16 characters of the
     default repertoire, no backslash, not only spaces) and a Message ID (US, 1-65535)."""
     ae, message_id = body.get("move_originator_ae"), body.get("move_originator_id")
     if ae is None and message_id is None:
         return None, None
     if not isinstance(ae, str) or not _ae_title(ae):
-        raise RecordError(f"INSTANCE record: move_originator_ae {str(ae)[:40]!r} is not an AE title")
+        raise RecordError(f"{what} record: move_originator_ae {str(ae)[:40]!r} is not an AE title")
     if not isinstance(message_id, int) or isinstance(message_id, bool) or not 0 < message_id <= 0xFFFF:
-        raise RecordError(f"INSTANCE record: move_originator_id {str(message_id)[:20]!r} is not a Message ID")
+        raise RecordError(f"{what} record: move_originator_id {str(message_id)[:20]!r} is not a Message ID")
     return ae.strip(), message_id
 
 
@@ -298,7 +298,7 @@ def _instance(value: Mapping[str, Any], what: str) -> InstanceHeader:
         _uid(value, "sop_instance", what),
         _uid(value, "transfer_syntax", what),
         length,
-        *_move_originator(value),
+        *_move_originator(value, what),
     )
 
 

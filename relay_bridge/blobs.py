@@ -302,7 +302,10 @@ class BlobService:
         self.state = state
 
     async def _caller(self, context: grpc.aio.ServicerContext, association_id: str = "") -> RouterSession:
-        session = await self.state.sessions.authenticate_caller(context)
+        # A router moved off this draining replica still fetches and stores the parts of the
+        # associations it runs here with their session (relay_bridge.lifecycle); each RPC checks
+        # that the blob is one of the session's running associations.
+        session = await self.state.sessions.authenticate_caller(context, moved_ok=True)
         if self.state.blobs is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this bridge has no spill blob store")
         if association_id:

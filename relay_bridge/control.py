@@ -255,6 +255,8 @@ class ControlService:
             # router retries, instead of SITE_OFFLINE for a site that is only moving (docs/high-availability.md).
             if state.cluster is not None and not state.draining:
                 self._in_background(state.cluster.presence.release(session.name, session.since))
+            if state.draining:  # moved with associations still running here: their blob RPCs go on
+                state.sessions.keep_moved(session)
             if state.sessions.get(session.name) is session:
                 del state.sessions[session.name]
                 log.info("router %s signed off", session.name)

@@ -7,9 +7,13 @@ Drain, in order (docs/operations.md, "Upgrade without failed associations"):
 2. After `MOVE_AFTER_S` (time for a Join whose notice was just sent), every router with no
    association running here is sent `Move` and its control stream ends: the router signs on again
    at once over a new connection (behind a load balancer, to another replica; with one bridge, to
-   this one once it is back; an older router reconnects with its backoff). A router
-   that still carries an association keeps its session until that ends: its Joins, blob slots
-   and parts are authenticated by it.
+   this one once it is back; an older router reconnects with its backoff).
+   In a cluster, a router that still carries associations here is moved as well: until it has
+   signed on elsewhere, every Open towards it lands here and is refused DRAINING, so one long
+   C-MOVE would otherwise keep its site unreachable for as long as it runs (longer than the
+   calling routers' `open_retry_s`). Its associations keep their streams on the old connection,
+   and its session stays valid here for their blob RPCs only (`SessionRegistry.moved`). With one
+   bridge there is nowhere to go, so such a router keeps its session until its associations end.
 3. Running associations get `[server] drain_grace_s` to finish; then the remaining routers are sent
    `Move` too, their sessions end, and `server.stop(STOP_GRACE_S)` cuts whatever still runs (both
    devices get A-ABORT).
@@ -64,7 +68,7 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
     deadline = started + grace_s
     while state.splices and loop.time() < deadline:
         if loop.time() - started >= MOVE_AFTER_S:
-            _move_idle_routers(servicer)
+            _move_routers(servicer, busy_too=state.cluster is not None)
         await asyncio.sleep(POLL_S)
     if state.splices:
         log.warning("drain: %d association(s) still running after %g s are cut", len(state.splices), grace_s)
@@ -77,12 +81,22 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
         await servicer.control.watcher.stop()
 
 
-def _move_idle_routers(servicer: RelayServicer) -> None:
-    """End the control streams of routers that have nothing running here (they reconnect elsewhere)."""
+def _move_routers(servicer: RelayServicer, *, busy_too: bool) -> None:
+    """End the control streams of routers that have nothing running here (with `busy_too`, of every
+    router); they sign on again elsewhere."""
     for session in list(servicer.state.sessions.values()):
-        if not session.associations and not session.ended.is_set():
+        if session.ended.is_set() or (session.associations and not busy_too):
+            continue
+        running = len(session.associations)
+        if running:
+            log.info(
+                "drain: asking router %s to reconnect; its %d association(s) here go on until they end",
+                session.name,
+                running,
+            )
+        else:
             log.info("drain: asking router %s to reconnect (its control stream ends)", session.name)
-            move(session)
+        move(session)
 
 
 def move(session: RouterSession) -> None:

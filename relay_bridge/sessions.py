@@ -69,11 +69,26 @@ class SessionRegistry(dict[str, RouterSession]):
     def __init__(self, *, require_client_cert: bool = False) -> None:
         super().__init__()
         self.require_client_cert = require_client_cert
+        # Sessions of routers this draining replica moved while associations of theirs still ran here
+        # (relay_bridge.lifecycle): the router signed on at another replica, and this token stays valid
+        # for the blob RPCs of those associations only, until the last of them ends.
+        self.moved: list[RouterSession] = []
 
-    def by_token(self, token: str) -> RouterSession | None:
-        """The live session with this token (compared in constant time), or None."""
+    def keep_moved(self, session: RouterSession) -> None:
+        """`session`'s control stream ended by a move while it still has associations here."""
+        if session.associations and session not in self.moved:
+            self.moved.append(session)
+
+    def by_token(self, token: str, *, moved_ok: bool = False) -> RouterSession | None:
+        """The live session with this token (compared in constant time), or None. `moved_ok`: a moved
+        session with associations still running here counts too (for their blob RPCs, never for new ones)."""
         session = next((s for s in self.values() if secrets.compare_digest(s.token, token)), None)
-        return None if session is None or session.ended.is_set() else session
+        if session is not None and not session.ended.is_set():
+            return session
+        self.moved = [s for s in self.moved if s.associations]
+        if not moved_ok:
+            return None
+        return next((s for s in self.moved if secrets.compare_digest(s.token, token)), None)
 
     def certificate_problem(self, context: grpc.aio.ServicerContext, account: str | None) -> str | None:
         """With mutual TLS on: why this call's client certificate does not fit `account` (None if it does)."""
@@ -82,12 +97,12 @@ class SessionRegistry(dict[str, RouterSession]):
         return certificate_problem(context.auth_context().get("x509_common_name") or [], account)
 
     async def authenticate_caller(
-        self, context: grpc.aio.ServicerContext, association_id: str | None = None
+        self, context: grpc.aio.ServicerContext, association_id: str | None = None, *, moved_ok: bool = False
     ) -> RouterSession:
         """The caller's session, or abort the call: no valid session, certificate of another account, or
-        (with `association_id`) an association the caller is no end of."""
+        (with `association_id`) an association the caller is no end of. `moved_ok`: see `by_token`."""
         token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA, "")
-        session = self.by_token(token)
+        session = self.by_token(token, moved_ok=moved_ok)
         if session is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: sign on first")
             raise AssertionError("unreachable: abort raises")

@@ -17,6 +17,7 @@ its last stream has ended. Running associations are never cut for a renewal.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -46,6 +47,8 @@ SOFTWARE_VERSION = f"dicom-relay/{package_version()}"
 MAX_MESSAGE = 20 * 1024 * 1024
 TLS_CHECK_S = 60.0  # how often the certificate files are checked for a renewal (SIGHUP: at once)
 SIGN_ON_POLL_S = 0.05
+# Blob part URLs remembered with the session they were issued under (see `CallRoute`).
+MAX_ROUTED_URLS = 4096
 # How long a site stays "listed online a moment ago" for the Open retry (relay_router.open_retry):
 # long enough to cover a router moving between replicas, short enough that a site whose router
 # stopped is refused within seconds.
@@ -109,6 +112,17 @@ class _Calls:
             self.idle.set()
 
 
+@dataclass(frozen=True)
+class CallRoute:
+    """Where the calls about one association go: the channel it runs on and the session it was opened
+    or joined with. After a `Move` the router signs on elsewhere, while its running associations stay
+    on the old connection and the draining replica; their blob RPCs must follow them there, with the
+    session that replica knows (relay_bridge.lifecycle)."""
+
+    stub: pb_grpc.RelayStub
+    metadata: tuple[tuple[str, str], ...]
+
+
 IncomingHandler = Callable[[pb.IncomingAssociation], Coroutine[Any, Any, None]]
 
 
@@ -153,6 +167,9 @@ class BridgeLink:
         self._tls: ReloadingClientCredentials | None = None
         self._channel_tls: tuple[int, int] | None = None
         self._calls = _Calls()
+        # Each running association's route, and the blob part URLs issued for them (bounded, oldest out).
+        self._routes: dict[str, CallRoute] = {}
+        self._url_routes: collections.OrderedDict[str, CallRoute] = collections.OrderedDict()
         self._control_call: grpc.aio.StreamStreamCall | None = None
         self._moving = False
         self._new_connection = False  # the next sign-on opens a new connection (Move, or a refusal)
@@ -252,8 +269,10 @@ class BridgeLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _track(self, call: grpc.aio.Call) -> None:
+    def _track(self, call: grpc.aio.Call, association_id: str, route: CallRoute) -> None:
         self._calls.track(call)
+        self._routes[association_id] = route
+        call.add_done_callback(lambda _: self._routes.pop(association_id, None))
 
     def shared_devices(self) -> list[pb.SharedDevice]:
         return [
@@ -493,16 +512,16 @@ class BridgeLink:
             await asyncio.sleep(min(SIGN_ON_POLL_S, left))
         return self.connected
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
+    def _current_route(self) -> CallRoute:
         if self._session is None or self._stub is None:
             raise LinkDown(self.last_error or "not signed on to the bridge")
-        return (("relay-session", self._session),)
+        return CallRoute(self._stub, (("relay-session", self._session),))
 
     async def open(self, request: pb.Open) -> tuple[AssociationStream, pb.Frame]:
         """Open an association stream; returns it with the bridge's answer (Accepted or Refused)."""
-        assert self._stub is not None
-        call = self._stub.Associate(metadata=self._metadata())
-        self._track(call)
+        route = self._current_route()
+        call = route.stub.Associate(metadata=route.metadata)
+        self._track(call, request.association_id, route)
         stream = AssociationStream(call)
         try:
             await stream.send(pb.Frame(open=request))
@@ -516,35 +535,44 @@ class BridgeLink:
         return stream, answer
 
     # -- blob RPCs (cloud spill: relay_router.spill_store.BridgeBlobTransport) ------------------
-    def _blob_stub(self) -> tuple[pb_grpc.RelayStub, tuple[tuple[str, str], ...]]:
-        """The stub and session metadata for a blob RPC; LinkDown when not signed on."""
-        metadata = self._metadata()
-        assert self._stub is not None
-        return self._stub, metadata
+    def _association_route(self, association_id: str) -> CallRoute:
+        """The route of a running association; the current one otherwise (LinkDown when not signed on)."""
+        return self._routes.get(association_id) or self._current_route()
+
+    def _url_route(self, url: str) -> CallRoute:
+        """The route a blob part URL was issued on (the current one for a URL not remembered)."""
+        route = self._url_routes.get(url)
+        return self._current_route() if route is None else route
 
     async def blob_slot(self, request: pb.BlobSlotRequest, *, timeout_s: float) -> pb.BlobSlotResponse:
         """A presigned URL for one part of a blob of one of our associations (gRPC errors pass through)."""
-        stub, metadata = self._blob_stub()
-        return await stub.BlobSlot(request, metadata=metadata, timeout=timeout_s)
+        route = self._association_route(request.association_id)
+        answer: pb.BlobSlotResponse = await route.stub.BlobSlot(request, metadata=route.metadata, timeout=timeout_s)
+        self._url_routes[answer.url] = route
+        self._url_routes.move_to_end(answer.url)
+        while len(self._url_routes) > MAX_ROUTED_URLS:
+            self._url_routes.popitem(last=False)
+        return answer
 
     async def put_blob_part(self, part: pb.BlobPart, *, timeout_s: float) -> None:
         """Store a part through the bridge (its file:// store, whose URLs are capabilities for this RPC)."""
-        stub, metadata = self._blob_stub()
-        await stub.PutBlobPart(part, metadata=metadata, timeout=timeout_s)
+        route = self._url_route(part.url)
+        await route.stub.PutBlobPart(part, metadata=route.metadata, timeout=timeout_s)
 
     async def get_blob_part(self, part: pb.BlobPart, *, timeout_s: float) -> pb.BlobPart:
-        stub, metadata = self._blob_stub()
-        return await stub.GetBlobPart(part, metadata=metadata, timeout=timeout_s)
+        route = self._url_route(part.url)
+        answer: pb.BlobPart = await route.stub.GetBlobPart(part, metadata=route.metadata, timeout=timeout_s)
+        return answer
 
     async def release_blob(self, request: pb.BlobSlotRequest, *, timeout_s: float) -> None:
         """The blob was delivered: the bridge may delete it now."""
-        stub, metadata = self._blob_stub()
-        await stub.ReleaseBlob(request, metadata=metadata, timeout=timeout_s)
+        route = self._association_route(request.association_id)
+        await route.stub.ReleaseBlob(request, metadata=route.metadata, timeout=timeout_s)
 
     async def join(self, association_id: str) -> AssociationStream:
-        assert self._stub is not None
-        call = self._stub.Associate(metadata=self._metadata())
-        self._track(call)
+        route = self._current_route()
+        call = route.stub.Associate(metadata=route.metadata)
+        self._track(call, association_id, route)
         stream = AssociationStream(call)
         await stream.send(pb.Frame(join=pb.Join(association_id=association_id)))
         return stream

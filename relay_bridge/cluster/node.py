@@ -127,9 +127,12 @@ class ClusterNode:
         """`site` signed on at another replica: end its stale stream here and abort what it carried."""
         from relay_bridge.splice import abort_associations
 
-        session = self.associations.state.sessions.get(site)
+        state = self.associations.state
+        session = state.sessions.get(site)
         if session is None:
             return
+        if state.draining and session.ended.is_set():
+            return  # moved by this replica's drain: its running associations go on (relay_bridge.lifecycle)
         session.end()
         self._in_background(
             abort_associations(self.associations.state.splices, session, "the router signed on at another replica")

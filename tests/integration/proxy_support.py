@@ -88,7 +88,12 @@ class Squid:
             entries = []
             for user, password in self.users.items():
                 hashed = subprocess.run(
-                    ["openssl", "passwd", "-apr1", password], check=True, capture_output=True, text=True
+                    # -stdin: a generated password may begin with "-" and would be read as an option.
+                    ["openssl", "passwd", "-apr1", "-stdin"],
+                    input=password + "\n",
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 ).stdout.strip()
                 entries.append(f"{user}:{hashed}\n")
             passwd.write_text("".join(entries))

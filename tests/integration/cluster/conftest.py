@@ -29,12 +29,17 @@ def postgres_for_cluster() -> Iterator[PostgresCluster]:
 def bridge_cluster(
     postgres_for_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BridgeCluster]:
-    """Three replicas and HAProxy with frontends "a" (prefers r1) and "b" (prefers r2); no routers yet."""
+    """Three replicas and HAProxy with frontends "a" (prefers r1) and "b" (prefers r2), checking `GET /readyz`;
+    no routers yet."""
     cluster = start_bridge_cluster(
         tmp_path_factory.mktemp("cluster"),
         postgres_for_cluster,
         {"a": ["r1", "r3", "r2"], "b": ["r2", "r3", "r1"]},
         renew_s=0.5,  # a site signed on at one replica shows online at the others sooner
+        # A draining replica leaves HAProxy's rotation at once (its /readyz answers 503), so the routers it
+        # moves sign on elsewhere while it still finishes what runs there, within a grace longer than that.
+        health="http",
+        drain_grace_s=20,
     )
     try:
         yield cluster

@@ -26,6 +26,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, write_series
@@ -257,3 +258,35 @@ def test_a_clean_exit_removes_the_replicas_rows_and_its_routers_move(placed: Hos
         while not dcmtk.echoscu(HOST, placed.router_a, "PACS_B", "WS_A", timeout=5).ok:
             assert time.monotonic() < deadline, f"no C-ECHO after router B moved to {expected}"
             time.sleep(0.2)
+
+
+def test_a_router_busy_on_a_draining_replica_moves_at_once_and_its_association_finishes_there(
+    placed: Hospitals,
+) -> None:
+    """SIGTERM of r2 while router B carries an association there (from A's workstation to ORTHANC_B).
+    Router B is moved within seconds anyway, so new associations towards site B work during the drain
+    (before, every Open towards B was refused DRAINING until the running association ended, and a
+    calling router gives up after open_retry_s); the running association goes on through r2, stores
+    byte-identical, and r2 exits 0 once it has ended."""
+    cluster = placed.cluster
+    ae = AE(ae_title="WS_A")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    running = ae.associate(HOST, placed.router_a, ae_title="PACS_B")
+    assert running.is_established
+    images = generate_ct_series(4, rows=64, cols=64, patient_id="DRAIN-BUSY", seed=41)
+    assert running.send_c_store(images[0]).Status == 0
+    r2 = cluster.replicas["r2"].process
+    assert r2 is not None
+    r2.terminate()
+    cluster.wait_presence({"site-a": "r1", "site-b": "r3"}, timeout=10)  # while the association still runs
+    assert running.is_established
+    assert dcmtk.echoscu(HOST, placed.router_a, "PACS_B", "WS_A", timeout=10).ok, "site B reachable during the drain"
+    for image in images[1:]:
+        assert running.send_c_store(image).Status == 0
+    assert running.send_c_echo().Status == 0
+    running.release()
+    assert r2.wait(15) == 0, cluster.log("r2")[-2000:]
+    assert "asking router site-b to reconnect; its 1 association(s) here go on" in cluster.log("r2")
+    arrived = placed.orthanc_b.fingerprints()
+    assert {uid: arrived.get(uid) for uid in fingerprints(images)} == fingerprints(images), "byte-identical"

@@ -94,3 +94,33 @@ async def test_refusals(bridge: tuple[RelayServicer, pb_grpc.RelayStub, Path]) -
     assert await denied(stub.GetBlobPart(pb.BlobPart(url=get.url), metadata=a)) == grpc.StatusCode.PERMISSION_DENIED
     alerts = (servicer.audit_path).read_text().count('"blob_refused"')  # type: ignore[attr-defined]
     assert alerts >= 5
+
+
+async def test_a_router_moved_off_a_draining_replica_finishes_its_running_associations_blobs_there(
+    bridge: tuple[RelayServicer, pb_grpc.RelayStub, Path],
+) -> None:
+    """relay_bridge.lifecycle: the moved session serves the blob RPCs of its running associations, and
+    nothing else: not another association, not a new Associate, not once the association has ended."""
+    servicer, stub, _ = bridge
+    a = session(servicer, "site-a", AID)
+    moved = servicer.sessions.pop("site-a")
+    moved.end()
+    # Before the drain keeps it: an ended session is no session.
+    assert await denied(stub.BlobSlot(pb.BlobSlotRequest(association_id=AID), metadata=a)) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    servicer.sessions.keep_moved(moved)
+    slot = await stub.BlobSlot(pb.BlobSlotRequest(association_id=AID), metadata=a)
+    await stub.PutBlobPart(pb.BlobPart(url=slot.url, data=b"sealed"), metadata=a)
+    get = await stub.BlobSlot(pb.BlobSlotRequest(association_id=AID, blob_id=slot.blob_id, download=True), metadata=a)
+    assert (await stub.GetBlobPart(pb.BlobPart(url=get.url), metadata=a)).data == b"sealed"
+    other = pb.BlobSlotRequest(association_id="d" * 32)
+    assert await denied(stub.BlobSlot(other, metadata=a)) == grpc.StatusCode.PERMISSION_DENIED
+    call = stub.Associate(metadata=a)
+    await call.write(pb.Frame(join=pb.Join(association_id=AID)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, "a moved session opens and joins nothing"
+    moved.associations.discard(AID)  # the association ends: the session is gone
+    assert await denied(stub.GetBlobPart(pb.BlobPart(url=get.url), metadata=a)) == grpc.StatusCode.UNAUTHENTICATED
+    assert servicer.sessions.moved == []

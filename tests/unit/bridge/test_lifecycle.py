@@ -82,6 +82,29 @@ async def test_drain_refuses_opens_moves_idle_routers_and_waits_for_running_asso
     assert all(s.ended.is_set() for s in servicer.sessions.values())
 
 
+async def test_in_a_cluster_a_router_with_running_associations_is_moved_too(
+    servicer: RelayServicer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until it signs on at another replica, every Open towards it would be refused DRAINING."""
+    monkeypatch.setattr(servicer.state, "cluster", object())  # drain() only asks whether there is one
+    servicer.splices["a" * 32] = object()  # type: ignore[assignment]  # one association running a <-> b
+    servicer.sessions["site-a"].associations.add("a" * 32)
+    servicer.sessions["site-b"].associations.add("a" * 32)
+    server = FakeServer()
+    draining = asyncio.create_task(lifecycle.drain(server, servicer, grace_s=5.0))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    moves = {name: s.outbox.get_nowait() for name, s in servicer.sessions.items() if not s.outbox.empty()}
+    assert {name for name, m in moves.items() if m is not None and m.HasField("move")} == {
+        "site-a",
+        "site-b",
+        "site-c",
+    }, "every router is told to move, busy or not"
+    assert server.stopped_with is None and not draining.done(), "the running association still gets its grace"
+    del servicer.splices["a" * 32]
+    await asyncio.wait_for(draining, 2)
+    assert server.stopped_with == lifecycle.STOP_GRACE_S
+
+
 async def test_drain_gives_up_waiting_when_the_grace_ends(servicer: RelayServicer) -> None:
     servicer.splices["a" * 32] = object()  # type: ignore[assignment]  # never ends
     server = FakeServer()

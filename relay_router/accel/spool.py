@@ -19,7 +19,10 @@ Commit (relay_router.accel.spool_writer) makes an instance durable in one of two
 * journaled (up to Journal.max_record, 2 MiB): one record in the journal and its sync,
   shared with concurrent commits. The entry's own files are written without a sync, at
   once or, with ``commit(visible)`` (the acceptor), by this spool's publishing thread
-  after the answer; until then the entry is listed but not handed out (claim, due).
+  once the entry is PUBLISH_DELAY_S old and still here. Until then it is held in memory
+  (``held``: the transfer sends it from there), claimed like any other, and not in the
+  directory (``relay-router spool list`` shows it once written); most small instances
+  are delivered and removed before, and never cost a file.
   When a journal segment is full, the maintenance thread syncs the files of the entries
   still in it and deletes it; on open, the journal's segments are replayed: entries a
   crash lost or tore are rewritten from their records and synced (recover_journal).
@@ -113,6 +116,12 @@ __all__ = [
 
 log = logging.getLogger("relay_router.accel.spool")
 PUBLISHER_IDLE_S = 2.0  # the publishing thread waits this long for more entries before it ends
+# A journaled near-side entry is held in memory and written out as its own files only once it is this old
+# (or its segment is retired, or the spool closes): most small instances are delivered and removed before,
+# so their files are never written, rewritten at each state change and deleted again. The transfer reads
+# them from memory (`held`). Past PUBLISH_HELD_MAX_BYTES held, the oldest are written out at once.
+PUBLISH_DELAY_S = 2.0
+PUBLISH_HELD_MAX_BYTES = 64 * 1024 * 1024
 
 
 class Spool:
@@ -146,7 +155,8 @@ class Spool:
         self._checkpointed = -1  # segments up to this one are retired or being retired
         self._to_checkpoint: list[int] = []
         # Committed near-side entries whose own files are not written yet (see SpoolWriter.commit).
-        self._unpublished: dict[str, tuple[int, bytearray, Callable[[], None]]] = {}
+        self._unpublished: dict[str, tuple[int, bytearray, float]] = {}  # id -> (segment, data, committed at)
+        self._held_bytes = 0  # bytes of the entries in _unpublished
         self._publish_lock = threading.Lock()  # taken before self._lock, never after
         self._publish_wake = threading.Condition(self._lock)
         self._publisher: threading.Thread | None = None
@@ -312,15 +322,15 @@ class Spool:
             self._schedule_checkpoint(closed)
         return segment
 
-    def _committed_unpublished(
-        self, entry: SpoolEntry, segment: int, data: bytearray, visible: Callable[[], None]
-    ) -> None:
-        """A journaled entry is durable; its own files are written by the publishing thread."""
+    def _committed_unpublished(self, entry: SpoolEntry, segment: int, data: bytearray) -> None:
+        """A journaled entry is durable; its own files are written later by the publishing thread (if it is still
+        here after PUBLISH_DELAY_S); until then `held` gives its bytes."""
         with self._lock:
             self._reserved -= entry.size
             self._used += entry.size
             self._entries[entry.id] = entry
-            self._unpublished[entry.id] = (segment, data, visible)
+            self._unpublished[entry.id] = (segment, data, time.monotonic())
+            self._held_bytes += len(data)
             late = segment <= self._checkpointed
             self._publish_wake.notify()
             if self._publisher is None:  # (when late too: it retries if the write below fails)
@@ -336,9 +346,11 @@ class Spool:
             with self._lock:
                 waiting, doomed, dirty = self._next_work()
                 if waiting is None and doomed is None and dirty is None and not self._closing:
-                    self._publish_wake.wait(PUBLISHER_IDLE_S)
+                    self._publish_wake.wait(self._publish_wait())
                     waiting, doomed, dirty = self._next_work()
                 if waiting is None and doomed is None and dirty is None:
+                    if self._unpublished and not self._closing:
+                        continue  # held entries not due yet: wait for the oldest
                     self._publisher = None
                     return
             try:
@@ -348,9 +360,22 @@ class Spool:
                 log.error("spool %s: entry %s cannot be written out (%s); retrying", self.root, what, exc)
                 time.sleep(1.0)
 
-    def _next_work(self) -> tuple[str | None, str | None, str | None]:
-        """(an entry to write out, one to delete, one whose state to write), in that order (caller holds _lock)."""
+    def _publish_wait(self) -> float:
+        """How long the publishing thread may sleep: until the oldest held entry is due (caller holds _lock)."""
+        oldest = next(iter(self._unpublished.values()), None)
+        if oldest is None:
+            return PUBLISHER_IDLE_S
+        return min(PUBLISHER_IDLE_S, max(0.01, oldest[2] + PUBLISH_DELAY_S - time.monotonic()))
+
+    def _next_work(self, *, now: bool = False) -> tuple[str | None, str | None, str | None]:
+        """(an entry to write out, one to delete, one whose state to write), in that order (caller holds _lock).
+
+        A held entry is written out once PUBLISH_DELAY_S old, at once with `now`, when the spool closes, or when
+        more than PUBLISH_HELD_MAX_BYTES are held (the oldest first: the dict keeps commit order)."""
         waiting = next(iter(self._unpublished), None)
+        if waiting is not None and not (now or self._closing or self._held_bytes > PUBLISH_HELD_MAX_BYTES):
+            if self._unpublished[waiting][2] + PUBLISH_DELAY_S > time.monotonic():
+                waiting = None
         doomed = next(iter(self._doomed), None) if waiting is None else None
         dirty = next(iter(self._dirty), None) if waiting is None and doomed is None else None
         return waiting, doomed, dirty
@@ -371,7 +396,7 @@ class Spool:
         """Write (and delete) now what is still only in memory: what readers of the directory see."""
         while True:
             with self._lock:
-                work = self._next_work()
+                work = self._next_work(now=True)
             if not self._write_out(*work):
                 return
 
@@ -419,7 +444,7 @@ class Spool:
                 entry = self._entries.get(entry_id)
             if item is None:
                 return
-            segment, data, visible = item
+            segment, data, _ = item
             if entry is not None:
                 directory = self.root / "tmp" / entry_id
                 shutil.rmtree(directory, ignore_errors=True)
@@ -430,12 +455,11 @@ class Spool:
                 self._write_state(directory, entry, durable=False)
                 os.rename(directory, self.root / "entries" / entry_id)
             with self._lock:
-                self._unpublished.pop(entry_id, None)
+                if self._unpublished.pop(entry_id, None) is not None:
+                    self._held_bytes -= len(data)
             if entry is not None and not self._track(entry_id, segment):
                 self._sync_entry(self.root / "entries" / entry_id)
                 fsync_dir(self.root / "entries")
-        if entry is not None:
-            visible()
 
     def _track(self, entry_id: str, segment: int) -> bool:
         """Note that `segment` holds the committed entry's record; False if that segment is being retired."""
@@ -528,10 +552,17 @@ class Spool:
         return self.root / "entries" / entry_id
 
     def path(self, entry_id: str) -> Path:
-        """The entry's DICOM Part 10 file (file meta + data set as received)."""
+        """The entry's DICOM Part 10 file (file meta + data set as received); a held entry is written out first."""
         self.get(entry_id)
         self._publish(entry_id)
         return self._dir(entry_id) / DATA_NAME
+
+    def held(self, entry_id: str) -> bytearray | None:
+        """The Part 10 bytes of a committed entry whose own files are not written yet (durable in the journal),
+        or None: then read `path`. Never changed after commit; the caller must not change it either."""
+        with self._lock:
+            item = self._unpublished.get(entry_id)
+        return None if item is None else item[1]
 
     def get(self, entry_id: str) -> SpoolEntry:
         self._dir(entry_id)
@@ -557,7 +588,6 @@ class Spool:
             for e in self.entries(route=route)
             if e.state in (EntryState.RECEIVED, EntryState.RETRY)
             and e.next_attempt <= now
-            and e.id not in self._unpublished
         ]
 
     def next_due(self, *, route: str | None = None) -> float | None:
@@ -606,7 +636,6 @@ class Spool:
                     for e in self._entries.values()
                     if e.route == route
                     and e.state in (EntryState.RECEIVED, EntryState.RETRY)
-                    and e.id not in self._unpublished  # written out within milliseconds; then woken
                     and e.next_attempt <= now
                     and (accept is None or (e.sop_class_uid, e.transfer_syntax) in accept)
                 ),
@@ -648,7 +677,10 @@ class Spool:
                 raise SpoolError(f"no spool entry {entry_id}")
             self._used -= entry.size
             journaled = self._journaled.pop(entry_id, None) is not None
-            journaled = self._unpublished.pop(entry_id, None) is not None or journaled
+            held = self._unpublished.pop(entry_id, None)
+            if held is not None:
+                self._held_bytes -= len(held[1])
+            journaled = held is not None or journaled
             self._dirty.pop(entry_id, None)
             self._doomed[entry_id] = None
             self._publish_wake.notify()

@@ -98,9 +98,10 @@ class SpoolWriter:
     def commit(self, visible: Callable[[], None] | None = None) -> SpoolEntry:
         """Make the entry durable; once this returns, a success may be answered.
 
-        With `visible` (the near side's acceptor), a journaled entry's own files are written afterwards by
-        the spool's publishing thread, off the C-STORE's path: `visible` is called (in that thread) once
-        they are, and until then the entry is listed but not handed out by claim() or due()."""
+        With `visible` (the near side's acceptor), a journaled entry's own files are written later by the
+        spool's publishing thread, off the C-STORE's path, and only if it is still in the spool by then
+        (relay_router.accel.spool, PUBLISH_DELAY_S); until then `Spool.held` gives its bytes. `visible` is
+        called (in this thread) once the entry can be claimed, which is at once."""
         if self._done:
             raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
         try:
@@ -114,7 +115,8 @@ class SpoolWriter:
                     self._commit_journaled(entry, data)  # falls back to the entry's own synced files
                 else:
                     self._done = True
-                    self._spool._committed_unpublished(entry, segment, data, visible)
+                    self._spool._committed_unpublished(entry, segment, data)
+                    visible()
                     return entry
             elif self._buffer is not None:
                 self._commit_journaled(entry, self._buffer)

@@ -406,9 +406,12 @@ class NearTransfer:
         receiving.cancel()
 
     async def _send_instance(self, channel: RecordChannel, entry: SpoolEntry) -> int:
-        path = self.spool.path(entry.id)
+        # A small instance just committed is still held in memory (its journal record makes it durable): sent
+        # from there, its own files are never written if its outcome comes back soon (relay_router.accel.spool).
+        held = self.spool.held(entry.id)
+        path = self.spool.path(entry.id) if held is None else None
         try:
-            size = path.stat().st_size
+            size = len(held) if held is not None else path.stat().st_size  # type: ignore[union-attr]
         except OSError as exc:
             self.spool.fail(entry.id, f"spool file unreadable: {exc}", permanent=True)
             return 0
@@ -431,6 +434,11 @@ class NearTransfer:
         self.in_flight[entry.id] = InFlight(entry, size)
         self.counts["sent"] += 1
         await channel.send(records.instance(header), new_instance=True)
+        if held is not None:
+            await channel.send(records.chunks(held))  # cut at MAX_CHUNK; full frames go out as they fill
+            await self._send_acks(channel, flush=False)
+            return size
+        assert path is not None
         with path.open("rb") as source:
             while chunk := await asyncio.to_thread(source.read, READ_BYTES):
                 await channel.send(records.chunks(chunk))

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode
 
+from relay_router.dimse.commands import StoreRequest
 from relay_router.dimse.errors import DimseError, Violation
+from relay_router.dimse.fast import parse_store_rq
 from relay_router.ul.pdu import AbortReason, PduType
 
 __all__ = [
@@ -61,18 +63,46 @@ _COMMAND = 1  # command fragments received, not yet the last one
 _DATASET = 2  # the command announced a data set: data set fragments expected
 
 
-@dataclass(frozen=True, slots=True)
 class CommandReceived:
-    """A complete command set; ``has_dataset``: a data set follows (PS3.7 E.1, (0000,0800))."""
+    """A complete command set; ``has_dataset``: a data set follows (PS3.7 E.1, (0000,0800)).
 
-    context_id: int
-    command: Dataset
-    has_dataset: bool
+    ``store``: the C-STORE-RQ's fields when the fast path (relay_router.dimse.fast) read it; the command
+    set is then decoded with pydicom only if ``command`` is asked for."""
+
+    __slots__ = ("context_id", "has_dataset", "store", "_command", "_encoded")
+
+    def __init__(
+        self,
+        context_id: int,
+        command: Dataset | None,
+        has_dataset: bool,
+        *,
+        store: StoreRequest | None = None,
+        encoded: bytes = b"",
+    ) -> None:
+        if command is None and store is None:
+            raise ValueError("a CommandReceived needs its command set or its C-STORE-RQ fields")
+        self.context_id = context_id
+        self.has_dataset = has_dataset
+        self.store = store
+        self._command = command
+        self._encoded = encoded
+
+    @property
+    def command(self) -> Dataset:
+        if self._command is None:
+            self._command = decode_command(self._encoded, self.context_id)
+        return self._command
 
     @property
     def command_field(self) -> int:
         """Command Field (0000,0100), e.g. 0x0001 C-STORE-RQ (PS3.7 E.1)."""
+        if self.store is not None and self._command is None:
+            return 0x0001
         return int(self.command.CommandField)
+
+    def __repr__(self) -> str:
+        return f"CommandReceived(context_id={self.context_id}, command_field=0x{self.command_field:04X})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,12 +359,18 @@ class DimseReceiver:
                 )
             self._command += chunk
             if last:
-                command = decode_command(bytes(self._command), self._context)
+                encoded = bytes(self._command)
                 self._command.clear()
                 self.messages += 1
+                self._dataset_length = 0
+                store = parse_store_rq(encoded)  # the common C-STORE-RQ without pydicom; else the general path
+                if store is not None:
+                    self._state = _DATASET
+                    events.append(CommandReceived(self._context, None, True, store=store, encoded=encoded))
+                    return
+                command = decode_command(encoded, self._context)
                 has_dataset = int(command.CommandDataSetType) != NO_DATA_SET
                 self._state = _DATASET if has_dataset else _IDLE
-                self._dataset_length = 0
                 events.append(CommandReceived(self._context, command, has_dataset))
             return
         # _DATASET (the _start_pdv checks leave no other state here)

@@ -114,6 +114,11 @@ class DimseSender:
         _check_context(context_id)
         yield from self._fragments(context_id, _COMMAND, [encode_command(command)])
 
+    def encoded_command(self, context_id: int, encoded: bytes) -> Iterator[bytes]:
+        """The PDUs of a command set already encoded with its group length (relay_router.dimse.fast)."""
+        _check_context(context_id)
+        yield from self._fragments(context_id, _COMMAND, [encoded])
+
     def dataset(
         self, context_id: int, source: str | os.PathLike[str] | Iterable[bytes] | bytes, *, offset: int = 0
     ) -> Iterator[bytes]:

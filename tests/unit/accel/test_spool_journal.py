@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from relay_router.accel import journal as journal_module
+from relay_router.accel import spool as spool_module
 from relay_router.accel.journal import INSTANCE, REMOVED, Journal, read_segment
 from relay_router.accel.spool import EntryState, Spool
 from relay_router.accel.spool_format import part10_header, part10_header_by_pydicom
@@ -226,3 +228,42 @@ def test_journal_records_round_trip(tmp_path: Path) -> None:
         (INSTANCE, b'{"a": 1}', b"data" * 10),
         (REMOVED, b"someid", b""),
     ]
+
+
+def test_a_held_entry_is_claimed_from_memory_and_never_written_if_delivered_before_the_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "PUBLISH_DELAY_S", 0.5)
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    seen: list[str] = []
+    delivered_id, _, delivered_data = commit_one(spool, deferred=True, seen=seen)
+    kept_id, kept_uid, kept_data = commit_one(spool, deferred=True, seen=seen)
+    assert len(seen) == 2  # claimable at once: the transfer is woken by the commit
+    claimed = spool.claim(ROUTE, time.time())
+    assert claimed is not None and claimed.id == delivered_id
+    held = spool.held(delivered_id)
+    assert held is not None and bytes(held).endswith(delivered_data)
+    spool.set_state(delivered_id, EntryState.FORWARDED)
+    spool.set_state(delivered_id, EntryState.DELIVERED)
+    spool.remove(delivered_id)
+    time.sleep(1.5)  # past the delay: the entry still in the spool is written out, the removed one never was
+    entries = tmp_path / "spool" / "entries"
+    assert not (entries / delivered_id).exists()
+    assert spool.held(kept_id) is None
+    data = entries / kept_id / "instance.dcm"
+    assert data.read_bytes().endswith(kept_data) and dcmread(data).SOPInstanceUID == kept_uid
+    assert stat.S_IMODE(data.stat().st_mode) == 0o600
+    spool.close()
+
+
+def test_held_bytes_past_the_bound_are_written_out_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "PUBLISH_DELAY_S", 3600.0)
+    monkeypatch.setattr(spool_module, "PUBLISH_HELD_MAX_BYTES", 1)
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    entry_id, _, data = commit_one(spool, deferred=True)
+    deadline = time.monotonic() + 10
+    while spool.held(entry_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spool.held(entry_id) is None, "memory held by unwritten entries is bounded"
+    assert (tmp_path / "spool" / "entries" / entry_id / "instance.dcm").read_bytes().endswith(data)
+    spool.close()

@@ -87,9 +87,8 @@ class OutcomeBook:
     def forget(self, site: str, ids: tuple[str, ...]) -> None:
         with self._lock:
             book = self._sites.get(site, {})
-            removed = [i for i in ids if book.pop(i, None) is not None]
-            if removed:
-                self._save()
+            for i in ids:  # saved with the next add: one forgotten here and back after a crash is sent again,
+                book.pop(i, None)  # and the near router ignores an outcome it no longer waits for
 
     def count(self) -> int:
         with self._lock:
@@ -201,7 +200,8 @@ class FarSession:
         """A final outcome of an instance this site sent (called for live sessions; the book has it already)."""
         origin = entry.meta.get("origin_id", "")
         with contextlib.suppress(TransferError):
-            await self.channel.send(records.outcome(origin, entry.sop_instance_uid, status, error), flush=True)
+            await self.channel.send(records.outcome(origin, entry.sop_instance_uid, status, error))
+            self.channel.flush_soon()  # outcomes of parallel deliveries share a frame
 
     def _probe_due(self, *, asked: bool) -> bool:
         """Stale, or the near router asked (at most once a MIN_PROBE_INTERVAL_S: it may ask on every stream)."""
@@ -376,7 +376,8 @@ class FarSession:
             self.stored += 1
             if callable(self._on_commit):
                 self._on_commit()
-            await self.channel.send(records.stored(header.id, header.sop_instance), flush=True)
+            await self.channel.send(records.stored(header.id, header.sop_instance))
+            self.channel.flush_soon()  # the STOREDs of commits finishing together share a frame
         except TransferError as exc:  # the stream broke: the near router sends it again (a harmless duplicate)
             log.info("STORED for %s not sent: %s", header.sop_instance, exc)
         finally:

@@ -56,6 +56,7 @@ log = logging.getLogger("relay_router.accel")
 SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError)
 READ_BYTES = 256 * 1024
 THREAD_MIN_BYTES = 64 * 1024  # frames from this size on are compressed and sealed in a worker thread
+FLUSH_SOON_S = 0.01  # how long RecordChannel.flush_soon lets records gather before they go out
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
 # How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
@@ -99,6 +100,7 @@ class RecordChannel:
         self.frame_bytes = frame_bytes
         self._pending = bytearray()
         self._send_lock = asyncio.Lock()
+        self._flush_task: asyncio.Task[None] | None = None  # flush_soon's
         self.bytes_sent = 0  # record bytes, before compression and sealing
         self.bytes_received = 0
 
@@ -128,6 +130,17 @@ class RecordChannel:
                 except SEND_ERRORS as exc:
                     raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
                 self.bytes_sent += len(payload)
+
+    def flush_soon(self) -> None:
+        """Flush within FLUSH_SOON_S: records queued by several tasks meanwhile (the far router's STORED and
+        OUTCOME records, one per instance) share one frame instead of one sealed frame each."""
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(FLUSH_SOON_S)
+        with contextlib.suppress(TransferError):  # the stream broke: its reader ends the session
+            await self.send(b"", flush=True)
 
     async def confirmed(self) -> None:
         """Initiator: wait for the far router's Confirm (no frame may be sealed before its keys exist)."""
@@ -174,6 +187,8 @@ class RecordChannel:
                 return self.reader.feed(event.payload)
 
     async def close(self, reason: Reason | None = None) -> None:
+        if self._flush_task is not None:
+            self._flush_task.cancel()
         with contextlib.suppress(*SEND_ERRORS):
             end = pb.Close.PEER_CLOSED if reason is None else pb.Close.ABORTED
             await self.stream.send(close_frame(end, reason, ""))

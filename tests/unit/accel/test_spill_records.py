@@ -200,6 +200,9 @@ class FakeChannel:
     async def send(self, data: bytes, *, flush: bool = False) -> None:
         self.sent += data
 
+    def flush_soon(self) -> None:
+        pass  # everything sent is in `sent` already
+
     def answers(self) -> list[records.Record]:
         return RecordReader(records.FAR_TO_NEAR).feed(bytes(self.sent))
 

@@ -105,6 +105,50 @@ def classify_status(status: int) -> Outcome:
     return Outcome.RETRY  # a code PS3.4 does not define for C-STORE: try again, DEAD after max_attempts
 
 
+# pynetdicom runs two threads per association that poll every millisecond: the DUL reactor (socket and
+# event queue) and the association's reactor (incoming requests, release, abort). Four idle associations
+# cost a quarter of a core on the shared VM, and every wake-up takes the GIL from the event loop. A
+# delivery association only sends C-STOREs and waits for their answers, which `send_c_store` does with its
+# reactor paused anyway; so the worker keeps that reactor paused between sends too (a blocked Event, no
+# polling), checks for an abort itself before each send (`_usable`), and slows the DUL's polling while the
+# worker has nothing to send. Both use pynetdicom internals (`_reactor_checkpoint`, `_run_loop_delay`),
+# present since 1.5; without them delivery works as before.
+DUL_BUSY_DELAY_S = 0.001  # pynetdicom's own: a C-STORE-RSP is noticed within a millisecond
+DUL_IDLE_DELAY_S = 0.05  # while the worker waits for work: an abort or release is noticed within this
+
+
+def _pause_reactor(assoc: Association) -> None:
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is not None:
+        checkpoint.clear()
+
+
+def _resume_reactor(assoc: Association) -> None:
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is not None:
+        checkpoint.set()
+
+
+def _dul_delay(assoc: Association, seconds: float) -> None:
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = seconds
+
+
+def _usable(assoc: Association) -> bool:
+    """Established, its DUL thread alive, and no abort or release request from the device waiting (what the
+    paused reactor would have noticed)."""
+    try:
+        return (
+            assoc.is_established
+            and assoc.dul.is_alive()
+            and not assoc.acse.is_aborted()
+            and not assoc.acse.is_release_requested()
+        )
+    except Exception:  # pynetdicom internals changed: the reactor has it
+        return assoc.is_established
+
+
 def _nodelay(event: evt.Event) -> None:
     """One round trip per C-STORE response: no Nagle delay on the device socket (docs/architecture.md)."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
@@ -122,9 +166,23 @@ class _Link:
     last_used: float = 0.0
     claimed: SpoolEntry | None = None  # the entry being sent, so an unexpected error can hand it back
 
+    def drop(self) -> None:
+        """The device aborted or asked to release between C-STOREs: no A-RELEASE-RQ into that (it would wait for
+        an answer that never comes); an A-ABORT is sent if pynetdicom still counts it established."""
+        if self.assoc is not None:
+            _resume_reactor(self.assoc)
+            if self.assoc.is_established:
+                with contextlib.suppress(Exception):
+                    self.assoc.abort()
+        self.assoc = None
+        self.accepted = frozenset()
+
     def close(self) -> None:
-        if self.assoc is not None and self.assoc.is_established:
-            self.assoc.release()
+        if self.assoc is not None:
+            _resume_reactor(self.assoc)  # it handles the release (or an abort the device sent meanwhile)
+            _dul_delay(self.assoc, DUL_BUSY_DELAY_S)
+            if self.assoc.is_established:
+                self.assoc.release()
         self.assoc = None
         self.accepted = frozenset()
 
@@ -247,13 +305,19 @@ class DeliveryPool:
     def _step(self, link: _Link) -> None:
         """One turn of a worker: deliver one entry, or (re)associate, or wait."""
         now = time.time()
+        if link.assoc is not None and not _usable(link.assoc):  # aborted or released by the device meanwhile
+            log.info("route %s: the association to %s ended; opening another", self.route, self.destination.called_ae)
+            link.drop()
         if link.assoc is not None and link.assoc.is_established:  # the fast path: one claim, one C-STORE
             link.claimed = self.spool.claim(self.route, now, accept=link.accepted)
             if link.claimed is not None:
+                _dul_delay(link.assoc, DUL_BUSY_DELAY_S)
                 self._deliver(link.assoc, link.claimed)
+                _pause_reactor(link.assoc)  # send_c_store resumed it at its end
                 link.claimed = None
                 link.last_used = time.monotonic()
                 return
+            _dul_delay(link.assoc, DUL_IDLE_DELAY_S)  # nothing for it now: poll the socket less often
         # Nothing this association can take: look at what waits (one pass over the spool).
         due = self.spool.due(now, route=self.route)
         refused = self._refused_pairs()
@@ -281,6 +345,7 @@ class DeliveryPool:
             return
         link.connect_failures = 0
         link.last_used = time.monotonic()
+        _pause_reactor(link.assoc)  # see DUL_BUSY_DELAY_S: only send_c_store needs it, and it resumes it
 
     def _associate(self, due: list[SpoolEntry]) -> tuple[Association | None, frozenset[tuple[str, str]]]:
         pairs: list[tuple[str, str]] = []

@@ -414,7 +414,10 @@ class Spool:
 
         State changes were never synced (a crash may roll one back: at worst a delivery is repeated); writing
         them behind keeps three file creations and renames per instance off the callers' threads (the near
-        router's transfer runs on the event loop that also answers the sending device)."""
+        router's transfer runs on the event loop that also answers the sending device). A held entry's state is
+        written when the entry is (`_publish`): nothing to do, and no thread to wake, on each change."""
+        if entry_id in self._unpublished:
+            return
         self._dirty[entry_id] = None
         self._publish_wake.notify()
         if self._publisher is None:
@@ -457,6 +460,8 @@ class Spool:
             with self._lock:
                 if self._unpublished.pop(entry_id, None) is not None:
                     self._held_bytes -= len(data)
+                if entry is not None and self._entries.get(entry_id, entry) is not entry:
+                    self._state_behind(entry_id)  # changed while its files were written: once more
             if entry is not None and not self._track(entry_id, segment):
                 self._sync_entry(self.root / "entries" / entry_id)
                 fsync_dir(self.root / "entries")

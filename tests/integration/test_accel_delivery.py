@@ -140,6 +140,52 @@ def test_destination_down_for_a_while_then_everything_arrives(
     assert spool.entries() == []
 
 
+def test_a_destination_that_restarts_between_instances_is_noticed_at_once(
+    spool: Spool, ct_files: list[Path], tmp_path: Path
+) -> None:
+    """The delivery association stays open between C-STOREs with pynetdicom's reactor paused (no polling):
+    an archive that went away meanwhile must be noticed before the next send, not after a DIMSE timeout."""
+    require_dcmtk("storescp")
+    port = free_port()
+    outcomes: list[DeliveryOutcome] = []
+    pool = DeliveryPool(
+        spool,
+        ROUTE,
+        Destination("127.0.0.1", port, "RESTARTS", "ACCELSCU"),
+        associations=1,  # storescp serves one association at a time
+        idle_release_s=60.0,  # kept open across the restart
+        dimse_timeout=60.0,
+        on_outcome=outcomes.append,
+    )
+
+    def delivered_within(seconds: float) -> float:
+        started = time.monotonic()
+        while not pool.idle():
+            assert time.monotonic() - started < seconds, f"not delivered within {seconds} s: {spool.entries()}"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    pool.start()
+    try:
+        with StorescpProcess(tmp_path / "first", "RESTARTS", port) as first:
+            for path in ct_files[:2]:
+                spool_file(spool, path)
+            pool.wake()
+            delivered_within(15)
+            time.sleep(0.3)  # the worker is idle now, its association open
+        with StorescpProcess(tmp_path / "second", "RESTARTS", port) as second:
+            for path in ct_files[2:4]:
+                spool_file(spool, path)
+            pool.wake()
+            assert delivered_within(10) < 10, "the aborted association was used until a timeout"
+    finally:
+        pool.stop()
+    assert spool.entries() == [], "nothing was dead-lettered or left behind"
+    assert len(first.files()) == 2
+    assert [(o.outcome, o.entry.attempts) for o in outcomes] == [(Outcome.DELIVERED, 1)] * 4, "no attempt was wasted"
+    assert fingerprints(second.files()) == fingerprints(ct_files[2:4])  # each was answered once written
+
+
 CT_ONLY_PROFILE = """\
 [[TransferSyntaxes]]
 [Uncompressed]

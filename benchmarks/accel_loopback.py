@@ -23,6 +23,7 @@ more run of this tree and writes their collapsed stacks and a top list of Python
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,7 +44,9 @@ class Variant:
 
     def __init__(self, name: str, work: Path, scp_port: int, source: Path | None) -> None:
         self.name = name
-        env = {"PYTHONPATH": str(source)} if source is not None else None
+        # `python -m` puts the working directory first on sys.path, before PYTHONPATH: main() leaves any source
+        # tree (see there), and each variant names its own.
+        env = {"PYTHONPATH": str(source or Path(__file__).resolve().parents[1])}
         self.net = LocalRelayNetwork(work / name, env=env).start()
         self.net.add_site("site-b", shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-a"], accelerate=True)],
                           accelerate=ACCEL)
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-accel-loop-"))
+    os.chdir(work)  # the processes inherit it: no source tree in the working directory (see Variant)
     received = Path(tempfile.mkdtemp(prefix="bench-accel-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     storescp = None
     variants: list[Variant] = []

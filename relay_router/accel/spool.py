@@ -120,8 +120,12 @@ PUBLISHER_IDLE_S = 2.0  # the publishing thread waits this long for more entries
 # (or its segment is retired, or the spool closes): most small instances are delivered and removed before,
 # so their files are never written, rewritten at each state change and deleted again. The transfer reads
 # them from memory (`held`). Past PUBLISH_HELD_MAX_BYTES held, the oldest are written out at once.
-PUBLISH_DELAY_S = 2.0
+PUBLISH_DELAY_S = 5.0
 PUBLISH_HELD_MAX_BYTES = 64 * 1024 * 1024
+# Retiring a full journal segment writes and syncs the files of its entries still in the spool; it waits as
+# long (for the same reason) unless more segments than this wait already (disk space: 8 MiB each).
+CHECKPOINT_DELAY_S = PUBLISH_DELAY_S
+MAX_SEGMENTS_WAITING = 4
 
 
 class Spool:
@@ -153,7 +157,7 @@ class Spool:
         self._journal: Journal | None = None
         self._journaled: dict[str, int] = {}  # entry id -> the segment whose record makes it durable
         self._checkpointed = -1  # segments up to this one are retired or being retired
-        self._to_checkpoint: list[int] = []
+        self._to_checkpoint: list[tuple[int, float]] = []  # full segments to retire, and when they filled
         # Committed near-side entries whose own files are not written yet (see SpoolWriter.commit).
         self._unpublished: dict[str, tuple[int, bytearray, float]] = {}  # id -> (segment, data, committed at)
         self._held_bytes = 0  # bytes of the entries in _unpublished
@@ -188,11 +192,11 @@ class Spool:
         """Let a running checkpoint finish and release the spool's lock (the process exiting does the same).
 
         Segments are left as they are: the next open rebuilds what they hold and retires them."""
+        with self._lock:
+            self._closing = True  # a waiting checkpoint goes ahead (or stops: segments are rebuilt on open)
+            self._publish_wake.notify()
         publisher = self._publisher
         if publisher is not None:
-            with self._lock:
-                self._closing = True
-                self._publish_wake.notify()
             publisher.join(30)
         maintenance = self._maintenance
         if maintenance is not None:
@@ -501,7 +505,7 @@ class Spool:
 
     def _schedule_checkpoint(self, segment: int) -> None:
         with self._lock:
-            self._to_checkpoint.append(segment)
+            self._to_checkpoint.append((segment, time.monotonic()))
             if self._maintenance is not None:
                 return
             self._maintenance = threading.Thread(target=self._maintain, name="spool-checkpoint", daemon=True)
@@ -515,12 +519,22 @@ class Spool:
                 if not self._to_checkpoint or journal is None:
                     self._maintenance = None
                     return
-                segment = self._to_checkpoint.pop(0)
+                segment, filled = self._to_checkpoint[0]
+                waiting = len(self._to_checkpoint)
             try:
                 journal.prepare_next()
+                early = filled + CHECKPOINT_DELAY_S - time.monotonic()
+                if early > 0 and waiting < MAX_SEGMENTS_WAITING and not self._closing:
+                    time.sleep(min(early, 0.05))  # most of its entries will be delivered and removed by then
+                    continue
+                with self._lock:
+                    self._to_checkpoint.pop(0)
                 self._checkpoint(journal, segment)
             except OSError as exc:  # the segment stays; the next start rebuilds from it
                 log.error("spool %s: journal segment %d not retired: %s", self.root, segment, exc)
+                with self._lock:
+                    if self._to_checkpoint and self._to_checkpoint[0][0] == segment:
+                        self._to_checkpoint.pop(0)
 
     def _checkpoint(self, journal: Journal, segment: int) -> None:
         """Sync the own files of the entries whose record is in `segment` (or earlier), then delete it."""

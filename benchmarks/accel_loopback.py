@@ -48,8 +48,9 @@ class Variant:
         # tree (see there), and each variant names its own.
         env = {"PYTHONPATH": str(source or Path(__file__).resolve().parents[1])}
         self.net = LocalRelayNetwork(work / name, env=env).start()
-        self.net.add_site("site-b", shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-a"], accelerate=True)],
-                          accelerate=ACCEL)
+        self.net.add_site(
+            "site-b", shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-a"], accelerate=True)], accelerate=ACCEL
+        )
         self.net.add_site("site-a", remote=[Remote("STORE_B", "site-b", "STORE", accelerate=True)], accelerate=ACCEL)
         self.net.wait_connected()
         port = self.net.sites["site-a"].port
@@ -80,8 +81,18 @@ class Variant:
         """The route stays transparent until router A learned the destination's capabilities: warm it up."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            run([dcmtk("storescu"), "-aet", "BENCH_SCU", "-aec", "STORE_B", "127.0.0.1", str(self.port),
-                 *map(str, files[:2])])
+            run(
+                [
+                    dcmtk("storescu"),
+                    "-aet",
+                    "BENCH_SCU",
+                    "-aec",
+                    "STORE_B",
+                    "127.0.0.1",
+                    str(self.port),
+                    *map(str, files[:2]),
+                ]
+            )
             routes = self.accel_status().get("routes", {})
             if isinstance(routes, dict) and routes.get("STORE_B", {}).get("capabilities_known"):
                 wait_until(self.drained, 60, f"{self.name}: spools drained after the warm-up")
@@ -112,7 +123,9 @@ def one_run(variant: Variant, files: list[Path], received: Path) -> dict[str, fl
     started = time.perf_counter()
     scu = subprocess.Popen(
         [dcmtk("storescu"), "-aet", "BENCH_SCU", "-aec", "STORE_B", "127.0.0.1", str(variant.port), *map(str, files)],
-        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     sender = end_to_end = 0.0
     deadline = started + 300
@@ -142,9 +155,24 @@ def profile_run(variant: Variant, files: list[Path], received: Path, outdir: Pat
     outdir.mkdir(parents=True, exist_ok=True)
     spies = {
         name: subprocess.Popen(
-            [spy, "record", "--pid", str(variant.pids[name]), "--rate", "250", "--format", "raw", "--nonblocking",
-             "--threads", "--output", str(outdir / f"{name.replace(' ', '-')}.txt"), "--duration", "600"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                spy,
+                "record",
+                "--pid",
+                str(variant.pids[name]),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--threads",
+                "--output",
+                str(outdir / f"{name.replace(' ', '-')}.txt"),
+                "--duration",
+                "600",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for name in ("router A", "router B")
     }
@@ -188,9 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), work / "small")
         scp_port = free_port()
         storescp = subprocess.Popen(
-            [dcmtk("storescp"), "--fork", "--disable-host-lookup", "-aet", "STORE", "-od", str(received),
-             "-fe", ".dcm", str(scp_port)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                dcmtk("storescp"),
+                "--fork",
+                "--disable-host-lookup",
+                "-aet",
+                "STORE",
+                "-od",
+                str(received),
+                "-fe",
+                ".dcm",
+                str(scp_port),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
         variants.append(Variant("this tree", work, scp_port, None))
@@ -206,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = one_run(variant, files, received)
                 result["load"] = float(Path("/proc/loadavg").read_text().split()[0])
                 runs[variant.name].append(result)
-                print(f"  {repeat + 1} {variant.name:<10} " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()),
-                      flush=True)
+                print(
+                    f"  {repeat + 1} {variant.name:<10} " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()),
+                    flush=True,
+                )
         load_after = Path("/proc/loadavg").read_text().split()[:3]
         profile = profile_run(variants[0], files, received, args.profile) if args.profile else ""
 
@@ -236,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         if profile:
             print(profile)
         if not args.no_write:
-            payload = {"count": args.count, "runs": runs, "load_before": load_before, "load_after": load_after,
-                       "baseline": str(args.baseline) if args.baseline else None,
-                       "command": "python -m benchmarks.accel_loopback " + " ".join(argv or sys.argv[1:])}
+            payload = {
+                "count": args.count,
+                "runs": runs,
+                "load_before": load_before,
+                "load_after": load_after,
+                "baseline": str(args.baseline) if args.baseline else None,
+                "command": "python -m benchmarks.accel_loopback " + " ".join(argv or sys.argv[1:]),
+            }
             json_path, md_path = write_results(args.name, payload, text + ("\n\n" + profile if profile else ""))
             print(f"wrote {json_path} and {md_path}")
         return 0

@@ -450,7 +450,7 @@ class NearTransfer:
         self.counts["sent"] += 1
         await channel.send(records.instance(header), new_instance=True)
         if held is not None:
-            await channel.send(records.chunks(held))  # cut at MAX_CHUNK; full frames go out as they fill
+            await channel.send(records.chunks(bytes(held)))  # cut at MAX_CHUNK; full frames go out as they fill
             await self._send_acks(channel, flush=False)
             return size
         assert path is not None

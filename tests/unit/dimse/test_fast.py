@@ -91,7 +91,10 @@ def test_a_hand_built_command_set_with_padding_parses_like_the_general_path() ->
         ("a SOP Instance UID that is not a UID", encode(store_rq_body(**{"1000": b"1.2.x\0"}))),
         ("a priority outside 0-2", encode(store_rq_body(**{"0700": (3).to_bytes(2, "little")}))),
         ("a US of the wrong length", encode(store_rq_body(**{"0110": b"\x05\0\0\0"}))),
-        ("no Message ID", with_group_length(b"".join(element(n, v) for n, v in sorted(store_rq_body().items()) if n != 0x0110))),
+        (
+            "no Message ID",
+            with_group_length(b"".join(element(n, v) for n, v in sorted(store_rq_body().items()) if n != 0x0110)),
+        ),
         ("a Move Originator title with a backslash", encode({**store_rq_body(), 0x1030: b"A\\B ", 0x1031: b"\1\0"})),
         ("a Move Originator title without its message ID", encode({**store_rq_body(), 0x1030: b"WS_A"})),
         ("non-ASCII bytes in a UID", encode(store_rq_body(**{"1000": "1.2.\u00e9".encode("latin-1") + b"\0"}))),
@@ -103,7 +106,9 @@ def test_anything_unusual_is_left_to_the_general_path(why: str, encoded: bytes) 
 
 
 @given(message_id=st.integers(min_value=0, max_value=0xFFFF), sop_instance=uids, sop_class=st.sampled_from([CT, MR]))
-def test_the_success_response_is_byte_identical_to_pynetdicoms(message_id: int, sop_instance: str, sop_class: str) -> None:
+def test_the_success_response_is_byte_identical_to_pynetdicoms(
+    message_id: int, sop_instance: str, sop_class: str
+) -> None:
     responses = StoreResponses()
     responses.success(1, sop_class, "1.2.3.4.5")  # the template comes from another instance
     expected = encode_command(c_store_rsp(message_id, sop_class, sop_instance, 0x0000))

@@ -36,22 +36,26 @@ from benchmarks.common import DCMTK_ENV, CpuMeter, dcmtk, free_port, run, write_
 from relay_demo.datasets import generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 
-ACCEL = {"associations": 4}
-
 
 class Variant:
     """One relay network (bridge, router A, router B) running the code of one source tree."""
 
-    def __init__(self, name: str, work: Path, scp_port: int, source: Path | None) -> None:
+    def __init__(self, name: str, work: Path, scp_port: int, source: Path | None, associations: int = 4) -> None:
         self.name = name
         # `python -m` puts the working directory first on sys.path, before PYTHONPATH: main() leaves any source
         # tree (see there), and each variant names its own.
         env = {"PYTHONPATH": str(source or Path(__file__).resolve().parents[1])}
         self.net = LocalRelayNetwork(work / name, env=env).start()
         self.net.add_site(
-            "site-b", shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-a"], accelerate=True)], accelerate=ACCEL
+            "site-b",
+            shared=[Shared("STORE", "127.0.0.1", scp_port, ["site-a"], accelerate=True)],
+            accelerate={"associations": associations},
         )
-        self.net.add_site("site-a", remote=[Remote("STORE_B", "site-b", "STORE", accelerate=True)], accelerate=ACCEL)
+        self.net.add_site(
+            "site-a",
+            remote=[Remote("STORE_B", "site-b", "STORE", accelerate=True)],
+            accelerate={"associations": associations},
+        )
         self.net.wait_connected()
         port = self.net.sites["site-a"].port
         assert port is not None and self.net.bridge is not None
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="source tree of the code to compare with (git archive)")
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of this tree's routers")
+    parser.add_argument("--associations", type=int, default=4, help="[accelerate] associations of router B")
     parser.add_argument("--name", default="accel-loopback", help="result file name (without the date)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -233,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
-        variants.append(Variant("this tree", work, scp_port, None))
+        variants.append(Variant("this tree", work, scp_port, None, args.associations))
         if args.baseline is not None:
-            variants.append(Variant("baseline", work, scp_port, args.baseline.resolve()))
+            variants.append(Variant("baseline", work, scp_port, args.baseline.resolve(), args.associations))
         for variant in variants:
             variant.wait_accelerated(files, received)
         load_before = Path("/proc/loadavg").read_text().split()[:3]

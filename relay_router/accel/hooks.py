@@ -121,6 +121,7 @@ async def run_far_session(
         blobs=accel.blobs,
         spill_parallel=dicom.spill_parallel,
         spill_stats=accel.spill.stats,
+        audit=accel.audit,
     )
     outcome.result = Result.ESTABLISHED
     accel.session_started(session)

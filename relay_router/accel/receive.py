@@ -15,7 +15,9 @@ with relay_router.spill_receive's `IncomingBlob` (parts checked and opened with 
 manifest's digest and length verified) into a spool writer while later records keep arriving, at most
 `MAX_BLOB_FETCHES` at a time; STORED follows the commit as for inline instances. A blob that cannot be
 fetched or fails verification is REFUSED as a transient failure (0x0110): the near router uploads it
-again later and parks it in its dead-letter state after `[accelerate] max_attempts`.
+again later and parks it in its dead-letter state after `[accelerate] max_attempts`. A security failure
+(a URL outside `spill_endpoints`, a part that fails authentication, a blob longer than announced) also
+writes an `accel_transfer` audit alert, the event router A writes when its upload URL is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from relay_common.audit import AuditLog
 from relay_common.files import write_private
 from relay_router import services
 from relay_router.accel import records
@@ -124,8 +127,10 @@ class FarSession:
         blobs: BlobTransport | None = None,
         spill_parallel: int = 4,
         spill_stats: SpillStats | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.channel = channel
+        self.audit = audit
         # Instances by reference: only when this router agreed `spill/2` (the Confirm said so) and has a link.
         self._blobs = (
             SpillReceiver(
@@ -320,6 +325,8 @@ class FarSession:
                     self.from_site,
                     exc,
                 )
+                if exc.security:
+                    self._alert(str(exc))
                 await self._refuse(instance, (PROCESSING_FAILURE, False, f"blob not delivered: {exc.detail}"))
                 return
             except SpoolFull as exc:
@@ -337,6 +344,20 @@ class FarSession:
             if not committing:
                 writer.abort()
             self._fetch_slots.release()
+
+    def _alert(self, detail: str) -> None:
+        """A security failure of this transfer in the audit trail, shaped as router A's (NearTransfer's)."""
+        if self.audit is None:
+            return
+        self.audit.event(
+            "accel_transfer",
+            "alert",
+            site=self.from_site,
+            called_ae=self.device.ae_title,
+            local_ae=self.device.ae_title,
+            detail=detail,
+            association=self.channel.association_id,
+        )
 
     def _write(self, data: bytes) -> None:
         if self._writer is None:

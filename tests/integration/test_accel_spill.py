@@ -267,8 +267,8 @@ def test_a_bridge_handing_out_lan_urls_gets_no_request_and_no_image_is_lost_or_a
 ) -> None:
     """Issue 17's protection on accelerated routes: the bridge swaps the upload (router A) or download
     (router B) URL for one into the hospital's LAN. No router sends it a byte. Upload: router A sends the
-    instance inline and audits an alert; download: router B refuses the instance and router A, after
-    its retries, dead-letters it with the reason."""
+    instance inline and audits an alert; download: router B refuses the instance and audits an alert, and
+    router A, after its retries, dead-letters it with the reason."""
     require_dcmtk("storescu")
     lan = LanService()
     net = LocalRelayNetwork(tmp_path / "relay").start(bridge=False)
@@ -293,6 +293,12 @@ def test_a_bridge_handing_out_lan_urls_gets_no_request_and_no_image_is_lost_or_a
             assert "0x0110" in entry.last_error and refused in entry.last_error, entry.last_error
             assert refused in net.log("hospital-b")
             assert orthanc.find_sop(entry.sop_instance_uid) is None
+            # Router B audits the refused URL as router A does its own (one alert per attempt).
+            audit_b = net.workdir / "audit-hospital-b.jsonl"
+            alerts_b = [e for e in read_events(audit_b) if e["event"] == "accel_transfer" and e["outcome"] == "alert"]
+            assert alerts_b, "router B wrote no audit alert for the refused download URL"
+            assert all(refused in str(e["detail"]) for e in alerts_b), alerts_b
+            assert {(e["site"], e["called_ae"]) for e in alerts_b} == {("hospital-a", "ORTHANC_B")}, alerts_b
         else:
             wait_for(arrived(orthanc, files), "the study at Orthanc (the big slice inline)", timeout=60)
             assert_identical(orthanc, files)

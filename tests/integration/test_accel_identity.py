@@ -9,6 +9,11 @@ filter. What the user at B sees must not depend on the route: A-200 becomes B's 
 identifier kept in Other Patient IDs Sequence; an unmapped A-999 keeps its ID, marked HOSP-A. Pixel
 Data and every other element byte-identical. One slice of each study goes through the blob store by
 reference (above spill_threshold_bytes), the others inline: both paths are coerced.
+
+Accelerated retrieval: movescu at A asks PACS_B_PLAIN (transparent, identity filter) for A-100's study
+to WS_A, a DCMTK storescp at A whose `[[shared]]` entry has `accelerate` and `patient_identity`. The
+archive's sub-operations (B's B-900) travel accelerated and router A maps them to A-100 before its
+spool, as the transparent route maps a retrieval's C-STOREs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
 from tests.integration.test_accel_route import arrived, wait_for
 from tests.support import dcmtk
+from tests.support.dcmtk import StorescpProcess
 from tests.support.orthanc import OrthancProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -44,20 +50,28 @@ class Sites:
     net: LocalRelayNetwork
     orthanc: OrthancProcess
     port_a: int
+    ws: StorescpProcess
+    moved: list[Path]  # B-900's study at ORTHANC_B (moved to WS_A)
 
 
 @pytest.fixture(scope="module")
 def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
-    require_dcmtk("storescu")
+    require_dcmtk("storescu", "storescp", "movescu")
     work = tmp_path_factory.mktemp("accel-identity")
-    orthanc = orthanc_module_factory("ORTHANC_B")
+    orthanc = orthanc_module_factory("ORTHANC_B", always_allow=True)  # C-MOVE from MOVER_A, not a modality
+    moved = write_series(
+        generate_ct_series(2, rows=64, cols=64, patient_id="B-900", patient_name="SMITH^ANNE", seed=61), work / "b900"
+    )
+    orthanc.upload_many(moved)
+    ws = StorescpProcess(work / "ws-a", "WS_A").start()
     net = LocalRelayNetwork(work / "relay").start()
     try:
-        net.add_site(
+        site_b = net.add_site(
             "hospital-b",
             shared=[
                 Shared("ORTHANC_B", HOST, orthanc.dicom_port, ["hospital-a"], patient_issuer="HOSP-A", accelerate=True)
             ],
+            remote=[Remote("WS_A", "hospital-a", accelerate=True)],  # the move destination: accelerated
             identity={"issuer": "HOSP-B", "source": [{"kind": "table"}]},
             accelerate=ACCEL,
             **DICOM,
@@ -68,11 +82,15 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
                 Remote("PACS_B", "hospital-b", "ORTHANC_B", accelerate=True),
                 Remote("PACS_B_PLAIN", "hospital-b", "ORTHANC_B", patient_issuer="HOSP-B"),
             ],
+            shared=[Shared("WS_A", HOST, ws.port, ["hospital-b"], patient_issuer="HOSP-B", accelerate=True)],
             identity={"issuer": "HOSP-A", "source": [{"kind": "table"}]},
             accelerate=ACCEL,
             **DICOM,
         )
         pix(net, "hospital-b", "add", "B-200", "A-200", "--other-issuer", "HOSP-A")
+        pix(net, "hospital-a", "add", "A-100", "B-900", "--other-issuer", "HOSP-B")
+        assert site_b.port
+        orthanc.set_modalities({"WS_A": ("WS_A", HOST, site_b.port)})
         net.wait_connected()
 
         def learned() -> bool:
@@ -80,10 +98,17 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             return isinstance(status, dict) and bool(status["routes"]["PACS_B"].get("capabilities_known"))
 
         wait_for(learned, "ORTHANC_B's capabilities learned by router A", timeout=60)  # until then: transparent
+
+        def learned_at_b() -> bool:
+            status = net.status("hospital-b").get("accelerate")
+            return isinstance(status, dict) and bool(status["routes"]["WS_A"].get("capabilities_known"))
+
+        wait_for(learned_at_b, "WS_A's capabilities learned by router B", timeout=60)
         assert site_a.port
-        yield Sites(net, orthanc, site_a.port)
+        yield Sites(net, orthanc, site_a.port, ws, moved)
     finally:
         net.stop()
+        ws.stop()
 
 
 def pix(net: LocalRelayNetwork, site: str, *args: str) -> None:
@@ -121,8 +146,8 @@ def without_identity(ds: Dataset) -> Dataset:
     return copy
 
 
-def audit_b(sites: Sites) -> list[dict[str, object]]:
-    path = sites.net.router_config_path("hospital-b").parent / "audit-hospital-b.jsonl"
+def audit_records(sites: Sites, site: str = "hospital-b") -> list[dict[str, object]]:
+    path = sites.net.router_config_path(site).parent / f"audit-{site}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if '"patient_identity"' in line]
 
 
@@ -155,9 +180,44 @@ def test_an_accelerated_push_is_relabelled_as_on_the_transparent_route(
 
     # Router B audited each accelerated instance's coercion as the transparent filter does.
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in accelerated}
-    events = {str(r["sop_instance_uid"]): r for r in audit_b(sites) if r["sop_instance_uid"] in uids}
+    events = {str(r["sop_instance_uid"]): r for r in audit_records(sites) if r.get("sop_instance_uid") in uids}
     assert set(events) == uids, "router B did not audit every accelerated instance"
     outcome = "mapped" if patient == "A-200" else "unmapped"
     assert {(r["flow"], r["message"], r["identity_outcome"]) for r in events.values()} == {
         ("arriving", "C-STORE-RQ", outcome)
     }
+
+
+def test_accelerated_move_sub_operations_are_relabelled_into_the_requesters_domain(sites: Sites) -> None:
+    """movescu at A by A's own ID: the request is mapped to B-900 on the transparent route, the archive's
+    sub-operations come back accelerated and router A maps them to A-100 before its spool."""
+    result = dcmtk.movescu(
+        HOST, sites.port_a, "PACS_B_PLAIN", "MOVER_A", "WS_A", {"PatientID": "A-100"}, "PATIENT", "patient", timeout=120
+    )
+    assert result.check().completed == len(sites.moved), result
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in sites.moved}
+
+    def received() -> dict[str, Path]:
+        found = {}
+        for path in sites.ws.out_dir.glob("*"):
+            if path.is_file():
+                found[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
+        return found
+
+    wait_for(lambda: set(uids) <= set(received()), "the moved images at WS_A", timeout=90)
+    at_ws = received()
+    assert fingerprints([at_ws[u] for u in uids]) == fingerprints(sites.moved)  # Pixel Data byte-identical
+    for uid, original_path in uids.items():
+        got, original = pydicom.dcmread(at_ws[uid]), pydicom.dcmread(original_path)
+        assert (got.PatientID, got.IssuerOfPatientID, str(got.PatientName)) == ("A-100", "HOSP-A", "SMITH^ANNE")
+        other = got.OtherPatientIDsSequence[-1]
+        assert (other.PatientID, other.IssuerOfPatientID) == ("B-900", "HOSP-B")
+        assert without_identity(got) == without_identity(original)
+    # Router A, not B, decided: its audit has each sub-operation's mapping (arriving, as a C-STORE).
+    events = [r for r in audit_records(sites, "hospital-a") if r.get("sop_instance_uid") in uids]
+    assert {(r["flow"], r["identity_outcome"], r["original_patient_id"], r["patient_id"]) for r in events} == {
+        ("arriving", "mapped", "B-900", "A-100")
+    }
+    assert {r["sop_instance_uid"] for r in events} == set(uids)
+    # ... and they came the accelerated way: router B answered the archive's C-STOREs from its spool.
+    assert "accelerated association from 'ORTHANC_B' for 'WS_A' ended" in sites.net.log("hospital-b")

@@ -492,6 +492,8 @@ class NearTransfer:
     async def _upload(self, channel: RecordChannel, header: records.InstanceHeader) -> records.BlobHeader | None:
         """Upload the spooled instance as one blob (relay_router.spill.BlobUpload); None: send it inline."""
         assert self.blobs is not None
+        if self.spill.paused:  # another upload failed while this one waited for a slot: inline, without trying
+            return None
         dicom = self.config.dicom
         level = dicom.compression_level if channel.codec.compressor is not None else None
         upload = BlobUpload(
@@ -543,16 +545,22 @@ class NearTransfer:
 
     def _fell_back(self, header: records.InstanceHeader, exc: Exception) -> None:
         """The store could not take the instance: it goes inline, and spill pauses for the whole router."""
+        # Uploads run side by side (relay_router.accel.uploads): the first failure pauses spill and says so;
+        # one that was running beside it and fails the same way is the same outage (INFO), unless a security one.
+        already = self.spill.paused
         self.spill.pause()
         security = getattr(exc, "security", False)
-        log.log(
-            logging.ERROR if security else logging.WARNING,
-            "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
-            header.sop_instance,
-            header.length,
-            BACKOFF_S,
-            exc,
-        )
+        if already and not security:
+            log.info("blob store still unavailable, sending %s inline too: %s", header.sop_instance, exc)
+        else:
+            log.log(
+                logging.ERROR if security else logging.WARNING,
+                "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
+                header.sop_instance,
+                header.length,
+                BACKOFF_S,
+                exc,
+            )
         if security and self.audit is not None:  # e.g. the bridge handed out a URL outside spill_endpoints
             self.audit.event(
                 "accel_transfer",

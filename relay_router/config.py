@@ -524,10 +524,18 @@ class RouterConfig:
                 raise InvalidValue("identity.issuer", f"is required: {device.ae_title!r} has patient_identity = true")
             if device.patient_identity and device.patient_issuer == self.identity.issuer:
                 raise InvalidValue("patient_issuer", f"{device.ae_title!r}: the partner's issuer is our own")
-            if device.patient_identity and device.accelerate:
-                # The accelerated acceptor stores data sets without the identity filter: refuse rather than
-                # let images pass unrelabelled on a route that promises coercion.
-                raise InvalidValue("accelerate", f"{device.ae_title!r}: cannot be combined with patient_identity yet")
+            if device.patient_identity and device.accelerate and isinstance(device, RemoteDevice):
+                # A [[shared]] device maps accelerated instances into our domain before its spool
+                # (relay_router.identity.instances). A [[remote]] one would have to stamp our issuer into each
+                # instance in the accelerated acceptor, which does not run the identity layer: refused rather
+                # than let images leave unstamped on a route that promises coercion.
+                raise InvalidValue(
+                    "accelerate",
+                    f"[[remote]] {device.ae_title!r}: cannot be combined with patient_identity (the accelerated "
+                    "acceptor does not stamp this site's issuer into leaving instances); set patient_identity on "
+                    "the device's [[shared]] entry at the receiving site, which maps accelerated instances into "
+                    "its domain, or keep this [[remote]] route transparent",
+                )
         idle = self.dicom.idle_timeout_s
         holds_moves = any(device.accelerate for device in self.shared)  # only moves to these are ever held
         if holds_moves and idle and self.accelerate.move_hold_max_s >= idle:

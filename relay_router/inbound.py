@@ -170,6 +170,7 @@ class InboundCalls(AssociationHost):
                 confirmation=confirmation,
                 features=features,
                 outcome=outcome,
+                identity=self.identity.shared(device.ae_title),
             )
         if self.accel is not None:  # held C-MOVE responses must not wait for sub-operations coming this way
             self.accel.transparent_inbound(notice.from_site, device)

@@ -27,6 +27,7 @@ from relay_common.errors import Reason
 from relay_common.metrics import SETUP_BUCKETS, MetricsServer, RecentWindow, never_raises, new_registry, package_version
 from relay_router.accel.commitment import register_commitment_metrics
 from relay_router.accel.metrics import DeliveryStats, register_accel_metrics
+from relay_router.accel.move_metrics import register_move_metrics
 from relay_router.outcome import Result
 
 if TYPE_CHECKING:
@@ -230,6 +231,8 @@ class RouterMetrics:
         self.accel_stats = DeliveryStats()
         register_accel_metrics(registry, lambda: getattr(service, "spool", None), self.accel_stats)
         register_commitment_metrics(registry, lambda: None)  # storage commitment: zeros until accelerated routes run
+        # Held C-MOVE final responses (relay_router.accel.moves), read from the running accelerated routes.
+        register_move_metrics(registry, lambda: getattr(getattr(service, "accel", None), "moves", None))
         for direction in DIRECTIONS:
             for result in RESULTS:
                 self.associations.labels(direction, result)

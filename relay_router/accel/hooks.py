@@ -30,6 +30,7 @@ from relay_router.wire.features import Features
 if TYPE_CHECKING:
     from relay_router.accel.runtime import AccelRuntime
     from relay_router.config import RouterConfig, SharedDevice
+    from relay_router.identity.wiring import IdentityRoute
     from relay_router.seal import Confirmation, FrameSealer
     from relay_router.tunnel import AssociationStream
     from relay_router.ul import AssociateInfo
@@ -93,8 +94,10 @@ async def run_far_session(
     confirmation: Confirmation,
     features: Features,
     outcome: Outcome,
+    identity: IdentityRoute | None = None,
 ) -> None:
-    """Confirm the accelerated transfer and receive it into the spool until the near router closes."""
+    """Confirm the accelerated transfer and receive it into the spool until the near router closes.
+    `identity`: the device's patient identity route; instances are coerced before the spool."""
     await stream.send(confirm_frame(confirmation, features))
     dicom = config.dicom
     codec = FrameCodec(
@@ -121,6 +124,8 @@ async def run_far_session(
         blobs=accel.blobs,
         spill_parallel=dicom.spill_parallel,
         spill_stats=accel.spill.stats,
+        audit=accel.audit,
+        identity=identity,
     )
     outcome.result = Result.ESTABLISHED
     accel.session_started(session)

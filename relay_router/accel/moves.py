@@ -68,7 +68,15 @@ from relay_router.ul.pdu import PduType
 if TYPE_CHECKING:
     from relay_router.config import RouterConfig
 
-__all__ = ["MoveKey", "MoveRegistry", "MoveWatch", "PartnerSenders", "Tally", "final_counts", "partner_originator"]
+__all__ = [
+    "MoveKey",
+    "MoveRegistry",
+    "MoveWatch",
+    "PartnerSenders",
+    "Tally",
+    "final_counts",
+    "partner_originator",
+]
 
 log = logging.getLogger("relay_router.accel.moves")
 
@@ -153,7 +161,12 @@ class MoveRegistry:
         self._lock = threading.Lock()  # finished() comes from the delivery pool's threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self.held_total = 0  # final responses held (and released) since the start
-        self.timed_out_total = 0  # of which released by the ceiling with sub-operations unconfirmed
+        # How each hold ended (relay_router_accel_move_holds_total): every sub-operation confirmed here; the
+        # ceiling with some unconfirmed; the sub-operations went transparently (the archive's answer passed).
+        self.confirmed_total = 0
+        self.timed_out_total = 0
+        self.transparent_total = 0
+        self.unconfirmed_total = 0  # sub-operations reported failed in a final response because unconfirmed
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -270,6 +283,7 @@ class MoveRegistry:
             except TimeoutError:
                 pass
         if move.transparent:
+            self.transparent_total += 1
             log.info(
                 "C-MOVE from %r (Message ID %d): %s relayed sub-operations to %s transparently; the final "
                 "response passes as the archive sent it",
@@ -281,8 +295,11 @@ class MoveRegistry:
             return None
         with self._lock:
             tally = final_counts(expected, dict(move.results), sorted(move.arrived))
-        if tally.unconfirmed:
+        if not tally.unconfirmed:
+            self.confirmed_total += 1
+        else:
             self.timed_out_total += 1
+            self.unconfirmed_total += tally.unconfirmed
             log.warning(
                 "C-MOVE from %r (Message ID %d) to %s: %d of %d sub-operations not confirmed by %s within "
                 "move_hold_max_s (%.0f s); reported failed in the final response",
@@ -308,7 +325,12 @@ class MoveRegistry:
             move.changed.set()
 
     def status(self) -> dict[str, int]:
-        return {"held": self.in_flight(), "released": self.held_total, "timed_out": self.timed_out_total}
+        return {
+            "held": self.in_flight(),
+            "released": self.held_total,
+            "timed_out": self.timed_out_total,
+            "unconfirmed_subops": self.unconfirmed_total,
+        }
 
 
 class PartnerSenders:

@@ -15,7 +15,14 @@ with relay_router.spill_receive's `IncomingBlob` (parts checked and opened with 
 manifest's digest and length verified) into a spool writer while later records keep arriving, at most
 `MAX_BLOB_FETCHES` at a time; STORED follows the commit as for inline instances. A blob that cannot be
 fetched or fails verification is REFUSED as a transient failure (0x0110): the near router uploads it
-again later and parks it in its dead-letter state after `[accelerate] max_attempts`.
+again later and parks it in its dead-letter state after `[accelerate] max_attempts`. A security failure
+(a URL outside `spill_endpoints`, a part that fails authentication, a blob longer than announced) also
+writes an `accel_transfer` audit alert, the event router A writes when its upload URL is refused.
+
+For a device with `patient_identity` as well, each instance's patient identity is coerced into this
+site's domain on its way into the spool (relay_router.identity.instances): the same decision, audit and
+metrics as the transparent route's identity filter. An instance that cannot be coerced safely is
+refused permanently (0xC000, dead-lettered at the near router with the reason), never stored unrelabelled.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from relay_common.audit import AuditLog
 from relay_common.files import write_private
 from relay_router import services
 from relay_router.accel import records
@@ -37,6 +45,9 @@ from relay_router.accel.spool import Spool, SpoolEntry, SpoolError, SpoolFull, S
 from relay_router.accel.transfer import RecordChannel, TransferError
 from relay_router.config import SharedDevice
 from relay_router.dimse import Status
+from relay_router.identity.instances import InstanceCoercion
+from relay_router.identity.stream import HeadError
+from relay_router.identity.wiring import IdentityRoute
 from relay_router.spill_receive import IncomingBlob, SpillReceiver
 from relay_router.spill_store import BlobTransport, SpillFailed, SpillStats, blob_alert
 
@@ -99,6 +110,11 @@ class OutcomeBook:
         write_private(self.path, json.dumps(self._sites))
 
 
+def _not_coerced(exc: HeadError) -> tuple[int, bool, str]:
+    """The refusal of an instance whose patient identity cannot be coerced: permanent (it never will be)."""
+    return Status.CANNOT_UNDERSTAND, True, f"patient identity not coerced: {exc}"
+
+
 def far_route_name(device: SharedDevice) -> str:
     """The spool's route name for instances on their way into one of our [[shared]] devices: its AE title."""
     return device.ae_title
@@ -123,8 +139,13 @@ class FarSession:
         blobs: BlobTransport | None = None,
         spill_parallel: int = 4,
         spill_stats: SpillStats | None = None,
+        audit: AuditLog | None = None,
+        identity: IdentityRoute | None = None,
     ) -> None:
         self.channel = channel
+        self.audit = audit
+        self.identity = identity  # the device's patient identity route: instances coerced before the spool
+        self._coercion: InstanceCoercion | None = None  # of the inline instance being received
         # Instances by reference: only when this router agreed `spill/2` (the Confirm said so) and has a link.
         self._blobs = (
             SpillReceiver(
@@ -237,7 +258,10 @@ class FarSession:
         elif isinstance(record, records.BlobHeader):
             await self._begin_blob(record)
         elif isinstance(record, records.Chunk):
-            self._write(record.data)
+            if self._coercion is None:
+                self._write(record.data)
+            else:
+                await self._write_coerced(record.data, last=record.last)
             if record.last:
                 await self._complete()
         elif isinstance(record, records.Hello):
@@ -246,6 +270,33 @@ class FarSession:
     def _begin(self, header: records.InstanceHeader) -> None:
         self._header = header
         self._writer, self._refusal = self._admit(header)
+        self._coercion = self._coercer(header) if self._writer is not None else None
+
+    def _coercer(self, header: records.InstanceHeader) -> InstanceCoercion | None:
+        if self.identity is None:
+            return None
+        return InstanceCoercion(
+            self.identity,
+            header.transfer_syntax,
+            sop_instance_uid=header.sop_instance,
+            association_id=self.channel.association_id,
+        )
+
+    async def _write_coerced(self, data: bytes, *, last: bool) -> None:
+        """An inline instance's bytes through its identity coercion; refused if it cannot be coerced."""
+        coercion = self._coercion
+        if coercion is None or self._writer is None:
+            return
+        try:
+            out = await coercion.feed(data)
+            if last:
+                out += await coercion.end()
+        except HeadError as exc:
+            self._writer.abort()
+            self._writer, self._coercion = None, None
+            self._refusal = _not_coerced(exc)
+            return
+        self._write(out)
 
     def _admit(self, header: records.InstanceHeader) -> tuple[SpoolWriter | None, tuple[int, bool, str] | None]:
         """A spool writer for the instance, or why it is refused."""
@@ -304,13 +355,19 @@ class FarSession:
             assert self._blobs is not None
             blob = IncomingBlob(self._blobs, header.blob_id, header.ordinal)
             blob.finish(header.parts, instance.length, header.digest)
+            coercion = self._coercer(instance)
             written = 0
             try:
                 async for plain in blob.plaintext():  # each part authenticated; length and digest at the end
                     written += len(plain)
                     if written > instance.length:
                         raise blob_alert(f"blob {header.blob_id} is longer than its {instance.length} bytes")
-                    writer.write(plain)
+                    writer.write(plain if coercion is None else await coercion.feed(plain))
+                if coercion is not None:
+                    writer.write(await coercion.end())
+            except HeadError as exc:
+                await self._refuse(instance, _not_coerced(exc))
+                return
             except SpillFailed as exc:
                 self._blobs.stats.receive_failures += 1
                 log.log(
@@ -320,6 +377,8 @@ class FarSession:
                     self.from_site,
                     exc,
                 )
+                if exc.security:
+                    self._alert(str(exc))
                 await self._refuse(instance, (PROCESSING_FAILURE, False, f"blob not delivered: {exc.detail}"))
                 return
             except SpoolFull as exc:
@@ -337,6 +396,20 @@ class FarSession:
             if not committing:
                 writer.abort()
             self._fetch_slots.release()
+
+    def _alert(self, detail: str) -> None:
+        """A security failure of this transfer in the audit trail, shaped as router A's (NearTransfer's)."""
+        if self.audit is None:
+            return
+        self.audit.event(
+            "accel_transfer",
+            "alert",
+            site=self.from_site,
+            called_ae=self.device.ae_title,
+            local_ae=self.device.ae_title,
+            detail=detail,
+            association=self.channel.association_id,
+        )
 
     def _write(self, data: bytes) -> None:
         if self._writer is None:

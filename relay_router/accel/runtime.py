@@ -49,6 +49,7 @@ class AccelRuntime:
     ) -> None:
         self.config = config
         self.link = link
+        self.audit = audit  # the far sessions' security alerts (relay_router.accel.receive)
         # Cloud spill, shared with the transparent associations: large instances go by reference.
         self.blobs = blobs
         self.spill = spill or SpillState()

@@ -42,6 +42,7 @@ from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities
 from relay_router.accel.moves import move_fields, partner_originator
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry, SpoolError
+from relay_router.accel.uploads import ConcurrentUploads
 from relay_router.close_codes import close_frame, received_close, received_refusal
 from relay_router.compress import FrameCompressor
 from relay_router.config import RouterConfig
@@ -67,6 +68,10 @@ RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 # Instances sent by reference whose STORED is awaited: the far router fetches a few at a time, and each
 # blob counts against the association's quota in the store until the far router released it.
 MAX_BLOBS_IN_FLIGHT = 4
+# Uploads run beside the send loop (relay_router.accel.uploads), so small instances are not held behind a big
+# one: at most this many at once, and this many more claimed instances waiting for a slot.
+MAX_UPLOADS = 2
+MAX_WAITING_UPLOADS = 4
 
 
 class TransferError(RelayError):
@@ -384,24 +389,46 @@ class NearTransfer:
         except* (TransferError, FrameRejected, records.RecordError) as failures:
             raise failures.exceptions[0] from None
 
-    def _window_open(self) -> bool:
-        flights = self.in_flight.values()
+    def _window_open(self, uploads: ConcurrentUploads) -> bool:
+        """Whether to claim another instance: inline bytes unacknowledged below two buckets, and room to queue
+        an upload (blobs are bounded by `_blob_room`, and wait in `uploads` without holding up inline ones)."""
         return (
-            sum(f.sent for f in flights) < 2 * self.config.accelerate.bucket_bytes
-            and sum(f.by_reference for f in flights) < MAX_BLOBS_IN_FLIGHT
+            sum(f.sent for f in self.in_flight.values()) < 2 * self.config.accelerate.bucket_bytes and not uploads.full
         )
 
+    def _blob_room(self, uploads: ConcurrentUploads) -> bool:
+        """Whether another blob may be begun: blobs uploading or awaiting their STORED below the stream's quota."""
+        begun = sum(f.by_reference for f in self.in_flight.values()) - uploads.queued
+        return begun < MAX_BLOBS_IN_FLIGHT
+
     async def _send(self, channel: RecordChannel, done: asyncio.Event, receiving: asyncio.Task[None]) -> None:
+        uploads = ConcurrentUploads(
+            lambda header: self._upload(channel, header),
+            limit=MAX_UPLOADS,
+            waiting=MAX_WAITING_UPLOADS,
+            on_done=self.wake,
+            room=lambda: self._blob_room(uploads),
+        )
+        try:
+            await self._send_loop(channel, done, uploads)
+        finally:
+            await uploads.close()  # whatever is still uploading is sent again on the next stream
+        await channel.close()
+        done.set()
+        receiving.cancel()
+
+    async def _send_loop(self, channel: RecordChannel, done: asyncio.Event, uploads: ConcurrentUploads) -> None:
         bucket = self.config.accelerate.bucket_bytes
         idle_since = time.monotonic()
         while not done.is_set():
             await self._send_acks(channel, flush=True)
-            filled = 0
-            while filled < bucket and self._window_open():
+            filled = await self._collect_uploads(channel, uploads)
+            while filled < bucket and self._window_open(uploads):
                 entry = self.spool.claim(self.route_name, time.time())
                 if entry is None:
                     break
-                filled += await self._send_instance(channel, entry)
+                filled += await self._send_instance(channel, entry, uploads)
+                filled += await self._collect_uploads(channel, uploads)
             if filled:
                 await channel.send(b"", flush=True)  # the end of a bucket: nothing waits in a partial frame
                 idle_since = time.monotonic()
@@ -416,11 +443,27 @@ class NearTransfer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             self._apply_requests()
-        await channel.close()
-        done.set()
-        receiving.cancel()
+            uploads.kick()  # a STORED may have freed a blob slot
 
-    async def _send_instance(self, channel: RecordChannel, entry: SpoolEntry) -> int:
+    async def _collect_uploads(self, channel: RecordChannel, uploads: ConcurrentUploads) -> int:
+        """Announce the blobs uploaded since the last call; send inline what could not be uploaded. Runs
+        between instances, so these records never interleave with another instance's. Returns inline bytes."""
+        sent = 0
+        for done in uploads.finished():
+            if done.entry.id not in self.in_flight:  # answered meanwhile (a hostile far router): nothing to send
+                if done.reference is not None and self.blobs is not None:
+                    await self.blobs.release(channel.association_id, done.reference.blob_id)
+                continue
+            if done.reference is None:
+                sent += await self._send_inline(channel, done.entry, done.header)
+                continue
+            self.counts["sent"] += 1
+            self.counts["by_reference"] += 1
+            await self._send_acks(channel, flush=False)
+            await channel.send(records.blob(done.reference), flush=True)  # the far router starts fetching at once
+        return sent
+
+    async def _send_instance(self, channel: RecordChannel, entry: SpoolEntry, uploads: ConcurrentUploads) -> int:
         # A small instance just committed is still held in memory (its journal record makes it durable): sent
         # from there, its own files are never written if its outcome comes back soon (relay_router.accel.spool).
         held = self.spool.held(entry.id)
@@ -437,17 +480,19 @@ class NearTransfer:
         header = records.InstanceHeader(
             entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size, originator, message_id
         )
-        if self._spills(channel, size):
-            reference = await self._upload(channel, header)
-            if reference is not None:
-                self.in_flight[entry.id] = InFlight(entry, 0, by_reference=True)
-                self.counts["sent"] += 1
-                self.counts["by_reference"] += 1
-                await self._send_acks(channel, flush=False)
-                await channel.send(records.blob(reference), flush=True)  # the far router starts fetching at once
-                return 0
+        if self._spills(channel, size):  # uploaded beside this loop; its BLOB record follows when it is stored
+            self.in_flight[entry.id] = InFlight(entry, 0, by_reference=True)
+            uploads.submit(entry, header)
+            return 0
+        return await self._send_inline(channel, entry, header)
+
+    async def _send_inline(self, channel: RecordChannel, entry: SpoolEntry, header: records.InstanceHeader) -> int:
+        """The instance's INSTANCE record and its CHUNKs, back to back on the stream."""
+        size = header.length
         self.in_flight[entry.id] = InFlight(entry, size)
         self.counts["sent"] += 1
+        held = self.spool.held(entry.id)  # (an upload that fell back has written the entry's files by now)
+        path = self.spool.path(entry.id) if held is None else None
         await channel.send(records.instance(header), new_instance=True)
         if held is not None:
             await channel.send(records.chunks(bytes(held)))  # cut at MAX_CHUNK; full frames go out as they fill
@@ -472,6 +517,8 @@ class NearTransfer:
     async def _upload(self, channel: RecordChannel, header: records.InstanceHeader) -> records.BlobHeader | None:
         """Upload the spooled instance as one blob (relay_router.spill.BlobUpload); None: send it inline."""
         assert self.blobs is not None
+        if self.spill.paused:  # another upload failed while this one waited for a slot: inline, without trying
+            return None
         dicom = self.config.dicom
         level = dicom.compression_level if channel.codec.compressor is not None else None
         upload = BlobUpload(
@@ -523,16 +570,22 @@ class NearTransfer:
 
     def _fell_back(self, header: records.InstanceHeader, exc: Exception) -> None:
         """The store could not take the instance: it goes inline, and spill pauses for the whole router."""
+        # Uploads run side by side (relay_router.accel.uploads): the first failure pauses spill and says so;
+        # one that was running beside it and fails the same way is the same outage (INFO), unless a security one.
+        already = self.spill.paused
         self.spill.pause()
         security = getattr(exc, "security", False)
-        log.log(
-            logging.ERROR if security else logging.WARNING,
-            "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
-            header.sop_instance,
-            header.length,
-            BACKOFF_S,
-            exc,
-        )
+        if already and not security:
+            log.info("blob store still unavailable, sending %s inline too: %s", header.sop_instance, exc)
+        else:
+            log.log(
+                logging.ERROR if security else logging.WARNING,
+                "blob store unavailable, sending %s (%d bytes) inline (spill paused for %g s): %s",
+                header.sop_instance,
+                header.length,
+                BACKOFF_S,
+                exc,
+            )
         if security and self.audit is not None:  # e.g. the bridge handed out a URL outside spill_endpoints
             self.audit.event(
                 "accel_transfer",

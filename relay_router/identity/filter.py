@@ -52,7 +52,16 @@ from relay_router.identity.model import Lookup, LookupOutcome, PatientRef
 from relay_router.identity.stream import DatasetRewriter, HeadError
 from relay_router.ul.pdu import PduType
 
-__all__ = ["Flow", "IdentityFilter", "IdentityFilterError", "Kind", "Resolver", "classify"]
+__all__ = [
+    "Flow",
+    "IdentityFilter",
+    "IdentityFilterError",
+    "Kind",
+    "Resolver",
+    "classify",
+    "lookup_identity",
+    "record_coercion",
+]
 
 log = logging.getLogger("relay_router.identity")
 
@@ -357,47 +366,75 @@ class IdentityFilter:
         return coercion
 
     async def _lookup(self, ref: PatientRef, target: str, identity: Dataset) -> Lookup:
-        try:
-            return await self.resolver.lookup(
-                ref, target, dataset=identity, context={"association": self.association_id}
-            )
-        except Exception as exc:  # a source's bug must not pass a data set unrelabelled as if mapped
-            log.error("patient identity lookup failed: %s", exc, extra={"assoc": self.association_id})
-            return Lookup(LookupOutcome.UNAVAILABLE, None, "")
+        return await lookup_identity(self.resolver, ref, target, identity, self.association_id)
 
     def _record(self, flow: Flow, message: _Message, coercion: Coercion) -> None:
-        key = (flow.value, coercion.outcome.value)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if coercion.outcome is Outcome.UNCHANGED and coercion.original is None:
-            return  # no patient identifier at all: nothing to audit
         assert message.command is not None
-        command_field = int(message.command.CommandField)
-        original, result = coercion.original, coercion.result
-        failure = coercion.outcome in (Outcome.REFUSED, Outcome.CONFLICT, Outcome.UNAVAILABLE)
-        self._audit(
-            "patient_identity",
-            "failure" if failure else "success",
-            association=self.association_id,
-            flow=flow.value,
-            message=_NAMES.get(command_field, f"0x{command_field:04X}"),
-            identity_outcome=coercion.outcome.value,
-            sop_instance_uid=str(message.command.get("AffectedSOPInstanceUID", "")),
-            original_patient_id=original.id if original else "",
-            original_issuer=original.issuer if original else "",
-            patient_id=result.id if result else "",
-            issuer=result.issuer if result else "",
-            source=coercion.source,
-            detail=coercion.detail,
+        command = message.command
+        record_coercion(
+            self._audit,
+            self.counts,
+            coercion,
+            flow=flow,
+            command_field=int(command.CommandField),
+            sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
+            association_id=self.association_id,
         )
-        level = logging.WARNING if failure else logging.DEBUG  # the audit trail has every one
-        log.log(
-            level,
-            "patient identity %s on %s (%s)",
-            coercion.outcome.value,
-            _NAMES.get(command_field, "?"),
-            coercion.detail or flow.value,
-            extra={"assoc": self.association_id},
-        )
+
+
+async def lookup_identity(
+    resolver: Resolver, ref: PatientRef, target: str, identity: Dataset, association_id: str
+) -> Lookup:
+    """The resolver's answer for `ref` in `target`'s domain; a source's failure is UNAVAILABLE, never a guess."""
+    try:
+        return await resolver.lookup(ref, target, dataset=identity, context={"association": association_id})
+    except Exception as exc:  # a source's bug must not pass a data set unrelabelled as if mapped
+        log.error("patient identity lookup failed: %s", exc, extra={"assoc": association_id})
+        return Lookup(LookupOutcome.UNAVAILABLE, None, "")
+
+
+def record_coercion(
+    audit: Callable[..., Any],
+    counts: dict[tuple[str, str], int],
+    coercion: Coercion,
+    *,
+    flow: Flow,
+    command_field: int,
+    sop_instance_uid: str,
+    association_id: str,
+) -> None:
+    """Count one coercion (the metrics) and audit it (`patient_identity`), on transparent and accelerated
+    routes alike: one event shape wherever a data set's identity was decided."""
+    key = (flow.value, coercion.outcome.value)
+    counts[key] = counts.get(key, 0) + 1
+    if coercion.outcome is Outcome.UNCHANGED and coercion.original is None:
+        return  # no patient identifier at all: nothing to audit
+    original, result = coercion.original, coercion.result
+    failure = coercion.outcome in (Outcome.REFUSED, Outcome.CONFLICT, Outcome.UNAVAILABLE)
+    audit(
+        "patient_identity",
+        "failure" if failure else "success",
+        association=association_id,
+        flow=flow.value,
+        message=_NAMES.get(command_field, f"0x{command_field:04X}"),
+        identity_outcome=coercion.outcome.value,
+        sop_instance_uid=sop_instance_uid,
+        original_patient_id=original.id if original else "",
+        original_issuer=original.issuer if original else "",
+        patient_id=result.id if result else "",
+        issuer=result.issuer if result else "",
+        source=coercion.source,
+        detail=coercion.detail,
+    )
+    level = logging.WARNING if failure else logging.DEBUG  # the audit trail has every one
+    log.log(
+        level,
+        "patient identity %s on %s (%s)",
+        coercion.outcome.value,
+        _NAMES.get(command_field, "?"),
+        coercion.detail or flow.value,
+        extra={"assoc": association_id},
+    )
 
 
 def _other(flow: Flow) -> Flow:

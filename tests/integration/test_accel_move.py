@@ -14,12 +14,18 @@ router B translates it back, and router A matches the sub-operations by (MOVER_A
 PICKY_A, a pynetdicom SCP at site A that router B exposes as PICKY_X (the archive's Move Destination),
 accepts every storage SOP class in negotiation but answers MR Image Storage with 0x0122 (SOP class not
 supported): the final response counts those failed, names them in the Failed SOP Instance UID List,
-and says B000 (some failed) or A702 (all failed).
+and says B000 (some failed) or A702 (all failed). It holds the C-STOREs of patient SLOW-1 until the test
+releases them: a hold that ends at `move_hold_max_s` with its sub-operations unconfirmed.
+
+Router A's /metrics count the holds by how they ended (relay_router_accel_move_holds_total) and the
+sub-operations reported failed because unconfirmed (relay_router_accel_move_subops_unconfirmed_total).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay_common.audit import read_events
 from relay_demo.datasets import fingerprints, generate_ct_series, generate_mr_series, write_series
@@ -47,6 +54,8 @@ CT_STUDY = "1.2.826.0.1.3680043.8.498.71001"
 MIXED_STUDY = "1.2.826.0.1.3680043.8.498.71002"
 MR_STUDY = "1.2.826.0.1.3680043.8.498.71003"
 PLAIN_STUDY = "1.2.826.0.1.3680043.8.498.71004"
+SLOW_STUDY = "1.2.826.0.1.3680043.8.498.71005"
+HOLD_MAX_S = 25  # router A's move_hold_max_s: the stalled move's final response comes after this
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -57,17 +66,21 @@ class PickyScp:
     received: dict[str, bytes]
     port: int
     server: Any
+    release: threading.Event  # patient SLOW-1's C-STOREs wait for it (at most two minutes)
 
 
 def start_picky_scp() -> PickyScp:
     from pynetdicom import AE, StoragePresentationContexts, evt
 
     received: dict[str, bytes] = {}
+    release = threading.Event()
 
     def on_store(event: Any) -> int:
         if str(event.request.AffectedSOPClassUID) == MR_STORAGE:
             return 0x0122  # PS3.4 B.2.3: Refused, SOP Class not supported
         ds = event.dataset
+        if ds.get("PatientID") == "SLOW-1":
+            release.wait(120)
         ds.file_meta = event.file_meta
         from io import BytesIO
 
@@ -79,7 +92,7 @@ def start_picky_scp() -> PickyScp:
     ae = AE(ae_title="PICKY_A")
     ae.supported_contexts = StoragePresentationContexts
     server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    return PickyScp(received, server.server_address[1], server)
+    return PickyScp(received, server.server_address[1], server, release)
 
 
 @dataclass
@@ -124,6 +137,9 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             generate_ct_series(2, rows=64, cols=64, seed=74, patient_id="PLAIN-1", study_uid=PLAIN_STUDY),
             work / "plain",
         ),
+        "slow": write_series(
+            generate_ct_series(2, rows=64, cols=64, seed=75, patient_id="SLOW-1", study_uid=SLOW_STUDY), work / "slow"
+        ),
     }
     orthanc = orthanc_module_factory("ORTHANC_B", always_allow=True)
     orthanc.upload_many([p for paths in series.values() for p in paths])
@@ -154,7 +170,8 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
                 Shared("MOVER_A", HOST, plain.port, ["hospital-b"]),
             ],
             remote=[Remote("PACS_B", "hospital-b", "ORTHANC_B")],
-            accelerate={**ACCEL, "move_hold_max_s": 90},
+            accelerate={**ACCEL, "move_hold_max_s": HOLD_MAX_S},
+            metrics_listen="127.0.0.1:0",
             **DICOM,
         )
         assert site_b.port
@@ -166,6 +183,7 @@ def sites(orthanc_module_factory: OrthancPool, tmp_path_factory: pytest.TempPath
             wait_for(lambda t=title: near_route(net, t).get("capabilities_known"), known, timeout=60)
         yield Sites(net, orthanc, ws, plain, picky, work, series)
     finally:
+        picky.release.set()
         net.stop()
         ws.stop()
         plain.stop()
@@ -186,8 +204,28 @@ def uids(paths: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
 
 
+def move_metrics(sites: Sites) -> dict[str, float]:
+    """Router A's held-move families: {"held": .., "confirmed": .., "timed_out": .., "unconfirmed": ..}."""
+    address = sites.net.status("hospital-a")["metrics"]["listen"]  # type: ignore[index]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    got: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "relay_router_accel_moves_held":
+                got["held"] = sample.value
+            elif sample.name == "relay_router_accel_move_holds_total":
+                got[sample.labels["end"]] = sample.value
+            elif sample.name == "relay_router_accel_move_subops_unconfirmed_total":
+                got["unconfirmed"] = sample.value
+    assert {"held", "confirmed", "timed_out", "transparent", "unconfirmed"} <= set(got), got
+    return got
+
+
 def test_the_final_response_comes_once_every_image_is_at_the_destination(sites: Sites) -> None:
     originals = sites.series["ct"]
+    before = move_metrics(sites)
     result = move(sites, "WS_A", CT_STUDY)
     present = files_in(sites.ws.out_dir)  # read the moment movescu exits, before anything else
     assert result.returncode == 0 and not result.errors, result
@@ -206,6 +244,10 @@ def test_the_final_response_comes_once_every_image_is_at_the_destination(sites: 
         -3000:
     ]
     assert "final response 0x0000 -> 0x0000; completed 5, warning 0, failed 0" in log_a, log_a[-3000:]
+    # ... and counted it: one hold ended with every sub-operation confirmed, none held now.
+    after = move_metrics(sites)
+    assert after["confirmed"] == before["confirmed"] + 1, (before, after)
+    assert (after["timed_out"], after["unconfirmed"], after["held"]) == (before["timed_out"], before["unconfirmed"], 0)
     # The images went the accelerated way: router B answered the archive's sub-operations from its spool.
     log_b = sites.net.log("hospital-b")
     stored = re.findall(r"accelerated association from 'ORTHANC_B' for 'WS_A' ended: (\d+) stored in the spool", log_b)
@@ -245,3 +287,28 @@ def test_a_move_to_a_transparent_destination_is_not_held(sites: Sites) -> None:
     assert result.check().completed == 2, result
     assert uids(sites.series["plain"]) <= set(files_in(sites.plain.out_dir))
     assert "to PLAIN_A at hospital-b: its final response waits" not in sites.net.log("hospital-a")
+
+
+def test_a_hold_ended_by_the_ceiling_reports_the_unconfirmed_failed_and_counts_them(sites: Sites) -> None:
+    """PICKY_A stalls patient SLOW-1's C-STOREs past move_hold_max_s: the final response says A702 with
+    both sub-operations failed (unconfirmed), router A's metrics count the timed-out hold and the two
+    sub-operations, and the images are still delivered, byte-identical, once the destination answers."""
+    slow = sites.series["slow"]
+    before = move_metrics(sites)
+    try:
+        result = move(sites, "PICKY_X", SLOW_STUDY)
+        assert not result.timed_out and not result.aborted, result
+        assert "0xa702" in result.log.lower(), result
+        assert (result.completed, result.failed) == (0, 2), result
+        for uid in uids(slow):
+            assert uid in result.log, f"the Failed SOP Instance UID List does not name {uid}: {result}"
+        log_a = sites.net.log("hospital-a")
+        assert "2 of 2 sub-operations not confirmed by PICKY_A within move_hold_max_s" in log_a, log_a[-3000:]
+        after = move_metrics(sites)
+        assert after["timed_out"] == before["timed_out"] + 1, (before, after)
+        assert after["unconfirmed"] == before["unconfirmed"] + 2, (before, after)
+        assert (after["confirmed"], after["held"]) == (before["confirmed"], 0), (before, after)
+    finally:
+        sites.picky.release.set()
+    wait_for(lambda: uids(slow) <= set(sites.picky.received), "the stalled images delivered after all", timeout=90)
+    assert fingerprints(sites.picky.received[u] for u in uids(slow)) == fingerprints(slow)

@@ -139,6 +139,51 @@ def test_large_instances_travel_by_reference_and_arrive_identical(orthanc_factor
         net.stop()
 
 
+class SlowStore(RelayServicer):
+    """The real bridge, but its file:// store takes no blob part until `release` is set (at most 60 s): a
+    slow uplink or store, as a 20 MB radiograph on a hospital's line."""
+
+    release = threading.Event()
+    held = 0
+
+    async def PutBlobPart(self, request: pb.BlobPart, context: grpc.aio.ServicerContext) -> pb.BlobPartAck:
+        SlowStore.held += 1
+        for _ in range(1200):
+            if SlowStore.release.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return await super().PutBlobPart(request, context)
+
+
+def test_small_instances_are_not_held_behind_a_slow_upload(orthanc_factory: OrthancPool, tmp_path: Path) -> None:
+    """A big slice first, then small ones: while the store holds the big slice's parts, the small ones
+    reach Orthanc (router A uploads beside its send loop); once the store answers, the big one follows.
+    Every image byte-identical."""
+    require_dcmtk("storescu")
+    big, small = study(tmp_path)
+    files = big[:1] + small
+    SlowStore.release.clear()
+    SlowStore.held = 0
+    net = LocalRelayNetwork(tmp_path / "relay").start(bridge=False)
+    bridge = InProcessBridge(net, SlowStore)
+    try:
+        orthanc = orthanc_factory("ORTHANC_B")
+        port = start_sites(net, orthanc)
+        store(port, files)
+        wait_for(arrived(orthanc, small), "the small slices at Orthanc while the big upload is held", timeout=45)
+        assert SlowStore.held, "the big slice's upload never reached the store"
+        assert not arrived(orthanc, big[:1])(), "the big slice arrived although its upload was held"
+        SlowStore.release.set()
+        wait_for(arrived(orthanc, files), "the big slice at Orthanc once the store answers", timeout=60)
+        assert_identical(orthanc, files)
+        wait_for(lambda: by_reference(net) == 1, "router A's audit counting the big slice by reference", timeout=60)
+    finally:
+        SlowStore.release.set()
+        for name in list(net.sites):
+            net.stop_router(name)
+        bridge.stop()
+
+
 class TamperingStore(RelayServicer):
     """The real bridge, but every blob part it hands out (its file:// store's GetBlobPart) has a byte flipped
     while `tamper` is set: a hostile store or bridge operator."""
@@ -267,8 +312,8 @@ def test_a_bridge_handing_out_lan_urls_gets_no_request_and_no_image_is_lost_or_a
 ) -> None:
     """Issue 17's protection on accelerated routes: the bridge swaps the upload (router A) or download
     (router B) URL for one into the hospital's LAN. No router sends it a byte. Upload: router A sends the
-    instance inline and audits an alert; download: router B refuses the instance and router A, after
-    its retries, dead-letters it with the reason."""
+    instance inline and audits an alert; download: router B refuses the instance and audits an alert, and
+    router A, after its retries, dead-letters it with the reason."""
     require_dcmtk("storescu")
     lan = LanService()
     net = LocalRelayNetwork(tmp_path / "relay").start(bridge=False)
@@ -293,6 +338,12 @@ def test_a_bridge_handing_out_lan_urls_gets_no_request_and_no_image_is_lost_or_a
             assert "0x0110" in entry.last_error and refused in entry.last_error, entry.last_error
             assert refused in net.log("hospital-b")
             assert orthanc.find_sop(entry.sop_instance_uid) is None
+            # Router B audits the refused URL as router A does its own (one alert per attempt).
+            audit_b = net.workdir / "audit-hospital-b.jsonl"
+            alerts_b = [e for e in read_events(audit_b) if e["event"] == "accel_transfer" and e["outcome"] == "alert"]
+            assert alerts_b, "router B wrote no audit alert for the refused download URL"
+            assert all(refused in str(e["detail"]) for e in alerts_b), alerts_b
+            assert {(e["site"], e["called_ae"]) for e in alerts_b} == {("hospital-a", "ORTHANC_B")}, alerts_b
         else:
             wait_for(arrived(orthanc, files), "the study at Orthanc (the big slice inline)", timeout=60)
             assert_identical(orthanc, files)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,7 +112,8 @@ def test_stale_stopped_and_missing_files_exit_3(tmp_path: Path) -> None:
     report = router_status.evaluate(stale, None)
     assert report["exit_code"] == 3 and not report["running"]
     text = router_status.render_status(report)
-    assert text.startswith("relay-router hospital-a: NOT RUNNING: the status file was last updated 60 s ago")
+    # 60 s, or a second or two more on a loaded machine between writing and reading the clock.
+    assert re.match(r"relay-router hospital-a: NOT RUNNING: the status file was last updated 6[0-3] s ago", text)
     assert "what follows is the last state it recorded" in text and "metrics:" not in text
 
     stopped = router_status.stopped_status(router_status_dict(tmp_path))

@@ -1,0 +1,204 @@
+"""A big spill upload does not hold back the small instances queued behind it (relay_router.accel.uploads).
+
+The near router's send loop starts each upload beside itself and goes on with the next instance; the BLOB
+record follows once the blob is stored. These tests drive the real NearTransfer send loop with a real spool
+and the shared BlobUpload over an in-memory store whose writes can be held, and read back the records the
+far router would decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from relay_router.accel import records
+from relay_router.accel.capabilities import CapabilityCache
+from relay_router.accel.spool import EntryState, Spool
+from relay_router.accel.transfer import MAX_UPLOADS, NearTransfer
+from relay_router.accel.uploads import ConcurrentUploads
+from relay_router.seal import FrameSealer
+from relay_router.wire.features import Features
+from tests.unit.router.test_spill import MemoryTransport
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+THRESHOLD = 256 * 1024
+AID = os.urandom(16).hex()
+
+
+class HeldStore(MemoryTransport):
+    """The blob store, with every part write held until `open_` is set (a slow uplink), or failing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_ = asyncio.Event()
+        self.waiting = 0
+
+    async def put(self, url: str, data: bytes) -> None:
+        self.waiting += 1
+        try:
+            await self.open_.wait()
+        finally:
+            self.waiting -= 1
+        await super().put(url, data)
+
+
+class RecordingChannel:
+    """What NearTransfer's send loop uses of a RecordChannel; every record kept in order."""
+
+    def __init__(self) -> None:
+        secret, transcript = os.urandom(32), os.urandom(32)
+        self.association_id = AID
+        self.blob_ordinal = 0
+        self.codec = SimpleNamespace(
+            sealer=FrameSealer(secret, transcript, AID, initiator=True),
+            features=Features(spill=True, accel=True),
+            compressor=None,
+        )
+        self.sent = bytearray()
+        self.closed = False
+
+    async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
+        self.sent += data
+
+    async def close(self, reason: object = None) -> None:
+        self.closed = True
+
+    def records(self) -> list[records.Record]:
+        return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
+
+
+def _transfer(tmp_path: Path, store: MemoryTransport) -> tuple[NearTransfer, Spool]:
+    spool = Spool(tmp_path / "spool", max_bytes=256 << 20)
+    config = SimpleNamespace(
+        accelerate=SimpleNamespace(bucket_bytes=4 << 20),
+        dicom=SimpleNamespace(
+            spill_threshold_bytes=THRESHOLD, spill_part_bytes=64 * 1024, spill_parallel=2, compression_level=3
+        ),
+    )
+    route = SimpleNamespace(site="hospital-b", ae_title="ORTHANC_B")
+    transfer = NearTransfer(
+        config,  # type: ignore[arg-type]
+        SimpleNamespace(),  # type: ignore[arg-type]
+        spool,
+        CapabilityCache(tmp_path / "caps.json", 3600),
+        local_ae="ORTHANC_B",
+        route=route,  # type: ignore[arg-type]
+        blobs=store,  # type: ignore[arg-type]
+    )
+    return transfer, spool
+
+
+def _spool(spool: Spool, number: int, size: int) -> str:
+    writer = spool.writer(
+        "ORTHANC_B", sop_class_uid=CT, sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{number}", transfer_syntax=EXPLICIT
+    )
+    writer.write(os.urandom(size))
+    return writer.commit().id
+
+
+async def _until(condition: object, what: str) -> None:
+    for _ in range(500):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _run(transfer: NearTransfer, channel: RecordingChannel) -> tuple[asyncio.Task[None], asyncio.Event]:
+    done = asyncio.Event()
+    receiving = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+    return asyncio.get_running_loop().create_task(transfer._send(channel, done, receiving)), done  # type: ignore[arg-type]
+
+
+async def test_small_instances_go_out_while_a_big_upload_is_held(tmp_path: Path) -> None:
+    store = HeldStore()
+    transfer, spool = _transfer(tmp_path, store)
+    big = _spool(spool, 1, 4 * THRESHOLD)  # the oldest: claimed first
+    small = [_spool(spool, n, 20_000) for n in range(2, 7)]
+    channel = RecordingChannel()
+    task, done = await _run(transfer, channel)
+    try:
+
+        def sent() -> list[str]:
+            return [r.id for r in channel.records() if isinstance(r, records.InstanceHeader)]
+
+        await _until(lambda: len(sent()) == 5, "the five small instances")
+        assert sent() == small, "the small instances crossed, in order, while the big one was still uploading"
+        assert store.waiting, "the big upload is still held"
+        assert not any(isinstance(r, records.BlobHeader) for r in channel.records())
+
+        store.open_.set()
+        await _until(lambda: any(isinstance(r, records.BlobHeader) for r in channel.records()), "the BLOB record")
+        (blob,) = [r for r in channel.records() if isinstance(r, records.BlobHeader)]
+        assert blob.instance.id == big and blob.instance.length == spool.path(big).stat().st_size
+        assert transfer.counts["by_reference"] == 1 and transfer.counts["sent"] == 6
+    finally:
+        done.set()
+        transfer.wake()
+        await asyncio.wait_for(task, 5)
+    # Records decode in order: the BLOB record did not land inside a small instance's CHUNKs (the reader
+    # would have refused an INSTANCE whose CHUNKs were cut short).
+    assert channel.closed
+
+
+async def test_a_failed_upload_goes_inline_and_a_stream_end_cancels_uploads_and_requeues(tmp_path: Path) -> None:
+    store = HeldStore()
+    store.fail_slot = True
+    transfer, spool = _transfer(tmp_path, store)
+    big = _spool(spool, 1, 2 * THRESHOLD)
+    channel = RecordingChannel()
+    task, done = await _run(transfer, channel)
+    await _until(lambda: any(isinstance(r, records.InstanceHeader) for r in channel.records()), "the inline instance")
+    (header,) = [r for r in channel.records() if isinstance(r, records.InstanceHeader)]
+    assert header.id == big
+    body = b"".join(r.data for r in channel.records() if isinstance(r, records.Chunk))
+    assert body == spool.path(big).read_bytes(), "the instance went inline, whole"
+    assert transfer.spill.paused
+    done.set()
+    transfer.wake()
+    await asyncio.wait_for(task, 5)
+
+    # A second stream: an upload held when the stream ends is cancelled, and its entry sent again later.
+    store2 = HeldStore()
+    transfer2, spool2 = _transfer(tmp_path / "2", store2)
+    held = _spool(spool2, 9, 2 * THRESHOLD)
+    channel2 = RecordingChannel()
+    task2, done2 = await _run(transfer2, channel2)
+    await _until(lambda: store2.waiting, "the upload to start")
+    done2.set()
+    transfer2.wake()
+    await asyncio.wait_for(task2, 5)
+    await asyncio.sleep(0)  # the part writes' cancellation lands
+    assert store2.waiting == 0, "no upload outlives its stream"
+    transfer2._requeue()
+    assert spool2.get(held).state is EntryState.RECEIVED
+
+
+async def test_uploads_are_bounded() -> None:
+    started: list[str] = []
+    gate = asyncio.Event()
+
+    async def upload(header: records.InstanceHeader) -> records.BlobHeader | None:
+        started.append(header.id)
+        await gate.wait()
+        return None
+
+    uploads = ConcurrentUploads(upload, limit=MAX_UPLOADS, waiting=3, on_done=lambda: None)
+    for n in range(MAX_UPLOADS + 3):
+        header = records.InstanceHeader(f"e{n}", CT, f"1.2.3.{n}", EXPLICIT, 1)
+        uploads.submit(SimpleNamespace(id=f"e{n}"), header)  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert len(started) == MAX_UPLOADS and uploads.full and uploads.queued == 3
+    gate.set()
+    await _until(lambda: len(started) == MAX_UPLOADS + 3, "every upload")
+    ended: list[str] = []
+    await _until(lambda: ended.extend(f.entry.id for f in uploads.finished()) or len(ended) == MAX_UPLOADS + 3, "ends")
+    assert sorted(ended) == sorted(started) and uploads.pending == 0
+    await uploads.close()
+    with pytest.raises(ValueError):
+        ConcurrentUploads(upload, limit=0, waiting=1, on_done=lambda: None)

@@ -86,6 +86,8 @@ bench: $(STAMP)
 	command -v storescp >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	@# the JPEG 2000 workload is encoded with Pillow's OpenJPEG (without it: pydicom's small sample file)
+	@$(PY) -c "from PIL import features; assert features.check('jpg_2000')" 2>/dev/null || $(PY) -m pip install -q pillow
 	@$(PY) -c "import moto.server, boto3" 2>/dev/null || $(PY) -m pip install -q 'moto[server]>=5' 'boto3>=1.34'
 	$(PY) -m benchmarks.wan $(BENCH_ARGS)
 

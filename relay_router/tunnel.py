@@ -37,6 +37,15 @@ from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredent
 from relay_common.validate import printable
 from relay_router.bridge_notice import check_notice
 from relay_router.config import RouterConfig
+from relay_router.direct_join import (
+    DIRECT_JOIN_PROTOCOL,
+    TICKET_METADATA,
+    DirectJoinUnavailable,
+    ReplicaChannels,
+    base_server_name,
+    check_offer,
+    join_directly,
+)
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
@@ -146,6 +155,13 @@ class BridgeLink:
         self.spill_enabled = config.dicom.spill
         host, port = parse_host_port(config.bridge.address, default_host="")
         self.proxy = self.proxies.for_target("https", host, port)  # "" for a direct connection
+        # The direct join (relay_router.direct_join): the name replica labels go under (None: we do not
+        # offer it: switched off, no TLS, or a bridge known by IP address only), and the replica channels.
+        bridge = config.bridge
+        self._direct_base = (
+            base_server_name(host, bridge.server_name) if bridge.direct_join and not bridge.insecure else None
+        )
+        self._replicas = ReplicaChannels(lambda server_name: self._make_channel(server_name))
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RelayStub | None = None
         self._session: str | None = None
@@ -183,7 +199,9 @@ class BridgeLink:
     def connected(self) -> bool:
         return self._session is not None
 
-    def _make_channel(self) -> grpc.aio.Channel:
+    def _make_channel(self, replica_server_name: str | None = None) -> grpc.aio.Channel:
+        """A channel to the configured bridge address; `replica_server_name`: with that TLS server name (SNI, and
+        the name the certificate must cover) instead of the configured one, for a direct join."""
         bridge = self.config.bridge
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -212,13 +230,16 @@ class BridgeLink:
             options.append(("grpc.enable_http_proxy", 0))
         if bridge.insecure:
             return grpc.aio.insecure_channel(bridge.address, options=options)
-        if bridge.server_name:
-            options.append(("grpc.ssl_target_name_override", bridge.server_name))
+        server_name = replica_server_name or bridge.server_name
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         assert bridge.ca_file is not None
         if self._tls is None:
             state = self.config.router.state_dir  # client.pem and client.key: issued by `relay-router enroll`
             self._tls = ReloadingClientCredentials(bridge.ca_file, state / "client.pem", state / "client.key")
-        credentials, self._channel_tls = self._tls.credentials()
+        credentials, files = self._tls.credentials()
+        if replica_server_name is None:
+            self._channel_tls = files
         return grpc.aio.secure_channel(bridge.address, credentials, options=options)
 
     # -- certificate reload -------------------------------------------------------------------
@@ -379,7 +400,7 @@ class BridgeLink:
                         account=self.site,
                         password=password,
                         software_version=SOFTWARE_VERSION,
-                        protocols=["relay.v1"],
+                        protocols=["relay.v1", DIRECT_JOIN_PROTOCOL] if self._direct_base else ["relay.v1"],
                         devices=self.shared_devices(),
                         identity=pb.Identity(
                             sign_key=self.identity.public.sign_key,
@@ -569,7 +590,35 @@ class BridgeLink:
         route = self._association_route(request.association_id)
         await route.stub.ReleaseBlob(request, metadata=route.metadata, timeout=timeout_s)
 
-    async def join(self, association_id: str) -> AssociationStream:
+    async def join(self, association_id: str, offer: pb.DirectJoin | None = None) -> AssociationStream:
+        """Join an association we were told of; at the replica it waits at when the notice offered that
+        (relay_router.direct_join), otherwise, or when that fails, through our own session."""
+        if offer is not None and self._direct_base is not None and offer.replica:
+            checked = check_offer(offer, self._direct_base)
+            if checked is None:
+                log.warning(
+                    "the bridge offered a direct join that is not well-formed; joining the ordinary way",
+                    extra={"assoc": association_id},
+                )
+            else:
+                stub, channel = self._replicas.stub(checked.server_name)
+                try:
+                    call = await join_directly(stub, association_id, checked)
+                except DirectJoinUnavailable as exc:
+                    self._replicas.forget(checked.server_name)
+                    log.info(
+                        "direct join at replica %s failed (%s); joining through our own replica",
+                        checked.replica,
+                        exc,
+                        extra={"assoc": association_id},
+                    )
+                else:
+                    channel.track(call)
+                    # Its blob RPCs go there too, with the ticket as their credential (CallRoute).
+                    self._routes[association_id] = CallRoute(stub, ((TICKET_METADATA, checked.ticket),))
+                    call.add_done_callback(lambda _: self._routes.pop(association_id, None))
+                    log.info("joined directly at replica %s", checked.replica, extra={"assoc": association_id})
+                    return AssociationStream(call)
         route = self._current_route()
         call = route.stub.Associate(metadata=route.metadata)
         self._track(call, association_id, route)
@@ -583,6 +632,7 @@ class BridgeLink:
             self._remove_reload_hook()
         for task in list(self._tasks):
             task.cancel()
+        await self._replicas.close()
         for channel in [*self._retired, self._channel]:
             if channel is not None:
                 await channel.close(grace=1.0)

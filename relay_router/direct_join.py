@@ -1,0 +1,186 @@
+"""The direct join: joining an association at the bridge replica it waits at, not through our own.
+
+With bridge replicas behind one load balancer, the incoming-association notice for an association
+opened at another replica can carry a `DirectJoin` offer: that replica's name and a single-use
+ticket. The router then opens (or reuses) a second channel **to its own configured bridge
+address**, whose TLS server name is `<replica>.<server name>`; the balancer routes it on SNI to
+that replica, which splices both routers itself, so no frame crosses a second replica
+(docs/high-availability.md, "The direct join").
+
+Zero trust: the bridge chooses only the first label of a name under our configured bridge name,
+and only for TLS (the certificate must still verify against our CA); the address is always ours.
+The label must be one DNS label; the ticket must look like one; at most `MAX_CHANNELS` such
+channels are kept, each closed once idle. Whatever goes wrong (no such route at the balancer, a
+certificate that does not cover the name, the ticket refused, no answer within
+`DIRECT_JOIN_TIMEOUT_S`) the router joins the ordinary way, through its own replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from protos.relay.v1 import relay_pb2 as pb
+from protos.relay.v1 import relay_pb2_grpc as pb_grpc
+
+log = logging.getLogger("relay_router.tunnel")
+DIRECT_JOIN_PROTOCOL = "relay.v1.direct-join"  # in SignOn.protocols: we can join with a ticket
+TICKET_METADATA = "relay-join-ticket"
+DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+TICKET_FORM = re.compile(r"[A-Za-z0-9_-]{32,64}")
+# The join at another replica must answer within this, or the router joins through its own: the
+# association's Open waits `join_timeout_s` (10 s by default) at the bridge for one or the other.
+DIRECT_JOIN_TIMEOUT_S = 2.0
+MAX_CHANNELS = 4  # replica channels kept (a cluster has a few replicas; more names: the oldest goes)
+IDLE_CLOSE_S = 120.0  # a replica channel with no call for this long is closed
+
+
+class DirectJoinUnavailable(Exception):
+    """The direct join cannot be made or did not succeed: join the ordinary way."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A checked offer: the TLS server name to use (under our own bridge name) and the ticket."""
+
+    replica: str
+    server_name: str
+    ticket: str
+
+
+def base_server_name(address_host: str, server_name: str | None) -> str | None:
+    """The bridge name replica names go under: the configured server name, else the address's host; None
+    when that is an IP address or not a DNS name (no name to put a replica label under)."""
+    name = (server_name or address_host).strip().lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    labels = name.split(".")
+    if not name or len(name) > 253 - 64 or not all(DNS_LABEL.fullmatch(label) for label in labels):
+        return None
+    return name
+
+
+def check_offer(offer: pb.DirectJoin, base: str) -> Offer | None:
+    """The bridge's offer if it is well-formed (a single DNS label, a ticket of the expected form), else None."""
+    label = offer.replica.lower()
+    if not DNS_LABEL.fullmatch(label) or not TICKET_FORM.fullmatch(offer.ticket):
+        return None
+    return Offer(label, f"{label}.{base}", offer.ticket)
+
+
+class ReplicaChannels:
+    """At most `MAX_CHANNELS` channels to our bridge address, one per replica server name, closed when idle."""
+
+    def __init__(self, make_channel: Callable[[str], grpc.aio.Channel]) -> None:
+        self._make_channel = make_channel
+        # server name -> (channel, stub, live calls, last use)
+        self._channels: collections.OrderedDict[str, _ReplicaChannel] = collections.OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def stub(self, server_name: str) -> tuple[pb_grpc.RelayStub, _ReplicaChannel]:
+        self._close_idle()
+        entry = self._channels.get(server_name)
+        if entry is None:
+            entry = _ReplicaChannel(self._make_channel(server_name))
+            self._channels[server_name] = entry
+            while len(self._channels) > MAX_CHANNELS:
+                _, oldest = self._channels.popitem(last=False)
+                self._close_later(oldest)
+        self._channels.move_to_end(server_name)
+        entry.used = time.monotonic()
+        return entry.stub, entry
+
+    def forget(self, server_name: str) -> None:
+        """The join there failed: drop the channel (the next offer tries a new connection)."""
+        entry = self._channels.pop(server_name, None)
+        if entry is not None:
+            self._close_later(entry)
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for name, entry in list(self._channels.items()):
+            if not entry.live and now - entry.used > IDLE_CLOSE_S:
+                del self._channels[name]
+                self._close_later(entry)
+
+    def _close_later(self, entry: _ReplicaChannel) -> None:
+        """Close once the calls on it have ended (a running association is never cut)."""
+
+        async def close() -> None:
+            await entry.idle.wait()
+            await entry.channel.close(grace=5.0)
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for task in self._closing:
+            task.cancel()
+        entries, self._channels = list(self._channels.values()), collections.OrderedDict()
+        await asyncio.gather(*(e.channel.close(grace=1.0) for e in entries), return_exceptions=True)
+
+
+class _ReplicaChannel:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.RelayStub(channel)
+        self.live: set[grpc.aio.Call] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.used = time.monotonic()
+
+    def track(self, call: grpc.aio.Call) -> None:
+        self.live.add(call)
+        self.idle.clear()
+        call.add_done_callback(self._done)
+
+    def _done(self, call: grpc.aio.Call) -> None:
+        self.live.discard(call)
+        self.used = time.monotonic()
+        if not self.live:
+            self.idle.set()
+
+
+async def join_directly(
+    stub: pb_grpc.RelayStub, association_id: str, offer: Offer
+) -> grpc.aio.StreamStreamCall[pb.Frame, pb.Frame]:
+    """Join at the offered replica with the ticket; the call once that replica answered Accepted for this
+    association. Raises DirectJoinUnavailable (the call cancelled) for anything else."""
+    call = stub.Associate(metadata=((TICKET_METADATA, offer.ticket),))
+
+    async def joined() -> object:
+        await call.write(pb.Frame(join=pb.Join(association_id=association_id)))
+        return await call.read()
+
+    try:
+        answer = await asyncio.wait_for(joined(), DIRECT_JOIN_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        call.cancel()
+        raise DirectJoinUnavailable(f"{exc.code().name}: {exc.details()}") from None
+    except (TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+        call.cancel()
+        raise DirectJoinUnavailable(f"no answer within {DIRECT_JOIN_TIMEOUT_S:g} s ({type(exc).__name__})") from None
+    if (
+        not isinstance(answer, pb.Frame)
+        or not answer.HasField("accepted")
+        or answer.accepted.association_id != association_id
+    ):
+        call.cancel()
+        raise DirectJoinUnavailable("the replica did not accept the join")
+    return call

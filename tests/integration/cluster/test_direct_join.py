@@ -33,6 +33,10 @@ from tests.support.orthanc import OrthancProcess
 from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.integration
+# Sites A and B spill every CT image (~0.5 MB) through the bridge's blob store: the router that joined
+# directly fetches and releases them at the replica it joined, with its ticket (its own replica's
+# file:// store, with its own signing key, could not serve them).
+SPILL: dict[str, object] = {"spill_threshold_bytes": 128 << 10, "spill_part_bytes": 64 << 10}
 
 
 @dataclass
@@ -78,6 +82,7 @@ def sites(
             "site-b",
             shared=[Shared("ORTHANC_B", HOST, orthanc_b.dicom_port, ["site-a"])],
             remote=[Remote("WS_A", "site-a")],
+            **SPILL,
         )
         net.bridge_port = haproxy.ports["c"]
         site_c = net.add_site("site-c", shared=[Shared("ARCHIVE_C", HOST, archive_c.port, ["site-a"])], start=False)
@@ -95,6 +100,7 @@ def sites(
                 Remote("ARCHIVE_C", "site-c"),
                 Remote("ARCHIVE_D", "site-d"),
             ],
+            **SPILL,
         )
         assert site_a.port and site_b.port
         orthanc_b.set_modalities({"WS_A": ("WS_A", HOST, site_b.port)})
@@ -143,6 +149,9 @@ def test_store_and_move_across_replicas_are_spliced_at_one_replica(sites: Sites)
     # No frame crossed between the replicas: no association went over a link or a Forward call.
     assert "spliced through replica" not in r1 + r2, "an association crossed replicas"
     assert "joined at replica r1 directly" in r2 and "joined at replica r2 directly" in r1
+    # The spilled images were fetched with the ticket at the replica each router joined.
+    assert "from blob" in _router_log(sites, "site-b") and "from blob" in _router_log(sites, "site-a")
+    assert "blob request of router" not in r1 + r2  # no blob call was refused
 
 
 def test_a_router_without_the_direct_join_goes_over_the_link(sites: Sites) -> None:

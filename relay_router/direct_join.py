@@ -176,6 +176,9 @@ async def join_directly(
     except (TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
         call.cancel()
         raise DirectJoinUnavailable(f"no answer within {DIRECT_JOIN_TIMEOUT_S:g} s ({type(exc).__name__})") from None
+    except asyncio.CancelledError:  # the association was given up meanwhile
+        call.cancel()
+        raise
     if (
         not isinstance(answer, pb.Frame)
         or not answer.HasField("accepted")
@@ -184,3 +187,24 @@ async def join_directly(
         call.cancel()
         raise DirectJoinUnavailable("the replica did not accept the join")
     return call
+
+
+async def join_at_replica(
+    replicas: ReplicaChannels, association_id: str, offer: Offer
+) -> tuple[grpc.aio.StreamStreamCall[pb.Frame, pb.Frame], pb_grpc.RelayStub] | None:
+    """The direct join over the replica's channel: (the call, its stub), or None to join the ordinary way."""
+    stub, channel = replicas.stub(offer.server_name)
+    try:
+        call = await join_directly(stub, association_id, offer)
+    except DirectJoinUnavailable as exc:
+        replicas.forget(offer.server_name)
+        log.info(
+            "direct join at replica %s failed (%s); joining through our own replica",
+            offer.replica,
+            exc,
+            extra={"assoc": association_id},
+        )
+        return None
+    channel.track(call)
+    log.info("joined directly at replica %s", offer.replica, extra={"assoc": association_id})
+    return call, stub

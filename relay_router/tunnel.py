@@ -40,11 +40,11 @@ from relay_router.config import RouterConfig
 from relay_router.direct_join import (
     DIRECT_JOIN_PROTOCOL,
     TICKET_METADATA,
-    DirectJoinUnavailable,
+    Offer,
     ReplicaChannels,
     base_server_name,
     check_offer,
-    join_directly,
+    join_at_replica,
 )
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
@@ -100,6 +100,36 @@ class AssociationStream:
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+class JoiningStream(AssociationStream):
+    """An association stream whose Join is still being made (a direct join, maybe falling back): each use
+    waits for it. Shielded: a pump cancelled while waiting does not cancel the join under the others."""
+
+    def __init__(self, joining: asyncio.Future[AssociationStream]) -> None:
+        self._joining = joining
+
+    async def _stream(self) -> AssociationStream:
+        return await asyncio.shield(self._joining)
+
+    async def send(self, frame: pb.Frame) -> None:
+        await (await self._stream()).send(frame)
+
+    async def receive(self) -> pb.Frame | None:
+        return await (await self._stream()).receive()
+
+    async def finish(self) -> None:
+        try:
+            stream = await self._stream()
+        except (grpc.aio.AioRpcError, LinkDown, asyncio.CancelledError):
+            return
+        await stream.finish()
+
+    def cancel(self) -> None:
+        if not self._joining.done():
+            self._joining.cancel()
+        elif not self._joining.cancelled() and self._joining.exception() is None:
+            self._joining.result().cancel()
 
 
 class _Calls:
@@ -591,35 +621,30 @@ class BridgeLink:
         await route.stub.ReleaseBlob(request, metadata=route.metadata, timeout=timeout_s)
 
     async def join(self, association_id: str, offer: pb.DirectJoin | None = None) -> AssociationStream:
-        """Join an association we were told of; at the replica it waits at when the notice offered that
-        (relay_router.direct_join), otherwise, or when that fails, through our own session."""
-        if offer is not None and self._direct_base is not None and offer.replica:
-            checked = check_offer(offer, self._direct_base)
-            if checked is None:
+        """Join an association we were told of: at the replica it waits at when the notice offers that
+        (relay_router.direct_join), else, or when that fails, through our own session. A direct join
+        answers in the background: the caller checks the notice and reaches its device meanwhile."""
+        route = self._current_route()  # LinkDown now, as for any join; also the fallback's route
+        checked = None if offer is None or self._direct_base is None else check_offer(offer, self._direct_base)
+        if checked is None:
+            if offer is not None and offer.replica and self._direct_base is not None:
                 log.warning(
-                    "the bridge offered a direct join that is not well-formed; joining the ordinary way",
+                    "a direct-join offer that is not well-formed; joining the ordinary way",
                     extra={"assoc": association_id},
                 )
-            else:
-                stub, channel = self._replicas.stub(checked.server_name)
-                try:
-                    call = await join_directly(stub, association_id, checked)
-                except DirectJoinUnavailable as exc:
-                    self._replicas.forget(checked.server_name)
-                    log.info(
-                        "direct join at replica %s failed (%s); joining through our own replica",
-                        checked.replica,
-                        exc,
-                        extra={"assoc": association_id},
-                    )
-                else:
-                    channel.track(call)
-                    # Its blob RPCs go there too, with the ticket as their credential (CallRoute).
-                    self._routes[association_id] = CallRoute(stub, ((TICKET_METADATA, checked.ticket),))
-                    call.add_done_callback(lambda _: self._routes.pop(association_id, None))
-                    log.info("joined directly at replica %s", checked.replica, extra={"assoc": association_id})
-                    return AssociationStream(call)
-        route = self._current_route()
+            return await self._join_on(route, association_id)
+        return JoiningStream(asyncio.ensure_future(self._join_direct(association_id, checked, route)))
+
+    async def _join_direct(self, association_id: str, offer: Offer, fallback: CallRoute) -> AssociationStream:
+        joined = await join_at_replica(self._replicas, association_id, offer)
+        if joined is None:
+            return await self._join_on(fallback, association_id)
+        call, stub = joined  # its blob RPCs go there too, with the ticket as their credential (CallRoute)
+        self._routes[association_id] = CallRoute(stub, ((TICKET_METADATA, offer.ticket),))
+        call.add_done_callback(lambda _: self._routes.pop(association_id, None))
+        return AssociationStream(call)
+
+    async def _join_on(self, route: CallRoute, association_id: str) -> AssociationStream:
         call = route.stub.Associate(metadata=route.metadata)
         self._track(call, association_id, route)
         stream = AssociationStream(call)

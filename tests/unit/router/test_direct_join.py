@@ -188,7 +188,8 @@ async def test_the_router_joins_with_the_ticket_at_its_own_address_and_its_blob_
 ) -> None:
     replicas, link = bridge
     assert "relay.v1.direct-join" in replicas.sign_ons[0].protocols
-    stream = await link.join("a" * 32, pb.DirectJoin(replica="r1", ticket=TICKET))
+    stream = await link.join("a" * 32, pb.DirectJoin(replica="r1", ticket=TICKET))  # answers at once...
+    await stream.send(pb.Frame(data=pb.Data(payload=b"x", seq=0)))  # ...its first use waits for the join
     session, ticket, first = replicas.calls[-1]
     assert (session, ticket, first.join.association_id) == ("", TICKET, "a" * 32)  # the ticket, no session
     await link.blob_slot(pb.BlobSlotRequest(association_id="a" * 32), timeout_s=5)

@@ -374,8 +374,21 @@ class AssociationService:
                 waits, timeout=self.state.config.limits.join_timeout_s, return_when="FIRST_COMPLETED"
             )
             if not splice.joined.done() and origin_gone is not None and origin_gone in done:
-                splice.handed_off = True  # the origin ended our part: the router joined there
                 splice.joined.cancel()
+                if (
+                    origin_gone.cancelled()
+                    or origin_gone.exception() is not None
+                    or origin_gone.result() is not grpc.aio.EOF
+                ):
+                    # Cut (or a frame before the answer): the origin is gone, the association with it.
+                    assoc_log.info(
+                        "association %s -> %s: the origin replica went away",
+                        splice.from_site,
+                        op.to_site,
+                        extra={"assoc": aid},
+                    )
+                    return
+                splice.handed_off = True  # the origin's end mark: the router joined there
                 assoc_log.info(
                     "association %s -> %s joined at replica %s directly",
                     splice.from_site,
@@ -413,6 +426,7 @@ class AssociationService:
         """Release what the routers did not, then audit, log and count the association."""
         aid = splice.association_id
         if splice.handed_off:  # the origin replica runs, audits and counts it (a direct join)
+            self.state.metrics.forget(aid)
             return
         if self.state.blobs is not None:
             self.state.blobs.association_ended(aid)

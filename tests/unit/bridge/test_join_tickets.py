@@ -277,3 +277,22 @@ async def test_the_origin_replaces_a_routers_offer_with_its_own() -> None:
     assert forwarder.tickets.outstanding(AID)
     other = open_frame(aid="f" * 32).open
     assert not forwarder._offering(other).HasField("direct_join")  # the table is full: over the link
+
+
+class CutLink(Call):
+    """A link from the origin that is cut (the origin replica died) while the destination has not joined."""
+
+    async def read(self) -> object:
+        await asyncio.sleep(0.05)
+        raise ConnectionError("the link was cut")
+
+
+async def test_a_cut_link_is_no_direct_join_the_association_failed_here(
+    servicer: RelayServicer, tmp_path: Path
+) -> None:
+    servicer.sessions["site-b"].direct_join = True
+    link = CutLink("")
+    await asyncio.wait_for(accept_forwarded(servicer.associations, "site-a", forwarded_open(), link), 5)  # type: ignore[arg-type]
+    assert link.written == [] and not servicer.splices
+    events = [e for e in read_events(tmp_path / "audit.jsonl") if e["event"] == "association"]
+    assert [(e["outcome"], e["association"]) for e in events] == [("failure", AID)]  # audited here, not handed off

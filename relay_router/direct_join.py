@@ -44,10 +44,6 @@ MAX_CHANNELS = 4  # replica channels kept (a cluster has a few replicas; more na
 IDLE_CLOSE_S = 120.0  # a replica channel with no call for this long is closed
 
 
-class DirectJoinUnavailable(Exception):
-    """The direct join cannot be made or did not succeed: join the ordinary way."""
-
-
 @dataclass(frozen=True)
 class Offer:
     """A checked offer: the TLS server name to use (under our own bridge name) and the ticket."""
@@ -157,54 +153,68 @@ class _ReplicaChannel:
             self.idle.set()
 
 
-async def join_directly(
-    stub: pb_grpc.RelayStub, association_id: str, offer: Offer
-) -> grpc.aio.StreamStreamCall[pb.Frame, pb.Frame]:
-    """Join at the offered replica with the ticket; the call once that replica answered Accepted for this
-    association. Raises DirectJoinUnavailable (the call cancelled) for anything else."""
-    call = stub.Associate(metadata=((TICKET_METADATA, offer.ticket),))
+@dataclass
+class PendingJoin:
+    """A Join sent with its ticket to the offered replica; `answer()` waits for that replica's Accepted."""
 
-    async def joined() -> object:
-        await call.write(pb.Frame(join=pb.Join(association_id=association_id)))
-        return await call.read()
+    replicas: ReplicaChannels
+    call: grpc.aio.StreamStreamCall[pb.Frame, pb.Frame]
+    stub: pb_grpc.RelayStub
+    association_id: str
+    offer: Offer
+    deadline: float  # loop time: the whole direct join gets DIRECT_JOIN_TIMEOUT_S
 
-    try:
-        answer = await asyncio.wait_for(joined(), DIRECT_JOIN_TIMEOUT_S)
-    except grpc.aio.AioRpcError as exc:
-        call.cancel()
-        raise DirectJoinUnavailable(f"{exc.code().name}: {exc.details()}") from None
-    except (TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-        call.cancel()
-        raise DirectJoinUnavailable(f"no answer within {DIRECT_JOIN_TIMEOUT_S:g} s ({type(exc).__name__})") from None
-    except asyncio.CancelledError:  # the association was given up meanwhile
-        call.cancel()
-        raise
-    if (
-        not isinstance(answer, pb.Frame)
-        or not answer.HasField("accepted")
-        or answer.accepted.association_id != association_id
-    ):
-        call.cancel()
-        raise DirectJoinUnavailable("the replica did not accept the join")
-    return call
+    async def answer(self) -> bool:
+        """True once the replica answered Accepted for this association; False (the call cancelled, the
+        channel dropped, logged): join the ordinary way."""
+        left = max(0.0, self.deadline - asyncio.get_running_loop().time())
+        try:
+            answer = await asyncio.wait_for(self.call.read(), left)
+        except grpc.aio.AioRpcError as exc:
+            return self._failed(f"{exc.code().name}: {exc.details()}")
+        except (TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            return self._failed(f"no answer within {DIRECT_JOIN_TIMEOUT_S:g} s ({type(exc).__name__})")
+        except asyncio.CancelledError:  # the association was given up meanwhile
+            self.call.cancel()
+            raise
+        if (
+            not isinstance(answer, pb.Frame)
+            or not answer.HasField("accepted")
+            or answer.accepted.association_id != self.association_id
+        ):
+            return self._failed("the replica did not accept the join")
+        log.info("joined directly at replica %s", self.offer.replica, extra={"assoc": self.association_id})
+        return True
 
-
-async def join_at_replica(
-    replicas: ReplicaChannels, association_id: str, offer: Offer
-) -> tuple[grpc.aio.StreamStreamCall[pb.Frame, pb.Frame], pb_grpc.RelayStub] | None:
-    """The direct join over the replica's channel: (the call, its stub), or None to join the ordinary way."""
-    stub, channel = replicas.stub(offer.server_name)
-    try:
-        call = await join_directly(stub, association_id, offer)
-    except DirectJoinUnavailable as exc:
-        replicas.forget(offer.server_name)
+    def _failed(self, why: str) -> bool:
+        self.call.cancel()
+        self.replicas.forget(self.offer.server_name)
         log.info(
             "direct join at replica %s failed (%s); joining through our own replica",
-            offer.replica,
-            exc,
-            extra={"assoc": association_id},
+            self.offer.replica,
+            why,
+            extra={"assoc": self.association_id},
         )
+        return False
+
+
+async def send_direct_join(replicas: ReplicaChannels, association_id: str, offer: Offer) -> PendingJoin | None:
+    """Send the Join with the ticket over the replica's channel (the first time: its TCP and TLS handshake),
+    at once, so that it travels while the caller checks the notice; None: it could not be sent (logged)."""
+    stub, channel = replicas.stub(offer.server_name)
+    deadline = asyncio.get_running_loop().time() + DIRECT_JOIN_TIMEOUT_S
+    call = stub.Associate(metadata=((TICKET_METADATA, offer.ticket),))
+    pending = PendingJoin(replicas, call, stub, association_id, offer, deadline)
+    try:
+        await asyncio.wait_for(call.write(pb.Frame(join=pb.Join(association_id=association_id))), DIRECT_JOIN_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        pending._failed(f"{exc.code().name}: {exc.details()}")
         return None
+    except (TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+        pending._failed(f"not sent within {DIRECT_JOIN_TIMEOUT_S:g} s ({type(exc).__name__})")
+        return None
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
     channel.track(call)
-    log.info("joined directly at replica %s", offer.replica, extra={"assoc": association_id})
-    return call, stub
+    return pending

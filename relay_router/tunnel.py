@@ -40,11 +40,11 @@ from relay_router.config import RouterConfig
 from relay_router.direct_join import (
     DIRECT_JOIN_PROTOCOL,
     TICKET_METADATA,
-    Offer,
+    PendingJoin,
     ReplicaChannels,
     base_server_name,
     check_offer,
-    join_at_replica,
+    send_direct_join,
 )
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
@@ -633,16 +633,19 @@ class BridgeLink:
                     extra={"assoc": association_id},
                 )
             return await self._join_on(route, association_id)
-        return JoiningStream(asyncio.ensure_future(self._join_direct(association_id, checked, route)))
+        pending = await send_direct_join(self._replicas, association_id, checked)
+        if pending is None:
+            return await self._join_on(route, association_id)
+        return JoiningStream(asyncio.ensure_future(self._direct_answer(pending, route)))
 
-    async def _join_direct(self, association_id: str, offer: Offer, fallback: CallRoute) -> AssociationStream:
-        joined = await join_at_replica(self._replicas, association_id, offer)
-        if joined is None:
-            return await self._join_on(fallback, association_id)
-        call, stub = joined  # its blob RPCs go there too, with the ticket as their credential (CallRoute)
-        self._routes[association_id] = CallRoute(stub, ((TICKET_METADATA, offer.ticket),))
-        call.add_done_callback(lambda _: self._routes.pop(association_id, None))
-        return AssociationStream(call)
+    async def _direct_answer(self, pending: PendingJoin, fallback: CallRoute) -> AssociationStream:
+        aid = pending.association_id
+        if not await pending.answer():
+            return await self._join_on(fallback, aid)
+        # Its blob RPCs go there too, with the ticket as their credential (CallRoute).
+        self._routes[aid] = CallRoute(pending.stub, ((TICKET_METADATA, pending.offer.ticket),))
+        pending.call.add_done_callback(lambda _: self._routes.pop(aid, None))
+        return AssociationStream(pending.call)
 
     async def _join_on(self, route: CallRoute, association_id: str) -> AssociationStream:
         call = route.stub.Associate(metadata=route.metadata)

@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -31,6 +31,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay_router.association_stream import AssociationStream
 
 log = logging.getLogger("relay_router.tunnel")
 DIRECT_JOIN_PROTOCOL = "relay.v1.direct-join"  # in SignOn.protocols: we can join with a ticket
@@ -218,3 +219,66 @@ async def send_direct_join(replicas: ReplicaChannels, association_id: str, offer
         raise
     channel.track(call)
     return pending
+
+
+class JoiningStream(AssociationStream):
+    """A direct join whose answer has not come yet (relay_router.direct_join). Frames sent meanwhile go to
+    that replica at once, behind the Join, and are kept: if it does not accept the join, the ordinary Join
+    is made and they are sent again there, in order. So the answer's round trip is not in the
+    association's setup. Receiving waits for the answer. Shielded: a pump cancelled while waiting does
+    not cancel the join under the others."""
+
+    def __init__(
+        self,
+        pending: PendingJoin,
+        direct: Callable[[], AssociationStream],
+        fallback: Callable[[], Awaitable[AssociationStream]],
+    ) -> None:
+        self._pending = pending
+        self._early: list[pb.Frame] = []  # sent before the answer (the Confirm, in practice)
+        self._direct_open = True
+        self._joining = asyncio.ensure_future(self._resolve(direct, fallback))
+
+    async def _resolve(
+        self, direct: Callable[[], AssociationStream], fallback: Callable[[], Awaitable[AssociationStream]]
+    ) -> AssociationStream:
+        if await self._pending.answer():
+            self._early.clear()
+            return direct()
+        self._direct_open = False  # from now on sends wait for the ordinary Join
+        stream = await fallback()
+        sent = 0
+        while sent < len(self._early):  # a send in progress may still append one
+            await stream.send(self._early[sent])
+            sent += 1
+        self._early.clear()
+        return stream
+
+    async def _stream(self) -> AssociationStream:
+        return await asyncio.shield(self._joining)
+
+    async def send(self, frame: pb.Frame) -> None:
+        if self._direct_open and not self._joining.done():
+            self._early.append(frame)
+            try:
+                await self._pending.call.write(frame)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass  # the answer decides: the ordinary Join gets this frame again
+            return
+        await (await self._stream()).send(frame)
+
+    async def receive(self) -> pb.Frame | None:
+        return await (await self._stream()).receive()
+
+    async def finish(self) -> None:
+        try:
+            stream = await self._stream()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            return
+        await stream.finish()
+
+    def cancel(self) -> None:
+        if not self._joining.done():
+            self._joining.cancel()
+        elif not self._joining.cancelled() and self._joining.exception() is None:
+            self._joining.result().cancel()

@@ -35,11 +35,13 @@ from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
 from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
 from relay_common.validate import printable
+from relay_router.association_stream import AssociationStream
 from relay_router.bridge_notice import check_notice
 from relay_router.config import RouterConfig
 from relay_router.direct_join import (
     DIRECT_JOIN_PROTOCOL,
     TICKET_METADATA,
+    JoiningStream,
     PendingJoin,
     ReplicaChannels,
     base_server_name,
@@ -75,61 +77,6 @@ class DirectoryEntry:
     description: str
     online: bool
     services: tuple[str, ...] = ()  # service groups the owner granted us; () = not published (older owner)
-
-
-class AssociationStream:
-    """One Associate call: send and receive frames; `seq` numbering is the caller's."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self._call = call
-
-    async def send(self, frame: pb.Frame) -> None:
-        await self._call.write(frame)
-
-    async def receive(self) -> pb.Frame | None:
-        """The next frame, or None when the bridge ended the stream."""
-        frame = await self._call.read()
-        return None if frame is grpc.aio.EOF else frame
-
-    async def finish(self) -> None:
-        """Half-close our direction (the bridge then ends the partner's stream)."""
-        try:
-            await self._call.done_writing()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError):
-            pass
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
-class JoiningStream(AssociationStream):
-    """An association stream whose Join is still being made (a direct join, maybe falling back): each use
-    waits for it. Shielded: a pump cancelled while waiting does not cancel the join under the others."""
-
-    def __init__(self, joining: asyncio.Future[AssociationStream]) -> None:
-        self._joining = joining
-
-    async def _stream(self) -> AssociationStream:
-        return await asyncio.shield(self._joining)
-
-    async def send(self, frame: pb.Frame) -> None:
-        await (await self._stream()).send(frame)
-
-    async def receive(self) -> pb.Frame | None:
-        return await (await self._stream()).receive()
-
-    async def finish(self) -> None:
-        try:
-            stream = await self._stream()
-        except (grpc.aio.AioRpcError, LinkDown, asyncio.CancelledError):
-            return
-        await stream.finish()
-
-    def cancel(self) -> None:
-        if not self._joining.done():
-            self._joining.cancel()
-        elif not self._joining.cancelled() and self._joining.exception() is None:
-            self._joining.result().cancel()
 
 
 class _Calls:
@@ -636,12 +583,12 @@ class BridgeLink:
         pending = await send_direct_join(self._replicas, association_id, checked)
         if pending is None:
             return await self._join_on(route, association_id)
-        return JoiningStream(asyncio.ensure_future(self._direct_answer(pending, route)))
+        return JoiningStream(
+            pending, lambda: self._joined_directly(pending), lambda: self._join_on(route, association_id)
+        )
 
-    async def _direct_answer(self, pending: PendingJoin, fallback: CallRoute) -> AssociationStream:
+    def _joined_directly(self, pending: PendingJoin) -> AssociationStream:
         aid = pending.association_id
-        if not await pending.answer():
-            return await self._join_on(fallback, aid)
         # Its blob RPCs go there too, with the ticket as their credential (CallRoute).
         self._routes[aid] = CallRoute(pending.stub, ((TICKET_METADATA, pending.offer.ticket),))
         pending.call.add_done_callback(lambda _: self._routes.pop(aid, None))

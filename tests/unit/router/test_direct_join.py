@@ -9,7 +9,7 @@ server standing in for the bridge replicas behind one address, whose certificate
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -90,6 +90,7 @@ class Replicas:
         self.sign_ons: list[pb.SignOn] = []
         self.calls: list[tuple[str, str, pb.Frame]] = []  # (session, ticket, first frame)
         self.blob_calls: list[tuple[str, str]] = []
+        self.later: list[tuple[str, str, bytes]] = []  # (session, ticket, payload) of the frames after the first
 
     async def Control(
         self, requests: AsyncIterator[pb.RouterMessage], context: grpc.aio.ServicerContext
@@ -112,12 +113,21 @@ class Replicas:
             await asyncio.sleep(30)
         if ticket:
             yield pb.Frame(accepted=pb.Accepted(association_id=first.join.association_id))
-        await asyncio.sleep(30)
+        while (frame := await context.read()) is not grpc.aio.EOF:
+            self.later.append((str(metadata.get("relay-session", "")), ticket, frame.data.payload))
 
     async def BlobSlot(self, request: pb.BlobSlotRequest, context: grpc.aio.ServicerContext) -> pb.BlobSlotResponse:
         metadata = dict(context.invocation_metadata() or ())
         self.blob_calls.append((str(metadata.get("relay-session", "")), str(metadata.get("relay-join-ticket", ""))))
         return pb.BlobSlotResponse(blob_id="b", url=f"file+presigned:///spill/{request.association_id}/0")
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached within 5 s")
 
 
 async def calls(replicas: Replicas, count: int) -> None:
@@ -189,7 +199,9 @@ async def test_the_router_joins_with_the_ticket_at_its_own_address_and_its_blob_
     replicas, link = bridge
     assert "relay.v1.direct-join" in replicas.sign_ons[0].protocols
     stream = await link.join("a" * 32, pb.DirectJoin(replica="r1", ticket=TICKET))  # answers at once...
-    await stream.send(pb.Frame(data=pb.Data(payload=b"x", seq=0)))  # ...its first use waits for the join
+    await stream.send(pb.Frame(data=pb.Data(payload=b"x", seq=0)))  # sent behind the Join, before the answer
+    await until(lambda: "a" * 32 in link._routes and bool(replicas.later))
+    assert replicas.later == [("", TICKET, b"x")]
     session, ticket, first = replicas.calls[-1]
     assert (session, ticket, first.join.association_id) == ("", TICKET, "a" * 32)  # the ticket, no session
     await link.blob_slot(pb.BlobSlotRequest(association_id="a" * 32), timeout_s=5)
@@ -223,8 +235,12 @@ async def test_a_name_the_certificate_does_not_cover_falls_back_to_an_ordinary_j
 async def test_a_refused_ticket_falls_back_to_an_ordinary_join(bridge: tuple[Replicas, BridgeLink]) -> None:
     replicas, link = bridge
     stream = await link.join("e" * 32, pb.DirectJoin(replica="r1", ticket="refuse" + "x" * 40))
+    await stream.send(pb.Frame(data=pb.Data(payload=b"confirm", seq=0)))  # before the refusal is known
+    await stream.send(pb.Frame(data=pb.Data(payload=b"next", seq=1)))
     await calls(replicas, 2)
     assert [c[:2] for c in replicas.calls] == [("", "refuse" + "x" * 40), ("s", "")]
+    await until(lambda: len(replicas.later) >= 2)
+    assert replicas.later == [("s", "", b"confirm"), ("s", "", b"next")]  # sent again, in order, on the ordinary Join
     stream.cancel()
 
 

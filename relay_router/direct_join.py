@@ -43,6 +43,10 @@ TICKET_FORM = re.compile(r"[A-Za-z0-9_-]{32,64}")
 DIRECT_JOIN_TIMEOUT_S = 2.0
 MAX_CHANNELS = 4  # replica channels kept (a cluster has a few replicas; more names: the oldest goes)
 IDLE_CLOSE_S = 120.0  # a replica channel with no call for this long is closed
+# After a direct join at a name failed, joins there are not tried for this long (a balancer without SNI
+# routing, a certificate without the replica names: every association would pay a failed attempt).
+RETRY_AFTER_S = 60.0
+MAX_FAILED_NAMES = 64  # names remembered as failing (the bridge chooses the labels: bounded)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class ReplicaChannels:
         # server name -> (channel, stub, live calls, last use)
         self._channels: collections.OrderedDict[str, _ReplicaChannel] = collections.OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
+        self._failed: collections.OrderedDict[str, float] = collections.OrderedDict()  # name -> retry time
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -103,10 +108,23 @@ class ReplicaChannels:
         return entry.stub, entry
 
     def forget(self, server_name: str) -> None:
-        """The join there failed: drop the channel (the next offer tries a new connection)."""
+        """The join there failed: drop the channel, and do not try that name for RETRY_AFTER_S (then with a
+        new connection)."""
         entry = self._channels.pop(server_name, None)
         if entry is not None:
             self._close_later(entry)
+        self._failed[server_name] = time.monotonic() + RETRY_AFTER_S
+        self._failed.move_to_end(server_name)
+        while len(self._failed) > MAX_FAILED_NAMES:
+            self._failed.popitem(last=False)
+
+    def failing(self, server_name: str) -> bool:
+        """A direct join at this name failed within the last RETRY_AFTER_S: join the ordinary way now."""
+        until = self._failed.get(server_name)
+        if until is not None and time.monotonic() >= until:
+            del self._failed[server_name]
+            return False
+        return until is not None
 
     def _close_idle(self) -> None:
         now = time.monotonic()
@@ -201,7 +219,10 @@ class PendingJoin:
 
 async def send_direct_join(replicas: ReplicaChannels, association_id: str, offer: Offer) -> PendingJoin | None:
     """Send the Join with the ticket over the replica's channel (the first time: its TCP and TLS handshake),
-    at once, so that it travels while the caller checks the notice; None: it could not be sent (logged)."""
+    at once, so that it travels while the caller checks the notice; None: it could not be sent (logged), or a
+    join at that name failed a moment ago."""
+    if replicas.failing(offer.server_name):
+        return None
     stub, channel = replicas.stub(offer.server_name)
     deadline = asyncio.get_running_loop().time() + DIRECT_JOIN_TIMEOUT_S
     call = stub.Associate(metadata=((TICKET_METADATA, offer.ticket),))

@@ -230,6 +230,11 @@ async def test_a_name_the_certificate_does_not_cover_falls_back_to_an_ordinary_j
     assert [c[:2] for c in replicas.calls] == [("s", "")]  # the TLS handshake failed: nothing reached a replica
     assert len(link._replicas) == 0  # the failed channel is dropped
     stream.cancel()
+    # The next offer at that name is not tried for a while (each association would pay a failed handshake).
+    second = await asyncio.wait_for(link.join("9" * 32, pb.DirectJoin(replica="r9", ticket=TICKET)), 1)
+    await calls(replicas, 2)
+    assert [c[:2] for c in replicas.calls] == [("s", ""), ("s", "")] and len(link._replicas) == 0
+    second.cancel()
 
 
 async def test_a_refused_ticket_falls_back_to_an_ordinary_join(bridge: tuple[Replicas, BridgeLink]) -> None:

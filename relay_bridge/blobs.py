@@ -33,6 +33,7 @@ from cloudstore import BlobStore, BlobStoreError, open_store
 from cloudstore.base import PresignedURLError
 from cloudstore.lifecycle import sweep
 from protos.relay.v1 import relay_pb2 as pb
+from relay_bridge.cluster.tickets import ticket_holder
 from relay_bridge.config import BridgeConfig
 from relay_bridge.db.backend import is_postgres_url
 from relay_bridge.sessions import require_association
@@ -305,7 +306,9 @@ class BlobService:
         # A router moved off this draining replica still fetches and stores the parts of the
         # associations it runs here with their session (relay_bridge.lifecycle); each RPC checks
         # that the blob is one of the session's running associations.
-        session = await self.state.sessions.authenticate_caller(context, moved_ok=True)
+        session = await ticket_holder(self.state, context) or await self.state.sessions.authenticate_caller(
+            context, moved_ok=True
+        )
         if self.state.blobs is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this bridge has no spill blob store")
         if association_id:

@@ -270,6 +270,9 @@ class ClusterSection:
     renew_s: float = 2.0  # how often they are renewed (and stale control streams noticed)
     links: bool = True  # forward over replica links (relay_bridge.cluster.link); false: Forward calls only
     link_port: int = 0  # the link server's port on the listen host; 0: the system picks one
+    # Offer destination routers a join at this replica (a local splice instead of a hop over a link;
+    # needs SNI routing at the balancer and replica names in the server certificate).
+    direct_join: bool = True
 
     def __post_init__(self) -> None:
         if not self.listen:

@@ -23,6 +23,7 @@ import grpc.aio
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import SignOnRefused, shown
+from relay_bridge.cluster.tickets import DIRECT_JOIN_PROTOCOL
 from relay_bridge.config import LimitsSection
 from relay_bridge.db.backend import is_postgres_url
 from relay_bridge.db.notify import DirectoryWatcher
@@ -206,6 +207,7 @@ class ControlService:
             await context.write(pb.BridgeMessage(sign_on_result=pb.SignOnResult(ok=False, error=refusal.detail)))
             return
         session = RouterSession(sign_on.account, secrets.token_urlsafe(32), source)
+        session.direct_join = DIRECT_JOIN_PROTOCOL in sign_on.protocols  # the notice may then offer it
         previous = state.sessions.get(session.name)
         if previous is not None:
             log.warning("router %s signed on again from %s; closing its previous session", session.name, source)

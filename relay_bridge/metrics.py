@@ -232,6 +232,10 @@ class BridgeMetrics:
         )
 
     # -- scrape-time refresh --------------------------------------------------------
+    def forget(self, association_id: str) -> None:
+        """An association this replica held only a moment for another one (a direct join there): not ours."""
+        self._seen.pop(association_id, None)
+
     def refresh(self) -> None:
         for splice in list(self.state.splices.values()):
             self._count(splice)

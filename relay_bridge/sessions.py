@@ -42,6 +42,8 @@ class RouterSession:
     # Publication rate limit: when the last one was applied, and the latest one waiting for its turn.
     published_at: float = 0.0
     pending_publication: list[pb.SharedDevice] | None = None
+    # The router can join an association at another replica with a ticket (relay_bridge.cluster.tickets).
+    direct_join: bool = False
 
     def end(self) -> None:
         """Stop this session's control stream (idempotent)."""

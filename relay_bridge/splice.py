@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import admission
 from relay_bridge.admission import Rejection
+from relay_bridge.cluster.tickets import TICKET_METADATA
 from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
 from relay_common.errors import Reason, RelayError
@@ -116,6 +117,12 @@ class Splice:
     bytes_from_initiator: int = 0
     bytes_from_destination: int = 0
     frames: int = 0
+    # How the destination joined: "direct" (a ticketed Join at this origin replica,
+    # relay_bridge.cluster.tickets), or "" (an ordinary Join, or the far end of a link).
+    joined_by: str = ""
+    # At a holding replica: the destination joined the origin replica directly instead, so this
+    # replica's part ended before it carried anything (not an association of its own to audit).
+    handed_off: bool = False
 
     def __post_init__(self) -> None:
         self.to_destination = Channel(self.depth)
@@ -177,9 +184,10 @@ class AssociationService:
         self._blob_tasks: set[asyncio.Task[int]] = set()
         self._lease_tasks: set[asyncio.Task[None]] = set()
 
-    async def Associate(
-        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> None:
+    async def Associate(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        ticket = dict(context.invocation_metadata() or ()).get(TICKET_METADATA)
+        if ticket is not None:  # a destination router joining here directly, with no session here
+            return await self.join_with_ticket(str(ticket), context)
         session = await self.state.sessions.authenticate_caller(context)
         raw = await first_message(context, self.state.config.limits, "Associate", session.name)
         if not isinstance(raw, bytes):  # grpc.aio.EOF: the caller went away
@@ -338,7 +346,13 @@ class AssociationService:
         op: pb.Open,
         context: grpc.aio.ServicerContext,
         caller_keys: tuple[bytes, bytes] | None = None,
+        *,
+        direct: pb.DirectJoin | None = None,
+        origin_gone: asyncio.Future[object] | None = None,
     ) -> None:
+        """Announce the association to `destination`, wait for its Join, splice. With `direct` (a forwarded
+        Open whose origin offered a direct join, to a router that can make one) the notice carries it, and
+        `origin_gone` completing first means the router joined at the origin: this replica is done."""
         aid = splice.association_id
         notice = pb.IncomingAssociation(
             association_id=aid,
@@ -350,10 +364,41 @@ class AssociationService:
         )
         if caller_keys is not None:  # for this association only (directory_view.callers_of)
             notice.caller_identity.CopyFrom(pb.Identity(sign_key=caller_keys[0], kem_key=caller_keys[1], kem=KEM_NAME))
+        if direct is not None:
+            notice.direct_join.CopyFrom(direct)
         if not destination.send(pb.BridgeMessage(incoming=notice)):
             return await self.refuse(context, admission.destination_overloaded(op.to_site), aid)
+        waits: list[asyncio.Future[Any]] = [splice.joined] if origin_gone is None else [splice.joined, origin_gone]
         try:
-            await asyncio.wait_for(asyncio.shield(splice.joined), self.state.config.limits.join_timeout_s)
+            done, _ = await asyncio.wait(
+                waits, timeout=self.state.config.limits.join_timeout_s, return_when="FIRST_COMPLETED"
+            )
+            if not splice.joined.done() and origin_gone is not None and origin_gone in done:
+                splice.joined.cancel()
+                if (
+                    origin_gone.cancelled()
+                    or origin_gone.exception() is not None
+                    or origin_gone.result() is not grpc.aio.EOF
+                ):
+                    # Cut (or a frame before the answer): the origin is gone, the association with it.
+                    assoc_log.info(
+                        "association %s -> %s: the origin replica went away",
+                        splice.from_site,
+                        op.to_site,
+                        extra={"assoc": aid},
+                    )
+                    return
+                splice.handed_off = True  # the origin's end mark: the router joined there
+                assoc_log.info(
+                    "association %s -> %s joined at replica %s directly",
+                    splice.from_site,
+                    op.to_site,
+                    direct.replica if direct is not None else "?",
+                    extra={"assoc": aid},
+                )
+                return
+            if not splice.joined.done() or splice.joined.cancelled():
+                raise TimeoutError
         except (TimeoutError, asyncio.CancelledError):
             if not splice.joined.done():
                 splice.joined.cancel()
@@ -363,8 +408,13 @@ class AssociationService:
         assoc_log.info(
             "association %s -> %s/%s spliced", splice.from_site, op.to_site, op.called_ae_title, extra={"assoc": aid}
         )
+        await self.splice_here(splice, context)
+
+    async def splice_here(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:
+        """The destination has joined: tell the initiating end (a router, or the origin replica's link) and
+        pump until the association ends."""
         self.state.metrics.spliced(splice)
-        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
+        await context.write(frame_bytes(accepted=pb.Accepted(association_id=splice.association_id)))
         pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
         try:
             await splice.drain(splice.to_initiator, context.write)
@@ -375,6 +425,9 @@ class AssociationService:
     def _finished(self, splice: Splice) -> None:
         """Release what the routers did not, then audit, log and count the association."""
         aid = splice.association_id
+        if splice.handed_off:  # the origin replica runs, audits and counts it (a direct join)
+            self.state.metrics.forget(aid)
+            return
         if self.state.blobs is not None:
             self.state.blobs.association_ended(aid)
             task = asyncio.get_running_loop().create_task(self.state.blobs.release(aid))
@@ -415,6 +468,57 @@ class AssociationService:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
             return
         splice.joined.set_result(None)
+        await self._run_destination(splice, context)
+
+    async def join_with_ticket(self, ticket: str, context: grpc.aio.ServicerContext) -> None:
+        """A destination router joins here, at the origin replica, with the ticket this replica issued for the
+        association (relay_bridge.cluster.tickets): A and B are then spliced here, as a local association.
+
+        The ticket is consumed before anything else is checked, so it cannot be tried twice; the router is
+        answered Accepted before any frame, so that it knows to join the ordinary way when refused here."""
+        state = self.state
+        tickets = state.cluster.tickets if state.cluster is not None else None
+        entry = tickets.redeem(ticket, context.peer()) if tickets is not None else None
+        if entry is None:
+            log.warning("a join ticket from %s was refused: unknown, used or expired", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "join ticket refused: unknown, used or expired")
+            raise AssertionError("unreachable: abort raises")
+        aid = entry.association_id
+        problem = state.sessions.certificate_problem(context, entry.site)
+        if problem:
+            assert tickets is not None
+            tickets.revoke(aid)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        raw = await first_message(context, state.config.limits, "Associate", f"{entry.site} (join ticket)")
+        first = None
+        if isinstance(raw, bytes):
+            try:
+                first = pb.Frame.FromString(raw)
+            except DecodeError:
+                first = None
+        splice = state.splices.get(aid)
+        if first is None or not first.HasField("join") or first.join.association_id != aid:
+            assert tickets is not None
+            tickets.revoke(aid)
+            log.warning(
+                "a join ticket for %s was presented without a Join of it; refused", entry.site, extra={"assoc": aid}
+            )
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this ticket is for another association")
+            return
+        if splice is None or splice.to_site != entry.site or splice.joined.done():
+            assert tickets is not None
+            tickets.revoke(aid)
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
+            return
+        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
+        if splice.joined.done():  # decided while the answer was written (the link answered first)
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
+            return
+        splice.joined_by = "direct"
+        splice.joined.set_result(None)
+        await self._run_destination(splice, context)
+
+    async def _run_destination(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:
         pump = asyncio.create_task(splice.pump(context.read, splice.to_initiator, from_initiator=False))
         try:
             await splice.drain(splice.to_destination, context.write)

@@ -70,6 +70,9 @@ class BridgeSection:
     reconnect_max_s: float = 30.0
     # HTTP/2 keepalive pings, so idle streams survive load balancers.
     keepalive_s: float = 20.0
+    # Join an association at the bridge replica it waits at, when the bridge offers it (a second
+    # connection to `address`, TLS server name "<replica>.<server_name>"; docs/high-availability.md).
+    direct_join: bool = True
     # The hospital's HTTP proxy for every outbound connection (the gRPC link by HTTP CONNECT, and the
     # spill's presigned URLs): "http://user:password@proxy.example.org:3128". Empty: the standard
     # variables https_proxy / http_proxy, if set (docs/configuration.md, "Proxies").

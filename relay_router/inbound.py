@@ -93,7 +93,8 @@ class InboundCalls(AssociationHost):
     async def _relay_inbound(
         self, notice: pb.IncomingAssociation, outcome: Outcome, extra: dict[str, str], running: Running
     ) -> None:
-        stream = await self.link.join(notice.association_id)
+        offer = notice.direct_join if notice.HasField("direct_join") else None
+        stream = await self.link.join(notice.association_id, offer)
         # Our own limit, device and sharing rules: the bridge is not trusted to enforce them (it could invent
         # a calling site, or announce an association twice).
         decision = admit_inbound(

@@ -35,8 +35,19 @@ from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
 from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
 from relay_common.validate import printable
+from relay_router.association_stream import AssociationStream
 from relay_router.bridge_notice import check_notice
 from relay_router.config import RouterConfig
+from relay_router.direct_join import (
+    DIRECT_JOIN_PROTOCOL,
+    TICKET_METADATA,
+    JoiningStream,
+    PendingJoin,
+    ReplicaChannels,
+    base_server_name,
+    check_offer,
+    send_direct_join,
+)
 from relay_router.egress import redact
 from relay_router.peers import PeerKeys
 from relay_router.seal import KEM_NAME, Identity, PublicIdentity
@@ -66,31 +77,6 @@ class DirectoryEntry:
     description: str
     online: bool
     services: tuple[str, ...] = ()  # service groups the owner granted us; () = not published (older owner)
-
-
-class AssociationStream:
-    """One Associate call: send and receive frames; `seq` numbering is the caller's."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self._call = call
-
-    async def send(self, frame: pb.Frame) -> None:
-        await self._call.write(frame)
-
-    async def receive(self) -> pb.Frame | None:
-        """The next frame, or None when the bridge ended the stream."""
-        frame = await self._call.read()
-        return None if frame is grpc.aio.EOF else frame
-
-    async def finish(self) -> None:
-        """Half-close our direction (the bridge then ends the partner's stream)."""
-        try:
-            await self._call.done_writing()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.InvalidStateError):
-            pass
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class _Calls:
@@ -146,6 +132,13 @@ class BridgeLink:
         self.spill_enabled = config.dicom.spill
         host, port = parse_host_port(config.bridge.address, default_host="")
         self.proxy = self.proxies.for_target("https", host, port)  # "" for a direct connection
+        # The direct join (relay_router.direct_join): the name replica labels go under (None: we do not
+        # offer it: switched off, no TLS, or a bridge known by IP address only), and the replica channels.
+        bridge = config.bridge
+        self._direct_base = (
+            base_server_name(host, bridge.server_name) if bridge.direct_join and not bridge.insecure else None
+        )
+        self._replicas = ReplicaChannels(lambda server_name: self._make_channel(server_name))
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RelayStub | None = None
         self._session: str | None = None
@@ -183,7 +176,9 @@ class BridgeLink:
     def connected(self) -> bool:
         return self._session is not None
 
-    def _make_channel(self) -> grpc.aio.Channel:
+    def _make_channel(self, replica_server_name: str | None = None) -> grpc.aio.Channel:
+        """A channel to the configured bridge address; `replica_server_name`: with that TLS server name (SNI, and
+        the name the certificate must cover) instead of the configured one, for a direct join."""
         bridge = self.config.bridge
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -212,13 +207,16 @@ class BridgeLink:
             options.append(("grpc.enable_http_proxy", 0))
         if bridge.insecure:
             return grpc.aio.insecure_channel(bridge.address, options=options)
-        if bridge.server_name:
-            options.append(("grpc.ssl_target_name_override", bridge.server_name))
+        server_name = replica_server_name or bridge.server_name
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         assert bridge.ca_file is not None
         if self._tls is None:
             state = self.config.router.state_dir  # client.pem and client.key: issued by `relay-router enroll`
             self._tls = ReloadingClientCredentials(bridge.ca_file, state / "client.pem", state / "client.key")
-        credentials, self._channel_tls = self._tls.credentials()
+        credentials, files = self._tls.credentials()
+        if replica_server_name is None:
+            self._channel_tls = files
         return grpc.aio.secure_channel(bridge.address, credentials, options=options)
 
     # -- certificate reload -------------------------------------------------------------------
@@ -379,7 +377,7 @@ class BridgeLink:
                         account=self.site,
                         password=password,
                         software_version=SOFTWARE_VERSION,
-                        protocols=["relay.v1"],
+                        protocols=["relay.v1", DIRECT_JOIN_PROTOCOL] if self._direct_base else ["relay.v1"],
                         devices=self.shared_devices(),
                         identity=pb.Identity(
                             sign_key=self.identity.public.sign_key,
@@ -569,8 +567,34 @@ class BridgeLink:
         route = self._association_route(request.association_id)
         await route.stub.ReleaseBlob(request, metadata=route.metadata, timeout=timeout_s)
 
-    async def join(self, association_id: str) -> AssociationStream:
-        route = self._current_route()
+    async def join(self, association_id: str, offer: pb.DirectJoin | None = None) -> AssociationStream:
+        """Join an association we were told of: at the replica it waits at when the notice offers that
+        (relay_router.direct_join), else, or when that fails, through our own session. A direct join
+        answers in the background: the caller checks the notice and reaches its device meanwhile."""
+        route = self._current_route()  # LinkDown now, as for any join; also the fallback's route
+        checked = None if offer is None or self._direct_base is None else check_offer(offer, self._direct_base)
+        if checked is None:
+            if offer is not None and offer.replica and self._direct_base is not None:
+                log.warning(
+                    "a direct-join offer that is not well-formed; joining the ordinary way",
+                    extra={"assoc": association_id},
+                )
+            return await self._join_on(route, association_id)
+        pending = await send_direct_join(self._replicas, association_id, checked)
+        if pending is None:
+            return await self._join_on(route, association_id)
+        return JoiningStream(
+            pending, lambda: self._joined_directly(pending), lambda: self._join_on(route, association_id)
+        )
+
+    def _joined_directly(self, pending: PendingJoin) -> AssociationStream:
+        aid = pending.association_id
+        # Its blob RPCs go there too, with the ticket as their credential (CallRoute).
+        self._routes[aid] = CallRoute(pending.stub, ((TICKET_METADATA, pending.offer.ticket),))
+        pending.call.add_done_callback(lambda _: self._routes.pop(aid, None))
+        return AssociationStream(pending.call)
+
+    async def _join_on(self, route: CallRoute, association_id: str) -> AssociationStream:
         call = route.stub.Associate(metadata=route.metadata)
         self._track(call, association_id, route)
         stream = AssociationStream(call)
@@ -583,6 +607,7 @@ class BridgeLink:
             self._remove_reload_hook()
         for task in list(self._tasks):
             task.cancel()
+        await self._replicas.close()
         for channel in [*self._retired, self._channel]:
             if channel is not None:
                 await channel.close(grace=1.0)

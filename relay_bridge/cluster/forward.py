@@ -30,7 +30,7 @@ import collections
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -43,6 +43,7 @@ from relay_bridge.cluster.link import Link, LinkClosed, LinkPool
 from relay_bridge.cluster.link_codec import Header
 from relay_bridge.cluster.pki import CLUSTER_NAME
 from relay_bridge.cluster.presence import Location
+from relay_bridge.cluster.tickets import DNS_LABEL, TICKET_FORM, JoinTickets
 from relay_bridge.sessions import first_message
 from relay_bridge.splice import Splice, finish
 from relay_common.config import parse_host_port
@@ -121,9 +122,14 @@ class Forwarder:
         max_frame_bytes: int,
         join_timeout_s: float,
         links: LinkPool | None = None,
+        join_label: str | None = None,
+        tickets: JoinTickets | None = None,
     ) -> None:
         self._credentials = credentials
         self.links = links
+        # The direct join (relay_bridge.cluster.tickets): this replica's name for routers, and its tickets.
+        self.join_label = join_label
+        self.tickets = tickets
         self.replica_id = replica_id
         self._options = channel_options(max_frame_bytes)
         self._answer_timeout = join_timeout_s + ANSWER_MARGIN_S
@@ -220,12 +226,26 @@ class Forwarder:
         try:  # however this ends (even cancelled: the router went away), the link or call ends with it
             if isinstance(call, Link):
                 await call.write(Header(splice.from_site, self.replica_id).encode())
-            await self._run_call(service, splice, op, context, location, call)
+            await self._run_call(service, splice, self._offering(op), context, location, call)
         except LinkClosed as exc:
             log.warning("link to replica %s failed: %s", location.replica, exc, extra={"assoc": aid})
             return await service.refuse(context, replica_unreachable(op.to_site), aid)
         finally:
             call.cancel()
+            if self.tickets is not None:
+                self.tickets.revoke(aid)  # unused, or its grant (blob RPCs) ends with the association
+
+    def _offering(self, op: pb.Open) -> pb.Open:
+        """The Open as forwarded: a router's own `direct_join` dropped, this replica's offer added when it
+        makes one (a ticket for the destination site to join here; relay_bridge.cluster.tickets)."""
+        forwarded = pb.Open()
+        forwarded.CopyFrom(op)
+        forwarded.ClearField("direct_join")
+        if self.join_label is not None and self.tickets is not None:
+            ticket = self.tickets.issue(op.association_id, op.to_site)
+            if ticket is not None:
+                forwarded.direct_join.CopyFrom(pb.DirectJoin(replica=self.join_label, ticket=ticket))
+        return forwarded
 
     async def _run_call(
         self,
@@ -237,9 +257,26 @@ class Forwarder:
         call: Link | grpc.aio.StreamStreamCall[bytes, bytes],
     ) -> None:
         aid = splice.association_id
+        answer_read: asyncio.Future[Any] | None = None
         try:
             await call.write(pb.Frame(open=op).SerializeToString())
-            answer = await asyncio.wait_for(call.read(), self._answer_timeout)
+            # The holding replica's answer, or (direct join offered) the destination router's Join here.
+            answer_read = asyncio.ensure_future(call.read())
+            answer_read.add_done_callback(_retrieved)
+            pending: list[asyncio.Future[Any]] = [answer_read, splice.joined]
+            await asyncio.wait(pending, timeout=self._answer_timeout, return_when="FIRST_COMPLETED")
+            if splice.joined.done():
+                if not splice.joined.cancelled():  # cancelled: the initiating router's session ended
+                    await self._spliced_directly(service, splice, op, context, location, call)
+                return
+            if self.tickets is not None and self.tickets.revoke(aid) and op.HasField("direct_join"):
+                log.info(
+                    "%s joined through replica %s, not directly", op.to_site, location.replica, extra={"assoc": aid}
+                )
+            if not answer_read.done():
+                answer_read.cancel()
+                raise TimeoutError
+            answer = answer_read.result()
         except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError, LinkClosed) as exc:
             failure = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             log.warning(
@@ -279,6 +316,37 @@ class Forwarder:
         service.state.metrics.spliced(splice)
         await context.write(answer)
         await _splice_through(splice, context, call)
+
+    async def _spliced_directly(
+        self,
+        service: AssociationService,
+        splice: Splice,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        location: Location,
+        call: Link | grpc.aio.StreamStreamCall[bytes, bytes],
+    ) -> None:
+        """The destination router joined here with its ticket: end the holding replica's part (its wait for
+        a Join ends at our end mark, with nothing to refuse) and splice both routers on this replica."""
+        try:
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, LinkClosed) as exc:
+            log.info("could not tell replica %s: %s", location.replica, exc, extra={"assoc": splice.association_id})
+        log.info(
+            "association %s -> %s/%s spliced here by a direct join (the site is held by replica %s)",
+            splice.from_site,
+            op.to_site,
+            op.called_ae_title,
+            location.replica,
+            extra={"assoc": splice.association_id},
+        )
+        await service.splice_here(splice, context)
+
+
+def _retrieved(read: asyncio.Future[bytes | object]) -> None:
+    """A read left running after a direct join ends when the call does: its error is no one's concern."""
+    if not read.cancelled():
+        read.exception()
 
 
 async def _splice_through(
@@ -402,12 +470,73 @@ async def accept_forwarded(
     )
     state.splices[aid] = splice
     destination.associations.add(aid)
+    direct = direct_offer(op) if destination.direct_join else None
+    ahead = ReadAhead(context) if direct is not None else None
     try:
-        await service._run_initiator(splice, destination, op, context, view.identities.get(from_site))
+        await service._run_initiator(
+            splice,
+            destination,
+            op,
+            context if ahead is None else ahead,
+            view.identities.get(from_site),
+            direct=direct,
+            origin_gone=None if ahead is None else ahead.first,
+        )
     finally:
         state.splices.pop(aid, None)
         destination.associations.discard(aid)
         service._finished(splice)
+        if ahead is not None:
+            ahead.close()
+
+
+def direct_offer(op: pb.Open) -> pb.DirectJoin | None:
+    """The origin replica's offer in a forwarded Open, if well-formed (its name a DNS label, the ticket of the
+    expected form): only then is it passed on to the destination router, which checks it again."""
+    if not op.HasField("direct_join"):
+        return None
+    offer = op.direct_join
+    if not DNS_LABEL.fullmatch(offer.replica) or not TICKET_FORM.fullmatch(offer.ticket):
+        log.warning(
+            "a forwarded Open carried a malformed direct-join offer; not passed on", extra={"assoc": op.association_id}
+        )
+        return None
+    return offer
+
+
+class ReadAhead:
+    """A forwarded association's call (or link) with its first read started at once.
+
+    The origin sends nothing before it has the answer, so when that read completes while the
+    destination has not joined here, the origin has let go: the router joined there directly (its
+    end mark), or the origin is gone. Once the destination joins here, the splice's pump gets that
+    first read's frame, then reads on as usual."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self.first: asyncio.Future[object] = asyncio.ensure_future(context.read())
+        self._taken = False
+
+    async def read(self) -> object:
+        if not self._taken:
+            self._taken = True
+            return await self.first
+        return await self._context.read()
+
+    async def write(self, frame: bytes) -> None:
+        await self._context.write(frame)
+
+    async def abort(self, code: grpc.StatusCode, detail: str) -> None:
+        await self._context.abort(code, detail)
+
+    def peer(self) -> str:
+        return str(self._context.peer())
+
+    def close(self) -> None:
+        if not self.first.done():
+            self.first.cancel()
+        elif not self.first.cancelled():
+            self.first.exception()  # retrieved: a cut link is no error once the association is over
 
 
 def handlers(service: ForwardService) -> grpc.GenericRpcHandler:

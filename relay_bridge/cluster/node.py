@@ -18,6 +18,7 @@ import grpc.aio
 from relay_bridge.cluster.forward import Forwarder, ForwardService, handlers, server_options
 from relay_bridge.cluster.link import LinkPool, LinkServer, client_context, server_context
 from relay_bridge.cluster.presence import Load, Location, PresenceKeeper
+from relay_bridge.cluster.tickets import JoinTickets, replica_label
 from relay_bridge.config import ClusterSection
 from relay_common.config import parse_host_port
 from relay_common.errors import RelayError
@@ -71,6 +72,13 @@ class ClusterNode:
             on_lost=self._site_lost,
             on_taken=self._site_taken,
         )
+        # The direct join (relay_bridge.cluster.tickets): the name routers join here at, and the tickets
+        # issued for it (one per association waiting for its destination: bounded like the associations).
+        self.join_label = replica_label(self.replica_id) if section.direct_join else None
+        if section.direct_join and self.join_label is None:
+            log.warning("replica id %r is not a DNS label: no direct joins at this replica", self.replica_id)
+        self.tickets = JoinTickets(limits.max_associations, limits.join_timeout_s)
+        self.forwarder.join_label, self.forwarder.tickets = self.join_label, self.tickets
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()

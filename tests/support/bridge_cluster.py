@@ -130,6 +130,11 @@ class BridgeCluster:
             self.haproxy.stop()
 
 
+def replica_server_names() -> dict[str, str]:
+    """The TLS server name of each replica (what a router joins it at directly) -> the replica."""
+    return {f"{rid}.localhost": rid for rid in REPLICAS}
+
+
 def start_bridge_cluster(
     work: Path,
     pg: PostgresCluster,
@@ -138,14 +143,29 @@ def start_bridge_cluster(
     renew_s: float | None = None,
     health: Literal["tcp", "grpc", "http"] = "tcp",
     drain_grace_s: float = 2.0,
+    sni: bool = False,
+    plain_frontends: frozenset[str] = frozenset(),
 ) -> BridgeCluster:
     """Cluster certificate, configurations, schema, three replicas and HAProxy with `frontends`
     (name -> replica ids, the first preferred); stop it with `stop()` (also when this raises).
     `renew_s`: the replicas' lease renewal interval (None: the default). `health`: HAProxy's check, a TCP
     connect, the replicas' gRPC health service, or `GET /readyz` on their metrics port (with both of the
     latter a draining replica leaves rotation at once; tests.support.haproxy). `drain_grace_s`: how long a
-    replica's drain lets running associations finish before it cuts them (keep it above the longest one)."""
-    net = LocalRelayNetwork(work).start(bridge=False)
+    replica's drain lets running associations finish before it cuts them (keep it above the longest one).
+    `sni`: the direct join (docs/high-availability.md): the server certificate also names `<replica>.localhost`
+    for each replica (`relay-bridge init --hostname`), and HAProxy routes those TLS server names to that replica,
+    except on `plain_frontends` (a balancer without SNI routing)."""
+    net = LocalRelayNetwork(work)
+    if sni:  # before start(), which then keeps this bridge.toml and its certificates
+        names = [f"--hostname={name}" for name in ("localhost", *replica_server_names().keys())]
+        subprocess.run(
+            [net.python, "-m", "relay_bridge.cli", "init", "--dir", str(work), "--listen", "127.0.0.1:0", *names]
+            + ["--ip", "127.0.0.1"],
+            check=True,
+            capture_output=True,
+            env=net.env,
+        )
+    net.start(bridge=False)
     made = net.bridge_admin("cluster-cert", "--dir", str(work))
     if made.returncode != 0:
         raise RuntimeError(made.stderr)
@@ -163,6 +183,8 @@ def start_bridge_cluster(
             {name: [(r, ports[r]) for r in order] for name, order in frontends.items()},
             grpc_health_ca=work / "ca.pem" if health == "grpc" else None,
             readiness_ports={rid: r.metrics_port for rid, r in cluster.replicas.items()} if health == "http" else None,
+            sni_routes=replica_server_names() if sni else None,
+            plain_frontends=plain_frontends,
         )
         cluster.haproxy.start()
     except BaseException:

@@ -13,6 +13,10 @@ Two checks see a draining replica (it keeps its running associations, takes no n
 - `grpc_health_ca` (the bridge's CA file): a `tcp-check` that asks the replicas' gRPC health service
   over TLS on their router-facing port (`grpc_health_check`), failing at once on NOT_SERVING; with
   `check_crt` it presents that client certificate (replicas with `require_client_cert`).
+
+`sni_routes` (opt-in; TLS server name -> server): every frontend also routes a connection whose TLS
+ClientHello names one of these to that server alone (`req.ssl_sni`), the direct join of
+docs/high-availability.md; any other name goes to the frontend's backend as before.
 """
 
 from __future__ import annotations
@@ -90,6 +94,19 @@ def http_readiness_check() -> list[str]:
     ]
 
 
+def sni_routing(routes: dict[str, str]) -> list[str]:
+    """HAProxy frontend lines: a TLS connection whose server name is a key of `routes` goes to that server's
+    own backend (`be_sni_<server>`). The frontend waits for the ClientHello (at most 2 s; it is the client's
+    first message, so in practice no wait), then routes on its SNI; other names, and no SNI, go to the
+    default backend."""
+    if not routes:
+        return []
+    lines = ["    tcp-request inspect-delay 2s", "    tcp-request content accept if { req.ssl_hello_type 1 }"]
+    for name, server in sorted(routes.items()):
+        lines.append(f"    use_backend be_sni_{server} if {{ req.ssl_sni -i {name} }}")
+    return lines
+
+
 def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 
@@ -107,6 +124,10 @@ class HAProxy:
     check_crt: Path | None = None
     # Server name -> its readiness port (the bridge's [metrics] listen): check `GET /readyz` there.
     readiness_ports: dict[str, int] | None = None
+    # TLS server name -> server name: route on SNI to that server (sni_routing), else the frontend's backend.
+    sni_routes: dict[str, str] | None = None
+    # With sni_routes: the frontends that do not route on SNI (a balancer without it, for the fallback).
+    plain_frontends: frozenset[str] = frozenset()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -183,6 +204,7 @@ class HAProxy:
         for name, servers in self.frontends.items():
             self.ports.setdefault(name, free_port())
             lines += [f"frontend fe_{name}", f"    bind 127.0.0.1:{self.ports[name]}", f"    default_backend be_{name}"]
+            lines += [] if name in self.plain_frontends else sni_routing(self.sni_routes or {})
             lines += [f"backend be_{name}"]
             if self.readiness_ports is not None:
                 lines += http_readiness_check()
@@ -191,6 +213,10 @@ class HAProxy:
             for i, (server, port) in enumerate(servers):
                 check_port = "" if self.readiness_ports is None else f" port {self.readiness_ports[server]}"
                 lines.append(f"    server {server} 127.0.0.1:{port} check{check_port}{' backup' if i else ''}")
+        server_ports = {server: port for servers in self.frontends.values() for server, port in servers}
+        for server in sorted(set((self.sni_routes or {}).values())):
+            # A plain TCP check: a draining replica still takes the joins of the associations it admitted.
+            lines += [f"backend be_sni_{server}", f"    server {server} 127.0.0.1:{server_ports[server]} check"]
         return "\n".join(lines) + "\n"
 
     def start(self) -> HAProxy:

@@ -212,7 +212,7 @@ class RemoteDevice(_message.Message):
     def __init__(self, site: _Optional[str] = ..., ae_title: _Optional[str] = ..., description: _Optional[str] = ..., online: _Optional[bool] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IncomingAssociation(_message.Message):
-    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features", "caller_identity")
+    __slots__ = ("association_id", "from_site", "called_ae_title", "first_frame", "handshake", "features", "caller_identity", "direct_join")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class IncomingAssociation(_message.Message):
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     CALLER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_JOIN_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     from_site: str
     called_ae_title: str
@@ -227,7 +228,16 @@ class IncomingAssociation(_message.Message):
     handshake: Handshake
     features: _containers.RepeatedScalarFieldContainer[str]
     caller_identity: Identity
-    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., caller_identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+    direct_join: DirectJoin
+    def __init__(self, association_id: _Optional[str] = ..., from_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., first_frame: _Optional[_Union[Frame, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., caller_identity: _Optional[_Union[Identity, _Mapping]] = ..., direct_join: _Optional[_Union[DirectJoin, _Mapping]] = ...) -> None: ...
+
+class DirectJoin(_message.Message):
+    __slots__ = ("replica", "ticket")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    ticket: str
+    def __init__(self, replica: _Optional[str] = ..., ticket: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("open", "join", "accepted", "refused", "data", "close", "confirm")
@@ -248,7 +258,7 @@ class Frame(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., join: _Optional[_Union[Join, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., confirm: _Optional[_Union[Confirm, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data", "handshake", "features")
+    __slots__ = ("association_id", "to_site", "called_ae_title", "calling_ae_title", "first_data", "handshake", "features", "direct_join")
     ASSOCIATION_ID_FIELD_NUMBER: _ClassVar[int]
     TO_SITE_FIELD_NUMBER: _ClassVar[int]
     CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +266,7 @@ class Open(_message.Message):
     FIRST_DATA_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_JOIN_FIELD_NUMBER: _ClassVar[int]
     association_id: str
     to_site: str
     called_ae_title: str
@@ -263,7 +274,8 @@ class Open(_message.Message):
     first_data: Data
     handshake: Handshake
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    direct_join: DirectJoin
+    def __init__(self, association_id: _Optional[str] = ..., to_site: _Optional[str] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., first_data: _Optional[_Union[Data, _Mapping]] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., direct_join: _Optional[_Union[DirectJoin, _Mapping]] = ...) -> None: ...
 
 class Handshake(_message.Message):
     __slots__ = ("kem_ciphertext", "signature", "suite", "ephemeral_key", "sent_unix_ms")

@@ -77,7 +77,7 @@ def notice(called: str = "PACS", from_site: str = "hospital-b", aid: str = "a" *
 async def incoming(service: RouterService, n: pb.IncomingAssociation) -> FakeStream:
     stream = FakeStream()
 
-    async def join(association_id: str) -> FakeStream:
+    async def join(association_id: str, offer: pb.DirectJoin | None = None) -> FakeStream:
         assert association_id == n.association_id
         return stream
 

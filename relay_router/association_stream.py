@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
+
+
+class ChannelCalls:
+    """The Associate calls opened on one channel: `idle` is set while none is running, `used` is when
+    the last one started or ended (monotonic)."""
+
+    def __init__(self) -> None:
+        self.live: set[grpc.aio.Call] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.used = time.monotonic()
+
+    def track(self, call: grpc.aio.Call) -> None:
+        self.live.add(call)
+        self.idle.clear()
+        self.used = time.monotonic()
+        call.add_done_callback(self._done)
+
+    def _done(self, call: grpc.aio.Call) -> None:
+        self.live.discard(call)
+        self.used = time.monotonic()
+        if not self.live:
+            self.idle.set()
 
 
 class AssociationStream:

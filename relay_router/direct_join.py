@@ -31,7 +31,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
-from relay_router.association_stream import AssociationStream
+from relay_router.association_stream import AssociationStream, ChannelCalls
 
 log = logging.getLogger("relay_router.tunnel")
 DIRECT_JOIN_PROTOCOL = "relay.v1.direct-join"  # in SignOn.protocols: we can join with a ticket
@@ -151,25 +151,13 @@ class ReplicaChannels:
         await asyncio.gather(*(e.channel.close(grace=1.0) for e in entries), return_exceptions=True)
 
 
-class _ReplicaChannel:
+class _ReplicaChannel(ChannelCalls):
+    """A channel to one replica name, with the calls on it (closed once idle long enough)."""
+
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__()
         self.channel = channel
         self.stub = pb_grpc.RelayStub(channel)
-        self.live: set[grpc.aio.Call] = set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.used = time.monotonic()
-
-    def track(self, call: grpc.aio.Call) -> None:
-        self.live.add(call)
-        self.idle.clear()
-        call.add_done_callback(self._done)
-
-    def _done(self, call: grpc.aio.Call) -> None:
-        self.live.discard(call)
-        self.used = time.monotonic()
-        if not self.live:
-            self.idle.set()
 
 
 @dataclass

@@ -35,7 +35,7 @@ from relay_common.config import parse_host_port
 from relay_common.metrics import package_version
 from relay_common.tlsreload import CertificateFilesError, ReloadingClientCredentials, add_reload_hook
 from relay_common.validate import printable
-from relay_router.association_stream import AssociationStream
+from relay_router.association_stream import AssociationStream, ChannelCalls
 from relay_router.bridge_notice import check_notice
 from relay_router.config import RouterConfig
 from relay_router.direct_join import (
@@ -77,25 +77,6 @@ class DirectoryEntry:
     description: str
     online: bool
     services: tuple[str, ...] = ()  # service groups the owner granted us; () = not published (older owner)
-
-
-class _Calls:
-    """The Associate calls opened on one channel; `idle` is set while none is running."""
-
-    def __init__(self) -> None:
-        self.live: set[grpc.aio.Call] = set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def track(self, call: grpc.aio.Call) -> None:
-        self.live.add(call)
-        self.idle.clear()
-        call.add_done_callback(self._done)
-
-    def _done(self, call: grpc.aio.Call) -> None:
-        self.live.discard(call)
-        if not self.live:
-            self.idle.set()
 
 
 @dataclass(frozen=True)
@@ -159,7 +140,7 @@ class BridgeLink:
         # control call (ended on purpose to move to a new channel), channels closing once unused.
         self._tls: ReloadingClientCredentials | None = None
         self._channel_tls: tuple[int, int] | None = None
-        self._calls = _Calls()
+        self._calls = ChannelCalls()
         # Each running association's route, and the blob part URLs issued for them (bounded, oldest out).
         self._routes: dict[str, CallRoute] = {}
         self._url_routes: collections.OrderedDict[str, CallRoute] = collections.OrderedDict()
@@ -235,13 +216,13 @@ class BridgeLink:
         old, calls = self._channel, self._calls
         self._channel = self._make_channel()
         self._stub = pb_grpc.RelayStub(self._channel)
-        self._calls = _Calls()
+        self._calls = ChannelCalls()
         log.info("new connection to the bridge")
         if old is not None:
             self._retired.add(old)
             self._spawn(self._close_when_unused(old, calls))
 
-    async def _close_when_unused(self, channel: grpc.aio.Channel, calls: _Calls) -> None:
+    async def _close_when_unused(self, channel: grpc.aio.Channel, calls: ChannelCalls) -> None:
         await calls.idle.wait()
         self._retired.discard(channel)
         await channel.close(grace=5.0)  # unary blob RPCs still in flight get a moment

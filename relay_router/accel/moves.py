@@ -220,17 +220,28 @@ class MoveRegistry:
             return len(self._moves)
 
     # -- sub-operations ----------------------------------------------------------------------------
-    def arrived(self, key: MoveKey, sop_instance: str) -> None:
+    def _move_for(self, key: MoveKey, destination: str | None) -> _Move | None:
+        """The held move `key`, if `destination` (the device a sub-operation is for) is its destination.
+
+        Requesters reuse Message IDs (movescu sends 1 every time): a sub-operation of an earlier move with
+        the same key that ends late (its hold timed out) must not count for the next one, which goes to
+        another device. Caller holds _lock."""
+        move = self._moves.get(key)
+        if move is None or (destination is not None and destination != move.destination):
+            return None
+        return move
+
+    def arrived(self, key: MoveKey, sop_instance: str, destination: str | None = None) -> None:
         """An INSTANCE of the move reached this router (event loop)."""
         with self._lock:
-            move = self._moves.get(key)
+            move = self._move_for(key, destination)
             if move is not None and len(move.arrived) < self.max_subops:
                 move.arrived.add(sop_instance)
 
-    def finished(self, key: MoveKey, sop_instance: str, status: int) -> None:
+    def finished(self, key: MoveKey, sop_instance: str, status: int, destination: str | None = None) -> None:
         """A sub-operation's final outcome here: the destination's C-STORE status, or the refusal (any thread)."""
         with self._lock:
-            move = self._moves.get(key)
+            move = self._move_for(key, destination)
             if move is None:
                 return
             if sop_instance not in move.results and len(move.results) >= self.max_subops:

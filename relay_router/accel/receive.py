@@ -311,7 +311,7 @@ class FarSession:
         if move is not None:  # delivered with the Move Originator pair, counted for the held final response
             meta["move_originator_ae"], meta["move_originator_id"] = move.originator, str(move.message_id)
             if self.moves is not None:
-                self.moves.arrived(move, header.sop_instance)
+                self.moves.arrived(move, header.sop_instance, self.device.ae_title)
         try:
             writer = self.spool.writer(
                 far_route_name(self.device),
@@ -465,7 +465,7 @@ class FarSession:
         status, permanent, error = why or (Status.CANNOT_UNDERSTAND, True, "refused")
         move = self._move(header)
         if permanent and move is not None and self.moves is not None:  # final: a failed sub-operation
-            self.moves.finished(move, header.sop_instance, status)
+            self.moves.finished(move, header.sop_instance, status, self.device.ae_title)
         log.warning("refused %s from %s with 0x%04X: %s", header.sop_instance, self.from_site, status, error)
         await self.channel.send(
             records.refused(header.id, header.sop_instance, status, permanent=permanent, error=error), flush=True

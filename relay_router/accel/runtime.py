@@ -249,7 +249,8 @@ class AccelRuntime:
         status = result.status if result.status is not None else 0x0110
         originator, message_id = move_fields(entry.meta)
         if self.moves is not None and originator is not None and message_id is not None:
-            self.moves.finished(MoveKey(site, originator, message_id), entry.sop_instance_uid, status)
+            # entry.route: the device it was delivered to (relay_router.accel.receive.far_route_name)
+            self.moves.finished(MoveKey(site, originator, message_id), entry.sop_instance_uid, status, entry.route)
         self.book.add(site, origin, entry.sop_instance_uid, status, result.error)
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the book sends it next time

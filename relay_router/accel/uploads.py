@@ -7,10 +7,13 @@ instance, and collects the finished ones between instances (an instance's record
 only the send loop writes records: a BLOB record never lands between another instance's CHUNKs).
 
 Ordering: instances are independent (the far router stores and answers each by its spool id), so a small
-instance may overtake a big one; each instance's own records stay in order. Bounds: at most `limit`
-uploads run at once (each holds `spill_parallel` parts in memory), and at most `waiting` claimed instances
-wait for a slot; while that queue is full the send loop claims nothing more. Every task belongs to this
-object and is cancelled by `close()` when the stream ends: its instance is then sent again on the next
+instance may overtake a big one; each instance's own records stay in order. Uploads, though, are handed back
+in the order they started, whatever order they end in: each took the stream's next blob ordinal when it
+started (its part nonces), and the far router refuses a BLOB record whose ordinal is below one it has seen, as
+a replay (relay_router.accel.receive). A faster upload waits for the ones started before it. Bounds: at most
+`limit` uploads run at once (each holds `spill_parallel` parts in memory), and at most `waiting` claimed
+instances wait for a slot; while that queue is full the send loop claims nothing more. Every task belongs to
+this object and is cancelled by `close()` when the stream ends: its instance is then sent again on the next
 stream (its spool entry goes back to RECEIVED with the rest of what was in flight).
 """
 
@@ -60,7 +63,10 @@ class ConcurrentUploads:
         self._room = room  # whether the store may take another blob (the stream's quota of blobs in flight)
         self._queue: deque[tuple[SpoolEntry, records.InstanceHeader]] = deque()
         self._running: set[asyncio.Task[None]] = set()
-        self._finished: deque[Finished] = deque()
+        # Ended uploads by start number, handed back from _next_out on without a gap (see "Ordering").
+        self._finished: dict[int, Finished] = {}
+        self._started = 0
+        self._next_out = 0
 
     @property
     def running(self) -> int:
@@ -86,9 +92,12 @@ class ConcurrentUploads:
         self._start()
 
     def finished(self) -> list[Finished]:
-        """Uploads that ended since the last call, in the order they ended."""
-        done = list(self._finished)
-        self._finished.clear()
+        """Uploads that ended since the last call, in the order they started; one that ended before an
+        upload started earlier is held back until that one has ended too."""
+        done = []
+        while (item := self._finished.pop(self._next_out, None)) is not None:
+            done.append(item)
+            self._next_out += 1
         return done
 
     def kick(self) -> None:
@@ -98,11 +107,12 @@ class ConcurrentUploads:
     def _start(self) -> None:
         while self._queue and len(self._running) < self.limit and self._room():
             entry, header = self._queue.popleft()
-            task = asyncio.get_running_loop().create_task(self._run(entry, header))
+            task = asyncio.get_running_loop().create_task(self._run(self._started, entry, header))
+            self._started += 1
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, entry: SpoolEntry, header: records.InstanceHeader) -> None:
+    async def _run(self, number: int, entry: SpoolEntry, header: records.InstanceHeader) -> None:
         try:
             reference = await self._upload(header)
         except asyncio.CancelledError:
@@ -110,7 +120,7 @@ class ConcurrentUploads:
         except Exception:  # the upload function reports its own failures; a bug here: the instance goes inline
             log.exception("upload of %s failed", header.sop_instance)
             reference = None
-        self._finished.append(Finished(entry, header, reference))
+        self._finished[number] = Finished(entry, header, reference)
         task = asyncio.current_task()
         if task is not None:
             self._running.discard(task)  # before starting the next: this one is done
@@ -128,3 +138,4 @@ class ConcurrentUploads:
                 await task
         self._running.clear()
         self._finished.clear()
+        self._next_out = self._started  # the cancelled ones never end: nothing waits for them

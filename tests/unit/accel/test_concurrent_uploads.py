@@ -202,3 +202,28 @@ async def test_uploads_are_bounded() -> None:
     await uploads.close()
     with pytest.raises(ValueError):
         ConcurrentUploads(upload, limit=0, waiting=1, on_done=lambda: None)
+
+
+async def test_uploads_are_handed_back_in_the_order_they_started_whatever_order_they_end_in() -> None:
+    """Each upload took the stream's next blob ordinal when it started, and the far router refuses a BLOB
+    record whose ordinal is below one it has seen (a replay): a big upload that ends first must wait."""
+    gates = {f"e{n}": asyncio.Event() for n in range(3)}
+
+    async def upload(header: records.InstanceHeader) -> records.BlobHeader | None:
+        await gates[header.id].wait()
+        return None
+
+    uploads = ConcurrentUploads(upload, limit=3, waiting=3, on_done=lambda: None)
+    for n in range(3):
+        header = records.InstanceHeader(f"e{n}", CT, f"1.2.3.{n}", EXPLICIT, 1)
+        uploads.submit(SimpleNamespace(id=f"e{n}"), header)  # type: ignore[arg-type]
+    gates["e2"].set()
+    gates["e1"].set()
+    await asyncio.sleep(0.05)
+    assert uploads.finished() == [], "e1 and e2 ended, but e0, started before them, is still running"
+    assert uploads.pending == 3
+    gates["e0"].set()
+    await _until(lambda: uploads.pending == 3 and not uploads.running, "e0 to end")
+    assert [f.entry.id for f in uploads.finished()] == ["e0", "e1", "e2"]
+    assert uploads.pending == 0
+    await uploads.close()

@@ -451,3 +451,17 @@ def test_the_hold_ceiling_is_checked_against_the_idle_timeout_only_where_a_move_
         ConfigError, match=r"accelerate\.move_hold_max_s: must be below \[dicom\] idle_timeout_s \(120\)"
     ):
         _router_config(tmp_path, accelerated_shared=True, idle_timeout_s=120.0)
+
+
+def test_a_late_sub_operation_of_an_earlier_move_with_the_same_key_does_not_count_for_the_next() -> None:
+    """movescu sends Message ID 1 every time: the first move's hold ended with two images unconfirmed, and
+    they reach WS_A while the next move (same originator and Message ID) waits for PICKY_A."""
+    moves = registry()
+    assert moves.begin(KEY, "PICKY_A")
+    moves.arrived(KEY, "1.1", "WS_A")
+    moves.finished(KEY, "1.1", 0x0000, "WS_A")
+    moves.finished(KEY, "1.2", 0x0000, "WS_A")
+    assert moves._moves[KEY].results == {} and moves._moves[KEY].arrived == set()
+    moves.arrived(KEY, "2.1", "PICKY_A")
+    moves.finished(KEY, "2.1", 0x0000, "PICKY_A")
+    assert moves._moves[KEY].results == {"2.1": 0x0000}

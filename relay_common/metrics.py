@@ -21,9 +21,10 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,12 +34,14 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from relay_common.config import InvalidValue, parse_host_port
 from relay_common.files import write_private
 
 log = logging.getLogger("relay_common.metrics")
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S")
 # No `*_created` series: they double the output and no dashboard of ours uses them.
 disable_created_metrics()
 
@@ -276,3 +279,32 @@ class RecentWindow:
     def summary(self, now: float | None = None) -> dict[str, object]:
         counts = self.counts(now)
         return {"window_s": self.window_s, "total": sum(counts.values()), "counts": counts, "last": list(self.last)}
+
+
+class SourcedCollector(Collector, Generic[S]):
+    """Families read at scrape time from `source()` (None: zeros). The metrics object registers one at
+    start, so every family is present before the part that feeds it runs; that part then replaces the
+    source (`register_sourced`)."""
+
+    def __init__(self, source: Callable[[], S | None]) -> None:
+        self.source = source
+
+
+_SOURCED: weakref.WeakKeyDictionary[CollectorRegistry, dict[type[Any], SourcedCollector[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register_sourced(
+    registry: CollectorRegistry, kind: type[SourcedCollector[S]], source: Callable[[], S | None]
+) -> None:
+    """One collector of `kind` per registry: registered the first time, its source replaced after that
+    (a registry refuses the same family names twice)."""
+    collectors = _SOURCED.setdefault(registry, {})
+    collector = collectors.get(kind)
+    if collector is not None:
+        collector.source = source
+        return
+    collector = kind(source)
+    registry.register(collector)
+    collectors[kind] = collector

@@ -36,17 +36,17 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 from pydicom.dataset import Dataset
 
 from relay_common.audit import AuditLog
+from relay_common.metrics import SourcedCollector, register_sourced
 from relay_router.accel.commitment_request import (
     MAX_REQUEST_BYTES,
     TRANSFER_SYNTAXES,
@@ -384,12 +384,9 @@ class CommitmentService:
         register_commitment_metrics(registry, lambda: self)
 
 
-class _CommitmentCollector(Collector):
-    def __init__(self, service: Callable[[], CommitmentService | None]) -> None:
-        self.service = service
-
+class _CommitmentCollector(SourcedCollector["CommitmentService"]):
     def collect(self) -> Iterator[Metric]:
-        service = self.service()
+        service = self.source()
         yield GaugeMetricFamily(
             "relay_router_accel_commitments_pending",
             "Storage commitment requests waiting for their instances' outcomes (accelerated routes)",
@@ -405,18 +402,9 @@ class _CommitmentCollector(Collector):
         yield reports
 
 
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _CommitmentCollector] = weakref.WeakKeyDictionary()
-
-
 def register_commitment_metrics(registry: CollectorRegistry, service: Callable[[], CommitmentService | None]) -> None:
     """RouterMetrics registers the families at once (zeros); the running service replaces the source."""
-    collector = _COLLECTORS.get(registry)
-    if collector is not None:
-        collector.service = service
-        return
-    collector = _CommitmentCollector(service)
-    registry.register(collector)
-    _COLLECTORS[registry] = collector
+    register_sourced(registry, _CommitmentCollector, service)
 
 
 class CommitmentError(Exception):

@@ -6,12 +6,13 @@ accelerated `[[shared]]` device. No label names a move, a title or a patient: on
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
+
+from relay_common.metrics import SourcedCollector, register_sourced
 
 if TYPE_CHECKING:
     from relay_router.accel.moves import MoveRegistry
@@ -21,14 +22,11 @@ __all__ = ["HOLD_ENDS", "MoveCollector", "register_move_metrics"]
 HOLD_ENDS = ("confirmed", "timed_out", "transparent")
 
 
-class MoveCollector(Collector):
+class MoveCollector(SourcedCollector["MoveRegistry"]):
     """relay_router_accel_move_* families, read from the registry when Prometheus scrapes."""
 
-    def __init__(self, moves: Callable[[], MoveRegistry | None]) -> None:
-        self.moves = moves
-
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
-        moves = self.moves()
+        moves = self.source()
         yield GaugeMetricFamily(
             "relay_router_accel_moves_held",
             "C-MOVEs to an accelerated destination here whose final response is held (or will be) until "
@@ -54,15 +52,6 @@ class MoveCollector(Collector):
         )
 
 
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, MoveCollector] = weakref.WeakKeyDictionary()
-
-
 def register_move_metrics(registry: CollectorRegistry, moves: Callable[[], MoveRegistry | None]) -> None:
     """RouterMetrics registers the families at once; they read the running router's registry at each scrape."""
-    collector = _COLLECTORS.get(registry)
-    if collector is not None:
-        collector.moves = moves
-        return
-    collector = MoveCollector(moves)
-    registry.register(collector)
-    _COLLECTORS[registry] = collector
+    register_sourced(registry, MoveCollector, moves)

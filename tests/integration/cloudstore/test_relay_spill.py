@@ -143,11 +143,14 @@ class FaultyS3Proxy:
         upstream: str,
         *,
         corrupt_gets: bool = False,
-        fail_puts_after: int | None = None,
+        fail_parts_from: int | None = None,
         delete_part: str | None = None,
     ) -> None:
         proxy = self
-        self.corrupt_gets, self.fail_puts_after, self.puts = corrupt_gets, fail_puts_after, 0
+        # fail_parts_from=2: every PUT of part 2 or later of any blob fails. By part number, not by
+        # arrival order: a blob's parts upload in parallel, and if part 0's PUT were the one to fail,
+        # nothing would have been announced and the sender would rightly fall back to inline.
+        self.corrupt_gets, self.fail_parts_from = corrupt_gets, fail_parts_from
         # delete_part="000001": the first such part is stored, then deleted from the store before the PUT is answered.
         self.delete_part = delete_part
         self.lock = threading.Lock()
@@ -167,14 +170,15 @@ class FaultyS3Proxy:
 
             def _forward(self, method: str) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "PUT" else None
-                number = 0
-                if method == "PUT":
-                    with proxy.lock:
-                        proxy.puts += 1
-                        number = proxy.puts
-                    if proxy.fail_puts_after is not None and number > proxy.fail_puts_after:
-                        self.send_error(503, "store stopped")
-                        return
+                part = urllib.parse.urlsplit(self.path).path.rsplit("/", 1)[-1]
+                if (
+                    method == "PUT"
+                    and proxy.fail_parts_from is not None
+                    and part.isdigit()
+                    and int(part) >= proxy.fail_parts_from
+                ):
+                    self.send_error(503, "store stopped")
+                    return
                 request = urllib.request.Request(upstream + self.path, data=body, method=method)
                 for name, value in self.headers.items():  # the bridge's own requests are signed with their headers
                     if name.lower() not in ("connection", "content-length", "content-type"):
@@ -230,7 +234,7 @@ def test_faults_abort_and_deliver_nothing_wrong(
     require_dcmtk("storescu")
 
     proxy = FaultyS3Proxy(
-        moto_server.url, corrupt_gets=fault == "corrupt", fail_puts_after=2 if fault != "corrupt" else None
+        moto_server.url, corrupt_gets=fault == "corrupt", fail_parts_from=2 if fault != "corrupt" else None
     )
     try:
         prefix = f"fault-{fault}-{free_port()}/"

@@ -38,6 +38,7 @@ from relay_bridge.cluster.tickets import TICKET_METADATA
 from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
 from relay_common.errors import Reason, RelayError
+from relay_common.setup_timing import mark
 
 if TYPE_CHECKING:
     from relay_bridge.sessions import RouterSession
@@ -269,6 +270,7 @@ class AssociationService:
 
     async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
+        mark("open", aid)
         invalid = await self.precheck_open(op, context)
         if invalid is not None:
             if invalid.reason is not Reason.SHUTDOWN and state.refusal_audits.allow(f"invalid_open:{session.name}"):
@@ -290,6 +292,7 @@ class AssociationService:
         elsewhere = None
         if destination is None and state.cluster is not None and device is not None:
             elsewhere = await state.cluster.locate_quietly(op.to_site, aid)
+            mark("located", aid)
         rejection = admission.admit_open(
             caller=session.name,
             to_site=op.to_site,
@@ -312,6 +315,7 @@ class AssociationService:
         over = await shared_limit_refusal(state, aid, session.name, op.to_site)
         if over is not None:
             return await self.refuse(context, over, aid)
+        mark("admitted", aid)
         splice = self.splice_class(
             aid, session.name, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
         )
@@ -368,6 +372,7 @@ class AssociationService:
             notice.direct_join.CopyFrom(direct)
         if not destination.send(pb.BridgeMessage(incoming=notice)):
             return await self.refuse(context, admission.destination_overloaded(op.to_site), aid)
+        mark("notice queued", aid)
         waits: list[asyncio.Future[Any]] = [splice.joined] if origin_gone is None else [splice.joined, origin_gone]
         try:
             done, _ = await asyncio.wait(
@@ -414,6 +419,7 @@ class AssociationService:
         """The destination has joined: tell the initiating end (a router, or the origin replica's link) and
         pump until the association ends."""
         self.state.metrics.spliced(splice)
+        mark("accepted sent", splice.association_id)
         await context.write(frame_bytes(accepted=pb.Accepted(association_id=splice.association_id)))
         pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
         try:
@@ -458,6 +464,7 @@ class AssociationService:
         self.state.metrics.closed(splice)
 
     async def join(self, session: RouterSession, join: pb.Join, context: grpc.aio.ServicerContext) -> None:
+        mark("join", join.association_id)
         splice = self.state.splices.get(join.association_id)
         admitted = admission.admit_join(
             caller=session.name,
@@ -484,6 +491,7 @@ class AssociationService:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "join ticket refused: unknown, used or expired")
             raise AssertionError("unreachable: abort raises")
         aid = entry.association_id
+        mark("ticket join", aid)
         problem = state.sessions.certificate_problem(context, entry.site)
         if problem:
             assert tickets is not None
@@ -514,6 +522,7 @@ class AssociationService:
         if splice.joined.done():  # decided while the answer was written (the link answered first)
             await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
             return
+        mark("ticket join accepted", aid)
         splice.joined_by = "direct"
         splice.joined.set_result(None)
         await self._run_destination(splice, context)

@@ -48,6 +48,7 @@ from relay_bridge.sessions import first_message
 from relay_bridge.splice import Splice, finish
 from relay_common.config import parse_host_port
 from relay_common.errors import Reason
+from relay_common.setup_timing import mark
 from relay_common.validate import is_site_name
 
 if TYPE_CHECKING:
@@ -260,6 +261,7 @@ class Forwarder:
         answer_read: asyncio.Future[Any] | None = None
         try:
             await call.write(pb.Frame(open=op).SerializeToString())
+            mark("forwarded", aid)
             # The holding replica's answer, or (direct join offered) the destination router's Join here.
             answer_read = asyncio.ensure_future(call.read())
             answer_read.add_done_callback(_retrieved)
@@ -304,6 +306,7 @@ class Forwarder:
             await context.write(answer)  # the holding replica's own code and text, as it sent them
             return
         splice.joined.set_result(None)
+        mark("accepted sent", aid)
         log.info(
             "association %s -> %s/%s spliced through replica %s over %s",
             splice.from_site,
@@ -443,6 +446,7 @@ async def accept_forwarded(
 ) -> None:
     """Run the destination end of an association another replica admitted, as a local Open would."""
     state, aid, limits = service.state, op.association_id, service.state.config.limits
+    mark("forward received", aid)
     invalid = await service.precheck_open(op, context)
     if invalid is not None:
         return await service.refuse(context, invalid, aid)

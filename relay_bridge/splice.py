@@ -23,7 +23,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -415,12 +415,19 @@ class AssociationService:
         )
         await self.splice_here(splice, context)
 
-    async def splice_here(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:
+    async def splice_here(
+        self,
+        splice: Splice,
+        context: grpc.aio.ServicerContext,
+        accepted: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """The destination has joined: tell the initiating end (a router, or the origin replica's link) and
-        pump until the association ends."""
+        pump until the association ends; `accepted` runs once that answer is written."""
         self.state.metrics.spliced(splice)
         mark("accepted sent", splice.association_id)
         await context.write(frame_bytes(accepted=pb.Accepted(association_id=splice.association_id)))
+        if accepted is not None:
+            await accepted()
         pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
         try:
             await splice.drain(splice.to_initiator, context.write)
@@ -498,6 +505,7 @@ class AssociationService:
             tickets.revoke(aid)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
         raw = await first_message(context, state.config.limits, "Associate", f"{entry.site} (join ticket)")
+        mark("ticket join read", aid)
         first = None
         if isinstance(raw, bytes):
             try:
@@ -518,13 +526,12 @@ class AssociationService:
             tickets.revoke(aid)
             await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
             return
-        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
-        if splice.joined.done():  # decided while the answer was written (the link answered first)
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
-            return
-        mark("ticket join accepted", aid)
+        # Joined from here on (no await since the check above: the link cannot have answered meanwhile), so
+        # the origin's Accepted to the initiating router does not wait for this one to be written.
         splice.joined_by = "direct"
         splice.joined.set_result(None)
+        mark("ticket join accepted", aid)
+        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
         await self._run_destination(splice, context)
 
     async def _run_destination(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:

@@ -489,7 +489,10 @@ class AssociationService:
         association (relay_bridge.cluster.tickets): A and B are then spliced here, as a local association.
 
         The ticket is consumed before anything else is checked, so it cannot be tried twice; the router is
-        answered Accepted before any frame, so that it knows to join the ordinary way when refused here."""
+        answered Accepted before any frame, so that it knows to join the ordinary way when refused here. The
+        ticket names the association, so it is joined as soon as the call arrives: the Join frame the router
+        sends with it (the first message) is checked before any frame of the router's reaches the initiating
+        end, not waited for first (on a loaded replica it arrives a millisecond or more after the call)."""
         state = self.state
         tickets = state.cluster.tickets if state.cluster is not None else None
         entry = tickets.redeem(ticket, context.peer()) if tickets is not None else None
@@ -497,50 +500,64 @@ class AssociationService:
             log.warning("a join ticket from %s was refused: unknown, used or expired", context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "join ticket refused: unknown, used or expired")
             raise AssertionError("unreachable: abort raises")
+        assert tickets is not None
         aid = entry.association_id
         mark("ticket join", aid)
         problem = state.sessions.certificate_problem(context, entry.site)
         if problem:
-            assert tickets is not None
             tickets.revoke(aid)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-        raw = await first_message(context, state.config.limits, "Associate", f"{entry.site} (join ticket)")
-        mark("ticket join read", aid)
-        first = None
-        if isinstance(raw, bytes):
-            try:
-                first = pb.Frame.FromString(raw)
-            except DecodeError:
-                first = None
         splice = state.splices.get(aid)
-        if first is None or not first.HasField("join") or first.join.association_id != aid:
-            assert tickets is not None
-            tickets.revoke(aid)
-            log.warning(
-                "a join ticket for %s was presented without a Join of it; refused", entry.site, extra={"assoc": aid}
-            )
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this ticket is for another association")
-            return
         if splice is None or splice.to_site != entry.site or splice.joined.done():
-            assert tickets is not None
             tickets.revoke(aid)
             await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
             return
         # Joined from here on (no await since the check above: the link cannot have answered meanwhile), so
-        # the origin's Accepted to the initiating router does not wait for this one to be written.
+        # the origin's Accepted to the initiating router does not wait for this one to be written either.
         splice.joined_by = "direct"
         splice.joined.set_result(None)
         mark("ticket join accepted", aid)
         await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
-        await self._run_destination(splice, context)
+        checked = False
 
-    async def _run_destination(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:
-        pump = asyncio.create_task(splice.pump(context.read, splice.to_initiator, from_initiator=False))
+        async def read() -> object:
+            nonlocal checked
+            if not checked:  # the Join, within the first-message limits, then the router's frames
+                checked = True
+                raw = await first_message(context, state.config.limits, "Associate", f"{entry.site} (join ticket)")
+                if not _is_join_of(raw, aid):
+                    log.warning(
+                        "a join ticket for %s was presented without a Join of it; the association is aborted",
+                        entry.site,
+                        extra={"assoc": aid},
+                    )
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED, "a join ticket must come with the Join of its association"
+                    )
+            return await context.read()
+
+        await self._run_destination(splice, context, read)
+
+    async def _run_destination(
+        self, splice: Splice, context: grpc.aio.ServicerContext, read: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        pump = asyncio.create_task(splice.pump(read or context.read, splice.to_initiator, from_initiator=False))
         try:
             await splice.drain(splice.to_destination, context.write)
         finally:
             await splice.to_destination.close()
             await finish(pump)
+
+
+def _is_join_of(raw: object, aid: str) -> bool:
+    """`raw` (a first message) is a well-formed Frame whose Join names `aid`."""
+    if not isinstance(raw, bytes):
+        return False
+    try:
+        first = pb.Frame.FromString(raw)
+    except DecodeError:
+        return False
+    return first.HasField("join") and first.join.association_id == aid
 
 
 async def shared_limit_refusal(state: BridgeState, aid: str, caller: str, to_site: str) -> Rejection | None:

@@ -142,6 +142,8 @@ class Splice:
                 if from_initiator:
                     self.bytes_from_initiator += len(frame)
                 else:
+                    if not self.bytes_from_destination:
+                        mark("destination's first frame", self.association_id)
                     self.bytes_from_destination += len(frame)
                 self.frames += 1
                 if not await outbound.put(frame):

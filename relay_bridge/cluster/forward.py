@@ -277,8 +277,6 @@ class Forwarder:
         if call is None:
             call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
         try:  # however this ends (even cancelled: the router went away), the link or call ends with it
-            if isinstance(call, Link):
-                await call.write(Header(splice.from_site, self.replica_id).encode())
             return await self._run_call(service, splice, self._offering(op), context, location, call)
         except LinkClosed as exc:
             log.warning("link to replica %s failed: %s", location.replica, exc, extra={"assoc": aid})
@@ -316,7 +314,12 @@ class Forwarder:
 
         answer_read: asyncio.Future[Any] | None = None
         try:
-            await call.write(pb.Frame(open=op).SerializeToString())
+            if isinstance(call, Link):  # the link's header and the Open, in one TLS record
+                await call.write(
+                    Header(splice.from_site, self.replica_id).encode(), pb.Frame(open=op).SerializeToString()
+                )
+            else:
+                await call.write(pb.Frame(open=op).SerializeToString())
             mark("forwarded", aid)
             # The holding replica's answer, or (direct join offered) the destination router's Join here.
             answer_read = asyncio.ensure_future(call.read())

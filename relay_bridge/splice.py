@@ -294,7 +294,7 @@ class AssociationService:
         elsewhere = None
         if destination is None and state.cluster is not None and device is not None:
             elsewhere = await state.cluster.locate_quietly(op.to_site, aid)
-            mark("located", aid)
+            mark("located from the map" if elsewhere is not None and elsewhere.cached else "located", aid)
         rejection = admission.admit_open(
             caller=session.name,
             to_site=op.to_site,

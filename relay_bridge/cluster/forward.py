@@ -71,6 +71,9 @@ MAX_CHANNELS = 64
 # How long the origin waits for the holding replica's first answer beyond the join timeout
 # (which the holding replica applies itself and answers with Refused TIMEOUT).
 ANSWER_MARGIN_S = 5.0
+# After a direct join, the holding replica is told to let go this much later (its part holds only the
+# notice's wait, counted against the destination's inbound cap there meanwhile).
+LET_GO_AFTER_S = 0.1
 
 
 def replica_unreachable(to_site: str) -> Rejection:
@@ -399,11 +402,18 @@ class Forwarder:
         location: Location,
         call: Link | grpc.aio.StreamStreamCall[bytes, bytes],
     ) -> None:
-        """The destination router joined here with its ticket: splice both routers on this replica, and once
-        the initiating router has its answer, end the holding replica's part (its wait for a Join ends at
-        our end mark, with nothing to refuse)."""
+        """The destination router joined here with its ticket: splice both routers on this replica, and end the
+        holding replica's part (its wait for a Join ends at our end mark, with nothing to refuse) a moment
+        later, once the association's first frames are through: that replica's clean-up then does not
+        compete for the CPU with the routers' setup. Never later than the association's end (an unsent end
+        mark would read as a cut link there)."""
+        sent = False
 
         async def let_go() -> None:
+            nonlocal sent
+            if sent:
+                return
+            sent = True
             try:
                 await call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, LinkClosed) as exc:
@@ -417,7 +427,18 @@ class Forwarder:
                 extra={"assoc": splice.association_id},
             )
 
-        await service.splice_here(splice, context, accepted=let_go)
+        async def later() -> None:
+            await asyncio.sleep(LET_GO_AFTER_S)
+            await let_go()
+
+        letting_go = asyncio.ensure_future(later())
+        try:
+            await service.splice_here(splice, context)
+        finally:
+            if not letting_go.done():
+                letting_go.cancel()
+                await asyncio.gather(letting_go, return_exceptions=True)
+            await let_go()
 
 
 Refusal = Callable[[], Awaitable[None]]  # an answer to the initiating router not yet given

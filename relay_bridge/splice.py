@@ -417,19 +417,12 @@ class AssociationService:
         )
         await self.splice_here(splice, context)
 
-    async def splice_here(
-        self,
-        splice: Splice,
-        context: grpc.aio.ServicerContext,
-        accepted: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
+    async def splice_here(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:
         """The destination has joined: tell the initiating end (a router, or the origin replica's link) and
-        pump until the association ends; `accepted` runs once that answer is written."""
+        pump until the association ends."""
         self.state.metrics.spliced(splice)
         mark("accepted sent", splice.association_id)
         await context.write(frame_bytes(accepted=pb.Accepted(association_id=splice.association_id)))
-        if accepted is not None:
-            await accepted()
         pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
         try:
             await splice.drain(splice.to_initiator, context.write)

@@ -21,6 +21,7 @@ from relay_bridge.cluster.forward import (
     EVICT,
     FORWARD,
     FROM_SITE,
+    LET_GO_AFTER_S,
     SINCE,
     SITE,
     Forwarder,
@@ -482,3 +483,32 @@ def test_cluster_cert_makes_the_files_once(tmp_path: Path, capsys: pytest.Captur
     assert (tmp_path / "cluster.pem").read_bytes() == before
     assert main(["cluster-cert", "--dir", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "cluster.pem").read_bytes() != before
+
+
+async def test_after_a_direct_join_the_holder_is_let_go_soon_and_never_after_the_end() -> None:
+    """The end mark to the holding replica goes LET_GO_AFTER_S after a direct join, or when the association
+    ends if that is sooner: a link closed without it would read as cut there (a failed association)."""
+    forwarder = Forwarder(grpc.ssl_channel_credentials(), "r1", max_frame_bytes=1 << 20, join_timeout_s=5)
+    op = pb.Frame.FromString(_open()).open
+    for lasts, marked_while_running in ((0.0, False), (LET_GO_AFTER_S * 3, True)):
+        link = FakeEnd([])
+        seen_while_running: list[bool] = []
+
+        async def splice_here(
+            splice: Splice,
+            context: object,
+            lasts: float = lasts,
+            link: FakeEnd = link,
+            seen: list[bool] = seen_while_running,
+        ) -> None:
+            await asyncio.sleep(lasts)
+            seen.append(link.finished.is_set())
+
+        service = SimpleNamespace(splice_here=splice_here)
+        splice = Splice(ASSOC, "site-a", "site-b", "PACS", "WS", depth=2)
+        await asyncio.wait_for(
+            forwarder._spliced_directly(service, splice, op, None, Location("r2", "127.0.0.1:1"), link),  # type: ignore[arg-type]
+            5,
+        )
+        assert seen_while_running == [marked_while_running]
+        assert link.finished.is_set()  # the end mark went, before the caller closes the link

@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setups", type=int, default=30, help="association setups timed per path")
     parser.add_argument("--kills", type=int, default=20, help="replica kills for the failover distribution")
     parser.add_argument("--rolls", type=int, default=3, help="rounds of rolling restarts (each restarts all three)")
-    parser.add_argument("--phases", default="paths,failover,rolling", help="comma-separated phases to run")
+    parser.add_argument(
+        "--phases", default="paths,failover,rolling", help="comma-separated: paths, failover, rolling, profile"
+    )
     parser.add_argument(
         "--health", choices=("tcp", "grpc", "http"), default="tcp", help="HAProxy's replica health check"
     )

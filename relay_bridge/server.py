@@ -101,7 +101,9 @@ class RelayServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the bridge is restarting (draining); reconnect")
         await self.control.Control(request_iterator, context)
 
-    async def Associate(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    async def Associate(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
         await self.associations.Associate(request_iterator, context)
 
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:

@@ -302,8 +302,7 @@ async def test_a_publication_flood_is_coalesced(servicer: RelayServicer, monkeyp
     monkeypatch.setattr(servicer.directory, "publish", counting)
     config = servicer.state.config
     servicer.state.config = dataclasses.replace(
-        config,
-        limits=dataclasses.replace(config.limits, publish_interval_s=1.0),  # slack for a loaded machine
+        config, limits=dataclasses.replace(config.limits, publish_interval_s=1.0)  # slack for a loaded machine
     )
     flood = [pb.SharedDevice(ae_title=f"T{i}", share_with=["*"]) for i in range(50)]
     session.published_at = time.monotonic()  # as if it had just published

@@ -32,7 +32,8 @@ not a cluster's.
 
 Then (`--rolls`, default 3) rounds of rolling restarts of r1, r2, r3 under continuous C-ECHO and
 C-STORE from site-a (benchmarks.cluster_rolling): failed associations (must be 0) and setup
-latency while a replica restarts. `--phases rolling` runs only that phase; `--health http` has
+latency while a replica restarts. `--phases rolling` runs only that phase; `--phases profile` times
+`--setups` setups per path with every hop of each logged (benchmarks.cluster_setup_profile); `--health http` has
 HAProxy check the replicas' `GET /readyz` (503 while draining), `--health grpc` their gRPC health
 service, instead of a TCP connect.
 """
@@ -51,7 +52,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from benchmarks.cluster_rolling import rolling_restarts, rolling_table
+from benchmarks.cluster_setup_profile import profile, profile_table
 from benchmarks.common import CpuMeter, dcmtk, free_port, run, summary, write_results
+from relay_common import setup_timing
 from relay_demo.datasets import generate_ct_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 from tests.support.bridge_cluster import HOST, BridgeCluster, start_bridge_cluster
@@ -163,13 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setups", type=int, default=30, help="association setups timed per path")
     parser.add_argument("--kills", type=int, default=20, help="replica kills for the failover distribution")
     parser.add_argument("--rolls", type=int, default=3, help="rounds of rolling restarts (each restarts all three)")
-    parser.add_argument("--phases", default="paths,failover,rolling", help="comma-separated phases to run")
+    parser.add_argument(
+        "--phases", default="paths,failover,rolling", help="comma-separated: paths, failover, rolling, profile"
+    )
     parser.add_argument(
         "--health", choices=("tcp", "grpc", "http"), default="tcp", help="HAProxy's replica health check"
     )
     parser.add_argument("--name", default="cluster", help="results file name (benchmarks/results/DATE-NAME.*)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
+    if "profile" in phases:  # every replica and router logs its setup hops (run this phase alone)
+        os.environ[setup_timing.ENV] = "1"
     load_before = os.getloadavg()
 
     bindir = postgres_bindir()
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, object]] = {}
     failovers: list[float] = []
     rolling: dict[str, object] | None = None
+    hops: dict[str, dict[str, object]] = {}
     try:
         net, haproxy = cluster.net, cluster.haproxy
         assert haproxy is not None
@@ -229,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         pids = {rid: r.process.pid for rid, r in cluster.replicas.items() if r.process}
         pids |= {name: s.process.pid for name, s in net.sites.items() if s.process}
 
+        if "profile" in phases:
+            logs = {rid: r.log for rid, r in cluster.replicas.items()}
+            logs |= {f"router {name}": net.workdir / f"router-{name}.log" for name in net.sites}
+            hops = profile(site_a.port, PATHS, logs, args.setups)
         if "paths" in phases:
             results = compare_paths(site_a.port, files, dataset_bytes, pids, args.setups, args.repeats)
 
@@ -307,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             f" min {failover['min']:.2f} s, max {failover['max']:.2f} s (goal: at most 5 s).",
         ]
         payload |= {"failover_s": failovers, "failover": failover}
+    if hops:
+        lines += ["", "Where the setup time goes (the `profile` phase: every hop's monotonic time, logged):"]
+        lines += profile_table(hops)
+        lines.append(f"Load (1, 5, 15 min) before: {_load(load_before)}; after: {_load(os.getloadavg())}.")
+        payload |= {"profile": hops, "load_before": load_before, "load_after": os.getloadavg()}
     if rolling is not None:
         lines += rolling_table(rolling)
         payload["rolling"] = rolling

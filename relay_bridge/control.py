@@ -34,6 +34,7 @@ from relay_bridge.sessions import RouterSession, first_message, source_address, 
 from relay_bridge.splice import abandon_pending, abort_associations
 from relay_bridge.state import BridgeState
 from relay_common.pki import CsrError, issue_client_certificate
+from relay_common.setup_timing import mark
 from relay_common.validate import is_site_name
 
 log = logging.getLogger("relay_bridge")
@@ -246,6 +247,8 @@ class ControlService:
             tasks.append(asyncio.create_task(self._read_control(session, context)))
             while (message := await session.outbox.get()) is not None:
                 await context.write(message)
+                if message.HasField("incoming"):
+                    mark("notice written", message.incoming.association_id)
         finally:
             session.end()
             for task in tasks:

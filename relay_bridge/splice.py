@@ -23,7 +23,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from relay_bridge.cluster.tickets import TICKET_METADATA
 from relay_bridge.directory_view import KEM_NAME
 from relay_bridge.sessions import first_message
 from relay_common.errors import Reason, RelayError
+from relay_common.setup_timing import mark
 
 if TYPE_CHECKING:
     from relay_bridge.sessions import RouterSession
@@ -141,6 +142,8 @@ class Splice:
                 if from_initiator:
                     self.bytes_from_initiator += len(frame)
                 else:
+                    if not self.bytes_from_destination:
+                        mark("destination's first frame", self.association_id)
                     self.bytes_from_destination += len(frame)
                 self.frames += 1
                 if not await outbound.put(frame):
@@ -269,6 +272,7 @@ class AssociationService:
 
     async def initiate(self, session: RouterSession, op: pb.Open, context: grpc.aio.ServicerContext) -> None:
         state, aid, limits = self.state, op.association_id, self.state.config.limits
+        mark("open", aid)
         invalid = await self.precheck_open(op, context)
         if invalid is not None:
             if invalid.reason is not Reason.SHUTDOWN and state.refusal_audits.allow(f"invalid_open:{session.name}"):
@@ -290,6 +294,7 @@ class AssociationService:
         elsewhere = None
         if destination is None and state.cluster is not None and device is not None:
             elsewhere = await state.cluster.locate_quietly(op.to_site, aid)
+            mark("located from the map" if elsewhere is not None and elsewhere.cached else "located", aid)
         rejection = admission.admit_open(
             caller=session.name,
             to_site=op.to_site,
@@ -312,6 +317,7 @@ class AssociationService:
         over = await shared_limit_refusal(state, aid, session.name, op.to_site)
         if over is not None:
             return await self.refuse(context, over, aid)
+        mark("admitted", aid)
         splice = self.splice_class(
             aid, session.name, op.to_site, op.called_ae_title, op.calling_ae_title, depth=limits.frame_queue_depth
         )
@@ -368,6 +374,7 @@ class AssociationService:
             notice.direct_join.CopyFrom(direct)
         if not destination.send(pb.BridgeMessage(incoming=notice)):
             return await self.refuse(context, admission.destination_overloaded(op.to_site), aid)
+        mark("notice queued", aid)
         waits: list[asyncio.Future[Any]] = [splice.joined] if origin_gone is None else [splice.joined, origin_gone]
         try:
             done, _ = await asyncio.wait(
@@ -414,6 +421,7 @@ class AssociationService:
         """The destination has joined: tell the initiating end (a router, or the origin replica's link) and
         pump until the association ends."""
         self.state.metrics.spliced(splice)
+        mark("accepted sent", splice.association_id)
         await context.write(frame_bytes(accepted=pb.Accepted(association_id=splice.association_id)))
         pump = asyncio.create_task(splice.pump(context.read, splice.to_destination, from_initiator=True))
         try:
@@ -458,6 +466,7 @@ class AssociationService:
         self.state.metrics.closed(splice)
 
     async def join(self, session: RouterSession, join: pb.Join, context: grpc.aio.ServicerContext) -> None:
+        mark("join", join.association_id)
         splice = self.state.splices.get(join.association_id)
         admitted = admission.admit_join(
             caller=session.name,
@@ -475,7 +484,10 @@ class AssociationService:
         association (relay_bridge.cluster.tickets): A and B are then spliced here, as a local association.
 
         The ticket is consumed before anything else is checked, so it cannot be tried twice; the router is
-        answered Accepted before any frame, so that it knows to join the ordinary way when refused here."""
+        answered Accepted before any frame, so that it knows to join the ordinary way when refused here. The
+        ticket names the association, so it is joined as soon as the call arrives: the Join frame the router
+        sends with it (the first message) is checked before any frame of the router's reaches the initiating
+        end, not waited for first (on a loaded replica it arrives a millisecond or more after the call)."""
         state = self.state
         tickets = state.cluster.tickets if state.cluster is not None else None
         entry = tickets.redeem(ticket, context.peer()) if tickets is not None else None
@@ -483,48 +495,64 @@ class AssociationService:
             log.warning("a join ticket from %s was refused: unknown, used or expired", context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "join ticket refused: unknown, used or expired")
             raise AssertionError("unreachable: abort raises")
+        assert tickets is not None
         aid = entry.association_id
+        mark("ticket join", aid)
         problem = state.sessions.certificate_problem(context, entry.site)
         if problem:
-            assert tickets is not None
             tickets.revoke(aid)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-        raw = await first_message(context, state.config.limits, "Associate", f"{entry.site} (join ticket)")
-        first = None
-        if isinstance(raw, bytes):
-            try:
-                first = pb.Frame.FromString(raw)
-            except DecodeError:
-                first = None
         splice = state.splices.get(aid)
-        if first is None or not first.HasField("join") or first.join.association_id != aid:
-            assert tickets is not None
-            tickets.revoke(aid)
-            log.warning(
-                "a join ticket for %s was presented without a Join of it; refused", entry.site, extra={"assoc": aid}
-            )
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this ticket is for another association")
-            return
         if splice is None or splice.to_site != entry.site or splice.joined.done():
-            assert tickets is not None
             tickets.revoke(aid)
             await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
             return
-        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
-        if splice.joined.done():  # decided while the answer was written (the link answered first)
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no association waiting for this router with that id")
-            return
+        # Joined from here on (no await since the check above: the link cannot have answered meanwhile), so
+        # the origin's Accepted to the initiating router does not wait for this one to be written either.
         splice.joined_by = "direct"
         splice.joined.set_result(None)
-        await self._run_destination(splice, context)
+        mark("ticket join accepted", aid)
+        await context.write(frame_bytes(accepted=pb.Accepted(association_id=aid)))
+        checked = False
 
-    async def _run_destination(self, splice: Splice, context: grpc.aio.ServicerContext) -> None:
-        pump = asyncio.create_task(splice.pump(context.read, splice.to_initiator, from_initiator=False))
+        async def read() -> object:
+            nonlocal checked
+            if not checked:  # the Join, within the first-message limits, then the router's frames
+                checked = True
+                raw = await first_message(context, state.config.limits, "Associate", f"{entry.site} (join ticket)")
+                if not _is_join_of(raw, aid):
+                    log.warning(
+                        "a join ticket for %s was presented without a Join of it; the association is aborted",
+                        entry.site,
+                        extra={"assoc": aid},
+                    )
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED, "a join ticket must come with the Join of its association"
+                    )
+            return await context.read()
+
+        await self._run_destination(splice, context, read)
+
+    async def _run_destination(
+        self, splice: Splice, context: grpc.aio.ServicerContext, read: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        pump = asyncio.create_task(splice.pump(read or context.read, splice.to_initiator, from_initiator=False))
         try:
             await splice.drain(splice.to_destination, context.write)
         finally:
             await splice.to_destination.close()
             await finish(pump)
+
+
+def _is_join_of(raw: object, aid: str) -> bool:
+    """`raw` (a first message) is a well-formed Frame whose Join names `aid`."""
+    if not isinstance(raw, bytes):
+        return False
+    try:
+        first = pb.Frame.FromString(raw)
+    except DecodeError:
+        return False
+    return first.HasField("join") and first.join.association_id == aid
 
 
 async def shared_limit_refusal(state: BridgeState, aid: str, caller: str, to_site: str) -> Rejection | None:

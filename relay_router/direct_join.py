@@ -31,6 +31,7 @@ import grpc.aio
 
 from protos.relay.v1 import relay_pb2 as pb
 from protos.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay_common.setup_timing import mark
 from relay_router.association_stream import AssociationStream, ChannelCalls
 
 log = logging.getLogger("relay_router.tunnel")
@@ -190,6 +191,7 @@ class PendingJoin:
             or answer.accepted.association_id != self.association_id
         ):
             return self._failed("the replica did not accept the join")
+        mark("router: direct join accepted", self.association_id)
         log.info("joined directly at replica %s", self.offer.replica, extra={"assoc": self.association_id})
         return True
 
@@ -209,6 +211,7 @@ async def send_direct_join(replicas: ReplicaChannels, association_id: str, offer
     """Send the Join with the ticket over the replica's channel (the first time: its TCP and TLS handshake),
     at once, so that it travels while the caller checks the notice; None: it could not be sent (logged), or a
     join at that name failed a moment ago."""
+    mark("router: direct join sent", association_id)
     if replicas.failing(offer.server_name):
         return None
     stub, channel = replicas.stub(offer.server_name)

@@ -29,7 +29,7 @@ import asyncio
 import collections
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -47,7 +47,8 @@ from relay_bridge.cluster.tickets import DNS_LABEL, TICKET_FORM, JoinTickets
 from relay_bridge.sessions import first_message
 from relay_bridge.splice import Splice, finish
 from relay_common.config import parse_host_port
-from relay_common.errors import Reason
+from relay_common.errors import Reason, RelayError
+from relay_common.setup_timing import mark
 from relay_common.validate import is_site_name
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ MAX_CHANNELS = 64
 # How long the origin waits for the holding replica's first answer beyond the join timeout
 # (which the holding replica applies itself and answers with Refused TIMEOUT).
 ANSWER_MARGIN_S = 5.0
+# After a direct join, the holding replica is told to let go this much later (its part holds only the
+# notice's wait, counted against the destination's inbound cap there meanwhile).
+LET_GO_AFTER_S = 0.1
 
 
 def replica_unreachable(to_site: str) -> Rejection:
@@ -135,6 +139,10 @@ class Forwarder:
         self._answer_timeout = join_timeout_s + ANSWER_MARGIN_S
         self._channels: collections.OrderedDict[str, grpc.aio.Channel] = collections.OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
+        # The holder from the database (not the in-memory map), and the map's entry dropped: a cached
+        # holder that refused an Open as site offline (set by relay_bridge.cluster.node).
+        self.relocate: Callable[[str], Awaitable[Location | None]] | None = None
+        self.forget_holder: Callable[[str, Location], None] | None = None
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The channel to a replica's advertised address (from the replicas table; checked before use)."""
@@ -213,23 +221,69 @@ class Forwarder:
         context: grpc.aio.ServicerContext,
         location: Location,
     ) -> None:
-        """The initiating router's end of an association whose destination `location` holds."""
+        """The initiating router's end of an association whose destination `location` holds.
+
+        A location from the in-memory map (`cached`) may be up to one renewal old. When that replica
+        says the site is not there (Refused SITE_OFFLINE), that it is draining, or cannot be reached,
+        the site may have moved since: the database is asked, and the Open forwarded once more if
+        another replica holds the site now; else the first answer stands."""
         aid = splice.association_id
+        refusal = await self._forward(service, splice, op, context, location)
+        if refusal is None:
+            return
+        if self.forget_holder is not None:
+            self.forget_holder(op.to_site, location)
+        moved = await self._relocate(op.to_site, aid)
+        if moved is not None and moved.replica != location.replica:
+            log.info(
+                "%s is no longer held by replica %s but by %s: forwarded there",
+                op.to_site,
+                location.replica,
+                moved.replica,
+                extra={"assoc": aid},
+            )
+            refusal = await self._forward(service, splice, op, context, moved)
+            if refusal is None:
+                return
+        await refusal()
+
+    async def _relocate(self, site: str, aid: str) -> Location | None:
+        if self.relocate is None:
+            return None
+        try:
+            return await self.relocate(site)
+        except RelayError as exc:
+            log.warning("cannot look up which replica holds %s: %s", site, exc, extra={"assoc": aid})
+            return None
+
+    async def _forward(
+        self,
+        service: AssociationService,
+        splice: Splice,
+        op: pb.Open,
+        context: grpc.aio.ServicerContext,
+        location: Location,
+    ) -> Refusal | None:
+        """One attempt at `location`; None: the association is over (spliced, or answered). Returned: a refusal
+        not yet given, when `location` came from the in-memory map and may be stale (see `run`)."""
+        aid = splice.association_id
+
+        async def unreachable() -> None:
+            await service.refuse(context, replica_unreachable(op.to_site), aid)
+
         try:
             channel = self.channel(location.address)
         except ValueError as exc:
             log.error("replica %s has an unusable address: %s", location.replica, exc, extra={"assoc": aid})
-            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+            return await _settle(unreachable, location)
         call: Link | grpc.aio.StreamStreamCall[bytes, bytes] | None = await self._take_link(location, aid)
         if call is None:
             call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
         try:  # however this ends (even cancelled: the router went away), the link or call ends with it
-            if isinstance(call, Link):
-                await call.write(Header(splice.from_site, self.replica_id).encode())
-            await self._run_call(service, splice, self._offering(op), context, location, call)
+            return await self._run_call(service, splice, self._offering(op), context, location, call)
         except LinkClosed as exc:
             log.warning("link to replica %s failed: %s", location.replica, exc, extra={"assoc": aid})
-            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+            return await _settle(unreachable, location)
         finally:
             call.cancel()
             if self.tickets is not None:
@@ -255,11 +309,21 @@ class Forwarder:
         context: grpc.aio.ServicerContext,
         location: Location,
         call: Link | grpc.aio.StreamStreamCall[bytes, bytes],
-    ) -> None:
+    ) -> Refusal | None:
         aid = splice.association_id
+
+        async def unreachable() -> None:
+            await service.refuse(context, replica_unreachable(op.to_site), aid)
+
         answer_read: asyncio.Future[Any] | None = None
         try:
-            await call.write(pb.Frame(open=op).SerializeToString())
+            if isinstance(call, Link):  # the link's header and the Open, in one TLS record
+                await call.write(
+                    Header(splice.from_site, self.replica_id).encode(), pb.Frame(open=op).SerializeToString()
+                )
+            else:
+                await call.write(pb.Frame(open=op).SerializeToString())
+            mark("forwarded", aid)
             # The holding replica's answer, or (direct join offered) the destination router's Join here.
             answer_read = asyncio.ensure_future(call.read())
             answer_read.add_done_callback(_retrieved)
@@ -268,7 +332,7 @@ class Forwarder:
             if splice.joined.done():
                 if not splice.joined.cancelled():  # cancelled: the initiating router's session ended
                     await self._spliced_directly(service, splice, op, context, location, call)
-                return
+                return None
             if self.tickets is not None and self.tickets.revoke(aid) and op.HasField("direct_join"):
                 log.info(
                     "%s joined through replica %s, not directly", op.to_site, location.replica, extra={"assoc": aid}
@@ -291,19 +355,30 @@ class Forwarder:
                 isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
             ):
                 self.forget(location.address)
-            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+                return await _settle(unreachable, location)  # gone: the site may be held elsewhere now
+            await unreachable()
+            return None
         try:
             first = pb.Frame.FromString(answer) if isinstance(answer, bytes) else None
         except DecodeError:
             first = None
         if first is None or not (first.HasField("accepted") or first.HasField("refused")):
             log.error("replica %s answered an Open with no Accepted or Refused", location.replica, extra={"assoc": aid})
-            return await service.refuse(context, replica_unreachable(op.to_site), aid)
+            await service.refuse(context, replica_unreachable(op.to_site), aid)
+            return None
         if first.HasField("refused"):
-            service.state.metrics.refused(first.refused.reason, aid, "refused by the replica holding the site")
-            await context.write(answer)  # the holding replica's own code and text, as it sent them
-            return
+            reason = first.refused.reason
+
+            async def passed_on() -> None:
+                service.state.metrics.refused(reason, aid, "refused by the replica holding the site")
+                await context.write(answer)  # the holding replica's own code and text, as it sent them
+
+            if reason in (pb.Refused.SITE_OFFLINE, pb.Refused.DRAINING):  # the site may have moved
+                return await _settle(passed_on, location)
+            await passed_on()
+            return None
         splice.joined.set_result(None)
+        mark("accepted sent", aid)
         log.info(
             "association %s -> %s/%s spliced through replica %s over %s",
             splice.from_site,
@@ -316,6 +391,7 @@ class Forwarder:
         service.state.metrics.spliced(splice)
         await context.write(answer)
         await _splice_through(splice, context, call)
+        return None
 
     async def _spliced_directly(
         self,
@@ -326,21 +402,55 @@ class Forwarder:
         location: Location,
         call: Link | grpc.aio.StreamStreamCall[bytes, bytes],
     ) -> None:
-        """The destination router joined here with its ticket: end the holding replica's part (its wait for
-        a Join ends at our end mark, with nothing to refuse) and splice both routers on this replica."""
+        """The destination router joined here with its ticket: splice both routers on this replica, and end the
+        holding replica's part (its wait for a Join ends at our end mark, with nothing to refuse) a moment
+        later, once the association's first frames are through: that replica's clean-up then does not
+        compete for the CPU with the routers' setup. Never later than the association's end (an unsent end
+        mark would read as a cut link there)."""
+        sent = False
+
+        async def let_go() -> None:
+            nonlocal sent
+            if sent:
+                return
+            sent = True
+            try:
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, LinkClosed) as exc:
+                log.info("could not tell replica %s: %s", location.replica, exc, extra={"assoc": splice.association_id})
+            log.info(
+                "association %s -> %s/%s spliced here by a direct join (the site is held by replica %s)",
+                splice.from_site,
+                op.to_site,
+                op.called_ae_title,
+                location.replica,
+                extra={"assoc": splice.association_id},
+            )
+
+        async def later() -> None:
+            await asyncio.sleep(LET_GO_AFTER_S)
+            await let_go()
+
+        letting_go = asyncio.ensure_future(later())
         try:
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, LinkClosed) as exc:
-            log.info("could not tell replica %s: %s", location.replica, exc, extra={"assoc": splice.association_id})
-        log.info(
-            "association %s -> %s/%s spliced here by a direct join (the site is held by replica %s)",
-            splice.from_site,
-            op.to_site,
-            op.called_ae_title,
-            location.replica,
-            extra={"assoc": splice.association_id},
-        )
-        await service.splice_here(splice, context)
+            await service.splice_here(splice, context)
+        finally:
+            if not letting_go.done():
+                letting_go.cancel()
+                await asyncio.gather(letting_go, return_exceptions=True)
+            await let_go()
+
+
+Refusal = Callable[[], Awaitable[None]]  # an answer to the initiating router not yet given
+
+
+async def _settle(refusal: Refusal, location: Location) -> Refusal | None:
+    """A refusal from (or for) a holder found in the in-memory map is returned for the caller to look again;
+    any other is given now."""
+    if location.cached:
+        return refusal
+    await refusal()
+    return None
 
 
 def _retrieved(read: asyncio.Future[bytes | object]) -> None:
@@ -443,6 +553,7 @@ async def accept_forwarded(
 ) -> None:
     """Run the destination end of an association another replica admitted, as a local Open would."""
     state, aid, limits = service.state, op.association_id, service.state.config.limits
+    mark("forward received", aid)
     invalid = await service.precheck_open(op, context)
     if invalid is not None:
         return await service.refuse(context, invalid, aid)

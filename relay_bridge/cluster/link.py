@@ -182,12 +182,17 @@ class Link(asyncio.Protocol):
             self.transport.resume_reading()
         return frame
 
-    async def write(self, frame: bytes) -> None:
-        """Send one frame; waits while the peer does not read (backpressure). Raises LinkClosed."""
+    async def write(self, frame: bytes, *more: bytes) -> None:
+        """Send one frame (or several, in one TLS write: the header and the Open); waits while the peer does
+        not read (backpressure). Raises LinkClosed."""
         transport = self.transport
         if transport is None or self._lost or self._sent_end or transport.is_closing():
             raise LinkClosed("the link is closed")
-        transport.write(encode(frame) + frame)  # one TLS write (a copy costs less than a second record)
+        # One TLS write per call (a copy costs less than a second record).
+        if more:
+            transport.write(b"".join(part for f in (frame, *more) for part in (encode(f), f)))
+        else:
+            transport.write(encode(frame) + frame)
         while self._writing_paused and not self._lost:
             self._drain_waiter = asyncio.get_running_loop().create_future()
             try:

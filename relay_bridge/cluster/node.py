@@ -79,6 +79,8 @@ class ClusterNode:
             log.warning("replica id %r is not a DNS label: no direct joins at this replica", self.replica_id)
         self.tickets = JoinTickets(limits.max_associations, limits.join_timeout_s)
         self.forwarder.join_label, self.forwarder.tickets = self.join_label, self.tickets
+        self.forwarder.relocate = lambda site: self.presence.locate(site, fresh=True)
+        self.forwarder.forget_holder = self.presence.forget_holder
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -115,7 +117,8 @@ class ClusterNode:
             await self.server.stop(STOP_GRACE_S)
 
     async def locate_quietly(self, site: str, association_id: str) -> Location | None:
-        """The replica holding `site`; None when no live one does or the database cannot say (logged)."""
+        """The replica holding `site` (from the in-memory map while fresh: relay_bridge.cluster.presence); None
+        when no live one does or the database cannot say (logged)."""
         try:
             return await self.presence.locate(site)
         except RelayError as exc:

@@ -11,6 +11,15 @@ call cannot get through. The loop also keeps the
 set of sites online anywhere in the cluster (`online`), so each router's directory shows a
 site held by another replica as online, and calls `on_change` when that set changes.
 
+The same renewal keeps **where** each site is held (`holders`): an Open towards a site held by
+another replica takes the holder from there instead of querying the database on the way (a
+sign-on's claim is one query less on every cross-replica association's setup). The map is at most
+`renew_s` old (older entries are not used: the database is asked); it is replaced whole at each
+renewal, so it holds no more than the live presence rows (and at most `MAX_HOLDERS`). A site
+that moved since is found by the Open itself: the replica it reaches no longer holds the site and
+refuses it as offline, and the origin drops the entry, asks the database and forwards once more
+(relay_bridge.cluster.forward).
+
 Database errors never end the loop: they are logged, and the leases run on until the next
 successful renewal (a replica that cannot renew for `lease_s` disappears from the others' view,
 which is what its routers see anyway when it cannot reach the database).
@@ -32,14 +41,17 @@ log = logging.getLogger("relay_bridge.cluster")
 # Rows whose lease ended this long ago are deleted by whichever replica renews next (they are
 # already invisible; this only keeps the tables small).
 EXPIRED_ROWS_KEPT_S = 300.0
+MAX_HOLDERS = 100_000  # sites whose holder is kept in memory (the cluster's sites; more: the database is asked)
 
 
 @dataclass(frozen=True)
 class Location:
-    """Where a site's control stream is held: another replica's id and internal address."""
+    """Where a site's control stream is held: another replica's id and internal address. `cached`: from
+    the in-memory map of the last renewal, not read from the database for this Open."""
 
     replica: str
     address: str
+    cached: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -72,6 +84,9 @@ class PresenceKeeper:
     _claimed: dict[str, float] = field(default_factory=dict)
     _claiming: set[str] = field(default_factory=set)  # claims on their way to the database
     _task: asyncio.Task[None] | None = None
+    # site -> (the other replica holding it, when that was read; monotonic): see `locate`.
+    _holders: dict[str, tuple[Location, float]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
 
     def _row(self, now: float) -> Replica:
         return Replica(
@@ -117,12 +132,14 @@ class PresenceKeeper:
             self._claiming.discard(site)
         if claimed:
             self._claimed[site] = since
+            self._holders.pop(site, None)  # held here now (and the sessions are asked first anyway)
             if previous is not None and previous[0] != self.replica_id:
                 self.on_taken(site, since, Location(*previous))
         return claimed
 
     def evicted(self, site: str, since: float) -> bool:
         """Another replica says `site` signed on there at `since`: cut our stream if it is older."""
+        self._holders.pop(site, None)  # wherever it was: read it from the database next time
         ours = self._claimed.get(site)
         if ours is None or ours >= since:
             return False
@@ -141,12 +158,26 @@ class PresenceKeeper:
         except RelayError as exc:
             log.warning("could not remove the presence row of %s (it expires with its lease): %s", site, exc)
 
-    async def locate(self, site: str) -> Location | None:
-        """The other replica holding `site`, from the database (not a cache: a re-sign-on counts at once)."""
+    async def locate(self, site: str, *, fresh: bool = False) -> Location | None:
+        """The other replica holding `site`: from the map of the last renewal while it is at most `renew_s`
+        old (marked `cached`), else (or with `fresh`) from the database, whose answer is kept."""
+        entry = None if fresh else self._holders.get(site)
+        if entry is not None and self.clock() - entry[1] <= self.renew_s:
+            return entry[0]
+        read_at = self.clock()
         found = await self.directory.locate(site, time.time())
         if found is None or found[0] == self.replica_id:
+            self._holders.pop(site, None)
             return None  # not held, or our own row for a stream that ended (the caller checked its sessions)
+        if site in self._holders or len(self._holders) < MAX_HOLDERS:
+            self._holders[site] = (Location(*found, cached=True), read_at)
         return Location(*found)
+
+    def forget_holder(self, site: str, location: Location) -> None:
+        """`location` turned out not to hold `site` (it refused the Open as offline): ask the database next."""
+        entry = self._holders.get(site)
+        if entry is not None and entry[0] == location:
+            del self._holders[site]
 
     def online_with(self, local: Collection[str]) -> frozenset[str]:
         """Sites signed on here (`local`) or at any live replica (as of the last renewal)."""
@@ -165,7 +196,15 @@ class PresenceKeeper:
         # was away): renewing them would keep the site "online" here for ever.
         for site in held - self._claimed.keys() - self._claiming:
             await self.directory.release_presence(site, self.replica_id)
-        online = frozenset(p.site for p in await self.directory.live_presence(now))
+        read_at = self.clock()
+        presence = await self.directory.live_presence(now)
+        addresses = {r.id: r.address for r in await self.directory.live_replicas(now)}
+        holders: dict[str, tuple[Location, float]] = {}
+        for row in presence:
+            if row.replica != self.replica_id and row.replica in addresses and len(holders) < MAX_HOLDERS:
+                holders[row.site] = (Location(row.replica, addresses[row.replica], cached=True), read_at)
+        self._holders = holders
+        online = frozenset(p.site for p in presence)
         if online != self.online:
             self.online = online
             self.on_change()

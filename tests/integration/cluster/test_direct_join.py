@@ -16,6 +16,7 @@ through frontend "d" (ARCHIVE_D). Every image is compared by SOP Instance UID an
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from relay_common import setup_timing
 from relay_demo.datasets import fingerprints, generate_ct_series, write_series
 from relay_demo.network import Remote, Shared
 from tests.integration.conftest import OrthancPool, require_dcmtk
@@ -61,6 +63,9 @@ def sites(
 ) -> Iterator[Sites]:
     require_dcmtk()
     work = tmp_path_factory.mktemp("direct")
+    # Every process logs its setup hops (relay_common.setup_timing): the tests see which way a setup went.
+    timing = pytest.MonkeyPatch()
+    timing.setenv(setup_timing.ENV, "1")
     cluster = start_bridge_cluster(
         work / "net",
         postgres_for_cluster,
@@ -123,6 +128,7 @@ def sites(
             work,
         )
     finally:
+        timing.undo()
         ws_a.stop()
         archive_c.stop()
         archive_d.stop()
@@ -131,6 +137,16 @@ def sites(
 
 def _router_log(sites: Sites, name: str) -> str:
     return (sites.cluster.net.workdir / f"router-{name}.log").read_text(errors="replace")
+
+
+def _hops(log: str) -> dict[str, list[str]]:
+    """The setup hops a process logged (relay_common.setup_timing), per association id, in order."""
+    hops: dict[str, list[str]] = {}
+    for line in log.splitlines():
+        if '"relay.setup_timing"' in line:
+            entry = json.loads(line)
+            hops.setdefault(entry["assoc"], []).append(entry["hop"])
+    return hops
 
 
 def test_store_and_move_across_replicas_are_spliced_at_one_replica(sites: Sites) -> None:
@@ -153,6 +169,13 @@ def test_store_and_move_across_replicas_are_spliced_at_one_replica(sites: Sites)
     # No frame crossed between the replicas: no association went over a link or a Forward call.
     assert "spliced through replica" not in r1 + r2, "an association crossed replicas"
     assert "joined at replica r1 directly" in r2 and "joined at replica r2 directly" in r1
+    # r1 found router B's replica in its in-memory map (no query on the way), and spliced router B when its
+    # ticketed call arrived: after the Open's detour through r2, r1 did nothing but answer.
+    direct = [h for h in _hops(r1).values() if "ticket join accepted" in h]
+    assert direct, "no direct join in r1's setup hops"
+    assert any("located from the map" in h for h in direct), direct
+    for hops in direct:
+        assert hops.index("ticket join") < hops.index("ticket join accepted") < hops.index("accepted sent")
     # The spilled images were fetched with the ticket at the replica each router joined.
     assert "from blob" in _router_log(sites, "site-b") and "from blob" in _router_log(sites, "site-a")
     assert "blob request of router" not in r1 + r2  # no blob call was refused

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import grpc.aio
@@ -14,10 +15,13 @@ import pytest
 
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import directory as directory_module
+from relay_bridge.admission import Rejection
+from relay_bridge.cluster import presence as presence_module
 from relay_bridge.cluster.forward import (
     EVICT,
     FORWARD,
     FROM_SITE,
+    LET_GO_AFTER_S,
     SINCE,
     SITE,
     Forwarder,
@@ -34,6 +38,7 @@ from relay_bridge.directory import AsyncDirectory, Device, Directory
 from relay_bridge.server import RelayServicer
 from relay_bridge.splice import Splice
 from relay_common.config import InvalidValue
+from tests.support.ports import free_port
 
 ASSOC = "ab" * 16
 
@@ -74,7 +79,63 @@ async def test_a_newer_sign_on_elsewhere_cuts_the_stale_stream(directory: AsyncD
 
     assert not await r1.claim("site-a", since=t + 0.5)  # an older sign-on cannot take it back
     await r2.stop()  # clean exit: its rows go at once
-    assert await r1.locate("site-a") is None
+    assert await r1.locate("site-a", fresh=True) is None  # the database at once (the map: below)
+
+
+async def test_the_holder_map_follows_the_renewals_and_a_stale_entry_goes_to_the_database(
+    directory: AsyncDirectory,
+) -> None:
+    now = [1000.0]
+    r1 = PresenceKeeper(directory, "r1", "127.0.0.1:7001", renew_s=2.0, clock=lambda: now[0])
+    r2 = PresenceKeeper(directory, "r2", "127.0.0.1:7002")
+    r3 = PresenceKeeper(directory, "r3", "127.0.0.1:7003")
+    for keeper in (r1, r2, r3):
+        await directory.register_replica(keeper._row(time.time()))
+    t = time.time()
+    assert await r2.claim("site-b", since=t)
+    assert await r1.claim("site-a", since=t)
+    await r1.renew()
+    found = await r1.locate("site-b")
+    assert found == Location("r2", "127.0.0.1:7002") and found is not None and found.cached  # no query
+    assert await r1.locate("site-a") is None  # its own site is never in the map
+
+    assert await r3.claim("site-b", since=t + 1)  # site-b moved to r3; r1's map does not know yet
+    found = await r1.locate("site-b")
+    assert found == Location("r2", "127.0.0.1:7002") and found.cached  # the caller finds out (see below)
+    r1.forget_holder("site-b", Location("r2", "127.0.0.1:7002"))  # r2 refused it: not there
+    found = await r1.locate("site-b")
+    assert found == Location("r3", "127.0.0.1:7003") and not found.cached  # read from the database...
+    found = await r1.locate("site-b")
+    assert found == Location("r3", "127.0.0.1:7003") and found.cached  # ...and kept
+    r1.forget_holder("site-b", Location("r2", "127.0.0.1:7002"))  # a late word about the old holder
+    assert (await r1.locate("site-b")) == Location("r3", "127.0.0.1:7003")  # does not drop the new one
+
+    await r3.release("site-b", since=t + 1)  # the router left r3
+    now[0] += 2.5  # more than a renewal later, the entry is not used any more
+    assert await r1.locate("site-b") is None
+    assert await r2.claim("site-b", since=t + 2)
+    await r1.renew()  # a renewal replaces the map whole
+    assert await r1.locate("site-b") == Location("r2", "127.0.0.1:7002")
+    assert r1.evicted("site-b", t + 3) is False  # an Evict (the site moved) drops the entry too
+    assert "site-b" not in r1._holders
+    await r2.stop()  # r2's rows are gone at once; so is the entry at the next renewal
+    await r1.renew()
+    assert r1._holders == {}
+
+
+async def test_the_holder_map_is_bounded(directory: AsyncDirectory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(presence_module, "MAX_HOLDERS", 3)
+    r1 = PresenceKeeper(directory, "r1", "127.0.0.1:7001")
+    r2 = PresenceKeeper(directory, "r2", "127.0.0.1:7002")
+    for keeper in (r1, r2):
+        await directory.register_replica(keeper._row(time.time()))
+    for n in range(6):
+        assert await r2.claim(f"site-{n}", since=time.time())
+    await r1.renew()
+    assert len(r1._holders) == 3
+    for n in range(6):  # the others are found in the database, and not kept
+        assert await r1.locate(f"site-{n}") == Location("r2", "127.0.0.1:7002")
+    assert len(r1._holders) == 3
 
 
 async def test_an_eviction_cuts_only_an_older_stream(directory: AsyncDirectory) -> None:
@@ -276,6 +337,72 @@ async def test_a_certificate_from_another_ca_never_gets_in(
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+class _Origin:
+    """The origin's side of a forwarded Open (its association service and router A's call), recorded."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.Frame] = []
+        self.state = SimpleNamespace(metrics=SimpleNamespace(refused=lambda reason, aid, detail: None))
+
+    async def refuse(self, context: object, rejection: Rejection, aid: str) -> None:
+        self.written.append(pb.Frame(refused=pb.Refused(reason=rejection.code)))
+
+    async def write(self, frame: bytes) -> None:
+        self.written.append(pb.Frame.FromString(frame))
+
+
+async def _forward_from_cache(
+    port: int, files: ClusterFiles, location: Location, database: list[Location | None]
+) -> tuple[list[pb.Frame], list[str], list[tuple[str, Location]]]:
+    forwarder = Forwarder(_credentials(files), "r1", max_frame_bytes=1 << 20, join_timeout_s=5)
+    lookups: list[str] = []
+    forgotten: list[tuple[str, Location]] = []
+
+    async def relocate(site: str) -> Location | None:
+        lookups.append(site)
+        return database.pop(0)
+
+    forwarder.relocate = relocate
+    forwarder.forget_holder = lambda site, where: forgotten.append((site, where))
+    origin = _Origin()
+    splice = Splice(ASSOC, "site-a", "site-b", "PACS", "WS", depth=2)
+    op = pb.Frame.FromString(_open()).open
+    try:
+        await asyncio.wait_for(forwarder.run(origin, splice, op, origin, location), 10)  # type: ignore[arg-type]
+    finally:
+        await forwarder.close()
+    return origin.written, lookups, forgotten
+
+
+async def test_a_cached_holder_that_says_not_here_is_looked_up_again(forward_server: tuple[int, ClusterFiles]) -> None:
+    """The replica the in-memory map names refuses the Open as site offline (the site moved since the last
+    renewal): the database is asked and the Open goes to the replica it names; one answer reaches router A."""
+    port, files = forward_server  # this replica does not hold site-b: it always answers site offline
+    here = f"127.0.0.1:{port}"
+    written, lookups, forgotten = await _forward_from_cache(
+        port, files, Location("r2", here, cached=True), [Location("r3", here)]
+    )
+    assert lookups == ["site-b"] and forgotten == [("site-b", Location("r2", here))]
+    assert [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]  # r3's answer, given once
+    # The database names the same replica, or none: that replica's refusal is the answer, once.
+    for database in ([Location("r2", here)], [None]):
+        written, lookups, _ = await _forward_from_cache(port, files, Location("r2", here, cached=True), database)
+        assert lookups == ["site-b"] and [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]
+    # A holder read from the database for this Open is not asked about again.
+    written, lookups, _ = await _forward_from_cache(port, files, Location("r2", here), [])
+    assert lookups == [] and [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]
+
+
+async def test_a_cached_holder_that_is_gone_is_looked_up_again(forward_server: tuple[int, ClusterFiles]) -> None:
+    port, files = forward_server
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the replica the map names was killed
+    written, lookups, forgotten = await _forward_from_cache(
+        port, files, Location("r2", dead, cached=True), [Location("r3", f"127.0.0.1:{port}")]
+    )
+    assert lookups == ["site-b"] and forgotten == [("site-b", Location("r2", dead))]
+    assert [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]  # from r3, the live one
+
+
 # -- the origin's splice through a Forward call (fakes for the two calls) ----------------------------------
 
 
@@ -356,3 +483,32 @@ def test_cluster_cert_makes_the_files_once(tmp_path: Path, capsys: pytest.Captur
     assert (tmp_path / "cluster.pem").read_bytes() == before
     assert main(["cluster-cert", "--dir", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "cluster.pem").read_bytes() != before
+
+
+async def test_after_a_direct_join_the_holder_is_let_go_soon_and_never_after_the_end() -> None:
+    """The end mark to the holding replica goes LET_GO_AFTER_S after a direct join, or when the association
+    ends if that is sooner: a link closed without it would read as cut there (a failed association)."""
+    forwarder = Forwarder(grpc.ssl_channel_credentials(), "r1", max_frame_bytes=1 << 20, join_timeout_s=5)
+    op = pb.Frame.FromString(_open()).open
+    for lasts, marked_while_running in ((0.0, False), (LET_GO_AFTER_S * 3, True)):
+        link = FakeEnd([])
+        seen_while_running: list[bool] = []
+
+        async def splice_here(
+            splice: Splice,
+            context: object,
+            lasts: float = lasts,
+            link: FakeEnd = link,
+            seen: list[bool] = seen_while_running,
+        ) -> None:
+            await asyncio.sleep(lasts)
+            seen.append(link.finished.is_set())
+
+        service = SimpleNamespace(splice_here=splice_here)
+        splice = Splice(ASSOC, "site-a", "site-b", "PACS", "WS", depth=2)
+        await asyncio.wait_for(
+            forwarder._spliced_directly(service, splice, op, None, Location("r2", "127.0.0.1:1"), link),  # type: ignore[arg-type]
+            5,
+        )
+        assert seen_while_running == [marked_while_running]
+        assert link.finished.is_set()  # the end mark went, before the caller closes the link

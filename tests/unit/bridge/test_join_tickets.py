@@ -148,18 +148,54 @@ async def test_an_expired_ticket_is_refused(servicer: RelayServicer) -> None:
     assert not splice.joined.done()
 
 
-async def test_a_ticket_for_another_association_joins_nothing_and_is_spent(servicer: RelayServicer) -> None:
+async def test_a_ticket_presented_with_another_associations_join_is_spent_on_its_own(
+    servicer: RelayServicer,
+) -> None:
+    """The ticket names the association (it is joined when the call arrives); a Join frame naming another one
+    aborts the ticket's own association before any frame of that router reaches the initiating end, and
+    leaves the other untouched."""
     tickets = with_tickets(servicer)
     other = await waiting_splice(servicer, "e" * 32)
     mine = await waiting_splice(servicer)
     ticket = tickets.issue(AID, "site-b")
     assert ticket is not None
-    call = TicketCall(ticket, pb.Frame(join=pb.Join(association_id="e" * 32)))
+    data = pb.Frame(data=pb.Data(payload=b"from the router", seq=0))
+    call = TicketCall(ticket, pb.Frame(join=pb.Join(association_id="e" * 32)), data)
+    joined = asyncio.create_task(servicer.Associate(iter(()), call))  # type: ignore[arg-type]
+    await until(lambda: call.aborted is not None)
+    assert call.aborted == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "a join ticket must come with the Join of its association",
+    )
+    assert not other.joined.done() and other.to_initiator.closed is False
+    first = await asyncio.wait_for(mine.to_initiator.get(), 5)
+    assert first is not None and pb.Frame.FromString(first).close.reason == pb.Close.ABORTED
+    assert await asyncio.wait_for(mine.to_initiator.get(), 5) is None  # the router's data never got through
+    replay = TicketCall(ticket, pb.Frame(join=pb.Join(association_id=AID)))
     with pytest.raises(Aborted):
-        await servicer.Associate(iter(()), call)  # type: ignore[arg-type]
-    assert call.aborted == (grpc.StatusCode.PERMISSION_DENIED, "this ticket is for another association")
-    assert not other.joined.done() and not mine.joined.done()
-    assert not tickets.outstanding(AID)  # spent: the router joins through its own replica now
+        await servicer.Associate(iter(()), replay)  # type: ignore[arg-type]
+    assert replay.aborted is not None and replay.aborted[0] == grpc.StatusCode.UNAUTHENTICATED  # spent
+    await mine.to_destination.close()
+    await asyncio.wait_for(joined, 5)
+
+
+async def test_a_ticketed_call_that_ends_before_its_join_aborts_its_association(servicer: RelayServicer) -> None:
+    """Joined on arrival, the call must still send its Join (within the first-message limits) first."""
+    tickets = with_tickets(servicer)
+    mine = await waiting_splice(servicer)
+    ticket = tickets.issue(AID, "site-b")
+    assert ticket is not None
+    call = TicketCall(ticket)
+    call.inbox.put_nowait(grpc.aio.EOF)  # the router's call ends after its headers
+    joined = asyncio.create_task(servicer.Associate(iter(()), call))  # type: ignore[arg-type]
+    first = await asyncio.wait_for(mine.to_initiator.get(), 5)
+    assert first is not None and pb.Frame.FromString(first).close.reason == pb.Close.ABORTED
+    assert call.aborted == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "a join ticket must come with the Join of its association",
+    )
+    await mine.to_destination.close()
+    await asyncio.wait_for(joined, 5)
 
 
 async def test_a_ticket_for_another_site_joins_nothing(servicer: RelayServicer) -> None:

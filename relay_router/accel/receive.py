@@ -65,12 +65,19 @@ PROCESSING_FAILURE = 0x0110  # PS3.7 C: what a blob that could not be fetched or
 
 
 class OutcomeBook:
-    """Final outcomes not yet acknowledged by the near router, by calling site (persisted)."""
+    """Final outcomes not yet acknowledged by the near router, by calling site (persisted).
+
+    :meth:`add` returns once the outcome is in the file (the delivery pool removes the entry after it). The
+    workers of the delivery pools add at once; a save writes every outcome added before it, so an add that
+    finds a later save done returns without writing (group save: one file write for several outcomes)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._sites: dict[str, dict[str, list[object]]] = {}
         self._lock = threading.Lock()  # the delivery pool's worker threads add, the event loop forgets
+        self._save_lock = threading.Lock()  # one save at a time; taken before _lock, never after
+        self._version = 0  # adds so far (under _lock)
+        self._saved = 0  # the version the file holds (under _save_lock)
         try:
             loaded = json.loads(path.read_text())
             self._sites = {str(s): {str(i): list(v) for i, v in o.items()} for s, o in loaded.items()}
@@ -85,7 +92,17 @@ class OutcomeBook:
             book[origin_id] = [sop_instance, status, error[:200]]
             while len(book) > MAX_OUTCOMES_PER_SITE:
                 book.pop(next(iter(book)))
-            self._save()
+            self._version += 1
+            mine = self._version
+        with self._save_lock:
+            if self._saved >= mine:  # another worker's save, begun after this add, wrote it
+                return
+            with self._lock:
+                text = json.dumps(self._sites)
+                version = self._version
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(self.path, text)
+            self._saved = version
 
     def pending(self, site: str) -> list[bytes]:
         with self._lock:
@@ -105,14 +122,14 @@ class OutcomeBook:
         with self._lock:
             return sum(len(book) for book in self._sites.values())
 
-    def _save(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(self.path, json.dumps(self._sites))
-
 
 def _not_coerced(exc: HeadError) -> tuple[int, bool, str]:
     """The refusal of an instance whose patient identity cannot be coerced: permanent (it never will be)."""
     return Status.CANNOT_UNDERSTAND, True, f"patient identity not coerced: {exc}"
+
+
+def _claimable() -> None:
+    """SpoolWriter.commit's `visible` callback: the session wakes the delivery pool itself (on_commit)."""
 
 
 def far_route_name(device: SharedDevice) -> str:
@@ -439,7 +456,8 @@ class FarSession:
         """Commit one instance (fsync) while the next is received; STORED once it is durable."""
         try:
             try:
-                await asyncio.to_thread(writer.commit)
+                # Held in memory until delivered (or PUBLISH_DELAY_S old): a small instance never costs a file.
+                await asyncio.to_thread(writer.commit, _claimable)
             except SpoolError as exc:  # not a Part 10 file naming the declared UIDs: never deliverable
                 await self._refuse(header, (Status.CANNOT_UNDERSTAND, True, str(exc)))
                 return

@@ -3,10 +3,12 @@
 Each of N worker threads (``[accelerate] associations``, default 4) keeps one
 association to the destination and reuses it for entry after entry: it claims
 the oldest due entry (:meth:`Spool.claim`, so no two workers send the same one)
-and sends it with pynetdicom as the SCU, straight from the spool's Part 10 file
-(``STORE_SEND_CHUNKED_DATASET``: the data set is never loaded into memory).
-Parallel associations replace the Asynchronous Operations Window, which DCMTK,
-Orthanc and pynetdicom do not support.
+and sends it as the SCU with :class:`~relay_router.accel.store_link.StoreLink`
+(the sans-IO DIMSE layer on a blocking socket: no threads of its own), from the
+spool's memory while the spool holds the entry (journaled small instances,
+``Spool.held``), else from its Part 10 file in PDU-sized pieces (a large data set
+is never loaded into memory). Parallel associations replace the Asynchronous
+Operations Window, which DCMTK, Orthanc and pynetdicom do not support.
 
 What a C-STORE status means for the entry (PS3.4 B.2.3, PS3.7 Annex C):
 
@@ -15,7 +17,7 @@ What a C-STORE status means for the entry (PS3.4 B.2.3, PS3.7 Annex C):
   DELIVERED;
 * A7xx Out of Resources, 0213 Resource Limitation, 0210 Duplicate Invocation,
   0110 Processing Failure, FE00 Cancel, an unknown code, no answer, an aborted
-  association: transient, RETRY after a capped backoff (DEAD after max_attempts);
+  association, an answer to another Message ID or not a C-STORE-RSP: transient, RETRY after a capped backoff (DEAD after max_attempts);
 * A9xx Data Set Does Not Match SOP Class, Cxxx Cannot Understand, 0122 SOP Class
   Not Supported (also when the device refuses the presentation context), 0117
   Invalid SOP Instance, 0124 Not Authorized, other 01xx/02xx refusals: permanent,

@@ -24,6 +24,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from relay_demo.datasets import fingerprint, fingerprints, generate_ct_series, write_series
+from relay_router.accel import spool as spool_module
 from relay_router.accel.delivery import DeliveryOutcome, DeliveryPool, Destination, Outcome
 from relay_router.accel.spool import Spool
 from relay_router.accel.store_link import LinkLost, LinkRefused, StoreLink, file_dataset
@@ -333,3 +334,53 @@ def test_far_side_instances_are_delivered_from_memory_byte_identical(tmp_path: P
     assert [o.outcome for o in outcomes] == [Outcome.DELIVERED] * len(ct_files)
     assert fingerprints(arrived) == fingerprints(ct_files)
     assert all(fingerprint(p)[0] for p in arrived)
+
+
+def test_held_instances_wait_out_a_destination_that_is_down_and_arrive_from_their_files(
+    tmp_path: Path, ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination is down longer than the spool holds an entry in memory: the entries are written out
+    (and survive there), retried with backoff, and arrive byte-identical once storescp is up."""
+    require_dcmtk("storescp")
+    monkeypatch.setattr(spool_module, "PUBLISH_DELAY_S", 0.3)
+    spool = Spool(tmp_path / "spool", max_bytes=64 * 1024 * 1024, retry_base_s=0.2, retry_max_s=0.5)
+    outcomes: list[DeliveryOutcome] = []
+    port = free_port()
+    try:
+        for path in ct_files[:3]:
+            meta = _meta(path).file_meta
+            writer = spool.writer(
+                "LATE",
+                sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+                transfer_syntax=str(meta.TransferSyntaxUID),
+                part10=True,
+            )
+            writer.write(path.read_bytes())
+            writer.commit(lambda: None)
+        pool = DeliveryPool(
+            spool,
+            "LATE",
+            Destination("127.0.0.1", port, "LATE", "ROUTER_B"),
+            associations=1,
+            on_outcome=outcomes.append,
+            idle_release_s=0.2,
+        )
+        pool.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(list((tmp_path / "spool" / "entries").iterdir())) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(list((tmp_path / "spool" / "entries").iterdir())) == 3, "written out while waiting"
+            assert not outcomes, "an unreachable destination costs no entry an attempt"
+            with StorescpProcess(tmp_path / "in", "LATE", port):
+                deadline = time.monotonic() + 30
+                while len(outcomes) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                arrived = sorted((tmp_path / "in").glob("*.dcm"))
+        finally:
+            pool.stop()
+    finally:
+        spool.close()
+    assert [o.outcome for o in outcomes] == [Outcome.DELIVERED] * 3
+    assert fingerprints(arrived) == fingerprints(ct_files[:3])

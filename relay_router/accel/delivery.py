@@ -17,7 +17,8 @@ What a C-STORE status means for the entry (PS3.4 B.2.3, PS3.7 Annex C):
   DELIVERED;
 * A7xx Out of Resources, 0213 Resource Limitation, 0210 Duplicate Invocation,
   0110 Processing Failure, FE00 Cancel, an unknown code, no answer, an aborted
-  association, an answer to another Message ID or not a C-STORE-RSP: transient, RETRY after a capped backoff (DEAD after max_attempts);
+  association, an answer to another Message ID or not a C-STORE-RSP: transient,
+  RETRY after a capped backoff (DEAD after max_attempts);
 * A9xx Data Set Does Not Match SOP Class, Cxxx Cannot Understand, 0122 SOP Class
   Not Supported (also when the device refuses the presentation context), 0117
   Invalid SOP Instance, 0124 Not Authorized, other 01xx/02xx refusals: permanent,

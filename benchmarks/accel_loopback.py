@@ -246,10 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
-        variants.append(Variant("this tree", work, scp_port, None, args.associations))
+        differ = args.baseline_associations not in (None, args.associations)
+        this_name = f"this tree, {args.associations} assoc" if differ else "this tree"
+        variants.append(Variant(this_name, work, scp_port, None, args.associations))
         if args.baseline is not None:
             baseline_associations = args.baseline_associations or args.associations
-            variants.append(Variant("baseline", work, scp_port, args.baseline.resolve(), baseline_associations))
+            base_name = f"baseline, {baseline_associations} assoc" if differ else "baseline"
+            variants.append(Variant(base_name, work, scp_port, args.baseline.resolve(), baseline_associations))
         for variant in variants:
             variant.wait_accelerated(files, received)
         load_before = Path("/proc/loadavg").read_text().split()[:3]

@@ -244,11 +244,11 @@ def test_a_device_closing_mid_send_is_a_lost_link_not_a_hang(
         _read_pdu(conn)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
 
-    link = _open(peer(behave))
+    link = _open(peer(behave), timeout=60)
     started = time.monotonic()
     with pytest.raises(LinkLost):
         link.store(CT, EXPLICIT, "1.2.3.4", memoryview(bytes(8 * 1024 * 1024)))  # far more than buffers hold
-    assert time.monotonic() - started < 4, "noticed at once, not after the DIMSE timeout"
+    assert time.monotonic() - started < 30, "noticed when the connection broke, not after the DIMSE timeout"
 
 
 def test_a_response_to_another_message_id_is_a_lost_link(
@@ -281,8 +281,8 @@ def test_a_release_request_while_idle_makes_the_link_unusable(
     link = _open(peer(behave))
     answer = link.store(CT, EXPLICIT, str(_meta(ct_files[0]).SOPInstanceUID), file_dataset(ct_files[0]))
     assert answer.status == 0xB007
-    assert released.wait(5)
-    deadline = time.monotonic() + 5
+    assert released.wait(20)
+    deadline = time.monotonic() + 20
     while link.usable() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not link.usable(), "the pool opens another association instead of sending into a release"
@@ -292,10 +292,13 @@ def test_a_release_request_while_idle_makes_the_link_unusable(
 # -- the far side: held in memory, delivered from there ------------------------------------------------
 
 
-def test_far_side_instances_are_delivered_from_memory_byte_identical(tmp_path: Path, ct_files: list[Path]) -> None:
+def test_far_side_instances_are_delivered_from_memory_byte_identical(
+    tmp_path: Path, ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What router B commits (a whole Part 10 file from router A, journaled) goes to DCMTK storescp from the
     spool's memory: no spool file is written for it, and it arrives bit for bit."""
     require_dcmtk("storescp")
+    monkeypatch.setattr(spool_module, "PUBLISH_DELAY_S", 120.0)  # a loaded CI machine: held for the whole test
     spool = Spool(tmp_path / "spool", max_bytes=64 * 1024 * 1024)
     outcomes: list[DeliveryOutcome] = []
     try:

@@ -190,9 +190,11 @@ class DeliveryPool:
             thread.start()
 
     def wake(self) -> None:
-        """New entries were committed: idle workers look at once (thread-safe)."""
+        """A new entry was committed: one idle worker looks at once (thread-safe). One is enough for one entry
+        (each commit calls this); waking every idle worker for each small instance cost each of them a look at
+        the spool for nothing. A worker finishing a send claims the next entry by itself."""
         with self._wake:
-            self._wake.notify_all()
+            self._wake.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the workers; a send in progress finishes (its entry is SENDING until then, RECEIVED on reopen)."""

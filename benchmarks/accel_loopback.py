@@ -14,6 +14,8 @@ Measured per run of `--count` instances (one storescu association):
 
 ``--baseline DIR`` runs a second network from another source tree (e.g. ``git archive main``), side by
 side: both are up at once, and the runs alternate within each repeat, so load hits them alike.
+``--baseline-associations N`` gives the baseline's router B another ``[accelerate] associations`` (with
+``--baseline .``: the same code, two association counts side by side).
 ``--profile DIR`` samples router A and router B with py-spy (``--nonblocking``, if installed) during one
 more run of this tree and writes their collapsed stacks and a top list of Python functions.
 
@@ -208,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="source tree of the code to compare with (git archive)")
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of this tree's routers")
     parser.add_argument("--associations", type=int, default=4, help="[accelerate] associations of router B")
+    parser.add_argument(
+        "--baseline-associations",
+        type=int,
+        help="[accelerate] associations of the baseline's router B (default: --associations); with --baseline set "
+        "to this tree, compares association counts side by side",
+    )
     parser.add_argument("--name", default="accel-loopback", help="result file name (without the date)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -238,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
-        variants.append(Variant("this tree", work, scp_port, None, args.associations))
+        differ = args.baseline_associations not in (None, args.associations)
+        this_name = f"this tree, {args.associations} assoc" if differ else "this tree"
+        variants.append(Variant(this_name, work, scp_port, None, args.associations))
         if args.baseline is not None:
-            variants.append(Variant("baseline", work, scp_port, args.baseline.resolve(), args.associations))
+            baseline_associations = args.baseline_associations or args.associations
+            base_name = f"baseline, {baseline_associations} assoc" if differ else "baseline"
+            variants.append(Variant(base_name, work, scp_port, args.baseline.resolve(), baseline_associations))
         for variant in variants:
             variant.wait_accelerated(files, received)
         load_before = Path("/proc/loadavg").read_text().split()[:3]

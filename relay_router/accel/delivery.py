@@ -3,10 +3,12 @@
 Each of N worker threads (``[accelerate] associations``, default 4) keeps one
 association to the destination and reuses it for entry after entry: it claims
 the oldest due entry (:meth:`Spool.claim`, so no two workers send the same one)
-and sends it with pynetdicom as the SCU, straight from the spool's Part 10 file
-(``STORE_SEND_CHUNKED_DATASET``: the data set is never loaded into memory).
-Parallel associations replace the Asynchronous Operations Window, which DCMTK,
-Orthanc and pynetdicom do not support.
+and sends it as the SCU with :class:`~relay_router.accel.store_link.StoreLink`
+(the sans-IO DIMSE layer on a blocking socket: no threads of its own), from the
+spool's memory while the spool holds the entry (journaled small instances,
+``Spool.held``), else from its Part 10 file in PDU-sized pieces (a large data set
+is never loaded into memory). Parallel associations replace the Asynchronous
+Operations Window, which DCMTK, Orthanc and pynetdicom do not support.
 
 What a C-STORE status means for the entry (PS3.4 B.2.3, PS3.7 Annex C):
 
@@ -15,7 +17,8 @@ What a C-STORE status means for the entry (PS3.4 B.2.3, PS3.7 Annex C):
   DELIVERED;
 * A7xx Out of Resources, 0213 Resource Limitation, 0210 Duplicate Invocation,
   0110 Processing Failure, FE00 Cancel, an unknown code, no answer, an aborted
-  association: transient, RETRY after a capped backoff (DEAD after max_attempts);
+  association, an answer to another Message ID or not a C-STORE-RSP: transient,
+  RETRY after a capped backoff (DEAD after max_attempts);
 * A9xx Data Set Does Not Match SOP Class, Cxxx Cannot Understand, 0122 SOP Class
   Not Supported (also when the device refuses the presentation context), 0117
   Invalid SOP Instance, 0124 Not Authorized, other 01xx/02xx refusals: permanent,
@@ -40,27 +43,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
+from pathlib import Path
 
 from relay_router.accel.metrics import DeliveryStats
 from relay_router.accel.spool import EntryState, Spool, SpoolEntry, SpoolError
+from relay_router.accel.store_link import LinkLost, LinkRefused, StoreLink, file_dataset
+from relay_router.dimse.errors import DimseError
+from relay_router.dimse.scu import dataset_offset
 
 __all__ = ["Destination", "DeliveryOutcome", "DeliveryPool", "Outcome", "classify_status"]
 
 log = logging.getLogger("relay_router.accel.delivery")
-
-# The data set goes from the spool file to the socket in PDU-sized pieces; every sender in this process
-# sends files this way (pynetdicom has one global switch), which is what a router wants anyway.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # presentation contexts one A-ASSOCIATE-RQ may propose (PS3.8 9.3.2.2: odd IDs 1-255)
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -105,62 +103,11 @@ def classify_status(status: int) -> Outcome:
     return Outcome.RETRY  # a code PS3.4 does not define for C-STORE: try again, DEAD after max_attempts
 
 
-# pynetdicom runs two threads per association that poll every millisecond: the DUL reactor (socket and
-# event queue) and the association's reactor (incoming requests, release, abort). Four idle associations
-# cost a quarter of a core on the shared VM, and every wake-up takes the GIL from the event loop. A
-# delivery association only sends C-STOREs and waits for their answers, which `send_c_store` does with its
-# reactor paused anyway; so the worker keeps that reactor paused between sends too (a blocked Event, no
-# polling), checks for an abort itself before each send (`_usable`), and slows the DUL's polling while the
-# worker has nothing to send. Both use pynetdicom internals (`_reactor_checkpoint`, `_run_loop_delay`),
-# present since 1.5; without them delivery works as before.
-DUL_BUSY_DELAY_S = 0.001  # pynetdicom's own: a C-STORE-RSP is noticed within a millisecond
-DUL_IDLE_DELAY_S = 0.05  # while the worker waits for work: an abort or release is noticed within this
-
-
-def _pause_reactor(assoc: Association) -> None:
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is not None:
-        checkpoint.clear()
-
-
-def _resume_reactor(assoc: Association) -> None:
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is not None:
-        checkpoint.set()
-
-
-def _dul_delay(assoc: Association, seconds: float) -> None:
-    dul = getattr(assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = seconds
-
-
-def _usable(assoc: Association) -> bool:
-    """Established, its DUL thread alive, and no abort or release request from the device waiting (what the
-    paused reactor would have noticed)."""
-    try:
-        return (
-            assoc.is_established
-            and assoc.dul.is_alive()
-            and not assoc.acse.is_aborted()
-            and not assoc.acse.is_release_requested()
-        )
-    except Exception:  # pynetdicom internals changed: the reactor has it
-        return assoc.is_established
-
-
-def _nodelay(event: evt.Event) -> None:
-    """One round trip per C-STORE response: no Nagle delay on the device socket (docs/architecture.md)."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 @dataclass
 class _Link:
     """One worker's association to the destination and what it is doing with it."""
 
-    assoc: Association | None = None
+    assoc: StoreLink | None = None
     accepted: frozenset[tuple[str, str]] = frozenset()  # (SOP class, transfer syntax) pairs the device took
     connect_failures: int = 0
     last_used: float = 0.0
@@ -168,21 +115,15 @@ class _Link:
 
     def drop(self) -> None:
         """The device aborted or asked to release between C-STOREs: no A-RELEASE-RQ into that (it would wait for
-        an answer that never comes); an A-ABORT is sent if pynetdicom still counts it established."""
+        an answer that never comes); an A-ABORT, and the socket closed."""
         if self.assoc is not None:
-            _resume_reactor(self.assoc)
-            if self.assoc.is_established:
-                with contextlib.suppress(Exception):
-                    self.assoc.abort()
+            self.assoc.abort()
         self.assoc = None
         self.accepted = frozenset()
 
     def close(self) -> None:
         if self.assoc is not None:
-            _resume_reactor(self.assoc)  # it handles the release (or an abort the device sent meanwhile)
-            _dul_delay(self.assoc, DUL_BUSY_DELAY_S)
-            if self.assoc.is_established:
-                self.assoc.release()
+            self.assoc.release()
         self.assoc = None
         self.accepted = frozenset()
 
@@ -223,11 +164,8 @@ class DeliveryPool:
         self.remove_delivered = remove_delivered
         self.idle_release_s = idle_release_s
         self.stats = stats or DeliveryStats()
-        self._ae = AE(ae_title=destination.calling_ae)
-        self._ae.acse_timeout = connect_timeout
-        self._ae.connection_timeout = connect_timeout
-        self._ae.network_timeout = dimse_timeout
-        self._ae.dimse_timeout = dimse_timeout
+        self.connect_timeout = connect_timeout
+        self.dimse_timeout = dimse_timeout
         self._wake = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -252,9 +190,11 @@ class DeliveryPool:
             thread.start()
 
     def wake(self) -> None:
-        """New entries were committed: idle workers look at once (thread-safe)."""
+        """A new entry was committed: one idle worker looks at once (thread-safe). One is enough for one entry
+        (each commit calls this); waking every idle worker for each small instance cost each of them a look at
+        the spool for nothing. A worker finishing a send claims the next entry by itself."""
         with self._wake:
-            self._wake.notify_all()
+            self._wake.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the workers; a send in progress finishes (its entry is SENDING until then, RECEIVED on reopen)."""
@@ -305,19 +245,16 @@ class DeliveryPool:
     def _step(self, link: _Link) -> None:
         """One turn of a worker: deliver one entry, or (re)associate, or wait."""
         now = time.time()
-        if link.assoc is not None and not _usable(link.assoc):  # aborted or released by the device meanwhile
+        if link.assoc is not None and not link.assoc.usable():  # aborted or released by the device meanwhile
             log.info("route %s: the association to %s ended; opening another", self.route, self.destination.called_ae)
             link.drop()
-        if link.assoc is not None and link.assoc.is_established:  # the fast path: one claim, one C-STORE
+        if link.assoc is not None:  # the fast path: one claim, one C-STORE
             link.claimed = self.spool.claim(self.route, now, accept=link.accepted)
             if link.claimed is not None:
-                _dul_delay(link.assoc, DUL_BUSY_DELAY_S)
-                self._deliver(link.assoc, link.claimed)
-                _pause_reactor(link.assoc)  # send_c_store resumed it at its end
+                self._deliver(link, link.claimed)
                 link.claimed = None
                 link.last_used = time.monotonic()
                 return
-            _dul_delay(link.assoc, DUL_IDLE_DELAY_S)  # nothing for it now: poll the socket less often
         # Nothing this association can take: look at what waits (one pass over the spool).
         due = self.spool.due(now, route=self.route)
         refused = self._refused_pairs()
@@ -330,60 +267,52 @@ class DeliveryPool:
             upcoming = self.spool.next_due(route=self.route)
             self._wait(min(1.0, upcoming - now) if upcoming is not None else 1.0)
             return
-        if (
-            link.assoc is not None
-            and link.assoc.is_established
-            and any((e.sop_class_uid, e.transfer_syntax) in link.accepted for e in due)
-        ):
+        if link.assoc is not None and any((e.sop_class_uid, e.transfer_syntax) in link.accepted for e in due):
             return  # another worker took the one we saw; claim again
         # None yet, lost, or the due entries need contexts it does not have.
         link.close()
-        link.assoc, link.accepted = self._associate(due)
+        link.assoc = self._associate(due)
         if link.assoc is None:
             link.connect_failures += 1
             self._wait(self.spool.backoff(link.connect_failures))
             return
+        link.accepted = link.assoc.accepted
         link.connect_failures = 0
         link.last_used = time.monotonic()
-        _pause_reactor(link.assoc)  # see DUL_BUSY_DELAY_S: only send_c_store needs it, and it resumes it
 
-    def _associate(self, due: list[SpoolEntry]) -> tuple[Association | None, frozenset[tuple[str, str]]]:
+    def _associate(self, due: list[SpoolEntry]) -> StoreLink | None:
         pairs: list[tuple[str, str]] = []
         for entry in due:  # oldest first: they get the contexts when there are more than 128 pairs
             pair = (entry.sop_class_uid, entry.transfer_syntax)
             if pair not in pairs and len(pairs) < MAX_CONTEXTS:
                 pairs.append(pair)
-        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
         destination = self.destination
-        assoc = self._ae.associate(
-            destination.host,
-            destination.port,
-            contexts=contexts,
-            ae_title=destination.called_ae,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
-        )
-        if not assoc.is_established:
-            what = "rejected the association" if assoc.is_rejected else "could not be reached"
+        try:
+            link = StoreLink.open(
+                destination.host,
+                destination.port,
+                pairs,
+                calling_ae=destination.calling_ae,
+                called_ae=destination.called_ae,
+                connect_timeout=self.connect_timeout,
+                dimse_timeout=self.dimse_timeout,
+            )
+        except LinkRefused as exc:
             log.warning(
                 "route %s: %s at %s:%d %s; retrying with backoff",
                 self.route,
                 destination.called_ae,
                 destination.host,
                 destination.port,
-                what,
+                exc.detail,
             )
             self.stats.association_failed(self.route)
-            return None, frozenset()
-        accepted = frozenset(
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-            for cx in assoc.accepted_contexts
-            if cx.transfer_syntax
-        )
+            return None
         expires = time.monotonic() + REFUSAL_MEMORY_S
         with self._wake:
-            for pair in set(pairs) - accepted:
+            for pair in set(pairs) - link.accepted:
                 self._refused[pair] = expires
-        return assoc, accepted
+        return link
 
     def _refused_pairs(self) -> frozenset[tuple[str, str]]:
         now = time.monotonic()
@@ -401,26 +330,45 @@ class DeliveryPool:
             )
             self._report(self.spool.fail(entry.id, error, permanent=True), Outcome.DEAD, SOP_CLASS_NOT_SUPPORTED, error)
 
-    def _deliver(self, assoc: Association, entry: SpoolEntry) -> None:
+    def _dataset(self, entry: SpoolEntry) -> memoryview | tuple[Path, int]:
+        """The entry's data set: from memory while the spool holds it (journaled, not written out: most small
+        instances, which then never cost a file), else from its Part 10 file."""
+        held = self.spool.held(entry.id)
+        if held is not None:  # never changed after commit (Spool.held), so it can be read without the lock
+            view = memoryview(held)
+            return view[dataset_offset(view) :]
+        return file_dataset(self.spool.path(entry.id))
+
+    def _deliver(self, link: _Link, entry: SpoolEntry) -> None:
+        assoc = link.assoc
+        assert assoc is not None
         originator_ae = entry.meta.get("move_originator_ae") or None
         originator_id_text = entry.meta.get("move_originator_id", "")
         originator_id = int(originator_id_text) if originator_id_text.isdigit() else None
+        if originator_id is not None and not 0 <= originator_id <= 0xFFFF:
+            originator_id = None
         try:
-            answer = assoc.send_c_store(
-                self.spool.path(entry.id), originator_aet=originator_ae, originator_id=originator_id
-            )
-        except (SpoolError, OSError, AttributeError, ValueError) as exc:  # unreadable file, bad file meta
+            dataset = self._dataset(entry)
+        except (SpoolError, OSError, DimseError, ValueError) as exc:  # unreadable file, bad file meta
             error = f"cannot send the spooled file: {exc}"
             self._report(self.spool.fail(entry.id, error, permanent=True), Outcome.DEAD, None, error)
             return
-        if "Status" not in answer:  # no response: aborted, timed out, or the device broke the protocol
-            error = f"no C-STORE response from {self.destination.called_ae} (association aborted or timed out)"
-            if assoc.is_established:
-                assoc.abort()
+        try:
+            answer = assoc.store(
+                entry.sop_class_uid,
+                entry.transfer_syntax,
+                entry.sop_instance_uid,
+                dataset,
+                move_originator_ae=originator_ae,
+                move_originator_id=originator_id,
+            )
+        except LinkLost as exc:  # no response: aborted, timed out, or the device broke the protocol
+            link.drop()
+            error = f"no C-STORE response from {self.destination.called_ae} ({exc.detail})"[:300]
             updated = self.spool.fail(entry.id, error, permanent=False)
             self._report(updated, Outcome.DEAD if updated.state is EntryState.DEAD else Outcome.RETRY, None, error)
             return
-        status = int(answer.Status)
+        status = answer.status
         outcome = classify_status(status)
         if outcome is Outcome.DELIVERED:
             self._report(self.spool.set_state(entry.id, EntryState.DELIVERED), outcome, status, "")
@@ -428,9 +376,8 @@ class DeliveryPool:
                 self.spool.remove(entry.id)
             return
         error = f"{status:#06x} from {self.destination.called_ae}"
-        comment = answer.get("ErrorComment")
-        if comment:
-            error += f": {str(comment)[:120]}"
+        if answer.error_comment:
+            error += f": {answer.error_comment[:120]}"
         updated = self.spool.fail(entry.id, error, permanent=outcome is Outcome.DEAD)
         self._report(updated, Outcome.DEAD if updated.state is EntryState.DEAD else Outcome.RETRY, status, error)
 

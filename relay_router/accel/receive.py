@@ -7,8 +7,8 @@ writes each INSTANCE into the spool as a whole Part 10 file (the spool checks th
 names the declared UIDs), answers STORED once it is committed (fsync), REFUSED when it cannot take it
 (0xA700 spool full: the near router retries later; 0x0122 a SOP class not granted or not accepted:
 permanent), and passes on every final delivery outcome. Outcomes are kept in an `OutcomeBook`
-(an owner-only file) until the near router acknowledges them, so one that happens while no stream is
-open is sent on the next one.
+(relay_router.accel.outcome_book, an owner-only append-only file) until the near router acknowledges
+them, so one that happens while no stream is open is sent on the next one.
 
 A BLOB record (an instance the near router put in the blob store, docs/cloudstore.md) is fetched
 with relay_router.spill_receive's `IncomingBlob` (parts checked and opened with this stream's key, the
@@ -29,18 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import threading
 import time
-from pathlib import Path
 
 from relay_common.audit import AuditLog
-from relay_common.files import write_private
 from relay_router import services
 from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache, DeviceCapabilities, probe
 from relay_router.accel.moves import MoveKey, MoveRegistry, PartnerSenders
+from relay_router.accel.outcome_book import OutcomeBook
 from relay_router.accel.spool import Spool, SpoolEntry, SpoolError, SpoolFull, SpoolWriter
 from relay_router.accel.transfer import RecordChannel, TransferError
 from relay_router.config import SharedDevice
@@ -52,7 +49,6 @@ from relay_router.spill_receive import IncomingBlob, SpillReceiver
 from relay_router.spill_store import BlobTransport, SpillFailed, SpillStats, blob_alert
 
 log = logging.getLogger("relay_router.accel")
-MAX_OUTCOMES_PER_SITE = 100_000  # unacknowledged outcomes kept for one site; the oldest go first
 # A near router may ask for fresh capabilities on every stream; the device is probed at most this often.
 MIN_PROBE_INTERVAL_S = 60.0
 # Commits (fsync) running at once: the next instance is received while earlier ones reach the disk, and
@@ -64,55 +60,13 @@ MAX_BLOB_FETCHES = 2
 PROCESSING_FAILURE = 0x0110  # PS3.7 C: what a blob that could not be fetched or verified is refused with
 
 
-class OutcomeBook:
-    """Final outcomes not yet acknowledged by the near router, by calling site (persisted)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sites: dict[str, dict[str, list[object]]] = {}
-        self._lock = threading.Lock()  # the delivery pool's worker threads add, the event loop forgets
-        try:
-            loaded = json.loads(path.read_text())
-            self._sites = {str(s): {str(i): list(v) for i, v in o.items()} for s, o in loaded.items()}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, AttributeError) as exc:
-            log.error("outcome book %s unreadable (%s); outcomes not yet reported are lost", path, exc)
-
-    def add(self, site: str, origin_id: str, sop_instance: str, status: int, error: str) -> None:
-        with self._lock:
-            book = self._sites.setdefault(site, {})
-            book[origin_id] = [sop_instance, status, error[:200]]
-            while len(book) > MAX_OUTCOMES_PER_SITE:
-                book.pop(next(iter(book)))
-            self._save()
-
-    def pending(self, site: str) -> list[bytes]:
-        with self._lock:
-            items = list(self._sites.get(site, {}).items())
-        return [
-            records.outcome(origin_id, str(sop), int(str(status)), str(error))
-            for origin_id, (sop, status, error) in items
-        ]
-
-    def forget(self, site: str, ids: tuple[str, ...]) -> None:
-        with self._lock:
-            book = self._sites.get(site, {})
-            for i in ids:  # saved with the next add: one forgotten here and back after a crash is sent again,
-                book.pop(i, None)  # and the near router ignores an outcome it no longer waits for
-
-    def count(self) -> int:
-        with self._lock:
-            return sum(len(book) for book in self._sites.values())
-
-    def _save(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(self.path, json.dumps(self._sites))
-
-
 def _not_coerced(exc: HeadError) -> tuple[int, bool, str]:
     """The refusal of an instance whose patient identity cannot be coerced: permanent (it never will be)."""
     return Status.CANNOT_UNDERSTAND, True, f"patient identity not coerced: {exc}"
+
+
+def _claimable() -> None:
+    """SpoolWriter.commit's `visible` callback: the session wakes the delivery pool itself (on_commit)."""
 
 
 def far_route_name(device: SharedDevice) -> str:
@@ -439,7 +393,8 @@ class FarSession:
         """Commit one instance (fsync) while the next is received; STORED once it is durable."""
         try:
             try:
-                await asyncio.to_thread(writer.commit)
+                # Held in memory until delivered (or PUBLISH_DELAY_S old): a small instance never costs a file.
+                await asyncio.to_thread(writer.commit, _claimable)
             except SpoolError as exc:  # not a Part 10 file naming the declared UIDs: never deliverable
                 await self._refuse(header, (Status.CANNOT_UNDERSTAND, True, str(exc)))
                 return

@@ -7,11 +7,9 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from io import BytesIO
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
-
-from pydicom.filereader import read_preamble
-from pynetdicom.dsutils import split_dataset
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from relay_router.accel.journal import INSTANCE, JournalBroken
 from relay_router.accel.spool_format import (
@@ -22,6 +20,7 @@ from relay_router.accel.spool_format import (
     fsync_dir,
     part10_header,
 )
+from relay_router.dimse.scu import split_part10
 
 if TYPE_CHECKING:
     from relay_router.accel.spool import Spool
@@ -98,16 +97,20 @@ class SpoolWriter:
     def commit(self, visible: Callable[[], None] | None = None) -> SpoolEntry:
         """Make the entry durable; once this returns, a success may be answered.
 
-        With `visible` (the near side's acceptor), a journaled entry's own files are written later by the
-        spool's publishing thread, off the C-STORE's path, and only if it is still in the spool by then
-        (relay_router.accel.spool, PUBLISH_DELAY_S); until then `Spool.held` gives its bytes. `visible` is
-        called (in this thread) once the entry can be claimed, which is at once."""
+        With `visible` (the near side's acceptor, the far side's session), a journaled entry's own files are
+        written later by the spool's publishing thread, off the C-STORE's path, and only if it is still in the
+        spool by then (relay_router.accel.spool, PUBLISH_DELAY_S); until then `Spool.held` gives its bytes (the
+        near router's transfer and the far router's delivery send it from there). A whole Part 10 file
+        (``part10``) is checked in memory then. `visible` is called (in this thread) once the entry can be
+        claimed, which is at once."""
         if self._done:
             raise SpoolError(f"spool entry {self._entry.id} is already committed or aborted")
         try:
             entry = replace(self._entry, size=self._size, next_attempt=time.time())
-            if self._buffer is not None and visible is not None and not self._part10:
+            if self._buffer is not None and visible is not None:
                 data, self._buffer = self._buffer, None
+                if self._part10:
+                    self._check_part10(BytesIO(data))
                 try:
                     segment = self._spool._journal_append(INSTANCE, entry.to_json().encode("utf-8"), data)
                 except JournalBroken:
@@ -138,7 +141,7 @@ class SpoolWriter:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         if self._part10:
-            self._check_part10()
+            self._check_part10_file()
         self._spool._write_state(self._dir, entry, durable=False)
         try:
             segment = self._spool._journal_append(INSTANCE, entry.to_json().encode("utf-8"), data)
@@ -167,7 +170,7 @@ class SpoolWriter:
             finally:
                 os.close(fd)
         if self._part10:
-            self._check_part10()
+            self._check_part10_file()
         # Our own header holds the first state, so state.json need not be synced (one fsync fewer per
         # C-STORE); a file from the other router (part10) does not, so its state is synced.
         self._spool._write_state(self._dir, entry, durable=self._part10)
@@ -178,12 +181,14 @@ class SpoolWriter:
             # tmp/ need not be synced: a stale tmp/<id> left by a crash is removed on open.
             fsync_dir(target.parent)
 
-    def _check_part10(self) -> None:
-        path = self._dir / DATA_NAME
+    def _check_part10_file(self) -> None:
+        with open(self._dir / DATA_NAME, "rb") as fp:
+            self._check_part10(fp)
+
+    def _check_part10(self, fp: BinaryIO) -> None:
+        """A whole Part 10 file whose file meta names the declared UIDs (what the other router sent)."""
         try:
-            with open(path, "rb") as fp:
-                read_preamble(fp, False)
-            file_meta, _ = split_dataset(path)
+            file_meta, _ = split_part10(fp)
         except Exception as exc:  # pydicom raises several types on garbage
             raise SpoolError(f"not a DICOM Part 10 file: {exc.__class__.__name__}") from exc
         declared = {

@@ -15,17 +15,28 @@ errors.
   answer of a SOP class is kept as encoded elements, and each later answer patches its two values
   (Message ID Being Responded To, Affected SOP Instance UID) and the group length. Byte-identical to
   ``encode_command(c_store_rsp(...))`` (tested).
+
+The far router's delivery sender (relay_router.accel.store_link) needs the other direction:
+
+* :class:`StoreRequests` encodes C-STORE-RQs from templates the same way (pynetdicom builds the first of
+  each SOP class and Move Originator AE Title; later ones patch Message ID, Affected SOP Instance UID and
+  Move Originator Message ID). Byte-identical to ``encode_command(c_store_rq(...))`` (tested).
+* :func:`parse_store_rsp` reads the common C-STORE-RSP (no Offending Element, Error Comment or Error
+  ID); anything else returns None and the caller decodes it with ``decode_command`` (:func:`store_answer`).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
-from relay_router.dimse.commands import StoreRequest, _uid_ok, c_store_rsp
+from pydicom.dataset import Dataset
+
+from relay_router.dimse.commands import Priority, StoreRequest, _uid_ok, c_store_rq, c_store_rsp
 from relay_router.dimse.sender import encode_command
 from relay_router.ul.aetitle import encode_ae_title
 
-__all__ = ["StoreResponses", "parse_store_rq"]
+__all__ = ["StoreAnswer", "StoreRequests", "StoreResponses", "parse_store_rq", "parse_store_rsp", "store_answer"]
 
 _ELEMENT = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian, PS3.5 7.1.2)
 _US, _UL, _UI, _AE = 0, 1, 2, 3
@@ -138,7 +149,7 @@ class StoreResponses:
         return _element(0x0000, len(body).to_bytes(4, "little")) + body
 
 
-def _split(encoded: bytes) -> list[tuple[int, bytes]]:
+def _split(encoded: bytes, patched: tuple[int, ...] = (0x0120, 0x1000)) -> list[tuple[int, bytes]]:
     """The elements of an encoded command set after its group length: (element number, its encoded bytes)."""
     elements = []
     pos = 0
@@ -147,6 +158,121 @@ def _split(encoded: bytes) -> list[tuple[int, bytes]]:
         if element != 0x0000:
             elements.append((element, encoded[pos : pos + 8 + length]))
         pos += 8 + length
-    if not any(element == 0x0120 for element, _ in elements) or not any(e == 0x1000 for e, _ in elements):
-        raise ValueError("pynetdicom's C-STORE-RSP lacks the elements a template patches")
+    if not all(any(element == wanted for element, _ in elements) for wanted in patched):
+        raise ValueError("pynetdicom's command set lacks the elements a template patches")
     return elements
+
+
+class StoreRequests:
+    """C-STORE-RQ command sets, encoded from templates (see the module docstring); not thread-safe."""
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple[str, str | None], list[tuple[int, bytes]]] = {}
+
+    def request(
+        self,
+        message_id: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        *,
+        move_originator_ae: str | None = None,
+        move_originator_message_id: int | None = None,
+    ) -> bytes:
+        """The command set of a C-STORE-RQ (priority medium) announcing a data set."""
+        key = (sop_class_uid, move_originator_ae)
+        template = self._templates.get(key)
+        if template is None:
+            encoded = encode_command(
+                c_store_rq(
+                    message_id,
+                    sop_class_uid,
+                    sop_instance_uid,
+                    priority=Priority.MEDIUM,
+                    move_originator_ae=move_originator_ae,
+                    move_originator_message_id=move_originator_message_id,
+                )
+            )
+            template = _split(encoded, (0x0110, 0x1000))
+            self._templates[key] = template
+            if len(self._templates) > 256:  # many originators over time: keep the memory bounded
+                self._templates.pop(next(iter(self._templates)))
+        instance = sop_instance_uid.encode("ascii")
+        if len(instance) % 2:
+            instance += b"\0"
+        patched = {0x0110: message_id.to_bytes(2, "little"), 0x1000: instance}
+        if move_originator_message_id is not None:
+            patched[0x1031] = move_originator_message_id.to_bytes(2, "little")
+        body = b"".join(
+            _element(element, patched[element]) if element in patched else encoded for element, encoded in template
+        )
+        return _element(0x0000, len(body).to_bytes(4, "little")) + body
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """What a C-STORE-RSP says (PS3.7 9.3.1.2): the request it answers, the status, an error comment if any."""
+
+    command_field: int
+    message_id_responded: int
+    status: int
+    error_comment: str = ""
+
+
+_STORE_RSP = {
+    0x0000: _UL,  # Command Group Length
+    0x0002: _UI,  # Affected SOP Class UID
+    0x0100: _US,  # Command Field
+    0x0120: _US,  # Message ID Being Responded To
+    0x0800: _US,  # Command Data Set Type
+    0x0900: _US,  # Status
+    0x1000: _UI,  # Affected SOP Instance UID
+}
+_C_STORE_RSP = 0x8001
+
+
+def parse_store_rsp(encoded: bytes) -> StoreAnswer | None:
+    """The common C-STORE-RSP in `encoded` (a whole command set), or None: then :func:`store_answer` decodes it."""
+    values: dict[int, int] = {}
+    end = len(encoded)
+    pos = 0
+    last = -1
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = _ELEMENT.unpack_from(encoded, pos)
+        pos += 8
+        kind = _STORE_RSP.get(element)
+        if group != 0 or kind is None or element <= last or length > end - pos:
+            return None
+        last = element
+        if kind == _US:
+            if length != 2:
+                return None
+            values[element] = int.from_bytes(encoded[pos : pos + 2], "little")
+        elif kind == _UL:
+            if length != 4:
+                return None
+            values[element] = int.from_bytes(encoded[pos : pos + 4], "little")
+        elif length > 64:
+            return None
+        pos += length
+    if any(element not in values for element in (0x0000, 0x0100, 0x0120, 0x0800, 0x0900)):
+        return None
+    if values[0x0000] != end - 12 or encoded[:8] != b"\x00\x00\x00\x00\x04\x00\x00\x00":
+        return None
+    if values[0x0100] != _C_STORE_RSP or values[0x0800] != 0x0101:
+        return None
+    return StoreAnswer(_C_STORE_RSP, values[0x0120], values[0x0900])
+
+
+def store_answer(command: Dataset) -> StoreAnswer:
+    """A decoded response command set (relay_router.dimse.receiver's ``decode_command``) as a StoreAnswer;
+    ValueError if it lacks Message ID Being Responded To or Status."""
+    try:
+        field = int(command.CommandField)
+        responded = int(command.MessageIDBeingRespondedTo)
+        status = int(command.Status)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"the response lacks {exc}") from None
+    comment = command.get("ErrorComment")
+    return StoreAnswer(field, responded, status, str(comment)[:200] if comment else "")

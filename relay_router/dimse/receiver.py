@@ -33,7 +33,7 @@ from pynetdicom.dsutils import decode
 
 from relay_router.dimse.commands import StoreRequest
 from relay_router.dimse.errors import DimseError, Violation
-from relay_router.dimse.fast import parse_store_rq
+from relay_router.dimse.fast import StoreAnswer, parse_store_rq, parse_store_rsp
 from relay_router.ul.pdu import AbortReason, PduType
 
 __all__ = [
@@ -66,10 +66,10 @@ _DATASET = 2  # the command announced a data set: data set fragments expected
 class CommandReceived:
     """A complete command set; ``has_dataset``: a data set follows (PS3.7 E.1, (0000,0800)).
 
-    ``store``: the C-STORE-RQ's fields when the fast path (relay_router.dimse.fast) read it; the command
-    set is then decoded with pydicom only if ``command`` is asked for."""
+    ``store``: the C-STORE-RQ's fields when the fast path (relay_router.dimse.fast) read it; ``answer``: the
+    C-STORE-RSP's, likewise; the command set is then decoded with pydicom only if ``command`` is asked for."""
 
-    __slots__ = ("context_id", "has_dataset", "store", "_command", "_encoded")
+    __slots__ = ("context_id", "has_dataset", "store", "answer", "_command", "_encoded")
 
     def __init__(
         self,
@@ -78,13 +78,15 @@ class CommandReceived:
         has_dataset: bool,
         *,
         store: StoreRequest | None = None,
+        answer: StoreAnswer | None = None,
         encoded: bytes = b"",
     ) -> None:
-        if command is None and store is None:
-            raise ValueError("a CommandReceived needs its command set or its C-STORE-RQ fields")
+        if command is None and store is None and answer is None:
+            raise ValueError("a CommandReceived needs its command set or its C-STORE-RQ/RSP fields")
         self.context_id = context_id
         self.has_dataset = has_dataset
         self.store = store
+        self.answer = answer
         self._command = command
         self._encoded = encoded
 
@@ -99,6 +101,8 @@ class CommandReceived:
         """Command Field (0000,0100), e.g. 0x0001 C-STORE-RQ (PS3.7 E.1)."""
         if self.store is not None and self._command is None:
             return 0x0001
+        if self.answer is not None and self._command is None:
+            return self.answer.command_field
         return int(self.command.CommandField)
 
     def __repr__(self) -> str:
@@ -367,6 +371,11 @@ class DimseReceiver:
                 if store is not None:
                     self._state = _DATASET
                     events.append(CommandReceived(self._context, None, True, store=store, encoded=encoded))
+                    return
+                answer = parse_store_rsp(encoded)  # the common C-STORE-RSP (the far router's deliveries), likewise
+                if answer is not None:
+                    self._state = _IDLE
+                    events.append(CommandReceived(self._context, None, False, answer=answer, encoded=encoded))
                     return
                 command = decode_command(encoded, self._context)
                 has_dataset = int(command.CommandDataSetType) != NO_DATA_SET

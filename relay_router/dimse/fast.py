@@ -57,8 +57,9 @@ _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
 
 
-def parse_store_rq(encoded: bytes) -> StoreRequest | None:
-    """The C-STORE-RQ in `encoded` (a whole command set), or None if it is anything else or unusual."""
+def _read_elements(encoded: bytes, table: dict[int, int], required: tuple[int, ...]) -> dict[int, int | str] | None:
+    """The values of a command set made only of `table`'s elements, each once, in ascending order, with
+    every `required` one and a Command Group Length first that counts exactly the bytes after it; else None."""
     values: dict[int, int | str] = {}
     end = len(encoded)
     pos = 0
@@ -68,7 +69,7 @@ def parse_store_rq(encoded: bytes) -> StoreRequest | None:
             return None
         group, element, length = _ELEMENT.unpack_from(encoded, pos)
         pos += 8
-        kind = _STORE_RQ.get(element)
+        kind = table.get(element)
         if group != 0 or kind is None or element <= last or length > end - pos:
             return None
         last = element
@@ -86,10 +87,18 @@ def parse_store_rq(encoded: bytes) -> StoreRequest | None:
             if length > 64 or not raw.isascii():
                 return None
             values[element] = raw.decode("ascii")
-    if any(element not in values for element in _REQUIRED):
+    if any(element not in values for element in required):
         return None
-    if values[0x0000] != end - 12 or encoded[:4] != b"\x00\x00\x00\x00" or encoded[4:8] != b"\x04\x00\x00\x00":
+    if values[0x0000] != end - 12 or encoded[:8] != b"\x00\x00\x00\x00\x04\x00\x00\x00":
         return None  # the group length element first, counting exactly the bytes after it
+    return values
+
+
+def parse_store_rq(encoded: bytes) -> StoreRequest | None:
+    """The C-STORE-RQ in `encoded` (a whole command set), or None if it is anything else or unusual."""
+    values = _read_elements(encoded, _STORE_RQ, _REQUIRED)
+    if values is None:
+        return None
     if values[0x0100] != _C_STORE_RQ or values[0x0800] == _NO_DATA_SET or values[0x0700] not in (0, 1, 2):
         return None
     sop_class = str(values[0x0002]).rstrip("\0")  # UI is padded to an even length with a NUL (PS3.5 9.1)
@@ -232,37 +241,12 @@ _C_STORE_RSP = 0x8001
 
 def parse_store_rsp(encoded: bytes) -> StoreAnswer | None:
     """The common C-STORE-RSP in `encoded` (a whole command set), or None: then :func:`store_answer` decodes it."""
-    values: dict[int, int] = {}
-    end = len(encoded)
-    pos = 0
-    last = -1
-    while pos < end:
-        if end - pos < 8:
-            return None
-        group, element, length = _ELEMENT.unpack_from(encoded, pos)
-        pos += 8
-        kind = _STORE_RSP.get(element)
-        if group != 0 or kind is None or element <= last or length > end - pos:
-            return None
-        last = element
-        if kind == _US:
-            if length != 2:
-                return None
-            values[element] = int.from_bytes(encoded[pos : pos + 2], "little")
-        elif kind == _UL:
-            if length != 4:
-                return None
-            values[element] = int.from_bytes(encoded[pos : pos + 4], "little")
-        elif length > 64:
-            return None
-        pos += length
-    if any(element not in values for element in (0x0000, 0x0100, 0x0120, 0x0800, 0x0900)):
-        return None
-    if values[0x0000] != end - 12 or encoded[:8] != b"\x00\x00\x00\x00\x04\x00\x00\x00":
+    values = _read_elements(encoded, _STORE_RSP, (0x0000, 0x0100, 0x0120, 0x0800, 0x0900))
+    if values is None:
         return None
     if values[0x0100] != _C_STORE_RSP or values[0x0800] != 0x0101:
         return None
-    return StoreAnswer(_C_STORE_RSP, values[0x0120], values[0x0900])
+    return StoreAnswer(_C_STORE_RSP, int(values[0x0120]), int(values[0x0900]))
 
 
 def store_answer(command: Dataset) -> StoreAnswer:

@@ -61,6 +61,9 @@ class RecordingChannel:
         )
         self.sent = bytearray()
         self.closed = False
+        self.blob_stream = False  # a far router that did not answer FEATURES: whole blobs only
+        self.blob_notes: list[tuple[str, bool, bytes]] = []
+        self.blobs_opened: set[str] = set()
 
     async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
         self.sent += data

@@ -86,8 +86,8 @@ MAX_UPLOADS = 1
 MAX_WAITING_UPLOADS = 4
 # A streamed blob's parts: small enough that the first is stored (and the far router starts) early, few enough in
 # flight that they are stored in order rather than all together near the end.
-STREAM_PART_BYTES = 2 * 1024 * 1024
-STREAM_PARALLEL = 2
+STREAM_PART_BYTES = 1024 * 1024
+STREAM_PARALLEL = 4
 
 
 class TransferError(RelayError):

@@ -20,9 +20,9 @@ again later and parks it in its dead-letter state after `[accelerate] max_attemp
 writes an `accel_transfer` audit alert, the event router A writes when its upload URL is refused.
 A near router that asked in its HELLO (and this router answered FEATURES) announces a blob as soon as its
 first part is stored (BLOB_OPEN, then BLOB_PARTS as more are): the fetch starts then and follows the
-upload, and the BLOB record that closes it brings the manifest (checked as above). A fetch still begins
-only with a free slot, and a near router keeps at most one blob open without its manifest, so a waiting
-BLOB_OPEN never holds up the BLOB_PARTS of a fetch that holds a slot.
+upload, and the BLOB record that closes it brings the manifest (checked as above). Such a fetch waits for
+its slot in its own task, not in the record reader: the BLOB_PARTS and BLOB records of the fetches holding
+the slots must still be read (at most MAX_OPEN_BLOBS blobs may be open at once).
 
 For a device with `patient_identity` as well, each instance's patient identity is coerced into this
 site's domain on its way into the spool (relay_router.identity.instances): the same decision, audit and
@@ -372,10 +372,11 @@ class FarSession:
         blob = IncomingBlob(self._blobs, header.blob_id, header.ordinal)
         if isinstance(header, records.BlobOpen):
             self._open_blobs[header.ordinal] = _OpenBlob(header, blob)
+            task = asyncio.create_task(self._fetch(instance, blob, writer, wait_for_slot=True))
         else:
             blob.finish(header.parts, instance.length, header.digest)
-        await self._fetch_slots.acquire()
-        task = asyncio.create_task(self._fetch(instance, blob, writer))
+            await self._fetch_slots.acquire()  # the next BLOB record waits, and the stream with it: backpressure
+            task = asyncio.create_task(self._fetch(instance, blob, writer))
         self._fetches.add(task)
         task.add_done_callback(self._fetched)
 
@@ -415,9 +416,15 @@ class FarSession:
             except SpillFailed as exc:  # fewer parts than announced
                 raise records.RecordError(f"SECURITY: {exc}", security=True) from None
 
-    async def _fetch(self, instance: records.InstanceHeader, blob: IncomingBlob, writer: SpoolWriter) -> None:
+    async def _fetch(
+        self, instance: records.InstanceHeader, blob: IncomingBlob, writer: SpoolWriter, *, wait_for_slot: bool = False
+    ) -> None:
         committing = False
+        holds_slot = not wait_for_slot
         try:
+            if wait_for_slot:
+                await self._fetch_slots.acquire()
+                holds_slot = True
             assert self._blobs is not None
             coercion = self._coercer(instance)
             written = 0
@@ -459,7 +466,8 @@ class FarSession:
         finally:
             if not committing:
                 writer.abort()
-            self._fetch_slots.release()
+            if holds_slot:
+                self._fetch_slots.release()
 
     def _alert(self, detail: str) -> None:
         """A security failure of this transfer in the audit trail, shaped as router A's (NearTransfer's)."""

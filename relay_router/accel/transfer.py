@@ -26,9 +26,11 @@ while this router uploads; the BLOB record closes the blob with its manifest. Wi
 far router only once it was whole: its whole transfer time again at the end of a study of big instances
 (4 radiographs of 19 MB at 24 Mbit/s: 14.9 s end to end against 12.0 s inline). Such blobs are cut into
 `STREAM_PART_BYTES` parts, `STREAM_PARALLEL` in flight, so that the first is stored early. One upload runs
-at a time (the link is saturated by one upload's parts), which keeps each blob's records in ordinal order
-and at most one blob open at the far router. An upload that fails after its BLOB_OPEN ends the stream:
-everything in flight is sent again on the next one (inline, since spill is then paused).
+at a time (the link is saturated by one upload's parts); a streamed one hands its slot on once its BLOB_OPEN
+is queued and its last part is in flight, so the next blob starts while its tail is stored (no idle link
+between blobs) and BLOB_OPENs still go out in ordinal order. The far router fetches open blobs without
+holding up its record reader. An upload that fails after its BLOB_OPEN ends the stream: everything in
+flight is sent again on the next one (inline, since spill is then paused).
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ class NearTransfer:
         # instances (an instance's records go out back to back), so the receiving task never waits to send.
         self._acks: list[str] = []
         self.in_flight: dict[str, InFlight] = {}
+        self._uploads: ConcurrentUploads | None = None  # the current stream's
         self.connected = False
         self.last_error = ""
         self.sessions = 0
@@ -432,6 +435,7 @@ class NearTransfer:
             on_done=self.wake,
             room=lambda: self._blob_room(uploads),
         )
+        self._uploads = uploads
         try:
             await self._send_loop(channel, done, uploads)
         finally:
@@ -560,7 +564,17 @@ class NearTransfer:
         dicom = self.config.dicom
         level = dicom.compression_level if channel.codec.compressor is not None else None
         streamed = channel.blob_stream  # the far router follows the upload (BLOB_OPEN, BLOB_PARTS)
-        opened = False
+        opened = added_all = False
+        task, uploads = asyncio.current_task(), self._uploads
+
+        def hand_on() -> None:  # the next upload may start: this one's BLOB_OPEN is queued, its last part in flight
+            if streamed and opened and added_all and uploads is not None:
+                uploads.release(task)
+
+        def all_added() -> None:
+            nonlocal added_all
+            added_all = True
+            hand_on()
 
         async def stored() -> None:  # more parts are stored, in order: tell the far router (via the send loop)
             nonlocal opened
@@ -568,6 +582,7 @@ class NearTransfer:
                 opened = True
                 note = records.blob_open(records.BlobOpen(header, upload.blob_id, upload.ordinal))
                 channel.blob_notes.append((header.id, True, note))
+                hand_on()
             elif channel.blob_notes and channel.blob_notes[-1][0] == header.id and not channel.blob_notes[-1][1]:
                 channel.blob_notes.pop()  # not sent yet: the higher count replaces it
             channel.blob_notes.append(
@@ -588,7 +603,7 @@ class NearTransfer:
         channel.blob_ordinal += 1  # used whatever happens next: no part nonce is ever sealed twice
         part_bytes = min(dicom.spill_part_bytes, STREAM_PART_BYTES) if streamed else dicom.spill_part_bytes
         try:
-            return await self._store(upload, header, part_bytes)
+            return await self._store(upload, header, part_bytes, all_added)
         except (SpillUnavailable, SpillFailed, OSError) as exc:
             await upload.cancel()
             if upload.blob_id:  # the bridge deletes it with the stream anyway; free the quota now
@@ -599,7 +614,9 @@ class NearTransfer:
         finally:
             upload.abandon()  # cancelled (the stream ended): no upload outlives it
 
-    async def _store(self, upload: BlobUpload, header: records.InstanceHeader, part_bytes: int) -> records.BlobHeader:
+    async def _store(
+        self, upload: BlobUpload, header: records.InstanceHeader, part_bytes: int, all_added: Callable[[], None]
+    ) -> records.BlobHeader:
         """Read the spooled file in parts of `part_bytes` into the upload; the reference once all are stored."""
         with self.spool.path(header.id).open("rb") as source:
             left = header.length
@@ -610,6 +627,7 @@ class NearTransfer:
                 left -= len(part)
                 await upload.harvest()
                 await upload.add(part, last=left == 0)
+        all_added()
         await upload.wait_all()
         self.spill.stats.blobs_sent += 1
         self.spill.stats.bytes_spilled += upload.plain_len

@@ -242,3 +242,34 @@ def test_stream_records_round_trip_and_are_bounded() -> None:
         records.RecordReader(records.FAR_TO_NEAR).feed(records.blob_open(opened))
     with pytest.raises(records.RecordError, match="not expected in this direction"):
         records.RecordReader(records.NEAR_TO_FAR).feed(records.features(blob_stream=True))
+
+
+async def test_an_upload_hands_its_slot_on_and_at_most_one_more_runs_beside_it() -> None:
+    """ConcurrentUploads.release: the next upload starts while a released one finishes, never two beyond."""
+    from relay_router.accel.uploads import ConcurrentUploads
+
+    started: list[str] = []
+    tasks: dict[str, asyncio.Task[object] | None] = {}
+    gate = asyncio.Event()
+
+    async def upload(header: records.InstanceHeader) -> records.BlobHeader | None:
+        started.append(header.id)
+        tasks[header.id] = asyncio.current_task()
+        await gate.wait()
+        return None
+
+    uploads = ConcurrentUploads(upload, limit=1, waiting=3, on_done=lambda: None)
+    for n in range(3):
+        header = records.InstanceHeader(f"e{n}", CT, f"1.2.3.{n}", EXPLICIT, 1)
+        uploads.submit(SimpleNamespace(id=f"e{n}"), header)  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert started == ["e0"], "one at a time"
+    uploads.release(tasks["e0"])
+    await asyncio.sleep(0.01)
+    assert started == ["e0", "e1"], "the next starts once the first handed its slot on"
+    uploads.release(tasks["e1"])
+    await asyncio.sleep(0.01)
+    assert started == ["e0", "e1"], "at most one more beside a released upload"
+    gate.set()
+    await _until(lambda: started == ["e0", "e1", "e2"], "the third upload, once one has ended")
+    await uploads.close()

@@ -90,6 +90,9 @@ MAX_WAITING_UPLOADS = 4
 # flight that they are stored in order rather than all together near the end.
 STREAM_PART_BYTES = 1024 * 1024
 STREAM_PARALLEL = 4
+# A new stream's first upload waits this long at most for the far router's first records (FEATURES comes first
+# from a router that streams blobs; an older one sends none), so that a study's first blob is streamed too.
+FEATURES_WAIT_S = 1.0
 
 
 class TransferError(RelayError):
@@ -129,6 +132,7 @@ class RecordChannel:
         # Near side: the far router takes BLOB_OPEN/BLOB_PARTS (its FEATURES said so); their records, queued by the
         # uploads for the send loop as (entry id, opens, record); the entries whose BLOB_OPEN went out.
         self.blob_stream = False
+        self.heard = asyncio.Event()  # the far router's first records arrived (FEATURES, if it sends it, among them)
         self.blob_notes: list[tuple[str, bool, bytes]] = []
         self.blobs_opened: set[str] = set()
 
@@ -563,6 +567,9 @@ class NearTransfer:
             return None
         dicom = self.config.dicom
         level = dicom.compression_level if channel.codec.compressor is not None else None
+        if not channel.heard.is_set():  # a new stream: whether the far router streams blobs is not known yet
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.heard.wait(), FEATURES_WAIT_S)
         streamed = channel.blob_stream  # the far router follows the upload (BLOB_OPEN, BLOB_PARTS)
         opened = added_all = False
         task, uploads = asyncio.current_task(), self._uploads
@@ -681,6 +688,7 @@ class NearTransfer:
                 if not done.is_set():
                     raise TransferError("the far router ended the accelerated transfer")
                 return
+            channel.heard.set()
             for record in received:
                 if isinstance(record, records.Features):
                     channel.blob_stream = record.blob_stream

@@ -66,6 +66,8 @@ class StreamingChannel:
         self.closed = False
         self.blob_stream = True
         self.blob_notes: list[tuple[str, bool, bytes]] = []
+        self.heard = asyncio.Event()
+        self.heard.set()  # the far router's first records have arrived
         self.blobs_opened: set[str] = set()
 
     async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:

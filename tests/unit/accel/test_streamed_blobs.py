@@ -275,3 +275,63 @@ async def test_an_upload_hands_its_slot_on_and_at_most_one_more_runs_beside_it()
     gate.set()
     await _until(lambda: started == ["e0", "e1", "e2"], "the third upload, once one has ended")
     await uploads.close()
+
+
+# -- the far router's side (FarSession): an open blob fetched as it is announced, and hostile records ---------
+
+
+async def test_the_far_router_follows_an_open_blob_and_stores_it_only_after_its_manifest(tmp_path: Path) -> None:
+    from tests.unit.accel.test_spill_records import ENTRY, FakeChannel, _finish, _part10, _sealers, _session, _upload
+
+    near, far = _sealers()
+    transport = MemoryTransport()
+    channel = FakeChannel(far)
+    session, spool = _session(tmp_path, channel, transport)
+    data, ds = _part10(tmp_path)
+    instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+    upload = await _upload(transport, near, data, ordinal=0)
+    assert upload.parts >= 3
+    await session._apply(records.BlobOpen(instance, upload.blob_id, 0))
+    await session._apply(records.BlobParts(0, upload.blob_id, 1))
+    await session._apply(records.BlobParts(0, upload.blob_id, upload.parts - 1))
+    await asyncio.sleep(0.05)
+    assert channel.answers() == [] and spool.entries() == [], "nothing stored before the manifest"
+    with pytest.raises(records.RecordError, match="SECURITY"):  # a count that goes down
+        await session._apply(records.BlobParts(0, upload.blob_id, 1))
+    await session._apply(records.BlobHeader(instance, upload.blob_id, 0, upload.parts, upload.digest()))
+    await asyncio.wait_for(_finish(session), 5)
+    assert channel.answers() == [records.Stored(ENTRY, instance.sop_instance)]
+    (entry,) = spool.entries()
+    assert spool.path(entry.id).read_bytes() == data, "the spooled file is the near router's, byte for byte"
+    spool.close()
+
+
+async def test_the_far_router_refuses_records_that_do_not_match_an_open_blob(tmp_path: Path) -> None:
+    from relay_router.accel.receive import MAX_OPEN_BLOBS
+    from tests.unit.accel.test_spill_records import ENTRY, FakeChannel, _part10, _sealers, _session
+
+    _, far = _sealers()
+    session, spool = _session(tmp_path, FakeChannel(far), MemoryTransport())
+    data, ds = _part10(tmp_path)
+    instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+    blob_id = "cd" * 16
+    try:
+        with pytest.raises(records.RecordError, match="SECURITY: BLOB_PARTS for blob .* not open"):
+            await session._apply(records.BlobParts(0, blob_id, 1))
+        await session._apply(records.BlobOpen(instance, blob_id, 0))
+        with pytest.raises(records.RecordError, match="not open"):  # the right ordinal, another blob id
+            await session._apply(records.BlobParts(0, "ef" * 16, 1))
+        with pytest.raises(records.RecordError, match="BLOB_PARTS: .* parts for"):
+            await session._apply(records.BlobParts(0, blob_id, records.max_parts(len(data)) + 1))
+        other = records.InstanceHeader(ENTRY, instance.sop_class, "1.2.3.4", EXPLICIT, len(data))
+        with pytest.raises(records.RecordError, match="changed its instance"):
+            await session._apply(records.BlobHeader(other, blob_id, 0, 1, bytes(32)))
+        for ordinal in range(1, MAX_OPEN_BLOBS):
+            await session._apply(records.BlobOpen(instance, blob_id, ordinal))
+        with pytest.raises(records.RecordError, match="blobs announced without their manifest"):
+            await session._apply(records.BlobOpen(instance, blob_id, MAX_OPEN_BLOBS))
+    finally:
+        for fetch in session._fetches:
+            fetch.cancel()
+        await asyncio.gather(*session._fetches, return_exceptions=True)
+        spool.close()

@@ -70,6 +70,10 @@ SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.
 READ_BYTES = 256 * 1024
 THREAD_MIN_BYTES = 64 * 1024  # frames from this size on are compressed and sealed in a worker thread
 FLUSH_SOON_S = 0.01  # how long RecordChannel.flush_soon lets records gather before they go out
+# Before a partial frame goes out, the send loop waits this long for more instances (a device sending a study
+# commits one every few ms): small instances then share frames instead of one sealed frame each, which costs
+# both routers CPU per frame. The first image of a study waits this long more.
+LINGER_S = 0.01
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
 # How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
@@ -162,6 +166,10 @@ class RecordChannel:
                 except SEND_ERRORS as exc:
                     raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
                 self.bytes_sent += len(payload)
+
+    def partial(self) -> bool:
+        """Whether record bytes wait for a flush (less than a frame)."""
+        return bool(self._pending)
 
     def flush_soon(self) -> None:
         """Flush within FLUSH_SOON_S: records queued by several tasks meanwhile (the far router's STORED and
@@ -451,6 +459,7 @@ class NearTransfer:
     async def _send_loop(self, channel: RecordChannel, done: asyncio.Event, uploads: ConcurrentUploads) -> None:
         bucket = self.config.accelerate.bucket_bytes
         idle_since = time.monotonic()
+        lingered = False
         while not done.is_set():
             await self._send_acks(channel, flush=True)
             filled = await self._collect_uploads(channel, uploads)
@@ -461,9 +470,19 @@ class NearTransfer:
                 filled += await self._send_instance(channel, entry, uploads)
                 filled += await self._collect_uploads(channel, uploads)
             if filled:
+                if not lingered and filled < bucket and channel.partial():  # more may come within LINGER_S
+                    lingered = True
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), LINGER_S)
+                    continue
                 await channel.send(b"", flush=True)  # the end of a bucket: nothing waits in a partial frame
+                lingered = False
                 idle_since = time.monotonic()
                 continue
+            if lingered:  # lingered and nothing more came: what waits in the partial frame goes now
+                await channel.send(b"", flush=True)
+                lingered = False
             if self.in_flight or self._awaiting():
                 idle_since = time.monotonic()
             else:

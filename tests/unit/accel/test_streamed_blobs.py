@@ -76,6 +76,9 @@ class StreamingChannel:
     async def close(self, reason: object = None) -> None:
         self.closed = True
 
+    def partial(self) -> bool:
+        return False  # every record is "sent" at once
+
     def records(self) -> list[records.Record]:
         return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
 

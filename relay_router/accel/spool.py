@@ -605,7 +605,8 @@ class Spool:
         return [
             e
             for e in self.entries(route=route)
-            if e.state in (EntryState.RECEIVED, EntryState.RETRY) and e.next_attempt <= now
+            if e.state in (EntryState.RECEIVED, EntryState.RETRY)
+            and e.next_attempt <= now
         ]
 
     def next_due(self, *, route: str | None = None) -> float | None:

@@ -156,17 +156,24 @@ class AcceptorServer:
             self._wake.clear()
             sent = 0
             while (entry := self.spool.claim(ROUTE, time.time())) is not None:
-                path = self.spool.path(entry.id)
+                # As NearTransfer._send_inline: a held (journaled, in memory) instance from memory, else its file.
+                held = self.spool.held(entry.id) if hasattr(self.spool, "held") else None
+                path = self.spool.path(entry.id) if held is None else None
+                size = len(held) if held is not None else path.stat().st_size  # type: ignore[union-attr]
                 header = records.InstanceHeader(
-                    entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, path.stat().st_size
+                    entry.id, entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax, size
                 )
                 try:
                     await channel.send(records.instance(header), new_instance=True)
                 except TypeError:  # the baseline: RecordChannel.send before new_instance
                     await channel.send(records.instance(header))
-                with path.open("rb") as source:
-                    while chunk := await asyncio.to_thread(source.read, 256 * 1024):
-                        await channel.send(records.chunks(chunk))
+                if held is not None:
+                    await channel.send(records.chunks(bytes(held)))
+                else:
+                    assert path is not None
+                    with path.open("rb") as source:
+                        while chunk := await asyncio.to_thread(source.read, 256 * 1024):
+                            await channel.send(records.chunks(chunk))
                 self.spool.set_state(entry.id, EntryState.FORWARDED)
                 self.spool.set_state(entry.id, EntryState.DELIVERED)
                 self.spool.remove(entry.id)

@@ -18,6 +18,11 @@ fetched or fails verification is REFUSED as a transient failure (0x0110): the ne
 again later and parks it in its dead-letter state after `[accelerate] max_attempts`. A security failure
 (a URL outside `spill_endpoints`, a part that fails authentication, a blob longer than announced) also
 writes an `accel_transfer` audit alert, the event router A writes when its upload URL is refused.
+A near router that asked in its HELLO (and this router answered FEATURES) announces a blob as soon as its
+first part is stored (BLOB_OPEN, then BLOB_PARTS as more are): the fetch starts then and follows the
+upload, and the BLOB record that closes it brings the manifest (checked as above). Such a fetch waits for
+its slot in its own task, not in the record reader: the BLOB_PARTS and BLOB records of the fetches holding
+the slots must still be read (at most MAX_OPEN_BLOBS blobs may be open at once).
 
 For a device with `patient_identity` as well, each instance's patient identity is coerced into this
 site's domain on its way into the spool (relay_router.identity.instances): the same decision, audit and
@@ -57,7 +62,17 @@ MIN_PROBE_INTERVAL_S = 60.0
 PARALLEL_COMMITS = 8
 # Blobs fetched at once per session; the next BLOB record waits (and so does the stream: backpressure).
 MAX_BLOB_FETCHES = 2
+# Blobs announced by BLOB_OPEN and not yet closed by their BLOB record; a near router keeps one open at a time.
+MAX_OPEN_BLOBS = 8
 PROCESSING_FAILURE = 0x0110  # PS3.7 C: what a blob that could not be fetched or verified is refused with
+
+
+class _OpenBlob:
+    """A blob announced by BLOB_OPEN: its fetch (None if the instance was refused) until its BLOB record."""
+
+    def __init__(self, header: records.BlobOpen, blob: IncomingBlob | None) -> None:
+        self.header = header
+        self.blob = blob
 
 
 def _not_coerced(exc: HeadError) -> tuple[int, bool, str]:
@@ -109,6 +124,7 @@ class FarSession:
             else None
         )
         self._next_ordinal = 0  # blob ordinals only grow: a part sealed for one blob never opens as another's
+        self._open_blobs: dict[int, _OpenBlob] = {}  # by ordinal: announced (BLOB_OPEN), manifest not yet here
         self._fetches: set[asyncio.Task[None]] = set()
         self._fetch_slots = asyncio.Semaphore(MAX_BLOB_FETCHES)
         self.from_site = from_site
@@ -151,6 +167,8 @@ class FarSession:
                 known = await self._probe()
             else:  # offer what is known now; the fresh answer follows on this stream
                 refresh = asyncio.create_task(self._refresh())
+        if hello.blob_stream:  # a near router that does not ask would not understand the answer
+            await self.channel.send(records.features(blob_stream=self._blobs is not None))
         if known is not None:
             await self.channel.send(records.capabilities(known.narrowed(self.granted).contexts))
         for outcome in self.book.pending(self.from_site):
@@ -210,7 +228,14 @@ class FarSession:
         elif isinstance(record, records.InstanceHeader):
             self._begin(record)
         elif isinstance(record, records.BlobHeader):
+            if record.ordinal in self._open_blobs:
+                self._close_blob(record)
+            else:
+                await self._begin_blob(record)
+        elif isinstance(record, records.BlobOpen):
             await self._begin_blob(record)
+        elif isinstance(record, records.BlobParts):
+            self._blob_parts(record)
         elif isinstance(record, records.Chunk):
             if self._coercion is None:
                 self._write(record.data)
@@ -279,21 +304,33 @@ class FarSession:
             return None, (Status.CANNOT_UNDERSTAND, True, str(exc))
         return writer, None
 
-    async def _begin_blob(self, header: records.BlobHeader) -> None:
-        """An instance by reference: fetched by a task of its own (at most MAX_BLOB_FETCHES), then committed."""
+    async def _begin_blob(self, header: records.BlobHeader | records.BlobOpen) -> None:
+        """An instance by reference: fetched by a task of its own (at most MAX_BLOB_FETCHES), then committed.
+        A BLOB record brings the whole manifest; a BLOB_OPEN one only the blob, its parts and manifest follow."""
         instance = header.instance
+        opening = isinstance(header, records.BlobOpen)
         if self._blobs is None:  # not agreed: a broken peer; refused (retried, then dead) rather than looping
             await self._refuse(instance, (PROCESSING_FAILURE, False, "this transfer did not agree to spill"))
             return
         if header.ordinal < self._next_ordinal:  # the record is sealed, so only a broken or hostile peer
             raise records.RecordError(f"SECURITY: blob {header.blob_id} reuses ordinal {header.ordinal}", security=True)
+        if opening and len(self._open_blobs) >= MAX_OPEN_BLOBS:
+            raise records.RecordError(f"more than {MAX_OPEN_BLOBS} blobs announced without their manifest")
         self._next_ordinal = header.ordinal + 1
         writer, refusal = self._admit(instance)
         if writer is None:
+            if isinstance(header, records.BlobOpen):  # its parts and manifest still come: ignored
+                self._open_blobs[header.ordinal] = _OpenBlob(header, None)
             await self._refuse(instance, refusal)
             return
-        await self._fetch_slots.acquire()
-        task = asyncio.create_task(self._fetch(header, writer))
+        blob = IncomingBlob(self._blobs, header.blob_id, header.ordinal)
+        if isinstance(header, records.BlobOpen):
+            self._open_blobs[header.ordinal] = _OpenBlob(header, blob)
+            task = asyncio.create_task(self._fetch(instance, blob, writer, wait_for_slot=True))
+        else:
+            blob.finish(header.parts, instance.length, header.digest)
+            await self._fetch_slots.acquire()  # the next BLOB record waits, and the stream with it: backpressure
+            task = asyncio.create_task(self._fetch(instance, blob, writer))
         self._fetches.add(task)
         task.add_done_callback(self._fetched)
 
@@ -302,20 +339,54 @@ class FarSession:
         if not task.cancelled() and task.exception() is not None:  # a bug: say so instead of losing it
             log.error("fetching a blob from %s failed", self.from_site, exc_info=task.exception())
 
-    async def _fetch(self, header: records.BlobHeader, writer: SpoolWriter) -> None:
-        instance = header.instance
+    def _open_blob(self, ordinal: int, blob_id: str, what: str) -> _OpenBlob:
+        opened = self._open_blobs.get(ordinal)
+        if opened is None or opened.header.blob_id != blob_id:
+            raise records.RecordError(
+                f"SECURITY: {what} for blob {blob_id} (ordinal {ordinal}), not open", security=True
+            )
+        return opened
+
+    def _blob_parts(self, record: records.BlobParts) -> None:
+        """More parts of an open blob are stored: its fetch may go on."""
+        opened = self._open_blob(record.ordinal, record.blob_id, "BLOB_PARTS")
+        if record.parts > records.max_parts(opened.header.instance.length):
+            raise records.RecordError(f"BLOB_PARTS: {record.parts} parts for {opened.header.instance.length} bytes")
+        if opened.blob is not None and opened.blob.end is None:
+            try:
+                opened.blob.announce(record.parts)
+            except SpillFailed as exc:  # a count that went down
+                raise records.RecordError(f"SECURITY: {exc}", security=True) from None
+
+    def _close_blob(self, header: records.BlobHeader) -> None:
+        """The manifest of an open blob: the fetch checks the parts against it at the end."""
+        opened = self._open_blob(header.ordinal, header.blob_id, "BLOB")
+        if opened.header.instance != header.instance:
+            raise records.RecordError(f"SECURITY: blob {header.blob_id} changed its instance", security=True)
+        del self._open_blobs[header.ordinal]
+        if opened.blob is not None and opened.blob.end is None:
+            try:
+                opened.blob.finish(header.parts, header.instance.length, header.digest)
+            except SpillFailed as exc:  # fewer parts than announced
+                raise records.RecordError(f"SECURITY: {exc}", security=True) from None
+
+    async def _fetch(
+        self, instance: records.InstanceHeader, blob: IncomingBlob, writer: SpoolWriter, *, wait_for_slot: bool = False
+    ) -> None:
         committing = False
+        holds_slot = not wait_for_slot
         try:
+            if wait_for_slot:
+                await self._fetch_slots.acquire()
+                holds_slot = True
             assert self._blobs is not None
-            blob = IncomingBlob(self._blobs, header.blob_id, header.ordinal)
-            blob.finish(header.parts, instance.length, header.digest)
             coercion = self._coercer(instance)
             written = 0
             try:
                 async for plain in blob.plaintext():  # each part authenticated; length and digest at the end
                     written += len(plain)
                     if written > instance.length:
-                        raise blob_alert(f"blob {header.blob_id} is longer than its {instance.length} bytes")
+                        raise blob_alert(f"blob {blob.blob_id} is longer than its {instance.length} bytes")
                     writer.write(plain if coercion is None else await coercion.feed(plain))
                 if coercion is not None:
                     writer.write(await coercion.end())
@@ -349,7 +420,8 @@ class FarSession:
         finally:
             if not committing:
                 writer.abort()
-            self._fetch_slots.release()
+            if holds_slot:
+                self._fetch_slots.release()
 
     def _alert(self, detail: str) -> None:
         """A security failure of this transfer in the audit trail, shaped as router A's (NearTransfer's)."""

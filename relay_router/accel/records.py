@@ -22,7 +22,16 @@ near -> far
                 association's key under `part_seq(ordinal, part)`, `digest` the SHA-256 of the
                 stored parts in order, hex); the far router fetches, verifies and spools it
                 (relay_router.accel.receive)
+    BLOB_OPEN   JSON as BLOB without "parts" and "digest": a blob whose upload has begun, sent only to a far
+                router that announced FEATURES {"blob_stream": true}. The far router starts fetching at
+                once; BLOB_PARTS {"ordinal", "blob_id", "parts"} follow as more parts are stored (a count
+                that only grows), and the BLOB record with the same fields closes it with its manifest. So the
+                far router downloads a big instance while it is still being uploaded instead of after: the
+                blob store adds about one part's time instead of one instance's. If the upload fails after
+                BLOB_OPEN, the near router ends the stream (the instance is sent again on the next one).
 far -> near
+    FEATURES    JSON {"blob_stream": bool}: only in answer to a HELLO that asked with "blob_stream": true
+                (a near router that does not ask never receives it)
     CAPABILITIES JSON {"contexts": {sop_class: [transfer syntax, ...]}}: what the device accepts
     STORED      JSON {"id", "sop_instance"}: durable in the far router's spool (near: FORWARDED)
     REFUSED     JSON {"id", "sop_instance", "status", "permanent", "error"}: not taken (spool full,
@@ -68,10 +77,13 @@ class RecordType(IntEnum):
     CHUNK = 0x03
     ACK = 0x04
     BLOB = 0x05
+    BLOB_OPEN = 0x06
+    BLOB_PARTS = 0x07
     CAPABILITIES = 0x10
     STORED = 0x11
     REFUSED = 0x12
     OUTCOME = 0x13
+    FEATURES = 0x14
 
 
 class RecordError(RelayError):
@@ -87,6 +99,8 @@ class Hello:
     # only then may the far router hold a final C-MOVE response for them. Absent (False) from older routers.
     moves: bool = False
     title: str | None = None  # the near router's own AE title for the device (a C-MOVE's Move Destination there)
+    # The near router can announce blobs while they upload (BLOB_OPEN, BLOB_PARTS) if the far router says so.
+    blob_stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,27 @@ class BlobHeader:
     ordinal: int
     parts: int
     digest: bytes
+
+
+@dataclass(frozen=True)
+class BlobOpen:
+    """A blob whose upload has begun: its parts are announced by BlobParts, its manifest by a BLOB record."""
+
+    instance: InstanceHeader
+    blob_id: str
+    ordinal: int
+
+
+@dataclass(frozen=True)
+class BlobParts:
+    ordinal: int
+    blob_id: str
+    parts: int  # parts 0 .. parts-1 are stored
+
+
+@dataclass(frozen=True)
+class Features:
+    blob_stream: bool
 
 
 @dataclass(frozen=True)
@@ -151,7 +186,20 @@ class Outcome:
     error: str
 
 
-Record = Hello | InstanceHeader | BlobHeader | Chunk | Ack | Capabilities | Stored | Refused | Outcome
+Record = (
+    Hello
+    | InstanceHeader
+    | BlobHeader
+    | BlobOpen
+    | BlobParts
+    | Chunk
+    | Ack
+    | Capabilities
+    | Features
+    | Stored
+    | Refused
+    | Outcome
+)
 
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -168,11 +216,27 @@ def _json(kind: RecordType, value: Mapping[str, Any]) -> bytes:
     return _record(kind, body)
 
 
-def hello(*, capabilities: bool, moves: bool = True, title: str | None = None) -> bytes:
+def hello(*, capabilities: bool, moves: bool = True, title: str | None = None, blob_stream: bool = False) -> bytes:
     body: dict[str, Any] = {"version": VERSION, "capabilities": capabilities, "moves": moves}
     if title is not None:
         body["title"] = title
+    if blob_stream:  # absent otherwise: what an older router sends
+        body["blob_stream"] = True
     return _json(RecordType.HELLO, body)
+
+
+def features(*, blob_stream: bool) -> bytes:
+    return _json(RecordType.FEATURES, {"blob_stream": blob_stream})
+
+
+def blob_open(header: BlobOpen) -> bytes:
+    body = _instance_body(header.instance)
+    body.update(blob_id=header.blob_id, ordinal=header.ordinal)
+    return _json(RecordType.BLOB_OPEN, body)
+
+
+def blob_parts(ordinal: int, blob_id: str, parts: int) -> bytes:
+    return _json(RecordType.BLOB_PARTS, {"ordinal": ordinal, "blob_id": blob_id, "parts": parts})
 
 
 def instance(header: InstanceHeader) -> bytes:
@@ -302,17 +366,27 @@ def _instance(value: Mapping[str, Any], what: str) -> InstanceHeader:
     )
 
 
+def _blob_ref(value: Mapping[str, Any], what: str) -> tuple[str, int]:
+    blob_id = _field(value, "blob_id", str, what)
+    if not _BLOB_ID.fullmatch(blob_id):
+        raise RecordError(f"{what} record: blob id {blob_id[:80]!r} is not 32 hex digits")
+    ordinal = _field(value, "ordinal", int, what)
+    if not 0 <= ordinal < MAX_BLOB_ORDINAL:
+        raise RecordError(f"{what} record: ordinal {ordinal} out of range")
+    return blob_id, ordinal
+
+
+def max_parts(length: int) -> int:
+    """The most parts an instance of `length` bytes may be cut into (parts of at least MIN_PART_BYTES)."""
+    return length // MIN_PART_BYTES + 1
+
+
 def _blob(value: Mapping[str, Any], what: str) -> BlobHeader:
     """A BLOB reference, bounded like a transparent association's blob notice (relay_router.spill_receive)."""
     instance = _instance(value, what)
-    blob_id = _field(value, "blob_id", str, what)
-    if not _BLOB_ID.fullmatch(blob_id):
-        raise RecordError(f"BLOB record: blob id {blob_id[:80]!r} is not 32 hex digits")
-    ordinal = _field(value, "ordinal", int, what)
-    if not 0 <= ordinal < MAX_BLOB_ORDINAL:
-        raise RecordError(f"BLOB record: ordinal {ordinal} out of range")
+    blob_id, ordinal = _blob_ref(value, what)
     parts = _field(value, "parts", int, what)
-    if not 1 <= parts <= instance.length // MIN_PART_BYTES + 1:
+    if not 1 <= parts <= max_parts(instance.length):
         raise RecordError(f"BLOB record: {parts} parts for {instance.length} bytes")
     digest = _field(value, "digest", str, what)
     if not _DIGEST.fullmatch(digest):
@@ -335,12 +409,25 @@ def _decode(kind: RecordType, body: bytes) -> Record:
         if title is not None and not (isinstance(title, str) and _ae_title(title)):
             raise RecordError(f"HELLO: title {str(title)[:40]!r} is not an AE title")
         return Hello(
-            bool(value.get("capabilities")), value.get("moves") is True, None if title is None else title.strip()
+            bool(value.get("capabilities")),
+            value.get("moves") is True,
+            None if title is None else title.strip(),
+            value.get("blob_stream") is True,
         )
     if kind is RecordType.INSTANCE:
         return _instance(value, what)
     if kind is RecordType.BLOB:
         return _blob(value, what)
+    if kind is RecordType.BLOB_OPEN:
+        return BlobOpen(_instance(value, what), *_blob_ref(value, what))
+    if kind is RecordType.BLOB_PARTS:
+        blob_id, ordinal = _blob_ref(value, what)
+        parts = _field(value, "parts", int, what)
+        if not 0 <= parts < MAX_BLOB_ORDINAL:  # bounded against the instance's length where the blob is known
+            raise RecordError(f"BLOB_PARTS record: {parts} parts")
+        return BlobParts(ordinal, blob_id, parts)
+    if kind is RecordType.FEATURES:
+        return Features(value.get("blob_stream") is True)
     if kind is RecordType.ACK:
         ids = _field(value, "ids", list, what)
         if len(ids) > MAX_ACK_IDS:
@@ -442,5 +529,19 @@ class RecordReader:
         return out
 
 
-NEAR_TO_FAR = (RecordType.HELLO, RecordType.INSTANCE, RecordType.BLOB, RecordType.CHUNK, RecordType.ACK)
-FAR_TO_NEAR = (RecordType.CAPABILITIES, RecordType.STORED, RecordType.REFUSED, RecordType.OUTCOME)
+NEAR_TO_FAR = (
+    RecordType.HELLO,
+    RecordType.INSTANCE,
+    RecordType.BLOB,
+    RecordType.BLOB_OPEN,
+    RecordType.BLOB_PARTS,
+    RecordType.CHUNK,
+    RecordType.ACK,
+)
+FAR_TO_NEAR = (
+    RecordType.CAPABILITIES,
+    RecordType.FEATURES,
+    RecordType.STORED,
+    RecordType.REFUSED,
+    RecordType.OUTCOME,
+)

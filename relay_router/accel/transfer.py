@@ -19,6 +19,18 @@ transparent association's blobs) and sends a BLOB record naming the blob and its
 CHUNKs. Blobs belong to the stream's association id, so the bridge deletes them when the stream ends:
 an instance interrupted anywhere is uploaded again on the next stream. If the store cannot be used the
 instance goes inline, and spill pauses for the router (SpillState, `BACKOFF_S`) as on transparent routes.
+
+Streamed blobs: a far router that answers the HELLO with FEATURES {"blob_stream": true} is told of each
+blob once its first part is stored (BLOB_OPEN), then of each further part (BLOB_PARTS), so it downloads
+while this router uploads; the BLOB record closes the blob with its manifest. Without it a blob reached the
+far router only once it was whole: its whole transfer time again at the end of a study of big instances
+(4 radiographs of 19 MB at 24 Mbit/s: 14.9 s end to end against 12.0 s inline). Such blobs are cut into
+`STREAM_PART_BYTES` parts, `STREAM_PARALLEL` in flight, so that the first is stored early. One upload runs
+at a time (the link is saturated by one upload's parts); a streamed one hands its slot on once its BLOB_OPEN
+is queued and its last part is in flight, so the next blob starts while its tail is stored (no idle link
+between blobs) and BLOB_OPENs still go out in ordinal order. The far router fetches open blobs without
+holding up its record reader. An upload that fails after its BLOB_OPEN ends the stream: everything in
+flight is sent again on the next one (inline, since spill is then paused).
 """
 
 from __future__ import annotations
@@ -58,6 +70,10 @@ SEND_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError, asyncio.
 READ_BYTES = 256 * 1024
 THREAD_MIN_BYTES = 64 * 1024  # frames from this size on are compressed and sealed in a worker thread
 FLUSH_SOON_S = 0.01  # how long RecordChannel.flush_soon lets records gather before they go out
+# Before a partial frame goes out, the send loop waits this long for more instances (a device sending a study
+# commits one every few ms): small instances then share frames instead of one sealed frame each, which costs
+# both routers CPU per frame. The first image of a study waits this long more.
+LINGER_S = 0.01
 IDLE_CLOSE_S = 30.0  # a stream with nothing to send or await is closed after this long
 OUTCOME_POLL_S = 5.0  # with outcomes awaited and no stream: how soon to reconnect for them
 # How often an idle transfer looks for `relay-router spool retry|purge` requests (a router with only near
@@ -70,8 +86,17 @@ RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 MAX_BLOBS_IN_FLIGHT = 4
 # Uploads run beside the send loop (relay_router.accel.uploads), so small instances are not held behind a big
 # one: at most this many at once, and this many more claimed instances waiting for a slot.
-MAX_UPLOADS = 2
+# One at a time: its `spill_parallel` (or STREAM_PARALLEL) parts in flight fill the uplink, and each blob's records
+# then reach the far router in ordinal order, a streamed one never overlapping another's (see the docstring).
+MAX_UPLOADS = 1
 MAX_WAITING_UPLOADS = 4
+# A streamed blob's parts: small enough that the first is stored (and the far router starts) early, few enough in
+# flight that they are stored in order rather than all together near the end.
+STREAM_PART_BYTES = 1024 * 1024
+STREAM_PARALLEL = 4
+# A new stream's first upload waits this long at most for the far router's first records (FEATURES comes first
+# from a router that streams blobs; an older one sends none), so that a study's first blob is streamed too.
+FEATURES_WAIT_S = 1.0
 
 
 class TransferError(RelayError):
@@ -108,6 +133,12 @@ class RecordChannel:
         self._flush_task: asyncio.Task[None] | None = None  # flush_soon's
         self.bytes_sent = 0  # record bytes, before compression and sealing
         self.bytes_received = 0
+        # Near side: the far router takes BLOB_OPEN/BLOB_PARTS (its FEATURES said so); their records, queued by the
+        # uploads for the send loop as (entry id, opens, record); the entries whose BLOB_OPEN went out.
+        self.blob_stream = False
+        self.heard = asyncio.Event()  # the far router's first records arrived (FEATURES, if it sends it, among them)
+        self.blob_notes: list[tuple[str, bool, bytes]] = []
+        self.blobs_opened: set[str] = set()
 
     async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
         """Queue record bytes; full frames go out at once, the rest with `flush` (the end of a bucket).
@@ -135,6 +166,10 @@ class RecordChannel:
                 except SEND_ERRORS as exc:
                     raise TransferError(f"the link to the bridge broke while sending: {exc}") from exc
                 self.bytes_sent += len(payload)
+
+    def partial(self) -> bool:
+        """Whether record bytes wait for a flush (less than a frame)."""
+        return bool(self._pending)
 
     def flush_soon(self) -> None:
         """Flush within FLUSH_SOON_S: records queued by several tasks meanwhile (the far router's STORED and
@@ -240,6 +275,7 @@ class NearTransfer:
         # instances (an instance's records go out back to back), so the receiving task never waits to send.
         self._acks: list[str] = []
         self.in_flight: dict[str, InFlight] = {}
+        self._uploads: ConcurrentUploads | None = None  # the current stream's
         self.connected = False
         self.last_error = ""
         self.sessions = 0
@@ -347,7 +383,9 @@ class NearTransfer:
         spill = dicom.spill and bool(dicom.spill_threshold_bytes) and self.blobs is not None
         offered = Features(compress=dicom.compression, shuffle=dicom.compression, spill=spill, accel=True)
         handshake, sealer = initiate(self.link.identity, peer, context, offered.names())
-        hello = records.hello(capabilities=self.capabilities.stale(self.local_ae), title=self.local_ae)
+        hello = records.hello(
+            capabilities=self.capabilities.stale(self.local_ae), title=self.local_ae, blob_stream=spill
+        )
         opening = pb.Open(
             association_id=aid,
             to_site=self.route.site,
@@ -409,6 +447,7 @@ class NearTransfer:
             on_done=self.wake,
             room=lambda: self._blob_room(uploads),
         )
+        self._uploads = uploads
         try:
             await self._send_loop(channel, done, uploads)
         finally:
@@ -420,6 +459,7 @@ class NearTransfer:
     async def _send_loop(self, channel: RecordChannel, done: asyncio.Event, uploads: ConcurrentUploads) -> None:
         bucket = self.config.accelerate.bucket_bytes
         idle_since = time.monotonic()
+        lingered = False
         while not done.is_set():
             await self._send_acks(channel, flush=True)
             filled = await self._collect_uploads(channel, uploads)
@@ -430,9 +470,19 @@ class NearTransfer:
                 filled += await self._send_instance(channel, entry, uploads)
                 filled += await self._collect_uploads(channel, uploads)
             if filled:
+                if not lingered and filled < bucket and channel.partial():  # more may come within LINGER_S
+                    lingered = True
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), LINGER_S)
+                    continue
                 await channel.send(b"", flush=True)  # the end of a bucket: nothing waits in a partial frame
+                lingered = False
                 idle_since = time.monotonic()
                 continue
+            if lingered:  # lingered and nothing more came: what waits in the partial frame goes now
+                await channel.send(b"", flush=True)
+                lingered = False
             if self.in_flight or self._awaiting():
                 idle_since = time.monotonic()
             else:
@@ -450,9 +500,17 @@ class NearTransfer:
         between instances, so these records never interleave with another instance's. Returns inline bytes."""
         sent = 0
         for done in uploads.finished():
-            if done.entry.id not in self.in_flight:  # answered meanwhile (a hostile far router): nothing to send
+            entry_id = done.entry.id
+            opened = entry_id in channel.blobs_opened
+            channel.blobs_opened.discard(entry_id)
+            channel.blob_notes = [note for note in channel.blob_notes if note[0] != entry_id]  # the BLOB says all
+            if done.reference is None and opened:  # the far router is fetching it: it cannot go inline now
+                raise TransferError(f"the upload of {done.header.sop_instance} failed after the far router began it")
+            if entry_id not in self.in_flight:  # answered meanwhile (refused, or a hostile far router)
                 if done.reference is not None and self.blobs is not None:
                     await self.blobs.release(channel.association_id, done.reference.blob_id)
+                    if opened:  # the far router forgets the open blob with its manifest
+                        await channel.send(records.blob(done.reference), flush=True)
                 continue
             if done.reference is None:
                 sent += await self._send_inline(channel, done.entry, done.header)
@@ -461,6 +519,13 @@ class NearTransfer:
             self.counts["by_reference"] += 1
             await self._send_acks(channel, flush=False)
             await channel.send(records.blob(done.reference), flush=True)  # the far router starts fetching at once
+        if channel.blob_notes:  # BLOB_OPEN and BLOB_PARTS of the upload running now
+            notes, channel.blob_notes = channel.blob_notes, []
+            for entry_id, opens, note in notes:
+                if opens:
+                    channel.blobs_opened.add(entry_id)
+                await channel.send(note)
+            await channel.send(b"", flush=True)
         return sent
 
     async def _send_instance(self, channel: RecordChannel, entry: SpoolEntry, uploads: ConcurrentUploads) -> int:
@@ -521,18 +586,50 @@ class NearTransfer:
             return None
         dicom = self.config.dicom
         level = dicom.compression_level if channel.codec.compressor is not None else None
+        if not channel.heard.is_set():  # a new stream: whether the far router streams blobs is not known yet
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.heard.wait(), FEATURES_WAIT_S)
+        streamed = channel.blob_stream  # the far router follows the upload (BLOB_OPEN, BLOB_PARTS)
+        opened = added_all = False
+        task, uploads = asyncio.current_task(), self._uploads
+
+        def hand_on() -> None:  # the next upload may start: this one's BLOB_OPEN is queued, its last part in flight
+            if streamed and opened and added_all and uploads is not None:
+                uploads.release(task)
+
+        def all_added() -> None:
+            nonlocal added_all
+            added_all = True
+            hand_on()
+
+        async def stored() -> None:  # more parts are stored, in order: tell the far router (via the send loop)
+            nonlocal opened
+            if not opened:
+                opened = True
+                note = records.blob_open(records.BlobOpen(header, upload.blob_id, upload.ordinal))
+                channel.blob_notes.append((header.id, True, note))
+                hand_on()
+            elif channel.blob_notes and channel.blob_notes[-1][0] == header.id and not channel.blob_notes[-1][1]:
+                channel.blob_notes.pop()  # not sent yet: the higher count replaces it
+            channel.blob_notes.append(
+                (header.id, False, records.blob_parts(upload.ordinal, upload.blob_id, upload.announced))
+            )
+            self.wake()
+
         upload = BlobUpload(
             self.blobs,
             channel.association_id,
             channel.codec.sealer,
             ordinal=channel.blob_ordinal,
-            parallel=dicom.spill_parallel,
+            parallel=min(dicom.spill_parallel, STREAM_PARALLEL) if streamed else dicom.spill_parallel,
             stats=self.spill.stats,
             compressor=FrameCompressor(level, shuffle=channel.codec.features.shuffle) if level else None,
+            on_stored=stored if streamed else None,
         )
         channel.blob_ordinal += 1  # used whatever happens next: no part nonce is ever sealed twice
+        part_bytes = min(dicom.spill_part_bytes, STREAM_PART_BYTES) if streamed else dicom.spill_part_bytes
         try:
-            return await self._store(upload, header)
+            return await self._store(upload, header, part_bytes, all_added)
         except (SpillUnavailable, SpillFailed, OSError) as exc:
             await upload.cancel()
             if upload.blob_id:  # the bridge deletes it with the stream anyway; free the quota now
@@ -543,9 +640,10 @@ class NearTransfer:
         finally:
             upload.abandon()  # cancelled (the stream ended): no upload outlives it
 
-    async def _store(self, upload: BlobUpload, header: records.InstanceHeader) -> records.BlobHeader:
-        """Read the spooled file in parts of `spill_part_bytes` into the upload; the reference once all are stored."""
-        part_bytes = self.config.dicom.spill_part_bytes
+    async def _store(
+        self, upload: BlobUpload, header: records.InstanceHeader, part_bytes: int, all_added: Callable[[], None]
+    ) -> records.BlobHeader:
+        """Read the spooled file in parts of `part_bytes` into the upload; the reference once all are stored."""
         with self.spool.path(header.id).open("rb") as source:
             left = header.length
             while left > 0:
@@ -555,6 +653,7 @@ class NearTransfer:
                 left -= len(part)
                 await upload.harvest()
                 await upload.add(part, last=left == 0)
+        all_added()
         await upload.wait_all()
         self.spill.stats.blobs_sent += 1
         self.spill.stats.bytes_spilled += upload.plain_len
@@ -608,7 +707,11 @@ class NearTransfer:
                 if not done.is_set():
                     raise TransferError("the far router ended the accelerated transfer")
                 return
+            channel.heard.set()
             for record in received:
+                if isinstance(record, records.Features):
+                    channel.blob_stream = record.blob_stream
+                    continue
                 self._apply(record, self._acks)
             self.wake()
 

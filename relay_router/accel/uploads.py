@@ -63,6 +63,7 @@ class ConcurrentUploads:
         self._room = room  # whether the store may take another blob (the stream's quota of blobs in flight)
         self._queue: deque[tuple[SpoolEntry, records.InstanceHeader]] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        self._released: set[asyncio.Task[None]] = set()  # running, but their slot handed on (`release`)
         # Ended uploads by start number, handed back from _next_out on without a gap (see "Ordering").
         self._finished: dict[int, Finished] = {}
         self._started = 0
@@ -100,17 +101,30 @@ class ConcurrentUploads:
             self._next_out += 1
         return done
 
+    def release(self, task: asyncio.Task[object] | None) -> None:
+        """The upload `task` no longer needs its slot (its last parts are in flight): the next may start now,
+        so the link does not idle between two blobs. At most `limit` more run beside released ones."""
+        if task in self._running and task not in self._released:
+            self._released.add(task)  # type: ignore[arg-type]
+            self._start()
+
     def kick(self) -> None:
         """Start what waits, if there is room now (the far router released a blob)."""
         self._start()
 
     def _start(self) -> None:
-        while self._queue and len(self._running) < self.limit and self._room():
+        while (
+            self._queue
+            and len(self._running) - len(self._released) < self.limit
+            and len(self._running) < 2 * self.limit
+            and self._room()
+        ):
             entry, header = self._queue.popleft()
             task = asyncio.get_running_loop().create_task(self._run(self._started, entry, header))
             self._started += 1
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._released.discard)
 
     async def _run(self, number: int, entry: SpoolEntry, header: records.InstanceHeader) -> None:
         try:
@@ -124,6 +138,7 @@ class ConcurrentUploads:
         task = asyncio.current_task()
         if task is not None:
             self._running.discard(task)  # before starting the next: this one is done
+            self._released.discard(task)
         self._start()
         self._on_done()
 
@@ -137,5 +152,6 @@ class ConcurrentUploads:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._running.clear()
+        self._released.clear()
         self._finished.clear()
         self._next_out = self._started  # the cancelled ones never end: nothing waits for them

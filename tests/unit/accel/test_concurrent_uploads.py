@@ -16,16 +16,14 @@ from types import SimpleNamespace
 import pytest
 
 from relay_router.accel import records
-from relay_router.accel.capabilities import CapabilityCache
-from relay_router.accel.spool import EntryState, Spool
-from relay_router.accel.transfer import MAX_UPLOADS, NearTransfer
+from relay_router.accel.spool import EntryState
+from relay_router.accel.transfer import MAX_UPLOADS
 from relay_router.accel.uploads import ConcurrentUploads
 from relay_router.seal import FrameSealer
 from relay_router.wire.features import Features
+from tests.unit.accel.near_support import CT, EXPLICIT, near_transfer, run_send, spool_instance, until
 from tests.unit.router.test_spill import MemoryTransport
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
 THRESHOLD = 256 * 1024
 AID = os.urandom(16).hex()
 
@@ -80,68 +78,25 @@ class RecordingChannel:
         return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
 
 
-def _transfer(tmp_path: Path, store: MemoryTransport) -> tuple[NearTransfer, Spool]:
-    spool = Spool(tmp_path / "spool", max_bytes=256 << 20)
-    config = SimpleNamespace(
-        accelerate=SimpleNamespace(bucket_bytes=4 << 20),
-        dicom=SimpleNamespace(
-            spill_threshold_bytes=THRESHOLD, spill_part_bytes=64 * 1024, spill_parallel=2, compression_level=3
-        ),
-    )
-    route = SimpleNamespace(site="hospital-b", ae_title="ORTHANC_B")
-    transfer = NearTransfer(
-        config,  # type: ignore[arg-type]
-        SimpleNamespace(),  # type: ignore[arg-type]
-        spool,
-        CapabilityCache(tmp_path / "caps.json", 3600),
-        local_ae="ORTHANC_B",
-        route=route,  # type: ignore[arg-type]
-        blobs=store,  # type: ignore[arg-type]
-    )
-    return transfer, spool
-
-
-def _spool(spool: Spool, number: int, size: int) -> str:
-    writer = spool.writer(
-        "ORTHANC_B", sop_class_uid=CT, sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{number}", transfer_syntax=EXPLICIT
-    )
-    writer.write(os.urandom(size))
-    return writer.commit().id
-
-
-async def _until(condition: object, what: str) -> None:
-    for _ in range(500):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def _run(transfer: NearTransfer, channel: RecordingChannel) -> tuple[asyncio.Task[None], asyncio.Event]:
-    done = asyncio.Event()
-    receiving = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
-    return asyncio.get_running_loop().create_task(transfer._send(channel, done, receiving)), done  # type: ignore[arg-type]
-
-
 async def test_small_instances_go_out_while_a_big_upload_is_held(tmp_path: Path) -> None:
     store = HeldStore()
-    transfer, spool = _transfer(tmp_path, store)
-    big = _spool(spool, 1, 4 * THRESHOLD)  # the oldest: claimed first
-    small = [_spool(spool, n, 20_000) for n in range(2, 7)]
+    transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=64 * 1024, parallel=2)
+    big = spool_instance(spool, 1, 4 * THRESHOLD)  # the oldest: claimed first
+    small = [spool_instance(spool, n, 20_000) for n in range(2, 7)]
     channel = RecordingChannel()
-    task, done = await _run(transfer, channel)
+    task, done = await run_send(transfer, channel)
     try:
 
         def sent() -> list[str]:
             return [r.id for r in channel.records() if isinstance(r, records.InstanceHeader)]
 
-        await _until(lambda: len(sent()) == 5, "the five small instances")
+        await until(lambda: len(sent()) == 5, "the five small instances")
         assert sent() == small, "the small instances crossed, in order, while the big one was still uploading"
         assert store.waiting, "the big upload is still held"
         assert not any(isinstance(r, records.BlobHeader) for r in channel.records())
 
         store.open_.set()
-        await _until(lambda: any(isinstance(r, records.BlobHeader) for r in channel.records()), "the BLOB record")
+        await until(lambda: any(isinstance(r, records.BlobHeader) for r in channel.records()), "the BLOB record")
         (blob,) = [r for r in channel.records() if isinstance(r, records.BlobHeader)]
         assert blob.instance.id == big and blob.instance.length == spool.path(big).stat().st_size
         assert transfer.counts["by_reference"] == 1 and transfer.counts["sent"] == 6
@@ -157,18 +112,18 @@ async def test_small_instances_go_out_while_a_big_upload_is_held(tmp_path: Path)
 async def test_a_failed_upload_goes_inline_and_a_stream_end_cancels_uploads_and_requeues(tmp_path: Path) -> None:
     store = HeldStore()
     store.fail_slot = True
-    transfer, spool = _transfer(tmp_path, store)
-    big = _spool(spool, 1, 2 * THRESHOLD)
+    transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=64 * 1024, parallel=2)
+    big = spool_instance(spool, 1, 2 * THRESHOLD)
     channel = RecordingChannel()
-    task, done = await _run(transfer, channel)
-    await _until(lambda: any(isinstance(r, records.InstanceHeader) for r in channel.records()), "the inline instance")
+    task, done = await run_send(transfer, channel)
+    await until(lambda: any(isinstance(r, records.InstanceHeader) for r in channel.records()), "the inline instance")
     (header,) = [r for r in channel.records() if isinstance(r, records.InstanceHeader)]
     assert header.id == big
 
     def body() -> bytes:  # the CHUNKs follow the header over several reads of the spooled file
         return b"".join(r.data for r in channel.records() if isinstance(r, records.Chunk))
 
-    await _until(lambda: len(body()) >= header.length, "the instance's last CHUNK")
+    await until(lambda: len(body()) >= header.length, "the instance's last CHUNK")
     assert body() == spool.path(big).read_bytes(), "the instance went inline, whole"
     assert transfer.spill.paused
     done.set()
@@ -177,11 +132,11 @@ async def test_a_failed_upload_goes_inline_and_a_stream_end_cancels_uploads_and_
 
     # A second stream: an upload held when the stream ends is cancelled, and its entry sent again later.
     store2 = HeldStore()
-    transfer2, spool2 = _transfer(tmp_path / "2", store2)
-    held = _spool(spool2, 9, 2 * THRESHOLD)
+    transfer2, spool2 = near_transfer(tmp_path / "2", store2, threshold=THRESHOLD, part_bytes=64 * 1024, parallel=2)
+    held = spool_instance(spool2, 9, 2 * THRESHOLD)
     channel2 = RecordingChannel()
-    task2, done2 = await _run(transfer2, channel2)
-    await _until(lambda: store2.waiting, "the upload to start")
+    task2, done2 = await run_send(transfer2, channel2)
+    await until(lambda: store2.waiting, "the upload to start")
     done2.set()
     transfer2.wake()
     await asyncio.wait_for(task2, 5)
@@ -207,9 +162,9 @@ async def test_uploads_are_bounded() -> None:
     await asyncio.sleep(0.01)
     assert len(started) == MAX_UPLOADS and uploads.full and uploads.queued == 3
     gate.set()
-    await _until(lambda: len(started) == MAX_UPLOADS + 3, "every upload")
+    await until(lambda: len(started) == MAX_UPLOADS + 3, "every upload")
     ended: list[str] = []
-    await _until(lambda: ended.extend(f.entry.id for f in uploads.finished()) or len(ended) == MAX_UPLOADS + 3, "ends")
+    await until(lambda: ended.extend(f.entry.id for f in uploads.finished()) or len(ended) == MAX_UPLOADS + 3, "ends")
     assert sorted(ended) == sorted(started) and uploads.pending == 0
     await uploads.close()
     with pytest.raises(ValueError):
@@ -235,7 +190,7 @@ async def test_uploads_are_handed_back_in_the_order_they_started_whatever_order_
     assert uploads.finished() == [], "e1 and e2 ended, but e0, started before them, is still running"
     assert uploads.pending == 3
     gates["e0"].set()
-    await _until(lambda: uploads.pending == 3 and not uploads.running, "e0 to end")
+    await until(lambda: uploads.pending == 3 and not uploads.running, "e0 to end")
     assert [f.entry.id for f in uploads.finished()] == ["e0", "e1", "e2"]
     assert uploads.pending == 0
     await uploads.close()

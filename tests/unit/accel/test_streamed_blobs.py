@@ -17,16 +17,14 @@ from types import SimpleNamespace
 import pytest
 
 from relay_router.accel import records
-from relay_router.accel.capabilities import CapabilityCache
-from relay_router.accel.spool import EntryState, Spool
-from relay_router.accel.transfer import NearTransfer, TransferError
+from relay_router.accel.spool import EntryState
+from relay_router.accel.transfer import TransferError
 from relay_router.seal import FrameSealer
 from relay_router.spill_receive import IncomingBlob, SpillReceiver
 from relay_router.wire.features import Features
+from tests.unit.accel.near_support import CT, EXPLICIT, near_transfer, run_send, spool_instance, until
 from tests.unit.router.test_spill import MemoryTransport
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
 THRESHOLD = 256 * 1024
 PART = 64 * 1024
 AID = os.urandom(16).hex()
@@ -83,63 +81,21 @@ class StreamingChannel:
         return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
 
 
-def _transfer(tmp_path: Path, store: MemoryTransport) -> tuple[NearTransfer, Spool]:
-    spool = Spool(tmp_path / "spool", max_bytes=256 << 20)
-    config = SimpleNamespace(
-        accelerate=SimpleNamespace(bucket_bytes=4 << 20),
-        dicom=SimpleNamespace(
-            spill_threshold_bytes=THRESHOLD, spill_part_bytes=PART, spill_parallel=4, compression_level=3
-        ),
-    )
-    transfer = NearTransfer(
-        config,  # type: ignore[arg-type]
-        SimpleNamespace(),  # type: ignore[arg-type]
-        spool,
-        CapabilityCache(tmp_path / "caps.json", 3600),
-        local_ae="ORTHANC_B",
-        route=SimpleNamespace(site="hospital-b", ae_title="ORTHANC_B"),  # type: ignore[arg-type]
-        blobs=store,  # type: ignore[arg-type]
-    )
-    return transfer, spool
-
-
-def _spool(spool: Spool, number: int, size: int) -> str:
-    writer = spool.writer(
-        "ORTHANC_B", sop_class_uid=CT, sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{number}", transfer_syntax=EXPLICIT
-    )
-    writer.write(os.urandom(size))
-    return writer.commit().id
-
-
-async def _until(condition: object, what: str) -> None:
-    for _ in range(500):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def _run(transfer: NearTransfer, channel: StreamingChannel) -> tuple[asyncio.Task[None], asyncio.Event]:
-    done = asyncio.Event()
-    receiving = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
-    return asyncio.get_running_loop().create_task(transfer._send(channel, done, receiving)), done  # type: ignore[arg-type]
-
-
 def _of(channel: StreamingChannel, kind: type) -> list[records.Record]:
     return [r for r in channel.records() if isinstance(r, kind)]
 
 
 async def test_the_far_router_reads_a_blob_while_it_is_still_uploading(tmp_path: Path) -> None:
     store = GatedStore()
-    transfer, spool = _transfer(tmp_path, store)
-    big = _spool(spool, 1, 6 * PART)
+    transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=PART, parallel=4)
+    big = spool_instance(spool, 1, 6 * PART)
     body = spool.path(big).read_bytes()  # with its Part 10 header: 7 parts of at most 64 KiB
     parts = -(-len(body) // PART)
     channel = StreamingChannel()
-    task, done = await _run(transfer, channel)
+    task, done = await run_send(transfer, channel)
     try:
         store.allow(2)
-        await _until(lambda: _of(channel, records.BlobOpen) and _of(channel, records.BlobParts), "BLOB_OPEN")
+        await until(lambda: _of(channel, records.BlobOpen) and _of(channel, records.BlobParts), "BLOB_OPEN")
         (opened,) = _of(channel, records.BlobOpen)
         assert isinstance(opened, records.BlobOpen)
         assert opened.instance.id == big and opened.instance.length == len(body)
@@ -174,11 +130,11 @@ async def test_the_far_router_reads_a_blob_while_it_is_still_uploading(tmp_path:
             blob.announce(announced)
 
         follow()
-        await _until(lambda: len(got) >= PART, "the far router's first part")
+        await until(lambda: len(got) >= PART, "the far router's first part")
         assert store.stored_parts < parts, "the far router read a part before the upload had finished"
 
         store.allow(parts - 2)
-        await _until(lambda: _of(channel, records.BlobHeader), "the BLOB record (manifest)")
+        await until(lambda: _of(channel, records.BlobHeader), "the BLOB record (manifest)")
         follow()
         (manifest,) = _of(channel, records.BlobHeader)
         assert isinstance(manifest, records.BlobHeader)
@@ -203,10 +159,10 @@ async def test_the_far_router_reads_a_blob_while_it_is_still_uploading(tmp_path:
 async def test_an_upload_failing_after_its_blob_open_ends_the_stream(tmp_path: Path) -> None:
     store = GatedStore()
     store.fail_put_after = 2  # the store stops after two parts: the far router has begun fetching
-    transfer, spool = _transfer(tmp_path, store)
-    big = _spool(spool, 1, 6 * PART)
+    transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=PART, parallel=4)
+    big = spool_instance(spool, 1, 6 * PART)
     channel = StreamingChannel()
-    task, done = await _run(transfer, channel)
+    task, done = await run_send(transfer, channel)
     store.allow(10)
     with pytest.raises(TransferError, match="after the far router began it"):
         await asyncio.wait_for(task, 5)
@@ -276,7 +232,7 @@ async def test_an_upload_hands_its_slot_on_and_at_most_one_more_runs_beside_it()
     await asyncio.sleep(0.01)
     assert started == ["e0", "e1"], "at most one more beside a released upload"
     gate.set()
-    await _until(lambda: started == ["e0", "e1", "e2"], "the third upload, once one has ended")
+    await until(lambda: started == ["e0", "e1", "e2"], "the third upload, once one has ended")
     await uploads.close()
 
 

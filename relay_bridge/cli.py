@@ -175,7 +175,7 @@ def _cluster_cert(args: argparse.Namespace) -> int:
 
 async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> None:
     from relay_bridge.check import service_status_line
-    from relay_bridge.lifecycle import drain, reload_certificates
+    from relay_bridge.lifecycle import drain, reload_certificates, shutdown_step
     from relay_bridge.server import start  # grpc is only needed to serve
     from relay_bridge.status import StatusWriter, status_path
 
@@ -215,18 +215,24 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         if server is not None:
             # Refuse new work, let running associations finish, then stop (relay_bridge.lifecycle).
             await drain(server, holder["servicer"], cfg.server.drain_grace_s)  # type: ignore[arg-type]
-        for part in ("status", "metrics", "console"):
+        for part, name in (
+            ("status", "the status file"),
+            ("metrics", "the metrics server"),
+            ("console", "the console"),
+        ):
             if part in holder:
-                await holder[part].stop()  # type: ignore[attr-defined]
+                await shutdown_step(name, holder[part].stop())  # type: ignore[attr-defined]
         cluster = holder["servicer"].state.cluster if "servicer" in holder else None  # type: ignore[attr-defined]
-        if cluster is not None:
-            await cluster.stop()  # after the drain: its rows go, the other replicas stop forwarding here
+        if cluster is not None:  # after the drain: its rows go, the other replicas stop forwarding here
+            await shutdown_step("leaving the cluster", cluster.stop())
         if "servicer" in holder:
-            await holder["servicer"].directory.aclose()  # type: ignore[attr-defined]
+            await shutdown_step("closing the directory", holder["servicer"].directory.aclose())  # type: ignore[attr-defined]
         if "audit" in holder:
             audit: AuditLog = holder["audit"]  # type: ignore[assignment]
             audit.event("stop", "success")
-            await asyncio.to_thread(audit.close)  # the collector's spool keeps what it could not send
+            # the collector's spool keeps what it could not send
+            await shutdown_step("closing the audit log", asyncio.to_thread(audit.close))
+        log.info("stopped")
 
     await run_until_signalled(begin, end, status=lambda: service_status_line(holder["servicer"]))  # type: ignore[arg-type]
 

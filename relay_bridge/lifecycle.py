@@ -17,12 +17,17 @@ Drain, in order (docs/operations.md, "Upgrade without failed associations"):
 3. Running associations get `[server] drain_grace_s` to finish; then the remaining routers are sent
    `Move` too, their sessions end, and `server.stop(STOP_GRACE_S)` cuts whatever still runs (both
    devices get A-ABORT).
+
+Every step after that (`shutdown_step`) is bounded and timed: one that hangs (a database that does not
+answer, a connection that does not close) is logged by name and left behind, so a stop always ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import grpc.aio
@@ -37,6 +42,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay_bridge")
 MOVE_AFTER_S = 1.0
 STOP_GRACE_S = 1.0
+SHUTDOWN_STEP_S = 5.0  # the bound of each step after the drain
+SLOW_STEP_S = 1.0  # a step that took longer is logged with its time
+
+
+async def shutdown_step(name: str, work: Awaitable[object], timeout_s: float = SHUTDOWN_STEP_S) -> None:
+    """Await one step of the stop, at most `timeout_s`; a step that fails or hangs is logged by name and
+    the stop goes on (the process must end: systemd would kill it, a rolling restart would stall)."""
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(work, timeout_s)
+    except TimeoutError:
+        log.warning("stopping: %s did not end within %g s; going on without it", name, timeout_s)
+        return
+    except Exception as exc:
+        log.warning("stopping: %s failed (%s); going on", name, exc)
+        return
+    took = time.monotonic() - started
+    if took > SLOW_STEP_S:
+        log.info("stopping: %s took %.1f s", name, took)
+
+
 POLL_S = 0.2
 
 
@@ -76,9 +102,9 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
         log.info("drain: no association running after %.1f s", loop.time() - started)
     for session in list(state.sessions.values()):
         move(session)
-    await server.stop(STOP_GRACE_S)
+    await shutdown_step("the gRPC server", server.stop(STOP_GRACE_S))
     if servicer.control.watcher is not None:  # before the directory closes: no check against a closed pool
-        await servicer.control.watcher.stop()
+        await shutdown_step("the directory change listener", servicer.control.watcher.stop())
 
 
 def _move_routers(servicer: RelayServicer, *, busy_too: bool) -> None:

@@ -120,3 +120,35 @@ async def test_a_sign_on_during_the_drain_is_unavailable(servicer: RelayServicer
     with pytest.raises(Aborted):
         await servicer.Control(iter(()), call)  # type: ignore[arg-type]
     assert call.aborted is not None and call.aborted[0] == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_stop_step_that_hangs_is_left_behind_by_name_and_one_that_fails_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop must end: a step that never returns (a database that does not answer) is cut after its bound."""
+    hung = asyncio.Event()
+
+    async def hangs() -> None:
+        await hung.wait()
+
+    async def fails() -> None:
+        raise OSError("connection reset")
+
+    async def slow() -> None:
+        await asyncio.sleep(0.2)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level("INFO", logger="relay_bridge"):
+        await lifecycle.shutdown_step("closing the directory", hangs(), timeout_s=0.3)
+        await lifecycle.shutdown_step("leaving the cluster", fails())
+        lifecycle.SLOW_STEP_S, saved = 0.1, lifecycle.SLOW_STEP_S
+        try:
+            await lifecycle.shutdown_step("the console", slow())
+        finally:
+            lifecycle.SLOW_STEP_S = saved
+    assert loop.time() - started < 5, "the hanging step was cut at its bound"
+    text = caplog.text
+    assert "stopping: closing the directory did not end within 0.3 s; going on without it" in text
+    assert "stopping: leaving the cluster failed (connection reset); going on" in text
+    assert "stopping: the console took 0.2 s" in text

@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+from relay_common.validate import printable
+
 ENV = "RELAY_SETUP_TIMING"
 ENABLED = os.environ.get(ENV) == "1"
 log = logging.getLogger("relay.setup_timing")
@@ -20,6 +22,8 @@ if ENABLED:
 
 
 def mark(hop: str, association_id: str) -> None:
-    """Record that `association_id`'s setup reached `hop` now (nothing at all when off)."""
+    """Record that `association_id`'s setup reached `hop` now (nothing at all when off). Some hops come
+    before the router's Open or Join is validated, so the id is logged made printable and bounded."""
     if ENABLED:
-        log.debug("setup hop %s", hop, extra={"assoc": association_id, "hop": hop, "t": time.monotonic()})
+        assoc = printable(association_id, 64)
+        log.debug("setup hop %s", hop, extra={"assoc": assoc, "hop": hop, "t": time.monotonic()})

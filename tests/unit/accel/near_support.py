@@ -8,12 +8,48 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from relay_router.accel import records
 from relay_router.accel.capabilities import CapabilityCache
 from relay_router.accel.spool import Spool
 from relay_router.accel.transfer import NearTransfer
+from relay_router.seal import FrameSealer
+from relay_router.wire.features import Features
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+class RecordingChannel:
+    """What NearTransfer's send loop uses of a RecordChannel; every record kept in order. `blob_stream`: the
+    far router answered FEATURES with streamed blobs (else whole blobs only)."""
+
+    def __init__(self, association_id: str, secret: bytes, transcript: bytes, *, blob_stream: bool) -> None:
+        self.association_id = association_id
+        self.blob_ordinal = 0
+        self.codec = SimpleNamespace(
+            sealer=FrameSealer(secret, transcript, association_id, initiator=True),
+            features=Features(spill=True, accel=True),
+            compressor=None,
+        )
+        self.sent = bytearray()
+        self.closed = False
+        self.blob_stream = blob_stream
+        self.blob_notes: list[tuple[str, bool, bytes]] = []
+        self.heard = asyncio.Event()
+        self.heard.set()  # the far router's first records have arrived
+        self.blobs_opened: set[str] = set()
+
+    async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
+        self.sent += data
+
+    async def close(self, reason: object = None) -> None:
+        self.closed = True
+
+    def partial(self) -> bool:
+        return False  # every record is "sent" at once
+
+    def records(self) -> list[records.Record]:
+        return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
 
 
 def near_transfer(

@@ -19,9 +19,7 @@ from relay_router.accel import records
 from relay_router.accel.spool import EntryState
 from relay_router.accel.transfer import MAX_UPLOADS
 from relay_router.accel.uploads import ConcurrentUploads
-from relay_router.seal import FrameSealer
-from relay_router.wire.features import Features
-from tests.unit.accel.near_support import CT, EXPLICIT, near_transfer, run_send, spool_instance, until
+from tests.unit.accel.near_support import CT, EXPLICIT, RecordingChannel, near_transfer, run_send, spool_instance, until
 from tests.unit.router.test_spill import MemoryTransport
 
 THRESHOLD = 256 * 1024
@@ -45,45 +43,12 @@ class HeldStore(MemoryTransport):
         await super().put(url, data)
 
 
-class RecordingChannel:
-    """What NearTransfer's send loop uses of a RecordChannel; every record kept in order."""
-
-    def __init__(self) -> None:
-        secret, transcript = os.urandom(32), os.urandom(32)
-        self.association_id = AID
-        self.blob_ordinal = 0
-        self.codec = SimpleNamespace(
-            sealer=FrameSealer(secret, transcript, AID, initiator=True),
-            features=Features(spill=True, accel=True),
-            compressor=None,
-        )
-        self.sent = bytearray()
-        self.closed = False
-        self.blob_stream = False  # a far router that did not answer FEATURES: whole blobs only
-        self.blob_notes: list[tuple[str, bool, bytes]] = []
-        self.heard = asyncio.Event()
-        self.heard.set()  # the far router's first records have arrived
-        self.blobs_opened: set[str] = set()
-
-    async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
-        self.sent += data
-
-    async def close(self, reason: object = None) -> None:
-        self.closed = True
-
-    def partial(self) -> bool:
-        return False  # every record is "sent" at once
-
-    def records(self) -> list[records.Record]:
-        return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
-
-
 async def test_small_instances_go_out_while_a_big_upload_is_held(tmp_path: Path) -> None:
     store = HeldStore()
     transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=64 * 1024, parallel=2)
     big = spool_instance(spool, 1, 4 * THRESHOLD)  # the oldest: claimed first
     small = [spool_instance(spool, n, 20_000) for n in range(2, 7)]
-    channel = RecordingChannel()
+    channel = RecordingChannel(AID, os.urandom(32), os.urandom(32), blob_stream=False)
     task, done = await run_send(transfer, channel)
     try:
 
@@ -114,7 +79,7 @@ async def test_a_failed_upload_goes_inline_and_a_stream_end_cancels_uploads_and_
     store.fail_slot = True
     transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=64 * 1024, parallel=2)
     big = spool_instance(spool, 1, 2 * THRESHOLD)
-    channel = RecordingChannel()
+    channel = RecordingChannel(AID, os.urandom(32), os.urandom(32), blob_stream=False)
     task, done = await run_send(transfer, channel)
     await until(lambda: any(isinstance(r, records.InstanceHeader) for r in channel.records()), "the inline instance")
     (header,) = [r for r in channel.records() if isinstance(r, records.InstanceHeader)]
@@ -134,7 +99,7 @@ async def test_a_failed_upload_goes_inline_and_a_stream_end_cancels_uploads_and_
     store2 = HeldStore()
     transfer2, spool2 = near_transfer(tmp_path / "2", store2, threshold=THRESHOLD, part_bytes=64 * 1024, parallel=2)
     held = spool_instance(spool2, 9, 2 * THRESHOLD)
-    channel2 = RecordingChannel()
+    channel2 = RecordingChannel(AID, os.urandom(32), os.urandom(32), blob_stream=False)
     task2, done2 = await run_send(transfer2, channel2)
     await until(lambda: store2.waiting, "the upload to start")
     done2.set()

@@ -21,8 +21,7 @@ from relay_router.accel.spool import EntryState
 from relay_router.accel.transfer import TransferError
 from relay_router.seal import FrameSealer
 from relay_router.spill_receive import IncomingBlob, SpillReceiver
-from relay_router.wire.features import Features
-from tests.unit.accel.near_support import CT, EXPLICIT, near_transfer, run_send, spool_instance, until
+from tests.unit.accel.near_support import CT, EXPLICIT, RecordingChannel, near_transfer, run_send, spool_instance, until
 from tests.unit.router.test_spill import MemoryTransport
 
 THRESHOLD = 256 * 1024
@@ -49,39 +48,7 @@ class GatedStore(MemoryTransport):
         self.stored_parts += 1
 
 
-class StreamingChannel:
-    """What the send loop uses of a RecordChannel, to a far router that answered FEATURES blob_stream."""
-
-    def __init__(self) -> None:
-        self.association_id = AID
-        self.blob_ordinal = 0
-        self.codec = SimpleNamespace(
-            sealer=FrameSealer(SECRET, TRANSCRIPT, AID, initiator=True),
-            features=Features(spill=True, accel=True),
-            compressor=None,
-        )
-        self.sent = bytearray()
-        self.closed = False
-        self.blob_stream = True
-        self.blob_notes: list[tuple[str, bool, bytes]] = []
-        self.heard = asyncio.Event()
-        self.heard.set()  # the far router's first records have arrived
-        self.blobs_opened: set[str] = set()
-
-    async def send(self, data: bytes, *, flush: bool = False, new_instance: bool = False) -> None:
-        self.sent += data
-
-    async def close(self, reason: object = None) -> None:
-        self.closed = True
-
-    def partial(self) -> bool:
-        return False  # every record is "sent" at once
-
-    def records(self) -> list[records.Record]:
-        return records.RecordReader(records.NEAR_TO_FAR).feed(bytes(self.sent))
-
-
-def _of(channel: StreamingChannel, kind: type) -> list[records.Record]:
+def _of(channel: RecordingChannel, kind: type) -> list[records.Record]:
     return [r for r in channel.records() if isinstance(r, kind)]
 
 
@@ -91,7 +58,7 @@ async def test_the_far_router_reads_a_blob_while_it_is_still_uploading(tmp_path:
     big = spool_instance(spool, 1, 6 * PART)
     body = spool.path(big).read_bytes()  # with its Part 10 header: 7 parts of at most 64 KiB
     parts = -(-len(body) // PART)
-    channel = StreamingChannel()
+    channel = RecordingChannel(AID, SECRET, TRANSCRIPT, blob_stream=True)
     task, done = await run_send(transfer, channel)
     try:
         store.allow(2)
@@ -161,7 +128,7 @@ async def test_an_upload_failing_after_its_blob_open_ends_the_stream(tmp_path: P
     store.fail_put_after = 2  # the store stops after two parts: the far router has begun fetching
     transfer, spool = near_transfer(tmp_path, store, threshold=THRESHOLD, part_bytes=PART, parallel=4)
     big = spool_instance(spool, 1, 6 * PART)
-    channel = StreamingChannel()
+    channel = RecordingChannel(AID, SECRET, TRANSCRIPT, blob_stream=True)
     task, done = await run_send(transfer, channel)
     store.allow(10)
     with pytest.raises(TransferError, match="after the far router began it"):

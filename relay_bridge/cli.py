@@ -214,7 +214,9 @@ async def _serve(cfg: bridge_config.BridgeConfig, args: argparse.Namespace) -> N
         server = holder.get("server")
         if server is not None:
             # Refuse new work, let running associations finish, then stop (relay_bridge.lifecycle).
-            await drain(server, holder["servicer"], cfg.server.drain_grace_s)  # type: ignore[arg-type]
+            # A single bridge has no other replica a load balancer could send routers to: no notice period.
+            notice_s = cfg.server.drain_notice_s if cfg.cluster.listen else 0.0
+            await drain(server, holder["servicer"], cfg.server.drain_grace_s, notice_s)  # type: ignore[arg-type]
         for part, name in (
             ("status", "the status file"),
             ("metrics", "the metrics server"),

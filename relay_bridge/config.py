@@ -29,6 +29,10 @@ class ServerSection:
     # SIGTERM: seconds running associations get to finish (new ones are refused meanwhile) before the
     # bridge stops; keep the service manager's stop timeout above it (docs/operations.md).
     drain_grace_s: float = 30.0
+    # SIGTERM, replicas of a cluster only: the drain lasts at least this long, saying "not ready" (/readyz 503,
+    # gRPC health NOT_SERVING), even with nothing running, so that the load balancer's health check takes the
+    # replica out of rotation before its port closes (docs/high-availability.md, "Health checks").
+    drain_notice_s: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -43,6 +47,8 @@ class ServerSection:
             raise InvalidValue("require_client_cert", "needs TLS (insecure = false)")
         if not 0 <= self.drain_grace_s <= 3600:
             raise InvalidValue("drain_grace_s", "must be between 0 and 3600 seconds")
+        if not 0 <= self.drain_notice_s <= 3600:
+            raise InvalidValue("drain_notice_s", "must be between 0 and 3600 seconds")
         if self.enroll_listen:
             try:
                 parse_host_port(self.enroll_listen)

@@ -76,8 +76,11 @@ def reload_certificates(servicer: RelayServicer) -> None:
         log.info("SIGHUP: certificate files unchanged (or refused, see above)")
 
 
-async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float) -> None:
-    """Stop taking work, let running associations finish within `grace_s`, then stop the server."""
+async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float, notice_s: float = 0.0) -> None:
+    """Stop taking work, let running associations finish within `grace_s`, then stop the server; not before
+    `notice_s`, so that a load balancer checking /readyz or the health service sees this replica say "not
+    ready" before its port closes (a closed port reads as a failure, and a check that meets it half-accepted
+    as a reset, not as a drain)."""
     state = servicer.state
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -91,8 +94,8 @@ async def drain(server: grpc.aio.Server, servicer: RelayServicer, grace_s: float
         grace_s,
     )
     state.audit.event("drain", "success", running=len(state.splices), grace_s=grace_s)
-    deadline = started + grace_s
-    while state.splices and loop.time() < deadline:
+    deadline, noticed = started + max(grace_s, notice_s), started + notice_s
+    while (state.splices or loop.time() < noticed) and loop.time() < deadline:
         if loop.time() - started >= MOVE_AFTER_S:
             _move_routers(servicer, busy_too=state.cluster is not None)
         await asyncio.sleep(POLL_S)

@@ -60,6 +60,7 @@ FORWARD = f"/{SERVICE}/Forward"
 EVICT = f"/{SERVICE}/Evict"
 LINK = f"/{SERVICE}/Link"  # the replica's link port (relay_bridge.cluster.link), as decimal text
 LINK_TIMEOUT_S = 2.0
+UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 FROM_SITE = "relay-from-site"  # metadata: the initiating site (authenticated by the origin replica)
 SITE = "relay-site"  # Evict metadata: the site that signed on at the calling replica...
 SINCE = "relay-since"  # ...and when (seconds since the epoch, as a decimal)
@@ -71,9 +72,18 @@ MAX_CHANNELS = 64
 # How long the origin waits for the holding replica's first answer beyond the join timeout
 # (which the holding replica applies itself and answers with Refused TIMEOUT).
 ANSWER_MARGIN_S = 5.0
+# While the holding replica has not answered an Open, the database is asked this often whether it still holds the
+# destination site: a replica that stopped or restarted meanwhile may never answer (CI saw a Forward call to a
+# restarting replica wait out the whole answer timeout), and the site has signed on elsewhere by then.
+HOLDER_CHECK_S = 2.0
 # After a direct join, the holding replica is told to let go this much later (its part holds only the
 # notice's wait, counted against the destination's inbound cap there meanwhile).
 LET_GO_AFTER_S = 0.1
+
+
+class ReplicaUnreachable(LinkClosed):
+    """The replica's cluster port itself did not answer (not only its link port): a Forward call over the same
+    channel would not reach it either."""
 
 
 def replica_unreachable(to_site: str) -> Rejection:
@@ -191,7 +201,8 @@ class Forwarder:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.info("replica %s has no link port (an older version): Forward calls to it", location.replica)
                 return None
-            raise LinkClosed(f"replica {location.replica} did not say its link port: {exc.code().name}") from None
+            failure = ReplicaUnreachable if exc.code() in UNREACHABLE_CODES else LinkClosed
+            raise failure(f"replica {location.replica} did not say its link port: {exc.code().name}") from None
         text = answer.decode("ascii", "replace") if isinstance(answer, bytes) else ""
         if not text.isdigit() or not 0 < int(text) < 65536:
             log.error("replica %s answered a link port that is not one; Forward calls to it", location.replica)
@@ -203,6 +214,8 @@ class Forwarder:
             return None
         try:
             return await self.links.take(location.address, lambda: self.link_port(location))
+        except ReplicaUnreachable:
+            raise  # the caller settles it: no Forward call over a channel that just failed
         except (LinkClosed, ValueError) as exc:
             log.info("no link to replica %s: %s; using a Forward call", location.replica, exc, extra={"assoc": aid})
             return None
@@ -276,8 +289,14 @@ class Forwarder:
         except ValueError as exc:
             log.error("replica %s has an unusable address: %s", location.replica, exc, extra={"assoc": aid})
             return await _settle(unreachable, location)
-        call: Link | grpc.aio.StreamStreamCall[bytes, bytes] | None = await self._take_link(location, aid)
+        try:
+            call: Link | grpc.aio.StreamStreamCall[bytes, bytes] | None = await self._take_link(location, aid)
+        except ReplicaUnreachable as exc:
+            log.warning("replica %s cannot be reached: %s", location.replica, exc, extra={"assoc": aid})
+            self.forget(location.address)
+            return await _settle(unreachable, location)
         if call is None:
+            channel = self.channel(location.address)  # anew: another association may have dropped it meanwhile
             call = channel.stream_stream(FORWARD)(metadata=((FROM_SITE, splice.from_site), (ORIGIN, self.replica_id)))
         try:  # however this ends (even cancelled: the router went away), the link or call ends with it
             return await self._run_call(service, splice, self._offering(op), context, location, call)
@@ -328,7 +347,9 @@ class Forwarder:
             answer_read = asyncio.ensure_future(call.read())
             answer_read.add_done_callback(_retrieved)
             pending: list[asyncio.Future[Any]] = [answer_read, splice.joined]
-            await asyncio.wait(pending, timeout=self._answer_timeout, return_when="FIRST_COMPLETED")
+            if not await self._answered_while_held(pending, op.to_site, location, aid):
+                answer_read.cancel()
+                return unreachable  # run() asks the database again and forwards to the new holder
             if splice.joined.done():
                 if not splice.joined.cancelled():  # cancelled: the initiating router's session ended
                     await self._spliced_directly(service, splice, op, context, location, call)
@@ -392,6 +413,38 @@ class Forwarder:
         await context.write(answer)
         await _splice_through(splice, context, call)
         return None
+
+    async def _answered_while_held(
+        self, pending: list[asyncio.Future[Any]], site: str, location: Location, aid: str
+    ) -> bool:
+        """Wait for the holding replica's answer (or a direct join) up to the answer timeout; False when, with no
+        answer yet, the database says that replica no longer holds the site (a fresh read every `HOLDER_CHECK_S`).
+        A holder that still holds the site is waited for: its router may take up to the join timeout."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._answer_timeout
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.wait(pending, timeout=min(left, HOLDER_CHECK_S), return_when="FIRST_COMPLETED")
+            if any(f.done() for f in pending):
+                return True
+            if self.relocate is None:
+                continue
+            try:
+                holder = await self.relocate(site)
+            except RelayError:
+                continue  # the database cannot say: keep waiting for the answer
+            if any(f.done() for f in pending):
+                return True  # answered (or joined) during the look-up
+            if holder is None or holder.replica != location.replica:
+                log.warning(
+                    "replica %s has not answered for %s after %.1f s and no longer holds it; asking again",
+                    location.replica,
+                    site,
+                    loop.time() - started,
+                    extra={"assoc": aid},
+                )
+                return False
+        return True
 
     async def _spliced_directly(
         self,

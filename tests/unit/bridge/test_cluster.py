@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import grpc
 import grpc.aio
@@ -16,12 +17,15 @@ import pytest
 from protos.relay.v1 import relay_pb2 as pb
 from relay_bridge import directory as directory_module
 from relay_bridge.admission import Rejection
+from relay_bridge.cluster import forward as forward_module
 from relay_bridge.cluster import presence as presence_module
 from relay_bridge.cluster.forward import (
     EVICT,
     FORWARD,
     FROM_SITE,
     LET_GO_AFTER_S,
+    ORIGIN,
+    SERVICE,
     SINCE,
     SITE,
     Forwarder,
@@ -30,6 +34,7 @@ from relay_bridge.cluster.forward import (
     channel_options,
     handlers,
 )
+from relay_bridge.cluster.link import LinkPool, client_context
 from relay_bridge.cluster.pki import ClusterFiles, make_cluster_pki
 from relay_bridge.cluster.presence import Location, PresenceKeeper
 from relay_bridge.config import BridgeConfig, ClusterSection, ServerSection
@@ -401,6 +406,110 @@ async def test_a_cached_holder_that_is_gone_is_looked_up_again(forward_server: t
     )
     assert lookups == ["site-b"] and forgotten == [("site-b", Location("r2", dead))]
     assert [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]  # from r3, the live one
+
+
+class SilentReplica(NamedTuple):
+    address: str
+    forwards: list[str]  # the Forward calls it took (their origin's id)
+
+
+@pytest.fixture
+async def silent_replica(forward_server: tuple[int, ClusterFiles]) -> AsyncIterator[SilentReplica]:
+    """A replica that takes a Forward call and never answers it, and whose Link call answers UNAVAILABLE (CI: a
+    replica in the middle of a restart)."""
+    _, files = forward_server
+    forwards: list[str] = []
+
+    async def never_answers(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        forwards.append(str(dict(context.invocation_metadata() or ()).get(ORIGIN, "")))
+        async for _ in requests:
+            pass
+        await asyncio.Event().wait()
+
+    async def unavailable(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        return b""
+
+    server = grpc.aio.server()
+    methods = {
+        "Forward": grpc.stream_stream_rpc_method_handler(never_answers),
+        "Link": grpc.unary_unary_rpc_method_handler(unavailable),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
+    port = server.add_secure_port(
+        "127.0.0.1:0",
+        grpc.ssl_server_credentials(
+            [(files.key.read_bytes(), files.cert.read_bytes())],
+            root_certificates=files.ca_cert.read_bytes(),
+            require_client_auth=True,
+        ),
+    )
+    await server.start()
+    yield SilentReplica(f"127.0.0.1:{port}", forwards)
+    await server.stop(None)
+
+
+async def test_a_holder_that_never_answers_is_left_for_the_one_the_database_names(
+    forward_server: tuple[int, ClusterFiles], silent_replica: SilentReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map names r2, which takes the call and says nothing; the site signed on at r3 meanwhile. The
+    database is asked while r2 is silent, and the Open goes to r3 long before the answer timeout."""
+    monkeypatch.setattr(forward_module, "HOLDER_CHECK_S", 0.2)
+    port, files = forward_server
+    live, silent = Location("r3", f"127.0.0.1:{port}"), Location("r2", silent_replica.address)
+    started = time.monotonic()
+    written, lookups, forgotten = await _forward_from_cache(
+        port, files, Location("r2", silent_replica.address, cached=True), [live, live]
+    )
+    assert time.monotonic() - started < 3, "not the answer timeout (join timeout 5 s + margin)"
+    assert silent_replica.forwards == ["r1"]
+    assert [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]  # r3's answer, given once
+    assert lookups == ["site-b", "site-b"] and forgotten == [("site-b", silent)]
+
+
+async def test_a_silent_holder_the_database_still_names_is_waited_for(
+    forward_server: tuple[int, ClusterFiles], silent_replica: SilentReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its router may take up to the join timeout to join: the Open is not taken elsewhere while the database
+    agrees that this replica holds the site; the answer timeout ends it."""
+    monkeypatch.setattr(forward_module, "HOLDER_CHECK_S", 0.2)
+    monkeypatch.setattr(forward_module, "ANSWER_MARGIN_S", -4.0)  # answer timeout: 5 - 4 = 1 s
+    port, files = forward_server
+    silent = Location("r2", silent_replica.address)
+    written, lookups, _ = await _forward_from_cache(port, files, silent, [silent] * 10)
+    assert [f.refused.reason for f in written] == [pb.Refused.SITE_OFFLINE]
+    assert silent_replica.forwards == ["r1"], "one Forward call, to the replica the database names"
+    assert 3 <= len(lookups) <= 6, "asked every 0.2 s while it waited, then gave up at the answer timeout"
+
+
+async def test_a_replica_whose_cluster_port_is_unavailable_gets_no_forward_call(
+    forward_server: tuple[int, ClusterFiles], silent_replica: SilentReplica
+) -> None:
+    """Its Link call failed UNAVAILABLE: no Forward call over the same channel (CI saw one wait out the answer
+    timeout); the database is asked at once and the Open goes where it says."""
+    port, files = forward_server
+    forwarder = Forwarder(
+        _credentials(files),
+        "r1",
+        max_frame_bytes=1 << 20,
+        join_timeout_s=5,
+        links=LinkPool(client_context(files.cert, files.key, files.ca_cert), max_frame_bytes=1 << 20),
+    )
+
+    async def relocate(site: str) -> Location | None:
+        return Location("r3", f"127.0.0.1:{port}")
+
+    forwarder.relocate = relocate
+    forwarder.forget_holder = lambda site, where: None
+    origin = _Origin()
+    splice = Splice(ASSOC, "site-a", "site-b", "PACS", "WS", depth=2)
+    holder = Location("r2", silent_replica.address, cached=True)
+    try:
+        await asyncio.wait_for(forwarder.run(origin, splice, pb.Frame.FromString(_open()).open, origin, holder), 10)  # type: ignore[arg-type]
+    finally:
+        await forwarder.close()
+    assert silent_replica.forwards == [], "no Forward call to the replica that could not say its link port"
+    assert [f.refused.reason for f in origin.written] == [pb.Refused.SITE_OFFLINE]  # r3's answer
 
 
 # -- the origin's splice through a Forward call (fakes for the two calls) ----------------------------------

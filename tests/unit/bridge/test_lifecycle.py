@@ -18,6 +18,7 @@ from relay_bridge.directory import Device, Directory
 from relay_bridge.server import RelayServicer
 from relay_bridge.sessions import RouterSession
 from relay_common.audit import AuditLog
+from relay_common.config import InvalidValue
 from tests.unit.bridge.test_association_service import Aborted, Call, open_frame
 
 
@@ -112,6 +113,32 @@ async def test_drain_gives_up_waiting_when_the_grace_ends(servicer: RelayService
     await lifecycle.drain(server, servicer, grace_s=0.3)  # type: ignore[arg-type]
     assert 0.3 <= asyncio.get_running_loop().time() - started < 2
     assert server.stopped_with == lifecycle.STOP_GRACE_S
+
+
+async def test_with_nothing_running_the_drain_still_says_not_ready_for_the_notice_period(
+    servicer: RelayServicer,
+) -> None:
+    """A load balancer checks /readyz every so often: a replica that stopped at once would meet its next check
+    with a closed port (a reset, not a drain). Replicas of a cluster stay up, not ready, for `notice_s`."""
+    server = FakeServer()
+    draining = asyncio.create_task(lifecycle.drain(server, servicer, grace_s=5.0, notice_s=0.4))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert servicer.metrics.readiness()[0] == "503 Service Unavailable"
+    assert server.stopped_with is None and not draining.done(), "the port stays open through the notice period"
+    await asyncio.wait_for(draining, 2)
+    assert server.stopped_with == lifecycle.STOP_GRACE_S
+    assert all(s.ended.is_set() for s in servicer.sessions.values()), "every router was told to move"
+
+    server = FakeServer()
+    started = asyncio.get_running_loop().time()
+    await lifecycle.drain(server, servicer, grace_s=5.0)  # type: ignore[arg-type]  # a single bridge: no notice
+    assert asyncio.get_running_loop().time() - started < 0.2 and server.stopped_with == lifecycle.STOP_GRACE_S
+
+
+def test_a_notice_period_out_of_range_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(InvalidValue, match="drain_notice_s"):
+        ServerSection(insecure=True, drain_notice_s=-1)
+    assert ServerSection(insecure=True).drain_notice_s == 1.0
 
 
 async def test_a_sign_on_during_the_drain_is_unavailable(servicer: RelayServicer) -> None:

@@ -235,6 +235,15 @@ def _credentials(files: ClusterFiles) -> grpc.ChannelCredentials:
 evictions: list[tuple[str, float]] = []
 
 
+def _server_credentials(files: ClusterFiles) -> grpc.ServerCredentials:
+    """A replica's internal port: the cluster certificate, and callers must present one from the cluster CA."""
+    return grpc.ssl_server_credentials(
+        [(files.key.read_bytes(), files.cert.read_bytes())],
+        root_certificates=files.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+
+
 @pytest.fixture
 async def forward_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[int, ClusterFiles]]:
     monkeypatch.setattr(directory_module, "SCRYPT_N", 2**10)
@@ -249,14 +258,7 @@ async def forward_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Asy
     server.add_generic_rpc_handlers(
         [handlers(ForwardService(servicer.associations, lambda site, since: evictions.append((site, since)) is None))]
     )
-    port = server.add_secure_port(
-        "127.0.0.1:0",
-        grpc.ssl_server_credentials(
-            [(files.key.read_bytes(), files.cert.read_bytes())],
-            root_certificates=files.ca_cert.read_bytes(),
-            require_client_auth=True,
-        ),
-    )
+    port = server.add_secure_port("127.0.0.1:0", _server_credentials(files))
     await server.start()
     yield port, files
     await server.stop(None)
@@ -436,14 +438,7 @@ async def silent_replica(forward_server: tuple[int, ClusterFiles]) -> AsyncItera
         "Link": grpc.unary_unary_rpc_method_handler(unavailable),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
-    port = server.add_secure_port(
-        "127.0.0.1:0",
-        grpc.ssl_server_credentials(
-            [(files.key.read_bytes(), files.cert.read_bytes())],
-            root_certificates=files.ca_cert.read_bytes(),
-            require_client_auth=True,
-        ),
-    )
+    port = server.add_secure_port("127.0.0.1:0", _server_credentials(files))
     await server.start()
     yield SilentReplica(f"127.0.0.1:{port}", forwards)
     await server.stop(None)

@@ -40,8 +40,10 @@ TICKET_METADATA = "relay-join-ticket"
 DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 TICKET_FORM = re.compile(r"[A-Za-z0-9_-]{32,64}")
 # The join at another replica must answer within this, or the router joins through its own: the
-# association's Open waits `join_timeout_s` (10 s by default) at the bridge for one or the other.
-DIRECT_JOIN_TIMEOUT_S = 2.0
+# association's Open waits `join_timeout_s` (10 s by default) at the bridge for one or the other, so the
+# ordinary join keeps 6 s. Not shorter: a replica that took the ticketed call has joined (and let the
+# holding replica go), so an answer that is merely late, on a loaded machine, would end in an abort.
+DIRECT_JOIN_TIMEOUT_S = 4.0
 MAX_CHANNELS = 4  # replica channels kept (a cluster has a few replicas; more names: the oldest goes)
 IDLE_CLOSE_S = 120.0  # a replica channel with no call for this long is closed
 # After a direct join at a name failed, joins there are not tried for this long (a balancer without SNI

@@ -16,10 +16,14 @@ Measured per run of `--count` instances (one storescu association):
 side: both are up at once, and the runs alternate within each repeat, so load hits them alike.
 ``--baseline-associations N`` gives the baseline's router B another ``[accelerate] associations`` (with
 ``--baseline .``: the same code, two association counts side by side).
+``--workload crdx`` sends ``--count`` (default 4) radiographs of 19 MB instead of the small objects: each
+is above the spill threshold, so it travels as a streamed blob through the bridge's own store (parts PUT and
+GET through its blob RPCs) rather than in buckets.
 ``--profile DIR`` samples router A and router B with py-spy (``--nonblocking``, if installed) during one
 more run of this tree and writes their collapsed stacks and a top list of Python functions.
 
     python -m benchmarks.accel_loopback --count 200 --repeats 3 --baseline /tmp/accel-main
+    python -m benchmarks.accel_loopback --workload crdx --repeats 3 --baseline /tmp/accel-main
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import DCMTK_ENV, CpuMeter, dcmtk, free_port, run, write_results
-from relay_demo.datasets import generate_ct_series, write_series
+from relay_demo.datasets import generate_ct_series, generate_dx_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 
 
@@ -205,7 +209,13 @@ def profile_run(variant: Variant, files: list[Path], received: Path, outdir: Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument(
+        "--workload",
+        choices=("small", "crdx"),
+        default="small",
+        help="small: 160x160 CT slices (52 KB, bucketed); crdx: 3400x2800 DX radiographs (19 MB, streamed blobs)",
+    )
+    parser.add_argument("--count", type=int, help="instances per run (default 200 small, 4 crdx)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="source tree of the code to compare with (git archive)")
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of this tree's routers")
@@ -219,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="accel-loopback", help="result file name (without the date)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    if args.count is None:
+        args.count = 4 if args.workload == "crdx" else 200
 
     work = Path(tempfile.mkdtemp(prefix="bench-accel-loop-"))
     os.chdir(work)  # the processes inherit it: no source tree in the working directory (see Variant)
@@ -226,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     storescp = None
     variants: list[Variant] = []
     try:
-        files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), work / "small")
+        if args.workload == "crdx":
+            files = write_series(generate_dx_series(args.count, seed=7), work / "crdx")
+        else:
+            files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), work / "small")
         scp_port = free_port()
         storescp = subprocess.Popen(
             [

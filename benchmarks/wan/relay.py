@@ -85,8 +85,14 @@ class RelayModes:
         return f"http://{BLOB_ADDR}:{BLOB_PORT}"
 
     def dicom_settings(self, mode: str) -> dict[str, object]:
-        """[dicom] settings of the mode's routers: defaults + --relay-dicom; relay-plain keeps its two keys."""
-        return {**self.relay_dicom, **PLAIN} if mode == "relay-plain" else dict(self.relay_dicom)
+        """[dicom] settings of the mode's routers: defaults + --relay-dicom; relay-plain keeps its two keys.
+        With the s3 store, the routers may open its presigned URLs (plain http on a loopback address): without
+        `spill_endpoints` a router refuses them and sends everything inline, as every run before 2026-12-07
+        (accel-egress) did whose blob store was s3 (runs with the relay mode)."""
+        store = {"spill_endpoints": [self.blob_url + "/"], "spill_allow_insecure_http": True}
+        if mode == "relay-plain":
+            return {**self.relay_dicom, **PLAIN}
+        return {**self.relay_dicom, **(store if self.blob_store == "s3" else {})}
 
     def _start_moto(self) -> None:
         log = (self.workdir / "moto.log").open("ab")

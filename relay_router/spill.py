@@ -161,13 +161,9 @@ class BlobUpload:
         stored = bytes([flags]) + self.sealer.seal(data, part_seq(self.ordinal, index), flags)
         self.stored_len += len(stored)
         self.held[index] = plain
-        # Bounded memory: at most `parallel` parts in flight. A blob announced part by part (`on_stored`)
-        # sends its first part alone: side by side with others it would share the uplink with them and be
-        # stored (and announced, and fetched by the far router) only when they all are.
-        alone = self._on_stored is not None and not self.any_stored
-        while len(self._tasks) >= (1 if alone else self.parallel):
+        # Bounded memory: at most `parallel` parts in flight.
+        while len(self._tasks) >= self.parallel:
             await self._collect(min(self._tasks))
-            alone = self._on_stored is not None and not self.any_stored
         self._tasks[index] = asyncio.create_task(self._upload(index, stored))
 
     async def _upload(self, index: int, stored: bytes) -> bytes:

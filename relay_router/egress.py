@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProxyError as Urllib3ProxyError
 
@@ -274,11 +275,48 @@ class ProxySettings:
 # -- the bounded HTTP client -------------------------------------------------------------------
 
 
-def _proxy_manager(proxy: str) -> urllib3.PoolManager:
+class _Connections:
+    """A count of the TCP connections a client made (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.made += 1
+
+
+def _counting_pools(count: _Connections) -> dict[str, type[urllib3.HTTPConnectionPool]]:
+    """Pool classes whose connections count each TCP connection they make: a pooled connection object
+    that was closed (by the store, or by us after an unread answer) connects again on its next use."""
+
+    class Connection(urllib3.connection.HTTPConnection):
+        def connect(self) -> None:
+            count.add()
+            super().connect()
+
+    class TlsConnection(urllib3.connection.HTTPSConnection):
+        def connect(self) -> None:
+            count.add()
+            super().connect()
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TlsPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = TlsConnection
+
+    return {"http": Pool, "https": TlsPool}
+
+
+def _proxy_manager(proxy: str, count: _Connections) -> urllib3.PoolManager:
     """A pool manager for connections through `proxy` ('' for direct ones)."""
     common: dict[str, object] = {"num_pools": POOL_ORIGINS, "maxsize": POOL_CONNECTIONS, "block": False}
     if not proxy:
-        return urllib3.PoolManager(**common)  # type: ignore[arg-type]
+        manager = urllib3.PoolManager(**common)  # type: ignore[arg-type]
+        manager.pool_classes_by_scheme = _counting_pools(count)
+        return manager
     parts = urllib.parse.urlsplit(proxy)
     headers = {}
     if parts.username is not None:
@@ -286,7 +324,9 @@ def _proxy_manager(proxy: str) -> urllib3.PoolManager:
         password = urllib.parse.unquote(parts.password or "")
         headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
     bare = f"http://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib3.ProxyManager(bare, proxy_headers=headers, **common)  # type: ignore[arg-type]
+    proxied = urllib3.ProxyManager(bare, proxy_headers=headers, **common)  # type: ignore[arg-type]
+    proxied.pool_classes_by_scheme = _counting_pools(count)
+    return proxied
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -328,6 +368,7 @@ class HttpClient:
         self._lock = threading.Lock()
         self._managers: dict[str, urllib3.PoolManager] = {}
         self._closed = False
+        self._connections = _Connections()
 
     def _manager(self, proxy: str) -> urllib3.PoolManager:
         with self._lock:
@@ -335,20 +376,13 @@ class HttpClient:
                 raise EgressError("the HTTP client is closed")
             manager = self._managers.get(proxy)
             if manager is None:
-                manager = self._managers[proxy] = _proxy_manager(proxy)
+                manager = self._managers[proxy] = _proxy_manager(proxy, self._connections)
             return manager
 
     @property
     def opened(self) -> int:
-        """Connections made so far by the pools alive (a pool evicted past POOL_ORIGINS forgets its count)."""
-        with self._lock:
-            managers = list(self._managers.values())
-        total = 0
-        for manager in managers:
-            for key in manager.pools.keys():
-                pool = manager.pools.get(key)
-                total += getattr(pool, "num_connections", 0)
-        return total
+        """TCP connections made so far (to stores, or to proxies): a measure of reuse."""
+        return self._connections.made
 
     def close(self) -> None:
         """Close every kept connection; later requests fail."""

@@ -163,6 +163,7 @@ def test_an_answer_not_read_to_its_end_closes_its_connection(server: Server, cli
     assert missing.value.status == 404
     client.request("GET", f"{server.url}/ok", None)
     assert server.connections == 3  # an error answer is not read either: its connection is dropped
+    assert client.opened == 3  # the client counts the connections it made again, too
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT"])
@@ -232,4 +233,4 @@ def test_a_store_that_closes_idle_connections_costs_a_new_connection_not_an_erro
     for sock in server.sockets:
         sock.shutdown(socket.SHUT_RDWR)
     assert client.request("GET", f"{server.url}/ok", None) == b"ok:"
-    assert server.connections == 2
+    assert server.connections == 2 and client.opened == 2

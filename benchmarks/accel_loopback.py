@@ -126,9 +126,22 @@ def clear(directory: Path) -> None:
     directory.mkdir()
 
 
+def runqueue_wait(pid: int) -> float:
+    """Seconds the process's live threads have waited for a CPU on a run queue (/proc/PID/task/*/schedstat):
+    what other work on the machine costs a process beyond its own CPU time."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 def one_run(variant: Variant, files: list[Path], received: Path) -> dict[str, float]:
     clear(received)
     meter = CpuMeter(variant.pids)
+    waited = runqueue_wait(variant.pids["router A"])
     meter.start()
     started = time.perf_counter()
     scu = subprocess.Popen(
@@ -154,7 +167,13 @@ def one_run(variant: Variant, files: list[Path], received: Path) -> dict[str, fl
         raise RuntimeError(f"{variant.name}: not all {len(files)} instances arrived")
     wait_until(variant.drained, 120, f"{variant.name}: spools drained")
     cpu = meter.stop()
-    return {"sender_s": sender, "end_to_end_s": end_to_end, **{f"cpu {k}": v for k, v in cpu.items()}}
+    waited = runqueue_wait(variant.pids["router A"]) - waited
+    return {
+        "sender_s": sender,
+        "end_to_end_s": end_to_end,
+        **{f"cpu {k}": v for k, v in cpu.items()},
+        "router A waited for a CPU": waited,
+    }
 
 
 def profile_run(variant: Variant, files: list[Path], received: Path, outdir: Path) -> str:
@@ -226,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         help="[accelerate] associations of the baseline's router B (default: --associations); with --baseline set "
         "to this tree, compares association counts side by side",
     )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="processes that spin on a CPU during the runs (other tenants of a shared machine, made on purpose)",
+    )
     parser.add_argument("--name", default="accel-loopback", help="result file name (without the date)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -237,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     received = Path(tempfile.mkdtemp(prefix="bench-accel-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     storescp = None
     variants: list[Variant] = []
+    spinners: list[subprocess.Popen[bytes]] = []  # --busy
     try:
         if args.workload == "crdx":
             files = write_series(generate_dx_series(args.count, seed=7), work / "crdx")
@@ -270,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(Variant(base_name, work, scp_port, args.baseline.resolve(), baseline_associations))
         for variant in variants:
             variant.wait_accelerated(files, received)
+        spinners.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy))
         load_before = Path("/proc/loadavg").read_text().split()[:3]
         runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
         for repeat in range(args.repeats):
@@ -291,19 +318,21 @@ def main(argv: list[str] | None = None) -> int:
         keys = ["sender_s", "end_to_end_s", "cpu router A", "cpu bridge", "cpu router B"]
         table = [
             f"# Accelerated route on 127.0.0.1: {args.count} x {files[0].stat().st_size // 1000} KB, "
-            f"median of {args.repeats}",
+            f"median of {args.repeats}" + (f", {args.busy} spinning processes beside" if args.busy else ""),
             "",
             f"Load average {' '.join(load_before)} before, {' '.join(load_after)} after.",
             "",
-            "| code | sender | end to end | router A CPU per C-STORE | bridge | router B | min-max sender |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| code | sender | end to end | router A CPU per C-STORE | bridge | router B | min-max sender "
+            "| router A waited for a CPU, per C-STORE |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v in variants:
             senders = [r["sender_s"] for r in runs[v.name]]
             table.append(
                 f"| {v.name} | {med(v.name, 'sender_s'):.2f} s | {med(v.name, 'end_to_end_s'):.2f} s | "
                 + " | ".join(f"{med(v.name, k) / args.count * 1000:.2f} ms" for k in keys[2:])
-                + f" | {min(senders):.2f}-{max(senders):.2f} s |"
+                + f" | {min(senders):.2f}-{max(senders):.2f} s"
+                + f" | {med(v.name, 'router A waited for a CPU') / args.count * 1000:.2f} ms |"
             )
         text = "\n".join(table)
         print(text)
@@ -322,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {json_path} and {md_path}")
         return 0
     finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
         for variant in variants:
             variant.net.stop()
         if storescp is not None:

@@ -16,10 +16,14 @@ Measured per run of `--count` instances (one storescu association):
 side: both are up at once, and the runs alternate within each repeat, so load hits them alike.
 ``--baseline-associations N`` gives the baseline's router B another ``[accelerate] associations`` (with
 ``--baseline .``: the same code, two association counts side by side).
+``--workload crdx`` sends ``--count`` (default 4) radiographs of 19 MB instead of the small objects: each
+is above the spill threshold, so it travels as a streamed blob through the bridge's own store (parts PUT and
+GET through its blob RPCs) rather than in buckets.
 ``--profile DIR`` samples router A and router B with py-spy (``--nonblocking``, if installed) during one
 more run of this tree and writes their collapsed stacks and a top list of Python functions.
 
     python -m benchmarks.accel_loopback --count 200 --repeats 3 --baseline /tmp/accel-main
+    python -m benchmarks.accel_loopback --workload crdx --repeats 3 --baseline /tmp/accel-main
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import DCMTK_ENV, CpuMeter, dcmtk, free_port, run, write_results
-from relay_demo.datasets import generate_ct_series, write_series
+from relay_demo.datasets import generate_ct_series, generate_dx_series, write_series
 from relay_demo.network import LocalRelayNetwork, Remote, Shared
 
 
@@ -122,9 +126,22 @@ def clear(directory: Path) -> None:
     directory.mkdir()
 
 
+def runqueue_wait(pid: int) -> float:
+    """Seconds the process's live threads have waited for a CPU on a run queue (/proc/PID/task/*/schedstat):
+    what other work on the machine costs a process beyond its own CPU time."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 def one_run(variant: Variant, files: list[Path], received: Path) -> dict[str, float]:
     clear(received)
     meter = CpuMeter(variant.pids)
+    waited = runqueue_wait(variant.pids["router A"])
     meter.start()
     started = time.perf_counter()
     scu = subprocess.Popen(
@@ -150,7 +167,13 @@ def one_run(variant: Variant, files: list[Path], received: Path) -> dict[str, fl
         raise RuntimeError(f"{variant.name}: not all {len(files)} instances arrived")
     wait_until(variant.drained, 120, f"{variant.name}: spools drained")
     cpu = meter.stop()
-    return {"sender_s": sender, "end_to_end_s": end_to_end, **{f"cpu {k}": v for k, v in cpu.items()}}
+    waited = runqueue_wait(variant.pids["router A"]) - waited
+    return {
+        "sender_s": sender,
+        "end_to_end_s": end_to_end,
+        **{f"cpu {k}": v for k, v in cpu.items()},
+        "router A waited for a CPU": waited,
+    }
 
 
 def profile_run(variant: Variant, files: list[Path], received: Path, outdir: Path) -> str:
@@ -205,7 +228,13 @@ def profile_run(variant: Variant, files: list[Path], received: Path, outdir: Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument(
+        "--workload",
+        choices=("small", "crdx"),
+        default="small",
+        help="small: 160x160 CT slices (52 KB, bucketed); crdx: 3400x2800 DX radiographs (19 MB, streamed blobs)",
+    )
+    parser.add_argument("--count", type=int, help="instances per run (default 200 small, 4 crdx)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="source tree of the code to compare with (git archive)")
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of this tree's routers")
@@ -216,17 +245,29 @@ def main(argv: list[str] | None = None) -> int:
         help="[accelerate] associations of the baseline's router B (default: --associations); with --baseline set "
         "to this tree, compares association counts side by side",
     )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="processes that spin on a CPU during the runs (other tenants of a shared machine, made on purpose)",
+    )
     parser.add_argument("--name", default="accel-loopback", help="result file name (without the date)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    if args.count is None:
+        args.count = 4 if args.workload == "crdx" else 200
 
     work = Path(tempfile.mkdtemp(prefix="bench-accel-loop-"))
     os.chdir(work)  # the processes inherit it: no source tree in the working directory (see Variant)
     received = Path(tempfile.mkdtemp(prefix="bench-accel-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     storescp = None
     variants: list[Variant] = []
+    spinners: list[subprocess.Popen[bytes]] = []  # --busy
     try:
-        files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), work / "small")
+        if args.workload == "crdx":
+            files = write_series(generate_dx_series(args.count, seed=7), work / "crdx")
+        else:
+            files = write_series(generate_ct_series(args.count, rows=160, cols=160, seed=7), work / "small")
         scp_port = free_port()
         storescp = subprocess.Popen(
             [
@@ -255,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(Variant(base_name, work, scp_port, args.baseline.resolve(), baseline_associations))
         for variant in variants:
             variant.wait_accelerated(files, received)
+        spinners.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy))
         load_before = Path("/proc/loadavg").read_text().split()[:3]
         runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
         for repeat in range(args.repeats):
@@ -276,19 +318,21 @@ def main(argv: list[str] | None = None) -> int:
         keys = ["sender_s", "end_to_end_s", "cpu router A", "cpu bridge", "cpu router B"]
         table = [
             f"# Accelerated route on 127.0.0.1: {args.count} x {files[0].stat().st_size // 1000} KB, "
-            f"median of {args.repeats}",
+            f"median of {args.repeats}" + (f", {args.busy} spinning processes beside" if args.busy else ""),
             "",
             f"Load average {' '.join(load_before)} before, {' '.join(load_after)} after.",
             "",
-            "| code | sender | end to end | router A CPU per C-STORE | bridge | router B | min-max sender |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| code | sender | end to end | router A CPU per C-STORE | bridge | router B | min-max sender "
+            "| router A waited for a CPU, per C-STORE |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v in variants:
             senders = [r["sender_s"] for r in runs[v.name]]
             table.append(
                 f"| {v.name} | {med(v.name, 'sender_s'):.2f} s | {med(v.name, 'end_to_end_s'):.2f} s | "
                 + " | ".join(f"{med(v.name, k) / args.count * 1000:.2f} ms" for k in keys[2:])
-                + f" | {min(senders):.2f}-{max(senders):.2f} s |"
+                + f" | {min(senders):.2f}-{max(senders):.2f} s"
+                + f" | {med(v.name, 'router A waited for a CPU') / args.count * 1000:.2f} ms |"
             )
         text = "\n".join(table)
         print(text)
@@ -307,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {json_path} and {md_path}")
         return 0
     finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
         for variant in variants:
             variant.net.stop()
         if storescp is not None:

@@ -10,21 +10,30 @@ only URLs under a blob store endpoint it was configured with (`[dicom] spill_end
 follows a redirect, reads at most `MAX_STORED_PART` bytes of an answer, and keeps the failure's
 wording in its own log: a bridge that hands out a URL on the hospital's LAN learns nothing.
 
-The HTTP client is urllib from the standard library with a custom opener (ProxyHandler for the
-proxy, CONNECT for https and absolute-form for http, basic proxy authentication from the
-proxy URL's user info; a redirect handler that refuses): it does everything needed here, so no
-extra dependency.
+The HTTP client (`HttpClient`) keeps connections alive: at 100 ms to the store, a new
+connection per 1 MiB part cost its TCP (and TLS) handshake and a fresh slow start every time.
+It is urllib3's (already in the lock file through boto3 and requests): a pool manager per proxy
+(`ProxyManager`: CONNECT for https, absolute form for http, basic proxy authentication from the
+proxy URL's user info), and in it a pool per origin (scheme, host, port), so a connection is only
+ever reused for the same store through the same proxy. Redirects are not followed, urllib3's own
+retries are off, content is never decoded, and a connection goes back to its pool only when its
+answer was read to the end (an answer cut short, refused or over the limit closes it).
 """
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import os
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+import urllib3
+import urllib3.connection
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ProxyError as Urllib3ProxyError
 
 PRESIGNED_SCHEME = "file+presigned"  # the bridge's own store: URLs are capabilities for its blob RPCs
 MAX_PART_BYTES = 8 * 1024 * 1024  # the largest spill_part_bytes a router may be configured with
@@ -32,6 +41,16 @@ MAX_PART_BYTES = 8 * 1024 * 1024  # the largest spill_part_bytes a router may be
 # AEAD tag; the slack also covers zstd's frame header on data that barely compresses.
 MAX_STORED_PART = MAX_PART_BYTES + 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# Idle connections kept per origin (and proxy). More may be open at once (the router's thread pool
+# runs a handful of transfers side by side); those close after their request instead of waiting.
+POOL_CONNECTIONS = 8
+# Origins (scheme, host, port) with a pool, per proxy: a router reaches one store, maybe two.
+POOL_ORIGINS = 4
+# Requests that may be sent again once when their connection broke (the peer closed or reset it,
+# typically a kept-alive connection the store had just closed): both are idempotent here, a GET of a
+# part, and a PUT of a part's exact bytes to its presigned key (the bridge charged the part's quota
+# when it signed the URL, by blob and part, so a second PUT charges nothing).
+RETRIED_ONCE = frozenset({"GET", "PUT"})
 
 
 class EgressError(Exception):
@@ -256,16 +275,230 @@ class ProxySettings:
 # -- the bounded HTTP client -------------------------------------------------------------------
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A 3xx is an error: a spill URL must not send the router anywhere else."""
+class _Connections:
+    """A count of the TCP connections a client made (thread-safe)."""
 
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.made += 1
 
 
-def _opener(proxy: str) -> urllib.request.OpenerDirector:
-    proxies = {"http": proxy, "https": proxy} if proxy else {}
-    return urllib.request.build_opener(urllib.request.ProxyHandler(proxies), _RefuseRedirects())
+def _counting_pools(count: _Connections) -> dict[str, type[urllib3.HTTPConnectionPool]]:
+    """Pool classes whose connections count each TCP connection they make: a pooled connection object
+    that was closed (by the store, or by us after an unread answer) connects again on its next use."""
+
+    class Connection(urllib3.connection.HTTPConnection):
+        def connect(self) -> None:
+            count.add()
+            super().connect()
+
+    class TlsConnection(urllib3.connection.HTTPSConnection):
+        def connect(self) -> None:
+            count.add()
+            super().connect()
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TlsPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = TlsConnection
+
+    return {"http": Pool, "https": TlsPool}
+
+
+def _proxy_manager(proxy: str, count: _Connections) -> urllib3.PoolManager:
+    """A pool manager for connections through `proxy` ('' for direct ones)."""
+    common: dict[str, object] = {"num_pools": POOL_ORIGINS, "maxsize": POOL_CONNECTIONS, "block": False}
+    if not proxy:
+        manager = urllib3.PoolManager(**common)  # type: ignore[arg-type]
+        manager.pool_classes_by_scheme = _counting_pools(count)
+        return manager
+    parts = urllib.parse.urlsplit(proxy)
+    headers = {}
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
+    bare = f"http://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    proxied = urllib3.ProxyManager(bare, proxy_headers=headers, **common)  # type: ignore[arg-type]
+    proxied.pool_classes_by_scheme = _counting_pools(count)
+    return proxied
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps (urllib3 nests the socket's error in its own), outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        inner = current.__cause__ or current.__context__
+        if inner is None and current.args and isinstance(current.args[-1], BaseException):
+            inner = current.args[-1]
+        current = inner
+    return seen
+
+
+_BROKEN = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected)
+
+
+def _broken_connection(exc: BaseException) -> bool:
+    """The connection broke under the request (closed or reset by the peer, or its answer cut short):
+    not a timeout, a refused connection, a TLS or proxy failure, or an answer."""
+    chain = _chain(exc)
+    if any(isinstance(e, TimeoutError | Urllib3ProxyError) or "Tunnel connection failed" in str(e) for e in chain):
+        return False
+    return any(isinstance(e, (*_BROKEN, http.client.IncompleteRead)) for e in chain)
+
+
+class HttpClient:
+    """Requests to URLs already checked by UrlPolicy, over kept-alive connections; thread-safe.
+
+    One per router (relay_router.spill_store.BridgeBlobTransport), used from worker threads. The proxy
+    of each request is `proxies.for_target(...)`; each proxy ('' = direct) has its own pool manager,
+    so a connection made through one proxy, or directly, is never used for another. `opened` counts
+    the connections made (a measure of reuse).
+    """
+
+    def __init__(self, proxies: ProxySettings) -> None:
+        self.proxies = proxies
+        self._lock = threading.Lock()
+        self._managers: dict[str, urllib3.PoolManager] = {}
+        self._closed = False
+        self._connections = _Connections()
+
+    def _manager(self, proxy: str) -> urllib3.PoolManager:
+        with self._lock:
+            if self._closed:
+                raise EgressError("the HTTP client is closed")
+            manager = self._managers.get(proxy)
+            if manager is None:
+                manager = self._managers[proxy] = _proxy_manager(proxy, self._connections)
+            return manager
+
+    @property
+    def opened(self) -> int:
+        """TCP connections made so far (to stores, or to proxies): a measure of reuse."""
+        return self._connections.made
+
+    def close(self) -> None:
+        """Close every kept connection; later requests fail."""
+        with self._lock:
+            self._closed = True
+            managers = list(self._managers.values())
+            self._managers.clear()
+        for manager in managers:
+            manager.clear()
+
+    def request(
+        self, method: str, url: str, data: bytes | None, *, limit: int = MAX_STORED_PART, timeout_s: float = 60.0
+    ) -> bytes:
+        """The body (at most `limit` bytes) or EgressError; sent again once if its connection broke."""
+        try:
+            return self._once(method, url, data, limit, timeout_s)
+        except _Broken as broken:
+            if method not in RETRIED_ONCE:
+                raise broken.error from None
+        try:
+            return self._once(method, url, data, limit, timeout_s)
+        except _Broken as broken:
+            raise broken.error from None
+
+    def _once(self, method: str, url: str, data: bytes | None, limit: int, timeout_s: float) -> bytes:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname or ""
+        proxy = self.proxies.for_target(scheme, host, parts.port or DEFAULT_PORTS.get(scheme, 443))
+        via = f" through the proxy {redact(proxy)}" if proxy else ""
+        what = f"{method} {scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+        headers = {"Content-Type": "application/octet-stream"} if data is not None else {}
+        try:
+            response = self._manager(proxy).request(
+                method,
+                url,
+                body=data,
+                headers=headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                decode_content=False,
+                timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+            )
+        except (Urllib3Error, OSError, ValueError) as exc:
+            error = _request_error(exc, what, via, proxy)
+            if _broken_connection(exc):
+                raise _Broken(error) from None
+            raise error from None
+        complete = False
+        try:
+            status = response.status
+            if status == 407:
+                raise EgressError(
+                    f"{what}{via}: the proxy requires authentication or refused the credentials (HTTP 407)", status=407
+                )
+            if 300 <= status < 400:
+                raise EgressError(f"{what}{via}: redirect refused (HTTP {status})", status=status)
+            if not 200 <= status < 300:
+                raise EgressError(
+                    f"{what}{via}: HTTP {status} {response.reason}", status=status, phrase=response.reason or ""
+                )
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise EgressError(f"{what}{via}: the answer announces {length} bytes (limit {limit})")
+            body = bytearray()
+            while chunk := response.read(min(1 << 20, limit + 1 - len(body)), decode_content=False):
+                body += chunk
+                if len(body) > limit:
+                    raise EgressError(f"{what}{via}: the answer is longer than {limit} bytes")
+            complete = True
+            return bytes(body)
+        except (Urllib3Error, OSError, ValueError) as exc:
+            error = EgressError(f"{what}{via}: {_reason(exc)}")
+            if _broken_connection(exc):
+                raise _Broken(error) from None
+            raise error from None
+        finally:
+            if not complete:
+                response.close()  # the rest of the answer is unread: the connection is not reused
+            response.release_conn()
+
+
+class _Broken(Exception):
+    """A request whose connection broke: `error` is what the caller sees if it is not sent again."""
+
+    def __init__(self, error: EgressError) -> None:
+        super().__init__(error.detail)
+        self.error = error
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful text of an error urllib3 wrapped (the socket's own words)."""
+    chain = _chain(exc)
+    for error in reversed(chain):
+        text = str(error)
+        if text and not isinstance(error, Urllib3Error):
+            return text
+    return str(exc)
+
+
+def _request_error(exc: BaseException, what: str, via: str, proxy: str) -> EgressError:
+    """EgressError for a request that got no answer: the proxy's refusal or absence named as such."""
+    chain = _chain(exc)
+    tunnel = next((str(e) for e in chain if "Tunnel connection failed" in str(e)), "")
+    if proxy and tunnel:
+        code = tunnel.split(":", 1)[-1].strip()
+        return EgressError(
+            f"{what}{via}: the proxy refused the tunnel ({code})"
+            + (" - check the proxy user and password" if code.startswith("407") else ""),
+            status=int(code[:3]) if code[:3].isdigit() else None,
+        )
+    text = _reason(exc)
+    if proxy and isinstance(exc, Urllib3ProxyError) and "ssl" not in text.lower():
+        return EgressError(f"{what}: the proxy {redact(proxy)} is unreachable ({text})")
+    return EgressError(f"{what}{via}: {text}")
 
 
 def http_request(
@@ -277,49 +510,9 @@ def http_request(
     limit: int = MAX_STORED_PART,
     timeout_s: float = 60.0,
 ) -> bytes:
-    """One request to a URL already checked by UrlPolicy: the body (at most `limit` bytes) or EgressError."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = parts.hostname or ""
-    proxy = proxies.for_target(scheme, host, parts.port or DEFAULT_PORTS.get(scheme, 443))
-    via = f" through the proxy {redact(proxy)}" if proxy else ""
-    origin = f"{scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/octet-stream")
+    """One request on a connection of its own (a router's transfers use its `HttpClient`)."""
+    client = HttpClient(proxies)
     try:
-        with _opener(proxy).open(request, timeout=timeout_s) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                raise EgressError(f"{method} {origin}{via}: the answer announces {length} bytes (limit {limit})")
-            body: bytes = response.read(limit + 1)
-            if len(body) > limit:
-                raise EgressError(f"{method} {origin}{via}: the answer is longer than {limit} bytes")
-            return body
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code == 407:
-            raise EgressError(
-                f"{method} {origin}{via}: the proxy requires authentication or refused the credentials (HTTP 407)",
-                status=407,
-            ) from None
-        if 300 <= exc.code < 400:
-            raise EgressError(f"{method} {origin}{via}: redirect refused (HTTP {exc.code})", status=exc.code) from None
-        raise EgressError(
-            f"{method} {origin}{via}: HTTP {exc.code} {exc.reason}", status=exc.code, phrase=str(exc.reason)
-        ) from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        text = str(reason)
-        if proxy and "Tunnel connection failed" in text:
-            code = text.split(":", 1)[-1].strip()
-            raise EgressError(
-                f"{method} {origin}{via}: the proxy refused the tunnel ({code})"
-                + (" - check the proxy user and password" if code.startswith("407") else ""),
-                status=int(code[:3]) if code[:3].isdigit() else None,
-            ) from None
-        if proxy and isinstance(reason, ConnectionRefusedError | TimeoutError | OSError) and "ssl" not in text.lower():
-            raise EgressError(f"{method} {origin}: the proxy {redact(proxy)} is unreachable ({text})") from None
-        raise EgressError(f"{method} {origin}{via}: {text}") from None
-    except (OSError, ValueError) as exc:
-        raise EgressError(f"{method} {origin}{via}: {exc}") from None
+        return client.request(method, url, data, limit=limit, timeout_s=timeout_s)
+    finally:
+        client.close()

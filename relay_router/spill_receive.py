@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from protos.relay.v1 import relay_pb2 as pb
@@ -33,6 +34,8 @@ from relay_router.spill_store import (
 from relay_router.wire.flags import PartFlag
 
 log = logging.getLogger("relay_router.spill")
+# A download URL asked for ahead is used only this soon after (the bridge's URLs live 15 min by default).
+URL_FRESH_S = 60.0
 
 
 class IncomingBlob:
@@ -66,14 +69,37 @@ class IncomingBlob:
 
         slots = receiver.slots
         held = 0  # download slots this blob holds: one per part fetched and not yet delivered
+        # Download URLs asked for ahead (the bridge signs a part's URL whether or not it is stored yet):
+        # a part announced later is fetched at once, without a round trip to the bridge for its URL first.
+        urls: dict[int, tuple[float, asyncio.Task[tuple[str, str]]]] = {}
+
+        def ask(part: int) -> asyncio.Task[tuple[str, str]]:
+            task = asyncio.ensure_future(receiver.transport.slot(receiver.association_id, blob_id, part, download=True))
+            urls[part] = (time.monotonic(), task)
+            return task
+
+        def ask_ahead(available: int) -> None:
+            until = available + receiver.parallel
+            if self.end is not None:
+                until = min(until, self.end[0])
+            for part in range(fetched, until):
+                if part not in urls:
+                    ask(part)
 
         async def download(part: int) -> bytes:
-            _, url = await receiver.transport.slot(receiver.association_id, blob_id, part, download=True)
+            asked = urls.pop(part, None)
+            if asked is None or time.monotonic() - asked[0] > URL_FRESH_S:
+                if asked is not None:
+                    asked[1].cancel()
+                asked = (0.0, ask(part))
+                urls.pop(part, None)
+            _, url = await asked[1]
             return await receiver.transport.get(url)
 
         try:
             while True:
                 available = self.end[0] if self.end is not None else self.announced
+                ask_ahead(available)
                 while fetched < available and len(tasks) < receiver.parallel:
                     # Slots are taken in part order, so the part to deliver next always has one: a blob
                     # waits for a slot only when it holds none (no deadlock between associations).
@@ -119,9 +145,10 @@ class IncomingBlob:
                 held -= 1  # delivered: its bytes are no longer held
                 slots.release()
         finally:
-            for task in tasks.values():
+            asked = [task for _, task in urls.values()]
+            for task in [*tasks.values(), *asked]:
                 task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks.values(), *asked, return_exceptions=True)
             for _ in range(held):
                 slots.release()
         assert self.end is not None

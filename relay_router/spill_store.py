@@ -31,7 +31,7 @@ from relay_router.close_codes import FETCH_FAILED as FETCH_FAILED  # re-exported
 from relay_router.close_codes import PART_GONE as PART_GONE
 from relay_router.close_codes import STORE_FAILED as STORE_FAILED
 from relay_router.close_codes import URL_REFUSED
-from relay_router.egress import MAX_STORED_PART, EgressError, ProxySettings, UrlPolicy, UrlRefused, http_request
+from relay_router.egress import MAX_STORED_PART, EgressError, HttpClient, ProxySettings, UrlPolicy, UrlRefused
 from relay_router.wire.flags import PartFlag
 
 BACKOFF_S = 60.0
@@ -168,6 +168,8 @@ class BridgeBlobTransport:
         # BridgeLink carries the router's configuration; test links without one get the strict default.
         self.policy = policy or getattr(link, "spill_policy", None) or UrlPolicy()
         self.proxies = proxies or getattr(link, "proxies", None) or ProxySettings.resolve("", None)
+        # Kept-alive connections to the store, shared by all of the router's transfers (thread-safe).
+        self.http = HttpClient(self.proxies)
         self.download_slots = asyncio.Semaphore(max_downloads)
         # `[dicom] spill = false`: the feature is neither offered nor accepted (relay_router.wire.features);
         # refusing upload slots here as well keeps this router from spilling whatever a peer answers.
@@ -204,7 +206,7 @@ class BridgeBlobTransport:
 
     async def put(self, url: str, data: bytes) -> None:
         if self._check(url) == "http":
-            await asyncio.to_thread(_http, "PUT", url, data, self.proxies)
+            await asyncio.to_thread(_http, self.http, "PUT", url, data)
             return
         try:
             await self.link.put_blob_part(pb.BlobPart(url=url, data=data), timeout_s=HTTP_TIMEOUT_S)
@@ -215,7 +217,7 @@ class BridgeBlobTransport:
 
     async def get(self, url: str) -> bytes:
         if self._check(url) == "http":
-            return await asyncio.to_thread(_http, "GET", url, None, self.proxies)
+            return await asyncio.to_thread(_http, self.http, "GET", url, None)
         try:
             answer = await self.link.get_blob_part(pb.BlobPart(url=url), timeout_s=HTTP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
@@ -235,10 +237,10 @@ class BridgeBlobTransport:
             await self.link.release_blob(request, timeout_s=HTTP_TIMEOUT_S)
 
 
-def _http(method: str, url: str, data: bytes | None, proxies: ProxySettings) -> bytes:
+def _http(client: HttpClient, method: str, url: str, data: bytes | None) -> bytes:
     """One bounded request (relay_router.egress): no redirects, at most MAX_STORED_PART bytes read."""
     try:
-        return http_request(method, url, data, proxies=proxies, limit=MAX_STORED_PART, timeout_s=HTTP_TIMEOUT_S)
+        return client.request(method, url, data, limit=MAX_STORED_PART, timeout_s=HTTP_TIMEOUT_S)
     except EgressError as exc:
         if method == "GET" and exc.status == 404:
             raise BlobGone(f"the store has no such part (HTTP 404 {exc.phrase})") from None

@@ -12,10 +12,14 @@
 Both pairs run in the same namespaces (routers A in site A, routers B in site B), sign on to the
 same bridge and reach the same devices, so both modes are measured side by side in one run.
 
-The blob store is S3 on moto's HTTP server (`moto[server]`), started here inside the hub
-namespace on BLOB_ADDR (127.10.0.2); the bucket is created here. The bridge holds the (dummy)
-credentials and hands the routers presigned URLs on BLOB_ADDR: spilled parts cross the same
-shaped, delayed links (site -> hub -> site) as everything else.
+The blob store (`--blob-store`): `s3` is S3 on moto's HTTP server (`moto[server]`), started here
+inside the hub namespace on BLOB_ADDR (127.10.0.2); the bucket is created here. The bridge holds
+the (dummy) credentials and hands the routers presigned URLs on BLOB_ADDR: spilled parts cross the
+same shaped, delayed links (site -> hub -> site) as everything else, over the routers' own HTTP
+connections (relay_router.egress); an iptables rule in the hub counts the connections they open
+(`store_connections`). `bridge` is the bridge's own file store (its default): parts go through its
+PutBlobPart/GetBlobPart RPCs on the routers' gRPC connections. `auto` (the default) is `s3` when the
+`relay` mode runs and `bridge` otherwise, as every run before the option existed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ REGION = "us-east-1"
 # moto accepts any credentials; the bridge needs some for boto3 to sign. Never real ones.
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "drwan", "AWS_SECRET_ACCESS_KEY": "drwan", "AWS_EC2_METADATA_DISABLED": "true"}
 PROBE = str(Path(__file__).resolve().parent / "probe.py")
+STORE_SYN = ["-p", "tcp", "--syn", "-d", BLOB_ADDR, "--dport", str(BLOB_PORT)]  # iptables match of a new connection
+BLOB_STORES = ("auto", "s3", "bridge")
 
 
 def dest_title(mode: str, base: str) -> str:
@@ -52,11 +58,20 @@ class RelayModes:
     """Starts and stops moto, the bridge and the routers of the requested relay modes."""
 
     def __init__(
-        self, lab: WanLab, workdir: Path, modes: list[str], relay_dicom: Mapping[str, object], env: Mapping[str, str]
+        self,
+        lab: WanLab,
+        workdir: Path,
+        modes: list[str],
+        relay_dicom: Mapping[str, object],
+        env: Mapping[str, str],
+        blob_store: str = "auto",
     ) -> None:
         self.lab = lab
         self.workdir = workdir
         self.modes = [m for m in MODES if m in modes]
+        if blob_store == "auto":
+            blob_store = "s3" if "relay" in self.modes else "bridge"
+        self.blob_store = blob_store
         self.relay_dicom = dict(relay_dicom)
         self.env = {k: v for k, v in env.items() if not k.startswith("AWS_")} | AWS_ENV
         self.moto: subprocess.Popen[bytes] | None = None
@@ -70,8 +85,14 @@ class RelayModes:
         return f"http://{BLOB_ADDR}:{BLOB_PORT}"
 
     def dicom_settings(self, mode: str) -> dict[str, object]:
-        """[dicom] settings of the mode's routers: defaults + --relay-dicom; relay-plain keeps its two keys."""
-        return {**self.relay_dicom, **PLAIN} if mode == "relay-plain" else dict(self.relay_dicom)
+        """[dicom] settings of the mode's routers: defaults + --relay-dicom; relay-plain keeps its two keys.
+        With the s3 store, the routers may open its presigned URLs (plain http on a loopback address): without
+        `spill_endpoints` a router refuses them and sends everything inline, as every run before 2026-12-07
+        (accel-egress) did whose blob store was s3 (runs with the relay mode)."""
+        store = {"spill_endpoints": [self.blob_url + "/"], "spill_allow_insecure_http": True}
+        if mode == "relay-plain":
+            return {**self.relay_dicom, **PLAIN}
+        return {**self.relay_dicom, **(store if self.blob_store == "s3" else {})}
 
     def _start_moto(self) -> None:
         log = (self.workdir / "moto.log").open("ab")
@@ -96,6 +117,20 @@ class RelayModes:
                 raise RuntimeError(f"moto did not start in the hub: {r.stdout} {r.stderr[-1000:]}\n{tail}")
             time.sleep(0.5)
 
+    def _count_store_connections(self) -> None:
+        """A rule that only counts: every TCP SYN reaching the blob store in the hub (a new connection)."""
+        self.lab.run(NS_HUB, ["iptables", "-w", "-I", "INPUT", *STORE_SYN], timeout=30, check=True)
+
+    def store_connections(self) -> int:
+        """TCP connections opened to the blob store so far (0 without the s3 store)."""
+        if self.moto is None:
+            return 0
+        r = self.lab.run(NS_HUB, ["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"], timeout=30)
+        for line in r.stdout.splitlines():
+            if f"dpt:{BLOB_PORT}" in line and BLOB_ADDR in line and "flags:" in line:
+                return int(line.split()[0])
+        return 0
+
     def start(
         self,
         b_devices: Mapping[str, int],
@@ -109,8 +144,9 @@ class RelayModes:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
         spill = None
-        if "relay" in self.modes:
+        if self.blob_store == "s3":
             self._start_moto()
+            self._count_store_connections()
             spill = {"store": f"s3://{BUCKET}/spill/", "endpoint_url": self.blob_url, "region": REGION}
         prefixes = {"bridge": self.lab.prefix(NS_HUB)}
         for a, b in PAIRS.values():
@@ -230,8 +266,8 @@ class RelayModes:
                 for mode in self.modes
             },
             "blob_store": f"S3 on moto's server in the hub at {self.blob_url}, bucket {BUCKET}"
-            if "relay" in self.modes
-            else None,
+            if self.blob_store == "s3"
+            else "the bridge's own file store (parts through its blob RPCs)",
             "path": "storescu -> router A -> bridge (hub) -> router B -> storescp; gRPC over TLS, sealed frames; "
             "spilled parts: router A -> S3 (hub) -> router B through presigned URLs",
         }

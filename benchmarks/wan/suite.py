@@ -47,7 +47,7 @@ from benchmarks.common import RESULTS, dcmtk, machine
 from benchmarks.wan import report, workloads
 from benchmarks.wan.archive import ARCHIVE_PORT, MOVE_AET, MOVE_PORT, Archive, extra_studies
 from benchmarks.wan.dicomweb import DicomWeb
-from benchmarks.wan.relay import RelayModes
+from benchmarks.wan.relay import BLOB_STORES, RelayModes
 from benchmarks.wan.topology import (
     A_ADDR,
     B_ADDR,
@@ -171,7 +171,9 @@ class Bench:
         self.rx = Path(tempfile.mkdtemp(prefix="drwan-rx-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         self.lab = WanLab(self.spec, self.work / "lab", priority=args.priority)
         self.vpn: Vpn | None = None
-        self.relay = RelayModes(self.lab, self.work / "relay", args.modes, args.relay_dicom, os.environ)
+        self.relay = RelayModes(
+            self.lab, self.work / "relay", args.modes, args.relay_dicom, os.environ, blob_store=args.blob_store
+        )
         self.scp: subprocess.Popen[bytes] | None = None
         self.scp_accel: subprocess.Popen[bytes] | None = None
         self._sender_s: float | None = None
@@ -357,6 +359,7 @@ class Bench:
     def wire_window(self, mode: str) -> Iterator[dict[str, int]]:
         """Bytes sent on each site's uplink and downlink (tbf counters) and carried by the bridge during a run."""
         sent0, bridge0 = self.lab.sent_bytes(), self.relay.bridge_bytes()
+        connections0 = self.relay.store_connections()
         audited = self.relay.association_events(mode)
         delta: dict[str, int] = {}
         yield delta
@@ -372,6 +375,8 @@ class Bench:
         sent1, bridge1 = self.lab.sent_bytes(), self.relay.bridge_bytes()
         for key, dev in (("a_uplink", "tunA"), ("a_downlink", "ha0"), ("b_uplink", "tunB"), ("b_downlink", "hb0")):
             delta[key] = sent1[dev] - sent0[dev]
+        if self.relay.blob_store == "s3" and mode in self.relay.modes:
+            delta["store_connections"] = self.relay.store_connections() - connections0
         for relay_mode, value in bridge1.items():
             if relay_mode != "relay-accel":  # its association is audited when it ends, after the run
                 delta[f"bridge_{relay_mode}"] = value - bridge0.get(relay_mode, 0)
@@ -578,6 +583,8 @@ class Bench:
         sent = f"{up[0].upper()} uplink {wire[up] / 1e6:.1f} MB" + (
             f", bridge {wire[f'bridge_{mode}'] / 1e6:.1f} MB" if f"bridge_{mode}" in wire else ""
         )
+        if "store_connections" in wire:
+            sent += f", {wire['store_connections']} connections to the blob store"
         if name in TRANSFERS and mode != "dicomweb":
             sent += f"; first image {m.first[(name, mode)][-1]:.2f} s"
             sent += f", sender {m.sender[(name, mode)][-1]:.2f} s" if mode == "relay-accel" else ""
@@ -614,8 +621,12 @@ class Bench:
             if (name, mode) in m.wire:
                 runs = m.wire[(name, mode)]
                 rec["wire_bytes_median"] = {
-                    k: int(report.summary([r.get(k, 0) for r in runs])["median"]) for k in sorted(runs[0])
+                    k: int(report.summary([r.get(k, 0) for r in runs])["median"])
+                    for k in sorted(runs[0])
+                    if k != "store_connections"
                 }
+                if "store_connections" in runs[0]:  # TCP connections the routers opened to the blob store, per run
+                    rec["store_connections"] = [r.get("store_connections", 0) for r in runs]
             if (name, mode) in m.sender:
                 rec["sender_seconds"] = report.summary(m.sender[(name, mode)])
             if (name, mode) in m.first:
@@ -757,6 +768,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "stage runs at SCHED_FIFO 10), nice = nice -10, none; other work on a shared machine skews the rest",
     )
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and configs (printed at the end)")
+    p.add_argument(
+        "--blob-store",
+        choices=BLOB_STORES,
+        default="auto",
+        help="where spilled parts go: s3 (moto in the hub, over the routers' HTTP connections, counted), bridge "
+        "(the bridge's file store, through its RPCs); auto (default): s3 when the relay mode runs, else bridge",
+    )
     args = p.parse_args(argv)
     given = shlex.join(argv if argv is not None else sys.argv[1:])
     if os.environ.get("MAKELEVEL"):  # started by `make bench`

@@ -90,3 +90,25 @@ def test_arrival_times_are_the_first_and_last_files_mtimes(tmp_path: Path) -> No
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, ns=(since + int(offset * 1e9),) * 2)
     assert arrival_times(tmp_path, since) == (0.5, 2.0)
+
+
+def test_routers_may_open_the_s3_store_they_spill_to_and_auto_follows_the_relay_mode() -> None:
+    """With the s3 store, a router without spill_endpoints refuses its URLs and sends big instances inline
+    (what every s3 run did before the suite set them); the bridge's own store needs none."""
+    from benchmarks.wan.relay import RelayModes
+
+    def modes(names: list[str], store: str = "auto") -> RelayModes:
+        return RelayModes(None, Path("/nonexistent"), names, {}, {}, blob_store=store)  # type: ignore[arg-type]
+
+    assert modes(["relay", "relay-accel"]).blob_store == "s3"
+    assert modes(["relay-accel"]).blob_store == "bridge"
+    s3 = modes(["relay-accel"], "s3")
+    assert s3.dicom_settings("relay-accel") == {
+        "spill_endpoints": ["http://127.10.0.2:9000/"],
+        "spill_allow_insecure_http": True,
+    }
+    assert "spill_endpoints" not in modes(["relay-accel"]).dicom_settings("relay-accel")
+    assert modes(["relay-plain"], "s3").dicom_settings("relay-plain") == {
+        "compression": False,
+        "spill_threshold_bytes": 0,
+    }

@@ -145,7 +145,10 @@ def test_spill_counters_move_by_what_was_spilled(net: tuple[LocalRelayNetwork, D
     assert uploaded == downloaded == spilled_bytes + 17 * parts
     # The bridge signed one URL per part each way and, being the file:// store, moved the stored bytes itself.
     assert moved(bridge, after["bridge"], "relay_bridge_spill_blob_slots_total", method="put") == parts
-    assert moved(bridge, after["bridge"], "relay_bridge_spill_blob_slots_total", method="get") == parts
+    # Router B asks for download URLs ahead of the parts' announcements (at most `spill_parallel`, 4, beyond the
+    # last one announced), so a blob whose end it has not heard of yet costs up to 4 URLs that go unused.
+    asked = moved(bridge, after["bridge"], "relay_bridge_spill_blob_slots_total", method="get")
+    assert parts <= asked <= parts + 4 * len(big), asked
     assert moved(bridge, after["bridge"], "relay_bridge_spill_served_bytes_total", direction="stored") == uploaded
     assert moved(bridge, after["bridge"], "relay_bridge_spill_served_bytes_total", direction="fetched") == downloaded
     # Nothing spilled in the other direction (C-STORE responses are small).

@@ -229,18 +229,27 @@ def _part10(tmp_path: Path) -> tuple[bytes, pydicom.Dataset]:
     return path.read_bytes(), pydicom.dcmread(path, stop_before_pixels=True)
 
 
-async def _finish(session: FarSession) -> None:
-    while session._fetches or session._commits:
-        await asyncio.gather(*session._fetches, *session._commits)
-
-
-async def test_the_far_router_spools_a_blob_and_answers_stored_and_refuses_a_tampered_one(tmp_path: Path) -> None:
+def _far_blob(
+    tmp_path: Path,
+) -> tuple[FrameSealer, FrameSealer, MemoryTransport, FakeChannel, FarSession, Spool, bytes, records.InstanceHeader]:
+    """Both routers' sealers, the store, a far router's channel, session and spool, and one CT instance (its
+    Part 10 bytes and header) for the near router to send as a blob."""
     near, far = _sealers()
     transport = MemoryTransport()
     channel = FakeChannel(far)
     session, spool = _session(tmp_path, channel, transport)
     data, ds = _part10(tmp_path)
     instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+    return near, far, transport, channel, session, spool, data, instance
+
+
+async def _finish(session: FarSession) -> None:
+    while session._fetches or session._commits:
+        await asyncio.gather(*session._fetches, *session._commits)
+
+
+async def test_the_far_router_spools_a_blob_and_answers_stored_and_refuses_a_tampered_one(tmp_path: Path) -> None:
+    near, far, transport, channel, session, spool, data, instance = _far_blob(tmp_path)
 
     good = await _upload(transport, near, data, ordinal=0)
     await session._apply(records.BlobHeader(instance, good.blob_id, 0, good.parts, good.digest()))
@@ -264,12 +273,7 @@ async def test_the_far_router_spools_a_blob_and_answers_stored_and_refuses_a_tam
 
 
 async def test_a_replayed_blob_ordinal_ends_the_transfer_and_an_unagreed_blob_is_refused(tmp_path: Path) -> None:
-    near, far = _sealers()
-    transport = MemoryTransport()
-    channel = FakeChannel(far)
-    session, spool = _session(tmp_path, channel, transport)
-    data, ds = _part10(tmp_path)
-    instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+    near, far, transport, channel, session, spool, data, instance = _far_blob(tmp_path)
     upload = await _upload(transport, near, data, ordinal=2)
     reference = records.BlobHeader(instance, upload.blob_id, 2, upload.parts, upload.digest())
     await session._apply(reference)

@@ -207,14 +207,9 @@ async def test_an_upload_hands_its_slot_on_and_at_most_one_more_runs_beside_it()
 
 
 async def test_the_far_router_follows_an_open_blob_and_stores_it_only_after_its_manifest(tmp_path: Path) -> None:
-    from tests.unit.accel.test_spill_records import ENTRY, FakeChannel, _finish, _part10, _sealers, _session, _upload
+    from tests.unit.accel.test_spill_records import ENTRY, _far_blob, _finish, _upload
 
-    near, far = _sealers()
-    transport = MemoryTransport()
-    channel = FakeChannel(far)
-    session, spool = _session(tmp_path, channel, transport)
-    data, ds = _part10(tmp_path)
-    instance = records.InstanceHeader(ENTRY, str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT, len(data))
+    near, far, transport, channel, session, spool, data, instance = _far_blob(tmp_path)
     upload = await _upload(transport, near, data, ordinal=0)
     assert upload.parts >= 3
     await session._apply(records.BlobOpen(instance, upload.blob_id, 0))

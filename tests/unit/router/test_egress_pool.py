@@ -88,20 +88,15 @@ class Server(http.server.ThreadingHTTPServer):
             return {number for number, _, path, _ in self.requests if path == target}
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
+def _serving() -> Iterator[Server]:
     s = Server()
     yield s
     s.shutdown()
     s.server_close()
 
 
-@pytest.fixture
-def other() -> Iterator[Server]:
-    s = Server()
-    yield s
-    s.shutdown()
-    s.server_close()
+server = pytest.fixture(_serving, name="server")
+other = pytest.fixture(_serving, name="other")  # a second origin
 
 
 @pytest.fixture
